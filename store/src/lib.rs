@@ -1,0 +1,197 @@
+//! The impmesh store: every table and every query of a node.
+//!
+//! One [`Store`] wraps an sqlx `Any` pool so that the same repository code runs on SQLite
+//! (the embedded default, a file in the data directory, WAL journal) and on PostgreSQL
+//! (selected by a `postgres://` URL, what a multi-node cluster uses). Queries use `$N`
+//! placeholders, which both backends accept; the DDL differs only where it must, in one
+//! migration folder per backend. Other crates call the typed functions here and never
+//! write SQL of their own.
+
+#![forbid(unsafe_code)]
+
+mod offline;
+mod roster;
+pub mod scram;
+mod storage;
+mod users;
+
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyPool, ConnectOptions as _};
+
+pub use offline::OfflineMessage;
+pub use roster::{RosterItem, Subscription};
+pub use users::{NewUser, UserRecord};
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("no such user: {0}")]
+    UserNotFound(String),
+    #[error(transparent)]
+    InvalidPassword(#[from] scram::InvalidPassword),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    #[error("unsupported store URL {0:?}: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which SQL dialect the pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle on the node's store; cheap to clone (it is a pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How long a query waits for a pooled connection before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Store {
+    /// Opens the store named by `url` and runs pending migrations.
+    ///
+    /// `sqlite://PATH` (relative paths resolve against `base_dir`) creates the file when it
+    /// is missing; `postgres://…` expects the database to exist.
+    pub async fn open(url: &str, base_dir: &Path) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (backend, connect_url, max_connections) = if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            let full = if path == ":memory:" {
+                path.to_owned()
+            } else {
+                base_dir.join(path).to_string_lossy().into_owned()
+            };
+            // Build the options once to create the file and set the journal mode; the
+            // `Any` pool then connects with the same URL.
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{full}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(5));
+            opts.connect().await?;
+            let sep = if query.is_empty() { "" } else { "&" };
+            // SQLite is one writer at a time; a handful of connections serve readers.
+            (
+                Backend::Sqlite,
+                format!("sqlite://{full}?{query}{sep}mode=rwc"),
+                if path == ":memory:" { 1 } else { 4 },
+            )
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned(), 16)
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&connect_url)
+            .await?;
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
+    }
+
+    /// The dialect behind this store.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Registers (or refreshes) this node's row.
+    pub async fn register_node(&self, name: &str, cluster: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (name, cluster, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET cluster = excluded.cluster",
+        )
+        .bind(name)
+        .bind(cluster)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Waits for pending writes and closes every connection (for shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// The backends to run a store test against: SQLite always, PostgreSQL when
+    /// `IMPMESH_TEST_POSTGRES` names a database (each test gets a fresh schema there).
+    pub async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Store::open("sqlite://test.db", dir.path()).await.unwrap();
+        let mut out = vec![(sqlite, Some(dir))];
+        if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
+            out.push((fresh_postgres(&url).await, None));
+        }
+        out
+    }
+
+    /// Creates a throw-away schema on the test server and opens a store on it.
+    async fn fresh_postgres(url: &str) -> Store {
+        use rand::Rng as _;
+        sqlx::any::install_default_drivers();
+        let schema = format!("t{:016x}", rand::thread_rng().r#gen::<u64>());
+        let admin = AnyPool::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+        Store::open(&url, Path::new(".")).await.unwrap()
+    }
+}

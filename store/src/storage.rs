@@ -1,0 +1,145 @@
+//! Small per-user documents: vCard-temp (XEP-0054), private XML storage (XEP-0049) and
+//! the block list (XEP-0191).
+
+use sqlx::Row as _;
+
+use crate::{Result, Store};
+
+impl Store {
+    /// The user's vCard as serialized XML, if one was stored.
+    pub async fn vcard(&self, owner: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT vcard FROM vcards WHERE owner = $1")
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("vcard")).transpose()?)
+    }
+
+    pub async fn set_vcard(&self, owner: &str, vcard: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO vcards (owner, vcard) VALUES ($1, $2)
+             ON CONFLICT (owner) DO UPDATE SET vcard = excluded.vcard",
+        )
+        .bind(owner)
+        .bind(vcard)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The private XML element stored under `ns`, if any.
+    pub async fn private_xml(&self, owner: &str, ns: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT xml FROM private_storage WHERE owner = $1 AND ns = $2")
+            .bind(owner)
+            .bind(ns)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("xml")).transpose()?)
+    }
+
+    /// Stores several private elements at once: all or none.
+    pub async fn set_private_xml(&self, owner: &str, items: &[(String, String)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (ns, xml) in items {
+            sqlx::query(
+                "INSERT INTO private_storage (owner, ns, xml) VALUES ($1, $2, $3)
+                 ON CONFLICT (owner, ns) DO UPDATE SET xml = excluded.xml",
+            )
+            .bind(owner)
+            .bind(ns)
+            .bind(xml)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The blocked JIDs, ordered.
+    pub async fn blocklist(&self, owner: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT jid FROM blocklist WHERE owner = $1 ORDER BY jid")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("jid")?)).collect()
+    }
+
+    /// Adds JIDs to the block list: all or none.
+    pub async fn block(&self, owner: &str, jids: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for jid in jids {
+            sqlx::query(
+                "INSERT INTO blocklist (owner, jid) VALUES ($1, $2) ON CONFLICT (owner, jid) DO NOTHING",
+            )
+            .bind(owner)
+            .bind(jid)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes JIDs from the block list; an empty slice clears it.
+    pub async fn unblock(&self, owner: &str, jids: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if jids.is_empty() {
+            sqlx::query("DELETE FROM blocklist WHERE owner = $1")
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for jid in jids {
+            sqlx::query("DELETE FROM blocklist WHERE owner = $1 AND jid = $2")
+                .bind(owner)
+                .bind(jid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::stores;
+    use crate::*;
+
+    #[tokio::test]
+    async fn vcard_private_blocklist() {
+        for (store, _dir) in stores().await {
+            store
+                .add_user(NewUser {
+                    username: "carol",
+                    password: "pw",
+                    home_cluster: "c",
+                    home_node: "n",
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.vcard("carol").await.unwrap(), None);
+            store.set_vcard("carol", "<vCard/>").await.unwrap();
+            store.set_vcard("carol", "<vCard><FN>C</FN></vCard>").await.unwrap();
+            assert_eq!(
+                store.vcard("carol").await.unwrap().as_deref(),
+                Some("<vCard><FN>C</FN></vCard>")
+            );
+            store
+                .set_private_xml("carol", &[("ns:a".into(), "<a xmlns='ns:a'/>".into())])
+                .await
+                .unwrap();
+            assert!(store.private_xml("carol", "ns:a").await.unwrap().is_some());
+            assert!(store.private_xml("carol", "ns:b").await.unwrap().is_none());
+            store
+                .block("carol", &["x@y".into(), "z@y".into(), "x@y".into()])
+                .await
+                .unwrap();
+            assert_eq!(store.blocklist("carol").await.unwrap(), ["x@y", "z@y"]);
+            store.unblock("carol", &["x@y".into()]).await.unwrap();
+            assert_eq!(store.blocklist("carol").await.unwrap(), ["z@y"]);
+            store.unblock("carol", &[]).await.unwrap();
+            assert!(store.blocklist("carol").await.unwrap().is_empty());
+        }
+    }
+}

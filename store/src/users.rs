@@ -1,0 +1,189 @@
+//! Accounts: one row per user, with its home cluster/node and its SCRAM verifiers.
+
+use sqlx::Row as _;
+
+use crate::scram::{DEFAULT_ITERATIONS, ScramHash, ScramVerifier};
+use crate::{Result, Store, StoreError, now_unix};
+
+/// A user as the store knows it.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub username: String,
+    pub home_cluster: String,
+    pub home_node: String,
+    pub scram_sha1: ScramVerifier,
+    pub scram_sha256: ScramVerifier,
+    pub created_at: i64,
+}
+
+/// What it takes to create a user.
+#[derive(Debug, Clone)]
+pub struct NewUser<'a> {
+    pub username: &'a str,
+    pub password: &'a str,
+    pub home_cluster: &'a str,
+    pub home_node: &'a str,
+}
+
+fn verifiers(password: &str) -> Result<(ScramVerifier, ScramVerifier)> {
+    Ok((
+        ScramVerifier::new(ScramHash::Sha1, password, DEFAULT_ITERATIONS)?,
+        ScramVerifier::new(ScramHash::Sha256, password, DEFAULT_ITERATIONS)?,
+    ))
+}
+
+impl Store {
+    /// Creates a user; [`StoreError::UserExists`] if the name is taken.
+    /// The username must already be a normalised localpart.
+    pub async fn add_user(&self, user: NewUser<'_>) -> Result<()> {
+        let (sha1, sha256) = verifiers(user.password)?;
+        let result = sqlx::query(
+            "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING",
+        )
+        .bind(user.username)
+        .bind(user.home_cluster)
+        .bind(user.home_node)
+        .bind(sha1.encode())
+        .bind(sha256.encode())
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::UserExists(user.username.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Replaces a user's verifiers with ones derived from a new password.
+    pub async fn set_password(&self, username: &str, password: &str) -> Result<()> {
+        let (sha1, sha256) = verifiers(password)?;
+        let result =
+            sqlx::query("UPDATE users SET scram_sha1 = $1, scram_sha256 = $2 WHERE username = $3")
+                .bind(sha1.encode())
+                .bind(sha256.encode())
+                .bind(username)
+                .execute(&self.pool)
+                .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound(username.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Deletes a user and, by cascade, everything the store keeps for them.
+    pub async fn delete_user(&self, username: &str) -> Result<()> {
+        let result = sqlx::query("DELETE FROM users WHERE username = $1")
+            .bind(username)
+            .execute(&self.pool)
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound(username.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// One user, or `None`.
+    pub async fn user(&self, username: &str) -> Result<Option<UserRecord>> {
+        let row = sqlx::query(
+            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at
+             FROM users WHERE username = $1",
+        )
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| user_from_row(&row)).transpose()
+    }
+
+    /// Whether the user exists (cheaper than [`Self::user`]).
+    pub async fn user_exists(&self, username: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Every user, ordered by name.
+    pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let rows = sqlx::query(
+            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at
+             FROM users ORDER BY username",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+}
+
+fn user_from_row(row: &sqlx::any::AnyRow) -> Result<UserRecord> {
+    let username: String = row.try_get("username")?;
+    let decode = |hash, column: &str| -> Result<ScramVerifier> {
+        let text: String = row.try_get(column)?;
+        ScramVerifier::decode(hash, &text)
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} of user {username}")))
+    };
+    Ok(UserRecord {
+        home_cluster: row.try_get("home_cluster")?,
+        home_node: row.try_get("home_node")?,
+        scram_sha1: decode(ScramHash::Sha1, "scram_sha1")?,
+        scram_sha256: decode(ScramHash::Sha256, "scram_sha256")?,
+        created_at: row.try_get("created_at")?,
+        username,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::stores;
+    use crate::*;
+
+    fn alice() -> NewUser<'static> {
+        NewUser {
+            username: "alice",
+            password: "secret-pw",
+            home_cluster: "cluster-a",
+            home_node: "node1",
+        }
+    }
+
+    #[tokio::test]
+    async fn add_get_list_passwd_delete() {
+        for (store, _dir) in stores().await {
+            store.add_user(alice()).await.unwrap();
+            assert!(matches!(
+                store.add_user(alice()).await,
+                Err(StoreError::UserExists(_))
+            ));
+            let rec = store.user("alice").await.unwrap().unwrap();
+            assert_eq!(rec.home_cluster, "cluster-a");
+            assert_eq!(rec.home_node, "node1");
+            assert!(rec.scram_sha256.verify_password("secret-pw"));
+            assert!(rec.scram_sha1.verify_password("secret-pw"));
+            assert!(rec.scram_sha1.iterations >= 4096);
+            store.set_password("alice", "other").await.unwrap();
+            let rec = store.user("alice").await.unwrap().unwrap();
+            assert!(rec.scram_sha256.verify_password("other"));
+            assert!(!rec.scram_sha256.verify_password("secret-pw"));
+            assert_eq!(store.list_users().await.unwrap().len(), 1);
+            store.delete_user("alice").await.unwrap();
+            assert!(store.user("alice").await.unwrap().is_none());
+            assert!(matches!(
+                store.delete_user("alice").await,
+                Err(StoreError::UserNotFound(_))
+            ));
+            assert!(matches!(
+                store.set_password("alice", "x").await,
+                Err(StoreError::UserNotFound(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn unsupported_url_is_refused() {
+        let err = Store::open("mysql://x", std::path::Path::new("."))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::UnsupportedUrl(_)));
+    }
+}
