@@ -1,1 +1,207 @@
-fn main() {}
+//! `impmesh`: parses arguments, loads the configuration, installs logging, and runs a
+//! node or an admin command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use impmesh::config::Config;
+use impmesh::node::Node;
+
+#[derive(Parser)]
+#[command(
+    name = "impmesh",
+    version,
+    about = "A mesh of XMPP clusters serving one domain"
+)]
+struct Cli {
+    /// Configuration file (TOML); every key is optional.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (store, certificates); overrides the file. Default ./impmesh-data.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the node until SIGTERM or ctrl-c.
+    Serve,
+    /// Manages accounts (works whether or not the server runs).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Creates an account.
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Deletes an account and everything stored for it.
+    Del { name: String },
+    /// Changes a password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Lists accounts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("impmesh: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    install_tracing(&config, matches!(cli.command, Command::Serve));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("impmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("impmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_tracing(config: &Config, serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    // Admin commands stay quiet unless asked: their output is for people and scripts.
+    let default = if serving {
+        config.log.level.as_str()
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::User(cmd) => user(cmd, config).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let node = Node::start(&config).await?;
+    for addr in &node.c2s {
+        println!("impmesh: listening for XMPP clients on {addr} (STARTTLS)");
+    }
+    for addr in &node.c2s_direct_tls {
+        println!("impmesh: listening for XMPP clients on {addr} (direct TLS)");
+    }
+    println!(
+        "impmesh: serving domain {} from {} (certificate SHA-256 {})",
+        config.domain,
+        config.data_dir.display(),
+        node.identity.fingerprint()
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn user(cmd: UserCommand, config: Config) -> anyhow::Result<()> {
+    let store = impmesh::node::open_store(&config).await?;
+    let result = match cmd {
+        UserCommand::Add {
+            name,
+            password_stdin,
+        } => {
+            let password = impmesh::users::read_password(password_stdin)?;
+            let user = impmesh::users::add(&store, &config, &name, &password).await?;
+            println!("created {user}@{}", config.domain);
+            Ok(())
+        }
+        UserCommand::Del { name } => {
+            let user = impmesh::users::delete(&store, &config, &name).await?;
+            println!("deleted {user}@{}", config.domain);
+            Ok(())
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let password = impmesh::users::read_password(password_stdin)?;
+            let user = impmesh::users::passwd(&store, &config, &name, &password).await?;
+            println!("changed the password of {user}@{}", config.domain);
+            Ok(())
+        }
+        UserCommand::List { json } => {
+            let users = store.list_users().await?;
+            if json {
+                let list: Vec<_> = users
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({
+                            "username": u.username,
+                            "jid": format!("{}@{}", u.username, config.domain),
+                            "home_cluster": u.home_cluster,
+                            "home_node": u.home_node,
+                            "created_at": u.created_at,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for u in users {
+                    println!("{}@{}", u.username, config.domain);
+                }
+            }
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
+}

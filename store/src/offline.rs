@@ -91,7 +91,10 @@ mod tests {
                 msgs.iter().map(|m| m.stanza.as_str()).collect::<Vec<_>>(),
                 ["<m1/>", "<m2/>"]
             );
-            store.delete_offline_through("bob", msgs[0].id).await.unwrap();
+            store
+                .delete_offline_through("bob", msgs[0].id)
+                .await
+                .unwrap();
             assert_eq!(store.offline_messages("bob").await.unwrap().len(), 1);
             // Storing for an unknown user violates the foreign key: nothing is written.
             assert!(store.store_offline("nobody", "<m/>", 10).await.is_err());

@@ -278,11 +278,17 @@ mod tests {
                 Some(item)
             );
             assert_eq!(
-                store.remove_roster_item("alice", "bob@localhost").await.unwrap(),
+                store
+                    .remove_roster_item("alice", "bob@localhost")
+                    .await
+                    .unwrap(),
                 Some(3)
             );
             assert_eq!(
-                store.remove_roster_item("alice", "bob@localhost").await.unwrap(),
+                store
+                    .remove_roster_item("alice", "bob@localhost")
+                    .await
+                    .unwrap(),
                 None
             );
 
@@ -304,10 +310,16 @@ mod tests {
                     .unwrap()
             );
             // Deleting the user removes everything it owned.
-            store.put_roster_item("alice", &RosterItem {
-                contact: "x@y".into(),
-                ..Default::default()
-            }).await.unwrap();
+            store
+                .put_roster_item(
+                    "alice",
+                    &RosterItem {
+                        contact: "x@y".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
             store.delete_user("alice").await.unwrap();
             assert_eq!(store.roster("alice").await.unwrap(), (0, vec![]));
         }

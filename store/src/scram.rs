@@ -139,7 +139,8 @@ impl ScramVerifier {
     /// Checks a clear password (SASL PLAIN) against this verifier in constant time.
     /// Runs PBKDF2: call it off the async worker threads.
     pub fn verify_password(&self, password: &str) -> bool {
-        let Ok(candidate) = Self::with_salt(self.hash, password, self.salt.clone(), self.iterations)
+        let Ok(candidate) =
+            Self::with_salt(self.hash, password, self.salt.clone(), self.iterations)
         else {
             return false;
         };
@@ -164,7 +165,9 @@ impl ScramVerifier {
         let salt = B64.decode(parts.next()?).ok()?;
         let stored_key = B64.decode(parts.next()?).ok()?;
         let server_key = B64.decode(parts.next()?).ok()?;
-        if parts.next().is_some() || stored_key.len() != hash.len() || server_key.len() != hash.len()
+        if parts.next().is_some()
+            || stored_key.len() != hash.len()
+            || server_key.len() != hash.len()
         {
             return None;
         }

@@ -120,7 +120,10 @@ mod tests {
                 .unwrap();
             assert_eq!(store.vcard("carol").await.unwrap(), None);
             store.set_vcard("carol", "<vCard/>").await.unwrap();
-            store.set_vcard("carol", "<vCard><FN>C</FN></vCard>").await.unwrap();
+            store
+                .set_vcard("carol", "<vCard><FN>C</FN></vCard>")
+                .await
+                .unwrap();
             assert_eq!(
                 store.vcard("carol").await.unwrap().as_deref(),
                 Some("<vCard><FN>C</FN></vCard>")

@@ -1,0 +1,695 @@
+//! Client-to-server stream negotiation (RFC 6120 §4–§7): stream headers, STARTTLS
+//! (required on 5222; 5223 is TLS from the first byte, XEP-0368), SASL, then resource
+//! binding or XEP-0198 resumption. The whole negotiation runs under the handshake
+//! timeout; afterwards the connection becomes a session (`session.rs`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use minidom::Element;
+use rand::RngCore as _;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+use xmpp_parsers::jid::{BareJid, FullJid};
+
+use crate::Server;
+use crate::conn::{Conn, ReadError, Transport};
+use crate::error::StreamErrorCondition;
+use crate::hub::{Outbound, PresenceState, ResumeRequest, SessionHandle};
+use crate::sasl::{self, Mechanism, SaslFailure};
+use crate::xml::{Frame, Header, ns};
+
+/// SASL attempts allowed on one stream before it is closed.
+const MAX_AUTH_ATTEMPTS: u32 = 3;
+
+/// A bound session, ready to run.
+pub struct Bound {
+    pub conn: Conn,
+    pub handle: Arc<SessionHandle>,
+    pub rx: mpsc::Receiver<Outbound>,
+}
+
+/// Why negotiation ended without a session.
+enum End {
+    /// Close the stream with this error.
+    Error(StreamErrorCondition, &'static str),
+    /// The peer went away, or the connection was handed to another task.
+    Gone,
+}
+
+impl From<ReadError> for End {
+    fn from(e: ReadError) -> End {
+        match e {
+            ReadError::Closed => End::Gone,
+            ReadError::Stream(c) => End::Error(c, "the stream broke the XML rules of RFC 6120"),
+        }
+    }
+}
+
+impl From<std::io::Error> for End {
+    fn from(_: std::io::Error) -> End {
+        End::Gone
+    }
+}
+
+/// Where the stream is in its negotiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// Plain TCP on the STARTTLS port.
+    NeedTls,
+    /// TLS up, not authenticated.
+    NeedAuth,
+    /// Authenticated as this user (normalised localpart).
+    Authenticated(String),
+}
+
+/// Runs one client connection from accept to close.
+pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let _ = tcp.set_nodelay(true);
+    let limits = &server.config.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let conn = if direct_tls {
+        let Some(tls) = accept_tls(&server, tcp, deadline, true).await else {
+            return;
+        };
+        tls
+    } else {
+        Transport::Plain(tcp)
+    };
+    let mut conn = Conn::new(
+        conn,
+        peer,
+        limits.max_stanza_bytes_unauthenticated,
+        limits.read_rate,
+        limits.read_burst,
+    );
+    if direct_tls {
+        set_channel_binding(&mut conn);
+    }
+    let stage = if direct_tls {
+        Stage::NeedTls.next_after_tls()
+    } else {
+        Stage::NeedTls
+    };
+    let mut slot = Some(conn);
+    let outcome = tokio::select! {
+        r = negotiate(&server, &mut slot, stage, deadline) => r,
+        _ = server.shutdown.cancelled() => Err(End::Error(StreamErrorCondition::SystemShutdown, "the server is shutting down")),
+    };
+    match outcome {
+        Ok(bound) => crate::session::run(server, bound).await,
+        Err(End::Gone) => {}
+        Err(End::Error(condition, text)) => {
+            if let Some(conn) = slot {
+                tracing::debug!(%peer, %condition, "closing stream during negotiation");
+                conn.close(
+                    Some((condition, Some(text))),
+                    server.config.limits.close_timeout,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+impl Stage {
+    fn next_after_tls(self) -> Stage {
+        Stage::NeedAuth
+    }
+}
+
+async fn accept_tls(
+    server: &Server,
+    tcp: TcpStream,
+    deadline: Instant,
+    direct: bool,
+) -> Option<Transport> {
+    let config = server.tls_config(direct);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    match timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Computes the `tls-exporter` value (RFC 9266) on TLS 1.3 connections.
+fn set_channel_binding(conn: &mut Conn) {
+    if let Transport::Tls(tls) = &conn.io {
+        let (_, session) = tls.get_ref();
+        if session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            conn.channel_binding = session
+                .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
+                .ok();
+        }
+    }
+}
+
+/// Reads the next frame before the deadline.
+async fn read(conn: &mut Conn, deadline: Instant) -> Result<Frame, End> {
+    match timeout_at(deadline, conn.next_frame()).await {
+        Ok(frame) => Ok(frame?),
+        Err(_) => Err(End::Error(
+            StreamErrorCondition::ConnectionTimeout,
+            "negotiation took too long",
+        )),
+    }
+}
+
+fn conn_of(slot: &mut Option<Conn>) -> Result<&mut Conn, End> {
+    slot.as_mut().ok_or(End::Gone)
+}
+
+async fn negotiate(
+    server: &Arc<Server>,
+    slot: &mut Option<Conn>,
+    mut stage: Stage,
+    deadline: Instant,
+) -> Result<Bound, End> {
+    let domain = server.config.domain.clone();
+    let mut auth_attempts = 0;
+    loop {
+        // A new stream: the client's header, then ours with the features of this stage.
+        let conn = conn_of(slot)?;
+        let header = match read(conn, deadline).await? {
+            Frame::Header(h) => h,
+            _ => return Err(End::Gone),
+        };
+        let stream_id = random_id();
+        conn.send(&header_xml(&domain, &stream_id)).await?;
+        check_header(&header, &domain)?;
+        let mechanisms = offered_mechanisms(server, conn, &stage);
+        conn.send(&features_xml(server, &stage, &mechanisms))
+            .await?;
+        loop {
+            let conn = conn_of(slot)?;
+            let element = match read(conn, deadline).await? {
+                Frame::Element(e) => e,
+                Frame::Footer => return Err(End::Gone),
+                Frame::Header(_) => return Err(End::Gone),
+            };
+            match (&stage, element.name(), element.ns().as_str()) {
+                (Stage::NeedTls, "starttls", ns::TLS) => {
+                    conn.send(&format!("<proceed xmlns='{}'/>", ns::TLS))
+                        .await?;
+                    let Some(Conn {
+                        io: Transport::Plain(tcp),
+                        peer,
+                        ..
+                    }) = slot.take()
+                    else {
+                        return Err(End::Gone);
+                    };
+                    let Some(tls) = accept_tls(server, tcp, deadline, false).await else {
+                        return Err(End::Gone);
+                    };
+                    let limits = &server.config.limits;
+                    let mut conn = Conn::new(
+                        tls,
+                        peer,
+                        limits.max_stanza_bytes_unauthenticated,
+                        limits.read_rate,
+                        limits.read_burst,
+                    );
+                    set_channel_binding(&mut conn);
+                    *slot = Some(conn);
+                    stage = Stage::NeedAuth;
+                    break;
+                }
+                (Stage::NeedTls, _, _) => {
+                    return Err(End::Error(
+                        StreamErrorCondition::PolicyViolation,
+                        "STARTTLS is required before anything else",
+                    ));
+                }
+                (Stage::NeedAuth, "auth", ns::SASL) => {
+                    auth_attempts += 1;
+                    if let Some(user) =
+                        authenticate(server, conn, &element, &mechanisms, deadline).await?
+                    {
+                        conn.reset_stream(server.config.limits.max_stanza_bytes);
+                        stage = Stage::Authenticated(user);
+                        break;
+                    }
+                    if auth_attempts >= MAX_AUTH_ATTEMPTS {
+                        return Err(End::Error(
+                            StreamErrorCondition::PolicyViolation,
+                            "too many failed authentication attempts",
+                        ));
+                    }
+                }
+                (Stage::NeedAuth, "iq", ns::CLIENT)
+                    if server.config.allow_registration
+                        && element.has_child("query", ns::REGISTER) =>
+                {
+                    let reply = crate::iq::register_unauthenticated(server, &element).await;
+                    conn.send(&reply).await?;
+                }
+                (Stage::NeedAuth, _, _) => {
+                    return Err(End::Error(
+                        StreamErrorCondition::NotAuthorized,
+                        "authenticate first",
+                    ));
+                }
+                (Stage::Authenticated(user), "iq", ns::CLIENT)
+                    if element.has_child("bind", ns::BIND) =>
+                {
+                    let user = user.clone();
+                    match bind(server, &user, &element) {
+                        Ok((handle, rx, reply)) => {
+                            let conn = slot.take().ok_or(End::Gone)?;
+                            let mut bound = Bound { conn, handle, rx };
+                            bound.conn.send(&reply).await?;
+                            return Ok(bound);
+                        }
+                        Err(reply) => conn.send(&reply).await?,
+                    }
+                }
+                (Stage::Authenticated(user), "resume", ns::SM) => {
+                    let user = user.clone();
+                    resume(server, slot, &user, &element).await?;
+                }
+                (Stage::Authenticated(_), "enable", ns::SM) => {
+                    conn.send(&format!(
+                        "<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>",
+                        ns::SM,
+                        ns::STANZAS
+                    ))
+                    .await?;
+                }
+                (Stage::Authenticated(_), "iq", ns::CLIENT) => {
+                    let reply = crate::error::error_reply(
+                        &element,
+                        crate::error::StanzaErrorCondition::NotAllowed,
+                        Some("bind a resource first"),
+                    );
+                    if let Some(reply) = reply {
+                        conn.send(&String::from(&reply)).await?;
+                    }
+                }
+                (Stage::Authenticated(_), _, _) => {
+                    return Err(End::Error(
+                        StreamErrorCondition::NotAuthorized,
+                        "bind a resource first",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// RFC 6120 §4.7: `to` must name our domain (also after restarts: a stream cannot move
+/// to another host), and the version must be 1.0.
+fn check_header(header: &Header, domain: &str) -> Result<(), End> {
+    match header.version.as_deref() {
+        Some(v) if v.split('.').next() == Some("1") => {}
+        _ => {
+            return Err(End::Error(
+                StreamErrorCondition::UnsupportedVersion,
+                "XMPP 1.0 streams only",
+            ));
+        }
+    }
+    let to = header.to.as_deref().unwrap_or_default();
+    if !to.eq_ignore_ascii_case(domain) {
+        return Err(End::Error(
+            StreamErrorCondition::HostUnknown,
+            "this server does not serve that domain",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn random_id() -> String {
+    let mut raw = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut raw);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn header_xml(domain: &str, id: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{}' version='1.0' xml:lang='en'>",
+        ns::CLIENT,
+        ns::STREAM,
+        crate::xml::escape(domain)
+    )
+}
+
+fn offered_mechanisms(server: &Server, conn: &Conn, stage: &Stage) -> Vec<Mechanism> {
+    if *stage != Stage::NeedAuth {
+        return Vec::new();
+    }
+    server
+        .config
+        .sasl_mechanisms
+        .iter()
+        .filter_map(|m| Mechanism::parse(m))
+        .filter(|m| !m.is_plus() || conn.channel_binding.is_some())
+        .collect()
+}
+
+fn features_xml(server: &Server, stage: &Stage, mechanisms: &[Mechanism]) -> String {
+    let mut out = String::from("<stream:features>");
+    match stage {
+        Stage::NeedTls => {
+            out.push_str(&format!(
+                "<starttls xmlns='{}'><required/></starttls>",
+                ns::TLS
+            ));
+        }
+        Stage::NeedAuth => {
+            out.push_str(&format!("<mechanisms xmlns='{}'>", ns::SASL));
+            for m in mechanisms {
+                out.push_str(&format!("<mechanism>{}</mechanism>", m.name()));
+            }
+            out.push_str("</mechanisms>");
+            if mechanisms.iter().any(|m| m.is_plus()) {
+                // XEP-0440: which channel-binding types the server supports.
+                out.push_str(&format!(
+                    "<sasl-channel-binding xmlns='{}'><channel-binding type='tls-exporter'/></sasl-channel-binding>",
+                    ns::SASL_CB
+                ));
+            }
+            if server.config.allow_registration {
+                out.push_str(&format!("<register xmlns='{}'/>", ns::REGISTER_FEATURE));
+            }
+        }
+        Stage::Authenticated(_) => {
+            out.push_str(&format!(
+                "<bind xmlns='{}'/><session xmlns='{}'><optional/></session><sm xmlns='{}'/><ver xmlns='{}'/>",
+                ns::BIND,
+                ns::SESSION,
+                ns::SM,
+                ns::ROSTERVER
+            ));
+        }
+    }
+    out.push_str("</stream:features>");
+    out
+}
+
+fn sasl_failure(failure: SaslFailure, text: Option<&str>) -> String {
+    let text = text
+        .map(|t| format!("<text xml:lang='en'>{}</text>", crate::xml::escape(t)))
+        .unwrap_or_default();
+    format!(
+        "<failure xmlns='{}'><{}/>{text}</failure>",
+        ns::SASL,
+        failure.as_str()
+    )
+}
+
+/// Decodes SASL element content (`=` stands for an empty response).
+fn sasl_data(element: &Element) -> Result<Vec<u8>, SaslFailure> {
+    let text = element.text();
+    let text = text.trim();
+    if text == "=" || text.is_empty() {
+        return Ok(Vec::new());
+    }
+    B64.decode(text).map_err(|_| SaslFailure::IncorrectEncoding)
+}
+
+/// Normalises a SASL user name to a localpart of our domain (RFC 7622 nodeprep).
+pub fn normalize_username(name: &str, domain: &str) -> Option<String> {
+    let jid = BareJid::new(&format!("{name}@{domain}")).ok()?;
+    Some(jid.node()?.to_string())
+}
+
+/// Checks an authorization identity: absent, or the user's own bare JID.
+fn authzid_ok(authzid: Option<&str>, user: &str, domain: &str) -> bool {
+    match authzid {
+        None => true,
+        Some(a) => BareJid::new(a).ok().is_some_and(|j| {
+            j.node().map(|n| n.as_str()) == Some(user) && j.domain().as_str() == domain
+        }),
+    }
+}
+
+/// Runs one SASL exchange. `Ok(Some(user))` on success; `Ok(None)` after a failure was
+/// sent (the client may try again).
+async fn authenticate(
+    server: &Arc<Server>,
+    conn: &mut Conn,
+    auth: &Element,
+    offered: &[Mechanism],
+    deadline: Instant,
+) -> Result<Option<String>, End> {
+    let ip = conn.peer.ip();
+    let result = run_sasl(server, conn, auth, offered, deadline).await?;
+    match result {
+        Ok((user, additional)) => {
+            tracing::info!(%user, peer = %conn.peer, "authenticated");
+            server.record_login(ip, true);
+            // RFC 6120 §6.3.10: SCRAM's server-final-message rides in <success/>.
+            let success = match additional {
+                Some(data) => format!(
+                    "<success xmlns='{}'>{}</success>",
+                    ns::SASL,
+                    B64.encode(data)
+                ),
+                None => format!("<success xmlns='{}'/>", ns::SASL),
+            };
+            conn.send(&success).await?;
+            Ok(Some(user))
+        }
+        Err((failure, text)) => {
+            if failure == SaslFailure::NotAuthorized {
+                server.record_login(ip, false);
+            }
+            tracing::info!(peer = %conn.peer, failure = failure.as_str(), "authentication failed");
+            conn.send(&sasl_failure(failure, text)).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The user and any additional success data, or why it failed.
+type SaslResult = Result<(String, Option<Vec<u8>>), (SaslFailure, Option<&'static str>)>;
+
+async fn run_sasl(
+    server: &Arc<Server>,
+    conn: &mut Conn,
+    auth: &Element,
+    offered: &[Mechanism],
+    deadline: Instant,
+) -> Result<SaslResult, End> {
+    let domain = &server.config.domain;
+    let Some(mechanism) = auth
+        .attr("mechanism")
+        .and_then(Mechanism::parse)
+        .filter(|m| offered.contains(m))
+    else {
+        return Ok(Err((SaslFailure::InvalidMechanism, None)));
+    };
+    if server.login_blocked(conn.peer.ip()) {
+        return Ok(Err((
+            SaslFailure::TemporaryAuthFailure,
+            Some("too many failed logins from this address; try again later"),
+        )));
+    }
+    let mut data = match sasl_data(auth) {
+        Ok(d) => d,
+        Err(f) => return Ok(Err((f, None))),
+    };
+    let Some(hash) = mechanism.scram_hash() else {
+        // PLAIN.
+        let creds = match sasl::parse_plain(&data) {
+            Ok(c) => c,
+            Err(f) => return Ok(Err((f, None))),
+        };
+        let Some(user) = normalize_username(&creds.username, domain) else {
+            return Ok(Err((SaslFailure::NotAuthorized, None)));
+        };
+        if !authzid_ok(creds.authzid.as_deref(), &user, domain) {
+            return Ok(Err((SaslFailure::InvalidAuthzid, None)));
+        }
+        let record = server.store.user(&user).await.ok().flatten();
+        let password = creds.password;
+        // PBKDF2 runs off the async workers so logins never stall routing.
+        let ok = tokio::task::spawn_blocking(move || {
+            record.is_some_and(|r| r.scram_sha256.verify_password(&password))
+        })
+        .await
+        .unwrap_or(false);
+        return Ok(if ok {
+            Ok((user, None))
+        } else {
+            Err((SaslFailure::NotAuthorized, None))
+        });
+    };
+    if data.is_empty() {
+        // No initial response: an empty challenge asks for the client-first-message.
+        conn.send(&format!("<challenge xmlns='{}'>=</challenge>", ns::SASL))
+            .await?;
+        data = match next_sasl_response(conn, deadline).await? {
+            Ok(d) => d,
+            Err(f) => return Ok(Err((f, None))),
+        };
+    }
+    let plus_offered = offered.iter().any(|m| m.is_plus());
+    let first = match sasl::scram_client_first(mechanism, &data, plus_offered) {
+        Ok(f) => f,
+        Err(f) => return Ok(Err((f, None))),
+    };
+    let user = normalize_username(&first.username, domain);
+    let authz_ok = user
+        .as_deref()
+        .is_some_and(|u| authzid_ok(first.authzid.as_deref(), u, domain));
+    let record = match &user {
+        Some(u) => server.store.user(u).await.ok().flatten(),
+        None => None,
+    };
+    let verifier = record.map(|r| match hash {
+        impmesh_store::scram::ScramHash::Sha1 => r.scram_sha1,
+        _ => r.scram_sha256,
+    });
+    let fake_name = first.username.clone();
+    let (scram, challenge) =
+        sasl::ScramServer::new(first, hash, verifier, || server.fake_salt(&fake_name));
+    conn.send(&format!(
+        "<challenge xmlns='{}'>{}</challenge>",
+        ns::SASL,
+        B64.encode(challenge)
+    ))
+    .await?;
+    let response = match next_sasl_response(conn, deadline).await? {
+        Ok(d) => d,
+        Err(f) => return Ok(Err((f, None))),
+    };
+    let binding = conn.channel_binding.clone();
+    match scram.finish(&response, binding.as_deref()) {
+        Ok(_) if !authz_ok => Ok(Err((SaslFailure::InvalidAuthzid, None))),
+        Ok(server_final) => match user {
+            Some(user) => Ok(Ok((user, Some(server_final)))),
+            None => Ok(Err((SaslFailure::NotAuthorized, None))),
+        },
+        Err(f) => Ok(Err((f, None))),
+    }
+}
+
+/// Reads a `<response/>` (or `<abort/>`) during a SASL exchange.
+async fn next_sasl_response(
+    conn: &mut Conn,
+    deadline: Instant,
+) -> Result<Result<Vec<u8>, SaslFailure>, End> {
+    match read(conn, deadline).await? {
+        Frame::Element(e) if e.is("response", ns::SASL) => Ok(sasl_data(&e)),
+        Frame::Element(e) if e.is("abort", ns::SASL) => Ok(Err(SaslFailure::Aborted)),
+        _ => Err(End::Error(
+            StreamErrorCondition::PolicyViolation,
+            "expected a SASL response",
+        )),
+    }
+}
+
+/// Binds a resource (RFC 6120 §7): the client's choice, or one we make up. A session
+/// already holding the resource is replaced (§7.7.2.2, "override").
+#[allow(clippy::type_complexity)]
+fn bind(
+    server: &Server,
+    user: &str,
+    iq: &Element,
+) -> Result<(Arc<SessionHandle>, mpsc::Receiver<Outbound>, String), String> {
+    let domain = &server.config.domain;
+    let id = crate::xml::escape(iq.attr("id").unwrap_or_default()).into_owned();
+    let err = |condition: crate::error::StanzaErrorCondition, text: &str| {
+        crate::error::error_reply(iq, condition, Some(text))
+            .map(|e| String::from(&e))
+            .unwrap_or_default()
+    };
+    if iq.attr("type") != Some("set") {
+        return Err(err(
+            crate::error::StanzaErrorCondition::BadRequest,
+            "bind is a set",
+        ));
+    }
+    let requested = iq
+        .get_child("bind", ns::BIND)
+        .and_then(|b| b.get_child("resource", ns::BIND))
+        .map(|r| r.text())
+        .filter(|r| !r.trim().is_empty());
+    let resource = requested.unwrap_or_else(|| format!("impmesh-{}", &random_id()[..12]));
+    let Ok(jid) = FullJid::new(&format!("{user}@{domain}/{resource}")) else {
+        return Err(err(
+            crate::error::StanzaErrorCondition::BadRequest,
+            "the resource is not a valid resourcepart (RFC 7622)",
+        ));
+    };
+    let (tx, rx) = mpsc::channel(server.config.limits.session_queue);
+    let handle = Arc::new(SessionHandle {
+        id: server.hub.next_session_id(),
+        jid: jid.clone(),
+        tx,
+        state: std::sync::Mutex::new(PresenceState::default()),
+        overloaded: Default::default(),
+    });
+    match server
+        .hub
+        .register(handle.clone(), server.config.limits.max_sessions_per_user)
+    {
+        Ok(Some(old)) => {
+            let _ = old.tx.try_send(Outbound::Replaced);
+        }
+        Ok(None) => {}
+        Err(()) => {
+            return Err(err(
+                crate::error::StanzaErrorCondition::ResourceConstraint,
+                "too many sessions for this account",
+            ));
+        }
+    }
+    let reply = format!(
+        "<iq type='result' id='{id}'><bind xmlns='{}'><jid>{}</jid></bind></iq>",
+        ns::BIND,
+        crate::xml::escape(&jid.to_string())
+    );
+    Ok((handle, rx, reply))
+}
+
+/// XEP-0198 §5: hands the connection to the session named by `previd`, or answers
+/// `<failed/>` and keeps negotiating.
+async fn resume(
+    server: &Server,
+    slot: &mut Option<Conn>,
+    user: &str,
+    element: &Element,
+) -> Result<(), End> {
+    let previd = element.attr("previd").unwrap_or_default();
+    let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
+    let target = server.hub.resumable(previd, user);
+    match (h, target) {
+        (Some(h), Some(tx)) => {
+            let conn = slot.take().ok_or(End::Gone)?;
+            let request = Box::new(ResumeRequest {
+                conn,
+                h,
+                username: user.to_owned(),
+            });
+            match tx.send(Outbound::Resume(request)).await {
+                Ok(()) => Err(End::Gone),
+                Err(mpsc::error::SendError(Outbound::Resume(req))) => {
+                    *slot = Some(req.conn);
+                    failed_resume(conn_of(slot)?).await
+                }
+                Err(_) => Err(End::Gone),
+            }
+        }
+        _ => failed_resume(conn_of(slot)?).await,
+    }
+}
+
+async fn failed_resume(conn: &mut Conn) -> Result<(), End> {
+    conn.send(&format!(
+        "<failed xmlns='{}'><item-not-found xmlns='{}'/></failed>",
+        ns::SM,
+        ns::STANZAS
+    ))
+    .await?;
+    Ok(())
+}

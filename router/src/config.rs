@@ -1,0 +1,105 @@
+//! Router settings. The binary maps its TOML file onto these; every field has a default
+//! chosen from what trusted servers ship (see `shared/anchors/security.md`).
+
+use std::time::Duration;
+
+/// Everything the router needs to know.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The XMPP domain served (e.g. `example.com`).
+    pub domain: String,
+    /// Name of this node, stamped into user rows.
+    pub node_name: String,
+    /// Name of this node's cluster.
+    pub cluster_name: String,
+    /// SASL mechanisms offered, in order of preference; unknown names are ignored.
+    pub sasl_mechanisms: Vec<String>,
+    /// In-band registration (XEP-0077).
+    pub allow_registration: bool,
+    pub limits: Limits,
+}
+
+/// Sizes, rates, queues and timeouts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest top-level element after authentication (Prosody and ejabberd: 256 KiB).
+    pub max_stanza_bytes: usize,
+    /// Largest top-level element before authentication (Prosody: 10 000 bytes).
+    pub max_stanza_bytes_unauthenticated: usize,
+    /// Stanzas waiting for one session's socket; beyond it senders get `wait` errors and
+    /// the session is closed as too slow.
+    pub session_queue: usize,
+    /// Sustained read rate per connection, bytes/s (token bucket).
+    pub read_rate: u32,
+    /// Burst allowed above the sustained rate, bytes.
+    pub read_burst: u32,
+    /// Time to finish TLS, SASL and binding after connecting.
+    pub handshake_timeout: Duration,
+    /// Idle time after which the server pings a client (XEP-0199).
+    pub ping_interval: Duration,
+    /// Time a pinged client has to show any sign of life.
+    pub ping_timeout: Duration,
+    /// Failed logins from one address within `login_failure_window` before further
+    /// attempts from it are refused until the window passes.
+    pub login_failures: u32,
+    pub login_failure_window: Duration,
+    /// XEP-0198 resumption window.
+    pub resume_timeout: Duration,
+    /// Unacknowledged stanzas kept per session (Prosody: 500, ejabberd: 5 000).
+    pub max_unacked: usize,
+    /// Offline messages kept per user (ejabberd: 100).
+    pub max_offline: u32,
+    /// Sessions (resources) per user (ejabberd: 10).
+    pub max_sessions_per_user: usize,
+    /// Time a closing stream waits for the peer's `</stream:stream>`.
+    pub close_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_stanza_bytes: 262_144,
+            max_stanza_bytes_unauthenticated: 10_000,
+            session_queue: 1_000,
+            read_rate: 65_536,
+            read_burst: 524_288,
+            handshake_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(300),
+            ping_timeout: Duration::from_secs(60),
+            login_failures: 5,
+            login_failure_window: Duration::from_secs(60),
+            resume_timeout: Duration::from_secs(300),
+            max_unacked: 1_000,
+            max_offline: 1_000,
+            max_sessions_per_user: 10,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The mechanisms offered by default, strongest first.
+pub fn default_sasl_mechanisms() -> Vec<String> {
+    [
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-1",
+        "PLAIN",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl RouterConfig {
+    /// A one-node configuration for `domain` with every default.
+    pub fn new(domain: &str) -> RouterConfig {
+        RouterConfig {
+            domain: domain.to_owned(),
+            node_name: domain.to_owned(),
+            cluster_name: domain.to_owned(),
+            sasl_mechanisms: default_sasl_mechanisms(),
+            allow_registration: false,
+            limits: Limits::default(),
+        }
+    }
+}

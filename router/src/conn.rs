@@ -1,0 +1,254 @@
+//! One client connection's bytes: the transport (TCP, then TLS), the framer, a read
+//! buffer, and the read-rate token bucket. Reading is cancel-safe (a read either returns
+//! bytes that are parsed at once or has consumed nothing), so the session loop can race
+//! it against its queue and timers.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+
+use crate::error::StreamErrorCondition;
+use crate::xml::{Frame, Framer};
+
+/// Bytes read per `read` call. Small on purpose: a stanza rarely needs more in one go,
+/// and the buffer is per connection (see DESIGN "Memory per session is a budget").
+const READ_CHUNK: usize = 4096;
+
+/// The byte stream under a client connection.
+#[allow(clippy::large_enum_variant)]
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What ended a read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the TCP connection or it failed.
+    Closed,
+    /// The peer broke the protocol.
+    Stream(StreamErrorCondition),
+}
+
+/// A token bucket on bytes read (Prosody's and ejabberd's "shaper"): excess input is not
+/// an error, the server just stops reading for a while and TCP pushes back.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            updated: Instant::now(),
+        }
+    }
+
+    /// Takes `n` tokens; returns how long to wait before reading again (zero if none).
+    pub fn take(&mut self, n: usize) -> Duration {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.updated = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// One connection: transport, framer and what was parsed but not yet handled.
+pub struct Conn {
+    pub io: Transport,
+    pub framer: Framer,
+    pub peer: SocketAddr,
+    /// `tls-exporter` channel-binding value (RFC 9266), on TLS 1.3 connections.
+    pub channel_binding: Option<Vec<u8>>,
+    rbuf: Vec<u8>,
+    frames: VecDeque<Frame>,
+    bucket: TokenBucket,
+    /// Reads are paused until then by the rate limit.
+    pub paused_until: Option<Instant>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub fn new(io: Transport, peer: SocketAddr, max_element: usize, rate: u32, burst: u32) -> Conn {
+        Conn {
+            io,
+            framer: Framer::new(max_element),
+            peer,
+            channel_binding: None,
+            rbuf: Vec::new(),
+            frames: VecDeque::new(),
+            bucket: TokenBucket::new(rate, burst),
+            paused_until: None,
+        }
+    }
+
+    /// Starts a new stream on the same transport (after STARTTLS or SASL success).
+    pub fn reset_stream(&mut self, max_element: usize) {
+        self.framer = Framer::new(max_element);
+        self.frames.clear();
+    }
+
+    /// A frame parsed earlier and not yet handled.
+    pub fn pop_frame(&mut self) -> Option<Frame> {
+        self.frames.pop_front()
+    }
+
+    /// Reads once and parses what arrived. Cancel-safe. Frames are queued for
+    /// [`Self::pop_frame`]; the rate limit may pause the next read.
+    pub async fn read_some(&mut self) -> Result<(), ReadError> {
+        if let Some(until) = self.paused_until {
+            tokio::time::sleep_until(until).await;
+            self.paused_until = None;
+        }
+        if self.rbuf.len() < READ_CHUNK {
+            self.rbuf.resize(READ_CHUNK, 0);
+        }
+        let n = match self.io.read(&mut self.rbuf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(n) => n,
+        };
+        let wait = self.bucket.take(n);
+        if !wait.is_zero() {
+            self.paused_until = Some(Instant::now() + wait);
+        }
+        let mut buf = &self.rbuf[..n];
+        while let Some(frame) = self
+            .framer
+            .next_frame(&mut buf)
+            .map_err(ReadError::Stream)?
+        {
+            self.frames.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// The next frame, reading as needed (negotiation uses this; not cancel-safe across
+    /// frames, which negotiation does not need).
+    pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(frame) = self.frames.pop_front() {
+                return Ok(frame);
+            }
+            self.read_some().await?;
+        }
+    }
+
+    /// Releases the read buffer while the connection is idle.
+    pub fn shrink(&mut self) {
+        self.rbuf = Vec::new();
+        self.framer.release_temporaries();
+    }
+
+    /// Writes and flushes.
+    pub async fn send(&mut self, data: &str) -> std::io::Result<()> {
+        self.io.write_all(data.as_bytes()).await?;
+        self.io.flush().await
+    }
+
+    /// Sends `</stream:stream>` (after an optional stream error) and waits a bounded
+    /// time for the peer's footer before closing (RFC 6120 §4.4).
+    pub async fn close(
+        mut self,
+        error: Option<(StreamErrorCondition, Option<&str>)>,
+        wait: Duration,
+    ) {
+        let mut out = String::new();
+        if let Some((condition, text)) = error {
+            out.push_str(&condition.to_xml(text));
+        }
+        out.push_str("</stream:stream>");
+        if self.send(&out).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                match self.next_frame().await {
+                    Ok(Frame::Footer) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_pauses_after_the_burst() {
+        let mut bucket = TokenBucket::new(1000, 2000);
+        assert!(bucket.take(1500).is_zero());
+        let wait = bucket.take(1500);
+        assert_eq!(wait, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(bucket.take(1000).is_zero());
+    }
+}

@@ -1,0 +1,311 @@
+//! Message routing and delivery (RFC 6121 §8), offline storage (XEP-0160) and message
+//! carbons (XEP-0280).
+
+use std::sync::Arc;
+
+use minidom::Element;
+use xmpp_parsers::jid::{BareJid, FullJid, Jid};
+
+use crate::Server;
+use crate::error::{StanzaErrorCondition, error_reply};
+use crate::hub::SessionHandle;
+use crate::session::Session;
+use crate::stanza::{self, Kind};
+use crate::xml::ns;
+
+impl Session {
+    /// A message from this session's client.
+    pub(crate) async fn on_message(&mut self, message: Element, to: Option<Jid>) {
+        let Some(to) = to else {
+            // A message to the server itself: nothing here handles messages.
+            self.reply_error(&message, StanzaErrorCondition::ServiceUnavailable, None);
+            return;
+        };
+        if to.node().is_none() {
+            if to.domain().as_str() == self.server.config.domain {
+                self.reply_error(&message, StanzaErrorCondition::ServiceUnavailable, None);
+            } else {
+                self.reply_error(
+                    &message,
+                    StanzaErrorCondition::RemoteServerNotFound,
+                    Some("this server does not federate with other domains"),
+                );
+            }
+            return;
+        }
+        if self.server.is_blocked_by(&self.user(), &to.to_bare()).await {
+            // XEP-0191 §3.4: a blocked recipient gets nothing; the sender learns why.
+            let blocked = Element::bare("blocked", ns::BLOCKING_ERRORS);
+            if let Some(mut reply) = crate::error::error_reply_with(
+                &message,
+                StanzaErrorCondition::NotAcceptable,
+                None,
+                Some(blocked),
+            ) {
+                stanza::set_attr(&mut reply, "to", &self.jid().to_string());
+                self.send_self(&reply);
+            }
+            return;
+        }
+        let from = self.jid().clone();
+        self.server.send_carbons_sent(&from, &message);
+        self.server.deliver_message(message, &to).await;
+    }
+}
+
+impl Server {
+    /// Delivers a message to a JID of this domain by RFC 6121 §8.5, with offline storage
+    /// and carbons. Errors go back to the sender.
+    pub async fn deliver_message(&self, message: Element, to: &Jid) {
+        let domain = &self.config.domain;
+        let Some(user) = to.node().map(|n| n.to_string()) else {
+            return;
+        };
+        if to.domain().as_str() != domain {
+            self.bounce(&message, StanzaErrorCondition::RemoteServerNotFound, None);
+            return;
+        }
+        let sender = message.attr("from").and_then(stanza::parse_jid);
+        if let Some(sender) = &sender
+            && self.is_blocked_by(&user, &sender.to_bare()).await
+        {
+            self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
+            return;
+        }
+        let kind = stanza::stanza_type(&message).to_owned();
+        let sessions = self.hub.sessions(&user);
+        // To a full JID whose resource is online: that session, whatever its presence.
+        if let Some(resource) = to.resource()
+            && let Some(target) = sessions
+                .iter()
+                .find(|s| s.jid.resource().as_str() == resource.as_str())
+        {
+            let xml: Arc<str> = String::from(&message).into();
+            if !target.send(xml) {
+                self.bounce(&message, StanzaErrorCondition::ResourceConstraint, None);
+                return;
+            }
+            if kind == "chat" {
+                self.send_carbons_received(&sessions, &[target.id], &message);
+            }
+            return;
+        }
+        match kind.as_str() {
+            "groupchat" => {
+                self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
+                return;
+            }
+            "error" if to.resource().is_some() => return,
+            _ => {}
+        }
+        // To the bare JID (or an unknown resource): the available resources with the
+        // highest non-negative priority (§8.5.2.1.1); headlines to all of them.
+        let available: Vec<(Arc<SessionHandle>, i8)> = sessions
+            .iter()
+            .filter_map(|s| {
+                let p = s.presence();
+                (p.available && p.priority >= 0).then(|| (s.clone(), p.priority))
+            })
+            .collect();
+        let targets: Vec<&Arc<SessionHandle>> = if kind == "headline" {
+            available.iter().map(|(s, _)| s).collect()
+        } else {
+            let top = available.iter().map(|(_, p)| *p).max();
+            available
+                .iter()
+                .filter(|(_, p)| Some(*p) == top)
+                .map(|(s, _)| s)
+                .collect()
+        };
+        if !targets.is_empty() {
+            let xml: Arc<str> = String::from(&message).into();
+            let mut delivered = vec![];
+            for target in &targets {
+                if target.send(xml.clone()) {
+                    delivered.push(target.id);
+                }
+            }
+            if delivered.is_empty() {
+                self.bounce(&message, StanzaErrorCondition::ResourceConstraint, None);
+            } else if kind == "chat" {
+                self.send_carbons_received(&sessions, &delivered, &message);
+            }
+            return;
+        }
+        match kind.as_str() {
+            "chat" | "normal" => self.store_offline(&user, message).await,
+            // RFC 6121 §8.5.2.1.1: headlines and errors for nobody are discarded.
+            "headline" | "error" => {}
+            _ => self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None),
+        }
+    }
+
+    /// XEP-0160: keeps a message for a user with no available resource, stamped with
+    /// XEP-0203 delay; bounces it when the user does not exist or the store is full.
+    async fn store_offline(&self, user: &str, mut message: Element) {
+        match self.store.user_exists(user).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store failed while routing a message");
+                self.bounce(&message, StanzaErrorCondition::InternalServerError, None);
+                return;
+            }
+        }
+        if message.get_child("no-store", ns::HINTS).is_some() {
+            self.bounce(&message, StanzaErrorCondition::RecipientUnavailable, None);
+            return;
+        }
+        if message.get_child("delay", ns::DELAY).is_none() {
+            message.append_child(
+                Element::builder("delay", ns::DELAY)
+                    .attr(
+                        rxml::xml_ncname!("from").to_owned(),
+                        self.config.domain.as_str(),
+                    )
+                    .attr(
+                        rxml::xml_ncname!("stamp").to_owned(),
+                        crate::time::rfc3339(impmesh_store::now_unix()),
+                    )
+                    .append("Offline Storage")
+                    .build(),
+            );
+        }
+        let xml = String::from(&message);
+        match self
+            .store
+            .store_offline(user, &xml, self.config.limits.max_offline)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => self.bounce(
+                &message,
+                StanzaErrorCondition::ServiceUnavailable,
+                Some("the recipient's offline storage is full"),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "storing an offline message failed");
+                self.bounce(&message, StanzaErrorCondition::InternalServerError, None);
+            }
+        }
+    }
+
+    /// Sends an error reply for `stanza` to its sender (a local session).
+    pub fn bounce(&self, stanza: &Element, condition: StanzaErrorCondition, text: Option<&str>) {
+        let Some(reply) = error_reply(stanza, condition, text) else {
+            return;
+        };
+        self.send_to_jid(&reply);
+    }
+
+    /// Sends a server-built stanza to the local full or bare JID in its `to`.
+    pub fn send_to_jid(&self, stanza: &Element) {
+        let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
+            return;
+        };
+        let Some(user) = to.node() else { return };
+        let xml: Arc<str> = String::from(stanza).into();
+        for s in self.hub.sessions(user.as_str()) {
+            if to
+                .resource()
+                .is_none_or(|r| r.as_str() == s.jid.resource().as_str())
+            {
+                s.send(xml.clone());
+            }
+        }
+    }
+
+    /// XEP-0280 §6: copies of a chat message a user sent go to the user's other
+    /// carbons-enabled resources.
+    pub(crate) fn send_carbons_sent(&self, from: &FullJid, message: &Element) {
+        if !carbon_eligible(message) {
+            return;
+        }
+        let Some(user) = from.node() else { return };
+        for s in self.hub.sessions(user.as_str()) {
+            if s.jid == *from || !s.presence().carbons {
+                continue;
+            }
+            let wrapped = wrap_carbon("sent", &from.to_bare(), &s.jid, message);
+            s.send(String::from(&wrapped).into());
+        }
+    }
+
+    /// XEP-0280 §5: copies of a chat message delivered to some resources go to the
+    /// recipient's other carbons-enabled resources.
+    fn send_carbons_received(
+        &self,
+        sessions: &[Arc<SessionHandle>],
+        delivered: &[u64],
+        message: &Element,
+    ) {
+        if !carbon_eligible(message) {
+            return;
+        }
+        for s in sessions {
+            if delivered.contains(&s.id) || !s.presence().carbons {
+                continue;
+            }
+            let wrapped = wrap_carbon("received", &s.jid.to_bare(), &s.jid, message);
+            s.send(String::from(&wrapped).into());
+        }
+    }
+
+    /// Routes a stanza that a session queued but its client never acknowledged: a
+    /// message goes to another resource or to offline storage; the rest is dropped as
+    /// RFC 6120 allows for presence and answered with an error for IQ requests.
+    pub async fn reroute_undelivered(&self, was_for: &FullJid, xml: &str) {
+        let Some(stanza) = stanza::parse_own(xml) else {
+            return;
+        };
+        match Kind::of(&stanza) {
+            Some(Kind::Message) => {
+                // Carbons and server pings are copies: the original is elsewhere.
+                if stanza.has_child("sent", ns::CARBONS)
+                    || stanza.has_child("received", ns::CARBONS)
+                {
+                    return;
+                }
+                let bare: BareJid = was_for.to_bare();
+                self.deliver_message(stanza, &Jid::from(bare)).await;
+            }
+            Some(Kind::Iq) if matches!(stanza.attr("type"), Some("get" | "set")) => {
+                if stanza.attr("from") != Some(self.config.domain.as_str()) {
+                    self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether a message is copied by carbons (XEP-0280 §6.1: chat messages, not marked
+/// private and not already a carbon).
+fn carbon_eligible(message: &Element) -> bool {
+    stanza::stanza_type(message) == "chat"
+        && !message.has_child("private", ns::CARBONS)
+        && !message.has_child("no-copy", ns::HINTS)
+        && !message.has_child("sent", ns::CARBONS)
+        && !message.has_child("received", ns::CARBONS)
+}
+
+fn wrap_carbon(direction: &str, from: &BareJid, to: &FullJid, message: &Element) -> Element {
+    let copy = message.clone();
+    Element::builder("message", ns::CLIENT)
+        .attr(rxml::xml_ncname!("from").to_owned(), from.to_string())
+        .attr(rxml::xml_ncname!("to").to_owned(), to.to_string())
+        .attr(rxml::xml_ncname!("type").to_owned(), "chat")
+        .append(
+            Element::builder(direction, ns::CARBONS)
+                .append(
+                    Element::builder("forwarded", ns::FORWARD)
+                        .append(copy)
+                        .build(),
+                )
+                .build(),
+        )
+        .build()
+}

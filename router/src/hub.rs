@@ -1,0 +1,173 @@
+//! The session registry: who is connected, with which resources, and the queues that
+//! reach them. Plain shared state behind short `std` locks (never held across `.await`);
+//! routing decisions live in `deliver.rs` and `presence.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::mpsc;
+use xmpp_parsers::jid::FullJid;
+
+use crate::conn::Conn;
+
+/// What a session task receives from the rest of the node.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A serialized stanza to write to the client.
+    Stanza(Arc<str>),
+    /// Another session took this resource (RFC 6120 §7.7.2.2): close with `conflict`.
+    Replaced,
+    /// A new connection resumes this session (XEP-0198 §5).
+    Resume(Box<ResumeRequest>),
+}
+
+/// A connection that asks to take over a (usually hibernated) session.
+#[derive(Debug)]
+pub struct ResumeRequest {
+    pub conn: Conn,
+    /// The client's `h`: stanzas it has received.
+    pub h: u32,
+    pub username: String,
+}
+
+/// Presence-related state of a session that other tasks read when routing.
+#[derive(Debug, Default, Clone)]
+pub struct PresenceState {
+    /// Sent initial presence and not yet unavailable (RFC 6121 "available resource").
+    pub available: bool,
+    pub priority: i8,
+    /// The last available presence broadcast, to answer probes.
+    pub last: Option<Arc<str>>,
+    /// Requested the roster (RFC 6121 "interested resource").
+    pub interested: bool,
+    /// Message carbons enabled (XEP-0280).
+    pub carbons: bool,
+}
+
+/// The handle other tasks hold on a session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub jid: FullJid,
+    pub tx: mpsc::Sender<Outbound>,
+    pub state: Mutex<PresenceState>,
+    /// Set when the queue overflowed; the session closes itself.
+    pub overloaded: AtomicBool,
+}
+
+impl SessionHandle {
+    /// A copy of the presence state.
+    pub fn presence(&self) -> PresenceState {
+        lock(&self.state).clone()
+    }
+
+    /// Queues a stanza; false when the session is gone or its queue is full.
+    pub fn send(&self, stanza: Arc<str>) -> bool {
+        match self.tx.try_send(Outbound::Stanza(stanza)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overloaded.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Locks a mutex, recovering from a poisoned lock (the data is plain state that stays
+/// consistent: every writer sets whole fields).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every session of the node.
+#[derive(Debug, Default)]
+pub struct Hub {
+    users: RwLock<HashMap<String, Vec<Arc<SessionHandle>>>>,
+    /// XEP-0198 stream ids of resumable sessions → the session's queue.
+    resumable: Mutex<HashMap<String, (String, mpsc::Sender<Outbound>)>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn next_session_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers a session; returns the session it replaces (same full JID), if any.
+    /// Fails when the user already has `max` sessions.
+    pub fn register(
+        &self,
+        handle: Arc<SessionHandle>,
+        max: usize,
+    ) -> Result<Option<Arc<SessionHandle>>, ()> {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
+        let sessions = users.entry(user).or_default();
+        let replaced = sessions
+            .iter()
+            .position(|s| s.jid == handle.jid)
+            .map(|i| sessions.swap_remove(i));
+        if replaced.is_none() && sessions.len() >= max {
+            return Err(());
+        }
+        sessions.push(handle);
+        Ok(replaced)
+    }
+
+    /// Removes a session (by id, so a replaced session cannot remove its successor).
+    pub fn unregister(&self, handle: &SessionHandle) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
+        if let Some(sessions) = users.get_mut(&user) {
+            sessions.retain(|s| s.id != handle.id);
+            if sessions.is_empty() {
+                users.remove(&user);
+            }
+        }
+    }
+
+    /// The sessions of a user (any state).
+    pub fn sessions(&self, user: &str) -> Vec<Arc<SessionHandle>> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// One session by resource.
+    pub fn session(&self, user: &str, resource: &str) -> Option<Arc<SessionHandle>> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users
+            .get(user)?
+            .iter()
+            .find(|s| s.jid.resource().as_str() == resource)
+            .cloned()
+    }
+
+    /// Number of sessions on the node.
+    pub fn session_count(&self) -> usize {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.values().map(Vec::len).sum()
+    }
+
+    /// Every session (for shutdown).
+    pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.values().flatten().cloned().collect()
+    }
+
+    pub fn add_resumable(&self, id: &str, user: &str, tx: mpsc::Sender<Outbound>) {
+        lock(&self.resumable).insert(id.to_owned(), (user.to_owned(), tx));
+    }
+
+    pub fn remove_resumable(&self, id: &str) {
+        lock(&self.resumable).remove(id);
+    }
+
+    /// The queue of a resumable session owned by `user`.
+    pub fn resumable(&self, id: &str, user: &str) -> Option<mpsc::Sender<Outbound>> {
+        let map = lock(&self.resumable);
+        let (owner, tx) = map.get(id)?;
+        (owner == user).then(|| tx.clone())
+    }
+}

@@ -1,0 +1,590 @@
+//! IQ handling (RFC 6120 §8.2.3): routing to full JIDs, and the requests the server
+//! answers itself — roster (RFC 6121 §2, XEP-0237), service discovery (XEP-0030), ping
+//! (XEP-0199), software version (XEP-0092), vCard-temp (XEP-0054), private XML storage
+//! (XEP-0049), blocking (XEP-0191), carbons (XEP-0280) and in-band registration
+//! (XEP-0077). Anything else gets `service-unavailable`, never silence.
+
+use impmesh_store::RosterItem;
+use minidom::Element;
+use xmpp_parsers::jid::{BareJid, Jid};
+
+use crate::Server;
+use crate::error::{StanzaErrorCondition, error_reply};
+use crate::hub::lock;
+use crate::session::Session;
+
+use crate::xml::{escape, ns};
+
+/// The features disco#info lists for the server: exactly what is implemented.
+pub const SERVER_FEATURES: &[&str] = &[
+    ns::DISCO_INFO,
+    ns::DISCO_ITEMS,
+    ns::PING,
+    ns::VERSION,
+    ns::VCARD,
+    ns::PRIVATE,
+    ns::BLOCKING,
+    ns::CARBONS,
+    ns::ROSTERVER,
+    ns::OFFLINE,
+    "urn:xmpp:sm:3",
+    "urn:xmpp:sasl-cb:0",
+];
+
+/// Roster items a user may keep (ejabberd and Prosody have similar caps).
+const MAX_ROSTER_ITEMS: usize = 1000;
+/// Largest vCard or private XML document kept, in bytes of XML.
+const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+
+impl Session {
+    /// An IQ from this session's client.
+    pub(crate) async fn on_iq(&mut self, iq: Element, to: Option<Jid>) {
+        let ty = iq.attr("type").unwrap_or("").to_owned();
+        let is_request = matches!(ty.as_str(), "get" | "set");
+        if !is_request && !matches!(ty.as_str(), "result" | "error") {
+            self.reply_error(&iq, StanzaErrorCondition::BadRequest, None);
+            return;
+        }
+        if is_request && (iq.attr("id").is_none() || iq.children().count() != 1) {
+            // RFC 6120 §8.2.3: a request has an id and exactly one payload.
+            self.reply_error(&iq, StanzaErrorCondition::BadRequest, None);
+            return;
+        }
+        let domain = self.server.config.domain.clone();
+        let own_bare = self.jid().to_bare();
+        match &to {
+            // To a full JID: route to that session.
+            Some(to) if to.resource().is_some() => {
+                if to.domain().as_str() != domain {
+                    self.reply_error(&iq, StanzaErrorCondition::RemoteServerNotFound, None);
+                    return;
+                }
+                self.route_iq(iq, to).await;
+            }
+            _ if !is_request => {
+                // Answers to the server's own pushes and pings end here.
+            }
+            None => self.handle_account_iq(iq).await,
+            Some(to) if to.to_bare() == own_bare => self.handle_account_iq(iq).await,
+            Some(to) if to.node().is_none() && to.domain().as_str() == domain => {
+                self.handle_server_iq(iq).await;
+            }
+            Some(to) if to.domain().as_str() != domain => {
+                self.reply_error(&iq, StanzaErrorCondition::RemoteServerNotFound, None);
+            }
+            Some(to) => self.handle_other_account_iq(iq, to.to_bare()).await,
+        }
+    }
+
+    /// An IQ to another user's full JID.
+    async fn route_iq(&mut self, iq: Element, to: &Jid) {
+        let server = self.server.clone();
+        let Some(user) = to.node().map(|n| n.to_string()) else {
+            return;
+        };
+        let resource = to.resource().map(|r| r.to_string()).unwrap_or_default();
+        let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;
+        match server.hub.session(&user, &resource) {
+            Some(target) if !blocked => {
+                if !target.send(String::from(&iq).into()) {
+                    self.reply_error(&iq, StanzaErrorCondition::ResourceConstraint, None);
+                }
+            }
+            _ => {
+                if matches!(iq.attr("type"), Some("get" | "set")) {
+                    self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None);
+                }
+            }
+        }
+    }
+
+    fn reply_result(&mut self, iq: &Element, payload: Option<String>) {
+        let xml = format!(
+            "<iq type='result' id='{}' to='{}'{}>{}</iq>",
+            escape(iq.attr("id").unwrap_or_default()),
+            escape(&self.jid().to_string()),
+            iq.attr("to")
+                .map(|t| format!(" from='{}'", escape(t)))
+                .unwrap_or_default(),
+            payload.unwrap_or_default()
+        );
+        self.push_out(xml.into());
+    }
+
+    /// Requests the server answers on behalf of the user's own account.
+    async fn handle_account_iq(&mut self, iq: Element) {
+        let Some(payload) = iq.children().next().cloned() else {
+            return;
+        };
+        let set = iq.attr("type") == Some("set");
+        let user = self.user();
+        let server = self.server.clone();
+        match (payload.name(), payload.ns().as_str()) {
+            ("query", ns::ROSTER) => self.roster_iq(&iq, &payload, set).await,
+            ("vCard", ns::VCARD) if set => {
+                let xml = String::from(&payload);
+                if xml.len() > MAX_DOCUMENT_BYTES {
+                    self.reply_error(
+                        &iq,
+                        StanzaErrorCondition::NotAcceptable,
+                        Some("vCard too large"),
+                    );
+                } else if server.store.set_vcard(&user, &xml).await.is_ok() {
+                    self.reply_result(&iq, None);
+                } else {
+                    self.reply_error(&iq, StanzaErrorCondition::InternalServerError, None);
+                }
+            }
+            ("vCard", ns::VCARD) => self.vcard_get(&iq, &user).await,
+            ("query", ns::PRIVATE) => self.private_iq(&iq, &payload, set).await,
+            ("blocklist", ns::BLOCKING) if !set => {
+                let items = server.store.blocklist(&user).await.unwrap_or_default();
+                let body: String = items
+                    .iter()
+                    .map(|j| format!("<item jid='{}'/>", escape(j)))
+                    .collect();
+                lock(&self.handle.state).interested = true;
+                self.reply_result(
+                    &iq,
+                    Some(format!(
+                        "<blocklist xmlns='{}'>{body}</blocklist>",
+                        ns::BLOCKING
+                    )),
+                );
+            }
+            ("block" | "unblock", ns::BLOCKING) if set => self.blocking_set(&iq, &payload).await,
+            ("enable" | "disable", ns::CARBONS) if set => {
+                lock(&self.handle.state).carbons = payload.name() == "enable";
+                self.reply_result(&iq, None);
+            }
+            ("ping", ns::PING) if !set => self.reply_result(&iq, None),
+            ("query", ns::DISCO_INFO) if !set => {
+                let body = format!(
+                    "<query xmlns='{}'><identity category='account' type='registered'/></query>",
+                    ns::DISCO_INFO
+                );
+                self.reply_result(&iq, Some(body));
+            }
+            ("query", ns::DISCO_ITEMS) if !set => {
+                self.reply_result(&iq, Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)));
+            }
+            ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
+            _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
+        }
+    }
+
+    /// Requests to the server itself (`to` = the domain).
+    async fn handle_server_iq(&mut self, iq: Element) {
+        let Some(payload) = iq.children().next().cloned() else {
+            return;
+        };
+        let set = iq.attr("type") == Some("set");
+        match (payload.name(), payload.ns().as_str()) {
+            ("ping", ns::PING) if !set => self.reply_result(&iq, None),
+            ("query", ns::DISCO_INFO) if !set => {
+                if payload.attr("node").is_some() {
+                    self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
+                    return;
+                }
+                let mut body = format!(
+                    "<query xmlns='{}'><identity category='server' type='im' name='impmesh'/>",
+                    ns::DISCO_INFO
+                );
+                for f in SERVER_FEATURES {
+                    body.push_str(&format!("<feature var='{f}'/>"));
+                }
+                body.push_str("</query>");
+                self.reply_result(&iq, Some(body));
+            }
+            ("query", ns::DISCO_ITEMS) if !set => {
+                self.reply_result(&iq, Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)));
+            }
+            ("query", ns::VERSION) if !set => {
+                let body = format!(
+                    "<query xmlns='{}'><name>impmesh</name><version>{}</version></query>",
+                    ns::VERSION,
+                    env!("CARGO_PKG_VERSION")
+                );
+                self.reply_result(&iq, Some(body));
+            }
+            ("enable" | "disable", ns::CARBONS) if set => {
+                lock(&self.handle.state).carbons = payload.name() == "enable";
+                self.reply_result(&iq, None);
+            }
+            ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
+            _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
+        }
+    }
+
+    /// Requests to another user's bare JID, answered by the server for that account.
+    async fn handle_other_account_iq(&mut self, iq: Element, to: BareJid) {
+        let Some(payload) = iq.children().next().cloned() else {
+            return;
+        };
+        let user = to.node().map(|n| n.to_string()).unwrap_or_default();
+        let server = self.server.clone();
+        let exists = server.store.user_exists(&user).await.unwrap_or(false);
+        let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;
+        if !exists || blocked {
+            self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None);
+            return;
+        }
+        match (iq.attr("type"), payload.name(), payload.ns().as_str()) {
+            (Some("get"), "vCard", ns::VCARD) => self.vcard_get(&iq, &user).await,
+            (Some("get"), "query", ns::DISCO_INFO) => {
+                let body = format!(
+                    "<query xmlns='{}'><identity category='account' type='registered'/></query>",
+                    ns::DISCO_INFO
+                );
+                self.reply_result(&iq, Some(body));
+            }
+            (Some("get"), "ping", ns::PING) => self.reply_result(&iq, None),
+            _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
+        }
+    }
+
+    async fn vcard_get(&mut self, iq: &Element, user: &str) {
+        match self.server.store.vcard(user).await {
+            Ok(Some(xml)) => self.reply_result(iq, Some(xml)),
+            Ok(None) => self.reply_result(iq, Some(format!("<vCard xmlns='{}'/>", ns::VCARD))),
+            Err(_) => self.reply_error(iq, StanzaErrorCondition::InternalServerError, None),
+        }
+    }
+
+    /// Roster get and set (RFC 6121 §2.2–§2.5) with versioning (XEP-0237).
+    async fn roster_iq(&mut self, iq: &Element, query: &Element, set: bool) {
+        let user = self.user();
+        let server = self.server.clone();
+        if !set {
+            lock(&self.handle.state).interested = true;
+            let Ok((version, items)) = server.store.roster(&user).await else {
+                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+                return;
+            };
+            // The client's version is current: an empty result, changes come as pushes.
+            if query.attr("ver") == Some(version.to_string().as_str()) {
+                self.reply_result(iq, None);
+                return;
+            }
+            let body: String = items
+                .iter()
+                .map(|i| crate::presence::roster_item_xml(i, false))
+                .collect();
+            self.reply_result(
+                iq,
+                Some(format!(
+                    "<query xmlns='{}' ver='{version}'>{body}</query>",
+                    ns::ROSTER
+                )),
+            );
+            return;
+        }
+        // §2.3.3: a set carries exactly one item.
+        let items: Vec<&Element> = query
+            .children()
+            .filter(|c| c.is("item", ns::ROSTER))
+            .collect();
+        let [item] = items.as_slice() else {
+            self.reply_error(
+                iq,
+                StanzaErrorCondition::BadRequest,
+                Some("one item per roster set"),
+            );
+            return;
+        };
+        let Some(contact) = item.attr("jid").and_then(|j| BareJid::new(j).ok()) else {
+            self.reply_error(
+                iq,
+                StanzaErrorCondition::BadRequest,
+                Some("the item needs a valid bare JID"),
+            );
+            return;
+        };
+        let contact_s = contact.to_string();
+        let existing = server
+            .store
+            .roster_item(&user, &contact_s)
+            .await
+            .ok()
+            .flatten();
+        if item.attr("subscription") == Some("remove") {
+            let Some(existing) = existing else {
+                self.reply_error(iq, StanzaErrorCondition::ItemNotFound, None);
+                return;
+            };
+            // §2.5.2: cancel both directions before removing.
+            if existing.subscription.has_to() || existing.ask {
+                let p = subscription_presence(&contact_s, "unsubscribe");
+                server
+                    .outbound_subscription(&user, "unsubscribe", contact.clone(), p)
+                    .await;
+            }
+            if existing.subscription.has_from()
+                || server
+                    .store
+                    .has_subscription_request(&user, &contact_s)
+                    .await
+                    .unwrap_or(false)
+            {
+                let p = subscription_presence(&contact_s, "unsubscribed");
+                server
+                    .outbound_subscription(&user, "unsubscribed", contact.clone(), p)
+                    .await;
+            }
+            match server.store.remove_roster_item(&user, &contact_s).await {
+                Ok(Some(version)) => {
+                    self.reply_result(iq, None);
+                    server.push_roster(&user, &existing, true, version);
+                }
+                Ok(None) => self.reply_result(iq, None),
+                Err(_) => self.reply_error(iq, StanzaErrorCondition::InternalServerError, None),
+            }
+            return;
+        }
+        let mut groups: Vec<String> = item
+            .children()
+            .filter(|c| c.is("group", ns::ROSTER))
+            .map(|g| g.text())
+            .collect();
+        let count = groups.len();
+        groups.sort();
+        groups.dedup();
+        if groups.len() != count || groups.iter().any(|g| g.is_empty() || g.len() > 1023) {
+            self.reply_error(
+                iq,
+                StanzaErrorCondition::BadRequest,
+                Some("duplicate or empty group"),
+            );
+            return;
+        }
+        if existing.is_none()
+            && server
+                .store
+                .roster(&user)
+                .await
+                .map(|(_, i)| i.len())
+                .unwrap_or(0)
+                >= MAX_ROSTER_ITEMS
+        {
+            self.reply_error(
+                iq,
+                StanzaErrorCondition::NotAllowed,
+                Some("the roster is full"),
+            );
+            return;
+        }
+        // The client sets name and groups; subscription state is the server's (§2.1.2.5).
+        let mut updated = existing.unwrap_or_else(|| RosterItem {
+            contact: contact_s,
+            ..Default::default()
+        });
+        updated.name = item
+            .attr("name")
+            .filter(|n| !n.is_empty())
+            .map(String::from);
+        updated.groups = groups;
+        self.reply_result(iq, None);
+        server.save_and_push(&user, &updated).await;
+    }
+
+    async fn private_iq(&mut self, iq: &Element, query: &Element, set: bool) {
+        let user = self.user();
+        let children: Vec<&Element> = query.children().collect();
+        if children.is_empty() {
+            self.reply_error(iq, StanzaErrorCondition::BadRequest, None);
+            return;
+        }
+        // XEP-0049 §3: jabber:* namespaces are reserved.
+        if children.iter().any(|c| c.ns().starts_with("jabber:")) {
+            self.reply_error(iq, StanzaErrorCondition::NotAcceptable, None);
+            return;
+        }
+        if set {
+            let items: Vec<(String, String)> = children
+                .iter()
+                .map(|c| (c.ns(), String::from(*c)))
+                .collect();
+            if items.iter().any(|(_, x)| x.len() > MAX_DOCUMENT_BYTES) {
+                self.reply_error(iq, StanzaErrorCondition::NotAcceptable, None);
+            } else if self
+                .server
+                .store
+                .set_private_xml(&user, &items)
+                .await
+                .is_ok()
+            {
+                self.reply_result(iq, None);
+            } else {
+                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+            }
+            return;
+        }
+        let child = children[0];
+        let stored = match self.server.store.private_xml(&user, &child.ns()).await {
+            Ok(s) => s,
+            Err(_) => {
+                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+                return;
+            }
+        };
+        let inner = stored.unwrap_or_else(|| String::from(child));
+        self.reply_result(
+            iq,
+            Some(format!("<query xmlns='{}'>{inner}</query>", ns::PRIVATE)),
+        );
+    }
+
+    /// XEP-0191 block and unblock, with pushes to the user's other resources.
+    async fn blocking_set(&mut self, iq: &Element, payload: &Element) {
+        let user = self.user();
+        let server = self.server.clone();
+        let mut jids = vec![];
+        for item in payload.children().filter(|c| c.is("item", ns::BLOCKING)) {
+            match item.attr("jid").and_then(|j| Jid::new(j).ok()) {
+                Some(j) => jids.push(j.to_string()),
+                None => {
+                    self.reply_error(iq, StanzaErrorCondition::JidMalformed, None);
+                    return;
+                }
+            }
+        }
+        let block = payload.name() == "block";
+        if block && jids.is_empty() {
+            self.reply_error(iq, StanzaErrorCondition::BadRequest, None);
+            return;
+        }
+        let result = if block {
+            server.store.block(&user, &jids).await
+        } else {
+            server.store.unblock(&user, &jids).await
+        };
+        if result.is_err() {
+            self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+            return;
+        }
+        self.reply_result(iq, None);
+        let body: String = jids
+            .iter()
+            .map(|j| format!("<item jid='{}'/>", escape(j)))
+            .collect();
+        for s in server.hub.sessions(&user) {
+            if s.presence().interested {
+                let push = format!(
+                    "<iq type='set' id='block{}' to='{}'><{} xmlns='{}'>{body}</{}></iq>",
+                    crate::c2s::random_id(),
+                    escape(&s.jid.to_string()),
+                    payload.name(),
+                    ns::BLOCKING,
+                    payload.name()
+                );
+                s.send(push.into());
+            }
+        }
+    }
+
+    /// XEP-0077 for a logged-in user: change the password, or cancel the account.
+    async fn register_authenticated(&mut self, iq: &Element, query: &Element, set: bool) {
+        let user = self.user();
+        if !set {
+            let body = format!(
+                "<query xmlns='{}'><registered/><username>{}</username></query>",
+                ns::REGISTER,
+                escape(&user)
+            );
+            self.reply_result(iq, Some(body));
+            return;
+        }
+        let server = self.server.clone();
+        if query.has_child("remove", ns::REGISTER) {
+            if server.store.delete_user(&user).await.is_ok() {
+                self.reply_result(iq, None);
+                tracing::info!(%user, "account cancelled by its owner");
+            } else {
+                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+            }
+            return;
+        }
+        let username = query.get_child("username", ns::REGISTER).map(|u| u.text());
+        let password = query.get_child("password", ns::REGISTER).map(|p| p.text());
+        match (username, password) {
+            (Some(u), Some(p)) if u == user && !p.is_empty() => {
+                match server.store.set_password(&user, &p).await {
+                    Ok(()) => self.reply_result(iq, None),
+                    Err(_) => self.reply_error(iq, StanzaErrorCondition::NotAcceptable, None),
+                }
+            }
+            _ => self.reply_error(iq, StanzaErrorCondition::BadRequest, None),
+        }
+    }
+}
+
+fn subscription_presence(to: &str, ty: &str) -> Element {
+    Element::builder("presence", ns::CLIENT)
+        .attr(rxml::xml_ncname!("to").to_owned(), to)
+        .attr(rxml::xml_ncname!("type").to_owned(), ty)
+        .build()
+}
+
+/// XEP-0077 before authentication (only when registration is enabled): the form, and
+/// account creation.
+pub(crate) async fn register_unauthenticated(server: &Server, iq: &Element) -> String {
+    let id = escape(iq.attr("id").unwrap_or_default()).into_owned();
+    let error = |c: StanzaErrorCondition, text: &str| {
+        error_reply(iq, c, Some(text))
+            .map(|e| String::from(&e))
+            .unwrap_or_default()
+    };
+    let Some(query) = iq.get_child("query", ns::REGISTER) else {
+        return error(StanzaErrorCondition::BadRequest, "missing query");
+    };
+    match iq.attr("type") {
+        Some("get") => format!(
+            "<iq type='result' id='{id}'><query xmlns='{}'><instructions>Choose a user name and password.</instructions><username/><password/></query></iq>",
+            ns::REGISTER
+        ),
+        Some("set") => {
+            let username = query.get_child("username", ns::REGISTER).map(|u| u.text());
+            let password = query.get_child("password", ns::REGISTER).map(|p| p.text());
+            let (Some(username), Some(password)) = (username, password) else {
+                return error(
+                    StanzaErrorCondition::NotAcceptable,
+                    "username and password are required",
+                );
+            };
+            let Some(user) = crate::c2s::normalize_username(&username, &server.config.domain)
+            else {
+                return error(
+                    StanzaErrorCondition::JidMalformed,
+                    "not a valid user name (RFC 7622)",
+                );
+            };
+            if password.is_empty() {
+                return error(StanzaErrorCondition::NotAcceptable, "empty password");
+            }
+            let new = impmesh_store::NewUser {
+                username: &user,
+                password: &password,
+                home_cluster: &server.config.cluster_name,
+                home_node: &server.config.node_name,
+            };
+            match server.store.add_user(new).await {
+                Ok(()) => {
+                    tracing::info!(%user, "account registered in-band");
+                    format!("<iq type='result' id='{id}'/>")
+                }
+                Err(impmesh_store::StoreError::UserExists(_)) => {
+                    error(StanzaErrorCondition::Conflict, "that user name is taken")
+                }
+                Err(impmesh_store::StoreError::InvalidPassword(_)) => error(
+                    StanzaErrorCondition::NotAcceptable,
+                    "the password has forbidden characters",
+                ),
+                Err(_) => error(
+                    StanzaErrorCondition::InternalServerError,
+                    "the store failed",
+                ),
+            }
+        }
+        _ => error(StanzaErrorCondition::BadRequest, "get or set"),
+    }
+}

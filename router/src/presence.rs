@@ -1,0 +1,541 @@
+//! Presence (RFC 6121 §4) and the subscription state machine (RFC 6121 §3).
+//!
+//! Subscription stanzas are processed twice, as the RFC describes: outbound at the
+//! user's server and inbound at the contact's. Both sides live on this node for now
+//! (one domain); the split keeps the inbound half ready for contacts on peer clusters.
+
+use std::sync::Arc;
+
+use impmesh_store::RosterItem;
+use minidom::Element;
+use xmpp_parsers::jid::{BareJid, Jid};
+
+use crate::Server;
+use crate::error::StanzaErrorCondition;
+use crate::hub::lock;
+use crate::session::Session;
+use crate::stanza;
+use crate::xml::ns;
+
+impl Session {
+    /// A presence stanza from this session's client.
+    pub(crate) async fn on_presence(&mut self, presence: Element, to: Option<Jid>) {
+        let ty = presence.attr("type").unwrap_or("").to_owned();
+        match (ty.as_str(), to) {
+            ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed", Some(to)) => {
+                let user = self.user();
+                self.server
+                    .outbound_subscription(&user, &ty, to.to_bare(), presence)
+                    .await;
+            }
+            ("" | "unavailable", None) => {
+                if ty.is_empty() {
+                    self.go_available(presence).await;
+                } else {
+                    self.go_unavailable(Some(presence)).await;
+                }
+            }
+            ("" | "unavailable" | "error", Some(to)) => {
+                self.directed_presence(presence, to, &ty).await
+            }
+            // Probes come from servers, not clients (RFC 6121 §4.3).
+            ("probe", _) => {}
+            _ => self.reply_error(&presence, StanzaErrorCondition::BadRequest, None),
+        }
+    }
+
+    /// Initial or updated available presence (RFC 6121 §4.2, §4.4).
+    async fn go_available(&mut self, presence: Element) {
+        let priority = presence
+            .get_child("priority", ns::CLIENT)
+            .and_then(|p| p.text().trim().parse::<i8>().ok())
+            .unwrap_or(0);
+        let xml: Arc<str> = String::from(&presence).into();
+        let initial = {
+            let mut state = lock(&self.handle.state);
+            let initial = !state.available;
+            state.available = true;
+            state.priority = priority;
+            state.last = Some(xml.clone());
+            initial
+        };
+        let user = self.user();
+        let server = self.server.clone();
+        let roster = match server.store.roster(&user).await {
+            Ok((_, items)) => items,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the roster for a presence broadcast");
+                Vec::new()
+            }
+        };
+        for item in roster.iter().filter(|i| i.subscription.has_from()) {
+            server
+                .presence_to_contact(&user, &item.contact, &presence)
+                .await;
+        }
+        server.presence_to_own_resources(&self.handle.jid, &presence);
+        if !initial {
+            return;
+        }
+        // Probes (§4.3): the current presence of every contact the user subscribes to.
+        for item in roster.iter().filter(|i| i.subscription.has_to()) {
+            for xml in server.probe(&user, &item.contact).await {
+                self.push_out(xml);
+            }
+        }
+        // Presence of the user's other available resources.
+        for other in server.hub.sessions(&user) {
+            if other.id != self.handle.id
+                && let Some(last) = other.presence().last.filter(|_| other.presence().available)
+            {
+                self.push_out(last);
+            }
+        }
+        self.deliver_offline(&user).await;
+        match server.store.subscription_requests(&user).await {
+            Ok(requests) => {
+                for (_, stanza) in requests {
+                    self.push_out(stanza.into());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read stored subscription requests"),
+        }
+    }
+
+    /// Hands over stored offline messages (XEP-0160) and removes them from the store.
+    async fn deliver_offline(&mut self, user: &str) {
+        let messages = match self.server.store.offline_messages(user).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read offline messages");
+                return;
+            }
+        };
+        let Some(last) = messages.last().map(|m| m.id) else {
+            return;
+        };
+        for message in messages {
+            self.push_out(message.stanza.into());
+        }
+        // With stream management the messages are unacknowledged until the client
+        // acknowledges them, and re-stored if the session dies first.
+        if let Err(e) = self.server.store.delete_offline_through(user, last).await {
+            tracing::error!(error = %e, "cannot remove delivered offline messages");
+        }
+    }
+
+    /// Unavailable presence: to subscribers, directed-presence targets and the user's
+    /// own resources (RFC 6121 §4.5). `presence` is the client's stanza, or `None` when
+    /// the session ended without one.
+    pub(crate) async fn go_unavailable(&mut self, presence: Option<Element>) {
+        let was_available = std::mem::take(&mut lock(&self.handle.state).available);
+        let mut unavailable = presence.unwrap_or_else(|| {
+            Element::builder("presence", ns::CLIENT)
+                .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
+                .build()
+        });
+        stanza::set_attr(&mut unavailable, "from", &self.jid().to_string());
+        let user = self.user();
+        let server = self.server.clone();
+        if was_available && let Ok((_, roster)) = server.store.roster(&user).await {
+            for item in roster.iter().filter(|i| i.subscription.has_from()) {
+                server
+                    .presence_to_contact(&user, &item.contact, &unavailable)
+                    .await;
+            }
+        }
+        for target in std::mem::take(&mut self.directed) {
+            let mut p = unavailable.clone();
+            stanza::set_attr(&mut p, "to", &target.to_string());
+            server.send_to_jid(&p);
+        }
+        server.presence_to_own_resources(&self.handle.jid, &unavailable);
+    }
+
+    /// Presence sent to one JID (RFC 6121 §4.6).
+    async fn directed_presence(&mut self, presence: Element, to: Jid, ty: &str) {
+        let server = self.server.clone();
+        if to.domain().as_str() != server.config.domain {
+            self.reply_error(&presence, StanzaErrorCondition::RemoteServerNotFound, None);
+            return;
+        }
+        let user = self.user();
+        if to.node().is_none() || server.is_blocked_by(&user, &to.to_bare()).await {
+            return;
+        }
+        if server
+            .is_blocked_by(
+                to.node().map(|n| n.as_str()).unwrap_or_default(),
+                &self.jid().to_bare(),
+            )
+            .await
+        {
+            return;
+        }
+        let subscribed = matches!(
+            server.store.roster_item(&user, &to.to_bare().to_string()).await,
+            Ok(Some(item)) if item.subscription.has_from()
+        );
+        match ty {
+            "" if !subscribed => {
+                self.directed.insert(to.clone());
+            }
+            "unavailable" => {
+                self.directed.remove(&to);
+            }
+            _ => {}
+        }
+        server.send_to_jid(&presence);
+    }
+}
+
+impl Server {
+    /// Sends a user's presence to one contact's available resources, unless either side
+    /// blocks the other.
+    async fn presence_to_contact(&self, user: &str, contact: &str, presence: &Element) {
+        let Some(contact_jid) = stanza::parse_jid(contact) else {
+            return;
+        };
+        let Some(contact_user) = contact_jid.node().map(|n| n.to_string()) else {
+            return;
+        };
+        if contact_jid.domain().as_str() != self.config.domain {
+            return;
+        }
+        let user_bare = match stanza::bare(user, &self.config.domain) {
+            Some(b) => b,
+            None => return,
+        };
+        if self.is_blocked_by(user, &contact_jid.to_bare()).await
+            || self.is_blocked_by(&contact_user, &user_bare).await
+        {
+            return;
+        }
+        let mut p = presence.clone();
+        stanza::set_attr(&mut p, "to", contact);
+        let xml: Arc<str> = String::from(&p).into();
+        for s in self.hub.sessions(&contact_user) {
+            if s.presence().available {
+                s.send(xml.clone());
+            }
+        }
+    }
+
+    /// Sends a presence to every available resource of its sender's account.
+    fn presence_to_own_resources(&self, from: &xmpp_parsers::jid::FullJid, presence: &Element) {
+        let Some(user) = from.node() else { return };
+        let mut p = presence.clone();
+        stanza::set_attr(&mut p, "to", &from.to_bare().to_string());
+        let xml: Arc<str> = String::from(&p).into();
+        for s in self.hub.sessions(user.as_str()) {
+            if s.presence().available || s.jid == *from {
+                s.send(xml.clone());
+            }
+        }
+    }
+
+    /// The current presence of a contact's available resources, for a probe from `user`.
+    async fn probe(&self, user: &str, contact: &str) -> Vec<Arc<str>> {
+        let Some(contact_jid) = stanza::parse_jid(contact) else {
+            return vec![];
+        };
+        if contact_jid.domain().as_str() != self.config.domain {
+            return vec![];
+        }
+        let Some(contact_user) = contact_jid.node().map(|n| n.to_string()) else {
+            return vec![];
+        };
+        let Some(user_bare) = stanza::bare(user, &self.config.domain) else {
+            return vec![];
+        };
+        if self.is_blocked_by(&contact_user, &user_bare).await {
+            return vec![];
+        }
+        let mut out = vec![];
+        for s in self.hub.sessions(&contact_user) {
+            let p = s.presence();
+            if let (true, Some(last)) = (p.available, p.last)
+                && let Some(mut element) = stanza::parse_own(&last)
+            {
+                stanza::set_attr(&mut element, "to", &user_bare.to_string());
+                out.push(String::from(&element).into());
+            }
+        }
+        out
+    }
+
+    /// Outbound processing of a subscription stanza from a local user (RFC 6121 §3).
+    pub async fn outbound_subscription(
+        &self,
+        user: &str,
+        ty: &str,
+        contact: BareJid,
+        mut stanza: Element,
+    ) {
+        let domain = self.config.domain.clone();
+        let Some(user_bare) = stanza::bare(user, &domain) else {
+            return;
+        };
+        if contact.domain().as_str() != domain {
+            self.bounce(&stanza, StanzaErrorCondition::RemoteServerNotFound, None);
+            return;
+        }
+        // Subscription stanzas travel between bare JIDs (§3.1.2).
+        stanza::set_attr(&mut stanza, "from", &user_bare.to_string());
+        stanza::set_attr(&mut stanza, "to", &contact.to_string());
+        let contact_s = contact.to_string();
+        let item = self
+            .store
+            .roster_item(user, &contact_s)
+            .await
+            .ok()
+            .flatten();
+        match ty {
+            "subscribe" => {
+                let mut item = item.unwrap_or_else(|| RosterItem {
+                    contact: contact_s.clone(),
+                    ..Default::default()
+                });
+                if !item.subscription.has_to() && !item.ask {
+                    item.ask = true;
+                    self.save_and_push(user, &item).await;
+                }
+                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                    .await;
+            }
+            "subscribed" => {
+                let pending = self
+                    .store
+                    .has_subscription_request(user, &contact_s)
+                    .await
+                    .unwrap_or(false);
+                if item.as_ref().is_some_and(|i| i.subscription.has_from()) || !pending {
+                    // Already approved, or nothing to approve (no pre-approval support).
+                    return;
+                }
+                let mut item = item.unwrap_or_else(|| RosterItem {
+                    contact: contact_s.clone(),
+                    ..Default::default()
+                });
+                item.subscription = item.subscription.with_from(true);
+                self.save_and_push(user, &item).await;
+                let _ = self
+                    .store
+                    .remove_subscription_request(user, &contact_s)
+                    .await;
+                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                    .await;
+                // The contact now sees the user's current presence (§3.1.5).
+                for s in self.hub.sessions(user) {
+                    let p = s.presence();
+                    if let (true, Some(last)) = (p.available, p.last)
+                        && let Some(mut element) = stanza::parse_own(&last)
+                    {
+                        stanza::set_attr(&mut element, "to", &contact_s);
+                        self.send_to_jid(&element);
+                    }
+                }
+            }
+            "unsubscribe" => {
+                if let Some(mut item) = item
+                    && (item.subscription.has_to() || item.ask)
+                {
+                    item.subscription = item.subscription.with_to(false);
+                    item.ask = false;
+                    self.save_and_push(user, &item).await;
+                }
+                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                    .await;
+            }
+            "unsubscribed" => {
+                let had_request = self
+                    .store
+                    .remove_subscription_request(user, &contact_s)
+                    .await
+                    .unwrap_or(false);
+                let had_from = item.as_ref().is_some_and(|i| i.subscription.has_from());
+                if let Some(mut item) = item.filter(|i| i.subscription.has_from()) {
+                    item.subscription = item.subscription.with_from(false);
+                    self.save_and_push(user, &item).await;
+                }
+                if had_request || had_from {
+                    self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                        .await;
+                    self.unavailable_from_user_to(user, &contact_s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Inbound processing at the contact's side: `owner` receives `ty` from `from`.
+    pub async fn inbound_subscription(
+        &self,
+        owner: &BareJid,
+        ty: &str,
+        from: &BareJid,
+        stanza: Element,
+    ) {
+        let Some(owner_user) = owner.node().map(|n| n.to_string()) else {
+            return;
+        };
+        if !self.store.user_exists(&owner_user).await.unwrap_or(false) {
+            if ty == "subscribe" {
+                // §3.1.3: the contact does not exist; tell the user it is unsubscribed.
+                let reply = Element::builder("presence", ns::CLIENT)
+                    .attr(rxml::xml_ncname!("from").to_owned(), owner.to_string())
+                    .attr(rxml::xml_ncname!("to").to_owned(), from.to_string())
+                    .attr(rxml::xml_ncname!("type").to_owned(), "unsubscribed")
+                    .build();
+                Box::pin(self.inbound_subscription(from, "unsubscribed", owner, reply)).await;
+            }
+            return;
+        }
+        if self.is_blocked_by(&owner_user, from).await {
+            return;
+        }
+        let from_s = from.to_string();
+        let item = self
+            .store
+            .roster_item(&owner_user, &from_s)
+            .await
+            .ok()
+            .flatten();
+        match ty {
+            "subscribe" => {
+                if item.as_ref().is_some_and(|i| i.subscription.has_from()) {
+                    // Already subscribed: answer on the contact's behalf (§3.1.3).
+                    let reply = Element::builder("presence", ns::CLIENT)
+                        .attr(rxml::xml_ncname!("from").to_owned(), owner.to_string())
+                        .attr(rxml::xml_ncname!("to").to_owned(), from_s.clone())
+                        .attr(rxml::xml_ncname!("type").to_owned(), "subscribed")
+                        .build();
+                    Box::pin(self.inbound_subscription(from, "subscribed", owner, reply)).await;
+                    return;
+                }
+                let xml = String::from(&stanza);
+                if let Err(e) = self
+                    .store
+                    .put_subscription_request(&owner_user, &from_s, &xml)
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot store a subscription request");
+                    return;
+                }
+                self.to_available_resources(&owner_user, &stanza);
+            }
+            "subscribed" => {
+                let Some(mut item) = item.filter(|i| i.ask) else {
+                    return;
+                };
+                item.ask = false;
+                item.subscription = item.subscription.with_to(true);
+                self.save_and_push(&owner_user, &item).await;
+                self.to_available_resources(&owner_user, &stanza);
+            }
+            "unsubscribe" => {
+                let had_request = self
+                    .store
+                    .remove_subscription_request(&owner_user, &from_s)
+                    .await
+                    .unwrap_or(false);
+                let had_from = item.as_ref().is_some_and(|i| i.subscription.has_from());
+                if let Some(mut item) = item.filter(|i| i.subscription.has_from()) {
+                    item.subscription = item.subscription.with_from(false);
+                    self.save_and_push(&owner_user, &item).await;
+                }
+                if had_from || had_request {
+                    self.to_available_resources(&owner_user, &stanza);
+                    // §3.3.3: the user no longer sees the contact's presence.
+                    self.unavailable_from_user_to(&owner_user, &from_s);
+                }
+            }
+            "unsubscribed" => {
+                let Some(mut item) = item.filter(|i| i.subscription.has_to() || i.ask) else {
+                    return;
+                };
+                item.subscription = item.subscription.with_to(false);
+                item.ask = false;
+                self.save_and_push(&owner_user, &item).await;
+                self.to_available_resources(&owner_user, &stanza);
+            }
+            _ => {}
+        }
+    }
+
+    /// Delivers a stanza to every available resource of a local user.
+    fn to_available_resources(&self, user: &str, stanza: &Element) {
+        let xml: Arc<str> = String::from(stanza).into();
+        for s in self.hub.sessions(user) {
+            if s.presence().available {
+                s.send(xml.clone());
+            }
+        }
+    }
+
+    /// Unavailable presence from each of `user`'s available resources to `to`.
+    fn unavailable_from_user_to(&self, user: &str, to: &str) {
+        for s in self.hub.sessions(user) {
+            if s.presence().available {
+                let p = Element::builder("presence", ns::CLIENT)
+                    .attr(rxml::xml_ncname!("from").to_owned(), s.jid.to_string())
+                    .attr(rxml::xml_ncname!("to").to_owned(), to)
+                    .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
+                    .build();
+                self.send_to_jid(&p);
+            }
+        }
+    }
+
+    /// Saves a roster item and pushes it to the owner's interested resources.
+    pub(crate) async fn save_and_push(&self, owner: &str, item: &RosterItem) {
+        match self.store.put_roster_item(owner, item).await {
+            Ok(version) => self.push_roster(owner, item, false, version),
+            Err(e) => tracing::error!(error = %e, "cannot save a roster item"),
+        }
+    }
+
+    /// A roster push (RFC 6121 §2.1.6) to every interested resource of `owner`.
+    pub(crate) fn push_roster(&self, owner: &str, item: &RosterItem, removed: bool, version: i64) {
+        for s in self.hub.sessions(owner) {
+            if !s.presence().interested {
+                continue;
+            }
+            let push = format!(
+                "<iq type='set' id='push{}' to='{}'><query xmlns='{}' ver='{version}'>{}</query></iq>",
+                crate::c2s::random_id(),
+                crate::xml::escape(&s.jid.to_string()),
+                ns::ROSTER,
+                roster_item_xml(item, removed)
+            );
+            s.send(push.into());
+        }
+    }
+}
+
+/// One `<item/>` of a roster result or push.
+pub(crate) fn roster_item_xml(item: &RosterItem, removed: bool) -> String {
+    use crate::xml::escape;
+    let mut out = format!("<item jid='{}'", escape(&item.contact));
+    if removed {
+        out.push_str(" subscription='remove'/>");
+        return out;
+    }
+    if let Some(name) = &item.name {
+        out.push_str(&format!(" name='{}'", escape(name)));
+    }
+    out.push_str(&format!(" subscription='{}'", item.subscription.as_str()));
+    if item.ask {
+        out.push_str(" ask='subscribe'");
+    }
+    if item.groups.is_empty() {
+        out.push_str("/>");
+    } else {
+        out.push('>');
+        for g in &item.groups {
+            out.push_str(&format!("<group>{}</group>", escape(g)));
+        }
+        out.push_str("</item>");
+    }
+    out
+}

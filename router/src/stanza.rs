@@ -1,0 +1,79 @@
+//! Small helpers on stanzas as `minidom` elements: attributes, kinds and JIDs.
+
+use minidom::Element;
+use xmpp_parsers::jid::{BareJid, FullJid, Jid};
+
+/// Sets (or replaces) an attribute in no namespace.
+pub fn set_attr(element: &mut Element, name: &str, value: &str) {
+    // Attribute names used here are literals like "to", "id": valid NCNames.
+    if let Ok(name) = rxml::NcName::try_from(name) {
+        element.set_attr(rxml::Namespace::none().clone(), name, value);
+    }
+}
+
+/// Removes an attribute in no namespace.
+pub fn remove_attr(element: &mut Element, name: &str) {
+    if let Ok(name) = rxml::NcName::try_from(name) {
+        element.attrs_mut().remove(rxml::Namespace::none(), &name);
+    }
+}
+
+/// The three stanza kinds of RFC 6120 §8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Message,
+    Presence,
+    Iq,
+}
+
+impl Kind {
+    pub fn of(element: &Element) -> Option<Kind> {
+        if element.ns() != crate::xml::ns::CLIENT {
+            return None;
+        }
+        match element.name() {
+            "message" => Some(Kind::Message),
+            "presence" => Some(Kind::Presence),
+            "iq" => Some(Kind::Iq),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the `to` attribute; `Ok(None)` when absent, `Err(())` when malformed.
+pub fn to_jid(element: &Element) -> Result<Option<Jid>, ()> {
+    match element.attr("to") {
+        None => Ok(None),
+        Some(s) => Jid::new(s).map(Some).map_err(|_| ()),
+    }
+}
+
+/// Parses a `from`-like attribute value.
+pub fn parse_jid(value: &str) -> Option<Jid> {
+    Jid::new(value).ok()
+}
+
+/// The type attribute, with RFC 6121's defaults (`normal` for messages, `available`
+/// for presence shown as `None`).
+pub fn stanza_type(element: &Element) -> &str {
+    match element.attr("type") {
+        Some(t) => t,
+        None if element.name() == "message" => "normal",
+        None => "",
+    }
+}
+
+/// A bare JID for `user@domain` from trusted parts (a stored username and our domain).
+pub fn bare(user: &str, domain: &str) -> Option<BareJid> {
+    BareJid::new(&format!("{user}@{domain}")).ok()
+}
+
+/// A full JID for `user@domain/resource` from trusted parts.
+pub fn full(user: &str, domain: &str, resource: &str) -> Option<FullJid> {
+    FullJid::new(&format!("{user}@{domain}/{resource}")).ok()
+}
+
+/// Parses XML the server wrote itself.
+pub fn parse_own(xml: &str) -> Option<Element> {
+    xml.parse().ok()
+}

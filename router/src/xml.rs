@@ -1,0 +1,379 @@
+//! The XML framer of a stream (RFC 6120 §4, §11): bytes in, stream header, stanzas and
+//! the stream footer out.
+//!
+//! Parsing is done by `rxml`, a restricted XML 1.0 parser: it knows no DTDs, no custom
+//! entities, no processing instructions and (as configured here) no comments, so entity
+//! expansion ("billion laughs") and external entities cannot happen. This module adds
+//! the limits a server needs on top: a cap on the bytes of one top-level element (counted
+//! as they are fed, so a never-ending text node or attribute hits it too), a cap on
+//! nesting depth, and a mapping of every parser error to the RFC 6120 stream error it
+//! deserves. The framer does no I/O: the connection task feeds it the chunks it reads.
+
+use minidom::Element;
+use rxml::{Parse as _, WithOptions as _};
+
+use crate::error::StreamErrorCondition;
+
+/// Namespaces of the stream layer.
+pub mod ns {
+    pub const STREAM: &str = "http://etherx.jabber.org/streams";
+    pub const CLIENT: &str = "jabber:client";
+    pub const SERVER: &str = "jabber:server";
+    pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+    pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+    pub const BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+    pub const SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+    pub const STREAMS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+    pub const STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+    pub const SM: &str = "urn:xmpp:sm:3";
+    pub const SASL_CB: &str = "urn:xmpp:sasl-cb:0";
+    pub const REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
+    pub const REGISTER: &str = "jabber:iq:register";
+    pub const ROSTER: &str = "jabber:iq:roster";
+    pub const ROSTERVER: &str = "urn:xmpp:features:rosterver";
+    pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+    pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+    pub const PING: &str = "urn:xmpp:ping";
+    pub const VERSION: &str = "jabber:iq:version";
+    pub const VCARD: &str = "vcard-temp";
+    pub const PRIVATE: &str = "jabber:iq:private";
+    pub const BLOCKING: &str = "urn:xmpp:blocking";
+    pub const BLOCKING_ERRORS: &str = "urn:xmpp:blocking:errors";
+    pub const CARBONS: &str = "urn:xmpp:carbons:2";
+    pub const FORWARD: &str = "urn:xmpp:forward:0";
+    pub const DELAY: &str = "urn:xmpp:delay";
+    pub const HINTS: &str = "urn:xmpp:hints";
+    pub const OFFLINE: &str = "msgoffline";
+}
+
+/// What the framer hands to the connection.
+#[derive(Debug)]
+pub enum Frame {
+    /// `<stream:stream …>`: its attributes (`to`, `version`, `xml:lang`, …).
+    Header(Header),
+    /// A complete top-level element: a stanza or a stream-level element.
+    Element(Element),
+    /// `</stream:stream>`.
+    Footer,
+}
+
+/// The attributes of a stream header that the server looks at.
+#[derive(Debug, Default, Clone)]
+pub struct Header {
+    pub to: Option<String>,
+    pub from: Option<String>,
+    pub version: Option<String>,
+    pub lang: Option<String>,
+}
+
+/// Maximum nesting depth inside one stanza. Real payloads (forwarded carbons inside
+/// messages, pubsub items) stay below 20; 64 leaves room without allowing stack games.
+pub const MAX_DEPTH: usize = 64;
+
+/// An incremental framer for one XML stream (one per stream restart).
+pub struct Framer {
+    parser: rxml::Parser,
+    /// Elements under construction: `[stanza, child, grandchild, …]`.
+    stack: Vec<Element>,
+    /// Whether the stream header was seen (depth 0 is open).
+    open: bool,
+    /// Bytes fed since the current top-level element (or whitespace run) began.
+    element_bytes: usize,
+    /// The cap on `element_bytes`.
+    max_element_bytes: usize,
+}
+
+impl std::fmt::Debug for Framer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framer")
+            .field("depth", &self.stack.len())
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Framer {
+    /// A framer that refuses top-level elements larger than `max_element_bytes`.
+    pub fn new(max_element_bytes: usize) -> Framer {
+        let mut options = rxml::Options::default();
+        // No single name, attribute value or text chunk can exceed the stanza cap.
+        options.max_token_length = max_element_bytes.max(64);
+        let mut parser = rxml::Parser::with_options(options);
+        // Emit text as it arrives, so whitespace keepalives are seen (and reset the byte
+        // count) at once instead of being buffered towards the cap.
+        parser.set_text_buffering(false);
+        Framer {
+            parser,
+            stack: Vec::new(),
+            open: false,
+            element_bytes: 0,
+            max_element_bytes,
+        }
+    }
+
+    /// Changes the cap (it rises after authentication).
+    pub fn set_max_element_bytes(&mut self, max: usize) {
+        self.max_element_bytes = max;
+    }
+
+    /// Feeds bytes; returns the next complete frame, or `None` when `buf` is used up.
+    /// Call again with the rest of `buf` until it returns `None`.
+    pub fn next_frame(&mut self, buf: &mut &[u8]) -> Result<Option<Frame>, StreamErrorCondition> {
+        loop {
+            let before = buf.len();
+            let event = self.parser.parse(buf, false);
+            self.element_bytes += before - buf.len();
+            if self.element_bytes > self.max_element_bytes {
+                return Err(StreamErrorCondition::PolicyViolation);
+            }
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => return Err(StreamErrorCondition::NotWellFormed),
+                Err(rxml::error::EndOrError::NeedMoreData) => return Ok(None),
+                Err(rxml::error::EndOrError::Error(e)) => return Err(map_parse_error(&e)),
+            };
+            if let Some(frame) = self.handle(event)? {
+                return Ok(Some(frame));
+            }
+        }
+    }
+
+    /// Frees the parser's temporary buffers while the stream is idle.
+    pub fn release_temporaries(&mut self) {
+        self.parser.release_temporaries();
+    }
+
+    fn handle(&mut self, event: rxml::Event) -> Result<Option<Frame>, StreamErrorCondition> {
+        match event {
+            rxml::Event::XmlDeclaration(..) => Ok(None),
+            rxml::Event::StartElement(_, (ns, name), attrs) => {
+                if !self.open {
+                    if ns.as_str() != ns::STREAM || name.as_str() != "stream" {
+                        return Err(StreamErrorCondition::InvalidNamespace);
+                    }
+                    self.open = true;
+                    self.element_bytes = 0;
+                    let mut header = Header::default();
+                    for ((attr_ns, attr_name), value) in attrs.into_iter() {
+                        match (attr_ns.as_str(), attr_name.as_str()) {
+                            ("", "to") => header.to = Some(value.to_string()),
+                            ("", "from") => header.from = Some(value.to_string()),
+                            ("", "version") => header.version = Some(value.to_string()),
+                            (rxml::XMLNS_XML, "lang") => header.lang = Some(value.to_string()),
+                            _ => {}
+                        }
+                    }
+                    return Ok(Some(Frame::Header(header)));
+                }
+                if self.stack.len() >= MAX_DEPTH {
+                    return Err(StreamErrorCondition::PolicyViolation);
+                }
+                let mut element = Element::bare(name.as_str(), ns.as_str());
+                *element.attrs_mut() = attrs;
+                self.stack.push(element);
+                Ok(None)
+            }
+            rxml::Event::EndElement(_) => match self.stack.pop() {
+                None => {
+                    self.open = false;
+                    Ok(Some(Frame::Footer))
+                }
+                Some(done) => match self.stack.last_mut() {
+                    Some(parent) => {
+                        parent.append_child(done);
+                        Ok(None)
+                    }
+                    None => {
+                        self.element_bytes = 0;
+                        Ok(Some(Frame::Element(done)))
+                    }
+                },
+            },
+            rxml::Event::Text(_, text) => match self.stack.last_mut() {
+                Some(parent) => {
+                    parent.append_text(text.as_str());
+                    Ok(None)
+                }
+                // Between top-level elements only whitespace (keepalives) is allowed.
+                None if text.chars().all(|c| c.is_ascii_whitespace()) => {
+                    self.element_bytes = 0;
+                    Ok(None)
+                }
+                None => Err(StreamErrorCondition::NotWellFormed),
+            },
+        }
+    }
+}
+
+/// Maps a parser error to the stream error RFC 6120 §4.9.3 asks for: anything the
+/// restricted profile of §11.1 forbids (DTDs, entity declarations or references,
+/// processing instructions, comments) is `restricted-xml`; the rest is `not-well-formed`.
+fn map_parse_error(e: &rxml::Error) -> StreamErrorCondition {
+    match e {
+        rxml::Error::RestrictedXml(_) | rxml::Error::UndeclaredEntity => {
+            StreamErrorCondition::RestrictedXml
+        }
+        // `<!DOCTYPE`, `<!ENTITY`: the lexer only knows `<!--` and `<![CDATA[` after `<!`,
+        // so a markup declaration surfaces as this syntax error.
+        rxml::Error::InvalidSyntax(msg) if msg.contains("cdata or comment") => {
+            StreamErrorCondition::RestrictedXml
+        }
+        _ => StreamErrorCondition::NotWellFormed,
+    }
+}
+
+/// Escapes text for an attribute value or character data.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['&', '<', '>', '"', '\'']) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Serializes an element (no XML declaration).
+pub fn to_string(element: &Element) -> String {
+    String::from(element)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
+
+    fn frames(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
+        let mut framer = Framer::new(max);
+        let mut out = vec![];
+        // Feed byte by byte: the framer must not care how the input is chunked.
+        for byte in input.as_bytes().chunks(1) {
+            let mut buf = byte;
+            while let Some(frame) = framer.next_frame(&mut buf)? {
+                out.push(frame);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn header_stanzas_whitespace_and_footer() {
+        let input = format!(
+            "{HEADER}<message to='bob@localhost' type='chat'><body>hi &amp; bye</body></message> \n\
+             <iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq></stream:stream>"
+        );
+        let out = frames(&input, 10_000).unwrap();
+        assert_eq!(out.len(), 4);
+        let Frame::Header(h) = &out[0] else { panic!() };
+        assert_eq!(h.to.as_deref(), Some("localhost"));
+        assert_eq!(h.version.as_deref(), Some("1.0"));
+        let Frame::Element(m) = &out[1] else { panic!() };
+        assert!(m.is("message", ns::CLIENT));
+        assert_eq!(m.get_child("body", ns::CLIENT).unwrap().text(), "hi & bye");
+        let Frame::Element(iq) = &out[2] else {
+            panic!()
+        };
+        assert!(iq.has_child("ping", ns::PING));
+        assert!(matches!(out[3], Frame::Footer));
+    }
+
+    #[test]
+    fn billion_laughs_and_dtds_are_restricted_xml() {
+        let laughs = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>\
+            <!ENTITY lol2 '&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;'>]>\
+            <stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+        assert_eq!(
+            frames(laughs, 10_000).unwrap_err(),
+            StreamErrorCondition::RestrictedXml
+        );
+        let entity_ref = format!("{HEADER}<message><body>&lol9;</body></message>");
+        assert_eq!(
+            frames(&entity_ref, 10_000).unwrap_err(),
+            StreamErrorCondition::RestrictedXml
+        );
+        let comment = format!("{HEADER}<!-- hi --><message/>");
+        assert_eq!(
+            frames(&comment, 10_000).unwrap_err(),
+            StreamErrorCondition::RestrictedXml
+        );
+        let pi = format!("{HEADER}<?xml-stylesheet href='x'?>");
+        assert_eq!(
+            frames(&pi, 10_000).unwrap_err(),
+            StreamErrorCondition::RestrictedXml
+        );
+    }
+
+    #[test]
+    fn malformed_xml_is_not_well_formed() {
+        let bad = format!("{HEADER}<message><body></message>");
+        assert_eq!(
+            frames(&bad, 10_000).unwrap_err(),
+            StreamErrorCondition::NotWellFormed
+        );
+        let text = format!("{HEADER}stray text");
+        assert_eq!(
+            frames(&text, 10_000).unwrap_err(),
+            StreamErrorCondition::NotWellFormed
+        );
+        let unbound = format!("{HEADER}<foo:bar/>");
+        assert_eq!(
+            frames(&unbound, 10_000).unwrap_err(),
+            StreamErrorCondition::NotWellFormed
+        );
+        let not_stream = "<html>";
+        assert_eq!(
+            frames(not_stream, 10_000).unwrap_err(),
+            StreamErrorCondition::InvalidNamespace
+        );
+    }
+
+    #[test]
+    fn oversized_elements_and_endless_text_hit_the_cap() {
+        let big = format!(
+            "{HEADER}<message><body>{}</body></message>",
+            "a".repeat(5000)
+        );
+        assert_eq!(
+            frames(&big, 1000).unwrap_err(),
+            StreamErrorCondition::PolicyViolation
+        );
+        // A text node that never ends is caught while it streams in.
+        let mut framer = Framer::new(1000);
+        let mut head = HEADER.as_bytes();
+        while framer.next_frame(&mut head).unwrap().is_some() {}
+        let mut start = &b"<message><body>"[..];
+        assert!(framer.next_frame(&mut start).unwrap().is_none());
+        let chunk = [b'x'; 100];
+        let mut err = None;
+        for _ in 0..20 {
+            let mut buf = &chunk[..];
+            if let Err(e) = framer.next_frame(&mut buf) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert_eq!(err, Some(StreamErrorCondition::PolicyViolation));
+        // Whitespace keepalives between stanzas never accumulate towards the cap.
+        let keepalives = format!("{HEADER}{}<presence/>", " ".repeat(3000));
+        assert_eq!(frames(&keepalives, 1000).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = format!("{HEADER}<message>{}", "<a>".repeat(MAX_DEPTH + 1));
+        assert_eq!(
+            frames(&deep, 100_000).unwrap_err(),
+            StreamErrorCondition::PolicyViolation
+        );
+    }
+}

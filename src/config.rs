@@ -1,0 +1,301 @@
+//! The node's TOML configuration: one file, sections by concern, every key optional
+//! with its default next to it (see `ops/impmesh.toml.example`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The XMPP domain served.
+    pub domain: String,
+    /// Where the store, certificates and state live.
+    pub data_dir: PathBuf,
+    pub node: NodeSection,
+    pub listen: ListenSection,
+    pub store: StoreSection,
+    pub limits: LimitsSection,
+    pub sasl: SaslSection,
+    pub registration: RegistrationSection,
+    pub log: LogSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domain: "localhost".into(),
+            data_dir: PathBuf::from("impmesh-data"),
+            node: NodeSection::default(),
+            listen: ListenSection::default(),
+            store: StoreSection::default(),
+            limits: LimitsSection::default(),
+            sasl: SaslSection::default(),
+            registration: RegistrationSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Unique node name; defaults to the domain.
+    pub name: Option<String>,
+    /// The cluster's name; defaults to the domain.
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// Client-to-server with STARTTLS required.
+    pub c2s: Vec<SocketAddr>,
+    /// Client-to-server with TLS from the first byte (XEP-0368).
+    pub c2s_direct_tls: Vec<SocketAddr>,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        ListenSection {
+            c2s: vec![SocketAddr::from(([127, 0, 0, 1], 5222))],
+            c2s_direct_tls: vec![SocketAddr::from(([127, 0, 0, 1], 5223))],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `sqlite://FILE` (relative to data_dir) or `postgres://user:pass@host/db`.
+    pub url: String,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url: "sqlite://impmesh.db".into(),
+        }
+    }
+}
+
+/// Limits; durations in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_stanza_bytes: usize,
+    pub max_stanza_bytes_unauthenticated: usize,
+    pub session_queue: usize,
+    pub read_rate: u32,
+    pub read_burst: u32,
+    pub handshake_timeout: u64,
+    pub ping_interval: u64,
+    pub ping_timeout: u64,
+    pub login_failures: u32,
+    pub login_failure_window: u64,
+    pub resume_timeout: u64,
+    pub max_unacked: usize,
+    pub max_offline: u32,
+    pub max_sessions_per_user: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let l = impmesh_router::Limits::default();
+        LimitsSection {
+            max_stanza_bytes: l.max_stanza_bytes,
+            max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
+            session_queue: l.session_queue,
+            read_rate: l.read_rate,
+            read_burst: l.read_burst,
+            handshake_timeout: l.handshake_timeout.as_secs(),
+            ping_interval: l.ping_interval.as_secs(),
+            ping_timeout: l.ping_timeout.as_secs(),
+            login_failures: l.login_failures,
+            login_failure_window: l.login_failure_window.as_secs(),
+            resume_timeout: l.resume_timeout.as_secs(),
+            max_unacked: l.max_unacked,
+            max_offline: l.max_offline,
+            max_sessions_per_user: l.max_sessions_per_user,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaslSection {
+    /// Mechanisms offered, strongest first.
+    pub mechanisms: Vec<String>,
+}
+
+impl Default for SaslSection {
+    fn default() -> Self {
+        SaslSection {
+            mechanisms: impmesh_router::config::default_sasl_mechanisms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationSection {
+    /// XEP-0077 in-band registration: anyone who can reach the port can create accounts.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A tracing filter (`info`, `impmesh_router=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A configuration error, with the file it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path` (or the defaults), then applies a `--data-dir` override.
+    pub fn load(path: Option<&Path>, data_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+                Self::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse(_, e) => ConfigError::Parse(path.to_owned(), e),
+                    other => other,
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(dir) = data_dir {
+            config.data_dir = dir.to_owned();
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::from("config"), e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if xmpp_domain_ok(&self.domain).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "domain {:?} is not a valid XMPP domain",
+                self.domain
+            )));
+        }
+        for m in &self.sasl.mechanisms {
+            if impmesh_router::sasl::Mechanism::parse(m).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "unknown SASL mechanism {m:?} (known: SCRAM-SHA-256-PLUS, SCRAM-SHA-1-PLUS, SCRAM-SHA-256, SCRAM-SHA-1, PLAIN)"
+                )));
+            }
+        }
+        if self.limits.max_stanza_bytes < 1024 || self.limits.session_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_stanza_bytes must be at least 1024 and limits.session_queue at least 1"
+                    .into(),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid("log.format is text or json".into()));
+        }
+        Ok(())
+    }
+
+    /// The router's view of this configuration.
+    pub fn router_config(&self) -> impmesh_router::RouterConfig {
+        let l = &self.limits;
+        let mut rc = impmesh_router::RouterConfig::new(&self.domain);
+        rc.node_name = self.node_name();
+        rc.cluster_name = self.cluster_name();
+        rc.sasl_mechanisms = self.sasl.mechanisms.clone();
+        rc.allow_registration = self.registration.enabled;
+        rc.limits = impmesh_router::Limits {
+            max_stanza_bytes: l.max_stanza_bytes,
+            max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
+            session_queue: l.session_queue,
+            read_rate: l.read_rate,
+            read_burst: l.read_burst,
+            handshake_timeout: Duration::from_secs(l.handshake_timeout),
+            ping_interval: Duration::from_secs(l.ping_interval),
+            ping_timeout: Duration::from_secs(l.ping_timeout),
+            login_failures: l.login_failures,
+            login_failure_window: Duration::from_secs(l.login_failure_window),
+            resume_timeout: Duration::from_secs(l.resume_timeout),
+            max_unacked: l.max_unacked,
+            max_offline: l.max_offline,
+            max_sessions_per_user: l.max_sessions_per_user,
+            ..impmesh_router::Limits::default()
+        };
+        rc
+    }
+
+    pub fn node_name(&self) -> String {
+        self.node
+            .name
+            .clone()
+            .unwrap_or_else(|| self.domain.clone())
+    }
+
+    pub fn cluster_name(&self) -> String {
+        self.node
+            .cluster
+            .clone()
+            .unwrap_or_else(|| self.domain.clone())
+    }
+}
+
+fn xmpp_domain_ok(domain: &str) -> Option<()> {
+    xmpp_parsers::jid::BareJid::new(domain).ok()?;
+    (!domain.contains(['@', '/'])).then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_and_matches_the_defaults() {
+        let text = include_str!("../ops/impmesh.toml.example");
+        let config = Config::parse(text).expect("ops/impmesh.toml.example must parse");
+        let defaults = Config::default();
+        assert_eq!(format!("{config:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::parse("domian = 'x'").is_err());
+        assert!(Config::parse("[limits]\nmax_stanza = 1").is_err());
+        assert!(Config::parse("domain = 'a@b'").is_err());
+        assert!(Config::parse("[sasl]\nmechanisms = ['DIGEST-MD5']").is_err());
+        let c = Config::parse("domain = 'example.com'\n[registration]\nenabled = true").unwrap();
+        assert!(c.router_config().allow_registration);
+        assert_eq!(c.node_name(), "example.com");
+    }
+}

@@ -1,0 +1,89 @@
+//! Wiring of one node: data directory, store, identity, router and listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use impmesh_certs::NodeIdentity;
+use impmesh_router::Server;
+use impmesh_store::Store;
+
+use crate::config::Config;
+
+/// Time sessions get to close their streams on shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A running node.
+pub struct Node {
+    pub server: Arc<Server>,
+    pub identity: NodeIdentity,
+    /// Bound STARTTLS listeners (real ports when the config asked for port 0).
+    pub c2s: Vec<SocketAddr>,
+    /// Bound direct-TLS listeners.
+    pub c2s_direct_tls: Vec<SocketAddr>,
+}
+
+/// Creates the data directory and opens (and migrates) the store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store = Store::open(&config.store.url, &config.data_dir)
+        .await
+        .with_context(|| format!("cannot open the store {}", config.store.url))?;
+    Ok(store)
+}
+
+impl Node {
+    /// Starts a node: store, certificate (generated at first start), listeners.
+    pub async fn start(config: &Config) -> anyhow::Result<Node> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let store = open_store(config).await?;
+        store
+            .register_node(&config.node_name(), &config.cluster_name())
+            .await?;
+        let mut names = vec![config.domain.clone()];
+        for name in [config.node_name(), config.cluster_name()] {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let identity = NodeIdentity::load_or_generate(&config.data_dir.join("certs"), &names)?;
+        let server = Server::new(
+            config.router_config(),
+            store,
+            identity.server_config(&[])?,
+            identity.server_config(&[b"xmpp-client"])?,
+        );
+        let mut c2s = vec![];
+        for addr in &config.listen.c2s {
+            c2s.push(
+                server
+                    .listen(*addr, false)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (c2s)"))?,
+            );
+        }
+        let mut c2s_direct_tls = vec![];
+        for addr in &config.listen.c2s_direct_tls {
+            c2s_direct_tls.push(
+                server
+                    .listen(*addr, true)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (c2s direct TLS)"))?,
+            );
+        }
+        Ok(Node {
+            server,
+            identity,
+            c2s,
+            c2s_direct_tls,
+        })
+    }
+
+    /// Closes every stream (with `system-shutdown`) and the store.
+    pub async fn shutdown(self) {
+        self.server.shutdown(SHUTDOWN_GRACE).await;
+        self.server.store.close().await;
+    }
+}
