@@ -1,0 +1,713 @@
+//! End-to-end tests of a node with real XMPP clients (tokio-xmpp), grouped by spec.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const PW: &str = "correct horse battery";
+
+async fn node_with(mechanisms: &[&str]) -> TestNode {
+    let mechs: Vec<String> = mechanisms.iter().map(|s| s.to_string()).collect();
+    let node = start_node(|c| c.sasl.mechanisms = mechs).await;
+    node.add_user("alice", PW).await;
+    node
+}
+
+/// RFC 6120 §6 / RFC 9266: every mechanism logs in; -PLUS ones with the real binding.
+#[tokio::test]
+async fn rfc6120_every_sasl_mechanism_logs_in() {
+    for (mechanism, binding) in [
+        ("SCRAM-SHA-256-PLUS", Binding::Real),
+        ("SCRAM-SHA-1-PLUS", Binding::Real),
+        ("SCRAM-SHA-256", Binding::None),
+        ("SCRAM-SHA-1", Binding::None),
+        ("PLAIN", Binding::None),
+    ] {
+        let node = node_with(&[mechanism]).await;
+        let mut connector = node.connector();
+        connector.binding = binding;
+        let mut client = client_with(connector, "alice", PW, Some("r1"));
+        let jid = online(&mut client).await;
+        assert_eq!(jid.to_string(), "alice@localhost/r1", "{mechanism}");
+        client.send_end().await.unwrap();
+        node.node.shutdown().await;
+    }
+}
+
+/// A -PLUS exchange whose binding data does not match this TLS channel must fail.
+#[tokio::test]
+async fn rfc9266_wrong_channel_binding_is_refused() {
+    let node = node_with(&["SCRAM-SHA-256-PLUS"]).await;
+    let mut connector = node.connector();
+    assert!(try_login(&connector, "alice", PW).await.is_ok());
+    connector.binding = Binding::Wrong;
+    let err = try_login(&connector, "alice", PW).await.unwrap_err();
+    assert!(matches!(err, tokio_xmpp::Error::Auth(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn rfc6120_wrong_password_fails_and_direct_tls_works() {
+    let node = node_with(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN"]).await;
+    let err = try_login(&node.connector(), "alice", "wrong")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokio_xmpp::Error::Auth(_)), "{err:?}");
+    let err = try_login(&node.connector(), "nobody", PW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokio_xmpp::Error::Auth(_)), "{err:?}");
+    let mut connector = node.connector();
+    connector.addr = node.direct_tls();
+    connector.direct = true;
+    let mut client = client_with(connector, "alice", PW, Some("tls"));
+    assert_eq!(online(&mut client).await.to_string(), "alice@localhost/tls");
+}
+
+/// RFC 6121 §2 and §3: roster set/push, the whole subscription handshake both ways,
+/// presence broadcast, and roster removal cancelling both directions.
+#[tokio::test]
+async fn rfc6121_roster_subscription_and_presence() {
+    let node = node_with(&["SCRAM-SHA-256-PLUS"]).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut alice).await;
+    online(&mut bob).await;
+    for c in [&mut alice, &mut bob] {
+        send(
+            c,
+            "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>",
+        )
+        .await;
+        expect(c, 5, "roster result", |e| e.attr("id") == Some("r1")).await;
+        send(c, "<presence/>").await;
+    }
+    expect(&mut bob, 5, "own presence echo", |e| {
+        is_presence_from(e, "bob", None)
+    })
+    .await;
+
+    // Alice adds Bob with a name and a group: a push with subscription none.
+    send(
+        &mut alice,
+        "<iq type='set' id='set1'><query xmlns='jabber:iq:roster'><item jid='bob@localhost' name='Bob'><group>Friends</group></item></query></iq>",
+    )
+    .await;
+    let push = expect(&mut alice, 5, "roster push", |e| {
+        e.attr("type") == Some("set") && e.has_child("query", "jabber:iq:roster")
+    })
+    .await;
+    let item = push
+        .get_child("query", "jabber:iq:roster")
+        .unwrap()
+        .get_child("item", "jabber:iq:roster")
+        .unwrap();
+    assert_eq!(
+        (item.attr("name"), item.attr("subscription")),
+        (Some("Bob"), Some("none"))
+    );
+
+    // Subscribe → Bob sees the request; Bob approves; Alice gets "to" and Bob's presence.
+    send(
+        &mut alice,
+        "<presence to='bob@localhost' type='subscribe'/>",
+    )
+    .await;
+    let req = expect(&mut bob, 5, "subscribe", |e| {
+        is_presence_from(e, "alice", Some("subscribe"))
+    })
+    .await;
+    assert_eq!(req.attr("from"), Some("alice@localhost"));
+    send(
+        &mut bob,
+        "<presence to='alice@localhost' type='subscribed'/>",
+    )
+    .await;
+    expect(&mut alice, 5, "push to", |e| {
+        e.get_child("query", "jabber:iq:roster")
+            .and_then(|q| q.get_child("item", "jabber:iq:roster"))
+            .is_some_and(|i| i.attr("subscription") == Some("to") && i.attr("ask").is_none())
+    })
+    .await;
+    expect(&mut alice, 5, "subscribed", |e| {
+        is_presence_from(e, "bob", Some("subscribed"))
+    })
+    .await;
+    expect(&mut alice, 5, "bob's presence", |e| {
+        is_presence_from(e, "bob", None)
+    })
+    .await;
+
+    // And the other way: both.
+    send(
+        &mut bob,
+        "<presence to='alice@localhost' type='subscribe'/>",
+    )
+    .await;
+    expect(&mut alice, 5, "subscribe", |e| {
+        is_presence_from(e, "bob", Some("subscribe"))
+    })
+    .await;
+    send(
+        &mut alice,
+        "<presence to='bob@localhost' type='subscribed'/>",
+    )
+    .await;
+    expect(&mut bob, 5, "alice's presence", |e| {
+        is_presence_from(e, "alice", None)
+    })
+    .await;
+    let (_, items) = node.node.server.store.roster("alice").await.unwrap();
+    assert_eq!(items[0].subscription, impmesh_store::Subscription::Both);
+
+    // A presence update reaches the subscriber.
+    send(&mut alice, "<presence><show>away</show></presence>").await;
+    let p = expect(&mut bob, 5, "away", |e| is_presence_from(e, "alice", None)).await;
+    assert_eq!(p.get_child("show", "jabber:client").unwrap().text(), "away");
+
+    // Removing the item cancels both directions: Bob is told, and Bob's roster follows.
+    send(
+        &mut alice,
+        "<iq type='set' id='rm'><query xmlns='jabber:iq:roster'><item jid='bob@localhost' subscription='remove'/></query></iq>",
+    )
+    .await;
+    expect(&mut bob, 5, "unsubscribe", |e| {
+        is_presence_from(e, "alice", Some("unsubscribe"))
+    })
+    .await;
+    expect(&mut bob, 5, "unavailable", |e| {
+        is_presence_from(e, "alice", Some("unavailable"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        node.node
+            .server
+            .store
+            .roster("alice")
+            .await
+            .unwrap()
+            .1
+            .is_empty()
+    );
+    let (_, bob_items) = node.node.server.store.roster("bob").await.unwrap();
+    assert_eq!(bob_items[0].subscription, impmesh_store::Subscription::None);
+}
+
+/// A stored subscription request is delivered at the next login (RFC 6121 §3.1.3), and a
+/// killed connection sends unavailable to subscribers (RFC 6121 §4.5).
+#[tokio::test]
+async fn rfc6121_stored_request_and_unavailable_on_dropped_connection() {
+    let node = start_node(|c| c.limits.resume_timeout = 1).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    send(
+        &mut alice,
+        "<presence to='bob@localhost' type='subscribe'/>",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Bob logs in through a proxy we can cut; the request waits for him.
+    let proxy = Proxy::start(node.c2s()).await;
+    let mut connector = node.connector();
+    connector.addr = proxy.addr;
+    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    expect(&mut bob, 5, "stored subscribe", |e| {
+        is_presence_from(e, "alice", Some("subscribe"))
+    })
+    .await;
+    send(
+        &mut bob,
+        "<presence to='alice@localhost' type='subscribed'/>",
+    )
+    .await;
+    expect(&mut alice, 5, "bob online", |e| {
+        is_presence_from(e, "bob", None)
+    })
+    .await;
+
+    // Cut the TCP connection and keep the proxy closed: after the resume window, Alice
+    // sees Bob go unavailable.
+    proxy.cut_and_refuse();
+    expect(&mut alice, 10, "bob unavailable", |e| {
+        is_presence_from(e, "bob", Some("unavailable"))
+    })
+    .await;
+}
+
+/// RFC 6121 §8 and XEP-0160: a message to an online user arrives; to an offline user it
+/// is stored and delivered, with a delay stamp, at the next initial presence.
+#[tokio::test]
+async fn rfc6121_messages_online_and_offline() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut alice).await;
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost' type='chat' id='m1'><body>hello bob</body></message>",
+    )
+    .await;
+    let m = expect(&mut bob, 5, "message", |e| e.name() == "message").await;
+    assert_eq!(body(&m).as_deref(), Some("hello bob"));
+    assert_eq!(m.attr("from"), Some("alice@localhost/a"));
+
+    // To a user who does not exist: an error, not silence.
+    send(
+        &mut alice,
+        "<message to='nobody@localhost' type='chat' id='m2'><body>x</body></message>",
+    )
+    .await;
+    let err = expect(&mut alice, 5, "error", |e| e.attr("id") == Some("m2")).await;
+    assert_eq!(err.attr("type"), Some("error"));
+
+    bob.send_end().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost' type='chat' id='m3'><body>while you were out</body></message>",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        node.node
+            .server
+            .store
+            .offline_messages("bob")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut bob = node.client("bob", PW, Some("b2"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let m = expect(&mut bob, 5, "offline message", |e| e.name() == "message").await;
+    assert_eq!(body(&m).as_deref(), Some("while you were out"));
+    assert!(m.has_child("delay", "urn:xmpp:delay"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        node.node
+            .server
+            .store
+            .offline_messages("bob")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// XEP-0280: the other resource gets "received" and "sent" copies.
+#[tokio::test]
+async fn xep0280_carbons() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut a1 = node.client("alice", PW, Some("one"));
+    let mut a2 = node.client("alice", PW, Some("two"));
+    let mut bob = node.client("bob", PW, Some("b"));
+    for c in [&mut a1, &mut a2, &mut bob] {
+        online(c).await;
+    }
+    for (c, prio) in [(&mut a1, 5), (&mut a2, 0)] {
+        send(
+            c,
+            "<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        )
+        .await;
+        expect(c, 5, "carbons enabled", |e| e.attr("id") == Some("c")).await;
+        send(
+            c,
+            &format!("<presence><priority>{prio}</priority></presence>"),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(
+        &mut bob,
+        "<message to='alice@localhost' type='chat'><body>to alice</body></message>",
+    )
+    .await;
+    let direct = expect(&mut a1, 5, "message", |e| body(e).is_some()).await;
+    assert_eq!(body(&direct).as_deref(), Some("to alice"));
+    let copy = expect(&mut a2, 5, "received carbon", |e| {
+        e.has_child("received", "urn:xmpp:carbons:2")
+    })
+    .await;
+    let inner = copy
+        .get_child("received", "urn:xmpp:carbons:2")
+        .unwrap()
+        .get_child("forwarded", "urn:xmpp:forward:0")
+        .unwrap()
+        .get_child("message", "jabber:client")
+        .unwrap();
+    assert_eq!(body(inner).as_deref(), Some("to alice"));
+
+    send(
+        &mut a1,
+        "<message to='bob@localhost' type='chat'><body>to bob</body></message>",
+    )
+    .await;
+    expect(&mut a2, 5, "sent carbon", |e| {
+        e.has_child("sent", "urn:xmpp:carbons:2")
+    })
+    .await;
+}
+
+/// XEP-0198: a client whose TCP connection is cut resumes and gets every message sent
+/// meanwhile exactly once, in order.
+#[tokio::test]
+async fn xep0198_resumption_loses_and_duplicates_nothing() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let proxy = Proxy::start(node.c2s()).await;
+    let mut connector = node.connector();
+    connector.addr = proxy.addr;
+    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        send(
+            &mut alice,
+            &format!("<message to='bob@localhost' type='chat'><body>m{i}</body></message>"),
+        )
+        .await;
+    }
+    let mut seen = vec![];
+    while seen.len() < 5 {
+        let m = expect(&mut bob, 5, "first batch", |e| body(e).is_some()).await;
+        seen.push(body(&m).unwrap());
+    }
+    proxy.cut();
+    for i in 5..15 {
+        send(
+            &mut alice,
+            &format!("<message to='bob@localhost' type='chat'><body>m{i}</body></message>"),
+        )
+        .await;
+    }
+    // tokio-xmpp reconnects through the proxy and resumes by itself.
+    let rest = collect(&mut bob, 4000, |e| body(e).is_some()).await;
+    seen.extend(rest.iter().filter_map(body));
+    let expected: Vec<String> = (0..15).map(|i| format!("m{i}")).collect();
+    assert_eq!(seen, expected);
+    assert!(
+        node.node
+            .server
+            .store
+            .offline_messages("bob")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// XEP-0198: when the resume window passes, unacknowledged messages go to offline storage.
+#[tokio::test]
+async fn xep0198_expired_session_stores_unacked_messages_offline() {
+    let node = start_node(|c| c.limits.resume_timeout = 1).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let proxy = Proxy::start(node.c2s()).await;
+    let mut connector = node.connector();
+    connector.addr = proxy.addr;
+    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut_and_refuse();
+    for i in 0..3 {
+        send(
+            &mut alice,
+            &format!("<message to='bob@localhost' type='chat'><body>late{i}</body></message>"),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = node
+        .node
+        .server
+        .store
+        .offline_messages("bob")
+        .await
+        .unwrap();
+    let bodies: Vec<bool> = (0..3)
+        .map(|i| {
+            stored
+                .iter()
+                .any(|m| m.stanza.contains(&format!("late{i}")))
+        })
+        .collect();
+    assert_eq!(bodies, [true, true, true], "{stored:?}");
+}
+
+/// XEP-0030, XEP-0199, XEP-0092, XEP-0054, XEP-0049, XEP-0191, and the catch-all error.
+#[tokio::test]
+async fn xep_iq_handlers() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let ask = |xml: &'static str| xml;
+    send(&mut alice, ask("<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    let d = expect(&mut alice, 5, "disco", |e| e.attr("id") == Some("d")).await;
+    let features: Vec<String> = d
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .unwrap()
+        .children()
+        .filter_map(|f| f.attr("var").map(String::from))
+        .collect();
+    for f in [
+        "urn:xmpp:ping",
+        "urn:xmpp:carbons:2",
+        "urn:xmpp:blocking",
+        "jabber:iq:version",
+        "vcard-temp",
+    ] {
+        assert!(
+            features.iter().any(|x| x == f),
+            "{f} missing from {features:?}"
+        );
+    }
+    send(
+        &mut alice,
+        "<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    assert_eq!(
+        expect(&mut alice, 5, "ping", |e| e.attr("id") == Some("p"))
+            .await
+            .attr("type"),
+        Some("result")
+    );
+    send(
+        &mut alice,
+        "<iq type='get' id='v' to='localhost'><query xmlns='jabber:iq:version'/></iq>",
+    )
+    .await;
+    let v = expect(&mut alice, 5, "version", |e| e.attr("id") == Some("v")).await;
+    assert!(String::from(&v).contains("impmesh"));
+    send(
+        &mut alice,
+        "<iq type='set' id='vc'><vCard xmlns='vcard-temp'><FN>Alice A.</FN></vCard></iq>",
+    )
+    .await;
+    expect(&mut alice, 5, "vcard set", |e| e.attr("id") == Some("vc")).await;
+    send(
+        &mut alice,
+        "<iq type='get' id='vg'><vCard xmlns='vcard-temp'/></iq>",
+    )
+    .await;
+    let vg = expect(&mut alice, 5, "vcard get", |e| e.attr("id") == Some("vg")).await;
+    assert!(String::from(&vg).contains("Alice A."));
+    send(&mut alice, "<iq type='set' id='ps'><query xmlns='jabber:iq:private'><prefs xmlns='urn:test:prefs'><x>1</x></prefs></query></iq>").await;
+    expect(&mut alice, 5, "private set", |e| e.attr("id") == Some("ps")).await;
+    send(&mut alice, "<iq type='get' id='pg'><query xmlns='jabber:iq:private'><prefs xmlns='urn:test:prefs'/></query></iq>").await;
+    let pg = expect(&mut alice, 5, "private get", |e| e.attr("id") == Some("pg")).await;
+    assert!(String::from(&pg).contains("<x>1</x>"));
+    send(&mut alice, "<iq type='set' id='b'><block xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></block></iq>").await;
+    expect(&mut alice, 5, "block", |e| e.attr("id") == Some("b")).await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost' type='chat' id='mb'><body>x</body></message>",
+    )
+    .await;
+    let blocked = expect(&mut alice, 5, "blocked error", |e| {
+        e.attr("id") == Some("mb")
+    })
+    .await;
+    assert!(String::from(&blocked).contains("urn:xmpp:blocking:errors"));
+    send(
+        &mut alice,
+        "<iq type='get' id='u' to='localhost'><unknown xmlns='urn:example:nothing'/></iq>",
+    )
+    .await;
+    let u = expect(&mut alice, 5, "unknown", |e| e.attr("id") == Some("u")).await;
+    assert!(
+        String::from(&u).contains("service-unavailable"),
+        "{}",
+        String::from(&u)
+    );
+}
+
+/// XEP-0077 is off by default and creates accounts when enabled.
+#[tokio::test]
+async fn xep0077_registration_only_when_enabled() {
+    let off = start_node(|_| {}).await;
+    let features = raw_features_after_tls(&off).await;
+    assert!(!features.contains("iq-register"), "{features}");
+    let on = start_node(|c| c.registration.enabled = true).await;
+    let features = raw_features_after_tls(&on).await;
+    assert!(features.contains("iq-register"), "{features}");
+}
+
+/// Reads the stream features offered after STARTTLS, with a bare TLS socket.
+async fn raw_features_after_tls(node: &TestNode) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    tcp.write_all(HEADER.as_bytes()).await.unwrap();
+    let first = read_until(&mut tcp, "</stream:features>").await;
+    assert!(
+        first.contains("<required/>") && !first.contains("mechanisms"),
+        "{first}"
+    );
+    tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .unwrap();
+    read_until(&mut tcp, "<proceed").await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(node.cert()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(HEADER.as_bytes()).await.unwrap();
+    read_until(&mut tls, "</stream:features>").await
+}
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, marker: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&out).contains(marker) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Hostile input before TLS: each closes the stream with the RFC 6120 error it deserves.
+#[tokio::test]
+async fn rfc6120_hostile_input_gets_the_right_stream_error() {
+    let node = start_node(|_| {}).await;
+    let cases: [(&str, String); 5] = [
+        ("restricted-xml", "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;&lol;&lol;'>]><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>".into()),
+        ("restricted-xml", format!("{HEADER}<message><body>&lol9;</body></message>")),
+        ("not-well-formed", format!("{HEADER}<message><body></message>")),
+        ("policy-violation", format!("{HEADER}<message><body>{}</body></message>", "a".repeat(20_000))),
+        ("policy-violation", format!("{HEADER}<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHB3</auth>")),
+    ];
+    for (condition, input) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+        let _ = tcp.write_all(input.as_bytes()).await;
+        let reply = read_until(&mut tcp, "</stream:stream>").await;
+        assert!(
+            reply.contains(&format!(
+                "<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            )),
+            "{condition}: {reply}"
+        );
+        assert!(reply.ends_with("</stream:stream>"), "{reply}");
+    }
+    // A stream for another host.
+    let mut tcp = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    tcp.write_all(
+        HEADER
+            .replace("to='localhost'", "to='evil.example'")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_until(&mut tcp, "</stream:stream>")
+            .await
+            .contains("host-unknown")
+    );
+}
+
+/// An oversized stanza after authentication ends that stream and is not delivered.
+#[tokio::test]
+async fn rfc6120_oversized_stanza_after_auth_is_refused() {
+    let node = start_node(|c| c.limits.max_stanza_bytes = 4096).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let big = "x".repeat(8192);
+    send(
+        &mut alice,
+        &format!("<message to='bob@localhost' type='chat'><body>{big}</body></message>"),
+    )
+    .await;
+    let got = collect(&mut bob, 1500, |e| body(e).is_some()).await;
+    assert!(got.is_empty());
+}
+
+/// A TCP proxy that a test can cut, to simulate a dropped connection.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u32>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse2 = refuse.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if refuse2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let mut rx = cut_rx.clone();
+                rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.changed() => {}
+                    }
+                    // Both ends are dropped without any XMPP close, like a dead network.
+                });
+            }
+        });
+        Proxy { addr, cut, refuse }
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn cut_and_refuse(&self) {
+        self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+}

@@ -1,0 +1,376 @@
+//! Shared test support: in-process nodes on 127.0.0.1 port 0, and a tokio-xmpp
+//! connector that trusts a node's self-signed certificate (tokio-xmpp's own STARTTLS
+//! connector only trusts the system roots).
+
+#![allow(dead_code)]
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use impmesh::config::Config;
+use impmesh::node::Node;
+use minidom::Element;
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_xmpp::connect::ServerConnector;
+use tokio_xmpp::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::starttls;
+use tokio_xmpp::xmlstream::{
+    PendingFeaturesRecv, StreamHeader, Timeouts, XmppStreamElement, initiate_stream,
+};
+use tokio_xmpp::{Client, Event, Stanza};
+
+pub const DOMAIN: &str = "localhost";
+
+/// A node running in this process, with its data directory.
+pub struct TestNode {
+    pub node: Node,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+}
+
+impl TestNode {
+    pub fn c2s(&self) -> SocketAddr {
+        self.node.c2s[0]
+    }
+
+    pub fn direct_tls(&self) -> SocketAddr {
+        self.node.c2s_direct_tls[0]
+    }
+
+    pub fn cert(&self) -> rustls_pki_types::CertificateDer<'static> {
+        self.node.identity.chain[0].clone()
+    }
+
+    pub async fn add_user(&self, name: &str, password: &str) {
+        impmesh::users::add(&self.node.server.store, &self.config, name, password)
+            .await
+            .unwrap();
+    }
+
+    /// A connector for this node's STARTTLS port.
+    pub fn connector(&self) -> TestConnector {
+        TestConnector {
+            addr: self.c2s(),
+            cert: self.cert(),
+            direct: false,
+            binding: Binding::Real,
+        }
+    }
+
+    /// A client for `user` with its password, through STARTTLS.
+    pub fn client(&self, user: &str, password: &str, resource: Option<&str>) -> Client {
+        client_with(self.connector(), user, password, resource)
+    }
+}
+
+pub fn client_with(
+    connector: TestConnector,
+    user: &str,
+    password: &str,
+    resource: Option<&str>,
+) -> Client {
+    let jid = match resource {
+        Some(r) => Jid::new(&format!("{user}@{DOMAIN}/{r}")).unwrap(),
+        None => Jid::new(&format!("{user}@{DOMAIN}")).unwrap(),
+    };
+    Client::new_with_connector(jid, password.to_owned(), connector, Timeouts::default())
+}
+
+/// Starts a node for `localhost` on 127.0.0.1 port 0, after `tweak` edits its config.
+pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.data_dir = dir.path().to_owned();
+    config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
+    if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
+        config.store.url = fresh_postgres_schema(&url).await;
+    }
+    tweak(&mut config);
+    let node = Node::start(&config).await.unwrap();
+    TestNode { node, dir, config }
+}
+
+/// A throw-away schema on the PostgreSQL test server, as a URL that selects it.
+async fn fresh_postgres_schema(url: &str) -> String {
+    use sqlx_free::create_schema;
+    let schema = format!("e2e{:016x}", rand_u64());
+    create_schema(url, &schema).await;
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
+}
+
+fn rand_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
+
+mod sqlx_free {
+    /// Creates a schema with `psql`, keeping sqlx out of the test's dependencies.
+    pub async fn create_schema(url: &str, schema: &str) {
+        let status = tokio::process::Command::new("psql")
+            .arg(url)
+            .arg("-q")
+            .arg("-c")
+            .arg(format!("CREATE SCHEMA {schema}"))
+            .status()
+            .await
+            .expect("psql must be installed when IMPMESH_TEST_POSTGRES is set");
+        assert!(status.success(), "could not create schema {schema}");
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// What channel-binding data the connector hands to the SASL layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The real `tls-exporter` value (so the client picks -PLUS mechanisms).
+    Real,
+    /// None: the client uses plain SCRAM.
+    None,
+    /// A wrong value: a -PLUS login must fail.
+    Wrong,
+}
+
+/// Connects to a test node over STARTTLS or direct TLS, trusting its certificate.
+#[derive(Debug, Clone)]
+pub struct TestConnector {
+    pub addr: SocketAddr,
+    pub cert: rustls_pki_types::CertificateDer<'static>,
+    pub direct: bool,
+    pub binding: Binding,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConnectError(String);
+impl tokio_xmpp::connect::ServerConnectorError for ConnectError {}
+
+impl TestConnector {
+    async fn tls(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(TlsStream<TcpStream>, sasl::common::ChannelBinding), tokio_xmpp::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if self.direct {
+            config.alpn_protocols = vec![b"xmpp-client".to_vec()];
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::try_from(DOMAIN).unwrap();
+        let tls = connector.connect(name, tcp).await?;
+        let binding = {
+            let (_, session) = tls.get_ref();
+            let exporter = session
+                .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
+                .map_err(|e| tokio_xmpp::Error::Io(std::io::Error::other(e)))?;
+            match self.binding {
+                Binding::Real => sasl::common::ChannelBinding::TlsExporter(exporter),
+                Binding::None => sasl::common::ChannelBinding::None,
+                Binding::Wrong => sasl::common::ChannelBinding::TlsExporter(vec![7u8; 32]),
+            }
+        };
+        Ok((tls, binding))
+    }
+}
+
+fn header() -> StreamHeader<'static> {
+    StreamHeader {
+        to: Some(Cow::Borrowed(DOMAIN)),
+        from: None,
+        id: None,
+    }
+}
+
+impl ServerConnector for TestConnector {
+    type Stream = BufStream<TlsStream<TcpStream>>;
+
+    async fn connect(
+        &self,
+        _jid: &Jid,
+        ns: &'static str,
+        timeouts: Timeouts,
+    ) -> Result<
+        (
+            PendingFeaturesRecv<Self::Stream>,
+            sasl::common::ChannelBinding,
+        ),
+        tokio_xmpp::Error,
+    > {
+        let tcp = TcpStream::connect(self.addr).await?;
+        if self.direct {
+            let (tls, binding) = self.tls(tcp).await?;
+            let stream = initiate_stream(BufStream::new(tls), ns, header(), timeouts).await?;
+            return Ok((stream, binding));
+        }
+        let stream = initiate_stream(BufStream::new(tcp), ns, header(), timeouts).await?;
+        let (features, mut stream) = stream
+            .recv_features::<XmppStreamElement>()
+            .await
+            .map_err(|e| tokio_xmpp::Error::Io(std::io::Error::other(format!("{e:?}"))))?;
+        if !features.can_starttls() {
+            return Err(tokio_xmpp::Error::Io(std::io::Error::other(ConnectError(
+                "no STARTTLS offered".into(),
+            ))));
+        }
+        stream
+            .send(&XmppStreamElement::Starttls(starttls::Nonza::Request(
+                starttls::Request,
+            )))
+            .await?;
+        loop {
+            match stream.next().await {
+                Some(Ok(XmppStreamElement::Starttls(starttls::Nonza::Proceed(_)))) => break,
+                Some(Ok(_)) => {}
+                _ => return Err(tokio_xmpp::Error::Disconnected),
+            }
+        }
+        let tcp = stream.into_inner().into_inner();
+        let (tls, binding) = self.tls(tcp).await?;
+        let stream = initiate_stream(BufStream::new(tls), ns, header(), timeouts).await?;
+        Ok((stream, binding))
+    }
+}
+
+/// Parses a stanza written as XML (default namespace jabber:client).
+pub fn stanza(xml: &str) -> Stanza {
+    let xml = xml.replacen('>', " xmlns='jabber:client'>", 1);
+    let xml = if xml.contains("/ xmlns") {
+        xml.replacen("/ xmlns='jabber:client'>", " xmlns='jabber:client'/>", 1)
+    } else {
+        xml
+    };
+    let el: Element = xml.parse().unwrap_or_else(|e| panic!("{e}: {xml}"));
+    match el.name() {
+        "message" => Stanza::Message(el.try_into().unwrap()),
+        "presence" => Stanza::Presence(el.try_into().unwrap()),
+        _ => Stanza::Iq(el.try_into().unwrap()),
+    }
+}
+
+pub fn element(stanza: Stanza) -> Element {
+    match stanza {
+        Stanza::Message(m) => m.into(),
+        Stanza::Presence(p) => p.into(),
+        Stanza::Iq(iq) => iq.into(),
+    }
+}
+
+/// Waits for the client to come online; returns its bound JID.
+pub async fn online(client: &mut Client) -> Jid {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.next()).await {
+            Ok(Some(Event::Online { bound_jid, .. })) => return bound_jid,
+            Ok(Some(Event::Disconnected(e))) => panic!("disconnected before online: {e}"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("client ended"),
+            Err(_) => panic!("not online within 10 s"),
+        }
+    }
+}
+
+/// The next stanza matching `pred`, skipping others; panics after `secs`.
+pub async fn expect(
+    client: &mut Client,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Element) -> bool,
+) -> Element {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, client.next()).await {
+            Ok(Some(Event::Stanza(s))) => {
+                let el = element(s);
+                if pred(&el) {
+                    return el;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("client ended while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Collects stanzas matching `pred` for `millis` milliseconds.
+pub async fn collect(
+    client: &mut Client,
+    millis: u64,
+    pred: impl Fn(&Element) -> bool,
+) -> Vec<Element> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+    let mut out = vec![];
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, client.next()).await {
+        if let Event::Stanza(s) = ev {
+            let el = element(s);
+            if pred(&el) {
+                out.push(el);
+            }
+        }
+    }
+    out
+}
+
+pub async fn send(client: &mut Client, xml: &str) {
+    client.send_stanza(stanza(xml)).await.unwrap();
+}
+
+pub fn bare(user: &str) -> BareJid {
+    BareJid::new(&format!("{user}@{DOMAIN}")).unwrap()
+}
+
+pub fn is_presence_from(el: &Element, user: &str, ty: Option<&str>) -> bool {
+    el.name() == "presence"
+        && el
+            .attr("from")
+            .is_some_and(|f| f.starts_with(&format!("{user}@")))
+        && el.attr("type") == ty
+}
+
+pub fn body(el: &Element) -> Option<String> {
+    el.get_child("body", "jabber:client").map(|b| b.text())
+}
+
+/// Connects and runs SASL only, with tokio-xmpp's own `auth`: the outcome of one login
+/// attempt (the full `Client` retries failed logins silently).
+pub async fn try_login(
+    connector: &TestConnector,
+    user: &str,
+    password: &str,
+) -> Result<(), tokio_xmpp::Error> {
+    let jid = Jid::new(&format!("{user}@{DOMAIN}")).unwrap();
+    let (stream, binding) = connector
+        .connect(&jid, "jabber:client", Timeouts::default())
+        .await?;
+    let (features, stream) = stream
+        .recv_features::<tokio_xmpp::xmlstream::FallibleStreamElement>()
+        .await
+        .map_err(|e| tokio_xmpp::Error::Io(std::io::Error::other(format!("{e:?}"))))?;
+    let creds = sasl::common::Credentials::default()
+        .with_username(user)
+        .with_password(password)
+        .with_channel_binding(binding);
+    tokio_xmpp::client_login(stream, features.sasl_mechanisms, creds).await?;
+    Ok(())
+}
