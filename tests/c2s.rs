@@ -1,5 +1,7 @@
 //! End-to-end tests of a node with real XMPP clients (tokio-xmpp), grouped by spec.
 
+#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
+
 mod support;
 
 use std::time::Duration;

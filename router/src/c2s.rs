@@ -637,7 +637,7 @@ fn bind(
             let _ = old.tx.try_send(Outbound::Replaced);
         }
         Ok(None) => {}
-        Err(()) => {
+        Err(crate::hub::TooManySessions) => {
             return Err(err(
                 crate::error::StanzaErrorCondition::ResourceConstraint,
                 "too many sessions for this account",

@@ -272,10 +272,12 @@ impl Server {
                 let bare: BareJid = was_for.to_bare();
                 self.deliver_message(stanza, &Jid::from(bare)).await;
             }
-            Some(Kind::Iq) if matches!(stanza.attr("type"), Some("get" | "set")) => {
-                if stanza.attr("from") != Some(self.config.domain.as_str()) {
-                    self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
-                }
+            // A request the client never saw gets an error; the server's own pings do not.
+            Some(Kind::Iq)
+                if matches!(stanza.attr("type"), Some("get" | "set"))
+                    && stanza.attr("from") != Some(self.config.domain.as_str()) =>
+            {
+                self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
             }
             _ => {}
         }

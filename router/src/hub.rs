@@ -81,6 +81,10 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The user already has as many sessions as allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions;
+
 /// Every session of the node.
 #[derive(Debug, Default)]
 pub struct Hub {
@@ -101,7 +105,7 @@ impl Hub {
         &self,
         handle: Arc<SessionHandle>,
         max: usize,
-    ) -> Result<Option<Arc<SessionHandle>>, ()> {
+    ) -> Result<Option<Arc<SessionHandle>>, TooManySessions> {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
         let sessions = users.entry(user).or_default();
@@ -110,7 +114,7 @@ impl Hub {
             .position(|s| s.jid == handle.jid)
             .map(|i| sessions.swap_remove(i));
         if replaced.is_none() && sessions.len() >= max {
-            return Err(());
+            return Err(TooManySessions);
         }
         sessions.push(handle);
         Ok(replaced)

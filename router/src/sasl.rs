@@ -207,7 +207,7 @@ impl ScramServer {
     ) -> (ScramServer, Vec<u8>) {
         let real = verifier.is_some();
         let verifier = verifier.unwrap_or_else(|| {
-            let mut key = vec![0u8; hash.len()];
+            let mut key = vec![0u8; hash.output_len()];
             rand::thread_rng().fill_bytes(&mut key);
             ScramVerifier {
                 hash,

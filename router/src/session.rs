@@ -222,8 +222,10 @@ impl Session {
     /// another JID breaks the stream.
     async fn on_stanza(&mut self, kind: Kind, mut element: Element) -> Result<(), End> {
         if let Some(from) = element.attr("from") {
+            let own = self.jid();
             let ok = Jid::new(from).is_ok_and(|j| {
-                j == Jid::from(self.jid().clone()) || j == Jid::from(self.jid().to_bare())
+                j.to_bare() == own.to_bare()
+                    && j.resource().is_none_or(|r| r.as_str() == own.resource().as_str())
             });
             if !ok {
                 return Err(End::Error(
@@ -235,7 +237,7 @@ impl Session {
         stanza::set_attr(&mut element, "from", &self.jid().to_string());
         let to = match stanza::to_jid(&element) {
             Ok(to) => to,
-            Err(()) => {
+            Err(stanza::MalformedJid) => {
                 self.reply_error(&element, StanzaErrorCondition::JidMalformed, None);
                 return Ok(());
             }

@@ -40,11 +40,15 @@ impl Kind {
     }
 }
 
-/// Parses the `to` attribute; `Ok(None)` when absent, `Err(())` when malformed.
-pub fn to_jid(element: &Element) -> Result<Option<Jid>, ()> {
+/// A `to` attribute that is not a valid JID (RFC 7622).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedJid;
+
+/// Parses the `to` attribute; `Ok(None)` when absent.
+pub fn to_jid(element: &Element) -> Result<Option<Jid>, MalformedJid> {
     match element.attr("to") {
         None => Ok(None),
-        Some(s) => Jid::new(s).map(Some).map_err(|_| ()),
+        Some(s) => Jid::new(s).map(Some).map_err(|_| MalformedJid),
     }
 }
 

@@ -95,9 +95,11 @@ impl std::fmt::Debug for Framer {
 impl Framer {
     /// A framer that refuses top-level elements larger than `max_element_bytes`.
     pub fn new(max_element_bytes: usize) -> Framer {
-        let mut options = rxml::Options::default();
         // No single name, attribute value or text chunk can exceed the stanza cap.
-        options.max_token_length = max_element_bytes.max(64);
+        let options = rxml::Options {
+            max_token_length: max_element_bytes.max(64),
+            ..Default::default()
+        };
         let mut parser = rxml::Parser::with_options(options);
         // Emit text as it arrives, so whitespace keepalives are seen (and reset the byte
         // count) at once instead of being buffered towards the cap.

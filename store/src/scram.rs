@@ -28,7 +28,7 @@ pub enum ScramHash {
 
 impl ScramHash {
     /// Output length of the hash in bytes.
-    pub fn len(self) -> usize {
+    pub fn output_len(self) -> usize {
         match self {
             ScramHash::Sha1 => 20,
             ScramHash::Sha256 => 32,
@@ -64,7 +64,7 @@ impl ScramHash {
 
     /// `Hi(password, salt, i)`, i.e. PBKDF2 with this hash's HMAC.
     pub fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
-        let mut out = vec![0u8; self.len()];
+        let mut out = vec![0u8; self.output_len()];
         match self {
             ScramHash::Sha1 => {
                 pbkdf2::pbkdf2_hmac::<sha1::Sha1>(password, salt, iterations, &mut out);
@@ -166,8 +166,8 @@ impl ScramVerifier {
         let stored_key = B64.decode(parts.next()?).ok()?;
         let server_key = B64.decode(parts.next()?).ok()?;
         if parts.next().is_some()
-            || stored_key.len() != hash.len()
-            || server_key.len() != hash.len()
+            || stored_key.len() != hash.output_len()
+            || server_key.len() != hash.output_len()
         {
             return None;
         }

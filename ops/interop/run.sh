@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Interop: a real `impmesh` process and two slixmpp accounts (ops/interop/scenario.py).
+# Creates a venv with slixmpp from PyPI, builds impmesh if needed, starts it on free
+# loopback ports with a fresh data directory, runs the scenario, and stops the server.
+# Exits non-zero on any failure.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="$here/.venv"
+bin="${IMPMESH_BIN:-$root/target/debug/impmesh}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check 'slixmpp>=1.8'
+if [ ! -x "$bin" ]; then
+  (cd "$root" && cargo build --quiet --bin impmesh)
+fi
+
+work="$(mktemp -d)"
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+read -r c2s tls < <("$venv/bin/python" - <<'PY'
+import socket
+ports = []
+socks = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
+print(*ports)
+PY
+)
+cat > "$work/impmesh.toml" <<TOML
+domain = "localhost"
+data_dir = "$work/data"
+[listen]
+c2s = ["127.0.0.1:$c2s"]
+c2s_direct_tls = ["127.0.0.1:$tls"]
+TOML
+
+password="interop-$RANDOM-pw"
+for user in alice bob; do
+  echo "$password" | "$bin" --config "$work/impmesh.toml" user add "$user" --password-stdin
+done
+
+"$bin" --config "$work/impmesh.toml" serve > "$work/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 100); do
+  grep -q "listening for XMPP clients on 127.0.0.1:$c2s" "$work/server.log" 2>/dev/null && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log"; echo "FAIL: impmesh exited"; exit 1; }
+  sleep 0.1
+done
+
+if ! "$venv/bin/python" "$here/scenario.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password"; then
+  echo "--- server log ---"; tail -50 "$work/server.log"
+  exit 1
+fi
+
+# A clean shutdown on SIGTERM.
+kill -TERM "$server_pid"
+if ! timeout 15 tail --pid="$server_pid" -f /dev/null; then
+  echo "FAIL: impmesh did not stop within 15 s of SIGTERM"; exit 1
+fi
+wait "$server_pid" || { echo "FAIL: impmesh exited non-zero after SIGTERM"; tail -20 "$work/server.log"; exit 1; }
+server_pid=""
+echo "interop: 1 passed, 0 failed"
