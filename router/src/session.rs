@@ -225,7 +225,8 @@ impl Session {
             let own = self.jid();
             let ok = Jid::new(from).is_ok_and(|j| {
                 j.to_bare() == own.to_bare()
-                    && j.resource().is_none_or(|r| r.as_str() == own.resource().as_str())
+                    && j.resource()
+                        .is_none_or(|r| r.as_str() == own.resource().as_str())
             });
             if !ok {
                 return Err(End::Error(
