@@ -668,10 +668,12 @@ async fn rfc6120_oversized_stanza_after_auth_is_refused() {
     assert!(got.is_empty());
 }
 
-/// A TCP proxy that a test can cut, to simulate a dropped connection.
+/// A TCP proxy that a test can cut (connections reset) or freeze (connections stay
+/// open but nothing passes: a black hole), to simulate network failures.
 struct Proxy {
     addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<u32>,
+    freeze: tokio::sync::watch::Sender<bool>,
     refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -680,6 +682,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let (freeze, freeze_rx) = tokio::sync::watch::channel(false);
         let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuse2 = refuse.clone();
         tokio::spawn(async move {
@@ -687,21 +690,32 @@ impl Proxy {
                 if refuse2.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
-                let mut rx = cut_rx.clone();
-                rx.mark_unchanged();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.mark_unchanged();
+                let mut freeze_rx = freeze_rx.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.changed() => {}
+                    let frozen = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        _ = cut_rx.changed() => false,
+                        _ = freeze_rx.wait_for(|f| *f) => true,
+                    };
+                    if frozen {
+                        // Keep both sockets open and silent until the test ends.
+                        std::future::pending::<()>().await;
                     }
-                    // Both ends are dropped without any XMPP close, like a dead network.
+                    // Otherwise both ends are dropped without any XMPP close.
                 });
             }
         });
-        Proxy { addr, cut, refuse }
+        Proxy {
+            addr,
+            cut,
+            freeze,
+            refuse,
+        }
     }
 
     fn cut(&self) {
@@ -712,4 +726,184 @@ impl Proxy {
         self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
         self.cut();
     }
+
+    fn freeze_and_refuse(&self) {
+        self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.freeze.send_replace(true);
+    }
+}
+
+/// Failed logins from one address are throttled: after the limit even the right
+/// password gets temporary-auth-failure until the window passes.
+#[tokio::test]
+async fn login_failures_are_throttled_per_address() {
+    let node = start_node(|c| {
+        c.limits.login_failures = 2;
+        c.limits.login_failure_window = 60;
+    })
+    .await;
+    node.add_user("alice", PW).await;
+    for _ in 0..2 {
+        assert!(
+            try_login(&node.connector(), "alice", "wrong")
+                .await
+                .is_err()
+        );
+    }
+    let err = try_login(&node.connector(), "alice", PW).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("TemporaryAuthFailure"),
+        "{err:?}"
+    );
+}
+
+/// XEP-0237: a client with the current version gets an empty result; the legacy
+/// session IQ (RFC 3921) is answered.
+#[tokio::test]
+async fn xep0237_roster_versioning_and_legacy_session() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        "<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+    )
+    .await;
+    let r = expect(&mut alice, 5, "session result", |e| {
+        e.attr("id") == Some("sess")
+    })
+    .await;
+    assert_eq!(r.attr("type"), Some("result"));
+    send(&mut alice, "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query></iq>").await;
+    expect(&mut alice, 5, "set result", |e| e.attr("id") == Some("s1")).await;
+    send(
+        &mut alice,
+        "<iq type='get' id='g1'><query xmlns='jabber:iq:roster' ver=''/></iq>",
+    )
+    .await;
+    let full = expect(&mut alice, 5, "full roster", |e| e.attr("id") == Some("g1")).await;
+    let query = full.get_child("query", "jabber:iq:roster").unwrap();
+    let ver = query.attr("ver").unwrap().to_owned();
+    assert_eq!(query.children().count(), 1);
+    send(
+        &mut alice,
+        &format!("<iq type='get' id='g2'><query xmlns='jabber:iq:roster' ver='{ver}'/></iq>"),
+    )
+    .await;
+    let same = expect(&mut alice, 5, "empty result", |e| {
+        e.attr("id") == Some("g2")
+    })
+    .await;
+    assert_eq!(same.attr("type"), Some("result"));
+    assert!(same.get_child("query", "jabber:iq:roster").is_none());
+}
+
+/// RFC 6121 §8.5.2.1.1: a resource with negative priority gets no messages sent to the
+/// bare JID (they are stored offline), but still gets those sent to its full JID.
+#[tokio::test]
+async fn rfc6121_negative_priority_and_full_jid_delivery() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    let mut bob = node.client("bob", PW, Some("low"));
+    online(&mut alice).await;
+    online(&mut bob).await;
+    send(&mut bob, "<presence><priority>-1</priority></presence>").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost' type='chat'><body>to bare</body></message>",
+    )
+    .await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost/low' type='chat'><body>to full</body></message>",
+    )
+    .await;
+    let got = collect(&mut bob, 800, |e| body(e).is_some()).await;
+    assert_eq!(got.iter().filter_map(body).collect::<Vec<_>>(), ["to full"]);
+    let stored = node
+        .node
+        .server
+        .store
+        .offline_messages("bob")
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].stanza.contains("to bare"));
+}
+
+/// XEP-0199: a client that stops answering (its network is a black hole) is found by
+/// the server's pings and closed; its contacts then see it go unavailable.
+#[tokio::test]
+async fn xep0199_server_pings_find_dead_clients() {
+    let node = start_node(|c| {
+        c.limits.ping_interval = 1;
+        c.limits.ping_timeout = 1;
+        c.limits.resume_timeout = 1;
+    })
+    .await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let proxy = Proxy::start(node.c2s()).await;
+    let mut connector = node.connector();
+    connector.addr = proxy.addr;
+    let mut alice = client_with(connector, "alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    send(
+        &mut bob,
+        "<presence to='alice@localhost' type='subscribe'/>",
+    )
+    .await;
+    expect(&mut alice, 5, "subscribe", |e| {
+        is_presence_from(e, "bob", Some("subscribe"))
+    })
+    .await;
+    send(
+        &mut alice,
+        "<presence to='bob@localhost' type='subscribed'/>",
+    )
+    .await;
+    expect(&mut bob, 5, "alice online", |e| {
+        is_presence_from(e, "alice", None)
+    })
+    .await;
+    proxy.freeze_and_refuse();
+    expect(&mut bob, 15, "alice unavailable", |e| {
+        is_presence_from(e, "alice", Some("unavailable"))
+    })
+    .await;
+    assert!(node.node.server.hub.session("alice", "a").is_none());
+}
+
+/// Shutdown closes every stream with system-shutdown and the footer, and frees the
+/// ports (STYLE 6: rebinding them must work at once).
+#[tokio::test]
+async fn shutdown_closes_streams_and_frees_the_ports() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let mut raw = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    raw.write_all(HEADER.as_bytes()).await.unwrap();
+    read_until(&mut raw, "</stream:features>").await;
+    let (c2s, tls) = (node.c2s(), node.direct_tls());
+    let server = node.node.server.clone();
+    let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(5)).await });
+    let reply = read_until(&mut raw, "</stream:stream>").await;
+    assert!(reply.contains("system-shutdown"), "{reply}");
+    shutdown.await.unwrap();
+    assert_eq!(node.node.server.session_count(), 0);
+    tokio::net::TcpListener::bind(c2s)
+        .await
+        .expect("5222-equivalent port is free again");
+    tokio::net::TcpListener::bind(tls)
+        .await
+        .expect("5223-equivalent port is free again");
 }

@@ -693,3 +693,51 @@ async fn failed_resume(conn: &mut Conn) -> Result<(), End> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(to: Option<&str>, version: Option<&str>) -> Header {
+        Header {
+            to: to.map(String::from),
+            version: version.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    fn condition(r: Result<(), End>) -> Option<StreamErrorCondition> {
+        match r {
+            Ok(()) => None,
+            Err(End::Error(c, _)) => Some(c),
+            Err(End::Gone) => panic!("unexpected"),
+        }
+    }
+
+    /// Every header, also the ones after STARTTLS and SASL restarts, must name our
+    /// domain: a stream cannot move to another host (Prosody CVE-2018-10847).
+    #[test]
+    fn rfc6120_headers_must_name_the_domain_and_version_1() {
+        let ok = check_header(&header(Some("example.com"), Some("1.0")), "example.com");
+        assert_eq!(condition(ok), None);
+        let other = check_header(&header(Some("evil.example"), Some("1.0")), "example.com");
+        assert_eq!(condition(other), Some(StreamErrorCondition::HostUnknown));
+        let missing = check_header(&header(None, Some("1.0")), "example.com");
+        assert_eq!(condition(missing), Some(StreamErrorCondition::HostUnknown));
+        let old = check_header(&header(Some("example.com"), None), "example.com");
+        assert_eq!(
+            condition(old),
+            Some(StreamErrorCondition::UnsupportedVersion)
+        );
+    }
+
+    #[test]
+    fn usernames_are_normalised_or_refused() {
+        assert_eq!(normalize_username("Alice", "d").as_deref(), Some("alice"));
+        assert_eq!(normalize_username("a b", "d"), None);
+        assert_eq!(normalize_username("", "d"), None);
+        assert!(authzid_ok(Some("alice@d"), "alice", "d"));
+        assert!(!authzid_ok(Some("bob@d"), "alice", "d"));
+        assert!(!authzid_ok(Some("alice@other"), "alice", "d"));
+    }
+}

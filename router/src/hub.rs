@@ -175,3 +175,51 @@ impl Hub {
         (owner == user).then(|| tx.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(
+        hub: &Hub,
+        jid: &str,
+        queue: usize,
+    ) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let h = Arc::new(SessionHandle {
+            id: hub.next_session_id(),
+            jid: FullJid::new(jid).unwrap(),
+            tx,
+            state: Mutex::new(PresenceState::default()),
+            overloaded: AtomicBool::new(false),
+        });
+        (h, rx)
+    }
+
+    #[test]
+    fn same_resource_replaces_and_the_session_cap_holds() {
+        let hub = Hub::default();
+        let (a, _ra) = handle(&hub, "u@d/one", 4);
+        let (b, _rb) = handle(&hub, "u@d/one", 4);
+        let (c, _rc) = handle(&hub, "u@d/two", 4);
+        assert!(hub.register(a.clone(), 2).unwrap().is_none());
+        let replaced = hub.register(b.clone(), 2).unwrap().unwrap();
+        assert_eq!(replaced.id, a.id);
+        assert!(hub.register(c, 2).unwrap().is_none());
+        let (d, _rd) = handle(&hub, "u@d/three", 4);
+        assert!(matches!(hub.register(d, 2), Err(TooManySessions)));
+        // The replaced session's late unregister does not remove its successor.
+        hub.unregister(&a);
+        assert_eq!(hub.session("u", "one").unwrap().id, b.id);
+        assert_eq!(hub.session_count(), 2);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_flags_the_session() {
+        let hub = Hub::default();
+        let (a, _rx) = handle(&hub, "u@d/r", 1);
+        assert!(a.send("<message/>".into()));
+        assert!(!a.send("<message/>".into()));
+        assert!(a.overloaded.load(Ordering::Relaxed));
+    }
+}

@@ -158,6 +158,8 @@ impl Session {
                 self.reply_result(&iq, None);
             }
             ("ping", ns::PING) if !set => self.reply_result(&iq, None),
+            // RFC 3921 session establishment, obsolete but still sent by old clients.
+            ("session", ns::SESSION) if set => self.reply_result(&iq, None),
             ("query", ns::DISCO_INFO) if !set => {
                 let body = format!(
                     "<query xmlns='{}'><identity category='account' type='registered'/></query>",
@@ -181,6 +183,7 @@ impl Session {
         let set = iq.attr("type") == Some("set");
         match (payload.name(), payload.ns().as_str()) {
             ("ping", ns::PING) if !set => self.reply_result(&iq, None),
+            ("session", ns::SESSION) if set => self.reply_result(&iq, None),
             ("query", ns::DISCO_INFO) if !set => {
                 if payload.attr("node").is_some() {
                     self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
