@@ -268,6 +268,16 @@ async fn rfc6121_messages_online_and_offline() {
     assert_eq!(body(&m).as_deref(), Some("hello bob"));
     assert_eq!(m.attr("from"), Some("alice@localhost/a"));
 
+    // A stanza far larger than one read (and than one TLS record) arrives whole.
+    let big = "0123456789".repeat(2_000);
+    send(
+        &mut alice,
+        &format!("<message to='bob@localhost' type='chat'><body>{big}</body></message>"),
+    )
+    .await;
+    let m = expect(&mut bob, 5, "big message", |e| e.name() == "message").await;
+    assert_eq!(body(&m).map(|b| b.len()), Some(big.len()));
+
     // To a user who does not exist: an error, not silence.
     send(
         &mut alice,

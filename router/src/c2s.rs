@@ -95,12 +95,13 @@ pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
         Stage::NeedTls
     };
     let mut slot = Some(conn);
+    // Boxed so that the negotiation's state is freed once the session runs.
     let outcome = tokio::select! {
-        r = negotiate(&server, &mut slot, stage, deadline) => r,
+        r = Box::pin(negotiate(&server, &mut slot, stage, deadline)) => r,
         _ = server.shutdown.cancelled() => Err(End::Error(StreamErrorCondition::SystemShutdown, "the server is shutting down")),
     };
     match outcome {
-        Ok(bound) => crate::session::run(server, bound).await,
+        Ok(bound) => Box::pin(crate::session::run(server, bound)).await,
         Err(End::Gone) => {}
         Err(End::Error(condition, text)) => {
             if let Some(conn) = slot {
@@ -261,7 +262,8 @@ async fn negotiate(
                     if element.has_child("bind", ns::BIND) =>
                 {
                     let user = user.clone();
-                    match bind(server, &user, &element) {
+                    let blocked = server.store.blocklist(&user).await.unwrap_or_default();
+                    match bind(server, &user, &element, blocked.into_iter().collect()) {
                         Ok((handle, rx, reply)) => {
                             let conn = slot.take().ok_or(End::Gone)?;
                             let mut bound = Bound { conn, handle, rx };
@@ -595,6 +597,7 @@ fn bind(
     server: &Server,
     user: &str,
     iq: &Element,
+    blocked: std::collections::HashSet<String>,
 ) -> Result<(Arc<SessionHandle>, mpsc::Receiver<Outbound>, String), String> {
     let domain = &server.config.domain;
     let id = crate::xml::escape(iq.attr("id").unwrap_or_default()).into_owned();
@@ -629,10 +632,11 @@ fn bind(
         state: std::sync::Mutex::new(PresenceState::default()),
         overloaded: Default::default(),
     });
-    match server
-        .hub
-        .register(handle.clone(), server.config.limits.max_sessions_per_user)
-    {
+    match server.hub.register(
+        handle.clone(),
+        server.config.limits.max_sessions_per_user,
+        blocked,
+    ) {
         Ok(Some(old)) => {
             let _ = old.tx.try_send(Outbound::Replaced);
         }

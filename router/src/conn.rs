@@ -17,9 +17,18 @@ use tokio_rustls::server::TlsStream;
 use crate::error::StreamErrorCondition;
 use crate::xml::{Frame, Framer};
 
-/// Bytes read per `read` call. Small on purpose: a stanza rarely needs more in one go,
-/// and the buffer is per connection (see DESIGN "Memory per session is a budget").
-const READ_CHUNK: usize = 4096;
+/// The first read of every wake-up goes into a buffer inside the connection, big enough
+/// for a typical presence or chat stanza; an idle connection waits on it and holds no
+/// heap buffer of its own (DESIGN: memory per session is a budget).
+const INLINE_READ: usize = 512;
+
+/// When the inline read came back full, what is already available is drained without
+/// waiting through a temporary heap chunk of this size, so busy streams still parse in
+/// large batches.
+const DRAIN_CHUNK: usize = 4096;
+
+/// Drain reads per wake-up at most (STYLE 5): 16 × 4 KiB, then back to the loop.
+const MAX_DRAIN_READS: usize = 16;
 
 /// The byte stream under a client connection.
 #[allow(clippy::large_enum_variant)]
@@ -65,6 +74,18 @@ impl AsyncWrite for Transport {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Polls a read once without waiting. The no-op waker is harmless: the session polls
+/// the transport again with its real waker before it sleeps.
+fn try_read_now(io: &mut Transport, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut read = ReadBuf::new(buf);
+    match Pin::new(io).poll_read(&mut cx, &mut read) {
+        Poll::Ready(Ok(())) => Some(Ok(read.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
     }
 }
 
@@ -118,7 +139,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// `tls-exporter` channel-binding value (RFC 9266), on TLS 1.3 connections.
     pub channel_binding: Option<Vec<u8>>,
-    rbuf: Vec<u8>,
+    inline: [u8; INLINE_READ],
+    /// The transport reported end of stream during a drain; the next read says so.
+    eof: bool,
     frames: VecDeque<Frame>,
     bucket: TokenBucket,
     /// Reads are paused until then by the rate limit.
@@ -140,7 +163,8 @@ impl Conn {
             framer: Framer::new(max_element),
             peer,
             channel_binding: None,
-            rbuf: Vec::new(),
+            inline: [0; INLINE_READ],
+            eof: false,
             frames: VecDeque::new(),
             bucket: TokenBucket::new(rate, burst),
             paused_until: None,
@@ -158,25 +182,51 @@ impl Conn {
         self.frames.pop_front()
     }
 
-    /// Reads once and parses what arrived. Cancel-safe. Frames are queued for
+    /// Reads what arrived and parses it. Cancel-safe: the only await is the first read,
+    /// and a read that did not complete consumed nothing. Frames are queued for
     /// [`Self::pop_frame`]; the rate limit may pause the next read.
     pub async fn read_some(&mut self) -> Result<(), ReadError> {
+        if self.eof {
+            return Err(ReadError::Closed);
+        }
         if let Some(until) = self.paused_until {
             tokio::time::sleep_until(until).await;
             self.paused_until = None;
         }
-        if self.rbuf.len() < READ_CHUNK {
-            self.rbuf.resize(READ_CHUNK, 0);
-        }
-        let n = match self.io.read(&mut self.rbuf).await {
+        let n = match self.io.read(&mut self.inline).await {
             Ok(0) | Err(_) => return Err(ReadError::Closed),
             Ok(n) => n,
         };
-        let wait = self.bucket.take(n);
+        let mut total = n;
+        let inline = self.inline;
+        self.parse(&inline[..n])?;
+        if n == INLINE_READ {
+            let mut chunk = vec![0u8; DRAIN_CHUNK];
+            for _ in 0..MAX_DRAIN_READS {
+                match try_read_now(&mut self.io, &mut chunk) {
+                    Some(Ok(0)) | Some(Err(_)) => {
+                        self.eof = true;
+                        break;
+                    }
+                    Some(Ok(m)) => {
+                        total += m;
+                        self.parse(&chunk[..m])?;
+                        if m < DRAIN_CHUNK {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        let wait = self.bucket.take(total);
         if !wait.is_zero() {
             self.paused_until = Some(Instant::now() + wait);
         }
-        let mut buf = &self.rbuf[..n];
+        Ok(())
+    }
+
+    fn parse(&mut self, mut buf: &[u8]) -> Result<(), ReadError> {
         while let Some(frame) = self
             .framer
             .next_frame(&mut buf)
@@ -198,9 +248,13 @@ impl Conn {
         }
     }
 
-    /// Releases the read buffer while the connection is idle.
-    pub fn shrink(&mut self) {
-        self.rbuf = Vec::new();
+    /// Gives back per-connection buffers before the session waits for input again.
+    /// Called when a read found nothing more queued: an idle session then holds no read
+    /// buffer of its own (DESIGN: memory per session is a budget).
+    pub fn idle(&mut self) {
+        if self.frames.capacity() > 0 && self.frames.is_empty() {
+            self.frames = VecDeque::new();
+        }
         self.framer.release_temporaries();
     }
 

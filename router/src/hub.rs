@@ -2,7 +2,7 @@
 //! reach them. Plain shared state behind short `std` locks (never held across `.await`);
 //! routing decisions live in `deliver.rs` and `presence.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -85,10 +85,19 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManySessions;
 
+/// What the node keeps in memory for a user with at least one session.
+#[derive(Debug, Default)]
+struct UserEntry {
+    sessions: Vec<Arc<SessionHandle>>,
+    /// The user's block list (XEP-0191), so routing never asks the store per stanza.
+    /// Loaded at bind and updated by block/unblock on this node.
+    blocked: Arc<HashSet<String>>,
+}
+
 /// Every session of the node.
 #[derive(Debug, Default)]
 pub struct Hub {
-    users: RwLock<HashMap<String, Vec<Arc<SessionHandle>>>>,
+    users: RwLock<HashMap<String, UserEntry>>,
     /// XEP-0198 stream ids of resumable sessions → the session's queue.
     resumable: Mutex<HashMap<String, (String, mpsc::Sender<Outbound>)>>,
     next_id: AtomicU64,
@@ -100,15 +109,21 @@ impl Hub {
     }
 
     /// Registers a session; returns the session it replaces (same full JID), if any.
-    /// Fails when the user already has `max` sessions.
+    /// Fails when the user already has `max` sessions. `blocked` is the user's block
+    /// list as read from the store, used when this is the user's first session.
     pub fn register(
         &self,
         handle: Arc<SessionHandle>,
         max: usize,
+        blocked: HashSet<String>,
     ) -> Result<Option<Arc<SessionHandle>>, TooManySessions> {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
-        let sessions = users.entry(user).or_default();
+        let entry = users.entry(user).or_insert_with(|| UserEntry {
+            sessions: Vec::new(),
+            blocked: Arc::new(blocked),
+        });
+        let sessions = &mut entry.sessions;
         let replaced = sessions
             .iter()
             .position(|s| s.jid == handle.jid)
@@ -124,9 +139,9 @@ impl Hub {
     pub fn unregister(&self, handle: &SessionHandle) {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
-        if let Some(sessions) = users.get_mut(&user) {
-            sessions.retain(|s| s.id != handle.id);
-            if sessions.is_empty() {
+        if let Some(entry) = users.get_mut(&user) {
+            entry.sessions.retain(|s| s.id != handle.id);
+            if entry.sessions.is_empty() {
                 users.remove(&user);
             }
         }
@@ -135,7 +150,10 @@ impl Hub {
     /// The sessions of a user (any state).
     pub fn sessions(&self, user: &str) -> Vec<Arc<SessionHandle>> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.get(user).cloned().unwrap_or_default()
+        users
+            .get(user)
+            .map(|e| e.sessions.clone())
+            .unwrap_or_default()
     }
 
     /// One session by resource.
@@ -143,21 +161,40 @@ impl Hub {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users
             .get(user)?
+            .sessions
             .iter()
             .find(|s| s.jid.resource().as_str() == resource)
             .cloned()
     }
 
+    /// The cached block list of a user with a session here; `None` when offline.
+    pub fn blocklist(&self, user: &str) -> Option<Arc<HashSet<String>>> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.get(user).map(|e| e.blocked.clone())
+    }
+
+    /// Replaces the cached block list of an online user (after block/unblock).
+    pub fn set_blocklist(&self, user: &str, blocked: HashSet<String>) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = users.get_mut(user) {
+            entry.blocked = Arc::new(blocked);
+        }
+    }
+
     /// Number of sessions on the node.
     pub fn session_count(&self) -> usize {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.values().map(Vec::len).sum()
+        users.values().map(|e| e.sessions.len()).sum()
     }
 
     /// Every session (for shutdown).
     pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.values().flatten().cloned().collect()
+        users
+            .values()
+            .flat_map(|e| e.sessions.iter())
+            .cloned()
+            .collect()
     }
 
     pub fn add_resumable(&self, id: &str, user: &str, tx: mpsc::Sender<Outbound>) {
@@ -202,12 +239,19 @@ mod tests {
         let (a, _ra) = handle(&hub, "u@d/one", 4);
         let (b, _rb) = handle(&hub, "u@d/one", 4);
         let (c, _rc) = handle(&hub, "u@d/two", 4);
-        assert!(hub.register(a.clone(), 2).unwrap().is_none());
-        let replaced = hub.register(b.clone(), 2).unwrap().unwrap();
+        assert!(
+            hub.register(a.clone(), 2, HashSet::new())
+                .unwrap()
+                .is_none()
+        );
+        let replaced = hub.register(b.clone(), 2, HashSet::new()).unwrap().unwrap();
         assert_eq!(replaced.id, a.id);
-        assert!(hub.register(c, 2).unwrap().is_none());
+        assert!(hub.register(c, 2, HashSet::new()).unwrap().is_none());
         let (d, _rd) = handle(&hub, "u@d/three", 4);
-        assert!(matches!(hub.register(d, 2), Err(TooManySessions)));
+        assert!(matches!(
+            hub.register(d, 2, HashSet::new()),
+            Err(TooManySessions)
+        ));
         // The replaced session's late unregister does not remove its successor.
         hub.unregister(&a);
         assert_eq!(hub.session("u", "one").unwrap().id, b.id);

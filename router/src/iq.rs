@@ -465,6 +465,9 @@ impl Session {
             self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
             return;
         }
+        if let Ok(list) = server.store.blocklist(&user).await {
+            server.hub.set_blocklist(&user, list.into_iter().collect());
+        }
         self.reply_result(iq, None);
         let body: String = jids
             .iter()

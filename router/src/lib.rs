@@ -168,15 +168,22 @@ impl Server {
     }
 
     /// Whether `owner` (a local user) blocks `jid` (XEP-0191), by bare JID or domain.
+    /// Online users' lists come from memory; only offline owners cost a query.
     pub async fn is_blocked_by(&self, owner: &str, jid: &BareJid) -> bool {
         if owner.is_empty() {
             return false;
         }
+        let matches =
+            |b: &String| b.as_str() == jid.as_str() || b.as_str() == jid.domain().as_str();
+        if let Some(list) = self.hub.blocklist(owner) {
+            return list.iter().any(matches);
+        }
         match self.store.blocklist(owner).await {
-            Ok(list) => list
-                .iter()
-                .any(|b| b == &jid.to_string() || b == jid.domain().as_str()),
-            Err(_) => false,
+            Ok(list) => list.iter().any(matches),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a block list; treating as not blocked");
+                false
+            }
         }
     }
 

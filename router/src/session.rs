@@ -92,7 +92,7 @@ pub async fn run(server: Arc<Server>, bound: Bound) {
     };
     tracing::info!(jid = %session.handle.jid, "session started");
     let end = session.run_loop().await;
-    session.finish(end).await;
+    Box::pin(session.finish(end)).await;
 }
 
 impl Session {
@@ -168,7 +168,13 @@ impl Session {
                 self.last_read = Instant::now();
                 self.ping_sent = false;
                 while let Some(frame) = self.conn.as_mut().and_then(Conn::pop_frame) {
-                    self.on_frame(frame).await?;
+                    // Boxed: stanza handling (store queries and all) is a deep state
+                    // machine that would otherwise be inlined into every idle session's
+                    // task. On the heap it exists only while a stanza is handled.
+                    Box::pin(self.on_frame(frame)).await?;
+                }
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.idle();
                 }
                 Ok(())
             }
@@ -322,7 +328,7 @@ impl Session {
                         "another session bound this resource",
                     ));
                 }
-                Some(Outbound::Resume(request)) => self.resume(*request).await?,
+                Some(Outbound::Resume(request)) => Box::pin(self.resume(*request)).await?,
                 // We hold a sender in the handle, so the queue never closes.
                 None => return Ok(()),
             }
@@ -401,10 +407,8 @@ impl Session {
             return Ok(());
         };
         let result = conn.send(&self.out).await;
-        self.out.clear();
-        if self.out.capacity() > 16 * 1024 {
-            self.out = String::new();
-        }
+        // Written: give the buffer back rather than keep its peak size per session.
+        self.out = String::new();
         match result {
             Ok(()) => Ok(()),
             Err(_) => self.connection_lost(),

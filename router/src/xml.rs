@@ -66,9 +66,22 @@ pub struct Header {
     pub lang: Option<String>,
 }
 
+/// Longest element name, attribute name or attribute value (bytes). JIDs are at most
+/// 3071 bytes (RFC 7622); 16 KiB leaves room for any real attribute.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Maximum nesting depth inside one stanza. Real payloads (forwarded carbons inside
 /// messages, pubsub items) stay below 20; 64 leaves room without allowing stack games.
 pub const MAX_DEPTH: usize = 64;
+
+/// One namespace-interning context for every stream of the process: `jabber:client`
+/// and friends are then held once, not once per session (each copy would keep the
+/// parser's token buffer it was read into).
+fn shared_context() -> std::sync::Arc<rxml::Context> {
+    static CONTEXT: std::sync::LazyLock<std::sync::Arc<rxml::Context>> =
+        std::sync::LazyLock::new(|| std::sync::Arc::new(rxml::Context::new()));
+    CONTEXT.clone()
+}
 
 /// An incremental framer for one XML stream (one per stream restart).
 pub struct Framer {
@@ -95,9 +108,12 @@ impl std::fmt::Debug for Framer {
 impl Framer {
     /// A framer that refuses top-level elements larger than `max_element_bytes`.
     pub fn new(max_element_bytes: usize) -> Framer {
-        // No single name, attribute value or text chunk can exceed the stanza cap.
+        // rxml reserves this much scratch space whenever a token starts, so it is kept
+        // well below the stanza cap: text longer than it arrives in several chunks, and
+        // only a single name or attribute value is limited to it.
         let options = rxml::Options {
-            max_token_length: max_element_bytes.max(64),
+            max_token_length: max_element_bytes.clamp(64, MAX_TOKEN_BYTES),
+            context: Some(shared_context()),
             ..Default::default()
         };
         let mut parser = rxml::Parser::with_options(options);
@@ -212,6 +228,12 @@ impl Framer {
 /// processing instructions, comments) is `restricted-xml`; the rest is `not-well-formed`.
 fn map_parse_error(e: &rxml::Error) -> StreamErrorCondition {
     match e {
+        // A name or attribute value over MAX_TOKEN_BYTES: a size limit, not a grammar rule.
+        rxml::Error::RestrictedXml(msg)
+            if msg.contains("too long") || msg.starts_with("long name") =>
+        {
+            StreamErrorCondition::PolicyViolation
+        }
         rxml::Error::RestrictedXml(_) | rxml::Error::UndeclaredEntity => {
             StreamErrorCondition::RestrictedXml
         }
@@ -368,6 +390,23 @@ mod tests {
         // Whitespace keepalives between stanzas never accumulate towards the cap.
         let keepalives = format!("{HEADER}{}<presence/>", " ".repeat(3000));
         assert_eq!(frames(&keepalives, 1000).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn long_text_passes_in_chunks_but_a_huge_attribute_is_a_policy_violation() {
+        let text = "t".repeat(3 * MAX_TOKEN_BYTES);
+        let ok = format!("{HEADER}<message><body>{text}</body></message>");
+        let out = frames(&ok, 262_144).unwrap();
+        let Frame::Element(m) = &out[1] else { panic!() };
+        assert_eq!(m.get_child("body", ns::CLIENT).unwrap().text(), text);
+        let attr = format!(
+            "{HEADER}<message id='{}'/>",
+            "a".repeat(MAX_TOKEN_BYTES + 1)
+        );
+        assert_eq!(
+            frames(&attr, 262_144).unwrap_err(),
+            StreamErrorCondition::PolicyViolation
+        );
     }
 
     #[test]

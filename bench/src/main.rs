@@ -1,0 +1,382 @@
+//! `impmesh-bench`: an XMPP client-to-server load generator that speaks standard XMPP
+//! (tokio-xmpp's stream layer: STARTTLS or plain TCP, SASL, bind, presence) to any
+//! server by address, loopback only, every load bounded in count and time.
+//!
+//! - `register`: creates the benchmark accounts with XEP-0077.
+//! - `login`: N full logins (connect, [STARTTLS], SASL, bind, initial presence, wait for
+//!   the presence echo) with C in flight; logins/s and server CPU per login.
+//! - `msg`: U users online, user i sends chat messages to the bare JID of user
+//!   (i + U/2) mod U; closed loop with W in flight per sender (saturation) or open loop
+//!   at a fixed total rate; delivered msgs/s and latency percentiles.
+//! - `idle`: N sessions held idle; server RSS before and after, KiB per session.
+//!
+//! The scenario mirrors `shared/anchors/perf/xmppbench.py` so the figures compare.
+//! Output: one JSON object per run on stdout; progress on stderr.
+
+mod xmpp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use tokio::sync::{Semaphore, mpsc};
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "impmesh-bench",
+    about = "XMPP c2s load generator (loopback only)"
+)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Server address; must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:5222", global = true)]
+    addr: SocketAddr,
+    /// The XMPP domain of the accounts.
+    #[arg(long, default_value = "localhost", global = true)]
+    domain: String,
+    /// Accounts are PREFIX1 … PREFIXn.
+    #[arg(long, default_value = "user", global = true)]
+    prefix: String,
+    #[arg(long, default_value_t = 1000, global = true)]
+    count: usize,
+    #[arg(long, default_value = "benchpass", global = true)]
+    password: String,
+    /// Logins in flight.
+    #[arg(long, default_value_t = 50, global = true)]
+    concurrency: usize,
+    /// Use STARTTLS (the certificate is not verified: loopback benchmarks only).
+    #[arg(long, global = true)]
+    starttls: bool,
+    /// Server PID, for CPU and RSS sampling from /proc.
+    #[arg(long, default_value_t = 0, global = true)]
+    pid: u32,
+    /// Free-form label copied into the JSON output.
+    #[arg(long, default_value = "", global = true)]
+    label: String,
+}
+
+#[derive(Subcommand, Clone)]
+enum Cmd {
+    Register,
+    Login,
+    Msg {
+        /// Messages in flight per sender (saturation mode).
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        /// Total messages per second (open loop); saturation when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 3.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 15.0)]
+        duration: f64,
+    },
+    Idle {
+        /// Seconds to wait before each RSS sample.
+        #[arg(long, default_value_t = 5.0)]
+        settle: f64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Args::parse();
+    if !args.addr.ip().is_loopback() {
+        bail!(
+            "refusing to load {}: only loopback targets are allowed",
+            args.addr
+        );
+    }
+    let out = match args.cmd.clone() {
+        Cmd::Register => register(&args).await?,
+        Cmd::Login => login(&args).await?,
+        Cmd::Msg {
+            window,
+            rate,
+            warmup,
+            duration,
+        } => msg(&args, window, rate, warmup, duration).await?,
+        Cmd::Idle { settle } => idle(&args, settle).await?,
+    };
+    println!("{out}");
+    Ok(())
+}
+
+fn log(s: impl AsRef<str>) {
+    eprintln!("{}", s.as_ref());
+}
+
+fn user(args: &Args, i: usize) -> String {
+    format!("{}{}", args.prefix, i + 1)
+}
+
+/// Runs `f(i)` for i in 0..n with `c` in flight; returns the results in order.
+async fn bounded<T, F, Fut>(n: usize, c: usize, f: F) -> Vec<anyhow::Result<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(c.max(1)));
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await;
+        let fut = f(i);
+        handles.push(tokio::spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.push(
+            h.await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("task failed: {e}"))),
+        );
+    }
+    out
+}
+
+async fn register(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let t0 = Instant::now();
+    let results =
+        bounded(args.count, args.concurrency, |i| {
+            let a = args.clone();
+            async move {
+                xmpp::register(&a.addr, &a.domain, &user(&a, i), &a.password, a.starttls).await
+            }
+        })
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        log(format!("first registration error: {e:#}"));
+    }
+    Ok(serde_json::json!({
+        "cmd": "register", "label": args.label, "count": args.count, "failed": failed,
+        "seconds": t0.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Logs in users 0..n with `concurrency` in flight; returns the sessions.
+async fn login_many(args: &Args, n: usize) -> anyhow::Result<Vec<xmpp::Session>> {
+    let results = bounded(n, args.concurrency, |i| {
+        let a = args.clone();
+        async move {
+            xmpp::login(&a.addr, &a.domain, &user(&a, i), &a.password, a.starttls)
+                .await
+                .with_context(|| format!("login of {}", user(&a, i)))
+        }
+    })
+    .await;
+    results.into_iter().collect()
+}
+
+async fn login(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let cpu0 = proc_cpu(args.pid);
+    let t0 = Instant::now();
+    let sessions = login_many(args, args.count).await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu(args.pid).zip(cpu0).map(|(b, a)| b - a);
+    let n = sessions.len();
+    for s in sessions {
+        s.close().await;
+    }
+    log(format!("{n} logins in {seconds:.2} s"));
+    Ok(serde_json::json!({
+        "cmd": "login", "label": args.label, "starttls": args.starttls, "count": n,
+        "concurrency": args.concurrency, "seconds": seconds,
+        "logins_per_s": n as f64 / seconds,
+        "server_cpu_ms_per_login": cpu.map(|c| c * 1000.0 / n as f64),
+    }))
+}
+
+async fn idle(args: &Args, settle: f64) -> anyhow::Result<serde_json::Value> {
+    if args.pid == 0 {
+        bail!("idle needs --pid to sample the server's RSS");
+    }
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let before = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+    let sessions = login_many(args, args.count).await?;
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let after = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+    let n = sessions.len();
+    let per = (after as f64 - before as f64) / n as f64;
+    log(format!(
+        "RSS {before} KiB -> {after} KiB with {n} idle sessions: {per:.1} KiB each"
+    ));
+    for s in sessions {
+        s.close().await;
+    }
+    Ok(serde_json::json!({
+        "cmd": "idle", "label": args.label, "starttls": args.starttls, "sessions": n,
+        "rss_before_kib": before, "rss_after_kib": after, "kib_per_session": per,
+    }))
+}
+
+/// Shared counters of a message run.
+struct MsgStats {
+    start: Instant,
+    measuring_from: Duration,
+    measuring_until: Duration,
+    delivered: AtomicU64,
+    latencies: std::sync::Mutex<Vec<u64>>,
+}
+
+async fn msg(
+    args: &Args,
+    window: usize,
+    rate: Option<f64>,
+    warmup: f64,
+    duration: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let n = args.count;
+    if n < 2 || n % 2 != 0 {
+        bail!("msg needs an even --count of at least 2");
+    }
+    log(format!("logging in {n} users"));
+    let sessions = login_many(args, n).await?;
+    let stats = Arc::new(MsgStats {
+        start: Instant::now(),
+        measuring_from: Duration::from_secs_f64(warmup),
+        measuring_until: Duration::from_secs_f64(warmup + duration),
+        delivered: AtomicU64::new(0),
+        latencies: std::sync::Mutex::new(Vec::new()),
+    });
+    // Each session task owns its stream; `send_tx[i]` asks user i to send one message.
+    let mut send_txs = Vec::with_capacity(n);
+    let mut send_rxs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mpsc::channel::<()>(window.max(1) * 4 + 64);
+        send_txs.push(tx);
+        send_rxs.push(rx);
+    }
+    let send_txs = Arc::new(send_txs);
+    let closed_loop = rate.is_none();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, (session, rx)) in sessions.into_iter().zip(send_rxs).enumerate() {
+        let peer = format!("{}@{}", user(args, (i + n / 2) % n), args.domain);
+        let stats2 = stats.clone();
+        let txs = send_txs.clone();
+        let start = stats.start;
+        tasks.push(tokio::spawn(session.run_messages(
+            i,
+            peer,
+            rx,
+            move |sender, sent_ns| {
+                let stats = &stats2;
+                let now = stats.start.elapsed();
+                if now >= stats.measuring_from && now < stats.measuring_until {
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    let lat = (now.as_nanos() as u64).saturating_sub(sent_ns);
+                    if let Ok(mut l) = stats.latencies.lock() {
+                        l.push(lat);
+                    }
+                }
+                if closed_loop && now < stats.measuring_until {
+                    let _ = txs[sender].try_send(());
+                }
+            },
+            start,
+        )));
+    }
+    let cpu0 = std::sync::Mutex::new(None);
+    let gen0 = proc_cpu(std::process::id());
+    match rate {
+        None => {
+            for tx in send_txs.iter() {
+                for _ in 0..window {
+                    let _ = tx.try_send(());
+                }
+            }
+        }
+        Some(rate) => {
+            let txs = send_txs.clone();
+            let until = stats.measuring_until;
+            let start = stats.start;
+            tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let mut next = tokio::time::Instant::now();
+                let mut i = 0;
+                while start.elapsed() < until {
+                    let _ = txs[i % txs.len()].try_send(());
+                    i += 1;
+                    next += interval;
+                    tokio::time::sleep_until(next).await;
+                }
+            });
+        }
+    }
+    tokio::time::sleep(stats.measuring_from).await;
+    *cpu0.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = proc_cpu(args.pid);
+    let gen_start = proc_cpu(std::process::id());
+    tokio::time::sleep(stats.measuring_until - stats.measuring_from).await;
+    let server_cpu = proc_cpu(args.pid)
+        .zip(*cpu0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
+        .map(|(b, a)| b - a);
+    let gen_cpu = proc_cpu(std::process::id())
+        .zip(gen_start)
+        .map(|(b, a)| b - a);
+    let _ = gen0;
+    // Let in-flight messages land, then stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let mut lat = stats
+        .latencies
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    lat.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        if lat.is_empty() {
+            return None;
+        }
+        let idx = ((p / 100.0) * (lat.len() - 1) as f64).round() as usize;
+        Some(lat[idx] as f64 / 1e6)
+    };
+    let per_s = delivered as f64 / duration;
+    log(format!(
+        "{delivered} delivered in {duration} s: {per_s:.0}/s, p50 {:?} ms, p99 {:?} ms",
+        pct(50.0),
+        pct(99.0)
+    ));
+    Ok(serde_json::json!({
+        "cmd": "msg", "label": args.label, "starttls": args.starttls, "users": n,
+        "mode": if rate.is_some() { "rate" } else { "saturate" }, "rate": rate, "window": window,
+        "duration": duration, "delivered": delivered, "delivered_per_s": per_s,
+        "latency_ms": { "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "max": pct(100.0) },
+        "server_cpu_s_per_10k": server_cpu.filter(|_| delivered > 0).map(|c| c * 10_000.0 / delivered as f64),
+        "generator_cpu_share": gen_cpu.map(|c| c / duration),
+    }))
+}
+
+/// utime + stime of a process in seconds, from /proc.
+fn proc_cpu(pid: u32) -> Option<f64> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux for every architecture this runs on.
+    Some(ticks / 100.0)
+}
+
+/// Resident set size of a process in KiB, from /proc.
+fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
