@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Comparison benchmark of impmesh, ejabberd 23.01 and Prosody 0.12 (Debian) on this
+# machine, loopback only, with the same load generator (impmesh-bench) for all three.
+# The server runs on CPU $SRV_CPU, the generator on CPU $GEN_CPU: single-core figures,
+# as in shared/anchors/performance.md.
+#
+# usage: bench.sh install                    # apt-get install ejabberd prosody; stop their services
+#        bench.sh setup                      # configs and a test certificate under $RUNDIR
+#        bench.sh start impmesh|ejabberd|prosody
+#        bench.sh stop
+#        bench.sh wipe impmesh|ejabberd|prosody   # forget the accounts
+#        bench.sh gen ARGS...                # impmesh-bench pinned to $GEN_CPU, --pid set
+#        bench.sh suite [ROUNDS] [SERVERS...] # the whole scenario; JSON lines to $RUNDIR/results.jsonl
+#
+# Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+RUNDIR="${RUNDIR:-/tmp/impmesh-bench}"
+SRV_CPU="${SRV_CPU:-1}"
+GEN_CPU="${GEN_CPU:-0}"
+PORT="${PORT:-15222}"
+IMPMESH="${IMPMESH:-$ROOT/target/release/impmesh}"
+GEN="${GEN:-$ROOT/target/release/impmesh-bench}"
+
+subst() { sed -e "s#@RUNDIR@#$RUNDIR#g" -e "s#@PORT@#$PORT#g" "$1" > "$2"; }
+
+install() {
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ejabberd prosody >/dev/null
+  service ejabberd stop >/dev/null 2>&1 || true
+  service prosody stop >/dev/null 2>&1 || true
+}
+
+setup() {
+  mkdir -p "$RUNDIR"/ejabberd/{log,spool} "$RUNDIR"/prosody/{data,certs} "$RUNDIR"/impmesh
+  if [ ! -f "$RUNDIR/bench.pem" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+      -subj "/CN=bench.local" -addext "subjectAltName=DNS:bench.local" \
+      -keyout "$RUNDIR/bench.key" -out "$RUNDIR/bench.crt" 2>/dev/null
+    cat "$RUNDIR/bench.key" "$RUNDIR/bench.crt" > "$RUNDIR/bench.pem"
+  fi
+  cp "$RUNDIR/bench.crt" "$RUNDIR/prosody/certs/bench.local.crt"
+  cp "$RUNDIR/bench.key" "$RUNDIR/prosody/certs/bench.local.key"
+  subst "$HERE/ejabberd.yml.in" "$RUNDIR/ejabberd/ejabberd.yml"
+  subst "$HERE/ejabberdctl.cfg.in" "$RUNDIR/ejabberd/ejabberdctl.cfg"
+  cp /etc/ejabberd/inetrc "$RUNDIR/ejabberd/inetrc"
+  subst "$HERE/prosody.cfg.lua.in" "$RUNDIR/prosody/prosody.cfg.lua"
+  subst "$HERE/impmesh.toml.in" "$RUNDIR/impmesh/impmesh.toml"
+  chown ejabberd:ejabberd "$RUNDIR/bench.pem"
+  chmod 600 "$RUNDIR/bench.pem"
+  chown -R ejabberd:ejabberd "$RUNDIR/ejabberd"
+  chown -R prosody:prosody "$RUNDIR/prosody"
+  echo "setup done in $RUNDIR"
+}
+
+port_pid() {
+  ss -ltnpH "src 127.0.0.1:$PORT" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1
+}
+
+wait_port() {
+  for _ in $(seq 1 120); do
+    p=$(port_pid); [ -n "$p" ] && { echo "$p"; return 0; }; sleep 0.5
+  done
+  echo "server did not come up" >&2; return 1
+}
+
+start() {
+  [ -z "$(port_pid)" ] || { echo "port $PORT busy" >&2; exit 1; }
+  ulimit -n "$(ulimit -Hn)"
+  case "$1" in
+    impmesh)
+      (taskset -c "$SRV_CPU" "$IMPMESH" --config "$RUNDIR/impmesh/impmesh.toml" serve \
+        >"$RUNDIR/impmesh/console.log" 2>&1 &) ;;
+    ejabberd)
+      (cd "$RUNDIR/ejabberd" && HOME="$RUNDIR/ejabberd" setpriv --reuid ejabberd --regid ejabberd --init-groups \
+        taskset -c "$SRV_CPU" ejabberdctl --config-dir "$RUNDIR/ejabberd" --logs "$RUNDIR/ejabberd/log" \
+        --spool "$RUNDIR/ejabberd/spool" foreground >"$RUNDIR/ejabberd/log/console.log" 2>&1 &) ;;
+    prosody)
+      (cd "$RUNDIR/prosody" && HOME="$RUNDIR/prosody" setpriv --reuid prosody --regid prosody --init-groups \
+        taskset -c "$SRV_CPU" prosody -F --config "$RUNDIR/prosody/prosody.cfg.lua" \
+        >"$RUNDIR/prosody/console.log" 2>&1 &) ;;
+    *) echo "unknown server $1" >&2; exit 2 ;;
+  esac
+  pid=$(wait_port)
+  echo "$1 $pid" > "$RUNDIR/server.pid"
+  sleep 3
+  echo "$1 pid=$pid rss_kib=$(awk '/VmRSS/{print $2}' /proc/$pid/status) cpus=$(taskset -pc $pid | sed 's/.*: //')"
+}
+
+wipe() {  # forget a server's accounts and state
+  case "$1" in
+    impmesh) rm -rf "$RUNDIR/impmesh/data" ;;
+    ejabberd) rm -rf "$RUNDIR/ejabberd/spool"; mkdir -p "$RUNDIR/ejabberd/spool"; chown ejabberd:ejabberd "$RUNDIR/ejabberd/spool" ;;
+    prosody) rm -rf "$RUNDIR/prosody/data"; mkdir -p "$RUNDIR/prosody/data"; chown prosody:prosody "$RUNDIR/prosody/data" ;;
+  esac
+}
+
+stop() {
+  [ -f "$RUNDIR/server.pid" ] || { echo "nothing started"; return 0; }
+  read -r name pid < "$RUNDIR/server.pid"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  fi
+  rm -f "$RUNDIR/server.pid"
+  echo "stopped $name ($pid)"
+}
+
+gen() {
+  ulimit -n "$(ulimit -Hn)"
+  pid=0; [ -f "$RUNDIR/server.pid" ] && read -r _ pid < "$RUNDIR/server.pid"
+  taskset -c "$GEN_CPU" "$GEN" --addr "127.0.0.1:$PORT" --domain bench.local --starttls --pid "$pid" "$@"
+}
+
+suite() {
+  local rounds="${1:-1}"; shift || true
+  local servers=("$@"); [ ${#servers[@]} -eq 0 ] && servers=(impmesh ejabberd prosody)
+  local out="$RUNDIR/results.jsonl"
+  tag() { sed "s/^{/{\"server\":\"$1\",\"round\":$2,/" | tee -a "$out"; }
+  for r in $(seq 1 "$rounds"); do
+    for s in "${servers[@]}"; do
+      echo "=== round $r: $s" >&2
+      wipe "$s"
+      start "$s" >&2
+      gen --count 10000 --concurrency 100 register >/dev/null
+      stop >&2; start "$s" >&2   # fresh process: registration leaves garbage behind
+      gen --count 10000 --concurrency 100 --label idle10k idle --settle 5 | tag "$s" "$r"
+      stop >&2; start "$s" >&2
+      gen --count 2000 --concurrency 50 --label login-starttls-scram login | tag "$s" "$r"
+      gen --count 1000 --concurrency 50 --label msg-rate500 msg --rate 500 --warmup 3 --duration 20 | tag "$s" "$r"
+      gen --count 1000 --concurrency 50 --label msg-saturate msg --window 4 --warmup 3 --duration 15 | tag "$s" "$r"
+      stop >&2
+    done
+  done
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  install) install ;;
+  setup) setup ;;
+  start) start "$1" ;;
+  stop) stop ;;
+  wipe) wipe "$1" ;;
+  gen) gen "$@" ;;
+  suite) suite "$@" ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
