@@ -236,7 +236,7 @@ async fn msg(
     duration: f64,
 ) -> anyhow::Result<serde_json::Value> {
     let n = args.count;
-    if n < 2 || n % 2 != 0 {
+    if n < 2 || !n.is_multiple_of(2) {
         bail!("msg needs an even --count of at least 2");
     }
     log(format!("logging in {n} users"));
@@ -285,8 +285,6 @@ async fn msg(
             start,
         )));
     }
-    let cpu0 = std::sync::Mutex::new(None);
-    let gen0 = proc_cpu(std::process::id());
     match rate {
         None => {
             for tx in send_txs.iter() {
@@ -313,16 +311,13 @@ async fn msg(
         }
     }
     tokio::time::sleep(stats.measuring_from).await;
-    *cpu0.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = proc_cpu(args.pid);
+    let server_start = proc_cpu(args.pid);
     let gen_start = proc_cpu(std::process::id());
     tokio::time::sleep(stats.measuring_until - stats.measuring_from).await;
-    let server_cpu = proc_cpu(args.pid)
-        .zip(*cpu0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
-        .map(|(b, a)| b - a);
+    let server_cpu = proc_cpu(args.pid).zip(server_start).map(|(b, a)| b - a);
     let gen_cpu = proc_cpu(std::process::id())
         .zip(gen_start)
         .map(|(b, a)| b - a);
-    let _ = gen0;
     // Let in-flight messages land, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for t in &tasks {
