@@ -917,3 +917,115 @@ async fn shutdown_closes_streams_and_frees_the_ports() {
         .await
         .expect("5223-equivalent port is free again");
 }
+
+/// RFC 6121 §4.6: directed presence reaches a non-subscriber, and that contact is told
+/// when the session ends.
+#[tokio::test]
+async fn rfc6121_directed_presence_and_its_end() {
+    let node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    node.add_user("bob", PW).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut alice).await;
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(&mut alice, "<presence/>").await;
+    send(
+        &mut alice,
+        "<presence to='bob@localhost/b'><status>just for you</status></presence>",
+    )
+    .await;
+    let p = expect(&mut bob, 5, "directed presence", |e| {
+        is_presence_from(e, "alice", None)
+    })
+    .await;
+    assert_eq!(
+        p.get_child("status", "jabber:client").unwrap().text(),
+        "just for you"
+    );
+    alice.send_end().await.unwrap();
+    expect(&mut bob, 5, "unavailable after directed", |e| {
+        is_presence_from(e, "alice", Some("unavailable"))
+    })
+    .await;
+}
+
+/// XEP-0077: with registration on, an account created in-band can log in.
+#[tokio::test]
+async fn xep0077_register_then_log_in() {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_xmpp::connect::ServerConnector as _;
+    use tokio_xmpp::xmlstream::{FallibleStreamElement, Timeouts, XmppStreamElement};
+    let node = start_node(|c| c.registration.enabled = true).await;
+    let connector = node.connector();
+    let jid = tokio_xmpp::jid::Jid::new("carol@localhost").unwrap();
+    let (stream, _) = connector
+        .connect(&jid, "jabber:client", Timeouts::default())
+        .await
+        .unwrap();
+    let (features, mut stream) = stream
+        .recv_features::<FallibleStreamElement>()
+        .await
+        .unwrap();
+    let _ = features;
+    let iq = stanza(
+        "<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>carol</username><password>s3cret-pw</password></query></iq>",
+    );
+    stream.send(&XmppStreamElement::Stanza(iq)).await.unwrap();
+    let reply = loop {
+        match stream.next().await {
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => break element(s),
+            Some(Ok(_)) => continue,
+            other => panic!("no reply: {other:?}"),
+        }
+    };
+    assert_eq!(
+        reply.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&reply)
+    );
+    assert!(
+        try_login(&node.connector(), "carol", "s3cret-pw")
+            .await
+            .is_ok()
+    );
+    // The same name again: conflict.
+    let (stream, _) = connector
+        .connect(&jid, "jabber:client", Timeouts::default())
+        .await
+        .unwrap();
+    let (_, mut stream) = stream
+        .recv_features::<FallibleStreamElement>()
+        .await
+        .unwrap();
+    let iq = stanza(
+        "<iq type='set' id='reg2'><query xmlns='jabber:iq:register'><username>carol</username><password>other</password></query></iq>",
+    );
+    stream.send(&XmppStreamElement::Stanza(iq)).await.unwrap();
+    let reply = loop {
+        match stream.next().await {
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => break element(s),
+            Some(Ok(_)) => continue,
+            other => panic!("no reply: {other:?}"),
+        }
+    };
+    assert!(
+        String::from(&reply).contains("conflict"),
+        "{}",
+        String::from(&reply)
+    );
+}
+
+/// A connection that never finishes its handshake is closed with connection-timeout.
+#[tokio::test]
+async fn rfc6120_handshake_timeout() {
+    let node = start_node(|c| c.limits.handshake_timeout = 1).await;
+    let mut tcp = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    tcp.write_all(HEADER.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let reply = read_until(&mut tcp, "</stream:stream>").await;
+    assert!(reply.contains("connection-timeout"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}

@@ -187,13 +187,14 @@ impl Server {
         }
     }
 
-    /// Counts a login outcome for the per-address throttle.
+    /// Counts a login outcome for the per-address throttle. A success does not clear
+    /// the count: otherwise one valid account would let an address reset the throttle
+    /// between guesses at others. Failures expire with their window.
     pub(crate) fn record_login(&self, ip: IpAddr, ok: bool) {
-        let mut failures = lock(&self.failures);
         if ok {
-            failures.remove(&ip);
             return;
         }
+        let mut failures = lock(&self.failures);
         let window = self.config.limits.login_failure_window;
         let now = Instant::now();
         let entry = failures.entry(ip).or_insert((0, now));

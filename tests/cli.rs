@@ -1,0 +1,87 @@
+//! The real `impmesh` binary's account commands: exit codes and one-line reasons.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+fn impmesh(data_dir: &std::path::Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_impmesh"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn user_commands_exit_codes_and_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ok = impmesh(d, &["user", "add", "Alice", "--password-stdin"], "pw-one\n");
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "created alice@localhost"
+    );
+
+    let dup = impmesh(d, &["user", "add", "alice", "--password-stdin"], "pw\n");
+    assert_eq!(dup.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&dup.stderr).trim(),
+        "impmesh: user alice already exists"
+    );
+
+    let bad = impmesh(d, &["user", "add", "no spaces", "--password-stdin"], "pw\n");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 7622"));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+
+    let empty = impmesh(d, &["user", "add", "bob", "--password-stdin"], "\n");
+    assert_eq!(empty.status.code(), Some(1));
+
+    let list = impmesh(d, &["user", "list", "--json"], "");
+    let users: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(users[0]["jid"], "alice@localhost");
+    assert_eq!(users.as_array().unwrap().len(), 1);
+
+    assert!(
+        impmesh(
+            d,
+            &["user", "passwd", "alice", "--password-stdin"],
+            "pw-two\n"
+        )
+        .status
+        .success()
+    );
+    let missing = impmesh(d, &["user", "passwd", "zed", "--password-stdin"], "x\n");
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "impmesh: no such user: zed"
+    );
+    assert!(impmesh(d, &["user", "del", "alice"], "").status.success());
+    assert_eq!(
+        impmesh(d, &["user", "del", "alice"], "").status.code(),
+        Some(1)
+    );
+
+    // A broken config file is a clear error with exit code 2.
+    let conf = d.join("bad.toml");
+    std::fs::write(&conf, "domian = 'x'\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_impmesh"))
+        .args(["--config", conf.to_str().unwrap(), "user", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("domian"));
+}
