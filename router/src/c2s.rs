@@ -67,20 +67,35 @@ enum Stage {
 }
 
 /// Runs one client connection from accept to close.
+///
+/// Two boxed phases in sequence: the negotiation's state (connection slots, TLS
+/// accept, the closing of a refused stream) is freed before the session runs, so the
+/// task of an established session holds little more than a pointer to it
+/// (DESIGN: memory per session is a budget).
 pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let bound = Box::pin(negotiate_connection(&server, tcp, peer, direct_tls)).await;
+    if let Some(bound) = bound {
+        Box::pin(crate::session::run(server, bound)).await;
+    }
+}
+
+/// TLS (for direct TLS), then negotiation; a refused stream is closed here.
+async fn negotiate_connection(
+    server: &Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+) -> Option<Bound> {
     let _ = tcp.set_nodelay(true);
     let limits = &server.config.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
-    let conn = if direct_tls {
-        let Some(tls) = accept_tls(&server, tcp, deadline, true).await else {
-            return;
-        };
-        tls
+    let transport = if direct_tls {
+        accept_tls(server, tcp, deadline, true).await?
     } else {
         Transport::Plain(tcp)
     };
     let mut conn = Conn::new(
-        conn,
+        transport,
         peer,
         limits.max_stanza_bytes_unauthenticated,
         limits.read_rate,
@@ -95,23 +110,20 @@ pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
         Stage::NeedTls
     };
     let mut slot = Some(conn);
-    // Boxed so that the negotiation's state is freed once the session runs.
     let outcome = tokio::select! {
-        r = Box::pin(negotiate(&server, &mut slot, stage, deadline)) => r,
+        r = negotiate(server, &mut slot, stage, deadline) => r,
         _ = server.shutdown.cancelled() => Err(End::Error(StreamErrorCondition::SystemShutdown, "the server is shutting down")),
     };
     match outcome {
-        Ok(bound) => Box::pin(crate::session::run(server, bound)).await,
-        Err(End::Gone) => {}
+        Ok(bound) => Some(bound),
+        Err(End::Gone) => None,
         Err(End::Error(condition, text)) => {
             if let Some(conn) = slot {
                 tracing::debug!(%peer, %condition, "closing stream during negotiation");
-                conn.close(
-                    Some((condition, Some(text))),
-                    server.config.limits.close_timeout,
-                )
-                .await;
+                conn.close(Some((condition, Some(text))), limits.close_timeout)
+                    .await;
             }
+            None
         }
     }
 }
