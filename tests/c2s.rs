@@ -9,8 +9,6 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-const PW: &str = "correct horse battery";
-
 async fn node_with(mechanisms: &[&str]) -> TestNode {
     let mechs: Vec<String> = mechanisms.iter().map(|s| s.to_string()).collect();
     let node = start_node(|c| c.sasl.mechanisms = mechs).await;
@@ -87,10 +85,7 @@ async fn rfc6121_roster_subscription_and_presence() {
         expect(c, 5, "roster result", |e| e.attr("id") == Some("r1")).await;
         send(c, "<presence/>").await;
     }
-    expect(&mut bob, 5, "own presence echo", |e| {
-        is_presence_from(e, "bob", None)
-    })
-    .await;
+    expect_presence(&mut bob, 5, "own presence echo", "bob", None).await;
 
     // Alice adds Bob with a name and a group: a push with subscription none.
     send(
@@ -118,10 +113,7 @@ async fn rfc6121_roster_subscription_and_presence() {
         "<presence to='bob@localhost' type='subscribe'/>",
     )
     .await;
-    let req = expect(&mut bob, 5, "subscribe", |e| {
-        is_presence_from(e, "alice", Some("subscribe"))
-    })
-    .await;
+    let req = expect_presence(&mut bob, 5, "subscribe", "alice", Some("subscribe")).await;
     assert_eq!(req.attr("from"), Some("alice@localhost"));
     send(
         &mut bob,
@@ -134,14 +126,8 @@ async fn rfc6121_roster_subscription_and_presence() {
             .is_some_and(|i| i.attr("subscription") == Some("to") && i.attr("ask").is_none())
     })
     .await;
-    expect(&mut alice, 5, "subscribed", |e| {
-        is_presence_from(e, "bob", Some("subscribed"))
-    })
-    .await;
-    expect(&mut alice, 5, "bob's presence", |e| {
-        is_presence_from(e, "bob", None)
-    })
-    .await;
+    expect_presence(&mut alice, 5, "subscribed", "bob", Some("subscribed")).await;
+    expect_presence(&mut alice, 5, "bob's presence", "bob", None).await;
 
     // And the other way: both.
     send(
@@ -149,25 +135,19 @@ async fn rfc6121_roster_subscription_and_presence() {
         "<presence to='alice@localhost' type='subscribe'/>",
     )
     .await;
-    expect(&mut alice, 5, "subscribe", |e| {
-        is_presence_from(e, "bob", Some("subscribe"))
-    })
-    .await;
+    expect_presence(&mut alice, 5, "subscribe", "bob", Some("subscribe")).await;
     send(
         &mut alice,
         "<presence to='bob@localhost' type='subscribed'/>",
     )
     .await;
-    expect(&mut bob, 5, "alice's presence", |e| {
-        is_presence_from(e, "alice", None)
-    })
-    .await;
+    expect_presence(&mut bob, 5, "alice's presence", "alice", None).await;
     let (_, items) = node.node.server.store.roster("alice").await.unwrap();
     assert_eq!(items[0].subscription, impmesh_store::Subscription::Both);
 
     // A presence update reaches the subscriber.
     send(&mut alice, "<presence><show>away</show></presence>").await;
-    let p = expect(&mut bob, 5, "away", |e| is_presence_from(e, "alice", None)).await;
+    let p = expect_presence(&mut bob, 5, "away", "alice", None).await;
     assert_eq!(p.get_child("show", "jabber:client").unwrap().text(), "away");
 
     // Removing the item cancels both directions: Bob is told, and Bob's roster follows.
@@ -176,14 +156,8 @@ async fn rfc6121_roster_subscription_and_presence() {
         "<iq type='set' id='rm'><query xmlns='jabber:iq:roster'><item jid='bob@localhost' subscription='remove'/></query></iq>",
     )
     .await;
-    expect(&mut bob, 5, "unsubscribe", |e| {
-        is_presence_from(e, "alice", Some("unsubscribe"))
-    })
-    .await;
-    expect(&mut bob, 5, "unavailable", |e| {
-        is_presence_from(e, "alice", Some("unavailable"))
-    })
-    .await;
+    expect_presence(&mut bob, 5, "unsubscribe", "alice", Some("unsubscribe")).await;
+    expect_presence(&mut bob, 5, "unavailable", "alice", Some("unavailable")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         node.node
@@ -203,9 +177,7 @@ async fn rfc6121_roster_subscription_and_presence() {
 /// killed connection sends unavailable to subscribers (RFC 6121 §4.5).
 #[tokio::test]
 async fn rfc6121_stored_request_and_unavailable_on_dropped_connection() {
-    let node = start_node(|c| c.limits.resume_timeout = 1).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|c| c.limits.resume_timeout = 1, &["alice", "bob"]).await;
     let mut alice = node.client("alice", PW, Some("a"));
     online(&mut alice).await;
     send(&mut alice, "<presence/>").await;
@@ -217,32 +189,27 @@ async fn rfc6121_stored_request_and_unavailable_on_dropped_connection() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Bob logs in through a proxy we can cut; the request waits for him.
-    let proxy = Proxy::start(node.c2s()).await;
-    let mut connector = node.connector();
-    connector.addr = proxy.addr;
-    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    let (proxy, mut bob) = client_behind_proxy(&node, "bob", "b").await;
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
-    expect(&mut bob, 5, "stored subscribe", |e| {
-        is_presence_from(e, "alice", Some("subscribe"))
-    })
-    .await;
+    expect_presence(&mut bob, 5, "stored subscribe", "alice", Some("subscribe")).await;
     send(
         &mut bob,
         "<presence to='alice@localhost' type='subscribed'/>",
     )
     .await;
-    expect(&mut alice, 5, "bob online", |e| {
-        is_presence_from(e, "bob", None)
-    })
-    .await;
+    expect_presence(&mut alice, 5, "bob online", "bob", None).await;
 
     // Cut the TCP connection and keep the proxy closed: after the resume window, Alice
     // sees Bob go unavailable.
     proxy.cut_and_refuse();
-    expect(&mut alice, 10, "bob unavailable", |e| {
-        is_presence_from(e, "bob", Some("unavailable"))
-    })
+    expect_presence(
+        &mut alice,
+        10,
+        "bob unavailable",
+        "bob",
+        Some("unavailable"),
+    )
     .await;
 }
 
@@ -250,9 +217,7 @@ async fn rfc6121_stored_request_and_unavailable_on_dropped_connection() {
 /// is stored and delivered, with a delay stamp, at the next initial presence.
 #[tokio::test]
 async fn rfc6121_messages_online_and_offline() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
     let mut alice = node.client("alice", PW, Some("a"));
     let mut bob = node.client("bob", PW, Some("b"));
     online(&mut alice).await;
@@ -326,9 +291,7 @@ async fn rfc6121_messages_online_and_offline() {
 /// XEP-0280: the other resource gets "received" and "sent" copies.
 #[tokio::test]
 async fn xep0280_carbons() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
     let mut a1 = node.client("alice", PW, Some("one"));
     let mut a2 = node.client("alice", PW, Some("two"));
     let mut bob = node.client("bob", PW, Some("b"));
@@ -384,13 +347,8 @@ async fn xep0280_carbons() {
 /// meanwhile exactly once, in order.
 #[tokio::test]
 async fn xep0198_resumption_loses_and_duplicates_nothing() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
-    let proxy = Proxy::start(node.c2s()).await;
-    let mut connector = node.connector();
-    connector.addr = proxy.addr;
-    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    let (proxy, mut bob) = client_behind_proxy(&node, "bob", "b").await;
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
     let mut alice = node.client("alice", PW, Some("a"));
@@ -435,13 +393,8 @@ async fn xep0198_resumption_loses_and_duplicates_nothing() {
 /// XEP-0198: when the resume window passes, unacknowledged messages go to offline storage.
 #[tokio::test]
 async fn xep0198_expired_session_stores_unacked_messages_offline() {
-    let node = start_node(|c| c.limits.resume_timeout = 1).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
-    let proxy = Proxy::start(node.c2s()).await;
-    let mut connector = node.connector();
-    connector.addr = proxy.addr;
-    let mut bob = client_with(connector, "bob", PW, Some("b"));
+    let node = start_node_with_users(|c| c.limits.resume_timeout = 1, &["alice", "bob"]).await;
+    let (proxy, mut bob) = client_behind_proxy(&node, "bob", "b").await;
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
     let mut alice = node.client("alice", PW, Some("a"));
@@ -476,9 +429,7 @@ async fn xep0198_expired_session_stores_unacked_messages_offline() {
 /// XEP-0030, XEP-0199, XEP-0092, XEP-0054, XEP-0049, XEP-0191, and the catch-all error.
 #[tokio::test]
 async fn xep_iq_handlers() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
     let mut alice = node.client("alice", PW, Some("a"));
     online(&mut alice).await;
     let ask = |xml: &'static str| xml;
@@ -660,9 +611,7 @@ async fn rfc6120_hostile_input_gets_the_right_stream_error() {
 /// An oversized stanza after authentication ends that stream and is not delivered.
 #[tokio::test]
 async fn rfc6120_oversized_stanza_after_auth_is_refused() {
-    let node = start_node(|c| c.limits.max_stanza_bytes = 4096).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|c| c.limits.max_stanza_bytes = 4096, &["alice", "bob"]).await;
     let mut bob = node.client("bob", PW, Some("b"));
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
@@ -676,6 +625,47 @@ async fn rfc6120_oversized_stanza_after_auth_is_refused() {
     .await;
     let got = collect(&mut bob, 1500, |e| body(e).is_some()).await;
     assert!(got.is_empty());
+}
+
+/// A client of `user` whose connection runs through a [`Proxy`].
+async fn client_behind_proxy(
+    node: &TestNode,
+    user: &str,
+    resource: &str,
+) -> (Proxy, tokio_xmpp::Client) {
+    let proxy = Proxy::start(node.c2s()).await;
+    let mut connector = node.connector();
+    connector.addr = proxy.addr;
+    let client = client_with(connector, user, PW, Some(resource));
+    (proxy, client)
+}
+
+/// Sends a XEP-0077 registration on a fresh stream and returns the server's answer.
+async fn register_in_band(node: &TestNode, user: &str, password: &str) -> minidom::Element {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_xmpp::connect::ServerConnector as _;
+    use tokio_xmpp::xmlstream::{FallibleStreamElement, Timeouts, XmppStreamElement};
+    let jid = tokio_xmpp::jid::Jid::new(&format!("{user}@localhost")).unwrap();
+    let (stream, _) = node
+        .connector()
+        .connect(&jid, "jabber:client", Timeouts::default())
+        .await
+        .unwrap();
+    let (_, mut stream) = stream
+        .recv_features::<FallibleStreamElement>()
+        .await
+        .unwrap();
+    let iq = stanza(&format!(
+        "<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>{user}</username><password>{password}</password></query></iq>"
+    ));
+    stream.send(&XmppStreamElement::Stanza(iq)).await.unwrap();
+    loop {
+        match stream.next().await {
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => return element(s),
+            Some(Ok(_)) => continue,
+            other => panic!("no reply: {other:?}"),
+        }
+    }
 }
 
 /// A TCP proxy that a test can cut (connections reset) or freeze (connections stay
@@ -816,9 +806,7 @@ async fn xep0237_roster_versioning_and_legacy_session() {
 /// bare JID (they are stored offline), but still gets those sent to its full JID.
 #[tokio::test]
 async fn rfc6121_negative_priority_and_full_jid_delivery() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
     let mut alice = node.client("alice", PW, Some("a"));
     let mut bob = node.client("bob", PW, Some("low"));
     online(&mut alice).await;
@@ -863,10 +851,7 @@ async fn xep0199_server_pings_find_dead_clients() {
     let mut bob = node.client("bob", PW, Some("b"));
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
-    let proxy = Proxy::start(node.c2s()).await;
-    let mut connector = node.connector();
-    connector.addr = proxy.addr;
-    let mut alice = client_with(connector, "alice", PW, Some("a"));
+    let (proxy, mut alice) = client_behind_proxy(&node, "alice", "a").await;
     online(&mut alice).await;
     send(&mut alice, "<presence/>").await;
     send(
@@ -874,23 +859,21 @@ async fn xep0199_server_pings_find_dead_clients() {
         "<presence to='alice@localhost' type='subscribe'/>",
     )
     .await;
-    expect(&mut alice, 5, "subscribe", |e| {
-        is_presence_from(e, "bob", Some("subscribe"))
-    })
-    .await;
+    expect_presence(&mut alice, 5, "subscribe", "bob", Some("subscribe")).await;
     send(
         &mut alice,
         "<presence to='bob@localhost' type='subscribed'/>",
     )
     .await;
-    expect(&mut bob, 5, "alice online", |e| {
-        is_presence_from(e, "alice", None)
-    })
-    .await;
+    expect_presence(&mut bob, 5, "alice online", "alice", None).await;
     proxy.freeze_and_refuse();
-    expect(&mut bob, 15, "alice unavailable", |e| {
-        is_presence_from(e, "alice", Some("unavailable"))
-    })
+    expect_presence(
+        &mut bob,
+        15,
+        "alice unavailable",
+        "alice",
+        Some("unavailable"),
+    )
     .await;
     assert!(node.node.server.hub.session("alice", "a").is_none());
 }
@@ -925,9 +908,7 @@ async fn shutdown_closes_streams_and_frees_the_ports() {
 /// when the session ends.
 #[tokio::test]
 async fn rfc6121_directed_presence_and_its_end() {
-    let node = start_node(|_| {}).await;
-    node.add_user("alice", PW).await;
-    node.add_user("bob", PW).await;
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
     let mut alice = node.client("alice", PW, Some("a"));
     let mut bob = node.client("bob", PW, Some("b"));
     online(&mut alice).await;
@@ -939,50 +920,27 @@ async fn rfc6121_directed_presence_and_its_end() {
         "<presence to='bob@localhost/b'><status>just for you</status></presence>",
     )
     .await;
-    let p = expect(&mut bob, 5, "directed presence", |e| {
-        is_presence_from(e, "alice", None)
-    })
-    .await;
+    let p = expect_presence(&mut bob, 5, "directed presence", "alice", None).await;
     assert_eq!(
         p.get_child("status", "jabber:client").unwrap().text(),
         "just for you"
     );
     alice.send_end().await.unwrap();
-    expect(&mut bob, 5, "unavailable after directed", |e| {
-        is_presence_from(e, "alice", Some("unavailable"))
-    })
+    expect_presence(
+        &mut bob,
+        5,
+        "unavailable after directed",
+        "alice",
+        Some("unavailable"),
+    )
     .await;
 }
 
 /// XEP-0077: with registration on, an account created in-band can log in.
 #[tokio::test]
 async fn xep0077_register_then_log_in() {
-    use futures::{SinkExt as _, StreamExt as _};
-    use tokio_xmpp::connect::ServerConnector as _;
-    use tokio_xmpp::xmlstream::{FallibleStreamElement, Timeouts, XmppStreamElement};
     let node = start_node(|c| c.registration.enabled = true).await;
-    let connector = node.connector();
-    let jid = tokio_xmpp::jid::Jid::new("carol@localhost").unwrap();
-    let (stream, _) = connector
-        .connect(&jid, "jabber:client", Timeouts::default())
-        .await
-        .unwrap();
-    let (features, mut stream) = stream
-        .recv_features::<FallibleStreamElement>()
-        .await
-        .unwrap();
-    let _ = features;
-    let iq = stanza(
-        "<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>carol</username><password>s3cret-pw</password></query></iq>",
-    );
-    stream.send(&XmppStreamElement::Stanza(iq)).await.unwrap();
-    let reply = loop {
-        match stream.next().await {
-            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => break element(s),
-            Some(Ok(_)) => continue,
-            other => panic!("no reply: {other:?}"),
-        }
-    };
+    let reply = register_in_band(&node, "carol", "s3cret-pw").await;
     assert_eq!(
         reply.attr("type"),
         Some("result"),
@@ -995,25 +953,7 @@ async fn xep0077_register_then_log_in() {
             .is_ok()
     );
     // The same name again: conflict.
-    let (stream, _) = connector
-        .connect(&jid, "jabber:client", Timeouts::default())
-        .await
-        .unwrap();
-    let (_, mut stream) = stream
-        .recv_features::<FallibleStreamElement>()
-        .await
-        .unwrap();
-    let iq = stanza(
-        "<iq type='set' id='reg2'><query xmlns='jabber:iq:register'><username>carol</username><password>other</password></query></iq>",
-    );
-    stream.send(&XmppStreamElement::Stanza(iq)).await.unwrap();
-    let reply = loop {
-        match stream.next().await {
-            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => break element(s),
-            Some(Ok(_)) => continue,
-            other => panic!("no reply: {other:?}"),
-        }
-    };
+    let reply = register_in_band(&node, "carol", "other").await;
     assert!(
         String::from(&reply).contains("conflict"),
         "{}",

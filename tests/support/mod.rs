@@ -97,6 +97,18 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     TestNode { node, dir, config }
 }
 
+/// [`start_node`], then creates `users`, each with the password [`PW`].
+pub async fn start_node_with_users(tweak: impl FnOnce(&mut Config), users: &[&str]) -> TestNode {
+    let node = start_node(tweak).await;
+    for user in users {
+        node.add_user(user, PW).await;
+    }
+    node
+}
+
+/// The password of the users made by [`start_node_with_users`].
+pub const PW: &str = "correct horse battery";
+
 /// A throw-away schema on the PostgreSQL test server, as a URL that selects it.
 async fn fresh_postgres_schema(url: &str) -> String {
     use sqlx_free::create_schema;
@@ -338,6 +350,17 @@ pub async fn send(client: &mut Client, xml: &str) {
 
 pub fn bare(user: &str) -> BareJid {
     BareJid::new(&format!("{user}@{DOMAIN}")).unwrap()
+}
+
+/// Waits for a presence from `user` of type `ty` (`None`: available).
+pub async fn expect_presence(
+    client: &mut Client,
+    secs: u64,
+    what: &str,
+    user: &str,
+    ty: Option<&str>,
+) -> Element {
+    expect(client, secs, what, |e| is_presence_from(e, user, ty)).await
 }
 
 pub fn is_presence_from(el: &Element, user: &str, ty: Option<&str>) -> bool {
