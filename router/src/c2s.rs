@@ -105,7 +105,7 @@ async fn negotiate_connection(
         set_channel_binding(&mut conn);
     }
     let stage = if direct_tls {
-        Stage::NeedTls.next_after_tls()
+        Stage::NeedAuth
     } else {
         Stage::NeedTls
     };
@@ -125,12 +125,6 @@ async fn negotiate_connection(
             }
             None
         }
-    }
-}
-
-impl Stage {
-    fn next_after_tls(self) -> Stage {
-        Stage::NeedAuth
     }
 }
 

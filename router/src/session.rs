@@ -74,10 +74,13 @@ pub(crate) struct Session {
 
 /// Runs a bound session to its end.
 pub async fn run(server: Arc<Server>, bound: Bound) {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("session", jid = %bound.handle.jid, peer = %bound.conn.peer);
+    run_in_span(server, bound).instrument(span).await;
+}
+
+async fn run_in_span(server: Arc<Server>, bound: Bound) {
     let Bound { conn, handle, rx } = bound;
-    let span = tracing::info_span!("session", jid = %handle.jid, peer = %conn.peer);
-    let _guard = span.enter();
-    drop(_guard);
     let mut session = Session {
         server,
         handle,
