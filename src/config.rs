@@ -138,11 +138,22 @@ impl Default for SaslSection {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationSection {
     /// XEP-0077 in-band registration: anyone who can reach the port can create accounts.
     pub enabled: bool,
+    /// Seconds between two registrations from one address.
+    pub min_interval: u64,
+}
+
+impl Default for RegistrationSection {
+    fn default() -> Self {
+        RegistrationSection {
+            enabled: false,
+            min_interval: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +247,7 @@ impl Config {
         rc.cluster_name = self.cluster_name();
         rc.sasl_mechanisms = self.sasl.mechanisms.clone();
         rc.allow_registration = self.registration.enabled;
+        rc.registration_interval = Duration::from_secs(self.registration.min_interval);
         rc.limits = impmesh_router::Limits {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,

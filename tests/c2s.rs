@@ -939,7 +939,11 @@ async fn rfc6121_directed_presence_and_its_end() {
 /// XEP-0077: with registration on, an account created in-band can log in.
 #[tokio::test]
 async fn xep0077_register_then_log_in() {
-    let node = start_node(|c| c.registration.enabled = true).await;
+    let node = start_node(|c| {
+        c.registration.enabled = true;
+        c.registration.min_interval = 0;
+    })
+    .await;
     let reply = register_in_band(&node, "carol", "s3cret-pw").await;
     assert_eq!(
         reply.attr("type"),
@@ -959,6 +963,21 @@ async fn xep0077_register_then_log_in() {
         "{}",
         String::from(&reply)
     );
+}
+
+/// XEP-0077 abuse control: one registration per address per interval.
+#[tokio::test]
+async fn xep0077_registrations_are_rate_limited_per_address() {
+    let node = start_node(|c| c.registration.enabled = true).await;
+    let first = register_in_band(&node, "dave", "pw-dave").await;
+    assert_eq!(first.attr("type"), Some("result"));
+    let second = register_in_band(&node, "erin", "pw-erin").await;
+    assert!(
+        String::from(&second).contains("resource-constraint"),
+        "{}",
+        String::from(&second)
+    );
+    assert!(!node.node.server.store.user_exists("erin").await.unwrap());
 }
 
 /// A connection that never finishes its handshake is closed with connection-timeout.

@@ -255,7 +255,8 @@ async fn negotiate(
                     if server.config.allow_registration
                         && element.has_child("query", ns::REGISTER) =>
                 {
-                    let reply = crate::iq::register_unauthenticated(server, &element).await;
+                    let reply =
+                        crate::iq::register_unauthenticated(server, &element, conn.peer.ip()).await;
                     conn.send(&reply).await?;
                 }
                 (Stage::NeedAuth, _, _) => {

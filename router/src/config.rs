@@ -16,6 +16,8 @@ pub struct RouterConfig {
     pub sasl_mechanisms: Vec<String>,
     /// In-band registration (XEP-0077).
     pub allow_registration: bool,
+    /// Time between two in-band registrations from one address.
+    pub registration_interval: Duration,
     pub limits: Limits,
 }
 
@@ -99,6 +101,7 @@ impl RouterConfig {
             cluster_name: domain.to_owned(),
             sasl_mechanisms: default_sasl_mechanisms(),
             allow_registration: false,
+            registration_interval: Duration::from_secs(60),
             limits: Limits::default(),
         }
     }

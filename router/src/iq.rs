@@ -533,7 +533,11 @@ fn subscription_presence(to: &str, ty: &str) -> Element {
 
 /// XEP-0077 before authentication (only when registration is enabled): the form, and
 /// account creation.
-pub(crate) async fn register_unauthenticated(server: &Server, iq: &Element) -> String {
+pub(crate) async fn register_unauthenticated(
+    server: &Server,
+    iq: &Element,
+    from: std::net::IpAddr,
+) -> String {
     let id = escape(iq.attr("id").unwrap_or_default()).into_owned();
     let error = |c: StanzaErrorCondition, text: &str| {
         error_reply(iq, c, Some(text))
@@ -567,6 +571,12 @@ pub(crate) async fn register_unauthenticated(server: &Server, iq: &Element) -> S
             if password.is_empty() {
                 return error(StanzaErrorCondition::NotAcceptable, "empty password");
             }
+            if !server.registration_allowed(from) {
+                return error(
+                    StanzaErrorCondition::ResourceConstraint,
+                    "too many registrations from this address; try again later",
+                );
+            }
             let new = impmesh_store::NewUser {
                 username: &user,
                 password: &password,
@@ -575,7 +585,8 @@ pub(crate) async fn register_unauthenticated(server: &Server, iq: &Element) -> S
             };
             match server.store.add_user(new).await {
                 Ok(()) => {
-                    tracing::info!(%user, "account registered in-band");
+                    server.record_registration(from);
+                    tracing::info!(%user, %from, "account registered in-band");
                     format!("<iq type='result' id='{id}'/>")
                 }
                 Err(impmesh_store::StoreError::UserExists(_)) => {

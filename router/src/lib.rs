@@ -56,6 +56,8 @@ pub struct Server {
     tls_direct: RwLock<Arc<rustls::ServerConfig>>,
     /// Failed logins per source address: (count, window start).
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Last in-band registration per source address.
+    registrations: Mutex<HashMap<IpAddr, Instant>>,
     /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist).
     salt_key: [u8; 32],
     pub shutdown: CancellationToken,
@@ -89,6 +91,7 @@ impl Server {
             tls_starttls: RwLock::new(tls_starttls),
             tls_direct: RwLock::new(tls_direct),
             failures: Mutex::new(HashMap::new()),
+            registrations: Mutex::new(HashMap::new()),
             salt_key,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -215,6 +218,25 @@ impl Server {
             *count >= self.config.limits.login_failures
                 && start.elapsed() <= self.config.limits.login_failure_window
         })
+    }
+
+    /// Whether `ip` may register an account now (XEP-0077 abuse control, like
+    /// Prosody's `min_seconds_between_registrations`).
+    pub(crate) fn registration_allowed(&self, ip: IpAddr) -> bool {
+        let interval = self.config.registration_interval;
+        lock(&self.registrations)
+            .get(&ip)
+            .is_none_or(|last| last.elapsed() >= interval)
+    }
+
+    pub(crate) fn record_registration(&self, ip: IpAddr) {
+        let interval = self.config.registration_interval;
+        let mut map = lock(&self.registrations);
+        // Bound the table: forget addresses whose interval has passed.
+        if map.len() > 10_000 {
+            map.retain(|_, last| last.elapsed() < interval);
+        }
+        map.insert(ip, Instant::now());
     }
 
     /// A stable made-up salt for a user name that does not exist.
