@@ -3,7 +3,7 @@
 //! server by address, loopback only, every load bounded in count and time.
 //!
 //! - `register`: creates the benchmark accounts with XEP-0077.
-//! - `login`: N full logins (connect, [STARTTLS], SASL, bind, initial presence, wait for
+//! - `login`: N full logins (connect, optional STARTTLS, SASL, bind, initial presence, wait for
 //!   the presence echo) with C in flight; logins/s and server CPU per login.
 //! - `msg`: U users online, user i sends chat messages to the bare JID of user
 //!   (i + U/2) mod U; closed loop with W in flight per sender (saturation) or open loop

@@ -144,7 +144,7 @@ pub struct Session {
     stream: XmppStream<Io>,
 }
 
-/// A full login: connect, [STARTTLS], SASL PLAIN, bind, initial presence, presence echo.
+/// A full login: connect, optional STARTTLS, SASL PLAIN, bind, initial presence, presence echo.
 pub async fn login(
     addr: &SocketAddr,
     domain: &str,
