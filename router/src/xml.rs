@@ -409,6 +409,74 @@ mod tests {
         );
     }
 
+    /// The adversarial inputs of shared/anchors/security.md (parser amplification):
+    /// each ends in a stream error, within the stanza cap, and quickly.
+    #[test]
+    fn adversarial_inputs_hit_the_caps() {
+        let pre_auth = 10_000;
+        let many_attrs: String = (0..100_000).map(|i| format!(" a{i}='x'")).collect();
+        let many_ns: String = (0..10_000)
+            .map(|i| format!(" xmlns:p{i}='urn:x:{i}'"))
+            .collect();
+        let cases = [
+            ("100k attributes", format!("{HEADER}<message{many_attrs}/>")),
+            (
+                "10k namespace declarations",
+                format!("{HEADER}<message{many_ns}/>"),
+            ),
+            (
+                "1 MB attribute value",
+                format!("{HEADER}<message id='{}'/>", "v".repeat(1 << 20)),
+            ),
+            (
+                "1 MB element name",
+                format!("{HEADER}<{}/>", "n".repeat(1 << 20)),
+            ),
+            (
+                "100k-deep nesting",
+                format!("{HEADER}{}", "<a>".repeat(100_000)),
+            ),
+            (
+                "unclosed tags",
+                format!("{HEADER}{}", "<message><body>".repeat(10_000)),
+            ),
+        ];
+        for (what, input) in cases {
+            let started = std::time::Instant::now();
+            let err = frames_fast(&input, pre_auth).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StreamErrorCondition::PolicyViolation | StreamErrorCondition::NotWellFormed
+                ),
+                "{what}: {err:?}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{what} took too long"
+            );
+        }
+        // Duplicate attributes are a well-formedness error, found without blowing up.
+        let dup: String = (0..500).map(|_| " a='x'").collect();
+        assert_eq!(
+            frames_fast(&format!("{HEADER}<message{dup}/>"), 262_144).unwrap_err(),
+            StreamErrorCondition::NotWellFormed
+        );
+    }
+
+    /// Like `frames`, in 4 KiB chunks (byte-at-a-time would make big inputs slow).
+    fn frames_fast(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
+        let mut framer = Framer::new(max);
+        let mut out = vec![];
+        for chunk in input.as_bytes().chunks(4096) {
+            let mut buf = chunk;
+            while let Some(frame) = framer.next_frame(&mut buf)? {
+                out.push(frame);
+            }
+        }
+        Ok(out)
+    }
+
     #[test]
     fn deep_nesting_is_refused() {
         let deep = format!("{HEADER}<message>{}", "<a>".repeat(MAX_DEPTH + 1));
