@@ -32,6 +32,30 @@ enum Command {
     /// Manages accounts (works whether or not the server runs).
     #[command(subcommand)]
     User(UserCommand),
+    /// The node's certificate.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Shows subject, SANs, issuer, validity and SHA-256 fingerprint of each certificate.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a PKCS#10 signing request for the node's key, for a CA to sign.
+    Csr {
+        /// The subject's common name.
+        #[arg(long)]
+        cn: String,
+        /// Subject alternative names: host names or IP addresses, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +134,56 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
         Command::User(cmd) => user(cmd, config).await,
+        Command::Cert(cmd) => cert(cmd, &config),
+    }
+}
+
+fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let identity = impmesh::node::identity(config)?;
+    match cmd {
+        CertCommand::Show { json } => {
+            let infos = identity
+                .chain
+                .iter()
+                .map(impmesh_certs::describe)
+                .collect::<Result<Vec<_>, _>>()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&infos)?);
+                return Ok(());
+            }
+            for (i, info) in infos.iter().enumerate() {
+                let role = if i == 0 { "node certificate" } else { "chain" };
+                println!("{role}:");
+                println!("  subject:     {}", info.subject);
+                println!(
+                    "  issuer:      {}{}",
+                    info.issuer,
+                    if info.self_signed {
+                        " (self-signed)"
+                    } else {
+                        ""
+                    }
+                );
+                println!("  SANs:        {}", info.sans.join(", "));
+                println!("  valid from:  {}", info.not_before);
+                println!("  valid until: {}", info.not_after);
+                println!("  SHA-256:     {}", info.sha256);
+            }
+            Ok(())
+        }
+        CertCommand::Csr { cn, san, out } => {
+            let pem = identity.csr(&cn, &san)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &pem)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
+                None => print!("{pem}"),
+            }
+            Ok(())
+        }
     }
 }
 

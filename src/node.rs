@@ -34,6 +34,23 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The node's identity: loaded from `DATA_DIR/certs`, or generated at first use with
+/// the domain, the node name and the cluster name as SANs.
+pub fn identity(config: &Config) -> anyhow::Result<NodeIdentity> {
+    let mut names = vec![config.domain.clone()];
+    for name in [config.node_name(), config.cluster_name()] {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    Ok(NodeIdentity::load_or_generate(
+        &config.data_dir.join("certs"),
+        &names,
+    )?)
+}
+
 impl Node {
     /// Starts a node: store, certificate (generated at first start), listeners.
     pub async fn start(config: &Config) -> anyhow::Result<Node> {
@@ -42,13 +59,7 @@ impl Node {
         store
             .register_node(&config.node_name(), &config.cluster_name())
             .await?;
-        let mut names = vec![config.domain.clone()];
-        for name in [config.node_name(), config.cluster_name()] {
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
-        let identity = NodeIdentity::load_or_generate(&config.data_dir.join("certs"), &names)?;
+        let identity = identity(config)?;
         let server = Server::new(
             config.router_config(),
             store,

@@ -85,3 +85,43 @@ fn user_commands_exit_codes_and_reasons() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("domian"));
 }
+
+#[test]
+fn cert_show_and_csr() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let show = impmesh(d, &["cert", "show", "--json"], "");
+    assert!(show.status.success(), "{show:?}");
+    let certs: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(certs[0]["sans"][0], "DNS:localhost");
+    assert_eq!(certs[0]["self_signed"], true);
+    // The same identity on every call (generated once, then loaded).
+    let again: serde_json::Value =
+        serde_json::from_slice(&impmesh(d, &["cert", "show", "--json"], "").stdout).unwrap();
+    assert_eq!(certs[0]["sha256"], again[0]["sha256"]);
+
+    let out = d.join("node.csr");
+    let csr = impmesh(
+        d,
+        &[
+            "cert",
+            "csr",
+            "--cn",
+            "node1.example.com",
+            "--san",
+            "node1.example.com,example.com",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(csr.status.success(), "{csr:?}");
+    assert!(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+    );
+    let bad = impmesh(d, &["cert", "csr", "--cn", "x", "--san", "bad name"], "");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a host name"));
+}

@@ -31,7 +31,15 @@ pub enum CertError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration refused the identity: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot parse the certificate: {0}")]
+    Parse(String),
+    #[error("{0:?} is not a host name (letters, digits and hyphens per label) or an IP address")]
+    InvalidName(String),
 }
+
+/// How long a generated self-signed node certificate is valid: two years, after which
+/// `impmesh cert regenerate` (or a CA-signed import) replaces it.
+pub const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(730);
 
 /// File names of the identity inside the certificate directory.
 const CERT_FILE: &str = "node.crt";
@@ -101,6 +109,31 @@ impl NodeIdentity {
         Ok(NodeIdentity { chain, key })
     }
 
+    /// A PKCS#10 certificate signing request for this node's key (PEM), with `cn` as the
+    /// subject's common name and `sans` as DNS names (or IP addresses), for a CA to sign.
+    pub fn csr(&self, cn: &str, sans: &[String]) -> Result<String, CertError> {
+        let key = rcgen::KeyPair::try_from(&self.key)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans
+            .iter()
+            .map(|san| match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(rcgen::SanType::IpAddress(ip)),
+                Err(_) if is_dns_name(san) => Ok(rcgen::SanType::DnsName(
+                    san.clone().try_into().map_err(CertError::Generate)?,
+                )),
+                Err(_) => Err(CertError::InvalidName(san.clone())),
+            })
+            .collect::<Result<_, CertError>>()?;
+        if !is_dns_name(cn) {
+            return Err(CertError::InvalidName(cn.to_owned()));
+        }
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn.to_owned());
+        Ok(params.serialize_request(&key)?.pem()?)
+    }
+
     /// SHA-256 fingerprint of the leaf certificate, as colon-separated hex.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.chain[0])
@@ -117,9 +150,94 @@ impl NodeIdentity {
     }
 }
 
+/// What `impmesh cert show` tells about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// Subject alternative names, as `DNS:name` or `IP:address`.
+    pub sans: Vec<String>,
+    /// Validity, as RFC 2822 dates (UTC).
+    pub not_before: String,
+    pub not_after: String,
+    /// End of validity in seconds since the Unix epoch (for scripts and expiry checks).
+    pub not_after_unix: i64,
+    /// SHA-256 of the DER certificate, colon-separated hex.
+    pub sha256: String,
+    pub self_signed: bool,
+}
+
+/// Reads the facts of a DER certificate.
+pub fn describe(cert: &CertificateDer<'_>) -> Result<CertInfo, CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| CertError::Parse(e.to_string()))?;
+    let sans = parsed
+        .subject_alternative_name()
+        .map_err(|e| CertError::Parse(e.to_string()))?
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(d) => format!("DNS:{d}"),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => format!("IP:{}", std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])),
+                        16 => {
+                            let mut b = [0u8; 16];
+                            b.copy_from_slice(ip);
+                            format!("IP:{}", std::net::Ipv6Addr::from(b))
+                        }
+                        _ => "IP:?".to_owned(),
+                    },
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let time = |t: &x509_parser::time::ASN1Time| {
+        t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
+    };
+    let subject = parsed.subject().to_string();
+    let issuer = parsed.issuer().to_string();
+    Ok(CertInfo {
+        self_signed: subject == issuer,
+        subject,
+        issuer,
+        sans,
+        not_before: time(&parsed.validity().not_before),
+        not_after: time(&parsed.validity().not_after),
+        not_after_unix: parsed.validity().not_after.timestamp(),
+        sha256: fingerprint(cert),
+    })
+}
+
+/// A host name for a certificate: dot-separated labels of letters, digits and hyphens
+/// (RFC 1123), each 1–63 bytes and not starting or ending with a hyphen, 253 bytes at
+/// most; a leading `*.` label is allowed (wildcard).
+pub fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Generates a self-signed certificate and key (ECDSA P-256) as PEM.
 pub fn generate_self_signed(names: &[String]) -> Result<(String, String), CertError> {
     let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    // rcgen's default validity runs from 1975 to the year 4096: nothing would ever
+    // expire or warn. A node certificate lives SELF_SIGNED_VALIDITY from now (an hour of
+    // slack for clocks that run behind), like a CA-issued one would.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + SELF_SIGNED_VALIDITY;
     if let Some(cn) = names.first() {
         params
             .distinguished_name
@@ -191,6 +309,80 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "the key must not be readable by others");
         }
+    }
+
+    #[test]
+    fn describe_and_csr_carry_the_names() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec![
+            "example.com".to_owned(),
+            "node1.cluster-a.example.com".to_owned(),
+        ];
+        let id = NodeIdentity::load_or_generate(dir.path(), &names).unwrap();
+        let info = describe(&id.chain[0]).unwrap();
+        assert_eq!(
+            info.sans,
+            ["DNS:example.com", "DNS:node1.cluster-a.example.com"]
+        );
+        assert!(info.subject.contains("CN=example.com"), "{}", info.subject);
+        assert!(info.self_signed);
+        assert_eq!(info.sha256, id.fingerprint());
+        // Valid for about two years from now, not rcgen's default of 1975 to 4096.
+        let years = (info.not_after_unix - time::OffsetDateTime::now_utc().unix_timestamp()) as f64
+            / (365.25 * 86_400.0);
+        assert!((1.9..2.1).contains(&years), "{years} years");
+
+        let pem = id
+            .csr(
+                "node1.cluster-a.example.com",
+                &[
+                    "node1.cluster-a.example.com".into(),
+                    "example.com".into(),
+                    "192.0.2.7".into(),
+                ],
+            )
+            .unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        // Parse it back: the CN, the SANs and the node's own public key.
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, csr) =
+            <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(der.as_ref())
+                .unwrap();
+        csr.verify_signature().unwrap();
+        let info = &csr.certification_request_info;
+        assert_eq!(info.subject.to_string(), "CN=node1.cluster-a.example.com");
+        let mut sans = vec![];
+        for ext in csr.requested_extensions().into_iter().flatten() {
+            if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext {
+                sans.extend(san.general_names.iter().map(|n| n.to_string()));
+            }
+        }
+        assert_eq!(
+            sans,
+            [
+                "DNSName(node1.cluster-a.example.com)",
+                "DNSName(example.com)",
+                "IPAddress(c0:00:02:07)"
+            ]
+        );
+        let (_, cert) = x509_parser::parse_x509_certificate(id.chain[0].as_ref()).unwrap();
+        assert_eq!(
+            info.subject_pki.subject_public_key.data,
+            cert.public_key().subject_public_key.data,
+            "the CSR is for the node's own key"
+        );
+        assert!(matches!(
+            id.csr("x", &["not a name!".into()]),
+            Err(CertError::InvalidName(_))
+        ));
+        assert!(matches!(
+            id.csr("bad..cn", &[]),
+            Err(CertError::InvalidName(_))
+        ));
+        assert!(is_dns_name("*.example.com") && is_dns_name("a-b.c1"));
+        assert!(!is_dns_name("-a.com") && !is_dns_name("a.com.") && !is_dns_name(""));
     }
 
     #[test]
