@@ -56,6 +56,19 @@ enum CertCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Installs a CA-signed certificate (PEM) after checking that it fits this node.
+    /// A running node uses it after SIGHUP.
+    Import {
+        /// The certificate, optionally followed by its chain.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key; without it the node keeps its key (the CSR flow).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Intermediate certificates.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,6 +185,19 @@ fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        CertCommand::Import { cert, key, chain } => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+            };
+            let cert = read(&cert)?;
+            let key = key.as_ref().map(read).transpose()?;
+            let chain = chain.as_ref().map(read).transpose()?;
+            let fp =
+                impmesh::node::import_certificate(config, &cert, key.as_deref(), chain.as_deref())?;
+            println!("installed; SHA-256 {fp}");
+            println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
+            Ok(())
+        }
         CertCommand::Csr { cn, san, out } => {
             let pem = identity.csr(&cn, &san)?;
             match out {
@@ -201,31 +227,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.data_dir.display(),
         node.identity.fingerprint()
     );
-    wait_for_signal().await;
+    let mut node = node;
+    while let Signal::Reload = wait_for_signal().await {
+        match node.reload_certificates(&config) {
+            Ok(fp) => tracing::info!(sha256 = %fp, "certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+        }
+    }
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// SIGTERM or ctrl-c stop the node; SIGHUP reloads its certificate.
+async fn wait_for_signal() -> Signal {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => Signal::Stop,
+                    _ = term.recv() => Signal::Stop,
+                    _ = hup.recv() => Signal::Reload,
                 }
             }
-            Err(_) => {
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
+                Signal::Stop
             }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
     }
 }
 

@@ -34,6 +34,34 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The names a node certificate must cover: the XMPP domain and the node name.
+pub fn required_names(config: &Config) -> Vec<String> {
+    let mut names = vec![config.domain.clone()];
+    if config.node_name() != config.domain {
+        names.push(config.node_name());
+    }
+    names
+}
+
+/// Checks and installs a CA-signed certificate (PEM) for this node; the running node
+/// uses it after a reload (SIGHUP). Returns the new fingerprint.
+pub fn import_certificate(
+    config: &Config,
+    cert: &[u8],
+    key: Option<&[u8]>,
+    chain: Option<&[u8]>,
+) -> anyhow::Result<String> {
+    let current = identity(config)?;
+    let new = current.import(
+        &config.data_dir.join("certs"),
+        cert,
+        key,
+        chain,
+        &required_names(config),
+    )?;
+    Ok(new.fingerprint())
+}
+
 /// The node's identity: loaded from `DATA_DIR/certs`, or generated at first use with
 /// the domain, the node name and the cluster name as SANs.
 pub fn identity(config: &Config) -> anyhow::Result<NodeIdentity> {
@@ -90,6 +118,18 @@ impl Node {
             c2s,
             c2s_direct_tls,
         })
+    }
+
+    /// Loads the certificate from the data directory again and uses it for every new TLS
+    /// handshake; connections already up keep theirs. Returns the new fingerprint.
+    pub fn reload_certificates(&mut self, config: &Config) -> anyhow::Result<String> {
+        let identity = identity(config)?;
+        self.server.set_tls(
+            identity.server_config(&[])?,
+            identity.server_config(&[b"xmpp-client"])?,
+        );
+        self.identity = identity;
+        Ok(self.identity.fingerprint())
     }
 
     /// Closes every stream (with `system-shutdown`) and the store.

@@ -125,3 +125,65 @@ fn cert_show_and_csr() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a host name"));
 }
+
+#[test]
+fn cert_import_checks_then_installs() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (cert_f, key_f, ca_f) = (
+        write("node.pem", cert.pem()),
+        write("node-key.pem", key.serialize_pem()),
+        write("ca.pem", ca_cert.pem()),
+    );
+    let wrong_f = write(
+        "wrong-key.pem",
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    );
+    let data = d.join("data");
+
+    let wrong = impmesh(
+        &data,
+        &[
+            "cert", "import", "--cert", &cert_f, "--key", &wrong_f, "--chain", &ca_f,
+        ],
+        "",
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not belong"),
+        "{wrong:?}"
+    );
+
+    let ok = impmesh(
+        &data,
+        &[
+            "cert", "import", "--cert", &cert_f, "--key", &key_f, "--chain", &ca_f,
+        ],
+        "",
+    );
+    assert!(ok.status.success(), "{ok:?}");
+    let show: serde_json::Value =
+        serde_json::from_slice(&impmesh(&data, &["cert", "show", "--json"], "").stdout).unwrap();
+    assert_eq!(show[0]["self_signed"], false);
+    assert_eq!(
+        show.as_array().unwrap().len(),
+        2,
+        "certificate and its chain"
+    );
+}

@@ -8,6 +8,10 @@
 
 #![forbid(unsafe_code)]
 
+mod import;
+
+pub use import::ImportError;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,6 +37,8 @@ pub enum CertError {
     Tls(#[from] rustls::Error),
     #[error("cannot parse the certificate: {0}")]
     Parse(String),
+    #[error("certificate refused: {0}")]
+    Import(#[from] ImportError),
     #[error("{0:?} is not a host name (letters, digits and hyphens per label) or an IP address")]
     InvalidName(String),
 }
@@ -199,8 +205,11 @@ pub fn describe(cert: &CertificateDer<'_>) -> Result<CertInfo, CertError> {
     };
     let subject = parsed.subject().to_string();
     let issuer = parsed.issuer().to_string();
+    // Same names are not enough (two certificates can share a subject): it is
+    // self-signed when its own key verifies its signature.
+    let self_signed = subject == issuer && parsed.verify_signature(None).is_ok();
     Ok(CertInfo {
-        self_signed: subject == issuer,
+        self_signed,
         subject,
         issuer,
         sans,

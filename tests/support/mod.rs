@@ -85,8 +85,10 @@ pub fn client_with(
 pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_owned();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
     if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {

@@ -1,0 +1,87 @@
+//! Certificates on a running node: a CA-signed certificate imported and reloaded is
+//! what new TLS clients see, with no restart.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use support::*;
+
+/// A TLS client on the direct-TLS port that trusts only `root`; returns the
+/// fingerprint of the certificate the server presented.
+async fn tls_fingerprint(
+    node: &TestNode,
+    root: &rustls_pki_types::CertificateDer<'static>,
+) -> Result<String, std::io::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"xmpp-client".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(node.direct_tls()).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await?;
+    let (_, session) = tls.get_ref();
+    Ok(impmesh_certs::fingerprint(
+        &session.peer_certificates().unwrap()[0],
+    ))
+}
+
+#[tokio::test]
+async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
+    let mut node = start_node(|_| {}).await;
+    node.add_user("alice", PW).await;
+    let self_signed = node.node.identity.fingerprint();
+
+    // A test CA and a certificate for localhost with a fresh key.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&node_key, &issuer)
+        .unwrap();
+    let ca_der = ca_cert.der().clone();
+
+    // Before: the node still presents its self-signed certificate.
+    assert!(tls_fingerprint(&node, &ca_der).await.is_err());
+    let mut alice = node.client("alice", PW, Some("before"));
+    online(&mut alice).await;
+
+    let installed = impmesh::node::import_certificate(
+        &node.config,
+        cert.pem().as_bytes(),
+        Some(node_key.serialize_pem().as_bytes()),
+        Some(ca_cert.pem().as_bytes()),
+    )
+    .unwrap();
+    assert_ne!(installed, self_signed);
+    // Installed but not yet reloaded: still the old certificate.
+    assert!(tls_fingerprint(&node, &ca_der).await.is_err());
+
+    let config = node.config.clone();
+    let reloaded = node.node.reload_certificates(&config).unwrap();
+    assert_eq!(reloaded, installed);
+    assert_eq!(tls_fingerprint(&node, &ca_der).await.unwrap(), installed);
+
+    // A session that was up before the swap keeps working.
+    send(
+        &mut alice,
+        "<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    expect(&mut alice, 5, "ping result", |e| e.attr("id") == Some("p")).await;
+}
