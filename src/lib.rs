@@ -5,4 +5,5 @@
 
 pub mod config;
 pub mod node;
+pub mod trust;
 pub mod users;

@@ -35,6 +35,32 @@ enum Command {
     /// The node's certificate.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The trust store: CA certificates and pinned peer certificates.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Lists trusted certificates with fingerprint, kind, source, peer and date.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Trusts the certificates of a PEM file: as CAs, or pinned for a peer.
+    Add {
+        /// CA certificates (PEM).
+        #[arg(long, conflicts_with = "pin", required_unless_present = "pin")]
+        ca: Option<PathBuf>,
+        /// A peer's own certificate(s), trusted exactly as they are (PEM).
+        #[arg(long, requires = "peer")]
+        pin: Option<PathBuf>,
+        /// The peer a pinned certificate belongs to.
+        #[arg(long)]
+        peer: Option<String>,
+    },
+    /// Stops trusting a certificate.
+    Remove { fingerprint: String },
 }
 
 #[derive(Subcommand)]
@@ -148,7 +174,74 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::User(cmd) => user(cmd, config).await,
         Command::Cert(cmd) => cert(cmd, &config),
+        Command::Trust(cmd) => trust(cmd, &config).await,
     }
+}
+
+async fn trust(cmd: TrustCommand, config: &Config) -> anyhow::Result<()> {
+    let store = impmesh::node::open_store(config).await?;
+    let result = async {
+        match cmd {
+            TrustCommand::List { json } => {
+                let entries = store.trust_entries().await?;
+                if json {
+                    let list: Vec<_> = entries
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "fingerprint": e.fingerprint, "kind": e.kind.as_str(),
+                                "subject": e.subject, "source": e.source, "peer": e.peer,
+                                "added_at": e.added_at,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                } else {
+                    for e in entries {
+                        println!(
+                            "{}  {:6}  {}  source={}{}",
+                            e.fingerprint,
+                            e.kind.as_str(),
+                            e.subject,
+                            e.source,
+                            e.peer.map(|p| format!(" peer={p}")).unwrap_or_default()
+                        );
+                    }
+                }
+                Ok(())
+            }
+            TrustCommand::Add { ca, pin, peer } => {
+                let (path, kind) = match (ca, pin) {
+                    (Some(p), None) => (p, impmesh_store::TrustKind::Ca),
+                    (None, Some(p)) => (p, impmesh_store::TrustKind::Pinned),
+                    _ => anyhow::bail!("give --ca FILE or --pin FILE --peer NAME"),
+                };
+                let pem = std::fs::read(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                let added = impmesh::trust::add(&store, &pem, kind, peer.as_deref()).await?;
+                if added.is_empty() {
+                    println!("already trusted");
+                }
+                for e in added {
+                    println!("trusted {} ({})", e.fingerprint, e.subject);
+                }
+                Ok(())
+            }
+            TrustCommand::Remove { fingerprint } => {
+                if !store
+                    .remove_trust(&fingerprint.to_ascii_uppercase())
+                    .await?
+                {
+                    anyhow::bail!("no trusted certificate with fingerprint {fingerprint}");
+                }
+                println!("removed {fingerprint}");
+                Ok(())
+            }
+        }
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {

@@ -187,3 +187,83 @@ fn cert_import_checks_then_installs() {
         "certificate and its chain"
     );
 }
+
+#[test]
+fn trust_add_list_remove() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test CA");
+    let ca = ca_params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let peer =
+        rcgen::generate_simple_self_signed(vec!["cluster-b.example.com".to_owned()]).unwrap();
+    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(d.join("peer.pem"), peer.cert.pem()).unwrap();
+    let data = d.join("data");
+    let path = |n: &str| d.join(n).to_str().unwrap().to_owned();
+
+    let add_ca = impmesh(&data, &["trust", "add", "--ca", &path("ca.pem")], "");
+    assert!(add_ca.status.success(), "{add_ca:?}");
+    let again = impmesh(&data, &["trust", "add", "--ca", &path("ca.pem")], "");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "already trusted"
+    );
+    let no_peer = impmesh(&data, &["trust", "add", "--pin", &path("peer.pem")], "");
+    assert!(!no_peer.status.success(), "a pin needs its peer");
+    let pin = impmesh(
+        &data,
+        &[
+            "trust",
+            "add",
+            "--pin",
+            &path("peer.pem"),
+            "--peer",
+            "cluster-b.example.com",
+        ],
+        "",
+    );
+    assert!(pin.status.success(), "{pin:?}");
+
+    let list: serde_json::Value =
+        serde_json::from_slice(&impmesh(&data, &["trust", "list", "--json"], "").stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let by_kind = |k: &str| list.iter().find(|e| e["kind"] == k).unwrap().clone();
+    assert_eq!(by_kind("ca")["source"], "imported");
+    assert_eq!(by_kind("ca")["subject"], "CN=Test CA");
+    assert_eq!(by_kind("pinned")["peer"], "cluster-b.example.com");
+    let fp = by_kind("pinned")["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // What verifiers will trust: one CA and the pinned certificate.
+    let config = impmesh::config::Config {
+        data_dir: data.clone(),
+        ..Default::default()
+    };
+    let anchors = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = impmesh::node::open_store(&config).await.unwrap();
+        impmesh::trust::anchors(&store).await.unwrap()
+    });
+    assert_eq!(anchors.cas.len(), 1);
+    assert!(anchors.pinned.contains(&fp));
+
+    assert!(
+        impmesh(&data, &["trust", "remove", &fp], "")
+            .status
+            .success()
+    );
+    let gone = impmesh(&data, &["trust", "remove", &fp], "");
+    assert_eq!(gone.status.code(), Some(1));
+    let list: serde_json::Value =
+        serde_json::from_slice(&impmesh(&data, &["trust", "list", "--json"], "").stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}

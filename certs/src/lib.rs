@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 
 mod import;
+mod verify;
 
 pub use import::ImportError;
+pub use verify::{PeerVerifier, TrustAnchors};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -13,6 +13,7 @@ mod offline;
 mod roster;
 pub mod scram;
 mod storage;
+mod trust;
 mod users;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 
 pub use offline::OfflineMessage;
 pub use roster::{RosterItem, Subscription};
+pub use trust::{TrustEntry, TrustKind};
 pub use users::{NewUser, UserRecord};
 
 /// Errors of the store layer.
