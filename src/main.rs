@@ -38,6 +38,14 @@ enum Command {
     /// The trust store: CA certificates and pinned peer certificates.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Active alarms (ops/alarms.md lists them all).
+    Alarms {
+        #[arg(long)]
+        json: bool,
+        /// The latest raises and clears instead.
+        #[arg(long)]
+        history: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -175,7 +183,54 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::User(cmd) => user(cmd, config).await,
         Command::Cert(cmd) => cert(cmd, &config),
         Command::Trust(cmd) => trust(cmd, &config).await,
+        Command::Alarms { json, history } => alarms(&config, json, history).await,
     }
+}
+
+async fn alarms(config: &Config, json: bool, history: bool) -> anyhow::Result<()> {
+    let store = impmesh::node::open_store(config).await?;
+    let result = async {
+        if history {
+            let events = store.alarm_history(200).await?;
+            if json {
+                let list: Vec<_> = events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({"name": e.name, "subject": e.subject, "severity": e.severity,
+                            "event": if e.raised { "raised" } else { "cleared" }, "message": e.message, "at": e.at})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for e in events {
+                    let what = if e.raised { "raised " } else { "cleared" };
+                    println!("{}  {what}  {:8}  {}  {}  {}", e.at, e.severity, e.name, e.subject, e.message);
+                }
+            }
+            return Ok(());
+        }
+        let active = store.active_alarms().await?;
+        if json {
+            let list: Vec<_> = active
+                .iter()
+                .map(|a| {
+                    serde_json::json!({"name": a.name, "subject": a.subject, "severity": a.severity,
+                        "message": a.message, "since": a.since})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(list));
+        } else if active.is_empty() {
+            println!("no active alarms");
+        } else {
+            for a in active {
+                println!("{:8}  {}  {}  {}  (since {})", a.severity, a.name, a.subject, a.message, a.since);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 async fn trust(cmd: TrustCommand, config: &Config) -> anyhow::Result<()> {
@@ -322,7 +377,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let mut node = node;
     while let Signal::Reload = wait_for_signal().await {
-        match node.reload_certificates(&config) {
+        match node.reload_certificates(&config).await {
             Ok(fp) => tracing::info!(sha256 = %fp, "certificate reloaded"),
             Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
         }

@@ -8,8 +8,12 @@ use anyhow::Context as _;
 use impmesh_certs::NodeIdentity;
 use impmesh_router::Server;
 use impmesh_store::Store;
+use impmesh_store::alarms::{self, AlarmDef};
 
 use crate::config::Config;
+
+/// How often a running node re-checks its certificate's expiry.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Time sessions get to close their streams on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -18,6 +22,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Node {
     pub server: Arc<Server>,
     pub identity: NodeIdentity,
+    /// The identity in use, for the periodic expiry check (updated on reload).
+    in_use: Arc<std::sync::RwLock<NodeIdentity>>,
     /// Bound STARTTLS listeners (real ports when the config asked for port 0).
     pub c2s: Vec<SocketAddr>,
     /// Bound direct-TLS listeners.
@@ -32,6 +38,50 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
         .await
         .with_context(|| format!("cannot open the store {}", config.store.url))?;
     Ok(store)
+}
+
+/// The expiry alarm a certificate deserves `secs_left` seconds before it expires.
+pub fn expiry_alarm(secs_left: i64) -> Option<&'static AlarmDef> {
+    const DAY: i64 = 86_400;
+    match secs_left {
+        s if s <= 0 => Some(alarms::CERT_EXPIRED),
+        s if s <= 7 * DAY => Some(alarms::CERT_EXPIRING),
+        s if s <= 30 * DAY => Some(alarms::CERT_EXPIRING_SOON),
+        _ => None,
+    }
+}
+
+/// Raises the expiry alarm the node certificate deserves now and clears the others,
+/// including those of a certificate it no longer uses.
+pub async fn check_certificate(store: &Store, identity: &NodeIdentity) -> anyhow::Result<()> {
+    let info = impmesh_certs::describe(&identity.chain[0])?;
+    let secs_left = info.not_after_unix - impmesh_store::now_unix();
+    let wanted = expiry_alarm(secs_left);
+    let family = [
+        alarms::CERT_EXPIRING_SOON,
+        alarms::CERT_EXPIRING,
+        alarms::CERT_EXPIRED,
+    ];
+    for active in store.active_alarms().await? {
+        if let Some(def) = family.iter().find(|d| d.name == active.name)
+            && (active.subject != info.sha256 || wanted.is_none_or(|w| w.name != def.name))
+        {
+            let why = if active.subject == info.sha256 {
+                "no longer applies"
+            } else {
+                "the certificate was replaced"
+            };
+            store.clear_alarm(def, &active.subject, why).await?;
+        }
+    }
+    if let Some(def) = wanted {
+        let message = format!(
+            "node certificate {} valid until {}",
+            info.subject, info.not_after
+        );
+        store.raise_alarm(def, &info.sha256, &message).await?;
+    }
+    Ok(())
 }
 
 /// The names a node certificate must cover: the XMPP domain and the node name.
@@ -88,6 +138,7 @@ impl Node {
             .register_node(&config.node_name(), &config.cluster_name())
             .await?;
         let identity = identity(config)?;
+        check_certificate(&store, &identity).await?;
         let server = Server::new(
             config.router_config(),
             store,
@@ -112,9 +163,28 @@ impl Node {
                     .with_context(|| format!("cannot listen on {addr} (c2s direct TLS)"))?,
             );
         }
+        // Re-check the certificate in use every hour until shutdown.
+        let in_use = Arc::new(std::sync::RwLock::new(identity.clone()));
+        let (check_server, check_identity) = (server.clone(), in_use.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(CERT_CHECK_INTERVAL);
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    _ = check_server.shutdown.cancelled() => break,
+                    _ = ticks.tick() => {
+                        let current = check_identity.read().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Err(e) = check_certificate(&check_server.store, &current).await {
+                            tracing::error!(error = %e, "certificate check failed");
+                        }
+                    }
+                }
+            }
+        });
         Ok(Node {
             server,
             identity,
+            in_use,
             c2s,
             c2s_direct_tls,
         })
@@ -122,12 +192,14 @@ impl Node {
 
     /// Loads the certificate from the data directory again and uses it for every new TLS
     /// handshake; connections already up keep theirs. Returns the new fingerprint.
-    pub fn reload_certificates(&mut self, config: &Config) -> anyhow::Result<String> {
+    pub async fn reload_certificates(&mut self, config: &Config) -> anyhow::Result<String> {
         let identity = identity(config)?;
+        check_certificate(&self.server.store, &identity).await?;
         self.server.set_tls(
             identity.server_config(&[])?,
             identity.server_config(&[b"xmpp-client"])?,
         );
+        *self.in_use.write().unwrap_or_else(|e| e.into_inner()) = identity.clone();
         self.identity = identity;
         Ok(self.identity.fingerprint())
     }
@@ -136,5 +208,23 @@ impl Node {
     pub async fn shutdown(self) {
         self.server.shutdown(SHUTDOWN_GRACE).await;
         self.server.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_thresholds() {
+        let day = 86_400;
+        let name = |s| expiry_alarm(s).map(|a| a.name);
+        assert_eq!(name(31 * day), None);
+        assert_eq!(name(30 * day), Some("NodeCertificateExpiringSoon"));
+        assert_eq!(name(8 * day), Some("NodeCertificateExpiringSoon"));
+        assert_eq!(name(7 * day), Some("NodeCertificateExpiring"));
+        assert_eq!(name(1), Some("NodeCertificateExpiring"));
+        assert_eq!(name(0), Some("NodeCertificateExpired"));
+        assert_eq!(name(-day), Some("NodeCertificateExpired"));
     }
 }

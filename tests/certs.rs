@@ -73,7 +73,7 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     assert!(tls_fingerprint(&node, &ca_der).await.is_err());
 
     let config = node.config.clone();
-    let reloaded = node.node.reload_certificates(&config).unwrap();
+    let reloaded = node.node.reload_certificates(&config).await.unwrap();
     assert_eq!(reloaded, installed);
     assert_eq!(tls_fingerprint(&node, &ca_der).await.unwrap(), installed);
 
@@ -84,4 +84,69 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     )
     .await;
     expect(&mut alice, 5, "ping result", |e| e.attr("id") == Some("p")).await;
+}
+
+/// A certificate for localhost signed by a fresh test CA, valid for `days` from now.
+fn ca_signed(days: i64) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem(), ca_cert.pem())
+}
+
+#[tokio::test]
+async fn expiring_certificate_raises_an_alarm_and_its_replacement_clears_it() {
+    let mut node = start_node(|_| {}).await;
+    let store = node.node.server.store.clone();
+    let config = node.config.clone();
+    assert!(
+        store.active_alarms().await.unwrap().is_empty(),
+        "a fresh self-signed certificate is fine"
+    );
+
+    let (cert, key, ca) = ca_signed(10);
+    impmesh::node::import_certificate(
+        &config,
+        cert.as_bytes(),
+        Some(key.as_bytes()),
+        Some(ca.as_bytes()),
+    )
+    .unwrap();
+    let short = node.node.reload_certificates(&config).await.unwrap();
+    let active = store.active_alarms().await.unwrap();
+    assert_eq!(active.len(), 1, "{active:?}");
+    assert_eq!(active[0].name, "NodeCertificateExpiringSoon");
+    assert_eq!(active[0].severity, "warning");
+    assert_eq!(active[0].subject, short);
+
+    let (cert, key, ca) = ca_signed(365);
+    impmesh::node::import_certificate(
+        &config,
+        cert.as_bytes(),
+        Some(key.as_bytes()),
+        Some(ca.as_bytes()),
+    )
+    .unwrap();
+    node.node.reload_certificates(&config).await.unwrap();
+    assert!(store.active_alarms().await.unwrap().is_empty());
+    let history = store.alarm_history(10).await.unwrap();
+    let events: Vec<(&str, bool)> = history
+        .iter()
+        .map(|e| (e.name.as_str(), e.raised))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("NodeCertificateExpiringSoon", false),
+            ("NodeCertificateExpiringSoon", true)
+        ]
+    );
 }

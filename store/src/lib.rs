@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alarms;
 mod offline;
 mod roster;
 pub mod scram;

@@ -1,0 +1,315 @@
+//! The alarm catalogue and its persistence. An alarm has a name, a severity, a
+//! meaning and a recommended action ([`CATALOGUE`]); the code that detects a condition
+//! raises it for a subject (a certificate, a peer, …) and clears it when the condition
+//! ends. Active alarms and the history of every raise and clear live in the store.
+//! Adding an alarm is one entry in [`CATALOGUE`] (and a line in ops/alarms.md).
+
+use sqlx::Row as _;
+
+use crate::{Result, Store, now_unix};
+
+/// How bad an alarm is, most severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Severity {
+    Critical,
+    Major,
+    Minor,
+    Warning,
+    Info,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Major => "major",
+            Severity::Minor => "minor",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
+}
+
+/// One entry of the catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlarmDef {
+    pub name: &'static str,
+    pub severity: Severity,
+    pub meaning: &'static str,
+    pub action: &'static str,
+}
+
+/// The node certificate expires within 30 days.
+pub const CERT_EXPIRING_SOON: &AlarmDef = &CATALOGUE[0];
+/// The node certificate expires within 7 days.
+pub const CERT_EXPIRING: &AlarmDef = &CATALOGUE[1];
+/// The node certificate has expired.
+pub const CERT_EXPIRED: &AlarmDef = &CATALOGUE[2];
+
+/// Every alarm the node can raise.
+pub const CATALOGUE: [AlarmDef; 3] = [
+    AlarmDef {
+        name: "NodeCertificateExpiringSoon",
+        severity: Severity::Warning,
+        meaning: "The node's certificate expires within 30 days.",
+        action: "Get a new certificate (impmesh cert csr, then cert import) or regenerate the self-signed one, then reload the node (SIGHUP).",
+    },
+    AlarmDef {
+        name: "NodeCertificateExpiring",
+        severity: Severity::Critical,
+        meaning: "The node's certificate expires within 7 days; clients and peers will then refuse the node.",
+        action: "Replace the certificate now (impmesh cert import) and reload the node (SIGHUP).",
+    },
+    AlarmDef {
+        name: "NodeCertificateExpired",
+        severity: Severity::Critical,
+        meaning: "The node's certificate has expired; TLS clients and peers refuse the node.",
+        action: "Replace the certificate (impmesh cert import) and reload the node (SIGHUP).",
+    },
+];
+
+/// An alarm that is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveAlarm {
+    pub name: String,
+    pub subject: String,
+    pub severity: String,
+    pub message: String,
+    pub since: i64,
+}
+
+/// One raise or clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmEvent {
+    pub name: String,
+    pub subject: String,
+    pub severity: String,
+    pub raised: bool,
+    pub message: String,
+    pub at: i64,
+}
+
+impl Store {
+    /// Raises an alarm for a subject; true when it was not already on (only then is an
+    /// event recorded and logged).
+    pub async fn raise_alarm(&self, def: &AlarmDef, subject: &str, message: &str) -> Result<bool> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO alarms_active (name, subject, severity, message, since)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name, subject) DO NOTHING",
+        )
+        .bind(def.name)
+        .bind(subject)
+        .bind(def.severity.as_str())
+        .bind(message)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if inserted {
+            record(
+                &mut tx,
+                def.name,
+                subject,
+                def.severity.as_str(),
+                true,
+                message,
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if inserted {
+            tracing::warn!(
+                alarm = def.name,
+                severity = def.severity.as_str(),
+                subject,
+                message,
+                "alarm raised"
+            );
+        }
+        Ok(inserted)
+    }
+
+    /// Clears an alarm for a subject; true when it was on.
+    pub async fn clear_alarm(&self, def: &AlarmDef, subject: &str, message: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM alarms_active WHERE name = $1 AND subject = $2")
+            .bind(def.name)
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if removed {
+            record(
+                &mut tx,
+                def.name,
+                subject,
+                def.severity.as_str(),
+                false,
+                message,
+                now_unix(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if removed {
+            tracing::info!(alarm = def.name, subject, message, "alarm cleared");
+        }
+        Ok(removed)
+    }
+
+    /// The alarms that are on, oldest first.
+    pub async fn active_alarms(&self) -> Result<Vec<ActiveAlarm>> {
+        let rows = sqlx::query(
+            "SELECT name, subject, severity, message, since FROM alarms_active ORDER BY since, name, subject",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ActiveAlarm {
+                    name: r.try_get("name")?,
+                    subject: r.try_get("subject")?,
+                    severity: r.try_get("severity")?,
+                    message: r.try_get("message")?,
+                    since: r.try_get("since")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The latest `limit` raises and clears, newest first.
+    pub async fn alarm_history(&self, limit: i64) -> Result<Vec<AlarmEvent>> {
+        let rows = sqlx::query(
+            "SELECT name, subject, severity, raised, message, at FROM alarm_events ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let raised: i64 = r.try_get("raised")?;
+                Ok(AlarmEvent {
+                    name: r.try_get("name")?,
+                    subject: r.try_get("subject")?,
+                    severity: r.try_get("severity")?,
+                    raised: raised != 0,
+                    message: r.try_get("message")?,
+                    at: r.try_get("at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn record(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    name: &str,
+    subject: &str,
+    severity: &str,
+    raised: bool,
+    message: &str,
+    at: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO alarm_events (name, subject, severity, raised, message, at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(name)
+    .bind(subject)
+    .bind(severity)
+    .bind(i64::from(raised))
+    .bind(message)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::stores;
+
+    #[tokio::test]
+    async fn raise_clear_and_history() {
+        for (store, _dir) in stores().await {
+            assert!(
+                store
+                    .raise_alarm(CERT_EXPIRING_SOON, "AA:BB", "expires in 20 days")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .raise_alarm(CERT_EXPIRING_SOON, "AA:BB", "again")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .raise_alarm(CERT_EXPIRED, "CC:DD", "expired")
+                    .await
+                    .unwrap()
+            );
+            let active = store.active_alarms().await.unwrap();
+            assert_eq!(active.len(), 2);
+            let soon = active
+                .iter()
+                .find(|a| a.name == CERT_EXPIRING_SOON.name)
+                .unwrap();
+            assert_eq!(
+                (soon.severity.as_str(), soon.subject.as_str()),
+                ("warning", "AA:BB")
+            );
+            assert!(
+                store
+                    .clear_alarm(CERT_EXPIRING_SOON, "AA:BB", "replaced")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .clear_alarm(CERT_EXPIRING_SOON, "AA:BB", "replaced")
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(store.active_alarms().await.unwrap().len(), 1);
+            let history = store.alarm_history(10).await.unwrap();
+            let seen: Vec<(&str, bool)> = history
+                .iter()
+                .map(|e| (e.name.as_str(), e.raised))
+                .collect();
+            assert_eq!(
+                seen,
+                [
+                    ("NodeCertificateExpiringSoon", false),
+                    ("NodeCertificateExpired", true),
+                    ("NodeCertificateExpiringSoon", true)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn catalogue_names_are_unique_and_documented() {
+        let mut names: Vec<&str> = CATALOGUE.iter().map(|a| a.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), CATALOGUE.len());
+        let doc = include_str!("../../ops/alarms.md");
+        for alarm in CATALOGUE {
+            assert!(
+                doc.contains(alarm.name),
+                "{} is missing from ops/alarms.md",
+                alarm.name
+            );
+            assert!(!alarm.meaning.is_empty() && !alarm.action.is_empty());
+        }
+    }
+}
