@@ -27,7 +27,7 @@ pub async fn add(
             fingerprint: info.sha256,
             kind,
             subject: info.subject,
-            pem: pem_text(&cert),
+            pem: impmesh_certs::pem_encode("CERTIFICATE", cert.as_ref()),
             source: "imported".into(),
             peer: peer.map(String::from),
             added_at: 0,
@@ -55,16 +55,4 @@ pub async fn anchors(store: &Store) -> anyhow::Result<TrustAnchors> {
         }
     }
     Ok(anchors)
-}
-
-fn pem_text(cert: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }

@@ -41,20 +41,9 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     let self_signed = node.node.identity.fingerprint();
 
     // A test CA and a certificate for localhost with a fresh key.
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let node_key = rcgen::KeyPair::generate().unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&node_key, &issuer)
-        .unwrap();
-    let ca_der = ca_cert.der().clone();
+    let ca = TestCa::new("Test CA");
+    let (cert, node_key) = ca.issue(&["localhost"], 365);
+    let ca_der = ca.cert.der().clone();
 
     // Before: the node still presents its self-signed certificate.
     assert!(tls_fingerprint(&node, &ca_der).await.is_err());
@@ -63,9 +52,9 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
 
     let installed = impmesh::node::import_certificate(
         &node.config,
-        cert.pem().as_bytes(),
-        Some(node_key.serialize_pem().as_bytes()),
-        Some(ca_cert.pem().as_bytes()),
+        cert.as_bytes(),
+        Some(node_key.as_bytes()),
+        Some(ca.cert.pem().as_bytes()),
     )
     .unwrap();
     assert_ne!(installed, self_signed);
@@ -86,20 +75,12 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     expect(&mut alice, 5, "ping result", |e| e.attr("id") == Some("p")).await;
 }
 
-/// A certificate for localhost signed by a fresh test CA, valid for `days` from now.
+/// A certificate for localhost signed by a fresh test CA, valid for `days` from now:
+/// (certificate, key, CA certificate), all PEM.
 fn ca_signed(days: i64) -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(days);
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem(), ca_cert.pem())
+    let ca = TestCa::new("Test CA");
+    let (cert, key) = ca.issue(&["localhost"], days);
+    (cert, key, ca.cert.pem())
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
@@ -131,25 +133,17 @@ fn cert_import_checks_then_installs() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let ca = support::TestCa::new("Test CA");
+    let (cert, key) = ca.issue(&["localhost"], 365);
     let write = |name: &str, text: String| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_owned()
     };
     let (cert_f, key_f, ca_f) = (
-        write("node.pem", cert.pem()),
-        write("node-key.pem", key.serialize_pem()),
-        write("ca.pem", ca_cert.pem()),
+        write("node.pem", cert),
+        write("node-key.pem", key),
+        write("ca.pem", ca.cert.pem()),
     );
     let wrong_f = write(
         "wrong-key.pem",
@@ -193,17 +187,10 @@ fn trust_add_list_remove() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Test CA");
-    let ca = ca_params
-        .self_signed(&rcgen::KeyPair::generate().unwrap())
-        .unwrap();
+    let ca = support::TestCa::new("Test CA");
     let peer =
         rcgen::generate_simple_self_signed(vec!["cluster-b.example.com".to_owned()]).unwrap();
-    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(d.join("ca.pem"), ca.cert.pem()).unwrap();
     std::fs::write(d.join("peer.pem"), peer.cert.pem()).unwrap();
     let data = d.join("data");
     let path = |n: &str| d.join(n).to_str().unwrap().to_owned();

@@ -61,7 +61,7 @@ impl NodeIdentity {
         check(&chain, &key, required_names)?;
         let mut cert_text = String::new();
         for cert in &chain {
-            cert_text.push_str(&pem("CERTIFICATE", cert.as_ref()));
+            cert_text.push_str(&crate::pem_encode("CERTIFICATE", cert.as_ref()));
         }
         let cert_path = dir.join(CERT_FILE);
         let key_path = dir.join(KEY_FILE);
@@ -166,25 +166,13 @@ fn san_matches(san: &str, name: &str) -> bool {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 fn pem_key(key: &PrivateKeyDer<'_>) -> String {
     let label = match key {
         PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
         PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
         _ => "PRIVATE KEY",
     };
-    pem(label, key.secret_der())
+    crate::pem_encode(label, key.secret_der())
 }
 
 #[cfg(test)]

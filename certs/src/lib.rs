@@ -259,6 +259,19 @@ pub fn generate_self_signed(names: &[String]) -> Result<(String, String), CertEr
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// PEM text (RFC 7468) of DER data under `label`, e.g. `CERTIFICATE`.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 /// SHA-256 fingerprint of a DER certificate, as colon-separated upper-case hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     sha2::Sha256::digest(cert.as_ref())
