@@ -90,6 +90,9 @@ enum CertCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Replaces the node's key and self-signed certificate with new ones (same names).
+    /// A running node uses them after SIGHUP.
+    Regenerate,
     /// Installs a CA-signed certificate (PEM) after checking that it fits this node.
     /// A running node uses it after SIGHUP.
     Import {
@@ -331,6 +334,12 @@ fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
                 println!("  valid until: {}", info.not_after);
                 println!("  SHA-256:     {}", info.sha256);
             }
+            Ok(())
+        }
+        CertCommand::Regenerate => {
+            let fp = impmesh::node::regenerate_certificate(config)?;
+            println!("generated a new self-signed certificate; SHA-256 {fp}");
+            println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
             Ok(())
         }
         CertCommand::Import { cert, key, chain } => {

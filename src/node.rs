@@ -112,15 +112,29 @@ pub fn import_certificate(
     Ok(new.fingerprint())
 }
 
-/// The node's identity: loaded from `DATA_DIR/certs`, or generated at first use with
-/// the domain, the node name and the cluster name as SANs.
-pub fn identity(config: &Config) -> anyhow::Result<NodeIdentity> {
+/// Replaces the node's key and certificate with a new self-signed pair for the same
+/// names; returns the new fingerprint.
+pub fn regenerate_certificate(config: &Config) -> anyhow::Result<String> {
+    let names = certificate_names(config);
+    let dir = config.data_dir.join("certs");
+    Ok(NodeIdentity::regenerate(&dir, &names)?.fingerprint())
+}
+
+/// The SANs of a generated certificate: the domain, the node name, the cluster name.
+fn certificate_names(config: &Config) -> Vec<String> {
     let mut names = vec![config.domain.clone()];
     for name in [config.node_name(), config.cluster_name()] {
         if !names.contains(&name) {
             names.push(name);
         }
     }
+    names
+}
+
+/// The node's identity: loaded from `DATA_DIR/certs`, or generated at first use with
+/// the domain, the node name and the cluster name as SANs.
+pub fn identity(config: &Config) -> anyhow::Result<NodeIdentity> {
+    let names = certificate_names(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     Ok(NodeIdentity::load_or_generate(

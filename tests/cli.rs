@@ -123,6 +123,15 @@ fn cert_show_and_csr() {
             .unwrap()
             .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
     );
+    // Regenerate: a new certificate for the same names.
+    let regen = impmesh(d, &["cert", "regenerate"], "");
+    assert!(regen.status.success(), "{regen:?}");
+    let after: serde_json::Value =
+        serde_json::from_slice(&impmesh(d, &["cert", "show", "--json"], "").stdout).unwrap();
+    assert_ne!(after[0]["sha256"], certs[0]["sha256"]);
+    assert_eq!(after[0]["sans"], certs[0]["sans"]);
+    assert!(String::from_utf8_lossy(&regen.stdout).contains(after[0]["sha256"].as_str().unwrap()));
+
     let bad = impmesh(d, &["cert", "csr", "--cn", "x", "--san", "bad name"], "");
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a host name"));

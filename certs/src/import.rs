@@ -9,7 +9,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::*;
 
-use crate::{CERT_FILE, CertError, KEY_FILE, NodeIdentity, write_private};
+use crate::{CERT_FILE, CertError, KEY_FILE, NodeIdentity};
 
 /// Why a certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,28 +63,9 @@ impl NodeIdentity {
         for cert in &chain {
             cert_text.push_str(&crate::pem_encode("CERTIFICATE", cert.as_ref()));
         }
-        let cert_path = dir.join(CERT_FILE);
-        let key_path = dir.join(KEY_FILE);
-        // Replace atomically: write beside, then rename, key first.
-        if key_pem.is_some() {
-            let tmp = dir.join(format!("{KEY_FILE}.new"));
-            let _ = std::fs::remove_file(&tmp);
-            write_private(&tmp, pem_key(&key).as_bytes())?;
-            std::fs::rename(&tmp, &key_path).map_err(|source| CertError::Io {
-                path: key_path.clone(),
-                source,
-            })?;
-        }
-        let tmp = dir.join(format!("{CERT_FILE}.new"));
-        std::fs::write(&tmp, cert_text).map_err(|source| CertError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &cert_path).map_err(|source| CertError::Io {
-            path: cert_path.clone(),
-            source,
-        })?;
-        NodeIdentity::load(&cert_path, &key_path)
+        let key_text = key_pem.map(|_| pem_key(&key));
+        crate::install(dir, &cert_text, key_text.as_deref())?;
+        NodeIdentity::load(&dir.join(CERT_FILE), &dir.join(KEY_FILE))
     }
 }
 

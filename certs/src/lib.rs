@@ -78,18 +78,20 @@ impl NodeIdentity {
         if cert_path.exists() && key_path.exists() {
             return Self::load(&cert_path, &key_path);
         }
+        Self::regenerate(dir, names)
+    }
+
+    /// Replaces the identity in `dir` with a new key and a new self-signed certificate
+    /// naming `names` (`impmesh cert regenerate`; also the first start).
+    pub fn regenerate(dir: &Path, names: &[String]) -> Result<NodeIdentity, CertError> {
         let (cert_pem, key_pem) = generate_self_signed(names)?;
         std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
             path: dir.to_owned(),
             source,
         })?;
-        write_private(&key_path, key_pem.as_bytes())?;
-        std::fs::write(&cert_path, cert_pem.as_bytes()).map_err(|source| CertError::Io {
-            path: cert_path.clone(),
-            source,
-        })?;
-        tracing::info!(path = %cert_path.display(), ?names, "generated a self-signed node certificate");
-        Self::load(&cert_path, &key_path)
+        install(dir, &cert_pem, Some(&key_pem))?;
+        tracing::info!(dir = %dir.display(), ?names, "generated a self-signed node certificate");
+        Self::load(&dir.join(CERT_FILE), &dir.join(KEY_FILE))
     }
 
     /// Loads a PEM chain and key.
@@ -279,6 +281,29 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Replaces the identity files in `dir`, each atomically (written beside, then renamed),
+/// the key first so that a crash never pairs a new certificate with an old key.
+fn install(dir: &Path, cert_pem: &str, key_pem: Option<&str>) -> Result<(), CertError> {
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|source| CertError::Io {
+            path: to.to_owned(),
+            source,
+        })
+    };
+    if let Some(key_pem) = key_pem {
+        let tmp = dir.join(format!("{KEY_FILE}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, key_pem.as_bytes())?;
+        rename(&tmp, &dir.join(KEY_FILE))?;
+    }
+    let tmp = dir.join(format!("{CERT_FILE}.new"));
+    std::fs::write(&tmp, cert_pem).map_err(|source| CertError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    rename(&tmp, &dir.join(CERT_FILE))
 }
 
 /// Writes a secret file readable by its owner only.
