@@ -75,48 +75,39 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     expect(&mut alice, 5, "ping result", |e| e.attr("id") == Some("p")).await;
 }
 
-/// A certificate for localhost signed by a fresh test CA, valid for `days` from now:
-/// (certificate, key, CA certificate), all PEM.
-fn ca_signed(days: i64) -> (String, String, String) {
+/// Imports a certificate for localhost, signed by a fresh test CA and valid for `days`
+/// from now, and reloads the node; returns the new fingerprint.
+async fn install_ca_signed(node: &mut TestNode, days: i64) -> String {
     let ca = TestCa::new("Test CA");
     let (cert, key) = ca.issue(&["localhost"], days);
-    (cert, key, ca.cert.pem())
+    let config = node.config.clone();
+    impmesh::node::import_certificate(
+        &config,
+        cert.as_bytes(),
+        Some(key.as_bytes()),
+        Some(ca.cert.pem().as_bytes()),
+    )
+    .unwrap();
+    node.node.reload_certificates(&config).await.unwrap()
 }
 
 #[tokio::test]
 async fn expiring_certificate_raises_an_alarm_and_its_replacement_clears_it() {
     let mut node = start_node(|_| {}).await;
     let store = node.node.server.store.clone();
-    let config = node.config.clone();
     assert!(
         store.active_alarms().await.unwrap().is_empty(),
         "a fresh self-signed certificate is fine"
     );
 
-    let (cert, key, ca) = ca_signed(10);
-    impmesh::node::import_certificate(
-        &config,
-        cert.as_bytes(),
-        Some(key.as_bytes()),
-        Some(ca.as_bytes()),
-    )
-    .unwrap();
-    let short = node.node.reload_certificates(&config).await.unwrap();
+    let short = install_ca_signed(&mut node, 10).await;
     let active = store.active_alarms().await.unwrap();
     assert_eq!(active.len(), 1, "{active:?}");
     assert_eq!(active[0].name, "NodeCertificateExpiringSoon");
     assert_eq!(active[0].severity, "warning");
     assert_eq!(active[0].subject, short);
 
-    let (cert, key, ca) = ca_signed(365);
-    impmesh::node::import_certificate(
-        &config,
-        cert.as_bytes(),
-        Some(key.as_bytes()),
-        Some(ca.as_bytes()),
-    )
-    .unwrap();
-    node.node.reload_certificates(&config).await.unwrap();
+    install_ca_signed(&mut node, 365).await;
     assert!(store.active_alarms().await.unwrap().is_empty());
     let history = store.alarm_history(10).await.unwrap();
     let events: Vec<(&str, bool)> = history
