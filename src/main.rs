@@ -93,18 +93,25 @@ enum CertCommand {
     /// Replaces the node's key and self-signed certificate with new ones (same names).
     /// A running node uses them after SIGHUP.
     Regenerate,
-    /// Installs a CA-signed certificate (PEM) after checking that it fits this node.
-    /// A running node uses it after SIGHUP.
+    /// Installs a CA-signed certificate (PEM, or a PKCS#12 archive) after checking that
+    /// it fits this node. A running node uses it after SIGHUP.
     Import {
         /// The certificate, optionally followed by its chain.
-        #[arg(long)]
-        cert: PathBuf,
+        #[arg(long, required_unless_present = "p12", conflicts_with = "p12")]
+        cert: Option<PathBuf>,
         /// Its private key; without it the node keeps its key (the CSR flow).
         #[arg(long)]
         key: Option<PathBuf>,
         /// Intermediate certificates.
         #[arg(long)]
         chain: Option<PathBuf>,
+        /// A PKCS#12 archive (.p12/.pfx) holding the key and its chain; its password is
+        /// asked for.
+        #[arg(long, conflicts_with_all = ["key", "chain"])]
+        p12: Option<PathBuf>,
+        /// Read the PKCS#12 password from the first line of standard input.
+        #[arg(long, requires = "p12")]
+        password_stdin: bool,
     },
 }
 
@@ -342,15 +349,36 @@ fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
             println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
             Ok(())
         }
-        CertCommand::Import { cert, key, chain } => {
+        CertCommand::Import {
+            cert,
+            key,
+            chain,
+            p12,
+            password_stdin,
+        } => {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
             };
-            let cert = read(&cert)?;
-            let key = key.as_ref().map(read).transpose()?;
-            let chain = chain.as_ref().map(read).transpose()?;
-            let fp =
-                impmesh::node::import_certificate(config, &cert, key.as_deref(), chain.as_deref())?;
+            let fp = match (cert, p12) {
+                (_, Some(p12)) => {
+                    let archive = read(&p12)?;
+                    let password =
+                        impmesh::users::read_secret(password_stdin, "PKCS#12 password: ")?;
+                    impmesh::node::import_pkcs12(config, &archive, &password)?
+                }
+                (Some(cert), None) => {
+                    let cert = read(&cert)?;
+                    let key = key.as_ref().map(read).transpose()?;
+                    let chain = chain.as_ref().map(read).transpose()?;
+                    impmesh::node::import_certificate(
+                        config,
+                        &cert,
+                        key.as_deref(),
+                        chain.as_deref(),
+                    )?
+                }
+                (None, None) => anyhow::bail!("give --cert FILE or --p12 FILE"),
+            };
             println!("installed; SHA-256 {fp}");
             println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
             Ok(())

@@ -112,6 +112,19 @@ pub fn import_certificate(
     Ok(new.fingerprint())
 }
 
+/// Checks and installs a PKCS#12 archive (key and chain) for this node; returns the new
+/// fingerprint.
+pub fn import_pkcs12(config: &Config, archive: &[u8], password: &str) -> anyhow::Result<String> {
+    let current = identity(config)?;
+    let new = current.import_pkcs12(
+        &config.data_dir.join("certs"),
+        archive,
+        password,
+        &required_names(config),
+    )?;
+    Ok(new.fingerprint())
+}
+
 /// Replaces the node's key and certificate with a new self-signed pair for the same
 /// names; returns the new fingerprint.
 pub fn regenerate_certificate(config: &Config) -> anyhow::Result<String> {

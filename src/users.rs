@@ -74,13 +74,11 @@ fn check_password(password: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a password: the first line of stdin with `--password-stdin`, else a prompt
+/// Reads a new password: the first line of stdin with `--password-stdin`, else a prompt
 /// without echo (asked twice).
 pub fn read_password(from_stdin: bool) -> anyhow::Result<String> {
     if from_stdin {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+        return read_secret(true, "");
     }
     let first = rpassword::prompt_password("Password: ")?;
     let second = rpassword::prompt_password("Again: ")?;
@@ -88,4 +86,15 @@ pub fn read_password(from_stdin: bool) -> anyhow::Result<String> {
         anyhow::bail!("the passwords do not match");
     }
     Ok(first)
+}
+
+/// Reads an existing secret (asked once): the first line of stdin, or a prompt without
+/// echo.
+pub fn read_secret(from_stdin: bool, prompt: &str) -> anyhow::Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    Ok(rpassword::prompt_password(prompt)?)
 }

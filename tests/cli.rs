@@ -192,6 +192,54 @@ fn cert_import_checks_then_installs() {
 }
 
 #[test]
+fn cert_import_of_a_pkcs12_archive_asks_its_password() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = support::TestCa::new("Test CA");
+    let (cert, key) = ca.issue(&["localhost"], 365);
+    std::fs::write(d.join("node.pem"), cert).unwrap();
+    std::fs::write(d.join("node-key.pem"), key).unwrap();
+    std::fs::write(d.join("ca.pem"), ca.cert.pem()).unwrap();
+    let p12 = d.join("node.p12");
+    let made = Command::new("openssl")
+        .args(["pkcs12", "-export", "-passout", "pass:s3cret", "-in"])
+        .arg(d.join("node.pem"))
+        .arg("-inkey")
+        .arg(d.join("node-key.pem"))
+        .arg("-certfile")
+        .arg(d.join("ca.pem"))
+        .arg("-out")
+        .arg(&p12)
+        .status()
+        .expect("this test needs the openssl command");
+    assert!(made.success());
+    let data = d.join("data");
+    let p12 = p12.to_str().unwrap();
+
+    let wrong = impmesh(
+        &data,
+        &["cert", "import", "--p12", p12, "--password-stdin"],
+        "nope\n",
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong password"),
+        "{wrong:?}"
+    );
+    let ok = impmesh(
+        &data,
+        &["cert", "import", "--p12", p12, "--password-stdin"],
+        "s3cret\n",
+    );
+    assert!(ok.status.success(), "{ok:?}");
+    let show: serde_json::Value =
+        serde_json::from_slice(&impmesh(&data, &["cert", "show", "--json"], "").stdout).unwrap();
+    assert_eq!(show[0]["self_signed"], false);
+    assert_eq!(show[1]["subject"], "CN=Test CA");
+}
+
+#[test]
 fn trust_add_list_remove() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();

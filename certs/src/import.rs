@@ -30,6 +30,10 @@ pub enum ImportError {
     NamesNotCovered(Vec<String>),
     #[error("cannot parse a certificate: {0}")]
     Parse(String),
+    #[error("cannot read the PKCS#12 archive (wrong password or damaged file): {0}")]
+    Pkcs12(String),
+    #[error("the PKCS#12 archive holds no private key with its certificate")]
+    Pkcs12NoKeyChain,
 }
 
 impl NodeIdentity {
@@ -58,12 +62,54 @@ impl NodeIdentity {
             })?,
             None => self.key.clone_key(),
         };
-        check(&chain, &key, required_names)?;
+        self.install_checked(dir, &chain, &key, key_pem.is_some(), required_names)
+    }
+
+    /// Like [`Self::import`], for a PKCS#12 archive holding the key and its chain
+    /// (`openssl pkcs12 -export`, a Java/Tomcat keystore). Refused when the archive
+    /// does not decrypt with `password` or holds no key with a certificate.
+    pub fn import_pkcs12(
+        &self,
+        dir: &Path,
+        archive: &[u8],
+        password: &str,
+        required_names: &[String],
+    ) -> Result<NodeIdentity, CertError> {
+        let store = p12_keystore::KeyStore::from_pkcs12(
+            archive,
+            password,
+            p12_keystore::Pkcs12ImportPolicy::Strict,
+        )
+        .map_err(|e| ImportError::Pkcs12(e.to_string()))?;
+        let (_, entry) = store
+            .private_key_chain()
+            .ok_or(ImportError::Pkcs12NoKeyChain)?;
+        let chain: Vec<CertificateDer<'static>> = entry
+            .certs()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_der().to_vec()))
+            .collect();
+        if chain.is_empty() {
+            return Err(ImportError::Pkcs12NoKeyChain.into());
+        }
+        let key = PrivateKeyDer::Pkcs8(entry.key().as_der().to_vec().into());
+        self.install_checked(dir, &chain, &key, true, required_names)
+    }
+
+    fn install_checked(
+        &self,
+        dir: &Path,
+        chain: &[CertificateDer<'static>],
+        key: &PrivateKeyDer<'_>,
+        new_key: bool,
+        required_names: &[String],
+    ) -> Result<NodeIdentity, CertError> {
+        check(chain, key, required_names)?;
         let mut cert_text = String::new();
-        for cert in &chain {
+        for cert in chain {
             cert_text.push_str(&crate::pem_encode("CERTIFICATE", cert.as_ref()));
         }
-        let key_text = key_pem.map(|_| pem_key(&key));
+        let key_text = new_key.then(|| pem_key(key));
         crate::install(dir, &cert_text, key_text.as_deref())?;
         NodeIdentity::load(&dir.join(CERT_FILE), &dir.join(KEY_FILE))
     }
@@ -249,6 +295,82 @@ mod tests {
             )
             .unwrap();
         new.server_config(&[]).unwrap();
+    }
+
+    /// A PKCS#12 archive made by `openssl pkcs12 -export`, as an admin would make one.
+    fn openssl_p12(dir: &Path, key: &rcgen::KeyPair, cert: &str, chain: &str, pw: &str) -> Vec<u8> {
+        std::fs::write(dir.join("in.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("in.crt"), cert).unwrap();
+        std::fs::write(dir.join("ca.crt"), chain).unwrap();
+        let status = std::process::Command::new("openssl")
+            .args(["pkcs12", "-export", "-name", "tomcat", "-passout"])
+            .arg(format!("pass:{pw}"))
+            .arg("-inkey")
+            .arg(dir.join("in.key"))
+            .arg("-in")
+            .arg(dir.join("in.crt"))
+            .arg("-certfile")
+            .arg(dir.join("ca.crt"))
+            .arg("-out")
+            .arg(dir.join("out.p12"))
+            .status()
+            .expect("the PKCS#12 test needs the openssl command");
+        assert!(status.success());
+        std::fs::read(dir.join("out.p12")).unwrap()
+    }
+
+    #[test]
+    fn a_pkcs12_archive_from_openssl_is_installed() {
+        let (dir, id, _) = node();
+        let work = tempfile::tempdir().unwrap();
+        let ca = ca("Test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = issue(&ca, &key, &[DOMAIN, NODE], false);
+        let p12 = openssl_p12(work.path(), &key, &cert, &ca.cert.pem(), "changeit");
+
+        let err = id
+            .import_pkcs12(dir.path(), &p12, "wrong", &names())
+            .unwrap_err();
+        assert!(
+            matches!(err, CertError::Import(ImportError::Pkcs12(_))),
+            "{err}"
+        );
+        let unchanged = NodeIdentity::load_or_generate(dir.path(), &names()).unwrap();
+        assert_eq!(unchanged.fingerprint(), id.fingerprint());
+
+        let new = id
+            .import_pkcs12(dir.path(), &p12, "changeit", &names())
+            .unwrap();
+        assert_eq!(new.chain.len(), 2);
+        assert_eq!(new.chain[1].as_ref(), ca.cert.der().as_ref());
+        let reloaded = NodeIdentity::load_or_generate(dir.path(), &names()).unwrap();
+        assert_eq!(reloaded.fingerprint(), new.fingerprint());
+        reloaded.server_config(&[]).unwrap();
+        assert_eq!(
+            rcgen::KeyPair::try_from(&reloaded.key).unwrap().der_bytes(),
+            key.der_bytes()
+        );
+    }
+
+    #[test]
+    fn a_pkcs12_archive_is_checked_like_pem() {
+        let (dir, id, _) = node();
+        let work = tempfile::tempdir().unwrap();
+        let ca = ca("Test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = issue(&ca, &key, &[DOMAIN], false);
+        let p12 = openssl_p12(work.path(), &key, &cert, &ca.cert.pem(), "pw");
+        let err = id
+            .import_pkcs12(dir.path(), &p12, "pw", &names())
+            .unwrap_err();
+        assert!(
+            matches!(&err, CertError::Import(ImportError::NamesNotCovered(n)) if *n == [NODE]),
+            "{err}"
+        );
+        assert!(matches!(
+            id.import_pkcs12(dir.path(), b"not an archive", "pw", &names()),
+            Err(CertError::Import(ImportError::Pkcs12(_)))
+        ));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alarms;
+mod directory;
 mod offline;
 mod roster;
 pub mod scram;
@@ -25,6 +26,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions as _};
 
+pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use offline::OfflineMessage;
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
@@ -40,6 +42,10 @@ pub enum StoreError {
     UserNotFound(String),
     #[error(transparent)]
     InvalidPassword(#[from] scram::InvalidPassword),
+    #[error(
+        "changes since USN {since} are no longer kept (tombstones below {pruned_below} were pruned): do a full sync"
+    )]
+    UsnTooOld { since: i64, pruned_below: i64 },
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
     #[error("unsupported store URL {0:?}: use sqlite://PATH or postgres://…")]

@@ -14,6 +14,8 @@ pub struct UserRecord {
     pub scram_sha1: ScramVerifier,
     pub scram_sha256: ScramVerifier,
     pub created_at: i64,
+    /// The USN of the last directory change to this user.
+    pub usn: i64,
 }
 
 /// What it takes to create a user.
@@ -37,9 +39,20 @@ impl Store {
     /// The username must already be a normalised localpart.
     pub async fn add_user(&self, user: NewUser<'_>) -> Result<()> {
         let (sha1, sha256) = verifiers(user.password)?;
+        let mut tx = self.pool.begin().await?;
+        // The USN first: it takes the write lock, so the check below cannot go stale.
+        let usn = crate::directory::next_usn(&mut tx).await?;
+        if sqlx::query("SELECT 1 FROM users WHERE username = $1")
+            .bind(user.username)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::UserExists(user.username.to_owned()));
+        }
         let result = sqlx::query(
-            "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING",
+            "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING",
         )
         .bind(user.username)
         .bind(user.home_cluster)
@@ -47,11 +60,42 @@ impl Store {
         .bind(sha1.encode())
         .bind(sha256.encode())
         .bind(now_unix())
-        .execute(&self.pool)
+        .bind(usn)
+        .execute(&mut *tx)
         .await?;
         if result.rows_affected() == 0 {
             return Err(StoreError::UserExists(user.username.to_owned()));
         }
+        sqlx::query("DELETE FROM user_tombstones WHERE username = $1")
+            .bind(user.username)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves a user to another home cluster/node; a directory change with a new USN.
+    pub async fn set_home(
+        &self,
+        username: &str,
+        home_cluster: &str,
+        home_node: &str,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let usn = crate::directory::next_usn(&mut tx).await?;
+        let result = sqlx::query(
+            "UPDATE users SET home_cluster = $1, home_node = $2, usn = $3 WHERE username = $4",
+        )
+        .bind(home_cluster)
+        .bind(home_node)
+        .bind(usn)
+        .bind(username)
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound(username.to_owned()));
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -71,22 +115,46 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a user and, by cascade, everything the store keeps for them.
+    /// Deletes a user and, by cascade, everything the store keeps for them; leaves a
+    /// tombstone with a new USN so peers learn of the deletion.
     pub async fn delete_user(&self, username: &str) -> Result<()> {
-        let result = sqlx::query("DELETE FROM users WHERE username = $1")
-            .bind(username)
-            .execute(&self.pool)
-            .await?;
-        if result.rows_affected() == 0 {
+        let mut tx = self.pool.begin().await?;
+        let usn = crate::directory::next_usn(&mut tx).await?;
+        let Some(row) =
+            sqlx::query("SELECT home_cluster, home_node FROM users WHERE username = $1")
+                .bind(username)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
             return Err(StoreError::UserNotFound(username.to_owned()));
-        }
+        };
+        let (home_cluster, home_node): (String, String) =
+            (row.try_get("home_cluster")?, row.try_get("home_node")?);
+        sqlx::query("DELETE FROM users WHERE username = $1")
+            .bind(username)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO user_tombstones (username, home_cluster, home_node, usn, deleted_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (username) DO UPDATE SET home_cluster = excluded.home_cluster,
+                 home_node = excluded.home_node, usn = excluded.usn, deleted_at = excluded.deleted_at",
+        )
+        .bind(username)
+        .bind(&home_cluster)
+        .bind(&home_node)
+        .bind(usn)
+        .bind(now_unix())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// One user, or `None`.
     pub async fn user(&self, username: &str) -> Result<Option<UserRecord>> {
         let row = sqlx::query(
-            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at
+            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn
              FROM users WHERE username = $1",
         )
         .bind(username)
@@ -107,7 +175,7 @@ impl Store {
     /// Every user, ordered by name.
     pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
         let rows = sqlx::query(
-            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at
+            "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn
              FROM users ORDER BY username",
         )
         .fetch_all(&self.pool)
@@ -129,6 +197,7 @@ fn user_from_row(row: &sqlx::any::AnyRow) -> Result<UserRecord> {
         scram_sha1: decode(ScramHash::Sha1, "scram_sha1")?,
         scram_sha256: decode(ScramHash::Sha256, "scram_sha256")?,
         created_at: row.try_get("created_at")?,
+        usn: row.try_get("usn")?,
         username,
     })
 }
