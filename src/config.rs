@@ -20,6 +20,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub sasl: SaslSection,
     pub registration: RegistrationSection,
+    pub https: HttpsSection,
     pub log: LogSection,
 }
 
@@ -34,6 +35,7 @@ impl Default for Config {
             limits: LimitsSection::default(),
             sasl: SaslSection::default(),
             registration: RegistrationSection::default(),
+            https: HttpsSection::default(),
             log: LogSection::default(),
         }
     }
@@ -46,6 +48,10 @@ pub struct NodeSection {
     pub name: Option<String>,
     /// The cluster's name; defaults to the domain.
     pub cluster: Option<String>,
+    /// The host name or address peers and clients reach this node at (published to
+    /// peers). Default: the HTTPS listener's address, or the node name when that is a
+    /// wildcard address.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +61,8 @@ pub struct ListenSection {
     pub c2s: Vec<SocketAddr>,
     /// Client-to-server with TLS from the first byte (XEP-0368).
     pub c2s_direct_tls: Vec<SocketAddr>,
+    /// HTTPS: the AXL-like API, the admin API, /metrics, /healthz, /readyz.
+    pub https: SocketAddr,
 }
 
 impl Default for ListenSection {
@@ -62,6 +70,38 @@ impl Default for ListenSection {
         ListenSection {
             c2s: vec![SocketAddr::from(([127, 0, 0, 1], 5222))],
             c2s_direct_tls: vec![SocketAddr::from(([127, 0, 0, 1], 5223))],
+            https: SocketAddr::from(([127, 0, 0, 1], 8443)),
+        }
+    }
+}
+
+/// The HTTPS service's limits; durations in seconds unless named otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpsSection {
+    /// Largest request body, bytes (larger: 413).
+    pub body_limit: usize,
+    /// Milliseconds to wait before answering a failed authentication.
+    pub failure_delay_ms: u64,
+    /// Failed authentications from one address within the window before it gets 429.
+    pub max_failures: u32,
+    pub failure_window: u64,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Lifetime of a session opened by the channel-bound first contact.
+    pub session_ttl: u64,
+}
+
+impl Default for HttpsSection {
+    fn default() -> Self {
+        let l = impmesh_axl::HttpsLimits::default();
+        HttpsSection {
+            body_limit: l.body_limit,
+            failure_delay_ms: l.auth.failure_delay.as_millis() as u64,
+            max_failures: l.auth.max_failures,
+            failure_window: l.auth.failure_window.as_secs(),
+            max_connections: l.max_connections,
+            session_ttl: l.auth.session_ttl.as_secs(),
         }
     }
 }
@@ -233,6 +273,12 @@ impl Config {
                     .into(),
             ));
         }
+        if self.https.body_limit < 1024 || self.https.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "https.body_limit must be at least 1024 and https.max_connections at least 1"
+                    .into(),
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid("log.format is text or json".into()));
         }
@@ -266,6 +312,35 @@ impl Config {
             ..impmesh_router::Limits::default()
         };
         rc
+    }
+
+    /// The HTTPS service's view of this configuration.
+    pub fn https_limits(&self) -> impmesh_axl::HttpsLimits {
+        let h = &self.https;
+        impmesh_axl::HttpsLimits {
+            body_limit: h.body_limit,
+            max_connections: h.max_connections,
+            auth: impmesh_axl::auth::AuthLimits {
+                failure_delay: Duration::from_millis(h.failure_delay_ms),
+                max_failures: h.max_failures,
+                failure_window: Duration::from_secs(h.failure_window),
+                session_ttl: Duration::from_secs(h.session_ttl),
+            },
+            ..impmesh_axl::HttpsLimits::default()
+        }
+    }
+
+    /// Where peers and clients reach this node.
+    pub fn advertised_host(&self) -> String {
+        if let Some(host) = &self.node.host {
+            return host.clone();
+        }
+        let ip = self.listen.https.ip();
+        if ip.is_unspecified() {
+            self.node_name()
+        } else {
+            ip.to_string()
+        }
     }
 
     pub fn node_name(&self) -> String {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod node;
-pub mod trust;
+pub mod remote;
 pub mod users;

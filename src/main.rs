@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Runs the node until SIGTERM or ctrl-c.
     Serve,
-    /// Manages accounts (works whether or not the server runs).
+    /// Manages accounts (through the running node, or on the store when it is stopped).
     #[command(subcommand)]
     User(UserCommand),
     /// The node's certificate.
@@ -46,6 +46,48 @@ enum Command {
         #[arg(long)]
         history: bool,
     },
+    /// The intercluster application user that peer clusters authenticate as.
+    #[command(subcommand, name = "axl-user")]
+    AxlUser(AxlUserCommand),
+    /// Admin accounts of the admin API (besides the local token file).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// The running node's status.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AxlUserCommand {
+    /// Creates the user or changes its password (asked for, or read from stdin).
+    Set {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Lists the users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes a user.
+    Del { name: String },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Creates an admin account or changes its password.
+    Add {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Deletes an admin account.
+    Del { name: String },
+    /// Lists admin accounts.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -90,11 +132,11 @@ enum CertCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Replaces the node's key and self-signed certificate with new ones (same names).
-    /// A running node uses them after SIGHUP.
+    /// Replaces the node's key and self-signed certificate with new ones (same names);
+    /// a running node uses them at once.
     Regenerate,
     /// Installs a CA-signed certificate (PEM, or a PKCS#12 archive) after checking that
-    /// it fits this node. A running node uses it after SIGHUP.
+    /// it fits this node; a running node uses it at once.
     Import {
         /// The certificate, optionally followed by its chain.
         #[arg(long, required_unless_present = "p12", conflicts_with = "p12")]
@@ -188,165 +230,300 @@ fn install_tracing(config: &Config, serving: bool) {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    if let Command::Serve = command {
+        return serve(config).await;
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // A running node is driven through its admin API; a stopped one directly.
+    let mut api = impmesh::remote::connect(&config).await?;
     match command {
-        Command::Serve => serve(config).await,
-        Command::User(cmd) => user(cmd, config).await,
-        Command::Cert(cmd) => cert(cmd, &config),
-        Command::Trust(cmd) => trust(cmd, &config).await,
-        Command::Alarms { json, history } => alarms(&config, json, history).await,
+        Command::Serve => unreachable!("handled above"),
+        Command::User(cmd) => user(cmd, &config, api.as_mut()).await,
+        Command::Cert(cmd) => cert(cmd, &config, api.as_mut()).await,
+        Command::Trust(cmd) => trust(cmd, &config, api.as_mut()).await,
+        Command::Alarms { json, history } => alarms(&config, api.as_mut(), json, history).await,
+        Command::AxlUser(cmd) => axl_user(cmd, &config, api.as_mut()).await,
+        Command::Admin(cmd) => admin(cmd, &config).await,
+        Command::Status { json } => {
+            let Some(api) = api.as_mut() else {
+                anyhow::bail!(
+                    "the node is not running (nothing answers on {})",
+                    config.listen.https
+                );
+            };
+            let status = call(api, Method::GET, "/status", None).await?;
+            if json {
+                println!("{status}");
+            } else {
+                println!(
+                    "node:        {} (cluster {}, domain {})",
+                    status["node"].as_str().unwrap_or(""),
+                    status["cluster"].as_str().unwrap_or(""),
+                    status["domain"].as_str().unwrap_or("")
+                );
+                println!("version:     {}", status["version"].as_str().unwrap_or(""));
+                println!("uptime:      {} s", status["uptime_secs"]);
+                println!("sessions:    {}", status["sessions"]);
+                println!(
+                    "store:       {}, USN {}",
+                    status["store"].as_str().unwrap_or(""),
+                    status["usn"]
+                );
+                println!(
+                    "certificate: {}",
+                    status["certificate"]["sha256"].as_str().unwrap_or("")
+                );
+                println!("listeners:   {}", status["listeners"]);
+            }
+            Ok(())
+        }
     }
 }
 
-async fn alarms(config: &Config, json: bool, history: bool) -> anyhow::Result<()> {
+use impmesh::remote::call;
+use impmesh_axl::client::{AxlClient, Method};
+
+/// Runs `local` on a store opened for the command, and closes the store after.
+async fn with_store<T>(
+    config: &Config,
+    local: impl AsyncFnOnce(&impmesh_store::Store) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let store = impmesh::node::open_store(config).await?;
-    let result = async {
-        if history {
-            let events = store.alarm_history(200).await?;
-            if json {
-                let list: Vec<_> = events
-                    .iter()
-                    .map(|e| {
-                        serde_json::json!({"name": e.name, "subject": e.subject, "severity": e.severity,
-                            "event": if e.raised { "raised" } else { "cleared" }, "message": e.message, "at": e.at})
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(list));
-            } else {
-                for e in events {
-                    let what = if e.raised { "raised " } else { "cleared" };
-                    println!("{}  {what}  {:8}  {}  {}  {}", e.at, e.severity, e.name, e.subject, e.message);
-                }
-            }
-            return Ok(());
-        }
-        let active = store.active_alarms().await?;
-        if json {
-            let list: Vec<_> = active
-                .iter()
-                .map(|a| {
-                    serde_json::json!({"name": a.name, "subject": a.subject, "severity": a.severity,
-                        "message": a.message, "since": a.since})
-                })
-                .collect();
-            println!("{}", serde_json::Value::Array(list));
-        } else if active.is_empty() {
-            println!("no active alarms");
-        } else {
-            for a in active {
-                println!("{:8}  {}  {}  {}  (since {})", a.severity, a.name, a.subject, a.message, a.since);
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let result = local(&store).await;
     store.close().await;
     result
 }
 
-async fn trust(cmd: TrustCommand, config: &Config) -> anyhow::Result<()> {
-    let store = impmesh::node::open_store(config).await?;
-    let result = async {
-        match cmd {
-            TrustCommand::List { json } => {
-                let entries = store.trust_entries().await?;
-                if json {
-                    let list: Vec<_> = entries
-                        .iter()
-                        .map(|e| {
-                            serde_json::json!({
-                                "fingerprint": e.fingerprint, "kind": e.kind.as_str(),
-                                "subject": e.subject, "source": e.source, "peer": e.peer,
-                                "added_at": e.added_at,
-                            })
-                        })
-                        .collect();
-                    println!("{}", serde_json::Value::Array(list));
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+async fn alarms(
+    config: &Config,
+    api: Option<&mut AxlClient>,
+    json: bool,
+    history: bool,
+) -> anyhow::Result<()> {
+    let list = match api {
+        Some(api) => {
+            let path = if history {
+                "/alarms/history"
+            } else {
+                "/alarms"
+            };
+            call(api, Method::GET, path, None).await?
+        }
+        None => {
+            with_store(config, async |store| {
+                Ok(if history {
+                    serde_json::to_value(store.alarm_history(200).await?)?
                 } else {
-                    for e in entries {
-                        println!(
-                            "{}  {:6}  {}  source={}{}",
-                            e.fingerprint,
-                            e.kind.as_str(),
-                            e.subject,
-                            e.source,
-                            e.peer.map(|p| format!(" peer={p}")).unwrap_or_default()
-                        );
+                    serde_json::to_value(store.active_alarms().await?)?
+                })
+            })
+            .await?
+        }
+    };
+    if json {
+        print_json(&list);
+        return Ok(());
+    }
+    let items = list.as_array().cloned().unwrap_or_default();
+    if items.is_empty() && !history {
+        println!("no active alarms");
+    }
+    for a in items {
+        let text = |k: &str| a[k].as_str().unwrap_or("").to_owned();
+        if history {
+            let what = if a["raised"].as_bool() == Some(true) {
+                "raised "
+            } else {
+                "cleared"
+            };
+            println!(
+                "{}  {what}  {:8}  {}  {}  {}",
+                a["at"],
+                text("severity"),
+                text("name"),
+                text("subject"),
+                text("message")
+            );
+        } else {
+            println!(
+                "{:8}  {}  {}  {}  (since {})",
+                text("severity"),
+                text("name"),
+                text("subject"),
+                text("message"),
+                a["since"]
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn trust(
+    cmd: TrustCommand,
+    config: &Config,
+    api: Option<&mut AxlClient>,
+) -> anyhow::Result<()> {
+    match cmd {
+        TrustCommand::List { json } => {
+            let entries = match api {
+                Some(api) => call(api, Method::GET, "/trust", None).await?,
+                None => {
+                    with_store(config, async |store| {
+                        Ok(serde_json::to_value(store.trust_entries().await?)?)
+                    })
+                    .await?
+                }
+            };
+            if json {
+                print_json(&entries);
+                return Ok(());
+            }
+            for e in entries.as_array().cloned().unwrap_or_default() {
+                let text = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+                let peer = e["peer"]
+                    .as_str()
+                    .map(|p| format!(" peer={p}"))
+                    .unwrap_or_default();
+                println!(
+                    "{}  {:6}  {}  source={}{peer}",
+                    text("fingerprint"),
+                    text("kind"),
+                    text("subject"),
+                    text("source")
+                );
+            }
+            Ok(())
+        }
+        TrustCommand::Add { ca, pin, peer } => {
+            let (path, kind) = match (ca, pin) {
+                (Some(p), None) => (p, impmesh_store::TrustKind::Ca),
+                (None, Some(p)) => (p, impmesh_store::TrustKind::Pinned),
+                _ => anyhow::bail!("give --ca FILE or --pin FILE --peer NAME"),
+            };
+            let pem = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let added = match api {
+                Some(api) => {
+                    let body = serde_json::json!({
+                        "pem": String::from_utf8_lossy(&pem), "kind": kind.as_str(), "peer": peer,
+                    });
+                    call(api, Method::POST, "/trust", Some(body)).await?
+                }
+                None => {
+                    with_store(config, async |store| {
+                        let added =
+                            impmesh_axl::trust::add(store, &pem, kind, peer.as_deref(), "imported")
+                                .await?;
+                        Ok(serde_json::to_value(added)?)
+                    })
+                    .await?
+                }
+            };
+            let added = added.as_array().cloned().unwrap_or_default();
+            if added.is_empty() {
+                println!("already trusted");
+            }
+            for e in added {
+                println!(
+                    "trusted {} ({})",
+                    e["fingerprint"].as_str().unwrap_or(""),
+                    e["subject"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        TrustCommand::Remove { fingerprint } => {
+            let fp = fingerprint.to_ascii_uppercase();
+            match api {
+                Some(api) => {
+                    call(api, Method::DELETE, &format!("/trust/{fp}"), None).await?;
+                }
+                None => {
+                    let removed =
+                        with_store(config, async |store| Ok(store.remove_trust(&fp).await?))
+                            .await?;
+                    if !removed {
+                        anyhow::bail!("no trusted certificate with fingerprint {fingerprint}");
                     }
                 }
-                Ok(())
             }
-            TrustCommand::Add { ca, pin, peer } => {
-                let (path, kind) = match (ca, pin) {
-                    (Some(p), None) => (p, impmesh_store::TrustKind::Ca),
-                    (None, Some(p)) => (p, impmesh_store::TrustKind::Pinned),
-                    _ => anyhow::bail!("give --ca FILE or --pin FILE --peer NAME"),
-                };
-                let pem = std::fs::read(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-                let added = impmesh::trust::add(&store, &pem, kind, peer.as_deref()).await?;
-                if added.is_empty() {
-                    println!("already trusted");
-                }
-                for e in added {
-                    println!("trusted {} ({})", e.fingerprint, e.subject);
-                }
-                Ok(())
-            }
-            TrustCommand::Remove { fingerprint } => {
-                if !store
-                    .remove_trust(&fingerprint.to_ascii_uppercase())
-                    .await?
-                {
-                    anyhow::bail!("no trusted certificate with fingerprint {fingerprint}");
-                }
-                println!("removed {fingerprint}");
-                Ok(())
-            }
+            println!("removed {fingerprint}");
+            Ok(())
         }
     }
-    .await;
-    store.close().await;
-    result
 }
 
-fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let identity = impmesh::node::identity(config)?;
+async fn cert(
+    cmd: CertCommand,
+    config: &Config,
+    api: Option<&mut AxlClient>,
+) -> anyhow::Result<()> {
     match cmd {
         CertCommand::Show { json } => {
-            let infos = identity
-                .chain
-                .iter()
-                .map(impmesh_certs::describe)
-                .collect::<Result<Vec<_>, _>>()?;
+            let infos = match api {
+                Some(api) => call(api, Method::GET, "/certificates", None).await?,
+                None => {
+                    let identity = impmesh::node::identity(config)?;
+                    let infos = identity
+                        .chain
+                        .iter()
+                        .map(impmesh_certs::describe)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    serde_json::to_value(infos)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos)?);
                 return Ok(());
             }
-            for (i, info) in infos.iter().enumerate() {
+            for (i, info) in infos
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let text = |k: &str| info[k].as_str().unwrap_or("").to_owned();
                 let role = if i == 0 { "node certificate" } else { "chain" };
+                let sans: Vec<String> = info["sans"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 println!("{role}:");
-                println!("  subject:     {}", info.subject);
-                println!(
-                    "  issuer:      {}{}",
-                    info.issuer,
-                    if info.self_signed {
-                        " (self-signed)"
-                    } else {
-                        ""
-                    }
-                );
-                println!("  SANs:        {}", info.sans.join(", "));
-                println!("  valid from:  {}", info.not_before);
-                println!("  valid until: {}", info.not_after);
-                println!("  SHA-256:     {}", info.sha256);
+                println!("  subject:     {}", text("subject"));
+                let self_signed = if info["self_signed"].as_bool() == Some(true) {
+                    " (self-signed)"
+                } else {
+                    ""
+                };
+                println!("  issuer:      {}{self_signed}", text("issuer"));
+                println!("  SANs:        {}", sans.join(", "));
+                println!("  valid from:  {}", text("not_before"));
+                println!("  valid until: {}", text("not_after"));
+                println!("  SHA-256:     {}", text("sha256"));
             }
             Ok(())
         }
         CertCommand::Regenerate => {
-            let fp = impmesh::node::regenerate_certificate(config)?;
+            let (fp, running) = match api {
+                Some(api) => {
+                    let r = call(api, Method::POST, "/certificates/regenerate", None).await?;
+                    (r["fingerprint"].as_str().unwrap_or("").to_owned(), true)
+                }
+                None => (impmesh::node::regenerate_certificate(config)?, false),
+            };
             println!("generated a new self-signed certificate; SHA-256 {fp}");
-            println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
+            if running {
+                println!("the running node uses it for new connections");
+            }
             Ok(())
         }
         CertCommand::Import {
@@ -359,32 +536,70 @@ fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
             };
-            let fp = match (cert, p12) {
+            let text = |p: &PathBuf| read(p).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let body = match (&cert, &p12) {
                 (_, Some(p12)) => {
-                    let archive = read(&p12)?;
+                    let archive = read(p12)?;
                     let password =
                         impmesh::users::read_secret(password_stdin, "PKCS#12 password: ")?;
-                    impmesh::node::import_pkcs12(config, &archive, &password)?
+                    use base64::Engine as _;
+                    serde_json::json!({
+                        "p12": base64::engine::general_purpose::STANDARD.encode(archive),
+                        "password": password,
+                    })
                 }
-                (Some(cert), None) => {
-                    let cert = read(&cert)?;
-                    let key = key.as_ref().map(read).transpose()?;
-                    let chain = chain.as_ref().map(read).transpose()?;
-                    impmesh::node::import_certificate(
-                        config,
-                        &cert,
-                        key.as_deref(),
-                        chain.as_deref(),
-                    )?
-                }
+                (Some(cert), None) => serde_json::json!({
+                    "cert": text(cert)?,
+                    "key": key.as_ref().map(text).transpose()?,
+                    "chain": chain.as_ref().map(text).transpose()?,
+                }),
                 (None, None) => anyhow::bail!("give --cert FILE or --p12 FILE"),
             };
+            let (fp, running) = match api {
+                Some(api) => {
+                    let r = call(api, Method::POST, "/certificates/import", Some(body)).await?;
+                    (r["fingerprint"].as_str().unwrap_or("").to_owned(), true)
+                }
+                None => {
+                    let fp = if let Some(archive) = body["p12"].as_str() {
+                        use base64::Engine as _;
+                        let archive = base64::engine::general_purpose::STANDARD.decode(archive)?;
+                        impmesh::node::import_pkcs12(
+                            config,
+                            &archive,
+                            body["password"].as_str().unwrap_or(""),
+                        )?
+                    } else {
+                        impmesh::node::import_certificate(
+                            config,
+                            body["cert"].as_str().unwrap_or("").as_bytes(),
+                            body["key"].as_str().map(str::as_bytes),
+                            body["chain"].as_str().map(str::as_bytes),
+                        )?
+                    };
+                    (fp, false)
+                }
+            };
             println!("installed; SHA-256 {fp}");
-            println!("a running node uses it after SIGHUP (kill -HUP <pid>)");
+            if running {
+                println!("the running node uses it for new connections");
+            }
             Ok(())
         }
         CertCommand::Csr { cn, san, out } => {
-            let pem = identity.csr(&cn, &san)?;
+            let pem = match api {
+                Some(api) => {
+                    let r = call(
+                        api,
+                        Method::POST,
+                        "/certificates/csr",
+                        Some(serde_json::json!({"cn": cn, "sans": san})),
+                    )
+                    .await?;
+                    r["pem"].as_str().unwrap_or("").to_owned()
+                }
+                None => impmesh::node::identity(config)?.csr(&cn, &san)?,
+            };
             match out {
                 Some(path) => {
                     std::fs::write(&path, &pem)
@@ -398,6 +613,115 @@ fn cert(cmd: CertCommand, config: &Config) -> anyhow::Result<()> {
     }
 }
 
+async fn axl_user(
+    cmd: AxlUserCommand,
+    config: &Config,
+    api: Option<&mut AxlClient>,
+) -> anyhow::Result<()> {
+    match cmd {
+        AxlUserCommand::Set {
+            name,
+            password_stdin,
+        } => {
+            let password = impmesh::users::read_password(password_stdin)?;
+            match api {
+                Some(api) => {
+                    call(
+                        api,
+                        Method::PUT,
+                        &format!("/axl-users/{name}"),
+                        Some(serde_json::json!({"password": password})),
+                    )
+                    .await?;
+                }
+                None => {
+                    with_store(config, async |store| {
+                        impmesh_axl::set_axl_user(store, &name, &password).await
+                    })
+                    .await?
+                }
+            }
+            println!(
+                "AXL user {name} set; peers authenticate as it on https://{}/axl/",
+                config.listen.https
+            );
+            Ok(())
+        }
+        AxlUserCommand::List { json } => {
+            let list = match api {
+                Some(api) => call(api, Method::GET, "/axl-users", None).await?,
+                None => with_store(config, async |store| {
+                    let users = store.axl_users().await?;
+                    Ok(serde_json::Value::Array(users.iter().map(|u| serde_json::json!({
+                        "username": u.username, "created_at": u.created_at, "updated_at": u.updated_at,
+                    })).collect()))
+                })
+                .await?,
+            };
+            if json {
+                print_json(&list);
+            } else {
+                for u in list.as_array().cloned().unwrap_or_default() {
+                    println!("{}", u["username"].as_str().unwrap_or(""));
+                }
+            }
+            Ok(())
+        }
+        AxlUserCommand::Del { name } => {
+            match api {
+                Some(api) => {
+                    call(api, Method::DELETE, &format!("/axl-users/{name}"), None).await?;
+                }
+                None => {
+                    if !with_store(config, async |store| {
+                        Ok(store.delete_axl_user(&name).await?)
+                    })
+                    .await?
+                    {
+                        anyhow::bail!("no AXL user {name}");
+                    }
+                }
+            }
+            println!("deleted AXL user {name}");
+            Ok(())
+        }
+    }
+}
+
+async fn admin(cmd: AdminCommand, config: &Config) -> anyhow::Result<()> {
+    with_store(config, async |store| match cmd {
+        AdminCommand::Add {
+            name,
+            password_stdin,
+        } => {
+            if name.is_empty() || name.contains([':', ' ']) {
+                anyhow::bail!("bad admin name {name:?}: no ':' or spaces");
+            }
+            let password = impmesh::users::read_password(password_stdin)?;
+            if password.len() < 8 {
+                anyhow::bail!("admin passwords need at least 8 characters");
+            }
+            store.set_admin_user(&name, &password).await?;
+            println!("admin {name} set");
+            Ok(())
+        }
+        AdminCommand::Del { name } => {
+            if !store.delete_admin_user(&name).await? {
+                anyhow::bail!("no admin {name}");
+            }
+            println!("deleted admin {name}");
+            Ok(())
+        }
+        AdminCommand::List => {
+            for name in store.admin_users().await? {
+                println!("{name}");
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::start(&config).await?;
     for addr in &node.c2s {
@@ -407,14 +731,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("impmesh: listening for XMPP clients on {addr} (direct TLS)");
     }
     println!(
+        "impmesh: HTTPS (AXL, admin API, metrics) on {}",
+        node.https_addr
+    );
+    println!(
         "impmesh: serving domain {} from {} (certificate SHA-256 {})",
         config.domain,
         config.data_dir.display(),
-        node.identity.fingerprint()
+        node.identity().fingerprint()
     );
-    let mut node = node;
     while let Signal::Reload = wait_for_signal().await {
-        match node.reload_certificates(&config).await {
+        match node.reload_certificates().await {
             Ok(fp) => tracing::info!(sha256 = %fp, "certificate reloaded"),
             Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
         }
@@ -458,56 +785,130 @@ async fn wait_for_signal() -> Signal {
     }
 }
 
-async fn user(cmd: UserCommand, config: Config) -> anyhow::Result<()> {
-    let store = impmesh::node::open_store(&config).await?;
-    let result = match cmd {
+async fn user(
+    cmd: UserCommand,
+    config: &Config,
+    api: Option<&mut AxlClient>,
+) -> anyhow::Result<()> {
+    let domain = &config.domain;
+    match cmd {
         UserCommand::Add {
             name,
             password_stdin,
         } => {
             let password = impmesh::users::read_password(password_stdin)?;
-            let user = impmesh::users::add(&store, &config, &name, &password).await?;
-            println!("created {user}@{}", config.domain);
-            Ok(())
+            let user = match api {
+                Some(api) => {
+                    let r = call(
+                        api,
+                        Method::POST,
+                        "/users",
+                        Some(serde_json::json!({"name": name, "password": password})),
+                    )
+                    .await?;
+                    r["username"].as_str().unwrap_or("").to_owned()
+                }
+                None => {
+                    with_store(config, async |store| {
+                        Ok(impmesh::users::add(store, config, &name, &password).await?)
+                    })
+                    .await?
+                }
+            };
+            println!("created {user}@{domain}");
         }
         UserCommand::Del { name } => {
-            let user = impmesh::users::delete(&store, &config, &name).await?;
-            println!("deleted {user}@{}", config.domain);
-            Ok(())
+            let user = match api {
+                Some(api) => {
+                    let r = call(
+                        api,
+                        Method::DELETE,
+                        &format!("/users/{}", path_segment(&name)),
+                        None,
+                    )
+                    .await?;
+                    r["username"].as_str().unwrap_or("").to_owned()
+                }
+                None => {
+                    with_store(config, async |store| {
+                        Ok(impmesh::users::delete(store, config, &name).await?)
+                    })
+                    .await?
+                }
+            };
+            println!("deleted {user}@{domain}");
         }
         UserCommand::Passwd {
             name,
             password_stdin,
         } => {
             let password = impmesh::users::read_password(password_stdin)?;
-            let user = impmesh::users::passwd(&store, &config, &name, &password).await?;
-            println!("changed the password of {user}@{}", config.domain);
-            Ok(())
+            let user = match api {
+                Some(api) => {
+                    let r = call(
+                        api,
+                        Method::PUT,
+                        &format!("/users/{}/password", path_segment(&name)),
+                        Some(serde_json::json!({"password": password})),
+                    )
+                    .await?;
+                    r["username"].as_str().unwrap_or("").to_owned()
+                }
+                None => {
+                    with_store(config, async |store| {
+                        Ok(impmesh::users::passwd(store, config, &name, &password).await?)
+                    })
+                    .await?
+                }
+            };
+            println!("changed the password of {user}@{domain}");
         }
         UserCommand::List { json } => {
-            let users = store.list_users().await?;
-            if json {
-                let list: Vec<_> = users
-                    .iter()
-                    .map(|u| {
-                        serde_json::json!({
-                            "username": u.username,
-                            "jid": format!("{}@{}", u.username, config.domain),
-                            "home_cluster": u.home_cluster,
-                            "home_node": u.home_node,
-                            "created_at": u.created_at,
-                        })
+            let users = match api {
+                Some(api) => call(api, Method::GET, "/users", None).await?,
+                None => {
+                    with_store(config, async |store| {
+                        let users = store.list_users().await?;
+                        Ok(serde_json::Value::Array(
+                            users
+                                .iter()
+                                .map(|u| {
+                                    serde_json::json!({
+                                        "username": u.username,
+                                        "jid": format!("{}@{domain}", u.username),
+                                        "home_cluster": u.home_cluster,
+                                        "home_node": u.home_node,
+                                        "created_at": u.created_at,
+                                        "usn": u.usn,
+                                    })
+                                })
+                                .collect(),
+                        ))
                     })
-                    .collect();
-                println!("{}", serde_json::Value::Array(list));
+                    .await?
+                }
+            };
+            if json {
+                print_json(&users);
             } else {
-                for u in users {
-                    println!("{}@{}", u.username, config.domain);
+                for u in users.as_array().cloned().unwrap_or_default() {
+                    println!("{}", u["jid"].as_str().unwrap_or(""));
                 }
             }
-            Ok(())
         }
-    };
-    store.close().await;
-    result
+    }
+    Ok(())
+}
+
+/// Percent-encodes a name for one URL path segment.
+fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -5,15 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use impmesh_axl::{Https, ServiceIdentity};
 use impmesh_certs::NodeIdentity;
 use impmesh_router::Server;
 use impmesh_store::Store;
 use impmesh_store::alarms::{self, AlarmDef};
 
 use crate::config::Config;
+use crate::control::Control;
 
-/// How often a running node re-checks its certificate's expiry.
-const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+/// How often a running node re-checks its certificate's expiry and prunes tombstones.
+const HOURLY: Duration = Duration::from_secs(3600);
+
+/// How long deleted users' tombstones are kept for peers that sync incrementally; a
+/// peer further behind does a full sync.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 /// Time sessions get to close their streams on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -21,13 +27,48 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A running node.
 pub struct Node {
     pub server: Arc<Server>,
-    pub identity: NodeIdentity,
-    /// The identity in use, for the periodic expiry check (updated on reload).
-    in_use: Arc<std::sync::RwLock<NodeIdentity>>,
+    /// The node as the HTTPS service sees it; owns the identity in use.
+    pub control: Arc<Control>,
+    pub https: Arc<Https<Control>>,
     /// Bound STARTTLS listeners (real ports when the config asked for port 0).
     pub c2s: Vec<SocketAddr>,
     /// Bound direct-TLS listeners.
     pub c2s_direct_tls: Vec<SocketAddr>,
+    /// The bound HTTPS listener.
+    pub https_addr: SocketAddr,
+}
+
+/// The admin token file in the data directory (like ejabberdctl's cookie): whoever can
+/// read it administers the node through the admin API.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Reads the admin token, creating it (mode 0600) at first use.
+pub fn admin_token(config: &Config) -> anyhow::Result<String> {
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let token = impmesh_axl::auth::random_token();
+    let tmp = path.with_extension("token.tmp");
+    {
+        use std::io::Write as _;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.write_all(token.as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
 }
 
 /// Creates the data directory and opens (and migrates) the store.
@@ -93,8 +134,8 @@ pub fn required_names(config: &Config) -> Vec<String> {
     names
 }
 
-/// Checks and installs a CA-signed certificate (PEM) for this node; the running node
-/// uses it after a reload (SIGHUP). Returns the new fingerprint.
+/// Checks and installs a CA-signed certificate (PEM) for this node; a running node
+/// uses it after a reload. Returns the new fingerprint.
 pub fn import_certificate(
     config: &Config,
     cert: &[u8],
@@ -168,7 +209,7 @@ impl Node {
         check_certificate(&store, &identity).await?;
         let server = Server::new(
             config.router_config(),
-            store,
+            store.clone(),
             identity.server_config(&[])?,
             identity.server_config(&[b"xmpp-client"])?,
         );
@@ -190,19 +231,44 @@ impl Node {
                     .with_context(|| format!("cannot listen on {addr} (c2s direct TLS)"))?,
             );
         }
-        // Re-check the certificate in use every hour until shutdown.
-        let in_use = Arc::new(std::sync::RwLock::new(identity.clone()));
-        let (check_server, check_identity) = (server.clone(), in_use.clone());
+        let control = Control::new(config.clone(), server.clone(), identity.clone());
+        let https = Https::new(
+            store.clone(),
+            control.clone(),
+            ServiceIdentity {
+                cluster: config.cluster_name(),
+                domain: config.domain.clone(),
+                node: config.node_name(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            config.https_limits(),
+            identity.server_config(&[])?,
+            admin_token(config)?,
+        );
+        let https_addr = https
+            .listen(config.listen.https)
+            .await
+            .with_context(|| format!("cannot listen on {} (https)", config.listen.https))?;
+        control.attach(&https, c2s.clone(), c2s_direct_tls.clone(), https_addr);
+        control.publish().await?;
+        // Every hour until shutdown: re-check the certificate in use, prune old tombstones.
+        let (check_server, check_control) = (server.clone(), control.clone());
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(CERT_CHECK_INTERVAL);
+            let mut ticks = tokio::time::interval(HOURLY);
             ticks.tick().await;
             loop {
                 tokio::select! {
                     _ = check_server.shutdown.cancelled() => break,
                     _ = ticks.tick() => {
-                        let current = check_identity.read().unwrap_or_else(|e| e.into_inner()).clone();
+                        let current = check_control.identity();
                         if let Err(e) = check_certificate(&check_server.store, &current).await {
                             tracing::error!(error = %e, "certificate check failed");
+                        }
+                        let before = impmesh_store::now_unix() - TOMBSTONE_RETENTION.as_secs() as i64;
+                        match check_server.store.prune_tombstones(before).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(pruned = n, "pruned old directory tombstones"),
+                            Err(e) => tracing::error!(error = %e, "tombstone pruning failed"),
                         }
                     }
                 }
@@ -210,29 +276,28 @@ impl Node {
         });
         Ok(Node {
             server,
-            identity,
-            in_use,
+            control,
+            https,
             c2s,
             c2s_direct_tls,
+            https_addr,
         })
+    }
+
+    /// The identity in use.
+    pub fn identity(&self) -> NodeIdentity {
+        self.control.identity()
     }
 
     /// Loads the certificate from the data directory again and uses it for every new TLS
     /// handshake; connections already up keep theirs. Returns the new fingerprint.
-    pub async fn reload_certificates(&mut self, config: &Config) -> anyhow::Result<String> {
-        let identity = identity(config)?;
-        check_certificate(&self.server.store, &identity).await?;
-        self.server.set_tls(
-            identity.server_config(&[])?,
-            identity.server_config(&[b"xmpp-client"])?,
-        );
-        *self.in_use.write().unwrap_or_else(|e| e.into_inner()) = identity.clone();
-        self.identity = identity;
-        Ok(self.identity.fingerprint())
+    pub async fn reload_certificates(&self) -> anyhow::Result<String> {
+        self.control.reload_certificates().await
     }
 
-    /// Closes every stream (with `system-shutdown`) and the store.
+    /// Closes every stream (with `system-shutdown`), the HTTPS service and the store.
     pub async fn shutdown(self) {
+        self.https.shutdown().await;
         self.server.shutdown(SHUTDOWN_GRACE).await;
         self.server.store.close().await;
     }

@@ -1,13 +1,38 @@
-//! `impmesh user …`: account administration straight on the store, so it works whether
-//! or not the server runs (the server reads accounts from the store at each login).
+//! Account administration on the store: what `impmesh user …` does on a stopped node,
+//! and what the admin API does on a running one.
 
 use impmesh_store::{NewUser, Store, StoreError};
 
 use crate::config::Config;
 
+/// Why an account command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("bad user name {0:?}: not a valid XMPP localpart (RFC 7622)")]
+    BadName(String),
+    #[error("the password is empty")]
+    EmptyPassword,
+    #[error("user {0} already exists")]
+    Exists(String),
+    #[error("no such user: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for UserError {
+    fn from(e: StoreError) -> UserError {
+        match e {
+            StoreError::UserExists(u) => UserError::Exists(u),
+            StoreError::UserNotFound(u) => UserError::NotFound(u),
+            other => UserError::Store(other),
+        }
+    }
+}
+
 /// Checks and normalises a user name per RFC 7622 (localpart, nodeprep).
-pub fn normalize(name: &str, domain: &str) -> anyhow::Result<String> {
-    let bad = || anyhow::anyhow!("bad user name {name:?}: not a valid XMPP localpart (RFC 7622)");
+pub fn normalize(name: &str, domain: &str) -> Result<String, UserError> {
+    let bad = || UserError::BadName(name.to_owned());
     if name.is_empty() || name.contains(['@', '/']) {
         return Err(bad());
     }
@@ -19,7 +44,7 @@ pub async fn add(
     config: &Config,
     name: &str,
     password: &str,
-) -> anyhow::Result<String> {
+) -> Result<String, UserError> {
     let user = normalize(name, &config.domain)?;
     check_password(password)?;
     let node = config.node_name();
@@ -31,17 +56,13 @@ pub async fn add(
             home_cluster: &cluster,
             home_node: &node,
         })
-        .await
-        .map_err(|e| match e {
-            StoreError::UserExists(_) => anyhow::anyhow!("user {user} already exists"),
-            other => other.into(),
-        })?;
+        .await?;
     Ok(user)
 }
 
-pub async fn delete(store: &Store, config: &Config, name: &str) -> anyhow::Result<String> {
+pub async fn delete(store: &Store, config: &Config, name: &str) -> Result<String, UserError> {
     let user = normalize(name, &config.domain)?;
-    store.delete_user(&user).await.map_err(not_found)?;
+    store.delete_user(&user).await?;
     Ok(user)
 }
 
@@ -50,26 +71,16 @@ pub async fn passwd(
     config: &Config,
     name: &str,
     password: &str,
-) -> anyhow::Result<String> {
+) -> Result<String, UserError> {
     let user = normalize(name, &config.domain)?;
     check_password(password)?;
-    store
-        .set_password(&user, password)
-        .await
-        .map_err(not_found)?;
+    store.set_password(&user, password).await?;
     Ok(user)
 }
 
-fn not_found(e: StoreError) -> anyhow::Error {
-    match e {
-        StoreError::UserNotFound(u) => anyhow::anyhow!("no such user: {u}"),
-        other => other.into(),
-    }
-}
-
-fn check_password(password: &str) -> anyhow::Result<()> {
+fn check_password(password: &str) -> Result<(), UserError> {
     if password.is_empty() {
-        anyhow::bail!("the password is empty");
+        return Err(UserError::EmptyPassword);
     }
     Ok(())
 }

@@ -36,9 +36,9 @@ async fn tls_fingerprint(
 
 #[tokio::test]
 async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
-    let mut node = start_node(|_| {}).await;
+    let node = start_node(|_| {}).await;
     node.add_user("alice", PW).await;
-    let self_signed = node.node.identity.fingerprint();
+    let self_signed = node.node.identity().fingerprint();
 
     // A test CA and a certificate for localhost with a fresh key.
     let ca = TestCa::new("Test CA");
@@ -61,8 +61,7 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     // Installed but not yet reloaded: still the old certificate.
     assert!(tls_fingerprint(&node, &ca_der).await.is_err());
 
-    let config = node.config.clone();
-    let reloaded = node.node.reload_certificates(&config).await.unwrap();
+    let reloaded = node.node.reload_certificates().await.unwrap();
     assert_eq!(reloaded, installed);
     assert_eq!(tls_fingerprint(&node, &ca_der).await.unwrap(), installed);
 
@@ -77,7 +76,7 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
 
 /// Imports a certificate for localhost, signed by a fresh test CA and valid for `days`
 /// from now, and reloads the node; returns the new fingerprint.
-async fn install_ca_signed(node: &mut TestNode, days: i64) -> String {
+async fn install_ca_signed(node: &TestNode, days: i64) -> String {
     let ca = TestCa::new("Test CA");
     let (cert, key) = ca.issue(&["localhost"], days);
     let config = node.config.clone();
@@ -88,26 +87,26 @@ async fn install_ca_signed(node: &mut TestNode, days: i64) -> String {
         Some(ca.cert.pem().as_bytes()),
     )
     .unwrap();
-    node.node.reload_certificates(&config).await.unwrap()
+    node.node.reload_certificates().await.unwrap()
 }
 
 #[tokio::test]
 async fn expiring_certificate_raises_an_alarm_and_its_replacement_clears_it() {
-    let mut node = start_node(|_| {}).await;
+    let node = start_node(|_| {}).await;
     let store = node.node.server.store.clone();
     assert!(
         store.active_alarms().await.unwrap().is_empty(),
         "a fresh self-signed certificate is fine"
     );
 
-    let short = install_ca_signed(&mut node, 10).await;
+    let short = install_ca_signed(&node, 10).await;
     let active = store.active_alarms().await.unwrap();
     assert_eq!(active.len(), 1, "{active:?}");
     assert_eq!(active[0].name, "NodeCertificateExpiringSoon");
     assert_eq!(active[0].severity, "warning");
     assert_eq!(active[0].subject, short);
 
-    install_ca_signed(&mut node, 365).await;
+    install_ca_signed(&node, 365).await;
     assert!(store.active_alarms().await.unwrap().is_empty());
     let history = store.alarm_history(10).await.unwrap();
     let events: Vec<(&str, bool)> = history

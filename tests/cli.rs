@@ -295,7 +295,7 @@ fn trust_add_list_remove() {
     };
     let anchors = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let store = impmesh::node::open_store(&config).await.unwrap();
-        impmesh::trust::anchors(&store).await.unwrap()
+        impmesh_axl::trust::anchors(&store).await.unwrap()
     });
     assert_eq!(anchors.cas.len(), 1);
     assert!(anchors.pinned.contains(&fp));
@@ -310,4 +310,96 @@ fn trust_add_list_remove() {
     let list: serde_json::Value =
         serde_json::from_slice(&impmesh(&data, &["trust", "list", "--json"], "").stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+/// With the node running, the CLI acts through its admin API: a regenerated
+/// certificate is in use at once, without a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_drives_a_running_node_through_the_admin_api() {
+    let node = support::start_node(|c| c.node.cluster = Some("cluster-a.example.com".into())).await;
+    let config_file = node.dir.path().join("impmesh.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "data_dir = {:?}\n[node]\ncluster = \"cluster-a.example.com\"\n[listen]\nhttps = \"{}\"\n",
+            node.dir.path(),
+            node.node.https_addr
+        ),
+    )
+    .unwrap();
+    let cli = |args: &'static [&'static str], stdin: &'static str| {
+        let config_file = config_file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut full = vec!["--config", config_file.to_str().unwrap()];
+            full.extend_from_slice(args);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_impmesh"))
+                .args(&full)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        })
+    };
+
+    let status = cli(&["status", "--json"], "").await.unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["cluster"], "cluster-a.example.com");
+
+    let added = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    assert!(node.node.server.store.user_exists("bob").await.unwrap());
+    let dup = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
+        .await
+        .unwrap();
+    assert_eq!(dup.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&dup.stderr).trim(),
+        "impmesh: user bob already exists"
+    );
+
+    let before = node.node.identity().fingerprint();
+    let regen = cli(&["cert", "regenerate"], "").await.unwrap();
+    assert!(regen.status.success(), "{regen:?}");
+    let out = String::from_utf8_lossy(&regen.stdout).into_owned();
+    assert!(out.contains("the running node uses it"), "{out}");
+    let now = node.node.identity().fingerprint();
+    assert_ne!(now, before);
+    assert!(out.contains(&now), "{out}");
+
+    // The CLI reaches the node again after the swap: it pins the new certificate.
+    let set = cli(
+        &["axl-user", "set", "icsync", "--password-stdin"],
+        "intercluster-pw\n",
+    )
+    .await
+    .unwrap();
+    assert!(set.status.success(), "{set:?}");
+    assert!(
+        node.node
+            .server
+            .store
+            .axl_user("icsync")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let alarms = cli(&["alarms", "--json"], "").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&alarms.stdout).trim(), "[]");
+
+    // A stopped node: status says so; user commands work on the store.
+    let stopped = tempfile::tempdir().unwrap();
+    let out = impmesh(stopped.path(), &["status"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
 }

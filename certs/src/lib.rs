@@ -12,7 +12,7 @@ mod import;
 mod verify;
 
 pub use import::ImportError;
-pub use verify::{PeerVerifier, TrustAnchors};
+pub use verify::{FirstContactVerifier, PeerVerifier, TrustAnchors};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,8 +50,10 @@ pub enum CertError {
 pub const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(730);
 
 /// File names of the identity inside the certificate directory.
-const CERT_FILE: &str = "node.crt";
-const KEY_FILE: &str = "node.key";
+/// The node certificate chain (PEM) in the identity directory.
+pub const CERT_FILE: &str = "node.crt";
+/// The node key (PEM, mode 0600) in the identity directory.
+pub const KEY_FILE: &str = "node.key";
 
 /// A node's certificate chain and private key.
 #[derive(Debug)]
@@ -322,6 +324,19 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), CertError> {
     }
     let mut file = options.open(path).map_err(io)?;
     file.write_all(data).map_err(io)
+}
+
+/// The RFC 9266 `tls-exporter` channel binding of a TLS 1.3 connection; `None` for
+/// older versions, where it is not defined safely.
+pub fn tls_exporter<D>(conn: &rustls::ConnectionCommon<D>) -> Option<[u8; 32]> {
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    let ok = conn
+        .export_keying_material(&mut out, b"EXPORTER-Channel-Binding", None)
+        .is_ok();
+    ok.then_some(out)
 }
 
 #[cfg(test)]

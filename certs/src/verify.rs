@@ -124,6 +124,69 @@ impl ServerCertVerifier for PeerVerifier {
     }
 }
 
+/// The verifier of a first contact with a peer that is not trusted yet: any
+/// certificate is accepted (the handshake signature is still checked), because what
+/// authenticates the server is the channel-bound password exchange that follows; the
+/// caller pins the certificate only after that exchange succeeds. Never use it to send
+/// anything secret before then.
+#[derive(Debug)]
+pub struct FirstContactVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl FirstContactVerifier {
+    pub fn new() -> Arc<FirstContactVerifier> {
+        Arc::new(FirstContactVerifier {
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        })
+    }
+}
+
+impl ServerCertVerifier for FirstContactVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // A first contact needs the TLS 1.3 exporter; TLS 1.2 is not offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

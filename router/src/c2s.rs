@@ -136,7 +136,9 @@ async fn accept_tls(
 ) -> Option<Transport> {
     let config = server.tls_config(direct);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    match timeout_at(deadline, acceptor.accept(tcp)).await {
+    let result = timeout_at(deadline, acceptor.accept(tcp)).await;
+    server.stats.tls_handshake(matches!(result, Ok(Ok(_))));
+    match result {
         Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -150,11 +152,7 @@ async fn accept_tls(
 fn set_channel_binding(conn: &mut Conn) {
     if let Transport::Tls(tls) = &conn.io {
         let (_, session) = tls.get_ref();
-        if session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
-            conn.channel_binding = session
-                .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
-                .ok();
-        }
+        conn.channel_binding = impmesh_certs::tls_exporter(session).map(|e| e.to_vec());
     }
 }
 
@@ -455,6 +453,7 @@ async fn authenticate(
         Ok((user, additional)) => {
             tracing::info!(%user, peer = %conn.peer, "authenticated");
             server.record_login(ip, true);
+            server.stats.login(true);
             // RFC 6120 §6.3.10: SCRAM's server-final-message rides in <success/>.
             let success = match additional {
                 Some(data) => format!(
@@ -468,6 +467,7 @@ async fn authenticate(
             Ok(Some(user))
         }
         Err((failure, text)) => {
+            server.stats.login(false);
             if failure == SaslFailure::NotAuthorized {
                 server.record_login(ip, false);
             }

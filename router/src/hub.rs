@@ -18,6 +18,8 @@ pub enum Outbound {
     Stanza(Arc<str>),
     /// Another session took this resource (RFC 6120 §7.7.2.2): close with `conflict`.
     Replaced,
+    /// The account was deleted: close with `not-authorized`.
+    AccountRemoved,
     /// A new connection resumes this session (XEP-0198 §5).
     Resume(Box<ResumeRequest>),
 }
@@ -182,6 +184,15 @@ impl Hub {
     }
 
     /// Number of sessions on the node.
+    /// Closes every session of `user` (its account was deleted); returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let sessions = self.sessions(user);
+        for s in &sessions {
+            let _ = s.tx.try_send(Outbound::AccountRemoved);
+        }
+        sessions.len()
+    }
+
     pub fn session_count(&self) -> usize {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users.values().map(|e| e.sessions.len()).sum()

@@ -20,6 +20,7 @@ mod presence;
 pub mod sasl;
 mod session;
 pub mod stanza;
+pub mod stats;
 pub mod time;
 pub mod xml;
 
@@ -50,6 +51,8 @@ pub struct Server {
     pub config: RouterConfig,
     pub store: Store,
     pub hub: Hub,
+    /// Counters for `/metrics`.
+    pub stats: stats::Stats,
     /// TLS for STARTTLS (no ALPN) and for direct TLS (ALPN `xmpp-client`, XEP-0368);
     /// swappable so a new certificate applies to new handshakes without a restart.
     tls_starttls: RwLock<Arc<rustls::ServerConfig>>,
@@ -88,6 +91,7 @@ impl Server {
             config,
             store,
             hub: Hub::default(),
+            stats: stats::Stats::default(),
             tls_starttls: RwLock::new(tls_starttls),
             tls_direct: RwLock::new(tls_direct),
             failures: Mutex::new(HashMap::new()),

@@ -230,6 +230,7 @@ impl Session {
     /// RFC 6120 §8.1.2.1: the server stamps `from` with the full JID; a client claiming
     /// another JID breaks the stream.
     async fn on_stanza(&mut self, kind: Kind, mut element: Element) -> Result<(), End> {
+        self.server.stats.stanza_in(kind);
         if let Some(from) = element.attr("from") {
             let own = self.jid();
             let ok = Jid::new(from).is_ok_and(|j| {
@@ -331,6 +332,12 @@ impl Session {
                         "another session bound this resource",
                     ));
                 }
+                Some(Outbound::AccountRemoved) => {
+                    return Err(End::Error(
+                        StreamErrorCondition::NotAuthorized,
+                        "the account was deleted",
+                    ));
+                }
                 Some(Outbound::Resume(request)) => Box::pin(self.resume(*request)).await?,
                 // We hold a sender in the handle, so the queue never closes.
                 None => return Ok(()),
@@ -376,6 +383,7 @@ impl Session {
             sm.unacked.push_back((sm.sent, stanza.clone()));
         }
         if self.conn.is_some() {
+            self.server.stats.stanza_out(&stanza);
             self.out.push_str(&stanza);
         }
     }
@@ -461,7 +469,7 @@ impl Session {
                     let mut conn = req.conn;
                     let _ = conn.send(&sm_failed("item-not-found")).await;
                 }
-                Outbound::Replaced => {}
+                Outbound::Replaced | Outbound::AccountRemoved => {}
             }
         }
         for stanza in undelivered {

@@ -70,7 +70,7 @@ pub const CATALOGUE: [AlarmDef; 3] = [
 ];
 
 /// An alarm that is on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ActiveAlarm {
     pub name: String,
     pub subject: String,
@@ -80,7 +80,7 @@ pub struct ActiveAlarm {
 }
 
 /// One raise or clear.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AlarmEvent {
     pub name: String,
     pub subject: String,

@@ -74,6 +74,7 @@ impl Store {
         snapshot_usn: Option<i64>,
         limit: u32,
     ) -> Result<DirectoryPage> {
+        let _timer = self.latency.start("directory_page");
         if since_usn > 0 {
             let row = sqlx::query("SELECT value FROM directory_state WHERE name = $1")
                 .bind(PRUNED_BELOW)

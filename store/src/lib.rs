@@ -11,6 +11,8 @@
 
 pub mod alarms;
 mod directory;
+mod latency;
+mod nodes;
 mod offline;
 mod roster;
 pub mod scram;
@@ -27,6 +29,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions as _};
 
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
+pub use latency::Latency;
+pub use nodes::NodeRecord;
 pub use offline::OfflineMessage;
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
@@ -71,6 +75,7 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    latency: std::sync::Arc<Latency>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -142,7 +147,16 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            latency: Default::default(),
+        })
+    }
+
+    /// Query latency by operation, for `/metrics`.
+    pub fn latency(&self) -> &Latency {
+        &self.latency
     }
 
     /// The dialect behind this store.

@@ -17,6 +17,7 @@ impl Store {
     /// Stores a message unless the user already has `limit` waiting; returns whether it was
     /// stored. Count and insert run in one transaction so the limit holds under races.
     pub async fn store_offline(&self, owner: &str, stanza: &str, limit: u32) -> Result<bool> {
+        let _timer = self.latency.start("store_offline");
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query("SELECT COUNT(*) AS n FROM offline_messages WHERE owner = $1")
             .bind(owner)
@@ -38,6 +39,7 @@ impl Store {
 
     /// The waiting messages, oldest first, without removing them.
     pub async fn offline_messages(&self, owner: &str) -> Result<Vec<OfflineMessage>> {
+        let _timer = self.latency.start("offline_messages");
         let rows = sqlx::query(
             "SELECT id, stanza, created_at FROM offline_messages WHERE owner = $1 ORDER BY id",
         )

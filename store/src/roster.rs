@@ -107,6 +107,7 @@ impl Store {
 
     /// The whole roster, ordered by contact, with its version.
     pub async fn roster(&self, owner: &str) -> Result<(i64, Vec<RosterItem>)> {
+        let _timer = self.latency.start("roster");
         let rows = sqlx::query(
             "SELECT contact, name, subscription, ask, groups_json FROM roster_items
              WHERE owner = $1 ORDER BY contact",
@@ -134,6 +135,7 @@ impl Store {
     /// Creates or replaces an item and bumps the roster version, in one transaction.
     /// Returns the new version.
     pub async fn put_roster_item(&self, owner: &str, item: &RosterItem) -> Result<i64> {
+        let _timer = self.latency.start("put_roster_item");
         let groups = serde_json::to_string(&item.groups)
             .map_err(|e| StoreError::Corrupt(format!("roster groups: {e}")))?;
         let mut tx = self.pool.begin().await?;

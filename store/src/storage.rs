@@ -57,6 +57,7 @@ impl Store {
 
     /// The blocked JIDs, ordered.
     pub async fn blocklist(&self, owner: &str) -> Result<Vec<String>> {
+        let _timer = self.latency.start("blocklist");
         let rows = sqlx::query("SELECT jid FROM blocklist WHERE owner = $1 ORDER BY jid")
             .bind(owner)
             .fetch_all(&self.pool)

@@ -38,6 +38,7 @@ impl Store {
     /// Creates a user; [`StoreError::UserExists`] if the name is taken.
     /// The username must already be a normalised localpart.
     pub async fn add_user(&self, user: NewUser<'_>) -> Result<()> {
+        let _timer = self.latency.start("add_user");
         let (sha1, sha256) = verifiers(user.password)?;
         let mut tx = self.pool.begin().await?;
         // The USN first: it takes the write lock, so the check below cannot go stale.
@@ -118,6 +119,7 @@ impl Store {
     /// Deletes a user and, by cascade, everything the store keeps for them; leaves a
     /// tombstone with a new USN so peers learn of the deletion.
     pub async fn delete_user(&self, username: &str) -> Result<()> {
+        let _timer = self.latency.start("delete_user");
         let mut tx = self.pool.begin().await?;
         let usn = crate::directory::next_usn(&mut tx).await?;
         let Some(row) =
@@ -153,6 +155,7 @@ impl Store {
 
     /// One user, or `None`.
     pub async fn user(&self, username: &str) -> Result<Option<UserRecord>> {
+        let _timer = self.latency.start("user");
         let row = sqlx::query(
             "SELECT username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn
              FROM users WHERE username = $1",
@@ -165,6 +168,7 @@ impl Store {
 
     /// Whether the user exists (cheaper than [`Self::user`]).
     pub async fn user_exists(&self, username: &str) -> Result<bool> {
+        let _timer = self.latency.start("user_exists");
         let row = sqlx::query("SELECT 1 FROM users WHERE username = $1")
             .bind(username)
             .fetch_optional(&self.pool)

@@ -1,0 +1,341 @@
+//! The admin API under `/admin/v1/` (JSON). Every route needs the node's admin token
+//! (`Authorization: Bearer …`, from `DATA_DIR/admin.token`) or an admin account
+//! (`Basic`). The CLI uses it when the node runs.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::Outcome;
+use crate::server::ConnInfo;
+use crate::{CertSource, ControlError, Https, NodeControl};
+
+type AppState<C> = State<Arc<Https<C>>>;
+
+pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C>>> {
+    Router::new()
+        .route("/status", get(status::<C>))
+        .route("/users", get(list_users::<C>).post(add_user::<C>))
+        .route("/users/{name}", delete(delete_user::<C>))
+        .route("/users/{name}/password", put(set_password::<C>))
+        .route("/certificates", get(certificates::<C>))
+        .route("/certificates/csr", post(csr::<C>))
+        .route("/certificates/import", post(import::<C>))
+        .route("/certificates/regenerate", post(regenerate::<C>))
+        .route("/trust", get(list_trust::<C>).post(add_trust::<C>))
+        .route("/trust/{fingerprint}", delete(remove_trust::<C>))
+        .route("/alarms", get(alarms::<C>))
+        .route("/alarms/history", get(alarm_history::<C>))
+        .route("/axl-users", get(axl_users::<C>))
+        .route(
+            "/axl-users/{name}",
+            put(set_axl_user::<C>).delete(delete_axl_user::<C>),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            https,
+            authenticate::<C>,
+        ))
+}
+
+/// A JSON error body with its status.
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self)
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    tracing::error!(error = %e, "admin API failure");
+    ControlError::Internal(e.to_string())
+}
+
+/// Rejects the request unless it carries admin credentials.
+async fn authenticate<C: NodeControl>(
+    State(https): AppState<C>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(ip) = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip()) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match https.auth.admin(&https.store, ip, authorization).await {
+        Outcome::Ok { .. } => next.run(req).await,
+        Outcome::Challenge(challenges) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, "admin credentials required");
+            for c in challenges {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    r.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            r
+        }
+        Outcome::Denied(why) => error(StatusCode::UNAUTHORIZED, why),
+        Outcome::Throttled => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed authentications; wait and retry",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(https.limits.auth.failure_window.as_secs()),
+            );
+            r
+        }
+    }
+}
+
+async fn status<C: NodeControl>(State(https): AppState<C>) -> Response {
+    let mut status = https.control.status();
+    if let Some(obj) = status.as_object_mut() {
+        obj.insert("cluster".into(), json!(https.identity.cluster));
+        obj.insert("domain".into(), json!(https.identity.domain));
+        obj.insert("node".into(), json!(https.identity.node));
+        obj.insert("version".into(), json!(https.identity.version));
+        if let Ok(usn) = https.store.current_usn().await {
+            obj.insert("usn".into(), json!(usn));
+        }
+    }
+    Json(status).into_response()
+}
+
+async fn list_users<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    let users = https.store.list_users().await.map_err(internal)?;
+    let list: Vec<_> = users
+        .iter()
+        .map(|u| {
+            json!({
+                "username": u.username,
+                "jid": format!("{}@{}", u.username, https.identity.domain),
+                "home_cluster": u.home_cluster,
+                "home_node": u.home_node,
+                "created_at": u.created_at,
+                "usn": u.usn,
+            })
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    password: String,
+}
+
+async fn add_user<C: NodeControl>(
+    State(https): AppState<C>,
+    Json(body): Json<NewUser>,
+) -> Result<Response, ControlError> {
+    let user = https.control.add_user(&body.name, &body.password).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "username": user }))).into_response())
+}
+
+async fn delete_user<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    let user = https.control.delete_user(&name).await?;
+    Ok(Json(json!({ "username": user })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Password {
+    password: String,
+}
+
+async fn set_password<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+    Json(body): Json<Password>,
+) -> Result<Response, ControlError> {
+    let user = https.control.set_password(&name, &body.password).await?;
+    Ok(Json(json!({ "username": user })).into_response())
+}
+
+async fn certificates<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.control.certificates()?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Csr {
+    cn: String,
+    #[serde(default)]
+    sans: Vec<String>,
+}
+
+async fn csr<C: NodeControl>(
+    State(https): AppState<C>,
+    Json(body): Json<Csr>,
+) -> Result<Response, ControlError> {
+    let pem = https.control.csr(&body.cn, &body.sans)?;
+    Ok(Json(json!({ "pem": pem })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Import {
+    cert: Option<String>,
+    key: Option<String>,
+    chain: Option<String>,
+    /// A PKCS#12 archive, base64.
+    p12: Option<String>,
+    password: Option<String>,
+}
+
+async fn import<C: NodeControl>(
+    State(https): AppState<C>,
+    Json(body): Json<Import>,
+) -> Result<Response, ControlError> {
+    let source = match (body.cert, body.p12) {
+        (Some(cert), None) => CertSource::Pem {
+            cert,
+            key: body.key,
+            chain: body.chain,
+        },
+        (None, Some(p12)) => CertSource::Pkcs12 {
+            archive: base64::engine::general_purpose::STANDARD
+                .decode(p12.trim())
+                .map_err(|_| ControlError::Invalid("p12 is not base64".into()))?,
+            password: body.password.unwrap_or_default(),
+        },
+        _ => {
+            return Err(ControlError::Invalid(
+                "give either cert (PEM) or p12 (base64)".into(),
+            ));
+        }
+    };
+    let fingerprint = https.control.import_certificate(source).await?;
+    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+}
+
+async fn regenerate<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    let fingerprint = https.control.regenerate_certificate().await?;
+    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+}
+
+async fn list_trust<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.store.trust_entries().await.map_err(internal)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddTrust {
+    pem: String,
+    /// `ca` or `pinned`.
+    kind: String,
+    peer: Option<String>,
+}
+
+async fn add_trust<C: NodeControl>(
+    State(https): AppState<C>,
+    Json(body): Json<AddTrust>,
+) -> Result<Response, ControlError> {
+    let kind = match body.kind.as_str() {
+        "ca" => impmesh_store::TrustKind::Ca,
+        "pinned" if body.peer.is_some() => impmesh_store::TrustKind::Pinned,
+        "pinned" => {
+            return Err(ControlError::Invalid(
+                "a pinned certificate needs its peer".into(),
+            ));
+        }
+        other => {
+            return Err(ControlError::Invalid(format!(
+                "kind {other:?}: use ca or pinned"
+            )));
+        }
+    };
+    let added = crate::trust::add(
+        &https.store,
+        body.pem.as_bytes(),
+        kind,
+        body.peer.as_deref(),
+        "imported",
+    )
+    .await
+    .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+    Ok(Json(added).into_response())
+}
+
+async fn remove_trust<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(fingerprint): Path<String>,
+) -> Result<Response, ControlError> {
+    let fp = fingerprint.to_ascii_uppercase();
+    if !https.store.remove_trust(&fp).await.map_err(internal)? {
+        return Err(ControlError::NotFound(format!(
+            "no trusted certificate with fingerprint {fingerprint}"
+        )));
+    }
+    Ok(Json(json!({ "removed": fp })).into_response())
+}
+
+async fn alarms<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.store.active_alarms().await.map_err(internal)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<i64>,
+}
+
+async fn alarm_history<C: NodeControl>(
+    State(https): AppState<C>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ControlError> {
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    Ok(Json(https.store.alarm_history(limit).await.map_err(internal)?).into_response())
+}
+
+async fn axl_users<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    let users = https.store.axl_users().await.map_err(internal)?;
+    let list: Vec<_> = users
+        .iter()
+        .map(|u| json!({ "username": u.username, "created_at": u.created_at, "updated_at": u.updated_at }))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+async fn set_axl_user<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+    Json(body): Json<Password>,
+) -> Result<Response, ControlError> {
+    crate::set_axl_user(&https.store, &name, &body.password)
+        .await
+        .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+    Ok(Json(json!({ "username": name })).into_response())
+}
+
+async fn delete_axl_user<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    if !https.store.delete_axl_user(&name).await.map_err(internal)? {
+        return Err(ControlError::NotFound(format!("no AXL user {name}")));
+    }
+    Ok(Json(json!({ "username": name })).into_response())
+}

@@ -1,0 +1,442 @@
+//! The typed client of the HTTPS service, for the CLI (admin API) and the sync agent
+//! (AXL API). One client is one TLS connection, so a channel-bound session stays on
+//! the channel it was bound to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+pub use hyper::Method;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{StatusCode, header};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::ServerCertVerifier;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::auth::OPAQUE_SCHEME;
+use crate::pake::{ClientStart, PakeError};
+use crate::soap::{Fault, Request, Response};
+
+/// Time to connect and finish the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for one request and its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest answer read.
+const MAX_RESPONSE: usize = 32 * 1024 * 1024;
+
+/// How the client decides to trust the server's certificate.
+#[derive(Clone)]
+pub enum ServerTrust {
+    /// A verifier over the trust store (pinned or CA-signed). A server it refuses is
+    /// dropped during the handshake, before any request (or credential) is sent.
+    Verified(Arc<dyn ServerCertVerifier>),
+    /// Not trusted yet: only the channel-bound first contact may run on it.
+    FirstContact,
+}
+
+/// What went wrong on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, std::io::Error),
+    #[error("{0} did not answer in time")]
+    Timeout(String),
+    #[error("HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("SOAP fault {0}")]
+    Fault(Fault),
+    #[error(transparent)]
+    Pake(#[from] PakeError),
+    #[error("refusing to send a password to a server whose certificate is not verified")]
+    NotTrusted,
+    #[error("the channel-bound exchange needs TLS 1.3")]
+    NoExporter,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A connection to a node's HTTPS service.
+pub struct AxlClient {
+    sender: SendRequest<Full<Bytes>>,
+    authority: String,
+    exporter: Option<[u8; 32]>,
+    server_chain: Vec<CertificateDer<'static>>,
+    verified: bool,
+    authorization: Option<String>,
+}
+
+impl AxlClient {
+    /// Connects to `addr` (host:port), expecting `server_name` in the certificate.
+    pub async fn connect(
+        addr: &str,
+        server_name: &str,
+        trust: ServerTrust,
+    ) -> Result<AxlClient, ClientError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (verifier, versions, verified): (Arc<dyn ServerCertVerifier>, &[_], bool) = match trust
+        {
+            ServerTrust::Verified(v) => (v, rustls::DEFAULT_VERSIONS, true),
+            ServerTrust::FirstContact => (
+                impmesh_certs::FirstContactVerifier::new(),
+                &[&rustls::version::TLS13],
+                false,
+            ),
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| ClientError::Protocol(format!("bad server name {server_name:?}")))?;
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| ClientError::Connect(addr.to_owned(), e))?;
+            let _ = tcp.set_nodelay(true);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ClientError::Tls(addr.to_owned(), e))
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ClientError::Timeout(addr.to_owned()))??;
+        let conn = tls.get_ref().1;
+        let server_chain = conn
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let exporter = impmesh_certs::tls_exporter(conn);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTPS client connection ended");
+            }
+        });
+        Ok(AxlClient {
+            sender,
+            authority: addr.to_owned(),
+            exporter,
+            server_chain,
+            verified,
+            authorization: None,
+        })
+    }
+
+    /// The certificate chain the server presented.
+    pub fn server_chain(&self) -> &[CertificateDer<'static>] {
+        &self.server_chain
+    }
+
+    /// Uses HTTP Basic from now on; refused unless the server's certificate verified.
+    pub fn use_basic(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
+        if !self.verified {
+            return Err(ClientError::NotTrusted);
+        }
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        self.authorization = Some(format!("Basic {token}"));
+        Ok(())
+    }
+
+    /// Uses a bearer token (the node's admin token) from now on; refused unless the
+    /// server's certificate verified.
+    pub fn use_bearer(&mut self, token: &str) -> Result<(), ClientError> {
+        if !self.verified {
+            return Err(ClientError::NotTrusted);
+        }
+        self.authorization = Some(format!("Bearer {token}"));
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        authorization: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.authority)
+            .header(
+                header::USER_AGENT,
+                concat!("impmesh/", env!("CARGO_PKG_VERSION")),
+            );
+        if !body.is_empty() {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        if let Some(a) = authorization {
+            builder = builder.header(header::AUTHORIZATION, a);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let exchange = async {
+            self.sender.ready().await?;
+            let response = self.sender.send_request(request).await?;
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(format!("cannot read the answer: {e}")))?
+                .to_bytes();
+            Ok::<_, ClientError>((parts.status, parts.headers, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(self.authority.clone()))?
+    }
+
+    /// Runs one AXL operation with the credentials set before.
+    pub async fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let auth = self.authorization.clone();
+        let (status, _, body) = self
+            .send(
+                Method::POST,
+                "/axl/",
+                auth.as_deref(),
+                "text/xml; charset=utf-8",
+                request.to_envelope(),
+            )
+            .await?;
+        answer(request, status, &body)
+    }
+
+    /// The channel-bound first contact: authenticates this server and this client to
+    /// each other with the shared AXL credential, bound to this TLS connection, and then
+    /// runs `request`. The password never leaves this process; when the server cannot
+    /// prove it knows the credential over this very channel (a wrong password, or a man
+    /// in the middle), this fails before the client's proof is sent. Later calls on this
+    /// client use the session it opened.
+    pub async fn first_contact(
+        &mut self,
+        user: &str,
+        password: &str,
+        request: &Request,
+    ) -> Result<Response, ClientError> {
+        let exporter = self.exporter.ok_or(ClientError::NoExporter)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let pw = password.to_owned();
+        let start = tokio::task::spawn_blocking(move || ClientStart::new(&pw))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let ke1 = format!(
+            "{OPAQUE_SCHEME} user=\"{}\", data=\"{}\"",
+            b64.encode(user),
+            b64.encode(&start.ke1)
+        );
+        let (status, headers, body) = self
+            .send(Method::POST, "/axl/", Some(&ke1), "", vec![])
+            .await?;
+        if status != StatusCode::UNAUTHORIZED {
+            return Err(status_error(status, &body));
+        }
+        let challenge = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case(OPAQUE_SCHEME)
+                    .then(|| rest.to_owned())
+            })
+            .ok_or_else(|| status_error(status, &body))?;
+        let params = parse_params(&challenge);
+        let (Some(sid), Some(ke2)) = (
+            params.iter().find(|(k, _)| k == "sid").map(|p| p.1.clone()),
+            params
+                .iter()
+                .find(|(k, _)| k == "data")
+                .and_then(|p| b64.decode(&p.1).ok()),
+        ) else {
+            return Err(ClientError::Protocol(
+                "the server's OPAQUE challenge lacks sid or data".into(),
+            ));
+        };
+        let pw = password.to_owned();
+        let ke3 = tokio::task::spawn_blocking(move || start.finish(&pw, &ke2, &exporter))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let finish = format!(
+            "{OPAQUE_SCHEME} sid=\"{sid}\", data=\"{}\"",
+            b64.encode(ke3)
+        );
+        let (status, headers, body) = self
+            .send(
+                Method::POST,
+                "/axl/",
+                Some(&finish),
+                "text/xml; charset=utf-8",
+                request.to_envelope(),
+            )
+            .await?;
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(status_error(status, &body));
+        }
+        if let Some(token) = headers
+            .get("authentication-info")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                parse_params(v)
+                    .into_iter()
+                    .find(|(k, _)| k == "token")
+                    .map(|p| p.1)
+            })
+        {
+            self.authorization = Some(format!("Bearer {token}"));
+        }
+        answer(request, status, &body)
+    }
+
+    /// One admin API call; returns the status and the JSON answer.
+    pub async fn admin(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value), ClientError> {
+        let auth = self.authorization.clone();
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let (status, _, answer) = self
+            .send(
+                method,
+                &format!("/admin/v1{path}"),
+                auth.as_deref(),
+                "application/json",
+                body,
+            )
+            .await?;
+        let value = serde_json::from_slice(&answer)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&answer).into()));
+        Ok((status, value))
+    }
+
+    /// A plain GET (for `/metrics`, `/healthz`, `/readyz`): status and body text.
+    pub async fn get(&mut self, path: &str) -> Result<(StatusCode, String), ClientError> {
+        self.raw(Method::GET, path, vec![]).await
+    }
+
+    /// Any request with the credentials set before: status and body text.
+    pub async fn raw(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, String), ClientError> {
+        let auth = self.authorization.clone();
+        let (status, _, body) = self
+            .send(
+                method,
+                path,
+                auth.as_deref(),
+                "text/xml; charset=utf-8",
+                body,
+            )
+            .await?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let text = String::from_utf8_lossy(body);
+    // A SOAP fault says why better than the status line.
+    let message = crate::xml::El::parse(body, &[crate::soap::SOAP_NS, crate::soap::AXL_NS])
+        .ok()
+        .and_then(|env| {
+            env.children
+                .first()
+                .and_then(|b| b.children.first())
+                .and_then(|f| f.child("", "faultstring"))
+                .map(|s| s.text.clone())
+        })
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    ClientError::Status { status, message }
+}
+
+fn answer(request: &Request, status: StatusCode, body: &[u8]) -> Result<Response, ClientError> {
+    match Response::parse(request, body) {
+        Ok(r) if status.is_success() => Ok(r),
+        Ok(_) => Err(status_error(status, body)),
+        Err(fault)
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS =>
+        {
+            Err(ClientError::Status {
+                status,
+                message: fault.message,
+            })
+        }
+        Err(fault) => Err(ClientError::Fault(fault)),
+    }
+}
+
+fn parse_params(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            Some((
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The first contact with a peer cluster, as `peer add` runs it: connects to `addr`
+/// without trusting its certificate yet, runs the channel-bound exchange with the
+/// peer's AXL credential, offers this cluster's node certificates (`ours`, which the
+/// peer pins for `our_cluster`), checks that the certificates it gets back include the
+/// one the TLS handshake showed, and pins them in `store` for `peer`. Returns them.
+/// Nothing is pinned, and no password or proof leaves this process, when the peer
+/// cannot prove it knows the credential over this very channel.
+pub async fn exchange_certificates(
+    store: &impmesh_store::Store,
+    addr: &str,
+    server_name: &str,
+    peer: &str,
+    credential: (&str, &str),
+    our_cluster: &str,
+    ours: Vec<crate::soap::NodeCertificate>,
+) -> Result<Vec<crate::soap::NodeCertificate>, ClientError> {
+    let mut client = AxlClient::connect(addr, server_name, ServerTrust::FirstContact).await?;
+    let request = Request::ExchangeCertificates {
+        cluster: our_cluster.to_owned(),
+        certificates: ours,
+    };
+    let Response::Certificates(theirs) = client
+        .first_contact(credential.0, credential.1, &request)
+        .await?
+    else {
+        return Err(ClientError::Protocol(
+            "exchangeCertificates answered with something else".into(),
+        ));
+    };
+    let seen = client
+        .server_chain()
+        .first()
+        .map(impmesh_certs::fingerprint)
+        .ok_or_else(|| ClientError::Protocol("the server showed no certificate".into()))?;
+    if !theirs
+        .iter()
+        .any(|c| c.fingerprint.eq_ignore_ascii_case(&seen))
+    {
+        return Err(ClientError::Protocol(format!(
+            "the peer's certificate list does not include the certificate it presented ({seen})"
+        )));
+    }
+    crate::trust::pin_exchanged(store, peer, &theirs)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("cannot pin the peer's certificates: {e:#}")))?;
+    Ok(theirs)
+}

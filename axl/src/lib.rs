@@ -1,0 +1,120 @@
+//! The HTTPS service of a node (default port 8443): the AXL-like intercluster API
+//! under `/axl/`, the admin API under `/admin/v1/`, `/metrics`, `/healthz` and
+//! `/readyz`; and the typed client the CLI and the sync agent use.
+//!
+//! docs/axl.md describes the API for its users.
+
+use std::future::Future;
+
+pub mod admin;
+pub mod auth;
+pub mod client;
+mod metrics;
+pub mod pake;
+pub mod server;
+pub mod soap;
+pub mod trust;
+pub mod xml;
+
+pub use server::{ChangeNotice, Https, HttpsLimits, ServiceIdentity};
+
+/// A certificate to install, as the admin API receives it.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    Pem {
+        cert: String,
+        key: Option<String>,
+        chain: Option<String>,
+    },
+    Pkcs12 {
+        archive: Vec<u8>,
+        password: String,
+    },
+}
+
+/// Why the node refused an admin action; the admin API maps it to an HTTP status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// 400: the input is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: it exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What the HTTPS service needs from the node it runs in (the binary implements it):
+/// actions that involve the router, the configuration or the certificate files.
+pub trait NodeControl: Send + Sync + 'static {
+    /// Node status for the admin API, as a JSON object.
+    fn status(&self) -> serde_json::Value;
+    /// Appends the node's own metrics in Prometheus text format.
+    fn render_metrics(&self, out: &mut String);
+    /// Whether the node serves clients (for `/readyz`).
+    fn ready(&self) -> bool;
+    /// Creates an account; returns its normalised name.
+    fn add_user(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// Deletes an account (and disconnects its sessions); returns its normalised name.
+    fn delete_user(&self, name: &str) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// Changes a password; returns the normalised name.
+    fn set_password(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// The certificate chain in use.
+    fn certificates(&self) -> Result<Vec<impmesh_certs::CertInfo>, ControlError>;
+    /// A PKCS#10 request for the node key.
+    fn csr(&self, cn: &str, sans: &[String]) -> Result<String, ControlError>;
+    /// Checks and installs a certificate and uses it for new handshakes at once;
+    /// returns the new fingerprint.
+    fn import_certificate(
+        &self,
+        source: CertSource,
+    ) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// A new key and self-signed certificate, in use at once; returns the fingerprint.
+    fn regenerate_certificate(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
+}
+
+/// Creates or replaces the intercluster application user: a SCRAM-SHA-256 verifier
+/// (HTTP Basic over a trusted channel) and an OPAQUE record (channel-bound first
+/// contact). The password itself is not stored.
+pub async fn set_axl_user(
+    store: &impmesh_store::Store,
+    username: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    if username.is_empty() || username.contains([':', ' ', '/', '@']) || username.len() > 64 {
+        anyhow::bail!("bad AXL user name {username:?}: 1-64 characters, no ':', ' ', '/', '@'");
+    }
+    if password.len() < 8 {
+        anyhow::bail!("the AXL password must have at least 8 characters");
+    }
+    let setup = store
+        .cluster_secret(pake::SETUP_SECRET, pake::new_server_setup)
+        .await?;
+    let (user, pw) = (username.to_owned(), password.to_owned());
+    let (scram, record) = tokio::task::spawn_blocking(move || {
+        let setup = pake::Setup::load(&setup)?;
+        let record = setup.register(&user, &pw)?;
+        let scram = impmesh_store::scram::ScramVerifier::new(
+            impmesh_store::scram::ScramHash::Sha256,
+            &pw,
+            impmesh_store::scram::DEFAULT_ITERATIONS,
+        )?;
+        anyhow::Ok((scram, record))
+    })
+    .await??;
+    store.set_axl_user(username, &scram, &record).await?;
+    Ok(())
+}

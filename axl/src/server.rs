@@ -1,0 +1,595 @@
+//! The HTTPS listener: our own TLS accept loop (so every request knows its connection's
+//! TLS exporter value, and the certificate can be swapped at run time), HTTP/1.1 by
+//! hyper, routes by axum.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use impmesh_store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::NodeControl;
+use crate::auth::{AuthLimits, AuthState, Outcome};
+use crate::soap::{
+    ClusterInfo, Cursor, Fault, NodeCertificate, NodeInfo, Request as AxlRequest,
+    Response as AxlResponse, UserEntry, UserPage,
+};
+
+/// Limits of the HTTPS service.
+#[derive(Debug, Clone)]
+pub struct HttpsLimits {
+    /// Largest request body; bigger ones get 413.
+    pub body_limit: usize,
+    /// Time for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time to send a request's headers, and then its body.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    pub auth: AuthLimits,
+}
+
+impl Default for HttpsLimits {
+    fn default() -> HttpsLimits {
+        HttpsLimits {
+            body_limit: 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            auth: AuthLimits::default(),
+        }
+    }
+}
+
+/// Who this service speaks for.
+#[derive(Debug, Clone)]
+pub struct ServiceIdentity {
+    pub cluster: String,
+    pub domain: String,
+    pub node: String,
+    pub version: String,
+}
+
+/// A peer's `notifyChange`: it changed up to `usn` and asks to be pulled soon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeNotice {
+    pub cluster: String,
+    pub usn: i64,
+    pub from: IpAddr,
+}
+
+/// What a request knows about its connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub peer: SocketAddr,
+    /// RFC 9266 `tls-exporter` value; `None` below TLS 1.3.
+    pub exporter: Option<[u8; 32]>,
+}
+
+/// The operation a response answered, for the request log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpName(pub &'static str);
+
+/// Requests served, by operation and status.
+#[derive(Debug, Default)]
+pub struct ApiStats {
+    counts: Mutex<BTreeMap<(&'static str, u16), u64>>,
+}
+
+impl ApiStats {
+    fn count(&self, op: &'static str, status: u16) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((op, status))
+            .or_default() += 1;
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> Vec<((&'static str, u16), u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+}
+
+/// The HTTPS service of a node.
+pub struct Https<C: NodeControl> {
+    pub store: Store,
+    pub control: Arc<C>,
+    pub identity: ServiceIdentity,
+    pub limits: HttpsLimits,
+    pub auth: AuthState,
+    pub stats: ApiStats,
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    notices: broadcast::Sender<ChangeNotice>,
+    next_conn: AtomicU64,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl<C: NodeControl> Https<C> {
+    /// A service answering with `tls` (HTTP/1.1 ALPN is added) and accepting
+    /// `admin_token` as the local admin credential.
+    pub fn new(
+        store: Store,
+        control: Arc<C>,
+        identity: ServiceIdentity,
+        limits: HttpsLimits,
+        tls: Arc<rustls::ServerConfig>,
+        admin_token: String,
+    ) -> Arc<Https<C>> {
+        let auth = AuthState::new(limits.auth.clone(), admin_token);
+        Arc::new(Https {
+            store,
+            control,
+            identity,
+            limits,
+            auth,
+            stats: ApiStats::default(),
+            tls: RwLock::new(with_alpn(tls)),
+            notices: broadcast::channel(256).0,
+            next_conn: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// New TLS handshakes use `tls` from now on.
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = with_alpn(tls);
+    }
+
+    /// Every `notifyChange` received from now on.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeNotice> {
+        self.notices.subscribe()
+    }
+
+    /// Binds `addr` and serves it until [`Self::shutdown`]; returns the bound address.
+    pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let this = self.clone();
+        let app = router(self.clone());
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        self.tracker.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = this.shutdown.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "HTTPS accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "HTTPS connection refused: too many connections");
+                    continue;
+                };
+                let (this, app) = (this.clone(), app.clone());
+                this.tracker.clone().spawn(async move {
+                    this.serve_connection(tcp, peer, app).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(bound)
+    }
+
+    async fn serve_connection(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, app: Router) {
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let stream =
+            match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTPS TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "HTTPS TLS handshake timed out");
+                    return;
+                }
+            };
+        let conn = stream.get_ref().1;
+        let exporter = impmesh_certs::tls_exporter(conn);
+        let info = ConnInfo {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            peer,
+            exporter,
+        };
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                let app = app.clone();
+                async move {
+                    use tower::ServiceExt as _;
+                    app.oneshot(req.map(Body::new)).await
+                }
+            });
+        let http = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.request_timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(http);
+        tokio::select! {
+            r = http.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+                }
+            }
+            _ = self.shutdown.cancelled() => {
+                http.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+            }
+        }
+    }
+
+    /// Stops accepting, lets requests in progress finish (up to 5 s) and returns.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Reads a request body under the size limit and the request timeout.
+    pub(crate) async fn read_body(&self, body: Body) -> Result<Bytes, StatusCode> {
+        let limited = http_body_util::Limited::new(body, self.limits.body_limit);
+        match tokio::time::timeout(self.limits.request_timeout, limited.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            Ok(Err(_)) => Err(StatusCode::BAD_REQUEST),
+            Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
+        }
+    }
+}
+
+fn with_alpn(tls: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut config = (*tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Every route of the service.
+fn router<C: NodeControl>(https: Arc<Https<C>>) -> Router {
+    Router::new()
+        .route("/axl", post(axl::<C>))
+        .route("/axl/", post(axl::<C>))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<C>))
+        .route("/metrics", get(crate::metrics::metrics::<C>))
+        .nest("/admin/v1", crate::admin::routes(https.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            https.clone(),
+            log_request::<C>,
+        ))
+        .with_state(https)
+}
+
+/// Logs every request with its outcome and counts it by operation and status.
+async fn log_request<C: NodeControl>(
+    State(https): State<Arc<Https<C>>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer);
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let op = response
+        .extensions()
+        .get::<OpName>()
+        .map(|o| o.0)
+        .unwrap_or_else(|| static_label(matched.as_deref()));
+    https.stats.count(op, status);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let quiet = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz") && status < 400;
+    if quiet {
+        tracing::debug!(%method, %path, status, op, ?peer, ms, "https request");
+    } else {
+        tracing::info!(%method, %path, status, op, ?peer, ms, "https request");
+    }
+    response
+}
+
+/// A bounded set of metric labels for routes (never the raw path: it could be anything).
+fn static_label(matched: Option<&str>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/axl",
+        "/axl/",
+        "/admin/v1/status",
+        "/admin/v1/users",
+        "/admin/v1/users/{name}",
+        "/admin/v1/users/{name}/password",
+        "/admin/v1/certificates",
+        "/admin/v1/certificates/csr",
+        "/admin/v1/certificates/import",
+        "/admin/v1/certificates/regenerate",
+        "/admin/v1/trust",
+        "/admin/v1/trust/{fingerprint}",
+        "/admin/v1/alarms",
+        "/admin/v1/alarms/history",
+        "/admin/v1/axl-users",
+        "/admin/v1/axl-users/{name}",
+    ];
+    matched
+        .and_then(|m| KNOWN.iter().find(|k| **k == m).copied())
+        .unwrap_or("other")
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz<C: NodeControl>(State(https): State<Arc<Https<C>>>) -> Response {
+    let store_ok = tokio::time::timeout(Duration::from_secs(2), https.store.current_usn())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    match (store_ok, https.control.ready()) {
+        (true, true) => (StatusCode::OK, "ready\n").into_response(),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response(),
+        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "node not ready\n").into_response(),
+    }
+}
+
+fn soap(status: StatusCode, body: Vec<u8>, op: &'static str) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/xml; charset=utf-8"),
+    );
+    response.extensions_mut().insert(OpName(op));
+    response
+}
+
+fn fault(status: StatusCode, fault: &Fault, op: &'static str) -> Response {
+    soap(status, fault.to_envelope(), op)
+}
+
+/// `POST /axl/`: authenticate, parse, run one operation.
+async fn axl<C: NodeControl>(State(https): State<Arc<Https<C>>>, req: Request) -> Response {
+    let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let outcome = https
+        .auth
+        .axl(
+            &https.store,
+            conn.peer.ip(),
+            conn.id,
+            conn.exporter.as_ref().map(|e| &e[..]),
+            authorization.as_deref(),
+        )
+        .await;
+    let (user, info) = match outcome {
+        Outcome::Ok { user, info } => (user, info),
+        Outcome::Challenge(challenges) => {
+            let mut r = fault(
+                StatusCode::UNAUTHORIZED,
+                &Fault::client(
+                    "authenticationRequired",
+                    "authenticate as the intercluster application user",
+                ),
+                "auth",
+            );
+            for c in challenges {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    r.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            return r;
+        }
+        Outcome::Denied(why) => {
+            return fault(
+                StatusCode::UNAUTHORIZED,
+                &Fault::client("authenticationFailed", why),
+                "auth",
+            );
+        }
+        Outcome::Throttled => {
+            let mut r = fault(
+                StatusCode::TOO_MANY_REQUESTS,
+                &Fault::client(
+                    "tooManyFailures",
+                    "too many failed authentications; wait and retry",
+                ),
+                "auth",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(https.limits.auth.failure_window.as_secs()),
+            );
+            return r;
+        }
+    };
+    let body = match https.read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(status) => {
+            let why = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    format!("the body exceeds {} bytes", https.limits.body_limit)
+                }
+                StatusCode::REQUEST_TIMEOUT => "the body did not arrive in time".to_owned(),
+                _ => "the body could not be read".to_owned(),
+            };
+            return fault(status, &Fault::client("badBody", why), "invalid");
+        }
+    };
+    let mut response = match AxlRequest::parse(&body) {
+        Err(f) => fault(StatusCode::BAD_REQUEST, &f, "invalid"),
+        Ok(request) => {
+            let op = request.name();
+            match run(&https, &request, &user, conn.peer.ip()).await {
+                Ok(answer) => soap(StatusCode::OK, answer.to_envelope(op), op),
+                Err(f) if f.client => fault(StatusCode::BAD_REQUEST, &f, op),
+                Err(f) => fault(StatusCode::INTERNAL_SERVER_ERROR, &f, op),
+            }
+        }
+    };
+    if let Some(info) = info
+        && let Ok(v) = HeaderValue::from_str(&info)
+    {
+        response.headers_mut().insert("authentication-info", v);
+    }
+    response
+}
+
+fn store_fault(e: StoreError) -> Fault {
+    match e {
+        StoreError::UsnTooOld { .. } => Fault::client("usnTooOld", e.to_string()),
+        other => {
+            tracing::error!(error = %other, "store error in the AXL API");
+            Fault::server("storeUnavailable", "the store failed; retry later")
+        }
+    }
+}
+
+async fn run<C: NodeControl>(
+    https: &Https<C>,
+    request: &AxlRequest,
+    user: &str,
+    from: IpAddr,
+) -> Result<AxlResponse, Fault> {
+    let store = &https.store;
+    match request {
+        AxlRequest::GetClusterInfo => {
+            let nodes = store
+                .cluster_nodes(&https.identity.cluster)
+                .await
+                .map_err(store_fault)?;
+            Ok(AxlResponse::ClusterInfo(ClusterInfo {
+                cluster: https.identity.cluster.clone(),
+                domain: https.identity.domain.clone(),
+                version: https.identity.version.clone(),
+                usn: store.current_usn().await.map_err(store_fault)?,
+                nodes: nodes
+                    .into_iter()
+                    .map(|n| NodeInfo {
+                        name: n.name,
+                        host: n.host,
+                        c2s_port: n.c2s_port,
+                        c2s_tls_port: n.c2s_tls_port,
+                        link_port: n.link_port,
+                        https_port: n.https_port,
+                        fingerprint: n.fingerprint,
+                    })
+                    .collect(),
+            }))
+        }
+        AxlRequest::ListUsers {
+            since_usn,
+            cursor,
+            page_size,
+        } => {
+            let page = store
+                .directory_page(
+                    *since_usn,
+                    cursor.map(|c| c.after_usn),
+                    cursor.map(|c| c.snapshot_usn),
+                    *page_size,
+                )
+                .await
+                .map_err(store_fault)?;
+            let next_cursor = page.more.then(|| Cursor {
+                snapshot_usn: page.snapshot_usn,
+                after_usn: page.entries.last().map(|e| e.usn).unwrap_or(*since_usn),
+            });
+            Ok(AxlResponse::Users(UserPage {
+                snapshot_usn: page.snapshot_usn,
+                next_cursor,
+                users: page
+                    .entries
+                    .into_iter()
+                    .map(|e| UserEntry {
+                        name: e.username,
+                        home_cluster: e.home_cluster,
+                        home_node: e.home_node,
+                        usn: e.usn,
+                        deleted: e.deleted,
+                    })
+                    .collect(),
+            }))
+        }
+        AxlRequest::GetCertificates => {
+            Ok(AxlResponse::Certificates(node_certificates(https).await?))
+        }
+        AxlRequest::ExchangeCertificates {
+            cluster,
+            certificates,
+        } => {
+            let added = crate::trust::pin_exchanged(store, cluster, certificates)
+                .await
+                .map_err(|e| Fault::client("badCertificate", e.to_string()))?;
+            tracing::info!(peer = %cluster, %user, %from, pinned = added, "pinned certificates offered by a peer");
+            Ok(AxlResponse::Certificates(node_certificates(https).await?))
+        }
+        AxlRequest::NotifyChange { cluster, usn } => {
+            tracing::info!(peer = %cluster, usn, %user, %from, "peer asks to be pulled");
+            let _ = https.notices.send(ChangeNotice {
+                cluster: cluster.clone(),
+                usn: *usn,
+                from,
+            });
+            Ok(AxlResponse::NotifyAccepted)
+        }
+    }
+}
+
+async fn node_certificates<C: NodeControl>(
+    https: &Https<C>,
+) -> Result<Vec<NodeCertificate>, Fault> {
+    Ok(https
+        .store
+        .cluster_nodes(&https.identity.cluster)
+        .await
+        .map_err(store_fault)?
+        .into_iter()
+        .filter(|n| !n.cert_pem.is_empty())
+        .map(|n| NodeCertificate {
+            node: n.name,
+            fingerprint: n.fingerprint,
+            pem: n.cert_pem,
+        })
+        .collect())
+}

@@ -1,0 +1,672 @@
+//! The SOAP 1.1-style envelopes of the AXL-like API: requests, responses and faults,
+//! shared by the server and the client. Operation elements live in the versioned
+//! namespace [`AXL_NS`]; their children are unqualified, as in Cisco's AXL.
+
+use crate::xml::{El, XmlError};
+
+/// The SOAP 1.1 envelope namespace.
+pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
+/// The API's namespace; the trailing number is the API version.
+pub const AXL_NS: &str = "urn:impmesh:axl:1";
+/// Largest page a `listUsers` request may ask for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Page size when a request does not say.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+
+/// An operation of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The cluster's name, domain, nodes, version, USN and fingerprints.
+    GetClusterInfo,
+    /// A page of the user directory: everything (`since_usn` 0) or the changes after
+    /// `since_usn`, tombstones included.
+    ListUsers {
+        since_usn: i64,
+        cursor: Option<Cursor>,
+        page_size: u32,
+    },
+    /// The certificate chain (PEM) of every node of the cluster.
+    GetCertificates,
+    /// A peer offers its nodes' certificates (pinned for it) and gets this cluster's;
+    /// part of the first contact, on an authenticated session only.
+    ExchangeCertificates {
+        cluster: String,
+        certificates: Vec<NodeCertificate>,
+    },
+    /// A peer cluster asks to be pulled soon: it changed up to `usn`.
+    NotifyChange { cluster: String, usn: i64 },
+}
+
+impl Request {
+    /// The operation's element name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::GetClusterInfo => "getClusterInfo",
+            Request::ListUsers { .. } => "listUsers",
+            Request::GetCertificates => "getCertificates",
+            Request::ExchangeCertificates { .. } => "exchangeCertificates",
+            Request::NotifyChange { .. } => "notifyChange",
+        }
+    }
+}
+
+/// Where the next page of a listing starts: the listing's snapshot USN and the USN of
+/// the last entry already returned. Written `SNAPSHOT:AFTER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub snapshot_usn: i64,
+    pub after_usn: i64,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.snapshot_usn, self.after_usn)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Cursor, ()> {
+        let (a, b) = s.split_once(':').ok_or(())?;
+        let cursor = Cursor {
+            snapshot_usn: a.parse().map_err(|_| ())?,
+            after_usn: b.parse().map_err(|_| ())?,
+        };
+        if cursor.after_usn < 0 || cursor.snapshot_usn < cursor.after_usn {
+            return Err(());
+        }
+        Ok(cursor)
+    }
+}
+
+/// `getClusterInfo`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterInfo {
+    pub cluster: String,
+    pub domain: String,
+    pub version: String,
+    /// The last USN the cluster handed out.
+    pub usn: i64,
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// One node in [`ClusterInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub host: String,
+    pub c2s_port: u16,
+    pub c2s_tls_port: u16,
+    pub link_port: u16,
+    pub https_port: u16,
+    /// SHA-256 of the node certificate, colon-separated hex.
+    pub fingerprint: String,
+}
+
+/// One user (or tombstone) in a `listUsers` page.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserEntry {
+    pub name: String,
+    pub home_cluster: String,
+    pub home_node: String,
+    pub usn: i64,
+    pub deleted: bool,
+}
+
+/// `listUsers`' answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPage {
+    pub snapshot_usn: i64,
+    pub users: Vec<UserEntry>,
+    /// Present when more pages follow.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// One node's certificate chain in `getCertificates`' answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCertificate {
+    pub node: String,
+    pub fingerprint: String,
+    pub pem: String,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    ClusterInfo(ClusterInfo),
+    Users(UserPage),
+    Certificates(Vec<NodeCertificate>),
+    NotifyAccepted,
+}
+
+/// A SOAP fault: who is at fault, a machine-readable code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Fault {
+    /// True for `soapenv:Client` (the request is wrong), false for `soapenv:Server`.
+    pub client: bool,
+    /// The API's error code (see docs/axl.md), e.g. `malformedRequest`, `usnTooOld`.
+    pub code: String,
+    pub message: String,
+}
+
+impl Fault {
+    pub fn client(code: &str, message: impl Into<String>) -> Fault {
+        Fault {
+            client: true,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub fn server(code: &str, message: impl Into<String>) -> Fault {
+        Fault {
+            client: false,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The fault as a SOAP envelope.
+    pub fn to_envelope(&self) -> Vec<u8> {
+        let faultcode = if self.client {
+            "soapenv:Client"
+        } else {
+            "soapenv:Server"
+        };
+        let fault = El::new(SOAP_NS, "Fault")
+            .with(El::text("", "faultcode", faultcode))
+            .with(El::text("", "faultstring", &self.message))
+            .with(
+                El::new("", "detail").with(
+                    El::new(AXL_NS, "axlError")
+                        .with(El::text(AXL_NS, "code", &self.code))
+                        .with(El::text(AXL_NS, "message", &self.message)),
+                ),
+            );
+        envelope(fault)
+    }
+}
+
+/// An unqualified child element holding text.
+fn text(name: &str, value: impl Into<String>) -> El {
+    El::text("", name, value)
+}
+
+fn envelope(body_child: El) -> Vec<u8> {
+    El::new(SOAP_NS, "Envelope")
+        .with(El::new(SOAP_NS, "Body").with(body_child))
+        .to_document(&[(SOAP_NS, "soapenv"), (AXL_NS, "axl")])
+}
+
+fn cert_el(c: &NodeCertificate) -> El {
+    El::new("", "node")
+        .with(text("name", &c.node))
+        .with(text("fingerprint", &c.fingerprint))
+        .with(text("pem", &c.pem))
+}
+
+/// Parses an envelope and returns the element inside its Body. Refuses DTDs, entity
+/// references other than the predefined ones, processing instructions and deep nesting
+/// (the parser has no DTD support at all, so nothing can expand).
+fn open_envelope(body: &[u8]) -> Result<El, Fault> {
+    let env = El::parse(body, &[SOAP_NS, AXL_NS]).map_err(|e| match e {
+        XmlError::UnknownNamespace(ns) if ns.starts_with("urn:impmesh:axl:") => Fault::client(
+            "unsupportedVersion",
+            format!("this node speaks {AXL_NS}, not {ns}"),
+        ),
+        other => Fault::client("malformedRequest", other.to_string()),
+    })?;
+    if !env.is(SOAP_NS, "Envelope") {
+        return Err(Fault::client(
+            "malformedRequest",
+            "the document is not a SOAP 1.1 Envelope",
+        ));
+    }
+    let mut env = env;
+    let Some(pos) = env.children.iter().position(|c| c.is(SOAP_NS, "Body")) else {
+        return Err(Fault::client(
+            "malformedRequest",
+            "the Envelope has no Body",
+        ));
+    };
+    let mut body = env.children.swap_remove(pos);
+    match body.children.len() {
+        0 => Err(Fault::client("malformedRequest", "the Body is empty")),
+        1 => Ok(body.children.remove(0)),
+        _ => Err(Fault::client(
+            "malformedRequest",
+            "the Body holds more than one element",
+        )),
+    }
+}
+
+fn child_text(el: &El, name: &str) -> Option<String> {
+    el.child("", name).map(|c| c.text.trim().to_owned())
+}
+
+fn required(el: &El, name: &str) -> Result<String, Fault> {
+    child_text(el, name).ok_or_else(|| {
+        Fault::client(
+            "malformedRequest",
+            format!("{} needs a <{name}> element", el.name),
+        )
+    })
+}
+
+fn number<T: std::str::FromStr>(el: &El, name: &str) -> Result<Option<T>, Fault> {
+    child_text(el, name)
+        .map(|t| {
+            t.parse().map_err(|_| {
+                Fault::client(
+                    "malformedRequest",
+                    format!("<{name}> of {} is not a valid number: {t:?}", el.name),
+                )
+            })
+        })
+        .transpose()
+}
+
+impl Request {
+    /// The request as a SOAP envelope.
+    pub fn to_envelope(&self) -> Vec<u8> {
+        let mut op = El::new(AXL_NS, self.name());
+        match self {
+            Request::GetClusterInfo | Request::GetCertificates => {}
+            Request::ListUsers {
+                since_usn,
+                cursor,
+                page_size,
+            } => {
+                op = op
+                    .with(text("sinceUsn", since_usn.to_string()))
+                    .with(text("pageSize", page_size.to_string()));
+                if let Some(c) = cursor {
+                    op = op.with(text("cursor", c.to_string()));
+                }
+            }
+            Request::ExchangeCertificates {
+                cluster,
+                certificates,
+            } => {
+                op = op
+                    .with(text("cluster", cluster))
+                    .with_all(certificates.iter().map(cert_el));
+            }
+            Request::NotifyChange { cluster, usn } => {
+                op = op
+                    .with(text("cluster", cluster))
+                    .with(text("usn", usn.to_string()));
+            }
+        }
+        envelope(op)
+    }
+
+    /// Parses a request envelope; a [`Fault`] says what is wrong with it.
+    pub fn parse(body: &[u8]) -> Result<Request, Fault> {
+        let op = open_envelope(body)?;
+        if op.ns != AXL_NS {
+            return Err(Fault::client(
+                "unknownOperation",
+                format!("operations live in namespace {AXL_NS}; got {}", op.name),
+            ));
+        }
+        match op.name.as_str() {
+            "getClusterInfo" => Ok(Request::GetClusterInfo),
+            "getCertificates" => Ok(Request::GetCertificates),
+            "listUsers" => {
+                let since_usn = number(&op, "sinceUsn")?.unwrap_or(0);
+                if since_usn < 0 {
+                    return Err(Fault::client("malformedRequest", "sinceUsn is negative"));
+                }
+                let page_size = number(&op, "pageSize")?.unwrap_or(DEFAULT_PAGE_SIZE);
+                if page_size == 0 || page_size > MAX_PAGE_SIZE {
+                    return Err(Fault::client(
+                        "malformedRequest",
+                        format!("pageSize must be 1 to {MAX_PAGE_SIZE}"),
+                    ));
+                }
+                let cursor = child_text(&op, "cursor")
+                    .map(|c| {
+                        c.parse::<Cursor>().map_err(|_| {
+                            Fault::client("badCursor", format!("cursor {c:?} is not one we gave"))
+                        })
+                    })
+                    .transpose()?;
+                Ok(Request::ListUsers {
+                    since_usn,
+                    cursor,
+                    page_size,
+                })
+            }
+            "exchangeCertificates" => Ok(Request::ExchangeCertificates {
+                cluster: required(&op, "cluster")?,
+                certificates: op
+                    .children
+                    .iter()
+                    .filter(|c| c.is("", "node"))
+                    .map(|n| {
+                        Ok(NodeCertificate {
+                            node: required(n, "name")?,
+                            fingerprint: required(n, "fingerprint")?,
+                            pem: required(n, "pem")?,
+                        })
+                    })
+                    .collect::<Result<_, Fault>>()?,
+            }),
+            "notifyChange" => Ok(Request::NotifyChange {
+                cluster: required(&op, "cluster")?,
+                usn: number(&op, "usn")?.unwrap_or(0),
+            }),
+            other => Err(Fault::client(
+                "unknownOperation",
+                format!("no operation {other}"),
+            )),
+        }
+    }
+}
+
+impl Response {
+    /// The answer as a SOAP envelope, for the operation `op`.
+    pub fn to_envelope(&self, op: &str) -> Vec<u8> {
+        let mut ret = El::new("", "return");
+        match self {
+            Response::ClusterInfo(info) => {
+                ret = ret
+                    .with(text("cluster", &info.cluster))
+                    .with(text("domain", &info.domain))
+                    .with(text("version", &info.version))
+                    .with(text("usn", info.usn.to_string()));
+                let nodes = info.nodes.iter().map(|n| {
+                    El::new("", "node")
+                        .with(text("name", &n.name))
+                        .with(text("host", &n.host))
+                        .with(text("c2sPort", n.c2s_port.to_string()))
+                        .with(text("c2sTlsPort", n.c2s_tls_port.to_string()))
+                        .with(text("linkPort", n.link_port.to_string()))
+                        .with(text("httpsPort", n.https_port.to_string()))
+                        .with(text("fingerprint", &n.fingerprint))
+                });
+                ret = ret.with(El::new("", "nodes").with_all(nodes));
+            }
+            Response::Users(page) => {
+                ret = ret.with(text("snapshotUsn", page.snapshot_usn.to_string()));
+                if let Some(c) = page.next_cursor {
+                    ret = ret.with(text("nextCursor", c.to_string()));
+                }
+                let users = page.users.iter().map(|u| {
+                    El::new("", "user")
+                        .with(text("name", &u.name))
+                        .with(text("homeCluster", &u.home_cluster))
+                        .with(text("homeNode", &u.home_node))
+                        .with(text("usn", u.usn.to_string()))
+                        .with(text("deleted", if u.deleted { "true" } else { "false" }))
+                });
+                ret = ret.with(El::new("", "users").with_all(users));
+            }
+            Response::Certificates(certs) => ret = ret.with_all(certs.iter().map(cert_el)),
+            Response::NotifyAccepted => ret.text = "accepted".into(),
+        }
+        envelope(El::new(AXL_NS, format!("{op}Response")).with(ret))
+    }
+
+    /// Parses the answer to `request`; a fault envelope comes back as `Err(Fault)`.
+    pub fn parse(request: &Request, body: &[u8]) -> Result<Response, Fault> {
+        let el = open_envelope(body)?;
+        if el.is(SOAP_NS, "Fault") {
+            let client = child_text(&el, "faultcode").is_some_and(|c| c.ends_with("Client"));
+            let detail = el
+                .child("", "detail")
+                .and_then(|d| d.child(AXL_NS, "axlError"));
+            return Err(Fault {
+                client,
+                code: detail
+                    .and_then(|d| d.child(AXL_NS, "code"))
+                    .map(|c| c.text.clone())
+                    .unwrap_or_else(|| "unknown".into()),
+                message: child_text(&el, "faultstring").unwrap_or_default(),
+            });
+        }
+        let expected = format!("{}Response", request.name());
+        if !el.is(AXL_NS, &expected) {
+            return Err(Fault::server(
+                "malformedResponse",
+                format!("expected {expected}, got {}", el.name),
+            ));
+        }
+        let ret = el
+            .child("", "return")
+            .ok_or_else(|| Fault::server("malformedResponse", "no <return> element"))?;
+        let bad = |what: &str| Fault::server("malformedResponse", format!("bad {what}"));
+        let num = |el: &El, name: &str| -> Result<i64, Fault> {
+            child_text(el, name)
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad(name))
+        };
+        let port = |el: &El, name: &str| -> Result<u16, Fault> {
+            child_text(el, name)
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad(name))
+        };
+        let string = |el: &El, name: &str| child_text(el, name).ok_or_else(|| bad(name));
+        Ok(match request {
+            Request::GetClusterInfo => Response::ClusterInfo(ClusterInfo {
+                cluster: string(ret, "cluster")?,
+                domain: string(ret, "domain")?,
+                version: string(ret, "version")?,
+                usn: num(ret, "usn")?,
+                nodes: ret
+                    .child("", "nodes")
+                    .ok_or_else(|| bad("nodes"))?
+                    .children
+                    .iter()
+                    .map(|n| {
+                        Ok(NodeInfo {
+                            name: string(n, "name")?,
+                            host: string(n, "host")?,
+                            c2s_port: port(n, "c2sPort")?,
+                            c2s_tls_port: port(n, "c2sTlsPort")?,
+                            link_port: port(n, "linkPort")?,
+                            https_port: port(n, "httpsPort")?,
+                            fingerprint: string(n, "fingerprint")?,
+                        })
+                    })
+                    .collect::<Result<_, Fault>>()?,
+            }),
+            Request::ListUsers { .. } => Response::Users(UserPage {
+                snapshot_usn: num(ret, "snapshotUsn")?,
+                next_cursor: child_text(ret, "nextCursor")
+                    .map(|c| c.parse().map_err(|_| bad("nextCursor")))
+                    .transpose()?,
+                users: ret
+                    .child("", "users")
+                    .ok_or_else(|| bad("users"))?
+                    .children
+                    .iter()
+                    .map(|u| {
+                        Ok(UserEntry {
+                            name: string(u, "name")?,
+                            home_cluster: string(u, "homeCluster")?,
+                            home_node: string(u, "homeNode")?,
+                            usn: num(u, "usn")?,
+                            deleted: string(u, "deleted")? == "true",
+                        })
+                    })
+                    .collect::<Result<_, Fault>>()?,
+            }),
+            Request::GetCertificates | Request::ExchangeCertificates { .. } => {
+                Response::Certificates(
+                    ret.children
+                        .iter()
+                        .map(|n| {
+                            Ok(NodeCertificate {
+                                node: string(n, "name")?,
+                                fingerprint: string(n, "fingerprint")?,
+                                pem: n
+                                    .child("", "pem")
+                                    .map(|p| p.text.clone())
+                                    .ok_or_else(|| bad("pem"))?,
+                            })
+                        })
+                        .collect::<Result<_, Fault>>()?,
+                )
+            }
+            Request::NotifyChange { .. } => Response::NotifyAccepted,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::GetClusterInfo,
+            Request::GetCertificates,
+            Request::ListUsers {
+                since_usn: 7,
+                cursor: Some(Cursor {
+                    snapshot_usn: 9,
+                    after_usn: 8,
+                }),
+                page_size: 2,
+            },
+            Request::NotifyChange {
+                cluster: "b.example.com".into(),
+                usn: 12,
+            },
+            Request::ExchangeCertificates {
+                cluster: "b.example.com".into(),
+                certificates: vec![NodeCertificate {
+                    node: "n1".into(),
+                    fingerprint: "AB".into(),
+                    pem: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----".into(),
+                }],
+            },
+        ];
+        for r in requests {
+            let xml = r.to_envelope();
+            assert_eq!(
+                Request::parse(&xml).unwrap(),
+                r,
+                "{}",
+                String::from_utf8_lossy(&xml)
+            );
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let info = Response::ClusterInfo(ClusterInfo {
+            cluster: "a".into(),
+            domain: "example.com".into(),
+            version: "0.1.0".into(),
+            usn: 3,
+            nodes: vec![NodeInfo {
+                name: "n1".into(),
+                host: "127.0.0.1".into(),
+                c2s_port: 5222,
+                c2s_tls_port: 5223,
+                link_port: 7400,
+                https_port: 8443,
+                fingerprint: "AB:CD".into(),
+            }],
+        });
+        let users = Response::Users(UserPage {
+            snapshot_usn: 4,
+            next_cursor: Some(Cursor {
+                snapshot_usn: 4,
+                after_usn: 2,
+            }),
+            users: vec![UserEntry {
+                name: "alice & <bob>".into(),
+                home_cluster: "a".into(),
+                home_node: "n1".into(),
+                usn: 2,
+                deleted: true,
+            }],
+        });
+        let certs = Response::Certificates(vec![NodeCertificate {
+            node: "n1".into(),
+            fingerprint: "AB".into(),
+            pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+        }]);
+        for (req, resp) in [
+            (Request::GetClusterInfo, info),
+            (
+                Request::ListUsers {
+                    since_usn: 0,
+                    cursor: None,
+                    page_size: 2,
+                },
+                users,
+            ),
+            (Request::GetCertificates, certs),
+            (
+                Request::NotifyChange {
+                    cluster: "x".into(),
+                    usn: 1,
+                },
+                Response::NotifyAccepted,
+            ),
+        ] {
+            let xml = resp.to_envelope(req.name());
+            assert_eq!(Response::parse(&req, &xml).unwrap(), resp);
+        }
+        let fault = Fault::client("usnTooOld", "do a full sync");
+        assert_eq!(
+            Response::parse(&Request::GetClusterInfo, &fault.to_envelope()),
+            Err(fault)
+        );
+    }
+
+    #[test]
+    fn hostile_or_wrong_requests_are_faults() {
+        let cases: &[(&str, &str)] = &[
+            ("<a>", "malformedRequest"),
+            (
+                "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]><x>&a;</x>",
+                "malformedRequest",
+            ),
+            ("<root xmlns='urn:x'/>", "malformedRequest"),
+            (
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body/></e:Envelope>",
+                "malformedRequest",
+            ),
+            (
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><dropTable xmlns='urn:impmesh:axl:1'/></e:Body></e:Envelope>",
+                "unknownOperation",
+            ),
+            (
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><getClusterInfo xmlns='urn:impmesh:axl:2'/></e:Body></e:Envelope>",
+                "unsupportedVersion",
+            ),
+            (
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><listUsers xmlns='urn:impmesh:axl:1'><pageSize xmlns=''>5000</pageSize></listUsers></e:Body></e:Envelope>",
+                "malformedRequest",
+            ),
+            (
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><listUsers xmlns='urn:impmesh:axl:1'><cursor xmlns=''>9:10</cursor></listUsers></e:Body></e:Envelope>",
+                "badCursor",
+            ),
+        ];
+        for (xml, code) in cases {
+            let fault = Request::parse(xml.as_bytes()).unwrap_err();
+            assert_eq!(fault.code, *code, "{xml}: {fault}");
+            assert!(fault.client);
+        }
+        let deep = format!(
+            "<e:Envelope xmlns:e='{SOAP_NS}'><e:Body>{}{}</e:Body></e:Envelope>",
+            "<a>".repeat(10_000),
+            "</a>".repeat(10_000)
+        );
+        assert!(
+            Request::parse(deep.as_bytes())
+                .unwrap_err()
+                .message
+                .contains("deeper")
+        );
+    }
+}

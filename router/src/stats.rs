@@ -1,0 +1,124 @@
+//! Counters of the router for `/metrics`: plain atomics, updated on the hot path with
+//! relaxed ordering (no locks, no allocation).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::stanza::Kind;
+
+/// Router counters; all monotonic.
+#[derive(Debug, Default)]
+pub struct Stats {
+    stanzas_in: [AtomicU64; 3],
+    stanzas_out: [AtomicU64; 3],
+    logins_ok: AtomicU64,
+    logins_failed: AtomicU64,
+    tls_ok: AtomicU64,
+    tls_failed: AtomicU64,
+}
+
+const KINDS: [&str; 3] = ["message", "presence", "iq"];
+
+fn index(kind: Kind) -> usize {
+    match kind {
+        Kind::Message => 0,
+        Kind::Presence => 1,
+        Kind::Iq => 2,
+    }
+}
+
+/// The kind of a serialized stanza, from its first bytes.
+fn kind_of(xml: &str) -> Option<usize> {
+    let name = xml.strip_prefix('<')?;
+    KINDS.iter().position(|k| {
+        name.strip_prefix(k)
+            .is_some_and(|rest| rest.starts_with([' ', '>', '/']))
+    })
+}
+
+impl Stats {
+    pub(crate) fn stanza_in(&self, kind: Kind) {
+        self.stanzas_in[index(kind)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stanza_out(&self, xml: &str) {
+        if let Some(i) = kind_of(xml) {
+            self.stanzas_out[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn login(&self, ok: bool) {
+        let c = if ok {
+            &self.logins_ok
+        } else {
+            &self.logins_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_handshake(&self, ok: bool) {
+        let c = if ok { &self.tls_ok } else { &self.tls_failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.push_str("# HELP impmesh_stanzas_in_total Stanzas received from clients, by kind.\n");
+        out.push_str("# TYPE impmesh_stanzas_in_total counter\n");
+        for (i, k) in KINDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "impmesh_stanzas_in_total{{kind=\"{k}\"}} {}",
+                get(&self.stanzas_in[i])
+            );
+        }
+        out.push_str("# HELP impmesh_stanzas_out_total Stanzas written to clients, by kind.\n");
+        out.push_str("# TYPE impmesh_stanzas_out_total counter\n");
+        for (i, k) in KINDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "impmesh_stanzas_out_total{{kind=\"{k}\"}} {}",
+                get(&self.stanzas_out[i])
+            );
+        }
+        out.push_str("# HELP impmesh_logins_total Client authentications, by result.\n");
+        out.push_str("# TYPE impmesh_logins_total counter\n");
+        let _ = writeln!(
+            out,
+            "impmesh_logins_total{{result=\"ok\"}} {}",
+            get(&self.logins_ok)
+        );
+        let _ = writeln!(
+            out,
+            "impmesh_logins_total{{result=\"failed\"}} {}",
+            get(&self.logins_failed)
+        );
+        out.push_str("# HELP impmesh_tls_handshakes_total Client TLS handshakes, by result.\n");
+        out.push_str("# TYPE impmesh_tls_handshakes_total counter\n");
+        let _ = writeln!(
+            out,
+            "impmesh_tls_handshakes_total{{result=\"ok\"}} {}",
+            get(&self.tls_ok)
+        );
+        let _ = writeln!(
+            out,
+            "impmesh_tls_handshakes_total{{result=\"failed\"}} {}",
+            get(&self.tls_failed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_kinds_are_read_from_the_first_bytes() {
+        assert_eq!(kind_of("<message to='a'/>"), Some(0));
+        assert_eq!(kind_of("<presence/>"), Some(1));
+        assert_eq!(kind_of("<iq type='get'>"), Some(2));
+        assert_eq!(kind_of("<iqx/>"), None);
+        assert_eq!(kind_of("<r xmlns='urn:xmpp:sm:3'/>"), None);
+    }
+}

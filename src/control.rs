@@ -1,0 +1,246 @@
+//! The node side of the HTTPS service ([`impmesh_axl::NodeControl`]): what the admin
+//! API does to the running router, its configuration and its certificate.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::Instant;
+
+use impmesh_axl::{CertSource, ControlError, Https, NodeControl};
+use impmesh_certs::{CertError, NodeIdentity};
+use impmesh_router::Server;
+use impmesh_store::NodeRecord;
+
+use crate::config::Config;
+use crate::node;
+use crate::users::{self, UserError};
+
+/// The running node as the HTTPS service sees it.
+pub struct Control {
+    pub config: Config,
+    pub server: Arc<Server>,
+    identity: RwLock<NodeIdentity>,
+    https: OnceLock<Weak<Https<Control>>>,
+    /// Bound listeners: (STARTTLS, direct TLS, HTTPS).
+    listeners: OnceLock<(Vec<SocketAddr>, Vec<SocketAddr>, SocketAddr)>,
+    started: Instant,
+    /// Certificate changes one at a time.
+    cert_lock: tokio::sync::Mutex<()>,
+}
+
+impl Control {
+    pub fn new(config: Config, server: Arc<Server>, identity: NodeIdentity) -> Arc<Control> {
+        Arc::new(Control {
+            config,
+            server,
+            identity: RwLock::new(identity),
+            https: OnceLock::new(),
+            listeners: OnceLock::new(),
+            started: Instant::now(),
+            cert_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Completes the wiring once the listeners are bound.
+    pub fn attach(
+        &self,
+        https: &Arc<Https<Control>>,
+        c2s: Vec<SocketAddr>,
+        c2s_direct_tls: Vec<SocketAddr>,
+        https_addr: SocketAddr,
+    ) {
+        let _ = self.https.set(Arc::downgrade(https));
+        let _ = self.listeners.set((c2s, c2s_direct_tls, https_addr));
+    }
+
+    /// The identity in use.
+    pub fn identity(&self) -> NodeIdentity {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Publishes this node's endpoints and certificate to the cluster (the store),
+    /// where getClusterInfo and getCertificates read them.
+    pub async fn publish(&self) -> anyhow::Result<()> {
+        let identity = self.identity();
+        let (c2s, direct, https) =
+            self.listeners
+                .get()
+                .cloned()
+                .unwrap_or((vec![], vec![], self.config.listen.https));
+        let mut cert_pem = String::new();
+        for cert in &identity.chain {
+            cert_pem.push_str(&impmesh_certs::pem_encode("CERTIFICATE", cert.as_ref()));
+        }
+        self.server
+            .store
+            .publish_node(&NodeRecord {
+                name: self.config.node_name(),
+                cluster: self.config.cluster_name(),
+                host: self.config.advertised_host(),
+                c2s_port: c2s.first().map(|a| a.port()).unwrap_or(0),
+                c2s_tls_port: direct.first().map(|a| a.port()).unwrap_or(0),
+                // Router links come with federation; 0 means "not listening".
+                link_port: 0,
+                https_port: https.port(),
+                cert_pem,
+                fingerprint: identity.fingerprint(),
+                updated_at: 0,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Loads the certificate from the data directory again and uses it for every new
+    /// TLS handshake (clients and HTTPS); connections already up keep theirs. Returns
+    /// the new fingerprint.
+    pub async fn reload_certificates(&self) -> anyhow::Result<String> {
+        let identity = node::identity(&self.config)?;
+        node::check_certificate(&self.server.store, &identity).await?;
+        self.server.set_tls(
+            identity.server_config(&[])?,
+            identity.server_config(&[b"xmpp-client"])?,
+        );
+        if let Some(https) = self.https.get().and_then(Weak::upgrade) {
+            https.set_tls(identity.server_config(&[])?);
+        }
+        let fingerprint = identity.fingerprint();
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
+        self.publish().await?;
+        tracing::info!(sha256 = %fingerprint, "certificate in use");
+        Ok(fingerprint)
+    }
+
+    async fn change_certificate(
+        &self,
+        change: impl FnOnce(&Config) -> anyhow::Result<String>,
+    ) -> Result<String, ControlError> {
+        let _guard = self.cert_lock.lock().await;
+        change(&self.config).map_err(cert_error)?;
+        self.reload_certificates()
+            .await
+            .map_err(|e| ControlError::Internal(format!("{e:#}")))
+    }
+}
+
+fn user_error(e: UserError) -> ControlError {
+    match e {
+        UserError::BadName(_) | UserError::EmptyPassword => ControlError::Invalid(e.to_string()),
+        UserError::Exists(_) => ControlError::Conflict(e.to_string()),
+        UserError::NotFound(_) => ControlError::NotFound(e.to_string()),
+        UserError::Store(_) => ControlError::Internal(e.to_string()),
+    }
+}
+
+fn cert_error(e: anyhow::Error) -> ControlError {
+    match e.downcast_ref::<CertError>() {
+        Some(CertError::Io { .. }) | None => ControlError::Internal(format!("{e:#}")),
+        Some(_) => ControlError::Invalid(format!("{e:#}")),
+    }
+}
+
+impl NodeControl for Control {
+    fn status(&self) -> serde_json::Value {
+        let identity = self.identity();
+        let cert = impmesh_certs::describe(&identity.chain[0]).ok();
+        let (c2s, direct, https) =
+            self.listeners
+                .get()
+                .cloned()
+                .unwrap_or((vec![], vec![], self.config.listen.https));
+        serde_json::json!({
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "sessions": self.server.hub.session_count(),
+            "listeners": {
+                "c2s": c2s.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "c2s_direct_tls": direct.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "https": https.to_string(),
+            },
+            "certificate": {
+                "sha256": identity.fingerprint(),
+                "subject": cert.as_ref().map(|c| c.subject.clone()),
+                "not_after": cert.as_ref().map(|c| c.not_after.clone()),
+                "self_signed": cert.as_ref().map(|c| c.self_signed),
+            },
+            "store": format!("{:?}", self.server.store.backend()).to_lowercase(),
+        })
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        out.push_str("# HELP impmesh_sessions Client sessions bound now.\n");
+        out.push_str("# TYPE impmesh_sessions gauge\n");
+        let _ = writeln!(out, "impmesh_sessions {}", self.server.hub.session_count());
+        out.push_str("# HELP impmesh_uptime_seconds Seconds since the node started.\n");
+        out.push_str("# TYPE impmesh_uptime_seconds gauge\n");
+        let _ = writeln!(
+            out,
+            "impmesh_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+        self.server.stats.render(out);
+        self.server.store.latency().render(out);
+    }
+
+    fn ready(&self) -> bool {
+        !self.server.shutdown.is_cancelled()
+    }
+
+    async fn add_user(&self, name: &str, password: &str) -> Result<String, ControlError> {
+        users::add(&self.server.store, &self.config, name, password)
+            .await
+            .map_err(user_error)
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<String, ControlError> {
+        let user = users::delete(&self.server.store, &self.config, name)
+            .await
+            .map_err(user_error)?;
+        let closed = self.server.hub.disconnect_user(&user);
+        if closed > 0 {
+            tracing::info!(%user, sessions = closed, "closed the sessions of a deleted account");
+        }
+        Ok(user)
+    }
+
+    async fn set_password(&self, name: &str, password: &str) -> Result<String, ControlError> {
+        users::passwd(&self.server.store, &self.config, name, password)
+            .await
+            .map_err(user_error)
+    }
+
+    fn certificates(&self) -> Result<Vec<impmesh_certs::CertInfo>, ControlError> {
+        self.identity()
+            .chain
+            .iter()
+            .map(impmesh_certs::describe)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ControlError::Internal(e.to_string()))
+    }
+
+    fn csr(&self, cn: &str, sans: &[String]) -> Result<String, ControlError> {
+        self.identity()
+            .csr(cn, sans)
+            .map_err(|e| ControlError::Invalid(e.to_string()))
+    }
+
+    async fn import_certificate(&self, source: CertSource) -> Result<String, ControlError> {
+        self.change_certificate(|config| match source {
+            CertSource::Pem { cert, key, chain } => node::import_certificate(
+                config,
+                cert.as_bytes(),
+                key.as_deref().map(str::as_bytes),
+                chain.as_deref().map(str::as_bytes),
+            ),
+            CertSource::Pkcs12 { archive, password } => {
+                node::import_pkcs12(config, &archive, &password)
+            }
+        })
+        .await
+    }
+
+    async fn regenerate_certificate(&self) -> Result<String, ControlError> {
+        self.change_certificate(node::regenerate_certificate).await
+    }
+}
