@@ -21,6 +21,7 @@ pub struct Config {
     pub sasl: SaslSection,
     pub registration: RegistrationSection,
     pub https: HttpsSection,
+    pub tls: TlsSection,
     pub log: LogSection,
 }
 
@@ -36,6 +37,7 @@ impl Default for Config {
             sasl: SaslSection::default(),
             registration: RegistrationSection::default(),
             https: HttpsSection::default(),
+            tls: TlsSection::default(),
             log: LogSection::default(),
         }
     }
@@ -73,6 +75,18 @@ impl Default for ListenSection {
             https: SocketAddr::from(([127, 0, 0, 1], 8443)),
         }
     }
+}
+
+/// Certificates besides the node identity.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// A separate certificate (PEM chain) for the client ports 5222/5223, e.g. one from
+    /// a public CA for the XMPP domain; relative to data_dir. Without it the node
+    /// identity serves every listener. Re-read at every certificate reload.
+    pub client_certificate: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub client_key: Option<PathBuf>,
 }
 
 /// The HTTPS service's limits; durations in seconds unless named otherwise.
@@ -277,6 +291,11 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "https.body_limit must be at least 1024 and https.max_connections at least 1"
                     .into(),
+            ));
+        }
+        if self.tls.client_certificate.is_some() != self.tls.client_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.client_certificate and tls.client_key go together".into(),
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

@@ -19,6 +19,8 @@ pub struct Control {
     pub config: Config,
     pub server: Arc<Server>,
     identity: RwLock<NodeIdentity>,
+    /// The separate client-facing certificate, when configured.
+    client: RwLock<Option<NodeIdentity>>,
     https: OnceLock<Weak<Https<Control>>>,
     /// Bound listeners: (STARTTLS, direct TLS, HTTPS).
     listeners: OnceLock<(Vec<SocketAddr>, Vec<SocketAddr>, SocketAddr)>,
@@ -28,11 +30,17 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(config: Config, server: Arc<Server>, identity: NodeIdentity) -> Arc<Control> {
+    pub fn new(
+        config: Config,
+        server: Arc<Server>,
+        identity: NodeIdentity,
+        client: Option<NodeIdentity>,
+    ) -> Arc<Control> {
         Arc::new(Control {
             config,
             server,
             identity: RwLock::new(identity),
+            client: RwLock::new(client),
             https: OnceLock::new(),
             listeners: OnceLock::new(),
             started: Instant::now(),
@@ -55,6 +63,14 @@ impl Control {
     /// The identity in use.
     pub fn identity(&self) -> NodeIdentity {
         self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The client-facing certificate in use, when one is configured.
+    pub fn client_identity(&self) -> Option<NodeIdentity> {
+        self.client
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -92,16 +108,22 @@ impl Control {
         Ok(())
     }
 
-    /// Loads the certificate from the data directory again and uses it for every new
-    /// TLS handshake (clients and HTTPS); connections already up keep theirs. Returns
-    /// the new fingerprint.
+    /// Loads the certificates again (the node identity from the data directory, the
+    /// client-facing one from `[tls]`) and uses them for every new TLS handshake;
+    /// connections already up keep theirs. On an error nothing changes. Returns the node
+    /// certificate's fingerprint.
     pub async fn reload_certificates(&self) -> anyhow::Result<String> {
         let identity = node::identity(&self.config)?;
-        node::check_certificate(&self.server.store, &identity).await?;
+        let client = node::client_identity(&self.config)?;
+        let in_use: Vec<&NodeIdentity> =
+            std::iter::once(&identity).chain(client.as_ref()).collect();
+        node::check_certificates(&self.server.store, &in_use).await?;
+        let for_clients = client.as_ref().unwrap_or(&identity);
         self.server.set_tls(
-            identity.server_config(&[])?,
-            identity.server_config(&[b"xmpp-client"])?,
+            for_clients.server_config(&[])?,
+            for_clients.server_config(&[b"xmpp-client"])?,
         );
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
         if let Some(https) = self.https.get().and_then(Weak::upgrade) {
             https.set_tls(identity.server_config(&[])?);
         }
@@ -163,6 +185,7 @@ impl NodeControl for Control {
                 "not_after": cert.as_ref().map(|c| c.not_after.clone()),
                 "self_signed": cert.as_ref().map(|c| c.self_signed),
             },
+            "client_certificate": self.client_identity().map(|c| c.fingerprint()),
             "store": format!("{:?}", self.server.store.backend()).to_lowercase(),
         })
     }
@@ -242,5 +265,10 @@ impl NodeControl for Control {
 
     async fn regenerate_certificate(&self) -> Result<String, ControlError> {
         self.change_certificate(node::regenerate_certificate).await
+    }
+
+    async fn reload_certificates(&self) -> Result<String, ControlError> {
+        let _guard = self.cert_lock.lock().await;
+        Control::reload_certificates(self).await.map_err(cert_error)
     }
 }

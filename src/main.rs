@@ -135,6 +135,9 @@ enum CertCommand {
     /// Replaces the node's key and self-signed certificate with new ones (same names);
     /// a running node uses them at once.
     Regenerate,
+    /// Makes the running node read its certificate files again (after a renewal done
+    /// outside impmesh, e.g. of `[tls] client_certificate`); like SIGHUP.
+    Reload,
     /// Installs a CA-signed certificate (PEM, or a PKCS#12 archive) after checking that
     /// it fits this node; a running node uses it at once.
     Import {
@@ -510,6 +513,17 @@ async fn cert(
                 println!("  valid until: {}", text("not_after"));
                 println!("  SHA-256:     {}", text("sha256"));
             }
+            Ok(())
+        }
+        CertCommand::Reload => {
+            let Some(api) = api else {
+                anyhow::bail!("the node is not running; it reads its certificates when it starts");
+            };
+            let r = call(api, Method::POST, "/certificates/reload", None).await?;
+            println!(
+                "reloaded; node certificate SHA-256 {}",
+                r["fingerprint"].as_str().unwrap_or("")
+            );
             Ok(())
         }
         CertCommand::Regenerate => {

@@ -92,22 +92,32 @@ pub fn expiry_alarm(secs_left: i64) -> Option<&'static AlarmDef> {
     }
 }
 
-/// Raises the expiry alarm the node certificate deserves now and clears the others,
-/// including those of a certificate it no longer uses.
-pub async fn check_certificate(store: &Store, identity: &NodeIdentity) -> anyhow::Result<()> {
-    let info = impmesh_certs::describe(&identity.chain[0])?;
-    let secs_left = info.not_after_unix - impmesh_store::now_unix();
-    let wanted = expiry_alarm(secs_left);
+/// Raises the expiry alarm each certificate in use deserves now and clears the
+/// others, including those of certificates no longer in use.
+pub async fn check_certificates(store: &Store, in_use: &[&NodeIdentity]) -> anyhow::Result<()> {
     let family = [
         alarms::CERT_EXPIRING_SOON,
         alarms::CERT_EXPIRING,
         alarms::CERT_EXPIRED,
     ];
+    let mut wanted = vec![];
+    for identity in in_use {
+        let info = impmesh_certs::describe(&identity.chain[0])?;
+        let secs_left = info.not_after_unix - impmesh_store::now_unix();
+        if let Some(def) = expiry_alarm(secs_left) {
+            wanted.push((def, info));
+        }
+    }
+    let fingerprints: Vec<String> = in_use.iter().map(|i| i.fingerprint()).collect();
     for active in store.active_alarms().await? {
-        if let Some(def) = family.iter().find(|d| d.name == active.name)
-            && (active.subject != info.sha256 || wanted.is_none_or(|w| w.name != def.name))
-        {
-            let why = if active.subject == info.sha256 {
+        let Some(def) = family.iter().find(|d| d.name == active.name) else {
+            continue;
+        };
+        let still = wanted
+            .iter()
+            .any(|(w, info)| w.name == def.name && info.sha256 == active.subject);
+        if !still {
+            let why = if fingerprints.contains(&active.subject) {
                 "no longer applies"
             } else {
                 "the certificate was replaced"
@@ -115,14 +125,28 @@ pub async fn check_certificate(store: &Store, identity: &NodeIdentity) -> anyhow
             store.clear_alarm(def, &active.subject, why).await?;
         }
     }
-    if let Some(def) = wanted {
+    for (def, info) in wanted {
         let message = format!(
-            "node certificate {} valid until {}",
+            "certificate {} valid until {}",
             info.subject, info.not_after
         );
         store.raise_alarm(def, &info.sha256, &message).await?;
     }
     Ok(())
+}
+
+/// The client-facing certificate of `[tls]`, when one is configured: checked to cover
+/// the domain and to be valid now.
+pub fn client_identity(config: &Config) -> anyhow::Result<Option<NodeIdentity>> {
+    let (Some(cert), Some(key)) = (&config.tls.client_certificate, &config.tls.client_key) else {
+        return Ok(None);
+    };
+    let (cert, key) = (config.data_dir.join(cert), config.data_dir.join(key));
+    let identity = NodeIdentity::load(&cert, &key)
+        .with_context(|| format!("cannot load the client certificate {}", cert.display()))?;
+    impmesh_certs::check_identity(&identity, std::slice::from_ref(&config.domain))
+        .with_context(|| format!("the client certificate {} cannot serve", cert.display()))?;
+    Ok(Some(identity))
 }
 
 /// The names a node certificate must cover: the XMPP domain and the node name.
@@ -206,12 +230,16 @@ impl Node {
             .register_node(&config.node_name(), &config.cluster_name())
             .await?;
         let identity = identity(config)?;
-        check_certificate(&store, &identity).await?;
+        let client = client_identity(config)?;
+        let in_use: Vec<&NodeIdentity> =
+            std::iter::once(&identity).chain(client.as_ref()).collect();
+        check_certificates(&store, &in_use).await?;
+        let for_clients = client.as_ref().unwrap_or(&identity);
         let server = Server::new(
             config.router_config(),
             store.clone(),
-            identity.server_config(&[])?,
-            identity.server_config(&[b"xmpp-client"])?,
+            for_clients.server_config(&[])?,
+            for_clients.server_config(&[b"xmpp-client"])?,
         );
         let mut c2s = vec![];
         for addr in &config.listen.c2s {
@@ -231,7 +259,12 @@ impl Node {
                     .with_context(|| format!("cannot listen on {addr} (c2s direct TLS)"))?,
             );
         }
-        let control = Control::new(config.clone(), server.clone(), identity.clone());
+        let control = Control::new(
+            config.clone(),
+            server.clone(),
+            identity.clone(),
+            client.clone(),
+        );
         let https = Https::new(
             store.clone(),
             control.clone(),
@@ -260,8 +293,9 @@ impl Node {
                 tokio::select! {
                     _ = check_server.shutdown.cancelled() => break,
                     _ = ticks.tick() => {
-                        let current = check_control.identity();
-                        if let Err(e) = check_certificate(&check_server.store, &current).await {
+                        let (node_id, client_id) = (check_control.identity(), check_control.client_identity());
+                        let in_use: Vec<&NodeIdentity> = std::iter::once(&node_id).chain(client_id.as_ref()).collect();
+                        if let Err(e) = check_certificates(&check_server.store, &in_use).await {
                             tracing::error!(error = %e, "certificate check failed");
                         }
                         let before = impmesh_store::now_unix() - TOMBSTONE_RETENTION.as_secs() as i64;

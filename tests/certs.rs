@@ -121,3 +121,62 @@ async fn expiring_certificate_raises_an_alarm_and_its_replacement_clears_it() {
         ]
     );
 }
+
+/// With `[tls] client_certificate`, the client ports present that certificate while
+/// HTTPS keeps the node identity; a reload picks up a renewed file.
+#[tokio::test]
+async fn a_separate_client_facing_certificate_serves_the_client_ports_only() {
+    let ca = TestCa::new("Public CA");
+    let (cert, key) = ca.issue(&["localhost"], 90);
+    let chain = format!("{cert}{}", ca.cert.pem());
+    let node = start_node(|c| {
+        std::fs::create_dir_all(c.data_dir.join("client")).unwrap();
+        std::fs::write(c.data_dir.join("client/fullchain.pem"), &chain).unwrap();
+        std::fs::write(c.data_dir.join("client/privkey.pem"), &key).unwrap();
+        c.tls.client_certificate = Some("client/fullchain.pem".into());
+        c.tls.client_key = Some("client/privkey.pem".into());
+    })
+    .await;
+    let ca_der = ca.cert.der().clone();
+    let client_fp = tls_fingerprint(&node, &ca_der).await.unwrap();
+    assert_ne!(client_fp, node.node.identity().fingerprint());
+    assert_eq!(
+        node.node.control.client_identity().unwrap().fingerprint(),
+        client_fp
+    );
+    // HTTPS still presents the node identity.
+    let anchors = impmesh_certs::TrustAnchors {
+        cas: vec![],
+        pinned: [node.node.identity().fingerprint()].into(),
+    };
+    impmesh_axl::client::AxlClient::connect(
+        &node.node.https_addr.to_string(),
+        "localhost",
+        impmesh_axl::client::ServerTrust::Verified(
+            impmesh_certs::PeerVerifier::new(&anchors).unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+
+    // Renewed in place (as certbot would), then reloaded: new handshakes see it.
+    let (renewed, renewed_key) = ca.issue(&["localhost"], 90);
+    std::fs::write(
+        node.config.data_dir.join("client/fullchain.pem"),
+        format!("{renewed}{}", ca.cert.pem()),
+    )
+    .unwrap();
+    std::fs::write(
+        node.config.data_dir.join("client/privkey.pem"),
+        &renewed_key,
+    )
+    .unwrap();
+    node.node.reload_certificates().await.unwrap();
+    let renewed_fp = tls_fingerprint(&node, &ca_der).await.unwrap();
+    assert_ne!(renewed_fp, client_fp);
+
+    // A broken file is refused and the certificate in use stays.
+    std::fs::write(node.config.data_dir.join("client/privkey.pem"), &key).unwrap();
+    assert!(node.node.reload_certificates().await.is_err());
+    assert_eq!(tls_fingerprint(&node, &ca_der).await.unwrap(), renewed_fp);
+}

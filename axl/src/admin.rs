@@ -29,6 +29,7 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/certificates/csr", post(csr::<C>))
         .route("/certificates/import", post(import::<C>))
         .route("/certificates/regenerate", post(regenerate::<C>))
+        .route("/certificates/reload", post(reload::<C>))
         .route("/trust", get(list_trust::<C>).post(add_trust::<C>))
         .route("/trust/{fingerprint}", delete(remove_trust::<C>))
         .route("/alarms", get(alarms::<C>))
@@ -234,6 +235,11 @@ async fn import<C: NodeControl>(
 
 async fn regenerate<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     let fingerprint = https.control.regenerate_certificate().await?;
+    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+}
+
+async fn reload<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    let fingerprint = https.control.reload_certificates().await?;
     Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
 }
 

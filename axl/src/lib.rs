@@ -84,6 +84,9 @@ pub trait NodeControl: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, ControlError>> + Send;
     /// A new key and self-signed certificate, in use at once; returns the fingerprint.
     fn regenerate_certificate(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// Reads the certificate files again (after an outside renewal) and uses them for
+    /// new handshakes; returns the node certificate's fingerprint.
+    fn reload_certificates(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
 }
 
 /// Creates or replaces the intercluster application user: a SCRAM-SHA-256 verifier

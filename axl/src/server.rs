@@ -286,6 +286,9 @@ fn router<C: NodeControl>(https: Arc<Https<C>>) -> Router {
         .route("/readyz", get(readyz::<C>))
         .route("/metrics", get(crate::metrics::metrics::<C>))
         .nest("/admin/v1", crate::admin::routes(https.clone()))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            https.limits.body_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             https.clone(),
             log_request::<C>,
@@ -302,7 +305,11 @@ async fn log_request<C: NodeControl>(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer);
+    let peer = req
+        .extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.peer.to_string())
+        .unwrap_or_default();
     let matched = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -318,9 +325,9 @@ async fn log_request<C: NodeControl>(
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let quiet = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz") && status < 400;
     if quiet {
-        tracing::debug!(%method, %path, status, op, ?peer, ms, "https request");
+        tracing::debug!(%method, %path, status, op, %peer, ms, "https request");
     } else {
-        tracing::info!(%method, %path, status, op, ?peer, ms, "https request");
+        tracing::info!(%method, %path, status, op, %peer, ms, "https request");
     }
     response
 }
@@ -341,6 +348,7 @@ fn static_label(matched: Option<&str>) -> &'static str {
         "/admin/v1/certificates/csr",
         "/admin/v1/certificates/import",
         "/admin/v1/certificates/regenerate",
+        "/admin/v1/certificates/reload",
         "/admin/v1/trust",
         "/admin/v1/trust/{fingerprint}",
         "/admin/v1/alarms",

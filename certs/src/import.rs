@@ -121,6 +121,12 @@ fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError
         .map_err(|e| ImportError::Parse(e.to_string()).into())
 }
 
+/// The checks of [`NodeIdentity::import`] on an identity already loaded (a
+/// certificate kept in files the admin manages, such as a client-facing one).
+pub fn check_identity(identity: &NodeIdentity, required_names: &[String]) -> Result<(), CertError> {
+    check(&identity.chain, &identity.key, required_names)
+}
+
 /// The checks of [`NodeIdentity::import`], without touching any file.
 pub fn check(
     chain: &[CertificateDer<'_>],

@@ -11,7 +11,7 @@
 mod import;
 mod verify;
 
-pub use import::ImportError;
+pub use import::{ImportError, check_identity};
 pub use verify::{FirstContactVerifier, PeerVerifier, TrustAnchors};
 
 use std::path::{Path, PathBuf};

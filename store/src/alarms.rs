@@ -2,7 +2,8 @@
 //! meaning and a recommended action ([`CATALOGUE`]); the code that detects a condition
 //! raises it for a subject (a certificate, a peer, …) and clears it when the condition
 //! ends. Active alarms and the history of every raise and clear live in the store.
-//! Adding an alarm is one entry in [`CATALOGUE`] (and a line in ops/alarms.md).
+//! Adding an alarm is one entry in [`CATALOGUE`] (and a line in ops/alarms.md and a
+//! rule in ops/prometheus/alerts.yml; a test checks both).
 
 use sqlx::Row as _;
 
@@ -48,24 +49,24 @@ pub const CERT_EXPIRING: &AlarmDef = &CATALOGUE[1];
 pub const CERT_EXPIRED: &AlarmDef = &CATALOGUE[2];
 
 /// Every alarm the node can raise.
-pub const CATALOGUE: [AlarmDef; 3] = [
+pub const CATALOGUE: &[AlarmDef] = &[
     AlarmDef {
         name: "NodeCertificateExpiringSoon",
         severity: Severity::Warning,
         meaning: "The node's certificate expires within 30 days.",
-        action: "Get a new certificate (impmesh cert csr, then cert import) or regenerate the self-signed one, then reload the node (SIGHUP).",
+        action: "Get a new certificate (impmesh cert csr, then impmesh cert import) or regenerate the self-signed one (impmesh cert regenerate); a running node uses it at once.",
     },
     AlarmDef {
         name: "NodeCertificateExpiring",
         severity: Severity::Critical,
         meaning: "The node's certificate expires within 7 days; clients and peers will then refuse the node.",
-        action: "Replace the certificate now (impmesh cert import) and reload the node (SIGHUP).",
+        action: "Replace the certificate now (impmesh cert import or impmesh cert regenerate); a running node uses it at once.",
     },
     AlarmDef {
         name: "NodeCertificateExpired",
         severity: Severity::Critical,
         meaning: "The node's certificate has expired; TLS clients and peers refuse the node.",
-        action: "Replace the certificate (impmesh cert import) and reload the node (SIGHUP).",
+        action: "Replace the certificate (impmesh cert import or impmesh cert regenerate); a running node uses it at once.",
     },
 ];
 
@@ -303,10 +304,17 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), CATALOGUE.len());
         let doc = include_str!("../../ops/alarms.md");
+        let rules = include_str!("../../ops/prometheus/alerts.yml");
         for alarm in CATALOGUE {
             assert!(
                 doc.contains(alarm.name),
                 "{} is missing from ops/alarms.md",
+                alarm.name
+            );
+            assert!(
+                rules.contains(&format!("alert: {}\n", alarm.name))
+                    && rules.contains(&format!("impmesh_alarm_active{{name=\"{}\"}}", alarm.name)),
+                "{} has no rule in ops/prometheus/alerts.yml",
                 alarm.name
             );
             assert!(!alarm.meaning.is_empty() && !alarm.action.is_empty());
