@@ -8,9 +8,14 @@ use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
 fn impmesh(data_dir: &std::path::Path, args: &[&str], stdin: &str) -> Output {
+    let mut full = vec!["--data-dir", data_dir.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run(&full, stdin)
+}
+
+/// Runs the binary with `args`, feeding `stdin`.
+fn run(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_impmesh"))
-        .arg("--data-dir")
-        .arg(data_dir)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -332,20 +337,7 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
         tokio::task::spawn_blocking(move || {
             let mut full = vec!["--config", config_file.to_str().unwrap()];
             full.extend_from_slice(args);
-            let mut child = Command::new(env!("CARGO_BIN_EXE_impmesh"))
-                .args(&full)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(stdin.as_bytes())
-                .unwrap();
-            child.wait_with_output().unwrap()
+            run(&full, stdin)
         })
     };
 

@@ -78,6 +78,31 @@ async fn own_certificates(node: &TestNode) -> Vec<NodeCertificate> {
         .collect()
 }
 
+/// `from` runs a first contact with the node at `to` (of cluster `peer`) using
+/// `password`, as `peer add` will.
+async fn first_contact(
+    from: &TestNode,
+    to: std::net::SocketAddr,
+    peer: &str,
+    password: &str,
+) -> Result<Vec<NodeCertificate>, ClientError> {
+    impmesh_axl::client::exchange_certificates(
+        &from.node.server.store,
+        &to.to_string(),
+        "localhost",
+        peer,
+        (AXL_USER, password),
+        &from.config.cluster_name(),
+        own_certificates(from).await,
+    )
+    .await
+}
+
+/// A node's trust store.
+async fn trusted(node: &TestNode) -> Vec<impmesh_store::TrustEntry> {
+    node.node.server.store.trust_entries().await.unwrap()
+}
+
 #[tokio::test]
 async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
     let node = axl_node("cluster-a.example.com").await;
@@ -200,28 +225,19 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
 async fn first_contact_pins_each_others_certificates() {
     let a = axl_node("cluster-a.example.com").await;
     let b = axl_node("cluster-b.example.com").await;
-    let ours = own_certificates(&a).await;
-    let theirs = impmesh_axl::client::exchange_certificates(
-        &a.node.server.store,
-        &b.node.https_addr.to_string(),
-        "localhost",
-        "cluster-b.example.com",
-        (AXL_USER, AXL_PW),
-        "cluster-a.example.com",
-        ours,
-    )
-    .await
-    .unwrap();
+    let theirs = first_contact(&a, b.node.https_addr, "cluster-b.example.com", AXL_PW)
+        .await
+        .unwrap();
     assert_eq!(theirs.len(), 1);
     assert_eq!(theirs[0].fingerprint, b.node.identity().fingerprint());
 
     // Each side pinned the other's node certificate, for the other's cluster.
-    let a_trust = a.node.server.store.trust_entries().await.unwrap();
+    let a_trust = trusted(&a).await;
     assert_eq!(a_trust.len(), 1);
     assert_eq!(a_trust[0].fingerprint, b.node.identity().fingerprint());
     assert_eq!(a_trust[0].peer.as_deref(), Some("cluster-b.example.com"));
     assert_eq!(a_trust[0].source, "exchanged");
-    let b_trust = b.node.server.store.trust_entries().await.unwrap();
+    let b_trust = trusted(&b).await;
     assert_eq!(b_trust.len(), 1);
     assert_eq!(b_trust[0].fingerprint, a.node.identity().fingerprint());
     assert_eq!(b_trust[0].peer.as_deref(), Some("cluster-a.example.com"));
@@ -245,14 +261,11 @@ async fn first_contact_pins_each_others_certificates() {
 
     // A wrong password fails on the client before it sends a proof; nothing is pinned.
     let c = axl_node("cluster-c.example.com").await;
-    let err = impmesh_axl::client::exchange_certificates(
-        &c.node.server.store,
-        &b.node.https_addr.to_string(),
-        "localhost",
+    let err = first_contact(
+        &c,
+        b.node.https_addr,
         "cluster-b.example.com",
-        (AXL_USER, "not-the-password"),
-        "cluster-c.example.com",
-        own_certificates(&c).await,
+        "not-the-password",
     )
     .await
     .unwrap_err();
@@ -260,16 +273,8 @@ async fn first_contact_pins_each_others_certificates() {
         matches!(err, ClientError::Pake(PakeError::ServerNotAuthenticated)),
         "{err}"
     );
-    assert!(
-        c.node
-            .server
-            .store
-            .trust_entries()
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(b.node.server.store.trust_entries().await.unwrap().len(), 1);
+    assert!(trusted(&c).await.is_empty());
+    assert_eq!(trusted(&b).await.len(), 1);
 }
 
 /// A TLS-terminating proxy with its own certificate: what a man in the middle can do
@@ -347,40 +352,16 @@ async fn a_man_in_the_middle_makes_the_first_contact_fail_and_learns_nothing() {
     let b = axl_node("cluster-b.example.com").await;
     let mitm = Mitm::start(b.node.https_addr).await;
 
-    let err = impmesh_axl::client::exchange_certificates(
-        &a.node.server.store,
-        &mitm.addr.to_string(),
-        "localhost",
-        "cluster-b.example.com",
-        (AXL_USER, AXL_PW),
-        "cluster-a.example.com",
-        own_certificates(&a).await,
-    )
-    .await
-    .unwrap_err();
+    let err = first_contact(&a, mitm.addr, "cluster-b.example.com", AXL_PW)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, ClientError::Pake(PakeError::ServerNotAuthenticated)),
         "the client must detect the other channel: {err}"
     );
     // Nothing was pinned on either side.
-    assert!(
-        a.node
-            .server
-            .store
-            .trust_entries()
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        b.node
-            .server
-            .store
-            .trust_entries()
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(trusted(&a).await.is_empty());
+    assert!(trusted(&b).await.is_empty());
 
     // What the proxy saw: one request (KE1), no password, no client proof (KE3), and
     // not the certificates the client would have offered.
@@ -399,17 +380,9 @@ async fn a_man_in_the_middle_makes_the_first_contact_fail_and_learns_nothing() {
     assert!(!seen.contains("exchangeCertificates"));
 
     // The same exchange straight to B works: the failure was the proxy's doing.
-    impmesh_axl::client::exchange_certificates(
-        &a.node.server.store,
-        &b.node.https_addr.to_string(),
-        "localhost",
-        "cluster-b.example.com",
-        (AXL_USER, AXL_PW),
-        "cluster-a.example.com",
-        own_certificates(&a).await,
-    )
-    .await
-    .unwrap();
+    first_contact(&a, b.node.https_addr, "cluster-b.example.com", AXL_PW)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

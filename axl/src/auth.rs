@@ -92,8 +92,8 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The auth-params of a credentials header value (`key="value", key=value`).
-fn params(text: &str) -> HashMap<String, String> {
+/// The auth-params of a credentials or challenge header value (`key="value", key=value`).
+pub(crate) fn params(text: &str) -> HashMap<String, String> {
     text.split(',')
         .filter_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;

@@ -253,13 +253,10 @@ impl AxlClient {
                     .then(|| rest.to_owned())
             })
             .ok_or_else(|| status_error(status, &body))?;
-        let params = parse_params(&challenge);
+        let params = crate::auth::params(&challenge);
         let (Some(sid), Some(ke2)) = (
-            params.iter().find(|(k, _)| k == "sid").map(|p| p.1.clone()),
-            params
-                .iter()
-                .find(|(k, _)| k == "data")
-                .and_then(|p| b64.decode(&p.1).ok()),
+            params.get("sid").cloned(),
+            params.get("data").and_then(|d| b64.decode(d).ok()),
         ) else {
             return Err(ClientError::Protocol(
                 "the server's OPAQUE challenge lacks sid or data".into(),
@@ -288,12 +285,7 @@ impl AxlClient {
         if let Some(token) = headers
             .get("authentication-info")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                parse_params(v)
-                    .into_iter()
-                    .find(|(k, _)| k == "token")
-                    .map(|p| p.1)
-            })
+            .and_then(|v| crate::auth::params(v).remove("token"))
         {
             self.authorization = Some(format!("Bearer {token}"));
         }
@@ -379,18 +371,6 @@ fn answer(request: &Request, status: StatusCode, body: &[u8]) -> Result<Response
         }
         Err(fault) => Err(ClientError::Fault(fault)),
     }
-}
-
-fn parse_params(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            Some((
-                k.trim().to_ascii_lowercase(),
-                v.trim().trim_matches('"').to_owned(),
-            ))
-        })
-        .collect()
 }
 
 /// The first contact with a peer cluster, as `peer add` runs it: connects to `addr`

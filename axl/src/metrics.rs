@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::{Https, NodeControl};
@@ -23,11 +23,17 @@ pub(crate) async fn metrics<C: NodeControl>(State(https): State<Arc<Https<C>>>) 
         );
     }
     https.control.render_metrics(&mut out);
-    let active = match https.store.active_alarms().await {
+    let active = https.store.active_alarms().await;
+    out.push_str("# HELP impmesh_store_up Whether the store answered this scrape.\n");
+    out.push_str("# TYPE impmesh_store_up gauge\n");
+    let _ = writeln!(out, "impmesh_store_up {}", u8::from(active.is_ok()));
+    let active = match active {
         Ok(a) => a,
         Err(e) => {
+            // Everything else still renders; the alarm series are left out rather than
+            // reported clear.
             tracing::error!(error = %e, "cannot read alarms for /metrics");
-            return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response();
+            return text(out);
         }
     };
     out.push_str(
@@ -43,6 +49,10 @@ pub(crate) async fn metrics<C: NodeControl>(State(https): State<Arc<Https<C>>>) 
             def.severity.as_str()
         );
     }
+    text(out)
+}
+
+fn text(out: String) -> Response {
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -80,6 +80,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         settle: f64,
     },
+    /// The AXL-like API on `--addr` (the node's HTTPS port): channel-bound first
+    /// contacts, then full directory listings, as a peer's sync agent runs them. The
+    /// account is the AXL user (`--prefix` is its name, `--password` its password).
+    Axl {
+        /// First contacts to time.
+        #[arg(long, default_value_t = 5)]
+        contacts: usize,
+        /// Full listings to time.
+        #[arg(long, default_value_t = 5)]
+        listings: usize,
+        #[arg(long, default_value_t = 500)]
+        page_size: u32,
+    },
 }
 
 #[tokio::main]
@@ -102,6 +115,11 @@ async fn main() -> anyhow::Result<()> {
             duration,
         } => msg(&args, window, rate, warmup, duration).await?,
         Cmd::Idle { settle } => idle(&args, settle).await?,
+        Cmd::Axl {
+            contacts,
+            listings,
+            page_size,
+        } => axl(&args, contacts, listings, page_size).await?,
     };
     println!("{out}");
     Ok(())
@@ -374,4 +392,69 @@ fn proc_rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Times first contacts and full listings against a node's AXL-like API.
+async fn axl(
+    args: &Args,
+    contacts: usize,
+    listings: usize,
+    page_size: u32,
+) -> anyhow::Result<serde_json::Value> {
+    use impmesh_axl::client::{AxlClient, ServerTrust};
+    use impmesh_axl::soap::{Request, Response};
+    let addr = args.addr.to_string();
+    let (user, password) = (args.prefix.as_str(), args.password.as_str());
+    let mut contact_ms = vec![];
+    let mut session = None;
+    for _ in 0..contacts.max(1) {
+        let started = Instant::now();
+        let mut client = AxlClient::connect(&addr, &args.domain, ServerTrust::FirstContact).await?;
+        client
+            .first_contact(user, password, &Request::GetCertificates)
+            .await
+            .context("first contact")?;
+        contact_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        session = Some(client);
+    }
+    let mut client = session.context("no session")?;
+    let cpu_before = proc_cpu(args.pid);
+    let (mut users, mut pages) = (0usize, 0usize);
+    let mut listing_ms = vec![];
+    for _ in 0..listings.max(1) {
+        let started = Instant::now();
+        let mut cursor = None;
+        loop {
+            let request = Request::ListUsers {
+                since_usn: 0,
+                cursor,
+                page_size,
+            };
+            let Response::Users(page) = client.call(&request).await? else {
+                bail!("listUsers answered with something else");
+            };
+            pages += 1;
+            users += page.users.len();
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        listing_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let cpu = proc_cpu(args.pid).zip(cpu_before).map(|(a, b)| a - b);
+    let total_s: f64 = listing_ms.iter().sum::<f64>() / 1000.0;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(serde_json::json!({
+        "cmd": "axl", "label": args.label,
+        "first_contact_ms_median": median(&mut contact_ms),
+        "listing_users": users / listings.max(1),
+        "listing_ms_median": median(&mut listing_ms),
+        "users_per_s": users as f64 / total_s,
+        "pages": pages, "page_size": page_size,
+        "server_cpu_s_per_10k_users": cpu.map(|c| c / users as f64 * 10_000.0),
+    }))
 }

@@ -131,14 +131,15 @@ impl ServerCertVerifier for PeerVerifier {
 /// anything secret before then.
 #[derive(Debug)]
 pub struct FirstContactVerifier {
-    provider: Arc<CryptoProvider>,
+    /// Trusts nothing; used only for its handshake-signature checks.
+    signatures: Arc<PeerVerifier>,
 }
 
 impl FirstContactVerifier {
     pub fn new() -> Arc<FirstContactVerifier> {
-        Arc::new(FirstContactVerifier {
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-        })
+        let signatures = PeerVerifier::new(&TrustAnchors::default())
+            .expect("a verifier without anchors cannot fail to build");
+        Arc::new(FirstContactVerifier { signatures })
     }
 }
 
@@ -172,18 +173,11 @@ impl ServerCertVerifier for FirstContactVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
