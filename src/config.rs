@@ -22,6 +22,7 @@ pub struct Config {
     pub registration: RegistrationSection,
     pub https: HttpsSection,
     pub tls: TlsSection,
+    pub sync: SyncSection,
     pub log: LogSection,
 }
 
@@ -38,6 +39,7 @@ impl Default for Config {
             registration: RegistrationSection::default(),
             https: HttpsSection::default(),
             tls: TlsSection::default(),
+            sync: SyncSection::default(),
             log: LogSection::default(),
         }
     }
@@ -87,6 +89,33 @@ pub struct TlsSection {
     pub client_certificate: Option<PathBuf>,
     /// Its private key (PEM).
     pub client_key: Option<PathBuf>,
+}
+
+/// The intercluster sync agent; durations in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// Time between two periodic pulls of each peer (a peer's notifyChange pulls at once).
+    pub period: u64,
+    /// A periodic sync that has not completed for this long is stalled (alarm
+    /// InterClusterSyncAgentPeerPeriodicSyncingFailure).
+    pub stall_threshold: u64,
+    /// Restart what stalled, in-process.
+    pub auto_recovery: bool,
+    /// Users per listUsers page.
+    pub page_size: u32,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        let s = impmesh_sync_agent::Settings::default();
+        SyncSection {
+            period: s.period.as_secs(),
+            stall_threshold: s.stall_threshold.as_secs(),
+            auto_recovery: s.auto_recovery,
+            page_size: s.page_size,
+        }
+    }
 }
 
 /// The HTTPS service's limits; durations in seconds unless named otherwise.
@@ -298,6 +327,16 @@ impl Config {
                 "tls.client_certificate and tls.client_key go together".into(),
             ));
         }
+        if self.sync.period == 0 || !(1..=1000).contains(&self.sync.page_size) {
+            return Err(ConfigError::Invalid(
+                "sync.period must be at least 1 and sync.page_size 1 to 1000".into(),
+            ));
+        }
+        if self.sync.stall_threshold <= self.sync.period {
+            return Err(ConfigError::Invalid(
+                "sync.stall_threshold must be longer than sync.period".into(),
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid("log.format is text or json".into()));
         }
@@ -346,6 +385,16 @@ impl Config {
                 session_ttl: Duration::from_secs(h.session_ttl),
             },
             ..impmesh_axl::HttpsLimits::default()
+        }
+    }
+
+    /// The sync agent's view of this configuration.
+    pub fn sync_settings(&self) -> impmesh_sync_agent::Settings {
+        impmesh_sync_agent::Settings {
+            period: Duration::from_secs(self.sync.period),
+            stall_threshold: Duration::from_secs(self.sync.stall_threshold),
+            auto_recovery: self.sync.auto_recovery,
+            page_size: self.sync.page_size,
         }
     }
 

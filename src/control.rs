@@ -9,6 +9,7 @@ use impmesh_axl::{CertSource, ControlError, Https, NodeControl};
 use impmesh_certs::{CertError, NodeIdentity};
 use impmesh_router::Server;
 use impmesh_store::NodeRecord;
+use impmesh_sync_agent::{Agent, AgentError};
 
 use crate::config::Config;
 use crate::node;
@@ -22,6 +23,7 @@ pub struct Control {
     /// The separate client-facing certificate, when configured.
     client: RwLock<Option<NodeIdentity>>,
     https: OnceLock<Weak<Https<Control>>>,
+    agent: OnceLock<Arc<Agent>>,
     /// Bound listeners: (STARTTLS, direct TLS, HTTPS).
     listeners: OnceLock<(Vec<SocketAddr>, Vec<SocketAddr>, SocketAddr)>,
     started: Instant,
@@ -42,6 +44,7 @@ impl Control {
             identity: RwLock::new(identity),
             client: RwLock::new(client),
             https: OnceLock::new(),
+            agent: OnceLock::new(),
             listeners: OnceLock::new(),
             started: Instant::now(),
             cert_lock: tokio::sync::Mutex::new(()),
@@ -58,6 +61,24 @@ impl Control {
     ) {
         let _ = self.https.set(Arc::downgrade(https));
         let _ = self.listeners.set((c2s, c2s_direct_tls, https_addr));
+    }
+
+    /// Hands the running sync agent to the admin API.
+    pub fn set_agent(&self, agent: Arc<Agent>) {
+        let _ = self.agent.set(agent);
+    }
+
+    fn agent(&self) -> Result<&Arc<Agent>, ControlError> {
+        self.agent
+            .get()
+            .ok_or_else(|| ControlError::Internal("the sync agent is not running".into()))
+    }
+
+    /// Tells the peers this cluster's users changed.
+    async fn directory_changed(&self) {
+        if let (Some(agent), Ok(usn)) = (self.agent.get(), self.server.store.current_usn().await) {
+            agent.notify_peers(usn);
+        }
     }
 
     /// The identity in use.
@@ -155,6 +176,14 @@ fn user_error(e: UserError) -> ControlError {
     }
 }
 
+fn agent_error(e: AgentError) -> ControlError {
+    match e {
+        AgentError::UnknownPeer(_) => ControlError::NotFound(e.to_string()),
+        AgentError::Invalid(_) | AgentError::Contact { .. } => ControlError::Invalid(e.to_string()),
+        AgentError::Store(_) => ControlError::Internal(e.to_string()),
+    }
+}
+
 fn cert_error(e: anyhow::Error) -> ControlError {
     match e.downcast_ref::<CertError>() {
         Some(CertError::Io { .. }) | None => ControlError::Internal(format!("{e:#}")),
@@ -211,15 +240,18 @@ impl NodeControl for Control {
     }
 
     async fn add_user(&self, name: &str, password: &str) -> Result<String, ControlError> {
-        users::add(&self.server.store, &self.config, name, password)
+        let user = users::add(&self.server.store, &self.config, name, password)
             .await
-            .map_err(user_error)
+            .map_err(user_error)?;
+        self.directory_changed().await;
+        Ok(user)
     }
 
     async fn delete_user(&self, name: &str) -> Result<String, ControlError> {
         let user = users::delete(&self.server.store, &self.config, name)
             .await
             .map_err(user_error)?;
+        self.directory_changed().await;
         let closed = self.server.hub.disconnect_user(&user);
         if closed > 0 {
             tracing::info!(%user, sessions = closed, "closed the sessions of a deleted account");
@@ -270,5 +302,52 @@ impl NodeControl for Control {
     async fn reload_certificates(&self) -> Result<String, ControlError> {
         let _guard = self.cert_lock.lock().await;
         Control::reload_certificates(self).await.map_err(cert_error)
+    }
+
+    async fn peers(&self) -> Result<serde_json::Value, ControlError> {
+        let status = self.agent()?.status().await.map_err(agent_error)?;
+        serde_json::to_value(status).map_err(|e| ControlError::Internal(e.to_string()))
+    }
+
+    async fn peer_add(
+        &self,
+        address: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<serde_json::Value, ControlError> {
+        let peer = self
+            .agent()?
+            .add_peer(address, user, password)
+            .await
+            .map_err(agent_error)?;
+        Ok(serde_json::json!({
+            "cluster": peer.cluster, "address": peer.address, "state": peer.state,
+        }))
+    }
+
+    async fn peer_accept(&self, cluster: &str) -> Result<(), ControlError> {
+        self.agent()?
+            .accept_peer(cluster)
+            .await
+            .map_err(agent_error)
+    }
+
+    async fn peer_delete(&self, cluster: &str) -> Result<(), ControlError> {
+        self.agent()?
+            .delete_peer(cluster)
+            .await
+            .map_err(agent_error)
+    }
+
+    async fn peer_sync(
+        &self,
+        cluster: &str,
+        credential: Option<(String, String)>,
+    ) -> Result<(), ControlError> {
+        let credential = credential.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        self.agent()?
+            .force_sync(cluster, credential)
+            .await
+            .map_err(agent_error)
     }
 }

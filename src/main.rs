@@ -57,6 +57,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Intercluster peers, through the running node's sync agent.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Peers with the cluster whose AXL endpoint is ADDRESS (host or IP, optional
+    /// :port, default 8443), authenticating as its intercluster application user.
+    Add {
+        address: String,
+        #[arg(long)]
+        user: String,
+        /// Read the peer's AXL password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Accepts a peer that added this cluster (and starts syncing from it).
+    Accept { cluster: String },
+    /// Lists peers: state, address, users in sync.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one peer, or all.
+    Status {
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Force Sync: a full resync now; --with-certificates exchanges certificates again
+    /// first (the repair for a peer that replaced its certificate).
+    Sync {
+        cluster: String,
+        #[arg(long, requires = "user")]
+        with_certificates: bool,
+        /// The peer's AXL user, for --with-certificates.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Removes a peer with its users and pinned certificates.
+    Del { cluster: String },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +291,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Alarms { json, history } => alarms(&config, api.as_mut(), json, history).await,
         Command::AxlUser(cmd) => axl_user(cmd, &config, api.as_mut()).await,
         Command::Admin(cmd) => admin(cmd, &config).await,
+        Command::Peer(cmd) => {
+            let Some(api) = api.as_mut() else {
+                anyhow::bail!(
+                    "the node is not running (nothing answers on {}); peers are managed by its sync agent",
+                    config.listen.https
+                );
+            };
+            peer(cmd, api).await
+        }
         Command::Status { json } => {
             let Some(api) = api.as_mut() else {
                 anyhow::bail!(
@@ -297,6 +350,18 @@ async fn with_store<T>(
     result
 }
 
+/// A Unix time from a JSON answer as RFC 3339 UTC, or "-".
+fn when(value: &serde_json::Value) -> String {
+    value
+        .as_i64()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
 fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
@@ -345,7 +410,7 @@ async fn alarms(
             };
             println!(
                 "{}  {what}  {:8}  {}  {}  {}",
-                a["at"],
+                when(&a["at"]),
                 text("severity"),
                 text("name"),
                 text("subject"),
@@ -358,7 +423,7 @@ async fn alarms(
                 text("name"),
                 text("subject"),
                 text("message"),
-                a["since"]
+                when(&a["since"])
             );
         }
     }
@@ -700,6 +765,172 @@ async fn axl_user(
             Ok(())
         }
     }
+}
+
+async fn peer(cmd: PeerCommand, api: &mut AxlClient) -> anyhow::Result<()> {
+    match cmd {
+        PeerCommand::Add {
+            address,
+            user,
+            password_stdin,
+        } => {
+            let password = impmesh::users::read_secret(password_stdin, "Peer's AXL password: ")?;
+            let body = serde_json::json!({"address": address, "user": user, "password": password});
+            let r = call(api, Method::POST, "/peers", Some(body)).await?;
+            let cluster = r["cluster"].as_str().unwrap_or("");
+            println!(
+                "peered with {cluster} at {}; certificates exchanged and pinned both ways",
+                r["address"].as_str().unwrap_or("")
+            );
+            println!(
+                "{cluster} lists this cluster as pending until its admin runs `impmesh peer accept` there"
+            );
+        }
+        PeerCommand::Accept { cluster } => {
+            call(
+                api,
+                Method::POST,
+                &format!("/peers/{}/accept", path_segment(&cluster)),
+                None,
+            )
+            .await?;
+            println!("accepted {cluster}; syncing its users");
+        }
+        PeerCommand::Del { cluster } => {
+            call(
+                api,
+                Method::DELETE,
+                &format!("/peers/{}", path_segment(&cluster)),
+                None,
+            )
+            .await?;
+            println!("removed {cluster}, its users and its pinned certificates");
+        }
+        PeerCommand::Sync {
+            cluster,
+            with_certificates,
+            user,
+            password_stdin,
+        } => {
+            let body = if with_certificates {
+                let password =
+                    impmesh::users::read_secret(password_stdin, "Peer's AXL password: ")?;
+                serde_json::json!({"with_certificates": true, "user": user, "password": password})
+            } else {
+                serde_json::json!({})
+            };
+            call(
+                api,
+                Method::POST,
+                &format!("/peers/{}/sync", path_segment(&cluster)),
+                Some(body),
+            )
+            .await?;
+            println!(
+                "full sync of {cluster} started; `impmesh peer status {cluster}` shows its progress"
+            );
+        }
+        PeerCommand::List { json } => {
+            let peers = call(api, Method::GET, "/peers", None).await?;
+            if json {
+                print_json(&peers);
+                return Ok(());
+            }
+            let list = peers.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no peers");
+            }
+            for p in list {
+                println!(
+                    "{}  {:7}  {:10}  {} users  {}",
+                    p["cluster"].as_str().unwrap_or(""),
+                    p["state"].as_str().unwrap_or(""),
+                    p["live"]["state"].as_str().unwrap_or(""),
+                    p["associated_users"],
+                    p["address"].as_str().unwrap_or(""),
+                );
+            }
+        }
+        PeerCommand::Status { cluster, json } => {
+            let peers = call(api, Method::GET, "/peers", None).await?;
+            let list: Vec<serde_json::Value> = peers
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| cluster.as_deref().is_none_or(|c| p["cluster"] == c))
+                .collect();
+            if let Some(c) = &cluster
+                && list.is_empty()
+            {
+                anyhow::bail!("no peer {c}");
+            }
+            if json {
+                print_json(&serde_json::Value::Array(list));
+                return Ok(());
+            }
+            for p in list {
+                let s = |v: &serde_json::Value| match v {
+                    serde_json::Value::Null => "-".to_owned(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                println!("peer {}", s(&p["cluster"]));
+                println!("  address:          {}", s(&p["address"]));
+                println!(
+                    "  state:            {} ({})",
+                    s(&p["state"]),
+                    if p["added_here"] == true {
+                        "added here"
+                    } else {
+                        "added by the peer"
+                    }
+                );
+                println!(
+                    "  sync:             {}{}",
+                    s(&p["live"]["state"]),
+                    p["live"]["reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "  associated users: {} (the peer has {})",
+                    s(&p["associated_users"]),
+                    s(&p["live"]["peer_users"])
+                );
+                println!(
+                    "  applied USN:      {} (the peer is at {})",
+                    s(&p["sync"]["applied_usn"]),
+                    s(&p["live"]["peer_usn"])
+                );
+                println!(
+                    "  last full sync:   at {}, USN {}, {} ms, {} users",
+                    when(&p["sync"]["last_full_at"]),
+                    s(&p["sync"]["last_full_usn"]),
+                    s(&p["sync"]["last_full_ms"]),
+                    s(&p["sync"]["last_full_users"])
+                );
+                println!(
+                    "  last incremental: at {}, USN {}, {} ms, {} changes",
+                    when(&p["sync"]["last_incr_at"]),
+                    s(&p["sync"]["last_incr_usn"]),
+                    s(&p["sync"]["last_incr_ms"]),
+                    s(&p["sync"]["last_incr_changes"])
+                );
+                println!(
+                    "  certificates:     {}{}",
+                    s(&p["live"]["certificate_status"]),
+                    p["live"]["certificate_reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                println!("  pinned:           {}", s(&p["pinned"]));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn admin(cmd: AdminCommand, config: &Config) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use impmesh_certs::NodeIdentity;
 use impmesh_router::Server;
 use impmesh_store::Store;
 use impmesh_store::alarms::{self, AlarmDef};
+use impmesh_sync_agent::{Agent, Ours};
 
 use crate::config::Config;
 use crate::control::Control;
@@ -36,6 +37,16 @@ pub struct Node {
     pub c2s_direct_tls: Vec<SocketAddr>,
     /// The bound HTTPS listener.
     pub https_addr: SocketAddr,
+    /// The intercluster sync agent.
+    pub agent: Arc<Agent>,
+}
+
+/// `host:port`, bracketing an IPv6 address.
+fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    }
 }
 
 /// The admin token file in the data directory (like ejabberdctl's cookie): whoever can
@@ -284,6 +295,35 @@ impl Node {
             .with_context(|| format!("cannot listen on {} (https)", config.listen.https))?;
         control.attach(&https, c2s.clone(), c2s_direct_tls.clone(), https_addr);
         control.publish().await?;
+        let agent = Agent::start(
+            store.clone(),
+            config.sync_settings(),
+            Ours {
+                cluster: config.cluster_name(),
+                address: host_port(&config.advertised_host(), https_addr.port()),
+                server_name: config.node_name(),
+            },
+        )
+        .await?;
+        control.set_agent(agent.clone());
+        // A peer's notifyChange pulls it at once.
+        let (mut notices, notice_agent, notice_stop) = (
+            https.subscribe_changes(),
+            agent.clone(),
+            server.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = notice_stop.cancelled() => break,
+                    notice = notices.recv() => match notice {
+                        Ok(n) => notice_agent.nudge(&n.cluster),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => break,
+                    },
+                }
+            }
+        });
         // Every hour until shutdown: re-check the certificate in use, prune old tombstones.
         let (check_server, check_control) = (server.clone(), control.clone());
         tokio::spawn(async move {
@@ -315,6 +355,7 @@ impl Node {
             c2s,
             c2s_direct_tls,
             https_addr,
+            agent,
         })
     }
 
@@ -331,6 +372,7 @@ impl Node {
 
     /// Closes every stream (with `system-shutdown`), the HTTPS service and the store.
     pub async fn shutdown(self) {
+        self.agent.shutdown().await;
         self.https.shutdown().await;
         self.server.shutdown(SHUTDOWN_GRACE).await;
         self.server.store.close().await;

@@ -317,28 +317,43 @@ fn trust_add_list_remove() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
 
+/// Runs the binary against the running `node`, through a config file naming its data
+/// directory, cluster and HTTPS address.
+async fn cli_on(node: &support::TestNode, args: &[&str], stdin: &str) -> Output {
+    let config_file = node.dir.path().join("impmesh.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "data_dir = {:?}\n[node]\nname = {:?}\ncluster = {:?}\n[listen]\nhttps = \"{}\"\n",
+            node.dir.path(),
+            node.config.node_name(),
+            node.config.cluster_name(),
+            node.node.https_addr
+        ),
+    )
+    .unwrap();
+    let mut full = vec![
+        "--config".to_owned(),
+        config_file.to_str().unwrap().to_owned(),
+    ];
+    full.extend(args.iter().map(|a| a.to_string()));
+    let stdin = stdin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = full.iter().map(String::as_str).collect();
+        run(&args, &stdin)
+    })
+    .await
+    .unwrap()
+}
+
 /// With the node running, the CLI acts through its admin API: a regenerated
 /// certificate is in use at once, without a reload.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_drives_a_running_node_through_the_admin_api() {
     let node = support::start_node(|c| c.node.cluster = Some("cluster-a.example.com".into())).await;
-    let config_file = node.dir.path().join("impmesh.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "data_dir = {:?}\n[node]\ncluster = \"cluster-a.example.com\"\n[listen]\nhttps = \"{}\"\n",
-            node.dir.path(),
-            node.node.https_addr
-        ),
-    )
-    .unwrap();
     let cli = |args: &'static [&'static str], stdin: &'static str| {
-        let config_file = config_file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut full = vec!["--config", config_file.to_str().unwrap()];
-            full.extend_from_slice(args);
-            run(&full, stdin)
-        })
+        let node = &node;
+        async move { Ok::<_, ()>(cli_on(node, args, stdin).await) }
     };
 
     let status = cli(&["status", "--json"], "").await.unwrap();
@@ -394,4 +409,95 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
     let out = impmesh(stopped.path(), &["status"], "");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
+}
+
+/// Peering two running clusters with the CLI, as admins do.
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_commands_peer_two_clusters() {
+    let a = support::start_node(|c| {
+        c.node.name = Some("node1.cluster-a.example.com".into());
+        c.node.cluster = Some("cluster-a.example.com".into());
+    })
+    .await;
+    let b = support::start_node(|c| {
+        c.node.name = Some("node1.cluster-b.example.com".into());
+        c.node.cluster = Some("cluster-b.example.com".into());
+    })
+    .await;
+    let set = cli_on(
+        &b,
+        &["axl-user", "set", "icsync", "--password-stdin"],
+        "peer-pass-b\n",
+    )
+    .await;
+    assert!(set.status.success(), "{set:?}");
+    b.add_user("bob", "pw").await;
+
+    let b_addr = b.node.https_addr.to_string();
+    let wrong = cli_on(
+        &a,
+        &[
+            "peer",
+            "add",
+            &b_addr,
+            "--user",
+            "icsync",
+            "--password-stdin",
+        ],
+        "nope-nope\n",
+    )
+    .await;
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("did not prove knowledge"),
+        "{wrong:?}"
+    );
+    let added = cli_on(
+        &a,
+        &[
+            "peer",
+            "add",
+            &b_addr,
+            "--user",
+            "icsync",
+            "--password-stdin",
+        ],
+        "peer-pass-b\n",
+    )
+    .await;
+    assert!(added.status.success(), "{added:?}");
+    assert!(String::from_utf8_lossy(&added.stdout).contains("peered with cluster-b.example.com"));
+
+    let listed = cli_on(&b, &["peer", "list", "--json"], "").await;
+    let peers: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(peers[0]["cluster"], "cluster-a.example.com");
+    assert_eq!(peers[0]["state"], "pending");
+    let accepted = cli_on(&b, &["peer", "accept", "cluster-a.example.com"], "").await;
+    assert!(accepted.status.success(), "{accepted:?}");
+
+    for _ in 0..100 {
+        if a.node
+            .server
+            .store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let status = cli_on(&a, &["peer", "status", "cluster-b.example.com"], "").await;
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        text.contains("associated users: 1 (the peer has 1)"),
+        "{text}"
+    );
+    assert!(text.contains("certificates:     in-sync"), "{text}");
+
+    let deleted = cli_on(&a, &["peer", "del", "cluster-b.example.com"], "").await;
+    assert!(deleted.status.success(), "{deleted:?}");
+    let missing = cli_on(&a, &["peer", "status", "cluster-b.example.com"], "").await;
+    assert_eq!(missing.status.code(), Some(1));
 }

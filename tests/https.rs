@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use impmesh_axl::client::{AxlClient, ClientError, Method, ServerTrust};
+use impmesh_axl::client::{AxlClient, ClientError, Method, OurSide, Peering, ServerTrust};
 use impmesh_axl::pake::PakeError;
 use impmesh_axl::soap::{NodeCertificate, Request, Response};
 use impmesh_certs::{PeerVerifier, TrustAnchors};
@@ -78,22 +78,25 @@ async fn own_certificates(node: &TestNode) -> Vec<NodeCertificate> {
         .collect()
 }
 
-/// `from` runs a first contact with the node at `to` (of cluster `peer`) using
-/// `password`, as `peer add` will.
+/// `from` runs a first contact with the node at `to` using `password`, as `peer add`
+/// will.
 async fn first_contact(
     from: &TestNode,
     to: std::net::SocketAddr,
-    peer: &str,
     password: &str,
-) -> Result<Vec<NodeCertificate>, ClientError> {
+) -> Result<Peering, ClientError> {
     impmesh_axl::client::exchange_certificates(
         &from.node.server.store,
         &to.to_string(),
         "localhost",
-        peer,
         (AXL_USER, password),
-        &from.config.cluster_name(),
-        own_certificates(from).await,
+        OurSide {
+            cluster: from.config.cluster_name(),
+            address: from.node.https_addr.to_string(),
+            server_name: "localhost".into(),
+            token: impmesh_axl::auth::random_token(),
+            certificates: own_certificates(from).await,
+        },
     )
     .await
 }
@@ -225,11 +228,25 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
 async fn first_contact_pins_each_others_certificates() {
     let a = axl_node("cluster-a.example.com").await;
     let b = axl_node("cluster-b.example.com").await;
-    let theirs = first_contact(&a, b.node.https_addr, "cluster-b.example.com", AXL_PW)
+    let peering = first_contact(&a, b.node.https_addr, AXL_PW).await.unwrap();
+    assert_eq!(peering.info.cluster, "cluster-b.example.com");
+    assert_eq!(peering.certificates.len(), 1);
+    assert_eq!(
+        peering.certificates[0].fingerprint,
+        b.node.identity().fingerprint()
+    );
+    // B now knows A as a pending peer, with a credential to call A back.
+    let pending = b
+        .node
+        .server
+        .store
+        .peer("cluster-a.example.com")
         .await
+        .unwrap()
         .unwrap();
-    assert_eq!(theirs.len(), 1);
-    assert_eq!(theirs[0].fingerprint, b.node.identity().fingerprint());
+    assert_eq!(pending.state, impmesh_store::PeerState::Pending);
+    assert_eq!(pending.address, a.node.https_addr.to_string());
+    assert!(pending.our_token.is_some() && pending.their_token_hash.is_some());
 
     // Each side pinned the other's node certificate, for the other's cluster.
     let a_trust = trusted(&a).await;
@@ -258,17 +275,52 @@ async fn first_contact_pins_each_others_certificates() {
         verified.call(&Request::GetClusterInfo).await.unwrap(),
         Response::ClusterInfo(_)
     ));
+    // ... or the credential B issued to A, which cannot renew the peering itself.
+    let mut by_token = AxlClient::connect(
+        &b.node.https_addr.to_string(),
+        "localhost",
+        ServerTrust::Verified(PeerVerifier::new(&anchors).unwrap()),
+    )
+    .await
+    .unwrap();
+    by_token
+        .use_peer_token("cluster-a.example.com", &peering.token)
+        .unwrap();
+    assert!(matches!(
+        by_token.call(&Request::GetCertificates).await.unwrap(),
+        Response::Certificates(_)
+    ));
+    let renew = Request::ExchangeCertificates {
+        cluster: "cluster-a.example.com".into(),
+        address: a.node.https_addr.to_string(),
+        server_name: "localhost".into(),
+        token: impmesh_axl::auth::random_token(),
+        certificates: vec![],
+    };
+    assert!(matches!(
+        by_token.call(&renew).await,
+        Err(ClientError::Fault(f)) if f.code == "forbidden"
+    ));
+    let mut forged = AxlClient::connect(
+        &b.node.https_addr.to_string(),
+        "localhost",
+        ServerTrust::Verified(PeerVerifier::new(&anchors).unwrap()),
+    )
+    .await
+    .unwrap();
+    forged
+        .use_peer_token("cluster-a.example.com", "not-the-token")
+        .unwrap();
+    assert!(matches!(
+        forged.call(&Request::GetCertificates).await,
+        Err(ClientError::Status { status, .. }) if status == 401
+    ));
 
     // A wrong password fails on the client before it sends a proof; nothing is pinned.
     let c = axl_node("cluster-c.example.com").await;
-    let err = first_contact(
-        &c,
-        b.node.https_addr,
-        "cluster-b.example.com",
-        "not-the-password",
-    )
-    .await
-    .unwrap_err();
+    let err = first_contact(&c, b.node.https_addr, "not-the-password")
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, ClientError::Pake(PakeError::ServerNotAuthenticated)),
         "{err}"
@@ -352,9 +404,7 @@ async fn a_man_in_the_middle_makes_the_first_contact_fail_and_learns_nothing() {
     let b = axl_node("cluster-b.example.com").await;
     let mitm = Mitm::start(b.node.https_addr).await;
 
-    let err = first_contact(&a, mitm.addr, "cluster-b.example.com", AXL_PW)
-        .await
-        .unwrap_err();
+    let err = first_contact(&a, mitm.addr, AXL_PW).await.unwrap_err();
     assert!(
         matches!(err, ClientError::Pake(PakeError::ServerNotAuthenticated)),
         "the client must detect the other channel: {err}"
@@ -380,9 +430,7 @@ async fn a_man_in_the_middle_makes_the_first_contact_fail_and_learns_nothing() {
     assert!(!seen.contains("exchangeCertificates"));
 
     // The same exchange straight to B works: the failure was the proxy's doing.
-    first_contact(&a, b.node.https_addr, "cluster-b.example.com", AXL_PW)
-        .await
-        .unwrap();
+    first_contact(&a, b.node.https_addr, AXL_PW).await.unwrap();
 }
 
 #[tokio::test]

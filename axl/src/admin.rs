@@ -34,6 +34,10 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/trust/{fingerprint}", delete(remove_trust::<C>))
         .route("/alarms", get(alarms::<C>))
         .route("/alarms/history", get(alarm_history::<C>))
+        .route("/peers", get(peers::<C>).post(peer_add::<C>))
+        .route("/peers/{cluster}", delete(peer_delete::<C>))
+        .route("/peers/{cluster}/accept", post(peer_accept::<C>))
+        .route("/peers/{cluster}/sync", post(peer_sync::<C>))
         .route("/axl-users", get(axl_users::<C>))
         .route(
             "/axl-users/{name}",
@@ -344,4 +348,71 @@ async fn delete_axl_user<C: NodeControl>(
         return Err(ControlError::NotFound(format!("no AXL user {name}")));
     }
     Ok(Json(json!({ "username": name })).into_response())
+}
+
+async fn peers<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.control.peers().await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPeer {
+    address: String,
+    user: String,
+    password: String,
+}
+
+async fn peer_add<C: NodeControl>(
+    State(https): AppState<C>,
+    Json(body): Json<NewPeer>,
+) -> Result<Response, ControlError> {
+    let peer = https
+        .control
+        .peer_add(&body.address, &body.user, &body.password)
+        .await?;
+    Ok((StatusCode::CREATED, Json(peer)).into_response())
+}
+
+async fn peer_accept<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(cluster): Path<String>,
+) -> Result<Response, ControlError> {
+    https.control.peer_accept(&cluster).await?;
+    Ok(Json(json!({ "accepted": cluster })).into_response())
+}
+
+async fn peer_delete<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(cluster): Path<String>,
+) -> Result<Response, ControlError> {
+    https.control.peer_delete(&cluster).await?;
+    Ok(Json(json!({ "deleted": cluster })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ForceSync {
+    #[serde(default)]
+    with_certificates: bool,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+async fn peer_sync<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(cluster): Path<String>,
+    body: Option<Json<ForceSync>>,
+) -> Result<Response, ControlError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let credential = match (body.with_certificates, body.user, body.password) {
+        (false, _, _) => None,
+        (true, Some(u), Some(p)) => Some((u, p)),
+        (true, _, _) => {
+            return Err(ControlError::Invalid(
+                "with_certificates needs the peer's AXL user and password".into(),
+            ));
+        }
+    };
+    https.control.peer_sync(&cluster, credential).await?;
+    Ok(Json(json!({ "syncing": cluster })).into_response())
 }

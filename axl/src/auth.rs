@@ -17,6 +17,18 @@ use crate::pake::{self, PendingLogin, Setup};
 
 /// The HTTP authentication scheme of the channel-bound exchange (RFC 7804 style).
 pub const OPAQUE_SCHEME: &str = "Impmesh-OPAQUE-3DH";
+/// The HTTP authentication scheme of a peer cluster calling with the credential this
+/// cluster issued to it in `exchangeCertificates`.
+pub const PEER_SCHEME: &str = "Impmesh-Peer";
+
+/// SHA-256 of a peering credential, hex; what the issuer keeps.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 /// Pending exchanges kept at most (between KE2 and KE3), over all clients.
 const MAX_PENDING: usize = 1024;
 /// Pending exchanges one address may hold.
@@ -75,7 +87,8 @@ pub struct AuthState {
 
 /// The outcome of checking a request's credentials.
 pub enum Outcome {
-    /// Authenticated as this user; `info` goes in `Authentication-Info` when set.
+    /// Authenticated as this user (`peer:CLUSTER` for a peer credential); `info` goes
+    /// in `Authentication-Info` when set.
     Ok { user: String, info: Option<String> },
     /// No or incomplete credentials: answer 401 with these `WWW-Authenticate` values.
     Challenge(Vec<String>),
@@ -265,6 +278,22 @@ impl AuthState {
             return self
                 .fail(ip, "unknown, expired or foreign session token")
                 .await;
+        }
+        if scheme.eq_ignore_ascii_case(PEER_SCHEME) {
+            let p = params(rest);
+            let (Some(cluster), Some(token)) = (p.get("cluster"), p.get("token")) else {
+                return self.fail(ip, "malformed peer credentials").await;
+            };
+            if let Ok(Some(peer)) = store.peer(cluster).await
+                && let Some(hash) = peer.their_token_hash
+                && bool::from(hash.as_bytes().ct_eq(token_hash(token).as_bytes()))
+            {
+                return Outcome::Ok {
+                    user: format!("peer:{cluster}"),
+                    info: None,
+                };
+            }
+            return self.fail(ip, "unknown peer or wrong peer credential").await;
         }
         if scheme.eq_ignore_ascii_case(OPAQUE_SCHEME) {
             let Some(exporter) = exporter else {

@@ -373,30 +373,69 @@ fn answer(request: &Request, status: StatusCode, body: &[u8]) -> Result<Response
     }
 }
 
+/// This cluster's side of a peering, as offered to a peer.
+#[derive(Debug, Clone)]
+pub struct OurSide {
+    pub cluster: String,
+    /// host:port where the peer reaches our AXL endpoint.
+    pub address: String,
+    pub server_name: String,
+    /// The credential the peer will call us with (we keep its hash).
+    pub token: String,
+    pub certificates: Vec<crate::soap::NodeCertificate>,
+}
+
+/// What a first contact established with a peer cluster.
+#[derive(Debug, Clone)]
+pub struct Peering {
+    pub info: crate::soap::ClusterInfo,
+    pub certificates: Vec<crate::soap::NodeCertificate>,
+    /// The credential we call the peer with.
+    pub token: String,
+}
+
 /// The first contact with a peer cluster, as `peer add` runs it: connects to `addr`
 /// without trusting its certificate yet, runs the channel-bound exchange with the
-/// peer's AXL credential, offers this cluster's node certificates (`ours`, which the
-/// peer pins for `our_cluster`), checks that the certificates it gets back include the
-/// one the TLS handshake showed, and pins them in `store` for `peer`. Returns them.
-/// Nothing is pinned, and no password or proof leaves this process, when the peer
-/// cannot prove it knows the credential over this very channel.
+/// peer's AXL credential (learning the peer's cluster from `getClusterInfo`), then
+/// `exchangeCertificates`: offers our certificates and a credential for the peer to
+/// call us with, and gets the peer's certificates and a credential to call it with.
+/// Checks that the certificates include the one the TLS handshake showed and pins
+/// them in `store` for the peer's cluster. Nothing is pinned, and no password or
+/// proof leaves this process, when the peer cannot prove it knows the credential over
+/// this very channel.
 pub async fn exchange_certificates(
     store: &impmesh_store::Store,
     addr: &str,
     server_name: &str,
-    peer: &str,
     credential: (&str, &str),
-    our_cluster: &str,
-    ours: Vec<crate::soap::NodeCertificate>,
-) -> Result<Vec<crate::soap::NodeCertificate>, ClientError> {
+    ours: OurSide,
+) -> Result<Peering, ClientError> {
     let mut client = AxlClient::connect(addr, server_name, ServerTrust::FirstContact).await?;
-    let request = Request::ExchangeCertificates {
-        cluster: our_cluster.to_owned(),
-        certificates: ours,
-    };
-    let Response::Certificates(theirs) = client
-        .first_contact(credential.0, credential.1, &request)
+    let Response::ClusterInfo(info) = client
+        .first_contact(credential.0, credential.1, &Request::GetClusterInfo)
         .await?
+    else {
+        return Err(ClientError::Protocol(
+            "getClusterInfo answered with something else".into(),
+        ));
+    };
+    if info.cluster.eq_ignore_ascii_case(&ours.cluster) {
+        return Err(ClientError::Protocol(format!(
+            "{addr} is a node of this cluster ({})",
+            info.cluster
+        )));
+    }
+    let request = Request::ExchangeCertificates {
+        cluster: ours.cluster,
+        address: ours.address,
+        server_name: ours.server_name,
+        token: ours.token,
+        certificates: ours.certificates,
+    };
+    let Response::Exchanged {
+        certificates,
+        token,
+    } = client.call(&request).await?
     else {
         return Err(ClientError::Protocol(
             "exchangeCertificates answered with something else".into(),
@@ -407,7 +446,7 @@ pub async fn exchange_certificates(
         .first()
         .map(impmesh_certs::fingerprint)
         .ok_or_else(|| ClientError::Protocol("the server showed no certificate".into()))?;
-    if !theirs
+    if !certificates
         .iter()
         .any(|c| c.fingerprint.eq_ignore_ascii_case(&seen))
     {
@@ -415,8 +454,26 @@ pub async fn exchange_certificates(
             "the peer's certificate list does not include the certificate it presented ({seen})"
         )));
     }
-    crate::trust::pin_exchanged(store, peer, &theirs)
+    crate::trust::pin_exchanged(store, &info.cluster, &certificates)
         .await
         .map_err(|e| ClientError::Protocol(format!("cannot pin the peer's certificates: {e:#}")))?;
-    Ok(theirs)
+    Ok(Peering {
+        info,
+        certificates,
+        token,
+    })
+}
+
+/// Uses the credential a peer issued to this cluster from now on.
+impl AxlClient {
+    pub fn use_peer_token(&mut self, our_cluster: &str, token: &str) -> Result<(), ClientError> {
+        if !self.verified {
+            return Err(ClientError::NotTrusted);
+        }
+        self.authorization = Some(format!(
+            "{} cluster=\"{our_cluster}\", token=\"{token}\"",
+            crate::auth::PEER_SCHEME
+        ));
+        Ok(())
+    }
 }

@@ -87,6 +87,25 @@ pub trait NodeControl: Send + Sync + 'static {
     /// Reads the certificate files again (after an outside renewal) and uses them for
     /// new handshakes; returns the node certificate's fingerprint.
     fn reload_certificates(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// The status of every peer cluster (JSON array).
+    fn peers(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
+    /// Adds a peer by the address of its AXL endpoint, with its AXL credential.
+    fn peer_add(
+        &self,
+        address: &str,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
+    /// Accepts a peer that added this cluster.
+    fn peer_accept(&self, cluster: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Removes a peer, its users and its pinned certificates.
+    fn peer_delete(&self, cluster: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// A full resync; with a credential, after exchanging certificates again.
+    fn peer_sync(
+        &self,
+        cluster: &str,
+        credential: Option<(String, String)>,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
 }
 
 /// Creates or replaces the intercluster application user: a SCRAM-SHA-256 verifier

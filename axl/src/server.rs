@@ -123,6 +123,8 @@ pub struct Https<C: NodeControl> {
     pub stats: ApiStats,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     notices: broadcast::Sender<ChangeNotice>,
+    /// Clusters that ran `exchangeCertificates` with us.
+    peerings: broadcast::Sender<String>,
     next_conn: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -149,6 +151,7 @@ impl<C: NodeControl> Https<C> {
             stats: ApiStats::default(),
             tls: RwLock::new(with_alpn(tls)),
             notices: broadcast::channel(256).0,
+            peerings: broadcast::channel(64).0,
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -163,6 +166,12 @@ impl<C: NodeControl> Https<C> {
     /// Every `notifyChange` received from now on.
     pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeNotice> {
         self.notices.subscribe()
+    }
+
+    /// The name of every peer cluster that runs `exchangeCertificates` with us from now
+    /// on (a new pending peer, or one renewing its credentials).
+    pub fn subscribe_peerings(&self) -> broadcast::Receiver<String> {
+        self.peerings.subscribe()
     }
 
     /// Binds `addr` and serves it until [`Self::shutdown`]; returns the bound address.
@@ -353,6 +362,10 @@ fn static_label(matched: Option<&str>) -> &'static str {
         "/admin/v1/trust/{fingerprint}",
         "/admin/v1/alarms",
         "/admin/v1/alarms/history",
+        "/admin/v1/peers",
+        "/admin/v1/peers/{cluster}",
+        "/admin/v1/peers/{cluster}/accept",
+        "/admin/v1/peers/{cluster}/sync",
         "/admin/v1/axl-users",
         "/admin/v1/axl-users/{name}",
     ];
@@ -564,13 +577,54 @@ async fn run<C: NodeControl>(
         }
         AxlRequest::ExchangeCertificates {
             cluster,
+            address,
+            server_name,
+            token,
             certificates,
         } => {
+            if user.starts_with("peer:") {
+                return Err(Fault::client(
+                    "forbidden",
+                    "exchangeCertificates needs the intercluster application user",
+                ));
+            }
+            check_peering(
+                &https.identity.cluster,
+                cluster,
+                address,
+                server_name,
+                token,
+            )?;
             let added = crate::trust::pin_exchanged(store, cluster, certificates)
                 .await
                 .map_err(|e| Fault::client("badCertificate", e.to_string()))?;
-            tracing::info!(peer = %cluster, %user, %from, pinned = added, "pinned certificates offered by a peer");
-            Ok(AxlResponse::Certificates(node_certificates(https).await?))
+            let issued = crate::auth::random_token();
+            let existing = store.peer(cluster).await.map_err(store_fault)?;
+            store
+                .upsert_peer(&impmesh_store::PeerRecord {
+                    cluster: cluster.clone(),
+                    address: address.clone(),
+                    server_name: server_name.clone(),
+                    state: impmesh_store::PeerState::Pending,
+                    added_here: false,
+                    our_token: Some(token.clone()),
+                    their_token_hash: Some(crate::auth::token_hash(&issued)),
+                    added_at: impmesh_store::now_unix(),
+                    accepted_at: None,
+                })
+                .await
+                .map_err(store_fault)?;
+            let state = if existing.is_some_and(|p| p.state == impmesh_store::PeerState::Active) {
+                "active"
+            } else {
+                "pending: accept it with `impmesh peer accept`"
+            };
+            tracing::info!(peer = %cluster, %address, %user, %from, pinned = added, state, "peer cluster exchanged certificates");
+            let _ = https.peerings.send(cluster.clone());
+            Ok(AxlResponse::Exchanged {
+                certificates: node_certificates(https).await?,
+                token: issued,
+            })
         }
         AxlRequest::NotifyChange { cluster, usn } => {
             tracing::info!(peer = %cluster, usn, %user, %from, "peer asks to be pulled");
@@ -582,6 +636,40 @@ async fn run<C: NodeControl>(
             Ok(AxlResponse::NotifyAccepted)
         }
     }
+}
+
+/// Refuses a peering that cannot work: ourselves, or unusable names and credentials.
+fn check_peering(
+    ours: &str,
+    cluster: &str,
+    address: &str,
+    server_name: &str,
+    token: &str,
+) -> Result<(), Fault> {
+    let bad = |what: String| Err(Fault::client("badPeering", what));
+    if cluster.eq_ignore_ascii_case(ours) {
+        return bad(format!("{cluster} is this cluster"));
+    }
+    if !impmesh_certs::is_dns_name(cluster) {
+        return bad(format!("{cluster:?} is not a cluster name"));
+    }
+    let port_ok = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return bad(format!("address {address:?} is not host:port"));
+    }
+    if server_name.is_empty() || server_name.len() > 253 {
+        return bad("bad serverName".into());
+    }
+    if !(32..=256).contains(&token.len())
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return bad("the token must be 32 to 256 URL-safe characters".into());
+    }
+    Ok(())
 }
 
 async fn node_certificates<C: NodeControl>(

@@ -27,10 +27,18 @@ pub enum Request {
     },
     /// The certificate chain (PEM) of every node of the cluster.
     GetCertificates,
-    /// A peer offers its nodes' certificates (pinned for it) and gets this cluster's;
-    /// part of the first contact, on an authenticated session only.
+    /// A peer cluster sets up (or renews) the peering: it offers its nodes'
+    /// certificates (pinned for it), where to reach it and a credential to call it
+    /// with, and gets this cluster's certificates and a credential to call this cluster
+    /// with. Only for the intercluster application user (after a first contact).
     ExchangeCertificates {
         cluster: String,
+        /// host:port of the caller's AXL endpoint.
+        address: String,
+        /// The TLS server name to ask the caller for.
+        server_name: String,
+        /// The credential this cluster calls the caller with.
+        token: String,
         certificates: Vec<NodeCertificate>,
     },
     /// A peer cluster asks to be pulled soon: it changed up to `usn`.
@@ -136,6 +144,12 @@ pub enum Response {
     ClusterInfo(ClusterInfo),
     Users(UserPage),
     Certificates(Vec<NodeCertificate>),
+    /// `exchangeCertificates`' answer: this cluster's certificates and the credential
+    /// the caller calls this cluster with from now on.
+    Exchanged {
+        certificates: Vec<NodeCertificate>,
+        token: String,
+    },
     NotifyAccepted,
 }
 
@@ -287,10 +301,16 @@ impl Request {
             }
             Request::ExchangeCertificates {
                 cluster,
+                address,
+                server_name,
+                token,
                 certificates,
             } => {
                 op = op
                     .with(text("cluster", cluster))
+                    .with(text("address", address))
+                    .with(text("serverName", server_name))
+                    .with(text("token", token))
                     .with_all(certificates.iter().map(cert_el));
             }
             Request::NotifyChange { cluster, usn } => {
@@ -341,6 +361,9 @@ impl Request {
             }
             "exchangeCertificates" => Ok(Request::ExchangeCertificates {
                 cluster: required(&op, "cluster")?,
+                address: required(&op, "address")?,
+                server_name: required(&op, "serverName")?,
+                token: required(&op, "token")?,
                 certificates: op
                     .children
                     .iter()
@@ -405,6 +428,14 @@ impl Response {
                 ret = ret.with(El::new("", "users").with_all(users));
             }
             Response::Certificates(certs) => ret = ret.with_all(certs.iter().map(cert_el)),
+            Response::Exchanged {
+                certificates,
+                token,
+            } => {
+                ret = ret
+                    .with(text("token", token))
+                    .with_all(certificates.iter().map(cert_el));
+            }
             Response::NotifyAccepted => ret.text = "accepted".into(),
         }
         envelope(El::new(AXL_NS, format!("{op}Response")).with(ret))
@@ -494,26 +525,33 @@ impl Response {
                     })
                     .collect::<Result<_, Fault>>()?,
             }),
-            Request::GetCertificates | Request::ExchangeCertificates { .. } => {
-                Response::Certificates(
-                    ret.children
-                        .iter()
-                        .map(|n| {
-                            Ok(NodeCertificate {
-                                node: string(n, "name")?,
-                                fingerprint: string(n, "fingerprint")?,
-                                pem: n
-                                    .child("", "pem")
-                                    .map(|p| p.text.clone())
-                                    .ok_or_else(|| bad("pem"))?,
-                            })
-                        })
-                        .collect::<Result<_, Fault>>()?,
-                )
-            }
+            Request::GetCertificates => Response::Certificates(certificates(ret)?),
+            Request::ExchangeCertificates { .. } => Response::Exchanged {
+                token: string(ret, "token")?,
+                certificates: certificates(ret)?,
+            },
             Request::NotifyChange { .. } => Response::NotifyAccepted,
         })
     }
+}
+
+/// The `node` children of a `return` element.
+fn certificates(ret: &El) -> Result<Vec<NodeCertificate>, Fault> {
+    let bad = |what: &str| Fault::server("malformedResponse", format!("bad {what}"));
+    ret.children
+        .iter()
+        .filter(|n| n.is("", "node"))
+        .map(|n| {
+            Ok(NodeCertificate {
+                node: child_text(n, "name").ok_or_else(|| bad("name"))?,
+                fingerprint: child_text(n, "fingerprint").ok_or_else(|| bad("fingerprint"))?,
+                pem: n
+                    .child("", "pem")
+                    .map(|p| p.text.clone())
+                    .ok_or_else(|| bad("pem"))?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -539,6 +577,9 @@ mod tests {
             },
             Request::ExchangeCertificates {
                 cluster: "b.example.com".into(),
+                address: "192.0.2.1:8443".into(),
+                server_name: "node1.b.example.com".into(),
+                token: "t0k3n".into(),
                 certificates: vec![NodeCertificate {
                     node: "n1".into(),
                     fingerprint: "AB".into(),

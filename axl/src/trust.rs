@@ -43,8 +43,24 @@ pub async fn add(
 
 /// What verifiers trust, from the store.
 pub async fn anchors(store: &Store) -> anyhow::Result<TrustAnchors> {
+    anchors_where(store, |_| true).await
+}
+
+/// What verifies one peer: its own pinned certificates and the trusted CAs (a
+/// certificate pinned for another peer does not vouch for this one).
+pub async fn anchors_for(store: &Store, peer: &str) -> anyhow::Result<TrustAnchors> {
+    anchors_where(store, |e| {
+        e.kind != TrustKind::Pinned || e.peer.as_deref() == Some(peer)
+    })
+    .await
+}
+
+async fn anchors_where(
+    store: &Store,
+    keep: impl Fn(&TrustEntry) -> bool,
+) -> anyhow::Result<TrustAnchors> {
     let mut anchors = TrustAnchors::default();
-    for entry in store.trust_entries().await? {
+    for entry in store.trust_entries().await?.into_iter().filter(|e| keep(e)) {
         match entry.kind {
             TrustKind::Pinned => {
                 anchors.pinned.insert(entry.fingerprint);

@@ -47,6 +47,8 @@ pub const CERT_EXPIRING_SOON: &AlarmDef = &CATALOGUE[0];
 pub const CERT_EXPIRING: &AlarmDef = &CATALOGUE[1];
 /// The node certificate has expired.
 pub const CERT_EXPIRED: &AlarmDef = &CATALOGUE[2];
+/// A peer's periodic sync has not completed within the stall threshold.
+pub const PEER_SYNC_STALLED: &AlarmDef = &CATALOGUE[3];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -67,6 +69,12 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Critical,
         meaning: "The node's certificate has expired; TLS clients and peers refuse the node.",
         action: "Replace the certificate (impmesh cert import or impmesh cert regenerate); a running node uses it at once.",
+    },
+    AlarmDef {
+        name: "InterClusterSyncAgentPeerPeriodicSyncingFailure",
+        severity: Severity::Major,
+        meaning: "The directory sync with a peer cluster (the subject) has not completed within the stall threshold ([sync] stall_threshold, 2 hours by default); its users' home nodes may be stale here.",
+        action: "Check `impmesh peer status PEER` for the reason (unreachable, credential, certificate). With [sync] auto_recovery on, the agent has already restarted that peer's sync, and the whole agent if it stalled again right after. The alarm clears when a sync completes.",
     },
 ];
 

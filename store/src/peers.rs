@@ -1,0 +1,557 @@
+//! Intercluster peers: who they are, the credentials of each peering, the directory
+//! of their users, and where each peer's sync stands. Every page of a sync is applied
+//! in one transaction together with the position it reached, so a crash leaves the
+//! previous consistent state and the sync resumes where it stopped.
+
+use sqlx::Row as _;
+
+use crate::directory::DirectoryEntry;
+use crate::{Result, Store, StoreError, now_unix};
+
+/// Whether we sync from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Our admin added or accepted it: we sync from it and trust its users.
+    Active,
+    /// It added us; our admin has not accepted it yet. Nothing is synced from it.
+    Pending,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Active => "active",
+            PeerState::Pending => "pending",
+        }
+    }
+}
+
+/// A peer cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub cluster: String,
+    /// host:port of its AXL endpoint.
+    pub address: String,
+    /// The TLS server name to ask for.
+    pub server_name: String,
+    pub state: PeerState,
+    /// True when our admin added it, false when it added us.
+    pub added_here: bool,
+    /// The credential we call it with (it issued it to us).
+    pub our_token: Option<String>,
+    /// SHA-256 (hex) of the credential it calls us with (we issued it).
+    pub their_token_hash: Option<String>,
+    pub added_at: i64,
+    pub accepted_at: Option<i64>,
+}
+
+/// Where a peer's sync stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerSync {
+    /// Every change up to this USN of the peer is in our directory.
+    pub applied_usn: i64,
+    pub full_gen: i64,
+    /// A full listing in progress: its snapshot and the last USN applied from it.
+    pub full_snapshot_usn: Option<i64>,
+    pub full_after_usn: Option<i64>,
+    pub last_full_at: Option<i64>,
+    pub last_full_usn: Option<i64>,
+    pub last_full_ms: Option<i64>,
+    pub last_full_users: Option<i64>,
+    pub last_incr_at: Option<i64>,
+    pub last_incr_usn: Option<i64>,
+    pub last_incr_ms: Option<i64>,
+    pub last_incr_changes: Option<i64>,
+}
+
+/// A user homed in a peer cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteUser {
+    pub peer: String,
+    pub username: String,
+    pub home_cluster: String,
+    pub home_node: String,
+    pub usn: i64,
+}
+
+const PEER_COLUMNS: &str = "cluster, address, server_name, state, origin, our_token, \
+                            their_token_hash, added_at, accepted_at";
+
+fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
+    let cluster: String = row.try_get("cluster")?;
+    let state: String = row.try_get("state")?;
+    let origin: String = row.try_get("origin")?;
+    Ok(PeerRecord {
+        state: match state.as_str() {
+            "active" => PeerState::Active,
+            "pending" => PeerState::Pending,
+            _ => return Err(StoreError::Corrupt(format!("state of peer {cluster}"))),
+        },
+        added_here: origin == "local",
+        address: row.try_get("address")?,
+        server_name: row.try_get("server_name")?,
+        our_token: row.try_get("our_token")?,
+        their_token_hash: row.try_get("their_token_hash")?,
+        added_at: row.try_get("added_at")?,
+        accepted_at: row.try_get("accepted_at")?,
+        cluster,
+    })
+}
+
+async fn upsert_entries(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    peer: &str,
+    generation: i64,
+    entries: &[DirectoryEntry],
+) -> Result<()> {
+    for e in entries {
+        if e.deleted {
+            sqlx::query("DELETE FROM remote_users WHERE peer = $1 AND username = $2")
+                .bind(peer)
+                .bind(&e.username)
+                .execute(&mut **tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (peer, username) DO UPDATE SET home_cluster = excluded.home_cluster,
+                     home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen",
+            )
+            .bind(peer)
+            .bind(&e.username)
+            .bind(&e.home_cluster)
+            .bind(&e.home_node)
+            .bind(e.usn)
+            .bind(generation)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Creates a peer, or updates its address, credentials and (never downgrading an
+    /// accepted peer) state.
+    pub async fn upsert_peer(&self, peer: &PeerRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO peers (cluster, address, server_name, state, origin, our_token,
+                 their_token_hash, added_at, accepted_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (cluster) DO UPDATE SET address = excluded.address,
+                 server_name = excluded.server_name,
+                 our_token = COALESCE(excluded.our_token, peers.our_token),
+                 their_token_hash = COALESCE(excluded.their_token_hash, peers.their_token_hash),
+                 state = CASE WHEN peers.state = 'active' THEN 'active' ELSE excluded.state END,
+                 origin = CASE WHEN peers.origin = 'local' THEN 'local' ELSE excluded.origin END,
+                 accepted_at = COALESCE(peers.accepted_at, excluded.accepted_at)",
+        )
+        .bind(&peer.cluster)
+        .bind(&peer.address)
+        .bind(&peer.server_name)
+        .bind(peer.state.as_str())
+        .bind(if peer.added_here { "local" } else { "remote" })
+        .bind(&peer.our_token)
+        .bind(&peer.their_token_hash)
+        .bind(peer.added_at)
+        .bind(peer.accepted_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO peer_sync (peer) VALUES ($1) ON CONFLICT (peer) DO NOTHING")
+            .bind(&peer.cluster)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One peer, or `None`.
+    pub async fn peer(&self, cluster: &str) -> Result<Option<PeerRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {PEER_COLUMNS} FROM peers WHERE cluster = $1"
+        )))
+        .bind(cluster)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| peer_from_row(&r)).transpose()
+    }
+
+    /// Every peer, by name.
+    pub async fn peers(&self) -> Result<Vec<PeerRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {PEER_COLUMNS} FROM peers ORDER BY cluster"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(peer_from_row).collect()
+    }
+
+    /// Makes a pending peer active; false when there is no such peer.
+    pub async fn accept_peer(&self, cluster: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE peers SET state = 'active', accepted_at = COALESCE(accepted_at, $1)
+             WHERE cluster = $2",
+        )
+        .bind(now_unix())
+        .bind(cluster)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes a peer with its users, its sync state and its pinned certificates, in
+    /// one transaction; false when there was none.
+    pub async fn delete_peer(&self, cluster: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM remote_users WHERE peer = $1",
+            "DELETE FROM peer_sync WHERE peer = $1",
+            "DELETE FROM trust_entries WHERE peer = $1 AND kind = 'pinned'",
+        ] {
+            sqlx::query(sql).bind(cluster).execute(&mut *tx).await?;
+        }
+        let gone = sqlx::query("DELETE FROM peers WHERE cluster = $1")
+            .bind(cluster)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        tx.commit().await?;
+        Ok(gone)
+    }
+
+    /// Where a peer's sync stands (defaults when it never ran).
+    pub async fn peer_sync(&self, cluster: &str) -> Result<PeerSync> {
+        let row = sqlx::query(
+            "SELECT applied_usn, full_gen, full_snapshot_usn, full_after_usn, last_full_at,
+                 last_full_usn, last_full_ms, last_full_users, last_incr_at, last_incr_usn,
+                 last_incr_ms, last_incr_changes
+             FROM peer_sync WHERE peer = $1",
+        )
+        .bind(cluster)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(PeerSync::default());
+        };
+        Ok(PeerSync {
+            applied_usn: row.try_get("applied_usn")?,
+            full_gen: row.try_get("full_gen")?,
+            full_snapshot_usn: row.try_get("full_snapshot_usn")?,
+            full_after_usn: row.try_get("full_after_usn")?,
+            last_full_at: row.try_get("last_full_at")?,
+            last_full_usn: row.try_get("last_full_usn")?,
+            last_full_ms: row.try_get("last_full_ms")?,
+            last_full_users: row.try_get("last_full_users")?,
+            last_incr_at: row.try_get("last_incr_at")?,
+            last_incr_usn: row.try_get("last_incr_usn")?,
+            last_incr_ms: row.try_get("last_incr_ms")?,
+            last_incr_changes: row.try_get("last_incr_changes")?,
+        })
+    }
+
+    /// Starts (or restarts) a full sync of `peer` at `snapshot_usn`; returns its
+    /// generation. Nothing in the directory changes yet.
+    pub async fn begin_full_sync(&self, peer: &str, snapshot_usn: i64) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE peer_sync SET full_gen = full_gen + 1, full_snapshot_usn = $1,
+                 full_after_usn = 0 WHERE peer = $2 RETURNING full_gen",
+        )
+        .bind(snapshot_usn)
+        .bind(peer)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(r.try_get("full_gen")?),
+            None => Err(StoreError::Corrupt(format!(
+                "no sync state for peer {peer}"
+            ))),
+        }
+    }
+
+    /// Makes the next sync of `peer` a full one (Force Sync); the directory keeps the
+    /// peer's users until that full sync replaces them.
+    pub async fn restart_full_sync(&self, peer: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE peer_sync SET applied_usn = 0, full_snapshot_usn = NULL,
+                 full_after_usn = NULL WHERE peer = $1",
+        )
+        .bind(peer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies one page of a full listing, and the position it reached, atomically.
+    pub async fn apply_full_page(
+        &self,
+        peer: &str,
+        generation: i64,
+        entries: &[DirectoryEntry],
+        after_usn: i64,
+    ) -> Result<()> {
+        let _timer = self.latency.start("apply_full_page");
+        let mut tx = self.pool.begin().await?;
+        upsert_entries(&mut tx, peer, generation, entries).await?;
+        sqlx::query("UPDATE peer_sync SET full_after_usn = $1 WHERE peer = $2 AND full_gen = $3")
+            .bind(after_usn)
+            .bind(peer)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends a full sync: the users it did not see are removed, and the peer counts as
+    /// synced up to the listing's snapshot.
+    pub async fn finish_full_sync(
+        &self,
+        peer: &str,
+        generation: i64,
+        snapshot_usn: i64,
+        millis: i64,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM remote_users WHERE peer = $1 AND full_gen < $2")
+            .bind(peer)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM remote_users WHERE peer = $1")
+            .bind(peer)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        sqlx::query(
+            "UPDATE peer_sync SET applied_usn = $1, full_snapshot_usn = NULL, full_after_usn = NULL,
+                 last_full_at = $2, last_full_usn = $1, last_full_ms = $3, last_full_users = $4
+             WHERE peer = $5",
+        )
+        .bind(snapshot_usn)
+        .bind(now_unix())
+        .bind(millis)
+        .bind(count)
+        .bind(peer)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    /// Applies one page of changes and moves the applied USN to `applied_usn`,
+    /// atomically.
+    pub async fn apply_changes(
+        &self,
+        peer: &str,
+        entries: &[DirectoryEntry],
+        applied_usn: i64,
+    ) -> Result<()> {
+        let _timer = self.latency.start("apply_changes");
+        let mut tx = self.pool.begin().await?;
+        let generation: i64 = sqlx::query("SELECT full_gen FROM peer_sync WHERE peer = $1")
+            .bind(peer)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("full_gen")?;
+        upsert_entries(&mut tx, peer, generation, entries).await?;
+        sqlx::query("UPDATE peer_sync SET applied_usn = $1 WHERE peer = $2 AND applied_usn < $1")
+            .bind(applied_usn)
+            .bind(peer)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a completed incremental sync.
+    pub async fn finish_incremental(
+        &self,
+        peer: &str,
+        usn: i64,
+        millis: i64,
+        changes: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE peer_sync SET last_incr_at = $1, last_incr_usn = $2, last_incr_ms = $3,
+                 last_incr_changes = $4 WHERE peer = $5",
+        )
+        .bind(now_unix())
+        .bind(usn)
+        .bind(millis)
+        .bind(changes)
+        .bind(peer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many users a peer contributed to the directory.
+    pub async fn remote_user_count(&self, peer: &str) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM remote_users WHERE peer = $1")
+                .bind(peer)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
+    /// The peers' entries for a user name (more than one: a duplicate).
+    pub async fn remote_user(&self, username: &str) -> Result<Vec<RemoteUser>> {
+        let _timer = self.latency.start("remote_user");
+        let rows = sqlx::query(
+            "SELECT peer, username, home_cluster, home_node, usn FROM remote_users
+             WHERE username = $1 ORDER BY peer",
+        )
+        .bind(username)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RemoteUser {
+                    peer: r.try_get("peer")?,
+                    username: r.try_get("username")?,
+                    home_cluster: r.try_get("home_cluster")?,
+                    home_node: r.try_get("home_node")?,
+                    usn: r.try_get("usn")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::stores;
+    use crate::*;
+
+    fn peer(name: &str, state: PeerState) -> PeerRecord {
+        PeerRecord {
+            cluster: name.into(),
+            address: "127.0.0.1:8443".into(),
+            server_name: "localhost".into(),
+            state,
+            added_here: state == PeerState::Active,
+            our_token: Some("tok".into()),
+            their_token_hash: None,
+            added_at: 1,
+            accepted_at: None,
+        }
+    }
+
+    fn entry(name: &str, usn: i64, deleted: bool) -> DirectoryEntry {
+        DirectoryEntry {
+            username: name.into(),
+            home_cluster: "b".into(),
+            home_node: "b1".into(),
+            usn,
+            deleted,
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_are_added_accepted_and_never_downgraded() {
+        for (store, _dir) in stores().await {
+            store
+                .upsert_peer(&peer("b", PeerState::Pending))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.peer("b").await.unwrap().unwrap().state,
+                PeerState::Pending
+            );
+            assert!(store.accept_peer("b").await.unwrap());
+            // The peer calling again (as pending) does not undo the acceptance.
+            store
+                .upsert_peer(&peer("b", PeerState::Pending))
+                .await
+                .unwrap();
+            let b = store.peer("b").await.unwrap().unwrap();
+            assert_eq!(b.state, PeerState::Active);
+            assert!(b.accepted_at.is_some());
+            assert!(!store.accept_peer("nobody").await.unwrap());
+            assert_eq!(store.peers().await.unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_sync_replaces_the_slice_and_changes_apply_atomically() {
+        for (store, _dir) in stores().await {
+            store
+                .upsert_peer(&peer("b", PeerState::Active))
+                .await
+                .unwrap();
+            // Old state: x and y.
+            let generation = store.begin_full_sync("b", 2).await.unwrap();
+            store
+                .apply_full_page(
+                    "b",
+                    generation,
+                    &[entry("x", 1, false), entry("y", 2, false)],
+                    2,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.finish_full_sync("b", generation, 2, 5).await.unwrap(),
+                2
+            );
+            // A new full sync sees only y and z: x goes at the end, not before.
+            let generation = store.begin_full_sync("b", 9).await.unwrap();
+            store
+                .apply_full_page("b", generation, &[entry("y", 2, false)], 2)
+                .await
+                .unwrap();
+            assert_eq!(store.remote_user_count("b").await.unwrap(), 2);
+            let state = store.peer_sync("b").await.unwrap();
+            assert_eq!(
+                (state.full_snapshot_usn, state.full_after_usn),
+                (Some(9), Some(2))
+            );
+            store
+                .apply_full_page("b", generation, &[entry("z", 9, false)], 9)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.finish_full_sync("b", generation, 9, 5).await.unwrap(),
+                2
+            );
+            assert!(store.remote_user("x").await.unwrap().is_empty());
+            let state = store.peer_sync("b").await.unwrap();
+            assert_eq!(state.applied_usn, 9);
+            assert_eq!(state.full_snapshot_usn, None);
+            assert_eq!(state.last_full_users, Some(2));
+            // Changes: a tombstone and a move.
+            let mut moved = entry("z", 11, false);
+            moved.home_node = "b2".into();
+            store
+                .apply_changes("b", &[entry("y", 10, true), moved], 11)
+                .await
+                .unwrap();
+            assert!(store.remote_user("y").await.unwrap().is_empty());
+            assert_eq!(store.remote_user("z").await.unwrap()[0].home_node, "b2");
+            assert_eq!(store.peer_sync("b").await.unwrap().applied_usn, 11);
+            // Deleting the peer removes its users, state and pinned certificates.
+            store
+                .add_trust(&TrustEntry {
+                    fingerprint: "AA".into(),
+                    kind: TrustKind::Pinned,
+                    subject: "CN=b".into(),
+                    pem: "PEM".into(),
+                    source: "exchanged".into(),
+                    peer: Some("b".into()),
+                    added_at: 0,
+                })
+                .await
+                .unwrap();
+            assert!(store.delete_peer("b").await.unwrap());
+            assert_eq!(store.remote_user_count("b").await.unwrap(), 0);
+            assert!(store.trust_entries().await.unwrap().is_empty());
+            assert!(store.peer("b").await.unwrap().is_none());
+        }
+    }
+}

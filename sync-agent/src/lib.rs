@@ -1,0 +1,910 @@
+//! The intercluster sync agent: one task per peer cluster pulls the peer's user
+//! directory over the AXL-like API (a full listing first, then the changes since the
+//! last USN applied) on a period and whenever the peer says it changed, and tells the
+//! peers when this cluster changed. Peers are added with a channel-bound first contact
+//! that exchanges and pins certificates both ways (see `impmesh_axl::client`).
+//!
+//! Every page is applied in one transaction together with the position it reached, so a
+//! crash or a cut connection leaves the previous consistent state and the next attempt
+//! resumes from the last applied USN. Failures are retried per peer with jittered
+//! exponential backoff (backon), never holding up the other peers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder as _;
+use impmesh_axl::client::{AxlClient, ClientError, OurSide, ServerTrust};
+use impmesh_axl::soap::{ClusterInfo, Cursor, NodeCertificate, Request, Response, UserEntry};
+use impmesh_certs::PeerVerifier;
+use impmesh_store::{DirectoryEntry, PeerRecord, PeerState, Store, TrustKind};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The agent's settings (`[sync]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time between two periodic pulls of a peer.
+    pub period: Duration,
+    /// A periodic sync that has not completed for this long is stalled.
+    pub stall_threshold: Duration,
+    /// Restart what stalled, in-process.
+    pub auto_recovery: bool,
+    /// Users per `listUsers` page.
+    pub page_size: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            period: Duration::from_secs(60),
+            stall_threshold: Duration::from_secs(7200),
+            auto_recovery: true,
+            page_size: 500,
+        }
+    }
+}
+
+/// This cluster, as the agent presents it to peers.
+#[derive(Debug, Clone)]
+pub struct Ours {
+    pub cluster: String,
+    /// host:port where peers reach this node's AXL endpoint.
+    pub address: String,
+    /// The TLS server name peers should ask for.
+    pub server_name: String,
+}
+
+/// What a peer task last saw, for `peer status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LiveStatus {
+    /// connecting, syncing, in-sync, failed, pending
+    pub state: String,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    pub last_attempt_at: Option<i64>,
+    pub last_success_at: Option<i64>,
+    pub consecutive_failures: u32,
+    /// in-sync, out-of-sync, failed (or unknown before the first contact)
+    pub certificate_status: String,
+    pub certificate_reason: Option<String>,
+    /// The node fingerprints the peer announced last.
+    pub peer_fingerprints: Vec<String>,
+    /// The peer's USN when last asked.
+    pub peer_usn: Option<i64>,
+    /// How many users the peer has, by its last listing.
+    pub peer_users: Option<i64>,
+}
+
+/// Everything `peer status` shows about one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub cluster: String,
+    pub address: String,
+    pub state: PeerState,
+    pub added_here: bool,
+    pub added_at: i64,
+    pub accepted_at: Option<i64>,
+    /// Users of the peer in our directory.
+    pub associated_users: i64,
+    pub sync: impmesh_store::PeerSync,
+    pub live: LiveStatus,
+    /// Pinned certificates of the peer.
+    pub pinned: Vec<String>,
+    /// Times the stall watchdog restarted this peer's sync.
+    pub stall_restarts: u32,
+}
+
+/// Why an admin action on peers failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no peer {0}")]
+    UnknownPeer(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the first contact with {addr} failed: {source}")]
+    Contact { addr: String, source: ClientError },
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+}
+
+struct PeerHandle {
+    nudge: Arc<Notify>,
+    cancel: CancellationToken,
+    status: Arc<Mutex<LiveStatus>>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+/// What the stall watchdog reads from a peer task.
+#[derive(Debug)]
+struct Progress {
+    /// When the last sync completed (or the task started).
+    last_completed: Instant,
+    /// Whether the stall alarm is raised for this peer.
+    alarmed: bool,
+}
+
+/// The running agent of one node.
+pub struct Agent {
+    store: Store,
+    settings: Settings,
+    ours: Ours,
+    peers: Mutex<HashMap<String, PeerHandle>>,
+    /// When each peer's task was last restarted for a stall, and how many times.
+    recoveries: Mutex<HashMap<String, (Instant, u32)>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    /// Starts the agent: one task per active peer of the store.
+    pub async fn start(
+        store: Store,
+        settings: Settings,
+        ours: Ours,
+    ) -> Result<Arc<Agent>, AgentError> {
+        let agent = Arc::new(Agent {
+            store,
+            settings,
+            ours,
+            peers: Mutex::new(HashMap::new()),
+            recoveries: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        for peer in agent.store.peers().await? {
+            if peer.state == PeerState::Active {
+                agent.spawn_peer(&peer.cluster, false);
+            }
+        }
+        let watchdog = agent.clone();
+        agent
+            .tracker
+            .spawn(async move { watchdog.watch_stalls().await });
+        Ok(agent)
+    }
+
+    /// The stall watchdog: a peer whose sync has not completed within the stall
+    /// threshold gets the alarm and, with auto-recovery, a fresh task (connections and
+    /// state); a peer that stalls again right after a restart restarts every peer task
+    /// (the whole agent, in-process).
+    async fn watch_stalls(self: Arc<Self>) {
+        let threshold = self.settings.stall_threshold;
+        let tick = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let stalled: Vec<(String, Duration, bool, Option<String>)> = lock(&self.peers)
+                .iter()
+                .filter_map(|(cluster, h)| {
+                    let p = lock(&h.progress);
+                    let idle = p.last_completed.elapsed();
+                    (idle > threshold).then(|| {
+                        (
+                            cluster.clone(),
+                            idle,
+                            p.alarmed,
+                            lock(&h.status).reason.clone(),
+                        )
+                    })
+                })
+                .collect();
+            for (cluster, idle, alarmed, reason) in stalled {
+                if !alarmed {
+                    let message = format!(
+                        "no sync with {cluster} completed for {} s{}",
+                        idle.as_secs(),
+                        reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                    if let Err(e) = self
+                        .store
+                        .raise_alarm(impmesh_store::alarms::PEER_SYNC_STALLED, &cluster, &message)
+                        .await
+                    {
+                        tracing::error!(error = %e, "cannot raise the stall alarm");
+                    }
+                }
+                if let Some(h) = lock(&self.peers).get(&cluster) {
+                    lock(&h.progress).alarmed = true;
+                }
+                if !self.settings.auto_recovery {
+                    continue;
+                }
+                let again = {
+                    let mut recoveries = lock(&self.recoveries);
+                    let entry = recoveries
+                        .entry(cluster.clone())
+                        .or_insert((Instant::now() - threshold * 4, 0));
+                    let again = entry.0.elapsed() < threshold * 3;
+                    *entry = (Instant::now(), entry.1 + 1);
+                    again
+                };
+                if again {
+                    tracing::warn!(peer = %cluster, "the peer's sync stalled again right after a restart: restarting the whole sync agent");
+                    let all: Vec<String> = lock(&self.peers).keys().cloned().collect();
+                    for c in all {
+                        self.restart_peer(&c);
+                    }
+                } else {
+                    tracing::warn!(peer = %cluster, idle_s = idle.as_secs(), "the peer's sync stalled: restarting its task");
+                    self.restart_peer(&cluster);
+                }
+            }
+        }
+    }
+
+    /// Replaces a peer's task with a fresh one, keeping whether the alarm is raised.
+    fn restart_peer(self: &Arc<Self>, cluster: &str) {
+        let alarmed = match lock(&self.peers).remove(cluster) {
+            Some(handle) => {
+                handle.cancel.cancel();
+                lock(&handle.progress).alarmed
+            }
+            None => return,
+        };
+        self.spawn_peer(cluster, alarmed);
+    }
+
+    /// Stops every peer task.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Starts the task of `cluster` unless it runs.
+    fn spawn_peer(self: &Arc<Self>, cluster: &str, alarmed: bool) {
+        let mut peers = lock(&self.peers);
+        if peers.contains_key(cluster) {
+            return;
+        }
+        let handle = PeerHandle {
+            nudge: Arc::new(Notify::new()),
+            cancel: self.shutdown.child_token(),
+            status: Arc::new(Mutex::new(LiveStatus {
+                state: "connecting".into(),
+                certificate_status: "unknown".into(),
+                ..LiveStatus::default()
+            })),
+            progress: Arc::new(Mutex::new(Progress {
+                last_completed: Instant::now(),
+                alarmed,
+            })),
+        };
+        let task = PeerTask {
+            agent: self.clone(),
+            cluster: cluster.to_owned(),
+            nudge: handle.nudge.clone(),
+            cancel: handle.cancel.clone(),
+            status: handle.status.clone(),
+            progress: handle.progress.clone(),
+        };
+        // Sync at once.
+        handle.nudge.notify_one();
+        peers.insert(cluster.to_owned(), handle);
+        self.tracker.spawn(task.run());
+    }
+
+    fn stop_peer(&self, cluster: &str) {
+        if let Some(handle) = lock(&self.peers).remove(cluster) {
+            handle.cancel.cancel();
+        }
+    }
+
+    /// Asks the task of `cluster` to pull now (a `notifyChange` from it).
+    pub fn nudge(&self, cluster: &str) {
+        if let Some(handle) = lock(&self.peers).get(cluster) {
+            handle.nudge.notify_one();
+        }
+    }
+
+    /// `peer add`: the channel-bound first contact with the AXL endpoint at `address`
+    /// (host or host:port, default port 8443) as `user`, then syncing from it. The peer
+    /// records us as a pending peer until its admin accepts.
+    pub async fn add_peer(
+        self: &Arc<Self>,
+        address: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<PeerRecord, AgentError> {
+        let (addr, server_name) = normalize_address(address)?;
+        let peering = self
+            .first_contact(&addr, &server_name, user, password)
+            .await?;
+        let cluster = peering.0.cluster.clone();
+        let now = impmesh_store::now_unix();
+        let record = PeerRecord {
+            cluster: cluster.clone(),
+            address: addr,
+            server_name,
+            state: PeerState::Active,
+            added_here: true,
+            our_token: Some(peering.1),
+            their_token_hash: Some(peering.2),
+            added_at: now,
+            accepted_at: Some(now),
+        };
+        self.store.upsert_peer(&record).await?;
+        // An earlier pending record keeps its origin; make it active.
+        self.store.accept_peer(&cluster).await?;
+        self.spawn_peer(&cluster, false);
+        tracing::info!(peer = %cluster, address = %record.address, "peer added");
+        Ok(self.store.peer(&cluster).await?.unwrap_or(record))
+    }
+
+    /// Runs the first contact; returns the peer's cluster info, the token to call it
+    /// with, and the hash of the token we issued to it.
+    async fn first_contact(
+        &self,
+        addr: &str,
+        server_name: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(ClusterInfo, String, String), AgentError> {
+        let issued = impmesh_axl::auth::random_token();
+        let ours = OurSide {
+            cluster: self.ours.cluster.clone(),
+            address: self.ours.address.clone(),
+            server_name: self.ours.server_name.clone(),
+            token: issued.clone(),
+            certificates: self.our_certificates().await?,
+        };
+        let peering = impmesh_axl::client::exchange_certificates(
+            &self.store,
+            addr,
+            server_name,
+            (user, password),
+            ours,
+        )
+        .await
+        .map_err(|source| AgentError::Contact {
+            addr: addr.to_owned(),
+            source,
+        })?;
+        Ok((
+            peering.info,
+            peering.token,
+            impmesh_axl::auth::token_hash(&issued),
+        ))
+    }
+
+    /// This cluster's node certificates, as published in the store.
+    async fn our_certificates(&self) -> Result<Vec<NodeCertificate>, AgentError> {
+        Ok(self
+            .store
+            .cluster_nodes(&self.ours.cluster)
+            .await?
+            .into_iter()
+            .filter(|n| !n.cert_pem.is_empty())
+            .map(|n| NodeCertificate {
+                node: n.name,
+                fingerprint: n.fingerprint,
+                pem: n.cert_pem,
+            })
+            .collect())
+    }
+
+    /// `peer accept`: starts syncing from a peer that added us.
+    pub async fn accept_peer(self: &Arc<Self>, cluster: &str) -> Result<(), AgentError> {
+        if !self.store.accept_peer(cluster).await? {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        }
+        self.spawn_peer(cluster, false);
+        tracing::info!(peer = %cluster, "peer accepted");
+        Ok(())
+    }
+
+    /// `peer del`: stops syncing and removes the peer, its users and its pinned
+    /// certificates at once.
+    pub async fn delete_peer(&self, cluster: &str) -> Result<(), AgentError> {
+        self.stop_peer(cluster);
+        if !self.store.delete_peer(cluster).await? {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        }
+        tracing::info!(peer = %cluster, "peer deleted");
+        Ok(())
+    }
+
+    /// `peer sync`: a full resync at once; with `credential`, the certificates are
+    /// exchanged again first through a new channel-bound first contact (the repair for
+    /// a peer that changed its certificate).
+    pub async fn force_sync(
+        self: &Arc<Self>,
+        cluster: &str,
+        credential: Option<(&str, &str)>,
+    ) -> Result<(), AgentError> {
+        let Some(peer) = self.store.peer(cluster).await? else {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        };
+        if let Some((user, password)) = credential {
+            self.stop_peer(cluster);
+            // Forget the old pins first: the exchange pins what the peer shows now.
+            for entry in self.store.trust_entries().await? {
+                if entry.kind == TrustKind::Pinned && entry.peer.as_deref() == Some(cluster) {
+                    self.store.remove_trust(&entry.fingerprint).await?;
+                }
+            }
+            let (info, token, hash) = self
+                .first_contact(&peer.address, &peer.server_name, user, password)
+                .await?;
+            if info.cluster != cluster {
+                return Err(AgentError::Invalid(format!(
+                    "{} now answers as cluster {}, not {cluster}",
+                    peer.address, info.cluster
+                )));
+            }
+            self.store
+                .upsert_peer(&PeerRecord {
+                    our_token: Some(token),
+                    their_token_hash: Some(hash),
+                    ..peer.clone()
+                })
+                .await?;
+        }
+        self.store.restart_full_sync(cluster).await?;
+        if peer.state == PeerState::Active {
+            self.spawn_peer(cluster, false);
+            self.nudge(cluster);
+        }
+        Ok(())
+    }
+
+    /// Tells every peer that this cluster changed (after a local user change), so it
+    /// pulls at once instead of at its next period. Pending peers too: they added us
+    /// and pull from us, whether or not we accepted them.
+    pub fn notify_peers(self: &Arc<Self>, usn: i64) {
+        let agent = self.clone();
+        self.tracker.spawn(async move {
+            let peers = match agent.store.peers().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list peers to notify");
+                    return;
+                }
+            };
+            for peer in peers {
+                agent.notify_peer(peer.cluster, usn);
+            }
+        });
+    }
+
+    fn notify_peer(self: &Arc<Self>, cluster: String, usn: i64) {
+        let agent = self.clone();
+        self.tracker.spawn(async move {
+            let result = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut client = agent.connect(&cluster).await?;
+                client
+                    .call(&Request::NotifyChange {
+                        cluster: agent.ours.cluster.clone(),
+                        usn,
+                    })
+                    .await
+                    .map_err(SyncError::Client)
+            })
+            .await;
+            match result {
+                Ok(Ok(_)) => tracing::debug!(peer = %cluster, usn, "peer notified"),
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %cluster, error = %e, "cannot notify peer; it pulls at its next period")
+                }
+                Err(_) => tracing::info!(peer = %cluster, "notifying the peer timed out"),
+            }
+        });
+    }
+
+    /// A verified, authenticated connection to a peer.
+    async fn connect(&self, cluster: &str) -> Result<AxlClient, SyncError> {
+        let peer = self
+            .store
+            .peer(cluster)
+            .await?
+            .ok_or_else(|| SyncError::Gone(cluster.to_owned()))?;
+        let token = peer
+            .our_token
+            .clone()
+            .ok_or_else(|| SyncError::Other("no credential for this peer".into()))?;
+        let anchors = impmesh_axl::trust::anchors_for(&self.store, cluster)
+            .await
+            .map_err(|e| SyncError::Other(format!("{e:#}")))?;
+        if anchors.pinned.is_empty() && anchors.cas.is_empty() {
+            return Err(SyncError::Certificate(
+                "no certificate of this peer is trusted".into(),
+            ));
+        }
+        let verifier = PeerVerifier::new(&anchors).map_err(|e| SyncError::Other(e.to_string()))?;
+        let mut client = match AxlClient::connect(
+            &peer.address,
+            &peer.server_name,
+            ServerTrust::Verified(verifier),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(ClientError::Tls(_, e)) => {
+                return Err(SyncError::Certificate(format!(
+                    "the peer's certificate does not verify against the pinned ones ({e}); \
+                     if it replaced its certificate, run `impmesh peer sync {cluster} --with-certificates`"
+                )));
+            }
+            Err(e) => return Err(SyncError::Client(e)),
+        };
+        client.use_peer_token(&self.ours.cluster, &token)?;
+        Ok(client)
+    }
+
+    /// The status of every peer.
+    pub async fn status(&self) -> Result<Vec<PeerStatus>, AgentError> {
+        let trust = self.store.trust_entries().await?;
+        let mut out = vec![];
+        for peer in self.store.peers().await? {
+            let live = lock(&self.peers)
+                .get(&peer.cluster)
+                .map(|h| lock(&h.status).clone())
+                .unwrap_or_else(|| LiveStatus {
+                    state: match peer.state {
+                        PeerState::Pending => "pending".into(),
+                        PeerState::Active => "stopped".into(),
+                    },
+                    certificate_status: "unknown".into(),
+                    ..LiveStatus::default()
+                });
+            let stall_restarts = lock(&self.recoveries)
+                .get(&peer.cluster)
+                .map(|r| r.1)
+                .unwrap_or(0);
+            out.push(PeerStatus {
+                stall_restarts,
+                associated_users: self.store.remote_user_count(&peer.cluster).await?,
+                sync: self.store.peer_sync(&peer.cluster).await?,
+                pinned: trust
+                    .iter()
+                    .filter(|t| {
+                        t.kind == TrustKind::Pinned && t.peer.as_deref() == Some(&peer.cluster)
+                    })
+                    .map(|t| t.fingerprint.clone())
+                    .collect(),
+                cluster: peer.cluster,
+                address: peer.address,
+                state: peer.state,
+                added_here: peer.added_here,
+                added_at: peer.added_at,
+                accepted_at: peer.accepted_at,
+                live,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `host`, `host:port` or `[v6]:port` → (`host:port`, server name); port 8443 by default.
+fn normalize_address(address: &str) -> Result<(String, String), AgentError> {
+    let address = address.trim();
+    let bad = || AgentError::Invalid(format!("{address:?} is not host[:port]"));
+    if address.is_empty() || address.contains(['/', ' ', '@']) {
+        return Err(bad());
+    }
+    if let Ok(sock) = address.parse::<std::net::SocketAddr>() {
+        return Ok((sock.to_string(), sock.ip().to_string()));
+    }
+    if let Ok(ip) = address.parse::<std::net::IpAddr>() {
+        let sock = std::net::SocketAddr::new(ip, 8443);
+        return Ok((sock.to_string(), ip.to_string()));
+    }
+    let (host, port) = match address.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+        None => (address, 8443),
+    };
+    if !impmesh_certs::is_dns_name(host) {
+        return Err(bad());
+    }
+    Ok((format!("{host}:{port}"), host.to_owned()))
+}
+
+/// Why one sync attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("{0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+    #[error("the peer {0} was removed")]
+    Gone(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+struct PeerTask {
+    agent: Arc<Agent>,
+    cluster: String,
+    nudge: Arc<Notify>,
+    cancel: CancellationToken,
+    status: Arc<Mutex<LiveStatus>>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+fn entry(u: UserEntry) -> DirectoryEntry {
+    DirectoryEntry {
+        username: u.name,
+        home_cluster: u.home_cluster,
+        home_node: u.home_node,
+        usn: u.usn,
+        deleted: u.deleted,
+    }
+}
+
+impl PeerTask {
+    async fn run(self) {
+        let period = self.agent.settings.period;
+        let new_backoff = || {
+            backon::ExponentialBuilder::new()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(period.max(Duration::from_secs(1)))
+                .without_max_times()
+                .build()
+        };
+        let mut backoff = new_backoff();
+        let mut delay = period;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.nudge.notified() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let now = impmesh_store::now_unix();
+            {
+                let mut s = lock(&self.status);
+                s.last_attempt_at = Some(now);
+                s.state = "syncing".into();
+            }
+            let result = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.sync_once() => r,
+            };
+            match result {
+                Ok(()) => {
+                    let was_alarmed = {
+                        let mut p = lock(&self.progress);
+                        p.last_completed = Instant::now();
+                        std::mem::replace(&mut p.alarmed, false)
+                    };
+                    if was_alarmed
+                        && let Err(e) = self
+                            .agent
+                            .store
+                            .clear_alarm(
+                                impmesh_store::alarms::PEER_SYNC_STALLED,
+                                &self.cluster,
+                                "a sync completed",
+                            )
+                            .await
+                    {
+                        tracing::error!(error = %e, "cannot clear the stall alarm");
+                    }
+                    let mut s = lock(&self.status);
+                    s.state = "in-sync".into();
+                    s.reason = None;
+                    s.last_success_at = Some(impmesh_store::now_unix());
+                    s.consecutive_failures = 0;
+                    backoff = new_backoff();
+                    delay = period;
+                }
+                Err(SyncError::Gone(_)) => return,
+                Err(e) => {
+                    let mut s = lock(&self.status);
+                    s.state = "failed".into();
+                    s.reason = Some(e.to_string());
+                    s.consecutive_failures += 1;
+                    if let SyncError::Certificate(why) = &e {
+                        s.certificate_status = "failed".into();
+                        s.certificate_reason = Some(why.clone());
+                    }
+                    delay = backoff.next().unwrap_or(period);
+                    tracing::warn!(peer = %self.cluster, error = %e, retry_in = ?delay, "sync failed");
+                }
+            }
+        }
+    }
+
+    async fn sync_once(&self) -> Result<(), SyncError> {
+        let store = &self.agent.store;
+        let peer = store
+            .peer(&self.cluster)
+            .await?
+            .ok_or_else(|| SyncError::Gone(self.cluster.clone()))?;
+        if peer.state != PeerState::Active {
+            lock(&self.status).state = "pending".into();
+            return Ok(());
+        }
+        let mut client = self.agent.connect(&self.cluster).await?;
+        let Response::ClusterInfo(info) = client.call(&Request::GetClusterInfo).await? else {
+            return Err(SyncError::Other(
+                "getClusterInfo answered with something else".into(),
+            ));
+        };
+        self.check_certificates(&info).await?;
+        let sync = store.peer_sync(&self.cluster).await?;
+        let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
+        if full {
+            return self.full_sync(&mut client, sync).await;
+        }
+        match self.incremental(&mut client, sync.applied_usn).await {
+            Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
+                tracing::info!(peer = %self.cluster, "changes no longer kept by the peer; full sync");
+                self.full_sync(&mut client, store.peer_sync(&self.cluster).await?)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Compares the fingerprints the peer announces with the pinned ones.
+    async fn check_certificates(&self, info: &ClusterInfo) -> Result<(), SyncError> {
+        let pinned: Vec<String> = self
+            .agent
+            .store
+            .trust_entries()
+            .await?
+            .into_iter()
+            .filter(|t| t.kind == TrustKind::Pinned && t.peer.as_deref() == Some(&self.cluster))
+            .map(|t| t.fingerprint)
+            .collect();
+        let announced: Vec<String> = info.nodes.iter().map(|n| n.fingerprint.clone()).collect();
+        let missing: Vec<&String> = announced.iter().filter(|f| !pinned.contains(f)).collect();
+        let mut s = lock(&self.status);
+        s.peer_fingerprints = announced.clone();
+        s.peer_usn = Some(info.usn);
+        if missing.is_empty() {
+            s.certificate_status = "in-sync".into();
+            s.certificate_reason = None;
+        } else {
+            s.certificate_status = "out-of-sync".into();
+            s.certificate_reason = Some(format!(
+                "the peer announces certificates that are not pinned here: {}; run \
+                 `impmesh peer sync {} --with-certificates` to exchange them again",
+                missing
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.cluster
+            ));
+        }
+        Ok(())
+    }
+
+    async fn full_sync(
+        &self,
+        client: &mut AxlClient,
+        sync: impmesh_store::PeerSync,
+    ) -> Result<(), SyncError> {
+        let store = &self.agent.store;
+        let started = Instant::now();
+        let page_size = self.agent.settings.page_size;
+        // Resume a listing in progress, or start one.
+        let (mut generation, mut cursor) = match (sync.full_snapshot_usn, sync.full_after_usn) {
+            (Some(snapshot_usn), Some(after_usn)) if after_usn > 0 => (
+                sync.full_gen,
+                Some(Cursor {
+                    snapshot_usn,
+                    after_usn,
+                }),
+            ),
+            _ => (0, None),
+        };
+        loop {
+            let request = Request::ListUsers {
+                since_usn: 0,
+                cursor,
+                page_size,
+            };
+            let Response::Users(page) = client.call(&request).await? else {
+                return Err(SyncError::Other(
+                    "listUsers answered with something else".into(),
+                ));
+            };
+            if generation == 0 {
+                generation = store
+                    .begin_full_sync(&self.cluster, page.snapshot_usn)
+                    .await?;
+            }
+            let after = page.users.last().map(|u| u.usn).unwrap_or(0);
+            let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            store
+                .apply_full_page(&self.cluster, generation, &entries, after)
+                .await?;
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => {
+                    let ms = started.elapsed().as_millis() as i64;
+                    let users = store
+                        .finish_full_sync(&self.cluster, generation, page.snapshot_usn, ms)
+                        .await?;
+                    lock(&self.status).peer_users = Some(users);
+                    tracing::info!(peer = %self.cluster, users, usn = page.snapshot_usn, ms, "full sync done");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn incremental(&self, client: &mut AxlClient, since: i64) -> Result<(), SyncError> {
+        let store = &self.agent.store;
+        let started = Instant::now();
+        let mut cursor = None;
+        let mut changes = 0i64;
+        loop {
+            let request = Request::ListUsers {
+                since_usn: since,
+                cursor,
+                page_size: self.agent.settings.page_size,
+            };
+            let Response::Users(page) = client.call(&request).await? else {
+                return Err(SyncError::Other(
+                    "listUsers answered with something else".into(),
+                ));
+            };
+            changes += page.users.len() as i64;
+            let last = page.users.last().map(|u| u.usn);
+            let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            match page.next_cursor {
+                Some(c) => {
+                    store
+                        .apply_changes(&self.cluster, &entries, last.unwrap_or(since))
+                        .await?;
+                    cursor = Some(c);
+                }
+                None => {
+                    store
+                        .apply_changes(&self.cluster, &entries, page.snapshot_usn)
+                        .await?;
+                    let ms = started.elapsed().as_millis() as i64;
+                    store
+                        .finish_incremental(&self.cluster, page.snapshot_usn, ms, changes)
+                        .await?;
+                    if changes > 0 {
+                        tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_normalized() {
+        assert_eq!(
+            normalize_address("node1.b.example.com").unwrap(),
+            (
+                "node1.b.example.com:8443".into(),
+                "node1.b.example.com".into()
+            )
+        );
+        assert_eq!(
+            normalize_address("10.0.0.2:9443").unwrap(),
+            ("10.0.0.2:9443".into(), "10.0.0.2".into())
+        );
+        assert_eq!(
+            normalize_address("::1").unwrap(),
+            ("[::1]:8443".into(), "::1".into())
+        );
+        assert!(normalize_address("http://x").is_err());
+        assert!(normalize_address("bad name:1").is_err());
+        assert!(normalize_address("x:99999").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The intercluster sync agent between real nodes of different clusters (127.0.0.1,
+//! port 0): peering with the channel-bound first contact, the pending peer on the other
+//! side, full and incremental directory sync, notifyChange, and removal.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use impmesh_axl::NodeControl as _;
+use support::{TestNode, start_node};
+
+const AXL_USER: &str = "icsync";
+const AXL_PW: &str = "intercluster-secret";
+
+async fn cluster(name: &str, users: &[&str]) -> TestNode {
+    let name = name.to_owned();
+    let node = start_node(move |c| {
+        c.node.name = Some(format!("node1.{name}"));
+        c.node.cluster = Some(name);
+        c.https.failure_delay_ms = 50;
+        // Periodic pulls far apart: what arrives quickly came by notifyChange.
+        c.sync.period = 3600;
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    for user in users {
+        node.add_user(user, "pw").await;
+    }
+    node
+}
+
+/// Waits until `cond` holds, for up to `secs`; returns how long it took.
+async fn eventually<F, Fut>(secs: u64, what: &str, cond: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        if cond().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {secs} s");
+}
+
+async fn remote(node: &TestNode, user: &str) -> Vec<impmesh_store::RemoteUser> {
+    node.node.server.store.remote_user(user).await.unwrap()
+}
+
+#[tokio::test]
+async fn peers_sync_their_directories_and_follow_changes() {
+    let a = cluster("cluster-a.example.com", &["alice", "amy"]).await;
+    let b = cluster("cluster-b.example.com", &["bob", "bea", "ben"]).await;
+
+    // A adds B: A syncs B's users at once; B holds A as pending and syncs nothing.
+    let added = a
+        .node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    assert_eq!(added["cluster"], "cluster-b.example.com");
+    let store_a = a.node.server.store.clone();
+    eventually(5, "B's users in A's directory", || async {
+        store_a
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 3
+    })
+    .await;
+    let bob = &remote(&a, "bob").await[0];
+    assert_eq!(
+        (bob.home_cluster.as_str(), bob.home_node.as_str()),
+        ("cluster-b.example.com", "node1.cluster-b.example.com")
+    );
+    let peers_b = b.node.control.peers().await.unwrap();
+    assert_eq!(peers_b[0]["cluster"], "cluster-a.example.com");
+    assert_eq!(peers_b[0]["state"], "pending");
+    assert_eq!(peers_b[0]["added_here"], false);
+    assert!(remote(&b, "alice").await.is_empty());
+
+    // B's admin accepts: B syncs A's users.
+    b.node
+        .control
+        .peer_accept("cluster-a.example.com")
+        .await
+        .unwrap();
+    let store_b = b.node.server.store.clone();
+    eventually(5, "A's users in B's directory", || async {
+        store_b
+            .remote_user_count("cluster-a.example.com")
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+
+    // A change on B reaches A by notifyChange, long before the hour-long period.
+    b.node.control.add_user("bill", "pw").await.unwrap();
+    let took = eventually(2, "a new user of B seen by A", || async {
+        !remote(&a, "bill").await.is_empty()
+    })
+    .await;
+    assert!(took < Duration::from_secs(2));
+    b.node.control.delete_user("bea").await.unwrap();
+    eventually(2, "a deleted user of B gone from A", || async {
+        remote(&a, "bea").await.is_empty()
+    })
+    .await;
+
+    // Peer status: in sync, associated users equal B's user count, certificates in sync.
+    let status = a.node.control.peers().await.unwrap();
+    let s = &status[0];
+    assert_eq!(s["state"], "active");
+    assert_eq!(s["associated_users"], 3);
+    assert_eq!(s["live"]["state"], "in-sync");
+    assert_eq!(s["live"]["certificate_status"], "in-sync");
+    assert_eq!(s["live"]["peer_usn"], s["sync"]["applied_usn"]);
+    assert!(s["sync"]["last_full_at"].is_i64());
+    assert!(s["sync"]["last_incr_at"].is_i64());
+
+    // Removing the peer drops its users and pins at once.
+    a.node
+        .control
+        .peer_delete("cluster-b.example.com")
+        .await
+        .unwrap();
+    assert!(remote(&a, "bob").await.is_empty());
+    assert!(
+        a.node
+            .server
+            .store
+            .trust_entries()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        a.node
+            .control
+            .peers()
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_sync() {
+    let a = cluster("cluster-a.example.com", &["alice"]).await;
+    let b = cluster("cluster-b.example.com", &["bob"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store_a = a.node.server.store.clone();
+    eventually(5, "first sync", || async {
+        store_a
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+
+    // B regenerates its certificate: A's next sync fails the TLS check, visibly.
+    b.node.control.regenerate_certificate().await.unwrap();
+    b.node.control.add_user("bill", "pw").await.unwrap();
+    let control = a.node.control.clone();
+    eventually(5, "certificate failure shown", || async {
+        let s = control.peers().await.unwrap();
+        s[0]["live"]["certificate_status"] == "failed"
+    })
+    .await;
+    assert!(
+        remote(&a, "bill").await.is_empty(),
+        "nothing from an unverified peer"
+    );
+
+    // Wrong credential: nothing changes. Right one: re-pinned and synced.
+    let wrong = a
+        .node
+        .control
+        .peer_sync(
+            "cluster-b.example.com",
+            Some((AXL_USER.into(), "wrong-password".into())),
+        )
+        .await;
+    assert!(wrong.is_err());
+    a.node
+        .control
+        .peer_sync(
+            "cluster-b.example.com",
+            Some((AXL_USER.into(), AXL_PW.into())),
+        )
+        .await
+        .unwrap();
+    eventually(5, "synced after the repair", || async {
+        !remote(&a, "bill").await.is_empty()
+    })
+    .await;
+    let s = a.node.control.peers().await.unwrap();
+    assert_eq!(s[0]["live"]["certificate_status"], "in-sync");
+    assert_eq!(s[0]["pinned"][0], b.node.identity().fingerprint());
+}
+
+/// A peer whose sync cannot complete: the stall alarm after the threshold, restarts
+/// with auto-recovery (none without), and the alarm clears when a sync completes.
+#[tokio::test]
+async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
+    for auto_recovery in [true, false] {
+        let a = start_node(move |c| {
+            c.node.name = Some("node1.cluster-a.example.com".into());
+            c.node.cluster = Some("cluster-a.example.com".into());
+            c.sync.period = 1;
+            c.sync.stall_threshold = 2;
+            c.sync.auto_recovery = auto_recovery;
+        })
+        .await;
+        let b = cluster("cluster-b.example.com", &["bob"]).await;
+        a.node
+            .control
+            .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+            .await
+            .unwrap();
+        let store = a.node.server.store.clone();
+        eventually(5, "first sync", || async {
+            store
+                .remote_user_count("cluster-b.example.com")
+                .await
+                .unwrap()
+                == 1
+        })
+        .await;
+
+        // The peer's address now leads nowhere.
+        let good = store.peer("cluster-b.example.com").await.unwrap().unwrap();
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        store
+            .upsert_peer(&impmesh_store::PeerRecord {
+                address: dead_addr.to_string(),
+                ..good.clone()
+            })
+            .await
+            .unwrap();
+        let name = "InterClusterSyncAgentPeerPeriodicSyncingFailure";
+        eventually(10, "the stall alarm", || async {
+            store
+                .active_alarms()
+                .await
+                .unwrap()
+                .iter()
+                .any(|a| a.name == name && a.subject == "cluster-b.example.com")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let status = a.node.control.peers().await.unwrap();
+        let restarts = status[0]["stall_restarts"].as_u64().unwrap();
+        if auto_recovery {
+            assert!(restarts >= 1, "{status}");
+        } else {
+            assert_eq!(restarts, 0, "{status}");
+        }
+        assert_eq!(status[0]["live"]["state"], "failed");
+
+        // Reachable again: the next sync completes and clears the alarm.
+        store.upsert_peer(&good).await.unwrap();
+        eventually(10, "the alarm cleared", || async {
+            !store
+                .active_alarms()
+                .await
+                .unwrap()
+                .iter()
+                .any(|a| a.name == name)
+        })
+        .await;
+        let history = store.alarm_history(10).await.unwrap();
+        assert!(history.iter().any(|e| e.name == name && !e.raised));
+    }
+}
