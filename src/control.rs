@@ -78,6 +78,7 @@ impl Control {
     async fn directory_changed(&self) {
         if let (Some(agent), Ok(usn)) = (self.agent.get(), self.server.store.current_usn().await) {
             agent.notify_peers(usn);
+            agent.check_duplicates().await;
         }
     }
 
@@ -302,6 +303,11 @@ impl NodeControl for Control {
     async fn reload_certificates(&self) -> Result<String, ControlError> {
         let _guard = self.cert_lock.lock().await;
         Control::reload_certificates(self).await.map_err(cert_error)
+    }
+
+    async fn troubleshoot(&self) -> Result<serde_json::Value, ControlError> {
+        let checks = self.agent()?.troubleshoot().await.map_err(agent_error)?;
+        serde_json::to_value(checks).map_err(|e| ControlError::Internal(e.to_string()))
     }
 
     async fn peers(&self) -> Result<serde_json::Value, ControlError> {

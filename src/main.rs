@@ -60,6 +60,11 @@ enum Command {
     /// Intercluster peers, through the running node's sync agent.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// The System Troubleshooter: each check with pass/fail and what it found.
+    Troubleshoot {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -291,6 +296,33 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Alarms { json, history } => alarms(&config, api.as_mut(), json, history).await,
         Command::AxlUser(cmd) => axl_user(cmd, &config, api.as_mut()).await,
         Command::Admin(cmd) => admin(cmd, &config).await,
+        Command::Troubleshoot { json } => {
+            let Some(api) = api.as_mut() else {
+                anyhow::bail!(
+                    "the node is not running (nothing answers on {})",
+                    config.listen.https
+                );
+            };
+            let checks = call(api, Method::GET, "/troubleshoot", None).await?;
+            let list = checks.as_array().cloned().unwrap_or_default();
+            if json {
+                print_json(&checks);
+            } else {
+                for c in &list {
+                    let mark = if c["ok"] == true { "pass" } else { "FAIL" };
+                    println!(
+                        "{mark}  {}: {}",
+                        c["name"].as_str().unwrap_or(""),
+                        c["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            // Like a health check: non-zero when something needs attention.
+            if list.iter().any(|c| c["ok"] != true) {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
         Command::Peer(cmd) => {
             let Some(api) = api.as_mut() else {
                 anyhow::bail!(

@@ -49,6 +49,17 @@ where
     panic!("{what}: not within {secs} s");
 }
 
+async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
+    node.node
+        .server
+        .store
+        .active_alarms()
+        .await
+        .unwrap()
+        .iter()
+        .any(|a| a.name == name && a.subject == subject)
+}
+
 async fn remote(node: &TestNode, user: &str) -> Vec<impmesh_store::RemoteUser> {
     node.node.server.store.remote_user(user).await.unwrap()
 }
@@ -85,6 +96,8 @@ async fn peers_sync_their_directories_and_follow_changes() {
     assert_eq!(peers_b[0]["state"], "pending");
     assert_eq!(peers_b[0]["added_here"], false);
     assert!(remote(&b, "alice").await.is_empty());
+    // One-sided is never silent: B has an alarm until its admin decides.
+    assert!(has_alarm(&b, "InterClusterPeerPending", "cluster-a.example.com").await);
 
     // B's admin accepts: B syncs A's users.
     b.node
@@ -101,6 +114,7 @@ async fn peers_sync_their_directories_and_follow_changes() {
             == 2
     })
     .await;
+    assert!(!has_alarm(&b, "InterClusterPeerPending", "cluster-a.example.com").await);
 
     // A change on B reaches A by notifyChange, long before the hour-long period.
     b.node.control.add_user("bill", "pw").await.unwrap();
@@ -114,6 +128,51 @@ async fn peers_sync_their_directories_and_follow_changes() {
         remote(&a, "bea").await.is_empty()
     })
     .await;
+
+    // A user homed on both sides is a duplicate: alarmed on both, listed by the
+    // troubleshooter, routed to the first cluster name; fixed, it clears.
+    a.node.control.add_user("ben", "pw").await.unwrap();
+    eventually(3, "the duplicate alarm on A", || async {
+        has_alarm(&a, "InterClusterDuplicateUser", "ben").await
+    })
+    .await;
+    eventually(3, "the duplicate alarm on B", || async {
+        has_alarm(&b, "InterClusterDuplicateUser", "ben").await
+    })
+    .await;
+    let checks = a.node.control.troubleshoot().await.unwrap();
+    let dup = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "no user is homed in two clusters")
+        .unwrap();
+    assert_eq!(dup["ok"], false);
+    assert!(dup["detail"].as_str().unwrap().contains("ben"), "{dup}");
+    for node in [&a, &b] {
+        assert_eq!(
+            node.node
+                .server
+                .store
+                .home_of("ben")
+                .await
+                .unwrap()
+                .unwrap()
+                .0,
+            "cluster-a.example.com"
+        );
+    }
+    a.node.control.delete_user("ben").await.unwrap();
+    eventually(3, "the duplicate alarm cleared on B", || async {
+        !has_alarm(&b, "InterClusterDuplicateUser", "ben").await
+    })
+    .await;
+    assert!(!has_alarm(&a, "InterClusterDuplicateUser", "ben").await);
+    let checks = a.node.control.troubleshoot().await.unwrap();
+    assert!(
+        checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
+        "{checks}"
+    );
 
     // Peer status: in sync, associated users equal B's user count, certificates in sync.
     let status = a.node.control.peers().await.unwrap();
@@ -187,6 +246,14 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
         remote(&a, "bill").await.is_empty(),
         "nothing from an unverified peer"
     );
+    assert!(
+        has_alarm(
+            &a,
+            "InterClusterPeerCertificateOutOfSync",
+            "cluster-b.example.com"
+        )
+        .await
+    );
 
     // Wrong credential: nothing changes. Right one: re-pinned and synced.
     let wrong = a
@@ -212,6 +279,14 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
     .await;
     let s = a.node.control.peers().await.unwrap();
     assert_eq!(s[0]["live"]["certificate_status"], "in-sync");
+    assert!(
+        !has_alarm(
+            &a,
+            "InterClusterPeerCertificateOutOfSync",
+            "cluster-b.example.com"
+        )
+        .await
+    );
     assert_eq!(s[0]["pinned"][0], b.node.identity().fingerprint());
 }
 

@@ -34,6 +34,7 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/trust/{fingerprint}", delete(remove_trust::<C>))
         .route("/alarms", get(alarms::<C>))
         .route("/alarms/history", get(alarm_history::<C>))
+        .route("/troubleshoot", get(troubleshoot::<C>))
         .route("/peers", get(peers::<C>).post(peer_add::<C>))
         .route("/peers/{cluster}", delete(peer_delete::<C>))
         .route("/peers/{cluster}/accept", post(peer_accept::<C>))
@@ -415,4 +416,8 @@ async fn peer_sync<C: NodeControl>(
     };
     https.control.peer_sync(&cluster, credential).await?;
     Ok(Json(json!({ "syncing": cluster })).into_response())
+}
+
+async fn troubleshoot<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.control.troubleshoot().await?).into_response())
 }

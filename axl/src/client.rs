@@ -69,6 +69,9 @@ pub struct AxlClient {
     server_chain: Vec<CertificateDer<'static>>,
     verified: bool,
     authorization: Option<String>,
+    /// The server's clock minus ours at the last answer, in seconds (HTTP `Date`,
+    /// one-second resolution).
+    clock_skew: Option<i64>,
 }
 
 impl AxlClient {
@@ -129,6 +132,7 @@ impl AxlClient {
             server_chain,
             verified,
             authorization: None,
+            clock_skew: None,
         })
     }
 
@@ -193,9 +197,33 @@ impl AxlClient {
                 .to_bytes();
             Ok::<_, ClientError>((parts.status, parts.headers, body))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let sent = std::time::SystemTime::now();
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| ClientError::Timeout(self.authority.clone()))?
+            .map_err(|_| ClientError::Timeout(self.authority.clone()))??;
+        let received = std::time::SystemTime::now();
+        if let Some(date) = answer
+            .1
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+        {
+            // The server stamped the answer between our sending and receiving it.
+            let secs = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+            };
+            let middle = (secs(sent) + secs(received)) / 2.0;
+            // Date truncates to the second: compare with the middle of that second.
+            self.clock_skew = Some((secs(date) + 0.5 - middle).round() as i64);
+        }
+        Ok(answer)
+    }
+
+    /// The server's clock minus ours, in seconds, from the last answer's `Date`.
+    pub fn clock_skew(&self) -> Option<i64> {
+        self.clock_skew
     }
 
     /// Runs one AXL operation with the credentials set before.

@@ -87,6 +87,8 @@ pub trait NodeControl: Send + Sync + 'static {
     /// Reads the certificate files again (after an outside renewal) and uses them for
     /// new handshakes; returns the node certificate's fingerprint.
     fn reload_certificates(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// The System Troubleshooter's checks (JSON array of {name, ok, detail}).
+    fn troubleshoot(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
     /// The status of every peer cluster (JSON array).
     fn peers(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
     /// Adds a peer by the address of its AXL endpoint, with its AXL credential.

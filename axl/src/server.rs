@@ -362,6 +362,7 @@ fn static_label(matched: Option<&str>) -> &'static str {
         "/admin/v1/trust/{fingerprint}",
         "/admin/v1/alarms",
         "/admin/v1/alarms/history",
+        "/admin/v1/troubleshoot",
         "/admin/v1/peers",
         "/admin/v1/peers/{cluster}",
         "/admin/v1/peers/{cluster}/accept",
@@ -617,6 +618,14 @@ async fn run<C: NodeControl>(
             let state = if existing.is_some_and(|p| p.state == impmesh_store::PeerState::Active) {
                 "active"
             } else {
+                let message = format!(
+                    "cluster {cluster} ({address}) added this cluster as a peer; accept it with \
+                     `impmesh peer accept {cluster}` or remove it with `impmesh peer del {cluster}`"
+                );
+                store
+                    .raise_alarm(impmesh_store::alarms::PEER_PENDING, cluster, &message)
+                    .await
+                    .map_err(store_fault)?;
                 "pending: accept it with `impmesh peer accept`"
             };
             tracing::info!(peer = %cluster, %address, %user, %from, pinned = added, state, "peer cluster exchanged certificates");

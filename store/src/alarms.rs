@@ -49,6 +49,12 @@ pub const CERT_EXPIRING: &AlarmDef = &CATALOGUE[1];
 pub const CERT_EXPIRED: &AlarmDef = &CATALOGUE[2];
 /// A peer's periodic sync has not completed within the stall threshold.
 pub const PEER_SYNC_STALLED: &AlarmDef = &CATALOGUE[3];
+/// A peer cluster added this cluster and waits for our admin.
+pub const PEER_PENDING: &AlarmDef = &CATALOGUE[4];
+/// A peer's certificates no longer match the pinned ones.
+pub const PEER_CERT_OUT_OF_SYNC: &AlarmDef = &CATALOGUE[5];
+/// A user is homed in more than one cluster.
+pub const DUPLICATE_USER: &AlarmDef = &CATALOGUE[6];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -75,6 +81,24 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Major,
         meaning: "The directory sync with a peer cluster (the subject) has not completed within the stall threshold ([sync] stall_threshold, 2 hours by default); its users' home nodes may be stale here.",
         action: "Check `impmesh peer status PEER` for the reason (unreachable, credential, certificate). With [sync] auto_recovery on, the agent has already restarted that peer's sync, and the whole agent if it stalled again right after. The alarm clears when a sync completes.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerPending",
+        severity: Severity::Minor,
+        meaning: "A peer cluster (the subject) added this cluster; this cluster does not sync its users until an admin accepts it, so the peering is one-sided.",
+        action: "Accept it with `impmesh peer accept PEER` if it is expected, or remove it with `impmesh peer del PEER`.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerCertificateOutOfSync",
+        severity: Severity::Major,
+        meaning: "A peer cluster (the subject) presents or announces a certificate that is not pinned here (it regenerated or replaced one); syncing with it fails or is incomplete.",
+        action: "Check the new certificate with the peer's admin, then run `impmesh peer sync PEER --with-certificates --user NAME` to exchange certificates again through the channel-bound first contact.",
+    },
+    AlarmDef {
+        name: "InterClusterDuplicateUser",
+        severity: Severity::Major,
+        meaning: "A user (the subject) is homed in more than one cluster of the mesh. Until fixed, every cluster routes it to the cluster whose name sorts first; its accounts elsewhere receive nothing.",
+        action: "Delete the account in the clusters where it should not be (`impmesh user del NAME` there); `impmesh troubleshoot` lists every duplicate.",
     },
 ];
 

@@ -400,6 +400,54 @@ impl Store {
         )
     }
 
+    /// User names homed in more than one cluster (here and at a peer, or at two peers),
+    /// each with its homes as (cluster, node), sorted.
+    pub async fn duplicate_users(&self) -> Result<Vec<(String, Vec<(String, String)>)>> {
+        let _timer = self.latency.start("duplicate_users");
+        let rows = sqlx::query(
+            "SELECT username, home_cluster, home_node FROM (
+                 SELECT username, home_cluster, home_node FROM users
+                 UNION ALL SELECT username, home_cluster, home_node FROM remote_users
+             ) t WHERE username IN (
+                 SELECT username FROM (
+                     SELECT username FROM users UNION ALL SELECT username FROM remote_users
+                 ) u GROUP BY username HAVING COUNT(*) > 1
+             ) ORDER BY username, home_cluster, home_node",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<(String, Vec<(String, String)>)> = vec![];
+        for row in rows {
+            let user: String = row.try_get("username")?;
+            let home = (row.try_get("home_cluster")?, row.try_get("home_node")?);
+            match out.last_mut() {
+                Some((u, homes)) if *u == user => homes.push(home),
+                _ => out.push((user, vec![home])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where a user of the domain lives, by the mesh-wide rule for duplicates: of all
+    /// the clusters that claim the user (this one included), the one whose name sorts
+    /// first. Every cluster applies the same rule to the same data, so they agree.
+    /// Returns (cluster, node), or `None` for an unknown user.
+    pub async fn home_of(&self, username: &str) -> Result<Option<(String, String)>> {
+        let _timer = self.latency.start("home_of");
+        let row = sqlx::query(
+            "SELECT home_cluster, home_node FROM (
+                 SELECT home_cluster, home_node FROM users WHERE username = $1
+                 UNION ALL
+                 SELECT home_cluster, home_node FROM remote_users WHERE username = $1
+             ) t ORDER BY home_cluster, home_node LIMIT 1",
+        )
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get("home_cluster")?, r.try_get("home_node")?)))
+            .transpose()
+    }
+
     /// The peers' entries for a user name (more than one: a duplicate).
     pub async fn remote_user(&self, username: &str) -> Result<Vec<RemoteUser>> {
         let _timer = self.latency.start("remote_user");
@@ -535,6 +583,32 @@ mod tests {
             assert!(store.remote_user("y").await.unwrap().is_empty());
             assert_eq!(store.remote_user("z").await.unwrap()[0].home_node, "b2");
             assert_eq!(store.peer_sync("b").await.unwrap().applied_usn, 11);
+            // A user homed here and at the peer is a duplicate; the first cluster name
+            // wins everywhere.
+            store
+                .add_user(NewUser {
+                    username: "z",
+                    password: "pw",
+                    home_cluster: "a",
+                    home_node: "a1",
+                })
+                .await
+                .unwrap();
+            let dups = store.duplicate_users().await.unwrap();
+            assert_eq!(dups.len(), 1);
+            assert_eq!(dups[0].0, "z");
+            assert_eq!(
+                dups[0].1,
+                [
+                    ("a".to_owned(), "a1".to_owned()),
+                    ("b".to_owned(), "b2".to_owned())
+                ]
+            );
+            assert_eq!(
+                store.home_of("z").await.unwrap(),
+                Some(("a".into(), "a1".into()))
+            );
+            assert_eq!(store.home_of("nobody").await.unwrap(), None);
             // Deleting the peer removes its users, state and pinned certificates.
             store
                 .add_trust(&TrustEntry {

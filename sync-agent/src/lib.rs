@@ -76,7 +76,21 @@ pub struct LiveStatus {
     pub peer_usn: Option<i64>,
     /// How many users the peer has, by its last listing.
     pub peer_users: Option<i64>,
+    /// The peer's clock minus ours, seconds (from its last answer's `Date`).
+    pub clock_skew_secs: Option<i64>,
 }
+
+/// One check of the troubleshooter.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found (the reason when not ok).
+    pub detail: String,
+}
+
+/// Clock skew beyond which the troubleshooter complains, seconds.
+pub const MAX_CLOCK_SKEW: i64 = 60;
 
 /// Everything `peer status` shows about one peer.
 #[derive(Debug, Clone, Serialize)]
@@ -335,6 +349,12 @@ impl Agent {
         self.store.upsert_peer(&record).await?;
         // An earlier pending record keeps its origin; make it active.
         self.store.accept_peer(&cluster).await?;
+        self.clear_alarm(
+            impmesh_store::alarms::PEER_PENDING,
+            &cluster,
+            "added here too",
+        )
+        .await;
         self.spawn_peer(&cluster, false);
         tracing::info!(peer = %cluster, address = %record.address, "peer added");
         Ok(self.store.peer(&cluster).await?.unwrap_or(record))
@@ -376,6 +396,193 @@ impl Agent {
         ))
     }
 
+    /// Raises `InterClusterDuplicateUser` for every user homed in more than one cluster
+    /// and clears it for those fixed. Run after every sync that changed the directory
+    /// and after local changes.
+    pub async fn check_duplicates(&self) {
+        let def = impmesh_store::alarms::DUPLICATE_USER;
+        let (dups, active) = match (
+            self.store.duplicate_users().await,
+            self.store.active_alarms().await,
+        ) {
+            (Ok(d), Ok(a)) => (d, a),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot check for duplicate users");
+                return;
+            }
+        };
+        for (user, homes) in &dups {
+            let list: Vec<String> = homes.iter().map(|(c, n)| format!("{c} ({n})")).collect();
+            let message = format!(
+                "{user} is homed in {}; routed to {} (the first cluster name) until fixed",
+                list.join(" and "),
+                homes[0].0
+            );
+            self.set_alarm(def, user, Some(&message)).await;
+        }
+        for alarm in active.iter().filter(|a| a.name == def.name) {
+            if !dups.iter().any(|(u, _)| *u == alarm.subject) {
+                self.clear_alarm(def, &alarm.subject, "no longer homed twice")
+                    .await;
+            }
+        }
+    }
+
+    /// The System Troubleshooter: every check with pass/fail and what it found.
+    pub async fn troubleshoot(&self) -> Result<Vec<Check>, AgentError> {
+        fn check(name: &'static str, problems: Vec<String>, fine: String) -> Check {
+            Check {
+                name,
+                ok: problems.is_empty(),
+                detail: if problems.is_empty() {
+                    fine
+                } else {
+                    problems.into_iter().take(20).collect::<Vec<_>>().join("; ")
+                },
+            }
+        }
+        let mut checks = vec![];
+        let dups = self.store.duplicate_users().await?;
+        checks.push(check(
+            "no user is homed in two clusters",
+            dups.iter()
+                .map(|(u, homes)| {
+                    let list: Vec<&str> = homes.iter().map(|h| h.0.as_str()).collect();
+                    format!("{u}: {}", list.join(", "))
+                })
+                .collect(),
+            "none".into(),
+        ));
+        let nodes: Vec<String> = self
+            .store
+            .cluster_nodes(&self.ours.cluster)
+            .await?
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        checks.push(check(
+            "every local user has a valid home node",
+            self.store
+                .list_users()
+                .await?
+                .into_iter()
+                .filter(|u| u.home_cluster != self.ours.cluster || !nodes.contains(&u.home_node))
+                .map(|u| {
+                    format!(
+                        "{}: no node {} in {}",
+                        u.username, u.home_node, u.home_cluster
+                    )
+                })
+                .collect(),
+            format!(
+                "all on nodes of {} ({})",
+                self.ours.cluster,
+                nodes.join(", ")
+            ),
+        ));
+        let status = self.status().await?;
+        checks.push(check(
+            "no peer is configured on one side only",
+            status
+                .iter()
+                .filter(|p| p.state == PeerState::Pending)
+                .map(|p| {
+                    format!(
+                        "{} added us and is not accepted here (impmesh peer accept)",
+                        p.cluster
+                    )
+                })
+                .collect(),
+            "none".into(),
+        ));
+        let active: Vec<&PeerStatus> = status
+            .iter()
+            .filter(|p| p.state == PeerState::Active)
+            .collect();
+        let reason =
+            |r: &Option<String>| r.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+        checks.push(check(
+            "every peer is in sync",
+            active
+                .iter()
+                .filter(|p| {
+                    p.live.state != "in-sync"
+                        || p.live.peer_users.is_some_and(|n| n != p.associated_users)
+                })
+                .map(|p| format!("{}: {}{}", p.cluster, p.live.state, reason(&p.live.reason)))
+                .collect(),
+            format!("{} peer(s) in sync", active.len()),
+        ));
+        checks.push(check(
+            "peer certificates match the pinned ones",
+            active
+                .iter()
+                .filter(|p| p.live.certificate_status != "in-sync")
+                .map(|p| {
+                    format!(
+                        "{}: {}{}",
+                        p.cluster,
+                        p.live.certificate_status,
+                        reason(&p.live.certificate_reason)
+                    )
+                })
+                .collect(),
+            "all in sync".into(),
+        ));
+        checks.push(check(
+            "peer clocks within 60 s of ours",
+            active
+                .iter()
+                .filter_map(|p| {
+                    p.live
+                        .clock_skew_secs
+                        .filter(|s| s.abs() > MAX_CLOCK_SKEW)
+                        .map(|s| format!("{}: {s:+} s", p.cluster))
+                })
+                .collect(),
+            "all within 60 s".into(),
+        ));
+        checks.push(check(
+            "this node's certificates are valid for more than 30 days",
+            self.store
+                .active_alarms()
+                .await?
+                .into_iter()
+                .filter(|a| a.name.starts_with("NodeCertificate"))
+                .map(|a| format!("{}: {}", a.name, a.message))
+                .collect(),
+            "yes".into(),
+        ));
+        Ok(checks)
+    }
+
+    /// Clears an alarm, logging a store failure instead of failing the caller.
+    async fn clear_alarm(&self, def: &impmesh_store::alarms::AlarmDef, subject: &str, why: &str) {
+        if let Err(e) = self.store.clear_alarm(def, subject, why).await {
+            tracing::error!(alarm = def.name, error = %e, "cannot clear an alarm");
+        }
+    }
+
+    /// Raises or clears an alarm, logging a store failure instead of failing the caller.
+    async fn set_alarm(
+        &self,
+        def: &impmesh_store::alarms::AlarmDef,
+        subject: &str,
+        on: Option<&str>,
+    ) {
+        let result = match on {
+            Some(message) => self.store.raise_alarm(def, subject, message).await,
+            None => {
+                self.store
+                    .clear_alarm(def, subject, "no longer applies")
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(alarm = def.name, error = %e, "cannot update an alarm");
+        }
+    }
+
     /// This cluster's node certificates, as published in the store.
     async fn our_certificates(&self) -> Result<Vec<NodeCertificate>, AgentError> {
         Ok(self
@@ -397,6 +604,8 @@ impl Agent {
         if !self.store.accept_peer(cluster).await? {
             return Err(AgentError::UnknownPeer(cluster.to_owned()));
         }
+        self.clear_alarm(impmesh_store::alarms::PEER_PENDING, cluster, "accepted")
+            .await;
         self.spawn_peer(cluster, false);
         tracing::info!(peer = %cluster, "peer accepted");
         Ok(())
@@ -408,6 +617,13 @@ impl Agent {
         self.stop_peer(cluster);
         if !self.store.delete_peer(cluster).await? {
             return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        }
+        for def in [
+            impmesh_store::alarms::PEER_PENDING,
+            impmesh_store::alarms::PEER_CERT_OUT_OF_SYNC,
+            impmesh_store::alarms::PEER_SYNC_STALLED,
+        ] {
+            self.clear_alarm(def, cluster, "the peer was removed").await;
         }
         tracing::info!(peer = %cluster, "peer deleted");
         Ok(())
@@ -701,15 +917,31 @@ impl PeerTask {
                 }
                 Err(SyncError::Gone(_)) => return,
                 Err(e) => {
-                    let mut s = lock(&self.status);
-                    s.state = "failed".into();
-                    s.reason = Some(e.to_string());
-                    s.consecutive_failures += 1;
-                    if let SyncError::Certificate(why) = &e {
-                        s.certificate_status = "failed".into();
-                        s.certificate_reason = Some(why.clone());
-                    }
+                    let certificate_failed = {
+                        let mut s = lock(&self.status);
+                        s.state = "failed".into();
+                        s.reason = Some(e.to_string());
+                        s.consecutive_failures += 1;
+                        match &e {
+                            SyncError::Certificate(why) => {
+                                let newly = s.certificate_status != "failed";
+                                s.certificate_status = "failed".into();
+                                s.certificate_reason = Some(why.clone());
+                                newly.then(|| why.clone())
+                            }
+                            _ => None,
+                        }
+                    };
                     delay = backoff.next().unwrap_or(period);
+                    if let Some(why) = certificate_failed {
+                        self.agent
+                            .set_alarm(
+                                impmesh_store::alarms::PEER_CERT_OUT_OF_SYNC,
+                                &self.cluster,
+                                Some(&why),
+                            )
+                            .await;
+                    }
                     tracing::warn!(peer = %self.cluster, error = %e, retry_in = ?delay, "sync failed");
                 }
             }
@@ -732,6 +964,7 @@ impl PeerTask {
                 "getClusterInfo answered with something else".into(),
             ));
         };
+        lock(&self.status).clock_skew_secs = client.clock_skew();
         self.check_certificates(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
@@ -761,15 +994,8 @@ impl PeerTask {
             .collect();
         let announced: Vec<String> = info.nodes.iter().map(|n| n.fingerprint.clone()).collect();
         let missing: Vec<&String> = announced.iter().filter(|f| !pinned.contains(f)).collect();
-        let mut s = lock(&self.status);
-        s.peer_fingerprints = announced.clone();
-        s.peer_usn = Some(info.usn);
-        if missing.is_empty() {
-            s.certificate_status = "in-sync".into();
-            s.certificate_reason = None;
-        } else {
-            s.certificate_status = "out-of-sync".into();
-            s.certificate_reason = Some(format!(
+        let reason = (!missing.is_empty()).then(|| {
+            format!(
                 "the peer announces certificates that are not pinned here: {}; run \
                  `impmesh peer sync {} --with-certificates` to exchange them again",
                 missing
@@ -778,7 +1004,30 @@ impl PeerTask {
                     .collect::<Vec<_>>()
                     .join(", "),
                 self.cluster
-            ));
+            )
+        });
+        let changed = {
+            let mut s = lock(&self.status);
+            s.peer_fingerprints = announced.clone();
+            s.peer_usn = Some(info.usn);
+            let status = if reason.is_some() {
+                "out-of-sync"
+            } else {
+                "in-sync"
+            };
+            let changed = s.certificate_status != status;
+            s.certificate_status = status.into();
+            s.certificate_reason = reason.clone();
+            changed
+        };
+        if changed {
+            self.agent
+                .set_alarm(
+                    impmesh_store::alarms::PEER_CERT_OUT_OF_SYNC,
+                    &self.cluster,
+                    reason.as_deref(),
+                )
+                .await;
         }
         Ok(())
     }
@@ -832,6 +1081,7 @@ impl PeerTask {
                         .await?;
                     lock(&self.status).peer_users = Some(users);
                     tracing::info!(peer = %self.cluster, users, usn = page.snapshot_usn, ms, "full sync done");
+                    self.agent.check_duplicates().await;
                     return Ok(());
                 }
             }
@@ -874,6 +1124,7 @@ impl PeerTask {
                         .await?;
                     if changes > 0 {
                         tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
+                        self.agent.check_duplicates().await;
                     }
                     return Ok(());
                 }
