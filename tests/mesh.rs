@@ -1,0 +1,153 @@
+//! A 30-cluster mesh on one machine (one node per cluster, 127.0.0.1, port 0): every
+//! cluster peers with every other (435 `peer add`s, each accepted on the other side),
+//! every directory ends with the 29 other clusters' users, and a change on any cluster
+//! reaches all 29 others. Prints the propagation latencies (docs/benchmarks.md records
+//! them from a release build); the test itself only requires that they arrive.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use impmesh_axl::NodeControl as _;
+use support::{TestNode, start_node};
+
+const CLUSTERS: usize = 30;
+const AXL_USER: &str = "icsync";
+const AXL_PW: &str = "mesh-intercluster-pw";
+
+fn name(i: usize) -> String {
+    format!("c{i:02}.mesh.example.com")
+}
+
+async fn mesh_node(i: usize) -> TestNode {
+    let node = start_node(move |c| {
+        c.node.name = Some(format!("node1.{}", name(i)));
+        c.node.cluster = Some(name(i));
+        // Thirty stores on one PostgreSQL server would exceed its connection limit;
+        // the store backends are tested elsewhere.
+        c.store.url = "sqlite://impmesh.db".into();
+        // Only notifyChange moves changes here, not the periodic pull.
+        c.sync.period = 3600;
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    node.add_user(&format!("first{i:02}"), "pw").await;
+    node
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_clusters_peer_sync_and_propagate_changes() {
+    let started = Instant::now();
+    let mut nodes = vec![];
+    for i in 0..CLUSTERS {
+        nodes.push(Arc::new(mesh_node(i).await));
+    }
+    // i adds j for every i < j; j accepts i. Eight first contacts at a time.
+    let pairs: Vec<(usize, usize)> = (0..CLUSTERS)
+        .flat_map(|i| (i + 1..CLUSTERS).map(move |j| (i, j)))
+        .collect();
+    let slots = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = vec![];
+    for (i, j) in pairs {
+        let (a, b, slots) = (nodes[i].clone(), nodes[j].clone(), slots.clone());
+        tasks.push(tokio::spawn(async move {
+            let _slot = slots.acquire().await.unwrap();
+            a.node
+                .control
+                .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+                .await
+                .unwrap();
+            b.node.control.peer_accept(&name(i)).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let peered = started.elapsed();
+
+    // Every directory gets the 29 other clusters' first users.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (i, node) in nodes.iter().enumerate() {
+        for j in (0..CLUSTERS).filter(|j| *j != i) {
+            let user = format!("first{j:02}");
+            while node
+                .node
+                .server
+                .store
+                .remote_user(&user)
+                .await
+                .unwrap()
+                .is_empty()
+            {
+                assert!(Instant::now() < deadline, "{} never saw {user}", name(i));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let synced = started.elapsed();
+
+    // A change on each cluster in turn, timed until each of the 29 others has it.
+    let mut latencies = vec![];
+    for (k, origin) in nodes.iter().enumerate() {
+        let user = format!("late{k:02}");
+        let t0 = Instant::now();
+        origin.node.control.add_user(&user, "pw").await.unwrap();
+        let mut waiting: Vec<usize> = (0..CLUSTERS).filter(|j| *j != k).collect();
+        while !waiting.is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{user} did not reach {:?}",
+                waiting.iter().map(|j| name(*j)).collect::<Vec<_>>()
+            );
+            let mut still = vec![];
+            for j in waiting {
+                if nodes[j]
+                    .node
+                    .server
+                    .store
+                    .remote_user(&user)
+                    .await
+                    .unwrap()
+                    .is_empty()
+                {
+                    still.push(j);
+                } else {
+                    latencies.push(t0.elapsed());
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "mesh of {CLUSTERS}: peered in {:.1} s, directories complete at {:.1} s; \
+         propagation of {} changes x 29 peers: p50 {:?}, p99 {:?}, max {:?}",
+        peered.as_secs_f64(),
+        synced.as_secs_f64(),
+        CLUSTERS,
+        pct(0.50),
+        pct(0.99),
+        latencies.last().unwrap()
+    );
+    assert_eq!(latencies.len(), CLUSTERS * (CLUSTERS - 1));
+
+    // Every peer of every cluster is in sync with all of its users.
+    for node in &nodes {
+        let peers = node.node.control.peers().await.unwrap();
+        let peers = peers.as_array().unwrap();
+        assert_eq!(peers.len(), CLUSTERS - 1);
+        for p in peers {
+            assert_eq!(p["state"], "active");
+            assert_eq!(p["associated_users"], 2, "{p}");
+        }
+    }
+}
