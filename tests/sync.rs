@@ -366,3 +366,62 @@ async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
         assert!(history.iter().any(|e| e.name == name && !e.raised));
     }
 }
+
+/// Anti-entropy: a user lost from our copy of a peer's directory (a lost write: the USN
+/// says we are up to date) is found by comparing digests, alarmed, and restored by a
+/// resync of that peer.
+#[tokio::test]
+async fn a_lost_write_is_found_by_the_digest_and_repaired() {
+    let a = cluster("cluster-a.example.com", &["alice"]).await;
+    let b = cluster("cluster-b.example.com", &["bob", "bea"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store = a.node.server.store.clone();
+    eventually(5, "first sync", || async {
+        store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    let applied = store
+        .peer_sync("cluster-b.example.com")
+        .await
+        .unwrap()
+        .applied_usn;
+    // Lose bob without moving the applied USN.
+    let lost = impmesh_store::DirectoryEntry {
+        username: "bob".into(),
+        home_cluster: "cluster-b.example.com".into(),
+        home_node: "node1.cluster-b.example.com".into(),
+        usn: 0,
+        deleted: true,
+    };
+    store
+        .apply_changes("cluster-b.example.com", &[lost], applied)
+        .await
+        .unwrap();
+    assert!(remote(&a, "bob").await.is_empty());
+
+    a.node.agent.nudge("cluster-b.example.com");
+    eventually(5, "bob restored", || async {
+        !remote(&a, "bob").await.is_empty()
+    })
+    .await;
+    let name = "InterClusterDirectoryMismatch";
+    eventually(5, "the mismatch alarm cleared", || async {
+        !has_alarm(&a, name, "cluster-b.example.com").await
+    })
+    .await;
+    let history = store.alarm_history(20).await.unwrap();
+    let events: Vec<bool> = history
+        .iter()
+        .filter(|e| e.name == name)
+        .map(|e| e.raised)
+        .collect();
+    assert_eq!(events, [false, true], "raised, then cleared");
+}

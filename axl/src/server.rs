@@ -635,6 +635,14 @@ async fn run<C: NodeControl>(
                 token: issued,
             })
         }
+        AxlRequest::GetDirectoryDigest => {
+            let d = store.directory_digest().await.map_err(store_fault)?;
+            Ok(AxlResponse::Digest {
+                usn: d.usn,
+                count: d.count,
+                sha256: d.sha256,
+            })
+        }
         AxlRequest::NotifyChange { cluster, usn } => {
             tracing::info!(peer = %cluster, usn, %user, %from, "peer asks to be pulled");
             let _ = https.notices.send(ChangeNotice {

@@ -41,6 +41,9 @@ pub enum Request {
         token: String,
         certificates: Vec<NodeCertificate>,
     },
+    /// Anti-entropy: the count and SHA-256 of this cluster's live users, with the USN
+    /// they are valid at.
+    GetDirectoryDigest,
     /// A peer cluster asks to be pulled soon: it changed up to `usn`.
     NotifyChange { cluster: String, usn: i64 },
 }
@@ -53,6 +56,7 @@ impl Request {
             Request::ListUsers { .. } => "listUsers",
             Request::GetCertificates => "getCertificates",
             Request::ExchangeCertificates { .. } => "exchangeCertificates",
+            Request::GetDirectoryDigest => "getDirectoryDigest",
             Request::NotifyChange { .. } => "notifyChange",
         }
     }
@@ -149,6 +153,12 @@ pub enum Response {
     Exchanged {
         certificates: Vec<NodeCertificate>,
         token: String,
+    },
+    /// `getDirectoryDigest`'s answer.
+    Digest {
+        usn: i64,
+        count: i64,
+        sha256: String,
     },
     NotifyAccepted,
 }
@@ -286,7 +296,7 @@ impl Request {
     pub fn to_envelope(&self) -> Vec<u8> {
         let mut op = El::new(AXL_NS, self.name());
         match self {
-            Request::GetClusterInfo | Request::GetCertificates => {}
+            Request::GetClusterInfo | Request::GetCertificates | Request::GetDirectoryDigest => {}
             Request::ListUsers {
                 since_usn,
                 cursor,
@@ -334,6 +344,7 @@ impl Request {
         match op.name.as_str() {
             "getClusterInfo" => Ok(Request::GetClusterInfo),
             "getCertificates" => Ok(Request::GetCertificates),
+            "getDirectoryDigest" => Ok(Request::GetDirectoryDigest),
             "listUsers" => {
                 let since_usn = number(&op, "sinceUsn")?.unwrap_or(0);
                 if since_usn < 0 {
@@ -436,6 +447,12 @@ impl Response {
                     .with(text("token", token))
                     .with_all(certificates.iter().map(cert_el));
             }
+            Response::Digest { usn, count, sha256 } => {
+                ret = ret
+                    .with(text("usn", usn.to_string()))
+                    .with(text("count", count.to_string()))
+                    .with(text("sha256", sha256));
+            }
             Response::NotifyAccepted => ret.text = "accepted".into(),
         }
         envelope(El::new(AXL_NS, format!("{op}Response")).with(ret))
@@ -529,6 +546,11 @@ impl Response {
             Request::ExchangeCertificates { .. } => Response::Exchanged {
                 token: string(ret, "token")?,
                 certificates: certificates(ret)?,
+            },
+            Request::GetDirectoryDigest => Response::Digest {
+                usn: num(ret, "usn")?,
+                count: num(ret, "count")?,
+                sha256: string(ret, "sha256")?,
             },
             Request::NotifyChange { .. } => Response::NotifyAccepted,
         })
@@ -645,6 +667,14 @@ mod tests {
                 users,
             ),
             (Request::GetCertificates, certs),
+            (
+                Request::GetDirectoryDigest,
+                Response::Digest {
+                    usn: 9,
+                    count: 2,
+                    sha256: "ab".repeat(32),
+                },
+            ),
             (
                 Request::NotifyChange {
                     cluster: "x".into(),

@@ -55,6 +55,8 @@ pub const PEER_PENDING: &AlarmDef = &CATALOGUE[4];
 pub const PEER_CERT_OUT_OF_SYNC: &AlarmDef = &CATALOGUE[5];
 /// A user is homed in more than one cluster.
 pub const DUPLICATE_USER: &AlarmDef = &CATALOGUE[6];
+/// Our copy of a peer's users differs from the peer's directory.
+pub const DIRECTORY_MISMATCH: &AlarmDef = &CATALOGUE[7];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -99,6 +101,12 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Major,
         meaning: "A user (the subject) is homed in more than one cluster of the mesh. Until fixed, every cluster routes it to the cluster whose name sorts first; its accounts elsewhere receive nothing.",
         action: "Delete the account in the clusters where it should not be (`impmesh user del NAME` there); `impmesh troubleshoot` lists every duplicate.",
+    },
+    AlarmDef {
+        name: "InterClusterDirectoryMismatch",
+        severity: Severity::Major,
+        meaning: "The anti-entropy check found that this cluster's copy of a peer's users (the subject) differs from the peer's own directory at the same USN: a lost write or a bug. The agent resyncs that peer in full at once.",
+        action: "Nothing if it clears within a sync; if it comes back, report it with the logs of both clusters (`directory mismatch` lines).",
     },
 ];
 

@@ -33,7 +33,7 @@ pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use latency::Latency;
 pub use nodes::NodeRecord;
 pub use offline::OfflineMessage;
-pub use peers::{PeerRecord, PeerState, PeerSync, RemoteUser};
+pub use peers::{Digest, PeerRecord, PeerState, PeerSync, RemoteUser};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
 pub use users::{NewUser, UserRecord};

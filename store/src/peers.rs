@@ -75,6 +75,36 @@ pub struct RemoteUser {
     pub usn: i64,
 }
 
+/// A summary of a directory slice for anti-entropy: equal digests at the same USN mean
+/// equal slices.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Digest {
+    /// The USN the digest is valid at.
+    pub usn: i64,
+    pub count: i64,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+impl Digest {
+    fn of(usn: i64, rows: &[sqlx::any::AnyRow]) -> Result<Digest> {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for row in rows {
+            let name: String = row.try_get("username")?;
+            let cluster: String = row.try_get("home_cluster")?;
+            let node: String = row.try_get("home_node")?;
+            let user_usn: i64 = row.try_get("usn")?;
+            hash.update(format!("{name}\0{cluster}\0{node}\0{user_usn}\n").as_bytes());
+        }
+        Ok(Digest {
+            usn,
+            count: rows.len() as i64,
+            sha256: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
 const PEER_COLUMNS: &str = "cluster, address, server_name, state, origin, our_token, \
                             their_token_hash, added_at, accepted_at";
 
@@ -446,6 +476,48 @@ impl Store {
         .await?;
         row.map(|r| Ok((r.try_get("home_cluster")?, r.try_get("home_node")?)))
             .transpose()
+    }
+
+    /// The digest of this cluster's live users (what a peer's copy must match), with
+    /// the USN it is valid at: a count and SHA-256 over every (name, home cluster,
+    /// home node, USN) in name order.
+    pub async fn directory_digest(&self) -> Result<Digest> {
+        let _timer = self.latency.start("directory_digest");
+        // Retry until no change slipped in between the USN and the rows.
+        loop {
+            let usn = self.current_usn().await?;
+            let rows = sqlx::query(
+                "SELECT username, home_cluster, home_node, usn FROM users ORDER BY username",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            if self.current_usn().await? == usn {
+                return Digest::of(usn, &rows);
+            }
+        }
+    }
+
+    /// The digest of the users a peer contributed, comparable with that peer's
+    /// [`Store::directory_digest`] taken at our applied USN.
+    pub async fn peer_digest(&self, peer: &str) -> Result<Digest> {
+        let _timer = self.latency.start("peer_digest");
+        let mut tx = self.pool.begin().await?;
+        let usn: i64 = sqlx::query("SELECT applied_usn FROM peer_sync WHERE peer = $1")
+            .bind(peer)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("applied_usn"))
+            .transpose()?
+            .unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT username, home_cluster, home_node, usn FROM remote_users
+             WHERE peer = $1 ORDER BY username",
+        )
+        .bind(peer)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Digest::of(usn, &rows)
     }
 
     /// The peers' entries for a user name (more than one: a duplicate).

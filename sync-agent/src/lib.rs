@@ -557,7 +557,12 @@ impl Agent {
     }
 
     /// Clears an alarm, logging a store failure instead of failing the caller.
-    async fn clear_alarm(&self, def: &impmesh_store::alarms::AlarmDef, subject: &str, why: &str) {
+    pub(crate) async fn clear_alarm(
+        &self,
+        def: &impmesh_store::alarms::AlarmDef,
+        subject: &str,
+        why: &str,
+    ) {
         if let Err(e) = self.store.clear_alarm(def, subject, why).await {
             tracing::error!(alarm = def.name, error = %e, "cannot clear an alarm");
         }
@@ -968,17 +973,64 @@ impl PeerTask {
         self.check_certificates(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
-        if full {
-            return self.full_sync(&mut client, sync).await;
-        }
-        match self.incremental(&mut client, sync.applied_usn).await {
-            Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
-                tracing::info!(peer = %self.cluster, "changes no longer kept by the peer; full sync");
-                self.full_sync(&mut client, store.peer_sync(&self.cluster).await?)
-                    .await
+        let quiet = if full {
+            self.full_sync(&mut client, sync).await?;
+            true
+        } else {
+            match self.incremental(&mut client, sync.applied_usn).await {
+                Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
+                    tracing::info!(peer = %self.cluster, "changes no longer kept by the peer; full sync");
+                    self.full_sync(&mut client, store.peer_sync(&self.cluster).await?)
+                        .await?;
+                    true
+                }
+                other => other? == 0,
             }
-            other => other,
+        };
+        if quiet {
+            self.anti_entropy(&mut client).await?;
         }
+        Ok(())
+    }
+
+    /// Compares the digest of the peer's users in our directory with the peer's own,
+    /// when both are at the same USN. A difference (a lost write, a bug) raises
+    /// InterClusterDirectoryMismatch and resyncs this peer's slice in full at once; the
+    /// alarm clears when the digests match again.
+    async fn anti_entropy(&self, client: &mut AxlClient) -> Result<(), SyncError> {
+        let store = &self.agent.store;
+        let Response::Digest { usn, count, sha256 } =
+            client.call(&Request::GetDirectoryDigest).await?
+        else {
+            return Err(SyncError::Other(
+                "getDirectoryDigest answered with something else".into(),
+            ));
+        };
+        let ours = store.peer_digest(&self.cluster).await?;
+        if usn != ours.usn {
+            // Changes in flight: compare at the next quiet sync.
+            return Ok(());
+        }
+        let def = impmesh_store::alarms::DIRECTORY_MISMATCH;
+        if count == ours.count && sha256 == ours.sha256 {
+            self.agent
+                .clear_alarm(def, &self.cluster, "the digests match")
+                .await;
+            return Ok(());
+        }
+        let message = format!(
+            "at USN {usn} the peer has {count} users (digest {}…), this directory {} ({}…); resyncing in full",
+            &sha256[..sha256.len().min(12)],
+            ours.count,
+            &ours.sha256[..12]
+        );
+        tracing::warn!(peer = %self.cluster, %message, "directory mismatch");
+        self.agent
+            .set_alarm(def, &self.cluster, Some(&message))
+            .await;
+        store.restart_full_sync(&self.cluster).await?;
+        self.nudge.notify_one();
+        Ok(())
     }
 
     /// Compares the fingerprints the peer announces with the pinned ones.
@@ -1088,7 +1140,8 @@ impl PeerTask {
         }
     }
 
-    async fn incremental(&self, client: &mut AxlClient, since: i64) -> Result<(), SyncError> {
+    /// Pulls the changes since `since`; returns how many there were.
+    async fn incremental(&self, client: &mut AxlClient, since: i64) -> Result<i64, SyncError> {
         let store = &self.agent.store;
         let started = Instant::now();
         let mut cursor = None;
@@ -1126,7 +1179,7 @@ impl PeerTask {
                         tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
                         self.agent.check_duplicates().await;
                     }
-                    return Ok(());
+                    return Ok(changes);
                 }
             }
         }
