@@ -104,6 +104,8 @@ pub struct SyncSection {
     pub auto_recovery: bool,
     /// Users per listUsers page.
     pub page_size: u32,
+    /// Seconds between two resolutions of every DNS name of a peer.
+    pub dns_check_interval: u64,
 }
 
 impl Default for SyncSection {
@@ -114,6 +116,7 @@ impl Default for SyncSection {
             stall_threshold: s.stall_threshold.as_secs(),
             auto_recovery: s.auto_recovery,
             page_size: s.page_size,
+            dns_check_interval: s.dns_check_interval.as_secs(),
         }
     }
 }
@@ -395,6 +398,7 @@ impl Config {
             stall_threshold: Duration::from_secs(self.sync.stall_threshold),
             auto_recovery: self.sync.auto_recovery,
             page_size: self.sync.page_size,
+            dns_check_interval: Duration::from_secs(self.sync.dns_check_interval),
         }
     }
 

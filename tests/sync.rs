@@ -27,6 +27,8 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
     impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
         .await
         .unwrap();
+    // The test clusters' names are not in any real DNS.
+    node.node.agent.set_resolver(test_dns());
     for user in users {
         node.add_user(user, "pw").await;
     }
@@ -424,4 +426,126 @@ async fn a_lost_write_is_found_by_the_digest_and_repaired() {
         .map(|e| e.raised)
         .collect();
     assert_eq!(events, [false, true], "raised, then cleared");
+}
+
+/// Resolves every name of the test clusters to 127.0.0.1.
+fn test_dns() -> std::sync::Arc<MapDns> {
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut names = vec!["localhost".to_owned()];
+    for c in ["a", "b", "c"] {
+        names.push(format!("cluster-{c}.example.com"));
+        names.push(format!("node1.cluster-{c}.example.com"));
+    }
+    std::sync::Arc::new(MapDns {
+        names: names.into_iter().map(|n| (n, vec![local])).collect(),
+        down: false.into(),
+    })
+}
+
+/// A resolver for tests: a fixed map, and a switch that makes every lookup fail.
+struct MapDns {
+    names: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl impmesh_sync_agent::dns::NameResolver for MapDns {
+    fn lookup<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<std::net::IpAddr>, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("no connections available (simulated outage)".into());
+            }
+            self.names
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("{name}: NXDOMAIN"))
+        })
+    }
+}
+
+/// A peer added by name keeps syncing through a DNS outage on its last good addresses,
+/// and every name that fails is reported with the name.
+#[tokio::test]
+async fn a_dns_outage_does_not_cut_a_known_peer() {
+    let a = start_node(|c| {
+        c.node.name = Some("node1.cluster-a.example.com".into());
+        c.node.cluster = Some("cluster-a.example.com".into());
+        c.sync.period = 3600;
+        c.sync.dns_check_interval = 1;
+    })
+    .await;
+    let b = cluster("cluster-b.example.com", &["bob"]).await;
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let dns = std::sync::Arc::new(MapDns {
+        names: [
+            "node1.cluster-b.example.com",
+            "cluster-b.example.com",
+            "localhost",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), vec![local]))
+        .collect(),
+        down: false.into(),
+    });
+    a.node.agent.set_resolver(dns.clone());
+    let address = format!("node1.cluster-b.example.com:{}", b.node.https_addr.port());
+    a.node
+        .control
+        .peer_add(&address, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store = a.node.server.store.clone();
+    eventually(5, "first sync", || async {
+        store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    let control = a.node.control.clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!("DEBUG {}", control.peers().await.unwrap()[0]["live"]["dns"]);
+    eventually(5, "every name resolved", || async {
+        let s = control.peers().await.unwrap();
+        let names = s[0]["live"]["dns"].as_array().cloned().unwrap_or_default();
+        names.len() == 3 && names.iter().all(|n| n["ok"] == true)
+    })
+    .await;
+
+    // DNS goes down; B changes; A still pulls it, on the last good address.
+    dns.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    b.node.control.add_user("bill", "pw").await.unwrap();
+    eventually(5, "a change during the outage", || async {
+        !remote(&a, "bill").await.is_empty()
+    })
+    .await;
+    eventually(5, "the failing names reported", || async {
+        let s = control.peers().await.unwrap();
+        let names = s[0]["live"]["dns"].as_array().cloned().unwrap_or_default();
+        !names.is_empty()
+            && names
+                .iter()
+                .all(|n| n["ok"] == false && n["addresses"][0] == "127.0.0.1")
+    })
+    .await;
+    let checks = a.node.control.troubleshoot().await.unwrap();
+    let dns_check = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "every DNS name of every peer resolves")
+        .unwrap();
+    assert_eq!(dns_check["ok"], false);
+    let detail = dns_check["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("node1.cluster-b.example.com does not resolve"),
+        "{detail}"
+    );
+    assert!(detail.contains("still using 127.0.0.1"), "{detail}");
 }

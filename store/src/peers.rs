@@ -520,6 +520,40 @@ impl Store {
         Digest::of(usn, &rows)
     }
 
+    /// Remembers the last good DNS answer for `name` (addresses as text).
+    pub async fn remember_addresses(&self, name: &str, addresses: &[String]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO dns_cache (name, addresses, resolved_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET addresses = excluded.addresses,
+                 resolved_at = excluded.resolved_at",
+        )
+        .bind(name)
+        .bind(addresses.join(","))
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The last good DNS answer for `name` and when it came, if any.
+    pub async fn last_addresses(&self, name: &str) -> Result<Option<(Vec<String>, i64)>> {
+        let row = sqlx::query("SELECT addresses, resolved_at FROM dns_cache WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let text: String = r.try_get("addresses")?;
+            Ok((
+                text.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                r.try_get("resolved_at")?,
+            ))
+        })
+        .transpose()
+    }
+
     /// The peers' entries for a user name (more than one: a duplicate).
     pub async fn remote_user(&self, username: &str) -> Result<Vec<RemoteUser>> {
         let _timer = self.latency.start("remote_user");

@@ -9,6 +9,8 @@
 //! resumes from the last applied USN. Failures are retried per peer with jittered
 //! exponential backoff (backon), never holding up the other peers.
 
+pub mod dns;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +36,8 @@ pub struct Settings {
     pub auto_recovery: bool,
     /// Users per `listUsers` page.
     pub page_size: u32,
+    /// How often every DNS name of a peer (address, certificate SANs) is resolved again.
+    pub dns_check_interval: Duration,
 }
 
 impl Default for Settings {
@@ -43,6 +47,7 @@ impl Default for Settings {
             stall_threshold: Duration::from_secs(7200),
             auto_recovery: true,
             page_size: 500,
+            dns_check_interval: Duration::from_secs(300),
         }
     }
 }
@@ -78,6 +83,9 @@ pub struct LiveStatus {
     pub peer_users: Option<i64>,
     /// The peer's clock minus ours, seconds (from its last answer's `Date`).
     pub clock_skew_secs: Option<i64>,
+    /// Every DNS name of the peer (its address, its certificates' SANs): resolved now,
+    /// or failing (with the last good addresses still in use).
+    pub dns: Vec<dns::NameStatus>,
 }
 
 /// One check of the troubleshooter.
@@ -138,6 +146,8 @@ struct Progress {
     last_completed: Instant,
     /// Whether the stall alarm is raised for this peer.
     alarmed: bool,
+    /// When the peer's DNS names were last resolved.
+    last_dns_check: Option<Instant>,
 }
 
 /// The running agent of one node.
@@ -146,6 +156,8 @@ pub struct Agent {
     settings: Settings,
     ours: Ours,
     peers: Mutex<HashMap<String, PeerHandle>>,
+    /// Name resolution with the last good answers.
+    dns: dns::Dns,
     /// When each peer's task was last restarted for a stall, and how many times.
     recoveries: Mutex<HashMap<String, (Instant, u32)>>,
     shutdown: CancellationToken,
@@ -164,10 +176,11 @@ impl Agent {
         ours: Ours,
     ) -> Result<Arc<Agent>, AgentError> {
         let agent = Arc::new(Agent {
-            store,
+            store: store.clone(),
             settings,
             ours,
             peers: Mutex::new(HashMap::new()),
+            dns: dns::Dns::new(store.clone(), system_dns()),
             recoveries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -291,6 +304,7 @@ impl Agent {
             progress: Arc::new(Mutex::new(Progress {
                 last_completed: Instant::now(),
                 alarmed,
+                last_dns_check: None,
             })),
         };
         let task = PeerTask {
@@ -311,6 +325,89 @@ impl Agent {
         if let Some(handle) = lock(&self.peers).remove(cluster) {
             handle.cancel.cancel();
         }
+    }
+
+    /// Uses another name resolver from now on (tests, embedding).
+    pub fn set_resolver(&self, resolver: Arc<dyn dns::NameResolver>) {
+        self.dns.set_resolver(resolver);
+    }
+
+    /// Connects to `address` (host:port): the host resolved through [`dns::Dns`] (the
+    /// last good answer during a DNS outage), each address tried in turn.
+    async fn connect_to(
+        &self,
+        address: &str,
+        server_name: &str,
+        trust: ServerTrust,
+    ) -> Result<AxlClient, ClientError> {
+        let Some((host, port)) = split_host_port(address) else {
+            return Err(ClientError::Protocol(format!(
+                "{address:?} is not host:port"
+            )));
+        };
+        let name = self.dns.resolve(host).await;
+        if name.addresses.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "cannot resolve {host}: {}",
+                name.error.unwrap_or_default()
+            )));
+        }
+        if let Some(e) = &name.error {
+            tracing::info!(%host, error = %e, addresses = ?name.addresses, "DNS failed; using the last good addresses");
+        }
+        let mut last = None;
+        for ip in &name.addresses {
+            let target = match ip.parse::<std::net::IpAddr>() {
+                Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+                Err(_) => continue,
+            };
+            match AxlClient::connect(&target, server_name, trust.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e @ ClientError::Connect(..)) | Err(e @ ClientError::Timeout(_)) => {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Protocol(format!("no usable address for {host}"))))
+    }
+
+    /// Resolves every DNS name of a peer: its address's host and the SANs of its
+    /// pinned certificates.
+    async fn resolve_peer_names(&self, cluster: &str, address: &str) -> Vec<dns::NameStatus> {
+        let mut names: Vec<String> = vec![];
+        if let Some((host, _)) = split_host_port(address)
+            && host.parse::<std::net::IpAddr>().is_err()
+        {
+            names.push(host.to_owned());
+        }
+        if let Ok(entries) = self.store.trust_entries().await {
+            for entry in entries
+                .iter()
+                .filter(|e| e.kind == TrustKind::Pinned && e.peer.as_deref() == Some(cluster))
+            {
+                let pem = entry.pem.as_bytes();
+                let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem);
+                let Ok(der): Result<rustls_pki_types::CertificateDer<'static>, _> = der else {
+                    continue;
+                };
+                if let Ok(info) = impmesh_certs::describe(&der) {
+                    for san in info.sans.iter().filter_map(|s| s.strip_prefix("DNS:")) {
+                        if impmesh_certs::is_dns_name(san)
+                            && !san.starts_with("*.")
+                            && !names.iter().any(|n| n == san)
+                        {
+                            names.push(san.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = vec![];
+        for name in names {
+            out.push(self.dns.resolve(&name).await);
+        }
+        out
     }
 
     /// Asks the task of `cluster` to pull now (a `notifyChange` from it).
@@ -377,18 +474,33 @@ impl Agent {
             token: issued.clone(),
             certificates: self.our_certificates().await?,
         };
+        let contact = |source| AgentError::Contact {
+            addr: addr.to_owned(),
+            source,
+        };
+        let (host, port) = split_host_port(addr)
+            .ok_or_else(|| AgentError::Invalid(format!("{addr:?} is not host:port")))?;
+        let resolved = self.dns.resolve(host).await;
+        let target = resolved
+            .addresses
+            .first()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| std::net::SocketAddr::new(ip, port).to_string())
+            .ok_or_else(|| {
+                AgentError::Invalid(format!(
+                    "cannot resolve {host}: {}",
+                    resolved.error.clone().unwrap_or_default()
+                ))
+            })?;
         let peering = impmesh_axl::client::exchange_certificates(
             &self.store,
-            addr,
+            &target,
             server_name,
             (user, password),
             ours,
         )
         .await
-        .map_err(|source| AgentError::Contact {
-            addr: addr.to_owned(),
-            source,
-        })?;
+        .map_err(contact)?;
         Ok((
             peering.info,
             peering.token,
@@ -528,6 +640,28 @@ impl Agent {
                 })
                 .collect(),
             "all in sync".into(),
+        ));
+        checks.push(check(
+            "every DNS name of every peer resolves",
+            active
+                .iter()
+                .flat_map(|p| {
+                    p.live.dns.iter().filter(|n| !n.ok).map(|n| {
+                        format!(
+                            "{}: {} does not resolve ({}){}",
+                            p.cluster,
+                            n.name,
+                            n.error.as_deref().unwrap_or("no answer"),
+                            if n.addresses.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; still using {}", n.addresses.join(", "))
+                            }
+                        )
+                    })
+                })
+                .collect(),
+            "all resolve".into(),
         ));
         checks.push(check(
             "peer clocks within 60 s of ours",
@@ -741,12 +875,13 @@ impl Agent {
             ));
         }
         let verifier = PeerVerifier::new(&anchors).map_err(|e| SyncError::Other(e.to_string()))?;
-        let mut client = match AxlClient::connect(
-            &peer.address,
-            &peer.server_name,
-            ServerTrust::Verified(verifier),
-        )
-        .await
+        let mut client = match self
+            .connect_to(
+                &peer.address,
+                &peer.server_name,
+                ServerTrust::Verified(verifier),
+            )
+            .await
         {
             Ok(c) => c,
             Err(ClientError::Tls(_, e)) => {
@@ -803,6 +938,38 @@ impl Agent {
         }
         Ok(out)
     }
+}
+
+/// hickory with the system configuration; without one, every lookup fails with the
+/// reason (known peers keep their last good addresses).
+fn system_dns() -> Arc<dyn dns::NameResolver> {
+    struct Unavailable(String);
+    impl dns::NameResolver for Unavailable {
+        fn lookup<'a>(
+            &'a self,
+            _name: &'a str,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<Vec<std::net::IpAddr>, String>> + Send + 'a,
+            >,
+        > {
+            Box::pin(async move { Err(self.0.clone()) })
+        }
+    }
+    match dns::SystemDns::new() {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS configuration; peers are reached by address only");
+            Arc::new(Unavailable(format!("no DNS configuration: {e}")))
+        }
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`).
+fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host, port.parse().ok()?))
 }
 
 /// `host`, `host:port` or `[v6]:port` → (`host:port`, server name); port 8443 by default.
@@ -970,6 +1137,7 @@ impl PeerTask {
             ));
         };
         lock(&self.status).clock_skew_secs = client.clock_skew();
+        self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
@@ -1031,6 +1199,33 @@ impl PeerTask {
         store.restart_full_sync(&self.cluster).await?;
         self.nudge.notify_one();
         Ok(())
+    }
+
+    /// Resolves every DNS name of the peer in the background (a slow or failing DNS
+    /// never holds up a sync), at most every `dns_check_interval`.
+    fn check_dns(&self, address: &str) {
+        {
+            let mut p = lock(&self.progress);
+            if p.last_dns_check
+                .is_some_and(|t| t.elapsed() < self.agent.settings.dns_check_interval)
+            {
+                return;
+            }
+            p.last_dns_check = Some(Instant::now());
+        }
+        let (agent, cluster, address, status) = (
+            self.agent.clone(),
+            self.cluster.clone(),
+            address.to_owned(),
+            self.status.clone(),
+        );
+        self.agent.tracker.spawn(async move {
+            let names = agent.resolve_peer_names(&cluster, &address).await;
+            for failed in names.iter().filter(|n| !n.ok) {
+                tracing::warn!(peer = %cluster, name = %failed.name, error = ?failed.error, "a DNS name of the peer does not resolve");
+            }
+            lock(&status).dns = names;
+        });
     }
 
     /// Compares the fingerprints the peer announces with the pinned ones.
