@@ -296,7 +296,8 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
 /// with auto-recovery (none without), and the alarm clears when a sync completes.
 #[tokio::test]
 async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
-    for auto_recovery in [true, false] {
+    // (auto-recovery, a peer that accepts and then hangs instead of refusing)
+    for (auto_recovery, hang) in [(true, false), (false, false), (true, true)] {
         let a = start_node(move |c| {
             c.node.name = Some("node1.cluster-a.example.com".into());
             c.node.cluster = Some("cluster-a.example.com".into());
@@ -321,11 +322,21 @@ async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
         })
         .await;
 
-        // The peer's address now leads nowhere.
+        // The peer's address now leads nowhere: refused, or accepted and never answered.
         let good = store.peer("cluster-b.example.com").await.unwrap().unwrap();
         let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead_addr = dead.local_addr().unwrap();
-        drop(dead);
+        let black_hole = if hang {
+            Some(tokio::spawn(async move {
+                let mut held = vec![];
+                while let Ok((sock, _)) = dead.accept().await {
+                    held.push(sock);
+                }
+            }))
+        } else {
+            drop(dead);
+            None
+        };
         store
             .upsert_peer(&impmesh_store::PeerRecord {
                 address: dead_addr.to_string(),
@@ -346,12 +357,25 @@ async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let status = a.node.control.peers().await.unwrap();
         let restarts = status[0]["stall_restarts"].as_u64().unwrap();
-        if auto_recovery {
+        if hang {
+            // Stalled again right after its restart: the whole agent was restarted.
+            eventually(10, "a second restart", || async {
+                let s = a.node.control.peers().await.unwrap();
+                s[0]["stall_restarts"].as_u64().unwrap() >= 2
+            })
+            .await;
+        } else if auto_recovery {
             assert!(restarts >= 1, "{status}");
         } else {
             assert_eq!(restarts, 0, "{status}");
         }
-        assert_eq!(status[0]["live"]["state"], "failed");
+        if !hang {
+            assert_eq!(status[0]["live"]["state"], "failed");
+            eventually(10, "the unreachable alarm", || async {
+                has_alarm(&a, "InterClusterPeerUnreachable", "cluster-b.example.com").await
+            })
+            .await;
+        }
 
         // Reachable again: the next sync completes and clears the alarm.
         store.upsert_peer(&good).await.unwrap();
@@ -366,6 +390,10 @@ async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
         .await;
         let history = store.alarm_history(10).await.unwrap();
         assert!(history.iter().any(|e| e.name == name && !e.raised));
+        assert!(!has_alarm(&a, "InterClusterPeerUnreachable", "cluster-b.example.com").await);
+        if let Some(task) = black_hole {
+            task.abort();
+        }
     }
 }
 
@@ -548,4 +576,128 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
         "{detail}"
     );
     assert!(detail.contains("still using 127.0.0.1"), "{detail}");
+}
+
+/// Three clusters peer and converge; a user added, re-homed and deleted on one is seen
+/// everywhere; a wrong intercluster password is alarmed and changes nothing.
+#[tokio::test]
+async fn three_clusters_converge_and_follow_every_kind_of_change() {
+    let a = cluster("cluster-a.example.com", &["alice"]).await;
+    let b = cluster("cluster-b.example.com", &["bob"]).await;
+    let c = cluster("cluster-c.example.com", &["carol"]).await;
+
+    // A wrong password first: alarmed on A, nothing recorded or pinned anywhere.
+    let err = a
+        .node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, "not-the-password")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("did not prove"), "{err}");
+    assert!(
+        has_alarm(
+            &a,
+            "InterClusterCertificateExchangeFailed",
+            &b.node.https_addr.to_string()
+        )
+        .await
+    );
+    assert!(b.node.server.store.peers().await.unwrap().is_empty());
+    assert!(
+        a.node
+            .server
+            .store
+            .trust_entries()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        b.node
+            .server
+            .store
+            .trust_entries()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    for (x, y) in [(&a, &b), (&a, &c), (&b, &c)] {
+        x.node
+            .control
+            .peer_add(&y.node.https_addr.to_string(), AXL_USER, AXL_PW)
+            .await
+            .unwrap();
+        y.node
+            .control
+            .peer_accept(&x.config.cluster_name())
+            .await
+            .unwrap();
+    }
+    assert!(
+        !has_alarm(
+            &a,
+            "InterClusterCertificateExchangeFailed",
+            &b.node.https_addr.to_string()
+        )
+        .await,
+        "cleared by the successful exchange"
+    );
+    let all = [&a, &b, &c];
+    let users = ["alice", "bob", "carol"];
+    for (i, node) in all.iter().enumerate() {
+        for (j, user) in users.iter().enumerate() {
+            if i != j {
+                eventually(5, "convergence", || async {
+                    !remote(node, user).await.is_empty()
+                })
+                .await;
+            }
+        }
+    }
+
+    // A new user on B, then re-homed to another node of B, then deleted.
+    b.node.control.add_user("bert", "pw").await.unwrap();
+    for node in [&a, &c] {
+        eventually(3, "bert everywhere", || async {
+            !remote(node, "bert").await.is_empty()
+        })
+        .await;
+    }
+    let store_b = &b.node.server.store;
+    store_b
+        .set_home(
+            "bert",
+            "cluster-b.example.com",
+            "node2.cluster-b.example.com",
+        )
+        .await
+        .unwrap();
+    b.node
+        .agent
+        .notify_peers(store_b.current_usn().await.unwrap());
+    for node in [&a, &c] {
+        eventually(3, "bert re-homed everywhere", || async {
+            remote(node, "bert")
+                .await
+                .first()
+                .is_some_and(|u| u.home_node == "node2.cluster-b.example.com")
+        })
+        .await;
+    }
+    b.node.control.delete_user("bert").await.unwrap();
+    for node in [&a, &c] {
+        eventually(3, "bert gone everywhere", || async {
+            remote(node, "bert").await.is_empty()
+        })
+        .await;
+    }
+    // Every directory holds exactly the two other clusters' users.
+    for node in all {
+        let peers = node.node.control.peers().await.unwrap();
+        for p in peers.as_array().unwrap() {
+            assert_eq!(p["associated_users"], 1, "{p}");
+            assert_eq!(p["live"]["state"], "in-sync", "{p}");
+        }
+    }
 }

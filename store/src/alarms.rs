@@ -57,6 +57,16 @@ pub const PEER_CERT_OUT_OF_SYNC: &AlarmDef = &CATALOGUE[5];
 pub const DUPLICATE_USER: &AlarmDef = &CATALOGUE[6];
 /// Our copy of a peer's users differs from the peer's directory.
 pub const DIRECTORY_MISMATCH: &AlarmDef = &CATALOGUE[7];
+/// A peer does not answer.
+pub const PEER_UNREACHABLE: &AlarmDef = &CATALOGUE[8];
+/// A peer refuses the credential it issued to this cluster.
+pub const PEER_AUTH_FAILED: &AlarmDef = &CATALOGUE[9];
+/// A channel-bound certificate exchange failed.
+pub const CERT_EXCHANGE_FAILED: &AlarmDef = &CATALOGUE[10];
+/// A DNS name of a peer does not resolve.
+pub const PEER_DNS_FAILURE: &AlarmDef = &CATALOGUE[11];
+/// A peer's clock differs from ours by more than 60 s.
+pub const PEER_CLOCK_SKEW: &AlarmDef = &CATALOGUE[12];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -107,6 +117,36 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Major,
         meaning: "The anti-entropy check found that this cluster's copy of a peer's users (the subject) differs from the peer's own directory at the same USN: a lost write or a bug. The agent resyncs that peer in full at once.",
         action: "Nothing if it clears within a sync; if it comes back, report it with the logs of both clusters (`directory mismatch` lines).",
+    },
+    AlarmDef {
+        name: "InterClusterPeerUnreachable",
+        severity: Severity::Major,
+        meaning: "A peer cluster (the subject) has not answered three sync attempts in a row (connection refused, reset or timed out); its users' directory entries here are getting stale.",
+        action: "Check that the peer runs and that its HTTPS port (8443) is reachable from this node; `impmesh peer status PEER` shows the error. The alarm clears at the next successful sync.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerAuthenticationFailed",
+        severity: Severity::Major,
+        meaning: "A peer cluster (the subject) refuses the credential it issued to this cluster (the peering was removed or reset on its side).",
+        action: "Re-run the exchange: `impmesh peer sync PEER --with-certificates --user NAME` with the peer's AXL user, or remove and add the peer again.",
+    },
+    AlarmDef {
+        name: "InterClusterCertificateExchangeFailed",
+        severity: Severity::Major,
+        meaning: "A channel-bound first contact (peer add, or peer sync --with-certificates) with the subject failed: a wrong AXL user or password, a man in the middle, or an unreachable peer. Nothing was sent that could reveal the password, and nothing was pinned.",
+        action: "Check the AXL user and password with the peer's admin (`impmesh axl-user set` there) and the network path, then run the command again. The alarm clears when an exchange with the subject succeeds.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerDnsFailure",
+        severity: Severity::Minor,
+        meaning: "A DNS name of a peer cluster (the subject: its address or a SAN of its certificates) does not resolve. Syncing goes on with the last good addresses.",
+        action: "Fix the DNS records named in the message (`impmesh troubleshoot` lists them); the alarm clears when every name resolves.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerClockSkew",
+        severity: Severity::Minor,
+        meaning: "A peer cluster's clock (the subject) differs from this node's by more than 60 seconds; certificate validity checks and sync timestamps become unreliable.",
+        action: "Run NTP on both clusters' nodes; the alarm clears when the difference is back under 60 s.",
     },
 ];
 

@@ -314,6 +314,7 @@ impl Agent {
             cancel: handle.cancel.clone(),
             status: handle.status.clone(),
             progress: handle.progress.clone(),
+            alarms: Arc::new(Mutex::new(HashMap::new())),
         };
         // Sync at once.
         handle.nudge.notify_one();
@@ -492,7 +493,8 @@ impl Agent {
                     resolved.error.clone().unwrap_or_default()
                 ))
             })?;
-        let peering = impmesh_axl::client::exchange_certificates(
+        let def = impmesh_store::alarms::CERT_EXCHANGE_FAILED;
+        let peering = match impmesh_axl::client::exchange_certificates(
             &self.store,
             &target,
             server_name,
@@ -500,7 +502,15 @@ impl Agent {
             ours,
         )
         .await
-        .map_err(contact)?;
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("with {addr} as {user}: {e}");
+                self.set_alarm(def, addr, Some(&message)).await;
+                return Err(contact(e));
+            }
+        };
+        self.clear_alarm(def, addr, "an exchange succeeded").await;
         Ok((
             peering.info,
             peering.token,
@@ -761,6 +771,11 @@ impl Agent {
             impmesh_store::alarms::PEER_PENDING,
             impmesh_store::alarms::PEER_CERT_OUT_OF_SYNC,
             impmesh_store::alarms::PEER_SYNC_STALLED,
+            impmesh_store::alarms::PEER_UNREACHABLE,
+            impmesh_store::alarms::PEER_AUTH_FAILED,
+            impmesh_store::alarms::PEER_DNS_FAILURE,
+            impmesh_store::alarms::PEER_CLOCK_SKEW,
+            impmesh_store::alarms::DIRECTORY_MISMATCH,
         ] {
             self.clear_alarm(def, cluster, "the peer was removed").await;
         }
@@ -1018,6 +1033,31 @@ struct PeerTask {
     cancel: CancellationToken,
     status: Arc<Mutex<LiveStatus>>,
     progress: Arc<Mutex<Progress>>,
+    /// Which per-peer alarms this task knows to be raised (absent: unknown, so the
+    /// first report always reaches the store).
+    alarms: Arc<Mutex<HashMap<&'static str, bool>>>,
+}
+
+impl PeerTask {
+    /// Raises (`Some(message)`) or clears (`None`) a per-peer alarm, touching the store
+    /// only when the state changes.
+    async fn flag(&self, def: &'static impmesh_store::alarms::AlarmDef, on: Option<&str>) {
+        flag(&self.agent, &self.alarms, &self.cluster, def, on).await;
+    }
+}
+
+async fn flag(
+    agent: &Agent,
+    known: &Mutex<HashMap<&'static str, bool>>,
+    cluster: &str,
+    def: &'static impmesh_store::alarms::AlarmDef,
+    on: Option<&str>,
+) {
+    if lock(known).get(def.name) == Some(&on.is_some()) {
+        return;
+    }
+    agent.set_alarm(def, cluster, on).await;
+    lock(known).insert(def.name, on.is_some());
 }
 
 fn entry(u: UserEntry) -> DirectoryEntry {
@@ -1061,6 +1101,9 @@ impl PeerTask {
             };
             match result {
                 Ok(()) => {
+                    use impmesh_store::alarms::{PEER_AUTH_FAILED, PEER_UNREACHABLE};
+                    self.flag(PEER_UNREACHABLE, None).await;
+                    self.flag(PEER_AUTH_FAILED, None).await;
                     let was_alarmed = {
                         let mut p = lock(&self.progress);
                         p.last_completed = Instant::now();
@@ -1105,6 +1148,28 @@ impl PeerTask {
                         }
                     };
                     delay = backoff.next().unwrap_or(period);
+                    let failures = lock(&self.status).consecutive_failures;
+                    match &e {
+                        SyncError::Client(
+                            ClientError::Connect(..)
+                            | ClientError::Timeout(_)
+                            | ClientError::Http(_),
+                        ) if failures >= 3 => {
+                            let why = format!("{failures} attempts in a row failed; last: {e}");
+                            self.flag(impmesh_store::alarms::PEER_UNREACHABLE, Some(&why))
+                                .await;
+                        }
+                        SyncError::Client(ClientError::Status { status, .. })
+                            if status.as_u16() == 401 =>
+                        {
+                            self.flag(
+                                impmesh_store::alarms::PEER_AUTH_FAILED,
+                                Some(&e.to_string()),
+                            )
+                            .await;
+                        }
+                        _ => {}
+                    }
                     if let Some(why) = certificate_failed {
                         self.agent
                             .set_alarm(
@@ -1136,7 +1201,13 @@ impl PeerTask {
                 "getClusterInfo answered with something else".into(),
             ));
         };
-        lock(&self.status).clock_skew_secs = client.clock_skew();
+        let skew = client.clock_skew();
+        lock(&self.status).clock_skew_secs = skew;
+        let skewed = skew
+            .filter(|s| s.abs() > MAX_CLOCK_SKEW)
+            .map(|s| format!("the peer's clock is {s:+} s from this node's"));
+        self.flag(impmesh_store::alarms::PEER_CLOCK_SKEW, skewed.as_deref())
+            .await;
         self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
@@ -1213,18 +1284,33 @@ impl PeerTask {
             }
             p.last_dns_check = Some(Instant::now());
         }
-        let (agent, cluster, address, status) = (
+        let (agent, cluster, address, status, alarms) = (
             self.agent.clone(),
             self.cluster.clone(),
             address.to_owned(),
             self.status.clone(),
+            self.alarms.clone(),
         );
         self.agent.tracker.spawn(async move {
             let names = agent.resolve_peer_names(&cluster, &address).await;
-            for failed in names.iter().filter(|n| !n.ok) {
-                tracing::warn!(peer = %cluster, name = %failed.name, error = ?failed.error, "a DNS name of the peer does not resolve");
+            let failed: Vec<String> = names
+                .iter()
+                .filter(|n| !n.ok)
+                .map(|n| format!("{} ({})", n.name, n.error.as_deref().unwrap_or("no answer")))
+                .collect();
+            for f in &failed {
+                tracing::warn!(peer = %cluster, name = %f, "a DNS name of the peer does not resolve");
             }
             lock(&status).dns = names;
+            let message = (!failed.is_empty()).then(|| format!("does not resolve: {}", failed.join(", ")));
+            flag(
+                &agent,
+                &alarms,
+                &cluster,
+                impmesh_store::alarms::PEER_DNS_FAILURE,
+                message.as_deref(),
+            )
+            .await;
         });
     }
 
