@@ -151,3 +151,175 @@ async fn thirty_clusters_peer_sync_and_propagate_changes() {
         }
     }
 }
+
+/// The benchmark of the issue: 30 clusters of 15,000 users each (450,000 in all), from
+/// a cold start (users present, no peering yet) until every directory holds the
+/// 435,000 users of its 29 peers; then the steady state and the propagation of one
+/// change. Not run by CI; run it on a release build:
+///
+/// ```sh
+/// cargo test --release --test mesh -- --ignored --nocapture
+/// IMPMESH_MESH_USERS=2000 cargo test --release --test mesh -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: minutes and gigabytes; run with --ignored on a release build"]
+async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
+    let users: usize = std::env::var("IMPMESH_MESH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15_000);
+    let verifiers = (
+        impmesh_store::scram::ScramVerifier::new(impmesh_store::scram::ScramHash::Sha1, "pw", 4096)
+            .unwrap(),
+        impmesh_store::scram::ScramVerifier::new(
+            impmesh_store::scram::ScramHash::Sha256,
+            "pw",
+            4096,
+        )
+        .unwrap(),
+    );
+    let mut nodes = vec![];
+    for i in 0..CLUSTERS {
+        let node = mesh_node(i).await;
+        let names: Vec<String> = (0..users).map(|u| format!("c{i:02}u{u:05}")).collect();
+        node.node
+            .server
+            .store
+            .import_users(
+                &names,
+                (&verifiers.0, &verifiers.1),
+                &name(i),
+                &format!("node1.{}", name(i)),
+            )
+            .await
+            .unwrap();
+        nodes.push(Arc::new(node));
+    }
+    let started = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = vec![];
+    for i in 0..CLUSTERS {
+        for j in i + 1..CLUSTERS {
+            let (a, b, slots) = (nodes[i].clone(), nodes[j].clone(), slots.clone());
+            tasks.push(tokio::spawn(async move {
+                let _slot = slots.acquire().await.unwrap();
+                a.node
+                    .control
+                    .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+                    .await
+                    .unwrap();
+                b.node.control.peer_accept(&name(i)).await.unwrap();
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let peered = started.elapsed();
+    // Each peer contributes its users plus its first user.
+    let expected = ((CLUSTERS - 1) * (users + 1)) as i64;
+    loop {
+        let mut complete = true;
+        for (i, node) in nodes.iter().enumerate() {
+            let mut total = 0;
+            for j in (0..CLUSTERS).filter(|j| *j != i) {
+                total += node
+                    .node
+                    .server
+                    .store
+                    .remote_user_count(&name(j))
+                    .await
+                    .unwrap();
+            }
+            if total != expected {
+                complete = false;
+                break;
+            }
+        }
+        if complete {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3600),
+            "not complete within an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let complete = started.elapsed();
+
+    // Steady state: 30 s with nothing changing (periodic pulls are an hour apart here,
+    // so this is the agents' idle cost), process-wide.
+    let cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<String> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let rss_kib = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .map(|v| v.parse::<u64>().unwrap())
+            })
+            .unwrap()
+    };
+    let cpu0 = cpu();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let idle_cpu = cpu() - cpu0;
+
+    let mut latencies = vec![];
+    for (k, origin) in nodes.iter().enumerate().take(10) {
+        let user = format!("late{k:02}");
+        let t0 = Instant::now();
+        origin.node.control.add_user(&user, "pw").await.unwrap();
+        let mut waiting: Vec<usize> = (0..CLUSTERS).filter(|j| *j != k).collect();
+        while !waiting.is_empty() {
+            let mut still = vec![];
+            for j in waiting {
+                if nodes[j]
+                    .node
+                    .server
+                    .store
+                    .remote_user(&user)
+                    .await
+                    .unwrap()
+                    .is_empty()
+                {
+                    still.push(j);
+                } else {
+                    latencies.push(t0.elapsed());
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "BENCH mesh: {CLUSTERS} clusters x {users} users; peered in {:.1} s; every directory \
+         complete ({expected} remote users each) {:.1} s after the first peer add; idle: \
+         {:.3} CPU-s per node per 30 s, RSS {} MiB for the process ({} MiB per node); \
+         propagation to 29 peers ({} samples): p50 {:?}, p99 {:?}, max {:?}",
+        peered.as_secs_f64(),
+        complete.as_secs_f64(),
+        idle_cpu / CLUSTERS as f64,
+        rss_kib() / 1024,
+        rss_kib() / 1024 / CLUSTERS as u64,
+        latencies.len(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().unwrap()
+    );
+}

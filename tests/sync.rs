@@ -701,3 +701,95 @@ async fn three_clusters_converge_and_follow_every_kind_of_change() {
         }
     }
 }
+
+/// A sync cut in the middle of a full listing (the agent stopped after its first page)
+/// resumes within the same snapshot when the agent comes back: only the remaining
+/// pages are asked for, and the directory ends equal to the peer's, nothing lost or
+/// doubled.
+#[tokio::test]
+async fn a_sync_cut_mid_listing_resumes_where_it_stopped() {
+    let names = ["u1", "u2", "u3", "u4", "u5", "u6", "u7"];
+    let a = start_node(|c| {
+        c.node.name = Some("node1.cluster-a.example.com".into());
+        c.node.cluster = Some("cluster-a.example.com".into());
+        c.sync.period = 3600;
+        c.sync.page_size = 2;
+    })
+    .await;
+    let b = cluster("cluster-b.example.com", &names).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store = a.node.server.store.clone();
+    eventually(5, "first sync", || async {
+        store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 7
+    })
+    .await;
+    a.node.agent.shutdown().await;
+
+    // What a crash after the first page of a new full listing leaves behind.
+    let peer = "cluster-b.example.com";
+    store.restart_full_sync(peer).await.unwrap();
+    let snapshot = b.node.server.store.current_usn().await.unwrap();
+    let generation = store.begin_full_sync(peer, snapshot).await.unwrap();
+    let first_page: Vec<impmesh_store::DirectoryEntry> = b
+        .node
+        .server
+        .store
+        .directory_page(0, None, Some(snapshot), 2)
+        .await
+        .unwrap()
+        .entries;
+    let after = first_page.last().unwrap().usn;
+    store
+        .apply_full_page(peer, generation, &first_page, after)
+        .await
+        .unwrap();
+
+    let pages_before = list_users_served(&b);
+    let agent = impmesh_sync_agent::Agent::start(
+        store.clone(),
+        a.config.sync_settings(),
+        impmesh_sync_agent::Ours {
+            cluster: "cluster-a.example.com".into(),
+            address: a.node.https_addr.to_string(),
+            server_name: "localhost".into(),
+        },
+    )
+    .await
+    .unwrap();
+    eventually(5, "the resumed sync done", || async {
+        store
+            .peer_sync(peer)
+            .await
+            .unwrap()
+            .full_snapshot_usn
+            .is_none()
+    })
+    .await;
+    // 7 users, 2 a page, the first page already applied: 3 more pages.
+    assert_eq!(list_users_served(&b) - pages_before, 3);
+    assert_eq!(store.remote_user_count(peer).await.unwrap(), 7);
+    let ours = store.peer_digest(peer).await.unwrap();
+    let theirs = b.node.server.store.directory_digest().await.unwrap();
+    assert_eq!((ours.count, &ours.sha256), (theirs.count, &theirs.sha256));
+    agent.shutdown().await;
+}
+
+/// How many listUsers requests a node has answered.
+fn list_users_served(node: &TestNode) -> u64 {
+    node.node
+        .https
+        .stats
+        .snapshot()
+        .iter()
+        .filter(|((op, status), _)| *op == "listUsers" && *status == 200)
+        .map(|(_, n)| n)
+        .sum()
+}

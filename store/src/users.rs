@@ -75,6 +75,41 @@ impl Store {
         Ok(())
     }
 
+    /// Creates many users in one transaction, all with the same verifiers (a bulk
+    /// import from another server, or a benchmark): each gets its USN like any new user.
+    /// Names already taken are skipped; returns how many were created.
+    pub async fn import_users(
+        &self,
+        usernames: &[String],
+        verifiers: (&ScramVerifier, &ScramVerifier),
+        home_cluster: &str,
+        home_node: &str,
+    ) -> Result<u64> {
+        let (sha1, sha256) = (verifiers.0.encode(), verifiers.1.encode());
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let mut created = 0;
+        for username in usernames {
+            let usn = crate::directory::next_usn(&mut tx).await?;
+            created += sqlx::query(
+                "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING",
+            )
+            .bind(username)
+            .bind(home_cluster)
+            .bind(home_node)
+            .bind(&sha1)
+            .bind(&sha256)
+            .bind(now)
+            .bind(usn)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
     /// Moves a user to another home cluster/node; a directory change with a new USN.
     pub async fn set_home(
         &self,
