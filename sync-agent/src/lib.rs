@@ -158,6 +158,8 @@ pub struct Agent {
     peers: Mutex<HashMap<String, PeerHandle>>,
     /// Name resolution with the last good answers.
     dns: dns::Dns,
+    /// Failed sync attempts in a row per peer (kept across task restarts).
+    failures: Mutex<HashMap<String, u32>>,
     /// When each peer's task was last restarted for a stall, and how many times.
     recoveries: Mutex<HashMap<String, (Instant, u32)>>,
     shutdown: CancellationToken,
@@ -181,6 +183,7 @@ impl Agent {
             ours,
             peers: Mutex::new(HashMap::new()),
             dns: dns::Dns::new(store.clone(), system_dns()),
+            failures: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -1093,7 +1096,11 @@ impl PeerTask {
             {
                 let mut s = lock(&self.status);
                 s.last_attempt_at = Some(now);
-                s.state = "syncing".into();
+                // A routine pull of a peer that is in sync leaves it shown in sync;
+                // "syncing" is the first sync, or the one after a failure.
+                if s.state != "in-sync" {
+                    s.state = "syncing".into();
+                }
             }
             let result = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -1122,6 +1129,7 @@ impl PeerTask {
                     {
                         tracing::error!(error = %e, "cannot clear the stall alarm");
                     }
+                    lock(&self.agent.failures).remove(&self.cluster);
                     let mut s = lock(&self.status);
                     s.state = "in-sync".into();
                     s.reason = None;
@@ -1132,11 +1140,17 @@ impl PeerTask {
                 }
                 Err(SyncError::Gone(_)) => return,
                 Err(e) => {
+                    let failures = {
+                        let mut all = lock(&self.agent.failures);
+                        let n = all.entry(self.cluster.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
                     let certificate_failed = {
                         let mut s = lock(&self.status);
                         s.state = "failed".into();
                         s.reason = Some(e.to_string());
-                        s.consecutive_failures += 1;
+                        s.consecutive_failures = failures;
                         match &e {
                             SyncError::Certificate(why) => {
                                 let newly = s.certificate_status != "failed";
@@ -1148,7 +1162,6 @@ impl PeerTask {
                         }
                     };
                     delay = backoff.next().unwrap_or(period);
-                    let failures = lock(&self.status).consecutive_failures;
                     match &e {
                         SyncError::Client(
                             ClientError::Connect(..)
