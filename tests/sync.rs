@@ -798,3 +798,82 @@ fn list_users_served(node: &TestNode) -> u64 {
         .map(|(_, n)| n)
         .sum()
 }
+
+/// A peer that forgets the peering (its admin removed us) refuses our credential: the
+/// failure is a status, an alarm and a troubleshooter line on our side.
+#[tokio::test]
+async fn a_peer_that_dropped_us_is_an_authentication_alarm() {
+    let a = cluster("cluster-a.example.com", &["alice"]).await;
+    let b = cluster("cluster-b.example.com", &["bob"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store = a.node.server.store.clone();
+    eventually(5, "first sync", || async {
+        store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    b.node
+        .control
+        .peer_delete("cluster-a.example.com")
+        .await
+        .unwrap();
+    a.node.agent.nudge("cluster-b.example.com");
+    eventually(5, "the authentication alarm", || async {
+        has_alarm(
+            &a,
+            "InterClusterPeerAuthenticationFailed",
+            "cluster-b.example.com",
+        )
+        .await
+    })
+    .await;
+    let status = a.node.control.peers().await.unwrap();
+    assert_eq!(status[0]["live"]["state"], "failed");
+    assert!(
+        status[0]["live"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{status}"
+    );
+    let checks = a.node.control.troubleshoot().await.unwrap();
+    let sync = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "every peer is in sync")
+        .unwrap();
+    assert_eq!(sync["ok"], false);
+    assert!(
+        sync["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cluster-b.example.com: failed")
+    );
+
+    // Peering again through the channel-bound exchange repairs it and clears the alarm.
+    a.node
+        .control
+        .peer_sync(
+            "cluster-b.example.com",
+            Some((AXL_USER.into(), AXL_PW.into())),
+        )
+        .await
+        .unwrap();
+    eventually(5, "the alarm cleared", || async {
+        !has_alarm(
+            &a,
+            "InterClusterPeerAuthenticationFailed",
+            "cluster-b.example.com",
+        )
+        .await
+    })
+    .await;
+}

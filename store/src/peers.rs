@@ -129,35 +129,66 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
     })
 }
 
+/// Rows per multi-row statement (6 parameters each: well under SQLite's and
+/// PostgreSQL's limits).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Applies entries with one statement per 500 rows: deletions for tombstones, one
+/// multi-row upsert for the rest. Short statements keep the write lock briefly, which
+/// matters when many peers sync into one SQLite file.
 async fn upsert_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     peer: &str,
     generation: i64,
     entries: &[DirectoryEntry],
 ) -> Result<()> {
-    for e in entries {
-        if e.deleted {
-            sqlx::query("DELETE FROM remote_users WHERE peer = $1 AND username = $2")
+    let (gone, live): (Vec<&DirectoryEntry>, Vec<&DirectoryEntry>) =
+        entries.iter().partition(|e| e.deleted);
+    for chunk in gone.chunks(ROWS_PER_STATEMENT) {
+        let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "DELETE FROM remote_users WHERE peer = $1 AND username IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(peer);
+        for e in chunk {
+            query = query.bind(&e.username);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    for chunk in live.chunks(ROWS_PER_STATEMENT) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let n = i * 6;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
+             VALUES {}
+             ON CONFLICT (peer, username) DO UPDATE SET home_cluster = excluded.home_cluster,
+                 home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for e in chunk {
+            query = query
                 .bind(peer)
                 .bind(&e.username)
-                .execute(&mut **tx)
-                .await?;
-        } else {
-            sqlx::query(
-                "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (peer, username) DO UPDATE SET home_cluster = excluded.home_cluster,
-                     home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen",
-            )
-            .bind(peer)
-            .bind(&e.username)
-            .bind(&e.home_cluster)
-            .bind(&e.home_node)
-            .bind(e.usn)
-            .bind(generation)
-            .execute(&mut **tx)
-            .await?;
+                .bind(&e.home_cluster)
+                .bind(&e.home_node)
+                .bind(e.usn)
+                .bind(generation);
         }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
 }

@@ -158,6 +158,9 @@ pub struct Agent {
     peers: Mutex<HashMap<String, PeerHandle>>,
     /// Name resolution with the last good answers.
     dns: dns::Dns,
+    /// One page applied at a time per node: many peers syncing at once then queue here
+    /// instead of on the store's write lock (SQLite has one writer).
+    apply_lock: tokio::sync::Mutex<()>,
     /// Failed sync attempts in a row per peer (kept across task restarts).
     failures: Mutex<HashMap<String, u32>>,
     /// When each peer's task was last restarted for a stall, and how many times.
@@ -183,6 +186,7 @@ impl Agent {
             ours,
             peers: Mutex::new(HashMap::new()),
             dns: dns::Dns::new(store.clone(), system_dns()),
+            apply_lock: tokio::sync::Mutex::new(()),
             failures: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -1415,9 +1419,12 @@ impl PeerTask {
             }
             let after = page.users.last().map(|u| u.usn).unwrap_or(0);
             let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
-            store
-                .apply_full_page(&self.cluster, generation, &entries, after)
-                .await?;
+            {
+                let _writer = self.agent.apply_lock.lock().await;
+                store
+                    .apply_full_page(&self.cluster, generation, &entries, after)
+                    .await?;
+            }
             match page.next_cursor {
                 Some(c) => cursor = Some(c),
                 None => {
@@ -1454,17 +1461,19 @@ impl PeerTask {
             changes += page.users.len() as i64;
             let last = page.users.last().map(|u| u.usn);
             let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            let applied_to = match page.next_cursor {
+                Some(_) => last.unwrap_or(since),
+                None => page.snapshot_usn,
+            };
+            {
+                let _writer = self.agent.apply_lock.lock().await;
+                store
+                    .apply_changes(&self.cluster, &entries, applied_to)
+                    .await?;
+            }
             match page.next_cursor {
-                Some(c) => {
-                    store
-                        .apply_changes(&self.cluster, &entries, last.unwrap_or(since))
-                        .await?;
-                    cursor = Some(c);
-                }
+                Some(c) => cursor = Some(c),
                 None => {
-                    store
-                        .apply_changes(&self.cluster, &entries, page.snapshot_usn)
-                        .await?;
                     let ms = started.elapsed().as_millis() as i64;
                     store
                         .finish_incremental(&self.cluster, page.snapshot_usn, ms, changes)
