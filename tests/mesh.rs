@@ -223,13 +223,14 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
         for (i, node) in nodes.iter().enumerate() {
             let mut total = 0;
             for j in (0..CLUSTERS).filter(|j| *j != i) {
+                // A store saturated by the syncs may time out: count it as not yet.
                 total += node
                     .node
                     .server
                     .store
                     .remote_user_count(&name(j))
                     .await
-                    .unwrap();
+                    .unwrap_or(0);
             }
             if total != expected {
                 complete = false;

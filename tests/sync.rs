@@ -834,15 +834,16 @@ async fn a_peer_that_dropped_us_is_an_authentication_alarm() {
         .await
     })
     .await;
-    let status = a.node.control.peers().await.unwrap();
-    assert_eq!(status[0]["live"]["state"], "failed");
-    assert!(
-        status[0]["live"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("401"),
-        "{status}"
-    );
+    // Between retries the peer shows as failed, with the peer's answer as the reason.
+    let control = a.node.control.clone();
+    eventually(5, "the failed status", || async {
+        let s = control.peers().await.unwrap();
+        s[0]["live"]["state"] == "failed"
+            && s[0]["live"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("401"))
+    })
+    .await;
     let checks = a.node.control.troubleshoot().await.unwrap();
     let sync = checks
         .as_array()
