@@ -248,14 +248,16 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
         remote(&a, "bill").await.is_empty(),
         "nothing from an unverified peer"
     );
-    assert!(
+    // The alarm follows the status (written to the store right after).
+    eventually(5, "the certificate alarm", || async {
         has_alarm(
             &a,
             "InterClusterPeerCertificateOutOfSync",
-            "cluster-b.example.com"
+            "cluster-b.example.com",
         )
         .await
-    );
+    })
+    .await;
 
     // Wrong credential: nothing changes. Right one: re-pinned and synced.
     let wrong = a
@@ -536,8 +538,6 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
     })
     .await;
     let control = a.node.control.clone();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    eprintln!("DEBUG {}", control.peers().await.unwrap()[0]["live"]["dns"]);
     eventually(5, "every name resolved", || async {
         let s = control.peers().await.unwrap();
         let names = s[0]["live"]["dns"].as_array().cloned().unwrap_or_default();
