@@ -106,6 +106,9 @@ pub struct SyncSection {
     pub page_size: u32,
     /// Seconds between two resolutions of every DNS name of a peer.
     pub dns_check_interval: u64,
+    /// Seconds between two digest comparisons with a peer (0: after every sync that
+    /// found nothing new).
+    pub anti_entropy_interval: u64,
 }
 
 impl Default for SyncSection {
@@ -117,6 +120,7 @@ impl Default for SyncSection {
             auto_recovery: s.auto_recovery,
             page_size: s.page_size,
             dns_check_interval: s.dns_check_interval.as_secs(),
+            anti_entropy_interval: s.anti_entropy_interval.as_secs(),
         }
     }
 }
@@ -399,6 +403,7 @@ impl Config {
             auto_recovery: self.sync.auto_recovery,
             page_size: self.sync.page_size,
             dns_check_interval: Duration::from_secs(self.sync.dns_check_interval),
+            anti_entropy_interval: Duration::from_secs(self.sync.anti_entropy_interval),
         }
     }
 

@@ -78,7 +78,7 @@ impl Control {
     async fn directory_changed(&self) {
         if let (Some(agent), Ok(usn)) = (self.agent.get(), self.server.store.current_usn().await) {
             agent.notify_peers(usn);
-            agent.check_duplicates().await;
+            agent.request_duplicate_check();
         }
     }
 

@@ -181,6 +181,27 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
     assert_eq!(changes, [("bob", 6, true), ("frank", 7, false)]);
     assert_eq!(page.next_cursor, None);
 
+    // Pages are kept for the other peers asking the same, but by their snapshot: the
+    // same requests after changes see the changes.
+    let list = |since_usn, page_size| Request::ListUsers {
+        since_usn,
+        cursor: None,
+        page_size,
+    };
+    let Response::Users(page) = axl.call(&list(0, 2)).await.unwrap() else {
+        panic!("not a user page");
+    };
+    assert_eq!(page.snapshot_usn, 7);
+    let first: Vec<_> = page.users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(first, ["alice", "carol"]);
+    node.add_user("gina", "pw").await;
+    let Response::Users(page) = axl.call(&list(5, 100)).await.unwrap() else {
+        panic!("not a user page");
+    };
+    let changes: Vec<_> = page.users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(changes, ["bob", "frank", "gina"]);
+    assert_eq!(page.snapshot_usn, 8);
+
     let Response::Certificates(certs) = axl.call(&Request::GetCertificates).await.unwrap() else {
         panic!("not certificates");
     };

@@ -22,6 +22,8 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
         c.https.failure_delay_ms = 50;
         // Periodic pulls far apart: what arrives quickly came by notifyChange.
         c.sync.period = 3600;
+        // Digests compared after every quiet sync, so that one nudge checks.
+        c.sync.anti_entropy_interval = 0;
     })
     .await;
     impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)

@@ -8,6 +8,7 @@ use std::future::Future;
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod client;
 mod metrics;
 pub mod pake;

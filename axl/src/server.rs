@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::NodeControl;
 use crate::auth::{AuthLimits, AuthState, Outcome};
+use crate::cache::PageKey;
 use crate::soap::{
     ClusterInfo, Cursor, Fault, NodeCertificate, NodeInfo, Request as AxlRequest,
     Response as AxlResponse, UserEntry, UserPage,
@@ -121,6 +122,8 @@ pub struct Https<C: NodeControl> {
     pub limits: HttpsLimits,
     pub auth: AuthState,
     pub stats: ApiStats,
+    /// Listing pages and the digest that many peers ask for at once.
+    pub answers: crate::cache::AnswerCache,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     notices: broadcast::Sender<ChangeNotice>,
     /// Clusters that ran `exchangeCertificates` with us.
@@ -149,6 +152,7 @@ impl<C: NodeControl> Https<C> {
             limits,
             auth,
             stats: ApiStats::default(),
+            answers: crate::cache::AnswerCache::default(),
             tls: RwLock::new(with_alpn(tls)),
             notices: broadcast::channel(256).0,
             peerings: broadcast::channel(64).0,
@@ -390,7 +394,8 @@ async fn readyz<C: NodeControl>(State(https): State<Arc<Https<C>>>) -> Response 
     }
 }
 
-fn soap(status: StatusCode, body: Vec<u8>, op: &'static str) -> Response {
+fn soap(status: StatusCode, body: impl Into<Bytes>, op: &'static str) -> Response {
+    let body: Bytes = body.into();
     let mut response = (status, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -482,8 +487,8 @@ async fn axl<C: NodeControl>(State(https): State<Arc<Https<C>>>, req: Request) -
         Err(f) => fault(StatusCode::BAD_REQUEST, &f, "invalid"),
         Ok(request) => {
             let op = request.name();
-            match run(&https, &request, &user, conn.peer.ip()).await {
-                Ok(answer) => soap(StatusCode::OK, answer.to_envelope(op), op),
+            match answer(&https, request, &user, conn.peer.ip()).await {
+                Ok(body) => soap(StatusCode::OK, body, op),
                 Err(f) if f.client => fault(StatusCode::BAD_REQUEST, &f, op),
                 Err(f) => fault(StatusCode::INTERNAL_SERVER_ERROR, &f, op),
             }
@@ -495,6 +500,49 @@ async fn axl<C: NodeControl>(State(https): State<Arc<Https<C>>>, req: Request) -
         response.headers_mut().insert("authentication-info", v);
     }
     response
+}
+
+/// Runs one operation and serializes its answer. A listing page comes from
+/// [`crate::cache::AnswerCache`] when another peer just asked for the same one: a first
+/// page is pinned to the current USN first, so that every page has its full name.
+async fn answer<C: NodeControl>(
+    https: &Https<C>,
+    mut request: AxlRequest,
+    user: &str,
+    from: IpAddr,
+) -> Result<Bytes, Fault> {
+    let op = request.name();
+    let key = match &mut request {
+        AxlRequest::ListUsers {
+            since_usn,
+            cursor,
+            page_size,
+        } => {
+            let c = match *cursor {
+                Some(c) => c,
+                None => Cursor {
+                    snapshot_usn: https.store.current_usn().await.map_err(store_fault)?,
+                    after_usn: *since_usn,
+                },
+            };
+            *cursor = Some(c);
+            Some(PageKey {
+                since_usn: *since_usn,
+                after_usn: c.after_usn,
+                snapshot_usn: c.snapshot_usn,
+                page_size: *page_size,
+            })
+        }
+        _ => None,
+    };
+    if let Some(body) = key.as_ref().and_then(|k| https.answers.page(k)) {
+        return Ok(body);
+    }
+    let body = Bytes::from(run(https, &request, user, from).await?.to_envelope(op));
+    if let Some(key) = key {
+        https.answers.keep_page(key, body.clone());
+    }
+    Ok(body)
 }
 
 fn store_fault(e: StoreError) -> Fault {
@@ -636,7 +684,15 @@ async fn run<C: NodeControl>(
             })
         }
         AxlRequest::GetDirectoryDigest => {
-            let d = store.directory_digest().await.map_err(store_fault)?;
+            let usn = store.current_usn().await.map_err(store_fault)?;
+            let d = match https.answers.digest(usn) {
+                Some(d) => d,
+                None => {
+                    let d = store.directory_digest().await.map_err(store_fault)?;
+                    https.answers.keep_digest(d.clone());
+                    d
+                }
+            };
             Ok(AxlResponse::Digest {
                 usn: d.usn,
                 count: d.count,

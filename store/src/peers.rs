@@ -6,7 +6,7 @@
 use sqlx::Row as _;
 
 use crate::directory::DirectoryEntry;
-use crate::{Result, Store, StoreError, now_unix};
+use crate::{Backend, Result, Store, StoreError, now_unix};
 
 /// Whether we sync from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -133,11 +133,45 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
 /// PostgreSQL's limits).
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// Writes the placeholders of `rows` rows of `width` parameters each, numbered from
+/// `first`: `(?, ?), (?, ?)` on SQLite, `($1, $2), ($3, $4)` on PostgreSQL. SQLite gets
+/// anonymous ones because looking up a numbered parameter's name is linear in the
+/// number of parameters, which made a 3,000-parameter statement spend most of its time
+/// binding (sqlx asks for every parameter's name).
+fn placeholders(backend: Backend, first: usize, rows: usize, width: usize) -> String {
+    let mut out = String::with_capacity(rows * width * 6);
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        if width > 1 {
+            out.push('(');
+        }
+        for col in 0..width {
+            if col > 0 {
+                out.push_str(", ");
+            }
+            match backend {
+                Backend::Sqlite => out.push('?'),
+                Backend::Postgres => {
+                    out.push('$');
+                    out.push_str(&(first + row * width + col).to_string());
+                }
+            }
+        }
+        if width > 1 {
+            out.push(')');
+        }
+    }
+    out
+}
+
 /// Applies entries with one statement per 500 rows: deletions for tombstones, one
 /// multi-row upsert for the rest. Short statements keep the write lock briefly, which
 /// matters when many peers sync into one SQLite file.
 async fn upsert_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
     peer: &str,
     generation: i64,
     entries: &[DirectoryEntry],
@@ -145,10 +179,10 @@ async fn upsert_entries(
     let (gone, live): (Vec<&DirectoryEntry>, Vec<&DirectoryEntry>) =
         entries.iter().partition(|e| e.deleted);
     for chunk in gone.chunks(ROWS_PER_STATEMENT) {
-        let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
         let sql = format!(
-            "DELETE FROM remote_users WHERE peer = $1 AND username IN ({})",
-            placeholders.join(", ")
+            "DELETE FROM remote_users WHERE peer = {} AND username IN ({})",
+            placeholders(backend, 1, 1, 1),
+            placeholders(backend, 2, chunk.len(), 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(peer);
         for e in chunk {
@@ -157,26 +191,12 @@ async fn upsert_entries(
         query.execute(&mut **tx).await?;
     }
     for chunk in live.chunks(ROWS_PER_STATEMENT) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let n = i * 6;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6
-                )
-            })
-            .collect();
         let sql = format!(
             "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
              VALUES {}
              ON CONFLICT (peer, username) DO UPDATE SET home_cluster = excluded.home_cluster,
                  home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen",
-            rows.join(", ")
+            placeholders(backend, 1, chunk.len(), 6)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for e in chunk {
@@ -356,7 +376,7 @@ impl Store {
     ) -> Result<()> {
         let _timer = self.latency.start("apply_full_page");
         let mut tx = self.pool.begin().await?;
-        upsert_entries(&mut tx, peer, generation, entries).await?;
+        upsert_entries(&mut tx, self.backend, peer, generation, entries).await?;
         sqlx::query("UPDATE peer_sync SET full_after_usn = $1 WHERE peer = $2 AND full_gen = $3")
             .bind(after_usn)
             .bind(peer)
@@ -418,7 +438,7 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("full_gen")?;
-        upsert_entries(&mut tx, peer, generation, entries).await?;
+        upsert_entries(&mut tx, self.backend, peer, generation, entries).await?;
         sqlx::query("UPDATE peer_sync SET applied_usn = $1 WHERE peer = $2 AND applied_usn < $1")
             .bind(applied_usn)
             .bind(peer)
@@ -465,15 +485,19 @@ impl Store {
     /// each with its homes as (cluster, node), sorted.
     pub async fn duplicate_users(&self) -> Result<Vec<(String, Vec<(String, String)>)>> {
         let _timer = self.latency.start("duplicate_users");
+        // Both halves of `dup` walk indexes (remote_users_username in order, the
+        // users' primary key by lookup); nothing sorts the whole directory.
         let rows = sqlx::query(
-            "SELECT username, home_cluster, home_node FROM (
-                 SELECT username, home_cluster, home_node FROM users
-                 UNION ALL SELECT username, home_cluster, home_node FROM remote_users
-             ) t WHERE username IN (
-                 SELECT username FROM (
-                     SELECT username FROM users UNION ALL SELECT username FROM remote_users
-                 ) u GROUP BY username HAVING COUNT(*) > 1
-             ) ORDER BY username, home_cluster, home_node",
+            "WITH dup(username) AS (
+                 SELECT username FROM remote_users GROUP BY username HAVING COUNT(*) > 1
+                 UNION SELECT u.username FROM users u
+                     WHERE EXISTS (SELECT 1 FROM remote_users r WHERE r.username = u.username)
+             )
+             SELECT username, home_cluster, home_node FROM users
+                 WHERE username IN (SELECT username FROM dup)
+             UNION ALL SELECT username, home_cluster, home_node FROM remote_users
+                 WHERE username IN (SELECT username FROM dup)
+             ORDER BY username, home_cluster, home_node",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -38,6 +38,9 @@ pub struct Settings {
     pub page_size: u32,
     /// How often every DNS name of a peer (address, certificate SANs) is resolved again.
     pub dns_check_interval: Duration,
+    /// The shortest time between two digest comparisons with a peer (anti-entropy);
+    /// zero compares after every sync that found nothing new.
+    pub anti_entropy_interval: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +51,7 @@ impl Default for Settings {
             auto_recovery: true,
             page_size: 500,
             dns_check_interval: Duration::from_secs(300),
+            anti_entropy_interval: Duration::from_secs(600),
         }
     }
 }
@@ -96,6 +100,9 @@ pub struct Check {
     /// What was found (the reason when not ok).
     pub detail: String,
 }
+
+/// The shortest time between two duplicate checks.
+pub const DUPLICATE_CHECK_SPACING: Duration = Duration::from_secs(1);
 
 /// Clock skew beyond which the troubleshooter complains, seconds.
 pub const MAX_CLOCK_SKEW: i64 = 60;
@@ -148,6 +155,12 @@ struct Progress {
     alarmed: bool,
     /// When the peer's DNS names were last resolved.
     last_dns_check: Option<Instant>,
+    /// When our copy of the peer's users was last known equal to the peer's directory:
+    /// a full sync, or a digest comparison.
+    last_compared: Option<Instant>,
+    /// The last comparison found our copy different (a resync is under way; the next
+    /// sync compares again, to clear the alarm).
+    mismatched: bool,
 }
 
 /// The running agent of one node.
@@ -161,6 +174,8 @@ pub struct Agent {
     /// One page applied at a time per node: many peers syncing at once then queue here
     /// instead of on the store's write lock (SQLite has one writer).
     apply_lock: tokio::sync::Mutex<()>,
+    /// Asks the duplicate checker for a check (see [`Agent::request_duplicate_check`]).
+    duplicates: Notify,
     /// Failed sync attempts in a row per peer (kept across task restarts).
     failures: Mutex<HashMap<String, u32>>,
     /// When each peer's task was last restarted for a stall, and how many times.
@@ -187,6 +202,7 @@ impl Agent {
             peers: Mutex::new(HashMap::new()),
             dns: dns::Dns::new(store.clone(), system_dns()),
             apply_lock: tokio::sync::Mutex::new(()),
+            duplicates: Notify::new(),
             failures: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -201,6 +217,10 @@ impl Agent {
         agent
             .tracker
             .spawn(async move { watchdog.watch_stalls().await });
+        let checker = agent.clone();
+        agent
+            .tracker
+            .spawn(async move { checker.check_duplicates_when_asked().await });
         Ok(agent)
     }
 
@@ -312,6 +332,8 @@ impl Agent {
                 last_completed: Instant::now(),
                 alarmed,
                 last_dns_check: None,
+                last_compared: None,
+                mismatched: false,
             })),
         };
         let task = PeerTask {
@@ -525,8 +547,30 @@ impl Agent {
         ))
     }
 
+    /// Asks for a duplicate check soon. Checks run one at a time, at most one per
+    /// [`DUPLICATE_CHECK_SPACING`]; requests made meanwhile fold into the next one, so
+    /// 29 full syncs ending together cost one or two scans of the directory, not 29.
+    pub fn request_duplicate_check(&self) {
+        self.duplicates.notify_one();
+    }
+
+    async fn check_duplicates_when_asked(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.duplicates.notified() => {}
+            }
+            self.check_duplicates().await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(DUPLICATE_CHECK_SPACING) => {}
+            }
+        }
+    }
+
     /// Raises `InterClusterDuplicateUser` for every user homed in more than one cluster
-    /// and clears it for those fixed. Run after every sync that changed the directory
+    /// and clears it for those fixed. Runs when asked by
+    /// [`Agent::request_duplicate_check`]: after every sync that changed the directory
     /// and after local changes.
     pub async fn check_duplicates(&self) {
         let def = impmesh_store::alarms::DUPLICATE_USER;
@@ -1229,21 +1273,32 @@ impl PeerTask {
         self.check_certificates(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
+        // A full sync leaves our copy equal to the listing; a sync that found nothing
+        // new is the moment to check that it still is (anti-entropy), at most every
+        // anti_entropy_interval.
         let quiet = if full {
             self.full_sync(&mut client, sync).await?;
-            true
+            false
         } else {
             match self.incremental(&mut client, sync.applied_usn).await {
                 Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
                     tracing::info!(peer = %self.cluster, "changes no longer kept by the peer; full sync");
                     self.full_sync(&mut client, store.peer_sync(&self.cluster).await?)
                         .await?;
-                    true
+                    false
                 }
                 other => other? == 0,
             }
         };
-        if quiet {
+        let (due, mismatched) = {
+            let p = lock(&self.progress);
+            let due = p
+                .last_compared
+                .is_none_or(|t| t.elapsed() >= self.agent.settings.anti_entropy_interval);
+            (due, p.mismatched)
+        };
+        // After a mismatch, the resync is checked at once (and the alarm cleared).
+        if (quiet && due) || mismatched {
             self.anti_entropy(&mut client).await?;
         }
         Ok(())
@@ -1268,7 +1323,13 @@ impl PeerTask {
             return Ok(());
         }
         let def = impmesh_store::alarms::DIRECTORY_MISMATCH;
-        if count == ours.count && sha256 == ours.sha256 {
+        let equal = count == ours.count && sha256 == ours.sha256;
+        {
+            let mut p = lock(&self.progress);
+            p.last_compared = Some(Instant::now());
+            p.mismatched = !equal;
+        }
+        if equal {
             self.agent
                 .clear_alarm(def, &self.cluster, "the digests match")
                 .await;
@@ -1433,8 +1494,9 @@ impl PeerTask {
                         .finish_full_sync(&self.cluster, generation, page.snapshot_usn, ms)
                         .await?;
                     lock(&self.status).peer_users = Some(users);
+                    lock(&self.progress).last_compared = Some(Instant::now());
                     tracing::info!(peer = %self.cluster, users, usn = page.snapshot_usn, ms, "full sync done");
-                    self.agent.check_duplicates().await;
+                    self.agent.request_duplicate_check();
                     return Ok(());
                 }
             }
@@ -1480,7 +1542,7 @@ impl PeerTask {
                         .await?;
                     if changes > 0 {
                         tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
-                        self.agent.check_duplicates().await;
+                        self.agent.request_duplicate_check();
                     }
                     return Ok(changes);
                 }

@@ -1,0 +1,160 @@
+//! Answers that many peers ask for at once, kept briefly.
+//!
+//! When a cluster starts syncing with its peers, or tells them all that it changed,
+//! up to 29 of them ask for the same `listUsers` pages and the same directory digest
+//! within seconds. A page is fully named by (since, after, snapshot, page size): the
+//! rows are those with a USN in (after, snapshot], so the same name always means the
+//! same page (a user changed since has a USN above the snapshot, and reaches the peer
+//! with its next "changes since snapshot"). The first asker reads the store and
+//! serializes; the others get the same bytes. A digest is valid at one USN, so it is
+//! kept until the directory moves on.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use impmesh_store::Digest;
+
+/// How long a page is served from memory.
+pub const PAGE_TTL: Duration = Duration::from_secs(30);
+/// The most page bytes kept (a full listing of 15,000 users is about 3 MB).
+pub const MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// Names one page of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub since_usn: i64,
+    pub after_usn: i64,
+    pub snapshot_usn: i64,
+    pub page_size: u32,
+}
+
+#[derive(Default)]
+struct Pages {
+    by_key: HashMap<PageKey, (Instant, Bytes)>,
+    /// Insertion order, oldest first: evicted first.
+    order: VecDeque<PageKey>,
+    bytes: usize,
+}
+
+/// Serialized pages and the last digest, shared by every connection of the service.
+#[derive(Default)]
+pub struct AnswerCache {
+    pages: Mutex<Pages>,
+    digest: Mutex<Option<Digest>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AnswerCache {
+    /// The serialized answer for `key`, if one younger than [`PAGE_TTL`] is kept.
+    pub fn page(&self, key: &PageKey) -> Option<Bytes> {
+        let pages = lock(&self.pages);
+        pages
+            .by_key
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < PAGE_TTL)
+            .map(|(_, body)| body.clone())
+    }
+
+    /// Keeps `body` as the answer for `key`, evicting the oldest pages (and every
+    /// expired one) to stay within [`MAX_BYTES`].
+    pub fn keep_page(&self, key: PageKey, body: Bytes) {
+        if body.len() > MAX_BYTES {
+            return;
+        }
+        let mut pages = lock(&self.pages);
+        if pages.by_key.contains_key(&key) {
+            return;
+        }
+        while let Some(oldest) = pages.order.front().copied() {
+            let expired = pages
+                .by_key
+                .get(&oldest)
+                .is_none_or(|(at, _)| at.elapsed() >= PAGE_TTL);
+            if !expired && pages.bytes + body.len() <= MAX_BYTES {
+                break;
+            }
+            pages.order.pop_front();
+            if let Some((_, gone)) = pages.by_key.remove(&oldest) {
+                pages.bytes -= gone.len();
+            }
+        }
+        pages.bytes += body.len();
+        pages.order.push_back(key);
+        pages.by_key.insert(key, (Instant::now(), body));
+    }
+
+    /// Bytes of pages kept now.
+    pub fn page_bytes(&self) -> usize {
+        lock(&self.pages).bytes
+    }
+
+    /// The digest kept for `usn`, if it is that one.
+    pub fn digest(&self, usn: i64) -> Option<Digest> {
+        lock(&self.digest).clone().filter(|d| d.usn == usn)
+    }
+
+    pub fn keep_digest(&self, digest: Digest) {
+        *lock(&self.digest) = Some(digest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(after: i64) -> PageKey {
+        PageKey {
+            since_usn: 0,
+            after_usn: after,
+            snapshot_usn: 100,
+            page_size: 10,
+        }
+    }
+
+    #[test]
+    fn pages_are_kept_by_their_full_name_and_bounded_in_bytes() {
+        let cache = AnswerCache::default();
+        cache.keep_page(key(0), Bytes::from_static(b"first"));
+        assert_eq!(cache.page(&key(0)).as_deref(), Some(&b"first"[..]));
+        assert!(cache.page(&key(10)).is_none());
+        let other_snapshot = PageKey {
+            snapshot_usn: 101,
+            ..key(0)
+        };
+        assert!(cache.page(&other_snapshot).is_none());
+        // A second answer for the same key keeps the first.
+        cache.keep_page(key(0), Bytes::from_static(b"again"));
+        assert_eq!(cache.page(&key(0)).as_deref(), Some(&b"first"[..]));
+
+        // Filling past the bound evicts the oldest first.
+        let big = Bytes::from(vec![0u8; MAX_BYTES / 2]);
+        cache.keep_page(key(10), big.clone());
+        cache.keep_page(key(20), big.clone());
+        assert!(cache.page(&key(0)).is_none(), "the oldest went");
+        assert!(cache.page(&key(10)).is_some());
+        cache.keep_page(key(30), big);
+        assert!(cache.page(&key(10)).is_none());
+        assert!(cache.page_bytes() <= MAX_BYTES);
+        // Larger than the whole bound: not kept.
+        cache.keep_page(key(40), Bytes::from(vec![0u8; MAX_BYTES + 1]));
+        assert!(cache.page(&key(40)).is_none());
+    }
+
+    #[test]
+    fn a_digest_is_served_only_at_its_usn() {
+        let cache = AnswerCache::default();
+        assert!(cache.digest(5).is_none());
+        cache.keep_digest(Digest {
+            usn: 5,
+            count: 2,
+            sha256: "ab".into(),
+        });
+        assert_eq!(cache.digest(5).map(|d| d.count), Some(2));
+        assert!(cache.digest(6).is_none());
+    }
+}
