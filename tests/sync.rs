@@ -461,6 +461,39 @@ async fn a_lost_write_is_found_by_the_digest_and_repaired() {
     assert_eq!(events, [false, true], "raised, then cleared");
 }
 
+/// A user homed on both sides before they peer is found by the full syncs (the check
+/// scoped to the peer's slice), on both sides, and clears when one side deletes it.
+#[tokio::test]
+async fn a_duplicate_present_before_peering_is_found_by_the_full_sync() {
+    let a = cluster("cluster-a.example.com", &["alice", "dora"]).await;
+    let b = cluster("cluster-b.example.com", &["bob", "dora"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    b.node
+        .control
+        .peer_accept("cluster-a.example.com")
+        .await
+        .unwrap();
+    for node in [&a, &b] {
+        eventually(10, "the duplicate alarm", || async {
+            has_alarm(node, "InterClusterDuplicateUser", "dora").await
+        })
+        .await;
+        assert!(!has_alarm(node, "InterClusterDuplicateUser", "alice").await);
+        assert!(!has_alarm(node, "InterClusterDuplicateUser", "bob").await);
+    }
+    b.node.control.delete_user("dora").await.unwrap();
+    for node in [&a, &b] {
+        eventually(10, "the duplicate alarm cleared", || async {
+            !has_alarm(node, "InterClusterDuplicateUser", "dora").await
+        })
+        .await;
+    }
+}
+
 /// Resolves every name of the test clusters to 127.0.0.1.
 fn test_dns() -> std::sync::Arc<MapDns> {
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();

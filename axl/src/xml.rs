@@ -1,6 +1,6 @@
-//! A small namespace-aware XML tree for SOAP bodies, read with rxml (no DTDs, no
-//! entity declarations, no processing instructions) under depth and element-count
-//! caps, and written with escaping. Unqualified elements (the SOAP 1.1 fault's
+//! A small namespace-aware XML tree for SOAP bodies, read with quick-xml's namespace
+//! reader (no DTDs, so no entity declarations and nothing to expand; no processing
+//! instructions) under depth and element-count caps, and written with escaping. Unqualified elements (the SOAP 1.1 fault's
 //! children) are kept as such, which minidom cannot do.
 
 /// Deepest nesting accepted.
@@ -71,15 +71,28 @@ impl El {
 
     /// Parses a document whose namespaces are all in `known` (or unqualified).
     pub fn parse(doc: &[u8], known: &[&'static str]) -> Result<El, XmlError> {
-        let mut reader = rxml::Reader::new(doc);
+        use quick_xml::events::Event;
+        use quick_xml::name::ResolveResult;
+
+        let bad = |why: String| XmlError::NotWellFormed(why);
+        let doc = std::str::from_utf8(doc).map_err(|e| bad(e.to_string()))?;
+        let mut reader = quick_xml::reader::NsReader::from_str(doc);
+        let config = reader.config_mut();
+        config.expand_empty_elements = true;
+        config.check_end_names = true;
+        config.check_comments = true;
         let mut stack: Vec<El> = vec![];
+        let mut root: Option<El> = None;
         let mut count = 0usize;
         loop {
-            let event = reader
-                .read()
-                .map_err(|e| XmlError::NotWellFormed(e.to_string()))?;
+            let (ns, event) = reader
+                .read_resolved_event()
+                .map_err(|e| bad(e.to_string()))?;
             match event {
-                Some(rxml::Event::StartElement(_, (ns, name), _)) => {
+                Event::Start(_) if root.is_some() => {
+                    return Err(bad("content after the root element".into()));
+                }
+                Event::Start(start) => {
                     count += 1;
                     if count > MAX_ELEMENTS {
                         return Err(XmlError::TooMany);
@@ -87,33 +100,76 @@ impl El {
                     if stack.len() >= MAX_DEPTH {
                         return Err(XmlError::TooDeep);
                     }
-                    let ns = if ns.is_none() {
-                        ""
-                    } else {
-                        known
-                            .iter()
-                            .find(|k| **k == ns.as_str())
-                            .copied()
-                            .ok_or_else(|| XmlError::UnknownNamespace(ns.as_str().to_owned()))?
+                    let ns = match ns {
+                        ResolveResult::Unbound => "",
+                        ResolveResult::Bound(uri) => {
+                            let uri: &str = uri.as_ref();
+                            known
+                                .iter()
+                                .find(|k| **k == uri)
+                                .copied()
+                                .ok_or_else(|| XmlError::UnknownNamespace(uri.to_owned()))?
+                        }
+                        ResolveResult::Unknown(prefix) => {
+                            return Err(bad(format!("undeclared namespace prefix {prefix:?}")));
+                        }
                     };
-                    stack.push(El::new(ns, name.as_str()));
+                    // Attributes carry nothing here, but must be well-formed.
+                    for attribute in start.attributes() {
+                        attribute.map_err(|e| bad(e.to_string()))?;
+                    }
+                    stack.push(El::new(ns, start.local_name().into_inner()));
                 }
-                Some(rxml::Event::EndElement(_)) => {
+                Event::End(_) => {
                     let done = stack
                         .pop()
-                        .ok_or_else(|| XmlError::NotWellFormed("unbalanced end tag".into()))?;
+                        .ok_or_else(|| bad("unbalanced end tag".into()))?;
                     match stack.last_mut() {
                         Some(parent) => parent.children.push(done),
-                        None => return Ok(done),
+                        None => root = Some(done),
                     }
                 }
-                Some(rxml::Event::Text(_, text)) => {
-                    if let Some(top) = stack.last_mut() {
-                        top.text.push_str(text.as_str());
+                Event::Text(text) => match stack.last_mut() {
+                    Some(top) => top.text.push_str(&text.xml10_content()),
+                    None if text.xml10_content().trim().is_empty() => {}
+                    None => return Err(bad("text outside the root element".into())),
+                },
+                Event::CData(data) => {
+                    let data = data.into_inner();
+                    match stack.last_mut() {
+                        Some(top) => top.text.push_str(&data),
+                        None => return Err(bad("CDATA outside the root element".into())),
                     }
                 }
-                Some(rxml::Event::XmlDeclaration(..)) => {}
-                None => return Err(XmlError::NotWellFormed("the document ends early".into())),
+                Event::GeneralRef(reference) => {
+                    // Character references and the five predefined entities; nothing
+                    // else is declared (no DTDs), so nothing else expands.
+                    let c = match reference.resolve_char_ref() {
+                        Ok(Some(c)) => c,
+                        Ok(None) => match &*reference.into_inner() {
+                            "lt" => '<',
+                            "gt" => '>',
+                            "amp" => '&',
+                            "quot" => '"',
+                            "apos" => '\'',
+                            other => return Err(bad(format!("undeclared entity &{other};"))),
+                        },
+                        Err(e) => return Err(bad(e.to_string())),
+                    };
+                    match stack.last_mut() {
+                        Some(top) => top.text.push(c),
+                        None => return Err(bad("a reference outside the root element".into())),
+                    }
+                }
+                Event::Decl(_) | Event::Comment(_) => {}
+                Event::DocType(_) => {
+                    return Err(bad("document type declarations are refused".into()));
+                }
+                Event::PI(_) => return Err(bad("processing instructions are refused".into())),
+                Event::Empty(_) => return Err(bad("unexpanded empty element".into())),
+                Event::Eof => {
+                    return root.ok_or_else(|| bad("the document ends early".into()));
+                }
             }
         }
     }
@@ -220,5 +276,28 @@ mod tests {
             El::parse(b"", &known),
             Err(XmlError::NotWellFormed(_))
         ));
+        for doc in [
+            &b"<a>&foo;</a>"[..],
+            b"<p:a/>",
+            b"<a></b>",
+            b"<a x='1' x='2'/>",
+            b"<a x=1/>",
+            b"<a/>trailing<b/>",
+            b"text<a/>",
+            b"<a>\xff</a>",
+            b"<a><!-- a -- b --></a>",
+        ] {
+            assert!(
+                matches!(El::parse(doc, &known), Err(XmlError::NotWellFormed(_))),
+                "{}",
+                String::from_utf8_lossy(doc)
+            );
+        }
+    }
+
+    #[test]
+    fn references_and_cdata_are_text() {
+        let el = El::parse(b"<a>&#60;&#x3E;&amp;&apos;<![CDATA[x<y]]></a>", &[]).unwrap();
+        assert_eq!(el.text, "<>&'x<y");
     }
 }

@@ -513,6 +513,60 @@ impl Store {
         Ok(out)
     }
 
+    /// The users of `peer`'s slice that another peer or this cluster also claims: what
+    /// a full sync of `peer` may have made duplicates (one index probe per user).
+    pub async fn claimed_elsewhere(&self, peer: &str) -> Result<Vec<String>> {
+        let _timer = self.latency.start("claimed_elsewhere");
+        let rows = sqlx::query(
+            "SELECT r.username FROM remote_users r WHERE r.peer = $1 AND (
+                 EXISTS (SELECT 1 FROM remote_users o
+                         WHERE o.username = r.username AND o.peer <> r.peer)
+                 OR EXISTS (SELECT 1 FROM users u WHERE u.username = r.username))",
+        )
+        .bind(peer)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("username")?)).collect()
+    }
+
+    /// Of `names`, those homed in more than one cluster, as [`Store::duplicate_users`]
+    /// gives them: the scoped check run after a sync or a local change.
+    pub async fn duplicates_among(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<(String, Vec<(String, String)>)>> {
+        let _timer = self.latency.start("duplicates_among");
+        let mut homes: std::collections::BTreeMap<String, Vec<(String, String)>> =
+            Default::default();
+        for chunk in names.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT username, home_cluster, home_node FROM users WHERE username IN ({})
+                 UNION ALL SELECT username, home_cluster, home_node FROM remote_users
+                     WHERE username IN ({})",
+                placeholders(self.backend, 1, chunk.len(), 1),
+                placeholders(self.backend, chunk.len() + 1, chunk.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for name in chunk.iter().chain(chunk) {
+                query = query.bind(name);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                homes
+                    .entry(row.try_get("username")?)
+                    .or_default()
+                    .push((row.try_get("home_cluster")?, row.try_get("home_node")?));
+            }
+        }
+        Ok(homes
+            .into_iter()
+            .filter(|(_, h)| h.len() > 1)
+            .map(|(user, mut h)| {
+                h.sort();
+                (user, h)
+            })
+            .collect())
+    }
+
     /// Where a user of the domain lives, by the mesh-wide rule for duplicates: of all
     /// the clusters that claim the user (this one included), the one whose name sorts
     /// first. Every cluster applies the same rule to the same data, so they agree.
@@ -765,6 +819,11 @@ mod tests {
                     ("b".to_owned(), "b2".to_owned())
                 ]
             );
+            // The scoped checks find the same.
+            assert_eq!(store.claimed_elsewhere("b").await.unwrap(), ["z"]);
+            let names = ["z".to_owned(), "y".to_owned(), "nobody".to_owned()];
+            assert_eq!(store.duplicates_among(&names).await.unwrap(), dups);
+            assert!(store.duplicates_among(&[]).await.unwrap().is_empty());
             assert_eq!(
                 store.home_of("z").await.unwrap(),
                 Some(("a".into(), "a1".into()))

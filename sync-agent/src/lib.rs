@@ -104,6 +104,25 @@ pub struct Check {
 /// The shortest time between two duplicate checks.
 pub const DUPLICATE_CHECK_SPACING: Duration = Duration::from_secs(1);
 
+/// What a duplicate check must look at.
+#[derive(Debug, Clone)]
+pub enum DuplicateScope {
+    /// The whole directory.
+    All,
+    /// The users of this peer's slice (after a full sync of it).
+    Peer(String),
+    /// These user names (after changes to them, here or at a peer).
+    Users(Vec<String>),
+}
+
+/// The scopes asked for since the last check, merged.
+#[derive(Debug, Default)]
+struct PendingDuplicateCheck {
+    all: bool,
+    peers: std::collections::BTreeSet<String>,
+    names: std::collections::BTreeSet<String>,
+}
+
 /// Clock skew beyond which the troubleshooter complains, seconds.
 pub const MAX_CLOCK_SKEW: i64 = 60;
 
@@ -174,8 +193,10 @@ pub struct Agent {
     /// One page applied at a time per node: many peers syncing at once then queue here
     /// instead of on the store's write lock (SQLite has one writer).
     apply_lock: tokio::sync::Mutex<()>,
-    /// Asks the duplicate checker for a check (see [`Agent::request_duplicate_check`]).
+    /// Wakes the duplicate checker (see [`Agent::request_duplicate_check`]).
     duplicates: Notify,
+    /// What the next duplicate check looks at.
+    duplicate_scope: Mutex<PendingDuplicateCheck>,
     /// Failed sync attempts in a row per peer (kept across task restarts).
     failures: Mutex<HashMap<String, u32>>,
     /// When each peer's task was last restarted for a stall, and how many times.
@@ -203,6 +224,7 @@ impl Agent {
             dns: dns::Dns::new(store.clone(), system_dns()),
             apply_lock: tokio::sync::Mutex::new(()),
             duplicates: Notify::new(),
+            duplicate_scope: Mutex::new(PendingDuplicateCheck::default()),
             failures: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -221,6 +243,7 @@ impl Agent {
         agent
             .tracker
             .spawn(async move { checker.check_duplicates_when_asked().await });
+        agent.request_duplicate_check(DuplicateScope::All);
         Ok(agent)
     }
 
@@ -547,10 +570,22 @@ impl Agent {
         ))
     }
 
-    /// Asks for a duplicate check soon. Checks run one at a time, at most one per
-    /// [`DUPLICATE_CHECK_SPACING`]; requests made meanwhile fold into the next one, so
-    /// 29 full syncs ending together cost one or two scans of the directory, not 29.
-    pub fn request_duplicate_check(&self) {
+    /// Asks for a duplicate check of `scope` soon. Checks run one at a time, at most
+    /// one per [`DUPLICATE_CHECK_SPACING`]; requests made meanwhile fold into the next
+    /// one. A check looks only at what the scope could have changed (one peer's slice,
+    /// a few names) plus the duplicates already alarmed, so a cold start's 29 full
+    /// syncs cost 29 probes of 15,000 names, not 29 scans of the whole directory.
+    pub fn request_duplicate_check(&self, scope: DuplicateScope) {
+        {
+            let mut pending = lock(&self.duplicate_scope);
+            match scope {
+                DuplicateScope::All => pending.all = true,
+                DuplicateScope::Peer(p) => {
+                    pending.peers.insert(p);
+                }
+                DuplicateScope::Users(names) => pending.names.extend(names),
+            }
+        }
         self.duplicates.notify_one();
     }
 
@@ -560,7 +595,12 @@ impl Agent {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.duplicates.notified() => {}
             }
-            self.check_duplicates().await;
+            let pending = std::mem::take(&mut *lock(&self.duplicate_scope));
+            if pending.all {
+                self.check_duplicates().await;
+            } else {
+                self.check_duplicates_among(pending).await;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(DUPLICATE_CHECK_SPACING) => {}
@@ -569,22 +609,64 @@ impl Agent {
     }
 
     /// Raises `InterClusterDuplicateUser` for every user homed in more than one cluster
-    /// and clears it for those fixed. Runs when asked by
-    /// [`Agent::request_duplicate_check`]: after every sync that changed the directory
-    /// and after local changes.
+    /// and clears it for those fixed, over the whole directory. Runs at start, after a
+    /// peer is removed, and when asked with [`DuplicateScope::All`].
     pub async fn check_duplicates(&self) {
+        match self.store.duplicate_users().await {
+            Ok(dups) => self.alarm_duplicates(&dups, None).await,
+            Err(e) => tracing::error!(error = %e, "cannot check for duplicate users"),
+        }
+    }
+
+    /// The scoped check: the users of the peers whose slice was replaced that someone
+    /// else claims too, the names that changed, and the duplicates already alarmed.
+    async fn check_duplicates_among(&self, pending: PendingDuplicateCheck) {
+        let mut names = pending.names;
+        for peer in &pending.peers {
+            match self.store.claimed_elsewhere(peer).await {
+                Ok(claimed) => names.extend(claimed),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot check for duplicate users");
+                    return;
+                }
+            }
+        }
         let def = impmesh_store::alarms::DUPLICATE_USER;
-        let (dups, active) = match (
-            self.store.duplicate_users().await,
-            self.store.active_alarms().await,
-        ) {
-            (Ok(d), Ok(a)) => (d, a),
-            (Err(e), _) | (_, Err(e)) => {
+        match self.store.active_alarms().await {
+            Ok(active) => names.extend(
+                active
+                    .into_iter()
+                    .filter(|a| a.name == def.name)
+                    .map(|a| a.subject),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check for duplicate users");
+                return;
+            }
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        match self.store.duplicates_among(&names).await {
+            Ok(dups) => self.alarm_duplicates(&dups, Some(&names)).await,
+            Err(e) => tracing::error!(error = %e, "cannot check for duplicate users"),
+        }
+    }
+
+    /// Raises the alarm for `dups` and clears it for every alarmed user not among them
+    /// (of those `checked`, or of all when the whole directory was checked).
+    async fn alarm_duplicates(
+        &self,
+        dups: &[(String, Vec<(String, String)>)],
+        checked: Option<&[String]>,
+    ) {
+        let def = impmesh_store::alarms::DUPLICATE_USER;
+        let active = match self.store.active_alarms().await {
+            Ok(a) => a,
+            Err(e) => {
                 tracing::error!(error = %e, "cannot check for duplicate users");
                 return;
             }
         };
-        for (user, homes) in &dups {
+        for (user, homes) in dups {
             let list: Vec<String> = homes.iter().map(|(c, n)| format!("{c} ({n})")).collect();
             let message = format!(
                 "{user} is homed in {}; routed to {} (the first cluster name) until fixed",
@@ -594,7 +676,8 @@ impl Agent {
             self.set_alarm(def, user, Some(&message)).await;
         }
         for alarm in active.iter().filter(|a| a.name == def.name) {
-            if !dups.iter().any(|(u, _)| *u == alarm.subject) {
+            let in_scope = checked.is_none_or(|names| names.contains(&alarm.subject));
+            if in_scope && !dups.iter().any(|(u, _)| *u == alarm.subject) {
                 self.clear_alarm(def, &alarm.subject, "no longer homed twice")
                     .await;
             }
@@ -830,6 +913,7 @@ impl Agent {
         ] {
             self.clear_alarm(def, cluster, "the peer was removed").await;
         }
+        self.request_duplicate_check(DuplicateScope::All);
         tracing::info!(peer = %cluster, "peer deleted");
         Ok(())
     }
@@ -1496,7 +1580,8 @@ impl PeerTask {
                     lock(&self.status).peer_users = Some(users);
                     lock(&self.progress).last_compared = Some(Instant::now());
                     tracing::info!(peer = %self.cluster, users, usn = page.snapshot_usn, ms, "full sync done");
-                    self.agent.request_duplicate_check();
+                    self.agent
+                        .request_duplicate_check(DuplicateScope::Peer(self.cluster.clone()));
                     return Ok(());
                 }
             }
@@ -1509,6 +1594,7 @@ impl PeerTask {
         let started = Instant::now();
         let mut cursor = None;
         let mut changes = 0i64;
+        let mut changed = vec![];
         loop {
             let request = Request::ListUsers {
                 since_usn: since,
@@ -1523,6 +1609,7 @@ impl PeerTask {
             changes += page.users.len() as i64;
             let last = page.users.last().map(|u| u.usn);
             let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            changed.extend(entries.iter().map(|e| e.username.clone()));
             let applied_to = match page.next_cursor {
                 Some(_) => last.unwrap_or(since),
                 None => page.snapshot_usn,
@@ -1542,7 +1629,8 @@ impl PeerTask {
                         .await?;
                     if changes > 0 {
                         tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
-                        self.agent.request_duplicate_check();
+                        self.agent
+                            .request_duplicate_check(DuplicateScope::Users(changed));
                     }
                     return Ok(changes);
                 }
