@@ -17,7 +17,7 @@ use bytes::Bytes;
 use impmesh_store::Digest;
 
 /// How long a page is served from memory.
-pub const PAGE_TTL: Duration = Duration::from_secs(30);
+pub const PAGE_TTL: Duration = Duration::from_secs(120);
 /// The most page bytes kept (a full listing of 15,000 users is about 3 MB).
 pub const MAX_BYTES: usize = 8 * 1024 * 1024;
 
