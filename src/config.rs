@@ -67,6 +67,8 @@ pub struct ListenSection {
     pub c2s_direct_tls: Vec<SocketAddr>,
     /// HTTPS: the AXL-like API, the admin API, /metrics, /healthz, /readyz.
     pub https: SocketAddr,
+    /// Router links from the nodes of peer clusters (mutual TLS); none: no links.
+    pub links: Option<SocketAddr>,
 }
 
 impl Default for ListenSection {
@@ -75,6 +77,7 @@ impl Default for ListenSection {
             c2s: vec![SocketAddr::from(([127, 0, 0, 1], 5222))],
             c2s_direct_tls: vec![SocketAddr::from(([127, 0, 0, 1], 5223))],
             https: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
         }
     }
 }

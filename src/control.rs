@@ -26,6 +26,8 @@ pub struct Control {
     agent: OnceLock<Arc<Agent>>,
     /// Bound listeners: (STARTTLS, direct TLS, HTTPS).
     listeners: OnceLock<(Vec<SocketAddr>, Vec<SocketAddr>, SocketAddr)>,
+    /// The bound router-link listener, if any.
+    links: OnceLock<SocketAddr>,
     started: Instant,
     /// Certificate changes one at a time.
     cert_lock: tokio::sync::Mutex<()>,
@@ -46,6 +48,7 @@ impl Control {
             https: OnceLock::new(),
             agent: OnceLock::new(),
             listeners: OnceLock::new(),
+            links: OnceLock::new(),
             started: Instant::now(),
             cert_lock: tokio::sync::Mutex::new(()),
         })
@@ -61,6 +64,11 @@ impl Control {
     ) {
         let _ = self.https.set(Arc::downgrade(https));
         let _ = self.listeners.set((c2s, c2s_direct_tls, https_addr));
+    }
+
+    /// Records the bound router-link listener (published to peers).
+    pub fn attach_links(&self, addr: SocketAddr) {
+        let _ = self.links.set(addr);
     }
 
     /// Hands the running sync agent to the admin API.
@@ -119,8 +127,8 @@ impl Control {
                 host: self.config.advertised_host(),
                 c2s_port: c2s.first().map(|a| a.port()).unwrap_or(0),
                 c2s_tls_port: direct.first().map(|a| a.port()).unwrap_or(0),
-                // Router links come with federation; 0 means "not listening".
-                link_port: 0,
+                // 0 means "not listening".
+                link_port: self.links.get().map(|a| a.port()).unwrap_or(0),
                 https_port: https.port(),
                 cert_pem,
                 fingerprint: identity.fingerprint(),
@@ -149,6 +157,7 @@ impl Control {
         if let Some(https) = self.https.get().and_then(Weak::upgrade) {
             https.set_tls(identity.server_config(&[])?);
         }
+        self.server.set_link_identity(identity.clone())?;
         let fingerprint = identity.fingerprint();
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         self.publish().await?;
@@ -208,6 +217,7 @@ impl NodeControl for Control {
                 "c2s": c2s.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "c2s_direct_tls": direct.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "https": https.to_string(),
+                "links": self.links.get().map(ToString::to_string),
             },
             "certificate": {
                 "sha256": identity.fingerprint(),
@@ -312,7 +322,25 @@ impl NodeControl for Control {
 
     async fn peers(&self) -> Result<serde_json::Value, ControlError> {
         let status = self.agent()?.status().await.map_err(agent_error)?;
-        serde_json::to_value(status).map_err(|e| ControlError::Internal(e.to_string()))
+        let mut value =
+            serde_json::to_value(status).map_err(|e| ControlError::Internal(e.to_string()))?;
+        // Each peer's router links, as the router sees them.
+        let links = self.server.link_status();
+        for peer in value.as_array_mut().into_iter().flatten() {
+            let cluster = peer["cluster"].as_str().unwrap_or_default().to_owned();
+            peer["links"] = links
+                .iter()
+                .filter(|l| l.cluster == cluster)
+                .map(|l| {
+                    serde_json::json!({
+                        "node": l.node, "direction": l.direction, "up": l.up,
+                        "since": l.since, "stanzas": l.stanzas, "queued": l.queued,
+                        "last_error": l.last_error,
+                    })
+                })
+                .collect();
+        }
+        Ok(value)
     }
 
     async fn peer_add(

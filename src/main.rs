@@ -959,6 +959,25 @@ async fn peer(cmd: PeerCommand, api: &mut AxlClient) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 );
                 println!("  pinned:           {}", s(&p["pinned"]));
+                let links = p["links"].as_array().cloned().unwrap_or_default();
+                if links.is_empty() {
+                    println!("  router links:     none yet (opened when a stanza goes there)");
+                }
+                for l in links {
+                    println!(
+                        "  router link {:<3}  {} {} since {}, {} stanzas, {} queued{}",
+                        s(&l["direction"]),
+                        s(&l["node"]),
+                        if l["up"] == true { "up" } else { "down" },
+                        when(&l["since"]),
+                        s(&l["stanzas"]),
+                        s(&l["queued"]),
+                        l["last_error"]
+                            .as_str()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
     }

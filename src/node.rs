@@ -37,6 +37,8 @@ pub struct Node {
     pub c2s_direct_tls: Vec<SocketAddr>,
     /// The bound HTTPS listener.
     pub https_addr: SocketAddr,
+    /// The bound router-link listener, if any.
+    pub links_addr: Option<SocketAddr>,
     /// The intercluster sync agent.
     pub agent: Arc<Agent>,
 }
@@ -294,6 +296,18 @@ impl Node {
             .await
             .with_context(|| format!("cannot listen on {} (https)", config.listen.https))?;
         control.attach(&https, c2s.clone(), c2s_direct_tls.clone(), https_addr);
+        server.set_link_identity(identity.clone())?;
+        let links_addr = match config.listen.links {
+            Some(addr) => {
+                let bound = server
+                    .listen_links(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (router links)"))?;
+                control.attach_links(bound);
+                Some(bound)
+            }
+            None => None,
+        };
         control.publish().await?;
         let agent = Agent::start(
             store.clone(),
@@ -355,6 +369,7 @@ impl Node {
             c2s,
             c2s_direct_tls,
             https_addr,
+            links_addr,
             agent,
         })
     }

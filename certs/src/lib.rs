@@ -12,7 +12,7 @@ mod import;
 mod verify;
 
 pub use import::{ImportError, check_identity};
-pub use verify::{FirstContactVerifier, PeerVerifier, TrustAnchors};
+pub use verify::{FirstContactVerifier, LinkClientVerifier, PeerVerifier, TrustAnchors};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -158,6 +158,30 @@ impl NodeIdentity {
             .with_no_client_auth()
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+impl NodeIdentity {
+    /// The server side of router links: this identity, and a certificate required of
+    /// the connecting node (checked against the trust store after the handshake).
+    pub fn link_server_config(&self) -> Result<Arc<ServerConfig>, CertError> {
+        let config = ServerConfig::builder()
+            .with_client_cert_verifier(LinkClientVerifier::new())
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+
+    /// The client side of a router link to a node that `verifier` trusts, presenting
+    /// this identity.
+    pub fn link_client_config(
+        &self,
+        verifier: Arc<PeerVerifier>,
+    ) -> Result<Arc<rustls::ClientConfig>, CertError> {
+        let config = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
 }

@@ -181,6 +181,60 @@ impl ServerCertVerifier for FirstContactVerifier {
     }
 }
 
+/// The client-certificate verifier of router links: every link must present a
+/// certificate and prove it holds its key (the handshake signature is checked here);
+/// whether that certificate belongs to a peer is decided right after the handshake,
+/// against the trust store, before anything is read from the link.
+#[derive(Debug)]
+pub struct LinkClientVerifier {
+    signatures: Arc<PeerVerifier>,
+}
+
+impl LinkClientVerifier {
+    pub fn new() -> Arc<LinkClientVerifier> {
+        let signatures = PeerVerifier::new(&TrustAnchors::default())
+            .expect("a verifier without anchors cannot fail to build");
+        Arc::new(LinkClientVerifier { signatures })
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for LinkClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.signatures.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

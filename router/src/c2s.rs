@@ -36,6 +36,8 @@ pub struct Bound {
 enum End {
     /// Close the stream with this error.
     Error(StreamErrorCondition, &'static str),
+    /// The user is homed on another node: close with `see-other-host` naming it.
+    Redirect(String),
     /// The peer went away, or the connection was handed to another task.
     Gone,
 }
@@ -117,6 +119,17 @@ async fn negotiate_connection(
     match outcome {
         Ok(bound) => Some(bound),
         Err(End::Gone) => None,
+        Err(End::Redirect(address)) => {
+            if let Some(conn) = slot {
+                tracing::info!(%peer, %address, "client sent to its home node");
+                let xml = StreamErrorCondition::see_other_host_xml(
+                    &address,
+                    Some("this account is homed on another node of the mesh"),
+                );
+                conn.close_with(xml, limits.close_timeout).await;
+            }
+            None
+        }
         Err(End::Error(condition, text)) => {
             if let Some(conn) = slot {
                 tracing::debug!(%peer, %condition, "closing stream during negotiation");
@@ -519,6 +532,11 @@ async fn run_sasl(
             return Ok(Err((SaslFailure::InvalidAuthzid, None)));
         }
         let record = server.store.user(&user).await.ok().flatten();
+        if record.is_none()
+            && let Some(address) = server.client_address_of_home(&user).await
+        {
+            return Err(End::Redirect(address));
+        }
         let password = creds.password;
         // PBKDF2 runs off the async workers so logins never stall routing.
         let ok = tokio::task::spawn_blocking(move || {
@@ -554,6 +572,12 @@ async fn run_sasl(
         Some(u) => server.store.user(u).await.ok().flatten(),
         None => None,
     };
+    if record.is_none()
+        && let Some(u) = &user
+        && let Some(address) = server.client_address_of_home(u).await
+    {
+        return Err(End::Redirect(address));
+    }
     let verifier = record.map(|r| match hash {
         impmesh_store::scram::ScramHash::Sha1 => r.scram_sha1,
         _ => r.scram_sha256,

@@ -266,15 +266,16 @@ impl Conn {
 
     /// Sends `</stream:stream>` (after an optional stream error) and waits a bounded
     /// time for the peer's footer before closing (RFC 6120 §4.4).
-    pub async fn close(
-        mut self,
-        error: Option<(StreamErrorCondition, Option<&str>)>,
-        wait: Duration,
-    ) {
-        let mut out = String::new();
-        if let Some((condition, text)) = error {
-            out.push_str(&condition.to_xml(text));
-        }
+    pub async fn close(self, error: Option<(StreamErrorCondition, Option<&str>)>, wait: Duration) {
+        let error = error
+            .map(|(condition, text)| condition.to_xml(text))
+            .unwrap_or_default();
+        self.close_with(error, wait).await;
+    }
+
+    /// [`Self::close`] with a stream error already serialized (`error`, may be empty).
+    pub async fn close_with(mut self, error: String, wait: Duration) {
+        let mut out = error;
         out.push_str("</stream:stream>");
         if self.send(&out).await.is_err() {
             return;

@@ -54,9 +54,22 @@ impl Session {
 }
 
 impl Server {
-    /// Delivers a message to a JID of this domain by RFC 6121 §8.5, with offline storage
-    /// and carbons. Errors go back to the sender.
+    /// Delivers a message to a JID of this domain: over a router link when the
+    /// recipient is homed on another cluster, else here. Errors go back to the sender.
     pub async fn deliver_message(&self, message: Element, to: &Jid) {
+        if let Some(user) = to.node()
+            && to.domain().as_str() == self.config.domain
+            && self.hub.sessions(user.as_str()).is_empty()
+            && self.route_remote(user.as_str(), &message).await
+        {
+            return;
+        }
+        self.deliver_local_message(message, to).await;
+    }
+
+    /// Delivers a message to a user of this node by RFC 6121 §8.5, with offline storage
+    /// and carbons. Errors go back to the sender.
+    pub(crate) async fn deliver_local_message(&self, message: Element, to: &Jid) {
         let domain = &self.config.domain;
         let Some(user) = to.node().map(|n| n.to_string()) else {
             return;
@@ -201,14 +214,26 @@ impl Server {
         self.send_to_jid(&reply);
     }
 
-    /// Sends a server-built stanza to the local full or bare JID in its `to`.
+    /// Sends a stanza to the full or bare JID in its `to`: its sessions here, or over
+    /// a router link when the user is homed on another cluster.
     pub fn send_to_jid(&self, stanza: &Element) {
         let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
             return;
         };
         let Some(user) = to.node() else { return };
+        let sessions = self.hub.sessions(user.as_str());
+        if sessions.is_empty() {
+            if to.domain().as_str() == self.config.domain
+                && let Some(server) = self.me.upgrade()
+            {
+                let (user, stanza) = (user.to_string(), stanza.clone());
+                self.tasks
+                    .spawn(async move { server.route_remote(&user, &stanza).await });
+            }
+            return;
+        }
         let xml: Arc<str> = String::from(stanza).into();
-        for s in self.hub.sessions(user.as_str()) {
+        for s in sessions {
             if to
                 .resource()
                 .is_none_or(|r| r.as_str() == s.jid.resource().as_str())

@@ -52,6 +52,25 @@ impl StreamErrorCondition {
         }
     }
 
+    /// RFC 6120 §4.9.3.19: `see-other-host` naming where to connect (`host:port`, an
+    /// IPv6 address in brackets).
+    pub fn see_other_host_xml(address: &str, text: Option<&str>) -> String {
+        let text = text
+            .map(|t| {
+                format!(
+                    "<text xmlns='{}'>{}</text>",
+                    ns::STREAMS,
+                    crate::xml::escape(t)
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "<stream:error><see-other-host xmlns='{}'>{}</see-other-host>{text}</stream:error>",
+            ns::STREAMS,
+            crate::xml::escape(address)
+        )
+    }
+
     /// The `<stream:error>` element, with an optional human-readable text.
     pub fn to_xml(self, text: Option<&str>) -> String {
         let text = text
@@ -94,6 +113,7 @@ pub enum StanzaErrorCondition {
     PolicyViolation,
     RecipientUnavailable,
     RemoteServerNotFound,
+    RemoteServerTimeout,
     ResourceConstraint,
     ServiceUnavailable,
     UndefinedCondition,
@@ -116,6 +136,7 @@ impl StanzaErrorCondition {
             Self::PolicyViolation => "policy-violation",
             Self::RecipientUnavailable => "recipient-unavailable",
             Self::RemoteServerNotFound => "remote-server-not-found",
+            Self::RemoteServerTimeout => "remote-server-timeout",
             Self::ResourceConstraint => "resource-constraint",
             Self::ServiceUnavailable => "service-unavailable",
             Self::UndefinedCondition => "undefined-condition",
@@ -137,6 +158,7 @@ impl StanzaErrorCondition {
             Self::Forbidden | Self::NotAuthorized => "auth",
             Self::InternalServerError
             | Self::RecipientUnavailable
+            | Self::RemoteServerTimeout
             | Self::ResourceConstraint
             | Self::UndefinedCondition => "wait",
             Self::PolicyViolation => "modify",

@@ -83,6 +83,9 @@ impl Session {
             return;
         };
         let resource = to.resource().map(|r| r.to_string()).unwrap_or_default();
+        if server.hub.sessions(&user).is_empty() && server.route_remote(&user, &iq).await {
+            return;
+        }
         let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;
         match server.hub.session(&user, &resource) {
             Some(target) if !blocked => {
@@ -226,6 +229,9 @@ impl Session {
         };
         let user = to.node().map(|n| n.to_string()).unwrap_or_default();
         let server = self.server.clone();
+        if server.route_remote(&user, &iq).await {
+            return;
+        }
         let exists = server.store.user_exists(&user).await.unwrap_or(false);
         let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;
         if !exists || blocked {

@@ -16,6 +16,7 @@ mod deliver;
 pub mod error;
 pub mod hub;
 mod iq;
+pub mod link;
 mod presence;
 pub mod sasl;
 mod session;
@@ -26,7 +27,7 @@ pub mod xml;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use impmesh_store::Store;
@@ -39,6 +40,7 @@ use xmpp_parsers::jid::BareJid;
 
 pub use config::{Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;
+pub use link::LinkStatus;
 
 use crate::hub::{Hub, lock};
 
@@ -63,6 +65,10 @@ pub struct Server {
     registrations: Mutex<HashMap<IpAddr, Instant>>,
     /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist).
     salt_key: [u8; 32],
+    /// Router links to and from the nodes of peer clusters.
+    links: link::Links,
+    /// This server, for the tasks it spawns from `&self` methods.
+    me: Weak<Server>,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
     admission: Arc<tokio::sync::Semaphore>,
@@ -87,7 +93,7 @@ impl Server {
     ) -> Arc<Server> {
         let mut salt_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut salt_key);
-        Arc::new(Server {
+        Arc::new_cyclic(|me| Server {
             config,
             store,
             hub: Hub::default(),
@@ -97,6 +103,8 @@ impl Server {
             failures: Mutex::new(HashMap::new()),
             registrations: Mutex::new(HashMap::new()),
             salt_key,
+            links: link::Links::default(),
+            me: me.clone(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),

@@ -213,8 +213,13 @@ impl Server {
         }
         let mut p = presence.clone();
         stanza::set_attr(&mut p, "to", contact);
+        let sessions = self.hub.sessions(&contact_user);
+        if sessions.is_empty() {
+            self.route_remote(&contact_user, &p).await;
+            return;
+        }
         let xml: Arc<str> = String::from(&p).into();
-        for s in self.hub.sessions(&contact_user) {
+        for s in sessions {
             if s.presence().available {
                 s.send(xml.clone());
             }

@@ -1355,6 +1355,7 @@ impl PeerTask {
             .await;
         self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
+        self.remember_nodes(&info).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
         // A full sync leaves our copy equal to the listing; a sync that found nothing
@@ -1477,6 +1478,34 @@ impl PeerTask {
     }
 
     /// Compares the fingerprints the peer announces with the pinned ones.
+    /// Keeps where the peer's nodes are (router links, client redirects); writes only
+    /// when the announcement changed.
+    async fn remember_nodes(&self, info: &ClusterInfo) -> Result<(), SyncError> {
+        let store = &self.agent.store;
+        let announced: Vec<impmesh_store::PeerNode> = info
+            .nodes
+            .iter()
+            .map(|n| impmesh_store::PeerNode {
+                name: n.name.clone(),
+                peer: self.cluster.clone(),
+                host: n.host.clone(),
+                c2s_port: n.c2s_port,
+                c2s_tls_port: n.c2s_tls_port,
+                link_port: n.link_port,
+                fingerprint: n.fingerprint.clone(),
+                updated_at: 0,
+            })
+            .collect();
+        let mut known = store.peer_nodes(&self.cluster).await?;
+        known.iter_mut().for_each(|n| n.updated_at = 0);
+        let mut sorted = announced.clone();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        if known != sorted {
+            store.set_peer_nodes(&self.cluster, &announced).await?;
+        }
+        Ok(())
+    }
+
     async fn check_certificates(&self, info: &ClusterInfo) -> Result<(), SyncError> {
         let pinned: Vec<String> = self
             .agent

@@ -1,0 +1,327 @@
+//! Federation across the mesh: clusters peered with `peer add` route messages, IQs and
+//! presence to each other's users over router links (port 7400, mutual TLS), as one
+//! server would; a link is accepted only from a pinned peer, and a peer cannot speak
+//! for users it does not home.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use impmesh_axl::NodeControl as _;
+use support::{DOMAIN, TestNode, body, collect, expect, online, send, start_node};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const AXL_USER: &str = "icsync";
+const AXL_PW: &str = "intercluster-secret";
+
+async fn cluster(name: &str, users: &[&str]) -> TestNode {
+    let name = name.to_owned();
+    let node = start_node(move |c| {
+        c.node.name = Some(format!("node1.{name}"));
+        c.node.cluster = Some(name);
+        c.sync.period = 3600;
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    for user in users {
+        node.add_user(user, "pw").await;
+    }
+    node
+}
+
+async fn eventually<F, Fut>(secs: u64, what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {secs} s");
+}
+
+/// Two clusters peered both ways, each knowing the other's users and link port.
+async fn peered_pair() -> (TestNode, TestNode) {
+    let a = cluster("cluster-a.example.com", &["alice", "amy"]).await;
+    let b = cluster("cluster-b.example.com", &["bob", "bea"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    b.node
+        .control
+        .peer_accept("cluster-a.example.com")
+        .await
+        .unwrap();
+    for (node, other, other_node) in [
+        (&a, "cluster-b.example.com", "node1.cluster-b.example.com"),
+        (&b, "cluster-a.example.com", "node1.cluster-a.example.com"),
+    ] {
+        let store = node.node.server.store.clone();
+        eventually(10, "the peer's users and nodes known", || async {
+            store.remote_user_count(other).await.unwrap() == 2
+                && store
+                    .peer_node(other_node)
+                    .await
+                    .unwrap()
+                    .is_some_and(|n| n.link_port != 0)
+        })
+        .await;
+    }
+    (a, b)
+}
+
+fn jid(user: &str, resource: &str) -> String {
+    format!("{user}@{DOMAIN}/{resource}")
+}
+
+#[tokio::test]
+async fn chat_and_iq_cross_clusters_and_offline_storage_on_the_home_node() {
+    let (a, b) = peered_pair().await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+
+    // A chat to the bare JID of a user homed on B reaches B's session, from alice's
+    // full JID.
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat' id='m1'><body>hi bob</body></message>"),
+    )
+    .await;
+    let got = expect(&mut bob, 10, "alice's message on B", |e| {
+        body(e).as_deref() == Some("hi bob")
+    })
+    .await;
+    assert_eq!(got.attr("from"), Some(jid("alice", "phone").as_str()));
+
+    // The reply to the full JID comes back over B's link to A.
+    send(
+        &mut bob,
+        &format!(
+            "<message to='{}' type='chat' id='m2'><body>hi alice</body></message>",
+            jid("alice", "phone")
+        ),
+    )
+    .await;
+    let got = expect(&mut alice, 10, "bob's reply on A", |e| {
+        body(e).as_deref() == Some("hi alice")
+    })
+    .await;
+    assert_eq!(got.attr("from"), Some(jid("bob", "laptop").as_str()));
+
+    // An IQ round trip between full JIDs (what a Jingle session set-up needs).
+    send(
+        &mut alice,
+        &format!(
+            "<iq type='get' id='ping1' to='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+            jid("bob", "laptop")
+        ),
+    )
+    .await;
+    let request = expect(&mut bob, 10, "alice's IQ on B", |e| {
+        e.name() == "iq" && e.attr("id") == Some("ping1")
+    })
+    .await;
+    assert_eq!(request.attr("from"), Some(jid("alice", "phone").as_str()));
+    send(
+        &mut bob,
+        &format!(
+            "<iq type='result' id='ping1' to='{}'/>",
+            jid("alice", "phone")
+        ),
+    )
+    .await;
+    let result = expect(&mut alice, 10, "bob's IQ result on A", |e| {
+        e.name() == "iq" && e.attr("id") == Some("ping1")
+    })
+    .await;
+    assert_eq!(result.attr("type"), Some("result"));
+    assert_eq!(result.attr("from"), Some(jid("bob", "laptop").as_str()));
+
+    // A request to a resource that is not online on B: the error comes back.
+    send(
+        &mut alice,
+        &format!(
+            "<iq type='get' id='ping2' to='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+            jid("bob", "gone")
+        ),
+    )
+    .await;
+    let error = expect(&mut alice, 10, "the error for a gone resource", |e| {
+        e.name() == "iq" && e.attr("id") == Some("ping2")
+    })
+    .await;
+    assert_eq!(error.attr("type"), Some("error"));
+    assert!(
+        String::from(&error).contains("service-unavailable"),
+        "{}",
+        String::from(&error)
+    );
+
+    // A user nobody homes: the proper stanza error, not silence.
+    send(
+        &mut alice,
+        &format!("<message to='nobody@{DOMAIN}' type='chat' id='m3'><body>?</body></message>"),
+    )
+    .await;
+    let error = expect(&mut alice, 10, "the error for an unknown user", |e| {
+        e.name() == "message" && e.attr("id") == Some("m3")
+    })
+    .await;
+    assert_eq!(error.attr("type"), Some("error"));
+
+    // The link shows as up, with what it carried.
+    let links = a.node.server.link_status();
+    let out = links
+        .iter()
+        .find(|l| l.direction == "out" && l.node == "node1.cluster-b.example.com")
+        .unwrap();
+    assert!(out.up);
+    assert_eq!(out.cluster, "cluster-b.example.com");
+    assert!(out.stanzas >= 3, "{out:?}");
+    let peers = a.node.control.peers().await.unwrap();
+    let shown = &peers[0]["links"][0];
+    assert_eq!(shown["node"], "node1.cluster-b.example.com");
+    assert_eq!(shown["direction"], "out");
+    assert_eq!(shown["up"], true);
+    assert!(
+        b.node
+            .server
+            .link_status()
+            .iter()
+            .any(|l| l.direction == "in" && l.node == "node1.cluster-a.example.com" && l.up)
+    );
+
+    // Bob offline: the message is kept on his home node (XEP-0160) and delivered at
+    // his next login there.
+    drop(bob);
+    let store_b = b.node.server.store.clone();
+    let hub_b = b.node.server.clone();
+    eventually(10, "bob's session gone", || async {
+        hub_b.session_count() == 0
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat' id='m4'><body>later</body></message>"),
+    )
+    .await;
+    eventually(10, "the message stored offline on B", || async {
+        store_b.offline_messages("bob").await.unwrap().len() == 1
+    })
+    .await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let got = expect(&mut bob, 10, "the offline message", |e| {
+        body(e).as_deref() == Some("later")
+    })
+    .await;
+    assert_eq!(got.attr("from"), Some(jid("alice", "phone").as_str()));
+}
+
+/// Opens a link to `to`'s link port as `from`'s node would, with `from`'s certificate.
+async fn raw_link(
+    from: &TestNode,
+    to: &TestNode,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let verifier = impmesh_certs::PeerVerifier::new(&impmesh_certs::TrustAnchors {
+        cas: vec![],
+        pinned: [to.node.identity().fingerprint()].into(),
+    })
+    .unwrap();
+    let config = from.node.identity().link_client_config(verifier).unwrap();
+    let tcp = tokio::net::TcpStream::connect(to.node.links_addr.unwrap())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect("node1.example.com".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='urn:impmesh:link:1' \
+     xmlns:stream='http://etherx.jabber.org/streams' version='1.0' \
+     from='node1.cluster-a.example.com' to='node1.cluster-b.example.com'>";
+
+#[tokio::test]
+async fn links_refuse_strangers_and_spoofed_senders() {
+    let (a, b) = peered_pair().await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+
+    // A peer may speak for its own users only: a stanza from a user B homes is dropped,
+    // one from A's user is delivered.
+    let mut link = raw_link(&a, &b).await;
+    link.write_all(HEADER.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(link.read(&mut buf).await.unwrap() > 0, "the header answer");
+    for (from, text) in [("bea", "spoofed"), ("alice", "genuine")] {
+        let stanza = format!(
+            "<message xmlns='jabber:client' from='{}' to='bob@{DOMAIN}' type='chat'>\
+             <body>{text}</body></message>",
+            jid(from, "x")
+        );
+        link.write_all(stanza.as_bytes()).await.unwrap();
+    }
+    link.flush().await.unwrap();
+    let got = expect(&mut bob, 10, "the genuine message", |e| body(e).is_some()).await;
+    assert_eq!(body(&got).as_deref(), Some("genuine"));
+    assert!(
+        collect(&mut bob, 300, |e| body(e).is_some())
+            .await
+            .is_empty()
+    );
+
+    // A node whose certificate is not pinned for a peer is refused before any XML.
+    let stranger = cluster("cluster-c.example.com", &["carl"]).await;
+    let mut link = raw_link(&stranger, &b).await;
+    let _ = link.write_all(HEADER.as_bytes()).await;
+    let _ = link.flush().await;
+    let n = tokio::time::timeout(Duration::from_secs(10), link.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a stranger's link must be closed without an answer");
+    let stanza = format!(
+        "<message xmlns='jabber:client' from='carl@{DOMAIN}/x' to='bob@{DOMAIN}' type='chat'>\
+         <body>intruder</body></message>"
+    );
+    let _ = link.write_all(stanza.as_bytes()).await;
+    assert!(
+        collect(&mut bob, 300, |e| body(e).is_some())
+            .await
+            .is_empty()
+    );
+}
+
+/// A client that logs in to a node that is not its home is sent there with
+/// `see-other-host` (RFC 6120 §4.9.3.19) naming the home node's client address.
+#[tokio::test]
+async fn a_client_at_the_wrong_cluster_is_sent_to_its_home_node() {
+    let (a, b) = peered_pair().await;
+    let error = support::try_login(&a.connector(), "bob", "pw")
+        .await
+        .unwrap_err()
+        .to_string();
+    // tokio-xmpp parses the stream error and its address.
+    let home = format!("SeeOtherHost(\"127.0.0.1:{}\")", b.c2s().port());
+    assert!(error.contains(&home), "{error}");
+    // A's own users still log in there, and an unknown user still fails as before.
+    let mut alice = a.client("alice", "pw", None);
+    online(&mut alice).await;
+}
