@@ -325,3 +325,156 @@ async fn a_client_at_the_wrong_cluster_is_sent_to_its_home_node() {
     let mut alice = a.client("alice", "pw", None);
     online(&mut alice).await;
 }
+
+fn presence_from(el: &minidom::Element, user: &str, ty: Option<&str>) -> bool {
+    support::is_presence_from(el, user, ty)
+}
+
+/// The whole RFC 6121 subscription handshake between users homed on two clusters,
+/// presence broadcasts and probes across them, and presence that follows the link:
+/// unavailable when it is cut, probed back when it returns.
+#[tokio::test]
+async fn subscriptions_and_presence_follow_users_and_links_across_clusters() {
+    let (a, b) = peered_pair().await;
+    // B reaches A's link port through a proxy the test can cut: what B sends to A
+    // (bob's presence) rides on it.
+    let a_links = a.node.links_addr.unwrap();
+    let proxy = support::Proxy::start(a_links).await;
+    let mut via_proxy = b
+        .node
+        .server
+        .store
+        .peer_node("node1.cluster-a.example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    via_proxy.link_port = proxy.addr.port();
+    b.node
+        .server
+        .store
+        .set_peer_nodes("cluster-a.example.com", &[via_proxy])
+        .await
+        .unwrap();
+
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+
+    // alice → bob: request, approval, and bob's presence for alice.
+    send(
+        &mut alice,
+        &format!("<presence to='bob@{DOMAIN}' type='subscribe'/>"),
+    )
+    .await;
+    let request = expect(&mut bob, 10, "alice's request on B", |e| {
+        presence_from(e, "alice", Some("subscribe"))
+    })
+    .await;
+    assert_eq!(
+        request.attr("from"),
+        Some(format!("alice@{DOMAIN}").as_str())
+    );
+    send(
+        &mut bob,
+        &format!("<presence to='alice@{DOMAIN}' type='subscribed'/>"),
+    )
+    .await;
+    expect(&mut alice, 10, "bob's approval on A", |e| {
+        presence_from(e, "bob", Some("subscribed"))
+    })
+    .await;
+    expect(&mut alice, 10, "bob's presence on A", |e| {
+        presence_from(e, "bob", None)
+    })
+    .await;
+
+    // bob → alice the same way: both directions now.
+    send(
+        &mut bob,
+        &format!("<presence to='alice@{DOMAIN}' type='subscribe'/>"),
+    )
+    .await;
+    expect(&mut alice, 10, "bob's request on A", |e| {
+        presence_from(e, "bob", Some("subscribe"))
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!("<presence to='bob@{DOMAIN}' type='subscribed'/>"),
+    )
+    .await;
+    expect(&mut bob, 10, "alice's presence on B", |e| {
+        presence_from(e, "alice", None)
+    })
+    .await;
+    // Each roster lives on its owner's home cluster.
+    let (_, alice_items) = a.node.server.store.roster("alice").await.unwrap();
+    assert_eq!(alice_items[0].contact, format!("bob@{DOMAIN}"));
+    assert_eq!(
+        alice_items[0].subscription,
+        impmesh_store::Subscription::Both
+    );
+    let (_, bob_items) = b.node.server.store.roster("bob").await.unwrap();
+    assert_eq!(bob_items[0].subscription, impmesh_store::Subscription::Both);
+    assert!(
+        b.node
+            .server
+            .store
+            .roster("alice")
+            .await
+            .unwrap()
+            .1
+            .is_empty()
+    );
+
+    // A broadcast reaches the remote subscriber.
+    send(&mut bob, "<presence><show>away</show></presence>").await;
+    let away = expect(&mut alice, 10, "bob away on A", |e| {
+        presence_from(e, "bob", None)
+    })
+    .await;
+    assert_eq!(
+        away.get_child("show", "jabber:client").unwrap().text(),
+        "away"
+    );
+
+    // A second resource of alice logs in on A: its probe reaches B and bob's presence
+    // comes back.
+    let mut tablet = a.client("alice", "pw", Some("tablet"));
+    online(&mut tablet).await;
+    send(&mut tablet, "<presence/>").await;
+    expect(&mut tablet, 10, "bob's presence by probe", |e| {
+        presence_from(e, "bob", None)
+    })
+    .await;
+    drop(tablet);
+
+    // The link from B is cut: alice must not see bob online forever.
+    proxy.cut_and_refuse();
+    expect(
+        &mut alice,
+        10,
+        "bob unavailable when B's link is cut",
+        |e| presence_from(e, "bob", Some("unavailable")),
+    )
+    .await;
+    // Back: B reconnects by itself and A probes again; no client does anything.
+    proxy.restore();
+    expect(
+        &mut alice,
+        60,
+        "bob available again after the link is back",
+        |e| presence_from(e, "bob", None),
+    )
+    .await;
+
+    // Logout reaches the other cluster.
+    send(&mut bob, "<presence type='unavailable'/>").await;
+    expect(&mut alice, 10, "bob's logout on A", |e| {
+        presence_from(e, "bob", Some("unavailable"))
+    })
+    .await;
+}

@@ -10,7 +10,7 @@
 //! stanza's `from` is a user homed in the sending cluster (no spoofing of anyone else),
 //! then handles it as if a local user had sent it. docs/links.md has the framing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -98,6 +98,12 @@ pub struct Links {
     identity: RwLock<Option<(NodeIdentity, Arc<rustls::ServerConfig>)>>,
     outbound: Mutex<HashMap<String, Outlink>>,
     inbound: Mutex<HashMap<String, (String, Arc<LinkCounters>)>>,
+    /// Available presence delivered here from each remote node: sender's full JID →
+    /// the local users who got it. When the node's link drops, they get unavailable.
+    seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
+    /// (contact's bare JID, local user) pairs made unavailable by a lost link, per
+    /// remote node: probed again when the node's link is back.
+    lost: Mutex<HashMap<String, HashSet<(String, String)>>>,
 }
 
 impl std::fmt::Debug for Links {
@@ -515,10 +521,12 @@ impl Server {
         counters.set_up(true);
         lock(&self.links.inbound).insert(node.clone(), (cluster.clone(), counters.clone()));
         tracing::info!(%node, %cluster, "router link accepted");
+        self.remote_node_back(&node).await;
         let result = self
-            .read_inlink(&mut tls, &mut framer, &cluster, &counters)
+            .read_inlink(&mut tls, &mut framer, &cluster, &node, &counters)
             .await;
         counters.set_up(false);
+        self.remote_node_lost(&node);
         let _ = tls.write_all(b"</stream:stream>").await;
         let _ = tls.shutdown().await;
         result
@@ -563,6 +571,7 @@ impl Server {
         stream: &mut S,
         framer: &mut Framer,
         cluster: &str,
+        node: &str,
         counters: &LinkCounters,
     ) -> Result<(), LinkError> {
         let mut buf = vec![0u8; 16 * 1024];
@@ -581,7 +590,7 @@ impl Server {
                 match frame {
                     Frame::Element(el) => {
                         counters.stanzas.fetch_add(1, Ordering::Relaxed);
-                        self.on_link_stanza(cluster, el).await;
+                        self.on_link_stanza(cluster, node, el).await;
                     }
                     Frame::Footer => return Ok(()),
                     Frame::Header(_) => return Err(LinkError::Closed),
@@ -592,7 +601,7 @@ impl Server {
 
     /// A stanza that arrived over a link from `cluster`: checked, then handled as if a
     /// local user had sent it, never forwarded again.
-    async fn on_link_stanza(&self, cluster: &str, stanza: Element) {
+    async fn on_link_stanza(&self, cluster: &str, node: &str, stanza: Element) {
         let Some(kind) = Kind::of(&stanza) else {
             tracing::warn!(%cluster, name = stanza.name(), "not a stanza on a router link; dropped");
             return;
@@ -623,7 +632,7 @@ impl Server {
         match kind {
             Kind::Message => self.deliver_local_message(stanza, &to).await,
             Kind::Iq => self.iq_from_link(stanza, &to).await,
-            Kind::Presence => self.presence_from_link(stanza, &to).await,
+            Kind::Presence => self.presence_from_link(node, stanza, &to).await,
         }
     }
 
@@ -680,29 +689,130 @@ impl Server {
         self.bounce(&iq, StanzaErrorCondition::ServiceUnavailable, None);
     }
 
-    /// Presence from a remote user: directed presence reaches the recipient's available
-    /// resources (full JID: that resource). Subscription handling across clusters is
-    /// not there yet (docs/federation.md): such requests get `feature-not-implemented`.
-    async fn presence_from_link(&self, presence: Element, to: &Jid) {
+    /// Presence from a remote user (sent by `node`): available and unavailable presence
+    /// reach the recipient's available resources (a full JID: that resource);
+    /// subscription stanzas get the inbound half of RFC 6121 §3 here, the recipient's
+    /// home; a probe is answered with the recipient's current presence when the sender
+    /// is subscribed to it.
+    async fn presence_from_link(&self, node: &str, presence: Element, to: &Jid) {
         let user = to.node().map(|n| n.to_string()).unwrap_or_default();
-        match stanza::stanza_type(&presence) {
+        let Some(from) = presence.attr("from").and_then(stanza::parse_jid) else {
+            return;
+        };
+        let ty = stanza::stanza_type(&presence).to_owned();
+        match ty.as_str() {
             "" | "unavailable" => {
                 let xml: Arc<str> = String::from(&presence).into();
+                let mut delivered = false;
                 for s in self.hub.sessions(&user) {
                     let wanted = to
                         .resource()
                         .is_none_or(|r| r.as_str() == s.jid.resource().as_str());
                     if wanted && s.presence().available {
-                        s.send(xml.clone());
+                        delivered |= s.send(xml.clone());
+                    }
+                }
+                let mut seen = lock(&self.links.seen);
+                let by_sender = seen.entry(node.to_owned()).or_default();
+                let sender = from.to_string();
+                if ty.is_empty() && delivered {
+                    by_sender.entry(sender).or_default().insert(user);
+                } else if let Some(users) = by_sender.get_mut(&sender) {
+                    users.remove(&user);
+                    if users.is_empty() {
+                        by_sender.remove(&sender);
                     }
                 }
             }
-            "error" => {}
-            _ => self.bounce(
-                &presence,
-                StanzaErrorCondition::FeatureNotImplemented,
-                Some("presence subscriptions across clusters are not implemented yet"),
-            ),
+            "subscribe" | "subscribed" | "unsubscribe" | "unsubscribed" => {
+                self.inbound_subscription(&to.to_bare(), &ty, &from.to_bare(), presence)
+                    .await;
+            }
+            "probe" => {
+                let from_bare = from.to_bare();
+                let subscribed = matches!(
+                    self.store.roster_item(&user, from_bare.as_str()).await,
+                    Ok(Some(item)) if item.subscription.has_from()
+                );
+                if !subscribed {
+                    return;
+                }
+                let Some(prober) = from_bare.node().map(|n| n.to_string()) else {
+                    return;
+                };
+                for xml in self.probe(&prober, to.to_bare().as_str()).await {
+                    if let Some(answer) = stanza::parse_own(&xml) {
+                        self.send_to_jid(&answer);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The link from `node` went down: the local users who see presence from its users
+    /// get unavailable from each of them (they must not look online forever).
+    fn remote_node_lost(&self, node: &str) {
+        let Some(senders) = lock(&self.links.seen).remove(node) else {
+            return;
+        };
+        let mut lost = vec![];
+        for (sender, users) in senders {
+            let Some(from) = stanza::parse_jid(&sender) else {
+                continue;
+            };
+            for user in users {
+                let Some(to) = stanza::bare(&user, &self.config.domain) else {
+                    continue;
+                };
+                let unavailable = format!(
+                    "<presence xmlns='jabber:client' type='unavailable' from='{}' to='{}'/>",
+                    escape(&sender),
+                    escape(to.as_str())
+                );
+                if let Some(p) = stanza::parse_own(&unavailable) {
+                    self.to_available_resources(&user, &p);
+                }
+                lost.push((from.to_bare().to_string(), user));
+            }
+        }
+        tracing::info!(%node, contacts = lost.len(), "router link lost; its users' presence marked unavailable");
+        lock(&self.links.lost)
+            .entry(node.to_owned())
+            .or_default()
+            .extend(lost);
+    }
+
+    /// The link from `node` is back: the presence lost with it is probed again.
+    async fn remote_node_back(&self, node: &str) {
+        let Some(pairs) = lock(&self.links.lost).remove(node) else {
+            return;
+        };
+        for (contact, user) in pairs {
+            if !self
+                .hub
+                .sessions(&user)
+                .iter()
+                .any(|s| s.presence().available)
+            {
+                continue;
+            }
+            let Some(contact_user) =
+                stanza::parse_jid(&contact).and_then(|j| j.node().map(|n| n.to_string()))
+            else {
+                continue;
+            };
+            let Some(from) = stanza::bare(&user, &self.config.domain) else {
+                continue;
+            };
+            let probe = format!(
+                "<presence xmlns='jabber:client' type='probe' from='{}' to='{}'/>",
+                escape(from.as_str()),
+                escape(&contact)
+            );
+            if let Some(p) = stanza::parse_own(&probe) {
+                self.route_remote(&contact_user, &p).await;
+            }
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Presence (RFC 6121 §4) and the subscription state machine (RFC 6121 §3).
 //!
 //! Subscription stanzas are processed twice, as the RFC describes: outbound at the
-//! user's server and inbound at the contact's. Both sides live on this node for now
-//! (one domain); the split keeps the inbound half ready for contacts on peer clusters.
+//! user's server and inbound at the contact's: on this node when both are homed here,
+//! else the inbound half runs on the contact's home node, reached over a router link
+//! (`link.rs`).
 
 use std::sync::Arc;
 
@@ -240,7 +241,7 @@ impl Server {
     }
 
     /// The current presence of a contact's available resources, for a probe from `user`.
-    async fn probe(&self, user: &str, contact: &str) -> Vec<Arc<str>> {
+    pub(crate) async fn probe(&self, user: &str, contact: &str) -> Vec<Arc<str>> {
         let Some(contact_jid) = stanza::parse_jid(contact) else {
             return vec![];
         };
@@ -256,8 +257,23 @@ impl Server {
         if self.is_blocked_by(&contact_user, &user_bare).await {
             return vec![];
         }
+        let sessions = self.hub.sessions(&contact_user);
+        if sessions.is_empty() {
+            // A contact homed on another cluster: the probe goes to its home node,
+            // whose answers come back over its link (RFC 6121 §4.3.2).
+            let probe = Element::builder("presence", ns::CLIENT)
+                .attr(rxml::xml_ncname!("from").to_owned(), user_bare.to_string())
+                .attr(
+                    rxml::xml_ncname!("to").to_owned(),
+                    contact_jid.to_bare().to_string(),
+                )
+                .attr(rxml::xml_ncname!("type").to_owned(), "probe")
+                .build();
+            self.route_remote(&contact_user, &probe).await;
+            return vec![];
+        }
         let mut out = vec![];
-        for s in self.hub.sessions(&contact_user) {
+        for s in sessions {
             let p = s.presence();
             if let (true, Some(last)) = (p.available, p.last)
                 && let Some(mut element) = stanza::parse_own(&last)
@@ -305,7 +321,7 @@ impl Server {
                     item.ask = true;
                     self.save_and_push(user, &item).await;
                 }
-                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                self.deliver_subscription(&contact, ty, &user_bare, stanza)
                     .await;
             }
             "subscribed" => {
@@ -328,7 +344,7 @@ impl Server {
                     .store
                     .remove_subscription_request(user, &contact_s)
                     .await;
-                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                self.deliver_subscription(&contact, ty, &user_bare, stanza)
                     .await;
                 // The contact now sees the user's current presence (§3.1.5).
                 for s in self.hub.sessions(user) {
@@ -349,7 +365,7 @@ impl Server {
                     item.ask = false;
                     self.save_and_push(user, &item).await;
                 }
-                self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                self.deliver_subscription(&contact, ty, &user_bare, stanza)
                     .await;
             }
             "unsubscribed" => {
@@ -364,7 +380,7 @@ impl Server {
                     self.save_and_push(user, &item).await;
                 }
                 if had_request || had_from {
-                    self.inbound_subscription(&contact, ty, &user_bare, stanza)
+                    self.deliver_subscription(&contact, ty, &user_bare, stanza)
                         .await;
                     self.unavailable_from_user_to(user, &contact_s);
                 }
@@ -373,8 +389,26 @@ impl Server {
         }
     }
 
+    /// Hands a subscription stanza to the contact's side: inbound processing here when
+    /// `contact` is homed on this cluster (or nowhere), else over the router link to its
+    /// home node, which does the inbound half.
+    async fn deliver_subscription(
+        &self,
+        contact: &BareJid,
+        ty: &str,
+        from: &BareJid,
+        stanza: Element,
+    ) {
+        if let Some(user) = contact.node()
+            && self.route_remote(user.as_str(), &stanza).await
+        {
+            return;
+        }
+        self.inbound_subscription(contact, ty, from, stanza).await;
+    }
+
     /// Inbound processing at the contact's side: `owner` receives `ty` from `from`.
-    pub async fn inbound_subscription(
+    pub(crate) async fn inbound_subscription(
         &self,
         owner: &BareJid,
         ty: &str,
@@ -392,7 +426,7 @@ impl Server {
                     .attr(rxml::xml_ncname!("to").to_owned(), from.to_string())
                     .attr(rxml::xml_ncname!("type").to_owned(), "unsubscribed")
                     .build();
-                Box::pin(self.inbound_subscription(from, "unsubscribed", owner, reply)).await;
+                Box::pin(self.deliver_subscription(from, "unsubscribed", owner, reply)).await;
             }
             return;
         }
@@ -415,7 +449,7 @@ impl Server {
                         .attr(rxml::xml_ncname!("to").to_owned(), from_s.clone())
                         .attr(rxml::xml_ncname!("type").to_owned(), "subscribed")
                         .build();
-                    Box::pin(self.inbound_subscription(from, "subscribed", owner, reply)).await;
+                    Box::pin(self.deliver_subscription(from, "subscribed", owner, reply)).await;
                     return;
                 }
                 let xml = String::from(&stanza);
@@ -469,7 +503,7 @@ impl Server {
     }
 
     /// Delivers a stanza to every available resource of a local user.
-    fn to_available_resources(&self, user: &str, stanza: &Element) {
+    pub(crate) fn to_available_resources(&self, user: &str, stanza: &Element) {
         let xml: Arc<str> = String::from(stanza).into();
         for s in self.hub.sessions(user) {
             if s.presence().available {

@@ -436,3 +436,74 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+/// A TCP proxy that a test can cut (connections reset) or freeze (connections stay
+/// open but nothing passes: a black hole), to simulate network failures.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u32>,
+    freeze: tokio::sync::watch::Sender<bool>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let (freeze, freeze_rx) = tokio::sync::watch::channel(false);
+        let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse2 = refuse.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if refuse2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.mark_unchanged();
+                let mut freeze_rx = freeze_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let frozen = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        _ = cut_rx.changed() => false,
+                        _ = freeze_rx.wait_for(|f| *f) => true,
+                    };
+                    if frozen {
+                        // Keep both sockets open and silent until the test ends.
+                        std::future::pending::<()>().await;
+                    }
+                    // Otherwise both ends are dropped without any XMPP close.
+                });
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            freeze,
+            refuse,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn cut_and_refuse(&self) {
+        self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn freeze_and_refuse(&self) {
+        self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.freeze.send_replace(true);
+    }
+
+    /// Accepts connections again after a cut or freeze.
+    pub fn restore(&self) {
+        self.refuse
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
