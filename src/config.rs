@@ -191,6 +191,7 @@ pub struct LimitsSection {
     pub resume_timeout: u64,
     pub max_unacked: usize,
     pub max_offline: u32,
+    pub outbox_ttl: u64,
     pub max_sessions_per_user: usize,
 }
 
@@ -211,6 +212,7 @@ impl Default for LimitsSection {
             resume_timeout: l.resume_timeout.as_secs(),
             max_unacked: l.max_unacked,
             max_offline: l.max_offline,
+            outbox_ttl: l.outbox_ttl.as_secs(),
             max_sessions_per_user: l.max_sessions_per_user,
         }
     }
@@ -376,6 +378,7 @@ impl Config {
             resume_timeout: Duration::from_secs(l.resume_timeout),
             max_unacked: l.max_unacked,
             max_offline: l.max_offline,
+            outbox_ttl: Duration::from_secs(l.outbox_ttl),
             max_sessions_per_user: l.max_sessions_per_user,
             ..impmesh_router::Limits::default()
         };

@@ -304,6 +304,8 @@ impl Node {
                     .await
                     .with_context(|| format!("cannot listen on {addr} (router links)"))?;
                 control.attach_links(bound);
+                // What waited for peers before a restart goes out (or expires) again.
+                server.resume_outbox().await;
                 Some(bound)
             }
             None => None,

@@ -478,3 +478,172 @@ async fn subscriptions_and_presence_follow_users_and_links_across_clusters() {
     })
     .await;
 }
+
+/// Points `from`'s link to `to`'s node at a proxy the test can cut.
+async fn proxied_link(
+    from: &TestNode,
+    to: &TestNode,
+    to_node: &str,
+    to_cluster: &str,
+) -> support::Proxy {
+    let proxy = support::Proxy::start(to.node.links_addr.unwrap()).await;
+    let store = &from.node.server.store;
+    let mut node = store.peer_node(to_node).await.unwrap().unwrap();
+    node.link_port = proxy.addr.port();
+    store.set_peer_nodes(to_cluster, &[node]).await.unwrap();
+    proxy
+}
+
+/// Messages for a cluster whose link is down wait in the durable outbox and are
+/// delivered once each, in order, when it returns; IQ requests fail at once; what
+/// waits too long is bounced to its sender.
+#[tokio::test]
+async fn messages_wait_in_the_outbox_while_a_link_is_down() {
+    let (a, b) = peered_pair().await;
+    let proxy = proxied_link(
+        &a,
+        &b,
+        "node1.cluster-b.example.com",
+        "cluster-b.example.com",
+    )
+    .await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+
+    // The link comes up with a first message.
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>0</body></message>"),
+    )
+    .await;
+    expect(&mut bob, 10, "the first message", |e| {
+        body(e).as_deref() == Some("0")
+    })
+    .await;
+
+    proxy.cut_and_refuse();
+    let links = a.node.server.clone();
+    eventually(10, "A's link to B down", || async {
+        links
+            .link_status()
+            .iter()
+            .any(|l| l.direction == "out" && !l.up)
+    })
+    .await;
+    for i in 1..=5 {
+        send(
+            &mut alice,
+            &format!("<message to='bob@{DOMAIN}' type='chat'><body>{i}</body></message>"),
+        )
+        .await;
+    }
+    // An IQ request cannot wait: the error comes at once.
+    send(
+        &mut alice,
+        &format!(
+            "<iq type='get' id='ping-down' to='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+            jid("bob", "laptop")
+        ),
+    )
+    .await;
+    let error = expect(&mut alice, 10, "the IQ error while down", |e| {
+        e.attr("id") == Some("ping-down")
+    })
+    .await;
+    assert!(String::from(&error).contains("remote-server-timeout"));
+    let store_a = a.node.server.store.clone();
+    eventually(10, "five messages in A's outbox", || async {
+        store_a.outbox_nodes().await.unwrap()
+            == vec![(
+                "node1.cluster-b.example.com".to_owned(),
+                "cluster-b.example.com".to_owned(),
+                5,
+            )]
+    })
+    .await;
+    assert!(
+        collect(&mut bob, 300, |e| body(e).is_some())
+            .await
+            .is_empty()
+    );
+
+    // Back: all five, in order, each once; the outbox is empty.
+    proxy.restore();
+    let mut got = vec![];
+    while got.len() < 5 {
+        let m = expect(&mut bob, 60, "the queued messages", |e| body(e).is_some()).await;
+        got.push(body(&m).unwrap());
+    }
+    assert_eq!(got, ["1", "2", "3", "4", "5"]);
+    assert!(
+        collect(&mut bob, 500, |e| body(e).is_some())
+            .await
+            .is_empty()
+    );
+    eventually(10, "A's outbox empty", || async {
+        store_a.outbox_nodes().await.unwrap().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_message_that_waits_too_long_is_bounced() {
+    let a = start_node(|c| {
+        c.node.name = Some("node1.cluster-a.example.com".into());
+        c.node.cluster = Some("cluster-a.example.com".into());
+        c.sync.period = 3600;
+        c.limits.outbox_ttl = 1;
+    })
+    .await;
+    impmesh_axl::set_axl_user(&a.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    a.add_user("alice", "pw").await;
+    let b = cluster("cluster-b.example.com", &["bob"]).await;
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let store_a = a.node.server.store.clone();
+    eventually(10, "B known to A", || async {
+        store_a
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == 1
+            && store_a
+                .peer_node("node1.cluster-b.example.com")
+                .await
+                .unwrap()
+                .is_some()
+    })
+    .await;
+    let proxy = proxied_link(
+        &a,
+        &b,
+        "node1.cluster-b.example.com",
+        "cluster-b.example.com",
+    )
+    .await;
+    proxy.cut_and_refuse();
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat' id='late'><body>late</body></message>"),
+    )
+    .await;
+    let error = expect(&mut alice, 30, "the bounce after the time to live", |e| {
+        e.attr("id") == Some("late")
+    })
+    .await;
+    assert_eq!(error.attr("type"), Some("error"));
+    assert!(String::from(&error).contains("remote-server-timeout"));
+    assert!(store_a.outbox_nodes().await.unwrap().is_empty());
+}

@@ -51,6 +51,9 @@ pub struct Limits {
     pub max_unacked: usize,
     /// Offline messages kept per user (ejabberd: 100).
     pub max_offline: u32,
+    /// How long a message for a remote user waits in the outbox while its router link
+    /// is down before it is bounced to the sender.
+    pub outbox_ttl: Duration,
     /// Sessions (resources) per user (ejabberd: 10).
     pub max_sessions_per_user: usize,
     /// Time a closing stream waits for the peer's `</stream:stream>`.
@@ -73,6 +76,7 @@ impl Default for Limits {
             resume_timeout: Duration::from_secs(300),
             max_unacked: 1_000,
             max_offline: 1_000,
+            outbox_ttl: Duration::from_secs(24 * 3600),
             max_sessions_per_user: 10,
             close_timeout: Duration::from_secs(5),
         }

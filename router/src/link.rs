@@ -10,7 +10,7 @@
 //! stanza's `from` is a user homed in the sending cluster (no spoofing of anyone else),
 //! then handles it as if a local user had sent it. docs/links.md has the framing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,6 +55,8 @@ pub struct LinkCounters {
     /// Unix time of the last change of `up`.
     since: AtomicI64,
     stanzas: AtomicU64,
+    /// Messages waiting in the store's outbox (outgoing links).
+    stored: AtomicU64,
     /// Why the last attempt failed, when down.
     last_error: Mutex<Option<String>>,
 }
@@ -86,6 +88,42 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
 }
 
+/// Stanzas not acknowledged yet, at most, per link; beyond it the queue waits.
+const MAX_UNACKED: usize = 8192;
+
+/// A stanza sent over a link and not acknowledged yet.
+struct Pending {
+    /// Its number in the link task's epoch (1, 2, …).
+    seq: u64,
+    xml: Arc<str>,
+    /// Its row when it came from the outbox.
+    outbox_id: Option<i64>,
+    /// When it was queued (unix seconds), for the time to live.
+    queued_at: i64,
+}
+
+/// The sending side of the link to one node.
+struct Outgoing {
+    node: String,
+    cluster: String,
+    /// Names this task's numbering of stanzas; the receiver counts per epoch.
+    epoch: String,
+    next_seq: u64,
+    unacked: VecDeque<Pending>,
+}
+
+impl Outgoing {
+    fn push(&mut self, xml: Arc<str>, outbox_id: Option<i64>, queued_at: i64) {
+        self.unacked.push_back(Pending {
+            seq: self.next_seq,
+            xml,
+            outbox_id,
+            queued_at,
+        });
+        self.next_seq += 1;
+    }
+}
+
 struct Outlink {
     cluster: String,
     tx: mpsc::Sender<Arc<str>>,
@@ -104,6 +142,8 @@ pub struct Links {
     /// (contact's bare JID, local user) pairs made unavailable by a lost link, per
     /// remote node: probed again when the node's link is back.
     lost: Mutex<HashMap<String, HashSet<(String, String)>>>,
+    /// Per sending node: its epoch and how many of that epoch's stanzas were handled.
+    received: Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl std::fmt::Debug for Links {
@@ -132,7 +172,8 @@ impl Links {
         let mut out: Vec<LinkStatus> = lock(&self.outbound)
             .iter()
             .map(|(node, l)| {
-                let queued = LINK_QUEUE - l.tx.capacity();
+                let queued = LINK_QUEUE - l.tx.capacity()
+                    + l.counters.stored.load(Ordering::Relaxed) as usize;
                 report(node, &l.cluster, "out", &l.counters, queued)
             })
             .collect();
@@ -218,29 +259,46 @@ impl Server {
         })
     }
 
+    /// The queue of the link to `node`, starting the task that keeps it when there is
+    /// none yet.
+    fn outlink(&self, cluster: &str, node: &str) -> mpsc::Sender<Arc<str>> {
+        let mut outbound = lock(&self.links.outbound);
+        let link = outbound.entry(node.to_owned()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            let counters = Arc::new(LinkCounters::default());
+            if let Some(server) = self.me.upgrade() {
+                let (node, cluster, c) = (node.to_owned(), cluster.to_owned(), counters.clone());
+                self.tasks
+                    .spawn(async move { server.run_outlink(node, cluster, rx, c).await });
+            }
+            Outlink {
+                cluster: cluster.to_owned(),
+                tx,
+                counters,
+            }
+        });
+        link.tx.clone()
+    }
+
+    /// Starts the links of the nodes that have messages waiting in the outbox (at
+    /// start: what a restart interrupted is delivered or expires as before).
+    pub async fn resume_outbox(&self) {
+        match self.store.outbox_nodes().await {
+            Ok(nodes) => {
+                for (node, cluster, waiting) in nodes {
+                    tracing::info!(%node, %cluster, waiting, "messages in the outbox; opening the link");
+                    self.outlink(&cluster, &node);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+        }
+    }
+
     /// Sends a stanza to a user homed on another cluster over the link to its home
     /// node. Returns false when the stanza was bounced (queue full) instead.
     pub(crate) fn forward(&self, cluster: &str, node: &str, stanza: &Element) -> bool {
         let xml: Arc<str> = String::from(stanza).into();
-        let sent = {
-            let mut outbound = lock(&self.links.outbound);
-            let link = outbound.entry(node.to_owned()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(LINK_QUEUE);
-                let counters = Arc::new(LinkCounters::default());
-                if let Some(server) = self.me.upgrade() {
-                    let (node, cluster, c) =
-                        (node.to_owned(), cluster.to_owned(), counters.clone());
-                    self.tasks
-                        .spawn(async move { server.run_outlink(node, cluster, rx, c).await });
-                }
-                Outlink {
-                    cluster: cluster.to_owned(),
-                    tx,
-                    counters,
-                }
-            });
-            link.tx.try_send(xml).is_ok()
-        };
+        let sent = self.outlink(cluster, node).try_send(xml).is_ok();
         if !sent {
             tracing::warn!(%node, "link queue full; stanza bounced");
             self.bounce(
@@ -264,9 +322,12 @@ impl Server {
         }
     }
 
-    /// Keeps the link to `node` open while stanzas come for it: connects (retrying with
-    /// a jittered exponential backoff capped at 30 s), writes what is queued in batches,
-    /// keeps the link alive.
+    /// Keeps the link to `node`: connects (retrying with a jittered exponential backoff
+    /// capped at 30 s), resends what the other side did not acknowledge, delivers the
+    /// outbox in order, then what is queued. While the link is down, messages and
+    /// subscription requests go to the outbox (bounced when their time to live runs
+    /// out), IQ requests are answered with `remote-server-timeout`, and other presence
+    /// is dropped (it is probed again when the link returns).
     async fn run_outlink(
         self: Arc<Self>,
         node: String,
@@ -280,27 +341,39 @@ impl Server {
             .with_jitter()
             .without_max_times();
         let mut delays = retry.build();
-        // A batch whose write failed is written again first on the next link.
-        let mut unsent: Vec<Arc<str>> = vec![];
+        let mut out = Outgoing {
+            node: node.clone(),
+            cluster: cluster.clone(),
+            epoch: crate::c2s::random_id(),
+            next_seq: 1,
+            unacked: VecDeque::new(),
+        };
         loop {
             let opened = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                o = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_link(&node, &cluster)) => o,
+                _ = self.shutdown.cancelled() => {
+                    self.park_all(&mut out, &mut rx).await;
+                    return;
+                }
+                o = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_link(&node, &cluster, &out.epoch)) => o,
             };
             match opened.unwrap_or(Err(LinkError::Timeout)) {
-                Ok(mut stream) => {
+                Ok((mut stream, h, mut reader)) => {
                     delays = retry.build();
                     counters.set_up(true);
                     *lock(&counters.last_error) = None;
                     tracing::info!(%node, %cluster, "router link up");
-                    let result = self
-                        .write_link(&mut stream, &mut rx, &mut unsent, &counters)
-                        .await;
+                    let result = async {
+                        self.acked(&mut out, h, &counters).await;
+                        self.write_link(&mut stream, &mut reader, &mut rx, &mut out, &counters)
+                            .await
+                    }
+                    .await;
                     counters.set_up(false);
                     match result {
                         Ok(()) => {
                             let _ = stream.write_all(b"</stream:stream>").await;
                             let _ = stream.shutdown().await;
+                            self.park_all(&mut out, &mut rx).await;
                             return;
                         }
                         Err(e) => {
@@ -315,21 +388,175 @@ impl Server {
                     *lock(&counters.last_error) = Some(e.to_string());
                 }
             }
-            let delay = delays.next().unwrap_or(Duration::from_secs(30));
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            // Down until the next attempt: what comes is parked, what is too old bounced.
+            self.expire(&mut out, &counters).await;
+            let until =
+                tokio::time::Instant::now() + delays.next().unwrap_or(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => {
+                        self.park_all(&mut out, &mut rx).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                    next = rx.recv() => {
+                        let Some(first) = next else { return };
+                        let mut batch = vec![first];
+                        while let Ok(more) = rx.try_recv() {
+                            batch.push(more);
+                        }
+                        self.park(&out, batch, &counters).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles stanzas that cannot go now: messages and subscription requests to the
+    /// outbox, IQ requests answered with an error, the rest dropped.
+    async fn park(&self, out: &Outgoing, stanzas: Vec<Arc<str>>, counters: &LinkCounters) {
+        let mut keep = vec![];
+        for xml in stanzas {
+            let Some(stanza) = stanza::parse_own(&xml) else {
+                continue;
+            };
+            match Kind::of(&stanza) {
+                Some(Kind::Message) => keep.push((xml.to_string(), 0)),
+                Some(Kind::Presence)
+                    if matches!(
+                        stanza.attr("type"),
+                        Some("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")
+                    ) =>
+                {
+                    keep.push((xml.to_string(), 0));
+                }
+                Some(Kind::Iq) if matches!(stanza.attr("type"), Some("get" | "set")) => {
+                    self.bounce(
+                        &stanza,
+                        StanzaErrorCondition::RemoteServerTimeout,
+                        Some("the recipient's cluster cannot be reached now"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if keep.is_empty() {
+            return;
+        }
+        let n = keep.len() as u64;
+        match self.store.outbox_push(&out.node, &out.cluster, &keep).await {
+            Ok(()) => {
+                counters.stored.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, node = %out.node, "cannot keep messages in the outbox; bounced");
+                for (xml, _) in keep {
+                    if let Some(stanza) = stanza::parse_own(&xml) {
+                        self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// At shutdown: what was sent but not acknowledged, and what is queued, goes to the
+    /// outbox, so a restart delivers it.
+    async fn park_all(&self, out: &mut Outgoing, rx: &mut mpsc::Receiver<Arc<str>>) {
+        let mut rest: Vec<Arc<str>> = out
+            .unacked
+            .drain(..)
+            .filter(|p| p.outbox_id.is_none())
+            .map(|p| p.xml)
+            .collect();
+        while let Ok(xml) = rx.try_recv() {
+            rest.push(xml);
+        }
+        let counters = LinkCounters::default();
+        self.park(out, rest, &counters).await;
+    }
+
+    /// Bounces what waited longer than the outbox time to live, in memory and stored.
+    async fn expire(&self, out: &mut Outgoing, counters: &LinkCounters) {
+        let ttl = self.config.limits.outbox_ttl;
+        let now = impmesh_store::now_unix();
+        let before = now - ttl.as_secs() as i64;
+        let reason = Some("the recipient's cluster could not be reached in time");
+        let mut expired_ids = vec![];
+        while out.unacked.front().is_some_and(|p| p.queued_at < before) {
+            if let Some(p) = out.unacked.pop_front() {
+                if let Some(id) = p.outbox_id {
+                    expired_ids.push(id);
+                }
+                if let Some(stanza) = stanza::parse_own(&p.xml) {
+                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
+                }
+            }
+        }
+        loop {
+            let rows = match self.store.outbox_expired(&out.node, before, 500).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                if let Some(stanza) = stanza::parse_own(&row.stanza) {
+                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
+                }
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            if let Err(e) = self.store.outbox_delete(&ids).await {
+                tracing::error!(error = %e, "cannot remove expired outbox messages");
+                return;
+            }
+            counters.stored.fetch_sub(
+                (ids.len() as u64).min(counters.stored.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
+        if !expired_ids.is_empty() {
+            let _ = self.store.outbox_delete(&expired_ids).await;
+        }
+    }
+
+    /// The other side has handled the first `h` stanzas of this epoch: forget them
+    /// (and their outbox rows).
+    async fn acked(&self, out: &mut Outgoing, h: u64, counters: &LinkCounters) {
+        let mut ids = vec![];
+        let mut n = 0;
+        while out.unacked.front().is_some_and(|p| p.seq <= h) {
+            if let Some(p) = out.unacked.pop_front() {
+                n += 1;
+                ids.extend(p.outbox_id);
+            }
+        }
+        counters.stanzas.fetch_add(n, Ordering::Relaxed);
+        if !ids.is_empty() {
+            match self.store.outbox_delete(&ids).await {
+                Ok(()) => {
+                    counters.stored.fetch_sub(
+                        (ids.len() as u64).min(counters.stored.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "cannot remove delivered outbox messages"),
             }
         }
     }
 
     /// Connects to `node` of `cluster`, verifies it against the certificates pinned for
-    /// the cluster (or the trusted CAs), presents ours, and exchanges stream headers.
+    /// the cluster (or the trusted CAs), presents ours, and exchanges stream headers;
+    /// returns the link and how many stanzas of this epoch the other side has handled.
     async fn open_link(
         &self,
         node: &str,
         cluster: &str,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, LinkError> {
+        epoch: &str,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, u64, FrameReader), LinkError> {
         let setup = |m: String| LinkError::Setup(m);
         let target = self
             .store
@@ -363,12 +590,18 @@ impl Server {
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;
-        tls.write_all(header(&self.config.node_name, node).as_bytes())
+        tls.write_all(header(&self.config.node_name, node, epoch).as_bytes())
             .await?;
         tls.flush().await?;
-        let mut framer = Framer::new(MAX_LINK_STANZA);
-        match read_frame(&mut tls, &mut framer).await? {
-            Frame::Header(_) => Ok(tls),
+        let mut reader = FrameReader::new();
+        let Frame::Header(_) = reader.next(&mut tls).await? else {
+            return Err(LinkError::Closed);
+        };
+        match reader.next(&mut tls).await? {
+            Frame::Element(a) => match ack_count(&a) {
+                Some(h) => Ok((tls, h, reader)),
+                None => Err(LinkError::Closed),
+            },
             _ => Err(LinkError::Closed),
         }
     }
@@ -400,56 +633,78 @@ impl Server {
         Ok(anchors)
     }
 
-    /// Writes queued stanzas until the queue closes (`Ok`) or the link fails.
+    /// Writes until shutdown (`Ok`) or the link fails: first what the other side has
+    /// not acknowledged, then the outbox, then the queue, in batches; reads the other
+    /// side's acknowledgements.
     async fn write_link<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
+        reader: &mut FrameReader,
         rx: &mut mpsc::Receiver<Arc<str>>,
-        unsent: &mut Vec<Arc<str>>,
+        out: &mut Outgoing,
         counters: &LinkCounters,
     ) -> Result<(), LinkError> {
-        let mut framer = Framer::new(MAX_LINK_STANZA);
         let mut scratch = [0u8; 512];
-        let mut out = String::new();
+        let mut buf = String::new();
+        for p in &out.unacked {
+            buf.push_str(&p.xml);
+        }
+        write_batch(stream, &mut buf).await?;
+        // The outbox, oldest first.
+        let mut after = 0;
         loop {
-            if !unsent.is_empty() {
-                out.clear();
-                for s in unsent.iter() {
-                    out.push_str(s);
-                }
-                stream.write_all(out.as_bytes()).await?;
-                stream.flush().await?;
-                counters
-                    .stanzas
-                    .fetch_add(unsent.len() as u64, Ordering::Relaxed);
-                unsent.clear();
+            let rows = self
+                .store
+                .outbox_page(&out.node, after, BATCH as i64)
+                .await
+                .map_err(|e| LinkError::Setup(e.to_string()))?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            for row in rows {
+                let xml: Arc<str> = row.stanza.into();
+                buf.push_str(&xml);
+                out.push(xml, Some(row.id), row.queued_at);
             }
+            write_batch(stream, &mut buf).await?;
+        }
+        loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                next = rx.recv() => {
+                next = rx.recv(), if out.unacked.len() < MAX_UNACKED => {
                     let Some(first) = next else { return Ok(()) };
-                    unsent.push(first);
-                    while unsent.len() < BATCH {
+                    let now = impmesh_store::now_unix();
+                    buf.push_str(&first);
+                    out.push(first, None, now);
+                    for _ in 1..BATCH {
                         match rx.try_recv() {
-                            Ok(s) => unsent.push(s),
+                            Ok(xml) => {
+                                buf.push_str(&xml);
+                                out.push(xml, None, now);
+                            }
                             Err(_) => break,
                         }
                     }
+                    write_batch(stream, &mut buf).await?;
                 }
                 _ = tokio::time::sleep(KEEPALIVE) => {
                     stream.write_all(b" ").await?;
                     stream.flush().await?;
                 }
-                // The accepting side only ever closes the stream (or reports an error).
+                // The accepting side sends acknowledgements, or closes the stream.
                 n = stream.read(&mut scratch) => {
                     let n = n?;
                     if n == 0 {
                         return Err(LinkError::Closed);
                     }
-                    let mut buf = &scratch[..n];
-                    while let Some(frame) = framer.next_frame(&mut buf).map_err(LinkError::Stream)? {
-                        if matches!(frame, Frame::Footer) {
-                            return Err(LinkError::Closed);
+                    reader.feed(&scratch[..n])?;
+                    while let Some(frame) = reader.queue.pop_front() {
+                        match frame {
+                            Frame::Element(a) => {
+                                if let Some(h) = ack_count(&a) {
+                                    self.acked(out, h, counters).await;
+                                }
+                            }
+                            Frame::Footer | Frame::Header(_) => return Err(LinkError::Closed),
                         }
                     }
                 }
@@ -503,17 +758,30 @@ impl Server {
         let handshake = async {
             let mut tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
             let cluster = self.link_peer(&tls).await?;
-            let mut framer = Framer::new(MAX_LINK_STANZA);
-            let Frame::Header(header) = read_frame(&mut tls, &mut framer).await? else {
+            let mut reader = FrameReader::new();
+            let Frame::Header(opened) = reader.next(&mut tls).await? else {
                 return Err(LinkError::Closed);
             };
-            let from = header.from.unwrap_or_default();
-            tls.write_all(header_reply(&self.config.node_name, &from).as_bytes())
-                .await?;
+            let from = opened.from.unwrap_or_default();
+            let epoch = opened.id.unwrap_or_default();
+            // Stanzas of this epoch already handled: the sender resends only the rest.
+            let h = {
+                let mut received = lock(&self.links.received);
+                let entry = received
+                    .entry(from.clone())
+                    .or_insert_with(|| (epoch.clone(), 0));
+                if entry.0 != epoch {
+                    *entry = (epoch.clone(), 0);
+                }
+                entry.1
+            };
+            let mut answer = header(&self.config.node_name, &from, &epoch);
+            answer.push_str(&ack(h));
+            tls.write_all(answer.as_bytes()).await?;
             tls.flush().await?;
-            Ok::<_, LinkError>((tls, framer, cluster, from))
+            Ok::<_, LinkError>((tls, reader, cluster, from, epoch))
         };
-        let (mut tls, mut framer, cluster, node) =
+        let (mut tls, mut reader, cluster, node, epoch) =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                 .await
                 .map_err(|_| LinkError::Timeout)??;
@@ -523,7 +791,7 @@ impl Server {
         tracing::info!(%node, %cluster, "router link accepted");
         self.remote_node_back(&node).await;
         let result = self
-            .read_inlink(&mut tls, &mut framer, &cluster, &node, &counters)
+            .read_inlink(&mut tls, &mut reader, &cluster, &node, &epoch, &counters)
             .await;
         counters.set_up(false);
         self.remote_node_lost(&node);
@@ -569,13 +837,40 @@ impl Server {
     async fn read_inlink<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
-        framer: &mut Framer,
+        reader: &mut FrameReader,
         cluster: &str,
         node: &str,
+        epoch: &str,
         counters: &LinkCounters,
     ) -> Result<(), LinkError> {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
+            let mut handled = 0u64;
+            while let Some(frame) = reader.queue.pop_front() {
+                match frame {
+                    Frame::Element(el) => {
+                        counters.stanzas.fetch_add(1, Ordering::Relaxed);
+                        self.on_link_stanza(cluster, node, el).await;
+                        handled += 1;
+                    }
+                    Frame::Footer => return Ok(()),
+                    Frame::Header(_) => return Err(LinkError::Closed),
+                }
+            }
+            if handled > 0 {
+                // Count and acknowledge what was handled: a new link of the same epoch
+                // resumes after it (each stanza handled once).
+                let h = {
+                    let mut received = lock(&self.links.received);
+                    let entry = received
+                        .entry(node.to_owned())
+                        .or_insert_with(|| (epoch.to_owned(), 0));
+                    entry.1 += handled;
+                    entry.1
+                };
+                stream.write_all(ack(h).as_bytes()).await?;
+                stream.flush().await?;
+            }
             let n = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 r = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)) => {
@@ -585,17 +880,7 @@ impl Server {
             if n == 0 {
                 return Err(LinkError::Closed);
             }
-            let mut chunk = &buf[..n];
-            while let Some(frame) = framer.next_frame(&mut chunk).map_err(LinkError::Stream)? {
-                match frame {
-                    Frame::Element(el) => {
-                        counters.stanzas.fetch_add(1, Ordering::Relaxed);
-                        self.on_link_stanza(cluster, node, el).await;
-                    }
-                    Frame::Footer => return Ok(()),
-                    Frame::Header(_) => return Err(LinkError::Closed),
-                }
-            }
+            reader.feed(&buf[..n])?;
         }
     }
 
@@ -817,36 +1102,84 @@ impl Server {
     }
 }
 
-/// The stream header the opening node sends.
-fn header(from: &str, to: &str) -> String {
+/// A stream header; the opening node's `id` is its epoch (a new one at every start
+/// of its link task), which the accepting node echoes.
+fn header(from: &str, to: &str, epoch: &str) -> String {
     format!(
         "<?xml version='1.0'?><stream:stream xmlns='{LINK_NS}' \
-         xmlns:stream='http://etherx.jabber.org/streams' version='1.0' from='{}' to='{}'>",
+         xmlns:stream='http://etherx.jabber.org/streams' version='1.0' from='{}' to='{}' \
+         id='{}'>",
         escape(from),
-        escape(to)
+        escape(to),
+        escape(epoch)
     )
 }
 
-/// The accepting node's answer.
-fn header_reply(from: &str, to: &str) -> String {
-    header(from, to)
+/// The acknowledgement: `h` stanzas of the epoch handled so far.
+fn ack(h: u64) -> String {
+    format!("<a xmlns='{LINK_NS}' h='{h}'/>")
 }
 
-/// Reads until the framer yields a frame.
-async fn read_frame<S: AsyncRead + Unpin>(
+/// The count an acknowledgement carries.
+fn ack_count(element: &Element) -> Option<u64> {
+    if !element.is("a", LINK_NS) {
+        return None;
+    }
+    element.attr("h")?.parse().ok()
+}
+
+/// Writes and flushes a batch, then empties the buffer.
+async fn write_batch<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    framer: &mut Framer,
-) -> Result<Frame, LinkError> {
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Err(LinkError::Closed);
+    buf: &mut String,
+) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(buf.as_bytes()).await?;
+    stream.flush().await?;
+    buf.clear();
+    Ok(())
+}
+
+/// Frames read from a link, with what a read brought beyond the frame asked for.
+struct FrameReader {
+    framer: Framer,
+    queue: VecDeque<Frame>,
+}
+
+impl FrameReader {
+    fn new() -> FrameReader {
+        FrameReader {
+            framer: Framer::new(MAX_LINK_STANZA),
+            queue: VecDeque::new(),
         }
-        let mut chunk = &buf[..n];
-        if let Some(frame) = framer.next_frame(&mut chunk).map_err(LinkError::Stream)? {
-            // Headers come alone: the other side waits for ours before sending more.
-            return Ok(frame);
+    }
+
+    /// Parses a chunk; the frames wait in the queue.
+    fn feed(&mut self, mut chunk: &[u8]) -> Result<(), LinkError> {
+        while let Some(frame) = self
+            .framer
+            .next_frame(&mut chunk)
+            .map_err(LinkError::Stream)?
+        {
+            self.queue.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// The next frame, reading as needed.
+    async fn next<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<Frame, LinkError> {
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(frame) = self.queue.pop_front() {
+                return Ok(frame);
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(LinkError::Closed);
+            }
+            self.feed(&buf[..n])?;
         }
     }
 }

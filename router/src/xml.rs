@@ -64,6 +64,8 @@ pub struct Header {
     pub from: Option<String>,
     pub version: Option<String>,
     pub lang: Option<String>,
+    /// The stream id (router links carry the sender's epoch in it).
+    pub id: Option<String>,
 }
 
 /// Longest element name, attribute name or attribute value (bytes). JIDs are at most
@@ -177,6 +179,7 @@ impl Framer {
                             ("", "to") => header.to = Some(value.to_string()),
                             ("", "from") => header.from = Some(value.to_string()),
                             ("", "version") => header.version = Some(value.to_string()),
+                            ("", "id") => header.id = Some(value.to_string()),
                             (rxml::XMLNS_XML, "lang") => header.lang = Some(value.to_string()),
                             _ => {}
                         }
