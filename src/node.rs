@@ -212,9 +212,12 @@ pub fn regenerate_certificate(config: &Config) -> anyhow::Result<String> {
 }
 
 /// The SANs of a generated certificate: the domain, the node name, the cluster name.
+/// The node name first: it is the certificate's CN, so every node's self-signed
+/// certificate has its own subject (two with the same subject confuse the clients that
+/// trust both, OpenSSL's chain building among them).
 fn certificate_names(config: &Config) -> Vec<String> {
-    let mut names = vec![config.domain.clone()];
-    for name in [config.node_name(), config.cluster_name()] {
+    let mut names = vec![config.node_name()];
+    for name in [config.domain.clone(), config.cluster_name()] {
         if !names.contains(&name) {
             names.push(name);
         }

@@ -67,8 +67,10 @@ async def expect(queue, what, pred):
         print(f"  (skipped while waiting for {what}: {item})", flush=True)
 
 
-async def login(jid, password, host, port, ca_file):
+async def login(jid, password, host, port, ca_file, setup=None):
     account = Account(jid, password, ca_file)
+    if setup:
+        setup(account)
     account.connect(host, port)
     try:
         await asyncio.wait_for(account.online.wait(), STEP_TIMEOUT)
