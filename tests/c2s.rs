@@ -926,3 +926,29 @@ async fn rfc6120_handshake_timeout() {
     assert!(reply.contains("connection-timeout"), "{reply}");
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+/// A burst larger than one write batch reaches the client whole: every stanza queued
+/// for a session is written, none dropped between batches.
+#[tokio::test]
+async fn a_burst_of_queued_stanzas_arrives_whole_and_in_order() {
+    let node = start_node_with_users(|_| {}, &["bob"]).await;
+    let mut bob = node.client("bob", PW, Some("r"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let session = node.node.server.hub.sessions("bob").pop().unwrap();
+    const N: usize = 500;
+    for i in 0..N {
+        let xml = format!(
+            "<message xmlns='jabber:client' from='localhost' to='bob@localhost/r' type='chat'>\
+             <body>{i}</body></message>"
+        );
+        assert!(session.send(xml.into()));
+    }
+    let mut got = vec![];
+    while got.len() < N {
+        let m = expect(&mut bob, 10, "the burst", |e| body(e).is_some()).await;
+        got.push(body(&m).unwrap().parse::<usize>().unwrap());
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+}

@@ -150,6 +150,132 @@ async fn thirty_clusters_peer_sync_and_propagate_changes() {
             assert_eq!(p["associated_users"], 2, "{p}");
         }
     }
+
+    federate(&nodes).await;
+}
+
+/// Presence across the whole mesh: the first user of every cluster logs in at home,
+/// asks all 29 others for a subscription and approves theirs (870 subscriptions over
+/// the router links); each sees the 29 others online. Then one cluster's router stops
+/// and everyone sees its user go offline.
+async fn federate(nodes: &[Arc<TestNode>]) {
+    use futures::StreamExt as _;
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for (i, node) in nodes.iter().enumerate() {
+        let mut client = node.client(&format!("first{i:02}"), "pw", Some("mesh"));
+        tasks.push(tokio::spawn(async move {
+            support::online(&mut client).await;
+            support::send(&mut client, "<presence/>").await;
+            for j in (0..CLUSTERS).filter(|j| *j != i) {
+                let to = format!("first{j:02}@{}", support::DOMAIN);
+                support::send(
+                    &mut client,
+                    &format!("<presence to='{to}' type='subscribe'/>"),
+                )
+                .await;
+            }
+            // Distinct users: a request can come twice (live, and replayed at login).
+            let (mut online, mut approved) = (
+                std::collections::HashSet::new(),
+                std::collections::HashSet::new(),
+            );
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            let mut seen_xml: Vec<String> = vec![];
+            while online.len() < CLUSTERS - 1 || approved.len() < CLUSTERS - 1 {
+                let event = tokio::time::timeout_at(deadline, client.next())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "first{i:02}: {} online, {} approved after 120 s; not seen online: {:?}; presence received: {seen_xml:?}",
+                            online.len(),
+                            approved.len(),
+                            (0..CLUSTERS)
+                                .map(|j| format!("first{j:02}@{}", support::DOMAIN))
+                                .filter(|j| !online.contains(j) && !j.starts_with(&format!("first{i:02}@")))
+                                .collect::<Vec<_>>()
+                        )
+                    });
+                let s = match event {
+                    Some(tokio_xmpp::Event::Stanza(s)) => s,
+                    other => {
+                        seen_xml.push(format!("EVENT {other:?}"));
+                        continue;
+                    }
+                };
+                let el = support::element(s);
+                if el.name() == "presence" {
+                    seen_xml.push(String::from(&el));
+                }
+                if el.name() != "presence" {
+                    continue;
+                }
+                let from = el.attr("from").unwrap_or_default().to_owned();
+                let bare = from.split('/').next().unwrap_or_default().to_owned();
+                match el.attr("type") {
+                    Some("subscribe") => {
+                        support::send(
+                            &mut client,
+                            &format!("<presence to='{bare}' type='subscribed'/>"),
+                        )
+                        .await;
+                        approved.insert(bare);
+                    }
+                    None if !bare.starts_with(&format!("first{i:02}@")) => {
+                        online.insert(bare);
+                    }
+                    _ => {}
+                }
+            }
+            client
+        }));
+    }
+    let mut clients = vec![];
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    println!(
+        "mesh of {CLUSTERS}: {} subscriptions done and every user sees the {} others online \
+         in {:.1} s",
+        CLUSTERS * (CLUSTERS - 1),
+        CLUSTERS - 1,
+        started.elapsed().as_secs_f64()
+    );
+    // The last approvals may still be on their way to the rosters.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, node) in nodes.iter().enumerate() {
+        loop {
+            let (_, roster) = node
+                .node
+                .server
+                .store
+                .roster(&format!("first{i:02}"))
+                .await
+                .unwrap();
+            let both = roster
+                .iter()
+                .filter(|r| r.subscription == impmesh_store::Subscription::Both)
+                .count();
+            if both == CLUSTERS - 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "first{i:02}: {both} of {} roster items are both-way: {roster:?}",
+                roster.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Cluster 0's router stops: its user goes offline for all 29 others.
+    nodes[0].node.server.shutdown(Duration::from_secs(5)).await;
+    for client in clients.iter_mut().skip(1) {
+        support::expect(client, 30, "first00 offline", |e| {
+            support::is_presence_from(e, "first00", Some("unavailable"))
+        })
+        .await;
+    }
 }
 
 /// The benchmark of the issue: 30 clusters of 15,000 users each (450,000 in all), from

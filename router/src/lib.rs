@@ -67,6 +67,8 @@ pub struct Server {
     salt_key: [u8; 32],
     /// Router links to and from the nodes of peer clusters.
     links: link::Links,
+    /// Striped locks ordering the subscription steps of each roster owner.
+    roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
     me: Weak<Server>,
     pub shutdown: CancellationToken,
@@ -104,6 +106,7 @@ impl Server {
             registrations: Mutex::new(HashMap::new()),
             salt_key,
             links: link::Links::default(),
+            roster_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             me: me.clone(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -110,6 +110,10 @@ struct Outgoing {
     epoch: String,
     next_seq: u64,
     unacked: VecDeque<Pending>,
+    /// Presence that could not go while the link was down: the latest per (from, to,
+    /// probe or not), sent first when it is back (so a first link that took a few
+    /// attempts, or a short outage, loses no presence).
+    presence: HashMap<(String, String, bool), Arc<str>>,
 }
 
 impl Outgoing {
@@ -347,6 +351,7 @@ impl Server {
             epoch: crate::c2s::random_id(),
             next_seq: 1,
             unacked: VecDeque::new(),
+            presence: HashMap::new(),
         };
         loop {
             let opened = tokio::select! {
@@ -405,7 +410,7 @@ impl Server {
                         while let Ok(more) = rx.try_recv() {
                             batch.push(more);
                         }
-                        self.park(&out, batch, &counters).await;
+                        self.park(&mut out, batch, &counters).await;
                     }
                 }
             }
@@ -413,8 +418,9 @@ impl Server {
     }
 
     /// Handles stanzas that cannot go now: messages and subscription requests to the
-    /// outbox, IQ requests answered with an error, the rest dropped.
-    async fn park(&self, out: &Outgoing, stanzas: Vec<Arc<str>>, counters: &LinkCounters) {
+    /// outbox, IQ requests answered with an error, the latest presence and probes kept
+    /// in memory for when the link is back, the rest dropped.
+    async fn park(&self, out: &mut Outgoing, stanzas: Vec<Arc<str>>, counters: &LinkCounters) {
         let mut keep = vec![];
         for xml in stanzas {
             let Some(stanza) = stanza::parse_own(&xml) else {
@@ -436,6 +442,17 @@ impl Server {
                         StanzaErrorCondition::RemoteServerTimeout,
                         Some("the recipient's cluster cannot be reached now"),
                     );
+                }
+                Some(Kind::Presence)
+                    if matches!(stanza.attr("type"), None | Some("unavailable" | "probe"))
+                        && out.presence.len() < MAX_UNACKED =>
+                {
+                    let key = (
+                        stanza.attr("from").unwrap_or_default().to_owned(),
+                        stanza.attr("to").unwrap_or_default().to_owned(),
+                        stanza.attr("type") == Some("probe"),
+                    );
+                    out.presence.insert(key, xml);
                 }
                 _ => {}
             }
@@ -473,6 +490,7 @@ impl Server {
         }
         let counters = LinkCounters::default();
         self.park(out, rest, &counters).await;
+        out.presence.clear();
     }
 
     /// Bounces what waited longer than the outbox time to live, in memory and stored.
@@ -648,6 +666,13 @@ impl Server {
         let mut buf = String::new();
         for p in &out.unacked {
             buf.push_str(&p.xml);
+        }
+        write_batch(stream, &mut buf).await?;
+        // Presence held while the link was down.
+        let now = impmesh_store::now_unix();
+        for (_, xml) in std::mem::take(&mut out.presence) {
+            buf.push_str(&xml);
+            out.push(xml, None, now);
         }
         write_batch(stream, &mut buf).await?;
         // The outbox, oldest first.
@@ -985,6 +1010,7 @@ impl Server {
             return;
         };
         let ty = stanza::stanza_type(&presence).to_owned();
+        tracing::debug!(%node, from = %from, to = %to, ty, "presence from a link");
         match ty.as_str() {
             "" | "unavailable" => {
                 let xml: Arc<str> = String::from(&presence).into();

@@ -190,7 +190,29 @@ impl Session {
     }
 }
 
+/// A step of the subscription machine that reaches another user, run after the roster
+/// lock of the user whose roster changed is released.
+enum After {
+    /// A subscription stanza to `0` (type `1`, from `2`).
+    Deliver(BareJid, String, BareJid, Element),
+    /// A presence to the JID in its `to`.
+    Send(Element),
+    /// Unavailable from each available resource of user `0` to `1`.
+    Unavailable(String, String),
+}
+
 impl Server {
+    /// The lock that orders the subscription steps changing `owner`'s roster: a step
+    /// reads an item, decides and writes it back, and two steps for the same owner
+    /// (say, the user's approval and the contact's answer arriving over a link) must
+    /// not interleave. Striped: a few locks for every user, held one at a time.
+    fn roster_lock(&self, owner: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        owner.hash(&mut hasher);
+        &self.roster_locks[(hasher.finish() as usize) % self.roster_locks.len()]
+    }
+
     /// Sends a user's presence to one contact's available resources, unless either side
     /// blocks the other.
     async fn presence_to_contact(&self, user: &str, contact: &str, presence: &Element) {
@@ -286,20 +308,37 @@ impl Server {
     }
 
     /// Outbound processing of a subscription stanza from a local user (RFC 6121 §3).
+    /// The user's roster changes under the user's roster lock; what goes to others
+    /// goes after it is released (never two roster locks at once).
     pub async fn outbound_subscription(
         &self,
         user: &str,
         ty: &str,
         contact: BareJid,
-        mut stanza: Element,
+        stanza: Element,
     ) {
+        let after = {
+            let _owner = self.roster_lock(user).lock().await;
+            self.outbound_locked(user, ty, contact, stanza).await
+        };
+        self.run_after(after).await;
+    }
+
+    async fn outbound_locked(
+        &self,
+        user: &str,
+        ty: &str,
+        contact: BareJid,
+        mut stanza: Element,
+    ) -> Vec<After> {
+        let mut after = vec![];
         let domain = self.config.domain.clone();
         let Some(user_bare) = stanza::bare(user, &domain) else {
-            return;
+            return after;
         };
         if contact.domain().as_str() != domain {
             self.bounce(&stanza, StanzaErrorCondition::RemoteServerNotFound, None);
-            return;
+            return after;
         }
         // Subscription stanzas travel between bare JIDs (§3.1.2).
         stanza::set_attr(&mut stanza, "from", &user_bare.to_string());
@@ -321,8 +360,12 @@ impl Server {
                     item.ask = true;
                     self.save_and_push(user, &item).await;
                 }
-                self.deliver_subscription(&contact, ty, &user_bare, stanza)
-                    .await;
+                after.push(After::Deliver(
+                    contact.clone(),
+                    ty.to_owned(),
+                    user_bare.clone(),
+                    stanza,
+                ));
             }
             "subscribed" => {
                 let pending = self
@@ -332,7 +375,7 @@ impl Server {
                     .unwrap_or(false);
                 if item.as_ref().is_some_and(|i| i.subscription.has_from()) || !pending {
                     // Already approved, or nothing to approve (no pre-approval support).
-                    return;
+                    return after;
                 }
                 let mut item = item.unwrap_or_else(|| RosterItem {
                     contact: contact_s.clone(),
@@ -344,8 +387,12 @@ impl Server {
                     .store
                     .remove_subscription_request(user, &contact_s)
                     .await;
-                self.deliver_subscription(&contact, ty, &user_bare, stanza)
-                    .await;
+                after.push(After::Deliver(
+                    contact.clone(),
+                    ty.to_owned(),
+                    user_bare.clone(),
+                    stanza,
+                ));
                 // The contact now sees the user's current presence (§3.1.5).
                 for s in self.hub.sessions(user) {
                     let p = s.presence();
@@ -353,7 +400,7 @@ impl Server {
                         && let Some(mut element) = stanza::parse_own(&last)
                     {
                         stanza::set_attr(&mut element, "to", &contact_s);
-                        self.send_to_jid(&element);
+                        after.push(After::Send(element));
                     }
                 }
             }
@@ -365,8 +412,12 @@ impl Server {
                     item.ask = false;
                     self.save_and_push(user, &item).await;
                 }
-                self.deliver_subscription(&contact, ty, &user_bare, stanza)
-                    .await;
+                after.push(After::Deliver(
+                    contact.clone(),
+                    ty.to_owned(),
+                    user_bare.clone(),
+                    stanza,
+                ));
             }
             "unsubscribed" => {
                 let had_request = self
@@ -380,12 +431,30 @@ impl Server {
                     self.save_and_push(user, &item).await;
                 }
                 if had_request || had_from {
-                    self.deliver_subscription(&contact, ty, &user_bare, stanza)
-                        .await;
-                    self.unavailable_from_user_to(user, &contact_s);
+                    after.push(After::Deliver(
+                        contact.clone(),
+                        ty.to_owned(),
+                        user_bare.clone(),
+                        stanza,
+                    ));
+                    after.push(After::Unavailable(user.to_owned(), contact_s.clone()));
                 }
             }
             _ => {}
+        }
+        after
+    }
+
+    /// What a subscription step sends once its roster lock is released, in order.
+    async fn run_after(&self, after: Vec<After>) {
+        for step in after {
+            match step {
+                After::Deliver(contact, ty, from, stanza) => {
+                    Box::pin(self.deliver_subscription(&contact, &ty, &from, stanza)).await;
+                }
+                After::Send(stanza) => self.send_to_jid(&stanza),
+                After::Unavailable(user, to) => self.unavailable_from_user_to(&user, &to),
+            }
         }
     }
 
@@ -418,6 +487,24 @@ impl Server {
         let Some(owner_user) = owner.node().map(|n| n.to_string()) else {
             return;
         };
+        let after = {
+            let _owner = self.roster_lock(&owner_user).lock().await;
+            self.inbound_locked(owner, &owner_user, ty, from, stanza)
+                .await
+        };
+        self.run_after(after).await;
+    }
+
+    async fn inbound_locked(
+        &self,
+        owner: &BareJid,
+        owner_user: &str,
+        ty: &str,
+        from: &BareJid,
+        stanza: Element,
+    ) -> Vec<After> {
+        let owner_user = owner_user.to_owned();
+        let mut after = vec![];
         if !self.store.user_exists(&owner_user).await.unwrap_or(false) {
             if ty == "subscribe" {
                 // §3.1.3: the contact does not exist; tell the user it is unsubscribed.
@@ -426,14 +513,20 @@ impl Server {
                     .attr(rxml::xml_ncname!("to").to_owned(), from.to_string())
                     .attr(rxml::xml_ncname!("type").to_owned(), "unsubscribed")
                     .build();
-                Box::pin(self.deliver_subscription(from, "unsubscribed", owner, reply)).await;
+                after.push(After::Deliver(
+                    from.clone(),
+                    "unsubscribed".into(),
+                    owner.clone(),
+                    reply,
+                ));
             }
-            return;
+            return after;
         }
         if self.is_blocked_by(&owner_user, from).await {
-            return;
+            return after;
         }
         let from_s = from.to_string();
+        tracing::debug!(owner = %owner_user, from = %from_s, ty, "inbound subscription");
         let item = self
             .store
             .roster_item(&owner_user, &from_s)
@@ -449,8 +542,13 @@ impl Server {
                         .attr(rxml::xml_ncname!("to").to_owned(), from_s.clone())
                         .attr(rxml::xml_ncname!("type").to_owned(), "subscribed")
                         .build();
-                    Box::pin(self.deliver_subscription(from, "subscribed", owner, reply)).await;
-                    return;
+                    after.push(After::Deliver(
+                        from.clone(),
+                        "subscribed".into(),
+                        owner.clone(),
+                        reply,
+                    ));
+                    return after;
                 }
                 let xml = String::from(&stanza);
                 if let Err(e) = self
@@ -459,13 +557,13 @@ impl Server {
                     .await
                 {
                     tracing::error!(error = %e, "cannot store a subscription request");
-                    return;
+                    return after;
                 }
                 self.to_available_resources(&owner_user, &stanza);
             }
             "subscribed" => {
                 let Some(mut item) = item.filter(|i| i.ask) else {
-                    return;
+                    return after;
                 };
                 item.ask = false;
                 item.subscription = item.subscription.with_to(true);
@@ -491,7 +589,7 @@ impl Server {
             }
             "unsubscribed" => {
                 let Some(mut item) = item.filter(|i| i.subscription.has_to() || i.ask) else {
-                    return;
+                    return after;
                 };
                 item.subscription = item.subscription.with_to(false);
                 item.ask = false;
@@ -500,6 +598,7 @@ impl Server {
             }
             _ => {}
         }
+        after
     }
 
     /// Delivers a stanza to every available resource of a local user.

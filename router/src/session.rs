@@ -323,7 +323,11 @@ impl Session {
 
     async fn on_outbound(&mut self, msg: Option<Outbound>) -> Result<(), End> {
         let mut next = msg;
-        for _ in 0..WRITE_BATCH {
+        let mut handled = 0;
+        // Take from the queue only what this batch will handle: an item taken and not
+        // handled would be lost.
+        while handled < WRITE_BATCH {
+            handled += 1;
             match next.take() {
                 Some(Outbound::Stanza(stanza)) => self.push_out(stanza),
                 Some(Outbound::Replaced) => {
@@ -341,6 +345,9 @@ impl Session {
                 Some(Outbound::Resume(request)) => Box::pin(self.resume(*request)).await?,
                 // We hold a sender in the handle, so the queue never closes.
                 None => return Ok(()),
+            }
+            if handled == WRITE_BATCH {
+                break;
             }
             next = self.rx.try_recv().ok();
             if next.is_none() {
