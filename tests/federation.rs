@@ -647,3 +647,119 @@ async fn a_message_that_waits_too_long_is_bounced() {
     assert!(String::from(&error).contains("remote-server-timeout"));
     assert!(store_a.outbox_nodes().await.unwrap().is_empty());
 }
+
+/// Cross-cluster message throughput and latency against the same load inside one
+/// cluster: 10 senders on A, each sending 2,000 chat messages to its own receiver, first
+/// on A, then on B (over the router link). Not run by CI; run it on a release build:
+///
+/// ```sh
+/// cargo test --release --test federation -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored on a release build"]
+async fn benchmark_cross_cluster_messages() {
+    const PAIRS: usize = 10;
+    const MESSAGES: usize = 2_000;
+    let a = cluster("cluster-a.example.com", &[]).await;
+    let b = cluster("cluster-b.example.com", &[]).await;
+    for i in 0..PAIRS {
+        a.add_user(&format!("send{i}"), "pw").await;
+        a.add_user(&format!("near{i}"), "pw").await;
+        b.add_user(&format!("far{i}"), "pw").await;
+    }
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    b.node
+        .control
+        .peer_accept("cluster-a.example.com")
+        .await
+        .unwrap();
+    let store = a.node.server.store.clone();
+    eventually(30, "B's users known to A", || async {
+        store
+            .remote_user_count("cluster-b.example.com")
+            .await
+            .unwrap()
+            == PAIRS as i64
+    })
+    .await;
+    let mut senders = vec![];
+    for i in 0..PAIRS {
+        let mut c = a.client(&format!("send{i}"), "pw", Some("b"));
+        online(&mut c).await;
+        senders.push(c);
+    }
+    for (label, node, prefix) in [
+        ("local (A to A)", &a, "near"),
+        ("cross-cluster (A to B)", &b, "far"),
+    ] {
+        let mut receivers = vec![];
+        for i in 0..PAIRS {
+            let mut c = node.client(&format!("{prefix}{i}"), "pw", Some("b"));
+            online(&mut c).await;
+            send(&mut c, "<presence/>").await;
+            receivers.push(c);
+        }
+        // Warm-up: the link (if any) is up before the clock starts.
+        for (i, s) in senders.iter_mut().enumerate() {
+            send(
+                s,
+                &format!(
+                    "<message to='{prefix}{i}@{DOMAIN}' type='chat'><body>warm</body></message>"
+                ),
+            )
+            .await;
+        }
+        for r in receivers.iter_mut() {
+            expect(r, 30, "warm-up", |e| body(e).as_deref() == Some("warm")).await;
+        }
+        let start = Instant::now();
+        let mut tasks = vec![];
+        for (i, mut r) in receivers.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(MESSAGES);
+                while latencies.len() < MESSAGES {
+                    let m = expect(&mut r, 60, "the load", |e| body(e).is_some()).await;
+                    let sent: u128 = body(&m).unwrap().parse().unwrap();
+                    latencies.push(start.elapsed().as_nanos() - sent);
+                }
+                let _ = i;
+                latencies
+            }));
+        }
+        let mut sending = vec![];
+        for (i, mut s) in std::mem::take(&mut senders).into_iter().enumerate() {
+            let prefix = prefix.to_owned();
+            sending.push(tokio::spawn(async move {
+                for _ in 0..MESSAGES {
+                    let t = start.elapsed().as_nanos();
+                    send(&mut s, &format!("<message to='{prefix}{i}@{DOMAIN}' type='chat'><body>{t}</body></message>")).await;
+                }
+                s
+            }));
+        }
+        for t in sending {
+            senders.push(t.await.unwrap());
+        }
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let elapsed = start.elapsed();
+        all.sort_unstable();
+        let pct = |p: f64| {
+            Duration::from_nanos(all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as u64)
+        };
+        println!(
+            "BENCH {label}: {} messages in {:.2} s = {:.0} msg/s; latency p50 {:?}, p99 {:?}",
+            all.len(),
+            elapsed.as_secs_f64(),
+            all.len() as f64 / elapsed.as_secs_f64(),
+            pct(0.50),
+            pct(0.99)
+        );
+    }
+}

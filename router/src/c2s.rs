@@ -745,7 +745,7 @@ mod tests {
         match r {
             Ok(()) => None,
             Err(End::Error(c, _)) => Some(c),
-            Err(End::Gone) => panic!("unexpected"),
+            Err(End::Gone | End::Redirect(_)) => panic!("unexpected"),
         }
     }
 
