@@ -148,7 +148,23 @@ pub struct Links {
     lost: Mutex<HashMap<String, HashSet<(String, String)>>>,
     /// Per sending node: its epoch and how many of that epoch's stanzas were handled.
     received: Mutex<HashMap<String, (String, u64)>>,
+    /// Where users live, as the directory said (routing must not wait on SQL for
+    /// every stanza).
+    homes: Mutex<HomeCache>,
 }
+
+/// Directory lookups, valid while the store's directory generation stays the same and
+/// for at most [`HOME_TTL`] (other nodes sharing a PostgreSQL store change it too).
+#[derive(Default)]
+struct HomeCache {
+    generation: u64,
+    entries: HashMap<String, (Option<(String, String)>, tokio::time::Instant)>,
+}
+
+/// How long a cached directory lookup is used.
+const HOME_TTL: Duration = Duration::from_secs(2);
+/// Cached lookups kept, at most (then the cache starts over).
+const HOME_CACHE_ENTRIES: usize = 100_000;
 
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -231,7 +247,7 @@ impl Server {
     /// Where a user of the domain is homed when that is another cluster: (cluster,
     /// node). `None` for local and unknown users.
     pub(crate) async fn remote_home(&self, user: &str) -> Option<(String, String)> {
-        match self.store.home_of(user).await {
+        match self.home_of(user).await {
             Ok(Some((cluster, node))) if cluster != self.config.cluster_name => {
                 Some((cluster, node))
             }
@@ -241,6 +257,34 @@ impl Server {
                 None
             }
         }
+    }
+
+    /// Where `user` lives by the directory, through the lookup cache.
+    async fn home_of(&self, user: &str) -> impmesh_store::Result<Option<(String, String)>> {
+        let generation = self.store.directory_generation();
+        {
+            let mut cache = lock(&self.links.homes);
+            if cache.generation != generation {
+                cache.entries.clear();
+                cache.generation = generation;
+            }
+            if let Some((home, at)) = cache.entries.get(user)
+                && at.elapsed() < HOME_TTL
+            {
+                return Ok(home.clone());
+            }
+        }
+        let home = self.store.home_of(user).await?;
+        let mut cache = lock(&self.links.homes);
+        if cache.generation == generation {
+            if cache.entries.len() >= HOME_CACHE_ENTRIES {
+                cache.entries.clear();
+            }
+            cache
+                .entries
+                .insert(user.to_owned(), (home.clone(), tokio::time::Instant::now()));
+        }
+        Ok(home)
     }
 
     /// The client address (`host:port`) of the node of another cluster that homes
@@ -921,7 +965,7 @@ impl Server {
         let sender_ok = match &from {
             Some(j) if j.domain().as_str() == domain => match j.node() {
                 Some(user) => matches!(
-                    self.store.home_of(user.as_str()).await,
+                    self.home_of(user.as_str()).await,
                     Ok(Some((home, _))) if home == cluster
                 ),
                 None => false,

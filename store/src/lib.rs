@@ -82,6 +82,9 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     latency: std::sync::Arc<Latency>,
+    /// Bumped after every committed change to who lives where (local users, peers'
+    /// users): caches of directory lookups are valid while it stays the same.
+    directory_gen: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -91,6 +94,19 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Store {
+    /// The directory generation: it changes after every change to where users live
+    /// made through this store (other processes sharing a PostgreSQL store are not
+    /// seen: pair it with a short time to live).
+    pub fn directory_generation(&self) -> u64 {
+        self.directory_gen
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn directory_changed(&self) {
+        self.directory_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Opens the store named by `url` and runs pending migrations.
     ///
     /// `sqlite://PATH` (relative paths resolve against `base_dir`) creates the file when it
@@ -157,6 +173,7 @@ impl Store {
             pool,
             backend,
             latency: Default::default(),
+            directory_gen: Default::default(),
         })
     }
 

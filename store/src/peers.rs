@@ -301,6 +301,7 @@ impl Store {
             .rows_affected()
             > 0;
         tx.commit().await?;
+        self.directory_changed();
         Ok(gone)
     }
 
@@ -384,6 +385,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.directory_changed();
         Ok(())
     }
 
@@ -420,6 +422,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.directory_changed();
         Ok(count)
     }
 
@@ -445,6 +448,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.directory_changed();
         Ok(())
     }
 
@@ -791,10 +795,13 @@ mod tests {
             // Changes: a tombstone and a move.
             let mut moved = entry("z", 11, false);
             moved.home_node = "b2".into();
+            let generation = store.directory_generation();
             store
                 .apply_changes("b", &[entry("y", 10, true), moved], 11)
                 .await
                 .unwrap();
+            // Caches of directory lookups see that something moved.
+            assert!(store.directory_generation() > generation);
             assert!(store.remote_user("y").await.unwrap().is_empty());
             assert_eq!(store.remote_user("z").await.unwrap()[0].home_node, "b2");
             assert_eq!(store.peer_sync("b").await.unwrap().applied_usn, 11);

@@ -72,6 +72,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.directory_changed();
         Ok(())
     }
 
@@ -107,6 +108,7 @@ impl Store {
             .rows_affected();
         }
         tx.commit().await?;
+        self.directory_changed();
         Ok(created)
     }
 
@@ -132,6 +134,7 @@ impl Store {
             return Err(StoreError::UserNotFound(username.to_owned()));
         }
         tx.commit().await?;
+        self.directory_changed();
         Ok(())
     }
 
@@ -185,6 +188,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.directory_changed();
         Ok(())
     }
 
