@@ -543,15 +543,19 @@ impl Server {
         let now = impmesh_store::now_unix();
         let before = now - ttl.as_secs() as i64;
         let reason = Some("the recipient's cluster could not be reached in time");
-        let mut expired_ids = vec![];
+        // Sent but never acknowledged, and too old: their rows (if they came from the
+        // outbox) go first, so the sweep below does not bounce them a second time.
+        let mut expired = vec![];
         while out.unacked.front().is_some_and(|p| p.queued_at < before) {
-            if let Some(p) = out.unacked.pop_front() {
-                if let Some(id) = p.outbox_id {
-                    expired_ids.push(id);
-                }
-                if let Some(stanza) = stanza::parse_own(&p.xml) {
-                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
-                }
+            expired.extend(out.unacked.pop_front());
+        }
+        let ids: Vec<i64> = expired.iter().filter_map(|p| p.outbox_id).collect();
+        if !ids.is_empty() && self.store.outbox_delete(&ids).await.is_err() {
+            tracing::error!("cannot remove expired outbox messages");
+        }
+        for p in expired {
+            if let Some(stanza) = stanza::parse_own(&p.xml) {
+                self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
             }
         }
         loop {
@@ -565,23 +569,21 @@ impl Server {
             if rows.is_empty() {
                 break;
             }
-            for row in &rows {
-                if let Some(stanza) = stanza::parse_own(&row.stanza) {
-                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
-                }
-            }
+            // Removed first, then bounced: a failed removal bounces nothing twice.
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             if let Err(e) = self.store.outbox_delete(&ids).await {
                 tracing::error!(error = %e, "cannot remove expired outbox messages");
                 return;
             }
+            for row in &rows {
+                if let Some(stanza) = stanza::parse_own(&row.stanza) {
+                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
+                }
+            }
             counters.stored.fetch_sub(
                 (ids.len() as u64).min(counters.stored.load(Ordering::Relaxed)),
                 Ordering::Relaxed,
             );
-        }
-        if !expired_ids.is_empty() {
-            let _ = self.store.outbox_delete(&expired_ids).await;
         }
     }
 
