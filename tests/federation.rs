@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use impmesh_axl::NodeControl as _;
-use support::{DOMAIN, TestNode, body, collect, expect, online, send, start_node};
+use support::{DOMAIN, TestNode, body, collect, eventually, expect, online, send, start_node};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const AXL_USER: &str = "icsync";
@@ -31,21 +31,6 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
         node.add_user(user, "pw").await;
     }
     node
-}
-
-async fn eventually<F, Fut>(secs: u64, what: &str, cond: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(secs) {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {secs} s");
 }
 
 /// Two clusters peered both ways, each knowing the other's users and link port.

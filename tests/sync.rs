@@ -6,10 +6,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use impmesh_axl::NodeControl as _;
-use support::{TestNode, start_node};
+use support::{TestNode, eventually, start_node};
 
 const AXL_USER: &str = "icsync";
 const AXL_PW: &str = "intercluster-secret";
@@ -35,22 +35,6 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
         node.add_user(user, "pw").await;
     }
     node
-}
-
-/// Waits until `cond` holds, for up to `secs`; returns how long it took.
-async fn eventually<F, Fut>(secs: u64, what: &str, cond: F) -> Duration
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(secs) {
-        if cond().await {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {secs} s");
 }
 
 async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {

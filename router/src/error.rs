@@ -55,15 +55,7 @@ impl StreamErrorCondition {
     /// RFC 6120 §4.9.3.19: `see-other-host` naming where to connect (`host:port`, an
     /// IPv6 address in brackets).
     pub fn see_other_host_xml(address: &str, text: Option<&str>) -> String {
-        let text = text
-            .map(|t| {
-                format!(
-                    "<text xmlns='{}'>{}</text>",
-                    ns::STREAMS,
-                    crate::xml::escape(t)
-                )
-            })
-            .unwrap_or_default();
+        let text = text_xml(text);
         format!(
             "<stream:error><see-other-host xmlns='{}'>{}</see-other-host>{text}</stream:error>",
             ns::STREAMS,
@@ -73,21 +65,25 @@ impl StreamErrorCondition {
 
     /// The `<stream:error>` element, with an optional human-readable text.
     pub fn to_xml(self, text: Option<&str>) -> String {
-        let text = text
-            .map(|t| {
-                format!(
-                    "<text xmlns='{}'>{}</text>",
-                    ns::STREAMS,
-                    crate::xml::escape(t)
-                )
-            })
-            .unwrap_or_default();
+        let text = text_xml(text);
         format!(
             "<stream:error><{} xmlns='{}'/>{text}</stream:error>",
             self.as_str(),
             ns::STREAMS
         )
     }
+}
+
+/// The `<text/>` of a stream error, or nothing.
+fn text_xml(text: Option<&str>) -> String {
+    text.map(|t| {
+        format!(
+            "<text xmlns='{}'>{}</text>",
+            ns::STREAMS,
+            crate::xml::escape(t)
+        )
+    })
+    .unwrap_or_default()
 }
 
 impl std::fmt::Display for StreamErrorCondition {

@@ -44,13 +44,13 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(90);
 /// Stanzas written with one flush, at most.
 const BATCH: usize = 64;
-/// Largest stanza accepted from a link (the same as from an authenticated client is
-/// too small for forwarded payloads; this leaves room for them).
+/// Largest stanza accepted from a link: above the client limit, since a stanza may
+/// grow on its way (delay stamps, forwarded copies).
 const MAX_LINK_STANZA: usize = 1024 * 1024;
 
 /// Counters of one link, as `impmesh peer status` shows them.
 #[derive(Debug, Default)]
-pub struct LinkCounters {
+struct LinkCounters {
     up: AtomicBool,
     /// Unix time of the last change of `up`.
     since: AtomicI64,

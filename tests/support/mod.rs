@@ -507,3 +507,19 @@ impl Proxy {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Waits until `cond` holds, for up to `secs`; returns how long it took.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, cond: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        if cond().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {secs} s");
+}
