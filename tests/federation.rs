@@ -748,3 +748,65 @@ async fn benchmark_cross_cluster_messages() {
         );
     }
 }
+
+/// What waits in the outbox survives a restart of the sending node and is delivered,
+/// in order, once the link can be opened again.
+#[tokio::test]
+async fn the_outbox_survives_a_restart() {
+    let (a, b) = peered_pair().await;
+    let proxy = proxied_link(
+        &a,
+        &b,
+        "node1.cluster-b.example.com",
+        "cluster-b.example.com",
+    )
+    .await;
+    proxy.cut_and_refuse();
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    for i in 1..=3 {
+        send(
+            &mut alice,
+            &format!("<message to='bob@{DOMAIN}' type='chat'><body>{i}</body></message>"),
+        )
+        .await;
+    }
+    let store_a = a.node.server.store.clone();
+    eventually(10, "three messages in A's outbox", || async {
+        store_a
+            .outbox_nodes()
+            .await
+            .unwrap()
+            .first()
+            .is_some_and(|(_, _, n)| *n == 3)
+    })
+    .await;
+    drop(alice);
+    drop(store_a);
+
+    let a = a.restart().await;
+    proxy.restore();
+    let mut got = vec![];
+    while got.len() < 3 {
+        let m = expect(&mut bob, 60, "the messages kept across the restart", |e| {
+            body(e).is_some()
+        })
+        .await;
+        got.push(body(&m).unwrap());
+    }
+    assert_eq!(got, ["1", "2", "3"]);
+    assert!(
+        collect(&mut bob, 500, |e| body(e).is_some())
+            .await
+            .is_empty()
+    );
+    let store_a = a.node.server.store.clone();
+    eventually(10, "A's outbox empty", || async {
+        store_a.outbox_nodes().await.unwrap().is_empty()
+    })
+    .await;
+}

@@ -34,6 +34,15 @@ pub struct TestNode {
 }
 
 impl TestNode {
+    /// Stops the node and starts it again on the same data directory and store (its
+    /// listeners get new ports when the config asked for port 0).
+    pub async fn restart(self) -> TestNode {
+        let TestNode { node, dir, config } = self;
+        node.shutdown().await;
+        let node = Node::start(&config).await.unwrap();
+        TestNode { node, dir, config }
+    }
+
     pub fn c2s(&self) -> SocketAddr {
         self.node.c2s[0]
     }
