@@ -40,14 +40,9 @@ async fn mesh_node(i: usize) -> TestNode {
     node
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn thirty_clusters_peer_sync_and_propagate_changes() {
-    let started = Instant::now();
-    let mut nodes = vec![];
-    for i in 0..CLUSTERS {
-        nodes.push(Arc::new(mesh_node(i).await));
-    }
-    // i adds j for every i < j; j accepts i. Eight first contacts at a time.
+/// Peers every pair of `nodes`: i adds j for every i < j, j accepts i; eight first
+/// contacts at a time.
+async fn peer_all(nodes: &[Arc<TestNode>]) {
     let pairs: Vec<(usize, usize)> = (0..CLUSTERS)
         .flat_map(|i| (i + 1..CLUSTERS).map(move |j| (i, j)))
         .collect();
@@ -68,6 +63,16 @@ async fn thirty_clusters_peer_sync_and_propagate_changes() {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_clusters_peer_sync_and_propagate_changes() {
+    let started = Instant::now();
+    let mut nodes = vec![];
+    for i in 0..CLUSTERS {
+        nodes.push(Arc::new(mesh_node(i).await));
+    }
+    peer_all(&nodes).await;
     let peered = started.elapsed();
 
     // Every directory gets the 29 other clusters' first users.
@@ -448,5 +453,132 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
         pct(0.5),
         pct(0.99),
         latencies.last().unwrap()
+    );
+}
+
+/// Presence fan-out across the mesh: one user on cluster 0 with 1,000 subscribers spread
+/// over the 30 clusters (rosters seeded in the stores); times how long a presence
+/// change takes to reach all of them. Not run by CI; run it on a release build:
+///
+/// ```sh
+/// cargo test --release --test mesh benchmark_presence_fan_out -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored on a release build"]
+async fn benchmark_presence_fan_out() {
+    use futures::StreamExt as _;
+    const SUBSCRIBERS: usize = 1_000;
+    let mut nodes = vec![];
+    for i in 0..CLUSTERS {
+        nodes.push(Arc::new(mesh_node(i).await));
+    }
+    let domain = support::DOMAIN;
+    nodes[0].add_user("publisher", "pw").await;
+    for k in 0..SUBSCRIBERS {
+        nodes[k % CLUSTERS].add_user(&format!("sub{k}"), "pw").await;
+    }
+    // The subscriptions, as the RFC 6121 handshake would have left them.
+    let item = |contact: String, subscription| impmesh_store::RosterItem {
+        contact,
+        subscription,
+        ..Default::default()
+    };
+    for k in 0..SUBSCRIBERS {
+        let contact = format!("sub{k}@{domain}");
+        nodes[0]
+            .node
+            .server
+            .store
+            .put_roster_item(
+                "publisher",
+                &item(contact, impmesh_store::Subscription::From),
+            )
+            .await
+            .unwrap();
+        nodes[k % CLUSTERS]
+            .node
+            .server
+            .store
+            .put_roster_item(
+                &format!("sub{k}"),
+                &item(
+                    format!("publisher@{domain}"),
+                    impmesh_store::Subscription::To,
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    peer_all(&nodes).await;
+    // Node 0 knows where every subscriber lives.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for k in 0..SUBSCRIBERS {
+        let user = format!("sub{k}");
+        while nodes[0]
+            .node
+            .server
+            .store
+            .home_of(&user)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "{user} never reached cluster 0");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let mut subscribers = vec![];
+    for k in 0..SUBSCRIBERS {
+        let mut c = nodes[k % CLUSTERS].client(&format!("sub{k}"), "pw", Some("fan"));
+        support::online(&mut c).await;
+        support::send(&mut c, "<presence/>").await;
+        subscribers.push(c);
+    }
+    let mut publisher = nodes[0].client("publisher", "pw", Some("fan"));
+    support::online(&mut publisher).await;
+    support::send(&mut publisher, "<presence/>").await;
+    // Everyone sees the publisher online first (the links are up).
+    for (k, c) in subscribers.iter_mut().enumerate() {
+        support::expect(c, 60, &format!("the publisher online at sub{k}"), |e| {
+            support::is_presence_from(e, "publisher", None)
+        })
+        .await;
+    }
+
+    let t0 = Instant::now();
+    let mut waits = vec![];
+    for mut c in subscribers {
+        waits.push(tokio::spawn(async move {
+            loop {
+                let Some(tokio_xmpp::Event::Stanza(s)) = c.next().await else {
+                    continue;
+                };
+                let el = support::element(s);
+                if support::is_presence_from(&el, "publisher", None)
+                    && el.get_child("show", "jabber:client").is_some()
+                {
+                    return t0.elapsed();
+                }
+            }
+        }));
+    }
+    support::send(&mut publisher, "<presence><show>away</show></presence>").await;
+    let mut times = vec![];
+    for w in waits {
+        times.push(
+            tokio::time::timeout(Duration::from_secs(60), w)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    times.sort();
+    println!(
+        "BENCH presence fan-out: one change to {SUBSCRIBERS} subscribers over {CLUSTERS} \
+         clusters: all reached in {:?} (p50 {:?}, p99 {:?})",
+        times.last().unwrap(),
+        times[times.len() / 2],
+        times[times.len() * 99 / 100]
     );
 }
