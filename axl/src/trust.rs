@@ -43,36 +43,13 @@ pub async fn add(
 
 /// What verifiers trust, from the store.
 pub async fn anchors(store: &Store) -> anyhow::Result<TrustAnchors> {
-    anchors_where(store, |_| true).await
+    Ok(store.trust_anchors(None).await?)
 }
 
 /// What verifies one peer: its own pinned certificates and the trusted CAs (a
 /// certificate pinned for another peer does not vouch for this one).
 pub async fn anchors_for(store: &Store, peer: &str) -> anyhow::Result<TrustAnchors> {
-    anchors_where(store, |e| {
-        e.kind != TrustKind::Pinned || e.peer.as_deref() == Some(peer)
-    })
-    .await
-}
-
-async fn anchors_where(
-    store: &Store,
-    keep: impl Fn(&TrustEntry) -> bool,
-) -> anyhow::Result<TrustAnchors> {
-    let mut anchors = TrustAnchors::default();
-    for entry in store.trust_entries().await?.into_iter().filter(|e| keep(e)) {
-        match entry.kind {
-            TrustKind::Pinned => {
-                anchors.pinned.insert(entry.fingerprint);
-            }
-            _ => anchors.cas.push(
-                CertificateDer::from_pem_slice(entry.pem.as_bytes()).map_err(|e| {
-                    anyhow::anyhow!("damaged trust entry {}: {e}", entry.fingerprint)
-                })?,
-            ),
-        }
-    }
-    Ok(anchors)
+    Ok(store.trust_anchors(Some(peer)).await?)
 }
 
 /// Pins the node certificates a peer cluster presented (each chain's first certificate,

@@ -672,29 +672,10 @@ impl Server {
 
     /// What verifies a node of `cluster`: its pinned certificates and the trusted CAs.
     async fn trust_for(&self, cluster: &str) -> Result<TrustAnchors, LinkError> {
-        let entries = self
-            .store
-            .trust_entries()
+        self.store
+            .trust_anchors(Some(cluster))
             .await
-            .map_err(|e| LinkError::Setup(e.to_string()))?;
-        let mut anchors = TrustAnchors::default();
-        for entry in entries {
-            match entry.kind {
-                TrustKind::Pinned if entry.peer.as_deref() == Some(cluster) => {
-                    anchors.pinned.insert(entry.fingerprint);
-                }
-                TrustKind::Pinned => {}
-                _ => {
-                    use rustls_pki_types::pem::PemObject as _;
-                    if let Ok(der) =
-                        rustls_pki_types::CertificateDer::from_pem_slice(entry.pem.as_bytes())
-                    {
-                        anchors.cas.push(der);
-                    }
-                }
-            }
-        }
-        Ok(anchors)
+            .map_err(|e| LinkError::Setup(e.to_string()))
     }
 
     /// Writes until shutdown (`Ok`) or the link fails: first what the other side has

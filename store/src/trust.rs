@@ -106,6 +106,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// What verifies a node of `peer`: the certificates pinned for that peer and the
+    /// trusted CAs (a certificate pinned for another peer does not vouch for this one).
+    /// `None`: every pinned certificate and CA (no peer in particular).
+    pub async fn trust_anchors(&self, peer: Option<&str>) -> Result<impmesh_certs::TrustAnchors> {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut anchors = impmesh_certs::TrustAnchors::default();
+        for entry in self.trust_entries().await? {
+            match entry.kind {
+                TrustKind::Pinned => {
+                    if peer.is_none() || entry.peer.as_deref() == peer {
+                        anchors.pinned.insert(entry.fingerprint);
+                    }
+                }
+                _ => anchors.cas.push(
+                    rustls_pki_types::CertificateDer::from_pem_slice(entry.pem.as_bytes())
+                        .map_err(|e| {
+                            StoreError::Corrupt(format!(
+                                "damaged trust entry {}: {e}",
+                                entry.fingerprint
+                            ))
+                        })?,
+                ),
+            }
+        }
+        Ok(anchors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::test_support::stores;
