@@ -339,10 +339,11 @@ impl Config {
                 "tls.client_certificate and tls.client_key go together".into(),
             ));
         }
-        if self.sync.period == 0 || !(1..=1000).contains(&self.sync.page_size) {
-            return Err(ConfigError::Invalid(
-                "sync.period must be at least 1 and sync.page_size 1 to 1000".into(),
-            ));
+        let max_page = impmesh_axl::soap::MAX_PAGE_SIZE;
+        if self.sync.period == 0 || !(1..=max_page).contains(&self.sync.page_size) {
+            return Err(ConfigError::Invalid(format!(
+                "sync.period must be at least 1 and sync.page_size 1 to {max_page}"
+            )));
         }
         if self.sync.stall_threshold <= self.sync.period {
             return Err(ConfigError::Invalid(

@@ -9,7 +9,7 @@ pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 /// The API's namespace; the trailing number is the API version.
 pub const AXL_NS: &str = "urn:impmesh:axl:1";
 /// Largest page a `listUsers` request may ask for.
-pub const MAX_PAGE_SIZE: u32 = 1000;
+pub const MAX_PAGE_SIZE: u32 = 5000;
 /// Page size when a request does not say.
 pub const DEFAULT_PAGE_SIZE: u32 = 500;
 
@@ -428,15 +428,31 @@ impl Response {
                 if let Some(c) = page.next_cursor {
                     ret = ret.with(text("nextCursor", c.to_string()));
                 }
-                let users = page.users.iter().map(|u| {
-                    El::new("", "user")
-                        .with(text("name", &u.name))
-                        .with(text("homeCluster", &u.home_cluster))
-                        .with(text("homeNode", &u.home_node))
-                        .with(text("usn", u.usn.to_string()))
-                        .with(text("deleted", if u.deleted { "true" } else { "false" }))
-                });
-                ret = ret.with(El::new("", "users").with_all(users));
+                // Runs of users with the same home share one <home> element.
+                let mut homes: Vec<El> = vec![];
+                for u in &page.users {
+                    let same = homes.last().is_some_and(|h| {
+                        h.attr("cluster") == Some(&u.home_cluster)
+                            && h.attr("node") == Some(&u.home_node)
+                    });
+                    if !same {
+                        homes.push(
+                            El::new("", "home")
+                                .with_attr("cluster", &u.home_cluster)
+                                .with_attr("node", &u.home_node),
+                        );
+                    }
+                    let mut user = El::new("", "user")
+                        .with_attr("name", &u.name)
+                        .with_attr("usn", u.usn.to_string());
+                    if u.deleted {
+                        user = user.with_attr("deleted", "true");
+                    }
+                    if let Some(home) = homes.last_mut() {
+                        home.children.push(user);
+                    }
+                }
+                ret = ret.with(El::new("", "users").with_all(homes));
             }
             Response::Certificates(certs) => ret = ret.with_all(certs.iter().map(cert_el)),
             Response::Exchanged {
@@ -460,6 +476,11 @@ impl Response {
 
     /// Parses the answer to `request`; a fault envelope comes back as `Err(Fault)`.
     pub fn parse(request: &Request, body: &[u8]) -> Result<Response, Fault> {
+        if let Request::ListUsers { .. } = request
+            && let Some(page) = read_user_page(body)?
+        {
+            return Ok(Response::Users(page));
+        }
         let el = open_envelope(body)?;
         if el.is(SOAP_NS, "Fault") {
             let client = child_text(&el, "faultcode").is_some_and(|c| c.ends_with("Client"));
@@ -521,27 +542,8 @@ impl Response {
                     })
                     .collect::<Result<_, Fault>>()?,
             }),
-            Request::ListUsers { .. } => Response::Users(UserPage {
-                snapshot_usn: num(ret, "snapshotUsn")?,
-                next_cursor: child_text(ret, "nextCursor")
-                    .map(|c| c.parse().map_err(|_| bad("nextCursor")))
-                    .transpose()?,
-                users: ret
-                    .child("", "users")
-                    .ok_or_else(|| bad("users"))?
-                    .children
-                    .iter()
-                    .map(|u| {
-                        Ok(UserEntry {
-                            name: string(u, "name")?,
-                            home_cluster: string(u, "homeCluster")?,
-                            home_node: string(u, "homeNode")?,
-                            usn: num(u, "usn")?,
-                            deleted: string(u, "deleted")? == "true",
-                        })
-                    })
-                    .collect::<Result<_, Fault>>()?,
-            }),
+            // read_user_page takes every listUsersResponse
+            Request::ListUsers { .. } => return Err(bad("listUsersResponse")),
             Request::GetCertificates => Response::Certificates(certificates(ret)?),
             Request::ExchangeCertificates { .. } => Response::Exchanged {
                 token: string(ret, "token")?,
@@ -554,6 +556,194 @@ impl Response {
             },
             Request::NotifyChange { .. } => Response::NotifyAccepted,
         })
+    }
+}
+
+/// Where [`read_user_page`] is in a `listUsersResponse` envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Envelope,
+    Body,
+    Response,
+    Return,
+    SnapshotUsn,
+    NextCursor,
+    Users,
+    Home,
+    User,
+    /// An element this reader does not know: skipped with its content.
+    Other,
+}
+
+/// Reads a `listUsersResponse` envelope straight into a page, without an element tree
+/// (a page holds thousands of users and this is the sync's hot path). `Ok(None)` when
+/// the Body holds something else, such as a fault: the general parser reads those.
+/// It refuses what [`El::parse`] refuses: DTDs, processing instructions, undeclared
+/// entities, unknown namespaces, too deep or too many elements.
+fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
+    use crate::xml::{MAX_DEPTH, MAX_ELEMENTS, plain_attribute, resolve_reference};
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+
+    let bad = |why: String| Fault::server("malformedResponse", why);
+    let xml = |e: XmlError| Fault::server("malformedResponse", e.to_string());
+    let doc = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+    let mut reader = quick_xml::reader::NsReader::from_str(doc);
+    let config = reader.config_mut();
+    config.expand_empty_elements = true;
+    config.check_end_names = true;
+    config.check_comments = true;
+    let mut stack: Vec<At> = Vec::with_capacity(MAX_DEPTH);
+    let mut count = 0usize;
+    let mut text = String::new();
+    let (mut snapshot_usn, mut next_cursor, mut saw_users, mut done) = (None, None, false, false);
+    let mut home: Option<(String, String)> = None;
+    let mut users: Vec<UserEntry> = vec![];
+    loop {
+        let (ns, event) = reader
+            .read_resolved_event()
+            .map_err(|e| bad(e.to_string()))?;
+        match event {
+            Event::Start(start) => {
+                if done {
+                    return Err(bad("content after the root element".into()));
+                }
+                count += 1;
+                if count > MAX_ELEMENTS {
+                    return Err(xml(XmlError::TooMany));
+                }
+                if stack.len() >= MAX_DEPTH {
+                    return Err(xml(XmlError::TooDeep));
+                }
+                let ns = match ns {
+                    ResolveResult::Unbound => "",
+                    ResolveResult::Bound(uri) => match uri.as_ref() {
+                        SOAP_NS => SOAP_NS,
+                        AXL_NS => AXL_NS,
+                        other => {
+                            return Err(bad(format!("namespace {other} is not one this API uses")));
+                        }
+                    },
+                    ResolveResult::Unknown(prefix) => {
+                        return Err(bad(format!("undeclared namespace prefix {prefix:?}")));
+                    }
+                };
+                let name = start.local_name().into_inner();
+                let at = match (stack.last(), ns, name) {
+                    (None, SOAP_NS, "Envelope") => At::Envelope,
+                    (None, ..) => return Ok(None),
+                    (Some(At::Envelope), SOAP_NS, "Body") => At::Body,
+                    (Some(At::Body), AXL_NS, "listUsersResponse") => At::Response,
+                    (Some(At::Body), ..) => return Ok(None),
+                    (Some(At::Response), "", "return") => At::Return,
+                    (Some(At::Return), "", "snapshotUsn") => At::SnapshotUsn,
+                    (Some(At::Return), "", "nextCursor") => At::NextCursor,
+                    (Some(At::Return), "", "users") => {
+                        saw_users = true;
+                        At::Users
+                    }
+                    (Some(At::Users), "", "home") => At::Home,
+                    // Skipping it would read as a listing without those users.
+                    (Some(At::Users), ..) => {
+                        return Err(bad(format!("<{name}> in <users>: only <home> is known")));
+                    }
+                    (Some(At::Home), "", "user") => At::User,
+                    _ => At::Other,
+                };
+                let (mut name, mut usn, mut deleted) = (None, None, false);
+                let (mut cluster, mut node) = (None, None);
+                for attribute in start.attributes() {
+                    let attribute = attribute.map_err(|e| bad(e.to_string()))?;
+                    let Some((key, value)) = plain_attribute(attribute).map_err(xml)? else {
+                        continue;
+                    };
+                    match (at, key) {
+                        (At::User, "name") => name = Some(value.into_owned()),
+                        (At::User, "usn") => usn = value.parse::<i64>().ok(),
+                        (At::User, "deleted") => deleted = value == "true",
+                        (At::Home, "cluster") => cluster = Some(value.into_owned()),
+                        (At::Home, "node") => node = Some(value.into_owned()),
+                        _ => {}
+                    }
+                }
+                match at {
+                    At::Home => match (cluster, node) {
+                        (Some(c), Some(n)) => home = Some((c, n)),
+                        _ => return Err(bad("a <home> needs cluster and node".into())),
+                    },
+                    At::User => {
+                        let (Some(name), Some(usn), Some((cluster, node))) = (name, usn, &home)
+                        else {
+                            return Err(bad("a <user> needs a name and a numeric usn".into()));
+                        };
+                        users.push(UserEntry {
+                            name,
+                            home_cluster: cluster.clone(),
+                            home_node: node.clone(),
+                            usn,
+                            deleted,
+                        });
+                    }
+                    _ => {}
+                }
+                text.clear();
+                stack.push(at);
+            }
+            Event::End(_) => match stack.pop() {
+                Some(At::SnapshotUsn) => {
+                    snapshot_usn = Some(
+                        text.trim()
+                            .parse::<i64>()
+                            .map_err(|_| bad(format!("bad snapshotUsn {text:?}")))?,
+                    );
+                }
+                Some(At::NextCursor) => {
+                    next_cursor = Some(
+                        text.trim()
+                            .parse::<Cursor>()
+                            .map_err(|_| bad(format!("bad nextCursor {text:?}")))?,
+                    );
+                }
+                Some(At::Envelope) => done = true,
+                Some(_) => {}
+                None => return Err(bad("unbalanced end tag".into())),
+            },
+            Event::Text(t) => match stack.last() {
+                Some(At::SnapshotUsn | At::NextCursor) => text.push_str(&t.xml10_content()),
+                Some(_) => {}
+                None if t.xml10_content().trim().is_empty() => {}
+                None => return Err(bad("text outside the root element".into())),
+            },
+            Event::GeneralRef(reference) => {
+                let c = resolve_reference(reference).map_err(xml)?;
+                match stack.last() {
+                    Some(At::SnapshotUsn | At::NextCursor) => text.push(c),
+                    Some(_) => {}
+                    None => return Err(bad("a reference outside the root element".into())),
+                }
+            }
+            Event::CData(data) => match stack.last() {
+                Some(At::SnapshotUsn | At::NextCursor) => text.push_str(&data.into_inner()),
+                Some(_) => {}
+                None => return Err(bad("CDATA outside the root element".into())),
+            },
+            Event::Decl(_) | Event::Comment(_) => {}
+            Event::DocType(_) => return Err(bad("document type declarations are refused".into())),
+            Event::PI(_) => return Err(bad("processing instructions are refused".into())),
+            Event::Empty(_) => return Err(bad("unexpanded empty element".into())),
+            Event::Eof => break,
+        }
+    }
+    if !done {
+        return Err(bad("the document ends early".into()));
+    }
+    match (snapshot_usn, saw_users) {
+        (Some(snapshot_usn), true) => Ok(Some(UserPage {
+            snapshot_usn,
+            users,
+            next_cursor,
+        })),
+        _ => Err(bad("a listUsersResponse needs snapshotUsn and users".into())),
     }
 }
 
@@ -643,13 +833,29 @@ mod tests {
                 snapshot_usn: 4,
                 after_usn: 2,
             }),
-            users: vec![UserEntry {
-                name: "alice & <bob>".into(),
-                home_cluster: "a".into(),
-                home_node: "n1".into(),
-                usn: 2,
-                deleted: true,
-            }],
+            users: vec![
+                UserEntry {
+                    name: "alice & <bob>".into(),
+                    home_cluster: "a".into(),
+                    home_node: "n1".into(),
+                    usn: 1,
+                    deleted: true,
+                },
+                UserEntry {
+                    name: "carol".into(),
+                    home_cluster: "a".into(),
+                    home_node: "n1".into(),
+                    usn: 2,
+                    deleted: false,
+                },
+                UserEntry {
+                    name: "dave".into(),
+                    home_cluster: "a".into(),
+                    home_node: "n2".into(),
+                    usn: 3,
+                    deleted: false,
+                },
+            ],
         });
         let certs = Response::Certificates(vec![NodeCertificate {
             node: "n1".into(),
@@ -689,8 +895,95 @@ mod tests {
         let fault = Fault::client("usnTooOld", "do a full sync");
         assert_eq!(
             Response::parse(&Request::GetClusterInfo, &fault.to_envelope()),
-            Err(fault)
+            Err(fault.clone())
         );
+        let list = Request::ListUsers {
+            since_usn: 3,
+            cursor: None,
+            page_size: 10,
+        };
+        assert_eq!(Response::parse(&list, &fault.to_envelope()), Err(fault));
+    }
+
+    #[test]
+    fn a_page_of_users_groups_them_by_home() {
+        let users = (0..4)
+            .map(|i| UserEntry {
+                name: format!("u{i}"),
+                home_cluster: "a".into(),
+                home_node: if i < 3 { "n1" } else { "n2" }.into(),
+                usn: i + 1,
+                deleted: false,
+            })
+            .collect();
+        let page = Response::Users(UserPage {
+            snapshot_usn: 4,
+            users,
+            next_cursor: None,
+        });
+        let xml = String::from_utf8(page.to_envelope("listUsers")).unwrap();
+        assert_eq!(xml.matches("<home ").count(), 2, "{xml}");
+        assert_eq!(xml.matches("<user ").count(), 4, "{xml}");
+    }
+
+    #[test]
+    fn hostile_or_wrong_pages_of_users_are_faults() {
+        let list = Request::ListUsers {
+            since_usn: 0,
+            cursor: None,
+            page_size: 10,
+        };
+        let wrap = |ret: &str| {
+            format!(
+                "<e:Envelope xmlns:e='{SOAP_NS}'><e:Body><listUsersResponse xmlns='{AXL_NS}'>\
+                 <return xmlns=''>{ret}</return></listUsersResponse></e:Body></e:Envelope>"
+            )
+        };
+        let good = wrap(
+            "<snapshotUsn>2</snapshotUsn><users><home cluster='a' node='n1'>\
+             <user name='x&amp;y' usn='2'/></home></users>",
+        );
+        let Ok(Response::Users(page)) = Response::parse(&list, good.as_bytes()) else {
+            panic!("{good}");
+        };
+        assert_eq!(page.users[0].name, "x&y");
+        let laughs = format!(
+            "<?xml version='1.0'?><!DOCTYPE l [<!ENTITY a 'aaaa'>]>{}",
+            wrap("<snapshotUsn>&a;</snapshotUsn><users/>")
+        );
+        let deep = wrap(&format!(
+            "<snapshotUsn>1</snapshotUsn><users/>{}{}",
+            "<a>".repeat(100),
+            "</a>".repeat(100)
+        ));
+        let many = wrap(&format!(
+            "<snapshotUsn>1</snapshotUsn><users><home cluster='a' node='n'>{}</home></users>",
+            "<user name='u' usn='1'/>".repeat(crate::xml::MAX_ELEMENTS)
+        ));
+        for doc in [
+            laughs,
+            deep,
+            many,
+            wrap("<snapshotUsn>1</snapshotUsn><users><user name='u' usn='1'/></users>"),
+            wrap(
+                "<snapshotUsn>1</snapshotUsn><users><home cluster='a' node='n'><user name='u' usn='x'/></home></users>",
+            ),
+            wrap(
+                "<snapshotUsn>1</snapshotUsn><users><home cluster='a'><user name='u' usn='1'/></home></users>",
+            ),
+            wrap("<snapshotUsn>one</snapshotUsn><users/>"),
+            wrap("<users/>"),
+            wrap("<snapshotUsn>1</snapshotUsn><users/><x xmlns='urn:evil'/>"),
+            wrap("<snapshotUsn>1</snapshotUsn><users/><?pi x?>"),
+            wrap("<snapshotUsn>1</snapshotUsn><users/>").replace("</e:Envelope>", ""),
+            format!("{}<more/>", wrap("<snapshotUsn>1</snapshotUsn><users/>")),
+        ] {
+            let Err(fault) = Response::parse(&list, doc.as_bytes()) else {
+                panic!("accepted: {doc}");
+            };
+            assert_eq!(fault.code, "malformedResponse", "{doc}: {fault}");
+            assert!(!fault.client);
+        }
     }
 
     #[test]
@@ -715,7 +1008,7 @@ mod tests {
                 "unsupportedVersion",
             ),
             (
-                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><listUsers xmlns='urn:impmesh:axl:1'><pageSize xmlns=''>5000</pageSize></listUsers></e:Body></e:Envelope>",
+                "<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><listUsers xmlns='urn:impmesh:axl:1'><pageSize xmlns=''>5001</pageSize></listUsers></e:Body></e:Envelope>",
                 "malformedRequest",
             ),
             (

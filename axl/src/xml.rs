@@ -1,18 +1,21 @@
 //! A small namespace-aware XML tree for SOAP bodies, read with quick-xml's namespace
 //! reader (no DTDs, so no entity declarations and nothing to expand; no processing
 //! instructions) under depth and element-count caps, and written with escaping. Unqualified elements (the SOAP 1.1 fault's
-//! children) are kept as such, which minidom cannot do.
+//! children) are kept as such, which minidom cannot do. Attributes are kept when they
+//! are unqualified (namespace declarations and qualified attributes are not data here).
 
 /// Deepest nesting accepted.
-const MAX_DEPTH: usize = 16;
-/// Most elements accepted in one document (a full page of users needs ~6,000).
-const MAX_ELEMENTS: usize = 20_000;
+pub(crate) const MAX_DEPTH: usize = 16;
+/// Most elements accepted in one document (a full page of users needs one per user).
+pub(crate) const MAX_ELEMENTS: usize = 20_000;
 
-/// An element: namespace (empty when unqualified), local name, text, children.
+/// An element: namespace (empty when unqualified), local name, unqualified
+/// attributes, text, children.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct El {
     pub ns: &'static str,
     pub name: String,
+    pub attrs: Vec<(String, String)>,
     pub text: String,
     pub children: Vec<El>,
 }
@@ -46,6 +49,20 @@ impl El {
             text: text.into(),
             ..El::new(ns, name)
         }
+    }
+
+    /// Adds an unqualified attribute (builder style).
+    pub fn with_attr(mut self, name: &str, value: impl Into<String>) -> El {
+        self.attrs.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// The value of the unqualified attribute `name`.
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Adds a child (builder style).
@@ -114,11 +131,14 @@ impl El {
                             return Err(bad(format!("undeclared namespace prefix {prefix:?}")));
                         }
                     };
-                    // Attributes carry nothing here, but must be well-formed.
+                    let mut el = El::new(ns, start.local_name().into_inner());
                     for attribute in start.attributes() {
-                        attribute.map_err(|e| bad(e.to_string()))?;
+                        let attribute = attribute.map_err(|e| bad(e.to_string()))?;
+                        if let Some((name, value)) = plain_attribute(attribute)? {
+                            el.attrs.push((name.to_owned(), value.into_owned()));
+                        }
                     }
-                    stack.push(El::new(ns, start.local_name().into_inner()));
+                    stack.push(el);
                 }
                 Event::End(_) => {
                     let done = stack
@@ -142,20 +162,7 @@ impl El {
                     }
                 }
                 Event::GeneralRef(reference) => {
-                    // Character references and the five predefined entities; nothing
-                    // else is declared (no DTDs), so nothing else expands.
-                    let c = match reference.resolve_char_ref() {
-                        Ok(Some(c)) => c,
-                        Ok(None) => match &*reference.into_inner() {
-                            "lt" => '<',
-                            "gt" => '>',
-                            "amp" => '&',
-                            "quot" => '"',
-                            "apos" => '\'',
-                            other => return Err(bad(format!("undeclared entity &{other};"))),
-                        },
-                        Err(e) => return Err(bad(e.to_string())),
-                    };
+                    let c = resolve_reference(reference)?;
                     match stack.last_mut() {
                         Some(top) => top.text.push(c),
                         None => return Err(bad("a reference outside the root element".into())),
@@ -199,6 +206,9 @@ impl El {
         if prefix.is_none() && !self.ns.is_empty() {
             out.extend_from_slice(format!(" xmlns=\"{}\"", escape(self.ns)).as_bytes());
         }
+        for (name, value) in &self.attrs {
+            out.extend_from_slice(format!(" {name}=\"{}\"", escape_attr(value)).as_bytes());
+        }
         if self.text.is_empty() && self.children.is_empty() {
             out.extend_from_slice(b"/>");
             return;
@@ -212,6 +222,54 @@ impl El {
         out.extend_from_slice(qname.as_bytes());
         out.push(b'>');
     }
+}
+
+/// A reference in text: character references and the five predefined entities;
+/// nothing else is declared (no DTDs), so nothing else expands.
+pub(crate) fn resolve_reference(
+    reference: quick_xml::events::BytesRef<'_>,
+) -> Result<char, XmlError> {
+    let bad = |why: String| XmlError::NotWellFormed(why);
+    match reference.resolve_char_ref() {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => match &*reference.into_inner() {
+            "lt" => Ok('<'),
+            "gt" => Ok('>'),
+            "amp" => Ok('&'),
+            "quot" => Ok('"'),
+            "apos" => Ok('\''),
+            other => Err(bad(format!("undeclared entity &{other};"))),
+        },
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// An unqualified attribute as (name, unescaped value); `None` for namespace
+/// declarations and qualified attributes. Only the predefined entities and character
+/// references are accepted in values (there are no DTDs).
+pub(crate) fn plain_attribute(
+    attribute: quick_xml::events::attributes::Attribute<'_>,
+) -> Result<Option<(&str, std::borrow::Cow<'_, str>)>, XmlError> {
+    let key = attribute.key.0;
+    if key.starts_with("xmlns") || key.contains(':') {
+        return Ok(None);
+    }
+    let value = attribute
+        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+        .map_err(|e| XmlError::NotWellFormed(format!("attribute {key}: {e}")))?;
+    Ok(Some((key, value)))
+}
+
+/// Escapes an attribute value: as text, and tabs and line feeds too (a parser
+/// would turn them into spaces).
+fn escape_attr(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\n', '\t']) {
+        return escape(value);
+    }
+    escape(value)
+        .replace('\n', "&#10;")
+        .replace('\t', "&#9;")
+        .into()
 }
 
 fn escape(text: &str) -> std::borrow::Cow<'_, str> {
@@ -240,6 +298,7 @@ mod tests {
     #[test]
     fn round_trip_with_unqualified_children_and_escaping() {
         let doc = El::new("urn:a", "root")
+            .with_attr("id", "x'\"<&>\r\n\ty")
             .with(El::text("", "child", "a < b & \"c\""))
             .with(El::new("urn:b", "other").with(El::text("urn:b", "x", "1")));
         let bytes = doc.to_document(&[("urn:a", "a")]);

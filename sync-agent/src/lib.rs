@@ -49,7 +49,7 @@ impl Default for Settings {
             period: Duration::from_secs(60),
             stall_threshold: Duration::from_secs(7200),
             auto_recovery: true,
-            page_size: 500,
+            page_size: 2000,
             dns_check_interval: Duration::from_secs(300),
             anti_entropy_interval: Duration::from_secs(600),
         }
