@@ -644,7 +644,13 @@ async fn a_message_that_waits_too_long_is_bounced() {
 #[ignore = "a benchmark: run with --ignored on a release build"]
 async fn benchmark_cross_cluster_messages() {
     const PAIRS: usize = 10;
-    const MESSAGES: usize = 2_000;
+    // Messages per second per sender (IMPMESH_BENCH_RATE): unset, as fast as the
+    // server takes them (throughput, and latency at saturation); set, a paced load
+    // (latency at moderate load).
+    let rate: Option<u32> = std::env::var("IMPMESH_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok());
+    let messages: usize = if rate.is_some() { 1_000 } else { 2_000 };
     let a = cluster("cluster-a.example.com", &[]).await;
     let b = cluster("cluster-b.example.com", &[]).await;
     for i in 0..PAIRS {
@@ -705,8 +711,8 @@ async fn benchmark_cross_cluster_messages() {
         let mut tasks = vec![];
         for (i, mut r) in receivers.into_iter().enumerate() {
             tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(MESSAGES);
-                while latencies.len() < MESSAGES {
+                let mut latencies = Vec::with_capacity(messages);
+                while latencies.len() < messages {
                     let m = expect(&mut r, 60, "the load", |e| body(e).is_some()).await;
                     let sent: u128 = body(&m).unwrap().parse().unwrap();
                     latencies.push(start.elapsed().as_nanos() - sent);
@@ -719,7 +725,15 @@ async fn benchmark_cross_cluster_messages() {
         for (i, mut s) in std::mem::take(&mut senders).into_iter().enumerate() {
             let prefix = prefix.to_owned();
             sending.push(tokio::spawn(async move {
-                for _ in 0..MESSAGES {
+                let mut pace = rate.map(|r| {
+                    let mut i = tokio::time::interval(Duration::from_secs(1) / r);
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    i
+                });
+                for _ in 0..messages {
+                    if let Some(pace) = pace.as_mut() {
+                        pace.tick().await;
+                    }
                     let t = start.elapsed().as_nanos();
                     send(&mut s, &format!("<message to='{prefix}{i}@{DOMAIN}' type='chat'><body>{t}</body></message>")).await;
                 }

@@ -528,50 +528,39 @@ async fn benchmark_presence_fan_out() {
         }
     }
 
+    // Each subscriber's client is read all the time by its own task, which stamps each
+    // stanza as it arrives.
     let mut subscribers = vec![];
     for k in 0..SUBSCRIBERS {
         let mut c = nodes[k % CLUSTERS].client(&format!("sub{k}"), "pw", Some("fan"));
         support::online(&mut c).await;
         support::send(&mut c, "<presence/>").await;
-        subscribers.push(c);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = c.next().await {
+                if let tokio_xmpp::Event::Stanza(s) = event
+                    && tx.send((Instant::now(), support::element(s))).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        subscribers.push(rx);
     }
     let mut publisher = nodes[0].client("publisher", "pw", Some("fan"));
     support::online(&mut publisher).await;
     support::send(&mut publisher, "<presence/>").await;
     // Everyone sees the publisher online first (the links are up).
-    for (k, c) in subscribers.iter_mut().enumerate() {
-        support::expect(c, 60, &format!("the publisher online at sub{k}"), |e| {
-            support::is_presence_from(e, "publisher", None)
-        })
-        .await;
+    for (k, rx) in subscribers.iter_mut().enumerate() {
+        from_publisher(rx, &format!("the publisher online at sub{k}"), false).await;
     }
 
     let t0 = Instant::now();
-    let mut waits = vec![];
-    for mut c in subscribers {
-        waits.push(tokio::spawn(async move {
-            loop {
-                let Some(tokio_xmpp::Event::Stanza(s)) = c.next().await else {
-                    continue;
-                };
-                let el = support::element(s);
-                if support::is_presence_from(&el, "publisher", None)
-                    && el.get_child("show", "jabber:client").is_some()
-                {
-                    return t0.elapsed();
-                }
-            }
-        }));
-    }
     support::send(&mut publisher, "<presence><show>away</show></presence>").await;
     let mut times = vec![];
-    for w in waits {
-        times.push(
-            tokio::time::timeout(Duration::from_secs(60), w)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
+    for (k, rx) in subscribers.iter_mut().enumerate() {
+        let at = from_publisher(rx, &format!("the publisher away at sub{k}"), true).await;
+        times.push(at - t0);
     }
     times.sort();
     println!(
@@ -581,4 +570,23 @@ async fn benchmark_presence_fan_out() {
         times[times.len() / 2],
         times[times.len() * 99 / 100]
     );
+}
+
+/// When the publisher's presence (away or not) reached a subscriber's reader task.
+async fn from_publisher(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, minidom::Element)>,
+    what: &str,
+    away: bool,
+) -> Instant {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let Ok(Some((at, el))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            panic!("timed out waiting for {what}");
+        };
+        if support::is_presence_from(&el, "publisher", None)
+            && el.get_child("show", "jabber:client").is_some() == away
+        {
+            return at;
+        }
+    }
 }

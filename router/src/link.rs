@@ -1037,7 +1037,6 @@ impl Server {
             return;
         };
         let ty = stanza::stanza_type(&presence).to_owned();
-        tracing::debug!(%node, from = %from, to = %to, ty, "presence from a link");
         match ty.as_str() {
             "" | "unavailable" => {
                 let xml: Arc<str> = String::from(&presence).into();
@@ -1050,6 +1049,7 @@ impl Server {
                         delivered |= s.send(xml.clone());
                     }
                 }
+                tracing::debug!(%node, from = %from, to = %to, ty, delivered, "presence from a link");
                 let mut seen = lock(&self.links.seen);
                 let by_sender = seen.entry(node.to_owned()).or_default();
                 let sender = from.to_string();
