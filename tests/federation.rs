@@ -156,6 +156,62 @@ async fn chat_and_iq_cross_clusters_and_offline_storage_on_the_home_node() {
         String::from(&error)
     );
 
+    // Queries to bob's bare JID are answered by his home node, for his account:
+    // his vCard, disco#info; anything else gets the protocol's error.
+    send(
+        &mut bob,
+        "<iq type='set' id='v1'><vCard xmlns='vcard-temp'><FN>Bob on B</FN></vCard></iq>",
+    )
+    .await;
+    expect(&mut bob, 10, "bob's vCard stored", |e| {
+        e.attr("id") == Some("v1") && e.attr("type") == Some("result")
+    })
+    .await;
+    let ask = |id: &str, payload: &str| {
+        format!("<iq type='get' id='{id}' to='bob@{DOMAIN}'>{payload}</iq>")
+    };
+    send(&mut alice, &ask("v2", "<vCard xmlns='vcard-temp'/>")).await;
+    let vcard = expect(&mut alice, 10, "bob's vCard from B", |e| {
+        e.attr("id") == Some("v2")
+    })
+    .await;
+    assert_eq!(
+        vcard.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&vcard)
+    );
+    assert_eq!(vcard.attr("from"), Some(format!("bob@{DOMAIN}").as_str()));
+    assert!(
+        String::from(&vcard).contains("Bob on B"),
+        "{}",
+        String::from(&vcard)
+    );
+    send(
+        &mut alice,
+        &ask(
+            "d1",
+            "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        ),
+    )
+    .await;
+    let disco = expect(&mut alice, 10, "disco#info of bob's account from B", |e| {
+        e.attr("id") == Some("d1")
+    })
+    .await;
+    assert!(
+        String::from(&disco).contains("category='account'"),
+        "{}",
+        String::from(&disco)
+    );
+    send(&mut alice, &ask("q1", "<query xmlns='jabber:iq:version'/>")).await;
+    let error = expect(&mut alice, 10, "the error for an unknown query", |e| {
+        e.attr("id") == Some("q1")
+    })
+    .await;
+    assert_eq!(error.attr("type"), Some("error"));
+    assert!(String::from(&error).contains("service-unavailable"));
+
     // A user nobody homes: the proper stanza error, not silence.
     send(
         &mut alice,

@@ -224,9 +224,9 @@ impl Session {
 
     /// Requests to another user's bare JID, answered by the server for that account.
     async fn handle_other_account_iq(&mut self, iq: Element, to: BareJid) {
-        let Some(payload) = iq.children().next().cloned() else {
+        if iq.children().next().is_none() {
             return;
-        };
+        }
         let user = to.node().map(|n| n.to_string()).unwrap_or_default();
         let server = self.server.clone();
         if server.route_remote(&user, &iq).await {
@@ -238,25 +238,16 @@ impl Session {
             self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None);
             return;
         }
-        match (iq.attr("type"), payload.name(), payload.ns().as_str()) {
-            (Some("get"), "vCard", ns::VCARD) => self.vcard_get(&iq, &user).await,
-            (Some("get"), "query", ns::DISCO_INFO) => {
-                let body = format!(
-                    "<query xmlns='{}'><identity category='account' type='registered'/></query>",
-                    ns::DISCO_INFO
-                );
-                self.reply_result(&iq, Some(body));
-            }
-            (Some("get"), "ping", ns::PING) => self.reply_result(&iq, None),
-            _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
+        match server.account_query(&iq, &user).await {
+            Ok(body) => self.reply_result(&iq, body),
+            Err(condition) => self.reply_error(&iq, condition, None),
         }
     }
 
     async fn vcard_get(&mut self, iq: &Element, user: &str) {
-        match self.server.store.vcard(user).await {
-            Ok(Some(xml)) => self.reply_result(iq, Some(xml)),
-            Ok(None) => self.reply_result(iq, Some(format!("<vCard xmlns='{}'/>", ns::VCARD))),
-            Err(_) => self.reply_error(iq, StanzaErrorCondition::InternalServerError, None),
+        match self.server.vcard(user).await {
+            Ok(xml) => self.reply_result(iq, Some(xml)),
+            Err(condition) => self.reply_error(iq, condition, None),
         }
     }
 
@@ -609,5 +600,39 @@ pub(crate) async fn register_unauthenticated(
             }
         }
         _ => error(StanzaErrorCondition::BadRequest, "get or set"),
+    }
+}
+
+impl Server {
+    /// What the server answers on behalf of `user`'s account to a query someone else
+    /// sent to the account's bare JID (RFC 6120 §10.3.3): the result's payload (`None`
+    /// for an empty result) or the error. The same whether the asker is on this
+    /// cluster or came over a router link.
+    pub(crate) async fn account_query(
+        &self,
+        iq: &Element,
+        user: &str,
+    ) -> Result<Option<String>, StanzaErrorCondition> {
+        let Some(payload) = iq.children().next() else {
+            return Err(StanzaErrorCondition::BadRequest);
+        };
+        match (iq.attr("type"), payload.name(), payload.ns().as_str()) {
+            (Some("get"), "vCard", ns::VCARD) => self.vcard(user).await.map(Some),
+            (Some("get"), "query", ns::DISCO_INFO) => Ok(Some(format!(
+                "<query xmlns='{}'><identity category='account' type='registered'/></query>",
+                ns::DISCO_INFO
+            ))),
+            (Some("get"), "ping", ns::PING) => Ok(None),
+            _ => Err(StanzaErrorCondition::ServiceUnavailable),
+        }
+    }
+
+    /// A user's vCard (XEP-0054), empty when none was published.
+    async fn vcard(&self, user: &str) -> Result<String, StanzaErrorCondition> {
+        match self.store.vcard(user).await {
+            Ok(Some(xml)) => Ok(xml),
+            Ok(None) => Ok(format!("<vCard xmlns='{}'/>", ns::VCARD)),
+            Err(_) => Err(StanzaErrorCondition::InternalServerError),
+        }
     }
 }

@@ -1005,25 +1005,25 @@ impl Server {
             return;
         }
         let exists = self.store.user_exists(&user).await.unwrap_or(false);
-        let ping = iq
-            .children()
-            .next()
-            .is_some_and(|p| p.is("ping", crate::xml::ns::PING));
-        if exists && !blocked && ping && iq.attr("type") == Some("get") {
-            let reply = format!(
-                "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'/>",
-                escape(iq.attr("id").unwrap_or_default()),
-                escape(iq.attr("to").unwrap_or_default()),
-                escape(iq.attr("from").unwrap_or_default()),
-            );
-            if let Some(reply) = stanza::parse_own(&reply) {
-                self.send_to_jid(&reply);
-            }
+        if !exists || blocked {
+            self.bounce(&iq, StanzaErrorCondition::ServiceUnavailable, None);
             return;
         }
-        // Other account queries across clusters (vCard, disco) come with federation's
-        // next step; until then the protocol's own answer.
-        self.bounce(&iq, StanzaErrorCondition::ServiceUnavailable, None);
+        match self.account_query(&iq, &user).await {
+            Ok(payload) => {
+                let reply = format!(
+                    "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
+                    escape(iq.attr("id").unwrap_or_default()),
+                    escape(iq.attr("to").unwrap_or_default()),
+                    escape(iq.attr("from").unwrap_or_default()),
+                    payload.unwrap_or_default()
+                );
+                if let Some(reply) = stanza::parse_own(&reply) {
+                    self.send_to_jid(&reply);
+                }
+            }
+            Err(condition) => self.bounce(&iq, condition, None),
+        }
     }
 
     /// Presence from a remote user (sent by `node`): available and unavailable presence
