@@ -374,16 +374,26 @@ impl Session {
             return;
         }
         // The client sets name and groups; subscription state is the server's (§2.1.2.5).
-        let mut updated = existing.unwrap_or_else(|| RosterItem {
-            contact: contact_s,
-            ..Default::default()
-        });
-        updated.name = item
+        // Read again and written under the owner's roster lock, so a subscription step
+        // running meanwhile (an approval arriving over a link) is not written over.
+        let name = item
             .attr("name")
             .filter(|n| !n.is_empty())
             .map(String::from);
-        updated.groups = groups;
         self.reply_result(iq, None);
+        let _owner = server.roster_lock(&user).lock().await;
+        let current = server
+            .store
+            .roster_item(&user, &contact_s)
+            .await
+            .ok()
+            .flatten();
+        let mut updated = current.unwrap_or_else(|| RosterItem {
+            contact: contact_s,
+            ..Default::default()
+        });
+        updated.name = name;
+        updated.groups = groups;
         server.save_and_push(&user, &updated).await;
     }
 

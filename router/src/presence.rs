@@ -206,7 +206,7 @@ impl Server {
     /// reads an item, decides and writes it back, and two steps for the same owner
     /// (say, the user's approval and the contact's answer arriving over a link) must
     /// not interleave. Striped: a few locks for every user, held one at a time.
-    fn roster_lock(&self, owner: &str) -> &tokio::sync::Mutex<()> {
+    pub(crate) fn roster_lock(&self, owner: &str) -> &tokio::sync::Mutex<()> {
         use std::hash::{Hash as _, Hasher as _};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         owner.hash(&mut hasher);
