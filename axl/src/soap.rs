@@ -581,18 +581,14 @@ enum At {
 /// It refuses what [`El::parse`] refuses: DTDs, processing instructions, undeclared
 /// entities, unknown namespaces, too deep or too many elements.
 fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
-    use crate::xml::{MAX_DEPTH, MAX_ELEMENTS, plain_attribute, resolve_reference};
+    use crate::xml::{MAX_DEPTH, MAX_ELEMENTS, plain_attribute, resolve_reference, strict_reader};
     use quick_xml::events::Event;
     use quick_xml::name::ResolveResult;
 
     let bad = |why: String| Fault::server("malformedResponse", why);
     let xml = |e: XmlError| Fault::server("malformedResponse", e.to_string());
     let doc = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
-    let mut reader = quick_xml::reader::NsReader::from_str(doc);
-    let config = reader.config_mut();
-    config.expand_empty_elements = true;
-    config.check_end_names = true;
-    config.check_comments = true;
+    let mut reader = strict_reader(doc);
     let mut stack: Vec<At> = Vec::with_capacity(MAX_DEPTH);
     let mut count = 0usize;
     let mut text = String::new();

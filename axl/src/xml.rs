@@ -93,11 +93,7 @@ impl El {
 
         let bad = |why: String| XmlError::NotWellFormed(why);
         let doc = std::str::from_utf8(doc).map_err(|e| bad(e.to_string()))?;
-        let mut reader = quick_xml::reader::NsReader::from_str(doc);
-        let config = reader.config_mut();
-        config.expand_empty_elements = true;
-        config.check_end_names = true;
-        config.check_comments = true;
+        let mut reader = strict_reader(doc);
         let mut stack: Vec<El> = vec![];
         let mut root: Option<El> = None;
         let mut count = 0usize;
@@ -222,6 +218,17 @@ impl El {
         out.extend_from_slice(qname.as_bytes());
         out.push(b'>');
     }
+}
+
+/// A namespace reader for a whole document: empty elements expanded (a start and an
+/// end event), end tags and comments checked.
+pub(crate) fn strict_reader(doc: &str) -> quick_xml::reader::NsReader<&[u8]> {
+    let mut reader = quick_xml::reader::NsReader::from_str(doc);
+    let config = reader.config_mut();
+    config.expand_empty_elements = true;
+    config.check_end_names = true;
+    config.check_comments = true;
+    reader
 }
 
 /// A reference in text: character references and the five predefined entities;
