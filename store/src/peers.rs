@@ -129,7 +129,7 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
     })
 }
 
-/// Rows per multi-row statement (6 parameters each: well under SQLite's and
+/// Rows per multi-row statement (at most 6 parameters each: well under SQLite's and
 /// PostgreSQL's limits).
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -167,7 +167,7 @@ fn placeholders(backend: Backend, first: usize, rows: usize, width: usize) -> St
 }
 
 /// Applies entries with one statement per 500 rows: deletions for tombstones, one
-/// multi-row upsert for the rest. Short statements keep the write lock briefly, which
+/// multi-row upsert per run of users with the same home for the rest. Short statements keep the write lock briefly, which
 /// matters when many peers sync into one SQLite file.
 async fn upsert_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -190,23 +190,42 @@ async fn upsert_entries(
         }
         query.execute(&mut **tx).await?;
     }
-    for chunk in live.chunks(ROWS_PER_STATEMENT) {
+    // Runs of users with the same home share one statement with the peer, home and
+    // generation bound once: two parameters a row instead of six.
+    let mut rest = live.as_slice();
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take(ROWS_PER_STATEMENT)
+            .take_while(|e| e.home_cluster == first.home_cluster && e.home_node == first.home_node)
+            .count();
+        let (chunk, tail) = rest.split_at(run);
+        rest = tail;
+        let rows = match backend {
+            Backend::Sqlite => placeholders(backend, 1, chunk.len(), 2),
+            Backend::Postgres => placeholders(backend, 5, chunk.len(), 2),
+        };
+        let head = match backend {
+            Backend::Sqlite => "?, column1, ?, ?, column2, ?",
+            Backend::Postgres => "$1, v.u, $2, $3, v.s, $4",
+        };
+        let alias = match backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " AS v(u, s)",
+        };
         let sql = format!(
             "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
-             VALUES {}
+             SELECT {head} FROM (VALUES {rows}){alias} WHERE true
              ON CONFLICT (peer, username) DO UPDATE SET home_cluster = excluded.home_cluster,
-                 home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen",
-            placeholders(backend, 1, chunk.len(), 6)
+                 home_node = excluded.home_node, usn = excluded.usn, full_gen = excluded.full_gen"
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(peer)
+            .bind(&first.home_cluster)
+            .bind(&first.home_node)
+            .bind(generation);
         for e in chunk {
-            query = query
-                .bind(peer)
-                .bind(&e.username)
-                .bind(&e.home_cluster)
-                .bind(&e.home_node)
-                .bind(e.usn)
-                .bind(generation);
+            query = query.bind(&e.username).bind(e.usn);
         }
         query.execute(&mut **tx).await?;
     }
@@ -742,6 +761,50 @@ mod tests {
             assert!(b.accepted_at.is_some());
             assert!(!store.accept_peer("nobody").await.unwrap());
             assert_eq!(store.peers().await.unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_page_with_several_homes_keeps_each_users_home() {
+        for (store, _dir) in stores().await {
+            store
+                .upsert_peer(&peer("b", PeerState::Active))
+                .await
+                .unwrap();
+            // Runs of homes, and a run longer than one statement.
+            let entries: Vec<DirectoryEntry> = (0..1200)
+                .map(|i| DirectoryEntry {
+                    home_node: match i {
+                        0..3 => "b1",
+                        3..4 => "b2",
+                        4..1100 => "b1",
+                        _ => "b3",
+                    }
+                    .into(),
+                    ..entry(&format!("u{i:04}"), i + 1, false)
+                })
+                .collect();
+            let generation = store.begin_full_sync("b", 1200).await.unwrap();
+            store
+                .apply_full_page("b", generation, &entries, 1200)
+                .await
+                .unwrap();
+            assert_eq!(
+                store
+                    .finish_full_sync("b", generation, 1200, 1)
+                    .await
+                    .unwrap(),
+                1200
+            );
+            for e in &entries {
+                let users = store.remote_user(&e.username).await.unwrap();
+                assert_eq!(
+                    (users[0].home_node.as_str(), users[0].usn),
+                    (e.home_node.as_str(), e.usn),
+                    "{}",
+                    e.username
+                );
+            }
         }
     }
 
