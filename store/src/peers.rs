@@ -167,8 +167,9 @@ fn placeholders(backend: Backend, first: usize, rows: usize, width: usize) -> St
 }
 
 /// Applies entries with one statement per 500 rows: deletions for tombstones, one
-/// multi-row upsert per run of users with the same home for the rest. Short statements keep the write lock briefly, which
-/// matters when many peers sync into one SQLite file.
+/// multi-row upsert per run of users with the same home for the rest. Short
+/// statements keep the write lock briefly, which matters when many peers sync into
+/// one SQLite file.
 async fn upsert_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     backend: Backend,
