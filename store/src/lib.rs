@@ -247,3 +247,58 @@ pub(crate) mod test_support {
         Store::open(&url, Path::new(".")).await.unwrap()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Row as _;
+
+    /// A store made before the directory of remote users became a WITHOUT ROWID table
+    /// keeps every remote user through the migration that rebuilds it.
+    #[tokio::test]
+    async fn the_remote_users_rebuild_keeps_an_existing_directory() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("old.db").to_string_lossy()
+        );
+        let pool = AnyPool::connect(&url).await.unwrap();
+        SQLITE_MIGRATIONS.run_to(9, &pool).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO peers (cluster, address, server_name, state, origin, added_at)
+                 VALUES ('b.example.com', '127.0.0.1:8443', 'b.example.com', 'active', 'local', 1);
+             INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
+                 VALUES ('b.example.com', 'alice', 'b.example.com', 'node1.b.example.com', 7, 2),
+                        ('b.example.com', 'bob', 'b.example.com', 'node2.b.example.com', 9, 2);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = Store::open("sqlite://old.db", dir.path()).await.unwrap();
+        let schema: String = sqlx::query(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'remote_users'",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .try_get("sql")
+        .unwrap();
+        assert!(schema.contains("WITHOUT ROWID"), "{schema}");
+        let bob = store.remote_user("bob").await.unwrap();
+        assert_eq!(bob.len(), 1);
+        assert_eq!(
+            (bob[0].home_node.as_str(), bob[0].usn),
+            ("node2.b.example.com", 9)
+        );
+        assert_eq!(store.remote_user_count("b.example.com").await.unwrap(), 2);
+        // The peer's removal still takes its users with it (the foreign key survived).
+        sqlx::query("DELETE FROM peers WHERE cluster = 'b.example.com'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(store.remote_user("alice").await.unwrap().is_empty());
+    }
+}
