@@ -535,13 +535,21 @@ async fn answer<C: NodeControl>(
         }
         _ => None,
     };
-    if let Some(body) = key.as_ref().and_then(|k| https.answers.page(k)) {
+    let Some(key) = key else {
+        return Ok(Bytes::from(
+            run(https, &request, user, from).await?.to_envelope(op),
+        ));
+    };
+    if let Some(body) = https.answers.page(&key) {
+        return Ok(body);
+    }
+    // Peers that ask for the page while another request reads it wait for that one.
+    let _turn = https.answers.read_turn(key).await;
+    if let Some(body) = https.answers.page(&key) {
         return Ok(body);
     }
     let body = Bytes::from(run(https, &request, user, from).await?.to_envelope(op));
-    if let Some(key) = key {
-        https.answers.keep_page(key, body.clone());
-    }
+    https.answers.keep_page(key, body.clone());
     Ok(body)
 }
 
