@@ -283,6 +283,21 @@ async fn federate(nodes: &[Arc<TestNode>]) {
     }
 }
 
+/// User and system CPU seconds this process has used so far.
+fn process_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<f64> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse::<f64>().unwrap() / 100.0)
+        .collect();
+    (f[0], f[1])
+}
+
 /// The benchmark of the issue: 30 clusters of 15,000 users each (450,000 in all), from
 /// a cold start (users present, no peering yet) until every directory holds the
 /// 435,000 users of its 29 peers; then the steady state and the propagation of one
@@ -326,6 +341,8 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
             .unwrap();
         nodes.push(Arc::new(node));
     }
+    println!("BENCH mesh: {CLUSTERS} clusters x {users} users imported; peering");
+    let cpu_at_start = process_cpu();
     let started = Instant::now();
     let slots = Arc::new(tokio::sync::Semaphore::new(8));
     let mut tasks = vec![];
@@ -349,9 +366,15 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
     let peered = started.elapsed();
     // Each peer contributes its users plus its first user.
     let expected = ((CLUSTERS - 1) * (users + 1)) as i64;
+    // A complete directory stays complete (nothing changes meanwhile): count each node
+    // until it is, and no more, so the counting does not compete with the syncs.
+    let mut done = [false; CLUSTERS];
     loop {
         let mut complete = true;
         for (i, node) in nodes.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
             let mut total = 0;
             for j in (0..CLUSTERS).filter(|j| *j != i) {
                 // A store saturated by the syncs may time out: count it as not yet.
@@ -367,6 +390,7 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
                 complete = false;
                 break;
             }
+            done[i] = true;
         }
         if complete {
             break;
@@ -378,19 +402,27 @@ async fn benchmark_thirty_clusters_of_fifteen_thousand_users() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let complete = started.elapsed();
+    let cpu_at_end = process_cpu();
+    println!(
+        "BENCH mesh: the cold start took {:.1} user + {:.1} system CPU-s",
+        cpu_at_end.0 - cpu_at_start.0,
+        cpu_at_end.1 - cpu_at_start.1
+    );
+    // Where one node's store spent its time (wall time, queueing included).
+    let mut latency = String::new();
+    nodes[0].node.server.store.latency().render(&mut latency);
+    for line in latency
+        .lines()
+        .filter(|l| l.contains("_sum{") || l.contains("_count{"))
+    {
+        println!("BENCH mesh: node 0 {line}");
+    }
 
     // Steady state: 30 s with nothing changing (periodic pulls are an hour apart here,
     // so this is the agents' idle cost), process-wide.
     let cpu = || {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<String> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+        let (user, sys) = process_cpu();
+        user + sys
     };
     let rss_kib = || {
         std::fs::read_to_string("/proc/self/status")
