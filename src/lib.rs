@@ -3,6 +3,13 @@
 
 #![forbid(unsafe_code)]
 
+/// mimalloc rather than the C library's allocator: a node's work is many small,
+/// short-lived allocations spread over threads (stanzas, directory pages, query
+/// arguments), where glibc's malloc spent ≈ 15 % of a mesh cold start's CPU in its own
+/// bookkeeping (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod config;
 pub mod control;
 pub mod node;
