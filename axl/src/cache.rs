@@ -55,8 +55,7 @@ pub struct AnswerCache {
 pub struct ReadTurn<'a> {
     cache: &'a AnswerCache,
     key: PageKey,
-    turn: Arc<tokio::sync::Mutex<()>>,
-    _held: tokio::sync::OwnedMutexGuard<()>,
+    held: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Drop for ReadTurn<'_> {
@@ -64,7 +63,7 @@ impl Drop for ReadTurn<'_> {
         let mut reading = lock(&self.cache.reading);
         if reading
             .get(&self.key)
-            .is_some_and(|t| Arc::ptr_eq(t, &self.turn))
+            .is_some_and(|t| Arc::ptr_eq(t, tokio::sync::OwnedMutexGuard::mutex(&self.held)))
         {
             reading.remove(&self.key);
         }
@@ -90,12 +89,10 @@ impl AnswerCache {
     /// one the reader. Check [`AnswerCache::page`] again once it returns.
     pub async fn read_turn(&self, key: PageKey) -> ReadTurn<'_> {
         let turn = lock(&self.reading).entry(key).or_default().clone();
-        let held = turn.clone().lock_owned().await;
         ReadTurn {
             cache: self,
             key,
-            turn,
-            _held: held,
+            held: turn.lock_owned().await,
         }
     }
 

@@ -202,18 +202,12 @@ async fn upsert_entries(
             .count();
         let (chunk, tail) = rest.split_at(run);
         rest = tail;
-        let rows = match backend {
-            Backend::Sqlite => placeholders(backend, 1, chunk.len(), 2),
-            Backend::Postgres => placeholders(backend, 5, chunk.len(), 2),
+        // The four shared values come first; SQLite names the VALUES columns itself.
+        let (head, first_row_param, alias) = match backend {
+            Backend::Sqlite => ("?, column1, ?, ?, column2, ?", 1, ""),
+            Backend::Postgres => ("$1, v.u, $2, $3, v.s, $4", 5, " AS v(u, s)"),
         };
-        let head = match backend {
-            Backend::Sqlite => "?, column1, ?, ?, column2, ?",
-            Backend::Postgres => "$1, v.u, $2, $3, v.s, $4",
-        };
-        let alias = match backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => " AS v(u, s)",
-        };
+        let rows = placeholders(backend, first_row_param, chunk.len(), 2);
         let sql = format!(
             "INSERT INTO remote_users (peer, username, home_cluster, home_node, usn, full_gen)
              SELECT {head} FROM (VALUES {rows}){alias} WHERE true
