@@ -155,9 +155,12 @@ impl Control {
         );
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
         if let Some(https) = self.https.get().and_then(Weak::upgrade) {
-            https.set_tls(identity.server_config(&[])?);
+            https.set_tls(identity.https_server_config()?);
         }
         self.server.set_link_identity(identity.clone())?;
+        if let Some(agent) = self.agent.get() {
+            agent.set_identity(identity.clone());
+        }
         let fingerprint = identity.fingerprint();
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         self.publish().await?;
@@ -180,7 +183,7 @@ impl Control {
 fn user_error(e: UserError) -> ControlError {
     match e {
         UserError::BadName(_) | UserError::EmptyPassword => ControlError::Invalid(e.to_string()),
-        UserError::Exists(_) => ControlError::Conflict(e.to_string()),
+        UserError::Exists(_) | UserError::HomedAtPeer(_) => ControlError::Conflict(e.to_string()),
         UserError::NotFound(_) => ControlError::NotFound(e.to_string()),
         UserError::Store(_) => ControlError::Internal(e.to_string()),
     }

@@ -291,7 +291,7 @@ impl Node {
                 version: env!("CARGO_PKG_VERSION").into(),
             },
             config.https_limits(),
-            identity.server_config(&[])?,
+            identity.https_server_config()?,
             admin_token(config)?,
         );
         let https_addr = https
@@ -319,11 +319,13 @@ impl Node {
             config.sync_settings(),
             Ours {
                 cluster: config.cluster_name(),
+                domain: config.domain.clone(),
                 address: host_port(&config.advertised_host(), https_addr.port()),
                 server_name: config.node_name(),
             },
         )
         .await?;
+        agent.set_identity(identity.clone());
         control.set_agent(agent.clone());
         // A peer's notifyChange pulls it at once.
         let (mut notices, notice_agent, notice_stop) = (

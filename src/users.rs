@@ -16,6 +16,9 @@ pub enum UserError {
     Exists(String),
     #[error("no such user: {0}")]
     NotFound(String),
+    /// A peer cluster homes the name: one name lives in one cluster of the mesh.
+    #[error(transparent)]
+    HomedAtPeer(StoreError),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -25,6 +28,7 @@ impl From<StoreError> for UserError {
         match e {
             StoreError::UserExists(u) => UserError::Exists(u),
             StoreError::UserNotFound(u) => UserError::NotFound(u),
+            e @ StoreError::HomedAtPeer { .. } => UserError::HomedAtPeer(e),
             other => UserError::Store(other),
         }
     }

@@ -92,11 +92,14 @@ async fn first_contact(
         (AXL_USER, password),
         OurSide {
             cluster: from.config.cluster_name(),
+            domain: from.config.domain.clone(),
             address: from.node.https_addr.to_string(),
             server_name: "localhost".into(),
             token: impmesh_axl::auth::random_token(),
             certificates: own_certificates(from).await,
         },
+        &from.node.identity(),
+        None,
     )
     .await
 }
@@ -296,7 +299,8 @@ async fn first_contact_pins_each_others_certificates() {
         verified.call(&Request::GetClusterInfo).await.unwrap(),
         Response::ClusterInfo(_)
     ));
-    // ... or the credential B issued to A, which cannot renew the peering itself.
+    // ... or the credential B issued to A, which renews the peering only together
+    // with a certificate it proves it holds (docs/peering.md).
     let mut by_token = AxlClient::connect(
         &b.node.https_addr.to_string(),
         "localhost",
@@ -320,7 +324,7 @@ async fn first_contact_pins_each_others_certificates() {
     };
     assert!(matches!(
         by_token.call(&renew).await,
-        Err(ClientError::Fault(f)) if f.code == "forbidden"
+        Err(ClientError::Fault(f)) if f.code == "proofOfPossession"
     ));
     let mut forged = AxlClient::connect(
         &b.node.https_addr.to_string(),

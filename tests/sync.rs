@@ -118,49 +118,16 @@ async fn peers_sync_their_directories_and_follow_changes() {
     })
     .await;
 
-    // A user homed on both sides is a duplicate: alarmed on both, listed by the
-    // troubleshooter, routed to the first cluster name; fixed, it clears.
-    a.node.control.add_user("ben", "pw").await.unwrap();
-    eventually(10, "the duplicate alarm on A", || async {
-        has_alarm(&a, "InterClusterDuplicateUser", "ben").await
-    })
-    .await;
-    eventually(10, "the duplicate alarm on B", || async {
-        has_alarm(&b, "InterClusterDuplicateUser", "ben").await
-    })
-    .await;
-    let checks = a.node.control.troubleshoot().await.unwrap();
-    let dup = checks
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "no user is homed in two clusters")
-        .unwrap();
-    assert_eq!(dup["ok"], false);
-    assert!(dup["detail"].as_str().unwrap().contains("ben"), "{dup}");
-    for node in [&a, &b] {
-        assert_eq!(
-            node.node
-                .server
-                .store
-                .home_of("ben")
-                .await
-                .unwrap()
-                .unwrap()
-                .0,
-            "cluster-a.example.com"
-        );
-    }
-    a.node.control.delete_user("ben").await.unwrap();
-    eventually(10, "the duplicate alarm cleared on B", || async {
-        !has_alarm(&b, "InterClusterDuplicateUser", "ben").await
-    })
-    .await;
-    // A's own check is asynchronous too (at most one a second).
-    eventually(10, "the duplicate alarm cleared on A", || async {
-        !has_alarm(&a, "InterClusterDuplicateUser", "ben").await
-    })
-    .await;
+    // A name that a peer homes cannot be created here (two clusters creating one name
+    // within the sync delay is tests/trust.rs's quarantine).
+    let refused = a.node.control.add_user("ben", "pw").await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("homed at the peer cluster cluster-b.example.com"),
+        "{refused}"
+    );
+    assert!(a.node.server.store.user("ben").await.unwrap().is_none());
     let checks = a.node.control.troubleshoot().await.unwrap();
     assert!(
         checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
@@ -689,6 +656,22 @@ async fn three_clusters_converge_and_follow_every_kind_of_change() {
         .await;
     }
     let store_b = &b.node.server.store;
+    // A second node of B (announced in its cluster info; a peer accepts users homed
+    // only on nodes the peer announces).
+    let node1 = store_b
+        .cluster_nodes("cluster-b.example.com")
+        .await
+        .unwrap()
+        .remove(0);
+    store_b
+        .publish_node(&impmesh_store::NodeRecord {
+            name: "node2.cluster-b.example.com".into(),
+            cert_pem: String::new(),
+            fingerprint: String::new(),
+            ..node1
+        })
+        .await
+        .unwrap();
     store_b
         .set_home(
             "bert",
@@ -787,6 +770,7 @@ async fn a_sync_cut_mid_listing_resumes_where_it_stopped() {
         a.config.sync_settings(),
         impmesh_sync_agent::Ours {
             cluster: "cluster-a.example.com".into(),
+            domain: support::DOMAIN.into(),
             address: a.node.https_addr.to_string(),
             server_name: "localhost".into(),
         },

@@ -69,6 +69,9 @@ pub struct AxlClient {
     server_chain: Vec<CertificateDer<'static>>,
     verified: bool,
     authorization: Option<String>,
+    /// The channel-bound first contact succeeded on this connection: the server
+    /// proved it knows the AXL credential, so a peer credential may be sent too.
+    contacted: bool,
     /// The server's clock minus ours at the last answer, in seconds (HTTP `Date`,
     /// one-second resolution).
     clock_skew: Option<i64>,
@@ -81,6 +84,18 @@ impl AxlClient {
         server_name: &str,
         trust: ServerTrust,
     ) -> Result<AxlClient, ClientError> {
+        AxlClient::connect_as(addr, server_name, trust, None).await
+    }
+
+    /// [`AxlClient::connect`], presenting `identity` as the TLS client certificate (a
+    /// node calling a peer: it proves it holds the key of the certificate it asks
+    /// the peer to pin).
+    pub async fn connect_as(
+        addr: &str,
+        server_name: &str,
+        trust: ServerTrust,
+        identity: Option<&impmesh_certs::NodeIdentity>,
+    ) -> Result<AxlClient, ClientError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let (verifier, versions, verified): (Arc<dyn ServerCertVerifier>, &[_], bool) = match trust
         {
@@ -91,12 +106,20 @@ impl AxlClient {
                 false,
             ),
         };
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .map_err(|e| ClientError::Protocol(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match identity {
+            Some(identity) => {
+                let (chain, key) = identity.client_auth();
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+            }
+            None => builder.with_no_client_auth(),
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| ClientError::Protocol(format!("bad server name {server_name:?}")))?;
@@ -132,6 +155,7 @@ impl AxlClient {
             server_chain,
             verified,
             authorization: None,
+            contacted: false,
             clock_skew: None,
         })
     }
@@ -317,7 +341,9 @@ impl AxlClient {
         {
             self.authorization = Some(format!("Bearer {token}"));
         }
-        answer(request, status, &body)
+        let answer = answer(request, status, &body)?;
+        self.contacted = true;
+        Ok(answer)
     }
 
     /// One admin API call; returns the status and the JSON answer.
@@ -405,6 +431,8 @@ fn answer(request: &Request, status: StatusCode, body: &[u8]) -> Result<Response
 #[derive(Debug, Clone)]
 pub struct OurSide {
     pub cluster: String,
+    /// The XMPP domain we serve (a peer must serve the same).
+    pub domain: String,
     /// host:port where the peer reaches our AXL endpoint.
     pub address: String,
     pub server_name: String,
@@ -437,8 +465,11 @@ pub async fn exchange_certificates(
     server_name: &str,
     credential: (&str, &str),
     ours: OurSide,
+    identity: &impmesh_certs::NodeIdentity,
+    peer_token: Option<&str>,
 ) -> Result<Peering, ClientError> {
-    let mut client = AxlClient::connect(addr, server_name, ServerTrust::FirstContact).await?;
+    let mut client =
+        AxlClient::connect_as(addr, server_name, ServerTrust::FirstContact, Some(identity)).await?;
     let Response::ClusterInfo(info) = client
         .first_contact(credential.0, credential.1, &Request::GetClusterInfo)
         .await?
@@ -453,6 +484,18 @@ pub async fn exchange_certificates(
             info.cluster
         )));
     }
+    if !info.domain.eq_ignore_ascii_case(&ours.domain) {
+        return Err(ClientError::Protocol(format!(
+            "{addr} serves the XMPP domain {}, this cluster serves {}: a mesh serves one domain",
+            info.domain, ours.domain
+        )));
+    }
+    // A peer we already have: speak as that peering (its credential), so the peer
+    // lets us change our own pins, address and credential, and nobody else's.
+    let session = client.authorization.clone();
+    if let Some(token) = peer_token {
+        client.use_peer_token(&ours.cluster, token)?;
+    }
     let request = Request::ExchangeCertificates {
         cluster: ours.cluster,
         address: ours.address,
@@ -460,31 +503,45 @@ pub async fn exchange_certificates(
         token: ours.token,
         certificates: ours.certificates,
     };
+    let answer = match client.call(&request).await {
+        // The peer no longer knows our credential (it removed us): run the exchange
+        // as the first contact it now is, on the session opened above.
+        Err(ClientError::Status { status, .. })
+            if status == StatusCode::UNAUTHORIZED && peer_token.is_some() =>
+        {
+            client.authorization = session;
+            client.call(&request).await?
+        }
+        other => other?,
+    };
     let Response::Exchanged {
         certificates,
         token,
-    } = client.call(&request).await?
+    } = answer
     else {
         return Err(ClientError::Protocol(
             "exchangeCertificates answered with something else".into(),
         ));
     };
+    // Only the certificate the peer presented on this connection is proven (it signed
+    // the handshake with its key); it must be one it lists.
     let seen = client
         .server_chain()
         .first()
-        .map(impmesh_certs::fingerprint)
+        .cloned()
         .ok_or_else(|| ClientError::Protocol("the server showed no certificate".into()))?;
+    let fingerprint = impmesh_certs::fingerprint(&seen);
     if !certificates
         .iter()
-        .any(|c| c.fingerprint.eq_ignore_ascii_case(&seen))
+        .any(|c| c.fingerprint.eq_ignore_ascii_case(&fingerprint))
     {
         return Err(ClientError::Protocol(format!(
-            "the peer's certificate list does not include the certificate it presented ({seen})"
+            "the peer's certificate list does not include the certificate it presented ({fingerprint})"
         )));
     }
-    crate::trust::pin_exchanged(store, &info.cluster, &certificates)
+    crate::trust::pin_proven(store, &info.cluster, &seen)
         .await
-        .map_err(|e| ClientError::Protocol(format!("cannot pin the peer's certificates: {e:#}")))?;
+        .map_err(|e| ClientError::Protocol(format!("cannot pin the peer's certificate: {e}")))?;
     Ok(Peering {
         info,
         certificates,
@@ -495,7 +552,7 @@ pub async fn exchange_certificates(
 /// Uses the credential a peer issued to this cluster from now on.
 impl AxlClient {
     pub fn use_peer_token(&mut self, our_cluster: &str, token: &str) -> Result<(), ClientError> {
-        if !self.verified {
+        if !self.verified && !self.contacted {
             return Err(ClientError::NotTrusted);
         }
         self.authorization = Some(format!(

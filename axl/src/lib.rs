@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod client;
+mod exchange;
 mod metrics;
 pub mod pake;
 pub mod server;

@@ -81,6 +81,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// RFC 9266 `tls-exporter` value; `None` below TLS 1.3.
     pub exporter: Option<[u8; 32]>,
+    /// The certificate the client presented (a peer node does; admins and browsers
+    /// do not). The handshake proved the client holds its key.
+    pub client_cert: Option<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// The operation a response answered, for the request log and metrics.
@@ -127,7 +130,9 @@ pub struct Https<C: NodeControl> {
     tls: RwLock<Arc<rustls::ServerConfig>>,
     notices: broadcast::Sender<ChangeNotice>,
     /// Clusters that ran `exchangeCertificates` with us.
-    peerings: broadcast::Sender<String>,
+    pub(crate) peerings: broadcast::Sender<String>,
+    /// Callers refused an exchange lately (their alarm).
+    pub(crate) refusals: crate::exchange::Refusals,
     next_conn: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -156,6 +161,7 @@ impl<C: NodeControl> Https<C> {
             tls: RwLock::new(with_alpn(tls)),
             notices: broadcast::channel(256).0,
             peerings: broadcast::channel(64).0,
+            refusals: Default::default(),
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -178,10 +184,17 @@ impl<C: NodeControl> Https<C> {
         self.peerings.subscribe()
     }
 
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
     /// Binds `addr` and serves it until [`Self::shutdown`]; returns the bound address.
     pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
+        let sweeper = self.clone();
+        self.tracker
+            .spawn(async move { sweeper.sweep_refusals().await });
         let this = self.clone();
         let app = router(self.clone());
         let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
@@ -230,10 +243,15 @@ impl<C: NodeControl> Https<C> {
             };
         let conn = stream.get_ref().1;
         let exporter = impmesh_certs::tls_exporter(conn);
+        let client_cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
         let info = ConnInfo {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             peer,
             exporter,
+            client_cert,
         };
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -487,7 +505,7 @@ async fn axl<C: NodeControl>(State(https): State<Arc<Https<C>>>, req: Request) -
         Err(f) => fault(StatusCode::BAD_REQUEST, &f, "invalid"),
         Ok(request) => {
             let op = request.name();
-            match answer(&https, request, &user, conn.peer.ip()).await {
+            match answer(&https, request, &user, &conn).await {
                 Ok(body) => soap(StatusCode::OK, body, op),
                 Err(f) if f.client => fault(StatusCode::BAD_REQUEST, &f, op),
                 Err(f) => fault(StatusCode::INTERNAL_SERVER_ERROR, &f, op),
@@ -509,7 +527,7 @@ async fn answer<C: NodeControl>(
     https: &Https<C>,
     mut request: AxlRequest,
     user: &str,
-    from: IpAddr,
+    conn: &ConnInfo,
 ) -> Result<Bytes, Fault> {
     let op = request.name();
     let key = match &mut request {
@@ -537,7 +555,7 @@ async fn answer<C: NodeControl>(
     };
     let Some(key) = key else {
         return Ok(Bytes::from(
-            run(https, &request, user, from).await?.to_envelope(op),
+            run(https, &request, user, conn).await?.to_envelope(op),
         ));
     };
     if let Some(body) = https.answers.page(&key) {
@@ -548,7 +566,7 @@ async fn answer<C: NodeControl>(
     if let Some(body) = https.answers.page(&key) {
         return Ok(body);
     }
-    let body = Bytes::from(run(https, &request, user, from).await?.to_envelope(op));
+    let body = Bytes::from(run(https, &request, user, conn).await?.to_envelope(op));
     https.answers.keep_page(key, body.clone());
     Ok(body)
 }
@@ -567,9 +585,10 @@ async fn run<C: NodeControl>(
     https: &Https<C>,
     request: &AxlRequest,
     user: &str,
-    from: IpAddr,
+    conn: &ConnInfo,
 ) -> Result<AxlResponse, Fault> {
     let store = &https.store;
+    let from = conn.peer.ip();
     match request {
         AxlRequest::GetClusterInfo => {
             let nodes = store
@@ -639,12 +658,6 @@ async fn run<C: NodeControl>(
             token,
             certificates,
         } => {
-            if user.starts_with("peer:") {
-                return Err(Fault::client(
-                    "forbidden",
-                    "exchangeCertificates needs the intercluster application user",
-                ));
-            }
             check_peering(
                 &https.identity.cluster,
                 cluster,
@@ -652,11 +665,17 @@ async fn run<C: NodeControl>(
                 server_name,
                 token,
             )?;
-            let added = crate::trust::pin_exchanged(store, cluster, certificates)
+            let proven =
+                match crate::exchange::authorize(https, conn, user, cluster, certificates).await {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        return Err(https.refuse_exchange(conn, user, cluster, refusal).await);
+                    }
+                };
+            let added = crate::trust::pin_proven(store, cluster, &proven.cert)
                 .await
                 .map_err(|e| Fault::client("badCertificate", e.to_string()))?;
             let issued = crate::auth::random_token();
-            let existing = store.peer(cluster).await.map_err(store_fault)?;
             store
                 .upsert_peer(&impmesh_store::PeerRecord {
                     cluster: cluster.clone(),
@@ -671,7 +690,7 @@ async fn run<C: NodeControl>(
                 })
                 .await
                 .map_err(store_fault)?;
-            let state = if existing.is_some_and(|p| p.state == impmesh_store::PeerState::Active) {
+            let state = if proven.existing == Some(impmesh_store::PeerState::Active) {
                 "active"
             } else {
                 let message = format!(

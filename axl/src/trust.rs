@@ -52,43 +52,61 @@ pub async fn anchors_for(store: &Store, peer: &str) -> anyhow::Result<TrustAncho
     Ok(store.trust_anchors(Some(peer)).await?)
 }
 
-/// Pins the node certificates a peer cluster presented (each chain's first certificate,
-/// whose fingerprint must match the one announced). Returns how many were new.
-pub async fn pin_exchanged(
+/// Why a certificate cannot be pinned for a peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PinError {
+    #[error("{0:?} is not a cluster name")]
+    BadCluster(String),
+    #[error(
+        "certificate {fingerprint} is already pinned for {owner}: one certificate belongs to one peer"
+    )]
+    OwnedByAnother { fingerprint: String, owner: String },
+    #[error("certificate {0} is trusted as a CA here, not as a node")]
+    IsCa(String),
+    #[error("{0}")]
+    Certificate(#[from] impmesh_certs::CertError),
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+}
+
+/// Pins for `cluster` the certificate a node of it proved it holds the key of (it
+/// presented it on a TLS connection with us). A certificate pinned for another peer
+/// is refused rather than skipped: pinning a victim's public certificate under a
+/// made-up name must not block the victim's own peering, and the victim's must not
+/// look successful while pinning nothing. Returns whether it was new.
+pub async fn pin_proven(
     store: &Store,
     cluster: &str,
-    certificates: &[crate::soap::NodeCertificate],
-) -> anyhow::Result<usize> {
+    cert: &CertificateDer<'_>,
+) -> Result<bool, PinError> {
     if !impmesh_certs::is_dns_name(cluster) {
-        anyhow::bail!("{cluster:?} is not a cluster name");
+        return Err(PinError::BadCluster(cluster.to_owned()));
     }
-    let mut leaves = vec![];
-    for c in certificates {
-        let leaf = CertificateDer::pem_slice_iter(c.pem.as_bytes())
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no certificate for node {}", c.node))?
-            .map_err(|e| anyhow::anyhow!("bad PEM for node {}: {e}", c.node))?;
-        let fp = impmesh_certs::fingerprint(&leaf);
-        if !fp.eq_ignore_ascii_case(&c.fingerprint) {
-            anyhow::bail!(
-                "node {}: the certificate's fingerprint is {fp}, not {}",
-                c.node,
-                c.fingerprint
-            );
-        }
-        leaves.push(impmesh_certs::pem_encode("CERTIFICATE", leaf.as_ref()));
-    }
-    let mut added = 0;
-    for pem in leaves {
-        added += add(
-            store,
-            pem.as_bytes(),
-            TrustKind::Pinned,
-            Some(cluster),
-            "exchanged",
-        )
+    let info = impmesh_certs::describe(cert)?;
+    if let Some(existing) = store
+        .trust_entries()
         .await?
-        .len();
+        .into_iter()
+        .find(|e| e.fingerprint == info.sha256)
+    {
+        return match (existing.kind, existing.peer) {
+            (TrustKind::Pinned, Some(owner)) if owner == cluster => Ok(false),
+            (TrustKind::Pinned, owner) => Err(PinError::OwnedByAnother {
+                fingerprint: info.sha256,
+                owner: owner.unwrap_or_else(|| "nobody".into()),
+            }),
+            _ => Err(PinError::IsCa(info.sha256)),
+        };
     }
-    Ok(added)
+    let entry = TrustEntry {
+        fingerprint: info.sha256,
+        kind: TrustKind::Pinned,
+        subject: info.subject,
+        pem: impmesh_certs::pem_encode("CERTIFICATE", cert.as_ref()),
+        source: "exchanged".into(),
+        peer: Some(cluster.to_owned()),
+        added_at: 0,
+    };
+    Ok(store.add_trust(&entry).await?)
 }

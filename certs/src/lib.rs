@@ -12,7 +12,9 @@ mod import;
 mod verify;
 
 pub use import::{ImportError, check_identity};
-pub use verify::{FirstContactVerifier, LinkClientVerifier, PeerVerifier, TrustAnchors};
+pub use verify::{
+    FirstContactVerifier, LinkClientVerifier, PeerVerifier, TrustAnchors, within_validity,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -163,6 +165,29 @@ impl NodeIdentity {
 }
 
 impl NodeIdentity {
+    /// The HTTPS service's configuration: this identity, HTTP/1.1, and a client
+    /// certificate asked for but not required. A peer node presents its own, which
+    /// proves it holds that certificate's key (the handshake signature is checked):
+    /// `exchangeCertificates` pins only a certificate proven that way. Admin tools and
+    /// browsers send none.
+    pub fn https_server_config(&self) -> Result<Arc<ServerConfig>, CertError> {
+        let mut config = ServerConfig::builder()
+            .with_client_cert_verifier(LinkClientVerifier::optional())
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// This identity as a TLS client certificate: the chain and a copy of the key.
+    pub fn client_auth(
+        &self,
+    ) -> (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ) {
+        (self.chain.clone(), self.key.clone_key())
+    }
+
     /// The server side of router links: this identity, and a certificate required of
     /// the connecting node (checked against the trust store after the handshake).
     pub fn link_server_config(&self) -> Result<Arc<ServerConfig>, CertError> {

@@ -54,6 +54,21 @@ impl PeerVerifier {
     }
 }
 
+/// Whether `cert` is valid at `now` (Unix seconds): what a pinned certificate must
+/// still be, since pinning replaces the chain checks but not the dates.
+pub fn within_validity(cert: &CertificateDer<'_>, now: i64) -> Result<(), CertificateError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| CertificateError::BadEncoding)?;
+    let validity = cert.validity();
+    if now < validity.not_before.timestamp() {
+        return Err(CertificateError::NotValidYet);
+    }
+    if now > validity.not_after.timestamp() {
+        return Err(CertificateError::Expired);
+    }
+    Ok(())
+}
+
 impl ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
         &self,
@@ -65,18 +80,8 @@ impl ServerCertVerifier for PeerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         if self.pinned.contains(&fingerprint(end_entity)) {
             // Pinned: this exact certificate, as long as it is within its validity.
-            let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref())
-                .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-            let t = now.as_secs() as i64;
-            let validity = cert.validity();
-            if t < validity.not_before.timestamp() {
-                return Err(rustls::Error::InvalidCertificate(
-                    CertificateError::NotValidYet,
-                ));
-            }
-            if t > validity.not_after.timestamp() {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
-            }
+            within_validity(end_entity, now.as_secs() as i64)
+                .map_err(rustls::Error::InvalidCertificate)?;
             return Ok(ServerCertVerified::assertion());
         }
         match &self.webpki {
@@ -188,19 +193,38 @@ impl ServerCertVerifier for FirstContactVerifier {
 #[derive(Debug)]
 pub struct LinkClientVerifier {
     signatures: Arc<PeerVerifier>,
+    /// Whether a client without a certificate is refused (links) or let in (HTTPS).
+    mandatory: bool,
 }
 
 impl LinkClientVerifier {
+    /// A certificate is required (router links).
     pub fn new() -> Arc<LinkClientVerifier> {
+        Self::with(true)
+    }
+
+    /// A certificate is asked for, not required (the HTTPS service).
+    pub fn optional() -> Arc<LinkClientVerifier> {
+        Self::with(false)
+    }
+
+    fn with(mandatory: bool) -> Arc<LinkClientVerifier> {
         let signatures = PeerVerifier::new(&TrustAnchors::default())
             .expect("a verifier without anchors cannot fail to build");
-        Arc::new(LinkClientVerifier { signatures })
+        Arc::new(LinkClientVerifier {
+            signatures,
+            mandatory,
+        })
     }
 }
 
 impl rustls::server::danger::ClientCertVerifier for LinkClientVerifier {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
     }
 
     fn verify_client_cert(

@@ -596,9 +596,10 @@ pub(crate) async fn register_unauthenticated(
                     tracing::info!(%user, %from, "account registered in-band");
                     format!("<iq type='result' id='{id}'/>")
                 }
-                Err(impmesh_store::StoreError::UserExists(_)) => {
-                    error(StanzaErrorCondition::Conflict, "that user name is taken")
-                }
+                Err(
+                    impmesh_store::StoreError::UserExists(_)
+                    | impmesh_store::StoreError::HomedAtPeer { .. },
+                ) => error(StanzaErrorCondition::Conflict, "that user name is taken"),
                 Err(impmesh_store::StoreError::InvalidPassword(_)) => error(
                     StanzaErrorCondition::NotAcceptable,
                     "the password has forbidden characters",

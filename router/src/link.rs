@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder as _;
 use impmesh_certs::{NodeIdentity, PeerVerifier, TrustAnchors};
-use impmesh_store::TrustKind;
+use impmesh_store::{Home, TrustKind};
 use minidom::Element;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -139,7 +139,11 @@ struct Outlink {
 pub struct Links {
     identity: RwLock<Option<(NodeIdentity, Arc<rustls::ServerConfig>)>>,
     outbound: Mutex<HashMap<String, Outlink>>,
-    inbound: Mutex<HashMap<String, (String, Arc<LinkCounters>)>>,
+    /// Incoming links by remote node: its cluster, counters and the link's generation
+    /// (which link is the current one for that node).
+    inbound: Mutex<HashMap<String, Inlink>>,
+    /// The generation of the last accepted link.
+    next_generation: AtomicU64,
     /// Available presence delivered here from each remote node: sender's full JID →
     /// the local users who got it. When the node's link drops, they get unavailable.
     seen: Mutex<HashMap<String, HashMap<String, HashSet<String>>>>,
@@ -153,12 +157,21 @@ pub struct Links {
     homes: Mutex<HomeCache>,
 }
 
+/// The current incoming link from one remote node.
+struct Inlink {
+    cluster: String,
+    counters: Arc<LinkCounters>,
+    /// Which accepted link this is: a stale link's late end must not touch a newer
+    /// link's state.
+    generation: u64,
+}
+
 /// Directory lookups, valid while the store's directory generation stays the same and
 /// for at most [`HOME_TTL`] (other nodes sharing a PostgreSQL store change it too).
 #[derive(Default)]
 struct HomeCache {
     generation: u64,
-    entries: HashMap<String, (Option<(String, String)>, tokio::time::Instant)>,
+    entries: HashMap<String, (Home, tokio::time::Instant)>,
 }
 
 /// How long a cached directory lookup is used.
@@ -173,6 +186,13 @@ impl std::fmt::Debug for Links {
 }
 
 impl Links {
+    /// Whether the link of `generation` is the current incoming link from `node`.
+    fn is_current(&self, node: &str, generation: u64) -> bool {
+        lock(&self.inbound)
+            .get(node)
+            .is_some_and(|l| l.generation == generation)
+    }
+
     /// Every link, outgoing then incoming, by node name.
     pub fn status(&self) -> Vec<LinkStatus> {
         let report = |node: &str,
@@ -199,7 +219,7 @@ impl Links {
             .collect();
         let mut inbound: Vec<LinkStatus> = lock(&self.inbound)
             .iter()
-            .map(|(node, (cluster, c))| report(node, cluster, "in", c, 0))
+            .map(|(node, l)| report(node, &l.cluster, "in", &l.counters, 0))
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
         inbound.sort_by(|a, b| a.node.cmp(&b.node));
@@ -245,10 +265,10 @@ impl Server {
     }
 
     /// Where a user of the domain is homed when that is another cluster: (cluster,
-    /// node). `None` for local and unknown users.
+    /// node). `None` for local, unknown and quarantined users.
     pub(crate) async fn remote_home(&self, user: &str) -> Option<(String, String)> {
         match self.home_of(user).await {
-            Ok(Some((cluster, node))) if cluster != self.config.cluster_name => {
+            Ok(Home::Remote { cluster, node }) if cluster != self.config.cluster_name => {
                 Some((cluster, node))
             }
             Ok(_) => None,
@@ -260,7 +280,7 @@ impl Server {
     }
 
     /// Where `user` lives by the directory, through the lookup cache.
-    async fn home_of(&self, user: &str) -> impmesh_store::Result<Option<(String, String)>> {
+    pub(crate) async fn home_of(&self, user: &str) -> impmesh_store::Result<Home> {
         let generation = self.store.directory_generation();
         {
             let mut cache = lock(&self.links.homes);
@@ -359,14 +379,38 @@ impl Server {
     }
 
     /// Routes a stanza to a remote user if the directory says the user lives on
-    /// another cluster; returns whether it did.
+    /// another cluster, or bounces it when two peers claim the name (quarantine);
+    /// returns whether it did either.
     pub(crate) async fn route_remote(&self, user: &str, stanza: &Element) -> bool {
-        match self.remote_home(user).await {
-            Some((cluster, node)) => {
+        match self.home_of(user).await {
+            Ok(Home::Remote { cluster, node }) if cluster != self.config.cluster_name => {
                 self.forward(&cluster, &node, stanza);
                 true
             }
-            None => false,
+            Ok(Home::Quarantined { clusters }) => {
+                let text = format!(
+                    "{user}@{} is claimed by several clusters ({}) and is unreachable until \
+                     their admins remove all but one",
+                    self.config.domain,
+                    clusters.join(", ")
+                );
+                self.bounce(
+                    stanza,
+                    StanzaErrorCondition::ServiceUnavailable,
+                    Some(&text),
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the directory while routing");
+                self.bounce(
+                    stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    Some("the directory cannot be read right now; try again"),
+                );
+                true
+            }
         }
     }
 
@@ -816,6 +860,17 @@ impl Server {
             };
             let from = opened.from.unwrap_or_default();
             let epoch = opened.id.unwrap_or_default();
+            // The node named in the header must be one of the authenticated peer's:
+            // counters and presence bookkeeping are kept per node.
+            match self.store.peer_node(&from).await {
+                Ok(Some(n)) if n.peer == cluster => {}
+                Ok(_) => {
+                    return Err(LinkError::Setup(format!(
+                        "{cluster} opened a link as {from:?}, which is not one of its nodes"
+                    )));
+                }
+                Err(e) => return Err(LinkError::Setup(e.to_string())),
+            }
             // Stanzas of this epoch already handled: the sender resends only the rest.
             let h = {
                 let mut received = lock(&self.links.received);
@@ -839,14 +894,34 @@ impl Server {
                 .map_err(|_| LinkError::Timeout)??;
         let counters = Arc::new(LinkCounters::default());
         counters.set_up(true);
-        lock(&self.links.inbound).insert(node.clone(), (cluster.clone(), counters.clone()));
-        tracing::info!(%node, %cluster, "router link accepted");
+        let generation = self.links.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.links.inbound).insert(
+            node.clone(),
+            Inlink {
+                cluster: cluster.clone(),
+                counters: counters.clone(),
+                generation,
+            },
+        );
+        tracing::info!(%node, %cluster, generation, "router link accepted");
         self.remote_node_back(&node).await;
         let result = self
-            .read_inlink(&mut tls, &mut reader, &cluster, &node, &epoch, &counters)
+            .read_inlink(
+                &mut tls,
+                &mut reader,
+                &cluster,
+                &node,
+                &epoch,
+                generation,
+                &counters,
+            )
             .await;
         counters.set_up(false);
-        self.remote_node_lost(&node);
+        // Only the current link's end means the node is gone: a stale link that a
+        // newer one replaced leaves the newer link's presence alone.
+        if self.links.is_current(&node, generation) {
+            self.remote_node_lost(&node);
+        }
         let _ = tls.write_all(b"</stream:stream>").await;
         let _ = tls.shutdown().await;
         result
@@ -880,12 +955,29 @@ impl Server {
                 ))
             })?;
         match self.store.peer(&cluster).await {
-            Ok(Some(p)) if p.state == impmesh_store::PeerState::Active => Ok(cluster),
-            Ok(_) => Err(refuse(format!("{cluster} is not an accepted peer"))),
-            Err(e) => Err(refuse(e.to_string())),
+            Ok(Some(p)) if p.state == impmesh_store::PeerState::Active => {}
+            Ok(_) => return Err(refuse(format!("{cluster} is not an accepted peer"))),
+            Err(e) => return Err(refuse(e.to_string())),
         }
+        // A pin replaces the chain checks, not the dates.
+        let alarm = impmesh_store::alarms::PEER_CERT_EXPIRED;
+        if let Err(e) = impmesh_certs::within_validity(cert, impmesh_store::now_unix()) {
+            let message = format!(
+                "a node of {cluster} presented its pinned certificate {fingerprint}: {e:?}"
+            );
+            if let Err(e) = self.store.raise_alarm(alarm, &cluster, &message).await {
+                tracing::error!(error = %e, "cannot raise an alarm");
+            }
+            return Err(refuse(message));
+        }
+        let _ = self
+            .store
+            .clear_alarm(alarm, &cluster, "a node connected with a valid certificate")
+            .await;
+        Ok(cluster)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn read_inlink<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
@@ -893,16 +985,28 @@ impl Server {
         cluster: &str,
         node: &str,
         epoch: &str,
+        generation: u64,
         counters: &LinkCounters,
     ) -> Result<(), LinkError> {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
+            if !self.links.is_current(node, generation) {
+                // A newer link from the same node took over: this one is stale and
+                // must not add to the count the new one acknowledges with.
+                return Err(LinkError::Setup(format!(
+                    "a newer link from {node} replaced this one"
+                )));
+            }
             let mut handled = 0u64;
+            let mut failed = None;
             while let Some(frame) = reader.queue.pop_front() {
                 match frame {
                     Frame::Element(el) => {
                         counters.stanzas.fetch_add(1, Ordering::Relaxed);
-                        self.on_link_stanza(cluster, node, el).await;
+                        if let Err(e) = self.on_link_stanza(cluster, node, el).await {
+                            failed = Some(e);
+                            break;
+                        }
                         handled += 1;
                     }
                     Frame::Footer => return Ok(()),
@@ -917,11 +1021,18 @@ impl Server {
                     let entry = received
                         .entry(node.to_owned())
                         .or_insert_with(|| (epoch.to_owned(), 0));
+                    if entry.0 != epoch {
+                        *entry = (epoch.to_owned(), 0);
+                    }
                     entry.1 += handled;
                     entry.1
                 };
                 stream.write_all(ack(h).as_bytes()).await?;
                 stream.flush().await?;
+            }
+            if let Some(e) = failed {
+                tracing::error!(%node, error = %e, "closing the link unacknowledged: the sender sends again");
+                return Err(e);
             }
             let n = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
@@ -938,39 +1049,53 @@ impl Server {
 
     /// A stanza that arrived over a link from `cluster`: checked, then handled as if a
     /// local user had sent it, never forwarded again.
-    async fn on_link_stanza(&self, cluster: &str, node: &str, stanza: Element) {
+    ///
+    /// Fails only when the sender cannot be checked (the store): the stanza is then
+    /// not handled, and the link must close unacknowledged.
+    async fn on_link_stanza(
+        &self,
+        cluster: &str,
+        node: &str,
+        stanza: Element,
+    ) -> Result<(), LinkError> {
         let Some(kind) = Kind::of(&stanza) else {
             tracing::warn!(%cluster, name = stanza.name(), "not a stanza on a router link; dropped");
-            return;
+            return Ok(());
         };
         let domain = self.config.domain.as_str();
         let from = stanza.attr("from").and_then(stanza::parse_jid);
+        // The sender must be homed in the sending cluster, by the same rule as routing:
+        // a local account or a quarantined name is nobody's to speak for.
         let sender_ok = match &from {
             Some(j) if j.domain().as_str() == domain => match j.node() {
-                Some(user) => matches!(
-                    self.home_of(user.as_str()).await,
-                    Ok(Some((home, _))) if home == cluster
-                ),
+                Some(user) => match self.home_of(user.as_str()).await {
+                    Ok(Home::Remote { cluster: home, .. }) => home == cluster,
+                    Ok(_) => false,
+                    // Not "no": the stanza is neither handled nor acknowledged, and
+                    // the link closes so that the sender sends it again.
+                    Err(e) => return Err(LinkError::Setup(format!("cannot check a sender: {e}"))),
+                },
                 None => false,
             },
             _ => false,
         };
         if !sender_ok {
             tracing::warn!(%cluster, from = ?stanza.attr("from"), "a stanza whose sender is not homed in the sending cluster; dropped");
-            return;
+            return Ok(());
         }
         let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
-            return;
+            return Ok(());
         };
         if to.domain().as_str() != domain || to.node().is_none() {
             self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
-            return;
+            return Ok(());
         }
         match kind {
             Kind::Message => self.deliver_local_message(stanza, &to).await,
             Kind::Iq => self.iq_from_link(stanza, &to).await,
             Kind::Presence => self.presence_from_link(node, stanza, &to).await,
         }
+        Ok(())
     }
 
     /// An IQ from a remote user: to a full JID it goes to that session; requests to a

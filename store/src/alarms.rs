@@ -68,6 +68,11 @@ pub const PEER_DNS_FAILURE: &AlarmDef = &CATALOGUE[11];
 /// A peer's clock differs from ours by more than 60 s.
 pub const PEER_CLOCK_SKEW: &AlarmDef = &CATALOGUE[12];
 
+/// A caller was refused a certificate exchange (it spoke for a peer it is not).
+pub const PEER_EXCHANGE_REFUSED: &AlarmDef = &CATALOGUE[13];
+/// A peer presented a pinned certificate that has expired.
+pub const PEER_CERT_EXPIRED: &AlarmDef = &CATALOGUE[14];
+
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
     AlarmDef {
@@ -109,8 +114,8 @@ pub const CATALOGUE: &[AlarmDef] = &[
     AlarmDef {
         name: "InterClusterDuplicateUser",
         severity: Severity::Major,
-        meaning: "A user (the subject) is homed in more than one cluster of the mesh. Until fixed, every cluster routes it to the cluster whose name sorts first; its accounts elsewhere receive nothing.",
-        action: "Delete the account in the clusters where it should not be (`impmesh user del NAME` there); `impmesh troubleshoot` lists every duplicate.",
+        meaning: "A user name (the subject) is claimed by more than one cluster of the mesh. A cluster that has the account itself keeps serving it locally and never accepts another cluster's claim to it; every other cluster quarantines the name: stanzas to it are bounced with service-unavailable and a text naming the claiming clusters, and no cluster may speak for it over a link.",
+        action: "Delete the account in every cluster where it should not be (`impmesh user del NAME` there; docs/peering.md says how to move a user between clusters). The quarantine and the alarm clear by themselves on every cluster once a single claim is left; `impmesh troubleshoot` lists every duplicate.",
     },
     AlarmDef {
         name: "InterClusterDirectoryMismatch",
@@ -148,6 +153,18 @@ pub const CATALOGUE: &[AlarmDef] = &[
         meaning: "A peer cluster's clock (the subject) differs from this node's by more than 60 seconds; certificate validity checks and sync timestamps become unreliable.",
         action: "Run NTP on both clusters' nodes; the alarm clears when the difference is back under 60 s.",
     },
+    AlarmDef {
+        name: "InterClusterPeerExchangeRefused",
+        severity: Severity::Major,
+        meaning: "A caller (the subject: its address) tried to exchange certificates for a cluster it cannot speak for: an existing peer without that peer's credential or pinned certificate, a certificate it does not hold the key of, or one pinned for another peer. Nothing was changed. One alarm per caller, however often it tries.",
+        action: "Find out who runs the caller (the message names the cluster it claimed and the AXL user it logged in as); if it is not a legitimate peer, change the AXL user's password (`impmesh axl-user set`). The alarm clears after an hour without another refused attempt.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerCertificateExpired",
+        severity: Severity::Critical,
+        meaning: "A node of a peer cluster (the subject) presented a pinned certificate that has expired: its router links and syncs are refused until it has a valid one.",
+        action: "The peer's admin renews the node certificate (`impmesh cert regenerate` or `cert import` there); the alarm clears when that node connects with a valid certificate.",
+    },
 ];
 
 /// An alarm that is on.
@@ -176,7 +193,7 @@ impl Store {
     /// event recorded and logged).
     pub async fn raise_alarm(&self, def: &AlarmDef, subject: &str, message: &str) -> Result<bool> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let inserted = sqlx::query(
             "INSERT INTO alarms_active (name, subject, severity, message, since)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name, subject) DO NOTHING",
@@ -217,7 +234,7 @@ impl Store {
 
     /// Clears an alarm for a subject; true when it was on.
     pub async fn clear_alarm(&self, def: &AlarmDef, subject: &str, message: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let removed = sqlx::query("DELETE FROM alarms_active WHERE name = $1 AND subject = $2")
             .bind(def.name)
             .bind(subject)

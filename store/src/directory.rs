@@ -137,7 +137,7 @@ impl Store {
     /// Removes tombstones of users deleted before `before_unix`; peers further behind
     /// than the newest pruned tombstone must then do a full sync. Returns how many went.
     pub async fn prune_tombstones(&self, before_unix: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let row = sqlx::query("SELECT MAX(usn) AS m FROM user_tombstones WHERE deleted_at < $1")
             .bind(before_unix)
             .fetch_one(&mut *tx)

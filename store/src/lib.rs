@@ -37,7 +37,7 @@ pub use nodes::NodeRecord;
 pub use offline::OfflineMessage;
 pub use outbox::OutboxEntry;
 pub use peer_nodes::PeerNode;
-pub use peers::{Digest, PeerRecord, PeerState, PeerSync, RemoteUser};
+pub use peers::{Digest, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
 pub use users::{NewUser, UserRecord};
@@ -48,6 +48,10 @@ pub use users::{NewUser, UserRecord};
 pub enum StoreError {
     #[error("user {0} already exists")]
     UserExists(String),
+    #[error(
+        "{user} is homed at the peer cluster {cluster}: a name lives in one cluster of the mesh (move the user as docs/peering.md says)"
+    )]
+    HomedAtPeer { user: String, cluster: String },
     #[error("no such user: {0}")]
     UserNotFound(String),
     #[error(transparent)]
@@ -92,6 +96,10 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 /// How long a query waits for a pooled connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an SQLite statement waits for another connection's write lock before it
+/// fails with "database is locked": the bound on retrying a busy store. A directory
+/// page of 5,000 users, the longest write, commits in well under a second.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Store {
     /// The directory generation: it changes after every change to where users live
@@ -130,7 +138,7 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(5));
+                .busy_timeout(BUSY_TIMEOUT);
             opts.connect().await?;
             let sep = if query.is_empty() { "" } else { "&" };
             // SQLite is one writer at a time; a handful of connections serve readers.
@@ -153,9 +161,12 @@ impl Store {
                         sqlx::query("PRAGMA foreign_keys = ON")
                             .execute(&mut *conn)
                             .await?;
-                        sqlx::query("PRAGMA busy_timeout = 5000")
-                            .execute(&mut *conn)
-                            .await?;
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA busy_timeout = {}",
+                            BUSY_TIMEOUT.as_millis()
+                        )))
+                        .execute(&mut *conn)
+                        .await?;
                         sqlx::query("PRAGMA synchronous = NORMAL")
                             .execute(&mut *conn)
                             .await?;
@@ -174,6 +185,19 @@ impl Store {
             backend,
             latency: Default::default(),
             directory_gen: Default::default(),
+        })
+    }
+
+    /// Begins a transaction that writes. On SQLite it is `BEGIN IMMEDIATE`: the write
+    /// lock is taken first, waiting up to [`BUSY_TIMEOUT`] for another writer. A
+    /// deferred transaction that reads and then writes cannot wait: in WAL mode its
+    /// snapshot is stale once another writer committed, and SQLite fails it at once
+    /// with `SQLITE_BUSY_SNAPSHOT` (code 517, "database is locked") instead of
+    /// calling the busy handler. PostgreSQL's row locks wait by themselves.
+    pub(crate) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
         })
     }
 

@@ -18,7 +18,7 @@ impl Store {
     /// stored. Count and insert run in one transaction so the limit holds under races.
     pub async fn store_offline(&self, owner: &str, stanza: &str, limit: u32) -> Result<bool> {
         let _timer = self.latency.start("store_offline");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let row = sqlx::query("SELECT COUNT(*) AS n FROM offline_messages WHERE owner = $1")
             .bind(owner)
             .fetch_one(&mut *tx)

@@ -34,7 +34,7 @@ impl Store {
         stanzas: &[(String, i64)],
     ) -> Result<()> {
         let _timer = self.latency.start("outbox_push");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for (stanza, queued_at) in stanzas {
             sqlx::query(
                 "INSERT INTO outbox (node, cluster, stanza, queued_at) VALUES ($1, $2, $3, $4)",
@@ -75,7 +75,7 @@ impl Store {
 
     /// Removes delivered (or bounced) messages.
     pub async fn outbox_delete(&self, ids: &[i64]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for id in ids {
             sqlx::query("DELETE FROM outbox WHERE id = $1")
                 .bind(id)

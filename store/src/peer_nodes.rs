@@ -45,7 +45,7 @@ impl Store {
     /// Replaces what is known of `peer`'s nodes (after a `getClusterInfo`). A node
     /// name another peer announced already is left to that peer.
     pub async fn set_peer_nodes(&self, peer: &str, nodes: &[PeerNode]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query("DELETE FROM peer_nodes WHERE peer = $1")
             .bind(peer)
             .execute(&mut *tx)

@@ -75,6 +75,30 @@ pub struct RemoteUser {
     pub usn: i64,
 }
 
+/// Where a user name lives, as [`Store::home_of`] decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Home {
+    /// An account of this cluster, homed on `node`.
+    Local { cluster: String, node: String },
+    /// Homed on `node` of the peer cluster `cluster` (the only claim).
+    Remote { cluster: String, node: String },
+    /// Claimed by two or more peers (sorted): routed to none of them.
+    Quarantined { clusters: Vec<String> },
+    /// Nobody has this name.
+    Unknown,
+}
+
+impl Home {
+    /// The cluster the user is homed in, when there is exactly one.
+    pub fn cluster(&self) -> Option<&str> {
+        match self {
+            Home::Local { cluster, .. } | Home::Remote { cluster, .. } => Some(cluster),
+            Home::Quarantined { .. } | Home::Unknown => None,
+        }
+    }
+}
+
 /// A summary of a directory slice for anti-entropy: equal digests at the same USN mean
 /// equal slices.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -231,7 +255,7 @@ impl Store {
     /// Creates a peer, or updates its address, credentials and (never downgrading an
     /// accepted peer) state.
     pub async fn upsert_peer(&self, peer: &PeerRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO peers (cluster, address, server_name, state, origin, our_token,
                  their_token_hash, added_at, accepted_at)
@@ -300,7 +324,7 @@ impl Store {
     /// Removes a peer with its users, its sync state and its pinned certificates, in
     /// one transaction; false when there was none.
     pub async fn delete_peer(&self, cluster: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for sql in [
             "DELETE FROM remote_users WHERE peer = $1",
             "DELETE FROM peer_sync WHERE peer = $1",
@@ -390,7 +414,7 @@ impl Store {
         after_usn: i64,
     ) -> Result<()> {
         let _timer = self.latency.start("apply_full_page");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         upsert_entries(&mut tx, self.backend, peer, generation, entries).await?;
         sqlx::query("UPDATE peer_sync SET full_after_usn = $1 WHERE peer = $2 AND full_gen = $3")
             .bind(after_usn)
@@ -412,7 +436,7 @@ impl Store {
         snapshot_usn: i64,
         millis: i64,
     ) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query("DELETE FROM remote_users WHERE peer = $1 AND full_gen < $2")
             .bind(peer)
             .bind(generation)
@@ -449,7 +473,7 @@ impl Store {
         applied_usn: i64,
     ) -> Result<()> {
         let _timer = self.latency.start("apply_changes");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let generation: i64 = sqlx::query("SELECT full_gen FROM peer_sync WHERE peer = $1")
             .bind(peer)
             .fetch_one(&mut *tx)
@@ -585,24 +609,44 @@ impl Store {
             .collect())
     }
 
-    /// Where a user of the domain lives, by the mesh-wide rule for duplicates: of all
-    /// the clusters that claim the user (this one included), the one whose name sorts
-    /// first. Every cluster applies the same rule to the same data, so they agree.
-    /// Returns (cluster, node), or `None` for an unknown user.
-    pub async fn home_of(&self, username: &str) -> Result<Option<(String, String)>> {
+    /// Where a user of the domain lives, by the mesh-wide rule (docs/peering.md): an
+    /// account of this cluster always wins over a peer's claim; a name that exactly one
+    /// peer claims lives there; a name that two or more peers claim, and this cluster
+    /// does not, is quarantined (routed to none of them) until every claim but one is
+    /// withdrawn. The rule is decided here in Rust, not by an `ORDER BY` that would
+    /// follow the database's collation, so SQLite and PostgreSQL agree.
+    pub async fn home_of(&self, username: &str) -> Result<Home> {
         let _timer = self.latency.start("home_of");
-        let row = sqlx::query(
-            "SELECT home_cluster, home_node FROM (
-                 SELECT home_cluster, home_node FROM users WHERE username = $1
-                 UNION ALL
-                 SELECT home_cluster, home_node FROM remote_users WHERE username = $1
-             ) t ORDER BY home_cluster, home_node LIMIT 1",
+        let rows = sqlx::query(
+            "SELECT 1 AS here, home_cluster, home_node FROM users WHERE username = $1
+             UNION ALL
+             SELECT 0 AS here, home_cluster, home_node FROM remote_users WHERE username = $1",
         )
         .bind(username)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        row.map(|r| Ok((r.try_get("home_cluster")?, r.try_get("home_node")?)))
-            .transpose()
+        let mut remote = vec![];
+        for row in &rows {
+            let here: i32 = row.try_get("here")?;
+            let cluster: String = row.try_get("home_cluster")?;
+            let node: String = row.try_get("home_node")?;
+            if here == 1 {
+                return Ok(Home::Local { cluster, node });
+            }
+            remote.push((cluster, node));
+        }
+        Ok(match remote.len() {
+            0 => Home::Unknown,
+            1 => {
+                let (cluster, node) = remote.remove(0);
+                Home::Remote { cluster, node }
+            }
+            _ => {
+                let mut clusters: Vec<String> = remote.into_iter().map(|(c, _)| c).collect();
+                clusters.sort();
+                Home::Quarantined { clusters }
+            }
+        })
     }
 
     /// The digest of this cluster's live users (what a peer's copy must match), with
@@ -628,7 +672,7 @@ impl Store {
     /// [`Store::directory_digest`] taken at our applied USN.
     pub async fn peer_digest(&self, peer: &str) -> Result<Digest> {
         let _timer = self.latency.start("peer_digest");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await?; // read only: a deferred transaction
         let usn: i64 = sqlx::query("SELECT applied_usn FROM peer_sync WHERE peer = $1")
             .bind(peer)
             .fetch_optional(&mut *tx)
@@ -863,37 +907,51 @@ mod tests {
             assert!(store.remote_user("y").await.unwrap().is_empty());
             assert_eq!(store.remote_user("z").await.unwrap()[0].home_node, "b2");
             assert_eq!(store.peer_sync("b").await.unwrap().applied_usn, 11);
-            // A user homed here and at the peer is a duplicate; the first cluster name
-            // wins everywhere.
+            // A user homed here that the peer then claims too is a duplicate; the
+            // local account wins.
             store
                 .add_user(NewUser {
-                    username: "z",
+                    username: "w",
                     password: "pw",
                     home_cluster: "a",
                     home_node: "a1",
                 })
                 .await
                 .unwrap();
+            store
+                .apply_changes("b", &[entry("w", 12, false)], 12)
+                .await
+                .unwrap();
             let dups = store.duplicate_users().await.unwrap();
             assert_eq!(dups.len(), 1);
-            assert_eq!(dups[0].0, "z");
+            assert_eq!(dups[0].0, "w");
             assert_eq!(
                 dups[0].1,
                 [
                     ("a".to_owned(), "a1".to_owned()),
-                    ("b".to_owned(), "b2".to_owned())
+                    ("b".to_owned(), "b1".to_owned())
                 ]
             );
             // The scoped checks find the same.
-            assert_eq!(store.claimed_elsewhere("b").await.unwrap(), ["z"]);
-            let names = ["z".to_owned(), "y".to_owned(), "nobody".to_owned()];
+            assert_eq!(store.claimed_elsewhere("b").await.unwrap(), ["w"]);
+            let names = ["w".to_owned(), "y".to_owned(), "nobody".to_owned()];
             assert_eq!(store.duplicates_among(&names).await.unwrap(), dups);
             assert!(store.duplicates_among(&[]).await.unwrap().is_empty());
             assert_eq!(
-                store.home_of("z").await.unwrap(),
-                Some(("a".into(), "a1".into()))
+                store.home_of("w").await.unwrap(),
+                Home::Local {
+                    cluster: "a".into(),
+                    node: "a1".into()
+                }
             );
-            assert_eq!(store.home_of("nobody").await.unwrap(), None);
+            assert_eq!(
+                store.home_of("z").await.unwrap(),
+                Home::Remote {
+                    cluster: "b".into(),
+                    node: "b2".into()
+                }
+            );
+            assert_eq!(store.home_of("nobody").await.unwrap(), Home::Unknown);
             // Deleting the peer removes its users, state and pinned certificates.
             store
                 .add_trust(&TrustEntry {
@@ -911,6 +969,98 @@ mod tests {
             assert_eq!(store.remote_user_count("b").await.unwrap(), 0);
             assert!(store.trust_entries().await.unwrap().is_empty());
             assert!(store.peer("b").await.unwrap().is_none());
+        }
+    }
+
+    /// The mesh-wide rule: a local account wins over any claim whatever the names'
+    /// order; one peer's claim routes there; two peers' claims are quarantined until one
+    /// is withdrawn. Same answers on both backends (no collation involved).
+    #[tokio::test]
+    async fn a_local_account_wins_and_two_peer_claims_are_quarantined() {
+        for (store, _dir) in stores().await {
+            for p in ["0-first.example", "eu-west.example", "eu.example"] {
+                store
+                    .upsert_peer(&peer(p, PeerState::Active))
+                    .await
+                    .unwrap();
+            }
+            let claim = |cluster: &str, name: &str| DirectoryEntry {
+                username: name.into(),
+                home_cluster: cluster.into(),
+                home_node: format!("n1.{cluster}"),
+                usn: 1,
+                deleted: false,
+            };
+            for p in ["0-first.example", "eu-west.example", "eu.example"] {
+                store.apply_changes(p, &[claim(p, "ceo")], 1).await.unwrap();
+            }
+            store
+                .apply_changes("eu.example", &[claim("eu.example", "solo")], 2)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.home_of("ceo").await.unwrap(),
+                Home::Quarantined {
+                    clusters: vec![
+                        "0-first.example".into(),
+                        "eu-west.example".into(),
+                        "eu.example".into()
+                    ]
+                }
+            );
+            assert_eq!(
+                store.home_of("solo").await.unwrap(),
+                Home::Remote {
+                    cluster: "eu.example".into(),
+                    node: "n1.eu.example".into()
+                }
+            );
+            // A name a peer homes cannot be created here.
+            let refused = store
+                .add_user(NewUser {
+                    username: "solo",
+                    password: "pw",
+                    home_cluster: "zz.example",
+                    home_node: "n1.zz.example",
+                })
+                .await;
+            assert!(
+                matches!(&refused, Err(StoreError::HomedAtPeer { cluster, .. }) if cluster == "eu.example"),
+                "{refused:?}"
+            );
+            // Our own account that peers claim later: ours, though "z…" sorts last.
+            store
+                .add_user(NewUser {
+                    username: "boss",
+                    password: "pw",
+                    home_cluster: "zz.example",
+                    home_node: "n1.zz.example",
+                })
+                .await
+                .unwrap();
+            for p in ["0-first.example", "eu.example"] {
+                store
+                    .apply_changes(p, &[claim(p, "boss")], 2)
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                store.home_of("boss").await.unwrap(),
+                Home::Local {
+                    cluster: "zz.example".into(),
+                    node: "n1.zz.example".into()
+                }
+            );
+            // Withdrawing all claims but one ends the quarantine.
+            for p in ["0-first.example", "eu-west.example"] {
+                let mut gone = claim(p, "ceo");
+                gone.deleted = true;
+                store.apply_changes(p, &[gone], 3).await.unwrap();
+            }
+            assert_eq!(
+                store.home_of("ceo").await.unwrap().cluster(),
+                Some("eu.example")
+            );
         }
     }
 }

@@ -138,7 +138,7 @@ impl Store {
         let _timer = self.latency.start("put_roster_item");
         let groups = serde_json::to_string(&item.groups)
             .map_err(|e| StoreError::Corrupt(format!("roster groups: {e}")))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO roster_items (owner, contact, name, subscription, ask, groups_json)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -161,7 +161,7 @@ impl Store {
 
     /// Removes an item; returns the new version, or `None` if there was no such item.
     pub async fn remove_roster_item(&self, owner: &str, contact: &str) -> Result<Option<i64>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let result = sqlx::query("DELETE FROM roster_items WHERE owner = $1 AND contact = $2")
             .bind(owner)
             .bind(contact)

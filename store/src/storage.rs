@@ -39,7 +39,7 @@ impl Store {
 
     /// Stores several private elements at once: all or none.
     pub async fn set_private_xml(&self, owner: &str, items: &[(String, String)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for (ns, xml) in items {
             sqlx::query(
                 "INSERT INTO private_storage (owner, ns, xml) VALUES ($1, $2, $3)
@@ -67,7 +67,7 @@ impl Store {
 
     /// Adds JIDs to the block list: all or none.
     pub async fn block(&self, owner: &str, jids: &[String]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for jid in jids {
             sqlx::query(
                 "INSERT INTO blocklist (owner, jid) VALUES ($1, $2) ON CONFLICT (owner, jid) DO NOTHING",
@@ -83,7 +83,7 @@ impl Store {
 
     /// Removes JIDs from the block list; an empty slice clears it.
     pub async fn unblock(&self, owner: &str, jids: &[String]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         if jids.is_empty() {
             sqlx::query("DELETE FROM blocklist WHERE owner = $1")
                 .bind(owner)

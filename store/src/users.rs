@@ -40,7 +40,7 @@ impl Store {
     pub async fn add_user(&self, user: NewUser<'_>) -> Result<()> {
         let _timer = self.latency.start("add_user");
         let (sha1, sha256) = verifiers(user.password)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         // The USN first: it takes the write lock, so the check below cannot go stale.
         let usn = crate::directory::next_usn(&mut tx).await?;
         if sqlx::query("SELECT 1 FROM users WHERE username = $1")
@@ -50,6 +50,16 @@ impl Store {
             .is_some()
         {
             return Err(StoreError::UserExists(user.username.to_owned()));
+        }
+        if let Some(row) = sqlx::query("SELECT home_cluster FROM remote_users WHERE username = $1")
+            .bind(user.username)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            return Err(StoreError::HomedAtPeer {
+                user: user.username.to_owned(),
+                cluster: row.try_get("home_cluster")?,
+            });
         }
         let result = sqlx::query(
             "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn)
@@ -78,7 +88,8 @@ impl Store {
 
     /// Creates many users in one transaction, all with the same verifiers (a bulk
     /// import from another server, or a benchmark): each gets its USN like any new user.
-    /// Names already taken are skipped; returns how many were created.
+    /// Names already taken, here or by a peer, are skipped; returns how many were
+    /// created.
     pub async fn import_users(
         &self,
         usernames: &[String],
@@ -88,13 +99,15 @@ impl Store {
     ) -> Result<u64> {
         let (sha1, sha256) = (verifiers.0.encode(), verifiers.1.encode());
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let mut created = 0;
         for username in usernames {
             let usn = crate::directory::next_usn(&mut tx).await?;
             created += sqlx::query(
                 "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING",
+                 SELECT $1, $2, $3, $4, $5, $6, $7
+                 WHERE NOT EXISTS (SELECT 1 FROM remote_users WHERE username = $1)
+                 ON CONFLICT (username) DO NOTHING",
             )
             .bind(username)
             .bind(home_cluster)
@@ -119,7 +132,7 @@ impl Store {
         home_cluster: &str,
         home_node: &str,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let usn = crate::directory::next_usn(&mut tx).await?;
         let result = sqlx::query(
             "UPDATE users SET home_cluster = $1, home_node = $2, usn = $3 WHERE username = $4",
@@ -158,7 +171,7 @@ impl Store {
     /// tombstone with a new USN so peers learn of the deletion.
     pub async fn delete_user(&self, username: &str) -> Result<()> {
         let _timer = self.latency.start("delete_user");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let usn = crate::directory::next_usn(&mut tx).await?;
         let Some(row) =
             sqlx::query("SELECT home_cluster, home_node FROM users WHERE username = $1")

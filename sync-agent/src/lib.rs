@@ -60,6 +60,8 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct Ours {
     pub cluster: String,
+    /// The XMPP domain the mesh serves (a peer must serve the same).
+    pub domain: String,
     /// host:port where peers reach this node's AXL endpoint.
     pub address: String,
     /// The TLS server name peers should ask for.
@@ -90,6 +92,9 @@ pub struct LiveStatus {
     /// Every DNS name of the peer (its address, its certificates' SANs): resolved now,
     /// or failing (with the last good addresses still in use).
     pub dns: Vec<dns::NameStatus>,
+    /// Directory entries of the peer refused since the task started: a user homed
+    /// elsewhere than the peer or its nodes, or an invalid name (see the log).
+    pub refused_entries: u64,
 }
 
 /// One check of the troubleshooter.
@@ -190,6 +195,9 @@ pub struct Agent {
     peers: Mutex<HashMap<String, PeerHandle>>,
     /// Name resolution with the last good answers.
     dns: dns::Dns,
+    /// The node's certificate and key, presented to peers as the TLS client
+    /// certificate (it proves which certificate a peer may pin for us).
+    identity: std::sync::RwLock<Option<impmesh_certs::NodeIdentity>>,
     /// One page applied at a time per node: many peers syncing at once then queue here
     /// instead of on the store's write lock (SQLite has one writer).
     apply_lock: tokio::sync::Mutex<()>,
@@ -222,6 +230,7 @@ impl Agent {
             ours,
             peers: Mutex::new(HashMap::new()),
             dns: dns::Dns::new(store.clone(), system_dns()),
+            identity: std::sync::RwLock::new(None),
             apply_lock: tokio::sync::Mutex::new(()),
             duplicates: Notify::new(),
             duplicate_scope: Mutex::new(PendingDuplicateCheck::default()),
@@ -380,6 +389,20 @@ impl Agent {
         }
     }
 
+    /// Presents `identity` to peers from now on (at start, and after the node's
+    /// certificate changed).
+    pub fn set_identity(&self, identity: impmesh_certs::NodeIdentity) {
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+    }
+
+    fn identity(&self) -> Result<impmesh_certs::NodeIdentity, AgentError> {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| AgentError::Invalid("the node has no certificate yet".into()))
+    }
+
     /// Uses another name resolver from now on (tests, embedding).
     pub fn set_resolver(&self, resolver: Arc<dyn dns::NameResolver>) {
         self.dns.set_resolver(resolver);
@@ -481,7 +504,7 @@ impl Agent {
     ) -> Result<PeerRecord, AgentError> {
         let (addr, server_name) = normalize_address(address)?;
         let peering = self
-            .first_contact(&addr, &server_name, user, password)
+            .first_contact(&addr, &server_name, user, password, None)
             .await?;
         let cluster = peering.0.cluster.clone();
         let now = impmesh_store::now_unix();
@@ -510,17 +533,21 @@ impl Agent {
         Ok(self.store.peer(&cluster).await?.unwrap_or(record))
     }
 
-    /// Runs the first contact; returns the peer's cluster info, the token to call it
-    /// with, and the hash of the token we issued to it.
+    /// Runs the first contact (as the existing peering when `peer_token` is given);
+    /// returns the peer's cluster info, the token to call it with, the hash of the
+    /// token we issued to it, and the certificates the peer listed.
     async fn first_contact(
         &self,
         addr: &str,
         server_name: &str,
         user: &str,
         password: &str,
-    ) -> Result<(ClusterInfo, String, String), AgentError> {
+        peer_token: Option<&str>,
+    ) -> Result<(ClusterInfo, String, String, Vec<NodeCertificate>), AgentError> {
         let issued = impmesh_axl::auth::random_token();
+        let identity = self.identity()?;
         let ours = OurSide {
+            domain: self.ours.domain.clone(),
             cluster: self.ours.cluster.clone(),
             address: self.ours.address.clone(),
             server_name: self.ours.server_name.clone(),
@@ -552,6 +579,8 @@ impl Agent {
             server_name,
             (user, password),
             ours,
+            &identity,
+            peer_token,
         )
         .await
         {
@@ -567,6 +596,7 @@ impl Agent {
             peering.info,
             peering.token,
             impmesh_axl::auth::token_hash(&issued),
+            peering.certificates,
         ))
     }
 
@@ -930,15 +960,16 @@ impl Agent {
             return Err(AgentError::UnknownPeer(cluster.to_owned()));
         };
         if let Some((user, password)) = credential {
-            self.stop_peer(cluster);
-            // Forget the old pins first: the exchange pins what the peer shows now.
-            for entry in self.store.trust_entries().await? {
-                if entry.kind == TrustKind::Pinned && entry.peer.as_deref() == Some(cluster) {
-                    self.store.remove_trust(&entry.fingerprint).await?;
-                }
-            }
-            let (info, token, hash) = self
-                .first_contact(&peer.address, &peer.server_name, user, password)
+            // Make-before-break: the old pins stay until the exchange pinned what the
+            // peer presents now; a failed exchange changes nothing.
+            let (info, token, hash, listed) = self
+                .first_contact(
+                    &peer.address,
+                    &peer.server_name,
+                    user,
+                    password,
+                    peer.our_token.as_deref(),
+                )
                 .await?;
             if info.cluster != cluster {
                 return Err(AgentError::Invalid(format!(
@@ -946,6 +977,7 @@ impl Agent {
                     peer.address, info.cluster
                 )));
             }
+            self.stop_peer(cluster);
             self.store
                 .upsert_peer(&PeerRecord {
                     our_token: Some(token),
@@ -953,6 +985,17 @@ impl Agent {
                     ..peer.clone()
                 })
                 .await?;
+            // Then the pins of certificates the peer no longer lists go.
+            for entry in self.store.trust_entries().await? {
+                if entry.kind == TrustKind::Pinned
+                    && entry.peer.as_deref() == Some(cluster)
+                    && !listed
+                        .iter()
+                        .any(|c| c.fingerprint.eq_ignore_ascii_case(&entry.fingerprint))
+                {
+                    self.store.remove_trust(&entry.fingerprint).await?;
+                }
+            }
         }
         self.store.restart_full_sync(cluster).await?;
         if peer.state == PeerState::Active {
@@ -1116,6 +1159,35 @@ fn system_dns() -> Arc<dyn dns::NameResolver> {
 }
 
 /// Splits `host:port` (or `[v6]:port`).
+/// Whether our node may connect to `host`, announced by a peer: a DNS name, or an IP
+/// address that is not unspecified, multicast or broadcast; loopback and link-local
+/// addresses (and `localhost`) only when the peer's own AXL address is one too
+/// (`peer_is_local`: a test mesh on one machine), so a peer cannot point our node at
+/// our own loopback services.
+pub fn announced_host_ok(host: &str, peer_is_local: bool) -> bool {
+    use std::net::IpAddr;
+    match host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) => {
+            let odd = ip.is_unspecified()
+                || ip.is_multicast()
+                || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+            !odd && (!is_local(&ip) || peer_is_local)
+        }
+        Err(_) => {
+            impmesh_certs::is_dns_name(host)
+                && (!host.eq_ignore_ascii_case("localhost") || peer_is_local)
+        }
+    }
+}
+
+/// Loopback or link-local.
+fn is_local(ip: &std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local(),
+    }
+}
+
 fn split_host_port(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -1195,14 +1267,73 @@ async fn flag(
     lock(known).insert(def.name, on.is_some());
 }
 
-fn entry(u: UserEntry) -> DirectoryEntry {
-    DirectoryEntry {
+/// Nodes a peer may announce, at most (a cluster has 1 to 6 nodes; room to grow).
+pub const MAX_PEER_NODES: usize = 16;
+
+/// Whether `name` is a user name as a cluster stores it: an RFC 7622 localpart,
+/// already normalised (nodeprep), at most 1023 bytes.
+pub fn is_localpart(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 1023
+        && jid::NodePart::new(name).is_ok_and(|n| n.as_str() == name)
+}
+
+/// A peer's directory entry as we keep it, or why it is refused: a peer speaks only
+/// for its own users, homed on its own announced nodes, with valid names. A
+/// tombstone only ever removes the peer's own entry, so only its name is checked.
+fn entry(peer: &str, nodes: &[String], u: UserEntry) -> Result<DirectoryEntry, String> {
+    if !is_localpart(&u.name) {
+        return Err(format!("{:?} is not a valid user name", u.name));
+    }
+    if !u.deleted {
+        if !u.home_cluster.eq_ignore_ascii_case(peer) {
+            return Err(format!(
+                "{} is said to be homed in {:?}, not in the peer that lists it",
+                u.name, u.home_cluster
+            ));
+        }
+        if !nodes.iter().any(|n| n.eq_ignore_ascii_case(&u.home_node)) {
+            return Err(format!(
+                "{} is said to be homed on {:?}, which is not one of the peer's nodes",
+                u.name, u.home_node
+            ));
+        }
+    }
+    Ok(DirectoryEntry {
         username: u.name,
-        home_cluster: u.home_cluster,
-        home_node: u.home_node,
+        home_cluster: peer.to_owned(),
+        home_node: u.home_node.to_ascii_lowercase(),
         usn: u.usn,
         deleted: u.deleted,
+    })
+}
+
+/// The entries of a page that may be applied; the refused ones are logged (first few
+/// reasons) and counted in the peer's status.
+fn checked_entries(
+    peer: &str,
+    nodes: &[String],
+    users: Vec<UserEntry>,
+    status: &Mutex<LiveStatus>,
+) -> Vec<DirectoryEntry> {
+    let mut refused = 0u64;
+    let mut out = Vec::with_capacity(users.len());
+    for u in users {
+        match entry(peer, nodes, u) {
+            Ok(e) => out.push(e),
+            Err(why) => {
+                if refused < 5 {
+                    tracing::warn!(%peer, %why, "directory entry refused");
+                }
+                refused += 1;
+            }
+        }
     }
+    if refused > 0 {
+        tracing::warn!(%peer, refused, "directory entries refused in one page");
+        lock(status).refused_entries += refused;
+    }
+    out
 }
 
 impl PeerTask {
@@ -1355,20 +1486,23 @@ impl PeerTask {
             .await;
         self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
-        self.remember_nodes(&info).await?;
+        let nodes = self.remember_nodes(&info, &peer.address).await?;
         let sync = store.peer_sync(&self.cluster).await?;
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
         // A full sync leaves our copy equal to the listing; a sync that found nothing
         // new is the moment to check that it still is (anti-entropy), at most every
         // anti_entropy_interval.
         let quiet = if full {
-            self.full_sync(&mut client, sync).await?;
+            self.full_sync(&mut client, &nodes, sync).await?;
             false
         } else {
-            match self.incremental(&mut client, sync.applied_usn).await {
+            match self
+                .incremental(&mut client, &nodes, sync.applied_usn)
+                .await
+            {
                 Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
                     tracing::info!(peer = %self.cluster, "changes no longer kept by the peer; full sync");
-                    self.full_sync(&mut client, store.peer_sync(&self.cluster).await?)
+                    self.full_sync(&mut client, &nodes, store.peer_sync(&self.cluster).await?)
                         .await?;
                     false
                 }
@@ -1422,9 +1556,9 @@ impl PeerTask {
         }
         let message = format!(
             "at USN {usn} the peer has {count} users (digest {}…), this directory {} ({}…); resyncing in full",
-            &sha256[..sha256.len().min(12)],
+            sha256.chars().take(12).collect::<String>(),
             ours.count,
-            &ours.sha256[..12]
+            ours.sha256.chars().take(12).collect::<String>()
         );
         tracing::warn!(peer = %self.cluster, %message, "directory mismatch");
         self.agent
@@ -1479,14 +1613,63 @@ impl PeerTask {
 
     /// Compares the fingerprints the peer announces with the pinned ones.
     /// Keeps where the peer's nodes are (router links, client redirects); writes only
-    /// when the announcement changed.
-    async fn remember_nodes(&self, info: &ClusterInfo) -> Result<(), SyncError> {
+    /// when the announcement changed. A peer announces at most [`MAX_PEER_NODES`]
+    /// nodes, each with a host name or address as checked as the peer's own address
+    /// (see [`announced_host_ok`]); a node name that another peer (or this cluster)
+    /// owns stays with its owner. Returns the names of the peer's nodes as kept.
+    async fn remember_nodes(
+        &self,
+        info: &ClusterInfo,
+        peer_address: &str,
+    ) -> Result<Vec<String>, SyncError> {
         let store = &self.agent.store;
-        let announced: Vec<impmesh_store::PeerNode> = info
-            .nodes
-            .iter()
-            .map(|n| impmesh_store::PeerNode {
-                name: n.name.clone(),
+        let ours = store.cluster_nodes(&self.agent.ours.cluster).await?;
+        // Where the admin's address for the peer leads (the DNS cache answers).
+        let peer_is_local = match split_host_port(peer_address) {
+            Some((host, _)) => match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => is_local(&ip),
+                Err(_) => self
+                    .agent
+                    .dns
+                    .resolve(host)
+                    .await
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                    .any(|ip| is_local(&ip)),
+            },
+            None => false,
+        };
+        let mut announced: Vec<impmesh_store::PeerNode> = vec![];
+        for n in &info.nodes {
+            let name = n.name.to_ascii_lowercase();
+            let why = if announced.len() >= MAX_PEER_NODES {
+                Some(format!("more than {MAX_PEER_NODES} nodes"))
+            } else if !impmesh_certs::is_dns_name(&name) {
+                Some("not a DNS name".to_owned())
+            } else if announced.iter().any(|a| a.name == name) {
+                Some("announced twice".to_owned())
+            } else if ours.iter().any(|o| o.name.eq_ignore_ascii_case(&name))
+                || name.eq_ignore_ascii_case(&self.agent.ours.cluster)
+            {
+                Some("a node of this cluster".to_owned())
+            } else if let Some(other) = store
+                .peer_node(&name)
+                .await?
+                .filter(|o| o.peer != self.cluster)
+            {
+                Some(format!("a node of {}", other.peer))
+            } else if !announced_host_ok(&n.host, peer_is_local) {
+                Some(format!("host {:?} is not allowed", n.host))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                tracing::warn!(peer = %self.cluster, node = %n.name, %why, "announced node refused");
+                continue;
+            }
+            announced.push(impmesh_store::PeerNode {
+                name,
                 peer: self.cluster.clone(),
                 host: n.host.clone(),
                 c2s_port: n.c2s_port,
@@ -1494,16 +1677,15 @@ impl PeerTask {
                 link_port: n.link_port,
                 fingerprint: n.fingerprint.clone(),
                 updated_at: 0,
-            })
-            .collect();
+            });
+        }
         let mut known = store.peer_nodes(&self.cluster).await?;
         known.iter_mut().for_each(|n| n.updated_at = 0);
-        let mut sorted = announced.clone();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        if known != sorted {
+        announced.sort_by(|a, b| a.name.cmp(&b.name));
+        if known != announced {
             store.set_peer_nodes(&self.cluster, &announced).await?;
         }
-        Ok(())
+        Ok(announced.into_iter().map(|n| n.name).collect())
     }
 
     async fn check_certificates(&self, info: &ClusterInfo) -> Result<(), SyncError> {
@@ -1559,6 +1741,7 @@ impl PeerTask {
     async fn full_sync(
         &self,
         client: &mut AxlClient,
+        nodes: &[String],
         sync: impmesh_store::PeerSync,
     ) -> Result<(), SyncError> {
         let store = &self.agent.store;
@@ -1592,7 +1775,7 @@ impl PeerTask {
                     .await?;
             }
             let after = page.users.last().map(|u| u.usn).unwrap_or(0);
-            let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
             {
                 let _writer = self.agent.apply_lock.lock().await;
                 store
@@ -1618,7 +1801,12 @@ impl PeerTask {
     }
 
     /// Pulls the changes since `since`; returns how many there were.
-    async fn incremental(&self, client: &mut AxlClient, since: i64) -> Result<i64, SyncError> {
+    async fn incremental(
+        &self,
+        client: &mut AxlClient,
+        nodes: &[String],
+        since: i64,
+    ) -> Result<i64, SyncError> {
         let store = &self.agent.store;
         let started = Instant::now();
         let mut cursor = None;
@@ -1637,7 +1825,7 @@ impl PeerTask {
             };
             changes += page.users.len() as i64;
             let last = page.users.last().map(|u| u.usn);
-            let entries: Vec<DirectoryEntry> = page.users.into_iter().map(entry).collect();
+            let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
             changed.extend(entries.iter().map(|e| e.username.clone()));
             let applied_to = match page.next_cursor {
                 Some(_) => last.unwrap_or(since),
