@@ -1180,6 +1180,12 @@ pub fn announced_host_ok(host: &str, peer_is_local: bool) -> bool {
     }
 }
 
+/// The first 12 characters of a digest, for a message (it may come from a peer: by
+/// characters, not bytes, so no input can split a character).
+fn short_digest(digest: &str) -> String {
+    digest.chars().take(12).collect()
+}
+
 /// Loopback or link-local.
 fn is_local(ip: &std::net::IpAddr) -> bool {
     match ip {
@@ -1556,9 +1562,9 @@ impl PeerTask {
         }
         let message = format!(
             "at USN {usn} the peer has {count} users (digest {}…), this directory {} ({}…); resyncing in full",
-            sha256.chars().take(12).collect::<String>(),
+            short_digest(&sha256),
             ours.count,
-            ours.sha256.chars().take(12).collect::<String>()
+            short_digest(&ours.sha256)
         );
         tracing::warn!(peer = %self.cluster, %message, "directory mismatch");
         self.agent
@@ -1859,6 +1865,93 @@ impl PeerTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn user(name: &str, cluster: &str, node: &str, deleted: bool) -> UserEntry {
+        UserEntry {
+            name: name.into(),
+            home_cluster: cluster.into(),
+            home_node: node.into(),
+            usn: 1,
+            deleted,
+        }
+    }
+
+    /// A peer speaks only for its own users on its own nodes, with valid names.
+    #[test]
+    fn a_peers_entries_are_checked_against_who_the_peer_is() {
+        let nodes = ["n1.b.example".to_owned(), "n2.b.example".to_owned()];
+        let ok = entry(
+            "b.example",
+            &nodes,
+            user("bea", "b.example", "N2.b.example", false),
+        )
+        .unwrap();
+        assert_eq!(
+            (ok.home_cluster.as_str(), ok.home_node.as_str()),
+            ("b.example", "n2.b.example")
+        );
+        for (bad, why) in [
+            (
+                user("bea", "a.example", "n1.b.example", false),
+                "another cluster",
+            ),
+            (user("bea", "0", "n1.b.example", false), "a made-up cluster"),
+            (
+                user("bea", "b.example", "n9.b.example", false),
+                "an unannounced node",
+            ),
+            (
+                user("Bea", "b.example", "n1.b.example", false),
+                "not normalised",
+            ),
+            (
+                user("a@b", "b.example", "n1.b.example", false),
+                "not a localpart",
+            ),
+            (user("", "b.example", "n1.b.example", false), "empty"),
+            (
+                user("a b\u{0}", "b.example", "n1.b.example", true),
+                "bad tombstone",
+            ),
+        ] {
+            assert!(entry("b.example", &nodes, bad).is_err(), "{why}");
+        }
+        // A tombstone removes only the peer's own entry: its home is not checked.
+        assert!(entry("b.example", &nodes, user("gone", "", "", true)).is_ok());
+        assert!(is_localpart("ünïcode"));
+        assert!(!is_localpart(&"x".repeat(1024)));
+    }
+
+    #[test]
+    fn announced_hosts_are_checked_like_the_peers_address() {
+        assert!(announced_host_ok("node1.b.example.com", false));
+        assert!(announced_host_ok("192.0.2.10", false));
+        assert!(announced_host_ok("2001:db8::1", false));
+        for bad in [
+            "127.0.0.1",
+            "::1",
+            "169.254.1.1",
+            "localhost",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "not a host",
+            "",
+        ] {
+            assert!(!announced_host_ok(bad, false), "{bad}");
+        }
+        // A mesh on one machine (the peer's own address is loopback).
+        assert!(announced_host_ok("127.0.0.1", true));
+        assert!(announced_host_ok("localhost", true));
+        assert!(!announced_host_ok("0.0.0.0", true));
+    }
+
+    /// A digest from a peer is text it chose: never sliced by bytes (L1).
+    #[test]
+    fn a_peers_digest_is_shortened_by_characters() {
+        assert_eq!(short_digest("ééééééééééééééé"), "éééééééééééé");
+        assert_eq!(short_digest("abc"), "abc");
+    }
 
     #[test]
     fn addresses_are_normalized() {
