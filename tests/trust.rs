@@ -243,6 +243,38 @@ async fn a_rogue_peer_cannot_rekey_another_peer_or_pin_a_certificate_it_does_not
         "{r:?}"
     );
 
+    // notifyChange nudges only the caller's own sync.
+    let anchors = impmesh_axl::trust::anchors_for(&c.node.server.store, B)
+        .await
+        .unwrap();
+    let mut as_c = AxlClient::connect(
+        &b.node.https_addr.to_string(),
+        "localhost",
+        ServerTrust::Verified(impmesh_certs::PeerVerifier::new(&anchors).unwrap()),
+    )
+    .await
+    .unwrap();
+    as_c.use_peer_token(C, &c_token).unwrap();
+    let r = as_c
+        .call(&Request::NotifyChange {
+            cluster: A.into(),
+            usn: 1,
+        })
+        .await;
+    assert!(
+        matches!(&r, Err(ClientError::Fault(f)) if f.code == "forbidden"),
+        "{r:?}"
+    );
+    assert!(
+        as_c.call(&Request::NotifyChange {
+            cluster: C.into(),
+            usn: 1,
+        })
+        .await
+        .is_ok(),
+        "its own nudge is taken"
+    );
+
     // Nothing changed on B, and B says who tried.
     assert_eq!(peering_state(&b).await, before);
     assert!(has_alarm(&b, "InterClusterPeerExchangeRefused", "127.0.0.1").await);

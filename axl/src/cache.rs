@@ -47,6 +47,8 @@ pub struct AnswerCache {
     /// One turn per page being read: who asks for it meanwhile waits for the turn.
     reading: Mutex<HashMap<PageKey, Arc<tokio::sync::Mutex<()>>>>,
     digest: Mutex<Option<Digest>>,
+    /// One digest computed at a time: peers that ask meanwhile wait and get it.
+    digest_turn: tokio::sync::Mutex<()>,
 }
 
 /// The right to read the page named `key` from the store, held by one request at a
@@ -137,6 +139,26 @@ impl AnswerCache {
     pub fn keep_digest(&self, digest: Digest) {
         *lock(&self.digest) = Some(digest);
     }
+
+    /// The digest at `usn` or later: the kept one, or one computed by `compute` while
+    /// every other asker waits for it (one scan of the users per USN, however many
+    /// peers ask at once).
+    pub async fn digest_at<E, F>(&self, usn: i64, compute: F) -> Result<Digest, E>
+    where
+        F: AsyncFnOnce() -> Result<Digest, E>,
+    {
+        let fresh = |d: &Digest| d.usn >= usn;
+        if let Some(d) = lock(&self.digest).clone().filter(fresh) {
+            return Ok(d);
+        }
+        let _turn = self.digest_turn.lock().await;
+        if let Some(d) = lock(&self.digest).clone().filter(fresh) {
+            return Ok(d);
+        }
+        let d = compute().await?;
+        self.keep_digest(d.clone());
+        Ok(d)
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +248,48 @@ mod tests {
         };
         drop(failed);
         assert!(next.await.unwrap(), "the next one reads for itself");
+    }
+
+    /// Peers asking for the digest at once share one computation per USN.
+    #[tokio::test]
+    async fn the_digest_is_computed_once_per_usn() {
+        let cache = Arc::new(AnswerCache::default());
+        let computed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let askers: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, computed) = (cache.clone(), computed.clone());
+                tokio::spawn(async move {
+                    cache
+                        .digest_at(7, async || {
+                            computed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                            Ok::<_, ()>(Digest {
+                                usn: 7,
+                                count: 1,
+                                sha256: "cd".into(),
+                            })
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for a in askers {
+            assert_eq!(a.await.unwrap().usn, 7);
+        }
+        assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A newer USN computes again.
+        let d = cache
+            .digest_at(8, async || {
+                Ok::<_, ()>(Digest {
+                    usn: 8,
+                    count: 2,
+                    sha256: "ef".into(),
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(d.count, 2);
     }
 
     #[test]

@@ -712,14 +712,11 @@ async fn run<C: NodeControl>(
         }
         AxlRequest::GetDirectoryDigest => {
             let usn = store.current_usn().await.map_err(store_fault)?;
-            let d = match https.answers.digest(usn) {
-                Some(d) => d,
-                None => {
-                    let d = store.directory_digest().await.map_err(store_fault)?;
-                    https.answers.keep_digest(d.clone());
-                    d
-                }
-            };
+            let d = https
+                .answers
+                .digest_at(usn, async || store.directory_digest().await)
+                .await
+                .map_err(store_fault)?;
             Ok(AxlResponse::Digest {
                 usn: d.usn,
                 count: d.count,
@@ -727,6 +724,13 @@ async fn run<C: NodeControl>(
             })
         }
         AxlRequest::NotifyChange { cluster, usn } => {
+            // A peer nudges only its own sync.
+            if !user.eq_ignore_ascii_case(&format!("peer:{cluster}")) {
+                return Err(Fault::client(
+                    "forbidden",
+                    format!("notifyChange for {cluster} needs that peer's own credential"),
+                ));
+            }
             tracing::info!(peer = %cluster, usn, %user, %from, "peer asks to be pulled");
             let _ = https.notices.send(ChangeNotice {
                 cluster: cluster.clone(),

@@ -201,6 +201,20 @@ impl Store {
         })
     }
 
+    /// Begins a read-only transaction whose statements all see one snapshot (SQLite's
+    /// deferred transaction does from its first read; PostgreSQL needs REPEATABLE READ,
+    /// its READ COMMITTED takes a new snapshot per statement).
+    pub(crate) async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin().await?,
+            Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+        })
+    }
+
     /// Query latency by operation, for `/metrics`.
     pub fn latency(&self) -> &Latency {
         &self.latency

@@ -654,18 +654,20 @@ impl Store {
     /// home node, USN) in name order.
     pub async fn directory_digest(&self) -> Result<Digest> {
         let _timer = self.latency.start("directory_digest");
-        // Retry until no change slipped in between the USN and the rows.
-        loop {
-            let usn = self.current_usn().await?;
-            let rows = sqlx::query(
-                "SELECT username, home_cluster, home_node, usn FROM users ORDER BY username",
-            )
-            .fetch_all(&self.pool)
-            .await?;
-            if self.current_usn().await? == usn {
-                return Digest::of(usn, &rows);
-            }
-        }
+        // The USN and the rows from one snapshot: no retry loop that a steady stream of
+        // changes could keep going.
+        let mut tx = self.snapshot().await?;
+        let usn: i64 = sqlx::query("SELECT value FROM usn_counter WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("value")?;
+        let rows = sqlx::query(
+            "SELECT username, home_cluster, home_node, usn FROM users ORDER BY username",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Digest::of(usn, &rows)
     }
 
     /// The digest of the users a peer contributed, comparable with that peer's

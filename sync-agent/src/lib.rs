@@ -1273,6 +1273,16 @@ async fn flag(
     lock(known).insert(def.name, on.is_some());
 }
 
+/// The shortest time between two syncs of one peer started by nudges.
+pub const NUDGE_SPACING: Duration = Duration::from_millis(500);
+
+/// How long a nudge waits so that syncs started by nudges are [`NUDGE_SPACING`] apart.
+fn nudge_wait(last_start: Option<tokio::time::Instant>, now: tokio::time::Instant) -> Duration {
+    last_start.map_or(Duration::ZERO, |t| {
+        NUDGE_SPACING.saturating_sub(now.saturating_duration_since(t))
+    })
+}
+
 /// Nodes a peer may announce, at most (a cluster has 1 to 6 nodes; room to grow).
 pub const MAX_PEER_NODES: usize = 16;
 
@@ -1355,12 +1365,24 @@ impl PeerTask {
         };
         let mut backoff = new_backoff();
         let mut delay = period;
+        let mut last_start: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
+            let nudged = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = self.nudge.notified() => {}
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.nudge.notified() => true,
+                _ = tokio::time::sleep(delay) => false,
+            };
+            // Nudges (a peer's notifyChange, our own changes) start a sync at most every
+            // NUDGE_SPACING: a peer that calls notifyChange in a loop gets a pull twice a
+            // second, not one per call. Nudges meanwhile fold into the one waiting.
+            if nudged {
+                let wait = nudge_wait(last_start, tokio::time::Instant::now());
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
+            last_start = Some(tokio::time::Instant::now());
             let now = impmesh_store::now_unix();
             {
                 let mut s = lock(&self.status);
@@ -1944,6 +1966,23 @@ mod tests {
         assert!(announced_host_ok("127.0.0.1", true));
         assert!(announced_host_ok("localhost", true));
         assert!(!announced_host_ok("0.0.0.0", true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nudges_start_syncs_at_most_every_spacing() {
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(nudge_wait(None, t0), Duration::ZERO);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            nudge_wait(Some(t0), now),
+            NUDGE_SPACING - Duration::from_millis(100)
+        );
+        tokio::time::advance(NUDGE_SPACING).await;
+        assert_eq!(
+            nudge_wait(Some(t0), tokio::time::Instant::now()),
+            Duration::ZERO
+        );
     }
 
     /// A digest from a peer is text it chose: never sliced by bytes (L1).
