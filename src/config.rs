@@ -192,6 +192,10 @@ pub struct LimitsSection {
     pub max_unacked: usize,
     pub max_offline: u32,
     pub outbox_ttl: u64,
+    pub outbox_max_rows: u64,
+    pub outbox_max_bytes: u64,
+    pub link_window: usize,
+    pub link_ack_timeout: u64,
     pub max_sessions_per_user: usize,
 }
 
@@ -213,6 +217,10 @@ impl Default for LimitsSection {
             max_unacked: l.max_unacked,
             max_offline: l.max_offline,
             outbox_ttl: l.outbox_ttl.as_secs(),
+            outbox_max_rows: l.outbox_max_rows,
+            outbox_max_bytes: l.outbox_max_bytes,
+            link_window: l.link_window,
+            link_ack_timeout: l.link_ack_timeout.as_secs(),
             max_sessions_per_user: l.max_sessions_per_user,
         }
     }
@@ -328,6 +336,11 @@ impl Config {
                     .into(),
             ));
         }
+        if self.limits.link_window == 0 || self.limits.outbox_max_rows == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.link_window and limits.outbox_max_rows must be at least 1".into(),
+            ));
+        }
         if self.https.body_limit < 1024 || self.https.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "https.body_limit must be at least 1024 and https.max_connections at least 1"
@@ -380,6 +393,10 @@ impl Config {
             max_unacked: l.max_unacked,
             max_offline: l.max_offline,
             outbox_ttl: Duration::from_secs(l.outbox_ttl),
+            outbox_max_rows: l.outbox_max_rows,
+            outbox_max_bytes: l.outbox_max_bytes,
+            link_window: l.link_window,
+            link_ack_timeout: Duration::from_secs(l.link_ack_timeout.max(1)),
             max_sessions_per_user: l.max_sessions_per_user,
             ..impmesh_router::Limits::default()
         };

@@ -338,6 +338,8 @@ impl NodeControl for Control {
                     serde_json::json!({
                         "node": l.node, "direction": l.direction, "up": l.up,
                         "since": l.since, "stanzas": l.stanzas, "queued": l.queued,
+                        "outbox_rows": l.outbox_rows, "outbox_bytes": l.outbox_bytes,
+                        "in_flight": l.in_flight, "peak_in_flight": l.peak_in_flight,
                         "last_error": l.last_error,
                     })
                 })

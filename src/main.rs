@@ -965,13 +965,16 @@ async fn peer(cmd: PeerCommand, api: &mut AxlClient) -> anyhow::Result<()> {
                 }
                 for l in links {
                     println!(
-                        "  router link {:<3}  {} {} since {}, {} stanzas, {} queued{}",
+                        "  router link {:<3}  {} {} since {}, {} stanzas, {} queued ({} in the outbox, {} bytes), {} in flight{}",
                         s(&l["direction"]),
                         s(&l["node"]),
                         if l["up"] == true { "up" } else { "down" },
                         when(&l["since"]),
                         s(&l["stanzas"]),
                         s(&l["queued"]),
+                        s(&l["outbox_rows"]),
+                        s(&l["outbox_bytes"]),
+                        s(&l["in_flight"]),
                         l["last_error"]
                             .as_str()
                             .map(|r| format!(" ({r})"))

@@ -54,6 +54,17 @@ pub struct Limits {
     /// How long a message for a remote user waits in the outbox while its router link
     /// is down before it is bounced to the sender.
     pub outbox_ttl: Duration,
+    /// Messages kept in the outbox for one remote node, at most, and their bytes:
+    /// beyond either, messages for it are bounced with `resource-constraint` (a peer
+    /// that is down for a day cannot fill the disk).
+    pub outbox_max_rows: u64,
+    pub outbox_max_bytes: u64,
+    /// Stanzas sent over one router link and not acknowledged yet, at most (the ack
+    /// window): a backlog is streamed from the outbox under it, never read whole.
+    pub link_window: usize,
+    /// A link whose oldest unacknowledged stanza has waited this long for an
+    /// acknowledgement is taken as dead (a black-holed connection) and reopened.
+    pub link_ack_timeout: Duration,
     /// Sessions (resources) per user (ejabberd: 10).
     pub max_sessions_per_user: usize,
     /// Time a closing stream waits for the peer's `</stream:stream>`.
@@ -77,6 +88,10 @@ impl Default for Limits {
             max_unacked: 1_000,
             max_offline: 1_000,
             outbox_ttl: Duration::from_secs(24 * 3600),
+            outbox_max_rows: 250_000,
+            outbox_max_bytes: 256 * 1024 * 1024,
+            link_window: 8_192,
+            link_ack_timeout: Duration::from_secs(60),
             max_sessions_per_user: 10,
             close_timeout: Duration::from_secs(5),
         }

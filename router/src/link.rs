@@ -55,13 +55,34 @@ struct LinkCounters {
     /// Unix time of the last change of `up`.
     since: AtomicI64,
     stanzas: AtomicU64,
-    /// Messages waiting in the store's outbox (outgoing links).
+    /// Messages waiting in the store's outbox (outgoing links), and their bytes.
     stored: AtomicU64,
+    stored_bytes: AtomicU64,
+    /// Stanzas sent and not acknowledged now, and the most there ever were (the ack
+    /// window bounds both).
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     /// Why the last attempt failed, when down.
     last_error: Mutex<Option<String>>,
 }
 
 impl LinkCounters {
+    /// Outbox rows (and bytes) gone: delivered, bounced or expired.
+    fn unstore(&self, rows: u64, bytes: u64) {
+        let sub = |c: &AtomicU64, n: u64| {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.stored, rows);
+        sub(&self.stored_bytes, bytes);
+    }
+
+    fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n as u64, Ordering::Relaxed);
+        self.peak_in_flight.fetch_max(n as u64, Ordering::Relaxed);
+    }
+
     fn set_up(&self, up: bool) {
         if self.up.swap(up, Ordering::Relaxed) != up || self.since.load(Ordering::Relaxed) == 0 {
             self.since
@@ -83,20 +104,32 @@ pub struct LinkStatus {
     pub since: i64,
     /// Stanzas carried so far.
     pub stanzas: u64,
-    /// Stanzas waiting (outgoing links).
+    /// Stanzas waiting (outgoing links): queued in memory and stored in the outbox.
     pub queued: usize,
+    /// Of those, in the durable outbox: rows and bytes.
+    pub outbox_rows: u64,
+    pub outbox_bytes: u64,
+    /// Sent and not acknowledged: now, and the most there ever were (at most the
+    /// configured `link_window`).
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
     pub last_error: Option<String>,
 }
 
-/// Stanzas not acknowledged yet, at most, per link; beyond it the queue waits.
-const MAX_UNACKED: usize = 8192;
+/// Presence stanzas held per link while it is down, at most (the latest per sender,
+/// recipient and kind; more are dropped and probed again when the link is back).
+const MAX_HELD_PRESENCE: usize = 8192;
+/// What replaces, on the wire, a stanza that was bounced while it waited to be resent
+/// (its time to live ran out while the link was down): the receiver counts it like
+/// any stanza, so the acknowledgement counts stay aligned, and handles nothing.
+const SKIP: &str = "<skip xmlns='urn:impmesh:link:1'/>";
 
 /// A stanza sent over a link and not acknowledged yet.
 struct Pending {
     /// Its number in the link task's epoch (1, 2, …).
     seq: u64,
     xml: Arc<str>,
-    /// Its row when it came from the outbox.
+    /// Its row when it came from the outbox (taken when it is bounced meanwhile).
     outbox_id: Option<i64>,
     /// When it was queued (unix seconds), for the time to live.
     queued_at: i64,
@@ -109,6 +142,10 @@ struct Outgoing {
     /// Names this task's numbering of stanzas; the receiver counts per epoch.
     epoch: String,
     next_seq: u64,
+    /// The highest outbox row id ever sent by this task: rows up to it are either in
+    /// `unacked` (resent from there after a reconnect) or delivered and deleted, so
+    /// the outbox is read after it and no row goes out twice.
+    outbox_cursor: i64,
     unacked: VecDeque<Pending>,
     /// Presence that could not go while the link was down: the latest per (from, to,
     /// probe or not), sent first when it is back (so a first link that took a few
@@ -118,6 +155,9 @@ struct Outgoing {
 
 impl Outgoing {
     fn push(&mut self, xml: Arc<str>, outbox_id: Option<i64>, queued_at: i64) {
+        if let Some(id) = outbox_id {
+            self.outbox_cursor = self.outbox_cursor.max(id);
+        }
         self.unacked.push_back(Pending {
             seq: self.next_seq,
             xml,
@@ -125,6 +165,28 @@ impl Outgoing {
             queued_at,
         });
         self.next_seq += 1;
+    }
+}
+
+impl Outgoing {
+    /// Takes out of the stanzas in flight those queued before `before`, wherever they
+    /// are in the window, leaving [`SKIP`] in their place (same numbers, so the
+    /// acknowledgement counts stay aligned): returns them, their outbox rows and those
+    /// rows' bytes.
+    fn expire_in_flight(&mut self, before: i64) -> (Vec<Arc<str>>, Vec<i64>, u64) {
+        let mut ids = vec![];
+        let mut bytes = 0u64;
+        let mut expired = vec![];
+        for p in self.unacked.iter_mut() {
+            if p.queued_at < before && &*p.xml != SKIP {
+                if let Some(id) = p.outbox_id.take() {
+                    ids.push(id);
+                    bytes += p.xml.len() as u64;
+                }
+                expired.push(std::mem::replace(&mut p.xml, Arc::from(SKIP)));
+            }
+        }
+        (expired, ids, bytes)
     }
 }
 
@@ -207,6 +269,10 @@ impl Links {
             since: c.since.load(Ordering::Relaxed),
             stanzas: c.stanzas.load(Ordering::Relaxed),
             queued,
+            outbox_rows: c.stored.load(Ordering::Relaxed),
+            outbox_bytes: c.stored_bytes.load(Ordering::Relaxed),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            peak_in_flight: c.peak_in_flight.load(Ordering::Relaxed),
             last_error: lock(&c.last_error).clone(),
         };
         let mut out: Vec<LinkStatus> = lock(&self.outbound)
@@ -433,11 +499,19 @@ impl Server {
             .with_jitter()
             .without_max_times();
         let mut delays = retry.build();
+        match self.store.outbox_size(&node).await {
+            Ok((rows, bytes)) => {
+                counters.stored.store(rows, Ordering::Relaxed);
+                counters.stored_bytes.store(bytes, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+        }
         let mut out = Outgoing {
             node: node.clone(),
             cluster: cluster.clone(),
             epoch: crate::c2s::random_id(),
             next_seq: 1,
+            outbox_cursor: 0,
             unacked: VecDeque::new(),
             presence: HashMap::new(),
         };
@@ -509,7 +583,7 @@ impl Server {
     /// outbox, IQ requests answered with an error, the latest presence and probes kept
     /// in memory for when the link is back, the rest dropped.
     async fn park(&self, out: &mut Outgoing, stanzas: Vec<Arc<str>>, counters: &LinkCounters) {
-        let mut keep = vec![];
+        let mut keep: Vec<(String, i64)> = vec![];
         for xml in stanzas {
             let Some(stanza) = stanza::parse_own(&xml) else {
                 continue;
@@ -533,7 +607,7 @@ impl Server {
                 }
                 Some(Kind::Presence)
                     if matches!(stanza.attr("type"), None | Some("unavailable" | "probe"))
-                        && out.presence.len() < MAX_UNACKED =>
+                        && out.presence.len() < MAX_HELD_PRESENCE =>
                 {
                     let key = (
                         stanza.attr("from").unwrap_or_default().to_owned(),
@@ -548,10 +622,59 @@ impl Server {
         if keep.is_empty() {
             return;
         }
+        // The per-node caps: what does not fit is bounced, and the alarm says so.
+        let limits = &self.config.limits;
+        let (mut rows, mut bytes) = (
+            counters.stored.load(Ordering::Relaxed),
+            counters.stored_bytes.load(Ordering::Relaxed),
+        );
+        let mut fits = 0;
+        for (xml, _) in &keep {
+            if rows + 1 > limits.outbox_max_rows
+                || bytes + xml.len() as u64 > limits.outbox_max_bytes
+            {
+                break;
+            }
+            rows += 1;
+            bytes += xml.len() as u64;
+            fits += 1;
+        }
+        let over = keep.split_off(fits);
+        if !over.is_empty() {
+            tracing::warn!(node = %out.node, bounced = over.len(), "the outbox for the node is full; messages bounced");
+            let message = format!(
+                "{} messages ({} bytes) wait for {} of {}; new ones are bounced",
+                counters.stored.load(Ordering::Relaxed),
+                counters.stored_bytes.load(Ordering::Relaxed),
+                out.node,
+                out.cluster
+            );
+            if let Err(e) = self
+                .store
+                .raise_alarm(impmesh_store::alarms::OUTBOX_FULL, &out.node, &message)
+                .await
+            {
+                tracing::error!(error = %e, "cannot raise an alarm");
+            }
+            for (xml, _) in over {
+                if let Some(stanza) = stanza::parse_own(&xml) {
+                    self.bounce(
+                        &stanza,
+                        StanzaErrorCondition::ResourceConstraint,
+                        Some("too many messages wait for the recipient's cluster; try again later"),
+                    );
+                }
+            }
+        }
+        if keep.is_empty() {
+            return;
+        }
         let n = keep.len() as u64;
+        let size: u64 = keep.iter().map(|(x, _)| x.len() as u64).sum();
         match self.store.outbox_push(&out.node, &out.cluster, &keep).await {
             Ok(()) => {
                 counters.stored.fetch_add(n, Ordering::Relaxed);
+                counters.stored_bytes.fetch_add(size, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::error!(error = %e, node = %out.node, "cannot keep messages in the outbox; bounced");
@@ -561,6 +684,23 @@ impl Server {
                     }
                 }
             }
+        }
+    }
+
+    /// Clears the outbox-full alarm of `node` once its outbox is below half the caps.
+    async fn outbox_relieved(&self, node: &str, counters: &LinkCounters) {
+        let limits = &self.config.limits;
+        if counters.stored.load(Ordering::Relaxed) * 2 <= limits.outbox_max_rows
+            && counters.stored_bytes.load(Ordering::Relaxed) * 2 <= limits.outbox_max_bytes
+        {
+            let _ = self
+                .store
+                .clear_alarm(
+                    impmesh_store::alarms::OUTBOX_FULL,
+                    node,
+                    "the outbox is below half its caps",
+                )
+                .await;
         }
     }
 
@@ -587,18 +727,19 @@ impl Server {
         let now = impmesh_store::now_unix();
         let before = now - ttl.as_secs() as i64;
         let reason = Some("the recipient's cluster could not be reached in time");
-        // Sent but never acknowledged, and too old: their rows (if they came from the
-        // outbox) go first, so the sweep below does not bounce them a second time.
-        let mut expired = vec![];
-        while out.unacked.front().is_some_and(|p| p.queued_at < before) {
-            expired.extend(out.unacked.pop_front());
+        // Sent but never acknowledged, and too old: bounced now, their rows (if they
+        // came from the outbox) removed first so the sweep below does not bounce them a
+        // second time, and a filler resent in their place, which keeps the counts of
+        // the acknowledgements aligned and delivers nothing.
+        let (expired, ids, bytes) = out.expire_in_flight(before);
+        if !ids.is_empty() {
+            if let Err(e) = self.store.outbox_delete(&ids).await {
+                tracing::error!(error = %e, "cannot remove expired outbox messages");
+            }
+            counters.unstore(ids.len() as u64, bytes);
         }
-        let ids: Vec<i64> = expired.iter().filter_map(|p| p.outbox_id).collect();
-        if !ids.is_empty() && self.store.outbox_delete(&ids).await.is_err() {
-            tracing::error!("cannot remove expired outbox messages");
-        }
-        for p in expired {
-            if let Some(stanza) = stanza::parse_own(&p.xml) {
+        for xml in expired {
+            if let Some(stanza) = stanza::parse_own(&xml) {
                 self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
             }
         }
@@ -624,32 +765,34 @@ impl Server {
                     self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
                 }
             }
-            counters.stored.fetch_sub(
-                (ids.len() as u64).min(counters.stored.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            let bytes = rows.iter().map(|r| r.stanza.len() as u64).sum();
+            counters.unstore(ids.len() as u64, bytes);
         }
+        self.outbox_relieved(&out.node, counters).await;
     }
 
     /// The other side has handled the first `h` stanzas of this epoch: forget them
     /// (and their outbox rows).
     async fn acked(&self, out: &mut Outgoing, h: u64, counters: &LinkCounters) {
         let mut ids = vec![];
+        let mut bytes = 0u64;
         let mut n = 0;
         while out.unacked.front().is_some_and(|p| p.seq <= h) {
             if let Some(p) = out.unacked.pop_front() {
                 n += 1;
-                ids.extend(p.outbox_id);
+                if let Some(id) = p.outbox_id {
+                    ids.push(id);
+                    bytes += p.xml.len() as u64;
+                }
             }
         }
         counters.stanzas.fetch_add(n, Ordering::Relaxed);
+        counters.set_in_flight(out.unacked.len());
         if !ids.is_empty() {
             match self.store.outbox_delete(&ids).await {
                 Ok(()) => {
-                    counters.stored.fetch_sub(
-                        (ids.len() as u64).min(counters.stored.load(Ordering::Relaxed)),
-                        Ordering::Relaxed,
-                    );
+                    counters.unstore(ids.len() as u64, bytes);
+                    self.outbox_relieved(&out.node, counters).await;
                 }
                 Err(e) => tracing::error!(error = %e, "cannot remove delivered outbox messages"),
             }
@@ -725,6 +868,13 @@ impl Server {
     /// Writes until shutdown (`Ok`) or the link fails: first what the other side has
     /// not acknowledged, then the outbox, then the queue, in batches; reads the other
     /// side's acknowledgements.
+    ///
+    /// The outbox is streamed under the ack window (`[limits] link_window`): a page is
+    /// read only when there is room in the window, after the highest row this task
+    /// ever sent (so a row resent from `unacked` after a flap is not read again).
+    /// While the outbox is not drained, messages and subscription stanzas that arrive
+    /// are appended to it, so they go out after what waited before them; other
+    /// stanzas go out at once.
     async fn write_link<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
@@ -733,6 +883,8 @@ impl Server {
         out: &mut Outgoing,
         counters: &LinkCounters,
     ) -> Result<(), LinkError> {
+        let window = self.config.limits.link_window;
+        let ttl = self.config.limits.outbox_ttl;
         let mut scratch = [0u8; 512];
         let mut buf = String::new();
         for p in &out.unacked {
@@ -746,45 +898,82 @@ impl Server {
             out.push(xml, None, now);
         }
         write_batch(stream, &mut buf).await?;
-        // The outbox, oldest first.
-        let mut after = 0;
+        counters.set_in_flight(out.unacked.len());
+        let ack_timeout = self.config.limits.link_ack_timeout;
+        // Since when the oldest stanza in flight waits for its acknowledgement.
+        let mut waiting_since = tokio::time::Instant::now();
+        let mut draining = true;
         loop {
-            let rows = self
-                .store
-                .outbox_page(&out.node, after, BATCH as i64)
-                .await
-                .map_err(|e| LinkError::Setup(e.to_string()))?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            for row in rows {
-                let xml: Arc<str> = row.stanza.into();
-                buf.push_str(&xml);
-                out.push(xml, Some(row.id), row.queued_at);
+            if out.unacked.is_empty() {
+                waiting_since = tokio::time::Instant::now();
             }
-            write_batch(stream, &mut buf).await?;
-        }
-        loop {
+            if draining && out.unacked.len() < window {
+                let room = (window - out.unacked.len()).min(BATCH) as i64;
+                let rows = self
+                    .store
+                    .outbox_page(&out.node, out.outbox_cursor, room)
+                    .await
+                    .map_err(|e| LinkError::Setup(e.to_string()))?;
+                if rows.is_empty() {
+                    draining = false;
+                    continue;
+                }
+                let before = impmesh_store::now_unix() - ttl.as_secs() as i64;
+                let mut expired = vec![];
+                for row in rows {
+                    out.outbox_cursor = out.outbox_cursor.max(row.id);
+                    if row.queued_at < before {
+                        expired.push(row);
+                        continue;
+                    }
+                    let xml: Arc<str> = row.stanza.into();
+                    buf.push_str(&xml);
+                    out.push(xml, Some(row.id), row.queued_at);
+                }
+                if !expired.is_empty() {
+                    self.bounce_expired_rows(&expired, counters).await;
+                }
+                write_batch(stream, &mut buf).await?;
+                counters.set_in_flight(out.unacked.len());
+                continue;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                next = rx.recv(), if out.unacked.len() < MAX_UNACKED => {
+                next = rx.recv(), if out.unacked.len() < window => {
                     let Some(first) = next else { return Ok(()) };
-                    let now = impmesh_store::now_unix();
-                    buf.push_str(&first);
-                    out.push(first, None, now);
-                    for _ in 1..BATCH {
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
                         match rx.try_recv() {
-                            Ok(xml) => {
-                                buf.push_str(&xml);
-                                out.push(xml, None, now);
-                            }
+                            Ok(xml) => batch.push(xml),
                             Err(_) => break,
                         }
                     }
+                    let now = impmesh_store::now_unix();
+                    let mut later = vec![];
+                    for xml in batch {
+                        if draining && waits_its_turn(&xml) {
+                            later.push(xml);
+                        } else {
+                            buf.push_str(&xml);
+                            out.push(xml, None, now);
+                        }
+                    }
+                    if !later.is_empty() {
+                        self.park(out, later, counters).await;
+                    }
                     write_batch(stream, &mut buf).await?;
+                    counters.set_in_flight(out.unacked.len());
                 }
                 _ = tokio::time::sleep(KEEPALIVE) => {
                     stream.write_all(b" ").await?;
                     stream.flush().await?;
+                }
+                _ = tokio::time::sleep_until(waiting_since + ack_timeout), if !out.unacked.is_empty() => {
+                    return Err(LinkError::Setup(format!(
+                        "no acknowledgement for {} s with {} stanzas in flight",
+                        ack_timeout.as_secs(),
+                        out.unacked.len()
+                    )));
                 }
                 // The accepting side sends acknowledgements, or closes the stream.
                 n = stream.read(&mut scratch) => {
@@ -797,13 +986,44 @@ impl Server {
                         match frame {
                             Frame::Element(a) => {
                                 if let Some(h) = ack_count(&a) {
+                                    let before = out.unacked.len();
                                     self.acked(out, h, counters).await;
+                                    if out.unacked.len() < before {
+                                        waiting_since = tokio::time::Instant::now();
+                                    }
                                 }
                             }
                             Frame::Footer | Frame::Header(_) => return Err(LinkError::Closed),
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Removes outbox rows whose time ran out before they could be sent, and bounces
+    /// them to their senders.
+    async fn bounce_expired_rows(
+        &self,
+        rows: &[impmesh_store::OutboxEntry],
+        counters: &LinkCounters,
+    ) {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        if let Err(e) = self.store.outbox_delete(&ids).await {
+            tracing::error!(error = %e, "cannot remove expired outbox messages");
+            return;
+        }
+        counters.unstore(
+            ids.len() as u64,
+            rows.iter().map(|r| r.stanza.len() as u64).sum(),
+        );
+        for row in rows {
+            if let Some(stanza) = stanza::parse_own(&row.stanza) {
+                self.bounce(
+                    &stanza,
+                    StanzaErrorCondition::RemoteServerTimeout,
+                    Some("the recipient's cluster could not be reached in time"),
+                );
             }
         }
     }
@@ -1058,6 +1278,10 @@ impl Server {
         node: &str,
         stanza: Element,
     ) -> Result<(), LinkError> {
+        if stanza.is("skip", LINK_NS) {
+            // In place of a stanza bounced while it waited to be resent: counted only.
+            return Ok(());
+        }
         let Some(kind) = Kind::of(&stanza) else {
             tracing::warn!(%cluster, name = stanza.name(), "not a stanza on a router link; dropped");
             return Ok(());
@@ -1306,6 +1530,22 @@ fn ack_count(element: &Element) -> Option<u64> {
     element.attr("h")?.parse().ok()
 }
 
+/// Whether a stanza keeps its place behind the outbox (messages and subscription
+/// stanzas, which are delivered in order) rather than going out at once.
+fn waits_its_turn(xml: &str) -> bool {
+    let Some(stanza) = stanza::parse_own(xml) else {
+        return false;
+    };
+    match Kind::of(&stanza) {
+        Some(Kind::Message) => true,
+        Some(Kind::Presence) => matches!(
+            stanza.attr("type"),
+            Some("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")
+        ),
+        _ => false,
+    }
+}
+
 /// Writes and flushes a batch, then empties the buffer.
 async fn write_batch<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -1359,5 +1599,52 @@ impl FrameReader {
             }
             self.feed(&buf[..n])?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing() -> Outgoing {
+        Outgoing {
+            node: "n".into(),
+            cluster: "c".into(),
+            epoch: "e".into(),
+            next_seq: 1,
+            outbox_cursor: 0,
+            unacked: VecDeque::new(),
+            presence: HashMap::new(),
+        }
+    }
+
+    /// A stanza whose time ran out while in flight is taken out wherever it is in the
+    /// window (not only at its front), and its place keeps its number.
+    #[test]
+    fn expired_stanzas_in_flight_leave_a_filler_in_place() {
+        let mut out = outgoing();
+        out.push("<presence/>".into(), None, 100);
+        out.push("<message>old row</message>".into(), Some(7), 10);
+        out.push("<message>new</message>".into(), None, 100);
+        out.push("<message>old</message>".into(), None, 20);
+        assert_eq!(out.outbox_cursor, 7);
+        let (expired, ids, bytes) = out.expire_in_flight(50);
+        assert_eq!(
+            expired.iter().map(|x| &**x).collect::<Vec<_>>(),
+            ["<message>old row</message>", "<message>old</message>"]
+        );
+        assert_eq!((ids, bytes), (vec![7], 26));
+        let seqs: Vec<(u64, &str)> = out.unacked.iter().map(|p| (p.seq, &*p.xml)).collect();
+        assert_eq!(
+            seqs,
+            [
+                (1, "<presence/>"),
+                (2, SKIP),
+                (3, "<message>new</message>"),
+                (4, SKIP)
+            ]
+        );
+        // Twice is once.
+        assert!(out.expire_in_flight(50).0.is_empty());
     }
 }

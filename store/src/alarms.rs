@@ -72,6 +72,8 @@ pub const PEER_CLOCK_SKEW: &AlarmDef = &CATALOGUE[12];
 pub const PEER_EXCHANGE_REFUSED: &AlarmDef = &CATALOGUE[13];
 /// A peer presented a pinned certificate that has expired.
 pub const PEER_CERT_EXPIRED: &AlarmDef = &CATALOGUE[14];
+/// The outbox for a remote node reached its cap: messages for it are bounced.
+pub const OUTBOX_FULL: &AlarmDef = &CATALOGUE[15];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -164,6 +166,12 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Critical,
         meaning: "A node of a peer cluster (the subject) presented a pinned certificate that has expired: its router links and syncs are refused until it has a valid one.",
         action: "The peer's admin renews the node certificate (`impmesh cert regenerate` or `cert import` there); the alarm clears when that node connects with a valid certificate.",
+    },
+    AlarmDef {
+        name: "InterClusterOutboxFull",
+        severity: Severity::Major,
+        meaning: "The durable outbox for a remote node (the subject) holds [limits] outbox_max_rows messages or outbox_max_bytes bytes: its link has been down long, and new messages for that node's users are bounced to their senders with resource-constraint.",
+        action: "Find out why the link is down (`impmesh peer status`; the peer's admin); raise the caps only if the disk allows. The alarm clears when the outbox is below half its caps.",
     },
 ];
 

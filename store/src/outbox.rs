@@ -2,7 +2,7 @@
 
 use sqlx::Row as _;
 
-use crate::{Result, Store, now_unix};
+use crate::{Backend, Result, Store, now_unix};
 
 /// A message waiting for a remote node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,31 @@ impl Store {
         rows.iter().map(entry).collect()
     }
 
+    /// How many messages wait for `node`, and their bytes (what the per-node cap
+    /// counts).
+    pub async fn outbox_size(&self, node: &str) -> Result<(u64, u64)> {
+        let bytes = match self.backend {
+            Backend::Sqlite => "LENGTH(CAST(stanza AS BLOB))",
+            Backend::Postgres => "OCTET_LENGTH(stanza)",
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) AS n, COALESCE(SUM({bytes}), 0) AS b FROM outbox WHERE node = $1"
+        )))
+        .bind(node)
+        .fetch_one(&self.pool)
+        .await?;
+        let n: i64 = row.try_get("n")?;
+        // SUM is a BIGINT on SQLite, a NUMERIC on PostgreSQL: read it as text there.
+        let b: i64 = match self.backend {
+            Backend::Sqlite => row.try_get("b")?,
+            Backend::Postgres => row.try_get::<i64, _>("b").or_else(|_| {
+                row.try_get::<String, _>("b")
+                    .map(|t| t.parse().unwrap_or(i64::MAX))
+            })?,
+        };
+        Ok((n.max(0) as u64, b.max(0) as u64))
+    }
+
     /// The nodes with messages waiting, with their clusters and counts.
     pub async fn outbox_nodes(&self) -> Result<Vec<(String, String, i64)>> {
         let rows = sqlx::query(
@@ -164,6 +189,13 @@ mod tests {
             let page = store.outbox_page("n1", 0, 10).await.unwrap();
             assert_eq!(page.len(), 1);
             assert_eq!(page[0].stanza, "<m3/>");
+            // Bytes, not characters.
+            store
+                .outbox_push("n1", "c1", &[("<é/>".into(), 0)])
+                .await
+                .unwrap();
+            assert_eq!(store.outbox_size("n1").await.unwrap(), (2, 5 + 5));
+            assert_eq!(store.outbox_size("nobody").await.unwrap(), (0, 0));
         }
     }
 }

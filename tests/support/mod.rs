@@ -510,8 +510,10 @@ impl Proxy {
         self.freeze.send_replace(true);
     }
 
-    /// Accepts connections again after a cut or freeze.
+    /// Accepts connections again after a cut or freeze (connections frozen before
+    /// stay frozen).
     pub fn restore(&self) {
+        self.freeze.send_replace(false);
         self.refuse
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
