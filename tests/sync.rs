@@ -735,12 +735,15 @@ async fn a_sync_cut_mid_listing_resumes_where_it_stopped() {
         .await
         .unwrap();
     let store = a.node.server.store.clone();
+    // The first full sync done, to its last write (not only its last page: a finish
+    // still under way when the agent stops would land on the listing set up below).
     eventually(10, "first sync", || async {
         store
-            .remote_user_count("cluster-b.example.com")
+            .peer_sync("cluster-b.example.com")
             .await
             .unwrap()
-            == 7
+            .last_full_users
+            == Some(7)
     })
     .await;
     a.node.agent.shutdown().await;

@@ -447,16 +447,19 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("n")?;
+        // Only the listing of this generation ends here: a late finish of an older one
+        // (a task cancelled while this write was under way) leaves a newer listing be.
         sqlx::query(
             "UPDATE peer_sync SET applied_usn = $1, full_snapshot_usn = NULL, full_after_usn = NULL,
                  last_full_at = $2, last_full_usn = $1, last_full_ms = $3, last_full_users = $4
-             WHERE peer = $5",
+             WHERE peer = $5 AND full_gen = $6",
         )
         .bind(snapshot_usn)
         .bind(now_unix())
         .bind(millis)
         .bind(count)
         .bind(peer)
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -954,6 +957,15 @@ mod tests {
                 }
             );
             assert_eq!(store.home_of("nobody").await.unwrap(), Home::Unknown);
+            // A late finish of an older listing leaves a newer one in progress.
+            let older = store.begin_full_sync("b", 20).await.unwrap();
+            let newer = store.begin_full_sync("b", 21).await.unwrap();
+            assert!(newer > older);
+            store.finish_full_sync("b", older, 20, 1).await.unwrap();
+            assert_eq!(
+                store.peer_sync("b").await.unwrap().full_snapshot_usn,
+                Some(21)
+            );
             // Deleting the peer removes its users, state and pinned certificates.
             store
                 .add_trust(&TrustEntry {
