@@ -10,6 +10,7 @@
 //! exponential backoff (backon), never holding up the other peers.
 
 pub mod dns;
+mod watchdog;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -174,7 +175,10 @@ struct PeerHandle {
 #[derive(Debug)]
 struct Progress {
     /// When the last sync completed (or the task started).
-    last_completed: Instant,
+    last_completed: tokio::time::Instant,
+    /// When an attempt last started or ended (or the task started): a task that is
+    /// failing is active, a hung one is not.
+    last_activity: tokio::time::Instant,
     /// Whether the stall alarm is raised for this peer.
     alarmed: bool,
     /// When the peer's DNS names were last resolved.
@@ -207,8 +211,8 @@ pub struct Agent {
     duplicate_scope: Mutex<PendingDuplicateCheck>,
     /// Failed sync attempts in a row per peer (kept across task restarts).
     failures: Mutex<HashMap<String, u32>>,
-    /// When each peer's task was last restarted for a stall, and how many times.
-    recoveries: Mutex<HashMap<String, (Instant, u32)>>,
+    /// The stall watchdog's decisions and memory (see [`watchdog`]).
+    watchdog: Mutex<watchdog::Watchdog>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -235,7 +239,7 @@ impl Agent {
             duplicates: Notify::new(),
             duplicate_scope: Mutex::new(PendingDuplicateCheck::default()),
             failures: Mutex::new(HashMap::new()),
-            recoveries: Mutex::new(HashMap::new()),
+            watchdog: Mutex::new(watchdog::Watchdog::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
@@ -256,10 +260,9 @@ impl Agent {
         Ok(agent)
     }
 
-    /// The stall watchdog: a peer whose sync has not completed within the stall
-    /// threshold gets the alarm and, with auto-recovery, a fresh task (connections and
-    /// state); a peer that stalls again right after a restart restarts every peer task
-    /// (the whole agent, in-process).
+    /// The stall watchdog: every tick, [`watchdog::Watchdog`] decides from each peer
+    /// task's progress which peers get the stall alarm and whose task is restarted (see
+    /// the module for the rules); this loop carries it out.
     async fn watch_stalls(self: Arc<Self>) {
         let threshold = self.settings.stall_threshold;
         let tick = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
@@ -268,60 +271,63 @@ impl Agent {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
-            let stalled: Vec<(String, Duration, bool, Option<String>)> = lock(&self.peers)
+            let views: Vec<watchdog::PeerView> = lock(&self.peers)
                 .iter()
-                .filter_map(|(cluster, h)| {
+                .map(|(cluster, h)| {
                     let p = lock(&h.progress);
-                    let idle = p.last_completed.elapsed();
-                    (idle > threshold).then(|| {
-                        (
-                            cluster.clone(),
-                            idle,
-                            p.alarmed,
-                            lock(&h.status).reason.clone(),
-                        )
-                    })
+                    watchdog::PeerView {
+                        cluster: cluster.clone(),
+                        last_completed: p.last_completed,
+                        last_activity: p.last_activity,
+                        alarmed: p.alarmed,
+                    }
                 })
                 .collect();
-            for (cluster, idle, alarmed, reason) in stalled {
-                if !alarmed {
-                    let message = format!(
-                        "no sync with {cluster} completed for {} s{}",
-                        idle.as_secs(),
-                        reason.map(|r| format!(": {r}")).unwrap_or_default()
-                    );
-                    if let Err(e) = self
-                        .store
-                        .raise_alarm(impmesh_store::alarms::PEER_SYNC_STALLED, &cluster, &message)
-                        .await
-                    {
-                        tracing::error!(error = %e, "cannot raise the stall alarm");
+            let actions = lock(&self.watchdog).tick(
+                tokio::time::Instant::now(),
+                &views,
+                threshold,
+                self.settings.auto_recovery,
+            );
+            for action in actions {
+                match action {
+                    watchdog::Action::Alarm { cluster, idle } => {
+                        let reason = lock(&self.peers)
+                            .get(&cluster)
+                            .and_then(|h| lock(&h.status).reason.clone());
+                        let message = format!(
+                            "no sync with {cluster} completed for {} s{}",
+                            idle.as_secs(),
+                            reason.map(|r| format!(": {r}")).unwrap_or_default()
+                        );
+                        if let Err(e) = self
+                            .store
+                            .raise_alarm(
+                                impmesh_store::alarms::PEER_SYNC_STALLED,
+                                &cluster,
+                                &message,
+                            )
+                            .await
+                        {
+                            tracing::error!(error = %e, "cannot raise the stall alarm");
+                        }
+                        if let Some(h) = lock(&self.peers).get(&cluster) {
+                            lock(&h.progress).alarmed = true;
+                        }
                     }
-                }
-                if let Some(h) = lock(&self.peers).get(&cluster) {
-                    lock(&h.progress).alarmed = true;
-                }
-                if !self.settings.auto_recovery {
-                    continue;
-                }
-                let again = {
-                    let mut recoveries = lock(&self.recoveries);
-                    let entry = recoveries
-                        .entry(cluster.clone())
-                        .or_insert((Instant::now() - threshold * 4, 0));
-                    let again = entry.0.elapsed() < threshold * 3;
-                    *entry = (Instant::now(), entry.1 + 1);
-                    again
-                };
-                if again {
-                    tracing::warn!(peer = %cluster, "the peer's sync stalled again right after a restart: restarting the whole sync agent");
-                    let all: Vec<String> = lock(&self.peers).keys().cloned().collect();
-                    for c in all {
-                        self.restart_peer(&c);
+                    watchdog::Action::RestartPeer(cluster) => {
+                        tracing::warn!(peer = %cluster, "the peer's sync stalled: restarting its task (only)");
+                        self.restart_peer(&cluster);
                     }
-                } else {
-                    tracing::warn!(peer = %cluster, idle_s = idle.as_secs(), "the peer's sync stalled: restarting its task");
-                    self.restart_peer(&cluster);
+                    watchdog::Action::RestartAll => {
+                        tracing::warn!(
+                            "a peer's task hung again after its own restart: restarting the whole sync agent"
+                        );
+                        let all: Vec<String> = lock(&self.peers).keys().cloned().collect();
+                        for c in all {
+                            self.restart_peer(&c);
+                        }
+                    }
                 }
             }
         }
@@ -361,7 +367,8 @@ impl Agent {
                 ..LiveStatus::default()
             })),
             progress: Arc::new(Mutex::new(Progress {
-                last_completed: Instant::now(),
+                last_completed: tokio::time::Instant::now(),
+                last_activity: tokio::time::Instant::now(),
                 alarmed,
                 last_dns_check: None,
                 last_compared: None,
@@ -928,6 +935,7 @@ impl Agent {
     /// certificates at once.
     pub async fn delete_peer(&self, cluster: &str) -> Result<(), AgentError> {
         self.stop_peer(cluster);
+        lock(&self.watchdog).forget(cluster);
         if !self.store.delete_peer(cluster).await? {
             return Err(AgentError::UnknownPeer(cluster.to_owned()));
         }
@@ -1105,10 +1113,7 @@ impl Agent {
                     certificate_status: "unknown".into(),
                     ..LiveStatus::default()
                 });
-            let stall_restarts = lock(&self.recoveries)
-                .get(&peer.cluster)
-                .map(|r| r.1)
-                .unwrap_or(0);
+            let stall_restarts = lock(&self.watchdog).restarts(&peer.cluster);
             out.push(PeerStatus {
                 stall_restarts,
                 associated_users: self.store.remote_user_count(&peer.cluster).await?,
@@ -1383,6 +1388,7 @@ impl PeerTask {
                 }
             }
             last_start = Some(tokio::time::Instant::now());
+            lock(&self.progress).last_activity = tokio::time::Instant::now();
             let now = impmesh_store::now_unix();
             {
                 let mut s = lock(&self.status);
@@ -1397,6 +1403,7 @@ impl PeerTask {
                 _ = self.cancel.cancelled() => return,
                 r = self.sync_once() => r,
             };
+            lock(&self.progress).last_activity = tokio::time::Instant::now();
             match result {
                 Ok(()) => {
                     use impmesh_store::alarms::{PEER_AUTH_FAILED, PEER_UNREACHABLE};
@@ -1404,7 +1411,7 @@ impl PeerTask {
                     self.flag(PEER_AUTH_FAILED, None).await;
                     let was_alarmed = {
                         let mut p = lock(&self.progress);
-                        p.last_completed = Instant::now();
+                        p.last_completed = tokio::time::Instant::now();
                         std::mem::replace(&mut p.alarmed, false)
                     };
                     if was_alarmed
