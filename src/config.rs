@@ -112,6 +112,11 @@ pub struct SyncSection {
     /// Seconds between two digest comparisons with a peer (0: after every sync that
     /// found nothing new).
     pub anti_entropy_interval: u64,
+    /// Peers at most (29: a mesh of 30 clusters); more are refused.
+    pub max_peers: usize,
+    /// Optional intercluster features this node does not announce (and so does not
+    /// get from peers): for a mixed-release mesh, or to turn one off.
+    pub disable_features: Vec<String>,
 }
 
 impl Default for SyncSection {
@@ -124,6 +129,8 @@ impl Default for SyncSection {
             page_size: s.page_size,
             dns_check_interval: s.dns_check_interval.as_secs(),
             anti_entropy_interval: s.anti_entropy_interval.as_secs(),
+            max_peers: s.max_peers,
+            disable_features: vec![],
         }
     }
 }
@@ -336,6 +343,17 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(f) = self
+            .sync
+            .disable_features
+            .iter()
+            .find(|f| !impmesh_axl::features::is_known(f))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "sync.disable_features: unknown feature {f:?} (known: {})",
+                impmesh_axl::features::ALL.join(", ")
+            )));
+        }
         if self.limits.link_window == 0 || self.limits.outbox_max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "limits.link_window and limits.outbox_max_rows must be at least 1".into(),
@@ -378,6 +396,7 @@ impl Config {
         rc.sasl_mechanisms = self.sasl.mechanisms.clone();
         rc.allow_registration = self.registration.enabled;
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);
+        rc.link_features = impmesh_axl::features::announced(&self.sync.disable_features);
         rc.limits = impmesh_router::Limits {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
@@ -409,6 +428,7 @@ impl Config {
         impmesh_axl::HttpsLimits {
             body_limit: h.body_limit,
             max_connections: h.max_connections,
+            max_peers: self.sync.max_peers,
             auth: impmesh_axl::auth::AuthLimits {
                 failure_delay: Duration::from_millis(h.failure_delay_ms),
                 max_failures: h.max_failures,
@@ -428,6 +448,8 @@ impl Config {
             page_size: self.sync.page_size,
             dns_check_interval: Duration::from_secs(self.sync.dns_check_interval),
             anti_entropy_interval: Duration::from_secs(self.sync.anti_entropy_interval),
+            max_peers: self.sync.max_peers,
+            features: impmesh_axl::features::announced(&self.sync.disable_features),
         }
     }
 

@@ -340,6 +340,7 @@ impl NodeControl for Control {
                         "since": l.since, "stanzas": l.stanzas, "queued": l.queued,
                         "outbox_rows": l.outbox_rows, "outbox_bytes": l.outbox_bytes,
                         "in_flight": l.in_flight, "peak_in_flight": l.peak_in_flight,
+                        "peer_protocol": l.peer_protocol, "peer_features": l.peer_features,
                         "last_error": l.last_error,
                     })
                 })
@@ -375,7 +376,18 @@ impl NodeControl for Control {
         self.agent()?
             .delete_peer(cluster)
             .await
-            .map_err(agent_error)
+            .map_err(agent_error)?;
+        self.server.forget_peer(cluster);
+        Ok(())
+    }
+
+    async fn peer_removed_us(&self, cluster: &str) -> Result<(), ControlError> {
+        self.agent()?
+            .peer_removed_us(cluster)
+            .await
+            .map_err(agent_error)?;
+        self.server.forget_peer(cluster);
+        Ok(())
     }
 
     async fn peer_sync(

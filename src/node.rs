@@ -289,6 +289,7 @@ impl Node {
                 domain: config.domain.clone(),
                 node: config.node_name(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                features: impmesh_axl::features::announced(&config.sync.disable_features),
             },
             config.https_limits(),
             identity.https_server_config()?,

@@ -145,6 +145,16 @@ pub(crate) async fn authorize<C: NodeControl>(
     } else if user.starts_with("peer:") {
         // A peer credential for a cluster that is gone (deleted meanwhile).
         return Err(refusal("forbidden", format!("{cluster} is not a peer")));
+    } else {
+        let peers = store.peers().await.map_err(internal)?.len();
+        if peers >= https.limits.max_peers {
+            return Err(refusal(
+                "tooManyPeers",
+                format!(
+                    "this cluster already has {peers} peers, the most it takes ([sync] max_peers; a mesh is at most 30 clusters)"
+                ),
+            ));
+        }
     }
     Ok(Proven {
         cert,
@@ -218,9 +228,17 @@ impl<C: NodeControl> Https<C> {
         refusal: Refusal,
     ) -> Fault {
         let ip = conn.peer.ip();
-        if refusal.code == "storeUnavailable" {
-            tracing::error!(error = %refusal.reason, "store error in exchangeCertificates");
-            return Fault::server("storeUnavailable", "the store failed; retry later");
+        match refusal.code {
+            "storeUnavailable" => {
+                tracing::error!(error = %refusal.reason, "store error in exchangeCertificates");
+                return Fault::server("storeUnavailable", "the store failed; retry later");
+            }
+            // Not an attempt to speak for someone else: no alarm, no throttle.
+            "tooManyPeers" => {
+                tracing::warn!(%ip, claimed = %cluster, reason = %refusal.reason, "exchangeCertificates refused");
+                return Fault::client(refusal.code, refusal.reason);
+            }
+            _ => {}
         }
         tracing::warn!(%ip, %user, claimed = %cluster, reason = %refusal.reason, "exchangeCertificates refused");
         let subject = caller_subject(ip);

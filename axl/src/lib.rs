@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 mod exchange;
+pub mod features;
 mod metrics;
 pub mod pake;
 pub mod server;
@@ -104,6 +105,12 @@ pub trait NodeControl: Send + Sync + 'static {
     fn peer_accept(&self, cluster: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// Removes a peer, its users and its pinned certificates.
     fn peer_delete(&self, cluster: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// A peer cluster told us (authenticated as itself) that it removed this cluster:
+    /// stop syncing from it, drop its users and links, show it as removed.
+    fn peer_removed_us(
+        &self,
+        cluster: &str,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// A full resync; with a credential, after exchanging certificates again.
     fn peer_sync(
         &self,

@@ -42,6 +42,9 @@ pub struct HttpsLimits {
     pub request_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Peers at most (a mesh is up to 30 clusters): a first contact beyond it is
+    /// refused.
+    pub max_peers: usize,
     pub auth: AuthLimits,
 }
 
@@ -52,6 +55,7 @@ impl Default for HttpsLimits {
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 512,
+            max_peers: 29,
             auth: AuthLimits::default(),
         }
     }
@@ -64,6 +68,8 @@ pub struct ServiceIdentity {
     pub domain: String,
     pub node: String,
     pub version: String,
+    /// The optional intercluster features this node announces.
+    pub features: Vec<String>,
 }
 
 /// A peer's `notifyChange`: it changed up to `usn` and asks to be pulled soon.
@@ -599,6 +605,8 @@ async fn run<C: NodeControl>(
                 cluster: https.identity.cluster.clone(),
                 domain: https.identity.domain.clone(),
                 version: https.identity.version.clone(),
+                protocol: crate::features::PROTOCOL,
+                features: https.identity.features.clone(),
                 usn: store.current_usn().await.map_err(store_fault)?,
                 nodes: nodes
                     .into_iter()
@@ -738,6 +746,32 @@ async fn run<C: NodeControl>(
                 from,
             });
             Ok(AxlResponse::NotifyAccepted)
+        }
+        AxlRequest::RemovePeer { cluster } => {
+            if !https
+                .identity
+                .features
+                .iter()
+                .any(|f| f == crate::features::PEER_REMOVAL)
+            {
+                return Err(Fault::client(
+                    "unknownOperation",
+                    "removePeer is turned off here ([sync] disable_features)",
+                ));
+            }
+            if !user.eq_ignore_ascii_case(&format!("peer:{cluster}")) {
+                return Err(Fault::client(
+                    "forbidden",
+                    format!("removePeer for {cluster} needs that peer's own credential"),
+                ));
+            }
+            tracing::warn!(peer = %cluster, %from, "the peer removed this cluster");
+            https
+                .control
+                .peer_removed_us(cluster)
+                .await
+                .map_err(|e| Fault::server("internal", e.to_string()))?;
+            Ok(AxlResponse::PeerRemoved)
         }
     }
 }

@@ -46,6 +46,8 @@ pub enum Request {
     GetDirectoryDigest,
     /// A peer cluster asks to be pulled soon: it changed up to `usn`.
     NotifyChange { cluster: String, usn: i64 },
+    /// A peer cluster tells us it removed us (feature `peer-removal`).
+    RemovePeer { cluster: String },
 }
 
 impl Request {
@@ -58,6 +60,7 @@ impl Request {
             Request::ExchangeCertificates { .. } => "exchangeCertificates",
             Request::GetDirectoryDigest => "getDirectoryDigest",
             Request::NotifyChange { .. } => "notifyChange",
+            Request::RemovePeer { .. } => "removePeer",
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct ClusterInfo {
     pub cluster: String,
     pub domain: String,
     pub version: String,
+    /// The intercluster protocol version (1 when the peer does not say).
+    pub protocol: u32,
+    /// The optional features the cluster speaks (see [`crate::features`]).
+    pub features: Vec<String>,
     /// The last USN the cluster handed out.
     pub usn: i64,
     pub nodes: Vec<NodeInfo>,
@@ -161,6 +168,8 @@ pub enum Response {
         sha256: String,
     },
     NotifyAccepted,
+    /// `removePeer`'s answer.
+    PeerRemoved,
 }
 
 /// A SOAP fault: who is at fault, a machine-readable code and a message.
@@ -328,6 +337,9 @@ impl Request {
                     .with(text("cluster", cluster))
                     .with(text("usn", usn.to_string()));
             }
+            Request::RemovePeer { cluster } => {
+                op = op.with(text("cluster", cluster));
+            }
         }
         envelope(op)
     }
@@ -392,6 +404,9 @@ impl Request {
                 cluster: required(&op, "cluster")?,
                 usn: number(&op, "usn")?.unwrap_or(0),
             }),
+            "removePeer" => Ok(Request::RemovePeer {
+                cluster: required(&op, "cluster")?,
+            }),
             other => Err(Fault::client(
                 "unknownOperation",
                 format!("no operation {other}"),
@@ -410,6 +425,11 @@ impl Response {
                     .with(text("cluster", &info.cluster))
                     .with(text("domain", &info.domain))
                     .with(text("version", &info.version))
+                    .with(text("protocol", info.protocol.to_string()))
+                    .with(
+                        El::new("", "features")
+                            .with_all(info.features.iter().map(|f| text("feature", f))),
+                    )
                     .with(text("usn", info.usn.to_string()));
                 let nodes = info.nodes.iter().map(|n| {
                     El::new("", "node")
@@ -470,6 +490,7 @@ impl Response {
                     .with(text("sha256", sha256));
             }
             Response::NotifyAccepted => ret.text = "accepted".into(),
+            Response::PeerRemoved => ret.text = "removed".into(),
         }
         envelope(El::new(AXL_NS, format!("{op}Response")).with(ret))
     }
@@ -523,6 +544,21 @@ impl Response {
                 cluster: string(ret, "cluster")?,
                 domain: string(ret, "domain")?,
                 version: string(ret, "version")?,
+                protocol: child_text(ret, "protocol")
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(1),
+                features: ret
+                    .child("", "features")
+                    .map(|f| {
+                        f.children
+                            .iter()
+                            .filter(|c| c.is("", "feature"))
+                            .map(|c| c.text.trim().to_owned())
+                            .filter(|t| !t.is_empty() && t.len() <= 64)
+                            .take(64)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 usn: num(ret, "usn")?,
                 nodes: ret
                     .child("", "nodes")
@@ -555,6 +591,7 @@ impl Response {
                 sha256: string(ret, "sha256")?,
             },
             Request::NotifyChange { .. } => Response::NotifyAccepted,
+            Request::RemovePeer { .. } => Response::PeerRemoved,
         })
     }
 }
@@ -812,6 +849,8 @@ mod tests {
             cluster: "a".into(),
             domain: "example.com".into(),
             version: "0.1.0".into(),
+            protocol: 2,
+            features: vec!["peer-removal".into(), "later & <more>".into()],
             usn: 3,
             nodes: vec![NodeInfo {
                 name: "n1".into(),
@@ -883,6 +922,12 @@ mod tests {
                     usn: 1,
                 },
                 Response::NotifyAccepted,
+            ),
+            (
+                Request::RemovePeer {
+                    cluster: "x".into(),
+                },
+                Response::PeerRemoved,
             ),
         ] {
             let xml = resp.to_envelope(req.name());

@@ -19,6 +19,9 @@ pub struct RouterConfig {
     /// Time between two in-band registrations from one address.
     pub registration_interval: Duration,
     pub limits: Limits,
+    /// The optional intercluster features this node announces on its router links'
+    /// stream headers (the same list as in `getClusterInfo`).
+    pub link_features: Vec<String>,
 }
 
 /// Sizes, rates, queues and timeouts.
@@ -122,6 +125,7 @@ impl RouterConfig {
             allow_registration: false,
             registration_interval: Duration::from_secs(60),
             limits: Limits::default(),
+            link_features: vec![],
         }
     }
 }

@@ -34,6 +34,9 @@ use crate::xml::{Frame, Framer, escape};
 
 /// The namespace of a link stream.
 pub const LINK_NS: &str = "urn:impmesh:link:1";
+/// The intercluster protocol version a link's stream header announces (the same as
+/// `getClusterInfo`'s).
+pub const LINK_PROTOCOL: u32 = 2;
 /// Stanzas waiting for one remote node, at most; more are bounced to their sender.
 pub const LINK_QUEUE: usize = 4096;
 /// Time allowed to connect, handshake and exchange stream headers.
@@ -64,6 +67,26 @@ struct LinkCounters {
     peak_in_flight: AtomicU64,
     /// Why the last attempt failed, when down.
     last_error: Mutex<Option<String>>,
+    /// What the other node's stream header announced: protocol version and features
+    /// (1 and none for a node of an older release).
+    remote: Mutex<Option<(u32, Vec<String>)>>,
+}
+
+/// The protocol version and features a link stream header announces.
+fn announced(h: &crate::xml::Header) -> (u32, Vec<String>) {
+    (
+        h.protocol
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1),
+        h.features
+            .as_deref()
+            .unwrap_or_default()
+            .split_ascii_whitespace()
+            .take(64)
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 impl LinkCounters {
@@ -113,15 +136,18 @@ pub struct LinkStatus {
     /// configured `link_window`).
     pub in_flight: u64,
     pub peak_in_flight: u64,
+    /// The other node's protocol version and features, from its stream header.
+    pub peer_protocol: Option<u32>,
+    pub peer_features: Vec<String>,
     pub last_error: Option<String>,
 }
 
 /// Presence stanzas held per link while it is down, at most (the latest per sender,
 /// recipient and kind; more are dropped and probed again when the link is back).
 const MAX_HELD_PRESENCE: usize = 8192;
-/// What replaces, on the wire, a stanza that was bounced while it waited to be resent
-/// (its time to live ran out while the link was down): the receiver counts it like
-/// any stanza, so the acknowledgement counts stay aligned, and handles nothing.
+/// What takes the place of a stanza in flight that was bounced while the link was
+/// down (its time to live ran out): it keeps the stanza's number until the link is
+/// back, when [`Outgoing::compact`] drops it and renumbers what follows. Never sent.
 const SKIP: &str = "<skip xmlns='urn:impmesh:link:1'/>";
 
 /// A stanza sent over a link and not acknowledged yet.
@@ -170,9 +196,8 @@ impl Outgoing {
 
 impl Outgoing {
     /// Takes out of the stanzas in flight those queued before `before`, wherever they
-    /// are in the window, leaving [`SKIP`] in their place (same numbers, so the
-    /// acknowledgement counts stay aligned): returns them, their outbox rows and those
-    /// rows' bytes.
+    /// are in the window, leaving [`SKIP`] in their place until the other side says
+    /// how many it handled: returns them, their outbox rows and those rows' bytes.
     fn expire_in_flight(&mut self, before: i64) -> (Vec<Arc<str>>, Vec<i64>, u64) {
         let mut ids = vec![];
         let mut bytes = 0u64;
@@ -188,12 +213,28 @@ impl Outgoing {
         }
         (expired, ids, bytes)
     }
+
+    /// Once the other side said it handled the first `h` stanzas of this epoch (and
+    /// those are gone from `unacked`): what remains was not handled, so the places
+    /// kept by bounced stanzas are dropped and the rest numbered on from `h + 1`, the
+    /// order in which the receiver counts them. Nothing bounced goes on the wire.
+    fn compact(&mut self, h: u64) {
+        self.unacked.retain(|p| &*p.xml != SKIP);
+        let mut seq = h;
+        for p in self.unacked.iter_mut() {
+            seq += 1;
+            p.seq = seq;
+        }
+        self.next_seq = seq + 1;
+    }
 }
 
 struct Outlink {
     cluster: String,
     tx: mpsc::Sender<Arc<str>>,
     counters: Arc<LinkCounters>,
+    /// Cancelled when the peer is removed: the task bounces what waits and ends.
+    forgotten: tokio_util::sync::CancellationToken,
 }
 
 /// The links of a node.
@@ -223,6 +264,8 @@ pub struct Links {
 struct Inlink {
     cluster: String,
     counters: Arc<LinkCounters>,
+    /// Cancelled when the peer is removed: the link closes.
+    closed: tokio_util::sync::CancellationToken,
     /// Which accepted link this is: a stale link's late end must not touch a newer
     /// link's state.
     generation: u64,
@@ -261,19 +304,26 @@ impl Links {
                       cluster: &str,
                       direction: &'static str,
                       c: &LinkCounters,
-                      queued: usize| LinkStatus {
-            node: node.to_owned(),
-            cluster: cluster.to_owned(),
-            direction,
-            up: c.up.load(Ordering::Relaxed),
-            since: c.since.load(Ordering::Relaxed),
-            stanzas: c.stanzas.load(Ordering::Relaxed),
-            queued,
-            outbox_rows: c.stored.load(Ordering::Relaxed),
-            outbox_bytes: c.stored_bytes.load(Ordering::Relaxed),
-            in_flight: c.in_flight.load(Ordering::Relaxed),
-            peak_in_flight: c.peak_in_flight.load(Ordering::Relaxed),
-            last_error: lock(&c.last_error).clone(),
+                      queued: usize| {
+            // One lock at a time: a guard taken inside the struct literal would live
+            // to its end.
+            let remote = lock(&c.remote).clone();
+            LinkStatus {
+                node: node.to_owned(),
+                cluster: cluster.to_owned(),
+                direction,
+                up: c.up.load(Ordering::Relaxed),
+                since: c.since.load(Ordering::Relaxed),
+                stanzas: c.stanzas.load(Ordering::Relaxed),
+                queued,
+                outbox_rows: c.stored.load(Ordering::Relaxed),
+                outbox_bytes: c.stored_bytes.load(Ordering::Relaxed),
+                in_flight: c.in_flight.load(Ordering::Relaxed),
+                peak_in_flight: c.peak_in_flight.load(Ordering::Relaxed),
+                peer_protocol: remote.as_ref().map(|r| r.0),
+                peer_features: remote.map(|r| r.1).unwrap_or_default(),
+                last_error: lock(&c.last_error).clone(),
+            }
         };
         let mut out: Vec<LinkStatus> = lock(&self.outbound)
             .iter()
@@ -400,15 +450,22 @@ impl Server {
         let link = outbound.entry(node.to_owned()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(LINK_QUEUE);
             let counters = Arc::new(LinkCounters::default());
+            let forgotten = tokio_util::sync::CancellationToken::new();
             if let Some(server) = self.me.upgrade() {
-                let (node, cluster, c) = (node.to_owned(), cluster.to_owned(), counters.clone());
+                let (node, cluster, c, f) = (
+                    node.to_owned(),
+                    cluster.to_owned(),
+                    counters.clone(),
+                    forgotten.clone(),
+                );
                 self.tasks
-                    .spawn(async move { server.run_outlink(node, cluster, rx, c).await });
+                    .spawn(async move { server.run_outlink(node, cluster, rx, c, f).await });
             }
             Outlink {
                 cluster: cluster.to_owned(),
                 tx,
                 counters,
+                forgotten,
             }
         });
         link.tx.clone()
@@ -492,13 +549,8 @@ impl Server {
         cluster: String,
         mut rx: mpsc::Receiver<Arc<str>>,
         counters: Arc<LinkCounters>,
+        forgotten: tokio_util::sync::CancellationToken,
     ) {
-        let retry = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times();
-        let mut delays = retry.build();
         match self.store.outbox_size(&node).await {
             Ok((rows, bytes)) => {
                 counters.stored.store(rows, Ordering::Relaxed);
@@ -515,13 +567,114 @@ impl Server {
             unacked: VecDeque::new(),
             presence: HashMap::new(),
         };
+        let removed = tokio::select! {
+            biased;
+            _ = forgotten.cancelled() => true,
+            _ = self.keep_outlink(&node, &cluster, &mut rx, &counters, &mut out) => false,
+        };
+        // (Removing the link also drops its queue's sender, which ends the loop: the
+        // token says which it was.)
+        if removed || forgotten.is_cancelled() {
+            counters.set_up(false);
+            self.drop_all(&mut out, &mut rx, &counters).await;
+        }
+    }
+
+    /// The peer of this link was removed: everything that waits for its node is
+    /// bounced to its sender (in flight, queued, in the outbox), not delivered.
+    async fn drop_all(
+        &self,
+        out: &mut Outgoing,
+        rx: &mut mpsc::Receiver<Arc<str>>,
+        counters: &LinkCounters,
+    ) {
+        rx.close();
+        let reason = Some("the recipient's cluster is no longer peered with this one");
+        let mut waiting: Vec<Arc<str>> = out
+            .unacked
+            .drain(..)
+            .filter(|p| p.outbox_id.is_none() && &*p.xml != SKIP)
+            .map(|p| p.xml)
+            .collect();
+        while let Ok(xml) = rx.try_recv() {
+            waiting.push(xml);
+        }
+        for xml in waiting {
+            if let Some(stanza) = stanza::parse_own(&xml) {
+                self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, reason);
+            }
+        }
+        loop {
+            let rows = match self.store.outbox_page(&out.node, 0, 500).await {
+                Ok(rows) if !rows.is_empty() => rows,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    break;
+                }
+            };
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            if let Err(e) = self.store.outbox_delete(&ids).await {
+                tracing::error!(error = %e, "cannot remove outbox messages");
+                break;
+            }
+            for row in rows {
+                if let Some(stanza) = stanza::parse_own(&row.stanza) {
+                    self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, reason);
+                }
+            }
+        }
+        counters.stored.store(0, Ordering::Relaxed);
+        counters.stored_bytes.store(0, Ordering::Relaxed);
+        out.presence.clear();
+        tracing::info!(node = %out.node, cluster = %out.cluster, "the peer was removed: its link is closed and what waited for it bounced");
+    }
+
+    /// Closes every link to and from `cluster`'s nodes and bounces what waits for
+    /// them (`peer del` here, or the peer told us it removed this cluster).
+    pub fn forget_peer(&self, cluster: &str) {
+        tracing::info!(%cluster, "closing the removed peer's links");
+        let mut outbound = lock(&self.links.outbound);
+        outbound.retain(|_, l| {
+            let keep = l.cluster != cluster;
+            if !keep {
+                l.forgotten.cancel();
+            }
+            keep
+        });
+        drop(outbound);
+        let mut inbound = lock(&self.links.inbound);
+        inbound.retain(|_, l| {
+            let keep = l.cluster != cluster;
+            if !keep {
+                l.closed.cancel();
+            }
+            keep
+        });
+    }
+
+    /// [`Server::run_outlink`]'s loop, until shutdown or the link's queue closes.
+    async fn keep_outlink(
+        &self,
+        node: &str,
+        cluster: &str,
+        rx: &mut mpsc::Receiver<Arc<str>>,
+        counters: &LinkCounters,
+        out: &mut Outgoing,
+    ) {
+        let retry = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = retry.build();
         loop {
             let opened = tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    self.park_all(&mut out, &mut rx).await;
+                    self.park_all(out, rx).await;
                     return;
                 }
-                o = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_link(&node, &cluster, &out.epoch)) => o,
+                o = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_link(node, cluster, &out.epoch, counters)) => o,
             };
             match opened.unwrap_or(Err(LinkError::Timeout)) {
                 Ok((mut stream, h, mut reader)) => {
@@ -530,8 +683,9 @@ impl Server {
                     *lock(&counters.last_error) = None;
                     tracing::info!(%node, %cluster, "router link up");
                     let result = async {
-                        self.acked(&mut out, h, &counters).await;
-                        self.write_link(&mut stream, &mut reader, &mut rx, &mut out, &counters)
+                        self.acked(out, h, counters).await;
+                        out.compact(h);
+                        self.write_link(&mut stream, &mut reader, rx, out, counters)
                             .await
                     }
                     .await;
@@ -540,7 +694,7 @@ impl Server {
                         Ok(()) => {
                             let _ = stream.write_all(b"</stream:stream>").await;
                             let _ = stream.shutdown().await;
-                            self.park_all(&mut out, &mut rx).await;
+                            self.park_all(out, rx).await;
                             return;
                         }
                         Err(e) => {
@@ -556,13 +710,13 @@ impl Server {
                 }
             }
             // Down until the next attempt: what comes is parked, what is too old bounced.
-            self.expire(&mut out, &counters).await;
+            self.expire(out, counters).await;
             let until =
                 tokio::time::Instant::now() + delays.next().unwrap_or(Duration::from_secs(30));
             loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => {
-                        self.park_all(&mut out, &mut rx).await;
+                        self.park_all(out, rx).await;
                         return;
                     }
                     _ = tokio::time::sleep_until(until) => break,
@@ -572,7 +726,7 @@ impl Server {
                         while let Ok(more) = rx.try_recv() {
                             batch.push(more);
                         }
-                        self.park(&mut out, batch, &counters).await;
+                        self.park(out, batch, counters).await;
                     }
                 }
             }
@@ -807,6 +961,7 @@ impl Server {
         node: &str,
         cluster: &str,
         epoch: &str,
+        counters: &LinkCounters,
     ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, u64, FrameReader), LinkError> {
         let setup = |m: String| LinkError::Setup(m);
         let target = self
@@ -841,13 +996,22 @@ impl Server {
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;
-        tls.write_all(header(&self.config.node_name, node, epoch).as_bytes())
-            .await?;
+        tls.write_all(
+            header(
+                &self.config.node_name,
+                node,
+                epoch,
+                &self.config.link_features,
+            )
+            .as_bytes(),
+        )
+        .await?;
         tls.flush().await?;
         let mut reader = FrameReader::new();
-        let Frame::Header(_) = reader.next(&mut tls).await? else {
+        let Frame::Header(answer) = reader.next(&mut tls).await? else {
             return Err(LinkError::Closed);
         };
+        *lock(&counters.remote) = Some(announced(&answer));
         match reader.next(&mut tls).await? {
             Frame::Element(a) => match ack_count(&a) {
                 Some(h) => Ok((tls, h, reader)),
@@ -1078,6 +1242,7 @@ impl Server {
             let Frame::Header(opened) = reader.next(&mut tls).await? else {
                 return Err(LinkError::Closed);
             };
+            let remote = announced(&opened);
             let from = opened.from.unwrap_or_default();
             let epoch = opened.id.unwrap_or_default();
             // The node named in the header must be one of the authenticated peer's:
@@ -1102,31 +1267,40 @@ impl Server {
                 }
                 entry.1
             };
-            let mut answer = header(&self.config.node_name, &from, &epoch);
+            let mut answer = header(
+                &self.config.node_name,
+                &from,
+                &epoch,
+                &self.config.link_features,
+            );
             answer.push_str(&ack(h));
             tls.write_all(answer.as_bytes()).await?;
             tls.flush().await?;
-            Ok::<_, LinkError>((tls, reader, cluster, from, epoch))
+            Ok::<_, LinkError>((tls, reader, cluster, from, epoch, remote))
         };
-        let (mut tls, mut reader, cluster, node, epoch) =
+        let (mut tls, mut reader, cluster, node, epoch, remote) =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                 .await
                 .map_err(|_| LinkError::Timeout)??;
         let counters = Arc::new(LinkCounters::default());
         counters.set_up(true);
+        *lock(&counters.remote) = Some(remote);
         let generation = self.links.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let closed = tokio_util::sync::CancellationToken::new();
         lock(&self.links.inbound).insert(
             node.clone(),
             Inlink {
                 cluster: cluster.clone(),
                 counters: counters.clone(),
+                closed: closed.clone(),
                 generation,
             },
         );
         tracing::info!(%node, %cluster, generation, "router link accepted");
         self.remote_node_back(&node).await;
-        let result = self
-            .read_inlink(
+        let result = tokio::select! {
+            _ = closed.cancelled() => Err(LinkError::Setup(format!("{cluster} was removed"))),
+            r = self.read_inlink(
                 &mut tls,
                 &mut reader,
                 &cluster,
@@ -1134,8 +1308,8 @@ impl Server {
                 &epoch,
                 generation,
                 &counters,
-            )
-            .await;
+            ) => r,
+        };
         counters.set_up(false);
         // Only the current link's end means the node is gone: a stale link that a
         // newer one replaced leaves the newer link's presence alone.
@@ -1278,10 +1452,6 @@ impl Server {
         node: &str,
         stanza: Element,
     ) -> Result<(), LinkError> {
-        if stanza.is("skip", LINK_NS) {
-            // In place of a stanza bounced while it waited to be resent: counted only.
-            return Ok(());
-        }
         let Some(kind) = Kind::of(&stanza) else {
             tracing::warn!(%cluster, name = stanza.name(), "not a stanza on a router link; dropped");
             return Ok(());
@@ -1506,14 +1676,16 @@ impl Server {
 
 /// A stream header; the opening node's `id` is its epoch (a new one at every start
 /// of its link task), which the accepting node echoes.
-fn header(from: &str, to: &str, epoch: &str) -> String {
+fn header(from: &str, to: &str, epoch: &str, features: &[String]) -> String {
     format!(
         "<?xml version='1.0'?><stream:stream xmlns='{LINK_NS}' \
-         xmlns:stream='http://etherx.jabber.org/streams' version='1.0' from='{}' to='{}' \
-         id='{}'>",
+         xmlns:stream='http://etherx.jabber.org/streams' xmlns:impmesh='{LINK_NS}' \
+         version='1.0' from='{}' to='{}' id='{}' impmesh:protocol='{LINK_PROTOCOL}' \
+         impmesh:features='{}'>",
         escape(from),
         escape(to),
-        escape(epoch)
+        escape(epoch),
+        escape(&features.join(" "))
     )
 }
 
@@ -1646,5 +1818,13 @@ mod tests {
         );
         // Twice is once.
         assert!(out.expire_in_flight(50).0.is_empty());
+        // The other side handled the first: the rest is renumbered after it, without
+        // the bounced ones, which never go on the wire.
+        out.unacked.pop_front();
+        out.compact(1);
+        let seqs: Vec<(u64, &str)> = out.unacked.iter().map(|p| (p.seq, &*p.xml)).collect();
+        assert_eq!(seqs, [(2, "<message>new</message>")]);
+        out.push("<message>next</message>".into(), None, 100);
+        assert_eq!(out.unacked.back().unwrap().seq, 3);
     }
 }

@@ -66,6 +66,10 @@ pub struct Header {
     pub lang: Option<String>,
     /// The stream id (router links carry the sender's epoch in it).
     pub id: Option<String>,
+    /// Router links: the intercluster protocol version and the features the node
+    /// speaks (`impmesh:protocol`, `impmesh:features` in `urn:impmesh:link:1`).
+    pub protocol: Option<String>,
+    pub features: Option<String>,
 }
 
 /// Longest element name, attribute name or attribute value (bytes). JIDs are at most
@@ -181,6 +185,12 @@ impl Framer {
                             ("", "version") => header.version = Some(value.to_string()),
                             ("", "id") => header.id = Some(value.to_string()),
                             (rxml::XMLNS_XML, "lang") => header.lang = Some(value.to_string()),
+                            ("urn:impmesh:link:1", "protocol") => {
+                                header.protocol = Some(value.to_string());
+                            }
+                            ("urn:impmesh:link:1", "features") => {
+                                header.features = Some(value.to_string());
+                            }
                             _ => {}
                         }
                     }

@@ -74,6 +74,8 @@ pub const PEER_EXCHANGE_REFUSED: &AlarmDef = &CATALOGUE[13];
 pub const PEER_CERT_EXPIRED: &AlarmDef = &CATALOGUE[14];
 /// The outbox for a remote node reached its cap: messages for it are bounced.
 pub const OUTBOX_FULL: &AlarmDef = &CATALOGUE[15];
+/// A peer removed this cluster and said so.
+pub const PEER_REMOVED_US: &AlarmDef = &CATALOGUE[16];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -172,6 +174,12 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Major,
         meaning: "The durable outbox for a remote node (the subject) holds [limits] outbox_max_rows messages or outbox_max_bytes bytes: its link has been down long, and new messages for that node's users are bounced to their senders with resource-constraint.",
         action: "Find out why the link is down (`impmesh peer status`; the peer's admin); raise the caps only if the disk allows. The alarm clears when the outbox is below half its caps.",
+    },
+    AlarmDef {
+        name: "InterClusterPeerRemoved",
+        severity: Severity::Major,
+        meaning: "A peer cluster (the subject) removed this cluster and told it so: nothing is synced from it any more, its users are gone from the directory here, and messages for them are bounced with service-unavailable. The peer shows as `removed` in `impmesh peer status`.",
+        action: "If it was meant, remove it here too (`impmesh peer del PEER`, which clears the alarm); if not, peer again (`impmesh peer add` on either side).",
     },
 ];
 

@@ -16,6 +16,9 @@ pub enum PeerState {
     Active,
     /// It added us; our admin has not accepted it yet. Nothing is synced from it.
     Pending,
+    /// It removed this cluster (it told us so): nothing is synced from it, its users
+    /// are gone from the directory; kept so that admins see it, until `peer del`.
+    Removed,
 }
 
 impl PeerState {
@@ -23,6 +26,7 @@ impl PeerState {
         match self {
             PeerState::Active => "active",
             PeerState::Pending => "pending",
+            PeerState::Removed => "removed",
         }
     }
 }
@@ -140,6 +144,7 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
         state: match state.as_str() {
             "active" => PeerState::Active,
             "pending" => PeerState::Pending,
+            "removed" => PeerState::Removed,
             _ => return Err(StoreError::Corrupt(format!("state of peer {cluster}"))),
         },
         added_here: origin == "local",
@@ -341,6 +346,35 @@ impl Store {
         tx.commit().await?;
         self.directory_changed();
         Ok(gone)
+    }
+
+    /// Marks a peer as having removed this cluster: its users leave the directory at
+    /// once (they are no longer reachable), the record stays, as `removed`, for the
+    /// admins to see. False when there is no such peer.
+    pub async fn mark_peer_removed(&self, cluster: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let found = sqlx::query("UPDATE peers SET state = 'removed' WHERE cluster = $1")
+            .bind(cluster)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if found {
+            sqlx::query("DELETE FROM remote_users WHERE peer = $1")
+                .bind(cluster)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE peer_sync SET applied_usn = 0, full_snapshot_usn = NULL,
+                     full_after_usn = NULL WHERE peer = $1",
+            )
+            .bind(cluster)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.directory_changed();
+        Ok(found)
     }
 
     /// Where a peer's sync stands (defaults when it never ran).

@@ -42,6 +42,10 @@ pub struct Settings {
     /// The shortest time between two digest comparisons with a peer (anti-entropy);
     /// zero compares after every sync that found nothing new.
     pub anti_entropy_interval: Duration,
+    /// Peers at most (a mesh is up to 30 clusters).
+    pub max_peers: usize,
+    /// The optional intercluster features this node announces and uses.
+    pub features: Vec<String>,
 }
 
 impl Default for Settings {
@@ -53,6 +57,8 @@ impl Default for Settings {
             page_size: 2000,
             dns_check_interval: Duration::from_secs(300),
             anti_entropy_interval: Duration::from_secs(600),
+            max_peers: 29,
+            features: impmesh_axl::features::announced(&[]),
         }
     }
 }
@@ -90,6 +96,11 @@ pub struct LiveStatus {
     pub peer_users: Option<i64>,
     /// The peer's clock minus ours, seconds (from its last answer's `Date`).
     pub clock_skew_secs: Option<i64>,
+    /// The intercluster protocol version the peer speaks, and its optional features.
+    pub peer_protocol: Option<u32>,
+    pub peer_features: Vec<String>,
+    /// Features this node uses that the peer does not announce (not used with it).
+    pub missing_features: Vec<String>,
     /// Every DNS name of the peer (its address, its certificates' SANs): resolved now,
     /// or failing (with the last good addresses still in use).
     pub dns: Vec<dns::NameStatus>,
@@ -510,6 +521,13 @@ impl Agent {
         password: &str,
     ) -> Result<PeerRecord, AgentError> {
         let (addr, server_name) = normalize_address(address)?;
+        let peers = self.store.peers().await?;
+        if peers.len() >= self.settings.max_peers && !peers.iter().any(|p| p.address == addr) {
+            return Err(AgentError::Invalid(format!(
+                "this cluster already has {} peers, the most it takes ([sync] max_peers; a mesh is at most 30 clusters)",
+                peers.len()
+            )));
+        }
         let peering = self
             .first_contact(&addr, &server_name, user, password, None)
             .await?;
@@ -933,7 +951,49 @@ impl Agent {
 
     /// `peer del`: stops syncing and removes the peer, its users and its pinned
     /// certificates at once.
-    pub async fn delete_peer(&self, cluster: &str) -> Result<(), AgentError> {
+    ///
+    /// A peer that announces `peer-removal` is told first (with its own credential,
+    /// so that it shows us as removed at once); one that does not (an older release,
+    /// or the feature turned off there) finds out at its next sync, as an
+    /// authentication alarm. Returns whether the peer was told.
+    pub async fn delete_peer(&self, cluster: &str) -> Result<bool, AgentError> {
+        let Some(peer) = self.store.peer(cluster).await? else {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        };
+        let speaks_removal = lock(&self.peers).get(cluster).is_some_and(|h| {
+            lock(&h.status)
+                .peer_features
+                .iter()
+                .any(|f| f == impmesh_axl::features::PEER_REMOVAL)
+        }) && self
+            .settings
+            .features
+            .iter()
+            .any(|f| f == impmesh_axl::features::PEER_REMOVAL);
+        let told = if speaks_removal && peer.state != PeerState::Removed {
+            let call = async {
+                let mut client = self.connect(cluster).await?;
+                client
+                    .call(&Request::RemovePeer {
+                        cluster: self.ours.cluster.clone(),
+                    })
+                    .await
+                    .map_err(SyncError::Client)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), call).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %cluster, error = %e, "could not tell the peer it was removed; it finds out at its next sync");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %cluster, "the peer did not answer removePeer in time; it finds out at its next sync");
+                    false
+                }
+            }
+        } else {
+            false
+        };
         self.stop_peer(cluster);
         lock(&self.watchdog).forget(cluster);
         if !self.store.delete_peer(cluster).await? {
@@ -951,8 +1011,47 @@ impl Agent {
         ] {
             self.clear_alarm(def, cluster, "the peer was removed").await;
         }
+        self.clear_alarm(
+            impmesh_store::alarms::PEER_REMOVED_US,
+            cluster,
+            "removed here too",
+        )
+        .await;
         self.request_duplicate_check(DuplicateScope::All);
-        tracing::info!(peer = %cluster, "peer deleted");
+        tracing::info!(peer = %cluster, told, "peer deleted");
+        Ok(told)
+    }
+
+    /// A peer told us (authenticated as itself) that it removed this cluster: its
+    /// sync stops, its users leave the directory, it shows as `removed`, and
+    /// `InterClusterPeerRemoved` says what to do.
+    pub async fn peer_removed_us(&self, cluster: &str) -> Result<(), AgentError> {
+        self.stop_peer(cluster);
+        lock(&self.watchdog).forget(cluster);
+        if !self.store.mark_peer_removed(cluster).await? {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        }
+        for def in [
+            impmesh_store::alarms::PEER_PENDING,
+            impmesh_store::alarms::PEER_SYNC_STALLED,
+            impmesh_store::alarms::PEER_UNREACHABLE,
+            impmesh_store::alarms::PEER_AUTH_FAILED,
+        ] {
+            self.clear_alarm(def, cluster, "the peer removed this cluster")
+                .await;
+        }
+        let message = format!(
+            "{cluster} removed this cluster as a peer: its users are no longer reachable from \
+             here; remove it here too with `impmesh peer del {cluster}`, or peer again \
+             (`impmesh peer add` on either side)"
+        );
+        self.set_alarm(
+            impmesh_store::alarms::PEER_REMOVED_US,
+            cluster,
+            Some(&message),
+        )
+        .await;
+        self.request_duplicate_check(DuplicateScope::All);
         Ok(())
     }
 
@@ -1109,6 +1208,7 @@ impl Agent {
                     state: match peer.state {
                         PeerState::Pending => "pending".into(),
                         PeerState::Active => "stopped".into(),
+                        PeerState::Removed => "removed".into(),
                     },
                     certificate_status: "unknown".into(),
                     ..LiveStatus::default()
@@ -1519,6 +1619,29 @@ impl PeerTask {
             .map(|s| format!("the peer's clock is {s:+} s from this node's"));
         self.flag(impmesh_store::alarms::PEER_CLOCK_SKEW, skewed.as_deref())
             .await;
+        if !info.domain.eq_ignore_ascii_case(&self.agent.ours.domain) {
+            return Err(SyncError::Other(format!(
+                "the peer serves the XMPP domain {}, this cluster {}: a mesh serves one domain",
+                info.domain, self.agent.ours.domain
+            )));
+        }
+        let missing: Vec<String> = self
+            .agent
+            .settings
+            .features
+            .iter()
+            .filter(|f| !info.features.contains(f))
+            .cloned()
+            .collect();
+        {
+            let mut s = lock(&self.status);
+            if s.missing_features != missing && !missing.is_empty() {
+                tracing::info!(peer = %self.cluster, protocol = info.protocol, missing = ?missing, "the peer does not announce some features; they are not used with it");
+            }
+            s.peer_protocol = Some(info.protocol);
+            s.peer_features = info.features.clone();
+            s.missing_features = missing;
+        }
         self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
         let nodes = self.remember_nodes(&info, &peer.address).await?;

@@ -1,0 +1,289 @@
+//! The mesh heals without the admins: a removed peer is told and shows it, what waited
+//! for it is bounced; peers on different releases (a feature turned off) keep working
+//! and show what is missing; the mesh's limits (one domain, at most 30 clusters) are
+//! refused with clear errors.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use impmesh::config::Config;
+use impmesh_axl::NodeControl as _;
+use support::{DOMAIN, TestNode, body, eventually, expect, online, send, start_node};
+
+const AXL_USER: &str = "icsync";
+const AXL_PW: &str = "intercluster-secret";
+const A: &str = "cluster-a.example.com";
+const B: &str = "cluster-b.example.com";
+
+async fn cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Config)) -> TestNode {
+    let name = name.to_owned();
+    let node = start_node(move |c| {
+        c.node.name = Some(format!("node1.{name}"));
+        c.node.cluster = Some(name);
+        c.sync.period = 3600;
+        tweak(c);
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    for user in users {
+        node.add_user(user, "pw").await;
+    }
+    node
+}
+
+/// A adds B, B accepts; both know each other's users and nodes.
+async fn peer(a: &TestNode, b: &TestNode) {
+    a.node
+        .control
+        .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    b.node
+        .control
+        .peer_accept(&a.config.cluster_name())
+        .await
+        .unwrap();
+    for (node, other) in [(a, b), (b, a)] {
+        let store = node.node.server.store.clone();
+        let (cluster, node_name) = (other.config.cluster_name(), other.config.node_name());
+        eventually(10, "the peer's users and nodes known", || async {
+            store.remote_user_count(&cluster).await.unwrap() > 0
+                && store.peer_node(&node_name).await.unwrap().is_some()
+        })
+        .await;
+    }
+}
+
+/// One peer's entry of `peer status`.
+async fn status_of(node: &TestNode, cluster: &str) -> serde_json::Value {
+    node.node
+        .control
+        .peers()
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cluster"] == cluster)
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
+    node.node
+        .server
+        .store
+        .active_alarms()
+        .await
+        .unwrap()
+        .iter()
+        .any(|a| a.name == name && a.subject == subject)
+}
+
+fn chat(to: &str, id: &str) -> String {
+    format!("<message to='{to}@{DOMAIN}' type='chat' id='{id}'><body>{id}</body></message>")
+}
+
+#[tokio::test]
+async fn a_deleted_peer_is_told_and_what_waited_for_it_is_bounced() {
+    let a = cluster(A, &["alice"], |_| {}).await;
+    let b = cluster(B, &["bob"], |_| {}).await;
+    peer(&a, &b).await;
+    // A's link to B goes through a proxy the test can cut.
+    let store_a = a.node.server.store.clone();
+    let proxy = support::Proxy::start(b.node.links_addr.unwrap()).await;
+    let mut node = store_a
+        .peer_node(&format!("node1.{B}"))
+        .await
+        .unwrap()
+        .unwrap();
+    node.link_port = proxy.addr.port();
+    store_a.set_peer_nodes(B, &[node]).await.unwrap();
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(&mut alice, &chat("bob", "hello")).await;
+    expect(&mut bob, 10, "a message before", |e| {
+        body(e).as_deref() == Some("hello")
+    })
+    .await;
+    // Both sides speak peer-removal.
+    let s = status_of(&a, B).await;
+    assert_eq!(s["live"]["peer_features"][0], "peer-removal", "{s}");
+    assert_eq!(s["live"]["missing_features"].as_array().unwrap().len(), 0);
+
+    // A message waits in A's outbox for B (its link cut), then A removes B.
+    proxy.cut_and_refuse();
+    eventually(10, "A's link to B down", || async {
+        a.node
+            .server
+            .link_status()
+            .iter()
+            .any(|l| l.cluster == B && l.direction == "out" && !l.up)
+    })
+    .await;
+    send(&mut alice, &chat("bob", "waiting")).await;
+    eventually(10, "the message in the outbox", || async {
+        store_a.outbox_size(&format!("node1.{B}")).await.unwrap().0 == 1
+    })
+    .await;
+    a.node.control.peer_delete(B).await.unwrap();
+    let e = expect(&mut alice, 10, "the waiting message bounced", |e| {
+        e.attr("id") == Some("waiting") && e.attr("type") == Some("error")
+    })
+    .await;
+    assert!(
+        String::from(&e).contains("no longer peered"),
+        "{}",
+        String::from(&e)
+    );
+
+    // B was told: A shows as removed there, with the alarm; A's users are gone from
+    // B's directory, and B's messages to them bounce at once.
+    eventually(10, "A removed on B", || async {
+        status_of(&b, A).await["state"] == "removed"
+    })
+    .await;
+    assert!(has_alarm(&b, "InterClusterPeerRemoved", A).await);
+    assert!(
+        b.node
+            .server
+            .store
+            .remote_user("alice")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    send(&mut bob, &chat("alice", "after-b")).await;
+    let e = expect(&mut bob, 10, "B's bounce", |e| {
+        e.attr("id") == Some("after-b") && e.attr("type") == Some("error")
+    })
+    .await;
+    assert!(String::from(&e).contains("service-unavailable"));
+
+    // On A: B is gone, what waited for it was bounced (not kept), and new messages to
+    // B's users bounce at once.
+    assert!(store_a.peer(B).await.unwrap().is_none());
+    assert_eq!(
+        store_a.outbox_size(&format!("node1.{B}")).await.unwrap().0,
+        0
+    );
+    send(&mut alice, &chat("bob", "after-a")).await;
+    let e = expect(&mut alice, 10, "A's bounce", |e| {
+        e.attr("id") == Some("after-a") && e.attr("type") == Some("error")
+    })
+    .await;
+    assert!(String::from(&e).contains("service-unavailable"));
+    assert!(
+        !a.node
+            .server
+            .link_status()
+            .iter()
+            .any(|l| l.cluster == B && l.up),
+        "no link to B stays up"
+    );
+    // B's admin removes A too: the alarm clears.
+    b.node.control.peer_delete(A).await.unwrap();
+    assert!(!has_alarm(&b, "InterClusterPeerRemoved", A).await);
+}
+
+#[tokio::test]
+async fn a_peer_with_a_feature_turned_off_keeps_working_and_shows_it() {
+    let a = cluster(A, &["alice"], |_| {}).await;
+    let b = cluster(B, &["bob"], |c| {
+        c.sync.disable_features = vec!["peer-removal".into()];
+    })
+    .await;
+    peer(&a, &b).await;
+    // A sees what B lacks; both still sync and route.
+    eventually(10, "in sync", || async {
+        status_of(&a, B).await["live"]["state"] == "in-sync"
+    })
+    .await;
+    let s = status_of(&a, B).await;
+    assert_eq!(s["live"]["missing_features"][0], "peer-removal", "{s}");
+    assert_eq!(s["live"]["peer_protocol"], 2);
+    assert_eq!(s["live"]["state"], "in-sync");
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    send(&mut alice, &chat("bob", "still")).await;
+    expect(&mut bob, 10, "routing works", |e| {
+        body(e).as_deref() == Some("still")
+    })
+    .await;
+    // The link header announces the features too.
+    let links = a.node.server.link_status();
+    let out = links
+        .iter()
+        .find(|l| l.cluster == B && l.direction == "out")
+        .unwrap();
+    assert_eq!(out.peer_protocol, Some(2));
+    assert!(out.peer_features.is_empty());
+
+    // A removes B without telling it (B would not understand): B is not marked
+    // removed; it finds out at its next sync.
+    a.node.control.peer_delete(B).await.unwrap();
+    assert_eq!(status_of(&b, A).await["state"], "active");
+    assert!(!has_alarm(&b, "InterClusterPeerRemoved", A).await);
+}
+
+#[tokio::test]
+async fn a_mesh_serves_one_domain_and_at_most_its_peer_limit() {
+    let a = cluster(A, &["alice"], |c| c.sync.max_peers = 1).await;
+    let b = cluster(B, &["bob"], |_| {}).await;
+    peer(&a, &b).await;
+    // A third cluster is one too many for A: refused by A when C adds it ...
+    let c = cluster("cluster-c.example.com", &["carl"], |_| {}).await;
+    let e = c
+        .node
+        .control
+        .peer_add(&a.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already has 1 peers"), "{e}");
+    // ... and by A's own admin.
+    let e = a
+        .node
+        .control
+        .peer_add(&c.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already has 1 peers"), "{e}");
+    assert_eq!(a.node.server.store.peers().await.unwrap().len(), 1);
+
+    // A cluster of another XMPP domain is not a peer.
+    let other = cluster("cluster-d.example.com", &["dan"], |c| {
+        c.domain = "other.example".into();
+    })
+    .await;
+    let e = b
+        .node
+        .control
+        .peer_add(&other.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("serves the XMPP domain other.example"),
+        "{e}"
+    );
+    assert!(
+        b.node
+            .server
+            .store
+            .peer("cluster-d.example.com")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
