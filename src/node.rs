@@ -327,6 +327,7 @@ impl Node {
         )
         .await?;
         agent.set_identity(identity.clone());
+        server.set_host_resolver(Arc::new(AgentDns(Arc::downgrade(&agent))));
         control.set_agent(agent.clone());
         // A peer's notifyChange pulls it at once.
         let (mut notices, notice_agent, notice_stop) = (
@@ -399,6 +400,25 @@ impl Node {
         self.https.shutdown().await;
         self.server.shutdown(SHUTDOWN_GRACE).await;
         self.server.store.close().await;
+    }
+}
+
+/// Router links resolve peer node names through the sync agent's resolver, so a DNS
+/// outage does not cut a peer whose addresses are known (the last good answer).
+struct AgentDns(std::sync::Weak<Agent>);
+
+impl impmesh_router::HostResolver for AgentDns {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<std::net::IpAddr>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(agent) => agent.resolve_host(host).await,
+                None => vec![],
+            }
+        })
     }
 }
 

@@ -287,3 +287,42 @@ async fn a_mesh_serves_one_domain_and_at_most_its_peer_limit() {
             .is_none()
     );
 }
+
+/// Router links find a peer node named by host the way the sync agent finds the peer:
+/// through DNS, and on the last good addresses while DNS is down.
+#[tokio::test]
+async fn a_link_to_a_node_named_by_host_survives_a_dns_outage() {
+    let a = cluster(A, &["alice"], |_| {}).await;
+    let b = cluster(B, &["bob"], |_| {}).await;
+    let dns = support::test_dns();
+    a.node.agent.set_resolver(dns.clone());
+    peer(&a, &b).await;
+    // B's node is reached by its name (through a proxy the test can cut).
+    let store_a = a.node.server.store.clone();
+    let proxy = support::Proxy::start(b.node.links_addr.unwrap()).await;
+    let b_node = format!("node1.{B}");
+    let mut node = store_a.peer_node(&b_node).await.unwrap().unwrap();
+    node.host = b_node.clone();
+    node.link_port = proxy.addr.port();
+    store_a.set_peer_nodes(B, &[node]).await.unwrap();
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(&mut alice, &chat("bob", "by-name")).await;
+    expect(&mut bob, 10, "over a link to a node named by host", |e| {
+        body(e).as_deref() == Some("by-name")
+    })
+    .await;
+
+    // DNS goes down and the link breaks: it reopens on the last good address.
+    dns.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.cut();
+    send(&mut alice, &chat("bob", "during-outage")).await;
+    expect(&mut bob, 30, "over the reopened link", |e| {
+        body(e).as_deref() == Some("during-outage")
+    })
+    .await;
+}

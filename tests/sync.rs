@@ -30,7 +30,7 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
         .await
         .unwrap();
     // The test clusters' names are not in any real DNS.
-    node.node.agent.set_resolver(test_dns());
+    node.node.agent.set_resolver(support::test_dns());
     for user in users {
         node.add_user(user, "pw").await;
     }
@@ -449,45 +449,6 @@ async fn a_duplicate_present_before_peering_is_found_by_the_full_sync() {
     }
 }
 
-/// Resolves every name of the test clusters to 127.0.0.1.
-fn test_dns() -> std::sync::Arc<MapDns> {
-    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    let mut names = vec!["localhost".to_owned()];
-    for c in ["a", "b", "c"] {
-        names.push(format!("cluster-{c}.example.com"));
-        names.push(format!("node1.cluster-{c}.example.com"));
-    }
-    std::sync::Arc::new(MapDns {
-        names: names.into_iter().map(|n| (n, vec![local])).collect(),
-        down: false.into(),
-    })
-}
-
-/// A resolver for tests: a fixed map, and a switch that makes every lookup fail.
-struct MapDns {
-    names: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl impmesh_sync_agent::dns::NameResolver for MapDns {
-    fn lookup<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<std::net::IpAddr>, String>> + Send + 'a>,
-    > {
-        Box::pin(async move {
-            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err("no connections available (simulated outage)".into());
-            }
-            self.names
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("{name}: NXDOMAIN"))
-        })
-    }
-}
-
 /// A peer added by name keeps syncing through a DNS outage on its last good addresses,
 /// and every name that fails is reported with the name.
 #[tokio::test]
@@ -501,7 +462,7 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
     .await;
     let b = cluster("cluster-b.example.com", &["bob"]).await;
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    let dns = std::sync::Arc::new(MapDns {
+    let dns = std::sync::Arc::new(support::MapDns {
         names: [
             "node1.cluster-b.example.com",
             "cluster-b.example.com",

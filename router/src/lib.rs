@@ -40,7 +40,7 @@ use xmpp_parsers::jid::BareJid;
 
 pub use config::{Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;
-pub use link::LinkStatus;
+pub use link::{HostResolver, LinkStatus};
 
 use crate::hub::{Hub, lock};
 

@@ -237,9 +237,21 @@ struct Outlink {
     forgotten: tokio_util::sync::CancellationToken,
 }
 
+/// Turns a peer node's host name into addresses: the sync agent's resolver, which
+/// falls back on the last good answer during a DNS outage (set by the binary with
+/// [`Server::set_host_resolver`]; without one, the system's lookup).
+pub trait HostResolver: Send + Sync + 'static {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<std::net::IpAddr>> + Send + 'a>>;
+}
+
 /// The links of a node.
 #[derive(Default)]
 pub struct Links {
+    /// How peer node host names are resolved.
+    resolver: RwLock<Option<Arc<dyn HostResolver>>>,
     identity: RwLock<Option<(NodeIdentity, Arc<rustls::ServerConfig>)>>,
     outbound: Mutex<HashMap<String, Outlink>>,
     /// Incoming links by remote node: its cluster, counters and the link's generation
@@ -360,6 +372,43 @@ enum LinkError {
 }
 
 impl Server {
+    /// Resolves peer nodes' host names with `resolver` from now on.
+    pub fn set_host_resolver(&self, resolver: Arc<dyn HostResolver>) {
+        *self
+            .links
+            .resolver
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(resolver);
+    }
+
+    /// Connects to `host:port` (every address the host resolves to, in turn).
+    async fn connect_host(&self, host: &str, port: u16) -> std::io::Result<TcpStream> {
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            return TcpStream::connect((ip, port)).await;
+        }
+        let resolver = self
+            .links
+            .resolver
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(resolver) = resolver else {
+            return TcpStream::connect((host, port)).await;
+        };
+        let addresses = resolver.resolve(host).await;
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} does not resolve (and no address was ever known)"),
+        );
+        for ip in addresses {
+            match TcpStream::connect((ip, port)).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Sets the certificate links are opened and accepted with (at start and after a
     /// certificate change; new links use it at once).
     pub fn set_link_identity(
@@ -989,7 +1038,7 @@ impl Server {
                 .link_client_config(verifier)
                 .map_err(|e| setup(e.to_string()))?
         };
-        let tcp = TcpStream::connect((target.host.as_str(), target.link_port)).await?;
+        let tcp = self.connect_host(&target.host, target.link_port).await?;
         tcp.set_nodelay(true)?;
         let name = ServerName::try_from(node.to_owned())
             .map_err(|_| setup(format!("{node} is not a valid server name")))?;

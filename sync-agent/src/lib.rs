@@ -421,6 +421,18 @@ impl Agent {
             .ok_or_else(|| AgentError::Invalid("the node has no certificate yet".into()))
     }
 
+    /// The addresses of `host` as the agent resolves peers' names: DNS, or during an
+    /// outage the last good answer (what router links use too).
+    pub async fn resolve_host(&self, host: &str) -> Vec<std::net::IpAddr> {
+        self.dns
+            .resolve(host)
+            .await
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
     /// Uses another name resolver from now on (tests, embedding).
     pub fn set_resolver(&self, resolver: Arc<dyn dns::NameResolver>) {
         self.dns.set_resolver(resolver);

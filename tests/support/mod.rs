@@ -534,3 +534,42 @@ where
     }
     panic!("{what}: not within {secs} s");
 }
+
+/// Resolves every name of the test clusters to 127.0.0.1.
+pub fn test_dns() -> std::sync::Arc<MapDns> {
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut names = vec!["localhost".to_owned()];
+    for c in ["a", "b", "c"] {
+        names.push(format!("cluster-{c}.example.com"));
+        names.push(format!("node1.cluster-{c}.example.com"));
+    }
+    std::sync::Arc::new(MapDns {
+        names: names.into_iter().map(|n| (n, vec![local])).collect(),
+        down: false.into(),
+    })
+}
+
+/// A resolver for tests: a fixed map, and a switch that makes every lookup fail.
+pub struct MapDns {
+    pub names: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+impl impmesh_sync_agent::dns::NameResolver for MapDns {
+    fn lookup<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<std::net::IpAddr>, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("no connections available (simulated outage)".into());
+            }
+            self.names
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("{name}: NXDOMAIN"))
+        })
+    }
+}
