@@ -247,6 +247,10 @@ impl NodeControl for Control {
         );
         self.server.stats.render(out);
         self.server.store.latency().render(out);
+        self.server.render_link_metrics(out);
+        if let Some(agent) = self.agent.get() {
+            agent.render_metrics(out);
+        }
     }
 
     fn ready(&self) -> bool {

@@ -959,6 +959,55 @@ async fn peer(cmd: PeerCommand, api: &mut AxlClient) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 );
                 println!("  pinned:           {}", s(&p["pinned"]));
+                println!(
+                    "  failures:         {} in a row, {} stall restarts, {} directory entries refused",
+                    s(&p["live"]["consecutive_failures"]),
+                    s(&p["stall_restarts"]),
+                    s(&p["live"]["refused_entries"])
+                );
+                println!(
+                    "  clock skew:       {}",
+                    p["live"]["clock_skew_secs"]
+                        .as_i64()
+                        .map(|k| format!("{k:+} s"))
+                        .unwrap_or_else(|| "-".into())
+                );
+                let failing: Vec<String> = p["live"]["dns"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n["ok"] == false)
+                    .map(|n| {
+                        format!(
+                            "{} ({}; using {})",
+                            s(&n["name"]),
+                            s(&n["error"]),
+                            s(&n["addresses"])
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  DNS:              {}",
+                    if failing.is_empty() {
+                        "every name resolves".to_owned()
+                    } else {
+                        format!("failing: {}", failing.join(", "))
+                    }
+                );
+                let missing = p["live"]["missing_features"]
+                    .as_array()
+                    .map(|m| m.iter().map(&s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
+                println!(
+                    "  protocol:         {}, features {}{}",
+                    s(&p["live"]["peer_protocol"]),
+                    s(&p["live"]["peer_features"]),
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (missing, not used with it: {missing})")
+                    }
+                );
                 let links = p["links"].as_array().cloned().unwrap_or_default();
                 if links.is_empty() {
                     println!("  router links:     none yet (opened when a stanza goes there)");

@@ -292,7 +292,7 @@ async fn a_mesh_serves_one_domain_and_at_most_its_peer_limit() {
 /// through DNS, and on the last good addresses while DNS is down.
 #[tokio::test]
 async fn a_link_to_a_node_named_by_host_survives_a_dns_outage() {
-    let a = cluster(A, &["alice"], |_| {}).await;
+    let a = cluster(A, &["alice"], |c| c.sync.dns_check_interval = 1).await;
     let b = cluster(B, &["bob"], |_| {}).await;
     let dns = support::test_dns();
     a.node.agent.set_resolver(dns.clone());
@@ -325,4 +325,40 @@ async fn a_link_to_a_node_named_by_host_survives_a_dns_outage() {
         body(e).as_deref() == Some("during-outage")
     })
     .await;
+
+    // /metrics shows the mesh: the peer in sync and in step, the link up, and the
+    // failing DNS name (the last good addresses in use).
+    let b_in_sync = format!("impmesh_peer_sync_state{{peer=\"{B}\",state=\"in-sync\"}} 1");
+    let dns_failing = format!("impmesh_peer_dns_ok{{peer=\"{B}\",name=\"{b_node}\"}} 0");
+    let link_up =
+        format!("impmesh_link_up{{node=\"{b_node}\",cluster=\"{B}\",direction=\"out\"}} 1");
+    // (Names are checked during a sync, at most every dns_check_interval: nudge.)
+    eventually(20, "the mesh in /metrics", || async {
+        a.node.agent.nudge(B);
+        let m = metrics(&a).await;
+        m.contains(&b_in_sync)
+            && m.contains(&dns_failing)
+            && m.contains(&link_up)
+            && m.contains(&format!("impmesh_peer_usn_lag{{peer=\"{B}\"}} 0"))
+            && m.contains(&format!("impmesh_peer_users{{peer=\"{B}\"}} 1"))
+    })
+    .await;
+}
+
+/// A node's `/metrics`, as Prometheus scrapes it.
+async fn metrics(node: &TestNode) -> String {
+    let anchors = impmesh_certs::TrustAnchors {
+        cas: vec![],
+        pinned: [node.node.identity().fingerprint()].into(),
+    };
+    let mut client = impmesh_axl::client::AxlClient::connect(
+        &node.node.https_addr.to_string(),
+        "localhost",
+        impmesh_axl::client::ServerTrust::Verified(
+            impmesh_certs::PeerVerifier::new(&anchors).unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    client.get("/metrics").await.unwrap().1
 }

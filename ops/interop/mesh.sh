@@ -91,6 +91,11 @@ if ! (cd "$here" && "$venv/bin/python" mesh.py 127.0.0.1 "$c2s_a" "$c2s_b" "$wor
   echo "--- A ---"; tail -30 "$work/a.log"; echo "--- B ---"; tail -30 "$work/b.log"
   exit 1
 fi
-"$bin" --config "$work/a.toml" peer status | grep -q "router link out  node1.cluster-b.example.com up" \
-  || { echo "FAIL: peer status does not show the link to B"; "$bin" --config "$work/a.toml" peer status; exit 1; }
+status="$("$bin" --config "$work/a.toml" peer status)"
+for expected in "router link out  node1.cluster-b.example.com up" \
+  "failures:         0 in a row, 0 stall restarts, 0 directory entries refused" \
+  "clock skew:       +0 s" "DNS:              " "protocol:         2, features"; do
+  grep -qF "$expected" <<<"$status" \
+    || { echo "FAIL: peer status does not show \"$expected\""; echo "$status"; exit 1; }
+done
 echo "interop (mesh): 1 passed, 0 failed"

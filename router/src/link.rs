@@ -303,6 +303,58 @@ impl std::fmt::Debug for Links {
 }
 
 impl Links {
+    /// Every link in the Prometheus text format (kept up to date by the link tasks).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let links = self.status();
+        for (name, kind, help) in [
+            ("impmesh_link_up", "gauge", "Whether the router link is up."),
+            (
+                "impmesh_link_stanzas_total",
+                "counter",
+                "Stanzas carried by the link.",
+            ),
+            (
+                "impmesh_link_queued",
+                "gauge",
+                "Stanzas waiting for the remote node (in memory and in the outbox).",
+            ),
+            (
+                "impmesh_link_outbox_rows",
+                "gauge",
+                "Messages in the durable outbox for the node.",
+            ),
+            (
+                "impmesh_link_outbox_bytes",
+                "gauge",
+                "Bytes of those messages.",
+            ),
+            (
+                "impmesh_link_in_flight",
+                "gauge",
+                "Stanzas sent and not acknowledged yet.",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for l in &links {
+                let value = match name {
+                    "impmesh_link_up" => u64::from(l.up),
+                    "impmesh_link_stanzas_total" => l.stanzas,
+                    "impmesh_link_queued" => l.queued as u64,
+                    "impmesh_link_outbox_rows" => l.outbox_rows,
+                    "impmesh_link_outbox_bytes" => l.outbox_bytes,
+                    _ => l.in_flight,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\",cluster=\"{}\",direction=\"{}\"}} {value}",
+                    l.node, l.cluster, l.direction
+                );
+            }
+        }
+    }
+
     /// Whether the link of `generation` is the current incoming link from `node`.
     fn is_current(&self, node: &str, generation: u64) -> bool {
         lock(&self.inbound)
@@ -427,6 +479,11 @@ impl Server {
     /// The node's links and their state.
     pub fn link_status(&self) -> Vec<LinkStatus> {
         self.links.status()
+    }
+
+    /// The node's links in the Prometheus text format.
+    pub fn render_link_metrics(&self, out: &mut String) {
+        self.links.render_metrics(out);
     }
 
     /// Where a user of the domain is homed when that is another cluster: (cluster,

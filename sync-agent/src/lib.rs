@@ -107,6 +107,10 @@ pub struct LiveStatus {
     /// Directory entries of the peer refused since the task started: a user homed
     /// elsewhere than the peer or its nodes, or an invalid name (see the log).
     pub refused_entries: u64,
+    /// The peer's USN applied to our directory, and the peer's users in it, after the
+    /// last sync (for `/metrics`: kept here, not read from the store per scrape).
+    pub applied_usn: Option<i64>,
+    pub users_here: Option<i64>,
 }
 
 /// One check of the troubleshooter.
@@ -1208,6 +1212,125 @@ impl Agent {
         Ok(client)
     }
 
+    /// The mesh in the Prometheus text format, from what the peer tasks keep in
+    /// memory (no store query per scrape): per peer its sync state, USN lag, seconds
+    /// since the last good sync, users, failures, stall restarts, certificate status,
+    /// and the DNS state of each of its names.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let now = impmesh_store::now_unix();
+        let peers: Vec<(String, LiveStatus)> = lock(&self.peers)
+            .iter()
+            .map(|(c, h)| (c.clone(), lock(&h.status).clone()))
+            .collect();
+        let restarts: Vec<u32> = {
+            let dog = lock(&self.watchdog);
+            peers.iter().map(|(c, _)| dog.restarts(c)).collect()
+        };
+        let mut family = |name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        };
+        family(
+            "impmesh_peer_sync_state",
+            "gauge",
+            "The sync task's state per peer (1 for the current state).",
+        );
+        family(
+            "impmesh_peer_usn_lag",
+            "gauge",
+            "The peer's last USN minus the one applied here (0: in step).",
+        );
+        family(
+            "impmesh_peer_last_sync_age_seconds",
+            "gauge",
+            "Seconds since the last sync with the peer completed.",
+        );
+        family(
+            "impmesh_peer_users",
+            "gauge",
+            "The peer's users in this directory.",
+        );
+        family(
+            "impmesh_peer_consecutive_failures",
+            "gauge",
+            "Failed sync attempts in a row with the peer.",
+        );
+        family(
+            "impmesh_peer_stall_restarts_total",
+            "counter",
+            "Times the stall watchdog restarted the peer's sync.",
+        );
+        family(
+            "impmesh_peer_certificates_in_sync",
+            "gauge",
+            "Whether the peer's announced certificates are all pinned here (1) or not (0).",
+        );
+        family(
+            "impmesh_peer_refused_entries_total",
+            "counter",
+            "Directory entries of the peer refused (homed elsewhere, invalid names).",
+        );
+        family(
+            "impmesh_peer_dns_ok",
+            "gauge",
+            "Whether each DNS name of the peer resolves now (0: the last good addresses are in use).",
+        );
+        let mut text = String::new();
+        for ((cluster, s), restarts) in peers.iter().zip(restarts) {
+            let p = format!("peer=\"{cluster}\"");
+            let _ = writeln!(
+                text,
+                "impmesh_peer_sync_state{{{p},state=\"{}\"}} 1",
+                s.state
+            );
+            if let (Some(theirs), Some(ours)) = (s.peer_usn, s.applied_usn) {
+                let _ = writeln!(
+                    text,
+                    "impmesh_peer_usn_lag{{{p}}} {}",
+                    (theirs - ours).max(0)
+                );
+            }
+            if let Some(t) = s.last_success_at {
+                let _ = writeln!(
+                    text,
+                    "impmesh_peer_last_sync_age_seconds{{{p}}} {}",
+                    (now - t).max(0)
+                );
+            }
+            if let Some(n) = s.users_here {
+                let _ = writeln!(text, "impmesh_peer_users{{{p}}} {n}");
+            }
+            let _ = writeln!(
+                text,
+                "impmesh_peer_consecutive_failures{{{p}}} {}",
+                s.consecutive_failures
+            );
+            let _ = writeln!(text, "impmesh_peer_stall_restarts_total{{{p}}} {restarts}");
+            if s.certificate_status != "unknown" {
+                let _ = writeln!(
+                    text,
+                    "impmesh_peer_certificates_in_sync{{{p}}} {}",
+                    u8::from(s.certificate_status == "in-sync")
+                );
+            }
+            let _ = writeln!(
+                text,
+                "impmesh_peer_refused_entries_total{{{p}}} {}",
+                s.refused_entries
+            );
+            for name in &s.dns {
+                let _ = writeln!(
+                    text,
+                    "impmesh_peer_dns_ok{{{p},name=\"{}\"}} {}",
+                    name.name,
+                    u8::from(name.ok)
+                );
+            }
+        }
+        out.push_str(&text);
+    }
+
     /// The status of every peer.
     pub async fn status(&self) -> Result<Vec<PeerStatus>, AgentError> {
         let trust = self.store.trust_entries().await?;
@@ -1540,7 +1663,11 @@ impl PeerTask {
                         tracing::error!(error = %e, "cannot clear the stall alarm");
                     }
                     lock(&self.agent.failures).remove(&self.cluster);
+                    let applied = self.agent.store.peer_sync(&self.cluster).await.ok();
+                    let users = self.agent.store.remote_user_count(&self.cluster).await.ok();
                     let mut s = lock(&self.status);
+                    s.applied_usn = applied.map(|p| p.applied_usn);
+                    s.users_here = users;
                     s.state = "in-sync".into();
                     s.reason = None;
                     s.last_success_at = Some(impmesh_store::now_unix());
