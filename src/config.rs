@@ -117,6 +117,9 @@ pub struct SyncSection {
     /// Optional intercluster features this node does not announce (and so does not
     /// get from peers): for a mixed-release mesh, or to turn one off.
     pub disable_features: Vec<String>,
+    /// Seconds a new node certificate waits for every active peer to pin it before it
+    /// is used for peers anyway (0: at once, no overlap).
+    pub certificate_overlap: u64,
 }
 
 impl Default for SyncSection {
@@ -131,6 +134,7 @@ impl Default for SyncSection {
             anti_entropy_interval: s.anti_entropy_interval.as_secs(),
             max_peers: s.max_peers,
             disable_features: vec![],
+            certificate_overlap: 48 * 3600,
         }
     }
 }

@@ -31,7 +31,28 @@ pub struct Control {
     started: Instant,
     /// Certificate changes one at a time.
     cert_lock: tokio::sync::Mutex<()>,
+    /// A new node certificate announced to the peers and not in use on the
+    /// peer-facing listeners yet (make-before-break), with its generation and the
+    /// signal that ends its overlap at once.
+    rotation: std::sync::Mutex<Option<Rotation>>,
+    /// Bumped by every certificate change: a rotation that a newer change replaced
+    /// stops.
+    rotation_gen: std::sync::atomic::AtomicU64,
+    me: Weak<Control>,
 }
+
+/// A certificate rotation under way.
+#[derive(Clone)]
+struct Rotation {
+    new: NodeIdentity,
+    generation: u64,
+    end_now: Arc<tokio::sync::Notify>,
+}
+
+/// The first wait between two announcements to a peer that has not pinned the new
+/// certificate yet (doubling up to a minute): a peer that was down gets it soon
+/// after it is back.
+const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Control {
     pub fn new(
@@ -40,7 +61,7 @@ impl Control {
         identity: NodeIdentity,
         client: Option<NodeIdentity>,
     ) -> Arc<Control> {
-        Arc::new(Control {
+        Arc::new_cyclic(|me| Control {
             config,
             server,
             identity: RwLock::new(identity),
@@ -51,7 +72,19 @@ impl Control {
             links: OnceLock::new(),
             started: Instant::now(),
             cert_lock: tokio::sync::Mutex::new(()),
+            rotation: std::sync::Mutex::new(None),
+            rotation_gen: std::sync::atomic::AtomicU64::new(0),
+            me: me.clone(),
         })
+    }
+
+    /// The new node certificate being announced to peers, if a rotation is under way.
+    pub fn rotating_to(&self) -> Option<String> {
+        self.rotation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.new.fingerprint())
     }
 
     /// Completes the wiring once the listeners are bound.
@@ -142,6 +175,15 @@ impl Control {
     /// client-facing one from `[tls]`) and uses them for every new TLS handshake;
     /// connections already up keep theirs. On an error nothing changes. Returns the node
     /// certificate's fingerprint.
+    ///
+    /// A new node certificate while active peers pin the old one is rolled out
+    /// make-before-break: clients get it at once; it is announced to every active peer
+    /// over the channel they already trust (each pins it, keeping the old pin); the
+    /// peer-facing listeners (HTTPS, router links) and this node's calls keep the old
+    /// one until every active peer has pinned the new one, or `[sync]
+    /// certificate_overlap` ends, or an admin ends the overlap
+    /// ([`Control::end_certificate_overlap`]). Peers then drop the old pin when they see
+    /// it is no longer announced. Links and syncs never drop; nobody retypes a password.
     pub async fn reload_certificates(&self) -> anyhow::Result<String> {
         let identity = node::identity(&self.config)?;
         let client = node::client_identity(&self.config)?;
@@ -154,6 +196,46 @@ impl Control {
             for_clients.server_config(&[b"xmpp-client"])?,
         );
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        let fingerprint = identity.fingerprint();
+        let generation = self
+            .rotation_gen
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let changed = self.identity().fingerprint() != fingerprint;
+        let overlap = std::time::Duration::from_secs(self.config.sync.certificate_overlap);
+        let active_peers = match self.agent.get() {
+            Some(_) => self
+                .server
+                .store
+                .peers()
+                .await?
+                .iter()
+                .any(|p| p.state == impmesh_store::PeerState::Active),
+            None => false,
+        };
+        if changed && active_peers && !overlap.is_zero() {
+            let end_now = Arc::new(tokio::sync::Notify::new());
+            let rotation = Rotation {
+                new: identity,
+                generation,
+                end_now,
+            };
+            *self.rotation.lock().unwrap_or_else(|e| e.into_inner()) = Some(rotation.clone());
+            if let Some(me) = self.me.upgrade() {
+                tokio::spawn(async move { me.rotate(rotation, overlap).await });
+            }
+            tracing::info!(sha256 = %fingerprint, "new certificate in use for clients; announcing it to the peers before the peer-facing listeners switch");
+            return Ok(fingerprint);
+        }
+        *self.rotation.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.use_for_peers(identity).await?;
+        tracing::info!(sha256 = %fingerprint, "certificate in use");
+        Ok(fingerprint)
+    }
+
+    /// Puts `identity` in use on the peer-facing side: HTTPS, router links, the sync
+    /// agent's calls, and what getClusterInfo announces.
+    async fn use_for_peers(&self, identity: NodeIdentity) -> anyhow::Result<()> {
         if let Some(https) = self.https.get().and_then(Weak::upgrade) {
             https.set_tls(identity.https_server_config()?);
         }
@@ -161,11 +243,107 @@ impl Control {
         if let Some(agent) = self.agent.get() {
             agent.set_identity(identity.clone());
         }
-        let fingerprint = identity.fingerprint();
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         self.publish().await?;
-        tracing::info!(sha256 = %fingerprint, "certificate in use");
-        Ok(fingerprint)
+        Ok(())
+    }
+
+    /// Announces `rotation.new` to every active peer until all have pinned it (retrying
+    /// those that fail, with a backoff up to a minute), the overlap ends, or an admin
+    /// ends it; then puts it in use for peers. The alarm
+    /// `InterClusterCertificateRotationPending` names the peers that have not pinned it.
+    async fn rotate(self: Arc<Self>, rotation: Rotation, overlap: std::time::Duration) {
+        let Some(agent) = self.agent.get().cloned() else {
+            return;
+        };
+        let def = impmesh_store::alarms::CERT_ROTATION_PENDING;
+        let subject = self.config.node_name();
+        let deadline = tokio::time::Instant::now() + overlap;
+        let current =
+            || self.rotation_gen.load(std::sync::atomic::Ordering::SeqCst) == rotation.generation;
+        let mut confirmed = std::collections::BTreeSet::new();
+        let mut wait = ANNOUNCE_RETRY;
+        let why = loop {
+            if !current() {
+                return;
+            }
+            let active: Vec<String> = match self.server.store.peers().await {
+                Ok(peers) => peers
+                    .into_iter()
+                    .filter(|p| p.state == impmesh_store::PeerState::Active)
+                    .map(|p| p.cluster)
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list peers");
+                    vec![]
+                }
+            };
+            let unconfirmed: Vec<&String> =
+                active.iter().filter(|p| !confirmed.contains(*p)).collect();
+            for peer in unconfirmed {
+                match agent.announce_certificate(peer, &rotation.new).await {
+                    Ok(()) => {
+                        confirmed.insert(peer.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "the peer has not pinned our new certificate yet; retrying")
+                    }
+                }
+            }
+            let pending: Vec<&String> = active.iter().filter(|p| !confirmed.contains(*p)).collect();
+            if pending.is_empty() {
+                break "every active peer pinned the new certificate";
+            }
+            let message = format!(
+                "peers that have not pinned the new certificate {} yet: {}; the old one is \
+                 served to peers until they do, or until the overlap ends \
+                 (`impmesh cert end-overlap` ends it now)",
+                rotation.new.fingerprint(),
+                pending
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let _ = self.server.store.raise_alarm(def, &subject, &message).await;
+            tokio::select! {
+                _ = self.server.shutdown.cancelled() => return,
+                _ = rotation.end_now.notified() => break "an admin ended the overlap",
+                _ = tokio::time::sleep_until(deadline) => break "the overlap ended",
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(std::time::Duration::from_secs(60));
+        };
+        let _guard = self.cert_lock.lock().await;
+        if !current() {
+            return;
+        }
+        let fingerprint = rotation.new.fingerprint();
+        match self.use_for_peers(rotation.new).await {
+            Ok(()) => {
+                *self.rotation.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let _ = self.server.store.clear_alarm(def, &subject, why).await;
+                tracing::info!(sha256 = %fingerprint, why, "the new certificate is in use for peers too");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot put the new certificate in use"),
+        }
+    }
+
+    /// Ends the overlap of a certificate rotation at once (a compromised old key): the
+    /// new certificate goes in use for peers now, pinned or not. False when none runs.
+    pub fn end_overlap(&self) -> bool {
+        match self
+            .rotation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(r) => {
+                r.end_now.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     async fn change_certificate(
@@ -320,6 +498,10 @@ impl NodeControl for Control {
     async fn reload_certificates(&self) -> Result<String, ControlError> {
         let _guard = self.cert_lock.lock().await;
         Control::reload_certificates(self).await.map_err(cert_error)
+    }
+
+    async fn end_certificate_overlap(&self) -> Result<bool, ControlError> {
+        Ok(self.end_overlap())
     }
 
     async fn troubleshoot(&self) -> Result<serde_json::Value, ControlError> {

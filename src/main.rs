@@ -187,6 +187,9 @@ enum CertCommand {
     /// Makes the running node read its certificate files again (after a renewal done
     /// outside impmesh, e.g. of `[tls] client_certificate`); like SIGHUP.
     Reload,
+    /// Ends the overlap of a certificate rotation at once: the new node certificate is
+    /// served to peers now, whether they pinned it or not (for a compromised old key).
+    EndOverlap,
     /// Installs a CA-signed certificate (PEM, or a PKCS#12 archive) after checking that
     /// it fits this node; a running node uses it at once.
     Import {
@@ -621,6 +624,18 @@ async fn cert(
                 "reloaded; node certificate SHA-256 {}",
                 r["fingerprint"].as_str().unwrap_or("")
             );
+            Ok(())
+        }
+        CertCommand::EndOverlap => {
+            let Some(api) = api else {
+                anyhow::bail!("the node is not running: there is no rotation to end");
+            };
+            let r = call(api, Method::POST, "/certificates/end-overlap", None).await?;
+            if r["ended"] == true {
+                println!("the new certificate is now served to peers too");
+            } else {
+                println!("no certificate rotation is under way");
+            }
             Ok(())
         }
         CertCommand::Regenerate => {

@@ -362,3 +362,166 @@ async fn metrics(node: &TestNode) -> String {
     .unwrap();
     client.get("/metrics").await.unwrap().1
 }
+
+/// The certificate a node's HTTPS service presents now.
+async fn served_certificate(node: &TestNode) -> String {
+    let client = impmesh_axl::client::AxlClient::connect(
+        &node.node.https_addr.to_string(),
+        "localhost",
+        impmesh_axl::client::ServerTrust::FirstContact,
+    )
+    .await
+    .unwrap();
+    impmesh_certs::fingerprint(&client.server_chain()[0])
+}
+
+/// The fingerprints `node` pins for `peer`.
+async fn pins(node: &TestNode, peer: &str) -> Vec<String> {
+    node.node
+        .server
+        .store
+        .trust_entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.peer.as_deref() == Some(peer))
+        .map(|t| t.fingerprint)
+        .collect()
+}
+
+/// A regenerated certificate reaches the peers by itself, make-before-break: each
+/// peer pins it over the channel it already trusts, the old one is served to peers
+/// until all have it (a peer that is down gets it when it is back), then the peers
+/// drop the old pin. Messages flow throughout; nobody types a password.
+#[tokio::test]
+async fn a_new_certificate_is_rolled_out_to_the_peers_without_dropping_anything() {
+    const C: &str = "cluster-c.example.com";
+    let a = cluster(A, &["alice"], |_| {}).await;
+    let b = cluster(B, &["bob"], |_| {}).await;
+    let c = cluster(C, &["carl"], |_| {}).await;
+    peer(&a, &b).await;
+    peer(&a, &c).await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(&mut alice, &chat("bob", "before")).await;
+    expect(&mut bob, 10, "before", |e| {
+        body(e).as_deref() == Some("before")
+    })
+    .await;
+    let old = a.node.identity().fingerprint();
+
+    // C is unreachable from A for now.
+    let store_a = a.node.server.store.clone();
+    let c_record = store_a.peer(C).await.unwrap().unwrap();
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    store_a
+        .upsert_peer(&impmesh_store::PeerRecord {
+            address: dead_addr,
+            ..c_record.clone()
+        })
+        .await
+        .unwrap();
+    // (Pins carry their second: the new one must be younger than the old.)
+    let t = impmesh_store::now_unix();
+    eventually(3, "the next second", || async {
+        impmesh_store::now_unix() > t
+    })
+    .await;
+
+    let new = a.node.control.regenerate_certificate().await.unwrap();
+    assert_ne!(new, old);
+    // B pins it by itself; C cannot yet; A keeps serving the old one to peers and
+    // says who is missing.
+    eventually(10, "B pins the new certificate", || async {
+        pins(&b, A).await.contains(&new)
+    })
+    .await;
+    assert!(
+        pins(&b, A).await.contains(&old),
+        "the old pin stays meanwhile"
+    );
+    let alarm = "InterClusterCertificateRotationPending";
+    eventually(10, "the rotation alarm naming C", || async {
+        a.node
+            .server
+            .store
+            .active_alarms()
+            .await
+            .unwrap()
+            .iter()
+            .any(|al| al.name == alarm && al.message.contains(C))
+    })
+    .await;
+    assert_eq!(served_certificate(&a).await, old);
+    send(&mut alice, &chat("bob", "during")).await;
+    expect(&mut bob, 10, "during", |e| {
+        body(e).as_deref() == Some("during")
+    })
+    .await;
+
+    // C is back: it gets the announcement, A switches, the alarm clears.
+    store_a.upsert_peer(&c_record).await.unwrap();
+    eventually(30, "the new certificate in use for peers", || async {
+        served_certificate(&a).await == new
+    })
+    .await;
+    eventually(10, "the rotation alarm cleared", || async {
+        !has_alarm(&a, alarm, &a.config.node_name()).await
+    })
+    .await;
+    assert!(pins(&c, A).await.contains(&new));
+    // The peers drop the old pin at their next sync.
+    for (peer, name) in [(&b, "B"), (&c, "C")] {
+        eventually(10, "the old pin dropped", || async {
+            peer.node.agent.nudge(A);
+            pins(peer, A).await == [new.clone()]
+        })
+        .await;
+        assert_eq!(
+            status_of(peer, A).await["live"]["state"],
+            "in-sync",
+            "{name}"
+        );
+    }
+    // Both ways still work, and the link did not drop.
+    send(&mut alice, &chat("bob", "after")).await;
+    expect(&mut bob, 10, "after", |e| {
+        body(e).as_deref() == Some("after")
+    })
+    .await;
+    send(&mut bob, &chat("alice", "back")).await;
+    expect(&mut alice, 10, "back", |e| {
+        body(e).as_deref() == Some("back")
+    })
+    .await;
+
+    // A compromised key: with C away again, a new certificate waits for it, until the
+    // admin ends the overlap; then peers are served the new one at once.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    store_a
+        .upsert_peer(&impmesh_store::PeerRecord {
+            address: dead_addr,
+            ..c_record.clone()
+        })
+        .await
+        .unwrap();
+    let newer = a.node.control.regenerate_certificate().await.unwrap();
+    eventually(10, "B pins the newer certificate", || async {
+        pins(&b, A).await.contains(&newer)
+    })
+    .await;
+    assert_eq!(served_certificate(&a).await, new);
+    assert!(a.node.control.end_certificate_overlap().await.unwrap());
+    eventually(10, "the newer certificate served at once", || async {
+        served_certificate(&a).await == newer
+    })
+    .await;
+}

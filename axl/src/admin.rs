@@ -30,6 +30,7 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/certificates/import", post(import::<C>))
         .route("/certificates/regenerate", post(regenerate::<C>))
         .route("/certificates/reload", post(reload::<C>))
+        .route("/certificates/end-overlap", post(end_overlap::<C>))
         .route("/trust", get(list_trust::<C>).post(add_trust::<C>))
         .route("/trust/{fingerprint}", delete(remove_trust::<C>))
         .route("/alarms", get(alarms::<C>))
@@ -246,6 +247,11 @@ async fn regenerate<C: NodeControl>(State(https): AppState<C>) -> Result<Respons
 async fn reload<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     let fingerprint = https.control.reload_certificates().await?;
     Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+}
+
+async fn end_overlap<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    let ended = https.control.end_certificate_overlap().await?;
+    Ok(Json(json!({ "ended": ended })).into_response())
 }
 
 async fn list_trust<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {

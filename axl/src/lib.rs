@@ -90,6 +90,9 @@ pub trait NodeControl: Send + Sync + 'static {
     /// Reads the certificate files again (after an outside renewal) and uses them for
     /// new handshakes; returns the node certificate's fingerprint.
     fn reload_certificates(&self) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// Ends the overlap of a certificate rotation at once (the new certificate goes in
+    /// use for peers now); false when no rotation is under way.
+    fn end_certificate_overlap(&self) -> impl Future<Output = Result<bool, ControlError>> + Send;
     /// The System Troubleshooter's checks (JSON array of {name, ok, detail}).
     fn troubleshoot(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
     /// The status of every peer cluster (JSON array).

@@ -76,6 +76,8 @@ pub const PEER_CERT_EXPIRED: &AlarmDef = &CATALOGUE[14];
 pub const OUTBOX_FULL: &AlarmDef = &CATALOGUE[15];
 /// A peer removed this cluster and said so.
 pub const PEER_REMOVED_US: &AlarmDef = &CATALOGUE[16];
+/// A new node certificate waits for peers to pin it.
+pub const CERT_ROTATION_PENDING: &AlarmDef = &CATALOGUE[17];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -180,6 +182,12 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Major,
         meaning: "A peer cluster (the subject) removed this cluster and told it so: nothing is synced from it any more, its users are gone from the directory here, and messages for them are bounced with service-unavailable. The peer shows as `removed` in `impmesh peer status`.",
         action: "If it was meant, remove it here too (`impmesh peer del PEER`, which clears the alarm); if not, peer again (`impmesh peer add` on either side).",
+    },
+    AlarmDef {
+        name: "InterClusterCertificateRotationPending",
+        severity: Severity::Warning,
+        meaning: "This node has a new certificate (the subject: the node) that some active peers (named in the message) have not pinned yet: it is announced to them again and again, and the old one is still served to peers until they all have it or [sync] certificate_overlap ends.",
+        action: "Usually nothing: a peer that is down gets it when it is back. If a peer will not come back, remove it (`impmesh peer del`); for a compromised old key, `impmesh cert end-overlap` puts the new one in use for peers at once (peers that have not pinned it then need `impmesh peer sync NODE --with-certificates` on their side).",
     },
 ];
 

@@ -425,6 +425,75 @@ impl Agent {
             .ok_or_else(|| AgentError::Invalid("the node has no certificate yet".into()))
     }
 
+    /// Announces this node's new certificate to `cluster` over the channel it already
+    /// trusts (its pinned certificate, the credential it issued to us), presenting the
+    /// new certificate as the TLS client certificate so that the peer can pin it
+    /// (make-before-break: the peer keeps the old pin). The peering's credentials are
+    /// renewed on the way. Ok means the peer pinned it.
+    pub async fn announce_certificate(
+        &self,
+        cluster: &str,
+        new: &impmesh_certs::NodeIdentity,
+    ) -> Result<(), AgentError> {
+        let Some(peer) = self.store.peer(cluster).await? else {
+            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+        };
+        let token = peer
+            .our_token
+            .clone()
+            .ok_or_else(|| AgentError::Invalid(format!("no credential for {cluster}")))?;
+        let contact = |source| AgentError::Contact {
+            addr: peer.address.clone(),
+            source,
+        };
+        let anchors = self.store.trust_anchors(Some(cluster)).await?;
+        let verifier =
+            PeerVerifier::new(&anchors).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let mut client = self
+            .connect_to_as(
+                &peer.address,
+                &peer.server_name,
+                ServerTrust::Verified(verifier),
+                Some(new),
+            )
+            .await
+            .map_err(contact)?;
+        client
+            .use_peer_token(&self.ours.cluster, &token)
+            .map_err(contact)?;
+        let (chain, _) = new.client_auth();
+        let leaf = chain
+            .first()
+            .ok_or_else(|| AgentError::Invalid("the new certificate has no chain".into()))?;
+        let issued = impmesh_axl::auth::random_token();
+        let request = Request::ExchangeCertificates {
+            cluster: self.ours.cluster.clone(),
+            address: self.ours.address.clone(),
+            server_name: self.ours.server_name.clone(),
+            token: issued.clone(),
+            certificates: vec![NodeCertificate {
+                node: self.ours.server_name.clone(),
+                fingerprint: new.fingerprint(),
+                pem: impmesh_certs::pem_encode("CERTIFICATE", leaf.as_ref()),
+            }],
+        };
+        let Response::Exchanged { token, .. } = client.call(&request).await.map_err(contact)?
+        else {
+            return Err(AgentError::Invalid(
+                "exchangeCertificates answered with something else".into(),
+            ));
+        };
+        self.store
+            .upsert_peer(&PeerRecord {
+                our_token: Some(token),
+                their_token_hash: Some(impmesh_axl::auth::token_hash(&issued)),
+                ..peer
+            })
+            .await?;
+        tracing::info!(peer = %cluster, sha256 = %new.fingerprint(), "the peer pinned our new certificate");
+        Ok(())
+    }
+
     /// The addresses of `host` as the agent resolves peers' names: DNS, or during an
     /// outage the last good answer (what router links use too).
     pub async fn resolve_host(&self, host: &str) -> Vec<std::net::IpAddr> {
@@ -450,6 +519,17 @@ impl Agent {
         server_name: &str,
         trust: ServerTrust,
     ) -> Result<AxlClient, ClientError> {
+        self.connect_to_as(address, server_name, trust, None).await
+    }
+
+    /// [`Agent::connect_to`] presenting `identity` as the TLS client certificate.
+    async fn connect_to_as(
+        &self,
+        address: &str,
+        server_name: &str,
+        trust: ServerTrust,
+        identity: Option<&impmesh_certs::NodeIdentity>,
+    ) -> Result<AxlClient, ClientError> {
         let Some((host, port)) = split_host_port(address) else {
             return Err(ClientError::Protocol(format!(
                 "{address:?} is not host:port"
@@ -471,7 +551,7 @@ impl Agent {
                 Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
                 Err(_) => continue,
             };
-            match AxlClient::connect(&target, server_name, trust.clone()).await {
+            match AxlClient::connect_as(&target, server_name, trust.clone(), identity).await {
                 Ok(c) => return Ok(c),
                 Err(e @ ClientError::Connect(..)) | Err(e @ ClientError::Timeout(_)) => {
                     last = Some(e)
@@ -1986,17 +2066,36 @@ impl PeerTask {
     }
 
     async fn check_certificates(&self, info: &ClusterInfo) -> Result<(), SyncError> {
-        let pinned: Vec<String> = self
+        let entries: Vec<impmesh_store::TrustEntry> = self
             .agent
             .store
             .trust_entries()
             .await?
             .into_iter()
             .filter(|t| t.kind == TrustKind::Pinned && t.peer.as_deref() == Some(&self.cluster))
-            .map(|t| t.fingerprint)
             .collect();
+        let pinned: Vec<String> = entries.iter().map(|t| t.fingerprint.clone()).collect();
         let announced: Vec<String> = info.nodes.iter().map(|n| n.fingerprint.clone()).collect();
         let missing: Vec<&String> = announced.iter().filter(|f| !pinned.contains(f)).collect();
+        // Make-before-break, second half: once every certificate the peer announces is
+        // pinned, the pins of certificates it no longer announces and that are older
+        // than those it does (rotated away) are dropped. A pin newer than what it
+        // announces is a rotation under way (announced to us, not in use yet): kept.
+        if missing.is_empty() && !announced.is_empty() {
+            let oldest_in_use = entries
+                .iter()
+                .filter(|t| announced.contains(&t.fingerprint))
+                .map(|t| t.added_at)
+                .min()
+                .unwrap_or(0);
+            for old in entries
+                .iter()
+                .filter(|t| !announced.contains(&t.fingerprint) && t.added_at < oldest_in_use)
+            {
+                self.agent.store.remove_trust(&old.fingerprint).await?;
+                tracing::info!(peer = %self.cluster, sha256 = %old.fingerprint, "dropped the pin of a certificate the peer no longer uses");
+            }
+        }
         let reason = (!missing.is_empty()).then(|| {
             format!(
                 "the peer announces certificates that are not pinned here: {}; run \
