@@ -7,32 +7,14 @@
 
 mod support;
 
-use impmesh::config::Config;
 use impmesh_axl::NodeControl as _;
-use support::{DOMAIN, TestNode, body, eventually, expect, online, send, start_node};
+use support::{
+    AXL_PW, AXL_USER, DOMAIN, TestNode, body, eventually, expect, has_alarm,
+    mesh_cluster as cluster, online, send,
+};
 
-const AXL_USER: &str = "icsync";
-const AXL_PW: &str = "intercluster-secret";
 const A: &str = "cluster-a.example.com";
 const B: &str = "cluster-b.example.com";
-
-async fn cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Config)) -> TestNode {
-    let name = name.to_owned();
-    let node = start_node(move |c| {
-        c.node.name = Some(format!("node1.{name}"));
-        c.node.cluster = Some(name);
-        c.sync.period = 3600;
-        tweak(c);
-    })
-    .await;
-    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
-        .await
-        .unwrap();
-    for user in users {
-        node.add_user(user, "pw").await;
-    }
-    node
-}
 
 /// A adds B, B accepts; both know each other's users and nodes.
 async fn peer(a: &TestNode, b: &TestNode) {
@@ -70,17 +52,6 @@ async fn status_of(node: &TestNode, cluster: &str) -> serde_json::Value {
         .find(|p| p["cluster"] == cluster)
         .cloned()
         .unwrap_or_default()
-}
-
-async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
-    node.node
-        .server
-        .store
-        .active_alarms()
-        .await
-        .unwrap()
-        .iter()
-        .any(|a| a.name == name && a.subject == subject)
 }
 
 fn chat(to: &str, id: &str) -> String {

@@ -9,31 +9,14 @@ mod support;
 
 use impmesh::config::Config;
 use impmesh_axl::NodeControl as _;
-use support::{DOMAIN, TestNode, body, collect, eventually, expect, online, send, start_node};
+use support::{
+    AXL_PW, AXL_USER, DOMAIN, TestNode, body, collect, eventually, expect, mesh_cluster as cluster,
+    online, send,
+};
 
-const AXL_USER: &str = "icsync";
-const AXL_PW: &str = "intercluster-secret";
 const A: &str = "cluster-a.example.com";
 const B: &str = "cluster-b.example.com";
 const B_NODE: &str = "node1.cluster-b.example.com";
-
-async fn cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Config)) -> TestNode {
-    let name = name.to_owned();
-    let node = start_node(move |c| {
-        c.node.name = Some(format!("node1.{name}"));
-        c.node.cluster = Some(name);
-        c.sync.period = 3600;
-        tweak(c);
-    })
-    .await;
-    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
-        .await
-        .unwrap();
-    for user in users {
-        node.add_user(user, "pw").await;
-    }
-    node
-}
 
 /// A (alice) peered with B (bob), A's link to B through a proxy the test can cut.
 async fn pair(tweak_a: impl FnOnce(&mut Config)) -> (TestNode, TestNode, support::Proxy) {

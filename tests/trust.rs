@@ -14,30 +14,17 @@ use impmesh_axl::NodeControl as _;
 use impmesh_axl::client::{AxlClient, ClientError, OurSide, ServerTrust};
 use impmesh_axl::soap::{NodeCertificate, Request};
 use impmesh_store::Home;
-use support::{DOMAIN, TestNode, body, collect, eventually, expect, online, send, start_node};
+use support::{
+    AXL_PW, AXL_USER, DOMAIN, TestNode, body, collect, eventually, expect, has_alarm, online, send,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-const AXL_USER: &str = "icsync";
-const AXL_PW: &str = "intercluster-secret";
 const A: &str = "cluster-a.example.com";
 const B: &str = "cluster-b.example.com";
 const C: &str = "cluster-c.example.com";
 
 async fn cluster(name: &str, users: &[&str]) -> TestNode {
-    let name = name.to_owned();
-    let node = start_node(move |c| {
-        c.node.name = Some(format!("node1.{name}"));
-        c.node.cluster = Some(name);
-        c.sync.period = 3600;
-    })
-    .await;
-    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
-        .await
-        .unwrap();
-    for user in users {
-        node.add_user(user, "pw").await;
-    }
-    node
+    support::mesh_cluster(name, users, |_| {}).await
 }
 
 /// `from` adds `to` as a peer and `to` accepts; waits until each knows the other's
@@ -67,17 +54,6 @@ async fn peer(from: &TestNode, to: &TestNode, users_of_from: i64, users_of_to: i
         })
         .await;
     }
-}
-
-async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
-    node.node
-        .server
-        .store
-        .active_alarms()
-        .await
-        .unwrap()
-        .iter()
-        .any(|a| a.name == name && a.subject == subject)
 }
 
 /// The certificates of a node's cluster, as an exchange lists them.

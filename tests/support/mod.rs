@@ -573,3 +573,40 @@ impl impmesh_sync_agent::dns::NameResolver for MapDns {
         })
     }
 }
+
+/// The intercluster application user of the test clusters.
+pub const AXL_USER: &str = "icsync";
+pub const AXL_PW: &str = "intercluster-secret";
+
+/// A one-node cluster `name` (its node `node1.NAME`) that syncs peers only when
+/// nudged (the period is an hour), with the AXL user and `users` (password `pw`),
+/// after `tweak` edits its config.
+pub async fn mesh_cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Config)) -> TestNode {
+    let name = name.to_owned();
+    let node = start_node(move |c| {
+        c.node.name = Some(format!("node1.{name}"));
+        c.node.cluster = Some(name);
+        c.sync.period = 3600;
+        tweak(c);
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    for user in users {
+        node.add_user(user, "pw").await;
+    }
+    node
+}
+
+/// Whether `node` has the alarm `name` raised for `subject`.
+pub async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
+    node.node
+        .server
+        .store
+        .active_alarms()
+        .await
+        .unwrap()
+        .iter()
+        .any(|a| a.name == name && a.subject == subject)
+}
