@@ -535,3 +535,65 @@ async fn an_expired_pinned_certificate_opens_no_link() {
     assert!(answered(&mut link).await);
     assert!(!has_alarm(&b, "InterClusterPeerCertificateExpired", C).await);
 }
+
+/// A stanza whose sender the receiving node cannot check (its store fails) is neither
+/// handled nor acknowledged: the link closes, the sender keeps it, and it is
+/// delivered once the receiver works again (before, it was acknowledged and lost).
+#[tokio::test]
+async fn a_stanza_whose_sender_cannot_be_checked_is_not_acknowledged() {
+    let a = cluster(A, &["alice", "amy"]).await;
+    let b = cluster(B, &["bob"]).await;
+    peer(&a, &b, 2, 1).await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>first</body></message>"),
+    )
+    .await;
+    expect(&mut bob, 10, "the link up", |e| {
+        body(e).as_deref() == Some("first")
+    })
+    .await;
+
+    // B's store fails; amy (whom B has not looked up yet) writes to bob.
+    b.node.server.store.close().await;
+    let mut amy = a.client("amy", "pw", Some("laptop"));
+    online(&mut amy).await;
+    send(
+        &mut amy,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>unchecked</body></message>"),
+    )
+    .await;
+    let links = a.node.server.clone();
+    eventually(10, "B closed the link unacknowledged", || async {
+        links
+            .link_status()
+            .iter()
+            .any(|l| l.cluster == B && l.direction == "out" && !l.up && l.in_flight > 0)
+    })
+    .await;
+
+    // B comes back with a working store (new ports: A is told where, as a sync would).
+    drop(bob);
+    let b = b.restart().await;
+    let store_a = a.node.server.store.clone();
+    let mut node = store_a
+        .peer_node(&format!("node1.{B}"))
+        .await
+        .unwrap()
+        .unwrap();
+    node.link_port = b.node.links_addr.unwrap().port();
+    store_a.set_peer_nodes(B, &[node]).await.unwrap();
+    let mut bob = b.client("bob", "pw", Some("desk"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    expect(&mut bob, 60, "the message B could not check before", |e| {
+        body(e).as_deref() == Some("unchecked")
+    })
+    .await;
+}
