@@ -749,14 +749,20 @@ impl Server {
             keep
         });
         drop(outbound);
-        let mut inbound = lock(&self.links.inbound);
-        inbound.retain(|_, l| {
+        let mut gone = vec![];
+        lock(&self.links.inbound).retain(|node, l| {
             let keep = l.cluster != cluster;
             if !keep {
                 l.closed.cancel();
+                gone.push(node.clone());
             }
             keep
         });
+        // Their users' presence ends here (the links' own teardown no longer does it:
+        // they are not current any more).
+        for node in gone {
+            self.remote_node_lost(&node);
+        }
     }
 
     /// [`Server::run_outlink`]'s loop, until shutdown or the link's queue closes.
