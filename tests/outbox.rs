@@ -21,7 +21,14 @@ const B_NODE: &str = "node1.cluster-b.example.com";
 /// A (alice) peered with B (bob), A's link to B through a proxy the test can cut.
 async fn pair(tweak_a: impl FnOnce(&mut Config)) -> (TestNode, TestNode, support::Proxy) {
     let a = cluster(A, &["alice"], tweak_a).await;
-    let b = cluster(B, &["bob"], |c| c.limits.session_queue = 10_000).await;
+    // Bob's client reads a backlog as fast as the link brings it: room for it in his
+    // session (the benchmark's 100,000 messages are acknowledged by stream management
+    // in batches).
+    let b = cluster(B, &["bob"], |c| {
+        c.limits.session_queue = 10_000;
+        c.limits.max_unacked = 200_000;
+    })
+    .await;
     a.node
         .control
         .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
