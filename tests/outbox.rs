@@ -100,11 +100,12 @@ async fn a_backlog_is_streamed_under_the_window_and_delivered_once_through_flaps
         send(&mut alice, &chat(i)).await;
     }
     let store_a = a.node.server.store.clone();
-    eventually(30, "the backlog in A's outbox", || async {
+    // (The link's count follows each stored batch's commit.)
+    eventually(30, "the backlog in A's outbox, and counted", || async {
         store_a.outbox_size(B_NODE).await.unwrap().0 == BACKLOG as u64
+            && link_to_b(&a).unwrap().outbox_rows == BACKLOG as u64
     })
     .await;
-    assert_eq!(link_to_b(&a).unwrap().outbox_rows, BACKLOG as u64);
 
     // Back, and cut three times while the backlog drains.
     proxy.restore();

@@ -597,3 +597,58 @@ async fn a_stanza_whose_sender_cannot_be_checked_is_not_acknowledged() {
     })
     .await;
 }
+
+/// A peer announces nodes it should not: another cluster's node name, a host that is
+/// no address to dial, and more nodes than a cluster has. None of it is kept.
+#[tokio::test]
+async fn a_rogue_peer_cannot_announce_nodes_it_does_not_have() {
+    let a = cluster(A, &["alice"]).await;
+    let b = cluster(B, &["bea"]).await;
+    let c = cluster(C, &["carl"]).await;
+    peer(&a, &b, 1, 1).await;
+    peer(&c, &b, 1, 1).await;
+    // C's admin publishes made-up nodes in its own cluster's record.
+    let store_c = c.node.server.store.clone();
+    let node1 = store_c.cluster_nodes(C).await.unwrap().remove(0);
+    let fake = |name: String, host: &str| impmesh_store::NodeRecord {
+        name,
+        host: host.to_owned(),
+        cert_pem: String::new(),
+        fingerprint: String::new(),
+        ..node1.clone()
+    };
+    store_c
+        .publish_node(&fake(format!("node1.{A}"), "127.0.0.1"))
+        .await
+        .unwrap();
+    store_c
+        .publish_node(&fake(format!("a0.{C}"), "0.0.0.0"))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        store_c
+            .publish_node(&fake(format!("x{i:02}.{C}"), "127.0.0.1"))
+            .await
+            .unwrap();
+    }
+    let store_b = b.node.server.store.clone();
+    b.node.agent.nudge(C);
+    eventually(10, "C's announcement read", || async {
+        store_b.peer_nodes(C).await.unwrap().len() > 1
+    })
+    .await;
+    let kept = store_b.peer_nodes(C).await.unwrap();
+    assert_eq!(kept.len(), 16, "at most 16 nodes a peer: {kept:?}");
+    assert!(kept.iter().all(|n| n.host != "0.0.0.0"), "{kept:?}");
+    assert!(kept.iter().all(|n| n.name.ends_with(C)), "{kept:?}");
+    // A's node stays A's.
+    assert_eq!(
+        store_b
+            .peer_node(&format!("node1.{A}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .peer,
+        A
+    );
+}
