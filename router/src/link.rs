@@ -65,6 +65,9 @@ struct LinkCounters {
     /// window bounds both).
     in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
+    /// Whether InterClusterOutboxFull is raised for this node (so that relief is
+    /// one store write, not one per acknowledgement).
+    outbox_full: AtomicBool,
     /// Why the last attempt failed, when down.
     last_error: Mutex<Option<String>>,
     /// What the other node's stream header announced: protocol version and features
@@ -192,9 +195,7 @@ impl Outgoing {
         });
         self.next_seq += 1;
     }
-}
 
-impl Outgoing {
     /// Takes out of the stanzas in flight those queued before `before`, wherever they
     /// are in the window, leaving [`SKIP`] in their place until the other side says
     /// how many it handled: returns them, their outbox rows and those rows' bytes.
@@ -307,49 +308,62 @@ impl Links {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let links = self.status();
-        for (name, kind, help) in [
-            ("impmesh_link_up", "gauge", "Whether the router link is up."),
+        /// A metric family: name, type, help, and its value for one link.
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&LinkStatus) -> u64,
+        );
+        let families: [Family; 6] = [
+            (
+                "impmesh_link_up",
+                "gauge",
+                "Whether the router link is up.",
+                |l| u64::from(l.up),
+            ),
             (
                 "impmesh_link_stanzas_total",
                 "counter",
                 "Stanzas carried by the link.",
+                |l| l.stanzas,
             ),
             (
                 "impmesh_link_queued",
                 "gauge",
                 "Stanzas waiting for the remote node (in memory and in the outbox).",
+                |l| l.queued as u64,
             ),
             (
                 "impmesh_link_outbox_rows",
                 "gauge",
                 "Messages in the durable outbox for the node.",
+                |l| l.outbox_rows,
             ),
             (
                 "impmesh_link_outbox_bytes",
                 "gauge",
                 "Bytes of those messages.",
+                |l| l.outbox_bytes,
             ),
             (
                 "impmesh_link_in_flight",
                 "gauge",
                 "Stanzas sent and not acknowledged yet.",
+                |l| l.in_flight,
             ),
-        ] {
+        ];
+        for (name, kind, help, value) in families {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for l in &links {
-                let value = match name {
-                    "impmesh_link_up" => u64::from(l.up),
-                    "impmesh_link_stanzas_total" => l.stanzas,
-                    "impmesh_link_queued" => l.queued as u64,
-                    "impmesh_link_outbox_rows" => l.outbox_rows,
-                    "impmesh_link_outbox_bytes" => l.outbox_bytes,
-                    _ => l.in_flight,
-                };
                 let _ = writeln!(
                     out,
-                    "{name}{{node=\"{}\",cluster=\"{}\",direction=\"{}\"}} {value}",
-                    l.node, l.cluster, l.direction
+                    "{name}{{node=\"{}\",cluster=\"{}\",direction=\"{}\"}} {}",
+                    l.node,
+                    l.cluster,
+                    l.direction,
+                    value(l)
                 );
             }
         }
@@ -712,22 +726,23 @@ impl Server {
         }
         loop {
             let rows = match self.store.outbox_page(&out.node, 0, 500).await {
-                Ok(rows) if !rows.is_empty() => rows,
-                Ok(_) => break,
+                Ok(rows) => rows,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox");
                     break;
                 }
             };
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            if let Err(e) = self.store.outbox_delete(&ids).await {
-                tracing::error!(error = %e, "cannot remove outbox messages");
+            if rows.is_empty()
+                || !self
+                    .bounce_rows(
+                        &rows,
+                        StanzaErrorCondition::ServiceUnavailable,
+                        reason,
+                        counters,
+                    )
+                    .await
+            {
                 break;
-            }
-            for row in rows {
-                if let Some(stanza) = stanza::parse_own(&row.stanza) {
-                    self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, reason);
-                }
             }
         }
         counters.stored.store(0, Ordering::Relaxed);
@@ -915,10 +930,11 @@ impl Server {
                 out.node,
                 out.cluster
             );
-            if let Err(e) = self
-                .store
-                .raise_alarm(impmesh_store::alarms::OUTBOX_FULL, &out.node, &message)
-                .await
+            if !counters.outbox_full.swap(true, Ordering::Relaxed)
+                && let Err(e) = self
+                    .store
+                    .raise_alarm(impmesh_store::alarms::OUTBOX_FULL, &out.node, &message)
+                    .await
             {
                 tracing::error!(error = %e, "cannot raise an alarm");
             }
@@ -956,9 +972,11 @@ impl Server {
     /// Clears the outbox-full alarm of `node` once its outbox is below half the caps.
     async fn outbox_relieved(&self, node: &str, counters: &LinkCounters) {
         let limits = &self.config.limits;
-        if counters.stored.load(Ordering::Relaxed) * 2 <= limits.outbox_max_rows
+        if counters.outbox_full.load(Ordering::Relaxed)
+            && counters.stored.load(Ordering::Relaxed) * 2 <= limits.outbox_max_rows
             && counters.stored_bytes.load(Ordering::Relaxed) * 2 <= limits.outbox_max_bytes
         {
+            counters.outbox_full.store(false, Ordering::Relaxed);
             let _ = self
                 .store
                 .clear_alarm(
@@ -994,9 +1012,9 @@ impl Server {
         let before = now - ttl.as_secs() as i64;
         let reason = Some("the recipient's cluster could not be reached in time");
         // Sent but never acknowledged, and too old: bounced now, their rows (if they
-        // came from the outbox) removed first so the sweep below does not bounce them a
-        // second time, and a filler resent in their place, which keeps the counts of
-        // the acknowledgements aligned and delivers nothing.
+        // came from the outbox) removed first so that the sweep below does not bounce
+        // them a second time; their places are dropped when the link is back
+        // (`Outgoing::compact`), so they are never sent.
         let (expired, ids, bytes) = out.expire_in_flight(before);
         if !ids.is_empty() {
             if let Err(e) = self.store.outbox_delete(&ids).await {
@@ -1017,22 +1035,18 @@ impl Server {
                     return;
                 }
             };
-            if rows.is_empty() {
+            if rows.is_empty()
+                || !self
+                    .bounce_rows(
+                        &rows,
+                        StanzaErrorCondition::RemoteServerTimeout,
+                        reason,
+                        counters,
+                    )
+                    .await
+            {
                 break;
             }
-            // Removed first, then bounced: a failed removal bounces nothing twice.
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            if let Err(e) = self.store.outbox_delete(&ids).await {
-                tracing::error!(error = %e, "cannot remove expired outbox messages");
-                return;
-            }
-            for row in &rows {
-                if let Some(stanza) = stanza::parse_own(&row.stanza) {
-                    self.bounce(&stanza, StanzaErrorCondition::RemoteServerTimeout, reason);
-                }
-            }
-            let bytes = rows.iter().map(|r| r.stanza.len() as u64).sum();
-            counters.unstore(ids.len() as u64, bytes);
         }
         self.outbox_relieved(&out.node, counters).await;
     }
@@ -1207,7 +1221,13 @@ impl Server {
                     out.push(xml, Some(row.id), row.queued_at);
                 }
                 if !expired.is_empty() {
-                    self.bounce_expired_rows(&expired, counters).await;
+                    self.bounce_rows(
+                        &expired,
+                        StanzaErrorCondition::RemoteServerTimeout,
+                        Some("the recipient's cluster could not be reached in time"),
+                        counters,
+                    )
+                    .await;
                 }
                 write_batch(stream, &mut buf).await?;
                 counters.set_in_flight(out.unacked.len());
@@ -1277,17 +1297,20 @@ impl Server {
         }
     }
 
-    /// Removes outbox rows whose time ran out before they could be sent, and bounces
-    /// them to their senders.
-    async fn bounce_expired_rows(
+    /// Removes outbox rows and then bounces them to their senders (removed first: a
+    /// failed removal bounces nothing, so nothing is bounced twice). False when the
+    /// removal failed.
+    async fn bounce_rows(
         &self,
         rows: &[impmesh_store::OutboxEntry],
+        condition: StanzaErrorCondition,
+        reason: Option<&str>,
         counters: &LinkCounters,
-    ) {
+    ) -> bool {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         if let Err(e) = self.store.outbox_delete(&ids).await {
-            tracing::error!(error = %e, "cannot remove expired outbox messages");
-            return;
+            tracing::error!(error = %e, "cannot remove outbox messages");
+            return false;
         }
         counters.unstore(
             ids.len() as u64,
@@ -1295,13 +1318,10 @@ impl Server {
         );
         for row in rows {
             if let Some(stanza) = stanza::parse_own(&row.stanza) {
-                self.bounce(
-                    &stanza,
-                    StanzaErrorCondition::RemoteServerTimeout,
-                    Some("the recipient's cluster could not be reached in time"),
-                );
+                self.bounce(&stanza, condition, reason);
             }
         }
+        true
     }
 
     /// Accepts router links on `addr` until shutdown; returns the bound address.

@@ -1299,116 +1299,104 @@ impl Agent {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let now = impmesh_store::now_unix();
-        let peers: Vec<(String, LiveStatus)> = lock(&self.peers)
-            .iter()
-            .map(|(c, h)| (c.clone(), lock(&h.status).clone()))
-            .collect();
-        let restarts: Vec<u32> = {
+        let peers: Vec<(String, LiveStatus, u32)> = {
+            let handles = lock(&self.peers);
             let dog = lock(&self.watchdog);
-            peers.iter().map(|(c, _)| dog.restarts(c)).collect()
+            handles
+                .iter()
+                .map(|(c, h)| (c.clone(), lock(&h.status).clone(), dog.restarts(c)))
+                .collect()
         };
-        let mut family = |name: &str, kind: &str, help: &str| {
+        /// One family: its samples for a peer, as (extra labels, value).
+        type Samples = fn(&LiveStatus, u32, i64) -> Vec<(String, i64)>;
+        let families: [(&str, &str, &str, Samples); 9] = [
+            (
+                "impmesh_peer_sync_state",
+                "gauge",
+                "The sync task's state per peer (1 for the current state).",
+                |s, _, _| vec![(format!(",state=\"{}\"", s.state), 1)],
+            ),
+            (
+                "impmesh_peer_usn_lag",
+                "gauge",
+                "The peer's last USN minus the one applied here (0: in step).",
+                |s, _, _| match (s.peer_usn, s.applied_usn) {
+                    (Some(theirs), Some(ours)) => vec![(String::new(), (theirs - ours).max(0))],
+                    _ => vec![],
+                },
+            ),
+            (
+                "impmesh_peer_last_sync_age_seconds",
+                "gauge",
+                "Seconds since the last sync with the peer completed.",
+                |s, _, now| {
+                    s.last_success_at
+                        .map(|t| (String::new(), (now - t).max(0)))
+                        .into_iter()
+                        .collect()
+                },
+            ),
+            (
+                "impmesh_peer_users",
+                "gauge",
+                "The peer's users in this directory.",
+                |s, _, _| {
+                    s.users_here
+                        .map(|n| (String::new(), n))
+                        .into_iter()
+                        .collect()
+                },
+            ),
+            (
+                "impmesh_peer_consecutive_failures",
+                "gauge",
+                "Failed sync attempts in a row with the peer.",
+                |s, _, _| vec![(String::new(), i64::from(s.consecutive_failures))],
+            ),
+            (
+                "impmesh_peer_stall_restarts_total",
+                "counter",
+                "Times the stall watchdog restarted the peer's sync.",
+                |_, restarts, _| vec![(String::new(), i64::from(restarts))],
+            ),
+            (
+                "impmesh_peer_certificates_in_sync",
+                "gauge",
+                "Whether the peer's announced certificates are all pinned here (1) or not (0).",
+                |s, _, _| match s.certificate_status.as_str() {
+                    "unknown" => vec![],
+                    status => vec![(String::new(), i64::from(status == "in-sync"))],
+                },
+            ),
+            (
+                "impmesh_peer_refused_entries_total",
+                "counter",
+                "Directory entries of the peer refused (homed elsewhere, invalid names).",
+                |s, _, _| vec![(String::new(), s.refused_entries as i64)],
+            ),
+            (
+                "impmesh_peer_dns_ok",
+                "gauge",
+                "Whether each DNS name of the peer resolves now (0: the last good addresses are in use).",
+                |s, _, _| {
+                    s.dns
+                        .iter()
+                        .map(|n| (format!(",name=\"{}\"", n.name), i64::from(n.ok)))
+                        .collect()
+                },
+            ),
+        ];
+        // Each family whole (HELP, TYPE, then every peer's samples), as the text
+        // format requires.
+        for (name, kind, help, samples) in families {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
-        };
-        family(
-            "impmesh_peer_sync_state",
-            "gauge",
-            "The sync task's state per peer (1 for the current state).",
-        );
-        family(
-            "impmesh_peer_usn_lag",
-            "gauge",
-            "The peer's last USN minus the one applied here (0: in step).",
-        );
-        family(
-            "impmesh_peer_last_sync_age_seconds",
-            "gauge",
-            "Seconds since the last sync with the peer completed.",
-        );
-        family(
-            "impmesh_peer_users",
-            "gauge",
-            "The peer's users in this directory.",
-        );
-        family(
-            "impmesh_peer_consecutive_failures",
-            "gauge",
-            "Failed sync attempts in a row with the peer.",
-        );
-        family(
-            "impmesh_peer_stall_restarts_total",
-            "counter",
-            "Times the stall watchdog restarted the peer's sync.",
-        );
-        family(
-            "impmesh_peer_certificates_in_sync",
-            "gauge",
-            "Whether the peer's announced certificates are all pinned here (1) or not (0).",
-        );
-        family(
-            "impmesh_peer_refused_entries_total",
-            "counter",
-            "Directory entries of the peer refused (homed elsewhere, invalid names).",
-        );
-        family(
-            "impmesh_peer_dns_ok",
-            "gauge",
-            "Whether each DNS name of the peer resolves now (0: the last good addresses are in use).",
-        );
-        let mut text = String::new();
-        for ((cluster, s), restarts) in peers.iter().zip(restarts) {
-            let p = format!("peer=\"{cluster}\"");
-            let _ = writeln!(
-                text,
-                "impmesh_peer_sync_state{{{p},state=\"{}\"}} 1",
-                s.state
-            );
-            if let (Some(theirs), Some(ours)) = (s.peer_usn, s.applied_usn) {
-                let _ = writeln!(
-                    text,
-                    "impmesh_peer_usn_lag{{{p}}} {}",
-                    (theirs - ours).max(0)
-                );
-            }
-            if let Some(t) = s.last_success_at {
-                let _ = writeln!(
-                    text,
-                    "impmesh_peer_last_sync_age_seconds{{{p}}} {}",
-                    (now - t).max(0)
-                );
-            }
-            if let Some(n) = s.users_here {
-                let _ = writeln!(text, "impmesh_peer_users{{{p}}} {n}");
-            }
-            let _ = writeln!(
-                text,
-                "impmesh_peer_consecutive_failures{{{p}}} {}",
-                s.consecutive_failures
-            );
-            let _ = writeln!(text, "impmesh_peer_stall_restarts_total{{{p}}} {restarts}");
-            if s.certificate_status != "unknown" {
-                let _ = writeln!(
-                    text,
-                    "impmesh_peer_certificates_in_sync{{{p}}} {}",
-                    u8::from(s.certificate_status == "in-sync")
-                );
-            }
-            let _ = writeln!(
-                text,
-                "impmesh_peer_refused_entries_total{{{p}}} {}",
-                s.refused_entries
-            );
-            for name in &s.dns {
-                let _ = writeln!(
-                    text,
-                    "impmesh_peer_dns_ok{{{p},name=\"{}\"}} {}",
-                    name.name,
-                    u8::from(name.ok)
-                );
+            for (cluster, s, restarts) in &peers {
+                for (labels, value) in samples(s, *restarts, now) {
+                    let _ = writeln!(out, "{name}{{peer=\"{cluster}\"{labels}}} {value}");
+                }
             }
         }
-        out.push_str(&text);
     }
 
     /// The status of every peer.
