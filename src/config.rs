@@ -192,6 +192,8 @@ pub struct LimitsSection {
     pub max_stanza_bytes: usize,
     pub max_stanza_bytes_unauthenticated: usize,
     pub session_queue: usize,
+    pub session_queue_bytes: usize,
+    pub write_timeout: u64,
     pub read_rate: u32,
     pub read_burst: u32,
     pub handshake_timeout: u64,
@@ -201,7 +203,10 @@ pub struct LimitsSection {
     pub login_failure_window: u64,
     pub resume_timeout: u64,
     pub max_unacked: usize,
+    pub max_unacked_bytes: usize,
     pub max_offline: u32,
+    pub max_offline_bytes: u64,
+    pub max_offline_per_sender: u32,
     pub outbox_ttl: u64,
     pub outbox_max_rows: u64,
     pub outbox_max_bytes: u64,
@@ -217,6 +222,8 @@ impl Default for LimitsSection {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
             session_queue: l.session_queue,
+            session_queue_bytes: l.session_queue_bytes,
+            write_timeout: l.write_timeout.as_secs(),
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: l.handshake_timeout.as_secs(),
@@ -226,7 +233,10 @@ impl Default for LimitsSection {
             login_failure_window: l.login_failure_window.as_secs(),
             resume_timeout: l.resume_timeout.as_secs(),
             max_unacked: l.max_unacked,
+            max_unacked_bytes: l.max_unacked_bytes,
             max_offline: l.max_offline,
+            max_offline_bytes: l.max_offline_bytes,
+            max_offline_per_sender: l.max_offline_per_sender,
             outbox_ttl: l.outbox_ttl.as_secs(),
             outbox_max_rows: l.outbox_max_rows,
             outbox_max_bytes: l.outbox_max_bytes,
@@ -358,6 +368,16 @@ impl Config {
                 impmesh_axl::features::ALL.join(", ")
             )));
         }
+        let l = &self.limits;
+        let share = impmesh_router::config::QUEUE_SHARE;
+        if l.session_queue_bytes / share < l.max_stanza_bytes
+            || l.max_unacked == 0
+            || l.max_offline_per_sender == 0
+        {
+            return Err(ConfigError::Invalid(format!(
+                "limits.session_queue_bytes must hold {share} stanzas of max_stanza_bytes (one sender's share must fit one), and limits.max_unacked and limits.max_offline_per_sender must be at least 1"
+            )));
+        }
         if self.limits.link_window == 0 || self.limits.outbox_max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "limits.link_window and limits.outbox_max_rows must be at least 1".into(),
@@ -405,6 +425,8 @@ impl Config {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
             session_queue: l.session_queue,
+            session_queue_bytes: l.session_queue_bytes,
+            write_timeout: Duration::from_secs(l.write_timeout.max(1)),
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: Duration::from_secs(l.handshake_timeout),
@@ -414,7 +436,10 @@ impl Config {
             login_failure_window: Duration::from_secs(l.login_failure_window),
             resume_timeout: Duration::from_secs(l.resume_timeout),
             max_unacked: l.max_unacked,
+            max_unacked_bytes: l.max_unacked_bytes,
             max_offline: l.max_offline,
+            max_offline_bytes: l.max_offline_bytes,
+            max_offline_per_sender: l.max_offline_per_sender,
             outbox_ttl: Duration::from_secs(l.outbox_ttl),
             outbox_max_rows: l.outbox_max_rows,
             outbox_max_bytes: l.outbox_max_bytes,

@@ -18,7 +18,7 @@ use xmpp_parsers::jid::{BareJid, FullJid};
 use crate::Server;
 use crate::conn::{Conn, ReadError, Transport};
 use crate::error::StreamErrorCondition;
-use crate::hub::{Outbound, PresenceState, ResumeRequest, SessionHandle};
+use crate::hub::{Control, Inbox, QueueLimits, ResumeRequest, SessionHandle};
 use crate::sasl::{self, Mechanism, SaslFailure};
 use crate::xml::{Frame, Header, ns};
 
@@ -29,7 +29,7 @@ const MAX_AUTH_ATTEMPTS: u32 = 3;
 pub struct Bound {
     pub conn: Conn,
     pub handle: Arc<SessionHandle>,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub inbox: Inbox,
 }
 
 /// Why negotiation ended without a session.
@@ -96,13 +96,7 @@ async fn negotiate_connection(
     } else {
         Transport::Plain(tcp)
     };
-    let mut conn = Conn::new(
-        transport,
-        peer,
-        limits.max_stanza_bytes_unauthenticated,
-        limits.read_rate,
-        limits.read_burst,
-    );
+    let mut conn = Conn::new(transport, peer, limits);
     if direct_tls {
         set_channel_binding(&mut conn);
     }
@@ -228,13 +222,7 @@ async fn negotiate(
                         return Err(End::Gone);
                     };
                     let limits = &server.config.limits;
-                    let mut conn = Conn::new(
-                        tls,
-                        peer,
-                        limits.max_stanza_bytes_unauthenticated,
-                        limits.read_rate,
-                        limits.read_burst,
-                    );
+                    let mut conn = Conn::new(tls, peer, limits);
                     set_channel_binding(&mut conn);
                     *slot = Some(conn);
                     stage = Stage::NeedAuth;
@@ -282,9 +270,13 @@ async fn negotiate(
                     let user = user.clone();
                     let blocked = server.store.blocklist(&user).await.unwrap_or_default();
                     match bind(server, &user, &element, blocked.into_iter().collect()) {
-                        Ok((handle, rx, reply)) => {
+                        Ok((handle, inbox, reply)) => {
                             let conn = slot.take().ok_or(End::Gone)?;
-                            let mut bound = Bound { conn, handle, rx };
+                            let mut bound = Bound {
+                                conn,
+                                handle,
+                                inbox,
+                            };
                             bound.conn.send(&reply).await?;
                             return Ok(bound);
                         }
@@ -293,7 +285,7 @@ async fn negotiate(
                 }
                 (Stage::Authenticated(user), "resume", ns::SM) => {
                     let user = user.clone();
-                    resume(server, slot, &user, &element).await?;
+                    resume(server, slot, &user, &element, deadline).await?;
                 }
                 (Stage::Authenticated(_), "enable", ns::SM) => {
                     conn.send(&format!(
@@ -629,7 +621,7 @@ fn bind(
     user: &str,
     iq: &Element,
     blocked: std::collections::HashSet<String>,
-) -> Result<(Arc<SessionHandle>, mpsc::Receiver<Outbound>, String), String> {
+) -> Result<(Arc<SessionHandle>, Inbox, String), String> {
     let domain = &server.config.domain;
     let id = crate::xml::escape(iq.attr("id").unwrap_or_default()).into_owned();
     let err = |condition: crate::error::StanzaErrorCondition, text: &str| {
@@ -655,21 +647,23 @@ fn bind(
             "the resource is not a valid resourcepart (RFC 7622)",
         ));
     };
-    let (tx, rx) = mpsc::channel(server.config.limits.session_queue);
-    let handle = Arc::new(SessionHandle {
-        id: server.hub.next_session_id(),
-        jid: jid.clone(),
-        tx,
-        state: std::sync::Mutex::new(PresenceState::default()),
-        overloaded: Default::default(),
-    });
+    let limits = &server.config.limits;
+    let (handle, inbox) = SessionHandle::new(
+        server.hub.next_session_id(),
+        jid.clone(),
+        QueueLimits {
+            stanzas: limits.session_queue,
+            bytes: limits.session_queue_bytes,
+        },
+    );
+    let handle = Arc::new(handle);
     match server.hub.register(
         handle.clone(),
         server.config.limits.max_sessions_per_user,
         blocked,
     ) {
         Ok(Some(old)) => {
-            let _ = old.tx.try_send(Outbound::Replaced);
+            let _ = old.control.try_send(Control::Replaced);
         }
         Ok(None) => {}
         Err(crate::hub::TooManySessions) => {
@@ -684,7 +678,7 @@ fn bind(
         ns::BIND,
         crate::xml::escape(&jid.to_string())
     );
-    Ok((handle, rx, reply))
+    Ok((handle, inbox, reply))
 }
 
 /// XEP-0198 §5: hands the connection to the session named by `previd`, or answers
@@ -694,6 +688,7 @@ async fn resume(
     slot: &mut Option<Conn>,
     user: &str,
     element: &Element,
+    deadline: Instant,
 ) -> Result<(), End> {
     let previd = element.attr("previd").unwrap_or_default();
     let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
@@ -706,9 +701,15 @@ async fn resume(
                 h,
                 username: user.to_owned(),
             });
-            match tx.send(Outbound::Resume(request)).await {
+            // The control queue has a few slots and its session takes them at once;
+            // the handshake deadline bounds even that.
+            let sent = match timeout_at(deadline, tx.send(Control::Resume(request))).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(End::Gone),
+            };
+            match sent {
                 Ok(()) => Err(End::Gone),
-                Err(mpsc::error::SendError(Outbound::Resume(req))) => {
+                Err(mpsc::error::SendError(Control::Resume(req))) => {
                     *slot = Some(req.conn);
                     failed_resume(conn_of(slot)?).await
                 }

@@ -24,6 +24,10 @@ pub struct RouterConfig {
     pub link_features: Vec<String>,
 }
 
+/// The part of a session's queue one sender may fill: a quarter, so at least four
+/// senders (or the server's own pushes) always find room however one of them floods.
+pub const QUEUE_SHARE: usize = 4;
+
 /// Sizes, rates, queues and timeouts.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -31,9 +35,14 @@ pub struct Limits {
     pub max_stanza_bytes: usize,
     /// Largest top-level element before authentication (Prosody: 10 000 bytes).
     pub max_stanza_bytes_unauthenticated: usize,
-    /// Stanzas waiting for one session's socket; beyond it senders get `wait` errors and
-    /// the session is closed as too slow.
+    /// Stanzas waiting for one session's task, and their bytes; beyond either, senders
+    /// get `resource-constraint` errors (the recipient is never punished for it). One
+    /// sender may fill a quarter of each ([`QUEUE_SHARE`]).
     pub session_queue: usize,
+    pub session_queue_bytes: usize,
+    /// A write to a client or a peer node that does not complete within this time ends
+    /// the connection: a reader that stopped reading releases its memory.
+    pub write_timeout: Duration,
     /// Sustained read rate per connection, bytes/s (token bucket).
     pub read_rate: u32,
     /// Burst allowed above the sustained rate, bytes.
@@ -50,10 +59,16 @@ pub struct Limits {
     pub login_failure_window: Duration,
     /// XEP-0198 resumption window.
     pub resume_timeout: Duration,
-    /// Unacknowledged stanzas kept per session (Prosody: 500, ejabberd: 5 000).
+    /// XEP-0198 window: stanzas sent and not acknowledged, at most, and their bytes
+    /// (Prosody: 500, ejabberd: 5 000). A full window is flow control: the session
+    /// waits for the client's acknowledgement, then for `ping_timeout`.
     pub max_unacked: usize,
-    /// Offline messages kept per user (ejabberd: 100).
+    pub max_unacked_bytes: usize,
+    /// Offline messages kept per user (ejabberd: 100), their bytes, and how many of
+    /// them one sender may hold (its byte share is the same fraction).
     pub max_offline: u32,
+    pub max_offline_bytes: u64,
+    pub max_offline_per_sender: u32,
     /// How long a message for a remote user waits in the outbox while its router link
     /// is down before it is bounced to the sender.
     pub outbox_ttl: Duration,
@@ -80,6 +95,8 @@ impl Default for Limits {
             max_stanza_bytes: 262_144,
             max_stanza_bytes_unauthenticated: 10_000,
             session_queue: 1_000,
+            session_queue_bytes: 4 * 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
             read_rate: 65_536,
             read_burst: 524_288,
             handshake_timeout: Duration::from_secs(30),
@@ -89,7 +106,10 @@ impl Default for Limits {
             login_failure_window: Duration::from_secs(60),
             resume_timeout: Duration::from_secs(300),
             max_unacked: 1_000,
+            max_unacked_bytes: 4 * 1024 * 1024,
             max_offline: 1_000,
+            max_offline_bytes: 16 * 1024 * 1024,
+            max_offline_per_sender: 250,
             outbox_ttl: Duration::from_secs(24 * 3600),
             outbox_max_rows: 250_000,
             outbox_max_bytes: 256 * 1024 * 1024,
@@ -112,6 +132,25 @@ pub fn default_sasl_mechanisms() -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
+}
+
+impl Limits {
+    /// The offline quota of one user.
+    pub fn offline_quota(&self) -> impmesh_store::OfflineQuota {
+        impmesh_store::OfflineQuota {
+            messages: self.max_offline,
+            bytes: self.max_offline_bytes,
+            per_sender: self.max_offline_per_sender,
+        }
+    }
+
+    /// The XEP-0198 window.
+    pub fn sm_window(&self) -> crate::core::sm::Window {
+        crate::core::sm::Window {
+            stanzas: self.max_unacked.max(1),
+            bytes: self.max_unacked_bytes.max(1),
+        }
+    }
 }
 
 impl RouterConfig {

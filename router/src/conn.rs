@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
+use crate::Limits;
 use crate::error::StreamErrorCondition;
 use crate::xml::{Frame, Framer};
 
@@ -146,6 +147,8 @@ pub struct Conn {
     bucket: TokenBucket,
     /// Reads are paused until then by the rate limit.
     pub paused_until: Option<Instant>,
+    /// A write that takes longer fails: the peer does not read.
+    write_timeout: Duration,
 }
 
 impl std::fmt::Debug for Conn {
@@ -157,17 +160,19 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    pub fn new(io: Transport, peer: SocketAddr, max_element: usize, rate: u32, burst: u32) -> Conn {
+    /// A connection not yet authenticated (its element cap is the pre-auth one).
+    pub fn new(io: Transport, peer: SocketAddr, limits: &Limits) -> Conn {
         Conn {
             io,
-            framer: Framer::new(max_element),
+            framer: Framer::new(limits.max_stanza_bytes_unauthenticated),
             peer,
             channel_binding: None,
             inline: [0; INLINE_READ],
             eof: false,
             frames: VecDeque::new(),
-            bucket: TokenBucket::new(rate, burst),
+            bucket: TokenBucket::new(limits.read_rate, limits.read_burst),
             paused_until: None,
+            write_timeout: limits.write_timeout,
         }
     }
 
@@ -258,10 +263,17 @@ impl Conn {
         self.framer.release_temporaries();
     }
 
-    /// Writes and flushes.
+    /// Writes and flushes, within the write deadline: a peer that stops reading gets
+    /// `TimedOut` instead of holding this task (and what it buffers) forever.
     pub async fn send(&mut self, data: &str) -> std::io::Result<()> {
-        self.io.write_all(data.as_bytes()).await?;
-        self.io.flush().await
+        let write = async {
+            self.io.write_all(data.as_bytes()).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Sends `</stream:stream>` (after an optional stream error) and waits a bounded

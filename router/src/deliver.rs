@@ -6,6 +6,8 @@ use std::sync::Arc;
 use minidom::Element;
 use xmpp_parsers::jid::{BareJid, FullJid, Jid};
 
+use impmesh_store::Offline;
+
 use crate::Server;
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::SessionHandle;
@@ -49,41 +51,79 @@ impl Session {
         }
         let from = self.jid().clone();
         self.server.send_carbons_sent(&from, &message);
-        self.server.deliver_message(message, &to).await;
+        // The sender is this session: its error goes straight to its own output, not
+        // through its queue (a flooding sender gets every bounce it caused).
+        if let Err(bounce) = self.server.deliver_message(message, &to).await {
+            self.reply_error(&bounce.stanza, bounce.condition, bounce.text);
+        }
     }
+}
+
+/// A stanza that could not be delivered, and why: the caller tells its sender.
+#[derive(Debug)]
+pub(crate) struct Bounce {
+    pub stanza: Element,
+    pub condition: StanzaErrorCondition,
+    pub text: Option<&'static str>,
+}
+
+fn bounce(
+    stanza: Element,
+    condition: StanzaErrorCondition,
+    text: Option<&'static str>,
+) -> Result<(), Box<Bounce>> {
+    Err(Box::new(Bounce {
+        stanza,
+        condition,
+        text,
+    }))
 }
 
 impl Server {
     /// Delivers a message to a JID of this domain: over a router link when the
-    /// recipient is homed on another cluster, else here. Errors go back to the sender.
-    pub async fn deliver_message(&self, message: Element, to: &Jid) {
+    /// recipient is homed on another cluster, else here. What cannot be delivered
+    /// comes back for the caller to bounce.
+    pub(crate) async fn deliver_message(
+        &self,
+        message: Element,
+        to: &Jid,
+    ) -> Result<(), Box<Bounce>> {
         if let Some(user) = to.node()
             && to.domain().as_str() == self.config.domain
             && self.hub.sessions(user.as_str()).is_empty()
             && self.route_remote(user.as_str(), &message).await
         {
-            return;
+            return Ok(());
         }
-        self.deliver_local_message(message, to).await;
+        self.deliver_local_message(message, to).await
+    }
+
+    /// [`Self::deliver_message`], bouncing through the sender's queue.
+    pub async fn deliver_or_bounce(&self, message: Element, to: &Jid) {
+        if let Err(b) = self.deliver_message(message, to).await {
+            self.bounce(&b.stanza, b.condition, b.text);
+        }
     }
 
     /// Delivers a message to a user of this node by RFC 6121 §8.5, with offline storage
-    /// and carbons. Errors go back to the sender.
-    pub(crate) async fn deliver_local_message(&self, message: Element, to: &Jid) {
+    /// and carbons. What cannot be delivered comes back for the caller to bounce.
+    pub(crate) async fn deliver_local_message(
+        &self,
+        message: Element,
+        to: &Jid,
+    ) -> Result<(), Box<Bounce>> {
         let domain = &self.config.domain;
         let Some(user) = to.node().map(|n| n.to_string()) else {
-            return;
+            return Ok(());
         };
         if to.domain().as_str() != domain {
-            self.bounce(&message, StanzaErrorCondition::RemoteServerNotFound, None);
-            return;
+            return bounce(message, StanzaErrorCondition::RemoteServerNotFound, None);
         }
         let sender = message.attr("from").and_then(stanza::parse_jid);
         if let Some(sender) = &sender
             && self.is_blocked_by(&user, &sender.to_bare()).await
         {
-            self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
-            return;
+            return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
         }
         let kind = stanza::stanza_type(&message).to_owned();
         let sessions = self.hub.sessions(&user);
@@ -94,21 +134,19 @@ impl Server {
                 .find(|s| s.jid.resource().as_str() == resource.as_str())
         {
             let xml: Arc<str> = String::from(&message).into();
-            if !target.send(xml) {
-                self.bounce(&message, StanzaErrorCondition::ResourceConstraint, None);
-                return;
+            if target.send(xml, sender_of(&message)).is_err() {
+                return bounce(message, StanzaErrorCondition::ResourceConstraint, None);
             }
             if kind == "chat" {
                 self.send_carbons_received(&sessions, &[target.id], &message);
             }
-            return;
+            return Ok(());
         }
         match kind.as_str() {
             "groupchat" => {
-                self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
-                return;
+                return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
             }
-            "error" if to.resource().is_some() => return,
+            "error" if to.resource().is_some() => return Ok(()),
             _ => {}
         }
         // To the bare JID (or an unknown resource): the available resources with the
@@ -134,43 +172,40 @@ impl Server {
             let xml: Arc<str> = String::from(&message).into();
             let mut delivered = vec![];
             for target in &targets {
-                if target.send(xml.clone()) {
+                if target.send(xml.clone(), sender_of(&message)).is_ok() {
                     delivered.push(target.id);
                 }
             }
             if delivered.is_empty() {
-                self.bounce(&message, StanzaErrorCondition::ResourceConstraint, None);
+                return bounce(message, StanzaErrorCondition::ResourceConstraint, None);
             } else if kind == "chat" {
                 self.send_carbons_received(&sessions, &delivered, &message);
             }
-            return;
+            return Ok(());
         }
         match kind.as_str() {
             "chat" | "normal" => self.store_offline(&user, message).await,
             // RFC 6121 §8.5.2.1.1: headlines and errors for nobody are discarded.
-            "headline" | "error" => {}
-            _ => self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None),
+            "headline" | "error" => Ok(()),
+            _ => bounce(message, StanzaErrorCondition::ServiceUnavailable, None),
         }
     }
 
     /// XEP-0160: keeps a message for a user with no available resource, stamped with
     /// XEP-0203 delay; bounces it when the user does not exist or the store is full.
-    async fn store_offline(&self, user: &str, mut message: Element) {
-        match self.store.user_exists(user).await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.bounce(&message, StanzaErrorCondition::ServiceUnavailable, None);
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store failed while routing a message");
-                self.bounce(&message, StanzaErrorCondition::InternalServerError, None);
-                return;
-            }
-        }
+    async fn store_offline(&self, user: &str, mut message: Element) -> Result<(), Box<Bounce>> {
         if message.get_child("no-store", ns::HINTS).is_some() {
-            self.bounce(&message, StanzaErrorCondition::RecipientUnavailable, None);
-            return;
+            // Unknown users and users who cannot take it now must look alike only
+            // where the store says so: ask it.
+            let condition = match self.store.user_exists(user).await {
+                Ok(true) => StanzaErrorCondition::RecipientUnavailable,
+                Ok(false) => StanzaErrorCondition::ServiceUnavailable,
+                Err(e) => {
+                    tracing::error!(error = %e, "store failed while routing a message");
+                    StanzaErrorCondition::InternalServerError
+                }
+            };
+            return bounce(message, condition, None);
         }
         if message.get_child("delay", ns::DELAY).is_none() {
             message.append_child(
@@ -188,20 +223,26 @@ impl Server {
             );
         }
         let xml = String::from(&message);
-        match self
-            .store
-            .store_offline(user, &xml, self.config.limits.max_offline)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => self.bounce(
-                &message,
+        let sender = stanza::bare_of(message.attr("from").unwrap_or_default());
+        let quota = self.config.limits.offline_quota();
+        match self.store.store_offline(user, sender, &xml, quota).await {
+            Ok(Offline::Stored) => Ok(()),
+            Ok(Offline::NoSuchUser) => {
+                bounce(message, StanzaErrorCondition::ServiceUnavailable, None)
+            }
+            Ok(Offline::SenderShareFull) => bounce(
+                message,
+                StanzaErrorCondition::ResourceConstraint,
+                Some("you have sent this user as many offline messages as one sender may"),
+            ),
+            Ok(_) => bounce(
+                message,
                 StanzaErrorCondition::ServiceUnavailable,
                 Some("the recipient's offline storage is full"),
             ),
             Err(e) => {
                 tracing::error!(error = %e, "storing an offline message failed");
-                self.bounce(&message, StanzaErrorCondition::InternalServerError, None);
+                bounce(message, StanzaErrorCondition::InternalServerError, None)
             }
         }
     }
@@ -238,7 +279,9 @@ impl Server {
                 .resource()
                 .is_none_or(|r| r.as_str() == s.jid.resource().as_str())
             {
-                s.send(xml.clone());
+                // Dropped when the queue is full: errors and presence may be (RFC 6120
+                // §8.3.1 and RFC 6121 §4.4); their senders are not to be told.
+                let _ = s.send(xml.clone(), sender_of(stanza));
             }
         }
     }
@@ -255,7 +298,8 @@ impl Server {
                 continue;
             }
             let wrapped = wrap_carbon("sent", &from.to_bare(), &s.jid, message);
-            s.send(String::from(&wrapped).into());
+            // A copy: the original went its way.
+            let _ = s.send(String::from(&wrapped).into(), sender_of(message));
         }
     }
 
@@ -275,7 +319,7 @@ impl Server {
                 continue;
             }
             let wrapped = wrap_carbon("received", &s.jid.to_bare(), &s.jid, message);
-            s.send(String::from(&wrapped).into());
+            let _ = s.send(String::from(&wrapped).into(), sender_of(message));
         }
     }
 
@@ -295,7 +339,7 @@ impl Server {
                     return;
                 }
                 let bare: BareJid = was_for.to_bare();
-                self.deliver_message(stanza, &Jid::from(bare)).await;
+                self.deliver_or_bounce(stanza, &Jid::from(bare)).await;
             }
             // A request the client never saw gets an error; the server's own pings do not.
             Some(Kind::Iq)
@@ -307,6 +351,11 @@ impl Server {
             _ => {}
         }
     }
+}
+
+/// Who a stanza is from, for the per-sender share of a queue.
+pub(crate) fn sender_of(stanza: &Element) -> &str {
+    stanza.attr("from").unwrap_or_default()
 }
 
 /// Whether a message is copied by carbons (XEP-0280 §6.1: chat messages, not marked

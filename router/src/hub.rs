@@ -3,25 +3,64 @@
 //! routing decisions live in `deliver.rs` and `presence.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::hash::BuildHasher as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
 use xmpp_parsers::jid::FullJid;
 
+use crate::config::QUEUE_SHARE;
 use crate::conn::Conn;
 
-/// What a session task receives from the rest of the node.
+/// What a session task is told besides stanzas: on a channel of its own, so that a
+/// session whose stanza queue it does not take from (a full XEP-0198 window, a
+/// hibernated session) still hears it.
 #[derive(Debug)]
-pub enum Outbound {
-    /// A serialized stanza to write to the client.
-    Stanza(Arc<str>),
+pub enum Control {
     /// Another session took this resource (RFC 6120 §7.7.2.2): close with `conflict`.
     Replaced,
     /// The account was deleted: close with `not-authorized`.
     AccountRemoved,
     /// A new connection resumes this session (XEP-0198 §5).
     Resume(Box<ResumeRequest>),
+}
+
+/// The two queues a session task reads.
+#[derive(Debug)]
+pub struct Inbox {
+    pub stanzas: mpsc::Receiver<Queued>,
+    pub control: mpsc::Receiver<Control>,
+}
+
+/// A stanza in a session's queue, with the sender it is counted against.
+#[derive(Debug)]
+pub struct Queued {
+    pub xml: Arc<str>,
+    /// A hash of the sender's bare JID (0: the server itself).
+    sender: u64,
+}
+
+/// What one session's queue holds, in all and per sender (STYLE 5: bounded by
+/// `session_queue` stanzas and `session_queue_bytes` bytes; one sender may use a
+/// [`QUEUE_SHARE`] of each, so a flood is bounced to its sender and never ends the
+/// recipient's session).
+#[derive(Debug, Default)]
+struct QueueUse {
+    stanzas: usize,
+    bytes: usize,
+    /// Sender hash → (stanzas, bytes); entries leave when they reach zero.
+    by_sender: HashMap<u64, (usize, usize)>,
+}
+
+/// Why a stanza was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refused {
+    /// The session is gone.
+    Gone,
+    /// The queue, or this sender's share of it, is full.
+    Full,
 }
 
 /// A connection that asks to take over a (usually hibernated) session.
@@ -52,29 +91,108 @@ pub struct PresenceState {
 pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
-    pub tx: mpsc::Sender<Outbound>,
+    tx: mpsc::Sender<Queued>,
+    pub control: mpsc::Sender<Control>,
     pub state: Mutex<PresenceState>,
-    /// Set when the queue overflowed; the session closes itself.
-    pub overloaded: AtomicBool,
+    queue: Mutex<QueueUse>,
+    limits: QueueLimits,
+}
+
+/// The bounds of one session's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub stanzas: usize,
+    pub bytes: usize,
 }
 
 impl SessionHandle {
+    /// A handle and the queue its session task reads.
+    pub fn new(id: u64, jid: FullJid, limits: QueueLimits) -> (SessionHandle, Inbox) {
+        let (tx, stanzas) = mpsc::channel(limits.stanzas.max(1));
+        // Control messages are rare and each ends or restarts the session: a few slots.
+        let (control, control_rx) = mpsc::channel(4);
+        let inbox = Inbox {
+            stanzas,
+            control: control_rx,
+        };
+        let handle = SessionHandle {
+            id,
+            jid,
+            tx,
+            control,
+            state: Mutex::new(PresenceState::default()),
+            queue: Mutex::new(QueueUse::default()),
+            limits,
+        };
+        (handle, inbox)
+    }
+
     /// A copy of the presence state.
     pub fn presence(&self) -> PresenceState {
         lock(&self.state).clone()
     }
 
-    /// Queues a stanza; false when the session is gone or its queue is full.
-    pub fn send(&self, stanza: Arc<str>) -> bool {
-        match self.tx.try_send(Outbound::Stanza(stanza)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overloaded.store(true, Ordering::Relaxed);
-                false
+    /// Queues a stanza from `from` (a JID, or empty for the server). Refused when the
+    /// session is gone or the queue, or this sender's share of it, is full: the
+    /// caller bounces it to its sender; the recipient's session goes on.
+    pub fn send(&self, xml: Arc<str>, from: &str) -> Result<(), Refused> {
+        let sender = sender_hash(from);
+        let len = xml.len();
+        {
+            let mut q = lock(&self.queue);
+            let (mine, mine_bytes) = q.by_sender.get(&sender).copied().unwrap_or_default();
+            let share = (self.limits.stanzas / QUEUE_SHARE).max(1);
+            let share_bytes = self.limits.bytes / QUEUE_SHARE;
+            if q.stanzas >= self.limits.stanzas
+                || q.bytes + len > self.limits.bytes
+                || mine >= share
+                || (mine > 0 && mine_bytes + len > share_bytes)
+            {
+                return Err(Refused::Full);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            q.stanzas += 1;
+            q.bytes += len;
+            let entry = q.by_sender.entry(sender).or_default();
+            entry.0 += 1;
+            entry.1 += len;
+        }
+        match self.tx.try_send(Queued { xml, sender }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let gone = matches!(e, mpsc::error::TrySendError::Closed(_));
+                self.taken(&e.into_inner());
+                Err(if gone { Refused::Gone } else { Refused::Full })
+            }
         }
     }
+
+    /// The session took a stanza from its queue: it no longer counts against it.
+    pub fn taken(&self, queued: &Queued) {
+        let mut q = lock(&self.queue);
+        let len = queued.xml.len();
+        q.stanzas = q.stanzas.saturating_sub(1);
+        q.bytes = q.bytes.saturating_sub(len);
+        if let Some(entry) = q.by_sender.get_mut(&queued.sender) {
+            entry.0 = entry.0.saturating_sub(1);
+            entry.1 = entry.1.saturating_sub(len);
+            if entry.0 == 0 {
+                q.by_sender.remove(&queued.sender);
+            }
+        }
+    }
+}
+
+/// A keyed hash of a sender's bare JID (the server is 0). Keyed per process, so no
+/// one can choose a name that shares another sender's share.
+fn sender_hash(from: &str) -> u64 {
+    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let bare = from.split('/').next().unwrap_or_default();
+    if bare.is_empty() {
+        return 0;
+    }
+    KEYS.get_or_init(std::hash::RandomState::new)
+        .hash_one(bare)
+        .max(1)
 }
 
 /// Locks a mutex, recovering from a poisoned lock (the data is plain state that stays
@@ -101,7 +219,7 @@ struct UserEntry {
 pub struct Hub {
     users: RwLock<HashMap<String, UserEntry>>,
     /// XEP-0198 stream ids of resumable sessions → the session's queue.
-    resumable: Mutex<HashMap<String, (String, mpsc::Sender<Outbound>)>>,
+    resumable: Mutex<HashMap<String, (String, mpsc::Sender<Control>)>>,
     next_id: AtomicU64,
 }
 
@@ -183,32 +301,22 @@ impl Hub {
         }
     }
 
-    /// Number of sessions on the node.
     /// Closes every session of `user` (its account was deleted); returns how many.
     pub fn disconnect_user(&self, user: &str) -> usize {
         let sessions = self.sessions(user);
         for s in &sessions {
-            let _ = s.tx.try_send(Outbound::AccountRemoved);
+            let _ = s.control.try_send(Control::AccountRemoved);
         }
         sessions.len()
     }
 
+    /// Number of sessions on the node.
     pub fn session_count(&self) -> usize {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users.values().map(|e| e.sessions.len()).sum()
     }
 
-    /// Every session (for shutdown).
-    pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
-        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users
-            .values()
-            .flat_map(|e| e.sessions.iter())
-            .cloned()
-            .collect()
-    }
-
-    pub fn add_resumable(&self, id: &str, user: &str, tx: mpsc::Sender<Outbound>) {
+    pub fn add_resumable(&self, id: &str, user: &str, tx: mpsc::Sender<Control>) {
         lock(&self.resumable).insert(id.to_owned(), (user.to_owned(), tx));
     }
 
@@ -217,7 +325,7 @@ impl Hub {
     }
 
     /// The queue of a resumable session owned by `user`.
-    pub fn resumable(&self, id: &str, user: &str) -> Option<mpsc::Sender<Outbound>> {
+    pub fn resumable(&self, id: &str, user: &str) -> Option<mpsc::Sender<Control>> {
         let map = lock(&self.resumable);
         let (owner, tx) = map.get(id)?;
         (owner == user).then(|| tx.clone())
@@ -228,20 +336,13 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn handle(
-        hub: &Hub,
-        jid: &str,
-        queue: usize,
-    ) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let h = Arc::new(SessionHandle {
-            id: hub.next_session_id(),
-            jid: FullJid::new(jid).unwrap(),
-            tx,
-            state: Mutex::new(PresenceState::default()),
-            overloaded: AtomicBool::new(false),
-        });
-        (h, rx)
+    fn handle(hub: &Hub, jid: &str, queue: usize) -> (Arc<SessionHandle>, Inbox) {
+        let limits = QueueLimits {
+            stanzas: queue,
+            bytes: 1 << 20,
+        };
+        let (h, rx) = SessionHandle::new(hub.next_session_id(), FullJid::new(jid).unwrap(), limits);
+        (Arc::new(h), rx)
     }
 
     #[test]
@@ -269,12 +370,60 @@ mod tests {
         assert_eq!(hub.session_count(), 2);
     }
 
+    /// M4: a sender that floods a session's queue fills only its share; the excess
+    /// is refused (and bounced by the caller) while other senders still get in.
     #[test]
-    fn a_full_queue_refuses_and_flags_the_session() {
+    fn a_flooding_sender_fills_only_its_share_of_the_queue() {
         let hub = Hub::default();
-        let (a, _rx) = handle(&hub, "u@d/r", 1);
-        assert!(a.send("<message/>".into()));
-        assert!(!a.send("<message/>".into()));
-        assert!(a.overloaded.load(Ordering::Relaxed));
+        let (a, mut rx) = handle(&hub, "u@d/r", 8);
+        let m: Arc<str> = "<message/>".into();
+        assert_eq!(a.send(m.clone(), "flood@d/x"), Ok(()));
+        assert_eq!(
+            a.send(m.clone(), "flood@d/y"),
+            Ok(()),
+            "one share per bare JID"
+        );
+        assert_eq!(a.send(m.clone(), "flood@d"), Err(Refused::Full));
+        for n in 0..2 {
+            assert_eq!(a.send(m.clone(), &format!("other{n}@d")), Ok(()));
+        }
+        assert_eq!(a.send(m.clone(), ""), Ok(()), "the server has a share too");
+        // Taking from the queue frees the sender's share.
+        let q = rx.stanzas.try_recv().unwrap();
+        a.taken(&q);
+        assert_eq!(a.send(m.clone(), "flood@d"), Ok(()));
+        // The whole queue is bounded too: 8 stanzas.
+        for n in 0..3 {
+            assert_eq!(a.send(m.clone(), &format!("more{n}@d")), Ok(()));
+        }
+        assert_eq!(a.send(m, "last@d"), Err(Refused::Full));
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_a_closed_session_refuses() {
+        let limits = QueueLimits {
+            stanzas: 100,
+            bytes: 400,
+        };
+        let (a, rx) = SessionHandle::new(1, FullJid::new("u@d/r").unwrap(), limits);
+        let big: Arc<str> = "x".repeat(90).into();
+        assert_eq!(a.send(big.clone(), "a@d"), Ok(()));
+        assert_eq!(
+            a.send(big.clone(), "a@d"),
+            Err(Refused::Full),
+            "a's share is 100 bytes"
+        );
+        for s in ["b@d", "c@d", "d@d"] {
+            assert_eq!(a.send(big.clone(), s), Ok(()));
+        }
+        assert_eq!(
+            a.send(big.clone(), "e@d"),
+            Err(Refused::Full),
+            "400 bytes in all"
+        );
+        drop(rx);
+        let (b, rx) = SessionHandle::new(2, FullJid::new("u@d/s").unwrap(), limits);
+        drop(rx);
+        assert_eq!(b.send(big, "a@d"), Err(Refused::Gone));
     }
 }

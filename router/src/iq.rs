@@ -89,7 +89,8 @@ impl Session {
         let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;
         match server.hub.session(&user, &resource) {
             Some(target) if !blocked => {
-                if !target.send(String::from(&iq).into()) {
+                let from = crate::deliver::sender_of(&iq);
+                if target.send(String::from(&iq).into(), from).is_err() {
                     self.reply_error(&iq, StanzaErrorCondition::ResourceConstraint, None);
                 }
             }
@@ -490,7 +491,7 @@ impl Session {
                     ns::BLOCKING,
                     payload.name()
                 );
-                s.send(push.into());
+                let _ = s.send(push.into(), "");
             }
         }
     }

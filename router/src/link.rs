@@ -819,7 +819,8 @@ impl Server {
                     counters.set_up(false);
                     match result {
                         Ok(()) => {
-                            let _ = stream.write_all(b"</stream:stream>").await;
+                            let deadline = self.config.limits.write_timeout;
+                            let _ = write_within(&mut stream, b"</stream:stream>", deadline).await;
                             let _ = stream.shutdown().await;
                             self.park_all(out, rx).await;
                             return;
@@ -1180,14 +1181,14 @@ impl Server {
         for p in &out.unacked {
             buf.push_str(&p.xml);
         }
-        write_batch(stream, &mut buf).await?;
+        write_batch(stream, &mut buf, self.config.limits.write_timeout).await?;
         // Presence held while the link was down.
         let now = impmesh_store::now_unix();
         for (_, xml) in std::mem::take(&mut out.presence) {
             buf.push_str(&xml);
             out.push(xml, None, now);
         }
-        write_batch(stream, &mut buf).await?;
+        write_batch(stream, &mut buf, self.config.limits.write_timeout).await?;
         counters.set_in_flight(out.unacked.len());
         let ack_timeout = self.config.limits.link_ack_timeout;
         // Since when the oldest stanza in flight waits for its acknowledgement.
@@ -1229,7 +1230,7 @@ impl Server {
                     )
                     .await;
                 }
-                write_batch(stream, &mut buf).await?;
+                write_batch(stream, &mut buf, self.config.limits.write_timeout).await?;
                 counters.set_in_flight(out.unacked.len());
                 continue;
             }
@@ -1257,12 +1258,11 @@ impl Server {
                     if !later.is_empty() {
                         self.park(out, later, counters).await;
                     }
-                    write_batch(stream, &mut buf).await?;
+                    write_batch(stream, &mut buf, self.config.limits.write_timeout).await?;
                     counters.set_in_flight(out.unacked.len());
                 }
                 _ = tokio::time::sleep(KEEPALIVE) => {
-                    stream.write_all(b" ").await?;
-                    stream.flush().await?;
+                    write_within(stream, b" ", self.config.limits.write_timeout).await?;
                 }
                 _ = tokio::time::sleep_until(waiting_since + ack_timeout), if !out.unacked.is_empty() => {
                     return Err(LinkError::Setup(format!(
@@ -1448,7 +1448,8 @@ impl Server {
         if self.links.is_current(&node, generation) {
             self.remote_node_lost(&node);
         }
-        let _ = tls.write_all(b"</stream:stream>").await;
+        let deadline = self.config.limits.write_timeout;
+        let _ = write_within(&mut tls, b"</stream:stream>", deadline).await;
         let _ = tls.shutdown().await;
         result
     }
@@ -1553,8 +1554,7 @@ impl Server {
                     entry.1 += handled;
                     entry.1
                 };
-                stream.write_all(ack(h).as_bytes()).await?;
-                stream.flush().await?;
+                write_within(stream, ack(h).as_bytes(), self.config.limits.write_timeout).await?;
             }
             if let Some(e) = failed {
                 tracing::error!(%node, error = %e, "closing the link unacknowledged: the sender sends again");
@@ -1617,7 +1617,11 @@ impl Server {
             return Ok(());
         }
         match kind {
-            Kind::Message => self.deliver_local_message(stanza, &to).await,
+            Kind::Message => {
+                if let Err(b) = self.deliver_local_message(stanza, &to).await {
+                    self.bounce(&b.stanza, b.condition, b.text);
+                }
+            }
             Kind::Iq => self.iq_from_link(stanza, &to).await,
             Kind::Presence => self.presence_from_link(node, stanza, &to).await,
         }
@@ -1642,7 +1646,8 @@ impl Server {
                 .hub
                 .session(&user, resource.as_str())
                 .filter(|_| !blocked);
-            let delivered = target.is_some_and(|t| t.send(String::from(&iq).into()));
+            let from = crate::deliver::sender_of(&iq);
+            let delivered = target.is_some_and(|t| t.send(String::from(&iq).into(), from).is_ok());
             if !delivered && is_request {
                 let condition = match self.hub.session(&user, resource.as_str()) {
                     Some(_) if !blocked => StanzaErrorCondition::ResourceConstraint,
@@ -1697,7 +1702,9 @@ impl Server {
                         .resource()
                         .is_none_or(|r| r.as_str() == s.jid.resource().as_str());
                     if wanted && s.presence().available {
-                        delivered |= s.send(xml.clone());
+                        delivered |= s
+                            .send(xml.clone(), crate::deliver::sender_of(&presence))
+                            .is_ok();
                     }
                 }
                 tracing::debug!(%node, from = %from, to = %to, ty, delivered, "presence from a link");
@@ -1850,18 +1857,36 @@ fn waits_its_turn(xml: &str) -> bool {
     }
 }
 
-/// Writes and flushes a batch, then empties the buffer.
+/// Writes and flushes a batch within `deadline`, then empties the buffer.
 async fn write_batch<S: AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut String,
+    deadline: Duration,
 ) -> std::io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    stream.write_all(buf.as_bytes()).await?;
-    stream.flush().await?;
+    write_within(stream, buf.as_bytes(), deadline).await?;
     buf.clear();
     Ok(())
+}
+
+/// Writes and flushes, failing with `TimedOut` when the peer node does not read
+/// within `deadline` (M5: a node that stops reading must not hold the link task and
+/// its queue forever; the link is reopened and its stanzas resent or parked).
+async fn write_within<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    deadline: Duration,
+) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(deadline, write).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// Frames read from a link, with what a read brought beyond the frame asked for.

@@ -12,6 +12,7 @@ use minidom::Element;
 use xmpp_parsers::jid::{BareJid, Jid};
 
 use crate::Server;
+use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::session::Session;
@@ -92,7 +93,7 @@ impl Session {
                 self.push_out(last);
             }
         }
-        self.deliver_offline(&user).await;
+        self.start_offline();
         match server.store.subscription_requests(&user).await {
             Ok(requests) => {
                 for (_, stanza) in requests {
@@ -100,28 +101,6 @@ impl Session {
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read stored subscription requests"),
-        }
-    }
-
-    /// Hands over stored offline messages (XEP-0160) and removes them from the store.
-    async fn deliver_offline(&mut self, user: &str) {
-        let messages = match self.server.store.offline_messages(user).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read offline messages");
-                return;
-            }
-        };
-        let Some(last) = messages.last().map(|m| m.id) else {
-            return;
-        };
-        for message in messages {
-            self.push_out(message.stanza.into());
-        }
-        // With stream management the messages are unacknowledged until the client
-        // acknowledges them, and re-stored if the session dies first.
-        if let Err(e) = self.server.store.delete_offline_through(user, last).await {
-            tracing::error!(error = %e, "cannot remove delivered offline messages");
         }
     }
 
@@ -244,7 +223,8 @@ impl Server {
         let xml: Arc<str> = String::from(&p).into();
         for s in sessions {
             if s.presence().available {
-                s.send(xml.clone());
+                // A full queue drops presence (RFC 6121 §4.4 allows it).
+                let _ = s.send(xml.clone(), sender_of(&p));
             }
         }
     }
@@ -257,7 +237,7 @@ impl Server {
         let xml: Arc<str> = String::from(&p).into();
         for s in self.hub.sessions(user.as_str()) {
             if s.presence().available || s.jid == *from {
-                s.send(xml.clone());
+                let _ = s.send(xml.clone(), sender_of(&p));
             }
         }
     }
@@ -606,7 +586,7 @@ impl Server {
         let xml: Arc<str> = String::from(stanza).into();
         for s in self.hub.sessions(user) {
             if s.presence().available {
-                s.send(xml.clone());
+                let _ = s.send(xml.clone(), sender_of(stanza));
             }
         }
     }
@@ -646,7 +626,7 @@ impl Server {
                 ns::ROSTER,
                 roster_item_xml(item, removed)
             );
-            s.send(push.into());
+            let _ = s.send(push.into(), "");
         }
     }
 }

@@ -8,19 +8,19 @@
 //! every message the client did not acknowledge is routed again: to another resource of
 //! the user, or to offline storage. Nothing is dropped silently.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use minidom::Element;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use xmpp_parsers::jid::{FullJid, Jid};
 
 use crate::Server;
 use crate::c2s::Bound;
 use crate::conn::{Conn, ReadError};
+use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
-use crate::hub::{Outbound, ResumeRequest, SessionHandle};
+use crate::hub::{Control, Inbox, Queued, ResumeRequest, SessionHandle};
 use crate::stanza::{self, Kind};
 use crate::xml::{Frame, ns};
 
@@ -28,20 +28,10 @@ use crate::xml::{Frame, ns};
 /// Bounds the time one busy session holds its task (STYLE 5).
 const WRITE_BATCH: usize = 64;
 
-/// XEP-0198 state of a session.
-#[derive(Debug)]
-struct StreamManagement {
-    id: String,
-    resumable: bool,
-    /// Stanzas received from the client (the server's `h`).
-    received: u32,
-    /// Stanzas sent to the client so far.
-    sent: u32,
-    /// Sent but not acknowledged: (sequence number, stanza).
-    unacked: VecDeque<(u32, Arc<str>)>,
-    /// An `<r/>` is outstanding.
-    ack_requested: bool,
-}
+/// Offline messages read from the store per page (XEP-0160): pages follow each other
+/// as the client acknowledges them, so a user with a full offline store logs in with
+/// at most this many extra stanzas in memory.
+const OFFLINE_PAGE: usize = 100;
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -56,11 +46,26 @@ enum End {
     Shutdown,
 }
 
+/// Offline delivery in progress (XEP-0160): the stored messages go out a page at a
+/// time, and leave the store only once the client has them.
+#[derive(Debug)]
+struct OfflinePump {
+    /// The last row handed to the client.
+    after: i64,
+    /// Every stored message has been handed over.
+    done: bool,
+    /// Without stream management: the rows of the last page, and the id of the ping
+    /// sent after them. The client's answer comes after the page on the same stream,
+    /// so it proves the page arrived (RFC 6120 §10.1: in-order processing).
+    awaiting: Vec<i64>,
+    ping: Option<String>,
+}
+
 /// A session task's state.
 pub(crate) struct Session {
     pub(crate) server: Arc<Server>,
     pub(crate) handle: Arc<SessionHandle>,
-    rx: mpsc::Receiver<Outbound>,
+    inbox: Inbox,
     conn: Option<Conn>,
     sm: Option<StreamManagement>,
     /// Targets of directed presence (RFC 6121 §4.6), told when the session goes away.
@@ -70,6 +75,7 @@ pub(crate) struct Session {
     last_read: Instant,
     ping_sent: bool,
     hibernated_until: Option<Instant>,
+    offline: Option<OfflinePump>,
 }
 
 /// Runs a bound session to its end.
@@ -80,11 +86,15 @@ pub async fn run(server: Arc<Server>, bound: Bound) {
 }
 
 async fn run_in_span(server: Arc<Server>, bound: Bound) {
-    let Bound { conn, handle, rx } = bound;
+    let Bound {
+        conn,
+        handle,
+        inbox,
+    } = bound;
     let mut session = Session {
         server,
         handle,
-        rx,
+        inbox,
         conn: Some(conn),
         sm: None,
         directed: HashSet::new(),
@@ -92,6 +102,7 @@ async fn run_in_span(server: Arc<Server>, bound: Bound) {
         last_read: Instant::now(),
         ping_sent: false,
         hibernated_until: None,
+        offline: None,
     };
     tracing::info!(jid = %session.handle.jid, "session started");
     let end = session.run_loop().await;
@@ -114,17 +125,8 @@ impl Session {
 
     async fn run_loop(&mut self) -> End {
         let limits = self.server.config.limits.clone();
+        let window = limits.sm_window();
         loop {
-            if self
-                .handle
-                .overloaded
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                return End::Error(
-                    StreamErrorCondition::PolicyViolation,
-                    "the client does not read its stanzas fast enough",
-                );
-            }
             let ping_at = self.last_read
                 + if self.ping_sent {
                     limits.ping_interval + limits.ping_timeout
@@ -133,34 +135,72 @@ impl Session {
                 };
             let hibernated_until = self.hibernated_until;
             let connected = self.conn.is_some();
+            // A full XEP-0198 window is flow control: nothing more is taken from the
+            // queue until the client acknowledges; senders meanwhile find the queue
+            // full and get their stanzas back.
+            let can_take = self.sm.as_ref().is_none_or(|sm| !sm.is_full(window));
+            let stalled_at = self
+                .sm
+                .as_ref()
+                .and_then(|sm| sm.stalled_at(window, limits.ping_timeout));
             let step = tokio::select! {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
+                control = self.inbox.control.recv() => match control {
+                    Some(control) => self.on_control(control).await,
+                    // We hold a sender in the handle, so the queue never closes.
+                    None => Ok(()),
+                },
                 read = read_conn(&mut self.conn) => self.on_read(read).await,
-                msg = self.rx.recv() => self.on_outbound(msg).await,
+                queued = self.inbox.stanzas.recv(), if can_take => {
+                    if let Some(queued) = queued {
+                        self.on_queued(queued);
+                    }
+                    Ok(())
+                }
                 _ = tokio::time::sleep_until(ping_at), if connected => {
                     if self.ping_sent {
                         Err(End::Error(StreamErrorCondition::ConnectionTimeout, "no answer to ping"))
                     } else {
                         self.ping_sent = true;
-                        let ping = format!(
-                            "<iq type='get' id='ping-{}' to='{}' from='{}'><ping xmlns='{}'/></iq>",
-                            self.handle.id,
-                            crate::xml::escape(&self.jid().to_string()),
-                            crate::xml::escape(&self.server.config.domain),
-                            ns::PING
-                        );
-                        self.push_out(ping.into());
+                        self.push_ping(&format!("ping-{}", self.handle.id));
                         Ok(())
                     }
                 }
+                _ = sleep_until_opt(stalled_at), if connected => self.stalled(),
                 _ = sleep_until_opt(hibernated_until), if !connected => Err(End::Lost),
             };
             if let Err(end) = step {
                 return end;
             }
+            if let Err(end) = self.pump_offline().await {
+                return end;
+            }
             if let Err(end) = self.flush().await {
                 return end;
             }
+        }
+    }
+
+    /// A server ping (XEP-0199) to the client.
+    fn push_ping(&mut self, id: &str) {
+        let ping = format!(
+            "<iq type='get' id='{id}' to='{}' from='{}'><ping xmlns='{}'/></iq>",
+            crate::xml::escape(&self.jid().to_string()),
+            crate::xml::escape(&self.server.config.domain),
+            ns::PING
+        );
+        self.push_out(ping.into());
+    }
+
+    /// The window stayed full and the client left our `<r/>` unanswered for the ping
+    /// timeout: it does not read. A resumable session hibernates (the connection may
+    /// be black-holed); any other ends.
+    fn stalled(&mut self) -> Result<(), End> {
+        tracing::info!(jid = %self.handle.jid, "the client acknowledges nothing; dropping its connection");
+        self.conn = None;
+        match &self.sm {
+            Some(sm) if sm.resumable() => self.connection_lost(),
+            _ => Err(End::Lost),
         }
     }
 
@@ -190,7 +230,7 @@ impl Session {
     fn connection_lost(&mut self) -> Result<(), End> {
         self.conn = None;
         match &self.sm {
-            Some(sm) if sm.resumable => {
+            Some(sm) if sm.resumable() => {
                 tracing::info!(jid = %self.handle.jid, "connection lost; waiting for resumption");
                 self.out.clear();
                 self.hibernated_until =
@@ -213,7 +253,7 @@ impl Session {
             }
         };
         if element.ns() == ns::SM {
-            return self.on_sm(&element);
+            return self.on_sm(&element).await;
         }
         let Some(kind) = Kind::of(&element) else {
             return Err(End::Error(
@@ -222,7 +262,10 @@ impl Session {
             ));
         };
         if let Some(sm) = &mut self.sm {
-            sm.received = sm.received.wrapping_add(1);
+            sm.on_inbound();
+        }
+        if kind == Kind::Iq && self.is_offline_ping_answer(&element) {
+            return self.offline_page_received().await;
         }
         self.on_stanza(kind, element).await
     }
@@ -261,11 +304,11 @@ impl Session {
         Ok(())
     }
 
-    fn on_sm(&mut self, element: &Element) -> Result<(), End> {
+    async fn on_sm(&mut self, element: &Element) -> Result<(), End> {
         match element.name() {
             "enable" => {
                 if self.sm.is_some() {
-                    self.push_out(sm_failed("unexpected-request").into());
+                    self.push_raw(&sm_failed("unexpected-request"));
                     return Ok(());
                 }
                 let resumable = matches!(element.attr("resume"), Some("true" | "1"));
@@ -273,7 +316,7 @@ impl Session {
                 if resumable {
                     self.server
                         .hub
-                        .add_resumable(&id, &self.user(), self.handle.tx.clone());
+                        .add_resumable(&id, &self.user(), self.handle.control.clone());
                 }
                 let max = self.server.config.limits.resume_timeout.as_secs();
                 let resume = if resumable {
@@ -282,116 +325,234 @@ impl Session {
                     String::new()
                 };
                 self.push_raw(&format!("<enabled xmlns='{}' id='{id}'{resume}/>", ns::SM));
-                self.sm = Some(StreamManagement {
-                    id,
-                    resumable,
-                    received: 0,
-                    sent: 0,
-                    unacked: VecDeque::new(),
-                    ack_requested: false,
-                });
+                self.sm = Some(StreamManagement::new(id, resumable));
                 Ok(())
             }
             "r" => {
                 if let Some(sm) = &self.sm {
-                    let a = format!("<a xmlns='{}' h='{}'/>", ns::SM, sm.received);
+                    let a = format!("<a xmlns='{}' h='{}'/>", ns::SM, sm.h());
                     self.push_raw(&a);
                 }
                 Ok(())
             }
             "a" => {
                 let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
-                match (&mut self.sm, h) {
-                    (Some(sm), Some(h)) => {
-                        if h.wrapping_sub(sm.sent) as i32 > 0 {
-                            // XEP-0198 §4: acknowledging more than was sent.
-                            return Err(End::Error(
-                                StreamErrorCondition::UndefinedCondition,
-                                "acknowledged stanzas that were never sent",
-                            ));
-                        }
-                        sm.ack(h);
-                        sm.ack_requested = false;
+                let (Some(sm), Some(h)) = (&mut self.sm, h) else {
+                    return Ok(());
+                };
+                match sm.on_ack(h) {
+                    Ok(rows) => {
+                        self.offline_acknowledged(&rows).await;
                         Ok(())
                     }
-                    _ => Ok(()),
+                    // XEP-0198 §4: acknowledging more than was sent.
+                    Err(Violation::AckedUnsent { .. }) => Err(End::Error(
+                        StreamErrorCondition::UndefinedCondition,
+                        "acknowledged stanzas that were never sent",
+                    )),
                 }
             }
             _ => Ok(()),
         }
     }
 
-    async fn on_outbound(&mut self, msg: Option<Outbound>) -> Result<(), End> {
-        let mut next = msg;
-        let mut handled = 0;
-        // Take from the queue only what this batch will handle: an item taken and not
-        // handled would be lost.
-        while handled < WRITE_BATCH {
-            handled += 1;
-            match next.take() {
-                Some(Outbound::Stanza(stanza)) => self.push_out(stanza),
-                Some(Outbound::Replaced) => {
-                    return Err(End::Error(
-                        StreamErrorCondition::Conflict,
-                        "another session bound this resource",
-                    ));
-                }
-                Some(Outbound::AccountRemoved) => {
-                    return Err(End::Error(
-                        StreamErrorCondition::NotAuthorized,
-                        "the account was deleted",
-                    ));
-                }
-                Some(Outbound::Resume(request)) => Box::pin(self.resume(*request)).await?,
-                // We hold a sender in the handle, so the queue never closes.
-                None => return Ok(()),
-            }
-            if handled == WRITE_BATCH {
+    /// Stanzas from the queue: this one and what else waits, up to a batch and while
+    /// the XEP-0198 window has room.
+    fn on_queued(&mut self, first: Queued) {
+        let window = self.server.config.limits.sm_window();
+        let mut next = Some(first);
+        for _ in 0..WRITE_BATCH {
+            let Some(queued) = next.take() else { break };
+            self.handle.taken(&queued);
+            self.push_out(queued.xml);
+            if self.sm.as_ref().is_some_and(|sm| sm.is_full(window)) {
                 break;
             }
-            next = self.rx.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+            next = self.inbox.stanzas.try_recv().ok();
         }
-        Ok(())
+        if let Some(queued) = next {
+            // Taken but not handled (the batch ended): it still goes out, in order.
+            self.handle.taken(&queued);
+            self.push_out(queued.xml);
+        }
+    }
+
+    async fn on_control(&mut self, control: Control) -> Result<(), End> {
+        match control {
+            Control::Replaced => Err(End::Error(
+                StreamErrorCondition::Conflict,
+                "another session bound this resource",
+            )),
+            Control::AccountRemoved => Err(End::Error(
+                StreamErrorCondition::NotAuthorized,
+                "the account was deleted",
+            )),
+            Control::Resume(request) => Box::pin(self.resume(*request)).await,
+        }
     }
 
     /// XEP-0198 §5: takes over the new connection and retransmits what is unacked.
     async fn resume(&mut self, request: ResumeRequest) -> Result<(), End> {
         let ResumeRequest { mut conn, h, .. } = request;
-        let Some(sm) = self.sm.as_mut().filter(|sm| sm.resumable) else {
+        let Some(sm) = self.sm.as_mut().filter(|sm| sm.resumable()) else {
             let _ = conn.send(&sm_failed("item-not-found")).await;
             return Ok(());
         };
-        sm.ack(h);
+        let (rows, again) = match sm.resume(h) {
+            Ok(resumed) => resumed,
+            Err(Violation::AckedUnsent { .. }) => {
+                let _ = conn.send(&sm_failed("undefined-condition")).await;
+                return Ok(());
+            }
+        };
         let mut out = format!(
             "<resumed xmlns='{}' previd='{}' h='{}'/>",
             ns::SM,
-            sm.id,
-            sm.received
+            sm.id(),
+            sm.h()
         );
-        for (_, stanza) in &sm.unacked {
+        for stanza in &again {
             out.push_str(stanza);
         }
-        tracing::info!(jid = %self.handle.jid, resent = sm.unacked.len(), "session resumed");
+        tracing::info!(jid = %self.handle.jid, resent = again.len(), "session resumed");
         self.conn = Some(conn);
         self.hibernated_until = None;
         self.last_read = Instant::now();
         self.ping_sent = false;
         self.out = out;
+        self.offline_acknowledged(&rows).await;
         Ok(())
+    }
+
+    /// Starts handing over stored offline messages (at initial presence).
+    pub(crate) fn start_offline(&mut self) {
+        if self.offline.is_none() {
+            self.offline = Some(OfflinePump {
+                after: i64::MIN,
+                done: false,
+                awaiting: vec![],
+                ping: None,
+            });
+        }
+    }
+
+    /// Hands the client the next page of offline messages if the XEP-0198 window has
+    /// room for it (without stream management: once the previous page is confirmed).
+    async fn pump_offline(&mut self) -> Result<(), End> {
+        let window = self.server.config.limits.sm_window();
+        let Some(pump) = &self.offline else {
+            return Ok(());
+        };
+        if pump.done || self.conn.is_none() {
+            return Ok(());
+        }
+        let room = match &self.sm {
+            Some(sm) => sm.offline_room(window),
+            None if pump.ping.is_none() => usize::MAX,
+            None => 0,
+        };
+        let limit = room.min(OFFLINE_PAGE);
+        if limit == 0 {
+            return Ok(());
+        }
+        let user = self.user();
+        let page = match self
+            .server
+            .store
+            .offline_page(&user, pump.after, limit)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                // They stay stored and go out at the next login.
+                tracing::error!(error = %e, "cannot read offline messages");
+                if let Some(pump) = &mut self.offline {
+                    pump.done = true;
+                }
+                return Ok(());
+            }
+        };
+        let short = page.len() < limit;
+        let mut rows = Vec::with_capacity(page.len());
+        for message in page {
+            rows.push(message.id);
+            self.push_offline(message.stanza.into(), message.id);
+        }
+        let ping = (self.sm.is_none() && !rows.is_empty())
+            .then(|| format!("offline-{}", crate::c2s::random_id()));
+        if let Some(id) = &ping {
+            self.push_ping(id);
+        }
+        if let Some(pump) = &mut self.offline {
+            pump.done = short;
+            if let Some(last) = rows.last() {
+                pump.after = *last;
+            }
+            if ping.is_some() {
+                pump.awaiting = rows;
+                pump.ping = ping;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an IQ from the client answers the ping that followed a page of offline
+    /// messages (without stream management).
+    fn is_offline_ping_answer(&self, iq: &Element) -> bool {
+        let Some(ping) = self.offline.as_ref().and_then(|p| p.ping.as_deref()) else {
+            return false;
+        };
+        matches!(iq.attr("type"), Some("result" | "error"))
+            && iq.attr("id") == Some(ping)
+            && iq
+                .attr("to")
+                .is_none_or(|to| to.eq_ignore_ascii_case(&self.server.config.domain))
+    }
+
+    /// The client has the last page (it answered the ping after it).
+    async fn offline_page_received(&mut self) -> Result<(), End> {
+        let rows = match &mut self.offline {
+            Some(pump) => {
+                pump.ping = None;
+                std::mem::take(&mut pump.awaiting)
+            }
+            None => return Ok(()),
+        };
+        self.offline_acknowledged(&rows).await;
+        Ok(())
+    }
+
+    /// Offline rows the client acknowledged leave the store.
+    async fn offline_acknowledged(&mut self, rows: &[i64]) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self.server.store.delete_offline(&self.user(), rows).await {
+            // Kept: delivered again at the next login rather than lost.
+            tracing::error!(error = %e, "cannot remove delivered offline messages");
+        }
+    }
+
+    /// Queues a stored offline message for the client.
+    fn push_offline(&mut self, stanza: Arc<str>, row: i64) {
+        if let Some(sm) = &mut self.sm {
+            sm.on_outbound(stanza.clone(), Some(row));
+        }
+        self.write_out(&stanza);
     }
 
     /// Queues a stanza for the client, counting it for stream management.
     pub(crate) fn push_out(&mut self, stanza: Arc<str>) {
         if let Some(sm) = &mut self.sm {
-            sm.sent = sm.sent.wrapping_add(1);
-            sm.unacked.push_back((sm.sent, stanza.clone()));
+            sm.on_outbound(stanza.clone(), None);
         }
+        self.write_out(&stanza);
+    }
+
+    fn write_out(&mut self, stanza: &str) {
         if self.conn.is_some() {
-            self.server.stats.stanza_out(&stanza);
-            self.out.push_str(&stanza);
+            self.server.stats.stanza_out(stanza);
+            self.out.push_str(stanza);
         }
     }
 
@@ -402,20 +563,17 @@ impl Session {
         }
     }
 
-    /// Writes what this wake-up produced in one go.
+    /// Writes what this wake-up produced in one go, asking for an acknowledgement when
+    /// something new went out or the window is full. The write has a deadline
+    /// (`write_timeout`, in `Conn::send`) and gives way to shutdown.
     async fn flush(&mut self) -> Result<(), End> {
-        let max_unacked = self.server.config.limits.max_unacked;
-        if let Some(sm) = &mut self.sm {
-            if sm.unacked.len() > max_unacked {
-                return Err(End::Error(
-                    StreamErrorCondition::PolicyViolation,
-                    "too many unacknowledged stanzas",
-                ));
-            }
-            if !sm.unacked.is_empty() && !sm.ack_requested && !self.out.is_empty() {
-                sm.ack_requested = true;
-                self.out.push_str("<r xmlns='urn:xmpp:sm:3'/>");
-            }
+        let window = self.server.config.limits.sm_window();
+        if let Some(sm) = &mut self.sm
+            && self.conn.is_some()
+            && (!self.out.is_empty() || sm.is_full(window))
+            && sm.request_ack(Instant::now())
+        {
+            self.out.push_str(&format!("<r xmlns='{}'/>", ns::SM));
         }
         if self.out.is_empty() {
             return Ok(());
@@ -424,12 +582,20 @@ impl Session {
             self.out.clear();
             return Ok(());
         };
-        let result = conn.send(&self.out).await;
+        let written = tokio::select! {
+            result = conn.send(&self.out) => Some(result),
+            _ = self.server.shutdown.cancelled() => None,
+        };
         // Written: give the buffer back rather than keep its peak size per session.
         self.out = String::new();
-        match result {
-            Ok(()) => Ok(()),
-            Err(_) => self.connection_lost(),
+        match written {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => self.connection_lost(),
+            None => {
+                // Half a write: the stream cannot be closed cleanly any more.
+                self.conn = None;
+                Err(End::Shutdown)
+            }
         }
     }
 
@@ -456,27 +622,42 @@ impl Session {
         let server = self.server.clone();
         server.hub.unregister(&self.handle);
         if let Some(sm) = &self.sm {
-            server.hub.remove_resumable(&sm.id);
+            server.hub.remove_resumable(sm.id());
         }
         tracing::info!(jid = %self.handle.jid, reason = ?end, "session ended");
         if self.handle.presence().available {
             self.go_unavailable(None).await;
         }
-        // What the client did not acknowledge, and what is still queued, goes elsewhere.
+        // What the client did not acknowledge, and what is still queued, goes
+        // elsewhere. Offline messages it did not acknowledge are still stored.
         let mut undelivered: Vec<Arc<str>> = self
             .sm
             .take()
-            .map(|sm| sm.unacked.into_iter().map(|(_, s)| s).collect())
+            .map(|sm| {
+                sm.into_unacked()
+                    .into_iter()
+                    .filter(|u| u.offline.is_none())
+                    .map(|u| u.stanza)
+                    .collect()
+            })
             .unwrap_or_default();
-        self.rx.close();
-        while let Ok(msg) = self.rx.try_recv() {
-            match msg {
-                Outbound::Stanza(s) => undelivered.push(s),
-                Outbound::Resume(req) => {
-                    let mut conn = req.conn;
-                    let _ = conn.send(&sm_failed("item-not-found")).await;
-                }
-                Outbound::Replaced | Outbound::AccountRemoved => {}
+        // Without stream management, a page the client took and then closed its stream
+        // cleanly after counts as received.
+        if matches!(end, End::ClientClosed)
+            && let Some(pump) = self.offline.take()
+        {
+            self.offline_acknowledged(&pump.awaiting).await;
+        }
+        self.inbox.stanzas.close();
+        while let Ok(queued) = self.inbox.stanzas.try_recv() {
+            self.handle.taken(&queued);
+            undelivered.push(queued.xml);
+        }
+        self.inbox.control.close();
+        while let Ok(control) = self.inbox.control.try_recv() {
+            if let Control::Resume(req) = control {
+                let mut conn = req.conn;
+                let _ = conn.send(&sm_failed("item-not-found")).await;
             }
         }
         for stanza in undelivered {
@@ -493,19 +674,6 @@ impl Session {
                 End::ClientClosed | End::Lost => None,
             };
             conn.close(error, close_timeout).await;
-        }
-    }
-}
-
-impl StreamManagement {
-    /// Drops everything up to `h` from the unacked queue.
-    fn ack(&mut self, h: u32) {
-        while let Some((seq, _)) = self.unacked.front() {
-            if h.wrapping_sub(*seq) as i32 >= 0 {
-                self.unacked.pop_front();
-            } else {
-                break;
-            }
         }
     }
 }

@@ -81,3 +81,9 @@ pub fn full(user: &str, domain: &str, resource: &str) -> Option<FullJid> {
 pub fn parse_own(xml: &str) -> Option<Element> {
     xml.parse().ok()
 }
+
+/// The bare part of a JID string we stamped ourselves (everything before the first
+/// `/`): the key for per-sender quotas, without parsing.
+pub fn bare_of(jid: &str) -> &str {
+    jid.split('/').next().unwrap_or_default()
+}

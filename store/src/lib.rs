@@ -34,7 +34,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use latency::Latency;
 pub use nodes::NodeRecord;
-pub use offline::OfflineMessage;
+pub use offline::{Offline, OfflineMessage, OfflineQuota};
 pub use outbox::OutboxEntry;
 pub use peer_nodes::PeerNode;
 pub use peers::{Digest, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
@@ -364,7 +364,17 @@ mod tests {
                     let page = s.outbox_page("b1", 0, 5).await?;
                     let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
                     s.outbox_delete(&ids).await?;
-                    s.store_offline("inbox", "<message/>", 1000).await?;
+                    s.store_offline(
+                        "inbox",
+                        "a@d",
+                        "<message/>",
+                        OfflineQuota {
+                            messages: 1000,
+                            bytes: 1 << 20,
+                            per_sender: 1000,
+                        },
+                    )
+                    .await?;
                 }
                 Ok("outbox")
             });

@@ -610,3 +610,132 @@ pub async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
         .iter()
         .any(|a| a.name == name && a.subject == subject)
 }
+
+/// A bare XMPP connection driven by hand, for clients that misbehave on purpose (never
+/// acknowledge, never read): STARTTLS, SASL PLAIN and a bound resource, optionally
+/// with XEP-0198 enabled. Well-behaved clients in tests are tokio-xmpp.
+pub struct RawClient {
+    pub tls: tokio_rustls::client::TlsStream<TcpStream>,
+    /// Bytes read and not consumed by [`RawClient::read_until`] yet.
+    pub pending: String,
+}
+
+pub const RAW_HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+impl RawClient {
+    /// Logs `user` in with [`PW`] and binds resource `resource`; `recv_buffer` shrinks
+    /// the socket's receive buffer (a client that stops reading then blocks the
+    /// server's writes sooner).
+    pub async fn login(
+        node: &TestNode,
+        user: &str,
+        resource: &str,
+        sm: bool,
+        recv_buffer: Option<u32>,
+    ) -> RawClient {
+        use base64::Engine as _;
+        use tokio::io::AsyncWriteExt as _;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut tcp = socket.connect(node.c2s()).await.unwrap();
+        tcp.write_all(RAW_HEADER.as_bytes()).await.unwrap();
+        let mut plain = String::new();
+        raw_read_until(&mut tcp, &mut plain, "</stream:features>").await;
+        tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .await
+            .unwrap();
+        raw_read_until(&mut tcp, &mut plain, "<proceed").await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(node.cert()).unwrap();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let mut client = RawClient {
+            tls,
+            pending: String::new(),
+        };
+        client.send(RAW_HEADER).await;
+        client.read_until("</stream:features>").await;
+        let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PW}"));
+        client
+            .send(&format!(
+                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+            ))
+            .await;
+        let success = client.read_until("urn:ietf:params:xml:ns:xmpp-sasl").await;
+        assert!(success.contains("success"), "{success}");
+        client.send(RAW_HEADER).await;
+        client.read_until("</stream:features>").await;
+        client
+            .send(&format!(
+                "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+            ))
+            .await;
+        client.read_until("</iq>").await;
+        if sm {
+            client.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
+            client.read_until("<enabled").await;
+        }
+        client
+    }
+
+    pub async fn send(&mut self, xml: &str) {
+        use tokio::io::AsyncWriteExt as _;
+        self.tls.write_all(xml.as_bytes()).await.unwrap();
+        self.tls.flush().await.unwrap();
+    }
+
+    /// Reads until `marker` has arrived (at most 10 s); returns everything up to and
+    /// including it, keeping the rest for the next call.
+    pub async fn read_until(&mut self, marker: &str) -> String {
+        let found = raw_read_until(&mut self.tls, &mut self.pending, marker).await;
+        assert!(
+            found,
+            "{marker:?} not seen within 10 s; got {:?}",
+            self.pending
+        );
+        let end = self.pending.find(marker).unwrap_or(0) + marker.len();
+        self.pending.drain(..end).collect()
+    }
+
+    /// How often `marker` occurs in what arrives within `millis`.
+    pub async fn count_within(&mut self, marker: &str, millis: u64) -> usize {
+        use tokio::io::AsyncReadExt as _;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+        let mut buf = vec![0u8; 16384];
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.tls.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            self.pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        self.pending.matches(marker).count()
+    }
+}
+
+/// Reads into `acc` until it contains `marker` or 10 s pass; whether it was seen.
+async fn raw_read_until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    acc: &mut String,
+    marker: &str,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 16384];
+    while !acc.contains(marker) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => acc.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    true
+}

@@ -1,0 +1,5 @@
+//! The router's protocol core: decisions without I/O. Each module takes parsed input
+//! and the current time and returns what to do; the session and link tasks carry it
+//! out. Tested without sockets, with simulated time.
+
+pub mod sm;

@@ -1,0 +1,294 @@
+//! Limits a hostile (or just unlucky) client cannot walk around: offline delivery under
+//! the XEP-0198 window, per-sender shares of a recipient's queue and offline storage,
+//! write deadlines. Each test fails without the limit it names (security review
+//! H2, M4, M5, M9, L8, L11).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use impmesh_store::{Offline, OfflineQuota};
+use support::*;
+
+/// Stores `n` offline messages for `owner` from `senders` senders, numbered in order.
+async fn store_offline(node: &TestNode, owner: &str, n: usize, senders: usize) {
+    let quota = OfflineQuota {
+        messages: 100_000,
+        bytes: 1 << 30,
+        per_sender: 100_000,
+    };
+    for i in 0..n {
+        let from = format!("s{}@localhost", i % senders);
+        let xml = format!(
+            "<message xmlns='jabber:client' from='{from}/r' to='{owner}@localhost' type='chat'><body>{i}</body></message>"
+        );
+        let stored = node
+            .node
+            .server
+            .store
+            .store_offline(owner, &from, &xml, quota)
+            .await
+            .unwrap();
+        assert_eq!(stored, Offline::Stored);
+    }
+}
+
+async fn offline_count(node: &TestNode, user: &str) -> usize {
+    node.node
+        .server
+        .store
+        .offline_messages(user)
+        .await
+        .unwrap()
+        .len()
+}
+
+/// H2: a user with 1,000 stored messages logs in with stream management, gets every
+/// one in order and stays connected; the store is empty once the client acknowledged
+/// them. Before, all were pushed at once, a window smaller than the backlog tripped
+/// (here 200, as with Prosody's 500 and a full store), the session ended and the
+/// messages went back to storage, at every login.
+#[tokio::test]
+async fn xep0198_a_thousand_offline_messages_arrive_under_the_ack_window() {
+    let node = start_node_with_users(|c| c.limits.max_unacked = 200, &["alice", "bob"]).await;
+    store_offline(&node, "bob", 1000, 8).await;
+    let mut bob = node.client("bob", PW, Some("phone"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut got = Vec::with_capacity(1000);
+    while got.len() < 1000 {
+        let m = expect(&mut bob, 30, "offline messages", |e| body(e).is_some()).await;
+        got.push(body(&m).unwrap().parse::<usize>().unwrap());
+    }
+    assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    // Still the same session: a live message arrives after them.
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        "<message to='bob@localhost' type='chat'><body>live</body></message>",
+    )
+    .await;
+    let m = expect(&mut bob, 10, "the live message", |e| body(e).is_some()).await;
+    assert_eq!(body(&m).as_deref(), Some("live"));
+    eventually(
+        10,
+        "acknowledged offline messages leave the store",
+        || async { offline_count(&node, "bob").await == 0 },
+    )
+    .await;
+}
+
+/// L8: stored messages are removed when the client acknowledges them, not when they
+/// are pushed. A client that takes them and goes away without acknowledging leaves
+/// them stored (with XEP-0198 and without); one that answers the ping after a page
+/// (no XEP-0198) has them removed.
+#[tokio::test]
+async fn offline_messages_leave_the_store_only_when_acknowledged() {
+    let node = start_node_with_users(|_| {}, &["bob"]).await;
+    store_offline(&node, "bob", 5, 1).await;
+    for sm in [true, false] {
+        let mut raw = RawClient::login(&node, "bob", "r", sm, None).await;
+        raw.send("<presence/>").await;
+        raw.read_until("<body>4</body>").await;
+        if !sm {
+            raw.read_until("urn:xmpp:ping").await;
+        }
+        drop(raw);
+        eventually(10, "the session ends", || async {
+            node.node.server.session_count() == 0
+        })
+        .await;
+        assert_eq!(offline_count(&node, "bob").await, 5, "sm={sm}");
+    }
+    // Without XEP-0198, the answer to the ping that follows a page confirms it.
+    let mut raw = RawClient::login(&node, "bob", "r", false, None).await;
+    raw.send("<presence/>").await;
+    raw.read_until("<body>4</body>").await;
+    let ping = raw.read_until("</iq>").await;
+    let id = ping
+        .split("id='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap()
+        .to_owned();
+    raw.send(&format!("<iq type='result' id='{id}' to='localhost'/>"))
+        .await;
+    eventually(10, "confirmed offline messages leave the store", || async {
+        offline_count(&node, "bob").await == 0
+    })
+    .await;
+}
+
+/// M4: a sender that floods a recipient whose client is slow (here: never
+/// acknowledges) fills its own share of the recipient's queue and gets the rest back
+/// as `resource-constraint`; another sender still gets through, and the recipient is
+/// not disconnected for it. Only when it stays silent past the ping timeout does its
+/// session end, and what it never acknowledged goes to offline storage: every message
+/// is either bounced or stored, none lost.
+#[tokio::test]
+async fn a_flood_is_bounced_to_its_sender_and_never_kicks_the_recipient() {
+    let node = start_node_with_users(
+        |c| {
+            c.limits.session_queue = 40;
+            c.limits.max_unacked = 10;
+            c.limits.ping_timeout = 8;
+        },
+        &["alice", "bob", "carol"],
+    )
+    .await;
+    let mut bob = RawClient::login(&node, "bob", "r", true, None).await;
+    bob.send("<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let mut carol = node.client("carol", PW, Some("c"));
+    online(&mut carol).await;
+    const N: usize = 200;
+    for i in 0..N {
+        send(
+            &mut alice,
+            &format!(
+                "<message to='bob@localhost/r' type='chat' id='a{i}'><body>a{i}</body></message>"
+            ),
+        )
+        .await;
+    }
+    // At most the window (10) and alice's share of the queue (40 / 4) are taken: at
+    // least 180 come back, then the stream goes quiet.
+    let is_bounce = |e: &minidom::Element| {
+        e.attr("type") == Some("error")
+            && e.get_child("error", "jabber:client").is_some_and(|err| {
+                err.has_child("resource-constraint", "urn:ietf:params:xml:ns:xmpp-stanzas")
+            })
+    };
+    let mut bounced = 0;
+    while bounced < N - 20 {
+        expect(&mut alice, 10, "bounces", is_bounce).await;
+        bounced += 1;
+    }
+    bounced += collect(&mut alice, 300, is_bounce).await.len();
+    // Carol's message gets in: her answer to a ping comes after any bounce would.
+    send(
+        &mut carol,
+        "<message to='bob@localhost/r' type='chat' id='c'><body>carol</body></message>",
+    )
+    .await;
+    send(
+        &mut carol,
+        "<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    let answer = expect(&mut carol, 10, "the ping answer or a bounce", |e| {
+        e.attr("id") == Some("p") || e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(
+        answer.attr("id"),
+        Some("p"),
+        "carol was bounced: {answer:?}"
+    );
+    assert_eq!(
+        node.node.server.hub.sessions("bob").len(),
+        1,
+        "the flood did not end bob's session"
+    );
+    // Bob never acknowledges: after the ping timeout his session ends and everything
+    // he was given or queued goes to offline storage.
+    eventually(15, "bob's silent session ends", || async {
+        node.node.server.hub.sessions("bob").is_empty()
+    })
+    .await;
+    eventually(10, "what bob never acknowledged is stored", || async {
+        offline_count(&node, "bob").await + bounced == N + 1
+    })
+    .await;
+    let stored = node
+        .node
+        .server
+        .store
+        .offline_messages("bob")
+        .await
+        .unwrap();
+    assert!(stored.iter().any(|m| m.stanza.contains("carol")));
+}
+
+/// M9: one sender fills only its share of a recipient's offline storage (a quarter by
+/// default), the rest bounce with `resource-constraint`; others still get in.
+#[tokio::test]
+async fn a_sender_fills_only_its_share_of_offline_storage() {
+    let node = start_node_with_users(
+        |c| {
+            c.limits.max_offline = 8;
+            c.limits.max_offline_per_sender = 2;
+        },
+        &["alice", "bob", "carol"],
+    )
+    .await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    for i in 0..4 {
+        send(
+            &mut alice,
+            &format!(
+                "<message to='bob@localhost' type='chat' id='m{i}'><body>{i}</body></message>"
+            ),
+        )
+        .await;
+    }
+    for id in ["m2", "m3"] {
+        let e = expect(&mut alice, 10, "bounce", |e| {
+            e.attr("type") == Some("error")
+        })
+        .await;
+        assert_eq!(e.attr("id"), Some(id));
+        let error = e.get_child("error", "jabber:client").unwrap();
+        assert!(error.has_child("resource-constraint", "urn:ietf:params:xml:ns:xmpp-stanzas"));
+    }
+    let mut carol = node.client("carol", PW, Some("c"));
+    online(&mut carol).await;
+    send(
+        &mut carol,
+        "<message to='bob@localhost' type='chat'><body>carol</body></message>",
+    )
+    .await;
+    eventually(10, "carol's message is stored", || async {
+        offline_count(&node, "bob").await == 3
+    })
+    .await;
+}
+
+/// M5: a client that stops reading is disconnected within the write deadline, and
+/// what it was sent goes to offline storage (it was never written whole).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_within_the_write_deadline() {
+    let node = start_node_with_users(
+        |c| {
+            c.limits.write_timeout = 1;
+            c.limits.read_rate = 1 << 30;
+            c.limits.read_burst = 1 << 30;
+        },
+        &["alice", "bob"],
+    )
+    .await;
+    let mut bob = RawClient::login(&node, "bob", "r", false, Some(4096)).await;
+    bob.send("<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let text = "x".repeat(200_000);
+    // Enough to fill bob's socket buffers many times over; the queue holds alice's
+    // share and bounces the rest.
+    for i in 0..60 {
+        send(
+            &mut alice,
+            &format!(
+                "<message to='bob@localhost/r' type='chat' id='{i}'><body>{text}</body></message>"
+            ),
+        )
+        .await;
+    }
+    eventually(20, "bob's session ends", || async {
+        node.node.server.hub.sessions("bob").is_empty()
+    })
+    .await;
+    drop(bob);
+}
