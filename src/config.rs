@@ -213,6 +213,8 @@ pub struct LimitsSection {
     pub link_window: usize,
     pub link_ack_timeout: u64,
     pub max_sessions_per_user: usize,
+    /// PBKDF2 iterations of new SCRAM verifiers (existing ones keep theirs).
+    pub scram_iterations: u32,
 }
 
 impl Default for LimitsSection {
@@ -243,6 +245,7 @@ impl Default for LimitsSection {
             link_window: l.link_window,
             link_ack_timeout: l.link_ack_timeout.as_secs(),
             max_sessions_per_user: l.max_sessions_per_user,
+            scram_iterations: impmesh_store::scram::DEFAULT_ITERATIONS,
         }
     }
 }
@@ -369,6 +372,12 @@ impl Config {
             )));
         }
         let l = &self.limits;
+        if l.scram_iterations < impmesh_store::scram::MIN_ITERATIONS {
+            return Err(ConfigError::Invalid(format!(
+                "limits.scram_iterations must be at least {} (RFC 7677)",
+                impmesh_store::scram::MIN_ITERATIONS
+            )));
+        }
         let share = impmesh_router::config::QUEUE_SHARE;
         if l.session_queue_bytes / share < l.max_stanza_bytes
             || l.max_unacked == 0

@@ -9,7 +9,7 @@ use impmesh_axl::{CertSource, ControlError, Https, NodeControl};
 use impmesh_certs::{CertError, NodeIdentity};
 use impmesh_router::Server;
 use impmesh_store::NodeRecord;
-use impmesh_sync_agent::{Agent, AgentError, DuplicateScope};
+use impmesh_sync_agent::{Agent, AgentError};
 
 use crate::config::Config;
 use crate::node;
@@ -113,14 +113,6 @@ impl Control {
         self.agent
             .get()
             .ok_or_else(|| ControlError::Internal("the sync agent is not running".into()))
-    }
-
-    /// Tells the peers this cluster's user `user` changed.
-    async fn directory_changed(&self, user: &str) {
-        if let (Some(agent), Ok(usn)) = (self.agent.get(), self.server.store.current_usn().await) {
-            agent.notify_peers(usn);
-            agent.request_duplicate_check(DuplicateScope::Users(vec![user.to_owned()]));
-        }
     }
 
     /// The identity in use.
@@ -439,7 +431,7 @@ impl NodeControl for Control {
         let user = users::add(&self.server.store, &self.config, name, password)
             .await
             .map_err(user_error)?;
-        self.directory_changed(&user).await;
+        // Peers are told by the node's account listener (`node.rs`).
         Ok(user)
     }
 
@@ -447,11 +439,7 @@ impl NodeControl for Control {
         let user = users::delete(&self.server.store, &self.config, name)
             .await
             .map_err(user_error)?;
-        self.directory_changed(&user).await;
-        let closed = self.server.hub.disconnect_user(&user);
-        if closed > 0 {
-            tracing::info!(%user, sessions = closed, "closed the sessions of a deleted account");
-        }
+        // Its sessions are closed, and peers told, by the node's account listener.
         Ok(user)
     }
 

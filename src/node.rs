@@ -58,16 +58,18 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// Reads the admin token, creating it (mode 0600) at first use.
 pub fn admin_token(config: &Config) -> anyhow::Result<String> {
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    refuse_readable_secret(&path)?;
     match std::fs::read_to_string(&path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    create_data_dir(&config.data_dir)?;
     let token = impmesh_axl::auth::random_token();
     let tmp = path.with_extension("token.tmp");
+    // A leftover temporary file keeps its mode when reopened: start afresh.
+    let _ = std::fs::remove_file(&tmp);
     {
         use std::io::Write as _;
         let mut options = std::fs::OpenOptions::new();
@@ -84,14 +86,126 @@ pub fn admin_token(config: &Config) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Creates the data directory and opens (and migrates) the store.
+/// The one place local account changes take effect beyond the store, however they were
+/// made (admin API, CLI through the API, in-band registration or cancellation): peers
+/// are told at once and asked to re-check duplicates, and a removed account's sessions
+/// are closed (security review M12: in-band cancellation left them running).
+fn spawn_account_listener(
+    mut changes: tokio::sync::broadcast::Receiver<impmesh_store::AccountChange>,
+    server: Arc<Server>,
+    agent: Arc<Agent>,
+) {
+    use impmesh_store::AccountChange;
+    use impmesh_sync_agent::DuplicateScope;
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                _ = server.shutdown.cancelled() => break,
+                change = changes.recv() => change,
+            };
+            let scope = match change {
+                Ok(AccountChange::Added(user)) => DuplicateScope::Users(vec![user]),
+                Ok(AccountChange::Removed(user)) => {
+                    let closed = server.hub.disconnect_user(&user);
+                    if closed > 0 {
+                        tracing::info!(%user, sessions = closed, "closed the sessions of a removed account");
+                    }
+                    DuplicateScope::Users(vec![user])
+                }
+                Ok(_) => DuplicateScope::All,
+                // Missed some: whatever they were, peers learn by the next USN.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => DuplicateScope::All,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            if let Ok(usn) = server.store.current_usn().await {
+                agent.notify_peers(usn);
+            }
+            agent.request_duplicate_check(scope);
+        }
+    });
+}
+
+/// Creates the data directory (0700), checks that no secret in it can be read by
+/// others, and opens (and migrates) the store, an SQLite file created 0600 (security
+/// review M13, L9: it holds peer tokens, the OPAQUE server key and verifiers).
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    create_data_dir(&config.data_dir)?;
+    refuse_readable_secret(&config.data_dir.join(ADMIN_TOKEN_FILE))?;
+    refuse_readable_secret(&config.data_dir.join("certs").join(impmesh_certs::KEY_FILE))?;
+    if let Some(path) = sqlite_file(config) {
+        make_private(&path)?;
+    }
     let store = Store::open(&config.store.url, &config.data_dir)
         .await
         .with_context(|| format!("cannot open the store {}", config.store.url))?;
+    store.set_scram_iterations(config.limits.scram_iterations);
     Ok(store)
+}
+
+/// Creates the data directory readable by its owner only (an existing one is left as
+/// the admin made it).
+pub fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))
+}
+
+/// Fails when a secret file exists and others than its owner may read or write it.
+fn refuse_readable_secret(path: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is a secret but has mode {mode:03o}: other users can read it. Run `chmod 600 {}` (and consider it leaked: regenerate it if others had access)",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The SQLite database file of the configuration, if the store is one.
+fn sqlite_file(config: &Config) -> Option<std::path::PathBuf> {
+    let url = &config.store.url;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (path != ":memory:" && !path.is_empty()).then(|| config.data_dir.join(path))
+}
+
+/// Creates the database file 0600 before SQLite does (SQLite then gives its `-wal`
+/// and `-shm` files the same mode), and tightens one an older version made readable.
+fn make_private(path: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if let Ok(meta) = std::fs::metadata(&file)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict {}", file.display()))?;
+                tracing::warn!(file = %file.display(), "the store was readable by other users; now 0600");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The expiry alarm a certificate deserves `secs_left` seconds before it expires.
@@ -229,8 +343,7 @@ fn certificate_names(config: &Config) -> Vec<String> {
 /// the domain, the node name and the cluster name as SANs.
 pub fn identity(config: &Config) -> anyhow::Result<NodeIdentity> {
     let names = certificate_names(config);
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    create_data_dir(&config.data_dir)?;
     Ok(NodeIdentity::load_or_generate(
         &config.data_dir.join("certs"),
         &names,
@@ -242,6 +355,9 @@ impl Node {
     pub async fn start(config: &Config) -> anyhow::Result<Node> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let store = open_store(config).await?;
+        // From the start, so that no account change made while the node comes up is
+        // missed (the channel buffers them).
+        let account_changes = store.account_changes();
         store
             .register_node(&config.node_name(), &config.cluster_name())
             .await?;
@@ -347,6 +463,7 @@ impl Node {
                 }
             }
         });
+        spawn_account_listener(account_changes, server.clone(), agent.clone());
         // Every hour until shutdown: re-check the certificate in use, prune old tombstones.
         let (check_server, check_control) = (server.clone(), control.clone());
         tokio::spawn(async move {

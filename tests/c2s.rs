@@ -573,12 +573,16 @@ async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, marker: &str) ->
 #[tokio::test]
 async fn rfc6120_hostile_input_gets_the_right_stream_error() {
     let node = start_node(|_| {}).await;
-    let cases: [(&str, String); 5] = [
+    let cases: [(&str, String); 7] = [
         ("restricted-xml", "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;&lol;&lol;'>]><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>".into()),
         ("restricted-xml", format!("{HEADER}<message><body>&lol9;</body></message>")),
         ("not-well-formed", format!("{HEADER}<message><body></message>")),
         ("policy-violation", format!("{HEADER}<message><body>{}</body></message>", "a".repeat(20_000))),
         ("policy-violation", format!("{HEADER}<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHB3</auth>")),
+        // H3: a few bytes per element, hundreds of bytes of tree each.
+        ("policy-violation", format!("{HEADER}<message>{}</message>", "<a/>".repeat(100))),
+        // RFC 6120 §4.9.3.10: a client stream's default namespace is jabber:client.
+        ("invalid-namespace", HEADER.replace("jabber:client", "jabber:server")),
     ];
     for (condition, input) in cases {
         let mut tcp = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();

@@ -501,3 +501,35 @@ async fn peer_commands_peer_two_clusters() {
     let missing = cli_on(&a, &["peer", "status", "cluster-b.example.com"], "").await;
     assert_eq!(missing.status.code(), Some(1));
 }
+
+/// M13, L9: the data directory is created 0700 and the SQLite store 0600; a node whose
+/// admin token other users can read refuses to start and says how to fix it.
+#[cfg(unix)]
+#[tokio::test]
+async fn secrets_are_private_and_a_readable_token_stops_the_node() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let mut config = impmesh::config::Config {
+        data_dir: dir.clone(),
+        ..Default::default()
+    };
+    config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listen.https = "127.0.0.1:0".parse().unwrap();
+    let node = impmesh::node::Node::start(&config).await.unwrap();
+    node.shutdown().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("impmesh.db")), 0o600);
+    assert_eq!(mode(&dir.join("admin.token")), 0o600);
+    std::fs::set_permissions(
+        dir.join("admin.token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let Err(err) = impmesh::node::Node::start(&config).await else {
+        panic!("a node started with a readable admin token");
+    };
+    assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
+}

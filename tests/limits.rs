@@ -292,3 +292,133 @@ async fn a_client_that_stops_reading_is_closed_within_the_write_deadline() {
     .await;
     drop(bob);
 }
+
+/// M6: login attempts are counted when they begin, so parallel connections get no
+/// extra guesses: of 20 wrong passwords at once with a limit of 3, at most 3 are
+/// checked; the rest get `temporary-auth-failure`, and so does the right password.
+#[tokio::test]
+async fn parallel_logins_get_no_extra_guesses() {
+    let node = start_node_with_users(
+        |c| {
+            c.limits.login_failures = 3;
+            c.limits.login_failure_window = 60;
+        },
+        &["alice"],
+    )
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let connector = node.connector();
+        tasks.spawn(async move { try_login(&connector, "alice", "wrong").await });
+    }
+    let mut checked = 0;
+    while let Some(result) = tasks.join_next().await {
+        let err = format!("{:?}", result.unwrap().unwrap_err());
+        if !err.contains("TemporaryAuthFailure") {
+            checked += 1;
+        }
+    }
+    assert!(checked <= 3, "{checked} guesses were checked");
+    let err = try_login(&node.connector(), "alice", PW).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("TemporaryAuthFailure"),
+        "{err:?}"
+    );
+}
+
+/// H5: password changes (each a PBKDF2 derivation) are limited per account: the fourth
+/// within a minute gets `resource-constraint` and changes nothing.
+#[tokio::test]
+async fn xep0077_password_changes_are_rate_limited() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    for i in 0..4 {
+        send(
+            &mut alice,
+            &format!("<iq type='set' id='pw{i}'><query xmlns='jabber:iq:register'><username>alice</username><password>new{i}</password></query></iq>"),
+        )
+        .await;
+        let reply = expect(&mut alice, 10, "the answer", |e| {
+            e.attr("id") == Some(&format!("pw{i}"))
+        })
+        .await;
+        let ok = reply.attr("type") == Some("result");
+        assert_eq!(ok, i < 3, "change {i}: {reply:?}");
+    }
+    // The last accepted password is the one in force.
+    assert!(try_login(&node.connector(), "alice", "new2").await.is_ok());
+    assert!(try_login(&node.connector(), "alice", "new3").await.is_err());
+}
+
+/// M12: an account cancelled in-band (XEP-0077 `<remove/>`) has every session closed,
+/// as when an admin deletes it; a name created again later inherits none of them.
+#[tokio::test]
+async fn xep0077_cancellation_closes_the_accounts_other_sessions() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let mut phone = node.client("alice", PW, Some("phone"));
+    online(&mut phone).await;
+    let mut laptop = node.client("alice", PW, Some("laptop"));
+    online(&mut laptop).await;
+    send(
+        &mut laptop,
+        "<iq type='set' id='bye'><query xmlns='jabber:iq:register'><remove/></query></iq>",
+    )
+    .await;
+    let reply = expect(&mut laptop, 10, "the answer", |e| {
+        e.attr("id") == Some("bye")
+    })
+    .await;
+    assert_eq!(reply.attr("type"), Some("result"));
+    eventually(
+        10,
+        "every session of the cancelled account is closed",
+        || async { node.node.server.hub.sessions("alice").is_empty() },
+    )
+    .await;
+    drop((phone, laptop));
+}
+
+/// The salt and iteration count a SCRAM-SHA-256 challenge gives `name`.
+async fn scram_salt(node: &TestNode, name: &str) -> (String, String) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut raw = RawClient::connect(node, None).await;
+    let first = b64.encode(format!("n,,n={name},r=abcdefghijklmnop"));
+    raw.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{first}</auth>"
+    ))
+    .await;
+    let challenge = raw.read_until("</challenge>").await;
+    let text = challenge
+        .split("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        .nth(1)
+        .and_then(|c| c.split('<').next())
+        .unwrap();
+    let decoded = String::from_utf8(b64.decode(text).unwrap()).unwrap();
+    let field = |key: &str| {
+        decoded
+            .split(',')
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap()
+            .to_owned()
+    };
+    (field("s="), field("i="))
+}
+
+/// M8: the SCRAM challenge does not tell which users exist. An unknown name's salt
+/// comes from the normalised name (`Nobody` and `nobody` get the same one, as `ALICE`
+/// and `alice` do for a real user) with a key the cluster keeps, so it is the same
+/// after a restart; its iteration count is the one real users get.
+#[tokio::test]
+async fn scram_challenges_do_not_reveal_unknown_users() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let (alice_salt, alice_i) = scram_salt(&node, "alice").await;
+    assert_eq!(scram_salt(&node, "ALICE").await.0, alice_salt);
+    let (nobody_salt, nobody_i) = scram_salt(&node, "nobody").await;
+    assert_eq!(scram_salt(&node, "Nobody").await.0, nobody_salt);
+    assert_eq!(nobody_i, alice_i);
+    assert_ne!(nobody_salt, alice_salt);
+    let node = node.restart().await;
+    assert_eq!(scram_salt(&node, "nobody").await.0, nobody_salt);
+}

@@ -239,7 +239,9 @@ async fn negotiate(
                     if let Some(user) =
                         authenticate(server, conn, &element, &mechanisms, deadline).await?
                     {
-                        conn.reset_stream(server.config.limits.max_stanza_bytes);
+                        conn.reset_stream(crate::xml::FrameLimits::authenticated(
+                            server.config.limits.max_stanza_bytes,
+                        ));
                         stage = Stage::Authenticated(user);
                         break;
                     }
@@ -317,8 +319,15 @@ async fn negotiate(
 }
 
 /// RFC 6120 §4.7: `to` must name our domain (also after restarts: a stream cannot move
-/// to another host), and the version must be 1.0.
+/// to another host), the version must be 1.0, and the default namespace `jabber:client`
+/// (§4.9.3.10).
 fn check_header(header: &Header, domain: &str) -> Result<(), End> {
+    if header.default_ns.as_deref() != Some(ns::CLIENT) {
+        return Err(End::Error(
+            StreamErrorCondition::InvalidNamespace,
+            "the default namespace of a client stream is jabber:client",
+        ));
+    }
     match header.version.as_deref() {
         Some(v) if v.split('.').next() == Some("1") => {}
         _ => {
@@ -457,7 +466,7 @@ async fn authenticate(
     match result {
         Ok((user, additional)) => {
             tracing::info!(%user, peer = %conn.peer, "authenticated");
-            server.record_login(ip, true);
+            server.login_succeeded(ip, &user);
             server.stats.login(true);
             // RFC 6120 §6.3.10: SCRAM's server-final-message rides in <success/>.
             let success = match additional {
@@ -472,10 +481,9 @@ async fn authenticate(
             Ok(Some(user))
         }
         Err((failure, text)) => {
+            // The attempt was counted when it began (an abort after the challenge
+            // included: the salt was the answer).
             server.stats.login(false);
-            if failure == SaslFailure::NotAuthorized {
-                server.record_login(ip, false);
-            }
             tracing::info!(peer = %conn.peer, failure = failure.as_str(), "authentication failed");
             conn.send(&sasl_failure(failure, text)).await?;
             Ok(None)
@@ -502,10 +510,7 @@ async fn run_sasl(
         return Ok(Err((SaslFailure::InvalidMechanism, None)));
     };
     if server.login_blocked(conn.peer.ip()) {
-        return Ok(Err((
-            SaslFailure::TemporaryAuthFailure,
-            Some("too many failed logins from this address; try again later"),
-        )));
+        return Ok(Err(too_many_logins()));
     }
     let mut data = match sasl_data(auth) {
         Ok(d) => d,
@@ -523,19 +528,21 @@ async fn run_sasl(
         if !authzid_ok(creds.authzid.as_deref(), &user, domain) {
             return Ok(Err((SaslFailure::InvalidAuthzid, None)));
         }
-        let record = server.store.user(&user).await.ok().flatten();
+        if !server.reserve_login(conn.peer.ip(), &user) {
+            return Ok(Err(too_many_logins()));
+        }
+        let Ok(record) = server.store.user(&user).await else {
+            return Ok(Err(store_failed()));
+        };
         if record.is_none()
             && let Some(address) = server.client_address_of_home(&user).await
         {
             return Err(End::Redirect(address));
         }
-        let password = creds.password;
-        // PBKDF2 runs off the async workers so logins never stall routing.
-        let ok = tokio::task::spawn_blocking(move || {
-            record.is_some_and(|r| r.scram_sha256.verify_password(&password))
-        })
-        .await
-        .unwrap_or(false);
+        // PBKDF2 runs off the async workers, bounded; an unknown user costs the same
+        // derivation as a known one (no timing oracle, security review M8).
+        let verifier = record.map(|r| r.scram_sha256);
+        let ok = server.store.check_password(verifier, &creds.password).await;
         return Ok(if ok {
             Ok((user, None))
         } else {
@@ -557,11 +564,18 @@ async fn run_sasl(
         Err(f) => return Ok(Err((f, None))),
     };
     let user = normalize_username(&first.username, domain);
+    // The attempt counts from here: the challenge below lets the client test a guess.
+    if !server.reserve_login(conn.peer.ip(), user.as_deref().unwrap_or(&first.username)) {
+        return Ok(Err(too_many_logins()));
+    }
     let authz_ok = user
         .as_deref()
         .is_some_and(|u| authzid_ok(first.authzid.as_deref(), u, domain));
     let record = match &user {
-        Some(u) => server.store.user(u).await.ok().flatten(),
+        Some(u) => match server.store.user(u).await {
+            Ok(record) => record,
+            Err(_) => return Ok(Err(store_failed())),
+        },
         None => None,
     };
     if record.is_none()
@@ -574,9 +588,21 @@ async fn run_sasl(
         impmesh_store::scram::ScramHash::Sha1 => r.scram_sha1,
         _ => r.scram_sha256,
     });
-    let fake_name = first.username.clone();
+    // An unknown user's salt is derived from the normalised name (so `alice` and
+    // `ALICE` look alike, as for a real user) with a key the whole cluster keeps.
+    let fake_salt = match verifier {
+        Some(_) => Vec::new(),
+        None => match server
+            .fake_salt(user.as_deref().unwrap_or(&first.username))
+            .await
+        {
+            Ok(salt) => salt,
+            Err(_) => return Ok(Err(store_failed())),
+        },
+    };
+    let iterations = server.store.scram_iterations();
     let (scram, challenge) =
-        sasl::ScramServer::new(first, hash, verifier, || server.fake_salt(&fake_name));
+        sasl::ScramServer::new(first, hash, verifier, || (fake_salt, iterations));
     conn.send(&format!(
         "<challenge xmlns='{}'>{}</challenge>",
         ns::SASL,
@@ -596,6 +622,22 @@ async fn run_sasl(
         },
         Err(f) => Ok(Err((f, None))),
     }
+}
+
+fn too_many_logins() -> (SaslFailure, Option<&'static str>) {
+    (
+        SaslFailure::TemporaryAuthFailure,
+        Some("too many failed logins from this address or for this account; try again later"),
+    )
+}
+
+/// A store failure during authentication: `temporary-auth-failure`, never "unknown
+/// user" (a database hiccup must not count against the address or send anyone away).
+fn store_failed() -> (SaslFailure, Option<&'static str>) {
+    (
+        SaslFailure::TemporaryAuthFailure,
+        Some("the server cannot check credentials right now; try again later"),
+    )
 }
 
 /// Reads a `<response/>` (or `<abort/>`) during a SASL exchange.
@@ -738,6 +780,7 @@ mod tests {
         Header {
             to: to.map(String::from),
             version: version.map(String::from),
+            default_ns: Some(ns::CLIENT.into()),
             ..Default::default()
         }
     }
@@ -765,6 +808,17 @@ mod tests {
             condition(old),
             Some(StreamErrorCondition::UnsupportedVersion)
         );
+        for default_ns in [None, Some("jabber:server"), Some("")] {
+            let h = Header {
+                default_ns: default_ns.map(String::from),
+                ..header(Some("example.com"), Some("1.0"))
+            };
+            assert_eq!(
+                condition(check_header(&h, "example.com")),
+                Some(StreamErrorCondition::InvalidNamespace),
+                "{default_ns:?}"
+            );
+        }
     }
 
     #[test]

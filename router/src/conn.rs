@@ -16,7 +16,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::Limits;
 use crate::error::StreamErrorCondition;
-use crate::xml::{Frame, Framer};
+use crate::xml::{Frame, FrameLimits, Framer};
 
 /// The first read of every wake-up goes into a buffer inside the connection, big enough
 /// for a typical presence or chat stanza; an idle connection waits on it and holds no
@@ -164,7 +164,9 @@ impl Conn {
     pub fn new(io: Transport, peer: SocketAddr, limits: &Limits) -> Conn {
         Conn {
             io,
-            framer: Framer::new(limits.max_stanza_bytes_unauthenticated),
+            framer: Framer::new(FrameLimits::unauthenticated(
+                limits.max_stanza_bytes_unauthenticated,
+            )),
             peer,
             channel_binding: None,
             inline: [0; INLINE_READ],
@@ -176,9 +178,10 @@ impl Conn {
         }
     }
 
-    /// Starts a new stream on the same transport (after STARTTLS or SASL success).
-    pub fn reset_stream(&mut self, max_element: usize) {
-        self.framer = Framer::new(max_element);
+    /// Starts a new stream on the same transport (after SASL success), with the
+    /// limits of an authenticated stream.
+    pub fn reset_stream(&mut self, limits: FrameLimits) {
+        self.framer = Framer::new(limits);
         self.frames.clear();
     }
 

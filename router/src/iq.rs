@@ -522,6 +522,14 @@ impl Session {
         let password = query.get_child("password", ns::REGISTER).map(|p| p.text());
         match (username, password) {
             (Some(u), Some(p)) if u == user && !p.is_empty() => {
+                if !server.password_change_attempt(&user) {
+                    self.reply_error(
+                        iq,
+                        StanzaErrorCondition::ResourceConstraint,
+                        Some("too many password changes; try again in a minute"),
+                    );
+                    return;
+                }
                 match server.store.set_password(&user, &p).await {
                     Ok(()) => self.reply_result(iq, None),
                     Err(_) => self.reply_error(iq, StanzaErrorCondition::NotAcceptable, None),
@@ -579,7 +587,9 @@ pub(crate) async fn register_unauthenticated(
             if password.is_empty() {
                 return error(StanzaErrorCondition::NotAcceptable, "empty password");
             }
-            if !server.registration_allowed(from) {
+            // Counted before the attempt: failed ones (a name taken, say) cost the
+            // same store work and may not be repeated at will.
+            if !server.registration_attempt(from) {
                 return error(
                     StanzaErrorCondition::ResourceConstraint,
                     "too many registrations from this address; try again later",
@@ -593,7 +603,6 @@ pub(crate) async fn register_unauthenticated(
             };
             match server.store.add_user(new).await {
                 Ok(()) => {
-                    server.record_registration(from);
                     tracing::info!(%user, %from, "account registered in-band");
                     format!("<iq type='result' id='{id}'/>")
                 }

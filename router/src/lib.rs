@@ -23,18 +23,17 @@ pub mod sasl;
 mod session;
 pub mod stanza;
 pub mod stats;
+pub mod throttle;
 pub mod time;
 pub mod xml;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use impmesh_store::Store;
 use rand::RngCore as _;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xmpp_parsers::jid::BareJid;
@@ -43,7 +42,20 @@ pub use config::{Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;
 pub use link::{HostResolver, LinkStatus};
 
-use crate::hub::{Hub, lock};
+use crate::hub::Hub;
+
+/// Keys each throttle table keeps at most (addresses, accounts): a hard bound on
+/// their memory whatever the number of sources.
+const THROTTLE_KEYS: usize = 100_000;
+
+/// An account may see this many times the per-address login failures: enough that
+/// guesses spread over many addresses are stopped, while its owner is not locked out
+/// by a single attacker's address.
+const ACCOUNT_LOGIN_FACTOR: u32 = 4;
+
+/// XEP-0077 password changes per account per window (each derives new verifiers).
+const PASSWORD_CHANGES: u32 = 3;
+const PASSWORD_CHANGE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Connections accepted but not yet closed, at most (an admission limit before any
 /// handshake work, STYLE 5). Sized for the benchmarks' 10 000 idle sessions with room.
@@ -60,12 +72,17 @@ pub struct Server {
     /// swappable so a new certificate applies to new handshakes without a restart.
     tls_starttls: RwLock<Arc<rustls::ServerConfig>>,
     tls_direct: RwLock<Arc<rustls::ServerConfig>>,
-    /// Failed logins per source address: (count, window start).
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-    /// Last in-band registration per source address.
-    registrations: Mutex<HashMap<IpAddr, Instant>>,
-    /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist).
-    salt_key: [u8; 32],
+    /// Login attempts per source address (IPv6 per /64) and per account, reserved
+    /// before the credentials are checked and given back on success.
+    logins: throttle::Throttle<IpAddr>,
+    account_logins: throttle::Throttle<String>,
+    /// In-band registration attempts per source address, failed ones included.
+    registrations: throttle::Throttle<IpAddr>,
+    /// XEP-0077 password changes per account.
+    password_changes: throttle::Throttle<String>,
+    /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist):
+    /// a cluster secret in the store, the same on every node and across restarts.
+    salt_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Router links to and from the nodes of peer clusters.
     links: link::Links,
     /// Striped locks ordering the subscription steps of each roster owner.
@@ -94,8 +111,22 @@ impl Server {
         tls_starttls: Arc<rustls::ServerConfig>,
         tls_direct: Arc<rustls::ServerConfig>,
     ) -> Arc<Server> {
-        let mut salt_key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut salt_key);
+        let logins = throttle::Throttle::new(
+            config.limits.login_failures,
+            config.limits.login_failure_window,
+            THROTTLE_KEYS,
+        );
+        let account_logins = throttle::Throttle::new(
+            config
+                .limits
+                .login_failures
+                .saturating_mul(ACCOUNT_LOGIN_FACTOR),
+            config.limits.login_failure_window,
+            THROTTLE_KEYS,
+        );
+        let registrations = throttle::Throttle::new(1, config.registration_interval, THROTTLE_KEYS);
+        let password_changes =
+            throttle::Throttle::new(PASSWORD_CHANGES, PASSWORD_CHANGE_WINDOW, THROTTLE_KEYS);
         Arc::new_cyclic(|me| Server {
             config,
             store,
@@ -103,9 +134,11 @@ impl Server {
             stats: stats::Stats::default(),
             tls_starttls: RwLock::new(tls_starttls),
             tls_direct: RwLock::new(tls_direct),
-            failures: Mutex::new(HashMap::new()),
-            registrations: Mutex::new(HashMap::new()),
-            salt_key,
+            logins,
+            account_logins,
+            registrations,
+            password_changes,
+            salt_key: tokio::sync::OnceCell::new(),
             links: link::Links::default(),
             roster_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             me: me.clone(),
@@ -206,61 +239,62 @@ impl Server {
         }
     }
 
-    /// Counts a login outcome for the per-address throttle. A success does not clear
-    /// the count: otherwise one valid account would let an address reset the throttle
-    /// between guesses at others. Failures expire with their window.
-    pub(crate) fn record_login(&self, ip: IpAddr, ok: bool) {
-        if ok {
-            return;
+    /// Reserves a login attempt for `ip` and `user` before their credentials are
+    /// checked: false when either has used up its attempts (parallel connections get
+    /// no extra guesses, security review M6). A success gives the attempt back.
+    pub(crate) fn reserve_login(&self, ip: IpAddr, user: &str) -> bool {
+        let key = throttle::address_key(ip);
+        if !self.logins.attempt(&key) {
+            return false;
         }
-        let mut failures = lock(&self.failures);
-        let window = self.config.limits.login_failure_window;
-        let now = Instant::now();
-        let entry = failures.entry(ip).or_insert((0, now));
-        if now.duration_since(entry.1) > window {
-            *entry = (0, now);
+        if !self.account_logins.attempt(&user.to_owned()) {
+            self.logins.refund(&key);
+            return false;
         }
-        entry.0 += 1;
-        // Bound the table: forget expired windows when it grows.
-        if failures.len() > 10_000 {
-            failures.retain(|_, (_, start)| now.duration_since(*start) <= window);
-        }
+        true
     }
 
-    /// Whether logins from `ip` are refused for now.
+    /// The reserved attempt succeeded: successes do not count against anyone.
+    pub(crate) fn login_succeeded(&self, ip: IpAddr, user: &str) {
+        self.logins.refund(&throttle::address_key(ip));
+        self.account_logins.refund(&user.to_owned());
+    }
+
+    /// Whether logins from `ip` are refused for now (checked before any work).
     pub(crate) fn login_blocked(&self, ip: IpAddr) -> bool {
-        let failures = lock(&self.failures);
-        failures.get(&ip).is_some_and(|(count, start)| {
-            *count >= self.config.limits.login_failures
-                && start.elapsed() <= self.config.limits.login_failure_window
-        })
+        self.logins.is_blocked(&throttle::address_key(ip))
     }
 
-    /// Whether `ip` may register an account now (XEP-0077 abuse control, like
-    /// Prosody's `min_seconds_between_registrations`).
-    pub(crate) fn registration_allowed(&self, ip: IpAddr) -> bool {
-        let interval = self.config.registration_interval;
-        lock(&self.registrations)
-            .get(&ip)
-            .is_none_or(|last| last.elapsed() >= interval)
+    /// Counts an in-band registration attempt from `ip` (XEP-0077 abuse control, like
+    /// Prosody's `min_seconds_between_registrations`, failed attempts included); false
+    /// when the address must wait.
+    pub(crate) fn registration_attempt(&self, ip: IpAddr) -> bool {
+        self.registrations.attempt(&throttle::address_key(ip))
     }
 
-    pub(crate) fn record_registration(&self, ip: IpAddr) {
-        let interval = self.config.registration_interval;
-        let mut map = lock(&self.registrations);
-        // Bound the table: forget addresses whose interval has passed.
-        if map.len() > 10_000 {
-            map.retain(|_, last| last.elapsed() < interval);
-        }
-        map.insert(ip, Instant::now());
+    /// Counts a password change by `user`; false when it made too many lately.
+    pub(crate) fn password_change_attempt(&self, user: &str) -> bool {
+        self.password_changes.attempt(&user.to_owned())
     }
 
-    /// A stable made-up salt for a user name that does not exist.
-    pub(crate) fn fake_salt(&self, username: &str) -> Vec<u8> {
-        let mut salt =
-            impmesh_store::scram::ScramHash::Sha256.hmac(&self.salt_key, username.as_bytes());
+    /// A stable made-up salt for a (normalised) user name that does not exist.
+    pub(crate) async fn fake_salt(
+        &self,
+        username: &str,
+    ) -> Result<Vec<u8>, impmesh_store::StoreError> {
+        let key = self
+            .salt_key
+            .get_or_try_init(|| {
+                self.store.cluster_secret("scram-fake-salt", || {
+                    let mut key = vec![0u8; 32];
+                    rand::thread_rng().fill_bytes(&mut key);
+                    key
+                })
+            })
+            .await?;
+        let mut salt = impmesh_store::scram::ScramHash::Sha256.hmac(key, username.as_bytes());
         salt.truncate(16);
-        salt
+        Ok(salt)
     }
 
     /// Sessions on this node now.

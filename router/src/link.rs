@@ -1898,7 +1898,7 @@ struct FrameReader {
 impl FrameReader {
     fn new() -> FrameReader {
         FrameReader {
-            framer: Framer::new(MAX_LINK_STANZA),
+            framer: Framer::new(crate::xml::FrameLimits::authenticated(MAX_LINK_STANZA)),
             queue: VecDeque::new(),
         }
     }

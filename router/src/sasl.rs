@@ -198,21 +198,23 @@ impl std::fmt::Debug for ScramServer {
 
 impl ScramServer {
     /// Builds the server-first-message. `verifier` is `None` for an unknown user;
-    /// `fake_salt` then supplies a salt that stays the same for that name.
+    /// `fake` then supplies a salt that stays the same for that name and the iteration
+    /// count new verifiers get, so the answer looks like a real user's.
     pub fn new(
         first: ScramClientFirst,
         hash: ScramHash,
         verifier: Option<ScramVerifier>,
-        fake_salt: impl FnOnce() -> Vec<u8>,
+        fake: impl FnOnce() -> (Vec<u8>, u32),
     ) -> (ScramServer, Vec<u8>) {
         let real = verifier.is_some();
         let verifier = verifier.unwrap_or_else(|| {
             let mut key = vec![0u8; hash.output_len()];
             rand::thread_rng().fill_bytes(&mut key);
+            let (salt, iterations) = fake();
             ScramVerifier {
                 hash,
-                salt: fake_salt(),
-                iterations: impmesh_store::scram::DEFAULT_ITERATIONS,
+                salt,
+                iterations,
                 stored_key: key.clone(),
                 server_key: key,
             }
@@ -346,7 +348,9 @@ mod tests {
         .unwrap();
         assert_eq!(first.username, "user");
         let (mut server, msg) =
-            ScramServer::new(first, ScramHash::Sha256, Some(verifier.clone()), Vec::new);
+            ScramServer::new(first, ScramHash::Sha256, Some(verifier.clone()), || {
+                (Vec::new(), 4096)
+            });
         let msg = String::from_utf8(msg).unwrap();
         assert!(msg.starts_with("r=rOprNGfwEbeRWgbNEkqO"));
         // Pin the server nonce to the RFC's to reuse its client proof.
@@ -360,7 +364,10 @@ p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
             true,
         )
         .unwrap();
-        let mut again = ScramServer::new(first2, ScramHash::Sha256, Some(verifier), Vec::new).0;
+        let mut again = ScramServer::new(first2, ScramHash::Sha256, Some(verifier), || {
+            (Vec::new(), 4096)
+        })
+        .0;
         again.nonce = server.nonce.clone();
         again.server_first = server.server_first.clone();
         assert_eq!(
@@ -402,7 +409,9 @@ p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
         let client_first = b"p=tls-exporter,,n=u,r=nonce";
         let first = scram_client_first(Mechanism::ScramSha1Plus, client_first, true).unwrap();
         let (server, msg) =
-            ScramServer::new(first, ScramHash::Sha1, Some(verifier.clone()), Vec::new);
+            ScramServer::new(first, ScramHash::Sha1, Some(verifier.clone()), || {
+                (Vec::new(), 4096)
+            });
         let msg = String::from_utf8(msg).unwrap();
         let nonce = msg.split(',').next().unwrap().trim_start_matches("r=");
         // A client computing its proof over the exporter value it saw.
@@ -422,7 +431,9 @@ p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
                 .is_err()
         );
         let first = scram_client_first(Mechanism::ScramSha1Plus, client_first, true).unwrap();
-        let (mut server, _) = ScramServer::new(first, ScramHash::Sha1, Some(verifier), Vec::new);
+        let (mut server, _) = ScramServer::new(first, ScramHash::Sha1, Some(verifier), || {
+            (Vec::new(), 4096)
+        });
         server.nonce = nonce.to_owned();
         server.server_first = msg;
         assert!(server.finish(final_msg.as_bytes(), Some(cb_data)).is_ok());
@@ -431,7 +442,7 @@ p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     #[test]
     fn unknown_user_fails_at_the_end() {
         let first = scram_client_first(Mechanism::ScramSha1, b"n,,n=ghost,r=abc", false).unwrap();
-        let (server, msg) = ScramServer::new(first, ScramHash::Sha1, None, || vec![1; 16]);
+        let (server, msg) = ScramServer::new(first, ScramHash::Sha1, None, || (vec![1; 16], 4096));
         assert!(
             String::from_utf8(msg)
                 .unwrap()

@@ -70,6 +70,28 @@ pub struct Header {
     /// speaks (`impmesh:protocol`, `impmesh:features` in `urn:impmesh:link:1`).
     pub protocol: Option<String>,
     pub features: Option<String>,
+    /// The default namespace the header declares (`jabber:client` on c2s).
+    pub default_ns: Option<String>,
+}
+
+impl HeaderSniffer {
+    /// Reads the bytes the resolving parser consumed, up to the root element's head.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        use rxml::Parse as _;
+        while !bytes.is_empty() {
+            match self.raw.parse(&mut bytes, false) {
+                Ok(Some(rxml::RawEvent::ElementHeadOpen(..))) => self.depth += 1,
+                Ok(Some(rxml::RawEvent::Attribute(_, (None, name), value)))
+                    if self.depth == 1 && name.as_str() == "xmlns" =>
+                {
+                    self.default_ns = Some(value.to_string());
+                }
+                Ok(Some(_)) => {}
+                // The resolving parser reports errors; this one only watches.
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
 }
 
 /// Longest element name, attribute name or attribute value (bytes). JIDs are at most
@@ -89,17 +111,63 @@ fn shared_context() -> std::sync::Arc<rxml::Context> {
     CONTEXT.clone()
 }
 
+/// What one top-level element may hold. Bytes alone do not bound memory: `<a/>` is 4
+/// bytes of input and about 300 bytes of tree, so the element count is capped too
+/// (security review H3), and the attributes kept per element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    pub bytes: usize,
+    pub elements: usize,
+    pub attributes: usize,
+}
+
+impl FrameLimits {
+    /// Before authentication: STARTTLS, SASL and XEP-0077 need a handful of elements.
+    pub fn unauthenticated(bytes: usize) -> FrameLimits {
+        FrameLimits {
+            bytes,
+            elements: 32,
+            attributes: 16,
+        }
+    }
+
+    /// After authentication: room for the largest real payloads (an OMEMO bundle with
+    /// 100 pre-keys is about 110 elements, a bookmarks list of 500 rooms about 1,000),
+    /// and a bound on the tree a 256 KiB stanza can build (about 1.2 MB, not 20).
+    pub fn authenticated(bytes: usize) -> FrameLimits {
+        FrameLimits {
+            bytes,
+            elements: 4096,
+            attributes: 64,
+        }
+    }
+}
+
 /// An incremental framer for one XML stream (one per stream restart).
 pub struct Framer {
     parser: rxml::Parser,
+    /// Until the stream header is read: a raw parser over the same bytes, which sees the
+    /// namespace declarations the resolving parser hides (the header's default
+    /// namespace is checked, RFC 6120 §4.9.3.10).
+    header: Option<Box<HeaderSniffer>>,
     /// Elements under construction: `[stanza, child, grandchild, …]`.
     stack: Vec<Element>,
     /// Whether the stream header was seen (depth 0 is open).
     open: bool,
     /// Bytes fed since the current top-level element (or whitespace run) began.
     element_bytes: usize,
-    /// The cap on `element_bytes`.
-    max_element_bytes: usize,
+    /// Elements started in the current top-level element.
+    elements: usize,
+    limits: FrameLimits,
+}
+
+/// The raw parser that reads the stream header's default namespace declaration.
+struct HeaderSniffer {
+    raw: rxml::RawParser,
+    /// The root element's `xmlns` attribute, once seen.
+    default_ns: Option<String>,
+    /// Depth of raw elements seen (the root is depth 1).
+    depth: usize,
 }
 
 impl std::fmt::Debug for Framer {
@@ -112,43 +180,51 @@ impl std::fmt::Debug for Framer {
 }
 
 impl Framer {
-    /// A framer that refuses top-level elements larger than `max_element_bytes`.
-    pub fn new(max_element_bytes: usize) -> Framer {
+    /// A framer that refuses top-level elements beyond `limits`.
+    pub fn new(limits: FrameLimits) -> Framer {
         // rxml reserves this much scratch space whenever a token starts, so it is kept
         // well below the stanza cap: text longer than it arrives in several chunks, and
         // only a single name or attribute value is limited to it.
         let options = rxml::Options {
-            max_token_length: max_element_bytes.clamp(64, MAX_TOKEN_BYTES),
+            max_token_length: limits.bytes.clamp(64, MAX_TOKEN_BYTES),
             context: Some(shared_context()),
             ..Default::default()
         };
+        let mut raw = rxml::RawParser::with_options(options.clone());
+        raw.set_text_buffering(false);
         let mut parser = rxml::Parser::with_options(options);
         // Emit text as it arrives, so whitespace keepalives are seen (and reset the byte
         // count) at once instead of being buffered towards the cap.
         parser.set_text_buffering(false);
         Framer {
             parser,
+            header: Some(Box::new(HeaderSniffer {
+                raw,
+                default_ns: None,
+                depth: 0,
+            })),
             stack: Vec::new(),
             open: false,
             element_bytes: 0,
-            max_element_bytes,
+            elements: 0,
+            limits,
         }
-    }
-
-    /// Changes the cap (it rises after authentication).
-    pub fn set_max_element_bytes(&mut self, max: usize) {
-        self.max_element_bytes = max;
     }
 
     /// Feeds bytes; returns the next complete frame, or `None` when `buf` is used up.
     /// Call again with the rest of `buf` until it returns `None`.
     pub fn next_frame(&mut self, buf: &mut &[u8]) -> Result<Option<Frame>, StreamErrorCondition> {
         loop {
+            let start = *buf;
             let before = buf.len();
             let event = self.parser.parse(buf, false);
-            self.element_bytes += before - buf.len();
-            if self.element_bytes > self.max_element_bytes {
+            let consumed = before - buf.len();
+            self.element_bytes += consumed;
+            if self.element_bytes > self.limits.bytes {
                 return Err(StreamErrorCondition::PolicyViolation);
+            }
+            if let Some(sniffer) = &mut self.header {
+                sniffer.feed(&start[..consumed]);
             }
             let event = match event {
                 Ok(Some(event)) => event,
@@ -167,6 +243,12 @@ impl Framer {
         self.parser.release_temporaries();
     }
 
+    /// The namespace the stream header declared as default (`None` before the header,
+    /// or when it declared none).
+    fn header_default_ns(&self) -> Option<&str> {
+        self.header.as_ref()?.default_ns.as_deref()
+    }
+
     fn handle(&mut self, event: rxml::Event) -> Result<Option<Frame>, StreamErrorCondition> {
         match event {
             rxml::Event::XmlDeclaration(..) => Ok(None),
@@ -177,7 +259,12 @@ impl Framer {
                     }
                     self.open = true;
                     self.element_bytes = 0;
-                    let mut header = Header::default();
+                    let mut header = Header {
+                        default_ns: self.header_default_ns().map(str::to_owned),
+                        ..Header::default()
+                    };
+                    // The raw parser is done: the header is the only place it is needed.
+                    self.header = None;
                     for ((attr_ns, attr_name), value) in attrs.into_iter() {
                         match (attr_ns.as_str(), attr_name.as_str()) {
                             ("", "to") => header.to = Some(value.to_string()),
@@ -197,6 +284,13 @@ impl Framer {
                     return Ok(Some(Frame::Header(header)));
                 }
                 if self.stack.len() >= MAX_DEPTH {
+                    return Err(StreamErrorCondition::PolicyViolation);
+                }
+                if self.stack.is_empty() {
+                    self.elements = 0;
+                }
+                self.elements += 1;
+                if self.elements > self.limits.elements || attrs.len() > self.limits.attributes {
                     return Err(StreamErrorCondition::PolicyViolation);
                 }
                 let mut element = Element::bare(name.as_str(), ns.as_str());
@@ -291,7 +385,7 @@ mod tests {
         xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
 
     fn frames(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
-        let mut framer = Framer::new(max);
+        let mut framer = Framer::new(FrameLimits::authenticated(max));
         let mut out = vec![];
         // Feed byte by byte: the framer must not care how the input is chunked.
         for byte in input.as_bytes().chunks(1) {
@@ -301,6 +395,67 @@ mod tests {
             }
         }
         Ok(out)
+    }
+
+    fn frames_with(input: &str, limits: FrameLimits) -> Result<Vec<Frame>, StreamErrorCondition> {
+        let mut framer = Framer::new(limits);
+        let mut out = vec![];
+        for byte in input.as_bytes().chunks(7) {
+            let mut buf = byte;
+            while let Some(frame) = framer.next_frame(&mut buf)? {
+                out.push(frame);
+            }
+        }
+        Ok(out)
+    }
+
+    /// RFC 6120 §4.9.3.10: the header's default namespace is read (the resolving
+    /// parser hides declarations), whatever the chunking.
+    #[test]
+    fn the_header_default_namespace_is_seen() {
+        let default_of = |header: &str| {
+            let out = frames(header, 10_000).unwrap();
+            let Frame::Header(h) = &out[0] else { panic!() };
+            h.default_ns.clone()
+        };
+        assert_eq!(default_of(HEADER).as_deref(), Some(ns::CLIENT));
+        let server = HEADER.replace("jabber:client", "jabber:server");
+        assert_eq!(default_of(&server).as_deref(), Some("jabber:server"));
+        let none = HEADER.replace("xmlns='jabber:client' ", "");
+        assert_eq!(default_of(&none), None);
+        // A declaration on a child is not the stream's.
+        let prefixed = "<s:stream xmlns:s='http://etherx.jabber.org/streams' to='x' version='1.0'>";
+        assert_eq!(default_of(prefixed), None);
+    }
+
+    /// H3: elements and attributes are counted, not only bytes. `<a/>` is 4 bytes of
+    /// input and about 300 of tree; before authentication a stanza may hold 32
+    /// elements and 16 attributes each.
+    #[test]
+    fn elements_and_attributes_per_stanza_are_capped() {
+        let limits = FrameLimits::unauthenticated(10_000);
+        let nested = |n: usize| format!("{HEADER}<iq>{}</iq>", "<a/>".repeat(n));
+        assert!(frames_with(&nested(31), limits).is_ok());
+        assert_eq!(
+            frames_with(&nested(32), limits).err(),
+            Some(StreamErrorCondition::PolicyViolation)
+        );
+        // The count starts again with each top-level element.
+        let two = format!("{HEADER}<iq>{0}</iq><iq>{0}</iq>", "<a/>".repeat(31));
+        assert_eq!(frames_with(&two, limits).unwrap().len(), 3);
+        let attrs = |n: usize| {
+            let a: String = (0..n).map(|i| format!(" a{i}='x'")).collect();
+            format!("{HEADER}<iq{a}/>")
+        };
+        assert!(frames_with(&attrs(16), limits).is_ok());
+        assert_eq!(
+            frames_with(&attrs(17), limits).err(),
+            Some(StreamErrorCondition::PolicyViolation)
+        );
+        // After authentication: thousands.
+        let after = FrameLimits::authenticated(262_144);
+        assert!(frames_with(&nested(4095), after).is_ok());
+        assert!(frames_with(&nested(4096), after).is_err());
     }
 
     #[test]
@@ -385,7 +540,7 @@ mod tests {
             StreamErrorCondition::PolicyViolation
         );
         // A text node that never ends is caught while it streams in.
-        let mut framer = Framer::new(1000);
+        let mut framer = Framer::new(FrameLimits::authenticated(1000));
         let mut head = HEADER.as_bytes();
         while framer.next_frame(&mut head).unwrap().is_some() {}
         let mut start = &b"<message><body>"[..];
@@ -479,7 +634,7 @@ mod tests {
 
     /// Like `frames`, in 4 KiB chunks (byte-at-a-time would make big inputs slow).
     fn frames_fast(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
-        let mut framer = Framer::new(max);
+        let mut framer = Framer::new(FrameLimits::authenticated(max));
         let mut out = vec![];
         for chunk in input.as_bytes().chunks(4096) {
             let mut buf = chunk;

@@ -80,6 +80,22 @@ pub enum Backend {
     Postgres,
 }
 
+/// A committed change to this cluster's own accounts, however it was made (admin API,
+/// CLI, in-band registration or cancellation): the one event peers are notified by
+/// and sessions of a removed account are closed by (code review #5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccountChange {
+    Added(String),
+    Removed(String),
+    /// A bulk import created this many accounts.
+    Imported(u64),
+}
+
+/// Account changes buffered for a slow listener; one that falls further behind gets
+/// `Lagged` and must treat everything as changed.
+const ACCOUNT_EVENTS: usize = 1024;
+
 /// A handle on the node's store; cheap to clone (it is a pool).
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -89,6 +105,9 @@ pub struct Store {
     /// Bumped after every committed change to who lives where (local users, peers'
     /// users): caches of directory lookups are valid while it stays the same.
     directory_gen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    accounts: tokio::sync::broadcast::Sender<AccountChange>,
+    /// PBKDF2 iterations for new SCRAM verifiers (existing ones keep theirs).
+    scram_iterations: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -113,6 +132,29 @@ impl Store {
     pub(crate) fn directory_changed(&self) {
         self.directory_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Committed changes to local accounts from now on.
+    pub fn account_changes(&self) -> tokio::sync::broadcast::Receiver<AccountChange> {
+        self.accounts.subscribe()
+    }
+
+    pub(crate) fn account_changed(&self, change: AccountChange) {
+        // No listener (a CLI command on the store): nothing to tell.
+        let _ = self.accounts.send(change);
+    }
+
+    /// Sets the PBKDF2 iteration count of new verifiers (at least RFC 7677's 4096).
+    pub fn set_scram_iterations(&self, iterations: u32) {
+        self.scram_iterations.store(
+            iterations.max(scram::MIN_ITERATIONS),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub fn scram_iterations(&self) -> u32 {
+        self.scram_iterations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Opens the store named by `url` and runs pending migrations.
@@ -185,6 +227,10 @@ impl Store {
             backend,
             latency: Default::default(),
             directory_gen: Default::default(),
+            accounts: tokio::sync::broadcast::channel(ACCOUNT_EVENTS).0,
+            scram_iterations: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(
+                scram::DEFAULT_ITERATIONS,
+            )),
         })
     }
 

@@ -2,8 +2,8 @@
 
 use sqlx::Row as _;
 
-use crate::scram::{DEFAULT_ITERATIONS, ScramHash, ScramVerifier};
-use crate::{Result, Store, StoreError, now_unix};
+use crate::scram::{ScramHash, ScramVerifier};
+use crate::{AccountChange, Result, Store, StoreError, now_unix};
 
 /// A user as the store knows it.
 #[derive(Debug, Clone)]
@@ -27,19 +27,64 @@ pub struct NewUser<'a> {
     pub home_node: &'a str,
 }
 
-fn verifiers(password: &str) -> Result<(ScramVerifier, ScramVerifier)> {
-    Ok((
-        ScramVerifier::new(ScramHash::Sha1, password, DEFAULT_ITERATIONS)?,
-        ScramVerifier::new(ScramHash::Sha256, password, DEFAULT_ITERATIONS)?,
-    ))
-}
+/// PBKDF2 derivations running at once, at most: each takes a blocking thread for a few
+/// milliseconds, and more of them than cores would only queue on the CPU (security
+/// review H5: they ran on the async workers, so two sessions changing passwords in a
+/// loop stalled every session of a 2-core node).
+static DERIVATIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::sync::Semaphore::new(cores)
+});
 
 impl Store {
+    /// Derives the SCRAM verifiers of a password on a blocking thread, at most one per
+    /// core at a time, with this store's iteration count.
+    pub async fn derive_verifiers(&self, password: &str) -> Result<(ScramVerifier, ScramVerifier)> {
+        let iterations = self.scram_iterations();
+        let password = password.to_owned();
+        let _permit = DERIVATIONS
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Corrupt("the derivation semaphore is closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            Ok((
+                ScramVerifier::new(ScramHash::Sha1, &password, iterations)?,
+                ScramVerifier::new(ScramHash::Sha256, &password, iterations)?,
+            ))
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("a derivation task failed: {e}")))?
+    }
+
+    /// Checks a password against a verifier on a blocking thread, bounded like
+    /// [`Self::derive_verifiers`]. Without a verifier (an unknown user) it derives
+    /// anyway and answers false: the time taken does not tell whether the user exists.
+    pub async fn check_password(&self, verifier: Option<ScramVerifier>, password: &str) -> bool {
+        let iterations = self.scram_iterations();
+        let password = password.to_owned();
+        let Ok(_permit) = DERIVATIONS.acquire().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || match verifier {
+            Some(v) => v.verify_password(&password),
+            None => {
+                let _ = ScramVerifier::new(ScramHash::Sha256, &password, iterations);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Creates a user; [`StoreError::UserExists`] if the name is taken.
-    /// The username must already be a normalised localpart.
+    /// The username must already be a normalised localpart. The name is checked before
+    /// the (costly) derivation, and again in the write transaction.
     pub async fn add_user(&self, user: NewUser<'_>) -> Result<()> {
         let _timer = self.latency.start("add_user");
-        let (sha1, sha256) = verifiers(user.password)?;
+        if self.user_exists(user.username).await? {
+            return Err(StoreError::UserExists(user.username.to_owned()));
+        }
+        let (sha1, sha256) = self.derive_verifiers(user.password).await?;
         let mut tx = self.write().await?;
         // The USN first: it takes the write lock, so the check below cannot go stale.
         let usn = crate::directory::next_usn(&mut tx).await?;
@@ -83,6 +128,7 @@ impl Store {
             .await?;
         tx.commit().await?;
         self.directory_changed();
+        self.account_changed(AccountChange::Added(user.username.to_owned()));
         Ok(())
     }
 
@@ -122,6 +168,9 @@ impl Store {
         }
         tx.commit().await?;
         self.directory_changed();
+        if created > 0 {
+            self.account_changed(AccountChange::Imported(created));
+        }
         Ok(created)
     }
 
@@ -153,7 +202,10 @@ impl Store {
 
     /// Replaces a user's verifiers with ones derived from a new password.
     pub async fn set_password(&self, username: &str, password: &str) -> Result<()> {
-        let (sha1, sha256) = verifiers(password)?;
+        if !self.user_exists(username).await? {
+            return Err(StoreError::UserNotFound(username.to_owned()));
+        }
+        let (sha1, sha256) = self.derive_verifiers(password).await?;
         let result =
             sqlx::query("UPDATE users SET scram_sha1 = $1, scram_sha256 = $2 WHERE username = $3")
                 .bind(sha1.encode())
@@ -202,6 +254,7 @@ impl Store {
         .await?;
         tx.commit().await?;
         self.directory_changed();
+        self.account_changed(AccountChange::Removed(username.to_owned()));
         Ok(())
     }
 
@@ -269,6 +322,64 @@ mod tests {
             password: "secret-pw",
             home_cluster: "cluster-a",
             home_node: "node1",
+        }
+    }
+
+    /// H5: a taken name is refused before the (costly) derivation: a password PBKDF2
+    /// would refuse (a control character fails SASLprep) is never looked at.
+    #[tokio::test]
+    async fn a_taken_name_is_refused_before_any_derivation() {
+        for (store, _dir) in stores().await {
+            store.add_user(alice()).await.unwrap();
+            let bad = NewUser {
+                password: "bad\u{7}",
+                ..alice()
+            };
+            assert!(matches!(
+                store.add_user(bad.clone()).await,
+                Err(StoreError::UserExists(_))
+            ));
+            assert!(matches!(
+                store.set_password("nobody", "bad\u{7}").await,
+                Err(StoreError::UserNotFound(_))
+            ));
+            // The control: for a free name the derivation does run and refuses it.
+            assert!(matches!(
+                store
+                    .add_user(NewUser {
+                        username: "bob",
+                        ..bad
+                    })
+                    .await,
+                Err(StoreError::InvalidPassword(_))
+            ));
+        }
+    }
+
+    /// L13: new verifiers get the configured iteration count; existing ones keep
+    /// theirs and still verify.
+    #[tokio::test]
+    async fn new_verifiers_use_the_configured_iterations() {
+        for (store, _dir) in stores().await {
+            store.set_scram_iterations(4096);
+            store.add_user(alice()).await.unwrap();
+            store.set_scram_iterations(12_000);
+            store
+                .add_user(NewUser {
+                    username: "bob",
+                    ..alice()
+                })
+                .await
+                .unwrap();
+            let old = store.user("alice").await.unwrap().unwrap();
+            let new = store.user("bob").await.unwrap().unwrap();
+            assert_eq!(old.scram_sha256.iterations, 4096);
+            assert_eq!(new.scram_sha256.iterations, 12_000);
+            assert_eq!(new.scram_sha1.iterations, 12_000);
+            assert!(old.scram_sha256.verify_password("secret-pw"));
+            // Never below RFC 7677's floor.
+            store.set_scram_iterations(100);
+            assert_eq!(store.scram_iterations(), 4096);
         }
     }
 

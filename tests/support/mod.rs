@@ -634,6 +634,32 @@ impl RawClient {
         recv_buffer: Option<u32>,
     ) -> RawClient {
         use base64::Engine as _;
+        let mut client = RawClient::connect(node, recv_buffer).await;
+        let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PW}"));
+        client
+            .send(&format!(
+                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+            ))
+            .await;
+        let success = client.read_until("urn:ietf:params:xml:ns:xmpp-sasl").await;
+        assert!(success.contains("success"), "{success}");
+        client.send(RAW_HEADER).await;
+        client.read_until("</stream:features>").await;
+        client
+            .send(&format!(
+                "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+            ))
+            .await;
+        client.read_until("</iq>").await;
+        if sm {
+            client.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
+            client.read_until("<enabled").await;
+        }
+        client
+    }
+
+    /// A stream after STARTTLS, its features read: ready for SASL.
+    pub async fn connect(node: &TestNode, recv_buffer: Option<u32>) -> RawClient {
         use tokio::io::AsyncWriteExt as _;
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         if let Some(size) = recv_buffer {
@@ -665,26 +691,6 @@ impl RawClient {
         };
         client.send(RAW_HEADER).await;
         client.read_until("</stream:features>").await;
-        let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PW}"));
-        client
-            .send(&format!(
-                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
-            ))
-            .await;
-        let success = client.read_until("urn:ietf:params:xml:ns:xmpp-sasl").await;
-        assert!(success.contains("success"), "{success}");
-        client.send(RAW_HEADER).await;
-        client.read_until("</stream:features>").await;
-        client
-            .send(&format!(
-                "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
-            ))
-            .await;
-        client.read_until("</iq>").await;
-        if sm {
-            client.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
-            client.read_until("<enabled").await;
-        }
         client
     }
 

@@ -1,0 +1,138 @@
+//! Attempt counters per key (an address prefix, an account) in fixed windows, in a
+//! table with a hard size bound: the shared shape of the login, registration and
+//! password-change limits.
+//!
+//! An attempt is counted when it starts, not when it fails (security review M6:
+//! parallel connections that all passed a "not blocked yet" check before any failure
+//! was recorded each got a free guess).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::hub::lock;
+
+/// Counts attempts per key: at most `limit` in each `window`.
+#[derive(Debug)]
+pub struct Throttle<K> {
+    table: Mutex<HashMap<K, (u32, Instant)>>,
+    limit: u32,
+    window: Duration,
+    /// Keys kept at most; when full, expired windows go first, then the oldest.
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Clone> Throttle<K> {
+    pub fn new(limit: u32, window: Duration, capacity: usize) -> Throttle<K> {
+        Throttle {
+            table: Mutex::new(HashMap::new()),
+            limit: limit.max(1),
+            window,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Counts an attempt by `key`; false (and not counted) when it already made
+    /// `limit` in the current window.
+    pub fn attempt(&self, key: &K) -> bool {
+        let now = Instant::now();
+        let mut table = lock(&self.table);
+        if let Some((count, start)) = table.get_mut(key) {
+            if now.duration_since(*start) >= self.window {
+                *count = 0;
+                *start = now;
+            }
+            if *count >= self.limit {
+                return false;
+            }
+            *count += 1;
+            return true;
+        }
+        if table.len() >= self.capacity {
+            let window = self.window;
+            table.retain(|_, (_, start)| now.duration_since(*start) < window);
+            if table.len() >= self.capacity
+                && let Some(oldest) = table
+                    .iter()
+                    .min_by_key(|(_, (_, start))| *start)
+                    .map(|(k, _)| k.clone())
+            {
+                table.remove(&oldest);
+            }
+        }
+        table.insert(key.clone(), (1, now));
+        true
+    }
+
+    /// Whether `key` has used up its attempts for now (without counting one).
+    pub fn is_blocked(&self, key: &K) -> bool {
+        let now = Instant::now();
+        lock(&self.table).get(key).is_some_and(|(count, start)| {
+            *count >= self.limit && now.duration_since(*start) < self.window
+        })
+    }
+
+    /// Gives an attempt back (it succeeded, and successes are not to count).
+    pub fn refund(&self, key: &K) {
+        if let Some((count, _)) = lock(&self.table).get_mut(key) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// The key a client address is throttled by: the address for IPv4, its /64 for IPv6
+/// (one subscriber usually holds a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_counted_per_window_and_the_table_is_bounded() {
+        let t: Throttle<&str> = Throttle::new(2, Duration::from_secs(60), 3);
+        assert!(t.attempt(&"a"));
+        assert!(t.attempt(&"a"));
+        assert!(!t.attempt(&"a"));
+        assert!(t.is_blocked(&"a"));
+        t.refund(&"a");
+        assert!(t.attempt(&"a"), "a refunded attempt may be made again");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!t.is_blocked(&"a"));
+        assert!(t.attempt(&"a"));
+        // Three keys fit; a fourth pushes out the oldest.
+        for key in ["b", "c", "d"] {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(t.attempt(&key));
+        }
+        assert_eq!(lock(&t.table).len(), 3);
+        assert!(!lock(&t.table).contains_key("a"));
+    }
+
+    #[test]
+    fn ipv6_addresses_are_keyed_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(address_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+    }
+}
