@@ -422,3 +422,94 @@ async fn scram_challenges_do_not_reveal_unknown_users() {
     let node = node.restart().await;
     assert_eq!(scram_salt(&node, "nobody").await.0, nobody_salt);
 }
+
+/// M9: an outbound `subscribe` creates a roster item, so the roster cap (1000) holds
+/// for it as for a roster set; and a session has at most 1000 directed-presence
+/// targets. Beyond either: `resource-constraint`, nothing kept.
+#[tokio::test]
+async fn subscriptions_and_directed_presence_respect_the_caps() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    for i in 0..1001 {
+        send(
+            &mut alice,
+            &format!("<presence to='x{i}@localhost' type='subscribe' id='s{i}'/>"),
+        )
+        .await;
+    }
+    let e = expect(&mut alice, 30, "the refusal", |e| {
+        e.attr("type") == Some("error") && e.name() == "presence"
+    })
+    .await;
+    assert_eq!(e.attr("id"), Some("s1000"));
+    let error = e.get_child("error", "jabber:client").unwrap();
+    assert!(error.has_child("resource-constraint", "urn:ietf:params:xml:ns:xmpp-stanzas"));
+    let (_, roster) = node.node.server.store.roster("alice").await.unwrap();
+    assert_eq!(roster.len(), 1000);
+    for i in 0..1001 {
+        send(
+            &mut alice,
+            &format!("<presence to='y{i}@localhost' id='d{i}'/>"),
+        )
+        .await;
+    }
+    let e = expect(&mut alice, 30, "the refusal", |e| {
+        e.attr("type") == Some("error") && e.name() == "presence"
+    })
+    .await;
+    assert_eq!(e.attr("id"), Some("d1000"));
+}
+
+/// M9: a stored subscription request keeps the request, a status and a nick, each
+/// trimmed: not the whole 256 KiB stanza, replayed at every login.
+#[tokio::test]
+async fn stored_subscription_requests_are_trimmed() {
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let long = "s".repeat(100_000);
+    send(
+        &mut alice,
+        &format!("<presence to='bob@localhost' type='subscribe'><status>{long}</status><x xmlns='urn:example'>{long}</x></presence>"),
+    )
+    .await;
+    eventually(10, "the request is stored", || async {
+        node.node
+            .server
+            .store
+            .subscription_requests("bob")
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let request = expect(&mut bob, 10, "the request", |e| {
+        e.attr("type") == Some("subscribe")
+    })
+    .await;
+    let status = request.get_child("status", "jabber:client").unwrap().text();
+    assert_eq!(status.len(), 1024);
+    assert!(request.get_child("x", "urn:example").is_none());
+}
+
+/// L3: a store failure during authentication is `temporary-auth-failure`, not
+/// "unknown user" (`not-authorized`), and counts against nobody.
+#[tokio::test]
+async fn a_store_failure_during_login_is_temporary() {
+    let node = start_node_with_users(|c| c.limits.login_failures = 2, &["alice"]).await;
+    node.node.server.store.close().await;
+    // More than the limit: none of them counts.
+    for _ in 0..4 {
+        let err = try_login(&node.connector(), "alice", PW).await.unwrap_err();
+        assert!(
+            format!("{err:?}").contains("TemporaryAuthFailure"),
+            "{err:?}"
+        );
+    }
+    assert!(!node.node.server.login_blocked("127.0.0.1".parse().unwrap()));
+}

@@ -270,7 +270,20 @@ async fn negotiate(
                     if element.has_child("bind", ns::BIND) =>
                 {
                     let user = user.clone();
-                    let blocked = server.store.blocklist(&user).await.unwrap_or_default();
+                    // The session's block list is cached for its life: a list that
+                    // cannot be read refuses the bind (the client retries) rather than
+                    // blocking nothing (security review L2).
+                    let Ok(blocked) = server.store.blocklist(&user).await else {
+                        let reply = crate::error::error_reply(
+                            &element,
+                            crate::error::StanzaErrorCondition::InternalServerError,
+                            Some("the server cannot read your block list; try again"),
+                        );
+                        if let Some(reply) = reply {
+                            conn.send(&String::from(&reply)).await?;
+                        }
+                        continue;
+                    };
                     match bind(server, &user, &element, blocked.into_iter().collect()) {
                         Ok((handle, inbox, reply)) => {
                             let conn = slot.take().ok_or(End::Gone)?;
@@ -466,7 +479,7 @@ async fn authenticate(
     match result {
         Ok((user, additional)) => {
             tracing::info!(%user, peer = %conn.peer, "authenticated");
-            server.login_succeeded(ip, &user);
+            server.release_login(ip, &user);
             server.stats.login(true);
             // RFC 6120 §6.3.10: SCRAM's server-final-message rides in <success/>.
             let success = match additional {
@@ -532,6 +545,7 @@ async fn run_sasl(
             return Ok(Err(too_many_logins()));
         }
         let Ok(record) = server.store.user(&user).await else {
+            server.release_login(conn.peer.ip(), &user);
             return Ok(Err(store_failed()));
         };
         if record.is_none()
@@ -571,10 +585,14 @@ async fn run_sasl(
     let authz_ok = user
         .as_deref()
         .is_some_and(|u| authzid_ok(first.authzid.as_deref(), u, domain));
+    let attempt_key = user.clone().unwrap_or_else(|| first.username.clone());
     let record = match &user {
         Some(u) => match server.store.user(u).await {
             Ok(record) => record,
-            Err(_) => return Ok(Err(store_failed())),
+            Err(_) => {
+                server.release_login(conn.peer.ip(), &attempt_key);
+                return Ok(Err(store_failed()));
+            }
         },
         None => None,
     };
@@ -597,7 +615,10 @@ async fn run_sasl(
             .await
         {
             Ok(salt) => salt,
-            Err(_) => return Ok(Err(store_failed())),
+            Err(_) => {
+                server.release_login(conn.peer.ip(), &attempt_key);
+                return Ok(Err(store_failed()));
+            }
         },
     };
     let iterations = server.store.scram_iterations();
@@ -632,7 +653,8 @@ fn too_many_logins() -> (SaslFailure, Option<&'static str>) {
 }
 
 /// A store failure during authentication: `temporary-auth-failure`, never "unknown
-/// user" (a database hiccup must not count against the address or send anyone away).
+/// user" (a database hiccup must not count against the address or send anyone away:
+/// the caller gives the reserved attempt back).
 fn store_failed() -> (SaslFailure, Option<&'static str>) {
     (
         SaslFailure::TemporaryAuthFailure,

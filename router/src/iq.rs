@@ -32,7 +32,11 @@ pub const SERVER_FEATURES: &[&str] = &[
 ];
 
 /// Roster items a user may keep (ejabberd and Prosody have similar caps).
-const MAX_ROSTER_ITEMS: usize = 1000;
+pub(crate) const MAX_ROSTER_ITEMS: usize = 1000;
+/// Namespaces a user may keep in private XML storage (XEP-0049).
+const MAX_PRIVATE_ITEMS: usize = 100;
+/// JIDs a user may block (XEP-0191).
+const MAX_BLOCKED: usize = 1000;
 /// Largest vCard or private XML document kept, in bytes of XML.
 const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
@@ -359,13 +363,7 @@ impl Session {
             return;
         }
         if existing.is_none()
-            && server
-                .store
-                .roster(&user)
-                .await
-                .map(|(_, i)| i.len())
-                .unwrap_or(0)
-                >= MAX_ROSTER_ITEMS
+            && server.store.roster_len(&user).await.unwrap_or(0) >= MAX_ROSTER_ITEMS
         {
             self.reply_error(
                 iq,
@@ -417,16 +415,21 @@ impl Session {
                 .collect();
             if items.iter().any(|(_, x)| x.len() > MAX_DOCUMENT_BYTES) {
                 self.reply_error(iq, StanzaErrorCondition::NotAcceptable, None);
-            } else if self
+                return;
+            }
+            let stored = self
                 .server
                 .store
-                .set_private_xml(&user, &items)
-                .await
-                .is_ok()
-            {
-                self.reply_result(iq, None);
-            } else {
-                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+                .set_private_xml(&user, &items, MAX_PRIVATE_ITEMS)
+                .await;
+            match stored {
+                Ok(true) => self.reply_result(iq, None),
+                Ok(false) => self.reply_error(
+                    iq,
+                    StanzaErrorCondition::ResourceConstraint,
+                    Some("private storage holds at most 100 namespaces per user"),
+                ),
+                Err(_) => self.reply_error(iq, StanzaErrorCondition::InternalServerError, None),
             }
             return;
         }
@@ -465,13 +468,24 @@ impl Session {
             return;
         }
         let result = if block {
-            server.store.block(&user, &jids).await
+            server.store.block(&user, &jids, MAX_BLOCKED).await
         } else {
-            server.store.unblock(&user, &jids).await
+            server.store.unblock(&user, &jids).await.map(|()| true)
         };
-        if result.is_err() {
-            self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
-            return;
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                self.reply_error(
+                    iq,
+                    StanzaErrorCondition::ResourceConstraint,
+                    Some("a block list holds at most 1000 JIDs"),
+                );
+                return;
+            }
+            Err(_) => {
+                self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+                return;
+            }
         }
         if let Ok(list) = server.store.blocklist(&user).await {
             server.hub.set_blocklist(&user, list.into_iter().collect());

@@ -220,7 +220,8 @@ impl Server {
     }
 
     /// Whether `owner` (a local user) blocks `jid` (XEP-0191), by bare JID or domain.
-    /// Online users' lists come from memory; only offline owners cost a query.
+    /// Online users' lists come from memory; only offline owners cost a query. A list
+    /// that cannot be read counts as blocking.
     pub async fn is_blocked_by(&self, owner: &str, jid: &BareJid) -> bool {
         if owner.is_empty() {
             return false;
@@ -230,13 +231,21 @@ impl Server {
         if let Some(list) = self.hub.blocklist(owner) {
             return list.iter().any(matches);
         }
-        match self.store.blocklist(owner).await {
-            Ok(list) => list.iter().any(matches),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read a block list; treating as not blocked");
-                false
+        // Fail closed (security review L2): a list that cannot be read, even on a second
+        // try, blocks; the sender gets the error a block gives, nothing is delivered
+        // against the owner's wishes.
+        for attempt in 0..2 {
+            match self.store.blocklist(owner).await {
+                Ok(list) => return list.iter().any(matches),
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(error = %e, "cannot read a block list; trying again");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a block list; treating as blocked");
+                }
             }
         }
+        true
     }
 
     /// Reserves a login attempt for `ip` and `user` before their credentials are
@@ -254,14 +263,15 @@ impl Server {
         true
     }
 
-    /// The reserved attempt succeeded: successes do not count against anyone.
-    pub(crate) fn login_succeeded(&self, ip: IpAddr, user: &str) {
+    /// Gives a reserved attempt back: it succeeded, or the server failed to check it;
+    /// neither counts against anyone.
+    pub(crate) fn release_login(&self, ip: IpAddr, user: &str) {
         self.logins.refund(&throttle::address_key(ip));
         self.account_logins.refund(&user.to_owned());
     }
 
     /// Whether logins from `ip` are refused for now (checked before any work).
-    pub(crate) fn login_blocked(&self, ip: IpAddr) -> bool {
+    pub fn login_blocked(&self, ip: IpAddr) -> bool {
         self.logins.is_blocked(&throttle::address_key(ip))
     }
 

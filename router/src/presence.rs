@@ -15,6 +15,7 @@ use crate::Server;
 use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
+use crate::iq::MAX_ROSTER_ITEMS;
 use crate::session::Session;
 use crate::stanza;
 use crate::xml::ns;
@@ -158,6 +159,15 @@ impl Session {
         );
         match ty {
             "" if !subscribed => {
+                // Each target is told when the session ends: the set is bounded.
+                if self.directed.len() >= MAX_DIRECTED && !self.directed.contains(&to) {
+                    self.reply_error(
+                        &presence,
+                        StanzaErrorCondition::ResourceConstraint,
+                        Some("too many directed presence targets in this session"),
+                    );
+                    return;
+                }
                 self.directed.insert(to.clone());
             }
             "unavailable" => {
@@ -332,13 +342,39 @@ impl Server {
             .flatten();
         match ty {
             "subscribe" => {
+                // An outbound request creates a roster item: the roster cap holds here
+                // as for a roster set (security review M9).
+                if item.is_none() {
+                    match self.store.roster_len(user).await {
+                        Ok(n) if n < MAX_ROSTER_ITEMS => {}
+                        Ok(_) => {
+                            self.bounce(
+                                &stanza,
+                                StanzaErrorCondition::ResourceConstraint,
+                                Some("the roster is full"),
+                            );
+                            return after;
+                        }
+                        Err(_) => {
+                            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                            return after;
+                        }
+                    }
+                }
                 let mut item = item.unwrap_or_else(|| RosterItem {
                     contact: contact_s.clone(),
                     ..Default::default()
                 });
-                if !item.subscription.has_to() && !item.ask {
-                    item.ask = true;
-                    self.save_and_push(user, &item).await;
+                if !item.subscription.has_to()
+                    && !item.ask
+                    && !{
+                        item.ask = true;
+                        self.save_and_push(user, &item).await
+                    }
+                {
+                    // L4: the user learns the request was not recorded.
+                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                    return after;
                 }
                 after.push(After::Deliver(
                     contact.clone(),
@@ -362,7 +398,11 @@ impl Server {
                     ..Default::default()
                 });
                 item.subscription = item.subscription.with_from(true);
-                self.save_and_push(user, &item).await;
+                if !self.save_and_push(user, &item).await {
+                    // L4: not approved after all; the contact must not be told it was.
+                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                    return after;
+                }
                 let _ = self
                     .store
                     .remove_subscription_request(user, &contact_s)
@@ -530,16 +570,32 @@ impl Server {
                     ));
                     return after;
                 }
-                let xml = String::from(&stanza);
-                if let Err(e) = self
+                // What is kept and replayed at each login: the request itself, a status
+                // and a nick, trimmed (the client's whole stanza could be 256 KiB).
+                let request = stored_request(&stanza);
+                let xml = String::from(&request);
+                match self
                     .store
-                    .put_subscription_request(&owner_user, &from_s, &xml)
+                    .put_subscription_request(&owner_user, &from_s, &xml, MAX_PENDING_REQUESTS)
                     .await
                 {
-                    tracing::error!(error = %e, "cannot store a subscription request");
-                    return after;
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.bounce(
+                            &stanza,
+                            StanzaErrorCondition::ResourceConstraint,
+                            Some("the contact has too many pending subscription requests"),
+                        );
+                        return after;
+                    }
+                    Err(e) => {
+                        // L4: the sender is told, not left waiting for an answer.
+                        tracing::error!(error = %e, "cannot store a subscription request");
+                        self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                        return after;
+                    }
                 }
-                self.to_available_resources(&owner_user, &stanza);
+                self.to_available_resources(&owner_user, &request);
             }
             "subscribed" => {
                 let Some(mut item) = item.filter(|i| i.ask) else {
@@ -605,11 +661,18 @@ impl Server {
         }
     }
 
-    /// Saves a roster item and pushes it to the owner's interested resources.
-    pub(crate) async fn save_and_push(&self, owner: &str, item: &RosterItem) {
+    /// Saves a roster item and pushes it to the owner's interested resources; false
+    /// (logged) when the store failed, for the caller to report.
+    pub(crate) async fn save_and_push(&self, owner: &str, item: &RosterItem) -> bool {
         match self.store.put_roster_item(owner, item).await {
-            Ok(version) => self.push_roster(owner, item, false, version),
-            Err(e) => tracing::error!(error = %e, "cannot save a roster item"),
+            Ok(version) => {
+                self.push_roster(owner, item, false, version);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot save a roster item");
+                false
+            }
         }
     }
 
@@ -630,6 +693,41 @@ impl Server {
         }
     }
 }
+
+/// Directed-presence targets one session may have (RFC 6121 §4.6).
+const MAX_DIRECTED: usize = 1000;
+
+/// Subscription requests kept per user until answered.
+const MAX_PENDING_REQUESTS: usize = 1000;
+
+/// The status text and nick kept with a stored subscription request, at most.
+const MAX_REQUEST_TEXT: usize = 1024;
+
+/// The part of an inbound subscription request that is stored and delivered: the
+/// request, its status (RFC 6121 §3.1.1) and nick (XEP-0172), each trimmed.
+fn stored_request(stanza: &Element) -> Element {
+    let mut out = Element::builder("presence", ns::CLIENT);
+    for attr in ["from", "to", "type", "id"] {
+        if let Some(v) = stanza.attr(attr) {
+            out = out.attr(rxml::NcName::try_from(attr).expect("a constant NCName"), v);
+        }
+    }
+    let trimmed = |e: &Element| -> String { e.text().chars().take(MAX_REQUEST_TEXT).collect() };
+    if let Some(status) = stanza.get_child("status", ns::CLIENT) {
+        out = out.append(
+            Element::builder("status", ns::CLIENT)
+                .append(trimmed(status))
+                .build(),
+        );
+    }
+    if let Some(nick) = stanza.get_child("nick", NICK) {
+        out = out.append(Element::builder("nick", NICK).append(trimmed(nick)).build());
+    }
+    out.build()
+}
+
+/// XEP-0172 user nickname.
+const NICK: &str = "http://jabber.org/protocol/nick";
 
 /// One `<item/>` of a roster result or push.
 pub(crate) fn roster_item_xml(item: &RosterItem, removed: bool) -> String {

@@ -175,13 +175,16 @@ impl Store {
         Ok(Some(version))
     }
 
-    /// Keeps an inbound subscription request until the owner answers it (one per contact).
+    /// Keeps an inbound subscription request until the owner answers it (one per
+    /// contact), unless the owner already has `max_requests` waiting (false).
     pub async fn put_subscription_request(
         &self,
         owner: &str,
         contact: &str,
         stanza: &str,
-    ) -> Result<()> {
+        max_requests: usize,
+    ) -> Result<bool> {
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO subscription_requests (owner, contact, stanza) VALUES ($1, $2, $3)
              ON CONFLICT (owner, contact) DO UPDATE SET stanza = excluded.stanza",
@@ -189,9 +192,23 @@ impl Store {
         .bind(owner)
         .bind(contact)
         .bind(stanza)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        if crate::storage::count(&mut tx, "subscription_requests", owner).await? > max_requests {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// How many items `owner`'s roster holds.
+    pub async fn roster_len(&self, owner: &str) -> Result<usize> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM roster_items WHERE owner = $1")
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?;
+        let n: i64 = row.try_get("n")?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     /// Forgets a request; true if there was one.
@@ -295,12 +312,20 @@ mod tests {
             );
 
             store
-                .put_subscription_request("alice", "carol@localhost", "<presence/>")
+                .put_subscription_request("alice", "carol@localhost", "<presence/>", 10)
                 .await
                 .unwrap();
             assert!(
                 store
                     .has_subscription_request("alice", "carol@localhost")
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(store.subscription_requests("alice").await.unwrap().len(), 1);
+            // M9: requests per owner are capped; the one over is not kept.
+            assert!(
+                !store
+                    .put_subscription_request("alice", "dave@localhost", "<presence/>", 1)
                     .await
                     .unwrap()
             );

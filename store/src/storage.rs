@@ -37,8 +37,14 @@ impl Store {
         Ok(row.map(|r| r.try_get("xml")).transpose()?)
     }
 
-    /// Stores several private elements at once: all or none.
-    pub async fn set_private_xml(&self, owner: &str, items: &[(String, String)]) -> Result<()> {
+    /// Stores several private elements at once: all or none, and none when the owner
+    /// would then keep more than `max_items` namespaces (false).
+    pub async fn set_private_xml(
+        &self,
+        owner: &str,
+        items: &[(String, String)],
+        max_items: usize,
+    ) -> Result<bool> {
         let mut tx = self.write().await?;
         for (ns, xml) in items {
             sqlx::query(
@@ -51,8 +57,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if count(&mut tx, "private_storage", owner).await? > max_items {
+            // Dropped without commit: nothing was stored.
+            return Ok(false);
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// The blocked JIDs, ordered.
@@ -65,8 +75,9 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get("jid")?)).collect()
     }
 
-    /// Adds JIDs to the block list: all or none.
-    pub async fn block(&self, owner: &str, jids: &[String]) -> Result<()> {
+    /// Adds JIDs to the block list: all or none, and none when the list would then
+    /// hold more than `max_items` (false).
+    pub async fn block(&self, owner: &str, jids: &[String], max_items: usize) -> Result<bool> {
         let mut tx = self.write().await?;
         for jid in jids {
             sqlx::query(
@@ -77,8 +88,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if count(&mut tx, "blocklist", owner).await? > max_items {
+            return Ok(false);
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Removes JIDs from the block list; an empty slice clears it.
@@ -100,6 +114,21 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Rows `owner` has in `table` (a constant name), inside a write transaction.
+pub(crate) async fn count(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    table: &'static str,
+    owner: &str,
+) -> Result<usize> {
+    let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE owner = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(owner)
+        .fetch_one(&mut **tx)
+        .await?;
+    let n: i64 = row.try_get("n")?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]
@@ -129,16 +158,33 @@ mod tests {
                 store.vcard("carol").await.unwrap().as_deref(),
                 Some("<vCard><FN>C</FN></vCard>")
             );
-            store
-                .set_private_xml("carol", &[("ns:a".into(), "<a xmlns='ns:a'/>".into())])
-                .await
-                .unwrap();
+            let item = |ns: &str| (ns.to_owned(), format!("<a xmlns='{ns}'/>"));
+            assert!(
+                store
+                    .set_private_xml("carol", &[item("ns:a")], 2)
+                    .await
+                    .unwrap()
+            );
             assert!(store.private_xml("carol", "ns:a").await.unwrap().is_some());
             assert!(store.private_xml("carol", "ns:b").await.unwrap().is_none());
-            store
-                .block("carol", &["x@y".into(), "z@y".into(), "x@y".into()])
-                .await
-                .unwrap();
+            // M9: over the cap, nothing of the request is stored; replacing is fine.
+            let over = [item("ns:b"), item("ns:c")];
+            assert!(!store.set_private_xml("carol", &over, 2).await.unwrap());
+            assert!(store.private_xml("carol", "ns:b").await.unwrap().is_none());
+            assert!(
+                store
+                    .set_private_xml("carol", &[item("ns:a"), item("ns:b")], 2)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .block("carol", &["x@y".into(), "z@y".into(), "x@y".into()], 2)
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(store.blocklist("carol").await.unwrap(), ["x@y", "z@y"]);
+            assert!(!store.block("carol", &["w@y".into()], 2).await.unwrap());
             assert_eq!(store.blocklist("carol").await.unwrap(), ["x@y", "z@y"]);
             store.unblock("carol", &["x@y".into()]).await.unwrap();
             assert_eq!(store.blocklist("carol").await.unwrap(), ["z@y"]);
