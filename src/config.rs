@@ -152,6 +152,8 @@ pub struct HttpsSection {
     pub failure_window: u64,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold open.
+    pub max_connections_per_address: u32,
     /// Lifetime of a session opened by the channel-bound first contact.
     pub session_ttl: u64,
 }
@@ -165,6 +167,7 @@ impl Default for HttpsSection {
             max_failures: l.auth.max_failures,
             failure_window: l.auth.failure_window.as_secs(),
             max_connections: l.max_connections,
+            max_connections_per_address: l.max_connections_per_address,
             session_ttl: l.auth.session_ttl.as_secs(),
         }
     }
@@ -197,6 +200,8 @@ pub struct LimitsSection {
     pub read_rate: u32,
     pub read_burst: u32,
     pub handshake_timeout: u64,
+    pub preauth_connections_per_address: u32,
+    pub link_handshakes_per_address: u32,
     pub ping_interval: u64,
     pub ping_timeout: u64,
     pub login_failures: u32,
@@ -229,6 +234,8 @@ impl Default for LimitsSection {
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: l.handshake_timeout.as_secs(),
+            preauth_connections_per_address: l.preauth_connections_per_address,
+            link_handshakes_per_address: l.link_handshakes_per_address,
             ping_interval: l.ping_interval.as_secs(),
             ping_timeout: l.ping_timeout.as_secs(),
             login_failures: l.login_failures,
@@ -439,6 +446,8 @@ impl Config {
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: Duration::from_secs(l.handshake_timeout),
+            preauth_connections_per_address: l.preauth_connections_per_address,
+            link_handshakes_per_address: l.link_handshakes_per_address,
             ping_interval: Duration::from_secs(l.ping_interval),
             ping_timeout: Duration::from_secs(l.ping_timeout),
             login_failures: l.login_failures,
@@ -466,6 +475,7 @@ impl Config {
         impmesh_axl::HttpsLimits {
             body_limit: h.body_limit,
             max_connections: h.max_connections,
+            max_connections_per_address: h.max_connections_per_address,
             max_peers: self.sync.max_peers,
             auth: impmesh_axl::auth::AuthLimits {
                 failure_delay: Duration::from_millis(h.failure_delay_ms),

@@ -86,6 +86,38 @@ pub fn admin_token(config: &Config) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// File descriptors the node would like: every client connection the router admits
+/// (65,536), the links and HTTPS connections, the store and some slack.
+const WANTED_FILES: u64 = 70_000;
+
+/// Raises the soft limit on open files to the hard one (the default soft limit of
+/// 1,024 would stop the node long before its connection limits) and says what the
+/// ceiling is when it is below what the node may need (security review H3, M10).
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (limit.current, limit.maximum);
+    let target = hard.unwrap_or(WANTED_FILES.max(soft.unwrap_or(0)));
+    let raised = if soft.is_some_and(|s| s < target) {
+        let new = rustix::process::Rlimit {
+            current: Some(target),
+            maximum: hard,
+        };
+        setrlimit(Resource::Nofile, new).is_ok()
+    } else {
+        false
+    };
+    let now = getrlimit(Resource::Nofile).current;
+    match now {
+        Some(n) if n < WANTED_FILES => tracing::warn!(
+            open_files = n,
+            wanted = WANTED_FILES,
+            "the open-file limit is below what the node's connection limits allow; raise the hard limit (LimitNOFILE= in systemd, ulimit -Hn) or expect accept errors under load"
+        ),
+        _ => tracing::info!(open_files = ?now, raised, "open-file limit"),
+    }
+}
+
 /// The one place local account changes take effect beyond the store, however they were
 /// made (admin API, CLI through the API, in-band registration or cancellation): peers
 /// are told at once and asked to re-check duplicates, and a removed account's sessions
@@ -354,6 +386,7 @@ impl Node {
     /// Starts a node: store, certificate (generated at first start), listeners.
     pub async fn start(config: &Config) -> anyhow::Result<Node> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        raise_file_limit();
         let store = open_store(config).await?;
         // From the start, so that no account change made while the node comes up is
         // missed (the channel buffers them).

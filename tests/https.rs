@@ -741,3 +741,78 @@ async fn a_certificate_swapped_through_the_admin_api_serves_new_handshakes() {
         .unwrap();
     assert_eq!(status, 400, "{answer}");
 }
+
+/// M6: HTTPS Basic attempts are counted when they begin: of 20 parallel guesses with a
+/// limit of 3, at most 3 are checked (401), the rest get 429.
+#[tokio::test]
+async fn parallel_basic_guesses_get_no_extra_tries() {
+    let node = start_node(|c| {
+        c.https.failure_delay_ms = 300;
+        c.https.max_failures = 3;
+    })
+    .await;
+    impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut c = client(&node).await;
+        c.use_basic(AXL_USER, "wrong").unwrap();
+        tasks.spawn(async move {
+            match c.call(&Request::GetClusterInfo).await {
+                Err(ClientError::Status { status, .. }) => status.as_u16(),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+    let mut checked = 0;
+    while let Some(status) = tasks.join_next().await {
+        match status.unwrap() {
+            401 => checked += 1,
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(checked <= 3, "{checked} guesses were checked");
+}
+
+/// M10: one address holds at most `max_connections_per_address` HTTPS connections; the
+/// next is closed before the TLS handshake, while other work goes on.
+#[tokio::test]
+async fn https_connections_per_address_are_capped() {
+    let node = start_node(|c| c.https.max_connections_per_address = 3).await;
+    let mut open = vec![];
+    for _ in 0..3 {
+        open.push(
+            tokio::net::TcpStream::connect(node.node.https_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut fourth = tokio::net::TcpStream::connect(node.node.https_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), fourth.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(open);
+    // Once they are gone, a client gets in again.
+    support::eventually(5, "a slot comes back", || async {
+        let Ok(mut c) = AxlClient::connect(
+            &node.node.https_addr.to_string(),
+            "localhost",
+            pinned_to(&node),
+        )
+        .await
+        else {
+            return false;
+        };
+        let token = impmesh::node::admin_token(&node.config).unwrap();
+        c.use_bearer(&token).unwrap();
+        c.raw(Method::GET, "/healthz", vec![]).await.is_ok()
+    })
+    .await;
+}

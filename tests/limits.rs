@@ -9,6 +9,7 @@ mod support;
 
 use impmesh_store::{Offline, OfflineQuota};
 use support::*;
+use tokio::io::AsyncWriteExt as _;
 
 /// Stores `n` offline messages for `owner` from `senders` senders, numbered in order.
 async fn store_offline(node: &TestNode, owner: &str, n: usize, senders: usize) {
@@ -512,4 +513,48 @@ async fn a_store_failure_during_login_is_temporary() {
         );
     }
     assert!(!node.node.server.login_blocked("127.0.0.1".parse().unwrap()));
+}
+
+/// H3: unauthenticated connections per address are capped; the one over is closed
+/// at once, before any TLS or parsing work, and a slot freed is usable again.
+#[tokio::test]
+async fn unauthenticated_connections_per_address_are_capped() {
+    use tokio::io::AsyncReadExt as _;
+    let node = start_node(|c| c.limits.preauth_connections_per_address = 4).await;
+    let mut open = vec![];
+    for _ in 0..4 {
+        open.push(tokio::net::TcpStream::connect(node.c2s()).await.unwrap());
+    }
+    let mut fifth = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), fifth.read(&mut buf))
+        .await
+        .expect("the fifth connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // The four are still served: a stream header gets an answer.
+    open[0].write_all(RAW_HEADER.as_bytes()).await.unwrap();
+    let n = open[0].read(&mut buf).await.unwrap();
+    assert!(n > 0);
+    let mut metrics = String::new();
+    node.node.server.stats.render(&mut metrics);
+    assert!(
+        metrics.contains("impmesh_connections_refused_total{reason=\"preauth_per_address\"} 1"),
+        "{metrics}"
+    );
+    // A slot given back (its connection closed) is usable again.
+    drop(open.pop());
+    let started = std::time::Instant::now();
+    loop {
+        let mut again = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+        again.write_all(RAW_HEADER.as_bytes()).await.unwrap();
+        if matches!(again.read(&mut buf).await, Ok(n) if n > 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "no slot came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

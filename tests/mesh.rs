@@ -31,6 +31,9 @@ async fn mesh_node(i: usize) -> TestNode {
         c.store.url = "sqlite://impmesh.db".into();
         // Only notifyChange moves changes here, not the periodic pull.
         c.sync.period = 3600;
+        // Every peer is on 127.0.0.1: the per-address caps would count them as one.
+        c.https.max_connections_per_address = 4096;
+        c.limits.link_handshakes_per_address = 4096;
     })
     .await;
     impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)

@@ -1,7 +1,10 @@
 //! Who may call what: the intercluster application user on `/axl/` (HTTP Basic over a
 //! trusted channel, or the channel-bound OPAQUE exchange then a session token bound to
 //! the same TLS connection), and admins on `/admin/v1/` (the local token file, or an
-//! admin account). Failures are delayed and counted per source address.
+//! admin account). Every attempt that presents credentials is counted when it begins
+//! (per address, IPv6 per /64, and per account name) and given back when it succeeds,
+//! so parallel connections get no extra guesses (security review M6); failures are
+//! also delayed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -82,8 +85,14 @@ pub struct AuthState {
     setup: tokio::sync::OnceCell<Arc<Setup>>,
     pending: Mutex<HashMap<String, Pending>>,
     sessions: Mutex<HashMap<String, Session>>,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    attempts: impmesh_limits::Throttle<IpAddr>,
+    account_attempts: impmesh_limits::Throttle<String>,
 }
+
+/// Keys each attempt table keeps at most.
+const THROTTLE_KEYS: usize = 100_000;
+/// An account name may see this many times the per-address attempts.
+const ACCOUNT_FACTOR: u32 = 4;
 
 /// The outcome of checking a request's credentials.
 pub enum Outcome {
@@ -144,12 +153,21 @@ fn basic(value: &str) -> Option<(String, String)> {
 impl AuthState {
     pub fn new(limits: AuthLimits, admin_token: String) -> AuthState {
         AuthState {
-            limits,
-            admin_token,
             setup: tokio::sync::OnceCell::new(),
             pending: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            attempts: impmesh_limits::Throttle::new(
+                limits.max_failures,
+                limits.failure_window,
+                THROTTLE_KEYS,
+            ),
+            account_attempts: impmesh_limits::Throttle::new(
+                limits.max_failures.saturating_mul(ACCOUNT_FACTOR),
+                limits.failure_window,
+                THROTTLE_KEYS,
+            ),
+            limits,
+            admin_token,
         }
     }
 
@@ -167,33 +185,37 @@ impl AuthState {
         Ok(setup.clone())
     }
 
-    /// Whether `ip` has used up its failures.
+    /// Whether `ip` has used up its attempts.
     pub fn throttled(&self, ip: IpAddr) -> bool {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match failures.get(&ip) {
-            Some((_, since)) if since.elapsed() > self.limits.failure_window => {
-                failures.remove(&ip);
-                false
-            }
-            Some((count, _)) => *count >= self.limits.max_failures,
-            None => false,
+        self.attempts.is_blocked(&impmesh_limits::address_key(ip))
+    }
+
+    /// Counts an attempt by `ip` (and `account`, when the credentials name one) before
+    /// anything is verified; false when either has used up its attempts.
+    fn reserve(&self, ip: IpAddr, account: Option<&str>) -> bool {
+        let key = impmesh_limits::address_key(ip);
+        if !self.attempts.attempt(&key) {
+            return false;
+        }
+        if let Some(account) = account
+            && !self.account_attempts.attempt(&account.to_owned())
+        {
+            self.attempts.refund(&key);
+            return false;
+        }
+        true
+    }
+
+    /// The reserved attempt succeeded: it does not count.
+    fn release(&self, ip: IpAddr, account: Option<&str>) {
+        self.attempts.refund(&impmesh_limits::address_key(ip));
+        if let Some(account) = account {
+            self.account_attempts.refund(&account.to_owned());
         }
     }
 
-    /// Counts a failure for `ip` and waits the failure delay.
+    /// A failed attempt (already counted): waits the failure delay.
     pub async fn fail(&self, ip: IpAddr, why: &str) -> Outcome {
-        {
-            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            if failures.len() > 100_000 {
-                let window = self.limits.failure_window;
-                failures.retain(|_, (_, since)| since.elapsed() <= window);
-            }
-            let entry = failures.entry(ip).or_insert((0, Instant::now()));
-            if entry.1.elapsed() > self.limits.failure_window {
-                *entry = (0, Instant::now());
-            }
-            entry.0 += 1;
-        }
         tracing::warn!(%ip, reason = why, "authentication failed");
         tokio::time::sleep(self.limits.failure_delay).await;
         Outcome::Denied(why.to_owned())
@@ -212,6 +234,14 @@ impl AuthState {
             ]);
         };
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let basic_user = scheme
+            .eq_ignore_ascii_case("basic")
+            .then(|| basic(rest))
+            .flatten();
+        let account = basic_user.as_ref().map(|(u, _)| u.as_str());
+        if !self.reserve(ip, account) {
+            return Outcome::Throttled;
+        }
         if scheme.eq_ignore_ascii_case("bearer") {
             let ok: bool = rest
                 .trim()
@@ -219,6 +249,7 @@ impl AuthState {
                 .ct_eq(self.admin_token.as_bytes())
                 .into();
             if ok {
+                self.release(ip, None);
                 return Outcome::Ok {
                     user: "local-admin-token".into(),
                     info: None,
@@ -226,12 +257,11 @@ impl AuthState {
             }
             return self.fail(ip, "wrong admin token").await;
         }
-        if scheme.eq_ignore_ascii_case("basic")
-            && let Some((user, password)) = basic(rest)
-        {
+        if let Some((user, password)) = basic_user {
             if let Ok(Some(verifier)) = store.admin_user(&user).await
                 && verify_password(verifier, password).await
             {
+                self.release(ip, Some(&user));
                 return Outcome::Ok { user, info: None };
             }
             return self.fail(ip, "wrong admin user or password").await;
@@ -259,13 +289,27 @@ impl AuthState {
             ]);
         };
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let opaque = scheme
+            .eq_ignore_ascii_case(OPAQUE_SCHEME)
+            .then(|| params(rest));
+        // The second OPAQUE message finishes an attempt counted at the first.
+        let finishing = opaque.as_ref().is_some_and(|p| p.contains_key("sid"));
+        let basic_user = scheme
+            .eq_ignore_ascii_case("basic")
+            .then(|| basic(rest))
+            .flatten();
+        let account = basic_user.as_ref().map(|(u, _)| u.as_str());
+        if !finishing && !self.reserve(ip, account) {
+            return Outcome::Throttled;
+        }
         if scheme.eq_ignore_ascii_case("basic") {
-            let Some((user, password)) = basic(rest) else {
+            let Some((user, password)) = basic_user else {
                 return self.fail(ip, "malformed Basic credentials").await;
             };
             if let Ok(Some(axl)) = store.axl_user(&user).await
                 && verify_password(axl.scram_sha256, password).await
             {
+                self.release(ip, Some(&user));
                 return Outcome::Ok { user, info: None };
             }
             return self.fail(ip, "wrong AXL user or password").await;
@@ -273,6 +317,7 @@ impl AuthState {
         if scheme.eq_ignore_ascii_case("bearer") {
             let token = rest.trim();
             if let Some(user) = self.session_user(token, conn_id) {
+                self.release(ip, None);
                 return Outcome::Ok { user, info: None };
             }
             return self
@@ -288,6 +333,7 @@ impl AuthState {
                 && let Some(hash) = peer.their_token_hash
                 && bool::from(hash.as_bytes().ct_eq(token_hash(token).as_bytes()))
             {
+                self.release(ip, None);
                 return Outcome::Ok {
                     user: format!("peer:{cluster}"),
                     info: None,
@@ -295,13 +341,12 @@ impl AuthState {
             }
             return self.fail(ip, "unknown peer or wrong peer credential").await;
         }
-        if scheme.eq_ignore_ascii_case(OPAQUE_SCHEME) {
+        if let Some(p) = opaque {
             let Some(exporter) = exporter else {
                 return self
                     .fail(ip, "the channel-bound exchange needs TLS 1.3")
                     .await;
             };
-            let p = params(rest);
             return match (
                 p.get("sid"),
                 p.get("user"),
@@ -363,9 +408,12 @@ impl AuthState {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             pending.retain(|_, p| p.expires > now);
-            if pending.len() >= MAX_PENDING
-                || pending.values().filter(|p| p.ip == ip).count() >= MAX_PENDING_PER_IP
-            {
+            let key = impmesh_limits::address_key(ip);
+            let mine = pending
+                .values()
+                .filter(|p| impmesh_limits::address_key(p.ip) == key)
+                .count();
+            if pending.len() >= MAX_PENDING || mine >= MAX_PENDING_PER_IP {
                 return Outcome::Throttled;
             }
             pending.insert(
@@ -422,6 +470,9 @@ impl AuthState {
             );
         }
         tracing::info!(%ip, user = %p.user, "channel-bound OPAQUE authentication succeeded");
+        // The attempt counted when KE2 was issued (a client can test a guess from KE2
+        // alone, security review M7) is given back only now.
+        self.release(p.ip, None);
         Outcome::Ok {
             user: p.user,
             info: Some(format!("sid=\"{sid}\", token=\"{token}\"")),

@@ -42,6 +42,10 @@ pub struct HttpsLimits {
     pub request_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold open; more are closed at
+    /// accept, before the TLS handshake (security review M10: 512 slow connections
+    /// from one source locked peers and admins out).
+    pub max_connections_per_address: u32,
     /// Peers at most (a mesh is up to 30 clusters): a first contact beyond it is
     /// refused.
     pub max_peers: usize,
@@ -55,6 +59,7 @@ impl Default for HttpsLimits {
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 512,
+            max_connections_per_address: 32,
             max_peers: 29,
             auth: AuthLimits::default(),
         }
@@ -204,6 +209,7 @@ impl<C: NodeControl> Https<C> {
         let this = self.clone();
         let app = router(self.clone());
         let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        let per_address = impmesh_limits::PerAddress::new(self.limits.max_connections_per_address);
         self.tracker.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -217,6 +223,10 @@ impl<C: NodeControl> Https<C> {
                         }
                     },
                 };
+                let Some(slot) = per_address.acquire(peer.ip()) else {
+                    tracing::debug!(%peer, "HTTPS connection refused: too many from its address");
+                    continue;
+                };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "HTTPS connection refused: too many connections");
                     continue;
@@ -224,7 +234,7 @@ impl<C: NodeControl> Https<C> {
                 let (this, app) = (this.clone(), app.clone());
                 this.tracker.clone().spawn(async move {
                     this.serve_connection(tcp, peer, app).await;
-                    drop(permit);
+                    drop((permit, slot));
                 });
             }
         });

@@ -74,8 +74,18 @@ enum Stage {
 /// accept, the closing of a refused stream) is freed before the session runs, so the
 /// task of an established session holds little more than a pointer to it
 /// (DESIGN: memory per session is a budget).
-pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+///
+/// `preauth` is the connection's place in its address's count of unauthenticated
+/// streams: given back once the stream is bound (or ends).
+pub async fn handle(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+    preauth: impmesh_limits::AddressSlot,
+) {
     let bound = Box::pin(negotiate_connection(&server, tcp, peer, direct_tls)).await;
+    drop(preauth);
     if let Some(bound) = bound {
         Box::pin(crate::session::run(server, bound)).await;
     }

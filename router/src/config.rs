@@ -49,6 +49,13 @@ pub struct Limits {
     pub read_burst: u32,
     /// Time to finish TLS, SASL and binding after connecting.
     pub handshake_timeout: Duration,
+    /// Client connections from one address (IPv6: one /64) not yet bound to a session;
+    /// more are closed at once. Carrier-grade NAT puts many clients behind one
+    /// address, but each spends a second or so before binding.
+    pub preauth_connections_per_address: u32,
+    /// Router-link handshakes in progress from one address at once (a peer node has
+    /// one link to us, and a reconnection may overlap the old one).
+    pub link_handshakes_per_address: u32,
     /// Idle time after which the server pings a client (XEP-0199).
     pub ping_interval: Duration,
     /// Time a pinged client has to show any sign of life.
@@ -100,6 +107,8 @@ impl Default for Limits {
             read_rate: 65_536,
             read_burst: 524_288,
             handshake_timeout: Duration::from_secs(30),
+            preauth_connections_per_address: 32,
+            link_handshakes_per_address: 8,
             ping_interval: Duration::from_secs(300),
             ping_timeout: Duration::from_secs(60),
             login_failures: 5,

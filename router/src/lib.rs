@@ -23,7 +23,6 @@ pub mod sasl;
 mod session;
 pub mod stanza;
 pub mod stats;
-pub mod throttle;
 pub mod time;
 pub mod xml;
 
@@ -74,12 +73,12 @@ pub struct Server {
     tls_direct: RwLock<Arc<rustls::ServerConfig>>,
     /// Login attempts per source address (IPv6 per /64) and per account, reserved
     /// before the credentials are checked and given back on success.
-    logins: throttle::Throttle<IpAddr>,
-    account_logins: throttle::Throttle<String>,
+    logins: impmesh_limits::Throttle<IpAddr>,
+    account_logins: impmesh_limits::Throttle<String>,
     /// In-band registration attempts per source address, failed ones included.
-    registrations: throttle::Throttle<IpAddr>,
+    registrations: impmesh_limits::Throttle<IpAddr>,
     /// XEP-0077 password changes per account.
-    password_changes: throttle::Throttle<String>,
+    password_changes: impmesh_limits::Throttle<String>,
     /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist):
     /// a cluster secret in the store, the same on every node and across restarts.
     salt_key: tokio::sync::OnceCell<Vec<u8>>,
@@ -92,6 +91,8 @@ pub struct Server {
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
     admission: Arc<tokio::sync::Semaphore>,
+    /// Unauthenticated client connections per address (IPv6 per /64).
+    preauth: Arc<impmesh_limits::PerAddress>,
 }
 
 impl std::fmt::Debug for Server {
@@ -111,12 +112,13 @@ impl Server {
         tls_starttls: Arc<rustls::ServerConfig>,
         tls_direct: Arc<rustls::ServerConfig>,
     ) -> Arc<Server> {
-        let logins = throttle::Throttle::new(
+        let preauth_per_address = config.limits.preauth_connections_per_address;
+        let logins = impmesh_limits::Throttle::new(
             config.limits.login_failures,
             config.limits.login_failure_window,
             THROTTLE_KEYS,
         );
-        let account_logins = throttle::Throttle::new(
+        let account_logins = impmesh_limits::Throttle::new(
             config
                 .limits
                 .login_failures
@@ -124,9 +126,10 @@ impl Server {
             config.limits.login_failure_window,
             THROTTLE_KEYS,
         );
-        let registrations = throttle::Throttle::new(1, config.registration_interval, THROTTLE_KEYS);
+        let registrations =
+            impmesh_limits::Throttle::new(1, config.registration_interval, THROTTLE_KEYS);
         let password_changes =
-            throttle::Throttle::new(PASSWORD_CHANGES, PASSWORD_CHANGE_WINDOW, THROTTLE_KEYS);
+            impmesh_limits::Throttle::new(PASSWORD_CHANGES, PASSWORD_CHANGE_WINDOW, THROTTLE_KEYS);
         Arc::new_cyclic(|me| Server {
             config,
             store,
@@ -145,6 +148,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            preauth: impmesh_limits::PerAddress::new(preauth_per_address),
         })
     }
 
@@ -189,9 +193,15 @@ impl Server {
                 };
                 match accepted {
                     Ok((tcp, peer)) => {
+                        // Closed at once, before any TLS or parsing work, when its
+                        // address already has its share of unauthenticated streams.
+                        let Some(slot) = server.preauth.acquire(peer.ip()) else {
+                            server.stats.refused_preauth();
+                            continue;
+                        };
                         let server2 = server.clone();
                         server.tasks.spawn(async move {
-                            c2s::handle(server2, tcp, peer, direct_tls).await;
+                            c2s::handle(server2, tcp, peer, direct_tls, slot).await;
                             drop(permit);
                         });
                     }
@@ -252,7 +262,7 @@ impl Server {
     /// checked: false when either has used up its attempts (parallel connections get
     /// no extra guesses, security review M6). A success gives the attempt back.
     pub(crate) fn reserve_login(&self, ip: IpAddr, user: &str) -> bool {
-        let key = throttle::address_key(ip);
+        let key = impmesh_limits::address_key(ip);
         if !self.logins.attempt(&key) {
             return false;
         }
@@ -266,20 +276,20 @@ impl Server {
     /// Gives a reserved attempt back: it succeeded, or the server failed to check it;
     /// neither counts against anyone.
     pub(crate) fn release_login(&self, ip: IpAddr, user: &str) {
-        self.logins.refund(&throttle::address_key(ip));
+        self.logins.refund(&impmesh_limits::address_key(ip));
         self.account_logins.refund(&user.to_owned());
     }
 
     /// Whether logins from `ip` are refused for now (checked before any work).
     pub fn login_blocked(&self, ip: IpAddr) -> bool {
-        self.logins.is_blocked(&throttle::address_key(ip))
+        self.logins.is_blocked(&impmesh_limits::address_key(ip))
     }
 
     /// Counts an in-band registration attempt from `ip` (XEP-0077 abuse control, like
     /// Prosody's `min_seconds_between_registrations`, failed attempts included); false
     /// when the address must wait.
     pub(crate) fn registration_attempt(&self, ip: IpAddr) -> bool {
-        self.registrations.attempt(&throttle::address_key(ip))
+        self.registrations.attempt(&impmesh_limits::address_key(ip))
     }
 
     /// Counts a password change by `user`; false when it made too many lately.

@@ -41,6 +41,11 @@ pub const LINK_PROTOCOL: u32 = 2;
 pub const LINK_QUEUE: usize = 4096;
 /// Time allowed to connect, handshake and exchange stream headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Router-link connections open at once, at most: 29 peers of up to 16 nodes each,
+/// twice over for reconnections, with room.
+const MAX_LINK_CONNECTIONS: usize = 1024;
+
 /// A whitespace keepalive goes out after this much silence.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// A link that sends nothing (not even a keepalive) for this long is closed.
@@ -1330,19 +1335,37 @@ impl Server {
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "listening for router links");
         let server = self.clone();
+        // An admission limit before any TLS work, and a few handshakes per address at
+        // a time (security review M10: unlimited concurrent handshakes shared the
+        // process's file descriptors with the client ports).
+        let admission = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_CONNECTIONS));
+        let handshakes =
+            impmesh_limits::PerAddress::new(self.config.limits.link_handshakes_per_address);
         self.tasks.spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    _ = server.shutdown.cancelled() => break,
+                    p = admission.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
                 let accepted = tokio::select! {
                     _ = server.shutdown.cancelled() => break,
                     a = listener.accept() => a,
                 };
                 match accepted {
                     Ok((tcp, peer)) => {
+                        let Some(slot) = handshakes.acquire(peer.ip()) else {
+                            tracing::debug!(%peer, "too many link handshakes from one address");
+                            continue;
+                        };
                         let server2 = server.clone();
                         server.tasks.spawn(async move {
-                            if let Err(e) = server2.serve_inlink(tcp).await {
+                            if let Err(e) = server2.serve_inlink(tcp, slot).await {
                                 tracing::warn!(%peer, error = %e, "router link refused or closed");
                             }
+                            drop(permit);
                         });
                     }
                     Err(e) => {
@@ -1357,7 +1380,11 @@ impl Server {
 
     /// One incoming link: mutual TLS, the certificate checked against the pinned
     /// certificates of accepted peers, headers, then stanzas until it closes.
-    async fn serve_inlink(self: Arc<Self>, tcp: TcpStream) -> Result<(), LinkError> {
+    async fn serve_inlink(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        handshake_slot: impmesh_limits::AddressSlot,
+    ) -> Result<(), LinkError> {
         let config = self
             .links
             .identity
@@ -1414,6 +1441,7 @@ impl Server {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                 .await
                 .map_err(|_| LinkError::Timeout)??;
+        drop(handshake_slot);
         let counters = Arc::new(LinkCounters::default());
         counters.set_up(true);
         *lock(&counters.remote) = Some(remote);

@@ -15,6 +15,7 @@ pub struct Stats {
     logins_failed: AtomicU64,
     tls_ok: AtomicU64,
     tls_failed: AtomicU64,
+    refused_preauth: AtomicU64,
 }
 
 const KINDS: [&str; 3] = ["message", "presence", "iq"];
@@ -61,6 +62,11 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A client connection closed at accept: its address had too many unbound streams.
+    pub(crate) fn refused_preauth(&self) {
+        self.refused_preauth.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -105,6 +111,13 @@ impl Stats {
             out,
             "impmesh_tls_handshakes_total{{result=\"failed\"}} {}",
             get(&self.tls_failed)
+        );
+        out.push_str("# HELP impmesh_connections_refused_total Client connections closed at accept, by reason.\n");
+        out.push_str("# TYPE impmesh_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "impmesh_connections_refused_total{{reason=\"preauth_per_address\"}} {}",
+            get(&self.refused_preauth)
         );
     }
 }

@@ -587,6 +587,9 @@ pub async fn mesh_cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Co
         c.node.name = Some(format!("node1.{name}"));
         c.node.cluster = Some(name);
         c.sync.period = 3600;
+        // Every peer is on 127.0.0.1: the per-address caps would count them as one.
+        c.https.max_connections_per_address = 4096;
+        c.limits.link_handshakes_per_address = 4096;
         tweak(c);
     })
     .await;

@@ -1,10 +1,13 @@
-//! Attempt counters per key (an address prefix, an account) in fixed windows, in a
-//! table with a hard size bound: the shared shape of the login, registration and
-//! password-change limits.
+//! Limits on what one source may do, shared by the router and the HTTPS service:
+//! attempt counters per key (an address prefix, an account) in fixed windows, in a
+//! table with a hard size bound (logins, registrations, password changes), and caps
+//! on the connections one address holds open.
 //!
 //! An attempt is counted when it starts, not when it fails (security review M6:
 //! parallel connections that all passed a "not blocked yet" check before any failure
 //! was recorded each got a free guess).
+
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -14,7 +17,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::hub::lock;
+/// Locks a mutex, recovering from a poisoned lock (the tables hold plain counters that
+/// every writer leaves consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Counts attempts per key: at most `limit` in each `window`.
 #[derive(Debug)]
@@ -84,6 +91,64 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
     }
 }
 
+/// Connections open per address key (IPv6 per /64), capped: one source cannot take
+/// the node's connection slots, file descriptors or handshake memory (security review
+/// H3, M10). The table holds one entry per address with a connection open, so it is
+/// bounded by the connections themselves.
+#[derive(Debug)]
+pub struct PerAddress {
+    open: Mutex<HashMap<IpAddr, u32>>,
+    max: u32,
+}
+
+/// One connection's place in a [`PerAddress`] count, given back when dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    table: std::sync::Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl PerAddress {
+    pub fn new(max: u32) -> std::sync::Arc<PerAddress> {
+        std::sync::Arc::new(PerAddress {
+            open: Mutex::new(HashMap::new()),
+            max: max.max(1),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or `None` when its address has `max` open.
+    pub fn acquire(self: &std::sync::Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = address_key(ip);
+        let mut open = lock(&self.open);
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections open from `ip`'s address key.
+    pub fn open(&self, ip: IpAddr) -> u32 {
+        lock(&self.open).get(&address_key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.table.open);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// The key a client address is throttled by: the address for IPv4, its /64 for IPv6
 /// (one subscriber usually holds a whole /64).
 pub fn address_key(ip: IpAddr) -> IpAddr {
@@ -123,6 +188,23 @@ mod tests {
         }
         assert_eq!(lock(&t.table).len(), 3);
         assert!(!lock(&t.table).contains_key("a"));
+    }
+
+    #[test]
+    fn connections_per_address_are_capped_and_released() {
+        let table = PerAddress::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let b2: IpAddr = "2001:db8::2".parse().unwrap();
+        let first = table.acquire(a).unwrap();
+        let _second = table.acquire(a).unwrap();
+        assert!(table.acquire(a).is_none());
+        let _v6 = table.acquire(b).unwrap();
+        let _v6b = table.acquire(b2).unwrap();
+        assert!(table.acquire(b).is_none(), "one /64, one count");
+        drop(first);
+        assert_eq!(table.open(a), 1);
+        assert!(table.acquire(a).is_some());
     }
 
     #[test]
