@@ -65,8 +65,12 @@ pub struct ListenSection {
     pub c2s: Vec<SocketAddr>,
     /// Client-to-server with TLS from the first byte (XEP-0368).
     pub c2s_direct_tls: Vec<SocketAddr>,
-    /// HTTPS: the AXL-like API, the admin API, /metrics, /healthz, /readyz.
+    /// HTTPS for peers and load balancers: the AXL-like API, /healthz, /readyz.
     pub https: SocketAddr,
+    /// HTTPS for this cluster's admins and monitoring: the admin API and /metrics
+    /// (and /healthz, /readyz). Loopback by default: admin surfaces stay off the
+    /// peer-facing listener.
+    pub admin: SocketAddr,
     /// Router links from the nodes of peer clusters (mutual TLS); none: no links.
     pub links: Option<SocketAddr>,
 }
@@ -77,6 +81,7 @@ impl Default for ListenSection {
             c2s: vec![SocketAddr::from(([127, 0, 0, 1], 5222))],
             c2s_direct_tls: vec![SocketAddr::from(([127, 0, 0, 1], 5223))],
             https: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 8444)),
             links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
         }
     }

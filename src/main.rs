@@ -303,7 +303,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let Some(api) = api.as_mut() else {
                 anyhow::bail!(
                     "the node is not running (nothing answers on {})",
-                    config.listen.https
+                    config.listen.admin
                 );
             };
             let checks = call(api, Method::GET, "/troubleshoot", None).await?;
@@ -330,7 +330,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let Some(api) = api.as_mut() else {
                 anyhow::bail!(
                     "the node is not running (nothing answers on {}); peers are managed by its sync agent",
-                    config.listen.https
+                    config.listen.admin
                 );
             };
             peer(cmd, api).await
@@ -339,7 +339,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let Some(api) = api.as_mut() else {
                 anyhow::bail!(
                     "the node is not running (nothing answers on {})",
-                    config.listen.https
+                    config.listen.admin
                 );
             };
             let status = call(api, Method::GET, "/status", None).await?;
@@ -1093,9 +1093,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for addr in &node.c2s_direct_tls {
         println!("impmesh: listening for XMPP clients on {addr} (direct TLS)");
     }
+    println!("impmesh: HTTPS for peers (AXL) on {}", node.https_addr);
     println!(
-        "impmesh: HTTPS (AXL, admin API, metrics) on {}",
-        node.https_addr
+        "impmesh: HTTPS for admins (admin API, metrics) on {}",
+        node.admin_addr
     );
     println!(
         "impmesh: serving domain {} from {} (certificate SHA-256 {})",

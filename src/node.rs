@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use impmesh_axl::{Https, ServiceIdentity};
+use impmesh_axl::{Https, ServiceIdentity, Surface};
 use impmesh_certs::NodeIdentity;
 use impmesh_router::Server;
 use impmesh_store::Store;
@@ -37,6 +37,8 @@ pub struct Node {
     pub c2s_direct_tls: Vec<SocketAddr>,
     /// The bound HTTPS listener.
     pub https_addr: SocketAddr,
+    /// The bound admin listener (admin API, /metrics).
+    pub admin_addr: SocketAddr,
     /// The bound router-link listener, if any.
     pub links_addr: Option<SocketAddr>,
     /// The intercluster sync agent.
@@ -445,9 +447,13 @@ impl Node {
             admin_token(config)?,
         );
         let https_addr = https
-            .listen(config.listen.https)
+            .listen(config.listen.https, Surface::Peers)
             .await
             .with_context(|| format!("cannot listen on {} (https)", config.listen.https))?;
+        let admin_addr = https
+            .listen(config.listen.admin, Surface::Admin)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", config.listen.admin))?;
         control.attach(&https, c2s.clone(), c2s_direct_tls.clone(), https_addr);
         server.set_link_identity(identity.clone())?;
         let links_addr = match config.listen.links {
@@ -528,6 +534,7 @@ impl Node {
             c2s,
             c2s_direct_tls,
             https_addr,
+            admin_addr,
             links_addr,
             agent,
         })

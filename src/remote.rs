@@ -1,4 +1,5 @@
-//! The CLI's way to a running node: the admin API on the node's HTTPS listener, over a
+//! The CLI's way to a running node: the admin API on the node's admin listener
+//! (`[listen] admin`), over a
 //! TLS connection pinned to the node's own certificate, with the admin token from the
 //! data directory. When nothing listens there, the CLI works on the files and the
 //! store directly.
@@ -34,7 +35,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Option<AxlClient>> {
         pinned: HashSet::from([impmesh_certs::fingerprint(&leaf)]),
     };
     let verifier = PeerVerifier::new(&anchors)?;
-    let mut addr = config.listen.https;
+    let mut addr = config.listen.admin;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),

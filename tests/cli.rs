@@ -318,17 +318,18 @@ fn trust_add_list_remove() {
 }
 
 /// Runs the binary against the running `node`, through a config file naming its data
-/// directory, cluster and HTTPS address.
+/// directory, cluster and HTTPS addresses.
 async fn cli_on(node: &support::TestNode, args: &[&str], stdin: &str) -> Output {
     let config_file = node.dir.path().join("impmesh.toml");
     std::fs::write(
         &config_file,
         format!(
-            "data_dir = {:?}\n[node]\nname = {:?}\ncluster = {:?}\n[listen]\nhttps = \"{}\"\n",
+            "data_dir = {:?}\n[node]\nname = {:?}\ncluster = {:?}\n[listen]\nhttps = \"{}\"\nadmin = \"{}\"\n",
             node.dir.path(),
             node.config.node_name(),
             node.config.cluster_name(),
-            node.node.https_addr
+            node.node.https_addr,
+            node.node.admin_addr
         ),
     )
     .unwrap();
@@ -517,6 +518,7 @@ async fn secrets_are_private_and_a_readable_token_stops_the_node() {
     config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.https = "127.0.0.1:0".parse().unwrap();
+    config.listen.admin = "127.0.0.1:0".parse().unwrap();
     let node = impmesh::node::Node::start(&config).await.unwrap();
     node.shutdown().await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

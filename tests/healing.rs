@@ -316,14 +316,14 @@ async fn a_link_to_a_node_named_by_host_survives_a_dns_outage() {
     .await;
 }
 
-/// A node's `/metrics`, as Prometheus scrapes it.
+/// A node's `/metrics`, as Prometheus scrapes it (on the admin listener).
 async fn metrics(node: &TestNode) -> String {
     let anchors = impmesh_certs::TrustAnchors {
         cas: vec![],
         pinned: [node.node.identity().fingerprint()].into(),
     };
     let mut client = impmesh_axl::client::AxlClient::connect(
-        &node.node.https_addr.to_string(),
+        &node.node.admin_addr.to_string(),
         "localhost",
         impmesh_axl::client::ServerTrust::Verified(
             impmesh_certs::PeerVerifier::new(&anchors).unwrap(),

@@ -54,8 +54,19 @@ async fn client(node: &TestNode) -> AxlClient {
     .unwrap()
 }
 
+/// A client of the node's admin listener, without credentials.
+async fn admin_client(node: &TestNode) -> AxlClient {
+    AxlClient::connect(
+        &node.node.admin_addr.to_string(),
+        "localhost",
+        pinned_to(node),
+    )
+    .await
+    .unwrap()
+}
+
 async fn admin(node: &TestNode) -> AxlClient {
-    let mut c = client(node).await;
+    let mut c = admin_client(node).await;
     let token = impmesh::node::admin_token(&node.config).unwrap();
     c.use_bearer(&token).unwrap();
     c
@@ -557,11 +568,31 @@ async fn post_raw(client: &mut AxlClient, body: Vec<u8>) -> (u16, String) {
 async fn admin_api_metrics_and_alarms() {
     let node = axl_node("cluster-a.example.com").await;
 
+    // The admin API and /metrics live on the admin listener only; the peer-facing
+    // listener answers 404 for them, and the admin listener has no /axl/.
+    let token = impmesh::node::admin_token(&node.config).unwrap();
+    let mut peer_side = client(&node).await;
+    peer_side.use_bearer(&token).unwrap();
+    let (status, _) = peer_side.admin(Method::GET, "/users", None).await.unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = peer_side
+        .raw(Method::GET, "/metrics", vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let mut admin_side = admin_client(&node).await;
+    admin_side.use_basic(AXL_USER, AXL_PW).unwrap();
+    let (status, _) = admin_side
+        .raw(Method::POST, "/axl/", b"<x/>".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
     // No or wrong admin credentials: 401, nothing done.
-    let mut anonymous = client(&node).await;
+    let mut anonymous = admin_client(&node).await;
     let (status, _) = anonymous.admin(Method::GET, "/users", None).await.unwrap();
     assert_eq!(status, 401);
-    let mut wrong = client(&node).await;
+    let mut wrong = admin_client(&node).await;
     wrong.use_bearer("not-the-token").unwrap();
     let body = serde_json::json!({"name": "mallory", "password": "pw"});
     let (status, _) = wrong
@@ -598,7 +629,7 @@ async fn admin_api_metrics_and_alarms() {
         .set_admin_user("ops", "ops-password")
         .await
         .unwrap();
-    let mut ops = client(&node).await;
+    let mut ops = admin_client(&node).await;
     ops.use_basic("ops", "ops-password").unwrap();
     let (status, _) = ops.admin(Method::GET, "/alarms", None).await.unwrap();
     assert_eq!(status, 200);
@@ -685,7 +716,7 @@ async fn admin_api_metrics_and_alarms() {
     drop(alice);
 
     // Health checks need no credentials.
-    let mut lb = client(&node).await;
+    let mut lb = admin_client(&node).await;
     assert_eq!(lb.get("/healthz").await.unwrap().0, 200);
     assert_eq!(lb.get("/readyz").await.unwrap().0, 200);
 }

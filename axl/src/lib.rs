@@ -19,7 +19,7 @@ pub mod soap;
 pub mod trust;
 pub mod xml;
 
-pub use server::{ChangeNotice, Https, HttpsLimits, ServiceIdentity};
+pub use server::{ChangeNotice, Https, HttpsLimits, ServiceIdentity, Surface};
 
 /// A certificate to install, as the admin API receives it.
 #[derive(Debug, Clone)]

@@ -66,6 +66,17 @@ impl Default for HttpsLimits {
     }
 }
 
+/// What one HTTPS listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Surface {
+    /// `[listen] https`: the AXL-like API for peers, health checks.
+    Peers,
+    /// `[listen] admin`: the admin API and /metrics, health checks (security review
+    /// M10: admin surfaces do not belong on the peer-facing listener).
+    Admin,
+}
+
 /// Who this service speaks for.
 #[derive(Debug, Clone)]
 pub struct ServiceIdentity {
@@ -199,15 +210,22 @@ impl<C: NodeControl> Https<C> {
         &self.shutdown
     }
 
-    /// Binds `addr` and serves it until [`Self::shutdown`]; returns the bound address.
-    pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    /// Binds `addr` and serves `surface` on it until [`Self::shutdown`]; returns the
+    /// bound address.
+    pub async fn listen(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        surface: Surface,
+    ) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
-        let sweeper = self.clone();
-        self.tracker
-            .spawn(async move { sweeper.sweep_refusals().await });
+        if surface == Surface::Peers {
+            let sweeper = self.clone();
+            self.tracker
+                .spawn(async move { sweeper.sweep_refusals().await });
+        }
         let this = self.clone();
-        let app = router(self.clone());
+        let app = router(self.clone(), surface);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
         let per_address = impmesh_limits::PerAddress::new(self.limits.max_connections_per_address);
         self.tracker.spawn(async move {
@@ -325,14 +343,19 @@ fn with_alpn(tls: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
 }
 
 /// Every route of the service.
-fn router<C: NodeControl>(https: Arc<Https<C>>) -> Router {
-    Router::new()
-        .route("/axl", post(axl::<C>))
-        .route("/axl/", post(axl::<C>))
+fn router<C: NodeControl>(https: Arc<Https<C>>, surface: Surface) -> Router {
+    let routes = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<C>))
-        .route("/metrics", get(crate::metrics::metrics::<C>))
-        .nest("/admin/v1", crate::admin::routes(https.clone()))
+        .route("/readyz", get(readyz::<C>));
+    let routes = match surface {
+        Surface::Peers => routes
+            .route("/axl", post(axl::<C>))
+            .route("/axl/", post(axl::<C>)),
+        Surface::Admin => routes
+            .route("/metrics", get(crate::metrics::metrics::<C>))
+            .nest("/admin/v1", crate::admin::routes(https.clone())),
+    };
+    routes
         .layer(axum::extract::DefaultBodyLimit::max(
             https.limits.body_limit,
         ))

@@ -26,7 +26,7 @@ trap cleanup EXIT
 
 read -r -a ports < <("$venv/bin/python" - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(10)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -38,7 +38,8 @@ axl_password="axl-$RANDOM-secret"
 i=0
 for c in a b; do
   c2s=${ports[$i]}; tls=${ports[$((i+1))]}; https=${ports[$((i+2))]}; links=${ports[$((i+3))]}
-  i=$((i+4))
+  admin=${ports[$((i+4))]}
+  i=$((i+5))
   cat > "$work/$c.toml" <<TOML
 domain = "localhost"
 data_dir = "$work/$c"
@@ -52,6 +53,7 @@ host = "localhost"
 c2s = ["127.0.0.1:$c2s"]
 c2s_direct_tls = ["127.0.0.1:$tls"]
 https = "127.0.0.1:$https"
+admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
 TOML
   eval "c2s_$c=$c2s; https_$c=$https"

@@ -25,11 +25,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r c2s tls https links < <("$venv/bin/python" - <<'PY'
+read -r c2s tls https links admin < <("$venv/bin/python" - <<'PY'
 import socket
 ports = []
 socks = []
-for _ in range(4):
+for _ in range(5):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
 print(*ports)
 PY
@@ -41,6 +41,7 @@ data_dir = "$work/data"
 c2s = ["127.0.0.1:$c2s"]
 c2s_direct_tls = ["127.0.0.1:$tls"]
 https = "127.0.0.1:$https"
+admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
 TOML
 

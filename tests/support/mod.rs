@@ -101,6 +101,7 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.https = "127.0.0.1:0".parse().unwrap();
+    config.listen.admin = "127.0.0.1:0".parse().unwrap();
     config.listen.links = Some("127.0.0.1:0".parse().unwrap());
     if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
         config.store.url = fresh_postgres_schema(&url).await;
