@@ -98,7 +98,8 @@ impl Server {
         self.deliver_local_message(message, to).await
     }
 
-    /// [`Self::deliver_message`], bouncing through the sender's queue.
+    /// Delivers a message like `deliver_message`, bouncing what cannot be delivered
+    /// through the sender's queue.
     pub async fn deliver_or_bounce(&self, message: Element, to: &Jid) {
         if let Err(b) = self.deliver_message(message, to).await {
             self.bounce(&b.stanza, b.condition, b.text);

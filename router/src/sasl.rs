@@ -335,56 +335,7 @@ pub fn parse_plain(data: &[u8]) -> Result<PlainCredentials, SaslFailure> {
 mod tests {
     use super::*;
 
-    /// Mutates `input` the way a fuzzer would: flipped, inserted, deleted and
-    /// duplicated bytes, XML-ish tokens spliced in, truncation.
-    fn mutate(input: &[u8], rng: &mut impl rand::Rng) -> Vec<u8> {
-        const TOKENS: &[&[u8]] = &[
-            b"<",
-            b">",
-            b"'",
-            b"\"",
-            b"&",
-            b"&amp;",
-            b"&#0;",
-            b"]]>",
-            b"<!--",
-            b"<?",
-            b"<!DOCTYPE",
-            b"xmlns:a='x'",
-            b"\0",
-            b"\xff\xfe",
-            b"=",
-            b"/>",
-            b"</",
-            b"a:b",
-        ];
-        let mut out = input.to_vec();
-        for _ in 0..rng.gen_range(1..8) {
-            let at = rng.gen_range(0..=out.len());
-            match rng.gen_range(0..6) {
-                0 if !out.is_empty() => {
-                    let i = rng.gen_range(0..out.len());
-                    out[i] ^= 1 << rng.gen_range(0..8);
-                }
-                1 => out.insert(at, rng.r#gen()),
-                2 if at < out.len() => {
-                    let end = rng.gen_range(at..=out.len().min(at + 16));
-                    out.drain(at..end);
-                }
-                3 if at < out.len() => {
-                    let end = rng.gen_range(at..=out.len().min(at + 32));
-                    let copy = out[at..end].to_vec();
-                    out.splice(at..at, copy);
-                }
-                4 => {
-                    let token = TOKENS[rng.gen_range(0..TOKENS.len())];
-                    out.splice(at..at, token.iter().copied());
-                }
-                _ => out.truncate(at),
-            }
-        }
-        out
-    }
+    use impmesh_testkit::mutate;
 
     /// Fuzzing on stable (STYLE 12): mutated SASL messages (PLAIN, SCRAM client-first
     /// and client-final) never panic.
