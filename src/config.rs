@@ -535,7 +535,7 @@ impl Config {
 }
 
 fn xmpp_domain_ok(domain: &str) -> Option<()> {
-    xmpp_parsers::jid::BareJid::new(domain).ok()?;
+    jid::BareJid::new(domain).ok()?;
     (!domain.contains(['@', '/'])).then_some(())
 }
 

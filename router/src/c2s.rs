@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use jid::{BareJid, FullJid};
 use minidom::Element;
 use rand::RngCore as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
-use xmpp_parsers::jid::{BareJid, FullJid};
 
 use crate::Server;
 use crate::conn::{Conn, ReadError, Transport};

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use xmpp_parsers::jid::{BareJid, FullJid, Jid};
 
 use impmesh_store::Offline;
 

@@ -7,8 +7,8 @@ use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use jid::FullJid;
 use tokio::sync::mpsc;
-use xmpp_parsers::jid::FullJid;
 
 use crate::config::QUEUE_SHARE;
 use crate::conn::Conn;

@@ -5,8 +5,8 @@
 //! (XEP-0077). Anything else gets `service-unavailable`, never silence.
 
 use impmesh_store::RosterItem;
+use jid::{BareJid, Jid};
 use minidom::Element;
-use xmpp_parsers::jid::{BareJid, Jid};
 
 use crate::Server;
 use crate::error::{StanzaErrorCondition, error_reply};

@@ -31,11 +31,11 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use impmesh_store::Store;
+use jid::BareJid;
 use rand::RngCore as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use xmpp_parsers::jid::BareJid;
 
 pub use config::{Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;

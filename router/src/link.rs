@@ -19,12 +19,12 @@ use std::time::Duration;
 use backon::BackoffBuilder as _;
 use impmesh_certs::{NodeIdentity, PeerVerifier, TrustAnchors};
 use impmesh_store::{Home, TrustKind};
+use jid::Jid;
 use minidom::Element;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use xmpp_parsers::jid::Jid;
 
 use crate::Server;
 use crate::error::StanzaErrorCondition;

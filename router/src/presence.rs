@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use impmesh_store::RosterItem;
+use jid::{BareJid, Jid};
 use minidom::Element;
-use xmpp_parsers::jid::{BareJid, Jid};
 
 use crate::Server;
 use crate::deliver::sender_of;
@@ -240,7 +240,7 @@ impl Server {
     }
 
     /// Sends a presence to every available resource of its sender's account.
-    fn presence_to_own_resources(&self, from: &xmpp_parsers::jid::FullJid, presence: &Element) {
+    fn presence_to_own_resources(&self, from: &jid::FullJid, presence: &Element) {
         let Some(user) = from.node() else { return };
         let mut p = presence.clone();
         stanza::set_attr(&mut p, "to", &from.to_bare().to_string());

@@ -11,9 +11,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use jid::{FullJid, Jid};
 use minidom::Element;
 use tokio::time::Instant;
-use xmpp_parsers::jid::{FullJid, Jid};
 
 use crate::Server;
 use crate::c2s::Bound;

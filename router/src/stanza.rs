@@ -1,7 +1,7 @@
 //! Small helpers on stanzas as `minidom` elements: attributes, kinds and JIDs.
 
+use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use xmpp_parsers::jid::{BareJid, FullJid, Jid};
 
 /// Sets (or replaces) an attribute in no namespace.
 pub fn set_attr(element: &mut Element, name: &str, value: &str) {
