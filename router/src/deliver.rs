@@ -90,7 +90,6 @@ impl Server {
     ) -> Result<(), Box<Bounce>> {
         if let Some(user) = to.node()
             && to.domain().as_str() == self.config.domain
-            && self.hub.sessions(user.as_str()).is_empty()
             && self.route_remote(user.as_str(), &message).await
         {
             return Ok(());

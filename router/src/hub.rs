@@ -276,6 +276,12 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Whether the user has a session here (without copying the list).
+    pub fn has_sessions(&self, user: &str) -> bool {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.get(user).is_some_and(|e| !e.sessions.is_empty())
+    }
+
     /// One session by resource.
     pub fn session(&self, user: &str, resource: &str) -> Option<Arc<SessionHandle>> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());

@@ -87,7 +87,7 @@ impl Session {
             return;
         };
         let resource = to.resource().map(|r| r.to_string()).unwrap_or_default();
-        if server.hub.sessions(&user).is_empty() && server.route_remote(&user, &iq).await {
+        if server.route_remote(&user, &iq).await {
             return;
         }
         let blocked = server.is_blocked_by(&user, &self.jid().to_bare()).await;

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::Server;
+use crate::core::route::{self, Destination, Me};
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza::{self, Kind};
@@ -626,39 +627,39 @@ impl Server {
         sent
     }
 
-    /// Routes a stanza to a remote user if the directory says the user lives on
-    /// another cluster, or bounces it when two peers claim the name (quarantine);
-    /// returns whether it did either.
+    /// Where a stanza for `user` (an account of the served domain) goes: the one
+    /// routing decision (`core::route`) over what this node knows now.
+    pub(crate) async fn destination(&self, user: &str) -> Destination {
+        let me = Me {
+            cluster: &self.config.cluster_name,
+            node: &self.config.node_name,
+        };
+        let domain = &self.config.domain;
+        if self.hub.has_sessions(user) {
+            return route::destination(user, domain, true, Err(()), me);
+        }
+        let home = self.home_of(user).await;
+        if let Err(e) = &home {
+            tracing::error!(error = %e, "cannot read the directory while routing");
+        }
+        route::destination(user, domain, false, home.as_ref().map_err(|_| ()), me)
+    }
+
+    /// Sends a stanza on when [`Self::destination`] says it goes to another cluster,
+    /// or bounces it when it is refused; returns whether it did either (the caller
+    /// delivers it here otherwise: to the sessions, offline storage, or another node
+    /// of this cluster, which shares the store until multi-node clusters come).
     pub(crate) async fn route_remote(&self, user: &str, stanza: &Element) -> bool {
-        match self.home_of(user).await {
-            Ok(Home::Remote { cluster, node }) if cluster != self.config.cluster_name => {
+        match self.destination(user).await {
+            Destination::Peer { cluster, node } if cluster != self.config.cluster_name => {
                 self.forward(&cluster, &node, stanza);
                 true
             }
-            Ok(Home::Quarantined { clusters }) => {
-                let text = format!(
-                    "{user}@{} is claimed by several clusters ({}) and is unreachable until \
-                     their admins remove all but one",
-                    self.config.domain,
-                    clusters.join(", ")
-                );
-                self.bounce(
-                    stanza,
-                    StanzaErrorCondition::ServiceUnavailable,
-                    Some(&text),
-                );
+            Destination::Refuse { condition, text } => {
+                self.bounce(stanza, condition, Some(&text));
                 true
             }
-            Ok(_) => false,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the directory while routing");
-                self.bounce(
-                    stanza,
-                    StanzaErrorCondition::InternalServerError,
-                    Some("the directory cannot be read right now; try again"),
-                );
-                true
-            }
+            _ => false,
         }
     }
 

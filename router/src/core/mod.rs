@@ -2,4 +2,5 @@
 //! and the current time and returns what to do; the session and link tasks carry it
 //! out. Tested without sockets, with simulated time.
 
+pub mod route;
 pub mod sm;
