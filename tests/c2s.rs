@@ -958,3 +958,70 @@ async fn a_burst_of_queued_stanzas_arrives_whole_and_in_order() {
     }
     assert_eq!(got, (0..N).collect::<Vec<_>>());
 }
+
+/// DESIGN: the store stays off the hot path. Presence broadcasts read the roster from
+/// the session cache: twenty presence updates cost no roster query, and each reaches
+/// the subscribed contact; a roster change made meanwhile is followed by the cache.
+#[tokio::test]
+async fn presence_broadcasts_read_the_roster_from_the_session_cache() {
+    use impmesh_store::{RosterItem, Subscription};
+    let node = start_node_with_users(|_| {}, &["alice", "bob", "carol"]).await;
+    let store = &node.node.server.store;
+    for (owner, contact) in [("alice", "bob"), ("bob", "alice")] {
+        let item = RosterItem {
+            contact: format!("{contact}@localhost"),
+            subscription: Subscription::Both,
+            ..Default::default()
+        };
+        store.put_roster_item(owner, &item).await.unwrap();
+    }
+    let mut alice = node.client("alice", PW, Some("a"));
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut alice).await;
+    online(&mut bob).await;
+    send(&mut alice, "<presence/>").await;
+    send(&mut bob, "<presence/>").await;
+    expect_presence(&mut alice, 5, "bob's presence", "bob", None).await;
+    let before = store.latency().count("roster") + store.latency().count("roster_item");
+    for i in 0..20 {
+        send(
+            &mut bob,
+            &format!("<presence><status>s{i}</status></presence>"),
+        )
+        .await;
+    }
+    let mut seen = 0;
+    while seen < 20 {
+        let p = expect_presence(&mut alice, 5, "bob's updates", "bob", None).await;
+        if p.get_child("status", "jabber:client").is_some() {
+            seen += 1;
+        }
+    }
+    let after = store.latency().count("roster") + store.latency().count("roster_item");
+    assert_eq!(after, before, "presence updates queried the roster");
+    // Bob removes Alice: the cache follows, and his next presence does not reach her.
+    send(
+        &mut bob,
+        "<iq type='set' id='rm'><query xmlns='jabber:iq:roster'><item jid='alice@localhost' subscription='remove'/></query></iq>",
+    )
+    .await;
+    expect(&mut bob, 5, "the removal", |e| e.attr("id") == Some("rm")).await;
+    send(&mut bob, "<presence><status>after</status></presence>").await;
+    // A message after it: a broadcast to Alice would have been queued before it.
+    send(
+        &mut bob,
+        "<message to='alice@localhost/a' type='chat'><body>marker</body></message>",
+    )
+    .await;
+    loop {
+        let e = expect(&mut alice, 5, "the marker", |_| true).await;
+        assert!(
+            e.get_child("status", "jabber:client")
+                .is_none_or(|s| s.text() != "after"),
+            "a presence after the removal reached alice: {e:?}"
+        );
+        if body(&e).as_deref() == Some("marker") {
+            break;
+        }
+    }
+}

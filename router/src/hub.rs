@@ -7,6 +7,7 @@ use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use impmesh_store::RosterItem;
 use jid::FullJid;
 use tokio::sync::mpsc;
 
@@ -212,6 +213,14 @@ struct UserEntry {
     /// The user's block list (XEP-0191), so routing never asks the store per stanza.
     /// Loaded at bind and updated by block/unblock on this node.
     blocked: Arc<HashSet<String>>,
+    /// The user's roster (RFC 6121 §2), so presence broadcasts never ask the store
+    /// (DESIGN: the store stays off the hot path). Loaded on first use while the user
+    /// has a session, updated by every roster write on this node, dropped with the
+    /// last session.
+    roster: Option<Arc<HashMap<String, RosterItem>>>,
+    /// Bumped by every roster write here, so a roster read from the store while a
+    /// write happened is not cached (it may miss the write).
+    roster_writes: u64,
 }
 
 /// Every session of the node.
@@ -242,6 +251,8 @@ impl Hub {
         let entry = users.entry(user).or_insert_with(|| UserEntry {
             sessions: Vec::new(),
             blocked: Arc::new(blocked),
+            roster: None,
+            roster_writes: 0,
         });
         let sessions = &mut entry.sessions;
         let replaced = sessions
@@ -304,6 +315,61 @@ impl Hub {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = users.get_mut(user) {
             entry.blocked = Arc::new(blocked);
+        }
+    }
+
+    /// The cached roster of a user with a session here, or the write count to pass to
+    /// [`Self::cache_roster`] after reading it from the store.
+    pub fn roster(&self, user: &str) -> Result<Arc<HashMap<String, RosterItem>>, Option<u64>> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        match users.get(user) {
+            Some(UserEntry {
+                roster: Some(roster),
+                ..
+            }) => Ok(roster.clone()),
+            Some(entry) => Err(Some(entry.roster_writes)),
+            None => Err(None),
+        }
+    }
+
+    /// Caches a roster read from the store, if the user still has a session here and
+    /// no roster write happened since `writes` was read (`items` might miss it).
+    pub fn cache_roster(&self, user: &str, writes: u64, items: Vec<RosterItem>) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = users.get_mut(user)
+            && entry.roster.is_none()
+            && entry.roster_writes == writes
+        {
+            let map = items.into_iter().map(|i| (i.contact.clone(), i)).collect();
+            entry.roster = Some(Arc::new(map));
+        }
+    }
+
+    /// A roster item was written (or removed) in the store: the cache follows. A write
+    /// the cache cannot follow (nothing cached yet) leaves it to be loaded later.
+    pub fn roster_changed(&self, user: &str, item: &RosterItem, removed: bool) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = users.get_mut(user) else {
+            return;
+        };
+        entry.roster_writes += 1;
+        if let Some(roster) = &mut entry.roster {
+            let map = Arc::make_mut(roster);
+            if removed {
+                map.remove(&item.contact);
+            } else {
+                map.insert(item.contact.clone(), item.clone());
+            }
+        }
+    }
+
+    /// Forgets a user's cached roster (the store changed in a way this node did not
+    /// follow item by item).
+    pub fn forget_roster(&self, user: &str) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = users.get_mut(user) {
+            entry.roster = None;
+            entry.roster_writes += 1;
         }
     }
 

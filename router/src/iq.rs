@@ -338,6 +338,7 @@ impl Session {
             }
             match server.store.remove_roster_item(&user, &contact_s).await {
                 Ok(Some(version)) => {
+                    server.hub.roster_changed(&user, &existing, true);
                     self.reply_result(iq, None);
                     server.push_roster(&user, &existing, true, version);
                 }

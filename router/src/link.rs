@@ -1756,8 +1756,8 @@ impl Server {
             "probe" => {
                 let from_bare = from.to_bare();
                 let subscribed = matches!(
-                    self.store.roster_item(&user, from_bare.as_str()).await,
-                    Ok(Some(item)) if item.subscription.has_from()
+                    self.roster_of(&user).await,
+                    Ok(roster) if roster.get(from_bare.as_str()).is_some_and(|i| i.subscription.has_from())
                 );
                 if !subscribed {
                     return;

@@ -64,14 +64,14 @@ impl Session {
         };
         let user = self.user();
         let server = self.server.clone();
-        let roster = match server.store.roster(&user).await {
-            Ok((_, items)) => items,
+        let roster = match server.roster_of(&user).await {
+            Ok(items) => items,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the roster for a presence broadcast");
-                Vec::new()
+                Default::default()
             }
         };
-        for item in roster.iter().filter(|i| i.subscription.has_from()) {
+        for item in roster.values().filter(|i| i.subscription.has_from()) {
             server
                 .presence_to_contact(&user, &item.contact, &presence)
                 .await;
@@ -81,7 +81,7 @@ impl Session {
             return;
         }
         // Probes (§4.3): the current presence of every contact the user subscribes to.
-        for item in roster.iter().filter(|i| i.subscription.has_to()) {
+        for item in roster.values().filter(|i| i.subscription.has_to()) {
             for xml in server.probe(&user, &item.contact).await {
                 self.push_out(xml);
             }
@@ -118,8 +118,8 @@ impl Session {
         stanza::set_attr(&mut unavailable, "from", &self.jid().to_string());
         let user = self.user();
         let server = self.server.clone();
-        if was_available && let Ok((_, roster)) = server.store.roster(&user).await {
-            for item in roster.iter().filter(|i| i.subscription.has_from()) {
+        if was_available && let Ok(roster) = server.roster_of(&user).await {
+            for item in roster.values().filter(|i| i.subscription.has_from()) {
                 server
                     .presence_to_contact(&user, &item.contact, &unavailable)
                     .await;
@@ -154,8 +154,8 @@ impl Session {
             return;
         }
         let subscribed = matches!(
-            server.store.roster_item(&user, &to.to_bare().to_string()).await,
-            Ok(Some(item)) if item.subscription.has_from()
+            server.roster_of(&user).await,
+            Ok(roster) if roster.get(to.to_bare().as_str()).is_some_and(|i| i.subscription.has_from())
         );
         match ty {
             "" if !subscribed => {
@@ -661,11 +661,31 @@ impl Server {
         }
     }
 
+    /// `user`'s roster, from the session cache (loaded from the store on first use
+    /// while the user has a session here).
+    pub(crate) async fn roster_of(
+        &self,
+        user: &str,
+    ) -> impmesh_store::Result<Arc<std::collections::HashMap<String, RosterItem>>> {
+        let writes = match self.hub.roster(user) {
+            Ok(roster) => return Ok(roster),
+            Err(writes) => writes,
+        };
+        let (_, items) = self.store.roster(user).await?;
+        if let Some(writes) = writes {
+            self.hub.cache_roster(user, writes, items.clone());
+        }
+        Ok(Arc::new(
+            items.into_iter().map(|i| (i.contact.clone(), i)).collect(),
+        ))
+    }
+
     /// Saves a roster item and pushes it to the owner's interested resources; false
     /// (logged) when the store failed, for the caller to report.
     pub(crate) async fn save_and_push(&self, owner: &str, item: &RosterItem) -> bool {
         match self.store.put_roster_item(owner, item).await {
             Ok(version) => {
+                self.hub.roster_changed(owner, item, false);
                 self.push_roster(owner, item, false, version);
                 true
             }

@@ -54,6 +54,12 @@ impl Latency {
         }
     }
 
+    /// How many times `op` ran (for tests and diagnostics).
+    pub fn count(&self, op: &str) -> u64 {
+        let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        ops.get(op).map_or(0, |h| h.count)
+    }
+
     /// Appends `impmesh_store_query_seconds` in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -121,6 +121,7 @@ impl Store {
 
     /// One roster item, or `None`.
     pub async fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>> {
+        let _timer = self.latency.start("roster_item");
         let row = sqlx::query(
             "SELECT contact, name, subscription, ask, groups_json FROM roster_items
              WHERE owner = $1 AND contact = $2",
