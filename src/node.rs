@@ -11,6 +11,7 @@ use impmesh_router::Server;
 use impmesh_store::Store;
 use impmesh_store::alarms::{self, AlarmDef};
 use impmesh_sync_agent::{Agent, Ours};
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::control::Control;
@@ -24,6 +25,9 @@ const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 /// Time sessions get to close their streams on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Time the store has to close its connections after the grace period.
+const STORE_CLOSE: Duration = Duration::from_secs(5);
 
 /// A running node.
 pub struct Node {
@@ -43,6 +47,8 @@ pub struct Node {
     pub links_addr: Option<SocketAddr>,
     /// The intercluster sync agent.
     pub agent: Arc<Agent>,
+    /// The node's own background tasks (account changes, notices, hourly checks).
+    tasks: TaskTracker,
 }
 
 /// `host:port`, bracketing an IPv6 address.
@@ -125,13 +131,14 @@ fn raise_file_limit() {
 /// are told at once and asked to re-check duplicates, and a removed account's sessions
 /// are closed (security review M12: in-band cancellation left them running).
 fn spawn_account_listener(
+    tasks: &TaskTracker,
     mut changes: tokio::sync::broadcast::Receiver<impmesh_store::AccountChange>,
     server: Arc<Server>,
     agent: Arc<Agent>,
 ) {
     use impmesh_store::AccountChange;
     use impmesh_sync_agent::DuplicateScope;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let change = tokio::select! {
                 _ = server.shutdown.cancelled() => break,
@@ -484,13 +491,15 @@ impl Node {
         agent.set_identity(identity.clone());
         server.set_host_resolver(Arc::new(AgentDns(Arc::downgrade(&agent))));
         control.set_agent(agent.clone());
+        // The node's own tasks: tracked, so shutdown waits for them (within the grace).
+        let tasks = TaskTracker::new();
         // A peer's notifyChange pulls it at once.
         let (mut notices, notice_agent, notice_stop) = (
             https.subscribe_changes(),
             agent.clone(),
             server.shutdown.clone(),
         );
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = notice_stop.cancelled() => break,
@@ -502,10 +511,10 @@ impl Node {
                 }
             }
         });
-        spawn_account_listener(account_changes, server.clone(), agent.clone());
+        spawn_account_listener(&tasks, account_changes, server.clone(), agent.clone());
         // Every hour until shutdown: re-check the certificate in use, prune old tombstones.
         let (check_server, check_control) = (server.clone(), control.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut ticks = tokio::time::interval(HOURLY);
             ticks.tick().await;
             loop {
@@ -537,6 +546,7 @@ impl Node {
             admin_addr,
             links_addr,
             agent,
+            tasks,
         })
     }
 
@@ -551,12 +561,32 @@ impl Node {
         self.control.reload_certificates().await
     }
 
-    /// Closes every stream (with `system-shutdown`), the HTTPS service and the store.
+    /// Stops the node as one tree under one grace period: every part stops accepting
+    /// and winds down at once (streams close with `system-shutdown`, HTTPS requests and
+    /// peer syncs end, the node's own tasks stop), all within [`SHUTDOWN_GRACE`]; then
+    /// the store closes. Nothing waits without a bound (code review, STYLE 6).
     pub async fn shutdown(self) {
-        self.agent.shutdown().await;
-        self.https.shutdown().await;
-        self.server.shutdown(SHUTDOWN_GRACE).await;
-        self.server.store.close().await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        self.agent.stop();
+        self.https.stop();
+        self.server.shutdown.cancel();
+        self.tasks.close();
+        let all = async {
+            tokio::join!(
+                self.agent.stopped(),
+                self.https.stopped(),
+                self.server.shutdown(SHUTDOWN_GRACE),
+                self.tasks.wait(),
+            )
+        };
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
+            tracing::warn!("some parts of the node did not stop within the grace period");
+        }
+        // Queries still running (a session rerouting its last stanzas) had their time.
+        let close = self.server.store.close();
+        if tokio::time::timeout(STORE_CLOSE, close).await.is_err() {
+            tracing::warn!("the store did not close in time");
+        }
     }
 }
 

@@ -1025,3 +1025,24 @@ async fn presence_broadcasts_read_the_roster_from_the_session_cache() {
         }
     }
 }
+
+/// STYLE 6: the whole node stops as one tree under one grace period: with a client
+/// connected, every port it had (STARTTLS, direct TLS, HTTPS for peers and admins,
+/// router links) can be bound again at once afterwards.
+#[tokio::test]
+async fn stopping_a_node_frees_every_port() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let support::TestNode { node, dir, .. } = node;
+    let mut ports = node.c2s.clone();
+    ports.extend(&node.c2s_direct_tls);
+    ports.extend([node.https_addr, node.admin_addr]);
+    ports.extend(node.links_addr);
+    assert_eq!(ports.len(), 5);
+    node.shutdown().await;
+    for addr in ports {
+        std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    }
+    drop((alice, dir));
+}

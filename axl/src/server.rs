@@ -317,8 +317,18 @@ impl<C: NodeControl> Https<C> {
 
     /// Stops accepting, lets requests in progress finish (up to 5 s) and returns.
     pub async fn shutdown(&self) {
+        self.stop();
+        self.stopped().await;
+    }
+
+    /// Begins stopping: no new connections; requests in progress get up to 5 s.
+    pub fn stop(&self) {
         self.shutdown.cancel();
         self.tracker.close();
+    }
+
+    /// Resolves once every connection has ended (after [`Self::stop`]).
+    pub async fn stopped(&self) {
         self.tracker.wait().await;
     }
 

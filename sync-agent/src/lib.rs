@@ -362,8 +362,18 @@ impl Agent {
 
     /// Stops every peer task.
     pub async fn shutdown(&self) {
+        self.stop();
+        self.stopped().await;
+    }
+
+    /// Begins stopping: peer tasks end at their next await.
+    pub fn stop(&self) {
         self.shutdown.cancel();
         self.tracker.close();
+    }
+
+    /// Resolves once every task of the agent has ended (after [`Self::stop`]).
+    pub async fn stopped(&self) {
         self.tracker.wait().await;
     }
 
