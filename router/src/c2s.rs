@@ -561,6 +561,8 @@ async fn run_sasl(
         if record.is_none()
             && let Some(address) = server.client_address_of_home(&user).await
         {
+            // Sent home: not a guess at anything here.
+            server.release_login(conn.peer.ip(), &user);
             return Err(End::Redirect(address));
         }
         // PBKDF2 runs off the async workers, bounded; an unknown user costs the same
@@ -610,6 +612,7 @@ async fn run_sasl(
         && let Some(u) = &user
         && let Some(address) = server.client_address_of_home(u).await
     {
+        server.release_login(conn.peer.ip(), &attempt_key);
         return Err(End::Redirect(address));
     }
     let verifier = record.map(|r| match hash {

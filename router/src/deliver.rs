@@ -195,8 +195,8 @@ impl Server {
     /// XEP-0203 delay; bounces it when the user does not exist or the store is full.
     async fn store_offline(&self, user: &str, mut message: Element) -> Result<(), Box<Bounce>> {
         if message.get_child("no-store", ns::HINTS).is_some() {
-            // Unknown users and users who cannot take it now must look alike only
-            // where the store says so: ask it.
+            // The sender asked not to store it: recipient-unavailable for an account
+            // that exists, service-unavailable (as for any unknown user) otherwise.
             let condition = match self.store.user_exists(user).await {
                 Ok(true) => StanzaErrorCondition::RecipientUnavailable,
                 Ok(false) => StanzaErrorCondition::ServiceUnavailable,
