@@ -379,15 +379,7 @@ async fn xep0198_resumption_loses_and_duplicates_nothing() {
     seen.extend(rest.iter().filter_map(body));
     let expected: Vec<String> = (0..15).map(|i| format!("m{i}")).collect();
     assert_eq!(seen, expected);
-    assert!(
-        node.node
-            .server
-            .store
-            .offline_messages("bob")
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(offline_count(&node, "bob").await, 0);
 }
 
 /// XEP-0198: when the resume window passes, unacknowledged messages go to offline storage.

@@ -34,16 +34,6 @@ async fn store_offline(node: &TestNode, owner: &str, n: usize, senders: usize) {
     }
 }
 
-async fn offline_count(node: &TestNode, user: &str) -> usize {
-    node.node
-        .server
-        .store
-        .offline_messages(user)
-        .await
-        .unwrap()
-        .len()
-}
-
 /// H2: a user with 1,000 stored messages logs in with stream management, gets every
 /// one in order and stays connected; the store is empty once the client acknowledged
 /// them. Before, all were pushed at once, a window smaller than the backlog tripped

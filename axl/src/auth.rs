@@ -135,13 +135,6 @@ fn unb64(text: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
-/// Checks a password against a SCRAM verifier off the async threads (PBKDF2).
-async fn verify_password(verifier: impmesh_store::scram::ScramVerifier, password: String) -> bool {
-    tokio::task::spawn_blocking(move || verifier.verify_password(&password))
-        .await
-        .unwrap_or(false)
-}
-
 /// Splits `Basic` credentials into user and password.
 fn basic(value: &str) -> Option<(String, String)> {
     let decoded = unb64(value.trim())?;
@@ -258,8 +251,9 @@ impl AuthState {
             return self.fail(ip, "wrong admin token").await;
         }
         if let Some((user, password)) = basic_user {
+            // PBKDF2 on a blocking thread, bounded with every other derivation.
             if let Ok(Some(verifier)) = store.admin_user(&user).await
-                && verify_password(verifier, password).await
+                && store.check_password(Some(verifier), &password).await
             {
                 self.release(ip, Some(&user));
                 return Outcome::Ok { user, info: None };
@@ -307,7 +301,9 @@ impl AuthState {
                 return self.fail(ip, "malformed Basic credentials").await;
             };
             if let Ok(Some(axl)) = store.axl_user(&user).await
-                && verify_password(axl.scram_sha256, password).await
+                && store
+                    .check_password(Some(axl.scram_sha256), &password)
+                    .await
             {
                 self.release(ip, Some(&user));
                 return Outcome::Ok { user, info: None };

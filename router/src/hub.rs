@@ -363,16 +363,6 @@ impl Hub {
         }
     }
 
-    /// Forgets a user's cached roster (the store changed in a way this node did not
-    /// follow item by item).
-    pub fn forget_roster(&self, user: &str) {
-        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = users.get_mut(user) {
-            entry.roster = None;
-            entry.roster_writes += 1;
-        }
-    }
-
     /// Closes every session of `user` (its account was deleted); returns how many.
     pub fn disconnect_user(&self, user: &str) -> usize {
         let sessions = self.sessions(user);

@@ -603,6 +603,17 @@ pub async fn mesh_cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Co
     node
 }
 
+/// How many offline messages `user` has waiting on `node`.
+pub async fn offline_count(node: &TestNode, user: &str) -> usize {
+    node.node
+        .server
+        .store
+        .offline_messages(user)
+        .await
+        .unwrap()
+        .len()
+}
+
 /// Whether `node` has the alarm `name` raised for `subject`.
 pub async fn has_alarm(node: &TestNode, name: &str, subject: &str) -> bool {
     node.node
