@@ -974,6 +974,17 @@ async fn presence_broadcasts_read_the_roster_from_the_session_cache() {
     send(&mut alice, "<presence/>").await;
     send(&mut bob, "<presence/>").await;
     expect_presence(&mut alice, 5, "bob's presence", "bob", None).await;
+    // Alice may see Bob's presence through her probe before Bob's session has loaded
+    // his roster: a ping answered by each session means both initial presences are
+    // handled (a session handles its stanzas in order).
+    for (c, id) in [(&mut alice, "sync-a"), (&mut bob, "sync-b")] {
+        send(
+            c,
+            &format!("<iq type='get' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"),
+        )
+        .await;
+        expect(c, 5, "the ping's answer", |e| e.attr("id") == Some(id)).await;
+    }
     let before = store.latency().count("roster") + store.latency().count("roster_item");
     for i in 0..20 {
         send(
