@@ -9,6 +9,7 @@ use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::core::subscription::Kind;
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::lock;
 use crate::session::Session;
@@ -321,7 +322,7 @@ impl Session {
             if existing.subscription.has_to() || existing.ask {
                 let p = subscription_presence(&contact_s, "unsubscribe");
                 server
-                    .outbound_subscription(&user, "unsubscribe", contact.clone(), p)
+                    .outbound_subscription(&user, Kind::Unsubscribe, contact.clone(), p)
                     .await;
             }
             if existing.subscription.has_from()
@@ -333,7 +334,7 @@ impl Session {
             {
                 let p = subscription_presence(&contact_s, "unsubscribed");
                 server
-                    .outbound_subscription(&user, "unsubscribed", contact.clone(), p)
+                    .outbound_subscription(&user, Kind::Unsubscribed, contact.clone(), p)
                     .await;
             }
             match server.store.remove_roster_item(&user, &contact_s).await {

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::Server;
 use crate::core::route::{self, Destination, Me};
+use crate::core::subscription;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza::{self, Kind};
@@ -1749,8 +1750,8 @@ impl Server {
                     }
                 }
             }
-            "subscribe" | "subscribed" | "unsubscribe" | "unsubscribed" => {
-                self.inbound_subscription(&to.to_bare(), &ty, &from.to_bare(), presence)
+            ty if let Some(kind) = subscription::Kind::parse(ty) => {
+                self.inbound_subscription(&to.to_bare(), kind, &from.to_bare(), presence)
                     .await;
             }
             "probe" => {

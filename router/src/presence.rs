@@ -7,11 +7,12 @@
 
 use std::sync::Arc;
 
-use impmesh_store::RosterItem;
+use impmesh_store::{RosterItem, Subscription};
 use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::core::subscription::{self, Kind, State};
 use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
@@ -25,10 +26,10 @@ impl Session {
     pub(crate) async fn on_presence(&mut self, presence: Element, to: Option<Jid>) {
         let ty = presence.attr("type").unwrap_or("").to_owned();
         match (ty.as_str(), to) {
-            ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed", Some(to)) => {
+            (ty, Some(to)) if let Some(kind) = Kind::parse(ty) => {
                 let user = self.user();
                 self.server
-                    .outbound_subscription(&user, &ty, to.to_bare(), presence)
+                    .outbound_subscription(&user, kind, to.to_bare(), presence)
                     .await;
             }
             ("" | "unavailable", None) => {
@@ -183,7 +184,7 @@ impl Session {
 /// lock of the user whose roster changed is released.
 enum After {
     /// A subscription stanza to `0` (type `1`, from `2`).
-    Deliver(BareJid, String, BareJid, Element),
+    Deliver(BareJid, Kind, BareJid, Element),
     /// A presence to the JID in its `to`.
     Send(Element),
     /// Unavailable from each available resource of user `0` to `1`.
@@ -303,21 +304,65 @@ impl Server {
     pub async fn outbound_subscription(
         &self,
         user: &str,
-        ty: &str,
+        kind: Kind,
         contact: BareJid,
         stanza: Element,
     ) {
         let after = {
             let _owner = self.roster_lock(user).lock().await;
-            self.outbound_locked(user, ty, contact, stanza).await
+            self.outbound_locked(user, kind, contact, stanza).await
         };
         self.run_after(after).await;
+    }
+
+    /// The subscription state between `user` and `contact` as the tables of
+    /// [`subscription`] see it: the roster item and the stored inbound request.
+    async fn subscription_state(
+        &self,
+        user: &str,
+        contact: &str,
+    ) -> impmesh_store::Result<(Option<RosterItem>, State)> {
+        let item = self.store.roster_item(user, contact).await?;
+        let pending_in = self.store.has_subscription_request(user, contact).await?;
+        let state = match &item {
+            Some(i) => State::new(
+                i.subscription.has_to(),
+                i.subscription.has_from(),
+                i.ask,
+                pending_in,
+            ),
+            None => State::new(false, false, false, pending_in),
+        };
+        Ok((item, state))
+    }
+
+    /// Writes the roster half of a subscription step: the item with `next`'s halves
+    /// and `ask`, when they changed. False (logged) when the store failed.
+    async fn save_state(
+        &self,
+        user: &str,
+        contact: &str,
+        item: Option<RosterItem>,
+        state: State,
+        next: State,
+    ) -> bool {
+        let roster_part = |s: State| (s.to(), s.from(), s.pending_out());
+        if roster_part(state) == roster_part(next) {
+            return true;
+        }
+        let mut item = item.unwrap_or_else(|| RosterItem {
+            contact: contact.to_owned(),
+            ..Default::default()
+        });
+        item.subscription = Subscription::from_halves(next.to(), next.from());
+        item.ask = next.pending_out();
+        self.save_and_push(user, &item).await
     }
 
     async fn outbound_locked(
         &self,
         user: &str,
-        ty: &str,
+        kind: Kind,
         contact: BareJid,
         mut stanza: Element,
     ) -> Vec<After> {
@@ -334,133 +379,67 @@ impl Server {
         stanza::set_attr(&mut stanza, "from", &user_bare.to_string());
         stanza::set_attr(&mut stanza, "to", &contact.to_string());
         let contact_s = contact.to_string();
-        let item = self
-            .store
-            .roster_item(user, &contact_s)
+        let Ok((item, state)) = self.subscription_state(user, &contact_s).await else {
+            // L4: nothing is sent on a state that could not be read.
+            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+            return after;
+        };
+        let step = subscription::outbound(state, kind);
+        if item.is_none() && step.next != state && step.next.pending_out() {
+            // An outbound request creates a roster item: the roster cap holds here as
+            // for a roster set (security review M9).
+            match self.store.roster_len(user).await {
+                Ok(n) if n < MAX_ROSTER_ITEMS => {}
+                Ok(_) => {
+                    self.bounce(
+                        &stanza,
+                        StanzaErrorCondition::ResourceConstraint,
+                        Some("the roster is full"),
+                    );
+                    return after;
+                }
+                Err(_) => {
+                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                    return after;
+                }
+            }
+        }
+        if !self
+            .save_state(user, &contact_s, item, state, step.next)
             .await
-            .ok()
-            .flatten();
-        match ty {
-            "subscribe" => {
-                // An outbound request creates a roster item: the roster cap holds here
-                // as for a roster set (security review M9).
-                if item.is_none() {
-                    match self.store.roster_len(user).await {
-                        Ok(n) if n < MAX_ROSTER_ITEMS => {}
-                        Ok(_) => {
-                            self.bounce(
-                                &stanza,
-                                StanzaErrorCondition::ResourceConstraint,
-                                Some("the roster is full"),
-                            );
-                            return after;
-                        }
-                        Err(_) => {
-                            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
-                            return after;
-                        }
-                    }
-                }
-                let mut item = item.unwrap_or_else(|| RosterItem {
-                    contact: contact_s.clone(),
-                    ..Default::default()
-                });
-                if !item.subscription.has_to()
-                    && !item.ask
-                    && !{
-                        item.ask = true;
-                        self.save_and_push(user, &item).await
-                    }
+        {
+            // L4: the step was not recorded; the contact must not be told it was.
+            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+            return after;
+        }
+        if state.pending_in() && !step.next.pending_in() {
+            let _ = self
+                .store
+                .remove_subscription_request(user, &contact_s)
+                .await;
+        }
+        if step.route {
+            after.push(After::Deliver(
+                contact.clone(),
+                kind,
+                user_bare.clone(),
+                stanza,
+            ));
+        }
+        if step.send_presence {
+            // The contact now sees the user's current presence (§3.1.5).
+            for s in self.hub.sessions(user) {
+                let p = s.presence();
+                if let (true, Some(last)) = (p.available, p.last)
+                    && let Some(mut element) = stanza::parse_own(&last)
                 {
-                    // L4: the user learns the request was not recorded.
-                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
-                    return after;
-                }
-                after.push(After::Deliver(
-                    contact.clone(),
-                    ty.to_owned(),
-                    user_bare.clone(),
-                    stanza,
-                ));
-            }
-            "subscribed" => {
-                let pending = self
-                    .store
-                    .has_subscription_request(user, &contact_s)
-                    .await
-                    .unwrap_or(false);
-                if item.as_ref().is_some_and(|i| i.subscription.has_from()) || !pending {
-                    // Already approved, or nothing to approve (no pre-approval support).
-                    return after;
-                }
-                let mut item = item.unwrap_or_else(|| RosterItem {
-                    contact: contact_s.clone(),
-                    ..Default::default()
-                });
-                item.subscription = item.subscription.with_from(true);
-                if !self.save_and_push(user, &item).await {
-                    // L4: not approved after all; the contact must not be told it was.
-                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
-                    return after;
-                }
-                let _ = self
-                    .store
-                    .remove_subscription_request(user, &contact_s)
-                    .await;
-                after.push(After::Deliver(
-                    contact.clone(),
-                    ty.to_owned(),
-                    user_bare.clone(),
-                    stanza,
-                ));
-                // The contact now sees the user's current presence (§3.1.5).
-                for s in self.hub.sessions(user) {
-                    let p = s.presence();
-                    if let (true, Some(last)) = (p.available, p.last)
-                        && let Some(mut element) = stanza::parse_own(&last)
-                    {
-                        stanza::set_attr(&mut element, "to", &contact_s);
-                        after.push(After::Send(element));
-                    }
+                    stanza::set_attr(&mut element, "to", &contact_s);
+                    after.push(After::Send(element));
                 }
             }
-            "unsubscribe" => {
-                if let Some(mut item) = item
-                    && (item.subscription.has_to() || item.ask)
-                {
-                    item.subscription = item.subscription.with_to(false);
-                    item.ask = false;
-                    self.save_and_push(user, &item).await;
-                }
-                after.push(After::Deliver(
-                    contact.clone(),
-                    ty.to_owned(),
-                    user_bare.clone(),
-                    stanza,
-                ));
-            }
-            "unsubscribed" => {
-                let had_request = self
-                    .store
-                    .remove_subscription_request(user, &contact_s)
-                    .await
-                    .unwrap_or(false);
-                let had_from = item.as_ref().is_some_and(|i| i.subscription.has_from());
-                if let Some(mut item) = item.filter(|i| i.subscription.has_from()) {
-                    item.subscription = item.subscription.with_from(false);
-                    self.save_and_push(user, &item).await;
-                }
-                if had_request || had_from {
-                    after.push(After::Deliver(
-                        contact.clone(),
-                        ty.to_owned(),
-                        user_bare.clone(),
-                        stanza,
-                    ));
-                    after.push(After::Unavailable(user.to_owned(), contact_s.clone()));
-                }
-            }
-            _ => {}
+        }
+        if step.send_unavailable {
+            after.push(After::Unavailable(user.to_owned(), contact_s));
         }
         after
     }
@@ -469,8 +448,8 @@ impl Server {
     async fn run_after(&self, after: Vec<After>) {
         for step in after {
             match step {
-                After::Deliver(contact, ty, from, stanza) => {
-                    Box::pin(self.deliver_subscription(&contact, &ty, &from, stanza)).await;
+                After::Deliver(contact, kind, from, stanza) => {
+                    Box::pin(self.deliver_subscription(&contact, kind, &from, stanza)).await;
                 }
                 After::Send(stanza) => self.send_to_jid(&stanza),
                 After::Unavailable(user, to) => self.unavailable_from_user_to(&user, &to),
@@ -484,7 +463,7 @@ impl Server {
     async fn deliver_subscription(
         &self,
         contact: &BareJid,
-        ty: &str,
+        kind: Kind,
         from: &BareJid,
         stanza: Element,
     ) {
@@ -493,14 +472,14 @@ impl Server {
         {
             return;
         }
-        self.inbound_subscription(contact, ty, from, stanza).await;
+        self.inbound_subscription(contact, kind, from, stanza).await;
     }
 
-    /// Inbound processing at the contact's side: `owner` receives `ty` from `from`.
+    /// Inbound processing at the contact's side: `owner` receives `kind` from `from`.
     pub(crate) async fn inbound_subscription(
         &self,
         owner: &BareJid,
-        ty: &str,
+        kind: Kind,
         from: &BareJid,
         stanza: Element,
     ) {
@@ -509,7 +488,7 @@ impl Server {
         };
         let after = {
             let _owner = self.roster_lock(&owner_user).lock().await;
-            self.inbound_locked(owner, &owner_user, ty, from, stanza)
+            self.inbound_locked(owner, &owner_user, kind, from, stanza)
                 .await
         };
         self.run_after(after).await;
@@ -519,120 +498,98 @@ impl Server {
         &self,
         owner: &BareJid,
         owner_user: &str,
-        ty: &str,
+        kind: Kind,
         from: &BareJid,
         stanza: Element,
     ) -> Vec<After> {
-        let owner_user = owner_user.to_owned();
         let mut after = vec![];
-        if !self.store.user_exists(&owner_user).await.unwrap_or(false) {
-            if ty == "subscribe" {
-                // §3.1.3: the contact does not exist; tell the user it is unsubscribed.
-                let reply = Element::builder("presence", ns::CLIENT)
-                    .attr(rxml::xml_ncname!("from").to_owned(), owner.to_string())
-                    .attr(rxml::xml_ncname!("to").to_owned(), from.to_string())
-                    .attr(rxml::xml_ncname!("type").to_owned(), "unsubscribed")
-                    .build();
-                after.push(After::Deliver(
-                    from.clone(),
-                    "unsubscribed".into(),
-                    owner.clone(),
-                    reply,
-                ));
+        let answer = |kind: Kind| {
+            let reply = Element::builder("presence", ns::CLIENT)
+                .attr(rxml::xml_ncname!("from").to_owned(), owner.to_string())
+                .attr(rxml::xml_ncname!("to").to_owned(), from.to_string())
+                .attr(rxml::xml_ncname!("type").to_owned(), kind.as_str())
+                .build();
+            After::Deliver(from.clone(), kind, owner.clone(), reply)
+        };
+        match self.store.user_exists(owner_user).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if kind == Kind::Subscribe {
+                    // §3.1.3: the contact does not exist; tell the user it is unsubscribed.
+                    after.push(answer(Kind::Unsubscribed));
+                }
+                return after;
             }
-            return after;
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read an account for a subscription");
+                self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                return after;
+            }
         }
-        if self.is_blocked_by(&owner_user, from).await {
+        if self.is_blocked_by(owner_user, from).await {
             return after;
         }
         let from_s = from.to_string();
-        tracing::debug!(owner = %owner_user, from = %from_s, ty, "inbound subscription");
-        let item = self
-            .store
-            .roster_item(&owner_user, &from_s)
+        tracing::debug!(owner = %owner_user, from = %from_s, ?kind, "inbound subscription");
+        let Ok((item, state)) = self.subscription_state(owner_user, &from_s).await else {
+            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+            return after;
+        };
+        let step = subscription::inbound(state, kind);
+        if let Some(reply) = step.reply {
+            // Already subscribed: answered on the owner's behalf (§3.1.3).
+            after.push(answer(reply));
+            return after;
+        }
+        // What is kept and shown of a request: the request itself, a status and a
+        // nick, trimmed (the client's whole stanza could be 256 KiB).
+        let stanza = if kind == Kind::Subscribe {
+            stored_request(&stanza)
+        } else {
+            stanza
+        };
+        if step.next.pending_in() && !state.pending_in() {
+            let xml = String::from(&stanza);
+            match self
+                .store
+                .put_subscription_request(owner_user, &from_s, &xml, MAX_PENDING_REQUESTS)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.bounce(
+                        &stanza,
+                        StanzaErrorCondition::ResourceConstraint,
+                        Some("the contact has too many pending subscription requests"),
+                    );
+                    return after;
+                }
+                Err(e) => {
+                    // L4: the sender is told, not left waiting for an answer.
+                    tracing::error!(error = %e, "cannot store a subscription request");
+                    self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+                    return after;
+                }
+            }
+        } else if state.pending_in() && !step.next.pending_in() {
+            let _ = self
+                .store
+                .remove_subscription_request(owner_user, &from_s)
+                .await;
+        }
+        if !self
+            .save_state(owner_user, &from_s, item, state, step.next)
             .await
-            .ok()
-            .flatten();
-        match ty {
-            "subscribe" => {
-                if item.as_ref().is_some_and(|i| i.subscription.has_from()) {
-                    // Already subscribed: answer on the contact's behalf (§3.1.3).
-                    let reply = Element::builder("presence", ns::CLIENT)
-                        .attr(rxml::xml_ncname!("from").to_owned(), owner.to_string())
-                        .attr(rxml::xml_ncname!("to").to_owned(), from_s.clone())
-                        .attr(rxml::xml_ncname!("type").to_owned(), "subscribed")
-                        .build();
-                    after.push(After::Deliver(
-                        from.clone(),
-                        "subscribed".into(),
-                        owner.clone(),
-                        reply,
-                    ));
-                    return after;
-                }
-                // What is kept and replayed at each login: the request itself, a status
-                // and a nick, trimmed (the client's whole stanza could be 256 KiB).
-                let request = stored_request(&stanza);
-                let xml = String::from(&request);
-                match self
-                    .store
-                    .put_subscription_request(&owner_user, &from_s, &xml, MAX_PENDING_REQUESTS)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.bounce(
-                            &stanza,
-                            StanzaErrorCondition::ResourceConstraint,
-                            Some("the contact has too many pending subscription requests"),
-                        );
-                        return after;
-                    }
-                    Err(e) => {
-                        // L4: the sender is told, not left waiting for an answer.
-                        tracing::error!(error = %e, "cannot store a subscription request");
-                        self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
-                        return after;
-                    }
-                }
-                self.to_available_resources(&owner_user, &request);
-            }
-            "subscribed" => {
-                let Some(mut item) = item.filter(|i| i.ask) else {
-                    return after;
-                };
-                item.ask = false;
-                item.subscription = item.subscription.with_to(true);
-                self.save_and_push(&owner_user, &item).await;
-                self.to_available_resources(&owner_user, &stanza);
-            }
-            "unsubscribe" => {
-                let had_request = self
-                    .store
-                    .remove_subscription_request(&owner_user, &from_s)
-                    .await
-                    .unwrap_or(false);
-                let had_from = item.as_ref().is_some_and(|i| i.subscription.has_from());
-                if let Some(mut item) = item.filter(|i| i.subscription.has_from()) {
-                    item.subscription = item.subscription.with_from(false);
-                    self.save_and_push(&owner_user, &item).await;
-                }
-                if had_from || had_request {
-                    self.to_available_resources(&owner_user, &stanza);
-                    // §3.3.3: the user no longer sees the contact's presence.
-                    self.unavailable_from_user_to(&owner_user, &from_s);
-                }
-            }
-            "unsubscribed" => {
-                let Some(mut item) = item.filter(|i| i.subscription.has_to() || i.ask) else {
-                    return after;
-                };
-                item.subscription = item.subscription.with_to(false);
-                item.ask = false;
-                self.save_and_push(&owner_user, &item).await;
-                self.to_available_resources(&owner_user, &stanza);
-            }
-            _ => {}
+        {
+            self.bounce(&stanza, StanzaErrorCondition::InternalServerError, None);
+            return after;
+        }
+        if step.deliver {
+            self.to_available_resources(owner_user, &stanza);
+        }
+        if step.send_unavailable {
+            // §3.3.3: the sender no longer sees the owner's presence.
+            after.push(After::Unavailable(owner_user.to_owned(), from_s));
         }
         after
     }

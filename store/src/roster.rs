@@ -56,7 +56,8 @@ impl Subscription {
         Self::from_halves(self.has_to(), from)
     }
 
-    fn from_halves(to: bool, from: bool) -> Self {
+    /// The state with these halves.
+    pub fn from_halves(to: bool, from: bool) -> Self {
         match (to, from) {
             (false, false) => Subscription::None,
             (true, false) => Subscription::To,

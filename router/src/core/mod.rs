@@ -4,3 +4,4 @@
 
 pub mod route;
 pub mod sm;
+pub mod subscription;
