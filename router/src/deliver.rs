@@ -9,6 +9,7 @@ use minidom::Element;
 use impmesh_store::Offline;
 
 use crate::Server;
+use crate::core::delivery::{self, Delivery, MessageType, Resource};
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::SessionHandle;
 use crate::session::Session;
@@ -125,69 +126,39 @@ impl Server {
         {
             return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
         }
-        let kind = stanza::stanza_type(&message).to_owned();
         let sessions = self.hub.sessions(&user);
-        // To a full JID whose resource is online: that session, whatever its presence.
-        if let Some(resource) = to.resource()
-            && let Some(target) = sessions
-                .iter()
-                .find(|s| s.jid.resource().as_str() == resource.as_str())
-        {
-            let xml: Arc<str> = String::from(&message).into();
-            if target.send(xml, sender_of(&message)).is_err() {
-                return bounce(message, StanzaErrorCondition::ResourceConstraint, None);
-            }
-            if kind == "chat" {
-                self.send_carbons_received(&sessions, &[target.id], &message);
-            }
-            return Ok(());
-        }
-        match kind.as_str() {
-            "groupchat" => {
-                return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
-            }
-            "error" if to.resource().is_some() => return Ok(()),
-            _ => {}
-        }
-        // To the bare JID (or an unknown resource): the available resources with the
-        // highest non-negative priority (§8.5.2.1.1); headlines to all of them.
-        let available: Vec<(Arc<SessionHandle>, i8)> = sessions
+        let states: Vec<_> = sessions.iter().map(|s| s.presence()).collect();
+        let resources: Vec<Resource<'_>> = sessions
             .iter()
-            .filter_map(|s| {
-                let p = s.presence();
-                (p.available && p.priority >= 0).then(|| (s.clone(), p.priority))
+            .zip(&states)
+            .map(|(s, p)| Resource {
+                id: s.id,
+                resource: s.jid.resource().as_str(),
+                available: p.available,
+                priority: p.priority,
             })
             .collect();
-        let targets: Vec<&Arc<SessionHandle>> = if kind == "headline" {
-            available.iter().map(|(s, _)| s).collect()
-        } else {
-            let top = available.iter().map(|(_, p)| *p).max();
-            available
-                .iter()
-                .filter(|(_, p)| Some(*p) == top)
-                .map(|(s, _)| s)
-                .collect()
-        };
-        if !targets.is_empty() {
-            let xml: Arc<str> = String::from(&message).into();
-            let mut delivered = vec![];
-            for target in &targets {
-                if target.send(xml.clone(), sender_of(&message)).is_ok() {
-                    delivered.push(target.id);
+        let ty = MessageType::parse(message.attr("type"));
+        match delivery::message(ty, to.resource().map(|r| r.as_str()), &resources) {
+            Delivery::Sessions { ids, carbons } => {
+                let xml: Arc<str> = String::from(&message).into();
+                let delivered: Vec<u64> = sessions
+                    .iter()
+                    .filter(|s| ids.contains(&s.id))
+                    .filter(|s| s.send(xml.clone(), sender_of(&message)).is_ok())
+                    .map(|s| s.id)
+                    .collect();
+                if delivered.is_empty() {
+                    return bounce(message, StanzaErrorCondition::ResourceConstraint, None);
                 }
+                if carbons {
+                    self.send_carbons_received(&sessions, &delivered, &message);
+                }
+                Ok(())
             }
-            if delivered.is_empty() {
-                return bounce(message, StanzaErrorCondition::ResourceConstraint, None);
-            } else if kind == "chat" {
-                self.send_carbons_received(&sessions, &delivered, &message);
-            }
-            return Ok(());
-        }
-        match kind.as_str() {
-            "chat" | "normal" => self.store_offline(&user, message).await,
-            // RFC 6121 §8.5.2.1.1: headlines and errors for nobody are discarded.
-            "headline" | "error" => Ok(()),
-            _ => bounce(message, StanzaErrorCondition::ServiceUnavailable, None),
+            Delivery::Offline => self.store_offline(&user, message).await,
+            Delivery::Bounce(condition) => bounce(message, condition, None),
+            Delivery::Ignore => Ok(()),
         }
     }
 
