@@ -17,13 +17,13 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::Server;
 use crate::conn::{Conn, ReadError, Transport};
+use crate::core::negotiate::{
+    self, AuthStep, Authenticated, BindStep, NeedAuth, NeedTls, Offer, Refusal, Request, Start,
+};
 use crate::error::StreamErrorCondition;
 use crate::hub::{Control, Inbox, QueueLimits, ResumeRequest, SessionHandle};
 use crate::sasl::{self, Mechanism, SaslFailure};
 use crate::xml::{Frame, Header, ns};
-
-/// SASL attempts allowed on one stream before it is closed.
-const MAX_AUTH_ATTEMPTS: u32 = 3;
 
 /// A bound session, ready to run.
 pub struct Bound {
@@ -57,15 +57,32 @@ impl From<std::io::Error> for End {
     }
 }
 
-/// Where the stream is in its negotiation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Stage {
-    /// Plain TCP on the STARTTLS port.
-    NeedTls,
-    /// TLS up, not authenticated.
-    NeedAuth,
-    /// Authenticated as this user (normalised localpart).
-    Authenticated(String),
+impl From<Refusal> for End {
+    fn from(r: Refusal) -> End {
+        End::Error(r.condition, r.text)
+    }
+}
+
+/// Negotiation ended without a session; the connection, where one is left, to close.
+struct Stopped {
+    conn: Option<Conn>,
+    end: End,
+}
+
+impl Stopped {
+    fn with(conn: Conn) -> impl FnOnce(End) -> Stopped {
+        move |end| Stopped {
+            conn: Some(conn),
+            end,
+        }
+    }
+
+    fn gone() -> Stopped {
+        Stopped {
+            conn: None,
+            end: End::Gone,
+        }
+    }
 }
 
 /// Runs one client connection from accept to close.
@@ -100,49 +117,37 @@ async fn negotiate_connection(
 ) -> Option<Bound> {
     let _ = tcp.set_nodelay(true);
     let limits = &server.config.limits;
-    let deadline = Instant::now() + limits.handshake_timeout;
-    let transport = if direct_tls {
-        accept_tls(server, tcp, deadline, true).await?
-    } else {
-        Transport::Plain(tcp)
+    let start = negotiate::start(direct_tls, Instant::now(), limits.handshake_timeout);
+    let transport = match &start {
+        Start::NeedAuth(stage) => accept_tls(server, tcp, stage.deadline(), true).await?,
+        Start::NeedTls(_) => Transport::Plain(tcp),
     };
     let mut conn = Conn::new(transport, peer, limits);
     if direct_tls {
         set_channel_binding(&mut conn);
     }
-    let stage = if direct_tls {
-        Stage::NeedAuth
-    } else {
-        Stage::NeedTls
+    let Stopped { conn, end } = match negotiate(server, conn, start).await {
+        Ok(bound) => return Some(bound),
+        Err(stopped) => stopped,
     };
-    let mut slot = Some(conn);
-    let outcome = tokio::select! {
-        r = negotiate(server, &mut slot, stage, deadline) => r,
-        _ = server.shutdown.cancelled() => Err(End::Error(StreamErrorCondition::SystemShutdown, "the server is shutting down")),
-    };
-    match outcome {
-        Ok(bound) => Some(bound),
-        Err(End::Gone) => None,
-        Err(End::Redirect(address)) => {
-            if let Some(conn) = slot {
-                tracing::info!(%peer, %address, "client sent to its home node");
-                let xml = StreamErrorCondition::see_other_host_xml(
-                    &address,
-                    Some("this account is homed on another node of the mesh"),
-                );
-                conn.close_with(xml, limits.close_timeout).await;
-            }
-            None
+    let conn = conn?;
+    match end {
+        End::Gone => {}
+        End::Redirect(address) => {
+            tracing::info!(%peer, %address, "client sent to its home node");
+            let xml = StreamErrorCondition::see_other_host_xml(
+                &address,
+                Some("this account is homed on another node of the mesh"),
+            );
+            conn.close_with(xml, limits.close_timeout).await;
         }
-        Err(End::Error(condition, text)) => {
-            if let Some(conn) = slot {
-                tracing::debug!(%peer, %condition, "closing stream during negotiation");
-                conn.close(Some((condition, Some(text))), limits.close_timeout)
-                    .await;
-            }
-            None
+        End::Error(condition, text) => {
+            tracing::debug!(%peer, %condition, "closing stream during negotiation");
+            conn.close(Some((condition, Some(text))), limits.close_timeout)
+                .await;
         }
     }
+    None
 }
 
 async fn accept_tls(
@@ -153,7 +158,10 @@ async fn accept_tls(
 ) -> Option<Transport> {
     let config = server.tls_config(direct);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let result = timeout_at(deadline, acceptor.accept(tcp)).await;
+    let result = tokio::select! {
+        r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+        _ = server.shutdown.cancelled() => return None,
+    };
     server.stats.tls_handshake(matches!(result, Ok(Ok(_))));
     match result {
         Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
@@ -173,172 +181,230 @@ fn set_channel_binding(conn: &mut Conn) {
     }
 }
 
-/// Reads the next frame before the deadline.
-async fn read(conn: &mut Conn, deadline: Instant) -> Result<Frame, End> {
-    match timeout_at(deadline, conn.next_frame()).await {
-        Ok(frame) => Ok(frame?),
-        Err(_) => Err(End::Error(
-            StreamErrorCondition::ConnectionTimeout,
-            "negotiation took too long",
+/// Reads the next frame before the deadline; a shutdown ends the negotiation with
+/// `system-shutdown`.
+async fn read(server: &Server, conn: &mut Conn, deadline: Instant) -> Result<Frame, End> {
+    tokio::select! {
+        r = timeout_at(deadline, conn.next_frame()) => match r {
+            Ok(frame) => Ok(frame?),
+            Err(_) => Err(End::Error(
+                StreamErrorCondition::ConnectionTimeout,
+                "negotiation took too long",
+            )),
+        },
+        _ = server.shutdown.cancelled() => Err(End::Error(
+            StreamErrorCondition::SystemShutdown,
+            "the server is shutting down",
         )),
     }
 }
 
-fn conn_of(slot: &mut Option<Conn>) -> Result<&mut Conn, End> {
-    slot.as_mut().ok_or(End::Gone)
+/// Reads the next top-level element of the negotiation and classifies it.
+async fn next_request(
+    server: &Server,
+    conn: &mut Conn,
+    deadline: Instant,
+) -> Result<(Request, Element), End> {
+    match read(server, conn, deadline).await? {
+        Frame::Element(e) => {
+            let request = Request::classify(e.name(), e.ns().as_str(), |n, x| e.has_child(n, x));
+            Ok((request, e))
+        }
+        Frame::Footer | Frame::Header(_) => Err(End::Gone),
+    }
 }
 
-async fn negotiate(
-    server: &Arc<Server>,
-    slot: &mut Option<Conn>,
-    mut stage: Stage,
+/// A new stream (RFC 6120 §4.3): the client's header, ours, and this stage's features.
+async fn open_stream(
+    server: &Server,
+    conn: &mut Conn,
     deadline: Instant,
-) -> Result<Bound, End> {
-    let domain = server.config.domain.clone();
-    let mut auth_attempts = 0;
-    loop {
-        // A new stream: the client's header, then ours with the features of this stage.
-        let conn = conn_of(slot)?;
-        let header = match read(conn, deadline).await? {
-            Frame::Header(h) => h,
-            _ => return Err(End::Gone),
-        };
-        let stream_id = random_id();
-        conn.send(&header_xml(&domain, &stream_id)).await?;
-        check_header(&header, &domain)?;
-        let mechanisms = offered_mechanisms(server, conn, &stage);
-        conn.send(&features_xml(server, &stage, &mechanisms))
+    offer: Offer,
+) -> Result<Vec<Mechanism>, End> {
+    let domain = &server.config.domain;
+    let header = match read(server, conn, deadline).await? {
+        Frame::Header(h) => h,
+        _ => return Err(End::Gone),
+    };
+    conn.send(&header_xml(domain, &random_id())).await?;
+    check_header(&header, domain)?;
+    let mechanisms = match offer {
+        Offer::Sasl => offered_mechanisms(server, conn),
+        _ => Vec::new(),
+    };
+    conn.send(&features_xml(server, offer, &mechanisms)).await?;
+    Ok(mechanisms)
+}
+
+/// The negotiation, one typed stage after another: each phase takes its stage and
+/// gives the next, so a step out of order does not compile (`core::negotiate`).
+async fn negotiate(server: &Arc<Server>, conn: Conn, start: Start) -> Result<Bound, Stopped> {
+    let (mut conn, stage) = match start {
+        Start::NeedTls(stage) => starttls(server, conn, stage).await?,
+        Start::NeedAuth(stage) => (conn, stage),
+    };
+    let stage = match authenticate_stream(server, &mut conn, stage).await {
+        Ok(stage) => stage,
+        Err(end) => return Err(Stopped::with(conn)(end)),
+    };
+    bind_or_resume(server, conn, stage).await
+}
+
+/// Plain TCP: STARTTLS, then a TLS connection that authenticates next.
+async fn starttls(
+    server: &Server,
+    mut conn: Conn,
+    stage: NeedTls,
+) -> Result<(Conn, NeedAuth), Stopped> {
+    let deadline = stage.deadline();
+    let asked = async {
+        open_stream(server, &mut conn, deadline, stage.offer()).await?;
+        let (request, _) = next_request(server, &mut conn, deadline).await?;
+        stage.on(request, Instant::now())?;
+        conn.send(&format!("<proceed xmlns='{}'/>", ns::TLS))
             .await?;
-        loop {
-            let conn = conn_of(slot)?;
-            let element = match read(conn, deadline).await? {
-                Frame::Element(e) => e,
-                Frame::Footer => return Err(End::Gone),
-                Frame::Header(_) => return Err(End::Gone),
-            };
-            match (&stage, element.name(), element.ns().as_str()) {
-                (Stage::NeedTls, "starttls", ns::TLS) => {
-                    conn.send(&format!("<proceed xmlns='{}'/>", ns::TLS))
-                        .await?;
-                    let Some(Conn {
-                        io: Transport::Plain(tcp),
-                        peer,
-                        ..
-                    }) = slot.take()
-                    else {
-                        return Err(End::Gone);
-                    };
-                    let Some(tls) = accept_tls(server, tcp, deadline, false).await else {
-                        return Err(End::Gone);
-                    };
-                    let limits = &server.config.limits;
-                    let mut conn = Conn::new(tls, peer, limits);
-                    set_channel_binding(&mut conn);
-                    *slot = Some(conn);
-                    stage = Stage::NeedAuth;
-                    break;
-                }
-                (Stage::NeedTls, _, _) => {
-                    return Err(End::Error(
-                        StreamErrorCondition::PolicyViolation,
-                        "STARTTLS is required before anything else",
-                    ));
-                }
-                (Stage::NeedAuth, "auth", ns::SASL) => {
-                    auth_attempts += 1;
-                    if let Some(user) =
-                        authenticate(server, conn, &element, &mechanisms, deadline).await?
-                    {
+        Ok::<_, End>(())
+    };
+    if let Err(end) = asked.await {
+        return Err(Stopped::with(conn)(end));
+    }
+    let Conn {
+        io: Transport::Plain(tcp),
+        peer,
+        ..
+    } = conn
+    else {
+        return Err(Stopped::gone());
+    };
+    let tls = accept_tls(server, tcp, deadline, false)
+        .await
+        .ok_or_else(Stopped::gone)?;
+    let mut conn = Conn::new(tls, peer, &server.config.limits);
+    set_channel_binding(&mut conn);
+    Ok((conn, stage.secured()))
+}
+
+/// TLS up: SASL (and XEP-0077 registration where allowed) until one exchange succeeds.
+async fn authenticate_stream(
+    server: &Arc<Server>,
+    conn: &mut Conn,
+    mut stage: NeedAuth,
+) -> Result<Authenticated, End> {
+    let deadline = stage.deadline();
+    let mechanisms = open_stream(server, conn, deadline, stage.offer()).await?;
+    loop {
+        let (request, element) = next_request(server, conn, deadline).await?;
+        match stage.on(request, server.config.allow_registration, Instant::now())? {
+            AuthStep::Authenticate => {
+                match authenticate(server, conn, &element, &mechanisms, deadline).await? {
+                    Some(user) => {
                         conn.reset_stream(crate::xml::FrameLimits::authenticated(
                             server.config.limits.max_stanza_bytes,
                         ));
-                        stage = Stage::Authenticated(user);
-                        break;
+                        return Ok(stage.succeeded(user));
                     }
-                    if auth_attempts >= MAX_AUTH_ATTEMPTS {
-                        return Err(End::Error(
-                            StreamErrorCondition::PolicyViolation,
-                            "too many failed authentication attempts",
-                        ));
-                    }
+                    None => stage.failed()?,
                 }
-                (Stage::NeedAuth, "iq", ns::CLIENT)
-                    if server.config.allow_registration
-                        && element.has_child("query", ns::REGISTER) =>
-                {
-                    let reply =
-                        crate::iq::register_unauthenticated(server, &element, conn.peer.ip()).await;
-                    conn.send(&reply).await?;
-                }
-                (Stage::NeedAuth, _, _) => {
-                    return Err(End::Error(
-                        StreamErrorCondition::NotAuthorized,
-                        "authenticate first",
-                    ));
-                }
-                (Stage::Authenticated(user), "iq", ns::CLIENT)
-                    if element.has_child("bind", ns::BIND) =>
-                {
-                    let user = user.clone();
-                    // The session's block list is cached for its life: a list that
-                    // cannot be read refuses the bind (the client retries) rather than
-                    // blocking nothing (security review L2).
-                    let Ok(blocked) = server.store.blocklist(&user).await else {
-                        let reply = crate::error::error_reply(
-                            &element,
-                            crate::error::StanzaErrorCondition::InternalServerError,
-                            Some("the server cannot read your block list; try again"),
-                        );
-                        if let Some(reply) = reply {
-                            conn.send(&String::from(&reply)).await?;
-                        }
-                        continue;
-                    };
-                    match bind(server, &user, &element, blocked.into_iter().collect()) {
-                        Ok((handle, inbox, reply)) => {
-                            let conn = slot.take().ok_or(End::Gone)?;
-                            let mut bound = Bound {
-                                conn,
-                                handle,
-                                inbox,
-                            };
-                            bound.conn.send(&reply).await?;
-                            return Ok(bound);
-                        }
-                        Err(reply) => conn.send(&reply).await?,
-                    }
-                }
-                (Stage::Authenticated(user), "resume", ns::SM) => {
-                    let user = user.clone();
-                    resume(server, slot, &user, &element, deadline).await?;
-                }
-                (Stage::Authenticated(_), "enable", ns::SM) => {
-                    conn.send(&format!(
-                        "<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>",
-                        ns::SM,
-                        ns::STANZAS
-                    ))
-                    .await?;
-                }
-                (Stage::Authenticated(_), "iq", ns::CLIENT) => {
-                    let reply = crate::error::error_reply(
-                        &element,
-                        crate::error::StanzaErrorCondition::NotAllowed,
-                        Some("bind a resource first"),
-                    );
-                    if let Some(reply) = reply {
-                        conn.send(&String::from(&reply)).await?;
-                    }
-                }
-                (Stage::Authenticated(_), _, _) => {
-                    return Err(End::Error(
-                        StreamErrorCondition::NotAuthorized,
-                        "bind a resource first",
-                    ));
-                }
+            }
+            AuthStep::Register => {
+                let reply =
+                    crate::iq::register_unauthenticated(server, &element, conn.peer.ip()).await;
+                conn.send(&reply).await?;
             }
         }
     }
+}
+
+/// Authenticated: a resource bound (the stream becomes a session) or a session resumed
+/// (the connection goes to it).
+async fn bind_or_resume(
+    server: &Server,
+    mut conn: Conn,
+    stage: Authenticated,
+) -> Result<Bound, Stopped> {
+    let deadline = stage.deadline();
+    if let Err(end) = open_stream(server, &mut conn, deadline, stage.offer()).await {
+        return Err(Stopped::with(conn)(end));
+    }
+    loop {
+        let step = async {
+            let (request, element) = next_request(server, &mut conn, deadline).await?;
+            Ok::<_, End>((stage.on(request, Instant::now())?, element))
+        };
+        let (step, element) = match step.await {
+            Ok(step) => step,
+            Err(end) => return Err(Stopped::with(conn)(end)),
+        };
+        let sent = match step {
+            BindStep::Bind => match try_bind(server, stage.user(), &element).await {
+                Ok((handle, inbox, reply)) => {
+                    let mut bound = Bound {
+                        conn,
+                        handle,
+                        inbox,
+                    };
+                    if let Err(e) = bound.conn.send(&reply).await {
+                        return Err(Stopped::with(bound.conn)(e.into()));
+                    }
+                    return Ok(bound);
+                }
+                Err(reply) => conn.send(&reply).await,
+            },
+            BindStep::Resume => {
+                match resume(server, conn, stage.user(), &element, deadline).await {
+                    Ok(()) => return Err(Stopped::gone()),
+                    Err(back) => {
+                        conn = back;
+                        failed_resume(&mut conn).await
+                    }
+                }
+            }
+            BindStep::EnableTooEarly => {
+                conn.send(&format!(
+                    "<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>",
+                    ns::SM,
+                    ns::STANZAS
+                ))
+                .await
+            }
+            BindStep::IqTooEarly => {
+                let reply = crate::error::error_reply(
+                    &element,
+                    crate::error::StanzaErrorCondition::NotAllowed,
+                    Some("bind a resource first"),
+                );
+                match reply {
+                    Some(reply) => conn.send(&String::from(&reply)).await,
+                    None => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = sent {
+            return Err(Stopped::with(conn)(e.into()));
+        }
+    }
+}
+
+/// A bind request: the session's handle, inbox and the reply to send, or an error
+/// reply (the stream goes on).
+#[allow(clippy::type_complexity)]
+async fn try_bind(
+    server: &Server,
+    user: &str,
+    element: &Element,
+) -> Result<(Arc<SessionHandle>, Inbox, String), String> {
+    // The session's block list is cached for its life: a list that cannot be read
+    // refuses the bind (the client retries) rather than blocking nothing (security
+    // review L2).
+    let Ok(blocked) = server.store.blocklist(user).await else {
+        let reply = crate::error::error_reply(
+            element,
+            crate::error::StanzaErrorCondition::InternalServerError,
+            Some("the server cannot read your block list; try again"),
+        );
+        return Err(reply.map(|r| String::from(&r)).unwrap_or_default());
+    };
+    bind(server, user, element, blocked.into_iter().collect())
 }
 
 /// RFC 6120 §4.7: `to` must name our domain (also after restarts: a stream cannot move
@@ -385,10 +451,7 @@ fn header_xml(domain: &str, id: &str) -> String {
     )
 }
 
-fn offered_mechanisms(server: &Server, conn: &Conn, stage: &Stage) -> Vec<Mechanism> {
-    if *stage != Stage::NeedAuth {
-        return Vec::new();
-    }
+fn offered_mechanisms(server: &Server, conn: &Conn) -> Vec<Mechanism> {
     server
         .config
         .sasl_mechanisms
@@ -398,16 +461,16 @@ fn offered_mechanisms(server: &Server, conn: &Conn, stage: &Stage) -> Vec<Mechan
         .collect()
 }
 
-fn features_xml(server: &Server, stage: &Stage, mechanisms: &[Mechanism]) -> String {
+fn features_xml(server: &Server, offer: Offer, mechanisms: &[Mechanism]) -> String {
     let mut out = String::from("<stream:features>");
-    match stage {
-        Stage::NeedTls => {
+    match offer {
+        Offer::StartTls => {
             out.push_str(&format!(
                 "<starttls xmlns='{}'><required/></starttls>",
                 ns::TLS
             ));
         }
-        Stage::NeedAuth => {
+        Offer::Sasl => {
             out.push_str(&format!("<mechanisms xmlns='{}'>", ns::SASL));
             for m in mechanisms {
                 out.push_str(&format!("<mechanism>{}</mechanism>", m.name()));
@@ -424,7 +487,7 @@ fn features_xml(server: &Server, stage: &Stage, mechanisms: &[Mechanism]) -> Str
                 out.push_str(&format!("<register xmlns='{}'/>", ns::REGISTER_FEATURE));
             }
         }
-        Stage::Authenticated(_) => {
+        Offer::Bind => {
             out.push_str(&format!(
                 "<bind xmlns='{}'/><session xmlns='{}'><optional/></session><sm xmlns='{}'/><ver xmlns='{}'/>",
                 ns::BIND,
@@ -579,7 +642,7 @@ async fn run_sasl(
         // No initial response: an empty challenge asks for the client-first-message.
         conn.send(&format!("<challenge xmlns='{}'>=</challenge>", ns::SASL))
             .await?;
-        data = match next_sasl_response(conn, deadline).await? {
+        data = match next_sasl_response(server, conn, deadline).await? {
             Ok(d) => d,
             Err(f) => return Ok(Err((f, None))),
         };
@@ -643,7 +706,7 @@ async fn run_sasl(
         B64.encode(challenge)
     ))
     .await?;
-    let response = match next_sasl_response(conn, deadline).await? {
+    let response = match next_sasl_response(server, conn, deadline).await? {
         Ok(d) => d,
         Err(f) => return Ok(Err((f, None))),
     };
@@ -677,10 +740,11 @@ fn store_failed() -> (SaslFailure, Option<&'static str>) {
 
 /// Reads a `<response/>` (or `<abort/>`) during a SASL exchange.
 async fn next_sasl_response(
+    server: &Server,
     conn: &mut Conn,
     deadline: Instant,
 ) -> Result<Result<Vec<u8>, SaslFailure>, End> {
-    match read(conn, deadline).await? {
+    match read(server, conn, deadline).await? {
         Frame::Element(e) if e.is("response", ns::SASL) => Ok(sasl_data(&e)),
         Frame::Element(e) if e.is("abort", ns::SASL) => Ok(Err(SaslFailure::Aborted)),
         _ => Err(End::Error(
@@ -758,53 +822,43 @@ fn bind(
     Ok((handle, inbox, reply))
 }
 
-/// XEP-0198 §5: hands the connection to the session named by `previd`, or answers
-/// `<failed/>` and keeps negotiating.
+/// XEP-0198 §5: hands the connection to the session named by `previd`; the
+/// connection comes back when there is no such session (answer `<failed/>` and keep
+/// negotiating).
 async fn resume(
     server: &Server,
-    slot: &mut Option<Conn>,
+    conn: Conn,
     user: &str,
     element: &Element,
     deadline: Instant,
-) -> Result<(), End> {
+) -> Result<(), Conn> {
     let previd = element.attr("previd").unwrap_or_default();
     let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
-    let target = server.hub.resumable(previd, user);
-    match (h, target) {
-        (Some(h), Some(tx)) => {
-            let conn = slot.take().ok_or(End::Gone)?;
-            let request = Box::new(ResumeRequest {
-                conn,
-                h,
-                username: user.to_owned(),
-            });
-            // The control queue has a few slots and its session takes them at once;
-            // the handshake deadline bounds even that.
-            let sent = match timeout_at(deadline, tx.send(Control::Resume(request))).await {
-                Ok(sent) => sent,
-                Err(_) => return Err(End::Gone),
-            };
-            match sent {
-                Ok(()) => Err(End::Gone),
-                Err(mpsc::error::SendError(Control::Resume(req))) => {
-                    *slot = Some(req.conn);
-                    failed_resume(conn_of(slot)?).await
-                }
-                Err(_) => Err(End::Gone),
-            }
-        }
-        _ => failed_resume(conn_of(slot)?).await,
+    let (Some(h), Some(tx)) = (h, server.hub.resumable(previd, user)) else {
+        return Err(conn);
+    };
+    let request = Box::new(ResumeRequest {
+        conn,
+        h,
+        username: user.to_owned(),
+    });
+    // The control queue has a few slots and its session takes them at once; the
+    // handshake deadline bounds even that.
+    match timeout_at(deadline, tx.send(Control::Resume(request))).await {
+        Ok(Err(mpsc::error::SendError(Control::Resume(request)))) => Err(request.conn),
+        // Taken by the session; or the deadline passed, and the request (with the
+        // connection) was dropped with the send.
+        _ => Ok(()),
     }
 }
 
-async fn failed_resume(conn: &mut Conn) -> Result<(), End> {
+async fn failed_resume(conn: &mut Conn) -> std::io::Result<()> {
     conn.send(&format!(
         "<failed xmlns='{}'><item-not-found xmlns='{}'/></failed>",
         ns::SM,
         ns::STANZAS
     ))
-    .await?;
-    Ok(())
+    .await
 }
 
 #[cfg(test)]
