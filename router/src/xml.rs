@@ -102,15 +102,6 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// messages, pubsub items) stay below 20; 64 leaves room without allowing stack games.
 pub const MAX_DEPTH: usize = 64;
 
-/// One namespace-interning context for every stream of the process: `jabber:client`
-/// and friends are then held once, not once per session (each copy would keep the
-/// parser's token buffer it was read into).
-fn shared_context() -> std::sync::Arc<rxml::Context> {
-    static CONTEXT: std::sync::LazyLock<std::sync::Arc<rxml::Context>> =
-        std::sync::LazyLock::new(|| std::sync::Arc::new(rxml::Context::new()));
-    CONTEXT.clone()
-}
-
 /// What one top-level element may hold. Bytes alone do not bound memory: `<a/>` is 4
 /// bytes of input and about 300 bytes of tree, so the element count is capped too
 /// (security review H3), and the attributes kept per element.
@@ -146,6 +137,13 @@ impl FrameLimits {
 /// An incremental framer for one XML stream (one per stream restart).
 pub struct Framer {
     parser: rxml::Parser,
+    /// This stream's namespace table (security review M14). Each stream has its own:
+    /// the cleanup that runs whenever a stream goes idle then takes an uncontended
+    /// lock and scans only the namespaces this stream used, where a table shared by
+    /// the process took a global lock and scanned every stream's namespaces on every
+    /// wake-up of every session. The strings are copied into each element's tree
+    /// anyway, so sharing them saved little.
+    namespaces: std::sync::Arc<rxml::Context>,
     /// Until the stream header is read: a raw parser over the same bytes, which sees the
     /// namespace declarations the resolving parser hides (the header's default
     /// namespace is checked, RFC 6120 §4.9.3.10).
@@ -185,9 +183,10 @@ impl Framer {
         // rxml reserves this much scratch space whenever a token starts, so it is kept
         // well below the stanza cap: text longer than it arrives in several chunks, and
         // only a single name or attribute value is limited to it.
+        let namespaces = std::sync::Arc::new(rxml::Context::new());
         let options = rxml::Options {
             max_token_length: limits.bytes.clamp(64, MAX_TOKEN_BYTES),
-            context: Some(shared_context()),
+            context: Some(namespaces.clone()),
             ..Default::default()
         };
         let mut raw = rxml::RawParser::with_options(options.clone());
@@ -198,6 +197,7 @@ impl Framer {
         parser.set_text_buffering(false);
         Framer {
             parser,
+            namespaces,
             header: Some(Box::new(HeaderSniffer {
                 raw,
                 default_ns: None,
@@ -238,7 +238,8 @@ impl Framer {
         }
     }
 
-    /// Frees the parser's temporary buffers while the stream is idle.
+    /// Frees the parser's temporary buffers while the stream is idle, and the
+    /// namespaces no open element of this stream holds.
     pub fn release_temporaries(&mut self) {
         self.parser.release_temporaries();
     }
@@ -627,6 +628,36 @@ mod tests {
             frames(&attr, 262_144).unwrap_err(),
             StreamErrorCondition::PolicyViolation
         );
+    }
+
+    /// Security review M14: a stream's namespace table is its own. Namespaces one
+    /// stream holds open are not in the table another stream cleans when it goes
+    /// idle, and the idle cleanup drops those no open element holds.
+    #[test]
+    fn each_stream_cleans_only_its_own_namespaces() {
+        let many_ns: String = (0..200)
+            .map(|i| format!(" xmlns:p{i}='urn:x:{i}'"))
+            .collect();
+        let mut hostile = Framer::new(FrameLimits::authenticated(1 << 20));
+        let mut input = format!("{HEADER}<message{many_ns}><body>");
+        let mut buf = input.as_bytes();
+        while hostile.next_frame(&mut buf).unwrap().is_some() {}
+        assert!(hostile.namespaces.namespaces() >= 200);
+        let mut quiet = Framer::new(FrameLimits::authenticated(4_000));
+        let mut buf = HEADER.as_bytes();
+        while quiet.next_frame(&mut buf).unwrap().is_some() {}
+        quiet.release_temporaries();
+        assert!(
+            quiet.namespaces.namespaces() <= 2,
+            "another stream's namespaces are in this stream's table: {}",
+            quiet.namespaces.namespaces()
+        );
+        // Once the element closes, the hostile stream's own cleanup drops them.
+        input = "</body></message>".into();
+        let mut buf = input.as_bytes();
+        while hostile.next_frame(&mut buf).unwrap().is_some() {}
+        hostile.release_temporaries();
+        assert!(hostile.namespaces.namespaces() <= 2);
     }
 
     /// The adversarial inputs of shared/anchors/security.md (parser amplification):
