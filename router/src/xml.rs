@@ -143,6 +143,10 @@ pub struct Framer {
     /// the process took a global lock and scanned every stream's namespaces on every
     /// wake-up of every session. The strings are copied into each element's tree
     /// anyway, so sharing them saved little.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the parser holds it; tests read its size")
+    )]
     namespaces: std::sync::Arc<rxml::Context>,
     /// Until the stream header is read: a raw parser over the same bytes, which sees the
     /// namespace declarations the resolving parser hides (the header's default
