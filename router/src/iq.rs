@@ -9,6 +9,7 @@ use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::core::envelope::IqType;
 use crate::core::subscription::Kind;
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::lock;
@@ -43,13 +44,8 @@ const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
 impl Session {
     /// An IQ from this session's client.
-    pub(crate) async fn on_iq(&mut self, iq: Element, to: Option<Jid>) {
-        let ty = iq.attr("type").unwrap_or("").to_owned();
-        let is_request = matches!(ty.as_str(), "get" | "set");
-        if !is_request && !matches!(ty.as_str(), "result" | "error") {
-            self.reply_error(&iq, StanzaErrorCondition::BadRequest, None);
-            return;
-        }
+    pub(crate) async fn on_iq(&mut self, iq: Element, ty: IqType, to: Option<Jid>) {
+        let is_request = ty.is_request();
         if is_request && (iq.attr("id").is_none() || iq.children().count() != 1) {
             // RFC 6120 §8.2.3: a request has an id and exactly one payload.
             self.reply_error(&iq, StanzaErrorCondition::BadRequest, None);

@@ -27,8 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::Server;
+use crate::core::envelope::{Envelope, IqType, PresenceType, Type};
 use crate::core::route::{self, Destination, Me};
-use crate::core::subscription;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza::{self, Kind};
@@ -1614,15 +1614,18 @@ impl Server {
         node: &str,
         stanza: Element,
     ) -> Result<(), LinkError> {
-        let Some(kind) = Kind::of(&stanza) else {
-            tracing::warn!(%cluster, name = stanza.name(), "not a stanza on a router link; dropped");
-            return Ok(());
+        // The envelope is read once, here; what follows gets typed values.
+        let env = match Envelope::parse(&stanza) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(%cluster, name = stanza.name(), error = ?e, "a malformed stanza on a router link; dropped");
+                return Ok(());
+            }
         };
         let domain = self.config.domain.as_str();
-        let from = stanza.attr("from").and_then(stanza::parse_jid);
         // The sender must be homed in the sending cluster, by the same rule as routing:
         // a local account or a quarantined name is nobody's to speak for.
-        let sender_ok = match &from {
+        let sender_ok = match &env.from {
             Some(j) if j.domain().as_str() == domain => match j.node() {
                 Some(user) => match self.home_of(user.as_str()).await {
                     Ok(Home::Remote { cluster: home, .. }) => home == cluster,
@@ -1639,29 +1642,29 @@ impl Server {
             tracing::warn!(%cluster, from = ?stanza.attr("from"), "a stanza whose sender is not homed in the sending cluster; dropped");
             return Ok(());
         }
-        let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
+        let Some(to) = env.to else {
             return Ok(());
         };
         if to.domain().as_str() != domain || to.node().is_none() {
             self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
             return Ok(());
         }
-        match kind {
-            Kind::Message => {
+        match env.ty {
+            Type::Message(_) => {
                 if let Err(b) = self.deliver_local_message(stanza, &to).await {
                     self.bounce(&b.stanza, b.condition, b.text);
                 }
             }
-            Kind::Iq => self.iq_from_link(stanza, &to).await,
-            Kind::Presence => self.presence_from_link(node, stanza, &to).await,
+            Type::Iq(ty) => self.iq_from_link(stanza, ty, &to).await,
+            Type::Presence(ty) => self.presence_from_link(node, stanza, ty, &to).await,
         }
         Ok(())
     }
 
     /// An IQ from a remote user: to a full JID it goes to that session; requests to a
     /// bare JID are answered for the account where this node can.
-    async fn iq_from_link(&self, iq: Element, to: &Jid) {
-        let is_request = matches!(iq.attr("type"), Some("get" | "set"));
+    async fn iq_from_link(&self, iq: Element, ty: IqType, to: &Jid) {
+        let is_request = ty.is_request();
         let user = to.node().map(|n| n.to_string()).unwrap_or_default();
         let sender = iq
             .attr("from")
@@ -1717,14 +1720,13 @@ impl Server {
     /// subscription stanzas get the inbound half of RFC 6121 §3 here, the recipient's
     /// home; a probe is answered with the recipient's current presence when the sender
     /// is subscribed to it.
-    async fn presence_from_link(&self, node: &str, presence: Element, to: &Jid) {
+    async fn presence_from_link(&self, node: &str, presence: Element, ty: PresenceType, to: &Jid) {
         let user = to.node().map(|n| n.to_string()).unwrap_or_default();
         let Some(from) = presence.attr("from").and_then(stanza::parse_jid) else {
             return;
         };
-        let ty = stanza::stanza_type(&presence).to_owned();
-        match ty.as_str() {
-            "" | "unavailable" => {
+        match ty {
+            PresenceType::Available | PresenceType::Unavailable => {
                 let xml: Arc<str> = String::from(&presence).into();
                 let mut delivered = false;
                 for s in self.hub.sessions(&user) {
@@ -1737,11 +1739,11 @@ impl Server {
                             .is_ok();
                     }
                 }
-                tracing::debug!(%node, from = %from, to = %to, ty, delivered, "presence from a link");
+                tracing::debug!(%node, from = %from, to = %to, ?ty, delivered, "presence from a link");
                 let mut seen = lock(&self.links.seen);
                 let by_sender = seen.entry(node.to_owned()).or_default();
                 let sender = from.to_string();
-                if ty.is_empty() && delivered {
+                if ty == PresenceType::Available && delivered {
                     by_sender.entry(sender).or_default().insert(user);
                 } else if let Some(users) = by_sender.get_mut(&sender) {
                     users.remove(&user);
@@ -1750,11 +1752,11 @@ impl Server {
                     }
                 }
             }
-            ty if let Some(kind) = subscription::Kind::parse(ty) => {
+            PresenceType::Subscription(kind) => {
                 self.inbound_subscription(&to.to_bare(), kind, &from.to_bare(), presence)
                     .await;
             }
-            "probe" => {
+            PresenceType::Probe => {
                 let from_bare = from.to_bare();
                 let subscribed = matches!(
                     self.roster_of(&user).await,
@@ -1772,7 +1774,7 @@ impl Server {
                     }
                 }
             }
-            _ => {}
+            PresenceType::Error => {}
         }
     }
 

@@ -12,6 +12,7 @@ use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::core::envelope::PresenceType;
 use crate::core::subscription::{self, Kind, State};
 use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
@@ -23,27 +24,27 @@ use crate::xml::ns;
 
 impl Session {
     /// A presence stanza from this session's client.
-    pub(crate) async fn on_presence(&mut self, presence: Element, to: Option<Jid>) {
-        let ty = presence.attr("type").unwrap_or("").to_owned();
-        match (ty.as_str(), to) {
-            (ty, Some(to)) if let Some(kind) = Kind::parse(ty) => {
+    pub(crate) async fn on_presence(
+        &mut self,
+        presence: Element,
+        ty: PresenceType,
+        to: Option<Jid>,
+    ) {
+        match (ty, to) {
+            (PresenceType::Subscription(kind), Some(to)) => {
                 let user = self.user();
                 self.server
                     .outbound_subscription(&user, kind, to.to_bare(), presence)
                     .await;
             }
-            ("" | "unavailable", None) => {
-                if ty.is_empty() {
-                    self.go_available(presence).await;
-                } else {
-                    self.go_unavailable(Some(presence)).await;
-                }
-            }
-            ("" | "unavailable" | "error", Some(to)) => {
-                self.directed_presence(presence, to, &ty).await
-            }
+            (PresenceType::Available, None) => self.go_available(presence).await,
+            (PresenceType::Unavailable, None) => self.go_unavailable(Some(presence)).await,
+            (
+                PresenceType::Available | PresenceType::Unavailable | PresenceType::Error,
+                Some(to),
+            ) => self.directed_presence(presence, to, ty).await,
             // Probes come from servers, not clients (RFC 6121 §4.3).
-            ("probe", _) => {}
+            (PresenceType::Probe, _) => {}
             _ => self.reply_error(&presence, StanzaErrorCondition::BadRequest, None),
         }
     }
@@ -135,7 +136,7 @@ impl Session {
     }
 
     /// Presence sent to one JID (RFC 6121 §4.6).
-    async fn directed_presence(&mut self, presence: Element, to: Jid, ty: &str) {
+    async fn directed_presence(&mut self, presence: Element, to: Jid, ty: PresenceType) {
         let server = self.server.clone();
         if to.domain().as_str() != server.config.domain {
             self.reply_error(&presence, StanzaErrorCondition::RemoteServerNotFound, None);
@@ -159,7 +160,7 @@ impl Session {
             Ok(roster) if roster.get(to.to_bare().as_str()).is_some_and(|i| i.subscription.has_from())
         );
         match ty {
-            "" if !subscribed => {
+            PresenceType::Available if !subscribed => {
                 // Each target is told when the session ends: the set is bounded.
                 if self.directed.len() >= MAX_DIRECTED && !self.directed.contains(&to) {
                     self.reply_error(
@@ -171,7 +172,7 @@ impl Session {
                 }
                 self.directed.insert(to.clone());
             }
-            "unavailable" => {
+            PresenceType::Unavailable => {
                 self.directed.remove(&to);
             }
             _ => {}

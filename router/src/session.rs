@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::Server;
 use crate::c2s::Bound;
 use crate::conn::{Conn, ReadError};
+use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
 use crate::hub::{Control, Inbox, Queued, ResumeRequest, SessionHandle};
@@ -289,17 +290,22 @@ impl Session {
             }
         }
         stanza::set_attr(&mut element, "from", &self.jid().to_string());
-        let to = match stanza::to_jid(&element) {
-            Ok(to) => to,
-            Err(stanza::MalformedJid) => {
+        // The envelope is read once, here; the handlers get typed values.
+        let env = match Envelope::parse(&element) {
+            Ok(env) => env,
+            Err(Malformed::To) => {
                 self.reply_error(&element, StanzaErrorCondition::JidMalformed, None);
                 return Ok(());
             }
+            Err(_) => {
+                self.reply_error(&element, StanzaErrorCondition::BadRequest, None);
+                return Ok(());
+            }
         };
-        match kind {
-            Kind::Message => self.on_message(element, to).await,
-            Kind::Presence => self.on_presence(element, to).await,
-            Kind::Iq => self.on_iq(element, to).await,
+        match env.ty {
+            Type::Message(_) => self.on_message(element, env.to).await,
+            Type::Presence(ty) => self.on_presence(element, ty, env.to).await,
+            Type::Iq(ty) => self.on_iq(element, ty, env.to).await,
         }
         Ok(())
     }

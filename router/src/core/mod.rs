@@ -3,6 +3,7 @@
 //! out. Tested without sockets, with simulated time.
 
 pub mod delivery;
+pub mod envelope;
 pub mod negotiate;
 pub mod route;
 pub mod sm;
