@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use impmesh::config::Config;
 use impmesh::node::Node;
 
+mod trim;
+
 #[derive(Parser)]
 #[command(
     name = "impmesh",
@@ -1087,6 +1089,8 @@ async fn admin(cmd: AdminCommand, config: &Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::start(&config).await?;
+    let trimming = tokio_util::sync::CancellationToken::new();
+    let trimmer = trim::spawn(trimming.clone());
     for addr in &node.c2s {
         println!("impmesh: listening for XMPP clients on {addr} (STARTTLS)");
     }
@@ -1111,6 +1115,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
+    trimming.cancel();
+    let _ = trimmer.await;
     node.shutdown().await;
     Ok(())
 }

@@ -4,6 +4,8 @@
 //!
 //! docs/axl.md describes the API for its users.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 
 pub mod admin;

@@ -13,6 +13,8 @@
 //! The scenario mirrors `shared/anchors/perf/xmppbench.py` so the figures compare.
 //! Output: one JSON object per run on stdout; progress on stderr.
 
+#![forbid(unsafe_code)]
+
 mod xmpp;
 
 use std::net::SocketAddr;
@@ -79,6 +81,10 @@ enum Cmd {
         /// Seconds to wait before each RSS sample.
         #[arg(long, default_value_t = 5.0)]
         settle: f64,
+        /// Seconds to wait after the sessions close before a last RSS sample (does
+        /// the memory come back?); no sample when absent.
+        #[arg(long)]
+        after_close: Option<f64>,
     },
     /// The AXL-like API on `--addr` (the node's HTTPS port): channel-bound first
     /// contacts, then full directory listings, as a peer's sync agent runs them. The
@@ -114,7 +120,10 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             duration,
         } => msg(&args, window, rate, warmup, duration).await?,
-        Cmd::Idle { settle } => idle(&args, settle).await?,
+        Cmd::Idle {
+            settle,
+            after_close,
+        } => idle(&args, settle, after_close).await?,
         Cmd::Axl {
             contacts,
             listings,
@@ -214,7 +223,11 @@ async fn login(args: &Args) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-async fn idle(args: &Args, settle: f64) -> anyhow::Result<serde_json::Value> {
+async fn idle(
+    args: &Args,
+    settle: f64,
+    after_close: Option<f64>,
+) -> anyhow::Result<serde_json::Value> {
     if args.pid == 0 {
         bail!("idle needs --pid to sample the server's RSS");
     }
@@ -231,9 +244,22 @@ async fn idle(args: &Args, settle: f64) -> anyhow::Result<serde_json::Value> {
     for s in sessions {
         s.close().await;
     }
+    let closed = match after_close {
+        Some(wait) => {
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            let closed = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+            log(format!(
+                "RSS {closed} KiB {wait} s after they closed ({:.2}x the figure before)",
+                closed as f64 / before as f64
+            ));
+            Some(closed)
+        }
+        None => None,
+    };
     Ok(serde_json::json!({
         "cmd": "idle", "label": args.label, "starttls": args.starttls, "sessions": n,
         "rss_before_kib": before, "rss_after_kib": after, "kib_per_session": per,
+        "rss_after_close_kib": closed, "after_close_s": after_close,
     }))
 }
 

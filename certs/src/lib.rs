@@ -160,6 +160,12 @@ impl NodeIdentity {
             .with_no_client_auth()
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        // TLS 1.3 resumption by stateless tickets (the session rides in the ticket,
+        // encrypted under a key this process rotates): a client may resume, and the
+        // server keeps nothing per ticket. rustls' default, a cache of 256 sessions
+        // fed two tickets by every handshake, kept long-lived entries spread over the
+        // heap after a login storm and held its pages resident (docs/benchmarks.md).
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         Ok(Arc::new(config))
     }
 }
@@ -422,6 +428,20 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "the key must not be readable by others");
         }
+    }
+
+    /// Client TLS resumes with stateless tickets: the server keeps no session cache
+    /// that a login storm would fill with long-lived entries.
+    #[test]
+    fn client_tls_resumes_by_stateless_tickets() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let id = NodeIdentity::load_or_generate(dir.path(), &["localhost".to_owned()]).unwrap();
+        let config = id.server_config(&[]).unwrap();
+        assert!(
+            config.ticketer.enabled(),
+            "TLS 1.3 tickets carry the session"
+        );
     }
 
     #[test]

@@ -83,11 +83,27 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
         })
     }
 
-    /// Gives an attempt back (it succeeded, and successes are not to count).
+    /// Gives an attempt back (it succeeded, and successes are not to count). A key
+    /// left with no attempts leaves the table: a login storm of good logins leaves
+    /// nothing behind (each entry it kept would pin an allocator page long after the
+    /// sessions ended).
     pub fn refund(&self, key: &K) {
-        if let Some((count, _)) = lock(&self.table).get_mut(key) {
+        let mut table = lock(&self.table);
+        if let Some((count, _)) = table.get_mut(key) {
             *count = count.saturating_sub(1);
+            if *count == 0 {
+                table.remove(key);
+            }
         }
+    }
+
+    /// Keys in the table.
+    pub fn len(&self) -> usize {
+        lock(&self.table).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -188,6 +204,20 @@ mod tests {
         }
         assert_eq!(lock(&t.table).len(), 3);
         assert!(!lock(&t.table).contains_key("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn good_attempts_leave_nothing_behind() {
+        let t: Throttle<String> = Throttle::new(3, Duration::from_secs(60), 100_000);
+        for i in 0..1000 {
+            let key = format!("user{i}");
+            assert!(t.attempt(&key));
+            t.refund(&key);
+        }
+        assert!(t.is_empty(), "{} keys kept for refunded attempts", t.len());
+        // A failure stays counted.
+        assert!(t.attempt(&"mallory".to_owned()));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -126,7 +126,7 @@ suite() {
       start "$s" >&2
       gen --count 10000 --concurrency 100 register >/dev/null
       stop >&2; start "$s" >&2   # fresh process: registration leaves garbage behind
-      gen --count 10000 --concurrency 100 --label idle10k idle --settle 5 | tag "$s" "$r"
+      gen --count 10000 --concurrency 100 --label idle10k idle --settle 5 --after-close 60 | tag "$s" "$r"
       stop >&2; start "$s" >&2
       gen --count 2000 --concurrency 50 --label login-starttls-scram login | tag "$s" "$r"
       gen --count 1000 --concurrency 50 --label msg-rate500 msg --rate 500 --warmup 3 --duration 20 | tag "$s" "$r"

@@ -9,6 +9,8 @@
 //! resumes from the last applied USN. Failures are retried per peer with jittered
 //! exponential backoff (backon), never holding up the other peers.
 
+#![forbid(unsafe_code)]
+
 pub mod dns;
 mod watchdog;
 
