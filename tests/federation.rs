@@ -17,11 +17,20 @@ const AXL_USER: &str = "icsync";
 const AXL_PW: &str = "intercluster-secret";
 
 async fn cluster(name: &str, users: &[&str]) -> TestNode {
+    cluster_with(name, users, |_| {}).await
+}
+
+async fn cluster_with(
+    name: &str,
+    users: &[&str],
+    tweak: impl FnOnce(&mut impmesh::config::Config),
+) -> TestNode {
     let name = name.to_owned();
     let node = start_node(move |c| {
         c.node.name = Some(format!("node1.{name}"));
         c.node.cluster = Some(name);
         c.sync.period = 3600;
+        tweak(c);
     })
     .await;
     impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
@@ -37,6 +46,13 @@ async fn cluster(name: &str, users: &[&str]) -> TestNode {
 async fn peered_pair() -> (TestNode, TestNode) {
     let a = cluster("cluster-a.example.com", &["alice", "amy"]).await;
     let b = cluster("cluster-b.example.com", &["bob", "bea"]).await;
+    peer(&a, &b).await;
+    (a, b)
+}
+
+/// Peers `a` (cluster-a) and `b` (cluster-b) both ways and waits until each knows the
+/// other's two users and link port.
+async fn peer(a: &TestNode, b: &TestNode) {
     a.node
         .control
         .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
@@ -48,8 +64,8 @@ async fn peered_pair() -> (TestNode, TestNode) {
         .await
         .unwrap();
     for (node, other, other_node) in [
-        (&a, "cluster-b.example.com", "node1.cluster-b.example.com"),
-        (&b, "cluster-a.example.com", "node1.cluster-a.example.com"),
+        (a, "cluster-b.example.com", "node1.cluster-b.example.com"),
+        (b, "cluster-a.example.com", "node1.cluster-a.example.com"),
     ] {
         let store = node.node.server.store.clone();
         eventually(10, "the peer's users and nodes known", || async {
@@ -62,7 +78,6 @@ async fn peered_pair() -> (TestNode, TestNode) {
         })
         .await;
     }
-    (a, b)
 }
 
 fn jid(user: &str, resource: &str) -> String {
@@ -631,6 +646,81 @@ async fn messages_wait_in_the_outbox_while_a_link_is_down() {
             .is_empty()
     );
     eventually(10, "A's outbox empty", || async {
+        store_a.outbox_nodes().await.unwrap().is_empty()
+    })
+    .await;
+}
+
+/// Security review limit 5, on links: a peer node that stops reading is closed within
+/// the write deadline (`[limits] write_timeout`), not when the ack timeout finds the
+/// link silent; what it was sent stays in the outbox and goes once the link is back.
+#[tokio::test]
+async fn a_link_that_stops_reading_is_closed_within_the_write_deadline() {
+    let a = cluster_with("cluster-a.example.com", &["alice", "amy"], |c| {
+        c.limits.write_timeout = 2;
+        // Far beyond the test: only the write deadline can close the link in time.
+        c.limits.link_ack_timeout = 600;
+        // Alice's client sends megabytes at once (the default shaper reads 64 KiB/s).
+        c.limits.read_rate = 64 * 1024 * 1024;
+        c.limits.read_burst = 64 * 1024 * 1024;
+    })
+    .await;
+    let b = cluster("cluster-b.example.com", &["bob", "bea"]).await;
+    peer(&a, &b).await;
+    let proxy = proxied_link(
+        &a,
+        &b,
+        "node1.cluster-b.example.com",
+        "cluster-b.example.com",
+    )
+    .await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>0</body></message>"),
+    )
+    .await;
+    expect(&mut bob, 10, "the first message", |e| {
+        body(e).as_deref() == Some("0")
+    })
+    .await;
+
+    // B's side stops reading. 12.8 MB of messages: more than the socket buffers
+    // between A and the frozen proxy hold, so A's writes block.
+    proxy.freeze_and_refuse();
+    let filler = "x".repeat(200 * 1024);
+    for i in 1..=64 {
+        send(
+            &mut alice,
+            &format!(
+                "<message to='bob@{DOMAIN}' type='normal'><body>{i} {filler}</body></message>"
+            ),
+        )
+        .await;
+    }
+    let links = a.node.server.clone();
+    eventually(60, "A's link to B closed by the write deadline", || async {
+        links
+            .link_status()
+            .iter()
+            .any(|l| l.direction == "out" && !l.up)
+    })
+    .await;
+    // Nothing was lost: the messages wait in A's outbox, and leave it once the link
+    // is back.
+    let store_a = a.node.server.store.clone();
+    eventually(
+        10,
+        "what B never acknowledged parked in A's outbox",
+        || async { !store_a.outbox_nodes().await.unwrap().is_empty() },
+    )
+    .await;
+    proxy.restore();
+    eventually(120, "A's outbox drained over the restored link", || async {
         store_a.outbox_nodes().await.unwrap().is_empty()
     })
     .await;

@@ -11,6 +11,7 @@
 #        bench.sh wipe impmesh|ejabberd|prosody   # forget the accounts
 #        bench.sh gen ARGS...                # impmesh-bench pinned to $GEN_CPU, --pid set
 #        bench.sh suite [ROUNDS] [SERVERS...] # the whole scenario; JSON lines to $RUNDIR/results.jsonl
+#        bench.sh pairs [ROUNDS] [SERVERS...] # 500 msgs/s latency, servers interleaved round by round
 #
 # Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0).
 set -euo pipefail
@@ -136,6 +137,26 @@ suite() {
   done
 }
 
+pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
+  local rounds="${1:-5}"; shift || true
+  local servers=("$@"); [ ${#servers[@]} -eq 0 ] && servers=(impmesh ejabberd)
+  local out="$RUNDIR/pairs.jsonl"
+  for s in "${servers[@]}"; do
+    wipe "$s"; start "$s" >&2
+    gen --count 1000 --concurrency 50 register >/dev/null
+    stop >&2
+  done
+  for r in $(seq 1 "$rounds"); do
+    for s in "${servers[@]}"; do
+      echo "=== round $r: $s" >&2
+      start "$s" >&2
+      gen --count 1000 --concurrency 50 --label msg-rate500 msg --rate 500 --warmup 3 --duration 20 \
+        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,/" | tee -a "$out"
+      stop >&2
+    done
+  done
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
@@ -145,5 +166,6 @@ case "$cmd" in
   wipe) wipe "$1" ;;
   gen) gen "$@" ;;
   suite) suite "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  pairs) pairs "$@" ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
