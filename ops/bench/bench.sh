@@ -167,5 +167,5 @@ case "$cmd" in
   gen) gen "$@" ;;
   suite) suite "$@" ;;
   pairs) pairs "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
