@@ -555,6 +555,31 @@ async fn proxied_link(
     proxy
 }
 
+/// Alice's first message to Bob, which brings the link up, and its arrival.
+async fn first_message(alice: &mut tokio_xmpp::Client, bob: &mut tokio_xmpp::Client) {
+    send(
+        alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>0</body></message>"),
+    )
+    .await;
+    expect(bob, 10, "the first message", |e| {
+        body(e).as_deref() == Some("0")
+    })
+    .await;
+}
+
+/// Waits up to `secs` until `node` has an outgoing link that is down.
+async fn out_link_down(node: &TestNode, secs: u64, what: &str) {
+    let server = node.node.server.clone();
+    eventually(secs, what, || async {
+        server
+            .link_status()
+            .iter()
+            .any(|l| l.direction == "out" && !l.up)
+    })
+    .await;
+}
+
 /// Messages for a cluster whose link is down wait in the durable outbox and are
 /// delivered once each, in order, when it returns; IQ requests fail at once; what
 /// waits too long is bounced to its sender.
@@ -576,25 +601,10 @@ async fn messages_wait_in_the_outbox_while_a_link_is_down() {
     send(&mut bob, "<presence/>").await;
 
     // The link comes up with a first message.
-    send(
-        &mut alice,
-        &format!("<message to='bob@{DOMAIN}' type='chat'><body>0</body></message>"),
-    )
-    .await;
-    expect(&mut bob, 10, "the first message", |e| {
-        body(e).as_deref() == Some("0")
-    })
-    .await;
+    first_message(&mut alice, &mut bob).await;
 
     proxy.cut_and_refuse();
-    let links = a.node.server.clone();
-    eventually(10, "A's link to B down", || async {
-        links
-            .link_status()
-            .iter()
-            .any(|l| l.direction == "out" && !l.up)
-    })
-    .await;
+    out_link_down(&a, 10, "A's link to B down").await;
     for i in 1..=5 {
         send(
             &mut alice,
@@ -679,15 +689,7 @@ async fn a_link_that_stops_reading_is_closed_within_the_write_deadline() {
     let mut bob = b.client("bob", "pw", Some("laptop"));
     online(&mut bob).await;
     send(&mut bob, "<presence/>").await;
-    send(
-        &mut alice,
-        &format!("<message to='bob@{DOMAIN}' type='chat'><body>0</body></message>"),
-    )
-    .await;
-    expect(&mut bob, 10, "the first message", |e| {
-        body(e).as_deref() == Some("0")
-    })
-    .await;
+    first_message(&mut alice, &mut bob).await;
 
     // B's side stops reading. 12.8 MB of messages: more than the socket buffers
     // between A and the frozen proxy hold, so A's writes block.
@@ -702,14 +704,7 @@ async fn a_link_that_stops_reading_is_closed_within_the_write_deadline() {
         )
         .await;
     }
-    let links = a.node.server.clone();
-    eventually(60, "A's link to B closed by the write deadline", || async {
-        links
-            .link_status()
-            .iter()
-            .any(|l| l.direction == "out" && !l.up)
-    })
-    .await;
+    out_link_down(&a, 60, "A's link to B closed by the write deadline").await;
     // Nothing was lost: the messages wait in A's outbox, and leave it once the link
     // is back.
     let store_a = a.node.server.store.clone();
