@@ -86,6 +86,21 @@ enum Cmd {
         #[arg(long)]
         after_close: Option<f64>,
     },
+    /// `--count` connections that send a stream header and nothing more (abandoned
+    /// before authentication), spread over source addresses 127.1.0.0/16 so that no
+    /// per-address cap is what is measured; server RSS before, with them open, and
+    /// after they close.
+    Preauth {
+        /// Seconds to wait before the RSS sample with the connections open.
+        #[arg(long, default_value_t = 5.0)]
+        settle: f64,
+        /// Seconds to wait after closing them before the last RSS sample.
+        #[arg(long, default_value_t = 60.0)]
+        after_close: f64,
+        /// Connections per source address.
+        #[arg(long, default_value_t = 25)]
+        per_source: usize,
+    },
     /// The AXL-like API on `--addr` (the node's HTTPS port): channel-bound first
     /// contacts, then full directory listings, as a peer's sync agent runs them. The
     /// account is the AXL user (`--prefix` is its name, `--password` its password).
@@ -124,6 +139,11 @@ async fn main() -> anyhow::Result<()> {
             settle,
             after_close,
         } => idle(&args, settle, after_close).await?,
+        Cmd::Preauth {
+            settle,
+            after_close,
+            per_source,
+        } => preauth(&args, settle, after_close, per_source).await?,
         Cmd::Axl {
             contacts,
             listings,
@@ -260,6 +280,75 @@ async fn idle(
         "cmd": "idle", "label": args.label, "starttls": args.starttls, "sessions": n,
         "rss_before_kib": before, "rss_after_kib": after, "kib_per_session": per,
         "rss_after_close_kib": closed, "after_close_s": after_close,
+    }))
+}
+
+/// Opens `count` connections that each send a stream header and then nothing,
+/// `concurrency` at a time, from 127.1.0.0/16 (`per_source` per address); samples the
+/// server's RSS before, with them open, and `after_close` seconds after closing them.
+async fn preauth(
+    args: &Args,
+    settle: f64,
+    after_close: f64,
+    per_source: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::AsyncWriteExt as _;
+    if args.pid == 0 {
+        bail!("preauth needs --pid to sample the server's RSS");
+    }
+    let before = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+    let header = Arc::new(format!(
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams' to='{}' version='1.0'>",
+        args.domain
+    ));
+    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.count {
+        let permit = sem.clone().acquire_owned().await?;
+        let (addr, header) = (args.addr, header.clone());
+        let source = (i / per_source.max(1)) as u32;
+        let ip = std::net::Ipv4Addr::new(127, 1, (source >> 8) as u8, (source & 0xff) as u8);
+        tasks.spawn(async move {
+            let _permit = permit;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip.into(), 0))?;
+            let mut stream = socket.connect(addr).await?;
+            stream.write_all(header.as_bytes()).await?;
+            Ok::<_, std::io::Error>(stream)
+        });
+        if i % 10_000 == 9_999 {
+            log(format!("{} connections opened", i + 1));
+        }
+    }
+    let mut open = Vec::with_capacity(args.count);
+    let mut failed = 0usize;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(stream)) => open.push(stream),
+            _ => failed += 1,
+        }
+    }
+    let opening = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let peak = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+    let n = open.len();
+    log(format!(
+        "RSS {before} KiB -> {peak} KiB with {n} abandoned connections ({failed} failed, opened in {opening:.1} s)"
+    ));
+    drop(open);
+    tokio::time::sleep(Duration::from_secs_f64(after_close)).await;
+    let after = proc_rss_kib(args.pid).context("reading the server's RSS")?;
+    log(format!(
+        "RSS {after} KiB {after_close} s after they closed ({:.2}x the figure before)",
+        after as f64 / before as f64
+    ));
+    Ok(serde_json::json!({
+        "cmd": "preauth", "label": args.label, "connections": n, "failed": failed,
+        "opening_s": opening, "rss_before_kib": before, "rss_open_kib": peak,
+        "kib_per_connection": (peak as f64 - before as f64) / n.max(1) as f64,
+        "rss_after_close_kib": after, "after_close_s": after_close,
     }))
 }
 

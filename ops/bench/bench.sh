@@ -68,6 +68,7 @@ wait_port() {
 
 start() {
   [ -z "$(port_pid)" ] || { echo "port $PORT busy" >&2; exit 1; }
+  ulimit -Hn 1048576 2>/dev/null || true   # root: room for 100,000 connections
   ulimit -n "$(ulimit -Hn)"
   case "$1" in
     impmesh)
@@ -110,6 +111,7 @@ stop() {
 }
 
 gen() {
+  ulimit -Hn 1048576 2>/dev/null || true   # root: room for 100,000 connections
   ulimit -n "$(ulimit -Hn)"
   pid=0; [ -f "$RUNDIR/server.pid" ] && read -r _ pid < "$RUNDIR/server.pid"
   taskset -c "$GEN_CPU" "$GEN" --addr "127.0.0.1:$PORT" --domain bench.local --starttls --pid "$pid" "$@"

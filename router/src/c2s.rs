@@ -184,6 +184,9 @@ fn set_channel_binding(conn: &mut Conn) {
 /// Reads the next frame before the deadline; a shutdown ends the negotiation with
 /// `system-shutdown`.
 async fn read(server: &Server, conn: &mut Conn, deadline: Instant) -> Result<Frame, End> {
+    // A stream that waits here may be one of many abandoned before authentication:
+    // it holds no parser scratch space while it waits (security review H3).
+    conn.idle();
     tokio::select! {
         r = timeout_at(deadline, conn.next_frame()) => match r {
             Ok(frame) => Ok(frame?),
