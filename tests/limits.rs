@@ -414,8 +414,8 @@ async fn scram_challenges_do_not_reveal_unknown_users() {
     assert_eq!(scram_salt(&node, "nobody").await.0, nobody_salt);
 }
 
-/// M9: an outbound `subscribe` creates a roster item, so the roster cap (1000) holds
-/// for it as for a roster set; and a session has at most 1000 directed-presence
+/// M9: an outbound `subscribe` (or the approval of a request) creates a roster item,
+/// so the roster cap (1000) holds for it as for a roster set; and a session has at most 1000 directed-presence
 /// targets. Beyond either: `resource-constraint`, nothing kept.
 #[tokio::test]
 async fn subscriptions_and_directed_presence_respect_the_caps() {
@@ -438,6 +438,26 @@ async fn subscriptions_and_directed_presence_respect_the_caps() {
     assert!(error.has_child("resource-constraint", "urn:ietf:params:xml:ns:xmpp-stanzas"));
     let (_, roster) = node.node.server.store.roster("alice").await.unwrap();
     assert_eq!(roster.len(), 1000);
+    // Approving a request would create an item too: refused the same way.
+    let store = &node.node.server.store;
+    let request = "<presence xmlns='jabber:client' from='zed@localhost' type='subscribe'/>";
+    assert!(
+        store
+            .put_subscription_request("alice", "zed@localhost", request, 1000)
+            .await
+            .unwrap()
+    );
+    send(
+        &mut alice,
+        "<presence to='zed@localhost' type='subscribed' id='approve'/>",
+    )
+    .await;
+    let e = expect(&mut alice, 30, "the refused approval", |e| {
+        e.attr("type") == Some("error") && e.name() == "presence"
+    })
+    .await;
+    assert_eq!(e.attr("id"), Some("approve"));
+    assert_eq!(store.roster("alice").await.unwrap().1.len(), 1000);
     for i in 0..1001 {
         send(
             &mut alice,

@@ -386,9 +386,11 @@ impl Server {
             return after;
         };
         let step = subscription::outbound(state, kind);
-        if item.is_none() && step.next != state && step.next.pending_out() {
-            // An outbound request creates a roster item: the roster cap holds here as
-            // for a roster set (security review M9).
+        let creates_item =
+            item.is_none() && (step.next.to() || step.next.from() || step.next.pending_out());
+        if creates_item {
+            // A step that creates a roster item (a request, or the approval of one)
+            // meets the roster cap as a roster set does (security review M9).
             match self.store.roster_len(user).await {
                 Ok(n) if n < MAX_ROSTER_ITEMS => {}
                 Ok(_) => {
