@@ -764,7 +764,7 @@ async fn axl_user(
                 }
                 None => {
                     with_store(config, async |store| {
-                        impmesh_axl::set_axl_user(store, &name, &password).await
+                        Ok(impmesh_axl::set_axl_user(store, &name, &password).await?)
                     })
                     .await?
                 }

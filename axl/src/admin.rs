@@ -343,7 +343,13 @@ async fn set_axl_user<C: NodeControl>(
 ) -> Result<Response, ControlError> {
     crate::set_axl_user(&https.store, &name, &body.password)
         .await
-        .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+        .map_err(|e| {
+            if e.is_invalid() {
+                ControlError::Invalid(e.to_string())
+            } else {
+                internal(e)
+            }
+        })?;
     Ok(Json(json!({ "username": name })).into_response())
 }
 

@@ -42,6 +42,16 @@ const PENDING_TTL: Duration = Duration::from_secs(30);
 const MAX_SESSIONS: usize = 4096;
 
 /// Tunables of authentication.
+/// Why the cluster's OPAQUE setup could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+    #[error(transparent)]
+    Pake(#[from] pake::PakeError),
+}
+
 #[derive(Debug, Clone)]
 pub struct AuthLimits {
     /// Wait before answering a failed authentication.
@@ -165,14 +175,14 @@ impl AuthState {
     }
 
     /// The cluster's OPAQUE setup, created in the store the first time any node needs it.
-    pub async fn setup(&self, store: &Store) -> anyhow::Result<Arc<Setup>> {
+    pub async fn setup(&self, store: &Store) -> Result<Arc<Setup>, SetupError> {
         let setup = self
             .setup
             .get_or_try_init(|| async {
                 let bytes = store
                     .cluster_secret(pake::SETUP_SECRET, pake::new_server_setup)
                     .await?;
-                anyhow::Ok(Arc::new(Setup::load(&bytes)?))
+                Ok::<_, SetupError>(Arc::new(Setup::load(&bytes)?))
             })
             .await?;
         Ok(setup.clone())

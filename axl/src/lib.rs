@@ -124,6 +124,34 @@ pub trait NodeControl: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ControlError>> + Send;
 }
 
+/// Why the intercluster application user could not be set.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AxlUserError {
+    #[error("bad AXL user name {0:?}: 1-64 characters, no ':', ' ', '/', '@'")]
+    BadName(String),
+    #[error("the AXL password must have at least 8 characters")]
+    ShortPassword,
+    #[error(transparent)]
+    Password(#[from] impmesh_store::scram::InvalidPassword),
+    #[error(transparent)]
+    Pake(#[from] pake::PakeError),
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+    #[error("the key derivation task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl AxlUserError {
+    /// The request was wrong (as opposed to the server failing).
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            AxlUserError::BadName(_) | AxlUserError::ShortPassword | AxlUserError::Password(_)
+        )
+    }
+}
+
 /// Creates or replaces the intercluster application user: a SCRAM-SHA-256 verifier
 /// (HTTP Basic over a trusted channel) and an OPAQUE record (channel-bound first
 /// contact). The password itself is not stored.
@@ -131,12 +159,12 @@ pub async fn set_axl_user(
     store: &impmesh_store::Store,
     username: &str,
     password: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), AxlUserError> {
     if username.is_empty() || username.contains([':', ' ', '/', '@']) || username.len() > 64 {
-        anyhow::bail!("bad AXL user name {username:?}: 1-64 characters, no ':', ' ', '/', '@'");
+        return Err(AxlUserError::BadName(username.to_owned()));
     }
     if password.len() < 8 {
-        anyhow::bail!("the AXL password must have at least 8 characters");
+        return Err(AxlUserError::ShortPassword);
     }
     let setup = store
         .cluster_secret(pake::SETUP_SECRET, pake::new_server_setup)
@@ -150,7 +178,7 @@ pub async fn set_axl_user(
             &pw,
             impmesh_store::scram::DEFAULT_ITERATIONS,
         )?;
-        anyhow::Ok((scram, record))
+        Ok::<_, AxlUserError>((scram, record))
     })
     .await??;
     store.set_axl_user(username, &scram, &record).await?;

@@ -2,7 +2,7 @@
 //! certificates), and the verifier inputs built from it.
 
 use impmesh_certs::TrustAnchors;
-use impmesh_store::{Store, TrustEntry, TrustKind};
+use impmesh_store::{Store, StoreError, TrustEntry, TrustKind};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
@@ -15,12 +15,12 @@ pub async fn add(
     kind: TrustKind,
     peer: Option<&str>,
     source: &str,
-) -> anyhow::Result<Vec<TrustEntry>> {
+) -> Result<Vec<TrustEntry>, TrustFileError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("not a PEM certificate file: {e}"))?;
+        .map_err(TrustFileError::NotPem)?;
     if certs.is_empty() {
-        anyhow::bail!("no certificate found in the file");
+        return Err(TrustFileError::Empty);
     }
     let mut added = vec![];
     for cert in certs {
@@ -42,14 +42,28 @@ pub async fn add(
 }
 
 /// What verifiers trust, from the store.
-pub async fn anchors(store: &Store) -> anyhow::Result<TrustAnchors> {
-    Ok(store.trust_anchors(None).await?)
+pub async fn anchors(store: &Store) -> Result<TrustAnchors, StoreError> {
+    store.trust_anchors(None).await
 }
 
 /// What verifies one peer: its own pinned certificates and the trusted CAs (a
 /// certificate pinned for another peer does not vouch for this one).
-pub async fn anchors_for(store: &Store, peer: &str) -> anyhow::Result<TrustAnchors> {
-    Ok(store.trust_anchors(Some(peer)).await?)
+pub async fn anchors_for(store: &Store, peer: &str) -> Result<TrustAnchors, StoreError> {
+    store.trust_anchors(Some(peer)).await
+}
+
+/// Why a PEM file could not be added to the trust store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustFileError {
+    #[error("not a PEM certificate file: {0}")]
+    NotPem(rustls_pki_types::pem::Error),
+    #[error("no certificate found in the file")]
+    Empty,
+    #[error(transparent)]
+    Certificate(#[from] impmesh_certs::CertError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Why a certificate cannot be pinned for a peer.
