@@ -3,7 +3,7 @@
 //! Subscription stanzas are processed twice, as the RFC describes: outbound at the
 //! user's server and inbound at the contact's: on this node when both are homed here,
 //! else the inbound half runs on the contact's home node, reached over a router link
-//! (`link.rs`).
+//! (`link/`).
 
 use std::sync::Arc;
 
