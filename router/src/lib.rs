@@ -179,41 +179,61 @@ impl Server {
         tracing::info!(addr = %local, direct_tls, "listening for clients");
         let server = self.clone();
         self.tasks.spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = server.shutdown.cancelled() => break,
-                    p = server.admission.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
+            while let Some((permit, tcp, peer)) =
+                server.admit(&listener, &server.admission, "clients").await
+            {
+                // Closed at once, before any TLS or parsing work, when its address
+                // already has its share of unauthenticated streams.
+                let Some(slot) = server.preauth.acquire(peer.ip()) else {
+                    server.stats.refused_preauth();
+                    continue;
                 };
-                let accepted = tokio::select! {
-                    _ = server.shutdown.cancelled() => break,
-                    a = listener.accept() => a,
-                };
-                match accepted {
-                    Ok((tcp, peer)) => {
-                        // Closed at once, before any TLS or parsing work, when its
-                        // address already has its share of unauthenticated streams.
-                        let Some(slot) = server.preauth.acquire(peer.ip()) else {
-                            server.stats.refused_preauth();
-                            continue;
-                        };
-                        let server2 = server.clone();
-                        server.tasks.spawn(async move {
-                            c2s::handle(server2, tcp, peer, direct_tls, slot).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                let server2 = server.clone();
+                server.tasks.spawn(async move {
+                    c2s::handle(server2, tcp, peer, direct_tls, slot).await;
+                    drop(permit);
+                });
             }
         });
         Ok(local)
+    }
+
+    /// Unauthenticated client connections open from `ip`'s address key (IPv6: its
+    /// /64), as the per-address cap counts them.
+    pub fn unauthenticated_connections(&self, ip: std::net::IpAddr) -> u32 {
+        self.preauth.open(ip)
+    }
+
+    /// Waits for an admission permit, then for a connection on `listener`; `None` once
+    /// the server shuts down. An accept error (EMFILE and friends) backs off instead of
+    /// spinning. Every listener of the node admits through here.
+    pub(crate) async fn admit(
+        &self,
+        listener: &TcpListener,
+        admission: &Arc<tokio::sync::Semaphore>,
+        what: &'static str,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::net::TcpStream,
+        SocketAddr,
+    )> {
+        loop {
+            let permit = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                p = admission.clone().acquire_owned() => p.ok()?,
+            };
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => return Some((permit, tcp, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
 
     /// Stops accepting, closes every stream with `system-shutdown` and waits up to

@@ -1332,37 +1332,19 @@ impl Server {
         let handshakes =
             impmesh_limits::PerAddress::new(self.config.limits.link_handshakes_per_address);
         self.tasks.spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = server.shutdown.cancelled() => break,
-                    p = admission.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
+            while let Some((permit, tcp, peer)) = server.admit(&listener, &admission, "links").await
+            {
+                let Some(slot) = handshakes.acquire(peer.ip()) else {
+                    tracing::debug!(%peer, "too many link handshakes from one address");
+                    continue;
                 };
-                let accepted = tokio::select! {
-                    _ = server.shutdown.cancelled() => break,
-                    a = listener.accept() => a,
-                };
-                match accepted {
-                    Ok((tcp, peer)) => {
-                        let Some(slot) = handshakes.acquire(peer.ip()) else {
-                            tracing::debug!(%peer, "too many link handshakes from one address");
-                            continue;
-                        };
-                        let server2 = server.clone();
-                        server.tasks.spawn(async move {
-                            if let Err(e) = server2.serve_inlink(tcp, slot).await {
-                                tracing::warn!(%peer, error = %e, "router link refused or closed");
-                            }
-                            drop(permit);
-                        });
+                let server2 = server.clone();
+                server.tasks.spawn(async move {
+                    if let Err(e) = server2.serve_inlink(tcp, slot).await {
+                        tracing::warn!(%peer, error = %e, "router link refused or closed");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed (links)");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                    drop(permit);
+                });
             }
         });
         Ok(local)
