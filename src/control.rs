@@ -5,17 +5,26 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Instant;
 
-use impmesh_axl::{CertSource, ControlError, Https, NodeControl};
+use impmesh_axl::{CertSource, ControlError, Https, NodeControl, api};
 use impmesh_certs::{CertError, NodeIdentity};
 use impmesh_router::Server;
 use impmesh_store::NodeRecord;
 use impmesh_sync_agent::{Agent, AgentError};
 
 use crate::config::Config;
-use crate::node;
+use crate::files;
 use crate::users::{self, UserError};
 
 /// The running node as the HTTPS service sees it.
+/// The addresses the node's listeners are bound to.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub c2s: Vec<SocketAddr>,
+    pub c2s_direct_tls: Vec<SocketAddr>,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+}
+
 pub struct Control {
     pub config: Config,
     pub server: Arc<Server>,
@@ -24,8 +33,8 @@ pub struct Control {
     client: RwLock<Option<NodeIdentity>>,
     https: OnceLock<Weak<Https<Control>>>,
     agent: OnceLock<Arc<Agent>>,
-    /// Bound listeners: (STARTTLS, direct TLS, HTTPS).
-    listeners: OnceLock<(Vec<SocketAddr>, Vec<SocketAddr>, SocketAddr)>,
+    /// The bound listeners.
+    listeners: OnceLock<Bound>,
     /// The bound router-link listener, if any.
     links: OnceLock<SocketAddr>,
     started: Instant,
@@ -88,15 +97,19 @@ impl Control {
     }
 
     /// Completes the wiring once the listeners are bound.
-    pub fn attach(
-        &self,
-        https: &Arc<Https<Control>>,
-        c2s: Vec<SocketAddr>,
-        c2s_direct_tls: Vec<SocketAddr>,
-        https_addr: SocketAddr,
-    ) {
+    pub fn attach(&self, https: &Arc<Https<Control>>, bound: Bound) {
         let _ = self.https.set(Arc::downgrade(https));
-        let _ = self.listeners.set((c2s, c2s_direct_tls, https_addr));
+        let _ = self.listeners.set(bound);
+    }
+
+    /// The bound listeners (the configured addresses before they are bound).
+    fn bound(&self) -> Bound {
+        self.listeners.get().cloned().unwrap_or_else(|| Bound {
+            c2s: vec![],
+            c2s_direct_tls: vec![],
+            https: self.config.listen.https,
+            admin: self.config.listen.admin,
+        })
     }
 
     /// Records the bound router-link listener (published to peers).
@@ -135,11 +148,12 @@ impl Control {
     /// where getClusterInfo and getCertificates read them.
     pub async fn publish(&self) -> anyhow::Result<()> {
         let identity = self.identity();
-        let (c2s, direct, https) =
-            self.listeners
-                .get()
-                .cloned()
-                .unwrap_or((vec![], vec![], self.config.listen.https));
+        let Bound {
+            c2s,
+            c2s_direct_tls: direct,
+            https,
+            ..
+        } = self.bound();
         let mut cert_pem = String::new();
         for cert in &identity.chain {
             cert_pem.push_str(&impmesh_certs::pem_encode("CERTIFICATE", cert.as_ref()));
@@ -177,11 +191,11 @@ impl Control {
     /// ([`Control::end_certificate_overlap`]). Peers then drop the old pin when they see
     /// it is no longer announced. Links and syncs never drop; nobody retypes a password.
     pub async fn reload_certificates(&self) -> anyhow::Result<String> {
-        let identity = node::identity(&self.config)?;
-        let client = node::client_identity(&self.config)?;
+        let identity = files::identity(&self.config)?;
+        let client = files::client_identity(&self.config)?;
         let in_use: Vec<&NodeIdentity> =
             std::iter::once(&identity).chain(client.as_ref()).collect();
-        node::check_certificates(&self.server.store, &in_use).await?;
+        files::check_certificates(&self.server.store, &in_use).await?;
         let for_clients = client.as_ref().unwrap_or(&identity);
         self.server.set_tls(
             for_clients.server_config(&[])?,
@@ -346,61 +360,89 @@ impl Control {
         change(&self.config).map_err(cert_error)?;
         self.reload_certificates()
             .await
-            .map_err(|e| ControlError::Internal(format!("{e:#}")))
+            .map_err(|e| ControlError::Internal(format!("{e:#}").into()))
     }
 }
 
 fn user_error(e: UserError) -> ControlError {
     match e {
-        UserError::BadName(_) | UserError::EmptyPassword => ControlError::Invalid(e.to_string()),
-        UserError::Exists(_) | UserError::HomedAtPeer(_) => ControlError::Conflict(e.to_string()),
-        UserError::NotFound(_) => ControlError::NotFound(e.to_string()),
-        UserError::Store(_) => ControlError::Internal(e.to_string()),
+        UserError::BadName(_) | UserError::EmptyPassword => ControlError::Invalid(e.into()),
+        UserError::Exists(_) | UserError::HomedAtPeer(_) => ControlError::Conflict(e.into()),
+        UserError::NotFound(_) => ControlError::NotFound(e.into()),
+        UserError::Store(_) => ControlError::Internal(e.into()),
+    }
+}
+
+/// A router link as the admin API shows it.
+fn link_status(l: &impmesh_router::LinkStatus) -> api::LinkStatus {
+    api::LinkStatus {
+        node: l.node.clone(),
+        direction: match l.direction {
+            impmesh_router::LinkDirection::Out => api::LinkDirection::Out,
+            impmesh_router::LinkDirection::In => api::LinkDirection::In,
+        },
+        up: l.up,
+        since: l.since,
+        stanzas: l.stanzas,
+        queued: l.queued,
+        outbox_rows: l.outbox_rows,
+        outbox_bytes: l.outbox_bytes,
+        in_flight: l.in_flight,
+        peak_in_flight: l.peak_in_flight,
+        peer_protocol: l.peer_protocol,
+        peer_features: l.peer_features.clone(),
+        last_error: l.last_error.clone(),
     }
 }
 
 fn agent_error(e: AgentError) -> ControlError {
     match e {
-        AgentError::UnknownPeer(_) => ControlError::NotFound(e.to_string()),
-        AgentError::Invalid(_) | AgentError::Contact { .. } => ControlError::Invalid(e.to_string()),
-        AgentError::Store(_) => ControlError::Internal(e.to_string()),
+        AgentError::UnknownPeer(_) => ControlError::NotFound(e.into()),
+        AgentError::Address(_)
+        | AgentError::TooManyPeers(_)
+        | AgentError::ClusterChanged { .. }
+        | AgentError::NoCredential(_)
+        | AgentError::UnexpectedAnswer(_)
+        | AgentError::Contact { .. } => ControlError::Invalid(e.into()),
+        AgentError::NoCertificate
+        | AgentError::EmptyChain
+        | AgentError::Trust(_)
+        | AgentError::Store(_) => ControlError::Internal(e.into()),
     }
 }
 
 fn cert_error(e: anyhow::Error) -> ControlError {
     match e.downcast_ref::<CertError>() {
-        Some(CertError::Io { .. }) | None => ControlError::Internal(format!("{e:#}")),
-        Some(_) => ControlError::Invalid(format!("{e:#}")),
+        Some(CertError::Io { .. }) | None => ControlError::Internal(format!("{e:#}").into()),
+        Some(_) => ControlError::Invalid(format!("{e:#}").into()),
     }
 }
 
 impl NodeControl for Control {
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> api::NodeRuntime {
         let identity = self.identity();
         let cert = impmesh_certs::describe(&identity.chain[0]).ok();
-        let (c2s, direct, https) =
-            self.listeners
-                .get()
-                .cloned()
-                .unwrap_or((vec![], vec![], self.config.listen.https));
-        serde_json::json!({
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "sessions": self.server.hub.session_count(),
-            "listeners": {
-                "c2s": c2s.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "c2s_direct_tls": direct.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "https": https.to_string(),
-                "links": self.links.get().map(ToString::to_string),
+        let bound = self.bound();
+        let addrs = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect();
+        api::NodeRuntime {
+            uptime_secs: self.started.elapsed().as_secs(),
+            sessions: self.server.hub.session_count(),
+            listeners: api::Listeners {
+                c2s: addrs(&bound.c2s),
+                c2s_direct_tls: addrs(&bound.c2s_direct_tls),
+                https: bound.https.to_string(),
+                admin: bound.admin.to_string(),
+                links: self.links.get().map(ToString::to_string),
             },
-            "certificate": {
-                "sha256": identity.fingerprint(),
-                "subject": cert.as_ref().map(|c| c.subject.clone()),
-                "not_after": cert.as_ref().map(|c| c.not_after.clone()),
-                "self_signed": cert.as_ref().map(|c| c.self_signed),
+            certificate: api::CertificateSummary {
+                sha256: identity.fingerprint(),
+                subject: cert.as_ref().map(|c| c.subject.clone()),
+                not_after: cert.as_ref().map(|c| c.not_after.clone()),
+                self_signed: cert.as_ref().map(|c| c.self_signed),
             },
-            "client_certificate": self.client_identity().map(|c| c.fingerprint()),
-            "store": format!("{:?}", self.server.store.backend()).to_lowercase(),
-        })
+            client_certificate: self.client_identity().map(|c| c.fingerprint()),
+            store: format!("{:?}", self.server.store.backend()).to_lowercase(),
+        }
     }
 
     fn render_metrics(&self, out: &mut String) {
@@ -455,32 +497,32 @@ impl NodeControl for Control {
             .iter()
             .map(impmesh_certs::describe)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ControlError::Internal(e.to_string()))
+            .map_err(|e| ControlError::Internal(e.into()))
     }
 
     fn csr(&self, cn: &str, sans: &[String]) -> Result<String, ControlError> {
         self.identity()
             .csr(cn, sans)
-            .map_err(|e| ControlError::Invalid(e.to_string()))
+            .map_err(|e| ControlError::Invalid(e.into()))
     }
 
     async fn import_certificate(&self, source: CertSource) -> Result<String, ControlError> {
         self.change_certificate(|config| match source {
-            CertSource::Pem { cert, key, chain } => node::import_certificate(
+            CertSource::Pem { cert, key, chain } => files::import_certificate(
                 config,
                 cert.as_bytes(),
                 key.as_deref().map(str::as_bytes),
                 chain.as_deref().map(str::as_bytes),
             ),
             CertSource::Pkcs12 { archive, password } => {
-                node::import_pkcs12(config, &archive, &password)
+                files::import_pkcs12(config, &archive, &password)
             }
         })
         .await
     }
 
     async fn regenerate_certificate(&self) -> Result<String, ControlError> {
-        self.change_certificate(node::regenerate_certificate).await
+        self.change_certificate(files::regenerate_certificate).await
     }
 
     async fn reload_certificates(&self) -> Result<String, ControlError> {
@@ -492,35 +534,25 @@ impl NodeControl for Control {
         Ok(self.end_overlap())
     }
 
-    async fn troubleshoot(&self) -> Result<serde_json::Value, ControlError> {
-        let checks = self.agent()?.troubleshoot().await.map_err(agent_error)?;
-        serde_json::to_value(checks).map_err(|e| ControlError::Internal(e.to_string()))
+    async fn troubleshoot(&self) -> Result<Vec<api::Check>, ControlError> {
+        self.agent()?.troubleshoot().await.map_err(agent_error)
     }
 
-    async fn peers(&self) -> Result<serde_json::Value, ControlError> {
+    async fn peers(&self) -> Result<Vec<api::Peer>, ControlError> {
         let status = self.agent()?.status().await.map_err(agent_error)?;
-        let mut value =
-            serde_json::to_value(status).map_err(|e| ControlError::Internal(e.to_string()))?;
         // Each peer's router links, as the router sees them.
         let links = self.server.link_status();
-        for peer in value.as_array_mut().into_iter().flatten() {
-            let cluster = peer["cluster"].as_str().unwrap_or_default().to_owned();
-            peer["links"] = links
-                .iter()
-                .filter(|l| l.cluster == cluster)
-                .map(|l| {
-                    serde_json::json!({
-                        "node": l.node, "direction": l.direction, "up": l.up,
-                        "since": l.since, "stanzas": l.stanzas, "queued": l.queued,
-                        "outbox_rows": l.outbox_rows, "outbox_bytes": l.outbox_bytes,
-                        "in_flight": l.in_flight, "peak_in_flight": l.peak_in_flight,
-                        "peer_protocol": l.peer_protocol, "peer_features": l.peer_features,
-                        "last_error": l.last_error,
-                    })
-                })
-                .collect();
-        }
-        Ok(value)
+        Ok(status
+            .into_iter()
+            .map(|status| api::Peer {
+                links: links
+                    .iter()
+                    .filter(|l| l.cluster == status.cluster)
+                    .map(link_status)
+                    .collect(),
+                status,
+            })
+            .collect())
     }
 
     async fn peer_add(
@@ -528,15 +560,17 @@ impl NodeControl for Control {
         address: &str,
         user: &str,
         password: &str,
-    ) -> Result<serde_json::Value, ControlError> {
+    ) -> Result<api::PeerAdded, ControlError> {
         let peer = self
             .agent()?
             .add_peer(address, user, password)
             .await
             .map_err(agent_error)?;
-        Ok(serde_json::json!({
-            "cluster": peer.cluster, "address": peer.address, "state": peer.state,
-        }))
+        Ok(api::PeerAdded {
+            cluster: peer.cluster,
+            address: peer.address,
+            state: peer.state,
+        })
     }
 
     async fn peer_accept(&self, cluster: &str) -> Result<(), ControlError> {

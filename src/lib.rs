@@ -12,6 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod node;
 pub mod remote;
 pub mod users;

@@ -13,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::config::Config;
-use crate::node::ADMIN_TOKEN_FILE;
+use crate::files::ADMIN_TOKEN_FILE;
 
 /// A client of the running node's admin API, or `None` when the node does not run.
 pub async fn connect(config: &Config) -> anyhow::Result<Option<AxlClient>> {
@@ -58,24 +58,4 @@ pub async fn connect(config: &Config) -> anyhow::Result<Option<AxlClient>> {
         ),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Runs an admin API call and returns its JSON answer; a non-2xx status becomes an error
-/// carrying the API's message.
-pub async fn call(
-    client: &mut AxlClient,
-    method: impmesh_axl::client::Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let (status, value) = client.admin(method, path, body.as_ref()).await?;
-    if !status.is_success() {
-        let message = value
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| value.to_string());
-        anyhow::bail!("{message}");
-    }
-    Ok(value)
 }

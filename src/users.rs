@@ -40,7 +40,7 @@ pub fn normalize(name: &str, domain: &str) -> Result<String, UserError> {
     if name.is_empty() || name.contains(['@', '/']) {
         return Err(bad());
     }
-    impmesh_router::c2s::normalize_username(name, domain).ok_or_else(bad)
+    impmesh_router::names::normalize_username(name, domain).ok_or_else(bad)
 }
 
 pub async fn add(

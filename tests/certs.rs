@@ -50,7 +50,7 @@ async fn imported_certificate_is_used_by_new_handshakes_after_reload() {
     let mut alice = node.client("alice", PW, Some("before"));
     online(&mut alice).await;
 
-    let installed = impmesh::node::import_certificate(
+    let installed = impmesh::files::import_certificate(
         &node.config,
         cert.as_bytes(),
         Some(node_key.as_bytes()),
@@ -80,7 +80,7 @@ async fn install_ca_signed(node: &TestNode, days: i64) -> String {
     let ca = TestCa::new("Test CA");
     let (cert, key) = ca.issue(&["localhost"], days);
     let config = node.config.clone();
-    impmesh::node::import_certificate(
+    impmesh::files::import_certificate(
         &config,
         cert.as_bytes(),
         Some(key.as_bytes()),

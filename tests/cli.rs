@@ -299,7 +299,7 @@ fn trust_add_list_remove() {
         ..Default::default()
     };
     let anchors = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let store = impmesh::node::open_store(&config).await.unwrap();
+        let store = impmesh::files::open_store(&config).await.unwrap();
         impmesh_axl::trust::anchors(&store).await.unwrap()
     });
     assert_eq!(anchors.cas.len(), 1);

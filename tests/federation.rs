@@ -243,12 +243,15 @@ async fn chat_and_iq_cross_clusters_and_offline_storage_on_the_home_node() {
     let links = a.node.server.link_status();
     let out = links
         .iter()
-        .find(|l| l.direction == "out" && l.node == "node1.cluster-b.example.com")
+        .find(|l| {
+            l.direction == impmesh_router::LinkDirection::Out
+                && l.node == "node1.cluster-b.example.com"
+        })
         .unwrap();
     assert!(out.up);
     assert_eq!(out.cluster, "cluster-b.example.com");
     assert!(out.stanzas >= 3, "{out:?}");
-    let peers = a.node.control.peers().await.unwrap();
+    let peers = serde_json::to_value(a.node.control.peers().await.unwrap()).unwrap();
     let shown = &peers[0]["links"][0];
     assert_eq!(shown["node"], "node1.cluster-b.example.com");
     assert_eq!(shown["direction"], "out");
@@ -258,7 +261,9 @@ async fn chat_and_iq_cross_clusters_and_offline_storage_on_the_home_node() {
             .server
             .link_status()
             .iter()
-            .any(|l| l.direction == "in" && l.node == "node1.cluster-a.example.com" && l.up)
+            .any(|l| l.direction == impmesh_router::LinkDirection::In
+                && l.node == "node1.cluster-a.example.com"
+                && l.up)
     );
 
     // Bob offline: the message is kept on his home node (XEP-0160) and delivered at
@@ -575,7 +580,7 @@ async fn out_link_down(node: &TestNode, secs: u64, what: &str) {
         server
             .link_status()
             .iter()
-            .any(|l| l.direction == "out" && !l.up)
+            .any(|l| l.direction == impmesh_router::LinkDirection::Out && !l.up)
     })
     .await;
 }

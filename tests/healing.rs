@@ -41,11 +41,8 @@ async fn peer(a: &TestNode, b: &TestNode) {
 
 /// One peer's entry of `peer status`.
 async fn status_of(node: &TestNode, cluster: &str) -> serde_json::Value {
-    node.node
-        .control
-        .peers()
-        .await
-        .unwrap()
+    let peers = serde_json::to_value(node.node.control.peers().await.unwrap()).unwrap();
+    peers
         .as_array()
         .unwrap()
         .iter()
@@ -96,7 +93,7 @@ async fn a_deleted_peer_is_told_and_what_waited_for_it_is_bounced() {
             .server
             .link_status()
             .iter()
-            .any(|l| l.cluster == B && l.direction == "out" && !l.up)
+            .any(|l| l.cluster == B && l.direction == impmesh_router::LinkDirection::Out && !l.up)
     })
     .await;
     send(&mut alice, &chat("bob", "waiting")).await;
@@ -196,7 +193,7 @@ async fn a_peer_with_a_feature_turned_off_keeps_working_and_shows_it() {
     let links = a.node.server.link_status();
     let out = links
         .iter()
-        .find(|l| l.cluster == B && l.direction == "out")
+        .find(|l| l.cluster == B && l.direction == impmesh_router::LinkDirection::Out)
         .unwrap();
     assert_eq!(out.peer_protocol, Some(2));
     assert!(out.peer_features.is_empty());

@@ -67,7 +67,7 @@ async fn admin_client(node: &TestNode) -> AxlClient {
 
 async fn admin(node: &TestNode) -> AxlClient {
     let mut c = admin_client(node).await;
-    let token = impmesh::node::admin_token(&node.config).unwrap();
+    let token = impmesh::files::admin_token(&node.config).unwrap();
     c.use_bearer(&token).unwrap();
     c
 }
@@ -570,7 +570,7 @@ async fn admin_api_metrics_and_alarms() {
 
     // The admin API and /metrics live on the admin listener only; the peer-facing
     // listener answers 404 for them, and the admin listener has no /axl/.
-    let token = impmesh::node::admin_token(&node.config).unwrap();
+    let token = impmesh::files::admin_token(&node.config).unwrap();
     let mut peer_side = client(&node).await;
     peer_side.use_bearer(&token).unwrap();
     let (status, _) = peer_side.admin(Method::GET, "/users", None).await.unwrap();
@@ -841,7 +841,7 @@ async fn https_connections_per_address_are_capped() {
         else {
             return false;
         };
-        let token = impmesh::node::admin_token(&node.config).unwrap();
+        let token = impmesh::files::admin_token(&node.config).unwrap();
         c.use_bearer(&token).unwrap();
         c.raw(Method::GET, "/healthz", vec![]).await.is_ok()
     })

@@ -150,7 +150,7 @@ async fn thirty_clusters_peer_sync_and_propagate_changes() {
 
     // Every peer of every cluster is in sync with all of its users.
     for node in &nodes {
-        let peers = node.node.control.peers().await.unwrap();
+        let peers = serde_json::to_value(node.node.control.peers().await.unwrap()).unwrap();
         let peers = peers.as_array().unwrap();
         assert_eq!(peers.len(), CLUSTERS - 1);
         for p in peers {

@@ -54,7 +54,7 @@ fn link_to_b(a: &TestNode) -> Option<impmesh_router::LinkStatus> {
         .server
         .link_status()
         .into_iter()
-        .find(|l| l.direction == "out" && l.node == B_NODE)
+        .find(|l| l.direction == impmesh_router::LinkDirection::Out && l.node == B_NODE)
 }
 
 async fn link_down(a: &TestNode) {

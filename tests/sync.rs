@@ -64,7 +64,7 @@ async fn peers_sync_their_directories_and_follow_changes() {
         .peer_add(&b.node.https_addr.to_string(), AXL_USER, AXL_PW)
         .await
         .unwrap();
-    assert_eq!(added["cluster"], "cluster-b.example.com");
+    assert_eq!(added.cluster, "cluster-b.example.com");
     let store_a = a.node.server.store.clone();
     eventually(10, "B's users in A's directory", || async {
         store_a
@@ -79,7 +79,7 @@ async fn peers_sync_their_directories_and_follow_changes() {
         (bob.home_cluster.as_str(), bob.home_node.as_str()),
         ("cluster-b.example.com", "node1.cluster-b.example.com")
     );
-    let peers_b = b.node.control.peers().await.unwrap();
+    let peers_b = serde_json::to_value(b.node.control.peers().await.unwrap()).unwrap();
     assert_eq!(peers_b[0]["cluster"], "cluster-a.example.com");
     assert_eq!(peers_b[0]["state"], "pending");
     assert_eq!(peers_b[0]["added_here"], false);
@@ -128,14 +128,14 @@ async fn peers_sync_their_directories_and_follow_changes() {
         "{refused}"
     );
     assert!(a.node.server.store.user("ben").await.unwrap().is_none());
-    let checks = a.node.control.troubleshoot().await.unwrap();
+    let checks = serde_json::to_value(a.node.control.troubleshoot().await.unwrap()).unwrap();
     assert!(
         checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
         "{checks}"
     );
 
     // Peer status: in sync, associated users equal B's user count, certificates in sync.
-    let status = a.node.control.peers().await.unwrap();
+    let status = serde_json::to_value(a.node.control.peers().await.unwrap()).unwrap();
     let s = &status[0];
     assert_eq!(s["state"], "active");
     assert_eq!(s["associated_users"], 3);
@@ -161,17 +161,7 @@ async fn peers_sync_their_directories_and_follow_changes() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(
-        a.node
-            .control
-            .peers()
-            .await
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
+    assert!(a.node.control.peers().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -198,7 +188,7 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
     b.node.control.add_user("bill", "pw").await.unwrap();
     let control = a.node.control.clone();
     eventually(10, "certificate failure shown", || async {
-        let s = control.peers().await.unwrap();
+        let s = serde_json::to_value(control.peers().await.unwrap()).unwrap();
         s[0]["live"]["certificate_status"] == "failed"
     })
     .await;
@@ -239,7 +229,7 @@ async fn a_peer_that_replaces_its_certificate_shows_and_is_repaired_by_a_force_s
         !remote(&a, "bill").await.is_empty()
     })
     .await;
-    let s = a.node.control.peers().await.unwrap();
+    let s = serde_json::to_value(a.node.control.peers().await.unwrap()).unwrap();
     assert_eq!(s[0]["live"]["certificate_status"], "in-sync");
     assert!(
         !has_alarm(
@@ -315,12 +305,12 @@ async fn a_stalled_peer_sync_is_alarmed_restarted_and_cleared() {
         })
         .await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let status = a.node.control.peers().await.unwrap();
+        let status = serde_json::to_value(a.node.control.peers().await.unwrap()).unwrap();
         let restarts = status[0]["stall_restarts"].as_u64().unwrap();
         if hang {
             // Stalled again right after its restart: the whole agent was restarted.
             eventually(10, "a second restart", || async {
-                let s = a.node.control.peers().await.unwrap();
+                let s = serde_json::to_value(a.node.control.peers().await.unwrap()).unwrap();
                 s[0]["stall_restarts"].as_u64().unwrap() >= 2
             })
             .await;
@@ -491,7 +481,7 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
     .await;
     let control = a.node.control.clone();
     eventually(10, "every name resolved", || async {
-        let s = control.peers().await.unwrap();
+        let s = serde_json::to_value(control.peers().await.unwrap()).unwrap();
         let names = s[0]["live"]["dns"].as_array().cloned().unwrap_or_default();
         names.len() == 3 && names.iter().all(|n| n["ok"] == true)
     })
@@ -506,7 +496,7 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
     })
     .await;
     eventually(10, "the failing names reported", || async {
-        let s = control.peers().await.unwrap();
+        let s = serde_json::to_value(control.peers().await.unwrap()).unwrap();
         let names = s[0]["live"]["dns"].as_array().cloned().unwrap_or_default();
         !names.is_empty()
             && names
@@ -514,7 +504,7 @@ async fn a_dns_outage_does_not_cut_a_known_peer() {
                 .all(|n| n["ok"] == false && n["addresses"][0] == "127.0.0.1")
     })
     .await;
-    let checks = a.node.control.troubleshoot().await.unwrap();
+    let checks = serde_json::to_value(a.node.control.troubleshoot().await.unwrap()).unwrap();
     let dns_check = checks
         .as_array()
         .unwrap()
@@ -664,7 +654,7 @@ async fn three_clusters_converge_and_follow_every_kind_of_change() {
     for node in all {
         let control = node.node.control.clone();
         eventually(10, "every peer in sync", || async {
-            let peers = control.peers().await.unwrap();
+            let peers = serde_json::to_value(control.peers().await.unwrap()).unwrap();
             peers
                 .as_array()
                 .unwrap()
@@ -809,14 +799,14 @@ async fn a_peer_that_dropped_us_is_an_authentication_alarm() {
     // Between retries the peer shows as failed, with the peer's answer as the reason.
     let control = a.node.control.clone();
     eventually(10, "the failed status", || async {
-        let s = control.peers().await.unwrap();
+        let s = serde_json::to_value(control.peers().await.unwrap()).unwrap();
         s[0]["live"]["state"] == "failed"
             && s[0]["live"]["reason"]
                 .as_str()
                 .is_some_and(|r| r.contains("401"))
     })
     .await;
-    let checks = a.node.control.troubleshoot().await.unwrap();
+    let checks = serde_json::to_value(a.node.control.troubleshoot().await.unwrap()).unwrap();
     let sync = checks
         .as_array()
         .unwrap()

@@ -366,7 +366,7 @@ async fn a_rogue_peer_cannot_claim_users_it_does_not_home() {
             "{refused}"
         );
     }
-    let status = b.node.control.peers().await.unwrap();
+    let status = serde_json::to_value(b.node.control.peers().await.unwrap()).unwrap();
     let c_status = status
         .as_array()
         .unwrap()
@@ -571,10 +571,12 @@ async fn a_stanza_whose_sender_cannot_be_checked_is_not_acknowledged() {
     .await;
     let links = a.node.server.clone();
     eventually(10, "B closed the link unacknowledged", || async {
-        links
-            .link_status()
-            .iter()
-            .any(|l| l.cluster == B && l.direction == "out" && !l.up && l.in_flight > 0)
+        links.link_status().iter().any(|l| {
+            l.cluster == B
+                && l.direction == impmesh_router::LinkDirection::Out
+                && !l.up
+                && l.in_flight > 0
+        })
     })
     .await;
 

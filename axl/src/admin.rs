@@ -11,10 +11,14 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::json;
 
+use crate::api::{
+    AddTrust, ApiError, AxlUser, Check, CsrRequest, Fingerprint, ForceSync, ImportCertificate,
+    NewPeer, NewUser, NodeStatus, OverlapEnded, Password, Peer, PeerAction, Pem, TrustRemoved,
+    User, Username,
+};
 use crate::auth::Outcome;
-use crate::server::ConnInfo;
+use crate::state::ConnInfo;
 use crate::{CertSource, ControlError, Https, NodeControl};
 
 type AppState<C> = State<Arc<Https<C>>>;
@@ -53,7 +57,10 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
 
 /// A JSON error body with its status.
 pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, Json(json!({ "error": message.to_string() }))).into_response()
+    let body = ApiError {
+        error: message.to_string(),
+    };
+    (status, Json(body)).into_response()
 }
 
 impl IntoResponse for ControlError {
@@ -68,9 +75,9 @@ impl IntoResponse for ControlError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ControlError {
+fn internal(e: impl std::error::Error + Send + Sync + 'static) -> ControlError {
     tracing::error!(error = %e, "admin API failure");
-    ControlError::Internal(e.to_string())
+    ControlError::Internal(Box::new(e))
 }
 
 /// Rejects the request unless it carries admin credentials.
@@ -112,65 +119,43 @@ async fn authenticate<C: NodeControl>(
     }
 }
 
-async fn status<C: NodeControl>(State(https): AppState<C>) -> Response {
-    let mut status = https.control.status();
-    if let Some(obj) = status.as_object_mut() {
-        obj.insert("cluster".into(), json!(https.identity.cluster));
-        obj.insert("domain".into(), json!(https.identity.domain));
-        obj.insert("node".into(), json!(https.identity.node));
-        obj.insert("version".into(), json!(https.identity.version));
-        if let Ok(usn) = https.store.current_usn().await {
-            obj.insert("usn".into(), json!(usn));
-        }
-    }
-    Json(status).into_response()
+async fn status<C: NodeControl>(State(https): AppState<C>) -> Json<NodeStatus> {
+    Json(NodeStatus {
+        cluster: https.identity.cluster.clone(),
+        domain: https.identity.domain.clone(),
+        node: https.identity.node.clone(),
+        version: https.identity.version.clone(),
+        usn: https.store.current_usn().await.ok(),
+        runtime: https.control.status(),
+    })
 }
 
-async fn list_users<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+async fn list_users<C: NodeControl>(
+    State(https): AppState<C>,
+) -> Result<Json<Vec<User>>, ControlError> {
     let users = https.store.list_users().await.map_err(internal)?;
-    let list: Vec<_> = users
-        .iter()
-        .map(|u| {
-            json!({
-                "username": u.username,
-                "jid": format!("{}@{}", u.username, https.identity.domain),
-                "home_cluster": u.home_cluster,
-                "home_node": u.home_node,
-                "created_at": u.created_at,
-                "usn": u.usn,
-            })
-        })
-        .collect();
-    Ok(Json(list).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewUser {
-    name: String,
-    password: String,
+    Ok(Json(
+        users
+            .into_iter()
+            .map(|u| User::new(u, &https.identity.domain))
+            .collect(),
+    ))
 }
 
 async fn add_user<C: NodeControl>(
     State(https): AppState<C>,
     Json(body): Json<NewUser>,
 ) -> Result<Response, ControlError> {
-    let user = https.control.add_user(&body.name, &body.password).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "username": user }))).into_response())
+    let username = https.control.add_user(&body.name, &body.password).await?;
+    Ok((StatusCode::CREATED, Json(Username { username })).into_response())
 }
 
 async fn delete_user<C: NodeControl>(
     State(https): AppState<C>,
     Path(name): Path<String>,
 ) -> Result<Response, ControlError> {
-    let user = https.control.delete_user(&name).await?;
-    Ok(Json(json!({ "username": user })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Password {
-    password: String,
+    let username = https.control.delete_user(&name).await?;
+    Ok(Json(Username { username }).into_response())
 }
 
 async fn set_password<C: NodeControl>(
@@ -178,44 +163,25 @@ async fn set_password<C: NodeControl>(
     Path(name): Path<String>,
     Json(body): Json<Password>,
 ) -> Result<Response, ControlError> {
-    let user = https.control.set_password(&name, &body.password).await?;
-    Ok(Json(json!({ "username": user })).into_response())
+    let username = https.control.set_password(&name, &body.password).await?;
+    Ok(Json(Username { username }).into_response())
 }
 
 async fn certificates<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     Ok(Json(https.control.certificates()?).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Csr {
-    cn: String,
-    #[serde(default)]
-    sans: Vec<String>,
-}
-
 async fn csr<C: NodeControl>(
     State(https): AppState<C>,
-    Json(body): Json<Csr>,
+    Json(body): Json<CsrRequest>,
 ) -> Result<Response, ControlError> {
     let pem = https.control.csr(&body.cn, &body.sans)?;
-    Ok(Json(json!({ "pem": pem })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Import {
-    cert: Option<String>,
-    key: Option<String>,
-    chain: Option<String>,
-    /// A PKCS#12 archive, base64.
-    p12: Option<String>,
-    password: Option<String>,
+    Ok(Json(Pem { pem }).into_response())
 }
 
 async fn import<C: NodeControl>(
     State(https): AppState<C>,
-    Json(body): Json<Import>,
+    Json(body): Json<ImportCertificate>,
 ) -> Result<Response, ControlError> {
     let source = match (body.cert, body.p12) {
         (Some(cert), None) => CertSource::Pem {
@@ -236,64 +202,46 @@ async fn import<C: NodeControl>(
         }
     };
     let fingerprint = https.control.import_certificate(source).await?;
-    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+    Ok(Json(Fingerprint { fingerprint }).into_response())
 }
 
 async fn regenerate<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     let fingerprint = https.control.regenerate_certificate().await?;
-    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+    Ok(Json(Fingerprint { fingerprint }).into_response())
 }
 
 async fn reload<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     let fingerprint = https.control.reload_certificates().await?;
-    Ok(Json(json!({ "fingerprint": fingerprint })).into_response())
+    Ok(Json(Fingerprint { fingerprint }).into_response())
 }
 
 async fn end_overlap<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     let ended = https.control.end_certificate_overlap().await?;
-    Ok(Json(json!({ "ended": ended })).into_response())
+    Ok(Json(OverlapEnded { ended }).into_response())
 }
 
 async fn list_trust<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
     Ok(Json(https.store.trust_entries().await.map_err(internal)?).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddTrust {
-    pem: String,
-    /// `ca` or `pinned`.
-    kind: String,
-    peer: Option<String>,
-}
-
 async fn add_trust<C: NodeControl>(
     State(https): AppState<C>,
     Json(body): Json<AddTrust>,
 ) -> Result<Response, ControlError> {
-    let kind = match body.kind.as_str() {
-        "ca" => impmesh_store::TrustKind::Ca,
-        "pinned" if body.peer.is_some() => impmesh_store::TrustKind::Pinned,
-        "pinned" => {
-            return Err(ControlError::Invalid(
-                "a pinned certificate needs its peer".into(),
-            ));
-        }
-        other => {
-            return Err(ControlError::Invalid(format!(
-                "kind {other:?}: use ca or pinned"
-            )));
-        }
-    };
+    if body.kind == impmesh_store::TrustKind::Pinned && body.peer.is_none() {
+        return Err(ControlError::Invalid(
+            "a pinned certificate needs its peer".into(),
+        ));
+    }
     let added = crate::trust::add(
         &https.store,
         body.pem.as_bytes(),
-        kind,
+        body.kind,
         body.peer.as_deref(),
         "imported",
     )
     .await
-    .map_err(|e| ControlError::Invalid(format!("{e:#}")))?;
+    .map_err(|e| ControlError::Invalid(e.into()))?;
     Ok(Json(added).into_response())
 }
 
@@ -303,11 +251,11 @@ async fn remove_trust<C: NodeControl>(
 ) -> Result<Response, ControlError> {
     let fp = fingerprint.to_ascii_uppercase();
     if !https.store.remove_trust(&fp).await.map_err(internal)? {
-        return Err(ControlError::NotFound(format!(
-            "no trusted certificate with fingerprint {fingerprint}"
-        )));
+        return Err(ControlError::NotFound(
+            format!("no trusted certificate with fingerprint {fingerprint}").into(),
+        ));
     }
-    Ok(Json(json!({ "removed": fp })).into_response())
+    Ok(Json(TrustRemoved { removed: fp }).into_response())
 }
 
 async fn alarms<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
@@ -327,13 +275,11 @@ async fn alarm_history<C: NodeControl>(
     Ok(Json(https.store.alarm_history(limit).await.map_err(internal)?).into_response())
 }
 
-async fn axl_users<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+async fn axl_users<C: NodeControl>(
+    State(https): AppState<C>,
+) -> Result<Json<Vec<AxlUser>>, ControlError> {
     let users = https.store.axl_users().await.map_err(internal)?;
-    let list: Vec<_> = users
-        .iter()
-        .map(|u| json!({ "username": u.username, "created_at": u.created_at, "updated_at": u.updated_at }))
-        .collect();
-    Ok(Json(list).into_response())
+    Ok(Json(users.into_iter().map(AxlUser::from).collect()))
 }
 
 async fn set_axl_user<C: NodeControl>(
@@ -345,12 +291,12 @@ async fn set_axl_user<C: NodeControl>(
         .await
         .map_err(|e| {
             if e.is_invalid() {
-                ControlError::Invalid(e.to_string())
+                ControlError::Invalid(e.into())
             } else {
                 internal(e)
             }
         })?;
-    Ok(Json(json!({ "username": name })).into_response())
+    Ok(Json(Username { username: name }).into_response())
 }
 
 async fn delete_axl_user<C: NodeControl>(
@@ -358,21 +304,13 @@ async fn delete_axl_user<C: NodeControl>(
     Path(name): Path<String>,
 ) -> Result<Response, ControlError> {
     if !https.store.delete_axl_user(&name).await.map_err(internal)? {
-        return Err(ControlError::NotFound(format!("no AXL user {name}")));
+        return Err(ControlError::NotFound(format!("no AXL user {name}").into()));
     }
-    Ok(Json(json!({ "username": name })).into_response())
+    Ok(Json(Username { username: name }).into_response())
 }
 
-async fn peers<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
-    Ok(Json(https.control.peers().await?).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewPeer {
-    address: String,
-    user: String,
-    password: String,
+async fn peers<C: NodeControl>(State(https): AppState<C>) -> Result<Json<Vec<Peer>>, ControlError> {
+    Ok(Json(https.control.peers().await?))
 }
 
 async fn peer_add<C: NodeControl>(
@@ -391,7 +329,7 @@ async fn peer_accept<C: NodeControl>(
     Path(cluster): Path<String>,
 ) -> Result<Response, ControlError> {
     https.control.peer_accept(&cluster).await?;
-    Ok(Json(json!({ "accepted": cluster })).into_response())
+    Ok(Json(PeerAction::Accepted(cluster)).into_response())
 }
 
 async fn peer_delete<C: NodeControl>(
@@ -399,16 +337,7 @@ async fn peer_delete<C: NodeControl>(
     Path(cluster): Path<String>,
 ) -> Result<Response, ControlError> {
     https.control.peer_delete(&cluster).await?;
-    Ok(Json(json!({ "deleted": cluster })).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ForceSync {
-    #[serde(default)]
-    with_certificates: bool,
-    user: Option<String>,
-    password: Option<String>,
+    Ok(Json(PeerAction::Deleted(cluster)).into_response())
 }
 
 async fn peer_sync<C: NodeControl>(
@@ -427,9 +356,11 @@ async fn peer_sync<C: NodeControl>(
         }
     };
     https.control.peer_sync(&cluster, credential).await?;
-    Ok(Json(json!({ "syncing": cluster })).into_response())
+    Ok(Json(PeerAction::Syncing(cluster)).into_response())
 }
 
-async fn troubleshoot<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
-    Ok(Json(https.control.troubleshoot().await?).into_response())
+async fn troubleshoot<C: NodeControl>(
+    State(https): AppState<C>,
+) -> Result<Json<Vec<Check>>, ControlError> {
+    Ok(Json(https.control.troubleshoot().await?))
 }

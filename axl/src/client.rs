@@ -57,8 +57,42 @@ pub enum ClientError {
     NotTrusted,
     #[error("the channel-bound exchange needs TLS 1.3")]
     NoExporter,
-    #[error("protocol error: {0}")]
-    Protocol(String),
+    #[error("the TLS client configuration was refused: {0}")]
+    TlsConfig(#[from] rustls::Error),
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
+    #[error("cannot build the request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("cannot read the answer: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("an OPAQUE step did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the server's OPAQUE challenge lacks sid or data")]
+    Challenge,
+    #[error("{0} answered with something else")]
+    UnexpectedAnswer(&'static str),
+    #[error("{addr} is a node of this cluster ({cluster})")]
+    OwnCluster { addr: String, cluster: String },
+    #[error(
+        "{addr} serves the XMPP domain {theirs}, this cluster serves {ours}: a mesh serves one domain"
+    )]
+    DomainMismatch {
+        addr: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("the server showed no certificate")]
+    NoServerCertificate,
+    #[error("the peer's certificate list does not include the certificate it presented ({0})")]
+    UnlistedCertificate(String),
+    #[error("cannot pin the peer's certificate: {0}")]
+    Pin(#[from] crate::trust::PinError),
+    #[error("{0:?} is not host:port")]
+    Address(String),
+    #[error("cannot resolve {host}: {reason}")]
+    Unresolved { host: String, reason: String },
+    #[error("the answer does not match the admin API: {0}")]
+    Answer(serde_json::Error),
 }
 
 /// A connection to a node's HTTPS service.
@@ -107,22 +141,19 @@ impl AxlClient {
             ),
         };
         let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .with_protocol_versions(versions)?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match identity {
             Some(identity) => {
                 let (chain, key) = identity.client_auth();
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+                builder.with_client_auth_cert(chain, key)?
             }
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(server_name.to_owned())
-            .map_err(|_| ClientError::Protocol(format!("bad server name {server_name:?}")))?;
+            .map_err(|_| ClientError::ServerName(server_name.to_owned()))?;
         let connect = async {
             let tcp = tokio::net::TcpStream::connect(addr)
                 .await
@@ -207,9 +238,7 @@ impl AxlClient {
         if let Some(a) = authorization {
             builder = builder.header(header::AUTHORIZATION, a);
         }
-        let request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let request = builder.body(Full::new(Bytes::from(body)))?;
         let exchange = async {
             self.sender.ready().await?;
             let response = self.sender.send_request(request).await?;
@@ -217,7 +246,7 @@ impl AxlClient {
             let body = http_body_util::Limited::new(body, MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Protocol(format!("cannot read the answer: {e}")))?
+                .map_err(ClientError::Body)?
                 .to_bytes();
             Ok::<_, ClientError>((parts.status, parts.headers, body))
         };
@@ -280,9 +309,7 @@ impl AxlClient {
         let exporter = self.exporter.ok_or(ClientError::NoExporter)?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let pw = password.to_owned();
-        let start = tokio::task::spawn_blocking(move || ClientStart::new(&pw))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let start = tokio::task::spawn_blocking(move || ClientStart::new(&pw)).await??;
         let ke1 = format!(
             "{OPAQUE_SCHEME} user=\"{}\", data=\"{}\"",
             b64.encode(user),
@@ -310,14 +337,10 @@ impl AxlClient {
             params.get("sid").cloned(),
             params.get("data").and_then(|d| b64.decode(d).ok()),
         ) else {
-            return Err(ClientError::Protocol(
-                "the server's OPAQUE challenge lacks sid or data".into(),
-            ));
+            return Err(ClientError::Challenge);
         };
         let pw = password.to_owned();
-        let ke3 = tokio::task::spawn_blocking(move || start.finish(&pw, &ke2, &exporter))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let ke3 = tokio::task::spawn_blocking(move || start.finish(&pw, &ke2, &exporter)).await??;
         let finish = format!(
             "{OPAQUE_SCHEME} sid=\"{sid}\", data=\"{}\"",
             b64.encode(ke3)
@@ -346,15 +369,29 @@ impl AxlClient {
         Ok(answer)
     }
 
-    /// One admin API call; returns the status and the JSON answer.
+    /// One admin API call; returns the status and the JSON answer as it came (tests
+    /// look at the wire format; the CLI uses [`Self::admin_call`]).
     pub async fn admin(
         &mut self,
         method: Method,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value), ClientError> {
-        let auth = self.authorization.clone();
         let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let (status, answer) = self.admin_request(method, path, body).await?;
+        let value = serde_json::from_slice(&answer)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&answer).into()));
+        Ok((status, value))
+    }
+
+    /// Sends a JSON body to `/admin/v1{path}` with this client's credential.
+    async fn admin_request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let auth = self.authorization.clone();
         let (status, _, answer) = self
             .send(
                 method,
@@ -364,9 +401,33 @@ impl AxlClient {
                 body,
             )
             .await?;
-        let value = serde_json::from_slice(&answer)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&answer).into()));
-        Ok((status, value))
+        Ok((status, answer))
+    }
+
+    /// One admin API call with the types of [`crate::api`]: the answer, or
+    /// [`ClientError::Status`] with the API's message.
+    pub async fn admin_call<T, B>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError>
+    where
+        T: serde::de::DeserializeOwned,
+        B: serde::Serialize + ?Sized,
+    {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(ClientError::Answer)?,
+            None => vec![],
+        };
+        let (status, answer) = self.admin_request(method, path, body).await?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<crate::api::ApiError>(&answer)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
+            return Err(ClientError::Status { status, message });
+        }
+        serde_json::from_slice(&answer).map_err(ClientError::Answer)
     }
 
     /// A plain GET (for `/metrics`, `/healthz`, `/readyz`): status and body text.
@@ -474,21 +535,20 @@ pub async fn exchange_certificates(
         .first_contact(credential.0, credential.1, &Request::GetClusterInfo)
         .await?
     else {
-        return Err(ClientError::Protocol(
-            "getClusterInfo answered with something else".into(),
-        ));
+        return Err(ClientError::UnexpectedAnswer("getClusterInfo"));
     };
     if info.cluster.eq_ignore_ascii_case(&ours.cluster) {
-        return Err(ClientError::Protocol(format!(
-            "{addr} is a node of this cluster ({})",
-            info.cluster
-        )));
+        return Err(ClientError::OwnCluster {
+            addr: addr.to_owned(),
+            cluster: info.cluster,
+        });
     }
     if !info.domain.eq_ignore_ascii_case(&ours.domain) {
-        return Err(ClientError::Protocol(format!(
-            "{addr} serves the XMPP domain {}, this cluster serves {}: a mesh serves one domain",
-            info.domain, ours.domain
-        )));
+        return Err(ClientError::DomainMismatch {
+            addr: addr.to_owned(),
+            theirs: info.domain,
+            ours: ours.domain,
+        });
     }
     // A peer we already have: speak as that peering (its credential), so the peer
     // lets us change our own pins, address and credential, and nobody else's.
@@ -519,9 +579,7 @@ pub async fn exchange_certificates(
         token,
     } = answer
     else {
-        return Err(ClientError::Protocol(
-            "exchangeCertificates answered with something else".into(),
-        ));
+        return Err(ClientError::UnexpectedAnswer("exchangeCertificates"));
     };
     // Only the certificate the peer presented on this connection is proven (it signed
     // the handshake with its key); it must be one it lists.
@@ -529,19 +587,15 @@ pub async fn exchange_certificates(
         .server_chain()
         .first()
         .cloned()
-        .ok_or_else(|| ClientError::Protocol("the server showed no certificate".into()))?;
+        .ok_or(ClientError::NoServerCertificate)?;
     let fingerprint = impmesh_certs::fingerprint(&seen);
     if !certificates
         .iter()
         .any(|c| c.fingerprint.eq_ignore_ascii_case(&fingerprint))
     {
-        return Err(ClientError::Protocol(format!(
-            "the peer's certificate list does not include the certificate it presented ({fingerprint})"
-        )));
+        return Err(ClientError::UnlistedCertificate(fingerprint));
     }
-    crate::trust::pin_proven(store, &info.cluster, &seen)
-        .await
-        .map_err(|e| ClientError::Protocol(format!("cannot pin the peer's certificate: {e}")))?;
+    crate::trust::pin_proven(store, &info.cluster, &seen).await?;
     Ok(Peering {
         info,
         certificates,

@@ -9,6 +9,7 @@
 use std::future::Future;
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod client;
@@ -16,12 +17,14 @@ mod exchange;
 pub mod features;
 mod metrics;
 pub mod pake;
+mod refusals;
 pub mod server;
 pub mod soap;
+mod state;
 pub mod trust;
 pub mod xml;
 
-pub use server::{ChangeNotice, Https, HttpsLimits, ServiceIdentity, Surface};
+pub use state::{ApiStats, ChangeNotice, ConnInfo, Https, HttpsLimits, ServiceIdentity, Surface};
 
 /// A certificate to install, as the admin API receives it.
 #[derive(Debug, Clone)]
@@ -37,28 +40,33 @@ pub enum CertSource {
     },
 }
 
-/// Why the node refused an admin action; the admin API maps it to an HTTP status.
-#[derive(Debug, Clone, thiserror::Error)]
+/// What caused a refused admin action: an error of the layer that refused it, or the
+/// refusal's own words when nothing failed below it.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the node refused an admin action; the admin API maps it to an HTTP status and
+/// answers with the cause's message.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// 400: the input is wrong.
     #[error("{0}")]
-    Invalid(String),
+    Invalid(Cause),
     /// 404
     #[error("{0}")]
-    NotFound(String),
+    NotFound(Cause),
     /// 409: it exists already.
     #[error("{0}")]
-    Conflict(String),
+    Conflict(Cause),
     /// 500
     #[error("{0}")]
-    Internal(String),
+    Internal(Cause),
 }
 
 /// What the HTTPS service needs from the node it runs in (the binary implements it):
 /// actions that involve the router, the configuration or the certificate files.
 pub trait NodeControl: Send + Sync + 'static {
-    /// Node status for the admin API, as a JSON object.
-    fn status(&self) -> serde_json::Value;
+    /// What the running node knows about itself, for `GET /status`.
+    fn status(&self) -> api::NodeRuntime;
     /// Appends the node's own metrics in Prometheus text format.
     fn render_metrics(&self, out: &mut String);
     /// Whether the node serves clients (for `/readyz`).
@@ -95,17 +103,17 @@ pub trait NodeControl: Send + Sync + 'static {
     /// Ends the overlap of a certificate rotation at once (the new certificate goes in
     /// use for peers now); false when no rotation is under way.
     fn end_certificate_overlap(&self) -> impl Future<Output = Result<bool, ControlError>> + Send;
-    /// The System Troubleshooter's checks (JSON array of {name, ok, detail}).
-    fn troubleshoot(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
-    /// The status of every peer cluster (JSON array).
-    fn peers(&self) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
+    /// The System Troubleshooter's checks.
+    fn troubleshoot(&self) -> impl Future<Output = Result<Vec<api::Check>, ControlError>> + Send;
+    /// The status of every peer cluster, with its router links.
+    fn peers(&self) -> impl Future<Output = Result<Vec<api::Peer>, ControlError>> + Send;
     /// Adds a peer by the address of its AXL endpoint, with its AXL credential.
     fn peer_add(
         &self,
         address: &str,
         user: &str,
         password: &str,
-    ) -> impl Future<Output = Result<serde_json::Value, ControlError>> + Send;
+    ) -> impl Future<Output = Result<api::PeerAdded, ControlError>> + Send;
     /// Accepts a peer that added this cluster.
     fn peer_accept(&self, cluster: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
     /// Removes a peer, its users and its pinned certificates.

@@ -54,7 +54,7 @@ pub enum PakeError {
     #[error("damaged OPAQUE server setup or registration record")]
     Corrupt,
     #[error("OPAQUE failure: {0}")]
-    Internal(String),
+    Internal(opaque_ke::errors::ProtocolError),
 }
 
 /// A fresh server setup (keys and OPRF seed), serialized.
@@ -75,7 +75,7 @@ impl Setup {
     /// Runs both halves of the registration locally (the admin types the password on
     /// this node) and returns the record to store. The password is not kept.
     pub fn register(&self, username: &str, password: &str) -> Result<Vec<u8>, PakeError> {
-        let internal = |e: opaque_ke::errors::ProtocolError| PakeError::Internal(e.to_string());
+        let internal = PakeError::Internal;
         let start = ClientRegistration::<Suite>::start(&mut OsRng, password.as_bytes())
             .map_err(internal)?;
         let request =
@@ -124,7 +124,7 @@ impl Setup {
                 identifiers: Default::default(),
             },
         )
-        .map_err(|e| PakeError::Internal(e.to_string()))?;
+        .map_err(PakeError::Internal)?;
         Ok((
             PendingLogin(result.state),
             result.message.serialize().to_vec(),
@@ -158,7 +158,7 @@ pub struct ClientStart {
 impl ClientStart {
     pub fn new(password: &str) -> Result<ClientStart, PakeError> {
         let start = ClientLogin::<Suite>::start(&mut OsRng, password.as_bytes())
-            .map_err(|e| PakeError::Internal(e.to_string()))?;
+            .map_err(PakeError::Internal)?;
         Ok(ClientStart {
             ke1: start.message.serialize().to_vec(),
             state: start.state,

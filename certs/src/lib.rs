@@ -218,7 +218,7 @@ impl NodeIdentity {
 }
 
 /// What `impmesh cert show` tells about a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertInfo {
     pub subject: String,
     pub issuer: String,

@@ -10,7 +10,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use jid::{BareJid, FullJid};
 use minidom::Element;
-use rand::RngCore as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -22,15 +21,10 @@ use crate::core::negotiate::{
 };
 use crate::error::StreamErrorCondition;
 use crate::hub::{Control, Inbox, QueueLimits, ResumeRequest, SessionHandle};
+use crate::names::{normalize_username, random_id};
 use crate::sasl::{self, Mechanism, SaslFailure};
+use crate::session::Bound;
 use crate::xml::{Frame, Header, ns};
-
-/// A bound session, ready to run.
-pub struct Bound {
-    pub conn: Conn,
-    pub handle: Arc<SessionHandle>,
-    pub inbox: Inbox,
-}
 
 /// Why negotiation ended without a session.
 enum End {
@@ -439,12 +433,6 @@ fn check_header(header: &Header, domain: &str) -> Result<(), End> {
     Ok(())
 }
 
-pub(crate) fn random_id() -> String {
-    let mut raw = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut raw);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn header_xml(domain: &str, id: &str) -> String {
     format!(
         "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{}' version='1.0' xml:lang='en'>",
@@ -523,12 +511,6 @@ fn sasl_data(element: &Element) -> Result<Vec<u8>, SaslFailure> {
         return Ok(Vec::new());
     }
     B64.decode(text).map_err(|_| SaslFailure::IncorrectEncoding)
-}
-
-/// Normalises a SASL user name to a localpart of our domain (RFC 7622 nodeprep).
-pub fn normalize_username(name: &str, domain: &str) -> Option<String> {
-    let jid = BareJid::new(&format!("{name}@{domain}")).ok()?;
-    Some(jid.node()?.to_string())
 }
 
 /// Checks an authorization identity: absent, or the user's own bare JID.
@@ -914,10 +896,7 @@ mod tests {
     }
 
     #[test]
-    fn usernames_are_normalised_or_refused() {
-        assert_eq!(normalize_username("Alice", "d").as_deref(), Some("alice"));
-        assert_eq!(normalize_username("a b", "d"), None);
-        assert_eq!(normalize_username("", "d"), None);
+    fn an_authorization_identity_is_the_users_own() {
         assert!(authzid_ok(Some("alice@d"), "alice", "d"));
         assert!(!authzid_ok(Some("bob@d"), "alice", "d"));
         assert!(!authzid_ok(Some("alice@other"), "alice", "d"));

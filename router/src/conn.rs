@@ -238,7 +238,7 @@ impl Conn {
         while let Some(frame) = self
             .framer
             .next_frame(&mut buf)
-            .map_err(ReadError::Stream)?
+            .map_err(|e| ReadError::Stream(e.into()))?
         {
             self.frames.push_back(frame);
         }

@@ -29,6 +29,18 @@ pub enum StreamErrorCondition {
     UnsupportedVersion,
 }
 
+impl From<crate::xml::FrameError> for StreamErrorCondition {
+    fn from(e: crate::xml::FrameError) -> StreamErrorCondition {
+        use crate::xml::FrameError;
+        match e {
+            FrameError::NotWellFormed => StreamErrorCondition::NotWellFormed,
+            FrameError::RestrictedXml => StreamErrorCondition::RestrictedXml,
+            FrameError::NotAStream => StreamErrorCondition::InvalidNamespace,
+            FrameError::OverLimit => StreamErrorCondition::PolicyViolation,
+        }
+    }
+}
+
 impl StreamErrorCondition {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -13,6 +13,7 @@ use crate::core::envelope::IqType;
 use crate::core::subscription::Kind;
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::lock;
+use crate::roster::{MAX_ROSTER_ITEMS, roster_item_xml};
 use crate::session::Session;
 
 use crate::xml::{escape, ns};
@@ -33,8 +34,6 @@ pub const SERVER_FEATURES: &[&str] = &[
     "urn:xmpp:sasl-cb:0",
 ];
 
-/// Roster items a user may keep (ejabberd and Prosody have similar caps).
-pub(crate) const MAX_ROSTER_ITEMS: usize = 1000;
 /// Namespaces a user may keep in private XML storage (XEP-0049).
 const MAX_PRIVATE_ITEMS: usize = 100;
 /// JIDs a user may block (XEP-0191).
@@ -268,10 +267,7 @@ impl Session {
                 self.reply_result(iq, None);
                 return;
             }
-            let body: String = items
-                .iter()
-                .map(|i| crate::presence::roster_item_xml(i, false))
-                .collect();
+            let body: String = items.iter().map(|i| roster_item_xml(i, false)).collect();
             self.reply_result(
                 iq,
                 Some(format!(
@@ -497,7 +493,7 @@ impl Session {
             if s.presence().interested {
                 let push = format!(
                     "<iq type='set' id='block{}' to='{}'><{} xmlns='{}'>{body}</{}></iq>",
-                    crate::c2s::random_id(),
+                    crate::names::random_id(),
                     escape(&s.jid.to_string()),
                     payload.name(),
                     ns::BLOCKING,
@@ -589,7 +585,7 @@ pub(crate) async fn register_unauthenticated(
                     "username and password are required",
                 );
             };
-            let Some(user) = crate::c2s::normalize_username(&username, &server.config.domain)
+            let Some(user) = crate::names::normalize_username(&username, &server.config.domain)
             else {
                 return error(
                     StanzaErrorCondition::JidMalformed,

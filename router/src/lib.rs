@@ -18,7 +18,9 @@ pub mod error;
 pub mod hub;
 mod iq;
 pub mod link;
+pub mod names;
 mod presence;
+mod roster;
 pub mod sasl;
 mod session;
 pub mod stanza;
@@ -39,7 +41,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;
-pub use link::{HostResolver, LinkStatus};
+pub use link::{HostResolver, LinkDirection, LinkStatus};
 
 use crate::hub::Hub;
 

@@ -17,7 +17,7 @@ use crate::core::subscription::{self, Kind, State};
 use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
-use crate::iq::MAX_ROSTER_ITEMS;
+use crate::roster::{MAX_ROSTER_ITEMS, roster_item_xml};
 use crate::session::Session;
 use crate::stanza;
 use crate::xml::ns;
@@ -664,7 +664,7 @@ impl Server {
             }
             let push = format!(
                 "<iq type='set' id='push{}' to='{}'><query xmlns='{}' ver='{version}'>{}</query></iq>",
-                crate::c2s::random_id(),
+                crate::names::random_id(),
                 crate::xml::escape(&s.jid.to_string()),
                 ns::ROSTER,
                 roster_item_xml(item, removed)
@@ -708,30 +708,3 @@ fn stored_request(stanza: &Element) -> Element {
 
 /// XEP-0172 user nickname.
 const NICK: &str = "http://jabber.org/protocol/nick";
-
-/// One `<item/>` of a roster result or push.
-pub(crate) fn roster_item_xml(item: &RosterItem, removed: bool) -> String {
-    use crate::xml::escape;
-    let mut out = format!("<item jid='{}'", escape(&item.contact));
-    if removed {
-        out.push_str(" subscription='remove'/>");
-        return out;
-    }
-    if let Some(name) = &item.name {
-        out.push_str(&format!(" name='{}'", escape(name)));
-    }
-    out.push_str(&format!(" subscription='{}'", item.subscription.as_str()));
-    if item.ask {
-        out.push_str(" ask='subscribe'");
-    }
-    if item.groups.is_empty() {
-        out.push_str("/>");
-    } else {
-        out.push('>');
-        for g in &item.groups {
-            out.push_str(&format!("<group>{}</group>", escape(g)));
-        }
-        out.push_str("</item>");
-    }
-    out
-}

@@ -16,14 +16,21 @@ use minidom::Element;
 use tokio::time::Instant;
 
 use crate::Server;
-use crate::c2s::Bound;
 use crate::conn::{Conn, ReadError};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
 use crate::hub::{Control, Inbox, Queued, ResumeRequest, SessionHandle};
+use crate::names::random_id;
 use crate::stanza::{self, Kind};
 use crate::xml::{Frame, ns};
+
+/// A bound session, ready to run.
+pub struct Bound {
+    pub conn: Conn,
+    pub handle: Arc<SessionHandle>,
+    pub inbox: Inbox,
+}
 
 /// Stanzas drained from the queue per wake-up before writing them in one flush.
 /// Bounds the time one busy session holds its task (STYLE 5).
@@ -318,7 +325,7 @@ impl Session {
                     return Ok(());
                 }
                 let resumable = matches!(element.attr("resume"), Some("true" | "1"));
-                let id = crate::c2s::random_id();
+                let id = random_id();
                 if resumable {
                     self.server
                         .hub
@@ -484,8 +491,8 @@ impl Session {
             rows.push(message.id);
             self.push_offline(message.stanza.into(), message.id);
         }
-        let ping = (self.sm.is_none() && !rows.is_empty())
-            .then(|| format!("offline-{}", crate::c2s::random_id()));
+        let ping =
+            (self.sm.is_none() && !rows.is_empty()).then(|| format!("offline-{}", random_id()));
         if let Some(id) = &ping {
             self.push_ping(id);
         }

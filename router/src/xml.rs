@@ -12,8 +12,6 @@
 use minidom::Element;
 use rxml::{Parse as _, WithOptions as _};
 
-use crate::error::StreamErrorCondition;
-
 /// Namespaces of the stream layer.
 pub mod ns {
     pub const STREAM: &str = "http://etherx.jabber.org/streams";
@@ -217,7 +215,7 @@ impl Framer {
 
     /// Feeds bytes; returns the next complete frame, or `None` when `buf` is used up.
     /// Call again with the rest of `buf` until it returns `None`.
-    pub fn next_frame(&mut self, buf: &mut &[u8]) -> Result<Option<Frame>, StreamErrorCondition> {
+    pub fn next_frame(&mut self, buf: &mut &[u8]) -> Result<Option<Frame>, FrameError> {
         loop {
             let start = *buf;
             let before = buf.len();
@@ -225,14 +223,14 @@ impl Framer {
             let consumed = before - buf.len();
             self.element_bytes += consumed;
             if self.element_bytes > self.limits.bytes {
-                return Err(StreamErrorCondition::PolicyViolation);
+                return Err(FrameError::OverLimit);
             }
             if let Some(sniffer) = &mut self.header {
                 sniffer.feed(&start[..consumed]);
             }
             let event = match event {
                 Ok(Some(event)) => event,
-                Ok(None) => return Err(StreamErrorCondition::NotWellFormed),
+                Ok(None) => return Err(FrameError::NotWellFormed),
                 Err(rxml::error::EndOrError::NeedMoreData) => return Ok(None),
                 Err(rxml::error::EndOrError::Error(e)) => return Err(map_parse_error(&e)),
             };
@@ -254,13 +252,13 @@ impl Framer {
         self.header.as_ref()?.default_ns.as_deref()
     }
 
-    fn handle(&mut self, event: rxml::Event) -> Result<Option<Frame>, StreamErrorCondition> {
+    fn handle(&mut self, event: rxml::Event) -> Result<Option<Frame>, FrameError> {
         match event {
             rxml::Event::XmlDeclaration(..) => Ok(None),
             rxml::Event::StartElement(_, (ns, name), attrs) => {
                 if !self.open {
                     if ns.as_str() != ns::STREAM || name.as_str() != "stream" {
-                        return Err(StreamErrorCondition::InvalidNamespace);
+                        return Err(FrameError::NotAStream);
                     }
                     self.open = true;
                     self.element_bytes = 0;
@@ -289,14 +287,14 @@ impl Framer {
                     return Ok(Some(Frame::Header(header)));
                 }
                 if self.stack.len() >= MAX_DEPTH {
-                    return Err(StreamErrorCondition::PolicyViolation);
+                    return Err(FrameError::OverLimit);
                 }
                 if self.stack.is_empty() {
                     self.elements = 0;
                 }
                 self.elements += 1;
                 if self.elements > self.limits.elements || attrs.len() > self.limits.attributes {
-                    return Err(StreamErrorCondition::PolicyViolation);
+                    return Err(FrameError::OverLimit);
                 }
                 let mut element = Element::bare(name.as_str(), ns.as_str());
                 *element.attrs_mut() = attrs;
@@ -329,32 +327,45 @@ impl Framer {
                     self.element_bytes = 0;
                     Ok(None)
                 }
-                None => Err(StreamErrorCondition::NotWellFormed),
+                None => Err(FrameError::NotWellFormed),
             },
         }
     }
 }
 
-/// Maps a parser error to the stream error RFC 6120 §4.9.3 asks for: anything the
+/// Why the framer refused its input; each is one stream error of RFC 6120 §4.9.3
+/// (see `From<FrameError> for StreamErrorCondition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not XML, or XML that breaks the stream's structure (`not-well-formed`).
+    NotWellFormed,
+    /// Something the restricted profile of RFC 6120 §11.1 forbids: a DTD, an entity, a
+    /// processing instruction, a comment (`restricted-xml`).
+    RestrictedXml,
+    /// The first element is not `<stream:stream/>` (`invalid-namespace`).
+    NotAStream,
+    /// Over a size, depth, element or attribute limit (`policy-violation`).
+    OverLimit,
+}
+
+/// Maps a parser error to what RFC 6120 §4.9.3 asks for: anything the
 /// restricted profile of §11.1 forbids (DTDs, entity declarations or references,
 /// processing instructions, comments) is `restricted-xml`; the rest is `not-well-formed`.
-fn map_parse_error(e: &rxml::Error) -> StreamErrorCondition {
+fn map_parse_error(e: &rxml::Error) -> FrameError {
     match e {
         // A name or attribute value over MAX_TOKEN_BYTES: a size limit, not a grammar rule.
         rxml::Error::RestrictedXml(msg)
             if msg.contains("too long") || msg.starts_with("long name") =>
         {
-            StreamErrorCondition::PolicyViolation
+            FrameError::OverLimit
         }
-        rxml::Error::RestrictedXml(_) | rxml::Error::UndeclaredEntity => {
-            StreamErrorCondition::RestrictedXml
-        }
+        rxml::Error::RestrictedXml(_) | rxml::Error::UndeclaredEntity => FrameError::RestrictedXml,
         // `<!DOCTYPE`, `<!ENTITY`: the lexer only knows `<!--` and `<![CDATA[` after `<!`,
         // so a markup declaration surfaces as this syntax error.
         rxml::Error::InvalidSyntax(msg) if msg.contains("cdata or comment") => {
-            StreamErrorCondition::RestrictedXml
+            FrameError::RestrictedXml
         }
-        _ => StreamErrorCondition::NotWellFormed,
+        _ => FrameError::NotWellFormed,
     }
 }
 
@@ -441,7 +452,7 @@ mod tests {
         }
     }
 
-    fn frames(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
+    fn frames(input: &str, max: usize) -> Result<Vec<Frame>, FrameError> {
         let mut framer = Framer::new(FrameLimits::authenticated(max));
         let mut out = vec![];
         // Feed byte by byte: the framer must not care how the input is chunked.
@@ -454,7 +465,7 @@ mod tests {
         Ok(out)
     }
 
-    fn frames_with(input: &str, limits: FrameLimits) -> Result<Vec<Frame>, StreamErrorCondition> {
+    fn frames_with(input: &str, limits: FrameLimits) -> Result<Vec<Frame>, FrameError> {
         let mut framer = Framer::new(limits);
         let mut out = vec![];
         for byte in input.as_bytes().chunks(7) {
@@ -495,7 +506,7 @@ mod tests {
         assert!(frames_with(&nested(31), limits).is_ok());
         assert_eq!(
             frames_with(&nested(32), limits).err(),
-            Some(StreamErrorCondition::PolicyViolation)
+            Some(FrameError::OverLimit)
         );
         // The count starts again with each top-level element.
         let two = format!("{HEADER}<iq>{0}</iq><iq>{0}</iq>", "<a/>".repeat(31));
@@ -507,7 +518,7 @@ mod tests {
         assert!(frames_with(&attrs(16), limits).is_ok());
         assert_eq!(
             frames_with(&attrs(17), limits).err(),
-            Some(StreamErrorCondition::PolicyViolation)
+            Some(FrameError::OverLimit)
         );
         // After authentication: thousands.
         let after = FrameLimits::authenticated(262_144);
@@ -543,46 +554,40 @@ mod tests {
             <stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
         assert_eq!(
             frames(laughs, 10_000).unwrap_err(),
-            StreamErrorCondition::RestrictedXml
+            FrameError::RestrictedXml
         );
         let entity_ref = format!("{HEADER}<message><body>&lol9;</body></message>");
         assert_eq!(
             frames(&entity_ref, 10_000).unwrap_err(),
-            StreamErrorCondition::RestrictedXml
+            FrameError::RestrictedXml
         );
         let comment = format!("{HEADER}<!-- hi --><message/>");
         assert_eq!(
             frames(&comment, 10_000).unwrap_err(),
-            StreamErrorCondition::RestrictedXml
+            FrameError::RestrictedXml
         );
         let pi = format!("{HEADER}<?xml-stylesheet href='x'?>");
-        assert_eq!(
-            frames(&pi, 10_000).unwrap_err(),
-            StreamErrorCondition::RestrictedXml
-        );
+        assert_eq!(frames(&pi, 10_000).unwrap_err(), FrameError::RestrictedXml);
     }
 
     #[test]
     fn malformed_xml_is_not_well_formed() {
         let bad = format!("{HEADER}<message><body></message>");
-        assert_eq!(
-            frames(&bad, 10_000).unwrap_err(),
-            StreamErrorCondition::NotWellFormed
-        );
+        assert_eq!(frames(&bad, 10_000).unwrap_err(), FrameError::NotWellFormed);
         let text = format!("{HEADER}stray text");
         assert_eq!(
             frames(&text, 10_000).unwrap_err(),
-            StreamErrorCondition::NotWellFormed
+            FrameError::NotWellFormed
         );
         let unbound = format!("{HEADER}<foo:bar/>");
         assert_eq!(
             frames(&unbound, 10_000).unwrap_err(),
-            StreamErrorCondition::NotWellFormed
+            FrameError::NotWellFormed
         );
         let not_stream = "<html>";
         assert_eq!(
             frames(not_stream, 10_000).unwrap_err(),
-            StreamErrorCondition::InvalidNamespace
+            FrameError::NotAStream
         );
     }
 
@@ -592,10 +597,7 @@ mod tests {
             "{HEADER}<message><body>{}</body></message>",
             "a".repeat(5000)
         );
-        assert_eq!(
-            frames(&big, 1000).unwrap_err(),
-            StreamErrorCondition::PolicyViolation
-        );
+        assert_eq!(frames(&big, 1000).unwrap_err(), FrameError::OverLimit);
         // A text node that never ends is caught while it streams in.
         let mut framer = Framer::new(FrameLimits::authenticated(1000));
         let mut head = HEADER.as_bytes();
@@ -611,7 +613,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(err, Some(StreamErrorCondition::PolicyViolation));
+        assert_eq!(err, Some(FrameError::OverLimit));
         // Whitespace keepalives between stanzas never accumulate towards the cap.
         let keepalives = format!("{HEADER}{}<presence/>", " ".repeat(3000));
         assert_eq!(frames(&keepalives, 1000).unwrap().len(), 2);
@@ -628,10 +630,7 @@ mod tests {
             "{HEADER}<message id='{}'/>",
             "a".repeat(MAX_TOKEN_BYTES + 1)
         );
-        assert_eq!(
-            frames(&attr, 262_144).unwrap_err(),
-            StreamErrorCondition::PolicyViolation
-        );
+        assert_eq!(frames(&attr, 262_144).unwrap_err(), FrameError::OverLimit);
     }
 
     /// Security review M14: a stream's namespace table is its own. Namespaces one
@@ -700,10 +699,7 @@ mod tests {
             let started = std::time::Instant::now();
             let err = frames_fast(&input, pre_auth).unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    StreamErrorCondition::PolicyViolation | StreamErrorCondition::NotWellFormed
-                ),
+                matches!(err, FrameError::OverLimit | FrameError::NotWellFormed),
                 "{what}: {err:?}"
             );
             assert!(
@@ -715,12 +711,12 @@ mod tests {
         let dup: String = (0..500).map(|_| " a='x'").collect();
         assert_eq!(
             frames_fast(&format!("{HEADER}<message{dup}/>"), 262_144).unwrap_err(),
-            StreamErrorCondition::NotWellFormed
+            FrameError::NotWellFormed
         );
     }
 
     /// Like `frames`, in 4 KiB chunks (byte-at-a-time would make big inputs slow).
-    fn frames_fast(input: &str, max: usize) -> Result<Vec<Frame>, StreamErrorCondition> {
+    fn frames_fast(input: &str, max: usize) -> Result<Vec<Frame>, FrameError> {
         let mut framer = Framer::new(FrameLimits::authenticated(max));
         let mut out = vec![];
         for chunk in input.as_bytes().chunks(4096) {
@@ -735,9 +731,6 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused() {
         let deep = format!("{HEADER}<message>{}", "<a>".repeat(MAX_DEPTH + 1));
-        assert_eq!(
-            frames(&deep, 100_000).unwrap_err(),
-            StreamErrorCondition::PolicyViolation
-        );
+        assert_eq!(frames(&deep, 100_000).unwrap_err(), FrameError::OverLimit);
     }
 }

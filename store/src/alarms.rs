@@ -192,7 +192,7 @@ pub const CATALOGUE: &[AlarmDef] = &[
 ];
 
 /// An alarm that is on.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ActiveAlarm {
     pub name: String,
     pub subject: String,
@@ -202,7 +202,7 @@ pub struct ActiveAlarm {
 }
 
 /// One raise or clear.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AlarmEvent {
     pub name: String,
     pub subject: String,

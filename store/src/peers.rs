@@ -9,7 +9,7 @@ use crate::directory::DirectoryEntry;
 use crate::{Backend, Result, Store, StoreError, now_unix};
 
 /// Whether we sync from a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerState {
     /// Our admin added or accepted it: we sync from it and trust its users.
@@ -51,7 +51,7 @@ pub struct PeerRecord {
 }
 
 /// Where a peer's sync stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerSync {
     /// Every change up to this USN of the peer is in our directory.
     pub applied_usn: i64,

@@ -6,7 +6,7 @@ use sqlx::Row as _;
 use crate::{Result, Store, StoreError, now_unix};
 
 /// One trusted certificate.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrustEntry {
     /// SHA-256 of the DER certificate, colon-separated hex; the entry's identity.
     pub fingerprint: String,
@@ -21,7 +21,7 @@ pub struct TrustEntry {
 }
 
 /// What a trust entry vouches for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum TrustKind {

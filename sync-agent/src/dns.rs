@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use impmesh_store::Store;
-use serde::Serialize;
 
 /// Something that turns a name into addresses (hickory in production; tests use a map).
 pub trait NameResolver: Send + Sync + 'static {
@@ -46,19 +45,7 @@ impl NameResolver for SystemDns {
     }
 }
 
-/// The outcome of resolving one name, for `peer status` and the troubleshooter.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct NameStatus {
-    pub name: String,
-    /// Whether DNS answered now.
-    pub ok: bool,
-    /// The addresses in use: DNS's answer, or the last good one during an outage.
-    pub addresses: Vec<String>,
-    /// DNS's error, when it failed.
-    pub error: Option<String>,
-    /// When the addresses in use were resolved, for a stale answer.
-    pub resolved_at: Option<i64>,
-}
+pub use impmesh_axl::api::NameStatus;
 
 /// Resolution with the last good answers.
 pub struct Dns {

@@ -20,6 +20,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::{Agent, lock};
+use std::sync::Arc;
+
 /// What the watchdog sees of one peer's task.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerView {
@@ -108,6 +111,81 @@ impl Watchdog {
             actions.push(Action::RestartAll);
         }
         actions
+    }
+}
+
+impl Agent {
+    /// The stall watchdog: every tick, [`Watchdog`] decides from each peer
+    /// task's progress which peers get the stall alarm and whose task is restarted (see
+    /// the module for the rules); this loop carries it out.
+    pub(crate) async fn watch_stalls(self: Arc<Self>) {
+        let threshold = self.settings.stall_threshold;
+        let tick = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let views: Vec<PeerView> = lock(&self.peers)
+                .iter()
+                .map(|(cluster, h)| {
+                    let p = lock(&h.progress);
+                    PeerView {
+                        cluster: cluster.clone(),
+                        last_completed: p.last_completed,
+                        last_activity: p.last_activity,
+                        alarmed: p.alarmed,
+                    }
+                })
+                .collect();
+            let actions = lock(&self.watchdog).tick(
+                tokio::time::Instant::now(),
+                &views,
+                threshold,
+                self.settings.auto_recovery,
+            );
+            for action in actions {
+                match action {
+                    Action::Alarm { cluster, idle } => {
+                        let reason = lock(&self.peers)
+                            .get(&cluster)
+                            .and_then(|h| lock(&h.status).reason.clone());
+                        let message = format!(
+                            "no sync with {cluster} completed for {} s{}",
+                            idle.as_secs(),
+                            reason.map(|r| format!(": {r}")).unwrap_or_default()
+                        );
+                        if let Err(e) = self
+                            .store
+                            .raise_alarm(
+                                impmesh_store::alarms::PEER_SYNC_STALLED,
+                                &cluster,
+                                &message,
+                            )
+                            .await
+                        {
+                            tracing::error!(error = %e, "cannot raise the stall alarm");
+                        }
+                        if let Some(h) = lock(&self.peers).get(&cluster) {
+                            lock(&h.progress).alarmed = true;
+                        }
+                    }
+                    Action::RestartPeer(cluster) => {
+                        tracing::warn!(peer = %cluster, "the peer's sync stalled: restarting its task (only)");
+                        self.restart_peer(&cluster);
+                    }
+                    Action::RestartAll => {
+                        tracing::warn!(
+                            "a peer's task hung again after its own restart: restarting the whole sync agent"
+                        );
+                        let all: Vec<String> = lock(&self.peers).keys().cloned().collect();
+                        for c in all {
+                            self.restart_peer(&c);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -112,6 +112,25 @@ impl LinkCounters {
     }
 }
 
+/// Which way a link carries stanzas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkDirection {
+    /// This node sends over it.
+    Out,
+    /// The remote node sends to this one.
+    In,
+}
+
+impl LinkDirection {
+    /// `out` or `in`, as `/metrics` labels it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkDirection::Out => "out",
+            LinkDirection::In => "in",
+        }
+    }
+}
+
 /// One link as reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkStatus {
@@ -119,8 +138,7 @@ pub struct LinkStatus {
     pub node: String,
     /// Its cluster.
     pub cluster: String,
-    /// `out` (we send over it) or `in` (the remote node sends to us).
-    pub direction: &'static str,
+    pub direction: LinkDirection,
     pub up: bool,
     pub since: i64,
     /// Stanzas carried so far.
@@ -357,7 +375,7 @@ impl Links {
                     "{name}{{node=\"{}\",cluster=\"{}\",direction=\"{}\"}} {}",
                     l.node,
                     l.cluster,
-                    l.direction,
+                    l.direction.as_str(),
                     value(l)
                 );
             }
@@ -375,7 +393,7 @@ impl Links {
     pub fn status(&self) -> Vec<LinkStatus> {
         let report = |node: &str,
                       cluster: &str,
-                      direction: &'static str,
+                      direction: LinkDirection,
                       c: &LinkCounters,
                       queued: usize| {
             // One lock at a time: a guard taken inside the struct literal would live
@@ -403,12 +421,12 @@ impl Links {
             .map(|(node, l)| {
                 let queued = LINK_QUEUE - l.tx.capacity()
                     + l.counters.stored.load(Ordering::Relaxed) as usize;
-                report(node, &l.cluster, "out", &l.counters, queued)
+                report(node, &l.cluster, LinkDirection::Out, &l.counters, queued)
             })
             .collect();
         let mut inbound: Vec<LinkStatus> = lock(&self.inbound)
             .iter()
-            .map(|(node, l)| report(node, &l.cluster, "in", &l.counters, 0))
+            .map(|(node, l)| report(node, &l.cluster, LinkDirection::In, &l.counters, 0))
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
         inbound.sort_by(|a, b| a.node.cmp(&b.node));
@@ -420,8 +438,41 @@ impl Links {
 /// Why a link could not be opened.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Store(#[from] impmesh_store::StoreError),
+    #[error("cannot verify peer certificates: {0}")]
+    Trust(#[from] impmesh_certs::CertError),
+    #[error("this node has no certificate for links")]
+    NoIdentity,
+    #[error("{node} is not a known node of {cluster}")]
+    UnknownNode { node: String, cluster: String },
+    #[error("{0} does not accept router links")]
+    NoLinks(String),
+    #[error("{0} is not a valid server name")]
+    ServerName(String),
+    #[error("{0} was removed")]
+    Removed(String),
+    #[error("no acknowledgement for {} s with {in_flight} stanzas in flight", .waited.as_secs())]
+    NoAck {
+        waited: std::time::Duration,
+        in_flight: usize,
+    },
+    #[error("a newer link from {0} replaced this one")]
+    Replaced(String),
+    #[error("no client certificate")]
+    NoClientCertificate,
+    #[error("certificate {0} is not pinned for any peer")]
+    NotPinned(String),
+    #[error("{0} is not an accepted peer")]
+    NotAccepted(String),
+    #[error("{cluster} opened a link as {node:?}, which is not one of its nodes")]
+    NotItsNode { cluster: String, node: String },
+    #[error("a node of {cluster} presented its pinned certificate {fingerprint}: {error:?}")]
+    Expired {
+        cluster: String,
+        fingerprint: String,
+        error: rustls::CertificateError,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("timed out")]
@@ -676,7 +727,7 @@ impl Server {
         let mut out = Outgoing {
             node: node.clone(),
             cluster: cluster.clone(),
-            epoch: crate::c2s::random_id(),
+            epoch: crate::names::random_id(),
             next_seq: 1,
             outbox_cursor: 0,
             unacked: VecDeque::new(),
@@ -1085,36 +1136,33 @@ impl Server {
         epoch: &str,
         counters: &LinkCounters,
     ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, u64, FrameReader), LinkError> {
-        let setup = |m: String| LinkError::Setup(m);
         let target = self
             .store
             .peer_node(node)
-            .await
-            .map_err(|e| setup(e.to_string()))?
+            .await?
             .filter(|n| n.peer == cluster)
-            .ok_or_else(|| setup(format!("{node} is not a known node of {cluster}")))?;
+            .ok_or_else(|| LinkError::UnknownNode {
+                node: node.to_owned(),
+                cluster: cluster.to_owned(),
+            })?;
         if target.link_port == 0 {
-            return Err(setup(format!("{node} does not accept router links")));
+            return Err(LinkError::NoLinks(node.to_owned()));
         }
         let anchors = self.trust_for(cluster).await?;
-        let verifier = PeerVerifier::new(&anchors).map_err(|e| setup(e.to_string()))?;
+        let verifier = PeerVerifier::new(&anchors)?;
         let config = {
             let identity = self
                 .links
                 .identity
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
-            let (identity, _) = identity
-                .as_ref()
-                .ok_or_else(|| setup("no node certificate for links".into()))?;
-            identity
-                .link_client_config(verifier)
-                .map_err(|e| setup(e.to_string()))?
+            let (identity, _) = identity.as_ref().ok_or(LinkError::NoIdentity)?;
+            identity.link_client_config(verifier)?
         };
         let tcp = self.connect_host(&target.host, target.link_port).await?;
         tcp.set_nodelay(true)?;
         let name = ServerName::try_from(node.to_owned())
-            .map_err(|_| setup(format!("{node} is not a valid server name")))?;
+            .map_err(|_| LinkError::ServerName(node.to_owned()))?;
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;
@@ -1145,10 +1193,7 @@ impl Server {
 
     /// What verifies a node of `cluster`: its pinned certificates and the trusted CAs.
     async fn trust_for(&self, cluster: &str) -> Result<TrustAnchors, LinkError> {
-        self.store
-            .trust_anchors(Some(cluster))
-            .await
-            .map_err(|e| LinkError::Setup(e.to_string()))
+        Ok(self.store.trust_anchors(Some(cluster)).await?)
     }
 
     /// Writes until shutdown (`Ok`) or the link fails: first what the other side has
@@ -1198,8 +1243,7 @@ impl Server {
                 let rows = self
                     .store
                     .outbox_page(&out.node, out.outbox_cursor, room)
-                    .await
-                    .map_err(|e| LinkError::Setup(e.to_string()))?;
+                    .await?;
                 if rows.is_empty() {
                     draining = false;
                     continue;
@@ -1260,11 +1304,10 @@ impl Server {
                     write_within(stream, b" ", self.config.limits.write_timeout).await?;
                 }
                 _ = tokio::time::sleep_until(waiting_since + ack_timeout), if !out.unacked.is_empty() => {
-                    return Err(LinkError::Setup(format!(
-                        "no acknowledgement for {} s with {} stanzas in flight",
-                        ack_timeout.as_secs(),
-                        out.unacked.len()
-                    )));
+                    return Err(LinkError::NoAck {
+                        waited: ack_timeout,
+                        in_flight: out.unacked.len(),
+                    });
                 }
                 // The accepting side sends acknowledgements, or closes the stream.
                 n = stream.read(&mut scratch) => {
@@ -1364,7 +1407,7 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|(_, c)| c.clone())
-            .ok_or_else(|| LinkError::Setup("no node certificate for links".into()))?;
+            .ok_or(LinkError::NoIdentity)?;
         let _ = tcp.set_nodelay(true);
         let handshake = async {
             let mut tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
@@ -1381,11 +1424,12 @@ impl Server {
             match self.store.peer_node(&from).await {
                 Ok(Some(n)) if n.peer == cluster => {}
                 Ok(_) => {
-                    return Err(LinkError::Setup(format!(
-                        "{cluster} opened a link as {from:?}, which is not one of its nodes"
-                    )));
+                    return Err(LinkError::NotItsNode {
+                        cluster,
+                        node: from,
+                    });
                 }
-                Err(e) => return Err(LinkError::Setup(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
             // Stanzas of this epoch already handled: the sender resends only the rest.
             let h = {
@@ -1431,7 +1475,7 @@ impl Server {
         tracing::info!(%node, %cluster, generation, "router link accepted");
         self.remote_node_back(&node).await;
         let result = tokio::select! {
-            _ = closed.cancelled() => Err(LinkError::Setup(format!("{cluster} was removed"))),
+            _ = closed.cancelled() => Err(LinkError::Removed(cluster.to_owned())),
             r = self.read_inlink(
                 &mut tls,
                 &mut reader,
@@ -1459,43 +1503,40 @@ impl Server {
         &self,
         tls: &tokio_rustls::server::TlsStream<IO>,
     ) -> Result<String, LinkError> {
-        let refuse = |why: String| LinkError::Setup(why);
         let cert = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| refuse("no client certificate".into()))?;
+            .ok_or(LinkError::NoClientCertificate)?;
         let fingerprint = impmesh_certs::fingerprint(cert);
-        let entries = self
-            .store
-            .trust_entries()
-            .await
-            .map_err(|e| refuse(e.to_string()))?;
+        let entries = self.store.trust_entries().await?;
         let cluster = entries
             .into_iter()
             .find(|e| e.kind == TrustKind::Pinned && e.fingerprint == fingerprint)
             .and_then(|e| e.peer)
-            .ok_or_else(|| {
-                refuse(format!(
-                    "certificate {fingerprint} is not pinned for any peer"
-                ))
-            })?;
+            .ok_or_else(|| LinkError::NotPinned(fingerprint.clone()))?;
         match self.store.peer(&cluster).await {
             Ok(Some(p)) if p.state == impmesh_store::PeerState::Active => {}
-            Ok(_) => return Err(refuse(format!("{cluster} is not an accepted peer"))),
-            Err(e) => return Err(refuse(e.to_string())),
+            Ok(_) => return Err(LinkError::NotAccepted(cluster)),
+            Err(e) => return Err(e.into()),
         }
         // A pin replaces the chain checks, not the dates.
         let alarm = impmesh_store::alarms::PEER_CERT_EXPIRED;
-        if let Err(e) = impmesh_certs::within_validity(cert, impmesh_store::now_unix()) {
-            let message = format!(
-                "a node of {cluster} presented its pinned certificate {fingerprint}: {e:?}"
-            );
-            if let Err(e) = self.store.raise_alarm(alarm, &cluster, &message).await {
+        if let Err(error) = impmesh_certs::within_validity(cert, impmesh_store::now_unix()) {
+            let refused = LinkError::Expired {
+                cluster: cluster.clone(),
+                fingerprint,
+                error,
+            };
+            if let Err(e) = self
+                .store
+                .raise_alarm(alarm, &cluster, &refused.to_string())
+                .await
+            {
                 tracing::error!(error = %e, "cannot raise an alarm");
             }
-            return Err(refuse(message));
+            return Err(refused);
         }
         let _ = self
             .store
@@ -1520,9 +1561,7 @@ impl Server {
             if !self.links.is_current(node, generation) {
                 // A newer link from the same node took over: this one is stale and
                 // must not add to the count the new one acknowledges with.
-                return Err(LinkError::Setup(format!(
-                    "a newer link from {node} replaced this one"
-                )));
+                return Err(LinkError::Replaced(node.to_owned()));
             }
             let mut handled = 0u64;
             let mut failed = None;
@@ -1602,7 +1641,7 @@ impl Server {
                     Ok(_) => false,
                     // Not "no": the stanza is neither handled nor acknowledged, and
                     // the link closes so that the sender sends it again.
-                    Err(e) => return Err(LinkError::Setup(format!("cannot check a sender: {e}"))),
+                    Err(e) => return Err(e.into()),
                 },
                 None => false,
             },

@@ -124,7 +124,7 @@ impl FrameReader {
         while let Some(frame) = self
             .framer
             .next_frame(&mut chunk)
-            .map_err(LinkError::Stream)?
+            .map_err(|e| LinkError::Stream(e.into()))?
         {
             self.queue.push_back(frame);
         }
