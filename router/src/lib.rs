@@ -15,6 +15,7 @@ pub mod conn;
 pub mod core;
 mod deliver;
 pub mod error;
+mod from_link;
 pub mod hub;
 mod iq;
 pub mod link;
@@ -85,7 +86,9 @@ pub struct Server {
     /// a cluster secret in the store, the same on every node and across restarts.
     salt_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Router links to and from the nodes of peer clusters.
-    links: link::Links,
+    links: Arc<link::Links>,
+    /// What this node passed on of remote users' presence, per remote node.
+    remote_presence: from_link::RemotePresence,
     /// Striped locks ordering the subscription steps of each roster owner.
     roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
@@ -132,7 +135,17 @@ impl Server {
             impmesh_limits::Throttle::new(1, config.registration_interval, THROTTLE_KEYS);
         let password_changes =
             impmesh_limits::Throttle::new(PASSWORD_CHANGES, PASSWORD_CHANGE_WINDOW, THROTTLE_KEYS);
-        Arc::new_cyclic(|me| Server {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        Arc::new_cyclic(|me: &Weak<Server>| Server {
+            links: link::Links::new(
+                config.clone(),
+                store.clone(),
+                me.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+            ),
+            remote_presence: from_link::RemotePresence::default(),
             config,
             store,
             hub: Hub::default(),
@@ -144,11 +157,10 @@ impl Server {
             registrations,
             password_changes,
             salt_key: tokio::sync::OnceCell::new(),
-            links: link::Links::default(),
             roster_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             me: me.clone(),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
             admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             preauth: impmesh_limits::PerAddress::new(preauth_per_address),
         })
@@ -182,7 +194,7 @@ impl Server {
         let server = self.clone();
         self.tasks.spawn(async move {
             while let Some((permit, tcp, peer)) =
-                server.admit(&listener, &server.admission, "clients").await
+                admit(&server.shutdown, &listener, &server.admission, "clients").await
             {
                 // Closed at once, before any TLS or parsing work, when its address
                 // already has its share of unauthenticated streams.
@@ -204,38 +216,6 @@ impl Server {
     /// /64), as the per-address cap counts them.
     pub fn unauthenticated_connections(&self, ip: std::net::IpAddr) -> u32 {
         self.preauth.open(ip)
-    }
-
-    /// Waits for an admission permit, then for a connection on `listener`; `None` once
-    /// the server shuts down. An accept error (EMFILE and friends) backs off instead of
-    /// spinning. Every listener of the node admits through here.
-    pub(crate) async fn admit(
-        &self,
-        listener: &TcpListener,
-        admission: &Arc<tokio::sync::Semaphore>,
-        what: &'static str,
-    ) -> Option<(
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::net::TcpStream,
-        SocketAddr,
-    )> {
-        loop {
-            let permit = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
-                p = admission.clone().acquire_owned() => p.ok()?,
-            };
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((tcp, peer)) => return Some((permit, tcp, peer)),
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = what, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
     }
 
     /// Stops accepting, closes every stream with `system-shutdown` and waits up to
@@ -342,5 +322,37 @@ impl Server {
     /// Sessions on this node now.
     pub fn session_count(&self) -> usize {
         self.hub.session_count()
+    }
+}
+
+/// Waits for an admission permit, then for a connection on `listener`; `None` once
+/// `shutdown` is cancelled. An accept error (EMFILE and friends) backs off instead of
+/// spinning. Every listener of the node (clients, router links) admits through here.
+pub(crate) async fn admit(
+    shutdown: &CancellationToken,
+    listener: &TcpListener,
+    admission: &Arc<tokio::sync::Semaphore>,
+    what: &'static str,
+) -> Option<(
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::net::TcpStream,
+    SocketAddr,
+)> {
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            p = admission.clone().acquire_owned() => p.ok()?,
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer)) => return Some((permit, tcp, peer)),
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
