@@ -189,7 +189,7 @@ pub(crate) type Pending<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// The router links of a node: the link to each remote node it sends to (a task
 /// per link, with its queue and the durable outbox), the links remote nodes opened to
 /// it, and where users live. Owns its I/O and bookkeeping; what arrives and what
-/// cannot go is the [`LinkRouter`]'s.
+/// cannot go is the router's (`LinkRouter`).
 pub struct Links {
     config: RouterConfig,
     store: Store,
