@@ -436,8 +436,8 @@ impl Config {
     pub fn router_config(&self) -> impmesh_router::RouterConfig {
         let l = &self.limits;
         let mut rc = impmesh_router::RouterConfig::new(&self.domain);
-        rc.node_name = self.node_name();
-        rc.cluster_name = self.cluster_name();
+        rc.node_name = self.node_name().into();
+        rc.cluster_name = self.cluster_name().into();
         rc.sasl_mechanisms = self.sasl.mechanisms.clone();
         rc.allow_registration = self.registration.enabled;
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 pub use impmesh_certs::CertInfo;
 pub use impmesh_store::alarms::{ActiveAlarm, AlarmEvent};
-pub use impmesh_store::{PeerState, PeerSync, TrustEntry, TrustKind};
+pub use impmesh_store::{
+    ClusterName, NodeName, PeerState, PeerSync, TrustEntry, TrustKind, UserName,
+};
 
 /// The body of every answer that is not a success.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,10 +83,10 @@ pub struct Password {
 /// An account as `GET /users` lists it (users of this cluster and of its peers).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct User {
-    pub username: String,
+    pub username: UserName,
     pub jid: String,
-    pub home_cluster: String,
-    pub home_node: String,
+    pub home_cluster: ClusterName,
+    pub home_node: NodeName,
     pub created_at: i64,
     pub usn: i64,
 }

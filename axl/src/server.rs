@@ -472,9 +472,9 @@ async fn run<C: NodeControl>(
                     .entries
                     .into_iter()
                     .map(|e| UserEntry {
-                        name: e.username,
-                        home_cluster: e.home_cluster,
-                        home_node: e.home_node,
+                        name: e.username.into(),
+                        home_cluster: e.home_cluster.into(),
+                        home_node: e.home_node.into(),
                         usn: e.usn,
                         deleted: e.deleted,
                     })

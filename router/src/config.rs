@@ -3,15 +3,17 @@
 
 use std::time::Duration;
 
+use impmesh_store::{ClusterName, NodeName};
+
 /// Everything the router needs to know.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
     /// The XMPP domain served (e.g. `example.com`).
     pub domain: String,
     /// Name of this node, stamped into user rows.
-    pub node_name: String,
+    pub node_name: NodeName,
     /// Name of this node's cluster.
-    pub cluster_name: String,
+    pub cluster_name: ClusterName,
     /// SASL mechanisms offered, in order of preference; unknown names are ignored.
     pub sasl_mechanisms: Vec<String>,
     /// In-band registration (XEP-0077).
@@ -167,8 +169,8 @@ impl RouterConfig {
     pub fn new(domain: &str) -> RouterConfig {
         RouterConfig {
             domain: domain.to_owned(),
-            node_name: domain.to_owned(),
-            cluster_name: domain.to_owned(),
+            node_name: domain.into(),
+            cluster_name: domain.into(),
             sasl_mechanisms: default_sasl_mechanisms(),
             allow_registration: false,
             registration_interval: Duration::from_secs(60),

@@ -4,14 +4,14 @@
 
 use sqlx::Row as _;
 
-use crate::{Result, Store, StoreError, now_unix};
+use crate::{ClusterName, NodeName, Result, Store, StoreError, UserName, now_unix};
 
 /// One user (or tombstone) of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DirectoryEntry {
-    pub username: String,
-    pub home_cluster: String,
-    pub home_node: String,
+    pub username: UserName,
+    pub home_cluster: ClusterName,
+    pub home_node: NodeName,
     pub usn: i64,
     /// A tombstone: the user was deleted at this USN.
     pub deleted: bool,

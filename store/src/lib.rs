@@ -12,6 +12,7 @@
 pub mod alarms;
 mod directory;
 mod latency;
+mod names;
 mod nodes;
 mod offline;
 mod outbox;
@@ -33,6 +34,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use latency::Latency;
+pub use names::{ClusterName, NodeName, UserName};
 pub use nodes::NodeRecord;
 pub use offline::{Offline, OfflineMessage, OfflineQuota};
 pub use outbox::OutboxEntry;
@@ -405,7 +407,7 @@ mod tests {
                 for round in 0..40i64 {
                     let entries: Vec<DirectoryEntry> = (0..50)
                         .map(|i| DirectoryEntry {
-                            username: format!("r{round}u{i}"),
+                            username: format!("r{round}u{i}").into(),
                             home_cluster: "b".into(),
                             home_node: "b1".into(),
                             usn: round * 50 + i,

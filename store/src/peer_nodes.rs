@@ -3,14 +3,14 @@
 
 use sqlx::Row as _;
 
-use crate::{Result, Store, StoreError, now_unix};
+use crate::{ClusterName, NodeName, Result, Store, StoreError, now_unix};
 
 /// One node of a peer cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PeerNode {
-    pub name: String,
+    pub name: NodeName,
     /// The peer cluster the node belongs to.
-    pub peer: String,
+    pub peer: ClusterName,
     /// The host name or address the node is reached at.
     pub host: String,
     pub c2s_port: u16,

@@ -6,7 +6,7 @@
 use sqlx::Row as _;
 
 use crate::directory::DirectoryEntry;
-use crate::{Backend, Result, Store, StoreError, now_unix};
+use crate::{Backend, ClusterName, NodeName, Result, Store, StoreError, now_unix};
 
 /// Whether we sync from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,18 +84,24 @@ pub struct RemoteUser {
 #[non_exhaustive]
 pub enum Home {
     /// An account of this cluster, homed on `node`.
-    Local { cluster: String, node: String },
+    Local {
+        cluster: ClusterName,
+        node: NodeName,
+    },
     /// Homed on `node` of the peer cluster `cluster` (the only claim).
-    Remote { cluster: String, node: String },
+    Remote {
+        cluster: ClusterName,
+        node: NodeName,
+    },
     /// Claimed by two or more peers (sorted): routed to none of them.
-    Quarantined { clusters: Vec<String> },
+    Quarantined { clusters: Vec<ClusterName> },
     /// Nobody has this name.
     Unknown,
 }
 
 impl Home {
     /// The cluster the user is homed in, when there is exactly one.
-    pub fn cluster(&self) -> Option<&str> {
+    pub fn cluster(&self) -> Option<&ClusterName> {
         match self {
             Home::Local { cluster, .. } | Home::Remote { cluster, .. } => Some(cluster),
             Home::Quarantined { .. } | Home::Unknown => None,
@@ -665,8 +671,8 @@ impl Store {
         let mut remote = vec![];
         for row in &rows {
             let here: i32 = row.try_get("here")?;
-            let cluster: String = row.try_get("home_cluster")?;
-            let node: String = row.try_get("home_node")?;
+            let cluster = ClusterName::new(row.try_get::<String, _>("home_cluster")?);
+            let node = NodeName::new(row.try_get::<String, _>("home_node")?);
             if here == 1 {
                 return Ok(Home::Local { cluster, node });
             }
@@ -679,7 +685,7 @@ impl Store {
                 Home::Remote { cluster, node }
             }
             _ => {
-                let mut clusters: Vec<String> = remote.into_iter().map(|(c, _)| c).collect();
+                let mut clusters: Vec<ClusterName> = remote.into_iter().map(|(c, _)| c).collect();
                 clusters.sort();
                 Home::Quarantined { clusters }
             }
@@ -1035,7 +1041,7 @@ mod tests {
             let claim = |cluster: &str, name: &str| DirectoryEntry {
                 username: name.into(),
                 home_cluster: cluster.into(),
-                home_node: format!("n1.{cluster}"),
+                home_node: format!("n1.{cluster}").into(),
                 usn: 1,
                 deleted: false,
             };
@@ -1107,7 +1113,7 @@ mod tests {
             }
             assert_eq!(
                 store.home_of("ceo").await.unwrap().cluster(),
-                Some("eu.example")
+                Some(&ClusterName::new("eu.example"))
             );
         }
     }

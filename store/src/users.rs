@@ -3,14 +3,14 @@
 use sqlx::Row as _;
 
 use crate::scram::{ScramHash, ScramVerifier};
-use crate::{AccountChange, Result, Store, StoreError, now_unix};
+use crate::{AccountChange, ClusterName, NodeName, Result, Store, StoreError, UserName, now_unix};
 
 /// A user as the store knows it.
 #[derive(Debug, Clone)]
 pub struct UserRecord {
-    pub username: String,
-    pub home_cluster: String,
-    pub home_node: String,
+    pub username: UserName,
+    pub home_cluster: ClusterName,
+    pub home_node: NodeName,
     pub scram_sha1: ScramVerifier,
     pub scram_sha256: ScramVerifier,
     pub created_at: i64,
@@ -307,7 +307,7 @@ fn user_from_row(row: &sqlx::any::AnyRow) -> Result<UserRecord> {
         scram_sha256: decode(ScramHash::Sha256, "scram_sha256")?,
         created_at: row.try_get("created_at")?,
         usn: row.try_get("usn")?,
-        username,
+        username: UserName::new(username),
     })
 }
 

@@ -48,9 +48,9 @@ async fn benchmark_full_syncs_of_twenty_nine_peers() {
     for (p, peer) in peers.iter().enumerate() {
         let entries: Vec<DirectoryEntry> = (0..users)
             .map(|u| DirectoryEntry {
-                username: format!("c{p:02}u{u:05}"),
-                home_cluster: peer.clone(),
-                home_node: format!("node1.{peer}"),
+                username: format!("c{p:02}u{u:05}").into(),
+                home_cluster: peer.clone().into(),
+                home_node: format!("node1.{peer}").into(),
                 usn: u as i64 + 1,
                 deleted: false,
             })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use impmesh_axl::soap::ClusterInfo;
-use impmesh_store::TrustKind;
+use impmesh_store::{ClusterName, NodeName, TrustKind};
 
 use crate::peering::split_host_port;
 use crate::task::{PeerTask, SyncError, flag};
@@ -124,7 +124,7 @@ impl PeerTask {
         &self,
         info: &ClusterInfo,
         peer_address: &str,
-    ) -> Result<Vec<String>, SyncError> {
+    ) -> Result<Vec<NodeName>, SyncError> {
         let store = &self.agent.store;
         let ours = store.cluster_nodes(&self.agent.ours.cluster).await?;
         // Where the admin's address for the peer leads (the DNS cache answers).
@@ -172,8 +172,8 @@ impl PeerTask {
                 continue;
             }
             announced.push(impmesh_store::PeerNode {
-                name,
-                peer: self.cluster.clone(),
+                name: NodeName::new(name),
+                peer: ClusterName::new(self.cluster.as_str()),
                 host: n.host.clone(),
                 c2s_port: n.c2s_port,
                 c2s_tls_port: n.c2s_tls_port,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use impmesh_axl::client::AxlClient;
 use impmesh_axl::soap::{Cursor, Request, Response, UserEntry};
-use impmesh_store::DirectoryEntry;
+use impmesh_store::{ClusterName, DirectoryEntry, NodeName, UserName};
 
 use crate::task::{PeerTask, SyncError};
 use crate::{DuplicateScope, LiveStatus, lock};
@@ -23,7 +23,7 @@ pub fn is_localpart(name: &str) -> bool {
 /// A peer's directory entry as we keep it, or why it is refused: a peer speaks only
 /// for its own users, homed on its own announced nodes, with valid names. A
 /// tombstone only ever removes the peer's own entry, so only its name is checked.
-fn entry(peer: &str, nodes: &[String], u: UserEntry) -> Result<DirectoryEntry, String> {
+fn entry(peer: &str, nodes: &[NodeName], u: UserEntry) -> Result<DirectoryEntry, String> {
     if !is_localpart(&u.name) {
         return Err(format!("{:?} is not a valid user name", u.name));
     }
@@ -41,10 +41,11 @@ fn entry(peer: &str, nodes: &[String], u: UserEntry) -> Result<DirectoryEntry, S
             ));
         }
     }
+    // Checked above: the names may now be typed as what they are.
     Ok(DirectoryEntry {
-        username: u.name,
-        home_cluster: peer.to_owned(),
-        home_node: u.home_node.to_ascii_lowercase(),
+        username: UserName::new(u.name),
+        home_cluster: ClusterName::new(peer),
+        home_node: NodeName::new(u.home_node.to_ascii_lowercase()),
         usn: u.usn,
         deleted: u.deleted,
     })
@@ -54,7 +55,7 @@ fn entry(peer: &str, nodes: &[String], u: UserEntry) -> Result<DirectoryEntry, S
 /// reasons) and counted in the peer's status.
 fn checked_entries(
     peer: &str,
-    nodes: &[String],
+    nodes: &[NodeName],
     users: Vec<UserEntry>,
     status: &Mutex<LiveStatus>,
 ) -> Vec<DirectoryEntry> {
@@ -88,7 +89,7 @@ impl PeerTask {
     pub(crate) async fn full_sync(
         &self,
         client: &mut AxlClient,
-        nodes: &[String],
+        nodes: &[NodeName],
         sync: impmesh_store::PeerSync,
     ) -> Result<(), SyncError> {
         let store = &self.agent.store;
@@ -149,7 +150,7 @@ impl PeerTask {
     pub(crate) async fn incremental(
         &self,
         client: &mut AxlClient,
-        nodes: &[String],
+        nodes: &[NodeName],
         since: i64,
     ) -> Result<i64, SyncError> {
         let store = &self.agent.store;
@@ -169,7 +170,7 @@ impl PeerTask {
             changes += page.users.len() as i64;
             let last = page.users.last().map(|u| u.usn);
             let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
-            changed.extend(entries.iter().map(|e| e.username.clone()));
+            changed.extend(entries.iter().map(|e| e.username.to_string()));
             let applied_to = match page.next_cursor {
                 Some(_) => last.unwrap_or(since),
                 None => page.snapshot_usn,
@@ -260,7 +261,7 @@ mod tests {
     /// A peer speaks only for its own users on its own nodes, with valid names.
     #[test]
     fn a_peers_entries_are_checked_against_who_the_peer_is() {
-        let nodes = ["n1.b.example".to_owned(), "n2.b.example".to_owned()];
+        let nodes = [NodeName::new("n1.b.example"), NodeName::new("n2.b.example")];
         let ok = entry(
             "b.example",
             &nodes,

@@ -47,7 +47,9 @@ impl Agent {
                 .list_users()
                 .await?
                 .into_iter()
-                .filter(|u| u.home_cluster != self.ours.cluster || !nodes.contains(&u.home_node))
+                .filter(|u| {
+                    u.home_cluster != self.ours.cluster || !nodes.iter().any(|n| *n == u.home_node)
+                })
                 .map(|u| {
                     format!(
                         "{}: no node {} in {}",

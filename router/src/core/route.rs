@@ -18,7 +18,7 @@
 //! 6. Claimed by two or more peers: refused, naming them (quarantine).
 //! 7. Nobody's: no such account.
 
-use impmesh_store::Home;
+use impmesh_store::{ClusterName, Home, NodeName};
 
 use crate::error::StanzaErrorCondition;
 
@@ -38,9 +38,12 @@ pub enum Destination {
     /// The account is local and nothing here can take the stanza now.
     Offline,
     /// Another node of this cluster.
-    ClusterNode { node: String },
+    ClusterNode { node: NodeName },
     /// A node of a peer cluster, over its router link.
-    Peer { cluster: String, node: String },
+    Peer {
+        cluster: ClusterName,
+        node: NodeName,
+    },
     /// Refused now, with this error (the directory failed, or the name is quarantined).
     Refuse {
         condition: StanzaErrorCondition,
@@ -93,13 +96,11 @@ pub fn destination(
     }
 }
 
-fn within_cluster(node: &str, me: Me<'_>) -> Destination {
-    if node == me.node {
+fn within_cluster(node: &NodeName, me: Me<'_>) -> Destination {
+    if *node == me.node {
         Destination::Offline
     } else {
-        Destination::ClusterNode {
-            node: node.to_owned(),
-        }
+        Destination::ClusterNode { node: node.clone() }
     }
 }
 

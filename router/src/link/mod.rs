@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use impmesh_certs::NodeIdentity;
-use impmesh_store::{Home, Store};
+use impmesh_store::{ClusterName, Home, NodeName, Store};
 use jid::Jid;
 use minidom::Element;
 use tokio_util::sync::CancellationToken;
@@ -521,7 +521,7 @@ impl Server {
 
     /// Where a user of the domain is homed when that is another cluster: (cluster,
     /// node). `None` for local, unknown and quarantined users.
-    pub(crate) async fn remote_home(&self, user: &str) -> Option<(String, String)> {
+    pub(crate) async fn remote_home(&self, user: &str) -> Option<(ClusterName, NodeName)> {
         match self.home_of(user).await {
             Ok(Home::Remote { cluster, node }) if cluster != self.config.cluster_name => {
                 Some((cluster, node))
