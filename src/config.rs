@@ -222,6 +222,10 @@ pub struct LimitsSection {
     pub outbox_max_bytes: u64,
     pub link_window: usize,
     pub link_ack_timeout: u64,
+    pub link_connections: usize,
+    pub link_handshake_timeout: u64,
+    pub link_read_timeout: u64,
+    pub link_queue: usize,
     pub max_sessions_per_user: usize,
     /// PBKDF2 iterations of new SCRAM verifiers (existing ones keep theirs).
     pub scram_iterations: u32,
@@ -256,6 +260,10 @@ impl Default for LimitsSection {
             outbox_max_bytes: l.outbox_max_bytes,
             link_window: l.link_window,
             link_ack_timeout: l.link_ack_timeout.as_secs(),
+            link_connections: l.link_connections,
+            link_handshake_timeout: l.link_handshake_timeout.as_secs(),
+            link_read_timeout: l.link_read_timeout.as_secs(),
+            link_queue: l.link_queue,
             max_sessions_per_user: l.max_sessions_per_user,
             scram_iterations: impmesh_store::scram::DEFAULT_ITERATIONS,
         }
@@ -404,6 +412,18 @@ impl Config {
                 "limits.link_window and limits.outbox_max_rows must be at least 1".into(),
             ));
         }
+        let l = &self.limits;
+        if l.link_connections == 0 || l.link_queue == 0 || l.link_handshake_timeout == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.link_connections, limits.link_queue and limits.link_handshake_timeout must be at least 1".into(),
+            ));
+        }
+        if l.link_read_timeout < 60 {
+            return Err(ConfigError::Invalid(format!(
+                "limits.link_read_timeout is {} s; a sending node writes a keepalive every 30 s, so it must be at least 60",
+                l.link_read_timeout
+            )));
+        }
         if self.https.body_limit < 1024 || self.https.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "https.body_limit must be at least 1024 and https.max_connections at least 1"
@@ -468,6 +488,10 @@ impl Config {
             outbox_max_bytes: l.outbox_max_bytes,
             link_window: l.link_window,
             link_ack_timeout: Duration::from_secs(l.link_ack_timeout.max(1)),
+            link_connections: l.link_connections,
+            link_handshake_timeout: Duration::from_secs(l.link_handshake_timeout),
+            link_read_timeout: Duration::from_secs(l.link_read_timeout),
+            link_queue: l.link_queue,
             max_sessions_per_user: l.max_sessions_per_user,
             ..impmesh_router::Limits::default()
         };
@@ -560,5 +584,21 @@ mod tests {
         let c = Config::parse("domain = 'example.com'\n[registration]\nenabled = true").unwrap();
         assert!(c.router_config().allow_registration);
         assert_eq!(c.node_name(), "example.com");
+    }
+
+    /// The router links' limits come from `[limits]`, checked.
+    #[test]
+    fn link_limits_come_from_the_configuration() {
+        let c = Config::parse(
+            "[limits]\nlink_connections = 7\nlink_queue = 9\nlink_handshake_timeout = 3\nlink_read_timeout = 120",
+        )
+        .unwrap();
+        let l = c.router_config().limits;
+        assert_eq!((l.link_connections, l.link_queue), (7, 9));
+        assert_eq!(l.link_handshake_timeout, Duration::from_secs(3));
+        assert_eq!(l.link_read_timeout, Duration::from_secs(120));
+        let short = Config::parse("[limits]\nlink_read_timeout = 30").unwrap_err();
+        assert!(short.to_string().contains("at least 60"), "{short}");
+        assert!(Config::parse("[limits]\nlink_queue = 0").is_err());
     }
 }

@@ -92,6 +92,16 @@ pub struct Limits {
     /// A link whose oldest unacknowledged stanza has waited this long for an
     /// acknowledgement is taken as dead (a black-holed connection) and reopened.
     pub link_ack_timeout: Duration,
+    /// Router-link connections open at once, at most (an admission limit before TLS).
+    pub link_connections: usize,
+    /// Time a router link has for TLS and its stream headers.
+    pub link_handshake_timeout: Duration,
+    /// An incoming router link silent this long is closed (the sender's keepalive is a
+    /// space every 30 s, so at least 60).
+    pub link_read_timeout: Duration,
+    /// Stanzas queued in memory for one remote node (beyond, they are bounced with
+    /// `remote-server-timeout`; while the link is down they go to the outbox).
+    pub link_queue: usize,
     /// Sessions (resources) per user (ejabberd: 10).
     pub max_sessions_per_user: usize,
     /// Time a closing stream waits for the peer's `</stream:stream>`.
@@ -126,6 +136,10 @@ impl Default for Limits {
             outbox_max_bytes: 256 * 1024 * 1024,
             link_window: 8_192,
             link_ack_timeout: Duration::from_secs(60),
+            link_connections: 1024,
+            link_handshake_timeout: Duration::from_secs(10),
+            link_read_timeout: Duration::from_secs(90),
+            link_queue: 4096,
             max_sessions_per_user: 10,
             close_timeout: Duration::from_secs(5),
         }

@@ -12,9 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::wire::{FrameReader, ack, announced, header, write_within};
-use super::{
-    HANDSHAKE_TIMEOUT, LinkCounters, LinkError, Links, MAX_LINK_CONNECTIONS, READ_TIMEOUT,
-};
+use super::{LinkCounters, LinkError, Links};
 use crate::core::envelope::Envelope;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
@@ -43,7 +41,9 @@ impl Links {
         // An admission limit before any TLS work, and a few handshakes per address at
         // a time (security review M10: unlimited concurrent handshakes shared the
         // process's file descriptors with the client ports).
-        let admission = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_CONNECTIONS));
+        let admission = Arc::new(tokio::sync::Semaphore::new(
+            self.config.limits.link_connections,
+        ));
         let handshakes =
             impmesh_limits::PerAddress::new(self.config.limits.link_handshakes_per_address);
         self.tasks.spawn(async move {
@@ -126,7 +126,7 @@ impl Links {
             Ok::<_, LinkError>((tls, reader, cluster, from, epoch, remote))
         };
         let (mut tls, mut reader, cluster, node, epoch, remote) =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            tokio::time::timeout(self.config.limits.link_handshake_timeout, handshake)
                 .await
                 .map_err(|_| LinkError::Timeout)??;
         drop(handshake_slot);
@@ -277,7 +277,7 @@ impl Links {
             }
             let n = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)) => {
+                r = tokio::time::timeout(self.config.limits.link_read_timeout, stream.read(&mut buf)) => {
                     r.map_err(|_| LinkError::Timeout)??
                 }
             };

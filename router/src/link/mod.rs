@@ -44,19 +44,9 @@ pub const LINK_NS: &str = "urn:impmesh:link:1";
 /// The intercluster protocol version a link's stream header announces (the same as
 /// `getClusterInfo`'s).
 pub const LINK_PROTOCOL: u32 = 2;
-/// Stanzas waiting for one remote node, at most; more are bounced to their sender.
-pub const LINK_QUEUE: usize = 4096;
-/// Time allowed to connect, handshake and exchange stream headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Router-link connections open at once, at most: 29 peers of up to 16 nodes each,
-/// twice over for reconnections, with room.
-const MAX_LINK_CONNECTIONS: usize = 1024;
 
 /// A whitespace keepalive goes out after this much silence.
 const KEEPALIVE: Duration = Duration::from_secs(30);
-/// A link that sends nothing (not even a keepalive) for this long is closed.
-const READ_TIMEOUT: Duration = Duration::from_secs(90);
 /// Stanzas written with one flush, at most.
 const BATCH: usize = 64;
 /// Largest stanza accepted from a link: above the client limit, since a stanza may
@@ -420,7 +410,7 @@ impl Links {
         let mut out: Vec<LinkStatus> = lock(&self.outbound)
             .iter()
             .map(|(node, l)| {
-                let queued = LINK_QUEUE - l.tx.capacity()
+                let queued = self.config.limits.link_queue - l.tx.capacity()
                     + l.counters.stored.load(Ordering::Relaxed) as usize;
                 report(node, &l.cluster, LinkDirection::Out, &l.counters, queued)
             })

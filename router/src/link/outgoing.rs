@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::wire::{
     FrameReader, ack_count, announced, header, waits_its_turn, write_batch, write_within,
 };
-use super::{BATCH, HANDSHAKE_TIMEOUT, KEEPALIVE, LINK_QUEUE, LinkCounters, LinkError, Links};
+use super::{BATCH, KEEPALIVE, LinkCounters, LinkError, Links};
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza::{self, Kind};
@@ -152,7 +152,7 @@ impl Links {
     fn outlink(&self, cluster: &str, node: &str) -> mpsc::Sender<Arc<str>> {
         let mut outbound = lock(&self.outbound);
         let link = outbound.entry(node.to_owned()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            let (tx, rx) = mpsc::channel(self.config.limits.link_queue.max(1));
             let counters = Arc::new(LinkCounters::default());
             let forgotten = tokio_util::sync::CancellationToken::new();
             if let Some(links) = self.me.upgrade() {
@@ -320,7 +320,7 @@ impl Links {
                     self.park_all(out, rx).await;
                     return;
                 }
-                o = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_link(node, cluster, &out.epoch, counters)) => o,
+                o = tokio::time::timeout(self.config.limits.link_handshake_timeout, self.open_link(node, cluster, &out.epoch, counters)) => o,
             };
             match opened.unwrap_or(Err(LinkError::Timeout)) {
                 Ok((mut stream, h, mut reader)) => {
