@@ -86,7 +86,11 @@ fn main() -> ExitCode {
         }
     };
     install_tracing(&config, matches!(cli.command, Command::Serve));
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(trim::on_park)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("impmesh: cannot start the runtime: {e}");

@@ -223,6 +223,9 @@ struct UserEntry {
     roster_writes: u64,
 }
 
+/// The session table's size below which it is not shrunk.
+const MIN_TABLE: usize = 1024;
+
 /// Every session of the node.
 #[derive(Debug, Default)]
 pub struct Hub {
@@ -270,10 +273,17 @@ impl Hub {
     pub fn unregister(&self, handle: &SessionHandle) {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
-        if let Some(entry) = users.get_mut(&user) {
+        let gone = users.get_mut(&user).is_some_and(|entry| {
             entry.sessions.retain(|s| s.id != handle.id);
-            if entry.sessions.is_empty() {
-                users.remove(&user);
+            entry.sessions.is_empty()
+        });
+        if gone {
+            users.remove(&user);
+            // A table keeps its size when what filled it is gone: once mostly empty
+            // after a peak, it shrinks, so the memory comes back.
+            let len = users.len();
+            if users.capacity() > MIN_TABLE && len < users.capacity() / 4 {
+                users.shrink_to(len * 2);
             }
         }
     }
@@ -430,6 +440,27 @@ mod tests {
         hub.unregister(&a);
         assert_eq!(hub.session("u", "one").unwrap().id, b.id);
         assert_eq!(hub.session_count(), 2);
+    }
+
+    /// Memory after sessions end: the session table shrinks back once its users are
+    /// gone (it held its peak size for good).
+    #[test]
+    fn the_session_table_shrinks_after_a_peak() {
+        let hub = Hub::default();
+        let handles: Vec<_> = (0..5000)
+            .map(|i| handle(&hub, &format!("u{i}@d/r"), 4))
+            .collect();
+        for (h, _) in &handles {
+            hub.register(h.clone(), 1, HashSet::new()).unwrap();
+        }
+        let peak = hub.users.read().unwrap().capacity();
+        assert!(peak >= 5000);
+        for (h, _) in &handles {
+            hub.unregister(h);
+        }
+        assert_eq!(hub.session_count(), 0);
+        let after = hub.users.read().unwrap().capacity();
+        assert!(after <= MIN_TABLE, "capacity {peak} -> {after}");
     }
 
     /// M4: a sender that floods a session's queue fills only its share; the excess

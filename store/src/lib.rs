@@ -115,6 +115,9 @@ pub struct Store {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// How long an SQLite connection beyond the first may stay idle before it closes.
+const SQLITE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a query waits for a pooled connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an SQLite statement waits for another connection's write lock before it
@@ -199,9 +202,17 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(ACQUIRE_TIMEOUT);
+        if backend == Backend::Sqlite {
+            // The connections a burst opened close once it is over: each holds its own
+            // page cache and a thread, which otherwise stayed resident for good.
+            options = options
+                .min_connections(1)
+                .idle_timeout(Some(SQLITE_IDLE_TIMEOUT));
+        }
+        let pool = options
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
