@@ -118,6 +118,17 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 /// How long an SQLite connection beyond the first may stay idle before it closes.
 const SQLITE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// PostgreSQL connections of a node: a fixed pool, all opened at start (in the
+/// background) and kept, as HikariCP advises and ejabberd does (`sql_pool_size`, 10).
+/// A new PostgreSQL connection is slow to open on a busy node: sqlx computes the SCRAM
+/// proof (4,096 PBKDF2 rounds) in steps that yield to the scheduler every 5 rounds,
+/// about 800 yields, each a full turn of every runnable task. On a loaded test runtime
+/// that took 10 s, the acquire timeout, while a session waited for it; even a floor of
+/// 4 open connections with room to grow to 16 let 1 run in 16 hit it. Once a fixed
+/// pool is full, a query waits for another query to finish, not for a connection to
+/// open (ops/impmesh.toml.example, `[store]`).
+const POSTGRES_CONNECTIONS: u32 = 8;
+
 /// How long a query waits for a pooled connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an SQLite statement waits for another connection's write lock before it
@@ -198,13 +209,16 @@ impl Store {
                 if path == ":memory:" { 1 } else { 4 },
             )
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned(), 16)
+            (Backend::Postgres, url.to_owned(), POSTGRES_CONNECTIONS)
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT);
+        if backend == Backend::Postgres {
+            options = options.min_connections(POSTGRES_CONNECTIONS);
+        }
         if backend == Backend::Sqlite {
             // The connections a burst opened close once it is over: each holds its own
             // page cache and a thread, which otherwise stayed resident for good.
