@@ -9,14 +9,14 @@ use minidom::Element;
 use impmesh_store::Offline;
 
 use crate::Server;
+use crate::context::Context;
 use crate::core::delivery::{self, Delivery, MessageType, Resource};
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::SessionHandle;
-use crate::session::Session;
 use crate::stanza::{self, Kind};
 use crate::xml::ns;
 
-impl Session {
+impl Context<'_> {
     /// A message from this session's client.
     pub(crate) async fn on_message(&mut self, message: Element, to: Option<Jid>) {
         let Some(to) = to else {

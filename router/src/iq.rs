@@ -9,12 +9,12 @@ use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::context::Context;
 use crate::core::envelope::IqType;
 use crate::core::subscription::Kind;
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::lock;
 use crate::roster::{MAX_ROSTER_ITEMS, roster_item_xml};
-use crate::session::Session;
 
 use crate::xml::{escape, ns};
 
@@ -41,7 +41,7 @@ const MAX_BLOCKED: usize = 1000;
 /// Largest vCard or private XML document kept, in bytes of XML.
 const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
-impl Session {
+impl Context<'_> {
     /// An IQ from this session's client.
     pub(crate) async fn on_iq(&mut self, iq: Element, ty: IqType, to: Option<Jid>) {
         let is_request = ty.is_request();
@@ -142,7 +142,11 @@ impl Session {
             ("vCard", ns::VCARD) => self.vcard_get(&iq, &user).await,
             ("query", ns::PRIVATE) => self.private_iq(&iq, &payload, set).await,
             ("blocklist", ns::BLOCKING) if !set => {
-                let items = server.store.blocklist(&user).await.unwrap_or_default();
+                let Ok(items) = server.store.blocklist(&user).await else {
+                    // An empty list would tell the client nothing is blocked.
+                    self.reply_error(&iq, StanzaErrorCondition::InternalServerError, None);
+                    return;
+                };
                 let body: String = items
                     .iter()
                     .map(|j| format!("<item jid='{}'/>", escape(j)))
@@ -299,12 +303,10 @@ impl Session {
             return;
         };
         let contact_s = contact.to_string();
-        let existing = server
-            .store
-            .roster_item(&user, &contact_s)
-            .await
-            .ok()
-            .flatten();
+        let Ok(existing) = server.store.roster_item(&user, &contact_s).await else {
+            self.reply_error(iq, StanzaErrorCondition::InternalServerError, None);
+            return;
+        };
         if item.attr("subscription") == Some("remove") {
             let Some(existing) = existing else {
                 self.reply_error(iq, StanzaErrorCondition::ItemNotFound, None);

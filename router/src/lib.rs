@@ -12,6 +12,7 @@
 pub mod c2s;
 pub mod config;
 pub mod conn;
+mod context;
 pub mod core;
 mod deliver;
 pub mod error;

@@ -12,17 +12,17 @@ use jid::{BareJid, Jid};
 use minidom::Element;
 
 use crate::Server;
+use crate::context::Context;
 use crate::core::envelope::PresenceType;
 use crate::core::subscription::{self, Kind, State};
 use crate::deliver::sender_of;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::roster::{MAX_ROSTER_ITEMS, roster_item_xml};
-use crate::session::Session;
 use crate::stanza;
 use crate::xml::ns;
 
-impl Session {
+impl Context<'_> {
     /// A presence stanza from this session's client.
     pub(crate) async fn on_presence(
         &mut self,
@@ -127,7 +127,7 @@ impl Session {
                     .await;
             }
         }
-        for target in std::mem::take(&mut self.directed) {
+        for target in std::mem::take(self.directed) {
             let mut p = unavailable.clone();
             stanza::set_attr(&mut p, "to", &target.to_string());
             server.send_to_jid(&p);

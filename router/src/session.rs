@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::Server;
 use crate::conn::{Conn, ReadError};
+use crate::context::{Context, Handled};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
@@ -309,12 +310,26 @@ impl Session {
                 return Ok(());
             }
         };
+        // The handler gets a narrow context (context.rs), not this task.
+        let mut cx = Context::new(&self.server, &self.handle, &mut self.directed);
         match env.ty {
-            Type::Message(_) => self.on_message(element, env.to).await,
-            Type::Presence(ty) => self.on_presence(element, ty, env.to).await,
-            Type::Iq(ty) => self.on_iq(element, ty, env.to).await,
+            Type::Message(_) => cx.on_message(element, env.to).await,
+            Type::Presence(ty) => cx.on_presence(element, ty, env.to).await,
+            Type::Iq(ty) => cx.on_iq(element, ty, env.to).await,
         }
+        let handled = cx.finish();
+        self.handled(handled);
         Ok(())
+    }
+
+    /// Writes what a handler produced, counted by stream management.
+    fn handled(&mut self, handled: Handled) {
+        if handled.offline_due {
+            self.start_offline();
+        }
+        for stanza in handled.out {
+            self.push_out(stanza);
+        }
     }
 
     async fn on_sm(&mut self, element: &Element) -> Result<(), End> {
@@ -619,15 +634,9 @@ impl Session {
         condition: StanzaErrorCondition,
         text: Option<&str>,
     ) {
-        if let Some(mut reply) = crate::error::error_reply(stanza, condition, text) {
-            stanza::set_attr(&mut reply, "to", &self.jid().to_string());
-            self.push_out(String::from(&reply).into());
+        if let Some(reply) = crate::context::error_to(self.jid(), stanza, condition, text) {
+            self.push_out(reply);
         }
-    }
-
-    /// Sends a stanza to this session's own client.
-    pub(crate) fn send_self(&mut self, element: &Element) {
-        self.push_out(String::from(element).into());
     }
 
     /// Ends the session: presence, re-routing of what the client never got, close.
@@ -639,7 +648,9 @@ impl Session {
         }
         tracing::info!(jid = %self.handle.jid, reason = ?end, "session ended");
         if self.handle.presence().available {
-            self.go_unavailable(None).await;
+            // The connection is gone: what the handler leaves for the client is moot.
+            let mut cx = Context::new(&self.server, &self.handle, &mut self.directed);
+            cx.go_unavailable(None).await;
         }
         // What the client did not acknowledge, and what is still queued, goes
         // elsewhere. Offline messages it did not acknowledge are still stored.
