@@ -62,8 +62,17 @@ pub enum StoreError {
         "changes since USN {since} are no longer kept (tombstones below {pruned_below} were pruned): do a full sync"
     )]
     UsnTooOld { since: i64, pruned_below: i64 },
+    /// A stored value that does not decode; the string names where (table, column or
+    /// row), not a message.
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// The blocking task deriving a password's verifiers panicked or was cancelled
+    /// (the runtime shutting down).
+    #[error("the password derivation failed: {0}")]
+    Derivation(#[source] tokio::task::JoinError),
+    /// The derivation limiter is closed (never, while the process runs).
+    #[error("password derivations are no longer accepted")]
+    DerivationUnavailable,
     #[error("unsupported store URL {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
     #[error("database error: {0}")]
@@ -179,37 +188,47 @@ impl Store {
     /// Opens the store named by `url` and runs pending migrations.
     ///
     /// `sqlite://PATH` (relative paths resolve against `base_dir`) creates the file when it
-    /// is missing; `postgres://…` expects the database to exist.
+    /// is missing; `sqlite::memory:` is a database that lives as long as this store (for
+    /// trials and tests); `postgres://…` expects the database to exist.
     pub async fn open(url: &str, base_dir: &Path) -> Result<Store> {
         sqlx::any::install_default_drivers();
-        let (backend, connect_url, max_connections) = if let Some(path) = url
+        let (backend, connect_url, max_connections, memory) = if let Some(path) = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
             let (path, query) = path.split_once('?').unwrap_or((path, ""));
-            let full = if path == ":memory:" {
-                path.to_owned()
+            let sep = if query.is_empty() { "" } else { "?" };
+            if path == ":memory:" {
+                // One connection, never closed: it is the database.
+                let url = format!("sqlite::memory:{sep}{query}");
+                (Backend::Sqlite, url, 1, true)
             } else {
-                base_dir.join(path).to_string_lossy().into_owned()
-            };
-            // Build the options once to create the file and set the journal mode; the
-            // `Any` pool then connects with the same URL.
-            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{full}"))?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .foreign_keys(true)
-                .busy_timeout(BUSY_TIMEOUT);
-            opts.connect().await?;
-            let sep = if query.is_empty() { "" } else { "&" };
-            // SQLite is one writer at a time; a handful of connections serve readers.
-            (
-                Backend::Sqlite,
-                format!("sqlite://{full}?{query}{sep}mode=rwc"),
-                if path == ":memory:" { 1 } else { 4 },
-            )
+                let full = base_dir.join(path).to_string_lossy().into_owned();
+                // Build the options once to create the file and set the journal mode;
+                // the `Any` pool then connects with the same URL.
+                let opts = SqliteConnectOptions::from_str(&format!("sqlite://{full}"))?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(BUSY_TIMEOUT);
+                opts.connect().await?;
+                let sep = if query.is_empty() { "" } else { "&" };
+                // SQLite is one writer at a time; a handful of connections serve readers.
+                (
+                    Backend::Sqlite,
+                    format!("sqlite://{full}?{query}{sep}mode=rwc"),
+                    4,
+                    false,
+                )
+            }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned(), POSTGRES_CONNECTIONS)
+            (
+                Backend::Postgres,
+                url.to_owned(),
+                POSTGRES_CONNECTIONS,
+                false,
+            )
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
@@ -219,7 +238,13 @@ impl Store {
         if backend == Backend::Postgres {
             options = options.min_connections(POSTGRES_CONNECTIONS);
         }
-        if backend == Backend::Sqlite {
+        if memory {
+            // The only connection holds the data: it never idles out or ages out.
+            options = options
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        } else if backend == Backend::Sqlite {
             // The connections a burst opened close once it is over: each holds its own
             // page cache and a thread, which otherwise stayed resident for good.
             options = options
@@ -538,5 +563,29 @@ mod tests {
             .await
             .unwrap();
         assert!(store.remote_user("alice").await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    /// `sqlite::memory:` (and `sqlite://:memory:`) is a store that lives as long as the
+    /// node: one connection that is never closed, so what was written stays readable.
+    #[tokio::test]
+    async fn an_in_memory_store_keeps_what_it_was_given() {
+        for url in ["sqlite::memory:", "sqlite://:memory:"] {
+            let store = Store::open(url, Path::new("/nonexistent")).await.unwrap();
+            store
+                .add_user(NewUser {
+                    username: "alice",
+                    password: "pw",
+                    home_cluster: "c",
+                    home_node: "n",
+                })
+                .await
+                .unwrap();
+            assert!(store.user_exists("alice").await.unwrap(), "{url}");
+        }
     }
 }

@@ -45,7 +45,7 @@ impl Store {
         let _permit = DERIVATIONS
             .acquire()
             .await
-            .map_err(|_| StoreError::Corrupt("the derivation semaphore is closed".into()))?;
+            .map_err(|_| StoreError::DerivationUnavailable)?;
         tokio::task::spawn_blocking(move || {
             Ok((
                 ScramVerifier::new(ScramHash::Sha1, &password, iterations)?,
@@ -53,7 +53,7 @@ impl Store {
             ))
         })
         .await
-        .map_err(|e| StoreError::Corrupt(format!("a derivation task failed: {e}")))?
+        .map_err(StoreError::Derivation)?
     }
 
     /// Checks a password against a verifier on a blocking thread, bounded like
