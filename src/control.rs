@@ -277,7 +277,7 @@ impl Control {
                 Ok(peers) => peers
                     .into_iter()
                     .filter(|p| p.state == impmesh_store::PeerState::Active)
-                    .map(|p| p.cluster)
+                    .map(|p| p.cluster.into())
                     .collect(),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list peers");
@@ -567,7 +567,7 @@ impl NodeControl for Control {
             .await
             .map_err(agent_error)?;
         Ok(api::PeerAdded {
-            cluster: peer.cluster,
+            cluster: peer.cluster.into(),
             address: peer.address,
             state: peer.state,
         })

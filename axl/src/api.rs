@@ -380,7 +380,20 @@ pub enum LinkDirection {
     In,
 }
 
-/// One router link to or from a node of a peer.
+impl LinkDirection {
+    /// `out` or `in`, as the JSON and `/metrics` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkDirection::Out => "out",
+            LinkDirection::In => "in",
+        }
+    }
+}
+
+/// One router link to or from a node of a peer. The router reports its links in its
+/// own type (`impmesh_router::LinkStatus`); this is the admin API's contract, mapped
+/// from it in one place (src/control.rs), so the router can change what it tracks
+/// without changing `/admin/v1`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkStatus {
     /// The remote node.
@@ -418,6 +431,9 @@ mod tests {
             "\"out-of-sync\""
         );
         assert_eq!(json(serde_json::json!(LinkDirection::Out)), "\"out\"");
+        for d in [LinkDirection::Out, LinkDirection::In] {
+            assert_eq!(json(serde_json::json!(d)), format!("\"{}\"", d.as_str()));
+        }
         assert_eq!(
             json(serde_json::json!(PeerAction::Accepted("b.example".into()))),
             r#"{"accepted":"b.example"}"#

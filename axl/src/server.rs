@@ -511,7 +511,7 @@ async fn run<C: NodeControl>(
             let issued = crate::auth::random_token();
             store
                 .upsert_peer(&impmesh_store::PeerRecord {
-                    cluster: cluster.clone(),
+                    cluster: cluster.as_str().into(),
                     address: address.clone(),
                     server_name: server_name.clone(),
                     state: impmesh_store::PeerState::Pending,

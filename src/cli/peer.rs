@@ -1,7 +1,7 @@
 //! `impmesh peer`: intercluster peers, through the running node's sync agent.
 
 use clap::Subcommand;
-use impmesh_axl::api::{self, LinkDirection, Peer};
+use impmesh_axl::api::{self, Peer};
 use impmesh_axl::client::{AxlClient, Method};
 
 use super::{call, path_segment, print_json, send, when};
@@ -244,10 +244,7 @@ fn print_status(peer: &Peer) {
         println!("  router links:     none yet (opened when a stanza goes there)");
     }
     for l in &peer.links {
-        let direction = match l.direction {
-            LinkDirection::Out => "out",
-            LinkDirection::In => "in",
-        };
+        let direction = l.direction.as_str();
         println!(
             "  router link {direction:<3}  {} {} since {}, {} stanzas, {} queued ({} in the outbox, {} bytes), {} in flight{}",
             l.node,

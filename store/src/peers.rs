@@ -6,7 +6,7 @@
 use sqlx::Row as _;
 
 use crate::directory::DirectoryEntry;
-use crate::{Backend, ClusterName, NodeName, Result, Store, StoreError, now_unix};
+use crate::{Backend, ClusterName, NodeName, Result, Store, StoreError, UserName, now_unix};
 
 /// Whether we sync from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,7 +34,7 @@ impl PeerState {
 /// A peer cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRecord {
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// host:port of its AXL endpoint.
     pub address: String,
     /// The TLS server name to ask for.
@@ -72,10 +72,11 @@ pub struct PeerSync {
 /// A user homed in a peer cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RemoteUser {
-    pub peer: String,
-    pub username: String,
-    pub home_cluster: String,
-    pub home_node: String,
+    /// The peer that announced it.
+    pub peer: ClusterName,
+    pub username: UserName,
+    pub home_cluster: ClusterName,
+    pub home_node: NodeName,
     pub usn: i64,
 }
 
@@ -160,7 +161,7 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<PeerRecord> {
         their_token_hash: row.try_get("their_token_hash")?,
         added_at: row.try_get("added_at")?,
         accepted_at: row.try_get("accepted_at")?,
-        cluster,
+        cluster: cluster.into(),
     })
 }
 

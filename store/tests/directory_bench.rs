@@ -30,7 +30,7 @@ async fn benchmark_full_syncs_of_twenty_nine_peers() {
     for peer in &peers {
         store
             .upsert_peer(&PeerRecord {
-                cluster: peer.clone(),
+                cluster: peer.as_str().into(),
                 address: "127.0.0.1:8443".into(),
                 server_name: "localhost".into(),
                 state: PeerState::Active,

@@ -98,7 +98,7 @@ impl Agent {
         let cluster = peering.0.cluster.clone();
         let now = impmesh_store::now_unix();
         let record = PeerRecord {
-            cluster: cluster.clone(),
+            cluster: cluster.as_str().into(),
             address: addr,
             server_name,
             state: PeerState::Active,
@@ -379,7 +379,7 @@ impl Agent {
                 }
             };
             for peer in peers {
-                agent.notify_peer(peer.cluster, usn);
+                agent.notify_peer(peer.cluster.into(), usn);
             }
         });
     }

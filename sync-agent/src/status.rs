@@ -122,7 +122,7 @@ impl Agent {
         let mut out = vec![];
         for peer in self.store.peers().await? {
             let live = lock(&self.peers)
-                .get(&peer.cluster)
+                .get(peer.cluster.as_str())
                 .map(|h| lock(&h.status).clone())
                 .unwrap_or_else(|| LiveStatus {
                     state: match peer.state {
@@ -144,7 +144,7 @@ impl Agent {
                     })
                     .map(|t| t.fingerprint.clone())
                     .collect(),
-                cluster: peer.cluster,
+                cluster: peer.cluster.into(),
                 address: peer.address,
                 state: peer.state,
                 added_here: peer.added_here,
