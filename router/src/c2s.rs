@@ -95,10 +95,14 @@ pub async fn handle(
     direct_tls: bool,
     preauth: impmesh_limits::AddressSlot,
 ) {
-    let bound = Box::pin(negotiate_connection(&server, tcp, peer, direct_tls)).await;
+    // The session is boxed as soon as it is bound: no `Bound` lives across an await
+    // here, so this task's own future stays a few pointers for the session's life.
+    let session = Box::pin(negotiate_connection(&server, tcp, peer, direct_tls))
+        .await
+        .map(|bound| crate::session::start(server.clone(), bound));
     drop(preauth);
-    if let Some(bound) = bound {
-        Box::pin(crate::session::run(server, bound)).await;
+    if let Some(session) = session {
+        session.await;
     }
 }
 
