@@ -167,6 +167,7 @@ impl Session {
                 .sm
                 .as_ref()
                 .and_then(|sm| sm.stalled_at(window, limits.ping_timeout));
+            let due = next_due(connected, ping_at, stalled_at, hibernated_until);
             let step = tokio::select! {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
                 control = self.inbox.control.recv() => match control {
@@ -181,17 +182,21 @@ impl Session {
                     }
                     Ok(())
                 }
-                _ = tokio::time::sleep_until(ping_at), if connected => {
-                    if self.ping_sent {
+                // One timer for all three deadlines: each select branch's future lives
+                // in every idle session's memory, disabled or not.
+                _ = sleep_until_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
+                    Some(Due::Ping) if self.ping_sent => {
                         Err(End::Error(StreamErrorCondition::ConnectionTimeout, "no answer to ping"))
-                    } else {
+                    }
+                    Some(Due::Ping) => {
                         self.ping_sent = true;
                         self.push_ping(&format!("ping-{}", self.handle.id));
                         Ok(())
                     }
-                }
-                _ = sleep_until_opt(stalled_at), if connected => self.stalled(),
-                _ = sleep_until_opt(hibernated_until), if !connected => Err(End::Lost),
+                    Some(Due::Stalled) => self.stalled(),
+                    Some(Due::Hibernated) => Err(End::Lost),
+                    None => Ok(()),
+                },
             };
             if let Err(end) = step {
                 return end;
@@ -732,6 +737,35 @@ async fn read_conn(conn: &mut Option<Conn>) -> Result<(), ReadError> {
     }
 }
 
+/// What a session's timer waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Time to ping the client, or its answer is overdue (`ping_sent`).
+    Ping,
+    /// The XEP-0198 window stayed full and the client answered no `<r/>`.
+    Stalled,
+    /// The resumption window of a hibernated session ran out.
+    Hibernated,
+}
+
+/// A session's next deadline and what it means: while connected, the ping (or its
+/// timeout) or an unanswered full window, whichever comes first; while hibernated,
+/// the end of the resumption window; `None` when nothing is timed.
+fn next_due(
+    connected: bool,
+    ping_at: Instant,
+    stalled_at: Option<Instant>,
+    hibernated_until: Option<Instant>,
+) -> Option<(Instant, Due)> {
+    if !connected {
+        return hibernated_until.map(|at| (at, Due::Hibernated));
+    }
+    match stalled_at {
+        Some(at) if at <= ping_at => Some((at, Due::Stalled)),
+        _ => Some((ping_at, Due::Ping)),
+    }
+}
+
 async fn sleep_until_opt(when: Option<Instant>) {
     match when {
         Some(when) => tokio::time::sleep_until(when).await,
@@ -750,6 +784,31 @@ impl Drop for Session {
 mod tests {
     use super::*;
     use crate::conn::Transport;
+
+    #[test]
+    fn one_timer_serves_ping_stall_and_hibernation() {
+        let now = Instant::now();
+        let s = std::time::Duration::from_secs;
+        assert_eq!(
+            next_due(true, now + s(60), None, None),
+            Some((now + s(60), Due::Ping))
+        );
+        // A full window left unanswered ends the connection before the next ping.
+        assert_eq!(
+            next_due(true, now + s(60), Some(now + s(10)), None),
+            Some((now + s(10), Due::Stalled))
+        );
+        assert_eq!(
+            next_due(true, now + s(60), Some(now + s(90)), None),
+            Some((now + s(60), Due::Ping))
+        );
+        // Hibernated: only the resumption window counts.
+        assert_eq!(
+            next_due(false, now + s(60), Some(now + s(10)), Some(now + s(300))),
+            Some((now + s(300), Due::Hibernated))
+        );
+        assert_eq!(next_due(false, now + s(60), None, None), None);
+    }
 
     /// What an idle session costs starts with its futures (docs/benchmarks.md, "Where
     /// the memory per session goes"): the boxed session future holds the session once
