@@ -68,11 +68,7 @@ impl<'a> Context<'a> {
 
     /// The localpart of the session's user.
     pub(crate) fn user(&self) -> String {
-        self.handle
-            .jid
-            .node()
-            .map(|n| n.to_string())
-            .unwrap_or_default()
+        self.handle.user()
     }
 
     /// A stanza for this session's client.

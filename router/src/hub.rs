@@ -128,6 +128,11 @@ impl SessionHandle {
         (handle, inbox)
     }
 
+    /// The localpart of the session's user.
+    pub fn user(&self) -> String {
+        self.jid.node().map(|n| n.to_string()).unwrap_or_default()
+    }
+
     /// A copy of the presence state.
     pub fn presence(&self) -> PresenceState {
         lock(&self.state).clone()
@@ -250,7 +255,7 @@ impl Hub {
         blocked: HashSet<String>,
     ) -> Result<Option<Arc<SessionHandle>>, TooManySessions> {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
-        let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
+        let user = handle.user();
         let entry = users.entry(user).or_insert_with(|| UserEntry {
             sessions: Vec::new(),
             blocked: Arc::new(blocked),
@@ -272,7 +277,7 @@ impl Hub {
     /// Removes a session (by id, so a replaced session cannot remove its successor).
     pub fn unregister(&self, handle: &SessionHandle) {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
-        let user = handle.jid.node().map(|n| n.to_string()).unwrap_or_default();
+        let user = handle.user();
         let gone = users.get_mut(&user).is_some_and(|entry| {
             entry.sessions.retain(|s| s.id != handle.id);
             entry.sessions.is_empty()

@@ -138,11 +138,7 @@ impl Session {
 
     /// The localpart of the session's user.
     pub(crate) fn user(&self) -> String {
-        self.handle
-            .jid
-            .node()
-            .map(|n| n.to_string())
-            .unwrap_or_default()
+        self.handle.user()
     }
 
     async fn run_loop(&mut self) -> End {
