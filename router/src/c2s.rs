@@ -11,7 +11,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use jid::{BareJid, FullJid};
 use minidom::Element;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
 use crate::Server;
@@ -351,15 +350,13 @@ async fn bind_or_resume(
                 }
                 Err(reply) => conn.send(&reply).await,
             },
-            BindStep::Resume => {
-                match resume(server, conn, stage.user(), &element, deadline).await {
-                    Ok(()) => return Err(Stopped::gone()),
-                    Err(back) => {
-                        conn = back;
-                        failed_resume(&mut conn).await
-                    }
+            BindStep::Resume => match resume(server, conn, stage.user(), &element) {
+                None => return Err(Stopped::gone()),
+                Some(back) => {
+                    conn = back;
+                    failed_resume(&mut conn).await
                 }
-            }
+            },
             BindStep::EnableTooEarly => {
                 conn.send(&format!(
                     "<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>",
@@ -793,7 +790,7 @@ fn bind(
         blocked,
     ) {
         Ok(Some(old)) => {
-            let _ = old.control.try_send(Control::Replaced);
+            let _ = old.control.send(Control::Replaced);
         }
         Ok(None) => {}
         Err(crate::hub::TooManySessions) => {
@@ -811,33 +808,26 @@ fn bind(
     Ok((handle, inbox, reply))
 }
 
-/// XEP-0198 §5: hands the connection to the session named by `previd`; the
+/// XEP-0198 §5: hands the connection to the session named by `previd` (`None`); the
 /// connection comes back when there is no such session (answer `<failed/>` and keep
 /// negotiating).
-async fn resume(
-    server: &Server,
-    conn: Conn,
-    user: &str,
-    element: &Element,
-    deadline: Instant,
-) -> Result<(), Conn> {
+fn resume(server: &Server, conn: Conn, user: &str, element: &Element) -> Option<Conn> {
     let previd = element.attr("previd").unwrap_or_default();
     let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
-    let (Some(h), Some(tx)) = (h, server.hub.resumable(previd, user)) else {
-        return Err(conn);
+    let (Some(h), Some(session)) = (h, server.hub.resumable(previd, user)) else {
+        return Some(conn);
     };
     let request = Box::new(ResumeRequest {
         conn,
         h,
         username: user.to_owned(),
     });
-    // The control queue has a few slots and its session takes them at once; the
-    // handshake deadline bounds even that.
-    match timeout_at(deadline, tx.send(Control::Resume(request))).await {
-        Ok(Err(mpsc::error::SendError(Control::Resume(request)))) => Err(request.conn),
-        // Taken by the session; or the deadline passed, and the request (with the
-        // connection) was dropped with the send.
-        _ => Ok(()),
+    // Left in the session's control slots; refused when it has ended (or has a few
+    // control messages waiting already): then the client hears `<failed/>`.
+    match session.control.send(Control::Resume(request)) {
+        Ok(()) => None,
+        Err(Control::Resume(request)) => Some(request.conn),
+        Err(_) => unreachable!("send gives back what it was given"),
     }
 }
 

@@ -27,11 +27,66 @@ pub enum Control {
     Resume(Box<ResumeRequest>),
 }
 
-/// The two queues a session task reads.
+/// Control messages waiting for a session, at most.
+const CONTROL_SLOTS: usize = 4;
+
+/// A session's control inbox: a few slots beside its stanza queue, inline in its
+/// handle. Control messages are rare (each ends or restarts the session), so a lock
+/// and a notification cost less than a channel of their own (about 0.5 KiB per idle
+/// session, docs/benchmarks.md). Once the session has ended the inbox is closed and
+/// refuses what comes.
+#[derive(Debug, Default)]
+pub struct ControlBox {
+    state: Mutex<ControlState>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    pending: std::collections::VecDeque<Control>,
+    closed: bool,
+}
+
+impl ControlBox {
+    /// Leaves `control` for the session; given back when the session has ended or
+    /// already has [`CONTROL_SLOTS`] waiting.
+    pub fn send(&self, control: Control) -> Result<(), Control> {
+        {
+            let mut state = lock(&self.state);
+            if state.closed || state.pending.len() >= CONTROL_SLOTS {
+                return Err(control);
+            }
+            state.pending.push_back(control);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next control message. Cancel-safe: a message is taken only by the poll
+    /// that returns it.
+    pub async fn recv(&self) -> Control {
+        loop {
+            if let Some(control) = lock(&self.state).pending.pop_front() {
+                return control;
+            }
+            // A send between the check and this wait left a permit: no lost wake-up.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Closes the inbox (the session ends) and returns what was still waiting.
+    pub fn close(&self) -> Vec<Control> {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        state.pending.drain(..).collect()
+    }
+}
+
+/// The stanza queue a session task reads (control messages wait in its handle's
+/// [`ControlBox`]).
 #[derive(Debug)]
 pub struct Inbox {
     pub stanzas: mpsc::Receiver<Queued>,
-    pub control: mpsc::Receiver<Control>,
 }
 
 /// A stanza in a session's queue, with the sender it is counted against.
@@ -93,7 +148,7 @@ pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
     tx: mpsc::Sender<Queued>,
-    pub control: mpsc::Sender<Control>,
+    pub control: ControlBox,
     pub state: Mutex<PresenceState>,
     queue: Mutex<QueueUse>,
     limits: QueueLimits,
@@ -110,17 +165,12 @@ impl SessionHandle {
     /// A handle and the queue its session task reads.
     pub fn new(id: u64, jid: FullJid, limits: QueueLimits) -> (SessionHandle, Inbox) {
         let (tx, stanzas) = mpsc::channel(limits.stanzas.max(1));
-        // Control messages are rare and each ends or restarts the session: a few slots.
-        let (control, control_rx) = mpsc::channel(4);
-        let inbox = Inbox {
-            stanzas,
-            control: control_rx,
-        };
+        let inbox = Inbox { stanzas };
         let handle = SessionHandle {
             id,
             jid,
             tx,
-            control,
+            control: ControlBox::default(),
             state: Mutex::new(PresenceState::default()),
             queue: Mutex::new(QueueUse::default()),
             limits,
@@ -236,7 +286,7 @@ const MIN_TABLE: usize = 1024;
 pub struct Hub {
     users: RwLock<HashMap<String, UserEntry>>,
     /// XEP-0198 stream ids of resumable sessions → the session's queue.
-    resumable: Mutex<HashMap<String, (String, mpsc::Sender<Control>)>>,
+    resumable: Mutex<HashMap<String, (String, Arc<SessionHandle>)>>,
     next_id: AtomicU64,
 }
 
@@ -382,7 +432,7 @@ impl Hub {
     pub fn disconnect_user(&self, user: &str) -> usize {
         let sessions = self.sessions(user);
         for s in &sessions {
-            let _ = s.control.try_send(Control::AccountRemoved);
+            let _ = s.control.send(Control::AccountRemoved);
         }
         sessions.len()
     }
@@ -393,25 +443,53 @@ impl Hub {
         users.values().map(|e| e.sessions.len()).sum()
     }
 
-    pub fn add_resumable(&self, id: &str, user: &str, tx: mpsc::Sender<Control>) {
-        lock(&self.resumable).insert(id.to_owned(), (user.to_owned(), tx));
+    pub fn add_resumable(&self, id: &str, user: &str, handle: Arc<SessionHandle>) {
+        lock(&self.resumable).insert(id.to_owned(), (user.to_owned(), handle));
     }
 
     pub fn remove_resumable(&self, id: &str) {
         lock(&self.resumable).remove(id);
     }
 
-    /// The queue of a resumable session owned by `user`.
-    pub fn resumable(&self, id: &str, user: &str) -> Option<mpsc::Sender<Control>> {
+    /// A resumable session owned by `user`.
+    pub fn resumable(&self, id: &str, user: &str) -> Option<Arc<SessionHandle>> {
         let map = lock(&self.resumable);
-        let (owner, tx) = map.get(id)?;
-        (owner == user).then(|| tx.clone())
+        let (owner, handle) = map.get(id)?;
+        (owner == user).then(|| handle.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Control messages arrive in order, a waiting session is woken, a full inbox and
+    /// a closed one give the message back, and closing hands over what was waiting.
+    #[tokio::test]
+    async fn the_control_inbox_is_bounded_and_closes() {
+        let inbox = Arc::new(ControlBox::default());
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.recv().await }
+        });
+        tokio::task::yield_now().await;
+        inbox.send(Control::Replaced).unwrap();
+        assert!(matches!(waiting.await.unwrap(), Control::Replaced));
+        for _ in 0..CONTROL_SLOTS {
+            inbox.send(Control::AccountRemoved).unwrap();
+        }
+        assert!(matches!(
+            inbox.send(Control::Replaced),
+            Err(Control::Replaced)
+        ));
+        assert!(matches!(inbox.recv().await, Control::AccountRemoved));
+        let left = inbox.close();
+        assert_eq!(left.len(), CONTROL_SLOTS - 1);
+        assert!(matches!(
+            inbox.send(Control::AccountRemoved),
+            Err(Control::AccountRemoved)
+        ));
+    }
 
     fn handle(hub: &Hub, jid: &str, queue: usize) -> (Arc<SessionHandle>, Inbox) {
         let limits = QueueLimits {

@@ -166,11 +166,7 @@ impl Session {
             let due = next_due(connected, ping_at, stalled_at, hibernated_until);
             let step = tokio::select! {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
-                control = self.inbox.control.recv() => match control {
-                    Some(control) => self.on_control(control).await,
-                    // We hold a sender in the handle, so the queue never closes.
-                    None => Ok(()),
-                },
+                control = self.handle.control.recv() => self.on_control(control).await,
                 read = read_conn(&mut self.conn) => self.on_read(read).await,
                 queued = self.inbox.stanzas.recv(), if can_take => {
                     if let Some(queued) = queued {
@@ -360,7 +356,7 @@ impl Session {
                 if resumable {
                     self.server
                         .hub
-                        .add_resumable(&id, &self.user(), self.handle.control.clone());
+                        .add_resumable(&id, &self.user(), self.handle.clone());
                 }
                 let max = self.server.config.limits.resume_timeout.as_secs();
                 let resume = if resumable {
@@ -693,8 +689,7 @@ impl Session {
             self.handle.taken(&queued);
             undelivered.push(queued.xml);
         }
-        self.inbox.control.close();
-        while let Ok(control) = self.inbox.control.try_recv() {
+        for control in self.handle.control.close() {
             if let Control::Resume(req) = control {
                 let mut conn = req.conn;
                 let _ = conn.send(&sm_failed("item-not-found")).await;
