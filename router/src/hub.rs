@@ -49,7 +49,7 @@ struct ControlState {
 
 impl ControlBox {
     /// Leaves `control` for the session; given back when the session has ended or
-    /// already has [`CONTROL_SLOTS`] waiting.
+    /// already has `CONTROL_SLOTS` (4) waiting.
     pub fn send(&self, control: Control) -> Result<(), Control> {
         {
             let mut state = lock(&self.state);
