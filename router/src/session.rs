@@ -766,8 +766,14 @@ async fn sleep_until_opt(when: Option<Instant>) {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Best effort if the task is cancelled before `finish`: never leave a handle.
+        // Best effort if the task is cancelled before `finish`: never leave a handle,
+        // a resumption entry or open control slots (a resume must not be taken by a
+        // session that is gone). All of it is idempotent after `finish`.
         self.server.hub.unregister(&self.handle);
+        if let Some(sm) = &self.sm {
+            self.server.hub.remove_resumable(sm.id());
+        }
+        self.handle.control.close();
     }
 }
 
