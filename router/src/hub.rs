@@ -286,7 +286,7 @@ const MIN_TABLE: usize = 1024;
 pub struct Hub {
     users: RwLock<HashMap<String, UserEntry>>,
     /// XEP-0198 stream ids of resumable sessions → the session's queue.
-    resumable: Mutex<HashMap<String, (String, Arc<SessionHandle>)>>,
+    resumable: Mutex<HashMap<String, Arc<SessionHandle>>>,
     next_id: AtomicU64,
 }
 
@@ -443,8 +443,8 @@ impl Hub {
         users.values().map(|e| e.sessions.len()).sum()
     }
 
-    pub fn add_resumable(&self, id: &str, user: &str, handle: Arc<SessionHandle>) {
-        lock(&self.resumable).insert(id.to_owned(), (user.to_owned(), handle));
+    pub fn add_resumable(&self, id: &str, handle: Arc<SessionHandle>) {
+        lock(&self.resumable).insert(id.to_owned(), handle);
     }
 
     pub fn remove_resumable(&self, id: &str) {
@@ -454,8 +454,8 @@ impl Hub {
     /// A resumable session owned by `user`.
     pub fn resumable(&self, id: &str, user: &str) -> Option<Arc<SessionHandle>> {
         let map = lock(&self.resumable);
-        let (owner, handle) = map.get(id)?;
-        (owner == user).then(|| handle.clone())
+        let handle = map.get(id)?;
+        (handle.jid.node().map(|n| n.as_str()) == Some(user)).then(|| handle.clone())
     }
 }
 

@@ -354,9 +354,7 @@ impl Session {
                 let resumable = matches!(element.attr("resume"), Some("true" | "1"));
                 let id = random_id();
                 if resumable {
-                    self.server
-                        .hub
-                        .add_resumable(&id, &self.user(), self.handle.clone());
+                    self.server.hub.add_resumable(&id, self.handle.clone());
                 }
                 let max = self.server.config.limits.resume_timeout.as_secs();
                 let resume = if resumable {

@@ -402,6 +402,25 @@ mod tests {
     use super::*;
     use sqlx::Row as _;
 
+    /// `sqlite::memory:` (and `sqlite://:memory:`) is a store that lives as long as the
+    /// node: one connection that is never closed, so what was written stays readable.
+    #[tokio::test]
+    async fn an_in_memory_store_keeps_what_it_was_given() {
+        for url in ["sqlite::memory:", "sqlite://:memory:"] {
+            let store = Store::open(url, Path::new("/nonexistent")).await.unwrap();
+            store
+                .add_user(NewUser {
+                    username: "alice",
+                    password: "pw",
+                    home_cluster: "c",
+                    home_node: "n",
+                })
+                .await
+                .unwrap();
+            assert!(store.user_exists("alice").await.unwrap(), "{url}");
+        }
+    }
+
     /// Each SQLite connection of the pool keeps a bounded page cache (1 MiB), so a
     /// burst of logins leaves at most that much per connection resident.
     #[tokio::test]
@@ -563,29 +582,5 @@ mod tests {
             .await
             .unwrap();
         assert!(store.remote_user("alice").await.unwrap().is_empty());
-    }
-}
-
-#[cfg(test)]
-mod memory_tests {
-    use super::*;
-
-    /// `sqlite::memory:` (and `sqlite://:memory:`) is a store that lives as long as the
-    /// node: one connection that is never closed, so what was written stays readable.
-    #[tokio::test]
-    async fn an_in_memory_store_keeps_what_it_was_given() {
-        for url in ["sqlite::memory:", "sqlite://:memory:"] {
-            let store = Store::open(url, Path::new("/nonexistent")).await.unwrap();
-            store
-                .add_user(NewUser {
-                    username: "alice",
-                    password: "pw",
-                    home_cluster: "c",
-                    home_node: "n",
-                })
-                .await
-                .unwrap();
-            assert!(store.user_exists("alice").await.unwrap(), "{url}");
-        }
     }
 }
