@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -18,18 +18,14 @@ use crate::Limits;
 use crate::error::StreamErrorCondition;
 use crate::xml::{Frame, FrameLimits, Framer};
 
-/// The first read of every wake-up goes into a buffer inside the connection, big enough
-/// for a typical presence or chat stanza; an idle connection waits on it and holds no
-/// heap buffer of its own (DESIGN: memory per session is a budget).
-const INLINE_READ: usize = 512;
+/// Reads go into a buffer on the stack of the poll that reads, and are parsed in that
+/// same poll: the buffer exists only while the task runs, so an idle connection holds
+/// no read buffer at all, not even inline in its session (DESIGN: memory per session
+/// is a budget).
+const READ_CHUNK: usize = 4096;
 
-/// When the inline read came back full, what is already available is drained without
-/// waiting through a temporary heap chunk of this size, so busy streams still parse in
-/// large batches.
-const DRAIN_CHUNK: usize = 4096;
-
-/// Drain reads per wake-up at most (STYLE 5): 16 × 4 KiB, then back to the loop.
-const MAX_DRAIN_READS: usize = 16;
+/// Reads per wake-up at most (STYLE 5): 16 × 4 KiB, then back to the loop.
+const MAX_READS: usize = 16;
 
 /// The byte stream under a client connection.
 #[allow(clippy::large_enum_variant)]
@@ -75,18 +71,6 @@ impl AsyncWrite for Transport {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-/// Polls a read once without waiting. The no-op waker is harmless: the session polls
-/// the transport again with its real waker before it sleeps.
-fn try_read_now(io: &mut Transport, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    let mut read = ReadBuf::new(buf);
-    match Pin::new(io).poll_read(&mut cx, &mut read) {
-        Poll::Ready(Ok(())) => Some(Ok(read.filled().len())),
-        Poll::Ready(Err(e)) => Some(Err(e)),
-        Poll::Pending => None,
     }
 }
 
@@ -140,7 +124,6 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// `tls-exporter` channel-binding value (RFC 9266), on TLS 1.3 connections.
     pub channel_binding: Option<Vec<u8>>,
-    inline: [u8; INLINE_READ],
     /// The transport reported end of stream during a drain; the next read says so.
     eof: bool,
     frames: VecDeque<Frame>,
@@ -169,7 +152,6 @@ impl Conn {
             )),
             peer,
             channel_binding: None,
-            inline: [0; INLINE_READ],
             eof: false,
             frames: VecDeque::new(),
             bucket: TokenBucket::new(limits.read_rate, limits.read_burst),
@@ -190,9 +172,10 @@ impl Conn {
         self.frames.pop_front()
     }
 
-    /// Reads what arrived and parses it. Cancel-safe: the only await is the first read,
-    /// and a read that did not complete consumed nothing. Frames are queued for
-    /// [`Self::pop_frame`]; the rate limit may pause the next read.
+    /// Reads what arrived and parses it. Cancel-safe: the only waits are the rate
+    /// limit's pause and a poll that found nothing to read, which consumed nothing.
+    /// Frames are queued for [`Self::pop_frame`]; the rate limit may pause the next
+    /// read.
     pub async fn read_some(&mut self) -> Result<(), ReadError> {
         if self.eof {
             return Err(ReadError::Closed);
@@ -201,37 +184,47 @@ impl Conn {
             tokio::time::sleep_until(until).await;
             self.paused_until = None;
         }
-        let n = match self.io.read(&mut self.inline).await {
-            Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(n) => n,
-        };
-        let mut total = n;
-        let inline = self.inline;
-        self.parse(&inline[..n])?;
-        if n == INLINE_READ {
-            let mut chunk = vec![0u8; DRAIN_CHUNK];
-            for _ in 0..MAX_DRAIN_READS {
-                match try_read_now(&mut self.io, &mut chunk) {
-                    Some(Ok(0)) | Some(Err(_)) => {
-                        self.eof = true;
-                        break;
-                    }
-                    Some(Ok(m)) => {
-                        total += m;
-                        self.parse(&chunk[..m])?;
-                        if m < DRAIN_CHUNK {
-                            break;
-                        }
-                    }
-                    None => break,
-                }
-            }
-        }
+        let total = std::future::poll_fn(|cx| self.poll_read_and_parse(cx)).await?;
         let wait = self.bucket.take(total);
         if !wait.is_zero() {
             self.paused_until = Some(Instant::now() + wait);
         }
         Ok(())
+    }
+
+    /// Reads what is available, up to [`MAX_READS`] chunks, into a buffer on this
+    /// poll's stack, parsing each chunk before the next read. Pending only when the
+    /// first read found nothing; an end of stream after some bytes is reported by the
+    /// next call.
+    fn poll_read_and_parse(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, ReadError>> {
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut space);
+        let mut total = 0;
+        for read in 0..MAX_READS {
+            let first = read == 0;
+            buf.clear();
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending if first => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let n = buf.filled().len();
+                    total += n;
+                    if let Err(e) = self.parse(buf.filled()) {
+                        return Poll::Ready(Err(e));
+                    }
+                    if n < READ_CHUNK {
+                        break;
+                    }
+                }
+                // End of stream or a failed transport.
+                Poll::Ready(_) if first => return Poll::Ready(Err(ReadError::Closed)),
+                Poll::Ready(_) => {
+                    self.eof = true;
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Ok(total))
     }
 
     fn parse(&mut self, mut buf: &[u8]) -> Result<(), ReadError> {
