@@ -19,7 +19,7 @@ use crate::core::negotiate::{
     self, AuthStep, Authenticated, BindStep, NeedAuth, NeedTls, Offer, Refusal, Request, Start,
 };
 use crate::error::StreamErrorCondition;
-use crate::hub::{Control, Inbox, QueueLimits, ResumeRequest, SessionHandle};
+use crate::hub::{Control, QueueLimits, ResumeRequest, SessionHandle};
 use crate::names::{normalize_username, random_id};
 use crate::sasl::{self, Mechanism, SaslFailure};
 use crate::session::Bound;
@@ -78,30 +78,30 @@ impl Stopped {
     }
 }
 
-/// Runs one client connection from accept to close.
+/// Runs one client connection until its stream is bound, then starts its session.
 ///
-/// Two boxed phases in sequence: the negotiation's state (connection slots, TLS
-/// accept, the closing of a refused stream) is freed before the session runs, so the
-/// task of an established session holds little more than a pointer to it
+/// The session runs as a task of its own, and this one ends: an idle session is one
+/// task holding its session and nothing else, the negotiation's state (connection
+/// slots, TLS accept, the closing of a refused stream) gone with the task that held it
 /// (DESIGN: memory per session is a budget).
 ///
 /// `preauth` is the connection's place in its address's count of unauthenticated
-/// streams: given back once the stream is bound (or ends).
+/// streams: given back once the stream is bound (or ends). `admitted` is its place
+/// among the node's connections: the session keeps it.
 pub async fn handle(
     server: Arc<Server>,
     tcp: TcpStream,
     peer: SocketAddr,
     direct_tls: bool,
     preauth: impmesh_limits::AddressSlot,
+    admitted: tokio::sync::OwnedSemaphorePermit,
 ) {
-    // The session is boxed as soon as it is bound: no `Bound` lives across an await
-    // here, so this task's own future stays a few pointers for the session's life.
-    let session = Box::pin(negotiate_connection(&server, tcp, peer, direct_tls))
-        .await
-        .map(|bound| crate::session::start(server.clone(), bound));
+    let bound = negotiate_connection(&server, tcp, peer, direct_tls).await;
     drop(preauth);
-    if let Some(session) = session {
-        session.await;
+    if let Some(bound) = bound {
+        // Spawned as it is: an async block awaiting it would hold it twice.
+        let session = crate::session::start(server.clone(), bound, admitted);
+        server.tasks.spawn(session);
     }
 }
 
@@ -337,12 +337,8 @@ async fn bind_or_resume(
         };
         let sent = match step {
             BindStep::Bind => match try_bind(server, stage.user(), &element).await {
-                Ok((handle, inbox, reply)) => {
-                    let mut bound = Bound {
-                        conn,
-                        handle,
-                        inbox,
-                    };
+                Ok((handle, reply)) => {
+                    let mut bound = Bound { conn, handle };
                     if let Err(e) = bound.conn.send(&reply).await {
                         return Err(Stopped::with(bound.conn)(e.into()));
                     }
@@ -390,7 +386,7 @@ async fn try_bind(
     server: &Server,
     user: &str,
     element: &Element,
-) -> Result<(Arc<SessionHandle>, Inbox, String), String> {
+) -> Result<(Arc<SessionHandle>, String), String> {
     // The session's block list is cached for its life: a list that cannot be read
     // refuses the bind (the client retries) rather than blocking nothing (security
     // review L2).
@@ -748,7 +744,7 @@ fn bind(
     user: &str,
     iq: &Element,
     blocked: std::collections::HashSet<String>,
-) -> Result<(Arc<SessionHandle>, Inbox, String), String> {
+) -> Result<(Arc<SessionHandle>, String), String> {
     let domain = &server.config.domain;
     let id = crate::xml::escape(iq.attr("id").unwrap_or_default()).into_owned();
     let err = |condition: crate::error::StanzaErrorCondition, text: &str| {
@@ -775,15 +771,14 @@ fn bind(
         ));
     };
     let limits = &server.config.limits;
-    let (handle, inbox) = SessionHandle::new(
+    let handle = Arc::new(SessionHandle::new(
         server.hub.next_session_id(),
         jid.clone(),
         QueueLimits {
             stanzas: limits.session_queue,
             bytes: limits.session_queue_bytes,
         },
-    );
-    let handle = Arc::new(handle);
+    ));
     match server.hub.register(
         handle.clone(),
         server.config.limits.max_sessions_per_user,
@@ -805,7 +800,7 @@ fn bind(
         ns::BIND,
         crate::xml::escape(&jid.to_string())
     );
-    Ok((handle, inbox, reply))
+    Ok((handle, reply))
 }
 
 /// XEP-0198 §5: hands the connection to the session named by `previd` (`None`); the

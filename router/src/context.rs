@@ -121,7 +121,7 @@ pub(crate) mod testing {
 
     use crate::Server;
     use crate::config::RouterConfig;
-    use crate::hub::{Inbox, QueueLimits, SessionHandle};
+    use crate::hub::{QueueLimits, SessionHandle};
 
     pub(crate) const DOMAIN: &str = "example.org";
 
@@ -153,24 +153,23 @@ pub(crate) mod testing {
         Server::new(config, store, tls.clone(), tls)
     }
 
-    /// A registered session of `user` with resource `resource`, and its queue.
-    pub(crate) fn session(
-        server: &Server,
-        user: &str,
-        resource: &str,
-    ) -> (Arc<SessionHandle>, Inbox) {
+    /// A registered session of `user` with resource `resource`.
+    pub(crate) fn session(server: &Server, user: &str, resource: &str) -> Arc<SessionHandle> {
         let jid = FullJid::new(&format!("{user}@{DOMAIN}/{resource}")).unwrap();
         let limits = QueueLimits {
             stanzas: 64,
             bytes: 1 << 20,
         };
-        let (handle, inbox) = SessionHandle::new(server.hub.next_session_id(), jid, limits);
-        let handle = Arc::new(handle);
+        let handle = Arc::new(SessionHandle::new(
+            server.hub.next_session_id(),
+            jid,
+            limits,
+        ));
         server
             .hub
             .register(handle.clone(), 16, Default::default())
             .unwrap();
-        (handle, inbox)
+        handle
     }
 
     /// Parses one stanza (the XML names its namespace).
@@ -248,7 +247,7 @@ mod tests {
     async fn a_request_needs_an_id_and_exactly_one_payload() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let ping = "<ping xmlns='urn:xmpp:ping'/>";
         let no_id = format!("<iq xmlns='jabber:client' type='get'>{ping}</iq>");
@@ -268,7 +267,7 @@ mod tests {
     async fn the_server_lists_exactly_its_features_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let disco = format!(
             "<iq xmlns='jabber:client' type='get' id='d' to='{DOMAIN}'><query xmlns='{}'/></iq>",
@@ -299,7 +298,7 @@ mod tests {
     async fn roster_set_get_and_versions() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice", "bob"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let set = iq(
             "set",
@@ -350,7 +349,7 @@ mod tests {
     async fn private_storage_is_capped_per_user() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let store = |i: usize| {
             iq(
@@ -389,7 +388,7 @@ mod tests {
     async fn password_changes_are_limited_per_account() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         for i in 0..4 {
             let change = iq(
@@ -420,7 +419,7 @@ mod tests {
     async fn messages_are_stored_for_offline_users_or_refused() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice", "bob"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let chat = format!(
             "<message xmlns='jabber:client' type='chat' to='bob@{DOMAIN}'><body>hi</body></message>"
@@ -449,7 +448,7 @@ mod tests {
     async fn presence_starts_offline_delivery_and_tracks_directed_targets() {
         let dir = tempfile::tempdir().unwrap();
         let server = server(dir.path(), |_| {}, &["alice", "bob"]).await;
-        let (alice, _inbox) = session(&server, "alice", "a");
+        let alice = session(&server, "alice", "a");
         let mut directed = HashSet::new();
         let handled = handle(
             &server,

@@ -2,14 +2,13 @@
 //! reach them. Plain shared state behind short `std` locks (never held across `.await`);
 //! routing decisions live in `deliver.rs` and `presence.rs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use impmesh_store::RosterItem;
 use jid::FullJid;
-use tokio::sync::mpsc;
 
 use crate::config::QUEUE_SHARE;
 use crate::conn::Conn;
@@ -43,7 +42,7 @@ pub struct ControlBox {
 
 #[derive(Debug, Default)]
 struct ControlState {
-    pending: std::collections::VecDeque<Control>,
+    pending: VecDeque<Control>,
     closed: bool,
 }
 
@@ -82,31 +81,48 @@ impl ControlBox {
     }
 }
 
-/// The stanza queue a session task reads (control messages wait in its handle's
-/// [`ControlBox`]).
-#[derive(Debug)]
-pub struct Inbox {
-    pub stanzas: mpsc::Receiver<Queued>,
-}
-
 /// A stanza in a session's queue, with the sender it is counted against.
 #[derive(Debug)]
-pub struct Queued {
-    pub xml: Arc<str>,
+struct Queued {
+    xml: Arc<str>,
     /// A hash of the sender's bare JID (0: the server itself).
     sender: u64,
 }
 
-/// What one session's queue holds, in all and per sender (STYLE 5: bounded by
+/// One session's stanza queue, inline in its handle (STYLE 5: bounded by
 /// `session_queue` stanzas and `session_queue_bytes` bytes; one sender may use a
 /// [`QUEUE_SHARE`] of each, so a flood is bounced to its sender and never ends the
-/// recipient's session).
+/// recipient's session). An emptied queue gives its storage back: an idle session
+/// holds none (a channel cost 1.3 KiB per idle session, docs/benchmarks.md).
 #[derive(Debug, Default)]
-struct QueueUse {
-    stanzas: usize,
+struct Queue {
+    items: VecDeque<Queued>,
     bytes: usize,
     /// Sender hash → (stanzas, bytes); entries leave when they reach zero.
     by_sender: HashMap<u64, (usize, usize)>,
+    /// The session has ended: nothing more is queued.
+    closed: bool,
+}
+
+impl Queue {
+    fn pop(&mut self) -> Option<Queued> {
+        let queued = self.items.pop_front()?;
+        let len = queued.xml.len();
+        self.bytes = self.bytes.saturating_sub(len);
+        if let Some(entry) = self.by_sender.get_mut(&queued.sender) {
+            entry.0 = entry.0.saturating_sub(1);
+            entry.1 = entry.1.saturating_sub(len);
+            if entry.0 == 0 {
+                self.by_sender.remove(&queued.sender);
+            }
+        }
+        if self.items.is_empty() {
+            self.items = VecDeque::new();
+            self.by_sender = HashMap::new();
+            self.bytes = 0;
+        }
+        Some(queued)
+    }
 }
 
 /// Why a stanza was not queued.
@@ -147,10 +163,11 @@ pub struct PresenceState {
 pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
-    tx: mpsc::Sender<Queued>,
     pub control: ControlBox,
     pub state: Mutex<PresenceState>,
-    queue: Mutex<QueueUse>,
+    queue: Mutex<Queue>,
+    /// Woken when a stanza is queued.
+    queued: tokio::sync::Notify,
     limits: QueueLimits,
 }
 
@@ -162,20 +179,17 @@ pub struct QueueLimits {
 }
 
 impl SessionHandle {
-    /// A handle and the queue its session task reads.
-    pub fn new(id: u64, jid: FullJid, limits: QueueLimits) -> (SessionHandle, Inbox) {
-        let (tx, stanzas) = mpsc::channel(limits.stanzas.max(1));
-        let inbox = Inbox { stanzas };
-        let handle = SessionHandle {
+    /// A handle with an empty, open queue.
+    pub fn new(id: u64, jid: FullJid, limits: QueueLimits) -> SessionHandle {
+        SessionHandle {
             id,
             jid,
-            tx,
             control: ControlBox::default(),
             state: Mutex::new(PresenceState::default()),
-            queue: Mutex::new(QueueUse::default()),
+            queue: Mutex::new(Queue::default()),
+            queued: tokio::sync::Notify::new(),
             limits,
-        };
-        (handle, inbox)
+        }
     }
 
     /// The localpart of the session's user.
@@ -196,45 +210,55 @@ impl SessionHandle {
         let len = xml.len();
         {
             let mut q = lock(&self.queue);
+            if q.closed {
+                return Err(Refused::Gone);
+            }
             let (mine, mine_bytes) = q.by_sender.get(&sender).copied().unwrap_or_default();
             let share = (self.limits.stanzas / QUEUE_SHARE).max(1);
             let share_bytes = self.limits.bytes / QUEUE_SHARE;
-            if q.stanzas >= self.limits.stanzas
+            if q.items.len() >= self.limits.stanzas
                 || q.bytes + len > self.limits.bytes
                 || mine >= share
                 || (mine > 0 && mine_bytes + len > share_bytes)
             {
                 return Err(Refused::Full);
             }
-            q.stanzas += 1;
+            q.items.push_back(Queued { xml, sender });
             q.bytes += len;
             let entry = q.by_sender.entry(sender).or_default();
             entry.0 += 1;
             entry.1 += len;
         }
-        match self.tx.try_send(Queued { xml, sender }) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let gone = matches!(e, mpsc::error::TrySendError::Closed(_));
-                self.taken(&e.into_inner());
-                Err(if gone { Refused::Gone } else { Refused::Full })
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// The next queued stanza, if one waits; it no longer counts against the queue.
+    pub fn take(&self) -> Option<Arc<str>> {
+        lock(&self.queue).pop().map(|q| q.xml)
+    }
+
+    /// Waits for the next queued stanza. Cancel-safe: a stanza is taken only by the
+    /// poll that returns it.
+    pub async fn recv(&self) -> Arc<str> {
+        loop {
+            if let Some(xml) = self.take() {
+                return xml;
             }
+            // A send between the check and this wait left a permit: no lost wake-up.
+            self.queued.notified().await;
         }
     }
 
-    /// The session took a stanza from its queue: it no longer counts against it.
-    pub fn taken(&self, queued: &Queued) {
+    /// Closes the queue (the session ends): later sends are refused as gone. Returns
+    /// what was still waiting, in order.
+    pub fn close(&self) -> Vec<Arc<str>> {
         let mut q = lock(&self.queue);
-        let len = queued.xml.len();
-        q.stanzas = q.stanzas.saturating_sub(1);
-        q.bytes = q.bytes.saturating_sub(len);
-        if let Some(entry) = q.by_sender.get_mut(&queued.sender) {
-            entry.0 = entry.0.saturating_sub(1);
-            entry.1 = entry.1.saturating_sub(len);
-            if entry.0 == 0 {
-                q.by_sender.remove(&queued.sender);
-            }
-        }
+        q.closed = true;
+        let items = std::mem::take(&mut q.items);
+        q.by_sender = HashMap::new();
+        q.bytes = 0;
+        items.into_iter().map(|queued| queued.xml).collect()
     }
 }
 
@@ -491,21 +515,24 @@ mod tests {
         ));
     }
 
-    fn handle(hub: &Hub, jid: &str, queue: usize) -> (Arc<SessionHandle>, Inbox) {
+    fn handle(hub: &Hub, jid: &str, queue: usize) -> Arc<SessionHandle> {
         let limits = QueueLimits {
             stanzas: queue,
             bytes: 1 << 20,
         };
-        let (h, rx) = SessionHandle::new(hub.next_session_id(), FullJid::new(jid).unwrap(), limits);
-        (Arc::new(h), rx)
+        Arc::new(SessionHandle::new(
+            hub.next_session_id(),
+            FullJid::new(jid).unwrap(),
+            limits,
+        ))
     }
 
     #[test]
     fn same_resource_replaces_and_the_session_cap_holds() {
         let hub = Hub::default();
-        let (a, _ra) = handle(&hub, "u@d/one", 4);
-        let (b, _rb) = handle(&hub, "u@d/one", 4);
-        let (c, _rc) = handle(&hub, "u@d/two", 4);
+        let a = handle(&hub, "u@d/one", 4);
+        let b = handle(&hub, "u@d/one", 4);
+        let c = handle(&hub, "u@d/two", 4);
         assert!(
             hub.register(a.clone(), 2, HashSet::new())
                 .unwrap()
@@ -514,7 +541,7 @@ mod tests {
         let replaced = hub.register(b.clone(), 2, HashSet::new()).unwrap().unwrap();
         assert_eq!(replaced.id, a.id);
         assert!(hub.register(c, 2, HashSet::new()).unwrap().is_none());
-        let (d, _rd) = handle(&hub, "u@d/three", 4);
+        let d = handle(&hub, "u@d/three", 4);
         assert!(matches!(
             hub.register(d, 2, HashSet::new()),
             Err(TooManySessions)
@@ -533,12 +560,12 @@ mod tests {
         let handles: Vec<_> = (0..5000)
             .map(|i| handle(&hub, &format!("u{i}@d/r"), 4))
             .collect();
-        for (h, _) in &handles {
+        for h in &handles {
             hub.register(h.clone(), 1, HashSet::new()).unwrap();
         }
         let peak = hub.users.read().unwrap().capacity();
         assert!(peak >= 5000);
-        for (h, _) in &handles {
+        for h in &handles {
             hub.unregister(h);
         }
         assert_eq!(hub.session_count(), 0);
@@ -551,7 +578,7 @@ mod tests {
     #[test]
     fn a_flooding_sender_fills_only_its_share_of_the_queue() {
         let hub = Hub::default();
-        let (a, mut rx) = handle(&hub, "u@d/r", 8);
+        let a = handle(&hub, "u@d/r", 8);
         let m: Arc<str> = "<message/>".into();
         assert_eq!(a.send(m.clone(), "flood@d/x"), Ok(()));
         assert_eq!(
@@ -565,8 +592,7 @@ mod tests {
         }
         assert_eq!(a.send(m.clone(), ""), Ok(()), "the server has a share too");
         // Taking from the queue frees the sender's share.
-        let q = rx.stanzas.try_recv().unwrap();
-        a.taken(&q);
+        assert_eq!(&*a.take().unwrap(), "<message/>");
         assert_eq!(a.send(m.clone(), "flood@d"), Ok(()));
         // The whole queue is bounded too: 8 stanzas.
         for n in 0..3 {
@@ -575,13 +601,38 @@ mod tests {
         assert_eq!(a.send(m, "last@d"), Err(Refused::Full));
     }
 
+    /// A session waiting on its queue wakes for a stanza; once it has taken all, the
+    /// queue holds no storage (an idle session's queue costs nothing).
+    #[tokio::test]
+    async fn a_waiting_session_wakes_and_an_emptied_queue_holds_nothing() {
+        let hub = Hub::default();
+        let a = handle(&hub, "u@d/r", 8);
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.recv().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(a.send("<message/>".into(), "b@d"), Ok(()));
+        assert_eq!(&*waiter.await.unwrap(), "<message/>");
+        for n in 0..5 {
+            assert_eq!(a.send("<presence/>".into(), &format!("c{n}@d")), Ok(()));
+        }
+        assert_eq!(a.recv().await.len(), "<presence/>".len());
+        while a.take().is_some() {}
+        let q = lock(&a.queue);
+        assert_eq!(
+            (q.items.capacity(), q.by_sender.capacity(), q.bytes),
+            (0, 0, 0)
+        );
+    }
+
     #[test]
     fn the_queue_is_bounded_in_bytes_and_a_closed_session_refuses() {
         let limits = QueueLimits {
             stanzas: 100,
             bytes: 400,
         };
-        let (a, rx) = SessionHandle::new(1, FullJid::new("u@d/r").unwrap(), limits);
+        let a = SessionHandle::new(1, FullJid::new("u@d/r").unwrap(), limits);
         let big: Arc<str> = "x".repeat(90).into();
         assert_eq!(a.send(big.clone(), "a@d"), Ok(()));
         assert_eq!(
@@ -597,9 +648,9 @@ mod tests {
             Err(Refused::Full),
             "400 bytes in all"
         );
-        drop(rx);
-        let (b, rx) = SessionHandle::new(2, FullJid::new("u@d/s").unwrap(), limits);
-        drop(rx);
-        assert_eq!(b.send(big, "a@d"), Err(Refused::Gone));
+        let left = a.close();
+        assert_eq!(left.len(), 4, "what waited is given back");
+        assert_eq!(a.send(big, "a@d"), Err(Refused::Gone));
+        assert!(a.take().is_none());
     }
 }

@@ -204,10 +204,9 @@ impl Server {
                     continue;
                 };
                 let server2 = server.clone();
-                server.tasks.spawn(async move {
-                    c2s::handle(server2, tcp, peer, direct_tls, slot).await;
-                    drop(permit);
-                });
+                server
+                    .tasks
+                    .spawn(c2s::handle(server2, tcp, peer, direct_tls, slot, permit));
             }
         });
         Ok(local)

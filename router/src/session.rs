@@ -10,11 +10,11 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use jid::{FullJid, Jid};
 use minidom::Element;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::Server;
@@ -23,7 +23,7 @@ use crate::context::{Context, Handled};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
-use crate::hub::{Control, Inbox, Queued, ResumeRequest, SessionHandle};
+use crate::hub::{Control, ResumeRequest, SessionHandle};
 use crate::names::random_id;
 use crate::stanza::{self, Kind};
 use crate::xml::{Frame, ns};
@@ -32,7 +32,6 @@ use crate::xml::{Frame, ns};
 pub struct Bound {
     pub conn: Conn,
     pub handle: Arc<SessionHandle>,
-    pub inbox: Inbox,
 }
 
 /// Stanzas drained from the queue per wake-up before writing them in one flush.
@@ -76,7 +75,6 @@ struct OfflinePump {
 pub(crate) struct Session {
     pub(crate) server: Arc<Server>,
     pub(crate) handle: Arc<SessionHandle>,
-    inbox: Inbox,
     conn: Option<Conn>,
     sm: Option<StreamManagement>,
     /// Targets of directed presence (RFC 6121 §4.6), told when the session goes away.
@@ -87,24 +85,27 @@ pub(crate) struct Session {
     ping_sent: bool,
     hibernated_until: Option<Instant>,
     offline: Option<OfflinePump>,
+    /// The connection's place among the node's connections, held while it lives.
+    _admitted: OwnedSemaphorePermit,
 }
 
-/// A bound session's whole life, as one boxed future that holds the session and
-/// nothing else: the caller keeps only the pointer. (Built before boxing: an async fn
-/// keeps its arguments for its whole life, so taking `Bound` as one would store it
-/// beside the session it becomes, 1.3 KB per session for nothing.)
-pub fn start(server: Arc<Server>, bound: Bound) -> Pin<Box<impl Future<Output = ()> + Send>> {
+/// A bound session's whole life, as one future that holds the session and nothing
+/// else, to run as a task of its own. (Not an async fn: one keeps its arguments for
+/// its whole life, so taking `Bound` would store it beside the session it becomes,
+/// 1.3 KB per session for nothing.)
+/// `admitted` is the connection's place among the node's connections, given back when
+/// the session ends.
+pub fn start(
+    server: Arc<Server>,
+    bound: Bound,
+    admitted: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
     use tracing::Instrument as _;
     let span = tracing::info_span!("session", jid = %bound.handle.jid, peer = %bound.conn.peer);
-    let Bound {
-        conn,
-        handle,
-        inbox,
-    } = bound;
+    let Bound { conn, handle } = bound;
     let session = Session {
         server,
         handle,
-        inbox,
         conn: Some(conn),
         sm: None,
         directed: HashSet::new(),
@@ -113,8 +114,9 @@ pub fn start(server: Arc<Server>, bound: Bound) -> Pin<Box<impl Future<Output = 
         ping_sent: false,
         hibernated_until: None,
         offline: None,
+        _admitted: admitted,
     };
-    Box::pin(session.run().instrument(span))
+    session.run().instrument(span)
 }
 
 impl Session {
@@ -168,10 +170,8 @@ impl Session {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
                 control = self.handle.control.recv() => self.on_control(control).await,
                 read = read_conn(&mut self.conn) => self.on_read(read).await,
-                queued = self.inbox.stanzas.recv(), if can_take => {
-                    if let Some(queued) = queued {
-                        self.on_queued(queued);
-                    }
+                queued = self.handle.recv(), if can_take => {
+                    self.on_queued(queued);
                     Ok(())
                 }
                 // One timer for all three deadlines: each select branch's future lives
@@ -396,22 +396,15 @@ impl Session {
 
     /// Stanzas from the queue: this one and what else waits, up to a batch and while
     /// the XEP-0198 window has room.
-    fn on_queued(&mut self, first: Queued) {
+    fn on_queued(&mut self, first: Arc<str>) {
         let window = self.server.config.limits.sm_window();
-        let mut next = Some(first);
-        for _ in 0..WRITE_BATCH {
-            let Some(queued) = next.take() else { break };
-            self.handle.taken(&queued);
-            self.push_out(queued.xml);
+        self.push_out(first);
+        for _ in 1..WRITE_BATCH {
             if self.sm.as_ref().is_some_and(|sm| sm.is_full(window)) {
                 break;
             }
-            next = self.inbox.stanzas.try_recv().ok();
-        }
-        if let Some(queued) = next {
-            // Taken but not handled (the batch ended): it still goes out, in order.
-            self.handle.taken(&queued);
-            self.push_out(queued.xml);
+            let Some(xml) = self.handle.take() else { break };
+            self.push_out(xml);
         }
     }
 
@@ -682,11 +675,7 @@ impl Session {
         {
             self.offline_acknowledged(&pump.awaiting).await;
         }
-        self.inbox.stanzas.close();
-        while let Ok(queued) = self.inbox.stanzas.try_recv() {
-            self.handle.taken(&queued);
-            undelivered.push(queued.xml);
-        }
+        undelivered.extend(self.handle.close());
         for control in self.handle.control.close() {
             if let Control::Resume(req) = control {
                 let mut conn = req.conn;
@@ -766,12 +755,14 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Best effort if the task is cancelled before `finish`: never leave a handle,
         // a resumption entry or open control slots (a resume must not be taken by a
-        // session that is gone). All of it is idempotent after `finish`.
+        // session that is gone), nor an open queue (senders must hear it is gone). All
+        // of it is idempotent after `finish`.
         self.server.hub.unregister(&self.handle);
         if let Some(sm) = &self.sm {
             self.server.hub.remove_resumable(sm.id());
         }
         self.handle.control.close();
+        self.handle.close();
     }
 }
 
@@ -805,11 +796,10 @@ mod tests {
         assert_eq!(next_due(false, now + s(60), None, None), None);
     }
 
-    /// What an idle session costs starts with its futures (docs/benchmarks.md, "Where
-    /// the memory per session goes"): the boxed session future holds the session once
-    /// (an async fn taking it held it twice: 6.7 KB instead of 2.4 KB in release), and
-    /// the connection's task holds no `Bound` while the session runs (1.5 KB instead of
-    /// 168 bytes).
+    /// What an idle session costs starts with its task (docs/benchmarks.md, "Where
+    /// the memory per session goes"): the session future holds the session once (an
+    /// async fn taking it held it twice: 6.7 KB instead of 2.4 KB in release), and it
+    /// runs as a task of its own, the connection's negotiation task gone.
     #[tokio::test]
     async fn an_idle_session_is_stored_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -819,34 +809,17 @@ mod tests {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let peer = tcp.local_addr().unwrap();
         let conn = Conn::new(Transport::Plain(tcp), peer, &server.config.limits);
-        let (handle, inbox) = crate::context::testing::session(&server, "a", "r");
-        let session = start(
-            server.clone(),
-            Bound {
-                conn,
-                handle,
-                inbox,
-            },
-        );
-        let session_bytes = std::mem::size_of_val(&*session);
+        let handle = crate::context::testing::session(&server, "a", "r");
+        let admitted = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let session = start(server.clone(), Bound { conn, handle }, admitted);
+        let session_bytes = std::mem::size_of_val(&session);
         assert!(
             session_bytes < 2 * std::mem::size_of::<Session>(),
             "the session future is {session_bytes} bytes for a {}-byte session",
             std::mem::size_of::<Session>()
-        );
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let slots = impmesh_limits::PerAddress::new(10);
-        let task = crate::c2s::handle(
-            server.clone(),
-            tcp,
-            peer,
-            false,
-            slots.acquire(peer.ip()).unwrap(),
-        );
-        let task_bytes = std::mem::size_of_val(&task);
-        assert!(
-            task_bytes < std::mem::size_of::<Bound>(),
-            "the connection task's future is {task_bytes} bytes"
         );
     }
 }
