@@ -259,6 +259,17 @@ impl Conn {
         self.framer.release_temporaries();
     }
 
+    /// Lets the stream rest between stanzas ([`Framer::rest`]): an idle session then
+    /// holds no parser. Returns whether it rests.
+    pub fn rest(&mut self) -> bool {
+        self.frames.is_empty() && self.framer.rest()
+    }
+
+    /// Whether the stream rests.
+    pub fn is_resting(&self) -> bool {
+        self.framer.is_resting()
+    }
+
     /// Writes and flushes, within the write deadline: a peer that stops reading gets
     /// `TimedOut` instead of holding this task (and what it buffers) forever.
     pub async fn send(&mut self, data: &str) -> std::io::Result<()> {

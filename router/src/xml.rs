@@ -78,11 +78,30 @@ impl HeaderSniffer {
         use rxml::Parse as _;
         while !bytes.is_empty() {
             match self.raw.parse(&mut bytes, false) {
-                Ok(Some(rxml::RawEvent::ElementHeadOpen(..))) => self.depth += 1,
-                Ok(Some(rxml::RawEvent::Attribute(_, (None, name), value)))
-                    if self.depth == 1 && name.as_str() == "xmlns" =>
+                Ok(Some(rxml::RawEvent::ElementHeadOpen(_, (prefix, name)))) => {
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.root.push('<');
+                        if let Some(prefix) = prefix {
+                            self.root.push_str(prefix.as_str());
+                            self.root.push(':');
+                        }
+                        self.root.push_str(name.as_str());
+                    }
+                }
+                Ok(Some(rxml::RawEvent::Attribute(_, (prefix, name), value)))
+                    if self.depth == 1 =>
                 {
-                    self.default_ns = Some(value.to_string());
+                    let declared = match prefix.as_ref().map(|p| p.as_str()) {
+                        None if name.as_str() == "xmlns" => {
+                            self.default_ns = Some(value.to_string());
+                            "xmlns".to_owned()
+                        }
+                        Some("xmlns") => format!("xmlns:{}", name.as_str()),
+                        _ => continue,
+                    };
+                    self.root
+                        .push_str(&format!(" {declared}='{}'", escape(&value)));
                 }
                 Ok(Some(_)) => {}
                 // The resolving parser reports errors; this one only watches.
@@ -134,21 +153,15 @@ impl FrameLimits {
 
 /// An incremental framer for one XML stream (one per stream restart).
 pub struct Framer {
-    parser: rxml::Parser,
-    /// This stream's namespace table (security review M14). Each stream has its own:
-    /// the cleanup that runs whenever a stream goes idle then takes an uncontended
-    /// lock and scans only the namespaces this stream used, where a table shared by
-    /// the process took a global lock and scanned every stream's namespaces on every
-    /// wake-up of every session. The strings are copied into each element's tree
-    /// anyway, so sharing them saved little.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the parser holds it; tests read its size")
-    )]
-    namespaces: std::sync::Arc<rxml::Context>,
+    /// The resolving parser; `None` while the stream rests ([`Self::rest`]).
+    parsing: Option<Box<Parsing>>,
+    /// The root element's head as the peer declared it (its name and namespace
+    /// declarations, nothing else), from which a resting stream's parser is rebuilt.
+    /// Set when the stream header is read.
+    root: Option<Box<str>>,
     /// Until the stream header is read: a raw parser over the same bytes, which sees the
     /// namespace declarations the resolving parser hides (the header's default
-    /// namespace is checked, RFC 6120 §4.9.3.10).
+    /// namespace is checked, RFC 6120 §4.9.3.10, and the root's declarations kept).
     header: Option<Box<HeaderSniffer>>,
     /// Elements under construction: `[stanza, child, grandchild, …]`.
     stack: Vec<Element>,
@@ -156,16 +169,57 @@ pub struct Framer {
     open: bool,
     /// Bytes fed since the current top-level element (or whitespace run) began.
     element_bytes: usize,
+    /// Bytes the parser consumed that no event has accounted for yet: what it holds
+    /// of a token still incomplete (`<` of the next stanza, a `\r`). Zero between
+    /// complete events.
+    held: usize,
     /// Elements started in the current top-level element.
     elements: usize,
     limits: FrameLimits,
 }
 
-/// The raw parser that reads the stream header's default namespace declaration.
+/// A resolving parser and its namespace table.
+struct Parsing {
+    parser: rxml::Parser,
+    /// This stream's namespace table (security review M14). Each stream has its own:
+    /// the cleanup that runs whenever a stream goes idle then takes an uncontended
+    /// lock and scans only the namespaces this stream used, where a table shared by
+    /// the process took a global lock and scanned every stream's namespaces on every
+    /// wake-up of every session. The strings are copied into each element's tree
+    /// anyway, so sharing them saved little.
+    namespaces: std::sync::Arc<rxml::Context>,
+}
+
+impl Parsing {
+    fn options(limits: FrameLimits, namespaces: &std::sync::Arc<rxml::Context>) -> rxml::Options {
+        // rxml reserves this much scratch space whenever a token starts, so it is kept
+        // well below the stanza cap: text longer than it arrives in several chunks, and
+        // only a single name or attribute value is limited to it.
+        rxml::Options {
+            max_token_length: limits.bytes.clamp(64, MAX_TOKEN_BYTES),
+            context: Some(namespaces.clone()),
+            ..Default::default()
+        }
+    }
+
+    fn new(limits: FrameLimits) -> Box<Parsing> {
+        let namespaces = std::sync::Arc::new(rxml::Context::new());
+        let mut parser = rxml::Parser::with_options(Parsing::options(limits, &namespaces));
+        // Emit text as it arrives, so whitespace keepalives are seen (and reset the byte
+        // count) at once instead of being buffered towards the cap.
+        parser.set_text_buffering(false);
+        Box::new(Parsing { parser, namespaces })
+    }
+}
+
+/// The raw parser that reads the stream header's namespace declarations.
 struct HeaderSniffer {
     raw: rxml::RawParser,
     /// The root element's `xmlns` attribute, once seen.
     default_ns: Option<String>,
+    /// The root element's head, rebuilt: its qualified name and every namespace
+    /// declaration (`xmlns`, `xmlns:p`), without the closing `>`.
+    root: String,
     /// Depth of raw elements seen (the root is depth 1).
     depth: usize,
 }
@@ -175,6 +229,7 @@ impl std::fmt::Debug for Framer {
         f.debug_struct("Framer")
             .field("depth", &self.stack.len())
             .field("open", &self.open)
+            .field("resting", &self.parsing.is_none())
             .finish_non_exhaustive()
     }
 }
@@ -182,32 +237,22 @@ impl std::fmt::Debug for Framer {
 impl Framer {
     /// A framer that refuses top-level elements beyond `limits`.
     pub fn new(limits: FrameLimits) -> Framer {
-        // rxml reserves this much scratch space whenever a token starts, so it is kept
-        // well below the stanza cap: text longer than it arrives in several chunks, and
-        // only a single name or attribute value is limited to it.
-        let namespaces = std::sync::Arc::new(rxml::Context::new());
-        let options = rxml::Options {
-            max_token_length: limits.bytes.clamp(64, MAX_TOKEN_BYTES),
-            context: Some(namespaces.clone()),
-            ..Default::default()
-        };
-        let mut raw = rxml::RawParser::with_options(options.clone());
+        let parsing = Parsing::new(limits);
+        let mut raw = rxml::RawParser::with_options(Parsing::options(limits, &parsing.namespaces));
         raw.set_text_buffering(false);
-        let mut parser = rxml::Parser::with_options(options);
-        // Emit text as it arrives, so whitespace keepalives are seen (and reset the byte
-        // count) at once instead of being buffered towards the cap.
-        parser.set_text_buffering(false);
         Framer {
-            parser,
-            namespaces,
+            parsing: Some(parsing),
+            root: None,
             header: Some(Box::new(HeaderSniffer {
                 raw,
                 default_ns: None,
+                root: String::new(),
                 depth: 0,
             })),
             stack: Vec::new(),
             open: false,
             element_bytes: 0,
+            held: 0,
             elements: 0,
             limits,
         }
@@ -216,12 +261,22 @@ impl Framer {
     /// Feeds bytes; returns the next complete frame, or `None` when `buf` is used up.
     /// Call again with the rest of `buf` until it returns `None`.
     pub fn next_frame(&mut self, buf: &mut &[u8]) -> Result<Option<Frame>, FrameError> {
+        if self.parsing.is_none() {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            self.parsing = Some(self.wake()?);
+        }
         loop {
+            let Some(parsing) = self.parsing.as_mut() else {
+                return Ok(None);
+            };
             let start = *buf;
             let before = buf.len();
-            let event = self.parser.parse(buf, false);
+            let event = parsing.parser.parse(buf, false);
             let consumed = before - buf.len();
             self.element_bytes += consumed;
+            self.held += consumed;
             if self.element_bytes > self.limits.bytes {
                 return Err(FrameError::OverLimit);
             }
@@ -234,8 +289,40 @@ impl Framer {
                 Err(rxml::error::EndOrError::NeedMoreData) => return Ok(None),
                 Err(rxml::error::EndOrError::Error(e)) => return Err(map_parse_error(&e)),
             };
+            self.held = self.held.saturating_sub(event.metrics().len());
             if let Some(frame) = self.handle(event)? {
                 return Ok(Some(frame));
+            }
+        }
+    }
+
+    /// Lets the stream rest while it waits between stanzas: the parser goes (about
+    /// 1.5 KiB with its tables, docs/benchmarks.md) and the root's declarations stay,
+    /// from which the next input rebuilds it. Only between top-level elements, with
+    /// nothing of the next one fed yet; returns whether the stream rests.
+    pub fn rest(&mut self) -> bool {
+        if self.open && self.stack.is_empty() && self.held == 0 && self.root.is_some() {
+            self.parsing = None;
+        }
+        self.parsing.is_none()
+    }
+
+    /// Whether the stream rests (holds no parser).
+    pub fn is_resting(&self) -> bool {
+        self.parsing.is_none()
+    }
+
+    /// A parser in the state the stream left it in: inside the root element, with the
+    /// root's namespace declarations in scope.
+    fn wake(&self) -> Result<Box<Parsing>, FrameError> {
+        let mut parsing = Parsing::new(self.limits);
+        let mut root = self.root.as_deref().unwrap_or_default().as_bytes();
+        loop {
+            match parsing.parser.parse(&mut root, false) {
+                Ok(Some(rxml::Event::StartElement(..))) if root.is_empty() => return Ok(parsing),
+                Ok(Some(_)) => {}
+                // The peer's own declarations, which parsed before: cannot fail.
+                _ => return Err(FrameError::NotWellFormed),
             }
         }
     }
@@ -244,7 +331,9 @@ impl Framer {
     /// no open element of this stream holds, and the element stack between stanzas
     /// (its capacity outlived every stanza: 448 bytes per idle session).
     pub fn release_temporaries(&mut self) {
-        self.parser.release_temporaries();
+        if let Some(parsing) = &mut self.parsing {
+            parsing.parser.release_temporaries();
+        }
         if self.stack.is_empty() {
             self.stack = Vec::new();
         }
@@ -271,7 +360,11 @@ impl Framer {
                         ..Header::default()
                     };
                     // The raw parser is done: the header is the only place it is needed.
-                    self.header = None;
+                    if let Some(sniffer) = self.header.take() {
+                        let mut root = sniffer.root;
+                        root.push('>');
+                        self.root = Some(root.into_boxed_str());
+                    }
                     for ((attr_ns, attr_name), value) in attrs.into_iter() {
                         match (attr_ns.as_str(), attr_name.as_str()) {
                             ("", "to") => header.to = Some(value.to_string()),
@@ -649,22 +742,22 @@ mod tests {
         let mut input = format!("{HEADER}<message{many_ns}><body>");
         let mut buf = input.as_bytes();
         while hostile.next_frame(&mut buf).unwrap().is_some() {}
-        assert!(hostile.namespaces.namespaces() >= 200);
+        assert!(hostile.parsing.as_ref().unwrap().namespaces.namespaces() >= 200);
         let mut quiet = Framer::new(FrameLimits::authenticated(4_000));
         let mut buf = HEADER.as_bytes();
         while quiet.next_frame(&mut buf).unwrap().is_some() {}
         quiet.release_temporaries();
         assert!(
-            quiet.namespaces.namespaces() <= 2,
+            quiet.parsing.as_ref().unwrap().namespaces.namespaces() <= 2,
             "another stream's namespaces are in this stream's table: {}",
-            quiet.namespaces.namespaces()
+            quiet.parsing.as_ref().unwrap().namespaces.namespaces()
         );
         // Once the element closes, the hostile stream's own cleanup drops them.
         input = "</body></message>".into();
         let mut buf = input.as_bytes();
         while hostile.next_frame(&mut buf).unwrap().is_some() {}
         hostile.release_temporaries();
-        assert!(hostile.namespaces.namespaces() <= 2);
+        assert!(hostile.parsing.as_ref().unwrap().namespaces.namespaces() <= 2);
     }
 
     /// Between stanzas an idle stream keeps no element stack (memory per session);
@@ -684,6 +777,56 @@ mod tests {
         ));
         framer.release_temporaries();
         assert_eq!(framer.stack.capacity(), 0);
+    }
+
+    /// A stream that rests between stanzas frames exactly as one that never does,
+    /// however its input is cut: the rebuilt parser has the root's prefixes and
+    /// default namespace, and a stream rests only where nothing of the next element
+    /// has been fed (rxml holds the `<` that ends a whitespace run, and a `\r`).
+    #[test]
+    fn a_resting_stream_frames_as_one_that_never_rests() {
+        use rand::{Rng as _, SeedableRng as _};
+        let seed: u64 = rand::random();
+        eprintln!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let input = "<?xml version='1.0'?><s:stream xmlns='jabber:client' \
+            xmlns:s='http://etherx.jabber.org/streams' xmlns:x='urn:x&amp;y' xml:lang='en' \
+            to='localhost' version='1.0'> <message to='a@b'><body>hi &amp; bye</body></message>\r\n \t\
+            <presence><x:c x:a='1'/></presence>  <iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq> \
+            <s:error><x:c/></s:error>\r</s:stream>";
+        let expected = format!("{:?}", frames(input, 4_000).unwrap());
+        let mut rested = 0;
+        for _ in 0..2_000 {
+            let mut framer = Framer::new(FrameLimits::authenticated(4_000));
+            let mut out = vec![];
+            let mut rest = input.as_bytes();
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=rest.len().min(24));
+                let mut chunk = &rest[..n];
+                rest = &rest[n..];
+                while let Some(frame) = framer.next_frame(&mut chunk).unwrap() {
+                    out.push(frame);
+                }
+                if framer.rest() {
+                    assert!(framer.parsing.is_none());
+                    rested += 1;
+                }
+            }
+            assert_eq!(format!("{out:?}"), expected, "seed {seed}");
+        }
+        assert!(rested > 1_000, "rested {rested} times");
+        // Not with a partial token held: the `<` after a whitespace run.
+        let mut framer = Framer::new(FrameLimits::authenticated(4_000));
+        let input = format!("{HEADER}<presence/> <").into_bytes();
+        let mut buf = &input[..];
+        while framer.next_frame(&mut buf).unwrap().is_some() {}
+        assert!(!framer.rest());
+        let mut buf: &[u8] = b"presence/>";
+        assert!(matches!(
+            framer.next_frame(&mut buf),
+            Ok(Some(Frame::Element(_)))
+        ));
+        assert!(framer.rest());
     }
 
     /// The adversarial inputs of shared/anchors/security.md (parser amplification):
