@@ -301,6 +301,8 @@ async fn authenticate_stream(
                         conn.reset_stream(crate::xml::FrameLimits::authenticated(
                             server.config.limits.max_stanza_bytes,
                         ));
+                        // Channel binding served SASL; the session has no use for it.
+                        conn.channel_binding = None;
                         return Ok(stage.succeeded(user));
                     }
                     None => stage.failed()?,
