@@ -265,9 +265,11 @@ impl Conn {
         self.frames.is_empty() && self.framer.rest()
     }
 
-    /// Whether the stream rests.
-    pub fn is_resting(&self) -> bool {
-        self.framer.is_resting()
+    /// When the stream should rest, given its last read: `None` when it rests already
+    /// or cannot (it holds part of an element), so that a session never waits for a
+    /// rest that cannot happen (its timer would fire again at once).
+    pub fn rest_at(&self, last_read: Instant, after: Duration) -> Option<Instant> {
+        (self.frames.is_empty() && self.framer.can_rest()).then(|| last_read + after)
     }
 
     /// Writes and flushes, within the write deadline: a peer that stops reading gets
@@ -324,5 +326,43 @@ mod tests {
         assert_eq!(wait, Duration::from_secs(1));
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(bucket.take(1000).is_zero());
+    }
+
+    /// A stream is due to rest only between stanzas: a peer that sent half a tag and
+    /// paused is never scheduled a rest it cannot take (the session's one timer would
+    /// fire at once, again and again).
+    #[tokio::test]
+    async fn a_stream_is_due_to_rest_only_between_stanzas() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(Transport::Plain(tcp), peer, &Limits::default());
+        let after = Duration::from_secs(2);
+        let now = Instant::now();
+        let mut feed = async |bytes: &[u8], conn: &mut Conn| {
+            client.write_all(bytes).await.unwrap();
+            conn.read_some().await.unwrap();
+            while conn.pop_frame().is_some() {}
+        };
+        feed(
+            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'><presence/>",
+            &mut conn,
+        )
+        .await;
+        assert_eq!(conn.rest_at(now, after), Some(now + after));
+        feed(b" <pres", &mut conn).await;
+        assert_eq!(conn.rest_at(now, after), None, "half a tag is held");
+        feed(b"ence/>", &mut conn).await;
+        assert!(conn.rest());
+        assert_eq!(conn.rest_at(now, after), None, "it rests already");
+        feed(b"<presence/>", &mut conn).await;
+        assert_eq!(
+            conn.rest_at(now, after),
+            Some(now + after),
+            "woken by input"
+        );
     }
 }

@@ -13,9 +13,9 @@ use jid::FullJid;
 use crate::config::QUEUE_SHARE;
 use crate::conn::Conn;
 
-/// What a session task is told besides stanzas: on a channel of its own, so that a
-/// session whose stanza queue it does not take from (a full XEP-0198 window, a
-/// hibernated session) still hears it.
+/// What a session task is told besides stanzas: in slots of their own
+/// ([`ControlBox`]), so that a session whose stanza queue it does not take from (a
+/// full XEP-0198 window, a hibernated session) still hears it.
 #[derive(Debug)]
 pub enum Control {
     /// Another session took this resource (RFC 6120 §7.7.2.2): close with `conflict`.

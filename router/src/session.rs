@@ -98,6 +98,7 @@ pub(crate) struct Session {
 /// else, to run as a task of its own. (Not an async fn: one keeps its arguments for
 /// its whole life, so taking `Bound` would store it beside the session it becomes,
 /// 1.3 KB per session for nothing.)
+///
 /// `admitted` is the connection's place among the node's connections, given back when
 /// the session ends.
 pub fn start(
@@ -173,8 +174,7 @@ impl Session {
             let rest_at = self
                 .conn
                 .as_ref()
-                .filter(|conn| !conn.is_resting())
-                .map(|_| self.last_read + REST_AFTER);
+                .and_then(|conn| conn.rest_at(self.last_read, REST_AFTER));
             let due = next_due(connected, ping_at, stalled_at, hibernated_until, rest_at);
             let step = tokio::select! {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
@@ -184,7 +184,7 @@ impl Session {
                     self.on_queued(queued);
                     Ok(())
                 }
-                // One timer for all three deadlines: each select branch's future lives
+                // One timer for all four deadlines: each select branch's future lives
                 // in every idle session's memory, disabled or not.
                 _ = sleep_until_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Ping) if self.ping_sent => {

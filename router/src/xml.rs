@@ -301,15 +301,21 @@ impl Framer {
     /// from which the next input rebuilds it. Only between top-level elements, with
     /// nothing of the next one fed yet; returns whether the stream rests.
     pub fn rest(&mut self) -> bool {
-        if self.open && self.stack.is_empty() && self.held == 0 && self.root.is_some() {
+        if self.can_rest() {
             self.parsing = None;
         }
         self.parsing.is_none()
     }
 
-    /// Whether the stream rests (holds no parser).
-    pub fn is_resting(&self) -> bool {
-        self.parsing.is_none()
+    /// Whether the stream is awake and could rest now: between top-level elements
+    /// with nothing of the next one fed (a peer that sent half a tag and paused
+    /// keeps its parser).
+    pub fn can_rest(&self) -> bool {
+        self.parsing.is_some()
+            && self.open
+            && self.stack.is_empty()
+            && self.held == 0
+            && self.root.is_some()
     }
 
     /// A parser in the state the stream left it in: inside the root element, with the
@@ -820,6 +826,7 @@ mod tests {
         let input = format!("{HEADER}<presence/> <").into_bytes();
         let mut buf = &input[..];
         while framer.next_frame(&mut buf).unwrap().is_some() {}
+        assert!(!framer.can_rest());
         assert!(!framer.rest());
         let mut buf: &[u8] = b"presence/>";
         assert!(matches!(
