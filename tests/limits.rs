@@ -203,6 +203,50 @@ async fn a_flood_is_bounced_to_its_sender_and_never_kicks_the_recipient() {
     assert!(stored.iter().any(|m| m.stanza.contains("carol")));
 }
 
+/// The read rate limit pauses a session's reads, it does not end them: a client that
+/// sends more than twice the burst at a time, three times, gets everything through
+/// in order: its session reads again once each pause is over (the session's own
+/// timer ends the pause).
+#[tokio::test]
+async fn a_rate_limited_session_reads_again_after_each_pause() {
+    let node = start_node_with_users(
+        |c| {
+            c.limits.read_rate = 4096;
+            c.limits.read_burst = 4096;
+        },
+        &["alice", "bob"],
+    )
+    .await;
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let filler = "x".repeat(1000);
+    const N: usize = 10;
+    // Each round is read at once, far over the burst: the next round waits for the
+    // pause to end.
+    for round in 0..3 {
+        for i in 0..N {
+            send(
+                &mut alice,
+                &format!(
+                    "<message to='bob@localhost' type='chat'><body>{i} {filler}</body></message>"
+                ),
+            )
+            .await;
+        }
+        let mut got = Vec::with_capacity(N);
+        while got.len() < N {
+            let m = expect(&mut bob, 30, "rate-limited messages", |e| body(e).is_some()).await;
+            let text = body(&m).unwrap();
+            got.push(text.split(' ').next().unwrap().parse::<usize>().unwrap());
+        }
+        assert_eq!(got, (0..N).collect::<Vec<_>>(), "round {round}");
+    }
+    assert_eq!(node.node.server.hub.sessions("alice").len(), 1);
+}
+
 /// M9: one sender fills only its share of a recipient's offline storage (a quarter by
 /// default), the rest bounce with `resource-constraint`; others still get in.
 #[tokio::test]

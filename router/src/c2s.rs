@@ -787,7 +787,7 @@ fn bind(
         blocked,
     ) {
         Ok(Some(old)) => {
-            let _ = old.control.send(Control::Replaced);
+            let _ = old.tell(Control::Replaced);
         }
         Ok(None) => {}
         Err(crate::hub::TooManySessions) => {
@@ -821,7 +821,7 @@ fn resume(server: &Server, conn: Conn, user: &str, element: &Element) -> Option<
     });
     // Left in the session's control slots; refused when it has ended (or has a few
     // control messages waiting already): then the client hears `<failed/>`.
-    match session.control.send(Control::Resume(request)) {
+    match session.tell(Control::Resume(request)) {
         Ok(()) => None,
         Err(Control::Resume(request)) => Some(request.conn),
         Err(_) => unreachable!("send gives back what it was given"),

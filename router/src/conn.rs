@@ -184,6 +184,16 @@ impl Conn {
             tokio::time::sleep_until(until).await;
             self.paused_until = None;
         }
+        self.read_now().await
+    }
+
+    /// [`Self::read_some`] for a caller that keeps the rate limit's pause itself (a
+    /// session's one timer): reads at once, pause or not. A session's idle future
+    /// then holds no timer of the read's own (112 bytes).
+    pub async fn read_now(&mut self) -> Result<(), ReadError> {
+        if self.eof {
+            return Err(ReadError::Closed);
+        }
         let total = std::future::poll_fn(|cx| self.poll_read_and_parse(cx)).await?;
         let wait = self.bucket.take(total);
         if !wait.is_zero() {

@@ -31,13 +31,12 @@ const CONTROL_SLOTS: usize = 4;
 
 /// A session's control inbox: a few slots beside its stanza queue, inline in its
 /// handle. Control messages are rare (each ends or restarts the session), so a lock
-/// and a notification cost less than a channel of their own (about 0.5 KiB per idle
-/// session, docs/benchmarks.md). Once the session has ended the inbox is closed and
-/// refuses what comes.
+/// costs less than a channel of their own (about 0.5 KiB per idle session,
+/// docs/benchmarks.md); the handle's one wake-up serves both. Once the session has
+/// ended the inbox is closed and refuses what comes.
 #[derive(Debug, Default)]
 pub struct ControlBox {
     state: Mutex<ControlState>,
-    ready: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -47,30 +46,19 @@ struct ControlState {
 }
 
 impl ControlBox {
-    /// Leaves `control` for the session; given back when the session has ended or
-    /// already has `CONTROL_SLOTS` (4) waiting.
-    pub fn send(&self, control: Control) -> Result<(), Control> {
-        {
-            let mut state = lock(&self.state);
-            if state.closed || state.pending.len() >= CONTROL_SLOTS {
-                return Err(control);
-            }
-            state.pending.push_back(control);
+    /// Leaves `control`; given back when the inbox is closed or already has
+    /// `CONTROL_SLOTS` (4) waiting.
+    fn push(&self, control: Control) -> Result<(), Control> {
+        let mut state = lock(&self.state);
+        if state.closed || state.pending.len() >= CONTROL_SLOTS {
+            return Err(control);
         }
-        self.ready.notify_one();
+        state.pending.push_back(control);
         Ok(())
     }
 
-    /// The next control message. Cancel-safe: a message is taken only by the poll
-    /// that returns it.
-    pub async fn recv(&self) -> Control {
-        loop {
-            if let Some(control) = lock(&self.state).pending.pop_front() {
-                return control;
-            }
-            // A send between the check and this wait left a permit: no lost wake-up.
-            self.ready.notified().await;
-        }
+    fn pop(&self) -> Option<Control> {
+        lock(&self.state).pending.pop_front()
     }
 
     /// Closes the inbox (the session ends) and returns what was still waiting.
@@ -79,6 +67,13 @@ impl ControlBox {
         state.closed = true;
         state.pending.drain(..).collect()
     }
+}
+
+/// What a waiting session is woken for.
+#[derive(Debug)]
+pub enum Next {
+    Control(Control),
+    Stanza(Arc<str>),
 }
 
 /// A stanza in a session's queue, with the sender it is counted against.
@@ -166,8 +161,9 @@ pub struct SessionHandle {
     pub control: ControlBox,
     pub state: Mutex<PresenceState>,
     queue: Mutex<Queue>,
-    /// Woken when a stanza is queued.
-    queued: tokio::sync::Notify,
+    /// Woken when a stanza is queued or a control message left: one wait in every
+    /// idle session's future instead of two.
+    wake: tokio::sync::Notify,
     limits: QueueLimits,
 }
 
@@ -187,7 +183,7 @@ impl SessionHandle {
             control: ControlBox::default(),
             state: Mutex::new(PresenceState::default()),
             queue: Mutex::new(Queue::default()),
-            queued: tokio::sync::Notify::new(),
+            wake: tokio::sync::Notify::new(),
             limits,
         }
     }
@@ -229,7 +225,15 @@ impl SessionHandle {
             entry.0 += 1;
             entry.1 += len;
         }
-        self.queued.notify_one();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Leaves a control message for the session; given back when the session has
+    /// ended or already has `CONTROL_SLOTS` (4) waiting.
+    pub fn tell(&self, control: Control) -> Result<(), Control> {
+        self.control.push(control)?;
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -238,15 +242,19 @@ impl SessionHandle {
         lock(&self.queue).pop().map(|q| q.xml)
     }
 
-    /// Waits for the next queued stanza. Cancel-safe: a stanza is taken only by the
-    /// poll that returns it.
-    pub async fn recv(&self) -> Arc<str> {
+    /// Waits for the next control message, or the next queued stanza when
+    /// `stanzas` (control first). Cancel-safe: a message is taken only by the poll
+    /// that returns it.
+    pub async fn next(&self, stanzas: bool) -> Next {
         loop {
-            if let Some(xml) = self.take() {
-                return xml;
+            if let Some(control) = self.control.pop() {
+                return Next::Control(control);
             }
-            // A send between the check and this wait left a permit: no lost wake-up.
-            self.queued.notified().await;
+            if stanzas && let Some(xml) = self.take() {
+                return Next::Stanza(xml);
+            }
+            // A send between the checks and this wait left a permit: no lost wake-up.
+            self.wake.notified().await;
         }
     }
 
@@ -456,7 +464,7 @@ impl Hub {
     pub fn disconnect_user(&self, user: &str) -> usize {
         let sessions = self.sessions(user);
         for s in &sessions {
-            let _ = s.control.send(Control::AccountRemoved);
+            let _ = s.tell(Control::AccountRemoved);
         }
         sessions.len()
     }
@@ -491,28 +499,38 @@ mod tests {
     /// a closed one give the message back, and closing hands over what was waiting.
     #[tokio::test]
     async fn the_control_inbox_is_bounded_and_closes() {
-        let inbox = Arc::new(ControlBox::default());
+        let hub = Hub::default();
+        let inbox = handle(&hub, "u@d/r", 8);
         let waiting = tokio::spawn({
             let inbox = inbox.clone();
-            async move { inbox.recv().await }
+            async move { inbox.next(false).await }
         });
         tokio::task::yield_now().await;
-        inbox.send(Control::Replaced).unwrap();
-        assert!(matches!(waiting.await.unwrap(), Control::Replaced));
+        inbox.tell(Control::Replaced).unwrap();
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Next::Control(Control::Replaced)
+        ));
         for _ in 0..CONTROL_SLOTS {
-            inbox.send(Control::AccountRemoved).unwrap();
+            inbox.tell(Control::AccountRemoved).unwrap();
         }
         assert!(matches!(
-            inbox.send(Control::Replaced),
+            inbox.tell(Control::Replaced),
             Err(Control::Replaced)
         ));
-        assert!(matches!(inbox.recv().await, Control::AccountRemoved));
-        let left = inbox.close();
+        // Control comes before stanzas.
+        inbox.send("<message/>".into(), "a@d").unwrap();
+        assert!(matches!(
+            inbox.next(true).await,
+            Next::Control(Control::AccountRemoved)
+        ));
+        let left = inbox.control.close();
         assert_eq!(left.len(), CONTROL_SLOTS - 1);
         assert!(matches!(
-            inbox.send(Control::AccountRemoved),
+            inbox.tell(Control::AccountRemoved),
             Err(Control::AccountRemoved)
         ));
+        assert!(matches!(inbox.next(true).await, Next::Stanza(_)));
     }
 
     fn handle(hub: &Hub, jid: &str, queue: usize) -> Arc<SessionHandle> {
@@ -609,15 +627,15 @@ mod tests {
         let a = handle(&hub, "u@d/r", 8);
         let waiter = tokio::spawn({
             let a = a.clone();
-            async move { a.recv().await }
+            async move { a.next(true).await }
         });
         tokio::task::yield_now().await;
         assert_eq!(a.send("<message/>".into(), "b@d"), Ok(()));
-        assert_eq!(&*waiter.await.unwrap(), "<message/>");
+        assert!(matches!(waiter.await.unwrap(), Next::Stanza(xml) if &*xml == "<message/>"));
         for n in 0..5 {
             assert_eq!(a.send("<presence/>".into(), &format!("c{n}@d")), Ok(()));
         }
-        assert_eq!(a.recv().await.len(), "<presence/>".len());
+        assert!(matches!(a.next(true).await, Next::Stanza(_)));
         while a.take().is_some() {}
         let q = lock(&a.queue);
         assert_eq!(

@@ -23,7 +23,7 @@ use crate::context::{Context, Handled};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
-use crate::hub::{Control, ResumeRequest, SessionHandle};
+use crate::hub::{Control, Next, ResumeRequest, SessionHandle};
 use crate::names::random_id;
 use crate::stanza::{self, Kind};
 use crate::xml::{Frame, ns};
@@ -89,7 +89,9 @@ pub(crate) struct Session {
     last_read: Instant,
     ping_sent: bool,
     hibernated_until: Option<Instant>,
-    offline: Option<OfflinePump>,
+    /// Boxed: only a session with stored messages to deliver has one, and it would
+    /// otherwise sit in every idle session's future.
+    offline: Option<Box<OfflinePump>>,
     /// The connection's place among the node's connections, held while it lives.
     _admitted: OwnedSemaphorePermit,
 }
@@ -175,16 +177,28 @@ impl Session {
                 .conn
                 .as_ref()
                 .and_then(|conn| conn.rest_at(self.last_read, REST_AFTER));
-            let due = next_due(connected, ping_at, stalled_at, hibernated_until, rest_at);
+            let paused_until = self.conn.as_ref().and_then(|conn| conn.paused_until);
+            let due = next_due(
+                connected,
+                ping_at,
+                stalled_at,
+                hibernated_until,
+                [
+                    rest_at.map(|at| (at, Due::Rest)),
+                    paused_until.map(|at| (at, Due::Unpause)),
+                ],
+            );
             let step = tokio::select! {
                 _ = self.server.shutdown.cancelled() => Err(End::Shutdown),
-                control = self.handle.control.recv() => self.on_control(control).await,
+                next = self.handle.next(can_take) => match next {
+                    Next::Control(control) => self.on_control(control).await,
+                    Next::Stanza(xml) => {
+                        self.on_queued(xml);
+                        Ok(())
+                    }
+                },
                 read = read_conn(&mut self.conn) => self.on_read(read).await,
-                queued = self.handle.recv(), if can_take => {
-                    self.on_queued(queued);
-                    Ok(())
-                }
-                // One timer for all four deadlines: each select branch's future lives
+                // One timer for every deadline: each select branch's future lives
                 // in every idle session's memory, disabled or not.
                 _ = sleep_until_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Ping) if self.ping_sent => {
@@ -196,6 +210,12 @@ impl Session {
                         Ok(())
                     }
                     Some(Due::Stalled) => self.stalled(),
+                    Some(Due::Unpause) => {
+                        if let Some(conn) = self.conn.as_mut() {
+                            conn.paused_until = None;
+                        }
+                        Ok(())
+                    }
                     Some(Due::Rest) => {
                         if let Some(conn) = self.conn.as_mut() {
                             conn.rest();
@@ -474,12 +494,12 @@ impl Session {
     /// Starts handing over stored offline messages (at initial presence).
     pub(crate) fn start_offline(&mut self) {
         if self.offline.is_none() {
-            self.offline = Some(OfflinePump {
+            self.offline = Some(Box::new(OfflinePump {
                 after: i64::MIN,
                 done: false,
                 awaiting: vec![],
                 ping: None,
-            });
+            }));
         }
     }
 
@@ -726,8 +746,9 @@ fn sm_failed(condition: &str) -> String {
 
 async fn read_conn(conn: &mut Option<Conn>) -> Result<(), ReadError> {
     match conn {
-        Some(conn) => conn.read_some().await,
-        None => std::future::pending().await,
+        // The rate limit's pause is the run loop's (one timer, `Due::Unpause`).
+        Some(conn) if conn.paused_until.is_none() => conn.read_now().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -742,17 +763,20 @@ enum Due {
     Hibernated,
     /// Nothing was read for [`REST_AFTER`]: the stream's parser may go.
     Rest,
+    /// The read rate limit's pause is over: read again.
+    Unpause,
 }
 
 /// A session's next deadline and what it means: while connected, the ping (or its
-/// timeout), an unanswered full window or the stream's rest, whichever comes first;
-/// while hibernated, the end of the resumption window; `None` when nothing is timed.
+/// timeout), an unanswered full window or one of the connection's own deadlines (the
+/// stream's rest, the end of a read pause), whichever comes first; while hibernated,
+/// the end of the resumption window; `None` when nothing is timed.
 fn next_due(
     connected: bool,
     ping_at: Instant,
     stalled_at: Option<Instant>,
     hibernated_until: Option<Instant>,
-    rest_at: Option<Instant>,
+    conn: [Option<(Instant, Due)>; 2],
 ) -> Option<(Instant, Due)> {
     if !connected {
         return hibernated_until.map(|at| (at, Due::Hibernated));
@@ -761,9 +785,9 @@ fn next_due(
     [
         stalled_at.map(|at| (at, Due::Stalled)),
         Some((ping_at, Due::Ping)),
-        rest_at.map(|at| (at, Due::Rest)),
     ]
     .into_iter()
+    .chain(conn)
     .flatten()
     .min_by_key(|(at, _)| *at)
 }
@@ -796,30 +820,50 @@ mod tests {
     use crate::conn::Transport;
 
     #[test]
-    fn one_timer_serves_ping_stall_hibernation_and_rest() {
+    fn one_timer_serves_every_deadline() {
         let now = Instant::now();
         let s = std::time::Duration::from_secs;
         assert_eq!(
-            next_due(true, now + s(60), None, None, None),
+            next_due(true, now + s(60), None, None, [None, None]),
             Some((now + s(60), Due::Ping))
         );
         // A full window left unanswered ends the connection before the next ping.
         assert_eq!(
-            next_due(true, now + s(60), Some(now + s(10)), None, None),
+            next_due(true, now + s(60), Some(now + s(10)), None, [None, None]),
             Some((now + s(10), Due::Stalled))
         );
         assert_eq!(
-            next_due(true, now + s(60), Some(now + s(60)), None, None),
+            next_due(true, now + s(60), Some(now + s(60)), None, [None, None]),
             Some((now + s(60), Due::Stalled))
         );
         assert_eq!(
-            next_due(true, now + s(60), Some(now + s(90)), None, None),
+            next_due(true, now + s(60), Some(now + s(90)), None, [None, None]),
             Some((now + s(60), Due::Ping))
         );
         // The stream rests first, then the ping is still due.
         assert_eq!(
-            next_due(true, now + s(60), None, None, Some(now + s(2))),
+            next_due(
+                true,
+                now + s(60),
+                None,
+                None,
+                [Some((now + s(2), Due::Rest)), None]
+            ),
             Some((now + s(2), Due::Rest))
+        );
+        // A read paused by the rate limit resumes on the same timer.
+        assert_eq!(
+            next_due(
+                true,
+                now + s(60),
+                None,
+                None,
+                [
+                    Some((now + s(2), Due::Rest)),
+                    Some((now + s(1), Due::Unpause))
+                ]
+            ),
+            Some((now + s(1), Due::Unpause))
         );
         // Hibernated: only the resumption window counts.
         assert_eq!(
@@ -828,11 +872,11 @@ mod tests {
                 now + s(60),
                 Some(now + s(10)),
                 Some(now + s(300)),
-                Some(now)
+                [Some((now, Due::Rest)), None]
             ),
             Some((now + s(300), Due::Hibernated))
         );
-        assert_eq!(next_due(false, now + s(60), None, None, None), None);
+        assert_eq!(next_due(false, now + s(60), None, None, [None, None]), None);
     }
 
     /// What an idle session costs starts with its task (docs/benchmarks.md, "Where
