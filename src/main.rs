@@ -77,6 +77,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before the runtime and the sessions allocate (src/trim.rs says why).
+    trim::disable_huge_pages();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
         Ok(c) => c,

@@ -58,6 +58,13 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+# The running node keeps transparent huge pages off (src/trim.rs: freed memory
+# goes back to the system); the kernel reports it per process.
+if grep -q '^THP_enabled:' "/proc/$server_pid/status" \
+  && ! grep -q '^THP_enabled:[[:space:]]*0' "/proc/$server_pid/status"; then
+  echo "FAIL: transparent huge pages are on for the node"; exit 1
+fi
+
 if ! "$venv/bin/python" "$here/scenario.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password"; then
   echo "--- server log ---"; tail -50 "$work/server.log"
   exit 1
