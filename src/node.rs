@@ -228,7 +228,7 @@ impl Node {
             store.clone(),
             config.sync_settings(),
             Ours {
-                cluster: config.cluster_name(),
+                cluster: config.cluster_name().into(),
                 domain: config.domain.clone(),
                 address: host_port(&config.advertised_host(), https_addr.port()),
                 server_name: config.node_name(),

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use impmesh_store::ClusterName;
+
 use crate::{Agent, lock};
 
 /// The shortest time between two duplicate checks.
@@ -15,7 +17,7 @@ pub enum DuplicateScope {
     /// The whole directory.
     All,
     /// The users of this peer's slice (after a full sync of it).
-    Peer(String),
+    Peer(ClusterName),
     /// These user names (after changes to them, here or at a peer).
     Users(Vec<String>),
 }
@@ -24,7 +26,7 @@ pub enum DuplicateScope {
 #[derive(Debug, Default)]
 pub(crate) struct PendingDuplicateCheck {
     all: bool,
-    peers: std::collections::BTreeSet<String>,
+    peers: std::collections::BTreeSet<ClusterName>,
     names: std::collections::BTreeSet<String>,
 }
 

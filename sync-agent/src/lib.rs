@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use impmesh_axl::client::ClientError;
-use impmesh_store::{PeerState, Store};
+use impmesh_store::{ClusterName, PeerState, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,7 +79,7 @@ impl Default for Settings {
 /// This cluster, as the agent presents it to peers.
 #[derive(Debug, Clone)]
 pub struct Ours {
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// The XMPP domain the mesh serves (a peer must serve the same).
     pub domain: String,
     /// host:port where peers reach this node's AXL endpoint.
@@ -92,7 +92,7 @@ pub struct Ours {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("no peer {0}")]
-    UnknownPeer(String),
+    UnknownPeer(ClusterName),
     #[error("{0:?} is not host[:port]")]
     Address(String),
     #[error(
@@ -102,11 +102,11 @@ pub enum AgentError {
     #[error("{address} now answers as cluster {now}, not {cluster}")]
     ClusterChanged {
         address: String,
-        cluster: String,
-        now: String,
+        cluster: ClusterName,
+        now: ClusterName,
     },
     #[error("no credential for {0}")]
-    NoCredential(String),
+    NoCredential(ClusterName),
     #[error("the node has no certificate yet")]
     NoCertificate,
     #[error("the certificate has no chain")]
@@ -153,7 +153,7 @@ pub struct Agent {
     store: Store,
     settings: Settings,
     ours: Ours,
-    peers: Mutex<HashMap<String, PeerHandle>>,
+    peers: Mutex<HashMap<ClusterName, PeerHandle>>,
     /// Name resolution with the last good answers.
     dns: dns::Dns,
     /// The node's certificate and key, presented to peers as the TLS client
@@ -167,7 +167,7 @@ pub struct Agent {
     /// What the next duplicate check looks at.
     duplicate_scope: Mutex<PendingDuplicateCheck>,
     /// Failed sync attempts in a row per peer (kept across task restarts).
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<ClusterName, u32>>,
     /// The stall watchdog's decisions and memory (see [`watchdog`]).
     watchdog: Mutex<watchdog::Watchdog>,
     shutdown: CancellationToken,

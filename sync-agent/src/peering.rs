@@ -8,7 +8,7 @@ use std::time::Duration;
 use impmesh_axl::client::{AxlClient, ClientError, OurSide, ServerTrust};
 use impmesh_axl::soap::{ClusterInfo, NodeCertificate, Request, Response};
 use impmesh_certs::PeerVerifier;
-use impmesh_store::{PeerRecord, PeerState, TrustKind};
+use impmesh_store::{ClusterName, PeerRecord, PeerState, TrustKind};
 
 use crate::task::SyncError;
 use crate::{Agent, AgentError, DuplicateScope, lock};
@@ -25,12 +25,12 @@ impl Agent {
         new: &impmesh_certs::NodeIdentity,
     ) -> Result<(), AgentError> {
         let Some(peer) = self.store.peer(cluster).await? else {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         };
         let token = peer
             .our_token
             .clone()
-            .ok_or_else(|| AgentError::NoCredential(cluster.to_owned()))?;
+            .ok_or_else(|| AgentError::NoCredential(ClusterName::new(cluster)))?;
         let contact = |source| AgentError::Contact {
             addr: peer.address.clone(),
             source,
@@ -53,7 +53,7 @@ impl Agent {
         let leaf = chain.first().ok_or(AgentError::EmptyChain)?;
         let issued = impmesh_axl::auth::random_token();
         let request = Request::ExchangeCertificates {
-            cluster: self.ours.cluster.clone(),
+            cluster: self.ours.cluster.to_string(),
             address: self.ours.address.clone(),
             server_name: self.ours.server_name.clone(),
             token: issued.clone(),
@@ -117,7 +117,7 @@ impl Agent {
             "added here too",
         )
         .await;
-        self.spawn_peer(&cluster, false);
+        self.spawn_peer(&record.cluster, false);
         tracing::info!(peer = %cluster, address = %record.address, "peer added");
         Ok(self.store.peer(&cluster).await?.unwrap_or(record))
     }
@@ -137,7 +137,7 @@ impl Agent {
         let identity = self.identity()?;
         let ours = OurSide {
             domain: self.ours.domain.clone(),
-            cluster: self.ours.cluster.clone(),
+            cluster: self.ours.cluster.to_string(),
             address: self.ours.address.clone(),
             server_name: self.ours.server_name.clone(),
             token: issued.clone(),
@@ -192,11 +192,11 @@ impl Agent {
     /// `peer accept`: starts syncing from a peer that added us.
     pub async fn accept_peer(self: &Arc<Self>, cluster: &str) -> Result<(), AgentError> {
         if !self.store.accept_peer(cluster).await? {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         }
         self.clear_alarm(impmesh_store::alarms::PEER_PENDING, cluster, "accepted")
             .await;
-        self.spawn_peer(cluster, false);
+        self.spawn_peer(&ClusterName::new(cluster), false);
         tracing::info!(peer = %cluster, "peer accepted");
         Ok(())
     }
@@ -210,7 +210,7 @@ impl Agent {
     /// authentication alarm. Returns whether the peer was told.
     pub async fn delete_peer(&self, cluster: &str) -> Result<bool, AgentError> {
         let Some(peer) = self.store.peer(cluster).await? else {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         };
         let speaks_removal = lock(&self.peers).get(cluster).is_some_and(|h| {
             lock(&h.status)
@@ -227,7 +227,7 @@ impl Agent {
                 let mut client = self.connect(cluster).await?;
                 client
                     .call(&Request::RemovePeer {
-                        cluster: self.ours.cluster.clone(),
+                        cluster: self.ours.cluster.to_string(),
                     })
                     .await
                     .map_err(SyncError::Client)
@@ -249,7 +249,7 @@ impl Agent {
         self.stop_peer(cluster);
         lock(&self.watchdog).forget(cluster);
         if !self.store.delete_peer(cluster).await? {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         }
         for def in [
             impmesh_store::alarms::PEER_PENDING,
@@ -281,7 +281,7 @@ impl Agent {
         self.stop_peer(cluster);
         lock(&self.watchdog).forget(cluster);
         if !self.store.mark_peer_removed(cluster).await? {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         }
         for def in [
             impmesh_store::alarms::PEER_PENDING,
@@ -316,7 +316,7 @@ impl Agent {
         credential: Option<(&str, &str)>,
     ) -> Result<(), AgentError> {
         let Some(peer) = self.store.peer(cluster).await? else {
-            return Err(AgentError::UnknownPeer(cluster.to_owned()));
+            return Err(AgentError::UnknownPeer(ClusterName::new(cluster)));
         };
         if let Some((user, password)) = credential {
             // Make-before-break: the old pins stay until the exchange pinned what the
@@ -333,8 +333,8 @@ impl Agent {
             if info.cluster != cluster {
                 return Err(AgentError::ClusterChanged {
                     address: peer.address,
-                    cluster: cluster.to_owned(),
-                    now: info.cluster,
+                    cluster: ClusterName::new(cluster),
+                    now: ClusterName::new(info.cluster),
                 });
             }
             self.stop_peer(cluster);
@@ -359,7 +359,7 @@ impl Agent {
         }
         self.store.restart_full_sync(cluster).await?;
         if peer.state == PeerState::Active {
-            self.spawn_peer(cluster, false);
+            self.spawn_peer(&peer.cluster, false);
             self.nudge(cluster);
         }
         Ok(())
@@ -379,19 +379,19 @@ impl Agent {
                 }
             };
             for peer in peers {
-                agent.notify_peer(peer.cluster.into(), usn);
+                agent.notify_peer(peer.cluster, usn);
             }
         });
     }
 
-    fn notify_peer(self: &Arc<Self>, cluster: String, usn: i64) {
+    fn notify_peer(self: &Arc<Self>, cluster: ClusterName, usn: i64) {
         let agent = self.clone();
         self.tracker.spawn(async move {
             let result = tokio::time::timeout(Duration::from_secs(10), async {
                 let mut client = agent.connect(&cluster).await?;
                 client
                     .call(&Request::NotifyChange {
-                        cluster: agent.ours.cluster.clone(),
+                        cluster: agent.ours.cluster.to_string(),
                         usn,
                     })
                     .await
@@ -414,7 +414,7 @@ impl Agent {
             .store
             .peer(cluster)
             .await?
-            .ok_or_else(|| SyncError::Gone(cluster.to_owned()))?;
+            .ok_or_else(|| SyncError::Gone(ClusterName::new(cluster)))?;
         let token = peer.our_token.clone().ok_or(SyncError::NoCredential)?;
         let anchors = impmesh_axl::trust::anchors_for(&self.store, cluster).await?;
         if anchors.pinned.is_empty() && anchors.cas.is_empty() {
@@ -432,7 +432,7 @@ impl Agent {
             Ok(c) => c,
             Err(ClientError::Tls(_, error)) => {
                 return Err(SyncError::CertificateChanged {
-                    cluster: cluster.to_owned(),
+                    cluster: ClusterName::new(cluster),
                     error,
                 });
             }

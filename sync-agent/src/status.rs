@@ -1,7 +1,7 @@
 //! What the peer tasks show: `peer status` and the mesh in `/metrics`, read from
 //! memory (no store query per scrape).
 
-use impmesh_store::{PeerState, TrustKind};
+use impmesh_store::{ClusterName, PeerState, TrustKind};
 
 use crate::{Agent, AgentError, CertificateStatus, LiveStatus, PeerStatus, SyncState, lock};
 
@@ -13,7 +13,7 @@ impl Agent {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let now = impmesh_store::now_unix();
-        let peers: Vec<(String, LiveStatus, u32)> = {
+        let peers: Vec<(ClusterName, LiveStatus, u32)> = {
             let handles = lock(&self.peers);
             let dog = lock(&self.watchdog);
             handles

@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::BackoffBuilder as _;
 use impmesh_axl::client::ClientError;
 use impmesh_axl::soap::{Request, Response};
-use impmesh_store::PeerState;
+use impmesh_store::{ClusterName, PeerState};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ pub(crate) enum SyncError {
          if it replaced its certificate, run `impmesh peer sync {cluster} --with-certificates`"
     )]
     CertificateChanged {
-        cluster: String,
+        cluster: ClusterName,
         error: std::io::Error,
     },
     #[error("no credential for this peer")]
@@ -44,12 +44,12 @@ pub(crate) enum SyncError {
     #[error(transparent)]
     Store(#[from] impmesh_store::StoreError),
     #[error("the peer {0} was removed")]
-    Gone(String),
+    Gone(ClusterName),
 }
 
 pub(crate) struct PeerTask {
     pub(crate) agent: Arc<Agent>,
-    pub(crate) cluster: String,
+    pub(crate) cluster: ClusterName,
     pub(crate) nudge: Arc<Notify>,
     pub(crate) cancel: CancellationToken,
     pub(crate) status: Arc<Mutex<LiveStatus>>,
@@ -61,7 +61,7 @@ pub(crate) struct PeerTask {
 
 impl Agent {
     /// Starts the task of `cluster` unless it runs.
-    pub(crate) fn spawn_peer(self: &Arc<Self>, cluster: &str, alarmed: bool) {
+    pub(crate) fn spawn_peer(self: &Arc<Self>, cluster: &ClusterName, alarmed: bool) {
         let mut peers = lock(&self.peers);
         if peers.contains_key(cluster) {
             return;
@@ -81,7 +81,7 @@ impl Agent {
         };
         let task = PeerTask {
             agent: self.clone(),
-            cluster: cluster.to_owned(),
+            cluster: cluster.clone(),
             nudge: handle.nudge.clone(),
             cancel: handle.cancel.clone(),
             status: handle.status.clone(),
@@ -90,7 +90,7 @@ impl Agent {
         };
         // Sync at once.
         handle.nudge.notify_one();
-        peers.insert(cluster.to_owned(), handle);
+        peers.insert(cluster.clone(), handle);
         self.tracker.spawn(task.run());
     }
 
@@ -102,14 +102,14 @@ impl Agent {
 
     /// Replaces a peer's task with a fresh one, keeping whether the alarm is raised.
     pub(crate) fn restart_peer(self: &Arc<Self>, cluster: &str) {
-        let alarmed = match lock(&self.peers).remove(cluster) {
-            Some(handle) => {
+        let (cluster, alarmed) = match lock(&self.peers).remove_entry(cluster) {
+            Some((cluster, handle)) => {
                 handle.cancel.cancel();
-                lock(&handle.progress).alarmed
+                (cluster, lock(&handle.progress).alarmed)
             }
             None => return,
         };
-        self.spawn_peer(cluster, alarmed);
+        self.spawn_peer(&cluster, alarmed);
     }
 
     /// Asks the task of `cluster` to pull now (a `notifyChange` from it).

@@ -21,12 +21,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::{Agent, lock};
+use impmesh_store::ClusterName;
 use std::sync::Arc;
 
 /// What the watchdog sees of one peer's task.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerView {
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// When a sync last completed (or the task started).
     pub last_completed: Instant,
     /// When an attempt last started or ended (or the task started).
@@ -39,9 +40,12 @@ pub(crate) struct PeerView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
     /// Raise the stall alarm for the peer; it has been `idle` without a completed sync.
-    Alarm { cluster: String, idle: Duration },
+    Alarm {
+        cluster: ClusterName,
+        idle: Duration,
+    },
     /// Replace the peer's task with a fresh one.
-    RestartPeer(String),
+    RestartPeer(ClusterName),
     /// Replace every peer's task (the whole agent, in process).
     RestartAll,
 }
@@ -49,7 +53,7 @@ pub(crate) enum Action {
 /// The watchdog's memory: per peer, when its task was last restarted and how often.
 #[derive(Debug, Default)]
 pub(crate) struct Watchdog {
-    restarts: HashMap<String, (Instant, u32)>,
+    restarts: HashMap<ClusterName, (Instant, u32)>,
 }
 
 impl Watchdog {
@@ -178,7 +182,7 @@ impl Agent {
                         tracing::warn!(
                             "a peer's task hung again after its own restart: restarting the whole sync agent"
                         );
-                        let all: Vec<String> = lock(&self.peers).keys().cloned().collect();
+                        let all: Vec<ClusterName> = lock(&self.peers).keys().cloned().collect();
                         for c in all {
                             self.restart_peer(&c);
                         }
@@ -208,19 +212,19 @@ mod tests {
         let mut dog = Watchdog::default();
         let mut views = vec![
             PeerView {
-                cluster: "healthy".into(),
+                cluster: ClusterName::new("healthy"),
                 last_completed: start,
                 last_activity: start,
                 alarmed: false,
             },
             PeerView {
-                cluster: "unreachable".into(),
+                cluster: ClusterName::new("unreachable"),
                 last_completed: start,
                 last_activity: start,
                 alarmed: false,
             },
             PeerView {
-                cluster: "hung".into(),
+                cluster: ClusterName::new("hung"),
                 last_completed: start,
                 last_activity: start,
                 alarmed: false,
@@ -268,7 +272,7 @@ mod tests {
         assert!(log.contains(&(
             first_stall,
             Action::Alarm {
-                cluster: "unreachable".into(),
+                cluster: ClusterName::new("unreachable"),
                 idle: THRESHOLD + TICK
             }
         )));
