@@ -205,6 +205,8 @@ pub struct LimitsSection {
     pub read_rate: u32,
     pub read_burst: u32,
     pub handshake_timeout: u64,
+    /// Client connections open at once, authenticated or not.
+    pub max_connections: usize,
     pub preauth_connections_per_address: u32,
     pub link_handshakes_per_address: u32,
     pub ping_interval: u64,
@@ -243,6 +245,7 @@ impl Default for LimitsSection {
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: l.handshake_timeout.as_secs(),
+            max_connections: l.max_connections,
             preauth_connections_per_address: l.preauth_connections_per_address,
             link_handshakes_per_address: l.link_handshakes_per_address,
             ping_interval: l.ping_interval.as_secs(),
@@ -380,6 +383,11 @@ impl Config {
                     .into(),
             ));
         }
+        if self.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_connections must be at least 1".into(),
+            ));
+        }
         if let Some(f) = self
             .sync
             .disable_features
@@ -471,6 +479,7 @@ impl Config {
             read_rate: l.read_rate,
             read_burst: l.read_burst,
             handshake_timeout: Duration::from_secs(l.handshake_timeout),
+            max_connections: l.max_connections,
             preauth_connections_per_address: l.preauth_connections_per_address,
             link_handshakes_per_address: l.link_handshakes_per_address,
             ping_interval: Duration::from_secs(l.ping_interval),

@@ -58,18 +58,18 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// File descriptors the node would like: every client connection the router admits
-/// (65,536), the links and HTTPS connections, the store and some slack.
-const WANTED_FILES: u64 = 70_000;
+/// File descriptors the node would like beside its client connections
+/// (`limits.max_connections`): the links and HTTPS connections, the store, slack.
+const OTHER_FILES: u64 = 4_464;
 
 /// Raises the soft limit on open files to the hard one (the default soft limit of
 /// 1,024 would stop the node long before its connection limits) and says what the
 /// ceiling is when it is below what the node may need (security review H3, M10).
-fn raise_file_limit() {
+fn raise_file_limit(wanted: u64) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let (soft, hard) = (limit.current, limit.maximum);
-    let target = hard.unwrap_or(WANTED_FILES.max(soft.unwrap_or(0)));
+    let target = hard.unwrap_or(wanted.max(soft.unwrap_or(0)));
     let raised = if soft.is_some_and(|s| s < target) {
         let new = rustix::process::Rlimit {
             current: Some(target),
@@ -81,9 +81,9 @@ fn raise_file_limit() {
     };
     let now = getrlimit(Resource::Nofile).current;
     match now {
-        Some(n) if n < WANTED_FILES => tracing::warn!(
+        Some(n) if n < wanted => tracing::warn!(
             open_files = n,
-            wanted = WANTED_FILES,
+            wanted,
             "the open-file limit is below what the node's connection limits allow; raise the hard limit (LimitNOFILE= in systemd, ulimit -Hn) or expect accept errors under load"
         ),
         _ => tracing::info!(open_files = ?now, raised, "open-file limit"),
@@ -134,7 +134,7 @@ impl Node {
     /// Starts a node: store, certificate (generated at first start), listeners.
     pub async fn start(config: &Config) -> anyhow::Result<Node> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        raise_file_limit();
+        raise_file_limit(config.limits.max_connections as u64 + OTHER_FILES);
         let store = files::open_store(config).await?;
         // From the start, so that no account change made while the node comes up is
         // missed (the channel buffers them).

@@ -14,11 +14,12 @@
 //! worker collects its own heap when it parks (has nothing to do), at most every
 //! [`PERIOD`] ([`on_park`]).
 //!
-//! Transparent huge pages are off for the process ([`disable_huge_pages`]): mimalloc
-//! asks for them on its arena, and a 2 MiB huge page stays resident whole while any
-//! of its 512 small pages is in use, so the pages freed when sessions end stayed
-//! resident (after 10,000 sessions closed, 40 MiB against 22 MiB without; a fresh
-//! node 30 MiB against 19: docs/benchmarks.md, "Memory after sessions end").
+//! Transparent huge pages are off for the process ([`disable_huge_pages`]), and
+//! mimalloc is built not to ask for them on its arena (its `no_thp` feature): a 2 MiB
+//! huge page stays resident whole while any of its 512 small pages is in use, so the
+//! pages freed when sessions end stayed resident (60 s after 10,000 sessions closed,
+//! 34–52 MiB against 24 MiB now; a fresh node 28–31 MiB against 21.5:
+//! docs/benchmarks.md, "Memory after sessions end").
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -45,9 +46,9 @@ pub fn spawn(stop: CancellationToken) -> tokio::task::JoinHandle<()> {
 }
 
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`, which the
-/// kernel checks at every page fault and khugepaged respects, so memory mapped before
-/// this call is covered too), unless `MIMALLOC_ALLOW_THP` is set: an admin who wants
-/// huge pages sets it to 1. Returns whether they are off.
+/// kernel checks at every page fault and khugepaged respects; pages already faulted in
+/// as huge pages before the call stay so), unless `MIMALLOC_ALLOW_THP` is set: then the
+/// system's setting applies. Returns whether they are off.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 pub fn disable_huge_pages() -> bool {

@@ -613,3 +613,37 @@ async fn unauthenticated_connections_per_address_are_capped() {
     let n = again.read(&mut buf).await.unwrap();
     assert!(n > 0, "a connection in the freed slot is served");
 }
+
+/// `limits.max_connections`: a node holds at most that many client connections, its
+/// two client listeners (STARTTLS and direct TLS) together; the next one is not served
+/// (not even its stream header answered) until one closes, and then it is. Before, each
+/// listener took a place while it waited for a connection: a limit of 2 served one.
+#[tokio::test]
+async fn the_node_serves_at_most_max_connections_at_once() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt as _;
+    let node = start_node(|c| c.limits.max_connections = 2).await;
+    let mut buf = [0u8; 64];
+    let mut open = vec![];
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+        s.write_all(RAW_HEADER.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("within the limit: served")
+            .unwrap();
+        assert!(n > 0);
+        open.push(s);
+    }
+    let mut third = tokio::net::TcpStream::connect(node.c2s()).await.unwrap();
+    third.write_all(RAW_HEADER.as_bytes()).await.unwrap();
+    // Served, it would be answered within milliseconds.
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "the third connection was served: {early:?}");
+    drop(open.pop());
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert!(n > 0);
+}

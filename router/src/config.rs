@@ -51,6 +51,10 @@ pub struct Limits {
     pub read_burst: u32,
     /// Time to finish TLS, SASL and binding after connecting.
     pub handshake_timeout: Duration,
+    /// Client connections open at once, at most, authenticated or not (an admission
+    /// limit before any handshake work, STYLE 5): when all are taken the node stops
+    /// accepting until one closes, and the kernel's backlog holds the rest.
+    pub max_connections: usize,
     /// Client connections from one address (IPv6: one /64) not yet bound to a session;
     /// more are closed at once. Carrier-grade NAT puts many clients behind one
     /// address, but each spends a second or so before binding.
@@ -119,6 +123,7 @@ impl Default for Limits {
             read_rate: 65_536,
             read_burst: 524_288,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 65_536,
             preauth_connections_per_address: 32,
             link_handshakes_per_address: 8,
             ping_interval: Duration::from_secs(300),

@@ -60,10 +60,6 @@ const ACCOUNT_LOGIN_FACTOR: u32 = 4;
 const PASSWORD_CHANGES: u32 = 3;
 const PASSWORD_CHANGE_WINDOW: Duration = Duration::from_secs(60);
 
-/// Connections accepted but not yet closed, at most (an admission limit before any
-/// handshake work, STYLE 5). Sized for the benchmarks' 10 000 idle sessions with room.
-const MAX_CONNECTIONS: usize = 65_536;
-
 /// A node's XMPP router.
 pub struct Server {
     pub config: RouterConfig,
@@ -136,6 +132,7 @@ impl Server {
             impmesh_limits::Throttle::new(1, config.registration_interval, THROTTLE_KEYS);
         let password_changes =
             impmesh_limits::Throttle::new(PASSWORD_CHANGES, PASSWORD_CHANGE_WINDOW, THROTTLE_KEYS);
+        let max_connections = config.limits.max_connections;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         Arc::new_cyclic(|me: &Weak<Server>| Server {
@@ -162,7 +159,7 @@ impl Server {
             me: me.clone(),
             shutdown,
             tasks,
-            admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            admission: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             preauth: impmesh_limits::PerAddress::new(preauth_per_address),
         })
     }
@@ -325,9 +322,15 @@ impl Server {
     }
 }
 
-/// Waits for an admission permit, then for a connection on `listener`; `None` once
+/// Waits for a connection on `listener`, then for an admission permit; `None` once
 /// `shutdown` is cancelled. An accept error (EMFILE and friends) backs off instead of
 /// spinning. Every listener of the node (clients, router links) admits through here.
+///
+/// The permit is taken after the accept: a listener waiting for connections holds
+/// none, so several listeners sharing a limit (STARTTLS and direct TLS) together admit
+/// exactly the limit. While none is free, a listener holds at most the one connection
+/// it accepted (no handshake work yet) and accepts no more: the kernel's backlog holds
+/// the rest.
 pub(crate) async fn admit(
     shutdown: &CancellationToken,
     listener: &TcpListener,
@@ -339,16 +342,18 @@ pub(crate) async fn admit(
     SocketAddr,
 )> {
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            p = admission.clone().acquire_owned() => p.ok()?,
-        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return None,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, peer)) => return Some((permit, tcp, peer)),
+            Ok((tcp, peer)) => {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    p = admission.clone().acquire_owned() => p.ok()?,
+                };
+                return Some((permit, tcp, peer));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, listener = what, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
