@@ -193,6 +193,10 @@ impl Default for StoreSection {
     }
 }
 
+/// The most `limits.max_connections` may be: each connection needs a file descriptor,
+/// and a node with more is a cluster of several nodes.
+pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
+
 /// Limits; durations in seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -383,10 +387,10 @@ impl Config {
                     .into(),
             ));
         }
-        if self.limits.max_connections == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_connections must be at least 1".into(),
-            ));
+        if !(1..=MAX_CONNECTIONS_CEILING).contains(&self.limits.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_connections must be between 1 and {MAX_CONNECTIONS_CEILING}"
+            )));
         }
         if let Some(f) = self
             .sync
@@ -609,5 +613,16 @@ mod tests {
         let short = Config::parse("[limits]\nlink_read_timeout = 30").unwrap_err();
         assert!(short.to_string().contains("at least 60"), "{short}");
         assert!(Config::parse("[limits]\nlink_queue = 0").is_err());
+    }
+
+    /// `limits.max_connections` reaches the router, within 1 and the ceiling.
+    #[test]
+    fn the_connection_limit_comes_from_the_configuration() {
+        let c = Config::parse("[limits]\nmax_connections = 100").unwrap();
+        assert_eq!(c.router_config().limits.max_connections, 100);
+        for bad in [0, MAX_CONNECTIONS_CEILING + 1] {
+            let e = Config::parse(&format!("[limits]\nmax_connections = {bad}")).unwrap_err();
+            assert!(e.to_string().contains("max_connections"), "{e}");
+        }
     }
 }

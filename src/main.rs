@@ -78,7 +78,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // Before the runtime and the sessions allocate (src/trim.rs says why).
-    trim::disable_huge_pages();
+    let huge_pages_off = trim::disable_huge_pages();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref(), cli.data_dir.as_deref()) {
         Ok(c) => c,
@@ -88,6 +88,12 @@ fn main() -> ExitCode {
         }
     };
     install_tracing(&config, matches!(cli.command, Command::Serve));
+    if huge_pages_off == Some(false) {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot turn transparent huge pages off: memory freed when sessions end may stay resident"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(trim::on_park)

@@ -47,22 +47,35 @@ pub fn spawn(stop: CancellationToken) -> tokio::task::JoinHandle<()> {
 
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`, which the
 /// kernel checks at every page fault and khugepaged respects; pages already faulted in
-/// as huge pages before the call stay so), unless `MIMALLOC_ALLOW_THP` is set: then the
-/// system's setting applies. Returns whether they are off.
+/// as huge pages before the call stay so), unless `MIMALLOC_ALLOW_THP` is set (to any
+/// value): then the system's setting applies. `None` when left to the system,
+/// otherwise whether the call succeeded.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn disable_huge_pages() -> bool {
+pub fn disable_huge_pages() -> Option<bool> {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-        return false;
+        return None;
     }
-    // SAFETY: `prctl` with PR_SET_THP_DISABLE takes integers only and changes a flag of
-    // the calling process.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+    let zero: libc::c_ulong = 0;
+    // SAFETY: `prctl` takes integers only here (variadic: each passed as the
+    // `unsigned long` the kernel reads, and the unused ones must be zero) and changes a
+    // flag of the calling process.
+    Some(
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_THP_DISABLE,
+                1 as libc::c_ulong,
+                zero,
+                zero,
+                zero,
+            )
+        } == 0,
+    )
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn disable_huge_pages() -> bool {
-    false
+pub fn disable_huge_pages() -> Option<bool> {
+    None
 }
 
 /// Run by each runtime worker when it parks: at most every [`PERIOD`] per worker, its
@@ -118,9 +131,11 @@ mod tests {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
             return;
         }
-        assert!(super::disable_huge_pages());
-        // SAFETY: PR_GET_THP_DISABLE takes no pointers and reads a flag of this process.
-        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(super::disable_huge_pages(), Some(true));
+        let zero: libc::c_ulong = 0;
+        // SAFETY: PR_GET_THP_DISABLE takes integers only (passed as `unsigned long`,
+        // zero) and reads a flag of this process.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, zero, zero, zero, zero) };
         assert_eq!(disabled, 1);
     }
 }

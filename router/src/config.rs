@@ -52,8 +52,9 @@ pub struct Limits {
     /// Time to finish TLS, SASL and binding after connecting.
     pub handshake_timeout: Duration,
     /// Client connections open at once, at most, authenticated or not (an admission
-    /// limit before any handshake work, STYLE 5): when all are taken the node stops
-    /// accepting until one closes, and the kernel's backlog holds the rest.
+    /// limit before any handshake work, STYLE 5): when all are taken, each listener
+    /// holds at most one more connection, unserved, until one closes, and the kernel's
+    /// backlog holds the rest.
     pub max_connections: usize,
     /// Client connections from one address (IPv6: one /64) not yet bound to a session;
     /// more are closed at once. Carrier-grade NAT puts many clients behind one
