@@ -88,9 +88,9 @@ fn main() -> ExitCode {
         }
     };
     install_tracing(&config, matches!(cli.command, Command::Serve));
-    if huge_pages_off == Some(false) {
+    if let Some(Err(e)) = huge_pages_off {
         tracing::warn!(
-            error = %std::io::Error::last_os_error(),
+            error = %e,
             "cannot turn transparent huge pages off: memory freed when sessions end may stay resident"
         );
     }

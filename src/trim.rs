@@ -49,10 +49,11 @@ pub fn spawn(stop: CancellationToken) -> tokio::task::JoinHandle<()> {
 /// kernel checks at every page fault and khugepaged respects; pages already faulted in
 /// as huge pages before the call stay so), unless `MIMALLOC_ALLOW_THP` is set (to any
 /// value): then the system's setting applies. `None` when left to the system,
-/// otherwise whether the call succeeded.
+/// otherwise what the call gave (its error read at once, before anything else can
+/// overwrite `errno`).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn disable_huge_pages() -> Option<bool> {
+pub fn disable_huge_pages() -> Option<std::io::Result<()>> {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         return None;
     }
@@ -60,21 +61,24 @@ pub fn disable_huge_pages() -> Option<bool> {
     // SAFETY: `prctl` takes integers only here (variadic: each passed as the
     // `unsigned long` the kernel reads, and the unused ones must be zero) and changes a
     // flag of the calling process.
-    Some(
-        unsafe {
-            libc::prctl(
-                libc::PR_SET_THP_DISABLE,
-                1 as libc::c_ulong,
-                zero,
-                zero,
-                zero,
-            )
-        } == 0,
-    )
+    let done = unsafe {
+        libc::prctl(
+            libc::PR_SET_THP_DISABLE,
+            1 as libc::c_ulong,
+            zero,
+            zero,
+            zero,
+        )
+    };
+    Some(if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    })
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn disable_huge_pages() -> Option<bool> {
+pub fn disable_huge_pages() -> Option<std::io::Result<()>> {
     None
 }
 
@@ -131,7 +135,7 @@ mod tests {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
             return;
         }
-        assert_eq!(super::disable_huge_pages(), Some(true));
+        assert!(matches!(super::disable_huge_pages(), Some(Ok(()))));
         let zero: libc::c_ulong = 0;
         // SAFETY: PR_GET_THP_DISABLE takes integers only (passed as `unsigned long`,
         // zero) and reads a flag of this process.
