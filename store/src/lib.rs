@@ -39,7 +39,7 @@ pub use nodes::NodeRecord;
 pub use offline::{Offline, OfflineMessage, OfflineQuota};
 pub use outbox::OutboxEntry;
 pub use peer_nodes::PeerNode;
-pub use peers::{Digest, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
+pub use peers::{Digest, DuplicateUser, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
 pub use users::{NewUser, UserRecord};
@@ -97,8 +97,8 @@ pub enum Backend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AccountChange {
-    Added(String),
-    Removed(String),
+    Added(UserName),
+    Removed(UserName),
     /// A bulk import created this many accounts.
     Imported(u64),
 }

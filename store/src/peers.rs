@@ -80,6 +80,22 @@ pub struct RemoteUser {
     pub usn: i64,
 }
 
+/// A user name homed in more than one cluster (here and at a peer, or at two peers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateUser {
+    pub user: UserName,
+    /// Every home claimed for it, as (cluster, node), sorted.
+    pub homes: Vec<(ClusterName, NodeName)>,
+}
+
+/// The `home_cluster` and `home_node` of a row.
+fn home_of_row(row: &sqlx::any::AnyRow) -> Result<(ClusterName, NodeName)> {
+    Ok((
+        ClusterName::new(row.try_get::<String, _>("home_cluster")?),
+        NodeName::new(row.try_get::<String, _>("home_node")?),
+    ))
+}
+
 /// Where a user name lives, as [`Store::home_of`] decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -569,7 +585,7 @@ impl Store {
 
     /// User names homed in more than one cluster (here and at a peer, or at two peers),
     /// each with its homes as (cluster, node), sorted.
-    pub async fn duplicate_users(&self) -> Result<Vec<(String, Vec<(String, String)>)>> {
+    pub async fn duplicate_users(&self) -> Result<Vec<DuplicateUser>> {
         let _timer = self.latency.start("duplicate_users");
         // Both halves of `dup` walk indexes (remote_users_username in order, the
         // users' primary key by lookup); nothing sorts the whole directory.
@@ -587,13 +603,16 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out: Vec<(String, Vec<(String, String)>)> = vec![];
+        let mut out: Vec<DuplicateUser> = vec![];
         for row in rows {
-            let user: String = row.try_get("username")?;
-            let home = (row.try_get("home_cluster")?, row.try_get("home_node")?);
+            let user = UserName::new(row.try_get::<String, _>("username")?);
+            let home = home_of_row(&row)?;
             match out.last_mut() {
-                Some((u, homes)) if *u == user => homes.push(home),
-                _ => out.push((user, vec![home])),
+                Some(dup) if dup.user == user => dup.homes.push(home),
+                _ => out.push(DuplicateUser {
+                    user,
+                    homes: vec![home],
+                }),
             }
         }
         Ok(out)
@@ -601,7 +620,7 @@ impl Store {
 
     /// The users of `peer`'s slice that another peer or this cluster also claims: what
     /// a full sync of `peer` may have made duplicates (one index probe per user).
-    pub async fn claimed_elsewhere(&self, peer: &str) -> Result<Vec<String>> {
+    pub async fn claimed_elsewhere(&self, peer: &ClusterName) -> Result<Vec<UserName>> {
         let _timer = self.latency.start("claimed_elsewhere");
         let rows = sqlx::query(
             "SELECT r.username FROM remote_users r WHERE r.peer = $1 AND (
@@ -609,20 +628,19 @@ impl Store {
                          WHERE o.username = r.username AND o.peer <> r.peer)
                  OR EXISTS (SELECT 1 FROM users u WHERE u.username = r.username))",
         )
-        .bind(peer)
+        .bind(peer.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok(r.try_get("username")?)).collect()
+        rows.iter()
+            .map(|r| Ok(UserName::new(r.try_get::<String, _>("username")?)))
+            .collect()
     }
 
     /// Of `names`, those homed in more than one cluster, as [`Store::duplicate_users`]
     /// gives them: the scoped check run after a sync or a local change.
-    pub async fn duplicates_among(
-        &self,
-        names: &[String],
-    ) -> Result<Vec<(String, Vec<(String, String)>)>> {
+    pub async fn duplicates_among(&self, names: &[UserName]) -> Result<Vec<DuplicateUser>> {
         let _timer = self.latency.start("duplicates_among");
-        let mut homes: std::collections::BTreeMap<String, Vec<(String, String)>> =
+        let mut homes: std::collections::BTreeMap<UserName, Vec<(ClusterName, NodeName)>> =
             Default::default();
         for chunk in names.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -634,21 +652,21 @@ impl Store {
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for name in chunk.iter().chain(chunk) {
-                query = query.bind(name);
+                query = query.bind(name.as_str());
             }
             for row in query.fetch_all(&self.pool).await? {
                 homes
-                    .entry(row.try_get("username")?)
+                    .entry(UserName::new(row.try_get::<String, _>("username")?))
                     .or_default()
-                    .push((row.try_get("home_cluster")?, row.try_get("home_node")?));
+                    .push(home_of_row(&row)?);
             }
         }
         Ok(homes
             .into_iter()
             .filter(|(_, h)| h.len() > 1)
-            .map(|(user, mut h)| {
-                h.sort();
-                (user, h)
+            .map(|(user, mut homes)| {
+                homes.sort();
+                DuplicateUser { user, homes }
             })
             .collect())
     }
@@ -970,17 +988,14 @@ mod tests {
                 .unwrap();
             let dups = store.duplicate_users().await.unwrap();
             assert_eq!(dups.len(), 1);
-            assert_eq!(dups[0].0, "w");
+            assert_eq!(dups[0].user, "w");
             assert_eq!(
-                dups[0].1,
-                [
-                    ("a".to_owned(), "a1".to_owned()),
-                    ("b".to_owned(), "b1".to_owned())
-                ]
+                dups[0].homes,
+                [("a".into(), "a1".into()), ("b".into(), "b1".into())]
             );
             // The scoped checks find the same.
-            assert_eq!(store.claimed_elsewhere("b").await.unwrap(), ["w"]);
-            let names = ["w".to_owned(), "y".to_owned(), "nobody".to_owned()];
+            assert_eq!(store.claimed_elsewhere(&"b".into()).await.unwrap(), ["w"]);
+            let names = ["w".into(), "y".into(), "nobody".into()];
             assert_eq!(store.duplicates_among(&names).await.unwrap(), dups);
             assert!(store.duplicates_among(&[]).await.unwrap().is_empty());
             assert_eq!(

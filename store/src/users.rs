@@ -128,7 +128,7 @@ impl Store {
             .await?;
         tx.commit().await?;
         self.directory_changed();
-        self.account_changed(AccountChange::Added(user.username.to_owned()));
+        self.account_changed(AccountChange::Added(UserName::new(user.username)));
         Ok(())
     }
 
@@ -254,7 +254,7 @@ impl Store {
         .await?;
         tx.commit().await?;
         self.directory_changed();
-        self.account_changed(AccountChange::Removed(username.to_owned()));
+        self.account_changed(AccountChange::Removed(UserName::new(username)));
         Ok(())
     }
 

@@ -69,7 +69,13 @@ async fn benchmark_full_syncs_of_twenty_nine_peers() {
             .unwrap();
         assert_eq!(count, users as i64);
         let t = Instant::now();
-        assert!(store.claimed_elsewhere(peer).await.unwrap().is_empty());
+        assert!(
+            store
+                .claimed_elsewhere(&peer.as_str().into())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         claimed += t.elapsed();
     }
     let applied = started.elapsed();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use impmesh_store::ClusterName;
+use impmesh_store::{ClusterName, DuplicateUser, UserName};
 
 use crate::{Agent, lock};
 
@@ -19,7 +19,7 @@ pub enum DuplicateScope {
     /// The users of this peer's slice (after a full sync of it).
     Peer(ClusterName),
     /// These user names (after changes to them, here or at a peer).
-    Users(Vec<String>),
+    Users(Vec<UserName>),
 }
 
 /// The scopes asked for since the last check, merged.
@@ -27,7 +27,7 @@ pub enum DuplicateScope {
 pub(crate) struct PendingDuplicateCheck {
     all: bool,
     peers: std::collections::BTreeSet<ClusterName>,
-    names: std::collections::BTreeSet<String>,
+    names: std::collections::BTreeSet<UserName>,
 }
 
 impl Agent {
@@ -98,14 +98,14 @@ impl Agent {
                 active
                     .into_iter()
                     .filter(|a| a.name == def.name)
-                    .map(|a| a.subject),
+                    .map(|a| UserName::new(a.subject)),
             ),
             Err(e) => {
                 tracing::error!(error = %e, "cannot check for duplicate users");
                 return;
             }
         }
-        let names: Vec<String> = names.into_iter().collect();
+        let names: Vec<UserName> = names.into_iter().collect();
         match self.store.duplicates_among(&names).await {
             Ok(dups) => self.alarm_duplicates(&dups, Some(&names)).await,
             Err(e) => tracing::error!(error = %e, "cannot check for duplicate users"),
@@ -114,11 +114,7 @@ impl Agent {
 
     /// Raises the alarm for `dups` and clears it for every alarmed user not among them
     /// (of those `checked`, or of all when the whole directory was checked).
-    async fn alarm_duplicates(
-        &self,
-        dups: &[(String, Vec<(String, String)>)],
-        checked: Option<&[String]>,
-    ) {
+    async fn alarm_duplicates(&self, dups: &[DuplicateUser], checked: Option<&[UserName]>) {
         let def = impmesh_store::alarms::DUPLICATE_USER;
         let active = match self.store.active_alarms().await {
             Ok(a) => a,
@@ -127,18 +123,18 @@ impl Agent {
                 return;
             }
         };
-        for (user, homes) in dups {
+        for DuplicateUser { user, homes } in dups {
             let list: Vec<String> = homes.iter().map(|(c, n)| format!("{c} ({n})")).collect();
+            let first = homes.first().map_or("", |(c, _)| c.as_str());
             let message = format!(
-                "{user} is homed in {}; routed to {} (the first cluster name) until fixed",
+                "{user} is homed in {}; routed to {first} (the first cluster name) until fixed",
                 list.join(" and "),
-                homes[0].0
             );
             self.set_alarm(def, user, Some(&message)).await;
         }
         for alarm in active.iter().filter(|a| a.name == def.name) {
-            let in_scope = checked.is_none_or(|names| names.contains(&alarm.subject));
-            if in_scope && !dups.iter().any(|(u, _)| *u == alarm.subject) {
+            let in_scope = checked.is_none_or(|names| names.iter().any(|n| *n == alarm.subject));
+            if in_scope && !dups.iter().any(|d| d.user == alarm.subject) {
                 self.clear_alarm(def, &alarm.subject, "no longer homed twice")
                     .await;
             }

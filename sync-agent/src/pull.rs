@@ -170,7 +170,7 @@ impl PeerTask {
             changes += page.users.len() as i64;
             let last = page.users.last().map(|u| u.usn);
             let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
-            changed.extend(entries.iter().map(|e| e.username.to_string()));
+            changed.extend(entries.iter().map(|e| e.username.clone()));
             let applied_to = match page.next_cursor {
                 Some(_) => last.unwrap_or(since),
                 None => page.snapshot_usn,

@@ -27,9 +27,9 @@ impl Agent {
         checks.push(check(
             "no user is homed in two clusters",
             dups.iter()
-                .map(|(u, homes)| {
-                    let list: Vec<&str> = homes.iter().map(|h| h.0.as_str()).collect();
-                    format!("{u}: {}", list.join(", "))
+                .map(|d| {
+                    let list: Vec<&str> = d.homes.iter().map(|h| h.0.as_str()).collect();
+                    format!("{}: {}", d.user, list.join(", "))
                 })
                 .collect(),
             "none".into(),
