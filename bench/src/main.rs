@@ -76,6 +76,13 @@ enum Cmd {
         warmup: f64,
         #[arg(long, default_value_t = 15.0)]
         duration: f64,
+        /// Writes one line per measured message to this file: its send time (seconds
+        /// since the run started), its latency (ms) and its sender, to see when the
+        /// slow ones happened; and beside it, `FILE.steal`, the time each CPU was
+        /// stolen by the hypervisor (cumulative, in 10 ms ticks from /proc/stat),
+        /// sampled every 5 ms on the same clock.
+        #[arg(long)]
+        latency_log: Option<std::path::PathBuf>,
     },
     Idle {
         /// Seconds to wait before each RSS sample.
@@ -134,7 +141,18 @@ async fn main() -> anyhow::Result<()> {
             rate,
             warmup,
             duration,
-        } => msg(&args, window, rate, warmup, duration).await?,
+            latency_log,
+        } => {
+            msg(
+                &args,
+                window,
+                rate,
+                warmup,
+                duration,
+                latency_log.as_deref(),
+            )
+            .await?
+        }
         Cmd::Idle {
             settle,
             after_close,
@@ -358,7 +376,8 @@ struct MsgStats {
     measuring_from: Duration,
     measuring_until: Duration,
     delivered: AtomicU64,
-    latencies: std::sync::Mutex<Vec<u64>>,
+    /// (send time in ns since `start`, latency in ns, sender) of each measured message.
+    latencies: std::sync::Mutex<Vec<(u64, u64, u32)>>,
 }
 
 async fn msg(
@@ -367,6 +386,7 @@ async fn msg(
     rate: Option<f64>,
     warmup: f64,
     duration: f64,
+    latency_log: Option<&std::path::Path>,
 ) -> anyhow::Result<serde_json::Value> {
     let n = args.count;
     if n < 2 || !n.is_multiple_of(2) {
@@ -380,6 +400,11 @@ async fn msg(
         measuring_until: Duration::from_secs_f64(warmup + duration),
         delivered: AtomicU64::new(0),
         latencies: std::sync::Mutex::new(Vec::new()),
+    });
+    let steal_sampler = latency_log.map(|_| {
+        let start = stats.start;
+        let until = stats.measuring_until + Duration::from_secs(1);
+        std::thread::spawn(move || sample_steal(start, until))
     });
     // Each session task owns its stream; `send_tx[i]` asks user i to send one message.
     let mut send_txs = Vec::with_capacity(n);
@@ -408,7 +433,7 @@ async fn msg(
                     stats.delivered.fetch_add(1, Ordering::Relaxed);
                     let lat = (now.as_nanos() as u64).saturating_sub(sent_ns);
                     if let Ok(mut l) = stats.latencies.lock() {
-                        l.push(lat);
+                        l.push((sent_ns, lat, sender as u32));
                     }
                 }
                 if closed_loop && now < stats.measuring_until {
@@ -444,10 +469,15 @@ async fn msg(
         }
     }
     tokio::time::sleep(stats.measuring_from).await;
+    let steal_start = cpu_steal();
     let server_start = proc_cpu(args.pid);
     let gen_start = proc_cpu(std::process::id());
     tokio::time::sleep(stats.measuring_until - stats.measuring_from).await;
     let server_cpu = proc_cpu(args.pid).zip(server_start).map(|(b, a)| b - a);
+    // The share of the machine's CPU time the hypervisor gave to others while this ran.
+    let steal_share = cpu_steal()
+        .zip(steal_start)
+        .map(|((b, cpus), (a, _))| (b - a) / (duration * cpus as f64));
     let gen_cpu = proc_cpu(std::process::id())
         .zip(gen_start)
         .map(|(b, a)| b - a);
@@ -457,11 +487,28 @@ async fn msg(
         t.abort();
     }
     let delivered = stats.delivered.load(Ordering::Relaxed);
-    let mut lat = stats
+    let measured = stats
         .latencies
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
+    if let Some(path) = latency_log {
+        let mut lines = String::with_capacity(measured.len() * 24);
+        for (sent, lat, sender) in &measured {
+            lines.push_str(&format!(
+                "{:.6} {:.3} {sender}\n",
+                *sent as f64 / 1e9,
+                *lat as f64 / 1e6
+            ));
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+        if let Some(Ok(samples)) = steal_sampler.map(std::thread::JoinHandle::join) {
+            let steal_path = path.with_extension("steal");
+            std::fs::write(&steal_path, samples)
+                .with_context(|| format!("writing {}", steal_path.display()))?;
+        }
+    }
+    let mut lat: Vec<u64> = measured.iter().map(|m| m.1).collect();
     lat.sort_unstable();
     let pct = |p: f64| -> Option<f64> {
         if lat.is_empty() {
@@ -483,7 +530,50 @@ async fn msg(
         "latency_ms": { "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "max": pct(100.0) },
         "server_cpu_s_per_10k": server_cpu.filter(|_| delivered > 0).map(|c| c * 10_000.0 / delivered as f64),
         "generator_cpu_share": gen_cpu.map(|c| c / duration),
+        "steal_share": steal_share,
     }))
+}
+
+/// Lines of `seconds since start, then each CPU's stolen time` (cumulative, in the
+/// USER_HZ ticks of /proc/stat), every 5 ms until `until`.
+fn sample_steal(start: Instant, until: Duration) -> String {
+    let mut out = String::new();
+    while start.elapsed() < until {
+        let now = start.elapsed().as_secs_f64();
+        let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+            break;
+        };
+        out.push_str(&format!("{now:.6}"));
+        // cpuN user nice system idle iowait irq softirq steal ...
+        for line in stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        {
+            out.push(' ');
+            out.push_str(line.split_whitespace().nth(8).unwrap_or("0"));
+        }
+        out.push('\n');
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    out
+}
+
+/// Time stolen from this machine's CPUs by the hypervisor, in seconds (the sum over
+/// CPUs, from the first line of /proc/stat), and how many CPUs the machine has.
+fn cpu_steal() -> Option<(f64, usize)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: f64 = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(8)?
+        .parse()
+        .ok()?;
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
+    Some((ticks / 100.0, cpus.max(1)))
 }
 
 /// utime + stime of a process in seconds, from /proc.

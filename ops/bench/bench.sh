@@ -13,7 +13,11 @@
 #        bench.sh suite [ROUNDS] [SERVERS...] # the whole scenario; JSON lines to $RUNDIR/results.jsonl
 #        bench.sh pairs [ROUNDS] [SERVERS...] # 500 msgs/s latency, servers interleaved round by round
 #
-# Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0).
+# Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0);
+# BUSY_CPUS=1 keeps every CPU from going idle during `pairs` (one SCHED_IDLE spinner per
+# CPU, which runs only when nothing else wants that CPU): on a virtual machine whose
+# idle vCPUs halt, this takes the hypervisor's wake-up delay out of the latency
+# (docs/benchmarks.md, "Latency at 500 msgs/s").
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -139,6 +143,21 @@ suite() {
   done
 }
 
+BUSY_PIDS=()
+trap busy_stop EXIT
+busy_start() {  # one spinner per CPU at the idle scheduling class
+  BUSY_PIDS=()
+  for c in $(seq 0 $(($(getconf _NPROCESSORS_ONLN) - 1))); do
+    chrt --idle 0 taskset -c "$c" sh -c 'while :; do :; done' &
+    BUSY_PIDS+=($!)
+  done
+}
+
+busy_stop() {
+  [ ${#BUSY_PIDS[@]} -eq 0 ] || kill "${BUSY_PIDS[@]}" 2>/dev/null || true
+  BUSY_PIDS=()
+}
+
 pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
   local rounds="${1:-5}"; shift || true
   local servers=("$@"); [ ${#servers[@]} -eq 0 ] && servers=(impmesh ejabberd)
@@ -152,8 +171,11 @@ pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
     for s in "${servers[@]}"; do
       echo "=== round $r: $s" >&2
       start "$s" >&2
+      [ "${BUSY_CPUS:-0}" = 1 ] && busy_start
       gen --count 1000 --concurrency 50 --label msg-rate500 msg --rate 500 --warmup 3 --duration 20 \
-        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,/" | tee -a "$out"
+        --latency-log "$RUNDIR/latency-$s-$r.txt" \
+        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,\"busy_cpus\":${BUSY_CPUS:-0},/" | tee -a "$out"
+      busy_stop
       stop >&2
     done
   done
