@@ -80,7 +80,7 @@ enum Cmd {
         /// since the run started), its latency (ms) and its sender, to see when the
         /// slow ones happened; and beside it, `FILE.steal`, the time each CPU was
         /// stolen by the hypervisor (cumulative, in 10 ms ticks from /proc/stat),
-        /// sampled every 5 ms on the same clock.
+        /// sampled every 10 ms (the resolution /proc/stat has) on the same clock.
         #[arg(long)]
         latency_log: Option<std::path::PathBuf>,
     },
@@ -404,7 +404,7 @@ async fn msg(
     let steal_sampler = latency_log.map(|_| {
         let start = stats.start;
         let until = stats.measuring_until + Duration::from_secs(1);
-        std::thread::spawn(move || sample_steal(start, until))
+        tokio::task::spawn_blocking(move || sample_steal(start, until))
     });
     // Each session task owns its stream; `send_tx[i]` asks user i to send one message.
     let mut send_txs = Vec::with_capacity(n);
@@ -502,8 +502,12 @@ async fn msg(
             ));
         }
         std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
-        if let Some(Ok(samples)) = steal_sampler.map(std::thread::JoinHandle::join) {
-            let steal_path = path.with_extension("steal");
+        if let Some(sampler) = steal_sampler
+            && let Ok(samples) = sampler.await
+        {
+            let mut steal_path = path.as_os_str().to_owned();
+            steal_path.push(".steal");
+            let steal_path = std::path::PathBuf::from(steal_path);
             std::fs::write(&steal_path, samples)
                 .with_context(|| format!("writing {}", steal_path.display()))?;
         }
@@ -535,7 +539,7 @@ async fn msg(
 }
 
 /// Lines of `seconds since start, then each CPU's stolen time` (cumulative, in the
-/// USER_HZ ticks of /proc/stat), every 5 ms until `until`.
+/// USER_HZ ticks of /proc/stat), every 10 ms until `until`.
 fn sample_steal(start: Instant, until: Duration) -> String {
     let mut out = String::new();
     while start.elapsed() < until {
@@ -553,7 +557,7 @@ fn sample_steal(start: Instant, until: Duration) -> String {
             out.push_str(line.split_whitespace().nth(8).unwrap_or("0"));
         }
         out.push('\n');
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(10));
     }
     out
 }

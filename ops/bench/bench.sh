@@ -145,9 +145,16 @@ suite() {
 
 BUSY_PIDS=()
 trap busy_stop EXIT
+online_cpus() {  # /sys/devices/system/cpu/online ("0-3,6") as one number per line
+  local part
+  for part in $(tr ',' ' ' < /sys/devices/system/cpu/online); do
+    seq "${part%-*}" "${part#*-}"
+  done
+}
+
 busy_start() {  # one spinner per CPU at the idle scheduling class
   BUSY_PIDS=()
-  for c in $(seq 0 $(($(getconf _NPROCESSORS_ONLN) - 1))); do
+  for c in $(online_cpus); do
     chrt --idle 0 taskset -c "$c" sh -c 'while :; do :; done' &
     BUSY_PIDS+=($!)
   done
@@ -162,6 +169,7 @@ pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
   local rounds="${1:-5}"; shift || true
   local servers=("$@"); [ ${#servers[@]} -eq 0 ] && servers=(impmesh ejabberd)
   local out="$RUNDIR/pairs.jsonl"
+  local busy=0; [ "${BUSY_CPUS:-0}" = 1 ] && busy=1
   for s in "${servers[@]}"; do
     wipe "$s"; start "$s" >&2
     gen --count 1000 --concurrency 50 register >/dev/null
@@ -171,10 +179,10 @@ pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
     for s in "${servers[@]}"; do
       echo "=== round $r: $s" >&2
       start "$s" >&2
-      [ "${BUSY_CPUS:-0}" = 1 ] && busy_start
+      [ "$busy" = 1 ] && busy_start
       gen --count 1000 --concurrency 50 --label msg-rate500 msg --rate 500 --warmup 3 --duration 20 \
         --latency-log "$RUNDIR/latency-$s-$r.txt" \
-        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,\"busy_cpus\":${BUSY_CPUS:-0},/" | tee -a "$out"
+        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,\"busy_cpus\":$busy,/" | tee -a "$out"
       busy_stop
       stop >&2
     done
@@ -191,5 +199,5 @@ case "$cmd" in
   gen) gen "$@" ;;
   suite) suite "$@" ;;
   pairs) pairs "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
