@@ -343,6 +343,71 @@ async fn xep0280_carbons() {
     .await;
 }
 
+/// XEP-0352: while a client is inactive, a contact's presence updates and chat states
+/// wait, the latest of each, and go out before the next message with a body or when
+/// the client is active again. (The inactive client is driven by hand: tokio-xmpp
+/// cannot send the CSI nonzas.)
+#[tokio::test]
+async fn xep0352_inactive_clients_get_the_latest_presence_and_chat_state_only() {
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    let mut bob = RawClient::login(&node, "bob", "r", true, None).await;
+    assert!(
+        bob.features.contains("<csi xmlns='urn:xmpp:csi:0'/>"),
+        "{}",
+        bob.features
+    );
+    bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    // In-order processing: once the ping is answered, the session is inactive.
+    bob.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    bob.read_until("id='sync'").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    let states = "http://jabber.org/protocol/chatstates";
+    for xml in [
+        "<presence to='bob@localhost/r'><show>away</show></presence>".to_owned(),
+        format!(
+            "<message to='bob@localhost/r' type='chat'><composing xmlns='{states}'/></message>"
+        ),
+        "<presence to='bob@localhost/r'><show>xa</show></presence>".to_owned(),
+        format!("<message to='bob@localhost/r' type='chat'><paused xmlns='{states}'/></message>"),
+        "<message to='bob@localhost/r' type='chat'><body>wake up</body></message>".to_owned(),
+    ] {
+        send(&mut alice, &xml).await;
+    }
+    let before = bob.read_until("<body>wake up</body>").await;
+    assert_eq!(before.matches("<presence").count(), 1, "{before}");
+    let (xa, paused) = (before.find("<show>xa</show>"), before.find("<paused"));
+    assert!(!before.contains("<show>away</show>"), "{before}");
+    assert!(!before.contains("<composing"), "{before}");
+    assert!(
+        xa.is_some() && paused.is_some() && xa < paused,
+        "the latest of each, in their order: {before}"
+    );
+
+    // Held again until the client is active.
+    send(
+        &mut alice,
+        "<presence to='bob@localhost/r'><show>dnd</show></presence>",
+    )
+    .await;
+    send(
+        &mut alice,
+        "<iq type='get' id='p' to='bob@localhost/r'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    // The IQ is urgent: it brings the held presence with it, before it.
+    let held = bob.read_until("id='p'").await;
+    assert!(held.contains("<show>dnd</show>"), "{held}");
+    send(
+        &mut alice,
+        "<presence to='bob@localhost/r'><show>chat</show></presence>",
+    )
+    .await;
+    bob.send("<active xmlns='urn:xmpp:csi:0'/>").await;
+    bob.read_until("<show>chat</show>").await;
+}
+
 /// XEP-0198: a client whose TCP connection is cut resumes and gets every message sent
 /// meanwhile exactly once, in order.
 #[tokio::test]

@@ -1,9 +1,9 @@
 """Interop scenario: two slixmpp accounts against a running impmesh.
 
 alice and bob log in over STARTTLS (trusting the node's certificate), subscribe to
-each other with explicit approval, see each other's presence, chat, get an offline
-message at the next login, and remove each other from their rosters. Any failure or
-timeout exits non-zero.
+each other with explicit approval, see each other's presence, chat, get only the
+latest presence while inactive (XEP-0352), get an offline message at the next login,
+and remove each other from their rosters. Any failure or timeout exits non-zero.
 
 Usage: scenario.py HOST PORT CA_FILE PASSWORD
 """
@@ -82,7 +82,8 @@ async def login(jid, password, host, port, ca_file, setup=None):
 
 async def main(host, port, ca_file, password):
     alice = await login("alice@localhost", password, host, port, ca_file)
-    bob = await login("bob@localhost", password, host, port, ca_file)
+    bob = await login("bob@localhost", password, host, port, ca_file,
+                      setup=lambda a: a.register_plugin("xep_0352"))
 
     # Subscription handshake with explicit approval, both ways.
     alice.send_presence(pto="bob@localhost", ptype="subscribe")
@@ -102,6 +103,33 @@ async def main(host, port, ca_file, password):
     alice.send_message(mto="bob@localhost", mbody="hello from slixmpp", mtype="chat")
     await expect(bob.messages, "bob gets the chat message",
                  lambda m: m["body"] == "hello from slixmpp")
+
+    # Client state indication: while bob is inactive, alice's presence changes wait and
+    # only the latest reaches him, just before her next message.
+    if not bob.plugin["xep_0352"].enabled:
+        fail("the server did not offer client state indication")
+    bob.plugin["xep_0352"].send_inactive()
+    # In-order processing: once this is answered, the session is inactive.
+    await bob.make_iq_get(queryxmlns="jabber:iq:version", ito="localhost").send(timeout=STEP_TIMEOUT)
+    while not bob.presences.empty():
+        bob.presences.get_nowait()
+    alice.send_presence(pshow="away")
+    alice.send_presence(pshow="xa")
+    alice.send_message(mto="bob@localhost", mbody="are you there?", mtype="chat")
+    await expect(bob.messages, "inactive bob gets the chat message at once",
+                 lambda m: m["body"] == "are you there?")
+    seen = []
+    while not bob.presences.empty():
+        p = bob.presences.get_nowait()
+        if p["from"].bare == "alice@localhost":
+            seen.append(p["show"])
+    if seen != ["xa"]:
+        fail(f"inactive bob should see alice's latest presence only, saw {seen}")
+    print("ok: inactive bob got alice's latest presence only", flush=True)
+    bob.plugin["xep_0352"].send_active()
+    alice.send_presence()
+    await bob.expect_presence("active bob sees alice available again",
+                              lambda p: p["from"].bare == "alice@localhost" and p["show"] == "")
 
     # Bob leaves: alice sees it, and a message waits for him offline.
     bob.disconnect()

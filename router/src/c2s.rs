@@ -479,11 +479,12 @@ fn features_xml(server: &Server, offer: Offer, mechanisms: &[Mechanism]) -> Stri
         }
         Offer::Bind => {
             out.push_str(&format!(
-                "<bind xmlns='{}'/><session xmlns='{}'><optional/></session><sm xmlns='{}'/><ver xmlns='{}'/>",
+                "<bind xmlns='{}'/><session xmlns='{}'><optional/></session><sm xmlns='{}'/><ver xmlns='{}'/><csi xmlns='{}'/>",
                 ns::BIND,
                 ns::SESSION,
                 ns::SM,
-                ns::ROSTERVER
+                ns::ROSTERVER,
+                crate::core::csi::NS
             ));
         }
     }

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::Server;
 use crate::conn::{Conn, ReadError};
 use crate::context::{Context, Handled};
+use crate::core::csi::{self, Held, Offer};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
@@ -92,6 +93,8 @@ pub(crate) struct Session {
     /// Boxed: only a session with stored messages to deliver has one, and it would
     /// otherwise sit in every idle session's future.
     offline: Option<Box<OfflinePump>>,
+    /// XEP-0352: present while the client says it is inactive, with what waits for it.
+    inactive: Option<Box<Held>>,
     /// The connection's place among the node's connections, held while it lives.
     _admitted: OwnedSemaphorePermit,
 }
@@ -122,6 +125,7 @@ pub fn start(
         ping_sent: false,
         hibernated_until: None,
         offline: None,
+        inactive: None,
         _admitted: admitted,
     };
     session.run().instrument(span)
@@ -312,6 +316,16 @@ impl Session {
         if element.ns() == ns::SM {
             return self.on_sm(&element).await;
         }
+        if element.ns() == csi::NS {
+            match element.name() {
+                "inactive" => {
+                    self.inactive.get_or_insert_default();
+                }
+                "active" => self.become_active(),
+                _ => {}
+            }
+            return Ok(());
+        }
         let Some(kind) = Kind::of(&element) else {
             return Err(End::Error(
                 StreamErrorCondition::UnsupportedStanzaType,
@@ -434,13 +448,37 @@ impl Session {
     /// the XEP-0198 window has room.
     fn on_queued(&mut self, first: Arc<str>) {
         let window = self.server.config.limits.sm_window();
-        self.push_out(first);
+        self.deliver(first);
         for _ in 1..WRITE_BATCH {
             if self.sm.as_ref().is_some_and(|sm| sm.is_full(window)) {
                 break;
             }
             let Some(xml) = self.handle.take() else { break };
-            self.push_out(xml);
+            self.deliver(xml);
+        }
+    }
+
+    /// A stanza from someone else for the client: now, or later if the client is
+    /// inactive and it can wait (XEP-0352, `core::csi`).
+    fn deliver(&mut self, stanza: Arc<str>) {
+        let Some(held) = self.inactive.as_mut() else {
+            self.push_out(stanza);
+            return;
+        };
+        if let Offer::Send(now) = held.offer(stanza) {
+            for stanza in now {
+                self.push_out(stanza);
+            }
+        }
+    }
+
+    /// The client is active (it said so, or resumed on a new stream): what waited
+    /// goes out.
+    fn become_active(&mut self) {
+        if let Some(mut held) = self.inactive.take() {
+            for stanza in held.take() {
+                self.push_out(stanza);
+            }
         }
     }
 
@@ -487,6 +525,9 @@ impl Session {
         self.last_read = Instant::now();
         self.ping_sent = false;
         self.out = out;
+        // A new stream starts active (XEP-0352 §4): what waited goes out after the
+        // retransmitted stanzas.
+        self.become_active();
         self.offline_acknowledged(&rows).await;
         Ok(())
     }

@@ -633,6 +633,9 @@ pub struct RawClient {
     pub tls: tokio_rustls::client::TlsStream<TcpStream>,
     /// Bytes read and not consumed by [`RawClient::read_until`] yet.
     pub pending: String,
+    /// The latest `<stream:features/>` the server sent (after authentication once
+    /// logged in).
+    pub features: String,
 }
 
 pub const RAW_HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
@@ -659,7 +662,7 @@ impl RawClient {
         let success = client.read_until("urn:ietf:params:xml:ns:xmpp-sasl").await;
         assert!(success.contains("success"), "{success}");
         client.send(RAW_HEADER).await;
-        client.read_until("</stream:features>").await;
+        client.features = client.read_until("</stream:features>").await;
         client
             .send(&format!(
                 "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
@@ -703,9 +706,10 @@ impl RawClient {
         let mut client = RawClient {
             tls,
             pending: String::new(),
+            features: String::new(),
         };
         client.send(RAW_HEADER).await;
-        client.read_until("</stream:features>").await;
+        client.features = client.read_until("</stream:features>").await;
         client
     }
 

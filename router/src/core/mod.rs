@@ -2,6 +2,7 @@
 //! and the current time and returns what to do; the session and link tasks carry it
 //! out. Tested without sockets, with simulated time.
 
+pub mod csi;
 pub mod delivery;
 pub mod envelope;
 pub mod negotiate;
