@@ -361,6 +361,11 @@ async fn xep0352_inactive_clients_get_the_latest_presence_and_chat_state_only() 
     bob.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
         .await;
     bob.read_until("id='sync'").await;
+    // The nonza is not a stanza: stream management counts the ping only.
+    bob.send("<r xmlns='urn:xmpp:sm:3'/>").await;
+    bob.read_until("<a xmlns='urn:xmpp:sm:3'").await;
+    let ack = bob.read_until("/>").await;
+    assert_eq!(ack.trim(), "h='1'/>");
     let mut alice = node.client("alice", PW, Some("a"));
     online(&mut alice).await;
     let states = "http://jabber.org/protocol/chatstates";
@@ -404,8 +409,72 @@ async fn xep0352_inactive_clients_get_the_latest_presence_and_chat_state_only() 
         "<presence to='bob@localhost/r'><show>chat</show></presence>",
     )
     .await;
+    // Once alice's own request is answered her presence is in bob's queue; bob's
+    // answer to his own request goes out at once, and the presence still waits.
+    send(
+        &mut alice,
+        "<iq type='get' id='a-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    expect(&mut alice, 5, "alice's ping answered", |e| {
+        e.attr("id") == Some("a-sync")
+    })
+    .await;
+    bob.send("<iq type='get' id='b-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    let meanwhile = bob.read_until("id='b-sync'").await;
+    assert!(!meanwhile.contains("<show>chat</show>"), "{meanwhile}");
     bob.send("<active xmlns='urn:xmpp:csi:0'/>").await;
     bob.read_until("<show>chat</show>").await;
+}
+
+/// XEP-0352 §4 with XEP-0198: a resumed stream starts active, so what waited for the
+/// inactive client goes out after the retransmitted stanzas.
+#[tokio::test]
+async fn xep0352_a_resumed_stream_is_active() {
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    let mut bob = RawClient::login(&node, "bob", "r", false, None).await;
+    bob.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await;
+    bob.read_until("<enabled").await;
+    let enabled = bob.read_until("/>").await;
+    let id = enabled
+        .split("id='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap()
+        .to_owned();
+    bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    bob.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    bob.read_until("id='sync'").await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        "<presence to='bob@localhost/r'><show>away</show></presence>",
+    )
+    .await;
+    send(
+        &mut alice,
+        "<iq type='get' id='a-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    expect(&mut alice, 5, "alice's ping answered", |e| {
+        e.attr("id") == Some("a-sync")
+    })
+    .await;
+    // The presence waits in bob's session; his connection breaks.
+    drop(bob);
+    let mut again = RawClient::authenticated(&node, "bob", None).await;
+    // One stanza received on the first stream: the answer to the ping.
+    again
+        .send(&format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='1'/>"
+        ))
+        .await;
+    let resumed = again.read_until("<show>away</show>").await;
+    assert!(resumed.contains("<resumed"), "{resumed}");
 }
 
 /// XEP-0198: a client whose TCP connection is cut resumes and gets every message sent

@@ -923,7 +923,8 @@ mod tests {
     /// What an idle session costs starts with its task (docs/benchmarks.md, "Where
     /// the memory per session goes"): the session future holds the session once (an
     /// async fn taking it held it twice: 6.7 KB instead of 2.4 KB in release) and
-    /// keeps within its budget (1,088 bytes in release, 1,096 in debug; at about
+    /// keeps within its budget (1,088 bytes in release, 1,096 in debug, before client
+    /// state indication added one pointer (`Session::inactive`); at about
     /// 1,300, before the queue and the control slots shared one wake-up, its task
     /// cell took mimalloc's 1,536-byte class instead of 1,280), and it runs as a task
     /// of its own, the connection's negotiation task gone.

@@ -651,6 +651,23 @@ impl RawClient {
         sm: bool,
         recv_buffer: Option<u32>,
     ) -> RawClient {
+        let mut client = RawClient::authenticated(node, user, recv_buffer).await;
+        client
+            .send(&format!(
+                "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+            ))
+            .await;
+        client.read_until("</iq>").await;
+        if sm {
+            client.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
+            client.read_until("<enabled").await;
+        }
+        client
+    }
+
+    /// A stream after STARTTLS and SASL PLAIN as `user` with [`PW`], restarted, its
+    /// features read: ready to bind or to resume (XEP-0198).
+    pub async fn authenticated(node: &TestNode, user: &str, recv_buffer: Option<u32>) -> RawClient {
         use base64::Engine as _;
         let mut client = RawClient::connect(node, recv_buffer).await;
         let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PW}"));
@@ -663,16 +680,6 @@ impl RawClient {
         assert!(success.contains("success"), "{success}");
         client.send(RAW_HEADER).await;
         client.features = client.read_until("</stream:features>").await;
-        client
-            .send(&format!(
-                "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
-            ))
-            .await;
-        client.read_until("</iq>").await;
-        if sm {
-            client.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
-            client.read_until("<enabled").await;
-        }
         client
     }
 

@@ -5,15 +5,17 @@
 //! the client sees them in the order they happened.
 //!
 //! What waits:
-//! - available and unavailable presence (a contact's status). Subscription requests,
-//!   probes and errors go out at once.
-//! - messages that carry only chat states (XEP-0085), with at most a thread and
-//!   processing hints beside them, also as carbon copies (XEP-0280).
+//! - available and unavailable presence (a contact's status, or another resource's of
+//!   the same user). Subscription requests, probes and errors go out at once.
+//! - messages that carry only chat states (XEP-0085), with at most a thread, processing
+//!   hints and stanza ids beside them, also as carbon copies (XEP-0280).
 //!
 //! A message with a body, a receipt, an IQ, anything not recognised goes out at once,
-//! with everything held before it. What is held is not counted by stream management
-//! (it has not been sent); a session that ends while inactive drops it: it was
-//! presence and chat states, which are current only while the session lives.
+//! with everything held before it. (Answers to the client's own requests and stored
+//! offline messages do not pass through here: they go out at once, as always.) What
+//! is held is not counted by stream management (it has not been sent); a session that
+//! ends while inactive drops it: it was presence and chat states, which are current
+//! only while the session lives.
 
 use std::sync::Arc;
 
@@ -26,10 +28,12 @@ pub const NS: &str = "urn:xmpp:csi:0";
 
 /// XEP-0085's namespace.
 const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+/// XEP-0359's namespace (origin and stanza ids, which clients add to everything).
+const SID: &str = "urn:xmpp:sid:0";
 
 /// Stanzas held at most (distinct contacts with something new); one more flushes them.
 pub const MAX_HELD: usize = 256;
-/// Bytes held at most; a stanza that would pass it flushes them.
+/// Bytes held at most (stanzas and their keys); one that would pass it flushes them.
 pub const MAX_HELD_BYTES: usize = 256 * 1024;
 
 /// What a stanza is to an inactive client.
@@ -51,9 +55,24 @@ pub enum Key {
     ChatState(String, String),
 }
 
+impl Key {
+    /// The bytes it holds.
+    fn len(&self) -> usize {
+        match self {
+            Key::Presence(from) => from.len(),
+            Key::ChatState(from, to) => from.len() + to.len(),
+        }
+    }
+}
+
 /// Classifies a stanza as serialized for the client (with its `jabber:client`
 /// namespace declared, as the router writes them). Unparseable: urgent.
 pub fn classify(xml: &str) -> Class {
+    // Without parsing, what is sure to be urgent: an IQ, and anything with an element
+    // named `body` (a `<` stands unescaped only at a tag, never in text or attributes).
+    if xml.starts_with("<iq") || xml.contains("<body") {
+        return Class::Urgent;
+    }
     match xml.parse::<Element>() {
         Ok(stanza) => classify_element(&stanza),
         Err(_) => Class::Urgent,
@@ -116,7 +135,7 @@ fn chat_state_only(message: &Element) -> bool {
     for child in message.children() {
         match (child.ns().as_str(), child.name()) {
             (CHATSTATES, _) => states += 1,
-            (ns::CLIENT, "thread") | (ns::HINTS, _) => {}
+            (ns::CLIENT, "thread") | (ns::HINTS, _) | (SID, _) => {}
             _ => return false,
         }
     }
@@ -146,15 +165,16 @@ impl Held {
             Class::Deferrable(key) => {
                 if let Some(at) = self.stanzas.iter().position(|(k, _)| *k == key) {
                     // The latest only, where it came: after what came in between.
-                    let (_, old) = self.stanzas.remove(at);
-                    self.bytes -= old.len();
+                    let (old_key, old) = self.stanzas.remove(at);
+                    self.bytes -= old_key.len() + old.len();
                 }
-                if self.stanzas.len() == MAX_HELD || self.bytes + stanza.len() > MAX_HELD_BYTES {
+                let cost = key.len() + stanza.len();
+                if self.stanzas.len() == MAX_HELD || self.bytes + cost > MAX_HELD_BYTES {
                     let mut out = self.take();
                     out.push(stanza);
                     return Offer::Send(out);
                 }
-                self.bytes += stanza.len();
+                self.bytes += cost;
                 self.stanzas.push((key, stanza));
                 Offer::Held
             }
@@ -234,13 +254,20 @@ mod tests {
         }
         assert_eq!(classify(&body("a@d/1")), Class::Urgent);
         assert_eq!(classify("not xml"), Class::Urgent);
-        // A chat state with a thread and a hint beside it still waits.
+        // A chat state with a thread, a hint and an origin id beside it still waits.
         assert!(matches!(
             classify(&xml(&format!(
-                "<message from='a@d/1' type='chat'><thread>t</thread><paused xmlns='{CHATSTATES}'/><no-store xmlns='urn:xmpp:hints'/></message>"
+                "<message from='a@d/1' type='chat'><thread>t</thread><paused xmlns='{CHATSTATES}'/><no-store xmlns='urn:xmpp:hints'/><origin-id xmlns='{SID}' id='x'/></message>"
             ))),
             Class::Deferrable(Key::ChatState(..))
         ));
+        // An end-to-end encrypted message without a fallback body does not.
+        assert_eq!(
+            classify(&xml(&format!(
+                "<message from='a@d/1' type='chat'><encrypted xmlns='eu.siacs.conversations.axolotl'/><active xmlns='{CHATSTATES}'/></message>"
+            ))),
+            Class::Urgent
+        );
     }
 
     #[test]
