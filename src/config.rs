@@ -23,6 +23,7 @@ pub struct Config {
     pub https: HttpsSection,
     pub tls: TlsSection,
     pub sync: SyncSection,
+    pub contact: ContactSection,
     pub log: LogSection,
 }
 
@@ -40,6 +41,7 @@ impl Default for Config {
             https: HttpsSection::default(),
             tls: TlsSection::default(),
             sync: SyncSection::default(),
+            contact: ContactSection::default(),
             log: LogSection::default(),
         }
     }
@@ -310,6 +312,75 @@ impl Default for RegistrationSection {
     }
 }
 
+/// XEP-0157: whom to contact about the service, as URIs (`mailto:`, `xmpp:`,
+/// `https:`...), listed in the server's disco#info for clients and other servers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContactSection {
+    pub abuse: Vec<String>,
+    pub admin: Vec<String>,
+    pub feedback: Vec<String>,
+    pub sales: Vec<String>,
+    pub security: Vec<String>,
+    pub status: Vec<String>,
+    pub support: Vec<String>,
+}
+
+/// Addresses of one kind at most.
+const MAX_CONTACT_ADDRESSES: usize = 10;
+/// Bytes of one address at most.
+const MAX_CONTACT_ADDRESS_BYTES: usize = 1024;
+
+impl ContactSection {
+    /// Each kind with addresses, as (its field in XEP-0157's form, the addresses).
+    pub fn addresses(&self) -> Vec<(String, Vec<String>)> {
+        [
+            ("abuse", &self.abuse),
+            ("admin", &self.admin),
+            ("feedback", &self.feedback),
+            ("sales", &self.sales),
+            ("security", &self.security),
+            ("status", &self.status),
+            ("support", &self.support),
+        ]
+        .into_iter()
+        .filter(|(_, uris)| !uris.is_empty())
+        .map(|(kind, uris)| (format!("{kind}-addresses"), uris.clone()))
+        .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, uris) in self.addresses() {
+            let kind = field.trim_end_matches("-addresses");
+            if uris.len() > MAX_CONTACT_ADDRESSES {
+                return Err(ConfigError::Invalid(format!(
+                    "contact.{kind}: at most {MAX_CONTACT_ADDRESSES} addresses"
+                )));
+            }
+            if let Some(bad) = uris.iter().find(|u| !is_uri(u)) {
+                return Err(ConfigError::Invalid(format!(
+                    "contact.{kind}: {bad:?} is not a URI (mailto:, xmpp:, https:, ...)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An absolute URI as RFC 3986 §3.1 starts one (a scheme, then `:`), of printable
+/// characters without spaces.
+fn is_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && s.len() <= MAX_CONTACT_ADDRESS_BYTES
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -368,6 +439,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.contact.validate()?;
         if xmpp_domain_ok(&self.domain).is_none() {
             return Err(ConfigError::Invalid(format!(
                 "domain {:?} is not a valid XMPP domain",
@@ -474,6 +546,7 @@ impl Config {
         rc.allow_registration = self.registration.enabled;
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);
         rc.link_features = impmesh_axl::features::announced(&self.sync.disable_features);
+        rc.contact_addresses = self.contact.addresses();
         rc.limits = impmesh_router::Limits {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
@@ -613,6 +686,47 @@ mod tests {
         let short = Config::parse("[limits]\nlink_read_timeout = 30").unwrap_err();
         assert!(short.to_string().contains("at least 60"), "{short}");
         assert!(Config::parse("[limits]\nlink_queue = 0").is_err());
+    }
+
+    /// XEP-0157 contact addresses reach the router as the form's fields, checked.
+    #[test]
+    fn contact_addresses_come_from_the_configuration() {
+        let c = Config::parse(
+            "[contact]\nadmin = ['mailto:ops@example.com', 'xmpp:ops@example.com']\nabuse = ['https://example.com/abuse']",
+        )
+        .unwrap();
+        assert_eq!(
+            c.router_config().contact_addresses,
+            [
+                (
+                    "abuse-addresses".to_owned(),
+                    vec!["https://example.com/abuse".to_owned()]
+                ),
+                (
+                    "admin-addresses".to_owned(),
+                    vec![
+                        "mailto:ops@example.com".to_owned(),
+                        "xmpp:ops@example.com".to_owned()
+                    ]
+                ),
+            ]
+        );
+        assert!(
+            Config::default()
+                .router_config()
+                .contact_addresses
+                .is_empty()
+        );
+        for bad in ["ops@example.com", "mailto:", "1x:y", "mailto:a b", ""] {
+            let e = Config::parse(&format!("[contact]\nsupport = [{bad:?}]")).unwrap_err();
+            assert!(e.to_string().contains("contact.support"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..11)
+            .map(|i| format!("'mailto:{i}@example.com'"))
+            .collect();
+        let e = Config::parse(&format!("[contact]\nadmin = [{}]", many.join(","))).unwrap_err();
+        assert!(e.to_string().contains("at most 10"), "{e}");
+        assert!(Config::parse("[contact]\nboss = ['mailto:a@b']").is_err());
     }
 
     /// `limits.max_connections` reaches the router, within 1 and the ceiling.

@@ -552,6 +552,70 @@ async fn xep0198_expired_session_stores_unacked_messages_offline() {
     assert_eq!(bodies, [true, true, true], "{stored:?}");
 }
 
+/// XEP-0157: the contact addresses of `[contact]` in the server's disco#info, as the
+/// serverinfo form a client library reads; none configured, no form.
+#[tokio::test]
+async fn xep0157_contact_addresses_in_service_discovery() {
+    use tokio_xmpp::parsers::disco::DiscoInfoResult;
+    async fn server_info(node: &TestNode) -> DiscoInfoResult {
+        let mut alice = node.client("alice", PW, Some("a"));
+        online(&mut alice).await;
+        send(
+            &mut alice,
+            "<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        )
+        .await;
+        let reply = expect(&mut alice, 5, "disco#info", |e| e.attr("id") == Some("d")).await;
+        let query = reply
+            .get_child("query", "http://jabber.org/protocol/disco#info")
+            .unwrap()
+            .clone();
+        DiscoInfoResult::try_from(query).unwrap()
+    }
+    let node = start_node_with_users(
+        |c| {
+            c.contact.abuse = vec!["mailto:abuse@example.com".into()];
+            c.contact.admin = vec![
+                "xmpp:ops@localhost".into(),
+                "https://example.com/ops?a=1&b=2".into(),
+            ];
+        },
+        &["alice"],
+    )
+    .await;
+    let info = server_info(&node).await;
+    let [form] = info.extensions.as_slice() else {
+        panic!("one form: {:?}", info.extensions);
+    };
+    assert_eq!(
+        form.form_type(),
+        Some("http://jabber.org/network/serverinfo")
+    );
+    let fields: Vec<(&str, Vec<&str>)> = form
+        .fields
+        .iter()
+        .filter(|f| f.var.as_deref() != Some("FORM_TYPE"))
+        .map(|f| {
+            (
+                f.var.as_deref().unwrap_or_default(),
+                f.values.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("abuse-addresses", vec!["mailto:abuse@example.com"]),
+            (
+                "admin-addresses",
+                vec!["xmpp:ops@localhost", "https://example.com/ops?a=1&b=2"]
+            ),
+        ]
+    );
+    let plain = start_node_with_users(|_| {}, &["alice"]).await;
+    assert!(server_info(&plain).await.extensions.is_empty());
+}
+
 /// XEP-0030, XEP-0199, XEP-0092, XEP-0054, XEP-0049, XEP-0191, and the catch-all error.
 #[tokio::test]
 async fn xep_iq_handlers() {

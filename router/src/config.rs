@@ -24,6 +24,10 @@ pub struct RouterConfig {
     /// The optional intercluster features this node announces on its router links'
     /// stream headers (the same list as in `getClusterInfo`).
     pub link_features: Vec<String>,
+    /// XEP-0157 contact addresses, as (field, URIs) with the field's name in the
+    /// `http://jabber.org/network/serverinfo` form (`admin-addresses`, ...); only
+    /// kinds with addresses.
+    pub contact_addresses: Vec<(String, Vec<String>)>,
 }
 
 /// The part of a session's queue one sender may fill: a quarter, so at least four
@@ -196,6 +200,7 @@ impl RouterConfig {
             registration_interval: Duration::from_secs(60),
             limits: Limits::default(),
             link_features: vec![],
+            contact_addresses: vec![],
         }
     }
 }

@@ -1,8 +1,9 @@
 //! IQ handling (RFC 6120 §8.2.3): routing to full JIDs, and the requests the server
 //! answers itself — roster (RFC 6121 §2, XEP-0237), service discovery (XEP-0030), ping
 //! (XEP-0199), software version (XEP-0092), vCard-temp (XEP-0054), private XML storage
-//! (XEP-0049), blocking (XEP-0191), carbons (XEP-0280) and in-band registration
-//! (XEP-0077). Anything else gets `service-unavailable`, never silence.
+//! (XEP-0049), blocking (XEP-0191), carbons (XEP-0280), in-band registration
+//! (XEP-0077) and the server's contact addresses (XEP-0157, in its disco#info).
+//! Anything else gets `service-unavailable`, never silence.
 
 use impmesh_store::RosterItem;
 use jid::{BareJid, Jid};
@@ -33,6 +34,27 @@ pub const SERVER_FEATURES: &[&str] = &[
     "urn:xmpp:sm:3",
     "urn:xmpp:sasl-cb:0",
 ];
+
+/// XEP-0157's form of contact addresses, for the server's disco#info; empty when none
+/// are configured.
+fn contact_form(addresses: &[(String, Vec<String>)]) -> String {
+    if addresses.is_empty() {
+        return String::new();
+    }
+    let mut form = format!(
+        "<x xmlns='jabber:x:data' type='result'><field var='FORM_TYPE' type='hidden'><value>{}</value></field>",
+        ns::SERVERINFO
+    );
+    for (var, uris) in addresses {
+        form.push_str(&format!("<field var='{}'>", escape(var)));
+        for uri in uris {
+            form.push_str(&format!("<value>{}</value>", escape(uri)));
+        }
+        form.push_str("</field>");
+    }
+    form.push_str("</x>");
+    form
+}
 
 /// Namespaces a user may keep in private XML storage (XEP-0049).
 const MAX_PRIVATE_ITEMS: usize = 100;
@@ -204,6 +226,7 @@ impl Context<'_> {
                 for f in SERVER_FEATURES {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
+                body.push_str(&contact_form(&self.server.config.contact_addresses));
                 body.push_str("</query>");
                 self.reply_result(&iq, Some(body));
             }

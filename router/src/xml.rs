@@ -42,6 +42,8 @@ pub mod ns {
     pub const DELAY: &str = "urn:xmpp:delay";
     pub const HINTS: &str = "urn:xmpp:hints";
     pub const OFFLINE: &str = "msgoffline";
+    /// XEP-0157's form type (contact addresses in the server's disco#info).
+    pub const SERVERINFO: &str = "http://jabber.org/network/serverinfo";
 }
 
 /// What the framer hands to the connection.

@@ -930,6 +930,7 @@ mod tests {
                 ..Default::default()
             },
             link_features: vec![],
+            contact_addresses: vec![],
         };
         let router = Arc::new(Bounces::default());
         let weak = Arc::downgrade(&router);
