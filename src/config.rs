@@ -332,8 +332,8 @@ const MAX_CONTACT_ADDRESSES: usize = 10;
 const MAX_CONTACT_ADDRESS_BYTES: usize = 1024;
 
 impl ContactSection {
-    /// Each kind with addresses, as (its field in XEP-0157's form, the addresses).
-    pub fn addresses(&self) -> Vec<(String, Vec<String>)> {
+    /// Each kind, by its key, with its addresses.
+    fn kinds(&self) -> [(&'static str, &Vec<String>); 7] {
         [
             ("abuse", &self.abuse),
             ("admin", &self.admin),
@@ -343,15 +343,19 @@ impl ContactSection {
             ("status", &self.status),
             ("support", &self.support),
         ]
-        .into_iter()
-        .filter(|(_, uris)| !uris.is_empty())
-        .map(|(kind, uris)| (format!("{kind}-addresses"), uris.clone()))
-        .collect()
+    }
+
+    /// Each kind with addresses, as (its field in XEP-0157's form, the addresses).
+    pub fn addresses(&self) -> Vec<(String, Vec<String>)> {
+        self.kinds()
+            .into_iter()
+            .filter(|(_, uris)| !uris.is_empty())
+            .map(|(kind, uris)| (format!("{kind}-addresses"), uris.clone()))
+            .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        for (field, uris) in self.addresses() {
-            let kind = field.trim_end_matches("-addresses");
+        for (kind, uris) in self.kinds() {
             if uris.len() > MAX_CONTACT_ADDRESSES {
                 return Err(ConfigError::Invalid(format!(
                     "contact.{kind}: at most {MAX_CONTACT_ADDRESSES} addresses"

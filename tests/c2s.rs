@@ -358,9 +358,7 @@ async fn xep0352_inactive_clients_get_the_latest_presence_and_chat_state_only() 
     );
     bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
     // In-order processing: once the ping is answered, the session is inactive.
-    bob.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        .await;
-    bob.read_until("id='sync'").await;
+    bob.sync_with_server("sync").await;
     // The nonza is not a stanza: stream management counts the ping only.
     bob.send("<r xmlns='urn:xmpp:sm:3'/>").await;
     bob.read_until("<a xmlns='urn:xmpp:sm:3'").await;
@@ -411,18 +409,8 @@ async fn xep0352_inactive_clients_get_the_latest_presence_and_chat_state_only() 
     .await;
     // Once alice's own request is answered her presence is in bob's queue; bob's
     // answer to his own request goes out at once, and the presence still waits.
-    send(
-        &mut alice,
-        "<iq type='get' id='a-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
-    )
-    .await;
-    expect(&mut alice, 5, "alice's ping answered", |e| {
-        e.attr("id") == Some("a-sync")
-    })
-    .await;
-    bob.send("<iq type='get' id='b-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        .await;
-    let meanwhile = bob.read_until("id='b-sync'").await;
+    sync_with_server(&mut alice, "a-sync").await;
+    let meanwhile = bob.sync_with_server("b-sync").await;
     assert!(!meanwhile.contains("<show>chat</show>"), "{meanwhile}");
     bob.send("<active xmlns='urn:xmpp:csi:0'/>").await;
     bob.read_until("<show>chat</show>").await;
@@ -438,16 +426,9 @@ async fn xep0352_a_resumed_stream_is_active() {
         .await;
     bob.read_until("<enabled").await;
     let enabled = bob.read_until("/>").await;
-    let id = enabled
-        .split("id='")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .unwrap()
-        .to_owned();
+    let id = attr_in(&enabled, "id");
     bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
-    bob.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        .await;
-    bob.read_until("id='sync'").await;
+    bob.sync_with_server("sync").await;
     let mut alice = node.client("alice", PW, Some("a"));
     online(&mut alice).await;
     send(
@@ -455,15 +436,7 @@ async fn xep0352_a_resumed_stream_is_active() {
         "<presence to='bob@localhost/r'><show>away</show></presence>",
     )
     .await;
-    send(
-        &mut alice,
-        "<iq type='get' id='a-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
-    )
-    .await;
-    expect(&mut alice, 5, "alice's ping answered", |e| {
-        e.attr("id") == Some("a-sync")
-    })
-    .await;
+    sync_with_server(&mut alice, "a-sync").await;
     // The presence waits in bob's session; his connection breaks.
     drop(bob);
     let mut again = RawClient::authenticated(&node, "bob", None).await;

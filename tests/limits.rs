@@ -97,12 +97,7 @@ async fn offline_messages_leave_the_store_only_when_acknowledged() {
     raw.send("<presence/>").await;
     raw.read_until("<body>4</body>").await;
     let ping = raw.read_until("</iq>").await;
-    let id = ping
-        .split("id='")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .unwrap()
-        .to_owned();
+    let id = attr_in(&ping, "id");
     raw.send(&format!("<iq type='result' id='{id}' to='localhost'/>"))
         .await;
     eventually(10, "confirmed offline messages leave the store", || async {

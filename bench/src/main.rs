@@ -548,13 +548,9 @@ fn sample_steal(start: Instant, until: Duration) -> String {
             break;
         };
         out.push_str(&format!("{now:.6}"));
-        // cpuN user nice system idle iowait irq softirq steal ...
-        for line in stat
-            .lines()
-            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-        {
+        for line in stat.lines().filter(|l| is_cpu_line(l)) {
             out.push(' ');
-            out.push_str(line.split_whitespace().nth(8).unwrap_or("0"));
+            out.push_str(steal_field(line).unwrap_or("0"));
         }
         out.push('\n');
         std::thread::sleep(Duration::from_millis(10));
@@ -566,18 +562,20 @@ fn sample_steal(start: Instant, until: Duration) -> String {
 /// CPUs, from the first line of /proc/stat), and how many CPUs the machine has.
 fn cpu_steal() -> Option<(f64, usize)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: f64 = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .nth(8)?
-        .parse()
-        .ok()?;
-    let cpus = stat
-        .lines()
-        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-        .count();
+    let ticks: f64 = steal_field(stat.lines().next()?)?.parse().ok()?;
+    let cpus = stat.lines().filter(|l| is_cpu_line(l)).count();
     Some((ticks / 100.0, cpus.max(1)))
+}
+
+/// A line of /proc/stat about one CPU (`cpu0 …`), not their sum (`cpu …`).
+fn is_cpu_line(line: &str) -> bool {
+    line.starts_with("cpu") && !line.starts_with("cpu ")
+}
+
+/// The stolen time of a `cpu` line of /proc/stat, in USER_HZ ticks: its 8th number
+/// (user nice system idle iowait irq softirq steal …).
+fn steal_field(line: &str) -> Option<&str> {
+    line.split_whitespace().nth(8)
 }
 
 /// utime + stime of a process in seconds, from /proc.

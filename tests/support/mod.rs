@@ -362,6 +362,29 @@ pub async fn send(client: &mut Client, xml: &str) {
     client.send_stanza(stanza(xml)).await.unwrap();
 }
 
+/// Pings the server and waits for the answer: in-order processing (RFC 6120 §10.1)
+/// makes it a sync point, everything `client` sent before has been handled.
+pub async fn sync_with_server(client: &mut Client, id: &str) {
+    send(
+        client,
+        &format!("<iq type='get' id='{id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"),
+    )
+    .await;
+    expect(client, 5, "the server's answer to a ping", |e| {
+        e.attr("id") == Some(id)
+    })
+    .await;
+}
+
+/// The value of the first `name='…'` attribute in `xml` as the server writes it.
+pub fn attr_in(xml: &str, name: &str) -> String {
+    xml.split(&format!("{name}='"))
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no {name} in {xml}"))
+        .to_owned()
+}
+
 pub fn bare(user: &str) -> BareJid {
     BareJid::new(&format!("{user}@{DOMAIN}")).unwrap()
 }
@@ -737,6 +760,16 @@ impl RawClient {
         );
         let end = self.pending.find(marker).unwrap_or(0) + marker.len();
         self.pending.drain(..end).collect()
+    }
+
+    /// Pings the server and reads up to its answer, which it returns with what came
+    /// before: a sync point, as [`sync_with_server`] is for tokio-xmpp clients.
+    pub async fn sync_with_server(&mut self, id: &str) -> String {
+        self.send(&format!(
+            "<iq type='get' id='{id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ))
+        .await;
+        self.read_until(&format!("id='{id}'")).await
     }
 
     /// How often `marker` occurs in what arrives within `millis`.
