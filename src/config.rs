@@ -24,6 +24,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub sync: SyncSection,
     pub contact: ContactSection,
+    pub pep: PepSection,
     pub log: LogSection,
 }
 
@@ -42,6 +43,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             sync: SyncSection::default(),
             contact: ContactSection::default(),
+            pep: PepSection::default(),
             log: LogSection::default(),
         }
     }
@@ -371,6 +373,29 @@ impl ContactSection {
     }
 }
 
+/// Personal eventing (XEP-0163): what each account's PEP service keeps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PepSection {
+    /// Largest item payload, bytes of XML (an avatar's base64 data must fit).
+    pub max_item_bytes: usize,
+    /// Items one node keeps at most; `pubsub#max_items` = `max` means this.
+    pub max_items: u32,
+    /// Nodes per account (OMEMO adds one per device of the account).
+    pub max_nodes: usize,
+}
+
+impl Default for PepSection {
+    fn default() -> Self {
+        let l = impmesh_router::Limits::default();
+        PepSection {
+            max_item_bytes: l.pep_max_item_bytes,
+            max_items: l.pep_max_items,
+            max_nodes: l.pep_max_nodes,
+        }
+    }
+}
+
 /// An absolute URI as RFC 3986 §3.1 starts one (a scheme, then `:`), of printable
 /// characters without spaces.
 fn is_uri(s: &str) -> bool {
@@ -444,6 +469,18 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.contact.validate()?;
+        // An event carries one item and must fit in a stanza, with room for its envelope.
+        let p = &self.pep;
+        if p.max_item_bytes < 1024
+            || p.max_item_bytes + 4096 > self.limits.max_stanza_bytes
+            || !(1..=10_000).contains(&p.max_items)
+            || !(1..=10_000).contains(&p.max_nodes)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "pep.max_item_bytes must be between 1024 and limits.max_stanza_bytes - 4096 ({}), pep.max_items and pep.max_nodes between 1 and 10000",
+                self.limits.max_stanza_bytes.saturating_sub(4096)
+            )));
+        }
         if xmpp_domain_ok(&self.domain).is_none() {
             return Err(ConfigError::Invalid(format!(
                 "domain {:?} is not a valid XMPP domain",
@@ -583,6 +620,9 @@ impl Config {
             link_read_timeout: Duration::from_secs(l.link_read_timeout),
             link_queue: l.link_queue,
             max_sessions_per_user: l.max_sessions_per_user,
+            pep_max_item_bytes: self.pep.max_item_bytes,
+            pep_max_items: self.pep.max_items,
+            pep_max_nodes: self.pep.max_nodes,
             ..impmesh_router::Limits::default()
         };
         rc
@@ -690,6 +730,22 @@ mod tests {
         let short = Config::parse("[limits]\nlink_read_timeout = 30").unwrap_err();
         assert!(short.to_string().contains("at least 60"), "{short}");
         assert!(Config::parse("[limits]\nlink_queue = 0").is_err());
+    }
+
+    /// `[pep]` reaches the router, and an item that could not fit a stanza is refused.
+    #[test]
+    fn pep_limits_come_from_the_configuration() {
+        let c =
+            Config::parse("[pep]\nmax_item_bytes = 2048\nmax_items = 5\nmax_nodes = 7").unwrap();
+        let l = c.router_config().limits;
+        assert_eq!(
+            (l.pep_max_item_bytes, l.pep_max_items, l.pep_max_nodes),
+            (2048, 5, 7)
+        );
+        assert!(Config::parse("[pep]\nmax_item_bytes = 300000").is_err());
+        assert!(Config::parse("[pep]\nmax_nodes = 0").is_err());
+        let d = Config::default().router_config().limits;
+        assert_eq!(d.pep_max_item_bytes, 128 * 1024);
     }
 
     /// XEP-0157 contact addresses reach the router as the form's fields, checked.

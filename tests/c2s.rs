@@ -1220,3 +1220,297 @@ async fn stopping_a_node_frees_every_port() {
     }
     drop((alice, dir));
 }
+
+/// XEP-0163: alice publishes; bob's resources get what their capabilities ask for (a
+/// new resource gets the last item), as the access model allows; carol, not a contact,
+/// may read open nodes only; the hostile and mismatched requests are refused.
+#[tokio::test]
+async fn xep0163_pep_notifies_by_capabilities_and_enforces_access() {
+    use tokio_xmpp::parsers::avatar::Metadata;
+    use tokio_xmpp::parsers::pubsub::event::Payload;
+    let node = start_node_with_users(|_| {}, &["alice", "bob", "carol"]).await;
+    befriend((&node, "alice"), (&node, "bob")).await;
+    let caps = ClientCaps::wanting(&[AVATAR, DEVICES, BOOKMARKS]);
+    let mut bob = node.client("bob", PW, Some("phone"));
+    online(&mut bob).await;
+    send(&mut bob, &caps.presence()).await;
+    caps.answer(&mut bob, 5).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+
+    // The account's PEP service is discoverable.
+    send(&mut alice, "<iq type='get' id='info' to='alice@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
+    let info = expect(&mut alice, 5, "the account's disco#info", |e| {
+        e.attr("id") == Some("info")
+    })
+    .await;
+    let info = tokio_xmpp::parsers::disco::DiscoInfoResult::try_from(
+        info.get_child("query", "http://jabber.org/protocol/disco#info")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    assert!(
+        info.identities
+            .iter()
+            .any(|i| i.category == "pubsub" && i.type_ == "pep")
+    );
+    assert!(
+        info.features
+            .contains("http://jabber.org/protocol/pubsub#publish-options")
+    );
+
+    alice
+        .send_stanza(publish_iq("p1", AVATAR, "111f", AVATAR_META, &[]))
+        .await
+        .unwrap();
+    let done = expect(&mut alice, 5, "the publication's result", |e| {
+        e.attr("id") == Some("p1")
+    })
+    .await;
+    assert_eq!(done.attr("type"), Some("result"), "{}", String::from(&done));
+    let event = expect(&mut bob, 5, "the avatar event", |e| is_event_of(e, AVATAR)).await;
+    assert_eq!(event.attr("from"), Some("alice@localhost"));
+    let Some(Payload::Items { published, .. }) = pep_event(&event) else {
+        panic!("{}", String::from(&event));
+    };
+    let meta = Metadata::try_from(published[0].payload.clone().unwrap()).unwrap();
+    assert_eq!(meta.infos[0].bytes, 12);
+
+    // A new resource with the same capabilities: no second query, the last item.
+    let mut tablet = node.client("bob", PW, Some("tablet"));
+    online(&mut tablet).await;
+    send(&mut tablet, &caps.presence()).await;
+    let last = expect(&mut tablet, 5, "the last avatar on coming online", |e| {
+        e.name() == "iq" || is_event_of(e, AVATAR)
+    })
+    .await;
+    assert_eq!(
+        last.name(),
+        "message",
+        "asked again: {}",
+        String::from(&last)
+    );
+
+    // Retrieval: a contact may, a stranger may not (presence access model).
+    bob.send_stanza(items_iq("i1", "alice", AVATAR))
+        .await
+        .unwrap();
+    let items = expect(&mut bob, 5, "alice's items", |e| e.attr("id") == Some("i1")).await;
+    assert!(String::from(&items).contains("111f4b3c50d7b0df729d299bc6f8e9ef9066971f"));
+    let mut carol = node.client("carol", PW, Some("c"));
+    online(&mut carol).await;
+    carol
+        .send_stanza(items_iq("i2", "alice", AVATAR))
+        .await
+        .unwrap();
+    let refused = expect(&mut carol, 5, "a refusal", |e| e.attr("id") == Some("i2")).await;
+    assert_eq!(
+        pubsub_error(&refused),
+        (
+            "not-authorized".into(),
+            "presence-subscription-required".into()
+        )
+    );
+
+    // OMEMO's device list is open: carol may read it. Publish options that differ
+    // from the node's configuration are refused, nothing changed.
+    let devices = "<list xmlns='eu.siacs.conversations.axolotl'><device id='4223'/></list>";
+    let open = [("pubsub#access_model", "open"), ("pubsub#max_items", "max")];
+    alice
+        .send_stanza(publish_iq("p2", DEVICES, "current", devices, &open))
+        .await
+        .unwrap();
+    expect(&mut alice, 5, "the device list's result", |e| {
+        e.attr("id") == Some("p2") && e.attr("type") == Some("result")
+    })
+    .await;
+    expect(&mut bob, 5, "the device list event", |e| {
+        is_event_of(e, DEVICES)
+    })
+    .await;
+    carol
+        .send_stanza(items_iq("i3", "alice", DEVICES))
+        .await
+        .unwrap();
+    let items = expect(&mut carol, 5, "the open device list", |e| {
+        e.attr("id") == Some("i3")
+    })
+    .await;
+    assert!(
+        String::from(&items).contains("4223"),
+        "{}",
+        String::from(&items)
+    );
+    let other = "<list xmlns='eu.siacs.conversations.axolotl'><device id='1'/></list>";
+    alice
+        .send_stanza(publish_iq(
+            "p3",
+            DEVICES,
+            "current",
+            other,
+            &[("pubsub#access_model", "presence")],
+        ))
+        .await
+        .unwrap();
+    let refused = expect(&mut alice, 5, "a precondition refusal", |e| {
+        e.attr("id") == Some("p3")
+    })
+    .await;
+    assert_eq!(
+        pubsub_error(&refused),
+        ("conflict".into(), "precondition-not-met".into())
+    );
+
+    // Bookmarks are the owner's only: bob, who asks for them, gets nothing and may not
+    // read them; the next event he sees is the avatar published after them.
+    let bookmark = "<conference xmlns='urn:xmpp:bookmarks:1' autojoin='true' name='Team'/>";
+    let private = [
+        ("pubsub#persist_items", "true"),
+        ("pubsub#max_items", "max"),
+        ("pubsub#send_last_published_item", "never"),
+        ("pubsub#access_model", "whitelist"),
+    ];
+    alice
+        .send_stanza(publish_iq(
+            "p4",
+            BOOKMARKS,
+            "team@conference.localhost",
+            bookmark,
+            &private,
+        ))
+        .await
+        .unwrap();
+    expect(&mut alice, 5, "the bookmark's result", |e| {
+        e.attr("id") == Some("p4") && e.attr("type") == Some("result")
+    })
+    .await;
+    alice
+        .send_stanza(publish_iq("p5", AVATAR, "222f", AVATAR_META, &[]))
+        .await
+        .unwrap();
+    let next = expect(&mut bob, 5, "the next event", |e| pep_event(e).is_some()).await;
+    assert!(
+        is_event_of(&next, AVATAR),
+        "a bookmark leaked: {}",
+        String::from(&next)
+    );
+    bob.send_stanza(items_iq("i4", "alice", BOOKMARKS))
+        .await
+        .unwrap();
+    let refused = expect(&mut bob, 5, "a closed node", |e| e.attr("id") == Some("i4")).await;
+    assert_eq!(
+        pubsub_error(&refused),
+        ("not-allowed".into(), "closed-node".into())
+    );
+    alice
+        .send_stanza(items_iq("i5", "alice", BOOKMARKS))
+        .await
+        .unwrap();
+    let own = expect(&mut alice, 5, "her own bookmarks", |e| {
+        e.attr("id") == Some("i5")
+    })
+    .await;
+    assert!(String::from(&own).contains("team@conference.localhost"));
+
+    // Retraction notifies; an item over the size limit is refused; others may not
+    // publish to alice's service.
+    send(&mut alice, "<iq type='set' id='r1'><pubsub xmlns='http://jabber.org/protocol/pubsub'><retract node='urn:xmpp:avatar:metadata' notify='true'><item id='222f'/></retract></pubsub></iq>").await;
+    let retracted = expect(&mut bob, 5, "the retraction", |e| is_event_of(e, AVATAR)).await;
+    let Some(Payload::Items { retracted, .. }) = pep_event(&retracted) else {
+        panic!("not a retraction");
+    };
+    assert_eq!(retracted[0].0, "222f");
+    let huge = format!(
+        "<data xmlns='urn:xmpp:avatar:data'>{}</data>",
+        "A".repeat(140 * 1024)
+    );
+    alice
+        .send_stanza(publish_iq("p6", "urn:xmpp:avatar:data", "x", &huge, &[]))
+        .await
+        .unwrap();
+    let refused = expect(&mut alice, 5, "a refusal of the huge item", |e| {
+        e.attr("id") == Some("p6")
+    })
+    .await;
+    assert_eq!(
+        pubsub_error(&refused),
+        ("not-acceptable".into(), "payload-too-big".into())
+    );
+    let mut foreign = publish_iq("p7", AVATAR, "x", AVATAR_META, &[]);
+    if let tokio_xmpp::Stanza::Iq(iq) = &mut foreign {
+        *iq.to_mut() = Some(tokio_xmpp::jid::Jid::from(bare("alice")));
+    }
+    carol.send_stanza(foreign).await.unwrap();
+    let refused = expect(&mut carol, 5, "a foreign publication refused", |e| {
+        e.attr("id") == Some("p7")
+    })
+    .await;
+    assert_eq!(pubsub_error(&refused).0, "forbidden");
+
+    // Purge and delete (the owner's namespace) reach the contacts too.
+    send(&mut alice, "<iq type='set' id='o1'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><purge node='urn:xmpp:avatar:metadata'/></pubsub></iq>").await;
+    let purged = expect(&mut bob, 5, "the purge", |e| is_event_of(e, AVATAR)).await;
+    assert!(matches!(pep_event(&purged), Some(Payload::Purge { .. })));
+    send(&mut alice, "<iq type='set' id='o2'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='eu.siacs.conversations.axolotl.devicelist'/></pubsub></iq>").await;
+    let deleted = expect(&mut bob, 5, "the deletion", |e| is_event_of(e, DEVICES)).await;
+    assert!(matches!(pep_event(&deleted), Some(Payload::Delete { .. })));
+    carol
+        .send_stanza(items_iq("i6", "alice", DEVICES))
+        .await
+        .unwrap();
+    let gone = expect(&mut carol, 5, "no such node", |e| {
+        e.attr("id") == Some("i6")
+    })
+    .await;
+    assert_eq!(pubsub_error(&gone).0, "item-not-found");
+}
+
+/// `asker` subscribes to `approver`'s presence and `approver` approves, both online.
+async fn subscribe_live(
+    asker: &mut tokio_xmpp::Client,
+    asker_name: &str,
+    approver: &mut tokio_xmpp::Client,
+    approver_name: &str,
+) {
+    send(
+        asker,
+        &format!("<presence to='{approver_name}@localhost' type='subscribe'/>"),
+    )
+    .await;
+    expect_presence(approver, 5, "the request", asker_name, Some("subscribe")).await;
+    send(
+        approver,
+        &format!("<presence to='{asker_name}@localhost' type='subscribed'/>"),
+    )
+    .await;
+    expect_presence(asker, 5, "the approver's presence", approver_name, None).await;
+}
+
+/// XEP-0163 with contacts made while both are online: the presence a subscription
+/// approval sends tells the owner's PEP service of the contact's capabilities (the
+/// contact's own presence went out before they were contacts).
+#[tokio::test]
+async fn xep0163_a_new_contact_gets_events() {
+    let node = start_node_with_users(|_| {}, &["alice", "carol"]).await;
+    let caps = ClientCaps::wanting(&[AVATAR]);
+    let mut carol = node.client("carol", PW, Some("c"));
+    online(&mut carol).await;
+    send(&mut carol, &caps.presence()).await;
+    caps.answer(&mut carol, 5).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    // carol subscribes to alice, then alice to carol, each approved by hand.
+    subscribe_live(&mut carol, "carol", &mut alice, "alice").await;
+    subscribe_live(&mut alice, "alice", &mut carol, "carol").await;
+    alice
+        .send_stanza(publish_iq("p1", AVATAR, "111f", AVATAR_META, &[]))
+        .await
+        .unwrap();
+    expect(&mut carol, 5, "the avatar event", |e| {
+        is_event_of(e, AVATAR)
+    })
+    .await;
+}

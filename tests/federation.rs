@@ -975,3 +975,83 @@ async fn the_outbox_survives_a_restart() {
     })
     .await;
 }
+
+/// XEP-0163 across the mesh: bob (cluster B) gets alice's (cluster A) PEP events by
+/// his capabilities, asked and verified by alice's home node over the links while she
+/// is offline; he retrieves her items through the links, a new resource of his gets
+/// the last item; bea, not her contact, is refused by alice's home node.
+#[tokio::test]
+async fn pep_events_and_items_cross_clusters_under_the_owners_access_model() {
+    use support::{
+        AVATAR, AVATAR_META, ClientCaps, befriend, is_event_of, items_iq, publish_iq, pubsub_error,
+    };
+    let (a, b) = peered_pair().await;
+    befriend((&a, "alice"), (&b, "bob")).await;
+    let caps = ClientCaps::wanting(&[AVATAR]);
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    online(&mut bob).await;
+    send(&mut bob, &caps.presence()).await;
+    // Asked twice, as a stock client is: by B for bob's own PEP service, and by A for
+    // alice's (she is offline) through the link.
+    caps.answer(&mut bob, 10).await;
+    caps.answer(&mut bob, 10).await;
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    alice
+        .send_stanza(publish_iq("p1", AVATAR, "111f", AVATAR_META, &[]))
+        .await
+        .unwrap();
+    expect(&mut alice, 10, "the publication's result", |e| {
+        e.attr("id") == Some("p1") && e.attr("type") == Some("result")
+    })
+    .await;
+    let event = expect(&mut bob, 10, "alice's avatar on B", |e| {
+        is_event_of(e, AVATAR)
+    })
+    .await;
+    assert_eq!(event.attr("from"), Some(format!("alice@{DOMAIN}").as_str()));
+
+    bob.send_stanza(items_iq("i1", "alice", AVATAR))
+        .await
+        .unwrap();
+    let items = expect(&mut bob, 10, "alice's items from A", |e| {
+        e.attr("id") == Some("i1")
+    })
+    .await;
+    assert_eq!(
+        items.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&items)
+    );
+    assert!(String::from(&items).contains("111f4b3c50d7b0df729d299bc6f8e9ef9066971f"));
+
+    let mut tablet = b.client("bob", "pw", Some("tablet"));
+    online(&mut tablet).await;
+    send(&mut tablet, &caps.presence()).await;
+    let last = expect(&mut tablet, 10, "the last avatar from A", |e| {
+        e.name() == "iq" || is_event_of(e, AVATAR)
+    })
+    .await;
+    assert_eq!(
+        last.name(),
+        "message",
+        "asked again: {}",
+        String::from(&last)
+    );
+
+    let mut bea = b.client("bea", "pw", Some("b"));
+    online(&mut bea).await;
+    bea.send_stanza(items_iq("i2", "alice", AVATAR))
+        .await
+        .unwrap();
+    let refused = expect(&mut bea, 10, "A's refusal", |e| e.attr("id") == Some("i2")).await;
+    assert_eq!(
+        pubsub_error(&refused),
+        (
+            "not-authorized".into(),
+            "presence-subscription-required".into()
+        )
+    );
+}

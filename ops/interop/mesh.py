@@ -2,7 +2,8 @@
 impmesh processes peered with `impmesh peer add`).
 
 alice (homed on A, logs in at A) and bob (homed on B) subscribe to each other with
-explicit approval, see each other's presence, chat both ways; bob then connects to A,
+explicit approval, see each other's presence, chat both ways, and bob gets alice's
+avatar and OMEMO device list over PEP from her home cluster; bob then connects to A,
 is sent to B with see-other-host, follows it and comes online there; his logout
 reaches alice on the other cluster. Any failure or timeout exits non-zero.
 
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from scenario import expect, fail, login
+from scenario import expect, fail, login, pep_step
 
 
 def follow_redirects_of_explicit_addresses(account):
@@ -52,6 +53,8 @@ async def main(host, port_a, port_b, ca_file, password):
     bob.send_message(mto=alice.boundjid.full, mbody="hello from cluster B", mtype="chat")
     await expect(alice.messages, "alice gets bob's reply",
                  lambda m: m["body"] == "hello from cluster B" and m["from"].bare == "bob@localhost")
+
+    await pep_step(alice, bob, "across clusters")
 
     # bob leaves B; alice on A sees it.
     bob.disconnect()

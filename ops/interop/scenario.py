@@ -1,19 +1,25 @@
 """Interop scenario: two slixmpp accounts against a running impmesh.
 
 alice and bob log in over STARTTLS (trusting the node's certificate), subscribe to
-each other with explicit approval, see each other's presence, chat, get only the
-latest presence while inactive (XEP-0352), get an offline message at the next login,
-and remove each other from their rosters. Any failure or timeout exits non-zero.
+each other with explicit approval, see each other's presence, chat, publish and get
+an avatar and an OMEMO device list over PEP (XEP-0163, XEP-0084), get only the latest
+presence while inactive (XEP-0352), get an offline message at the next login, and
+remove each other from their rosters. Any failure or timeout exits non-zero.
 
 Usage: scenario.py HOST PORT CA_FILE PASSWORD
 """
 
 import asyncio
+import base64
+import hashlib
 import sys
 
 import slixmpp
+from slixmpp.xmlstream import ET
 
 STEP_TIMEOUT = 15
+OMEMO_DEVICES = "eu.siacs.conversations.axolotl.devicelist"
+AVATAR_METADATA = "urn:xmpp:avatar:metadata"
 
 
 class Account(slixmpp.ClientXMPP):
@@ -24,6 +30,12 @@ class Account(slixmpp.ClientXMPP):
         self.roster.auto_subscribe = False
         self.messages = asyncio.Queue()
         self.presences = asyncio.Queue()
+        self.events = asyncio.Queue()
+        # PEP as stock clients do it: capabilities (XEP-0115) announce the +notify
+        # interests; xep_0084 asks for avatar metadata, OMEMO for device lists.
+        for plugin in ("xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0084"):
+            self.register_plugin(plugin)
+        self.add_event_handler("pubsub_publish", self.events.put_nowait)
         self.online = asyncio.Event()
         self.add_event_handler("session_start", self.on_start)
         self.add_event_handler("message", self.on_message)
@@ -32,6 +44,10 @@ class Account(slixmpp.ClientXMPP):
 
     async def on_start(self, _event):
         await self.get_roster()
+        # As an OMEMO client does once bound (an interest added before binding is
+        # lost), then its presence carries the new capabilities.
+        self.plugin["xep_0163"].add_interest(OMEMO_DEVICES)
+        await self.plugin["xep_0115"].update_caps(broadcast=False)
         self.send_presence()
         self.online.set()
 
@@ -44,6 +60,37 @@ class Account(slixmpp.ClientXMPP):
 
     async def expect_presence(self, what, pred):
         return await expect(self.presences, what, pred)
+
+
+async def pep_step(alice, bob, where):
+    """alice publishes an avatar and her OMEMO device list; bob gets the events his
+    capabilities ask for, and reads the avatar's data from alice's PEP service."""
+    data = b"\x89PNG impmesh interop avatar"
+    avatar_id = hashlib.sha1(data).hexdigest()
+    await alice.plugin["xep_0084"].publish_avatar(data, timeout=STEP_TIMEOUT)
+    await alice.plugin["xep_0084"].publish_avatar_metadata(
+        items=[{"id": avatar_id, "type": "image/png", "bytes": len(data)}], timeout=STEP_TIMEOUT)
+    event = await expect(bob.events, f"bob gets alice's avatar metadata {where}",
+                         lambda m: m["pubsub_event"]["items"]["node"] == AVATAR_METADATA)
+    if avatar_id not in str(event):
+        fail(f"the metadata event does not name the avatar: {event}")
+    form = alice.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="FORM_TYPE", ftype="hidden",
+                   value="http://jabber.org/protocol/pubsub#publish-options")
+    form.add_field(var="pubsub#access_model", value="open")
+    devices = ET.fromstring("<list xmlns='eu.siacs.conversations.axolotl'><device id='4223'/></list>")
+    await alice.plugin["xep_0060"].publish(None, OMEMO_DEVICES, id="current", payload=devices,
+                                           options=form, timeout=STEP_TIMEOUT)
+    event = await expect(bob.events, f"bob gets alice's OMEMO device list {where}",
+                         lambda m: m["pubsub_event"]["items"]["node"] == OMEMO_DEVICES)
+    if "4223" not in str(event):
+        fail(f"the device list event lacks the device: {event}")
+    result = await bob.plugin["xep_0060"].get_items("alice@localhost", "urn:xmpp:avatar:data",
+                                                   timeout=STEP_TIMEOUT)
+    got = [base64.b64decode(d.text) for d in result.xml.iter("{urn:xmpp:avatar:data}data")]
+    if got != [data]:
+        fail(f"bob read {got} from alice's avatar node, not her avatar")
+    print(f"ok: bob reads alice's avatar data {where}", flush=True)
 
 
 def fail(reason):
@@ -103,6 +150,8 @@ async def main(host, port, ca_file, password):
     alice.send_message(mto="bob@localhost", mbody="hello from slixmpp", mtype="chat")
     await expect(bob.messages, "bob gets the chat message",
                  lambda m: m["body"] == "hello from slixmpp")
+
+    await pep_step(alice, bob, "on one node")
 
     # Client state indication: while bob is inactive, alice's presence changes wait and
     # only the latest reaches him, just before her next message.

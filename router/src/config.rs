@@ -115,6 +115,12 @@ pub struct Limits {
     pub max_sessions_per_user: usize,
     /// Time a closing stream waits for the peer's `</stream:stream>`.
     pub close_timeout: Duration,
+    /// Largest PEP item payload (XEP-0163), bytes of XML: an avatar's data fits.
+    pub pep_max_item_bytes: usize,
+    /// Items a PEP node keeps at most (`pubsub#max_items` = `max`).
+    pub pep_max_items: u32,
+    /// PEP nodes per account (OMEMO adds one per device).
+    pub pep_max_nodes: usize,
 }
 
 impl Default for Limits {
@@ -152,6 +158,9 @@ impl Default for Limits {
             link_queue: 4096,
             max_sessions_per_user: 10,
             close_timeout: Duration::from_secs(5),
+            pep_max_item_bytes: 128 * 1024,
+            pep_max_items: 256,
+            pep_max_nodes: 200,
         }
     }
 }

@@ -86,6 +86,7 @@ impl Server {
             return;
         }
         if !is_request {
+            self.caps_answer(&iq);
             return;
         }
         let exists = self.store.user_exists(&user).await.unwrap_or(false);
@@ -93,7 +94,10 @@ impl Server {
             self.bounce(&iq, StanzaErrorCondition::ServiceUnavailable, None);
             return;
         }
-        match self.account_query(&iq, &user).await {
+        let Some(requester) = iq.attr("from").and_then(stanza::parse_jid) else {
+            return;
+        };
+        match self.account_query(&iq, &user, &requester).await {
             Ok(payload) => {
                 let reply = format!(
                     "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
@@ -106,7 +110,17 @@ impl Server {
                     self.send_to_jid(&reply);
                 }
             }
-            Err(condition) => self.bounce(&iq, condition, None),
+            Err(refusal) => {
+                let app = refusal.app_element();
+                if let Some(reply) = crate::error::error_reply_with(
+                    &iq,
+                    refusal.condition,
+                    refusal.text.as_deref(),
+                    app,
+                ) {
+                    self.send_to_jid(&reply);
+                }
+            }
         }
     }
 
@@ -122,6 +136,9 @@ impl Server {
         };
         match ty {
             PresenceType::Available | PresenceType::Unavailable => {
+                if to.resource().is_none() {
+                    self.pep_presence(&user, &presence);
+                }
                 let xml: Arc<str> = String::from(&presence).into();
                 let mut delivered = false;
                 for s in self.hub.sessions(&user) {
@@ -138,7 +155,10 @@ impl Server {
                 let mut seen = lock(&self.remote_presence.seen);
                 let by_sender = seen.entry(node.to_owned()).or_default();
                 let sender = from.to_string();
-                if ty == PresenceType::Available && delivered {
+                // Kept also for an offline user's PEP service (it heard of the sender's
+                // capabilities), so a lost link takes the sender out of it too.
+                let pep = presence.has_child("c", crate::xml::ns::CAPS);
+                if ty == PresenceType::Available && (delivered || pep) {
                     by_sender.entry(sender).or_default().insert(user);
                 } else if let Some(users) = by_sender.get_mut(&sender) {
                     users.remove(&user);
@@ -194,6 +214,7 @@ impl Server {
                     escape(to.as_str())
                 );
                 if let Some(p) = stanza::parse_own(&unavailable) {
+                    self.pep_presence(&user, &p);
                     self.to_available_resources(&user, &p);
                 }
                 lost.push((from.to_bare().to_string(), user));

@@ -12,8 +12,9 @@ use minidom::Element;
 use crate::Server;
 use crate::context::Context;
 use crate::core::envelope::IqType;
+use crate::core::pubsub::Refusal;
 use crate::core::subscription::Kind;
-use crate::error::{StanzaErrorCondition, error_reply};
+use crate::error::{StanzaErrorCondition, error_reply, error_reply_with};
 use crate::hub::lock;
 use crate::roster::{MAX_ROSTER_ITEMS, roster_item_xml};
 
@@ -83,9 +84,7 @@ impl Context<'_> {
                 }
                 self.route_iq(iq, to).await;
             }
-            _ if !is_request => {
-                // Answers to the server's own pushes and pings end here.
-            }
+            _ if !is_request => self.server.iq_answer(&iq, to.as_ref()).await,
             None => self.handle_account_iq(iq).await,
             Some(to) if to.to_bare() == own_bare => self.handle_account_iq(iq).await,
             Some(to) if to.node().is_none() && to.domain().as_str() == domain => {
@@ -190,15 +189,19 @@ impl Context<'_> {
             ("ping", ns::PING) if !set => self.reply_result(&iq, None),
             // RFC 3921 session establishment, obsolete but still sent by old clients.
             ("session", ns::SESSION) if set => self.reply_result(&iq, None),
-            ("query", ns::DISCO_INFO) if !set => {
-                let body = format!(
-                    "<query xmlns='{}'><identity category='account' type='registered'/></query>",
-                    ns::DISCO_INFO
-                );
-                self.reply_result(&iq, Some(body));
+            ("pubsub", ns::PUBSUB | ns::PUBSUB_OWNER) => {
+                let requester = Jid::from(self.jid().clone());
+                match server.pep_request(&requester, &user, &iq).await {
+                    Ok(body) => self.reply_result(&iq, body),
+                    Err(refusal) => self.refuse(&iq, &refusal),
+                }
             }
-            ("query", ns::DISCO_ITEMS) if !set => {
-                self.reply_result(&iq, Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)));
+            ("query", ns::DISCO_INFO | ns::DISCO_ITEMS) if !set => {
+                let requester = Jid::from(self.jid().clone());
+                match server.account_query(&iq, &user, &requester).await {
+                    Ok(body) => self.reply_result(&iq, body),
+                    Err(refusal) => self.refuse(&iq, &refusal),
+                }
             }
             ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
             _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
@@ -266,9 +269,24 @@ impl Context<'_> {
             self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None);
             return;
         }
-        match server.account_query(&iq, &user).await {
+        let requester = Jid::from(self.jid().clone());
+        match server.account_query(&iq, &user, &requester).await {
             Ok(body) => self.reply_result(&iq, body),
-            Err(condition) => self.reply_error(&iq, condition, None),
+            Err(refusal) => self.refuse(&iq, &refusal),
+        }
+    }
+
+    /// An error answer with XEP-0060's application condition, if it has one.
+    fn refuse(&mut self, iq: &Element, refusal: &Refusal) {
+        let reply = error_reply_with(
+            iq,
+            refusal.condition,
+            refusal.text.as_deref(),
+            refusal.app_element(),
+        );
+        if let Some(mut reply) = reply {
+            crate::stanza::set_attr(&mut reply, "to", &self.jid().to_string());
+            self.send_self(&reply);
         }
     }
 
@@ -658,26 +676,65 @@ pub(crate) async fn register_unauthenticated(
 }
 
 impl Server {
-    /// What the server answers on behalf of `user`'s account to a query someone else
+    /// What the server answers on behalf of `user`'s account to a query `requester`
     /// sent to the account's bare JID (RFC 6120 §10.3.3): the result's payload (`None`
     /// for an empty result) or the error. The same whether the asker is on this
-    /// cluster or came over a router link.
+    /// cluster or came over a router link, and for the owner's own disco queries.
     pub(crate) async fn account_query(
         &self,
         iq: &Element,
         user: &str,
-    ) -> Result<Option<String>, StanzaErrorCondition> {
+        requester: &Jid,
+    ) -> Result<Option<String>, Refusal> {
         let Some(payload) = iq.children().next() else {
-            return Err(StanzaErrorCondition::BadRequest);
+            return Err(StanzaErrorCondition::BadRequest.into());
         };
         match (iq.attr("type"), payload.name(), payload.ns().as_str()) {
-            (Some("get"), "vCard", ns::VCARD) => self.vcard(user).await.map(Some),
-            (Some("get"), "query", ns::DISCO_INFO) => Ok(Some(format!(
-                "<query xmlns='{}'><identity category='account' type='registered'/></query>",
-                ns::DISCO_INFO
-            ))),
+            (Some("get"), "vCard", ns::VCARD) => Ok(self.vcard(user).await.map(Some)?),
+            (Some("get"), "query", ns::DISCO_INFO) => {
+                if payload.attr("node").is_some() {
+                    return Err(StanzaErrorCondition::ItemNotFound.into());
+                }
+                let mut body = format!(
+                    "<query xmlns='{}'><identity category='account' type='registered'/><identity category='pubsub' type='pep'/>",
+                    ns::DISCO_INFO
+                );
+                for f in crate::pep::PEP_FEATURES {
+                    body.push_str(&format!("<feature var='{f}'/>"));
+                }
+                body.push_str("</query>");
+                Ok(Some(body))
+            }
+            (Some("get"), "query", ns::DISCO_ITEMS) => {
+                if payload.attr("node").is_some() {
+                    return Ok(Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)));
+                }
+                let items = self.pep_disco_items(requester, user).await;
+                Ok(Some(format!(
+                    "<query xmlns='{}'>{items}</query>",
+                    ns::DISCO_ITEMS
+                )))
+            }
             (Some("get"), "ping", ns::PING) => Ok(None),
-            _ => Err(StanzaErrorCondition::ServiceUnavailable),
+            (_, "pubsub", ns::PUBSUB | ns::PUBSUB_OWNER) => {
+                self.pep_request(requester, user, iq).await
+            }
+            _ => Err(StanzaErrorCondition::ServiceUnavailable.into()),
+        }
+    }
+
+    /// An IQ answer (result or error) from a client to `to`: a capabilities query's
+    /// answer ends here; one for an account homed on another cluster goes there; the
+    /// answers to the server's own pushes and pings end here too.
+    async fn iq_answer(&self, iq: &Element, to: Option<&Jid>) {
+        if self.caps_answer(iq) {
+            return;
+        }
+        if let Some(to) = to
+            && to.domain().as_str() == self.config.domain
+            && let Some(user) = to.node()
+        {
+            self.route_remote(user.as_str(), iq).await;
         }
     }
 

@@ -21,6 +21,7 @@ pub mod hub;
 mod iq;
 pub mod link;
 pub mod names;
+mod pep;
 mod presence;
 mod roster;
 pub mod sasl;
@@ -86,6 +87,8 @@ pub struct Server {
     links: Arc<link::Links>,
     /// What this node passed on of remote users' presence, per remote node.
     remote_presence: from_link::RemotePresence,
+    /// Personal eventing: capabilities and who wants which notifications.
+    pep: pep::Pep,
     /// Striped locks ordering the subscription steps of each roster owner.
     roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
@@ -144,6 +147,7 @@ impl Server {
                 tasks.clone(),
             ),
             remote_presence: from_link::RemotePresence::default(),
+            pep: pep::Pep::default(),
             config,
             store,
             hub: Hub::default(),

@@ -85,6 +85,12 @@ impl Context<'_> {
         // Probes (§4.3): the current presence of every contact the user subscribes to.
         for item in roster.values().filter(|i| i.subscription.has_to()) {
             for xml in server.probe(&user, &item.contact).await {
+                // The contact's capabilities are news for the user's PEP service too.
+                if xml.contains(ns::CAPS)
+                    && let Some(p) = stanza::parse_own(&xml)
+                {
+                    server.pep_presence(&user, &p);
+                }
                 self.push_out(xml);
             }
         }
@@ -229,9 +235,13 @@ impl Server {
         stanza::set_attr(&mut p, "to", contact);
         let sessions = self.hub.sessions(&contact_user);
         if sessions.is_empty() {
-            self.route_remote(&contact_user, &p).await;
+            if !self.route_remote(&contact_user, &p).await {
+                // Homed here and offline: its PEP service still hears of it.
+                self.pep_presence(&contact_user, &p);
+            }
             return;
         }
+        self.pep_presence(&contact_user, &p);
         let xml: Arc<str> = String::from(&p).into();
         for s in sessions {
             if s.presence().available {
@@ -246,6 +256,7 @@ impl Server {
         let Some(user) = from.node() else { return };
         let mut p = presence.clone();
         stanza::set_attr(&mut p, "to", &from.to_bare().to_string());
+        self.pep_presence(user.as_str(), &p);
         let xml: Arc<str> = String::from(&p).into();
         for s in self.hub.sessions(user.as_str()) {
             if s.presence().available || s.jid == *from {
@@ -454,7 +465,10 @@ impl Server {
                 After::Deliver(contact, kind, from, stanza) => {
                     Box::pin(self.deliver_subscription(&contact, kind, &from, stanza)).await;
                 }
-                After::Send(stanza) => self.send_to_jid(&stanza),
+                After::Send(stanza) => {
+                    self.send_to_jid(&stanza);
+                    self.pep_presence_if_homed_here(&stanza).await;
+                }
                 After::Unavailable(user, to) => self.unavailable_from_user_to(&user, &to),
             }
         }
@@ -616,6 +630,12 @@ impl Server {
                     .attr(rxml::xml_ncname!("to").to_owned(), to)
                     .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
                     .build();
+                if let Some(owner) =
+                    stanza::parse_jid(to).and_then(|j| j.node().map(|n| n.to_string()))
+                {
+                    // Only forgets: harmless where the owner is not homed.
+                    self.pep_presence(&owner, &p);
+                }
                 self.send_to_jid(&p);
             }
         }

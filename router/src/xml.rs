@@ -44,6 +44,14 @@ pub mod ns {
     pub const OFFLINE: &str = "msgoffline";
     /// XEP-0157's form type (contact addresses in the server's disco#info).
     pub const SERVERINFO: &str = "http://jabber.org/network/serverinfo";
+    pub const DATA_FORMS: &str = "jabber:x:data";
+    pub const CAPS: &str = "http://jabber.org/protocol/caps";
+    pub const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+    pub const PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+    pub const PUBSUB_OWNER: &str = "http://jabber.org/protocol/pubsub#owner";
+    pub const PUBSUB_ERRORS: &str = "http://jabber.org/protocol/pubsub#errors";
+    pub const PUBSUB_PUBLISH_OPTIONS: &str = "http://jabber.org/protocol/pubsub#publish-options";
+    pub const PUBSUB_NODE_CONFIG: &str = "http://jabber.org/protocol/pubsub#node_config";
 }
 
 /// What the framer hands to the connection.

@@ -804,3 +804,172 @@ async fn raw_read_until<S: tokio::io::AsyncRead + Unpin>(
     }
     true
 }
+
+/// A client's entity capabilities (XEP-0115) as a stock client builds them with
+/// xmpp-parsers: the disco#info it answers and the `<c/>` of its presence.
+pub struct ClientCaps {
+    pub info: tokio_xmpp::parsers::disco::DiscoInfoResult,
+    pub ver: String,
+}
+
+pub const CAPS_NODE: &str = "https://impmesh.test/client";
+
+impl ClientCaps {
+    /// A client that wants the notifications of `nodes` (`NODE+notify`, XEP-0163 §4).
+    pub fn wanting(nodes: &[&str]) -> ClientCaps {
+        use base64::Engine as _;
+        use tokio_xmpp::parsers::{caps, disco, hashes::Algo};
+        let mut features: std::collections::BTreeSet<String> = [
+            "http://jabber.org/protocol/caps",
+            "http://jabber.org/protocol/disco#info",
+        ]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+        features.extend(nodes.iter().map(|n| format!("{n}+notify")));
+        let mut info = disco::DiscoInfoResult {
+            node: None,
+            identities: vec![disco::Identity::new("client", "pc", "en", "impmesh tests")],
+            features,
+            extensions: vec![],
+        };
+        let hash = caps::hash_caps(&caps::compute_disco(&info), Algo::Sha_1).unwrap();
+        let ver = base64::engine::general_purpose::STANDARD.encode(&hash.hash);
+        info.node = Some(format!("{CAPS_NODE}#{ver}"));
+        ClientCaps { info, ver }
+    }
+
+    /// Available presence carrying these capabilities.
+    pub fn presence(&self) -> String {
+        format!(
+            "<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='{CAPS_NODE}' ver='{}'/></presence>",
+            self.ver
+        )
+    }
+
+    /// Waits for the server's disco#info query about these capabilities and answers it
+    /// as the client would.
+    pub async fn answer(&self, client: &mut Client, secs: u64) {
+        let node = self.info.node.clone();
+        let query = expect(client, secs, "the server's capabilities query", |e| {
+            e.name() == "iq"
+                && e.attr("type") == Some("get")
+                && e.get_child("query", "http://jabber.org/protocol/disco#info")
+                    .is_some_and(|q| q.attr("node") == node.as_deref())
+        })
+        .await;
+        let to = Jid::new(query.attr("from").unwrap()).unwrap();
+        let iq = tokio_xmpp::parsers::iq::Iq::from_result(
+            query.attr("id").unwrap(),
+            Some(self.info.clone()),
+        )
+        .with_to(to);
+        client.send_stanza(Stanza::Iq(iq)).await.unwrap();
+    }
+}
+
+/// Makes `a` and `b` contacts with a mutual subscription (RFC 6121 `both`), each in
+/// the store of the node homing them, before either logs in.
+pub async fn befriend(a: (&TestNode, &str), b: (&TestNode, &str)) {
+    for ((node, owner), (_, contact)) in [(a, b), (b, a)] {
+        let item = impmesh_store::RosterItem {
+            contact: format!("{contact}@{DOMAIN}"),
+            subscription: impmesh_store::Subscription::Both,
+            ..Default::default()
+        };
+        node.node
+            .server
+            .store
+            .put_roster_item(owner, &item)
+            .await
+            .unwrap();
+    }
+}
+
+/// The PEP event (XEP-0163) a message carries, typed by xmpp-parsers.
+pub fn pep_event(el: &Element) -> Option<tokio_xmpp::parsers::pubsub::event::Payload> {
+    let event = el.get_child("event", "http://jabber.org/protocol/pubsub#event")?;
+    tokio_xmpp::parsers::pubsub::event::Event::try_from(event.clone())
+        .ok()
+        .map(|e| e.payload)
+}
+
+/// Whether a message is a PEP event of `node`.
+pub fn is_event_of(el: &Element, node: &str) -> bool {
+    use tokio_xmpp::parsers::pubsub::event::Payload;
+    el.name() == "message"
+        && pep_event(el).is_some_and(|p| match p {
+            Payload::Items { node: n, .. }
+            | Payload::Purge { node: n }
+            | Payload::Delete { node: n, .. }
+            | Payload::Configuration { node: n, .. }
+            | Payload::Subscription { node: n, .. } => n.0 == node,
+        })
+}
+
+/// A PEP publication (typed by xmpp-parsers) to the account's own node.
+pub fn publish_iq(
+    id: &str,
+    node: &str,
+    item_id: &str,
+    payload: &str,
+    options: &[(&str, &str)],
+) -> Stanza {
+    use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field};
+    use tokio_xmpp::parsers::pubsub::{ItemId, NodeName, PubSub, pubsub};
+    let publish_options = (!options.is_empty()).then(|| pubsub::PublishOptions {
+        form: Some(DataForm::new(
+            DataFormType::Submit,
+            "http://jabber.org/protocol/pubsub#publish-options",
+            options
+                .iter()
+                .map(|(var, value)| Field::text_single(var, value))
+                .collect(),
+        )),
+    });
+    let request = PubSub::Publish {
+        publish: pubsub::Publish {
+            node: NodeName(node.into()),
+            items: vec![pubsub::Item {
+                id: Some(ItemId(item_id.into())),
+                publisher: None,
+                payload: Some(payload.parse().unwrap()),
+            }],
+        },
+        publish_options,
+    };
+    Stanza::Iq(tokio_xmpp::parsers::iq::Iq::from_set(id, request))
+}
+
+/// A retrieval of `owner`'s items of `node`.
+pub fn items_iq(id: &str, owner: &str, node: &str) -> Stanza {
+    use tokio_xmpp::parsers::pubsub::{NodeName, PubSub, pubsub};
+    let request = PubSub::Items(pubsub::Items {
+        max_items: None,
+        node: NodeName(node.into()),
+        subid: None,
+        items: vec![],
+    });
+    Stanza::Iq(tokio_xmpp::parsers::iq::Iq::from_get(id, request).with_to(Jid::from(bare(owner))))
+}
+
+/// The error condition and XEP-0060 application condition of an IQ error.
+pub fn pubsub_error(el: &Element) -> (String, String) {
+    let error = el.get_child("error", "jabber:client").expect("an error");
+    let name = |ns: &str| {
+        error
+            .children()
+            .find(|c| c.ns() == ns)
+            .map(|c| c.name().to_owned())
+            .unwrap_or_default()
+    };
+    (
+        name("urn:ietf:params:xml:ns:xmpp-stanzas"),
+        name("http://jabber.org/protocol/pubsub#errors"),
+    )
+}
+
+pub const AVATAR: &str = "urn:xmpp:avatar:metadata";
+pub const DEVICES: &str = "eu.siacs.conversations.axolotl.devicelist";
+pub const BOOKMARKS: &str = "urn:xmpp:bookmarks:1";
+pub const AVATAR_META: &str = "<metadata xmlns='urn:xmpp:avatar:metadata'><info bytes='12' id='111f4b3c50d7b0df729d299bc6f8e9ef9066971f' type='image/png' width='64' height='64'/></metadata>";

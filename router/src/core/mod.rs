@@ -2,10 +2,12 @@
 //! and the current time and returns what to do; the session and link tasks carry it
 //! out. Tested without sockets, with simulated time.
 
+pub mod caps;
 pub mod csi;
 pub mod delivery;
 pub mod envelope;
 pub mod negotiate;
+pub mod pubsub;
 pub mod route;
 pub mod sm;
 pub mod subscription;
