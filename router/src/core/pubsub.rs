@@ -630,9 +630,11 @@ mod tests {
 
     #[test]
     fn the_configuration_form_reads_back() {
-        let mut c = NodeConfig::default();
-        c.access = Access::Open;
-        c.max_items = 7;
+        let c = NodeConfig {
+            access: Access::Open,
+            max_items: 7,
+            ..NodeConfig::default()
+        };
         let form = parse(&c.form("form"));
         let mut back = NodeConfig::default();
         back.apply(&settings(&form, 256).unwrap());
