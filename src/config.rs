@@ -383,6 +383,8 @@ pub struct PepSection {
     pub max_items: u32,
     /// Nodes per account (OMEMO adds one per device of the account).
     pub max_nodes: usize,
+    /// Bytes of item payloads per account, over all its nodes.
+    pub max_account_bytes: u64,
 }
 
 impl Default for PepSection {
@@ -392,6 +394,7 @@ impl Default for PepSection {
             max_item_bytes: l.pep_max_item_bytes,
             max_items: l.pep_max_items,
             max_nodes: l.pep_max_nodes,
+            max_account_bytes: l.pep_max_account_bytes,
         }
     }
 }
@@ -623,6 +626,7 @@ impl Config {
             pep_max_item_bytes: self.pep.max_item_bytes,
             pep_max_items: self.pep.max_items,
             pep_max_nodes: self.pep.max_nodes,
+            pep_max_account_bytes: self.pep.max_account_bytes,
             ..impmesh_router::Limits::default()
         };
         rc

@@ -1514,3 +1514,52 @@ async fn xep0163_a_new_contact_gets_events() {
     })
     .await;
 }
+
+/// XEP-0163: a resource is notified of the nodes its own capabilities ask for only
+/// (two resources of one account with different hashes).
+#[tokio::test]
+async fn xep0163_each_resource_gets_what_its_capabilities_ask_for() {
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    befriend((&node, "alice"), (&node, "bob")).await;
+    let mut watch = node.client("bob", PW, Some("watch"));
+    online(&mut watch).await;
+    let devices_only = ClientCaps::wanting(&[DEVICES]);
+    send(&mut watch, &devices_only.presence()).await;
+    // Asked for bob's own service, then for alice's is the same hash: once.
+    devices_only.answer(&mut watch, 5).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    sync_with_server(&mut alice, "s0").await;
+    alice
+        .send_stanza(publish_iq("p1", AVATAR, "111f", AVATAR_META, &[]))
+        .await
+        .unwrap();
+    let devices = "<list xmlns='eu.siacs.conversations.axolotl'><device id='1'/></list>";
+    alice
+        .send_stanza(publish_iq("p2", DEVICES, "current", devices, &[]))
+        .await
+        .unwrap();
+    let first = expect(&mut watch, 5, "the first event", |e| pep_event(e).is_some()).await;
+    assert!(
+        is_event_of(&first, DEVICES),
+        "the watch got an avatar it did not ask for: {}",
+        String::from(&first)
+    );
+    // disco#info on a node: a leaf, for those who may see it.
+    send(&mut watch, "<iq type='get' id='n1' to='alice@localhost'><query xmlns='http://jabber.org/protocol/disco#info' node='eu.siacs.conversations.axolotl.devicelist'/></iq>").await;
+    let info = expect(&mut watch, 5, "the node's disco#info", |e| {
+        e.attr("id") == Some("n1")
+    })
+    .await;
+    let identity = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .and_then(|q| q.get_child("identity", "http://jabber.org/protocol/disco#info"))
+        .map(|i| (i.attr("category"), i.attr("type")));
+    assert_eq!(
+        identity,
+        Some((Some("pubsub"), Some("leaf"))),
+        "{}",
+        String::from(&info)
+    );
+}

@@ -121,6 +121,8 @@ pub struct Limits {
     pub pep_max_items: u32,
     /// PEP nodes per account (OMEMO adds one per device).
     pub pep_max_nodes: usize,
+    /// Bytes of PEP item payloads per account, over all its nodes.
+    pub pep_max_account_bytes: u64,
 }
 
 impl Default for Limits {
@@ -161,6 +163,7 @@ impl Default for Limits {
             pep_max_item_bytes: 128 * 1024,
             pep_max_items: 256,
             pep_max_nodes: 200,
+            pep_max_account_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -136,9 +136,8 @@ impl Server {
         };
         match ty {
             PresenceType::Available | PresenceType::Unavailable => {
-                if to.resource().is_none() {
-                    self.pep_presence(&user, &presence);
-                }
+                let recorded =
+                    to.resource().is_none() && self.pep_presence_from_link(&user, &presence).await;
                 let xml: Arc<str> = String::from(&presence).into();
                 let mut delivered = false;
                 for s in self.hub.sessions(&user) {
@@ -155,10 +154,9 @@ impl Server {
                 let mut seen = lock(&self.remote_presence.seen);
                 let by_sender = seen.entry(node.to_owned()).or_default();
                 let sender = from.to_string();
-                // Kept also for an offline user's PEP service (it heard of the sender's
-                // capabilities), so a lost link takes the sender out of it too.
-                let pep = presence.has_child("c", crate::xml::ns::CAPS);
-                if ty == PresenceType::Available && (delivered || pep) {
+                // Kept also when an offline user's PEP service recorded the sender's
+                // capabilities, so a lost link takes the sender out of it too.
+                if ty == PresenceType::Available && (delivered || recorded) {
                     by_sender.entry(sender).or_default().insert(user);
                 } else if let Some(users) = by_sender.get_mut(&sender) {
                     users.remove(&user);

@@ -692,8 +692,8 @@ impl Server {
         match (iq.attr("type"), payload.name(), payload.ns().as_str()) {
             (Some("get"), "vCard", ns::VCARD) => Ok(self.vcard(user).await.map(Some)?),
             (Some("get"), "query", ns::DISCO_INFO) => {
-                if payload.attr("node").is_some() {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
+                if let Some(node) = payload.attr("node") {
+                    return self.pep_node_info(requester, user, node).await.map(Some);
                 }
                 let mut body = format!(
                     "<query xmlns='{}'><identity category='account' type='registered'/><identity category='pubsub' type='pep'/>",

@@ -29,11 +29,16 @@ use crate::hub::lock;
 use crate::stanza;
 use crate::xml::{escape, ns};
 
-/// Capability hashes whose features are kept (each a few hundred bytes).
+/// Capability hashes whose notification interests are kept; a hash no full JID uses
+/// any more makes room for a new one.
 const CAPS_CACHE: usize = 4096;
-/// disco#info queries for capabilities waiting for their answer, at most, and how long
-/// one may wait.
+/// `+notify` nodes kept per hash, and bytes of one node name.
+const CAPS_NODES: usize = 256;
+const CAPS_NODE_BYTES: usize = 1024;
+/// disco#info queries for capabilities waiting for their answer, at most; per asked
+/// account; and how long one may wait.
 const CAPS_PENDING: usize = 1024;
+const CAPS_PENDING_PER_ACCOUNT: usize = 4;
 const CAPS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Full JIDs whose presence one account receives that are remembered for its
 /// notifications (a full roster's contacts, each with a few resources).
@@ -70,16 +75,61 @@ struct Asked {
     since: Instant,
 }
 
+/// Per account: the full JIDs whose available presence it receives, with their
+/// capabilities hash; and how many of those use each hash.
+#[derive(Default)]
+struct Interest {
+    by_owner: HashMap<String, HashMap<String, String>>,
+    uses: HashMap<String, usize>,
+}
+
+impl Interest {
+    /// Records `jid`'s hash for `owner`; false when it was already so, or the owner
+    /// has no room.
+    fn insert(&mut self, owner: &str, jid: &str, ver: &str) -> bool {
+        let watchers = self.by_owner.entry(owner.to_owned()).or_default();
+        match watchers.get(jid) {
+            Some(v) if v == ver => return false,
+            None if watchers.len() >= INTEREST_PER_OWNER => return false,
+            _ => {}
+        }
+        if let Some(old) = watchers.insert(jid.to_owned(), ver.to_owned()) {
+            release(&mut self.uses, &old);
+        }
+        *self.uses.entry(ver.to_owned()).or_default() += 1;
+        true
+    }
+
+    fn remove(&mut self, owner: &str, jid: &str) {
+        let Some(watchers) = self.by_owner.get_mut(owner) else {
+            return;
+        };
+        if let Some(old) = watchers.remove(jid) {
+            release(&mut self.uses, &old);
+        }
+        if watchers.is_empty() {
+            self.by_owner.remove(owner);
+        }
+    }
+}
+
+fn release(uses: &mut HashMap<String, usize>, ver: &str) {
+    if let Some(n) = uses.get_mut(ver) {
+        *n -= 1;
+        if *n == 0 {
+            uses.remove(ver);
+        }
+    }
+}
+
 /// What the PEP service keeps in memory.
 #[derive(Default)]
 pub(crate) struct Pep {
-    /// Verified features by capabilities hash.
+    /// The `+notify` nodes of each verified capabilities hash.
     caps: Mutex<HashMap<String, Arc<[String]>>>,
     /// Queries in flight by IQ id, and the hashes they are for.
     asked: Mutex<(HashMap<String, Asked>, HashMap<String, String>)>,
-    /// Per account: the full JIDs whose available presence it receives, with their
-    /// capabilities hash.
-    interest: Mutex<HashMap<String, HashMap<String, String>>>,
+    interest: Mutex<Interest>,
 }
 
 impl std::fmt::Debug for Pep {
@@ -189,18 +239,24 @@ impl Server {
                     id: id.unwrap_or_else(crate::names::random_id),
                     payload: xml,
                 };
-                match store
-                    .pep_publish(
-                        owner,
-                        &record_of(&node, &config),
-                        &item,
-                        limits.pep_max_nodes,
-                    )
+                let quota = impmesh_store::PepQuota {
+                    nodes: limits.pep_max_nodes,
+                    bytes: limits.pep_max_account_bytes,
+                };
+                let published = store
+                    .pep_publish(owner, &record_of(&node, &config), &item, quota)
                     .await
-                    .map_err(store_failed)?
-                {
+                    .map_err(store_failed)?;
+                match published {
                     Published::Stored => {}
                     Published::NodeLimit => return Err(self.node_limit()),
+                    Published::QuotaFull => {
+                        return Err(Refusal::from(StanzaErrorCondition::ResourceConstraint)
+                            .with_text(format!(
+                                "an account's PEP items hold at most {} bytes",
+                                limits.pep_max_account_bytes
+                            )));
+                    }
                 }
                 let body = items_xml(&node, &[(&item.id, &item.payload)]);
                 self.pep_notify(owner, &node, &config, &body).await;
@@ -230,7 +286,9 @@ impl Server {
                 }
                 Ok(None)
             }
-            Request::Items { node, ids, max } => {
+            Request::Items { node, mut ids, max } => {
+                // A request names at most as many items as a node keeps.
+                ids.truncate(limits.pep_max_items as usize);
                 let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
                 else {
                     return Err(StanzaErrorCondition::ItemNotFound.into());
@@ -355,6 +413,37 @@ impl Server {
         )
     }
 
+    /// disco#info on one of `owner`'s nodes (XEP-0060 §5.4): a leaf, to those who may
+    /// see it; `item-not-found` to others, as for a node that does not exist.
+    pub(crate) async fn pep_node_info(
+        &self,
+        requester: &Jid,
+        owner: &str,
+        node: &str,
+    ) -> Result<String, Refusal> {
+        let owner_bare = stanza::bare(owner, &self.config.domain)
+            .ok_or(Refusal::from(StanzaErrorCondition::ItemNotFound))?;
+        let Some(existing) = self
+            .store
+            .pep_node(owner, node)
+            .await
+            .map_err(store_failed)?
+        else {
+            return Err(StanzaErrorCondition::ItemNotFound.into());
+        };
+        let is_owner = requester.to_bare() == owner_bare;
+        let subscribed = self.subscribed_to(owner, &requester.to_bare()).await;
+        if may_see(config_of(&existing).access, is_owner, subscribed).is_err() {
+            return Err(StanzaErrorCondition::ItemNotFound.into());
+        }
+        Ok(format!(
+            "<query xmlns='{}' node='{}'><identity category='pubsub' type='leaf'/><feature var='{}'/></query>",
+            ns::DISCO_INFO,
+            escape(node),
+            ns::PUBSUB
+        ))
+    }
+
     /// The `<item/>`s of disco#items on `owner`'s account: the nodes `requester` may see.
     pub(crate) async fn pep_disco_items(&self, requester: &Jid, owner: &str) -> String {
         let Some(owner_bare) = stanza::bare(owner, &self.config.domain) else {
@@ -384,6 +473,7 @@ impl Server {
             return;
         };
         let watchers: Vec<(String, String)> = lock(&self.pep.interest)
+            .by_owner
             .get(owner)
             .map(|m| m.iter().map(|(j, v)| (j.clone(), v.clone())).collect())
             .unwrap_or_default();
@@ -394,11 +484,11 @@ impl Server {
         }
     }
 
-    /// Whether the features of capabilities `ver` ask for `node`'s notifications.
+    /// Whether capabilities `ver` ask for `node`'s notifications.
     fn wants(&self, ver: &str, node: &str) -> bool {
         lock(&self.pep.caps)
             .get(ver)
-            .is_some_and(|f| pubsub::notify_nodes(f).any(|n| n == node))
+            .is_some_and(|nodes| nodes.iter().any(|n| n == node))
     }
 
     async fn may_notify(
@@ -419,8 +509,15 @@ impl Server {
         } else {
             c.access
         };
-        may_see(access, is_owner, subscribed).is_ok()
-            && (is_owner || !self.is_blocked_by(owner, &bare).await)
+        if may_see(access, is_owner, subscribed).is_err() {
+            return false;
+        }
+        // Neither side may block the other (a contact homed elsewhere: its home node
+        // checks its own list too).
+        let contact = bare.node().map(|n| n.to_string()).unwrap_or_default();
+        is_owner
+            || (!self.is_blocked_by(owner, &bare).await
+                && !self.is_blocked_by(&contact, owner_bare).await)
     }
 
     fn send_event(&self, owner_bare: &BareJid, to: &str, body: &str) {
@@ -448,28 +545,53 @@ impl Server {
         };
         let mut interest = lock(&self.pep.interest);
         let Some(caps) = caps else {
-            if let Some(m) = interest.get_mut(owner) {
-                m.remove(&jid);
-                if m.is_empty() {
-                    interest.remove(owner);
-                }
-            }
+            interest.remove(owner, &jid);
             return;
         };
-        let watchers = interest.entry(owner.to_owned()).or_default();
-        if watchers.get(&jid) == Some(&caps.ver) {
+        if !interest.insert(owner, &jid, &caps.ver) {
             return;
         }
-        if watchers.len() >= INTEREST_PER_OWNER && !watchers.contains_key(&jid) {
-            return;
-        }
-        watchers.insert(jid.clone(), caps.ver.clone());
         drop(interest);
         let known = lock(&self.pep.caps).get(&caps.ver).cloned();
         match known {
-            Some(features) => self.spawn_last_items(owner, &jid, features),
+            Some(nodes) => self.spawn_last_items(owner, &jid, nodes),
             None => self.ask_caps(owner, &jid, &caps),
         }
+    }
+
+    /// [`Server::pep_presence`] for a presence from another cluster: recorded only
+    /// for an account homed here whose roster subscribes it to the sender, neither
+    /// blocking the other (a peer cannot fill this node's memory with strangers).
+    /// True when recorded.
+    pub(crate) async fn pep_presence_from_link(&self, owner: &str, presence: &Element) -> bool {
+        if !presence.has_child("c", ns::CAPS) || presence.attr("type").is_some() {
+            self.pep_presence(owner, presence);
+            return false;
+        }
+        let Some(sender) = presence
+            .attr("from")
+            .and_then(stanza::parse_jid)
+            .map(|j| j.to_bare())
+        else {
+            return false;
+        };
+        let Some(owner_bare) = stanza::bare(owner, &self.config.domain) else {
+            return false;
+        };
+        let subscribed = matches!(
+            self.roster_of(owner).await,
+            Ok(roster) if roster.get(sender.as_str()).is_some_and(|i| i.subscription.has_to())
+        );
+        let sender_user = sender.node().map(|n| n.to_string()).unwrap_or_default();
+        if !subscribed
+            || !self.store.user_exists(owner).await.unwrap_or(false)
+            || self.is_blocked_by(owner, &sender).await
+            || self.is_blocked_by(&sender_user, &owner_bare).await
+        {
+            return false;
+        }
+        self.pep_presence(owner, presence);
+        true
     }
 
     /// [`Server::pep_presence`] for a presence sent by a subscription step, when its
@@ -501,7 +623,16 @@ impl Server {
             let now = Instant::now();
             by_id.retain(|_, a| now.duration_since(a.since) < CAPS_TIMEOUT);
             by_ver.retain(|_, id| by_id.contains_key(id));
-            if by_ver.contains_key(&caps.ver) || by_id.len() >= CAPS_PENDING {
+            // One account's clients cannot hold every slot (unanswered, new hashes).
+            let account = stanza::bare_of(jid);
+            let of_account = by_id
+                .values()
+                .filter(|a| stanza::bare_of(&a.jid) == account)
+                .count();
+            if by_ver.contains_key(&caps.ver)
+                || by_id.len() >= CAPS_PENDING
+                || of_account >= CAPS_PENDING_PER_ACCOUNT
+            {
                 return;
             }
             by_ver.insert(caps.ver.clone(), id.clone());
@@ -556,20 +687,56 @@ impl Server {
             .and_then(|q| caps::verified_features(q, &asked.ver));
         let Some(features) = features else {
             tracing::debug!(jid = %asked.jid, ver = %asked.ver, "capabilities not verified");
+            // Another full JID that claims the same hash is asked instead.
+            let other = lock(&self.pep.interest)
+                .by_owner
+                .iter()
+                .find_map(|(owner, m)| {
+                    m.iter()
+                        .find(|(j, v)| **v == asked.ver && **j != asked.jid)
+                        .map(|(j, v)| (owner.clone(), j.clone(), v.clone()))
+                });
+            if let Some((owner, jid, ver)) = other
+                && let Some(node) = iq
+                    .get_child("query", ns::DISCO_INFO)
+                    .and_then(|q| q.attr("node"))
+                    .and_then(|n| n.rsplit_once('#'))
+                    .map(|(n, _)| n.to_owned())
+            {
+                self.ask_caps(&owner, &jid, &Caps { node, ver });
+            }
             return true;
         };
-        let features: Arc<[String]> = features.into();
+        let nodes: Arc<[String]> = pubsub::notify_nodes(&features)
+            .filter(|n| n.len() <= CAPS_NODE_BYTES)
+            .take(CAPS_NODES)
+            .map(String::from)
+            .collect();
         {
+            let interest = lock(&self.pep.interest);
             let mut cache = lock(&self.pep.caps);
-            if cache.len() >= CAPS_CACHE
-                && let Some(old) = cache.keys().next().cloned()
-            {
-                cache.remove(&old);
+            if cache.len() >= CAPS_CACHE {
+                // Room is made from hashes nobody uses now; when all are in use, this
+                // one is not kept (its users get no notifications: logged).
+                let unused = cache
+                    .keys()
+                    .find(|v| !interest.uses.contains_key(*v))
+                    .cloned();
+                match unused {
+                    Some(old) => {
+                        cache.remove(&old);
+                    }
+                    None => {
+                        tracing::warn!(ver = %asked.ver, "the capabilities cache is full of hashes in use; not kept");
+                        return true;
+                    }
+                }
             }
-            cache.insert(asked.ver.clone(), features.clone());
+            cache.insert(asked.ver.clone(), nodes.clone());
         }
         // Every full JID seen with this hash meanwhile gets its last items now.
         let waiting: Vec<(String, String)> = lock(&self.pep.interest)
+            .by_owner
             .iter()
             .flat_map(|(owner, m)| {
                 m.iter()
@@ -578,13 +745,14 @@ impl Server {
             })
             .collect();
         for (owner, jid) in waiting {
-            self.spawn_last_items(&owner, &jid, features.clone());
+            self.spawn_last_items(&owner, &jid, nodes.clone());
         }
         true
     }
 
-    fn spawn_last_items(&self, owner: &str, jid: &str, features: Arc<[String]>) {
-        if pubsub::notify_nodes(&features).next().is_none() {
+    /// Sends `jid` the last items it wants (`nodes`: its `+notify` interests).
+    fn spawn_last_items(&self, owner: &str, jid: &str, nodes: Arc<[String]>) {
+        if nodes.is_empty() {
             return;
         }
         let Some(server) = self.me.upgrade() else {
@@ -592,12 +760,12 @@ impl Server {
         };
         let (owner, jid) = (owner.to_owned(), jid.to_owned());
         self.tasks.spawn(async move {
-            server.last_items(&owner, &jid, &features).await;
+            server.last_items(&owner, &jid, &nodes).await;
         });
     }
 
-    /// The last item of each of `owner`'s nodes that `jid` wants and may see.
-    async fn last_items(&self, owner: &str, jid: &str, features: &[String]) {
+    /// The last item of each of `owner`'s nodes that `jid` wants (`wanted`) and may see.
+    async fn last_items(&self, owner: &str, jid: &str, wanted: &[String]) {
         let Some(owner_bare) = stanza::bare(owner, &self.config.domain) else {
             return;
         };
@@ -607,7 +775,7 @@ impl Server {
         for node in nodes {
             let config = config_of(&node);
             if config.send_last != SendLast::OnSubAndPresence
-                || !pubsub::notify_nodes(features).any(|n| n == node.node)
+                || !wanted.contains(&node.node)
                 || !self.may_notify(owner, &owner_bare, jid, &config).await
             {
                 continue;

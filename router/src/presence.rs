@@ -226,6 +226,11 @@ impl Server {
             Some(b) => b,
             None => return,
         };
+        if presence.attr("type") == Some("unavailable") {
+            // Forgotten by the contact's PEP service whatever else happens (only
+            // forgets: harmless where the contact is not homed).
+            self.pep_presence(&contact_user, presence);
+        }
         if self.is_blocked_by(user, &contact_jid.to_bare()).await
             || self.is_blocked_by(&contact_user, &user_bare).await
         {

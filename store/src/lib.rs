@@ -41,7 +41,7 @@ pub use offline::{Offline, OfflineMessage, OfflineQuota};
 pub use outbox::OutboxEntry;
 pub use peer_nodes::PeerNode;
 pub use peers::{Digest, DuplicateUser, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
-pub use pep::{PepItem, PepNode, Published};
+pub use pep::{PepItem, PepNode, PepQuota, Published};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
 pub use users::{NewUser, UserRecord};

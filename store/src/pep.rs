@@ -3,7 +3,7 @@
 
 use sqlx::Row as _;
 
-use crate::{Result, Store};
+use crate::{Backend, Result, Store};
 
 /// A PEP node's configuration as stored; the router gives the strings their meaning
 /// (`access_model`: open, presence or whitelist; `send_last`: never, on_sub or
@@ -44,6 +44,16 @@ pub enum Published {
     Stored,
     /// The node did not exist and the owner already has `max_nodes` nodes.
     NodeLimit,
+    /// The owner's items would hold more than their byte quota.
+    QuotaFull,
+}
+
+/// An account's PEP quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PepQuota {
+    pub nodes: usize,
+    /// Bytes of payload over all its nodes.
+    pub bytes: u64,
 }
 
 fn node_of(r: &sqlx::any::AnyRow) -> Result<PepNode> {
@@ -81,6 +91,26 @@ async fn trim(
 }
 
 impl Store {
+    /// Serializes the writes to one owner's PEP rows: PostgreSQL's READ COMMITTED
+    /// would let two first publications race on the node, the count and the order
+    /// (SQLite's write transactions are already one at a time). False when there is
+    /// no such user.
+    async fn lock_owner(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        owner: &str,
+    ) -> Result<bool> {
+        let lock = match self.backend {
+            Backend::Sqlite => "SELECT 1 AS one FROM users WHERE username = $1",
+            Backend::Postgres => "SELECT 1 AS one FROM users WHERE username = $1 FOR UPDATE",
+        };
+        Ok(sqlx::query(lock)
+            .bind(owner)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some())
+    }
+
     /// Every PEP node of `owner`, by name.
     pub async fn pep_nodes(&self, owner: &str) -> Result<Vec<PepNode>> {
         let _timer = self.latency.start("pep_nodes");
@@ -104,17 +134,21 @@ impl Store {
     }
 
     /// Publishes an item (replacing one with the same id), creating the node with
-    /// `config` when it does not exist and the owner has fewer than `max_nodes`;
-    /// then drops the oldest items beyond what the node keeps. All or nothing.
+    /// `config` when it does not exist and the owner has fewer than `quota.nodes`;
+    /// then drops the oldest items beyond what the node keeps. All or nothing, and
+    /// nothing when the owner's items would hold more than `quota.bytes`.
     pub async fn pep_publish(
         &self,
         owner: &str,
         config: &PepNode,
         item: &PepItem,
-        max_nodes: usize,
+        quota: PepQuota,
     ) -> Result<Published> {
         let _timer = self.latency.start("pep_publish");
         let mut tx = self.write().await?;
+        if !self.lock_owner(&mut tx, owner).await? {
+            return Err(crate::StoreError::UserNotFound(owner.to_owned()));
+        }
         let sql = format!("SELECT {NODE_COLUMNS} FROM pep_nodes WHERE owner = $1 AND node = $2");
         let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(owner)
@@ -124,7 +158,7 @@ impl Store {
         let node = match existing {
             Some(row) => node_of(&row)?,
             None => {
-                if crate::storage::count(&mut tx, "pep_nodes", owner).await? >= max_nodes {
+                if crate::storage::count(&mut tx, "pep_nodes", owner).await? >= quota.nodes {
                     return Ok(Published::NodeLimit);
                 }
                 insert_node(&mut tx, owner, config).await?;
@@ -151,6 +185,17 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         trim(&mut tx, owner, &node.node, node.kept()).await?;
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0) AS n FROM pep_items WHERE owner = $1",
+        )
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
+        let bytes: i64 = row.try_get("n")?;
+        if u64::try_from(bytes).unwrap_or(u64::MAX) > quota.bytes {
+            // Dropped without commit: nothing was stored.
+            return Ok(Published::QuotaFull);
+        }
         tx.commit().await?;
         Ok(Published::Stored)
     }
@@ -163,6 +208,9 @@ impl Store {
         max_nodes: usize,
     ) -> Result<bool> {
         let mut tx = self.write().await?;
+        if !self.lock_owner(&mut tx, owner).await? {
+            return Ok(false);
+        }
         let exists = sqlx::query("SELECT 1 AS one FROM pep_nodes WHERE owner = $1 AND node = $2")
             .bind(owner)
             .bind(&config.node)
@@ -181,6 +229,9 @@ impl Store {
     /// false when there is no such node.
     pub async fn pep_configure(&self, owner: &str, config: &PepNode) -> Result<bool> {
         let mut tx = self.write().await?;
+        if !self.lock_owner(&mut tx, owner).await? {
+            return Ok(false);
+        }
         let changed = sqlx::query(
             "UPDATE pep_nodes SET access_model = $3, persist_items = $4, max_items = $5,
                  send_last = $6, notify_retract = $7
@@ -346,6 +397,13 @@ mod tests {
         }
     }
 
+    fn quota(nodes: usize) -> PepQuota {
+        PepQuota {
+            nodes,
+            bytes: 10_000,
+        }
+    }
+
     fn item(id: &str) -> PepItem {
         PepItem {
             id: id.into(),
@@ -367,7 +425,10 @@ mod tests {
                 .unwrap();
             let n = node("urn:a", 2);
             for id in ["1", "2", "3"] {
-                let r = store.pep_publish("dana", &n, &item(id), 2).await.unwrap();
+                let r = store
+                    .pep_publish("dana", &n, &item(id), quota(2))
+                    .await
+                    .unwrap();
                 assert_eq!(r, Published::Stored);
             }
             let ids = |items: Vec<PepItem>| items.into_iter().map(|i| i.id).collect::<Vec<_>>();
@@ -376,7 +437,10 @@ mod tests {
                 ["2", "3"]
             );
             // Republishing an id makes it the newest.
-            store.pep_publish("dana", &n, &item("2"), 2).await.unwrap();
+            store
+                .pep_publish("dana", &n, &item("2"), quota(2))
+                .await
+                .unwrap();
             assert_eq!(
                 ids(store.pep_items("dana", "urn:a", 1).await.unwrap()),
                 ["2"]
@@ -390,11 +454,11 @@ mod tests {
             );
             // A second node fits, a third does not: nothing of it is stored.
             store
-                .pep_publish("dana", &node("urn:b", 1), &item("1"), 2)
+                .pep_publish("dana", &node("urn:b", 1), &item("1"), quota(2))
                 .await
                 .unwrap();
             let over = store
-                .pep_publish("dana", &node("urn:c", 1), &item("1"), 2)
+                .pep_publish("dana", &node("urn:c", 1), &item("1"), quota(2))
                 .await
                 .unwrap();
             assert_eq!(over, Published::NodeLimit);
@@ -443,13 +507,27 @@ mod tests {
             let mut transient = node("urn:t", 5);
             transient.persist_items = false;
             store
-                .pep_publish("dana", &transient, &item("1"), 3)
+                .pep_publish("dana", &transient, &item("1"), quota(3))
                 .await
                 .unwrap();
             store
-                .pep_publish("dana", &transient, &item("2"), 3)
+                .pep_publish("dana", &transient, &item("2"), quota(3))
                 .await
                 .unwrap();
+            assert_eq!(
+                ids(store.pep_items("dana", "urn:t", 10).await.unwrap()),
+                ["2"]
+            );
+            // Over the byte quota, nothing of the publication is stored.
+            let big = PepItem {
+                id: "big".into(),
+                payload: "x".repeat(10_001),
+            };
+            let full = store
+                .pep_publish("dana", &transient, &big, quota(3))
+                .await
+                .unwrap();
+            assert_eq!(full, Published::QuotaFull);
             assert_eq!(
                 ids(store.pep_items("dana", "urn:t", 10).await.unwrap()),
                 ["2"]

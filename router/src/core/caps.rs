@@ -43,7 +43,8 @@ impl Caps {
 }
 
 /// The features of a disco#info answer when its verification string hashes to `ver`
-/// (§5.4: identities, features and forms each unique), else `None`.
+/// (§5.4: identities, features and forms each unique; no `<` in any part, which would
+/// let one answer stand for another's string), else `None`.
 pub fn verified_features(info: &Element, ver: &str) -> Option<Vec<String>> {
     let (string, features) = verification_string(info)?;
     let hash = sha1::Sha1::digest(string.as_bytes());
@@ -61,17 +62,27 @@ fn verification_string(info: &Element) -> Option<(String, Vec<String>)> {
     let mut forms = vec![];
     for child in info.children() {
         if child.is("identity", ns::DISCO_INFO) {
-            identities.push(format!(
-                "{}/{}/{}/{}",
+            let parts = [
                 child.attr("category").unwrap_or_default(),
                 child.attr("type").unwrap_or_default(),
                 child.attr_ns(XML_NS, "lang").unwrap_or_default(),
-                child.attr("name").unwrap_or_default()
-            ));
+                child.attr("name").unwrap_or_default(),
+            ];
+            if parts.iter().any(|p| p.contains('<')) {
+                return None;
+            }
+            identities.push(parts.join("/"));
         } else if child.is("feature", ns::DISCO_INFO) {
-            features.push(child.attr("var")?.to_owned());
+            let var = child.attr("var")?;
+            if var.contains('<') {
+                return None;
+            }
+            features.push(var.to_owned());
         } else if child.is("x", ns::DATA_FORMS) {
-            forms.push(form_string(child)?);
+            // Forms without a FORM_TYPE are ignored (§5.4 3.6).
+            if let Some(form) = form_string(child)? {
+                forms.push(form);
+            }
         }
     }
     identities.sort();
@@ -97,9 +108,10 @@ fn verification_string(info: &Element) -> Option<(String, Vec<String>)> {
     Some((s, features))
 }
 
-/// One extended form's part of the string, keyed by its FORM_TYPE (forms without one
-/// are left out, §5.4 3.6).
-fn form_string(form: &Element) -> Option<(String, String)> {
+/// One extended form's part of the string, keyed by its FORM_TYPE: `Some(None)` for a
+/// form without one (left out, §5.4 3.6), `None` for an answer to refuse (a FORM_TYPE
+/// with several values, a `<` anywhere).
+fn form_string(form: &Element) -> Option<Option<(String, String)>> {
     let mut form_type = None;
     let mut fields = vec![];
     for field in form.children().filter(|f| f.is("field", ns::DATA_FORMS)) {
@@ -109,7 +121,13 @@ fn form_string(form: &Element) -> Option<(String, String)> {
             .filter(|v| v.is("value", ns::DATA_FORMS))
             .map(|v| v.text())
             .collect();
+        if var.contains('<') || values.iter().any(|v| v.contains('<')) {
+            return None;
+        }
         if var == "FORM_TYPE" {
+            if values.len() != 1 || form_type.is_some() {
+                return None;
+            }
             form_type = values.pop();
             continue;
         }
@@ -117,7 +135,7 @@ fn form_string(form: &Element) -> Option<(String, String)> {
         fields.push((var.to_owned(), values));
     }
     let Some(form_type) = form_type else {
-        return Some((String::new(), String::new()));
+        return Some(None);
     };
     fields.sort();
     let mut s = format!("{form_type}<");
@@ -129,7 +147,7 @@ fn form_string(form: &Element) -> Option<(String, String)> {
             s.push('<');
         }
     }
-    Some((form_type, s))
+    Some(Some((form_type, s)))
 }
 
 #[cfg(test)]
@@ -186,6 +204,25 @@ mod tests {
              <feature var='a'/><feature var='a'/></query>",
         );
         assert!(verification_string(&info).is_none());
+    }
+
+    /// The known preimage trick: a feature holding `<` would hash like two features
+    /// (or an identity name like a feature), so such an answer is refused.
+    #[test]
+    fn a_less_than_sign_is_refused() {
+        let merged = parse(
+            "<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='pc' name='x&lt;urn:a+notify'/></query>",
+        );
+        assert!(verification_string(&merged).is_none());
+        let feature = parse(
+            "<query xmlns='http://jabber.org/protocol/disco#info'><feature var='a&lt;b'/></query>",
+        );
+        assert!(verification_string(&feature).is_none());
+        // Forms without a FORM_TYPE are left out, not fatal.
+        let forms = parse(
+            "<query xmlns='http://jabber.org/protocol/disco#info'><feature var='a'/><x xmlns='jabber:x:data' type='result'><field var='x'><value>1</value></field></x><x xmlns='jabber:x:data' type='result'><field var='y'><value>2</value></field></x></query>",
+        );
+        assert_eq!(verification_string(&forms).unwrap().0, "a<");
     }
 
     #[test]

@@ -77,8 +77,14 @@ pub fn message(ty: MessageType, resource: Option<&str>, sessions: &[Resource<'_>
             carbons,
         };
     }
+    // A headline for a resource that is gone is dropped (RFC 6121 §8.5.3.2.1 allows it,
+    // and ejabberd does so): a notification meant for one client's interests must not
+    // reach the others.
+    if resource.is_some() && ty == MessageType::Headline {
+        return Delivery::Ignore;
+    }
     // Bare JID, or a resource that is not online (§8.5.3.2.1: treated as bare for
-    // normal, chat and headline).
+    // normal and chat).
     let available = || sessions.iter().filter(|s| s.available && s.priority >= 0);
     let ids: Vec<u64> = match ty {
         MessageType::Groupchat => {
@@ -173,7 +179,8 @@ mod tests {
     fn an_unknown_resource_is_treated_as_the_bare_jid() {
         let s = [r(1, "phone", true, 5)];
         assert_eq!(message(Chat, Some("gone"), &s), to(&[1], true));
-        assert_eq!(message(Headline, Some("gone"), &s), to(&[1], false));
+        // Except a headline: it was meant for that resource only.
+        assert_eq!(message(Headline, Some("gone"), &s), Delivery::Ignore);
         assert_eq!(
             message(Groupchat, Some("gone"), &s),
             Delivery::Bounce(StanzaErrorCondition::ServiceUnavailable)

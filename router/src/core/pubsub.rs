@@ -428,7 +428,13 @@ pub fn parse_request(pubsub: &Element, set: bool) -> Result<Request<'_>, Refusal
             Ok(Request::Items { node, ids, max })
         }
         (false, true, "create") => Ok(Request::Create {
-            node: node_attr(verb)?,
+            // Instant nodes are not supported (XEP-0060 §8.1.2).
+            node: node_attr(verb).map_err(|r| match r.app {
+                Some("nodeid-required") => {
+                    Refusal::new(StanzaErrorCondition::NotAcceptable, "nodeid-required")
+                }
+                _ => r,
+            })?,
             config: pubsub
                 .get_child("configure", ns::PUBSUB)
                 .and_then(|c| c.get_child("x", ns::DATA_FORMS)),
