@@ -25,6 +25,7 @@ pub struct Config {
     pub sync: SyncSection,
     pub contact: ContactSection,
     pub pep: PepSection,
+    pub archive: ArchiveSection,
     pub log: LogSection,
 }
 
@@ -44,6 +45,7 @@ impl Default for Config {
             sync: SyncSection::default(),
             contact: ContactSection::default(),
             pep: PepSection::default(),
+            archive: ArchiveSection::default(),
             log: LogSection::default(),
         }
     }
@@ -399,6 +401,30 @@ impl Default for PepSection {
     }
 }
 
+/// Message archives (XEP-0313) on each account's home node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSection {
+    pub enabled: bool,
+    /// The preference of accounts that set none: `always`, `roster` or `never`.
+    pub default: String,
+    /// Days a message is kept; 0 keeps them forever.
+    pub retention_days: u32,
+    /// Messages one query page holds at most.
+    pub max_page: usize,
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        ArchiveSection {
+            enabled: true,
+            default: "always".into(),
+            retention_days: 365,
+            max_page: 250,
+        }
+    }
+}
+
 /// An absolute URI as RFC 3986 §3.1 starts one (a scheme, then `:`), of printable
 /// characters without spaces.
 fn is_uri(s: &str) -> bool {
@@ -472,6 +498,14 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.contact.validate()?;
+        if impmesh_router::core::archive::DefaultMode::parse(&self.archive.default).is_none()
+            || !(1..=1000).contains(&self.archive.max_page)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "archive.default must be always, roster or never (not {:?}), archive.max_page between 1 and 1000",
+                self.archive.default
+            )));
+        }
         // An event carries one item and must fit in a stanza, with room for its envelope.
         let p = &self.pep;
         if p.max_item_bytes < 1024
@@ -591,6 +625,15 @@ impl Config {
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);
         rc.link_features = impmesh_axl::features::announced(&self.sync.disable_features);
         rc.contact_addresses = self.contact.addresses();
+        let a = &self.archive;
+        rc.archive = impmesh_router::ArchiveSettings {
+            enabled: a.enabled,
+            default: impmesh_router::core::archive::DefaultMode::parse(&a.default)
+                .unwrap_or(impmesh_router::core::archive::DefaultMode::Always),
+            retention: (a.retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(a.retention_days) * 86_400)),
+            max_page: a.max_page,
+        };
         rc.limits = impmesh_router::Limits {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
@@ -734,6 +777,23 @@ mod tests {
         let short = Config::parse("[limits]\nlink_read_timeout = 30").unwrap_err();
         assert!(short.to_string().contains("at least 60"), "{short}");
         assert!(Config::parse("[limits]\nlink_queue = 0").is_err());
+    }
+
+    /// `[archive]` reaches the router; retention 0 keeps messages forever.
+    #[test]
+    fn archive_settings_come_from_the_configuration() {
+        let d = Config::default().router_config().archive;
+        assert!(d.enabled);
+        assert_eq!(d.retention, Some(Duration::from_secs(365 * 86_400)));
+        let c = Config::parse("[archive]\ndefault = \"roster\"\nretention_days = 0\nmax_page = 20")
+            .unwrap();
+        let a = c.router_config().archive;
+        assert_eq!(
+            a.default,
+            impmesh_router::core::archive::DefaultMode::Roster
+        );
+        assert_eq!((a.retention, a.max_page), (None, 20));
+        assert!(Config::parse("[archive]\ndefault = \"sometimes\"").is_err());
     }
 
     /// `[pep]` reaches the router, and an item that could not fit a stanza is refused.

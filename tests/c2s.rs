@@ -1563,3 +1563,171 @@ async fn xep0163_each_resource_gets_what_its_capabilities_ask_for() {
         String::from(&info)
     );
 }
+
+/// XEP-0313: both sides archive on their home node, each message stamped with the
+/// recipient's archive id (a forged one is removed); a second device reads the
+/// history page by page; the sender's carbons carry its own archive id; preferences,
+/// hints, a huge page, an unknown id and another's archive are handled as the XEP says.
+#[tokio::test]
+async fn xep0313_archives_both_sides_and_pages_history_for_a_second_device() {
+    let node = start_node_with_users(|c| c.archive.max_page = 3, &["alice", "bob"]).await;
+    let mut phone = node.client("alice", PW, Some("phone"));
+    online(&mut phone).await;
+    send(&mut phone, "<presence/>").await;
+    let mut desk = node.client("alice", PW, Some("desk"));
+    online(&mut desk).await;
+    send(&mut desk, "<presence/>").await;
+    send(
+        &mut desk,
+        "<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+    )
+    .await;
+    expect(&mut desk, 5, "carbons on", |e| e.attr("id") == Some("c")).await;
+    let mut laptop = node.client("bob", PW, Some("laptop"));
+    online(&mut laptop).await;
+    send(&mut laptop, "<presence/>").await;
+
+    let mut received = vec![];
+    for i in 1..=4 {
+        // The first one carries a forged stanza-id for bob's archive.
+        let forged = if i == 1 {
+            "<stanza-id xmlns='urn:xmpp:sid:0' id='forged' by='bob@localhost'/>"
+        } else {
+            ""
+        };
+        send(&mut phone, &format!("<message to='bob@localhost' type='chat' id='m{i}'><body>hello {i}</body>{forged}</message>")).await;
+        let m = expect(&mut laptop, 5, "alice's message", |e| body(e).is_some()).await;
+        let id = stanza_id_by(&m, "bob@localhost").expect("stamped for bob's archive");
+        assert_ne!(id, "forged");
+        received.push(id);
+    }
+    let carbon = expect(&mut desk, 5, "a sent carbon", |e| {
+        e.has_child("sent", "urn:xmpp:carbons:2")
+    })
+    .await;
+    let inner = carbon
+        .get_child("sent", "urn:xmpp:carbons:2")
+        .and_then(|s| s.get_child("forwarded", "urn:xmpp:forward:0"))
+        .and_then(|f| f.get_child("message", "jabber:client"))
+        .unwrap();
+    let alice_first = stanza_id_by(inner, "alice@localhost").expect("the sender's archive id");
+    // Not archived: a hint says so, or there is no body.
+    send(&mut phone, "<message to='bob@localhost' type='chat'><body>off the record</body><no-store xmlns='urn:xmpp:hints'/></message>").await;
+    send(&mut phone, "<message to='bob@localhost' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>").await;
+    sync_with_server(&mut phone, "s1").await;
+
+    // A second device of bob reads the history, three at a time (the page limit).
+    let mut tablet = node.client("bob", PW, Some("tablet"));
+    online(&mut tablet).await;
+    tablet
+        .send_stanza(mam_query_iq(
+            "q1",
+            Some("alice@localhost"),
+            1_000_000,
+            None,
+            None,
+        ))
+        .await
+        .unwrap();
+    let (page, fin) = mam_results(&mut tablet, "q1").await;
+    let bodies: Vec<&str> = page.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["hello 1", "hello 2", "hello 3"]);
+    assert!(
+        !fin.complete,
+        "a huge page gets the largest page, not complete"
+    );
+    let ids: Vec<&String> = page.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, received[..3].iter().collect::<Vec<_>>());
+    let last = fin.set.last.clone().unwrap();
+    tablet
+        .send_stanza(mam_query_iq(
+            "q2",
+            Some("alice@localhost"),
+            3,
+            Some(&last),
+            None,
+        ))
+        .await
+        .unwrap();
+    let (page, fin) = mam_results(&mut tablet, "q2").await;
+    assert_eq!(
+        page.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(),
+        ["hello 4"]
+    );
+    assert!(fin.complete);
+    // The last page, as clients ask on first sync.
+    tablet
+        .send_stanza(mam_query_iq("q3", None, 2, None, Some(None)))
+        .await
+        .unwrap();
+    let (page, _) = mam_results(&mut tablet, "q3").await;
+    assert_eq!(
+        page.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(),
+        ["hello 3", "hello 4"]
+    );
+
+    // alice's archive has her side, with the id her carbon carried.
+    phone
+        .send_stanza(mam_query_iq("q4", Some("bob@localhost"), 3, None, None))
+        .await
+        .unwrap();
+    let (page, _) = mam_results(&mut phone, "q4").await;
+    assert_eq!(page[0], (alice_first, "hello 1".to_owned()));
+
+    // An unknown id, and bob's archive asked by alice.
+    phone
+        .send_stanza(mam_query_iq("q5", None, 3, Some("no-such-id"), None))
+        .await
+        .unwrap();
+    let e = expect(&mut phone, 5, "item-not-found", |e| {
+        e.attr("id") == Some("q5")
+    })
+    .await;
+    assert!(
+        String::from(&e).contains("item-not-found"),
+        "{}",
+        String::from(&e)
+    );
+    let mut foreign = mam_query_iq("q6", None, 3, None, None);
+    if let tokio_xmpp::Stanza::Iq(iq) = &mut foreign {
+        *iq.to_mut() = Some(tokio_xmpp::jid::Jid::from(bare("bob")));
+    }
+    phone.send_stanza(foreign).await.unwrap();
+    let e = expect(&mut phone, 5, "forbidden", |e| e.attr("id") == Some("q6")).await;
+    assert!(
+        String::from(&e).contains("forbidden"),
+        "{}",
+        String::from(&e)
+    );
+
+    // bob turns archiving off: what comes next is delivered, unstamped, not archived.
+    send(
+        &mut tablet,
+        "<iq type='set' id='p1'><prefs xmlns='urn:xmpp:mam:2' default='never'/></iq>",
+    )
+    .await;
+    let prefs = expect(&mut tablet, 5, "the preferences", |e| {
+        e.attr("id") == Some("p1")
+    })
+    .await;
+    let default = prefs
+        .get_child("prefs", "urn:xmpp:mam:2")
+        .and_then(|p| p.attr("default"));
+    assert_eq!(default, Some("never"), "{}", String::from(&prefs));
+    send(
+        &mut phone,
+        "<message to='bob@localhost' type='chat'><body>unarchived</body></message>",
+    )
+    .await;
+    let m = expect(&mut laptop, 5, "the unarchived message", |e| {
+        body(e).as_deref() == Some("unarchived")
+    })
+    .await;
+    assert_eq!(stanza_id_by(&m, "bob@localhost"), None);
+    tablet
+        .send_stanza(mam_query_iq("q7", None, 3, None, Some(None)))
+        .await
+        .unwrap();
+    let (page, _) = mam_results(&mut tablet, "q7").await;
+    assert_eq!(page.last().map(|(_, b)| b.as_str()), Some("hello 4"));
+}

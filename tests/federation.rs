@@ -1055,3 +1055,51 @@ async fn pep_events_and_items_cross_clusters_under_the_owners_access_model() {
         )
     );
 }
+
+/// XEP-0313 across the mesh: a chat between clusters is archived on both home nodes,
+/// each side with its own archive id; each reads its history from its own cluster.
+#[tokio::test]
+async fn each_side_of_a_chat_across_clusters_is_archived_at_home() {
+    use support::{mam_query_iq, mam_results, stanza_id_by};
+    let (a, b) = peered_pair().await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat'><body>across</body><stanza-id xmlns='urn:xmpp:sid:0' id='forged' by='bob@{DOMAIN}'/></message>"),
+    )
+    .await;
+    let m = expect(&mut bob, 10, "alice's message on B", |e| body(e).is_some()).await;
+    let bob_id = stanza_id_by(&m, &format!("bob@{DOMAIN}")).expect("stamped by B");
+    assert_ne!(bob_id, "forged");
+    bob.send_stanza(mam_query_iq(
+        "q1",
+        Some(&format!("alice@{DOMAIN}")),
+        10,
+        None,
+        None,
+    ))
+    .await
+    .unwrap();
+    let (page, fin) = mam_results(&mut bob, "q1").await;
+    assert_eq!(page, [(bob_id, "across".to_owned())]);
+    assert!(fin.complete);
+    alice
+        .send_stanza(mam_query_iq(
+            "q2",
+            Some(&format!("bob@{DOMAIN}")),
+            10,
+            None,
+            None,
+        ))
+        .await
+        .unwrap();
+    let (page, _) = mam_results(&mut alice, "q2").await;
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].1, "across");
+    assert!(!page[0].0.is_empty());
+}

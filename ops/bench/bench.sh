@@ -12,6 +12,7 @@
 #        bench.sh gen ARGS...                # impmesh-bench pinned to $GEN_CPU, --pid set
 #        bench.sh suite [ROUNDS] [SERVERS...] # the whole scenario; JSON lines to $RUNDIR/results.jsonl
 #        bench.sh pairs [ROUNDS] [SERVERS...] # 500 msgs/s latency, servers interleaved round by round
+#        bench.sh archive [ROUNDS]           # impmesh with message archives on and off, interleaved
 #
 # Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0);
 # BUSY_CPUS=1 keeps every CPU from going idle during `pairs` (one SCHED_IDLE spinner per
@@ -189,6 +190,32 @@ pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
   done
 }
 
+archive() {  # impmesh's CPU per message with the archive (XEP-0313) on and off
+  local rounds="${1:-3}"
+  local out="$RUNDIR/archive.jsonl"
+  local conf="$RUNDIR/impmesh/impmesh.toml"
+  for r in $(seq 1 "$rounds"); do
+    for mode in on off; do
+      echo "=== round $r: archive $mode" >&2
+      subst "$HERE/impmesh.toml.in" "$conf"
+      [ "$mode" = off ] && printf '[archive]\nenabled = false            # BENCH: archive off\n' >> "$conf"
+      wipe impmesh
+      start impmesh >&2
+      gen --count 1000 --concurrency 100 register >/dev/null
+      for label in msg-saturate msg-rate5000; do
+        case "$label" in
+          msg-saturate) args=(msg --window 4 --warmup 3 --duration 15) ;;
+          msg-rate5000) args=(msg --rate 5000 --warmup 3 --duration 15) ;;
+        esac
+        gen --count 1000 --concurrency 50 --label "$label" "${args[@]}" \
+          | sed "s/^{/{\"server\":\"impmesh\",\"archive\":\"$mode\",\"round\":$r,/" | tee -a "$out"
+      done
+      stop >&2
+    done
+  done
+  subst "$HERE/impmesh.toml.in" "$conf"
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
@@ -199,5 +226,6 @@ case "$cmd" in
   gen) gen "$@" ;;
   suite) suite "$@" ;;
   pairs) pairs "$@" ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  archive) archive "$@" ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

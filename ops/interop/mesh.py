@@ -3,7 +3,8 @@ impmesh processes peered with `impmesh peer add`).
 
 alice (homed on A, logs in at A) and bob (homed on B) subscribe to each other with
 explicit approval, see each other's presence, chat both ways, and bob gets alice's
-avatar and OMEMO device list over PEP from her home cluster; bob then connects to A,
+avatar and OMEMO device list over PEP from her home cluster, and a second device of
+bob reads their history from his archive on B; bob then connects to A,
 is sent to B with see-other-host, follows it and comes online there; his logout
 reaches alice on the other cluster. Any failure or timeout exits non-zero.
 
@@ -14,7 +15,7 @@ import asyncio
 import logging
 import sys
 
-from scenario import expect, fail, login, pep_step
+from scenario import expect, fail, login, mam_step, pep_step
 
 
 def follow_redirects_of_explicit_addresses(account):
@@ -55,6 +56,8 @@ async def main(host, port_a, port_b, ca_file, password):
                  lambda m: m["body"] == "hello from cluster B" and m["from"].bare == "bob@localhost")
 
     await pep_step(alice, bob, "across clusters")
+    await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port_b, ca_file),
+                   "across clusters")
 
     # bob leaves B; alice on A sees it.
     bob.disconnect()

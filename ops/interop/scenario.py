@@ -3,7 +3,8 @@
 alice and bob log in over STARTTLS (trusting the node's certificate), subscribe to
 each other with explicit approval, see each other's presence, chat, publish and get
 an avatar and an OMEMO device list over PEP (XEP-0163, XEP-0084), get only the latest
-presence while inactive (XEP-0352), get an offline message at the next login, and
+presence while inactive (XEP-0352), read their history from a second device
+(XEP-0313), get an offline message at the next login, and
 remove each other from their rosters. Any failure or timeout exits non-zero.
 
 Usage: scenario.py HOST PORT CA_FILE PASSWORD
@@ -33,7 +34,8 @@ class Account(slixmpp.ClientXMPP):
         self.events = asyncio.Queue()
         # PEP as stock clients do it: capabilities (XEP-0115) announce the +notify
         # interests; xep_0084 asks for avatar metadata, OMEMO for device lists.
-        for plugin in ("xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0084"):
+        for plugin in ("xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0084",
+                       "xep_0059", "xep_0313"):
             self.register_plugin(plugin)
         self.add_event_handler("pubsub_publish", self.events.put_nowait)
         self.online = asyncio.Event()
@@ -91,6 +93,24 @@ async def pep_step(alice, bob, where):
     if got != [data]:
         fail(f"bob read {got} from alice's avatar node, not her avatar")
     print(f"ok: bob reads alice's avatar data {where}", flush=True)
+
+
+async def mam_step(alice, bob, login_bob, where):
+    """alice writes to bob; a second device of bob reads their history from his
+    archive (XEP-0313), two messages per page, and finds it in order."""
+    sent = [f"history {i} {where}" for i in range(3)]
+    for body in sent:
+        alice.send_message(mto="bob@localhost", mbody=body, mtype="chat")
+        await expect(bob.messages, f"bob gets '{body}'", lambda m, b=body: m["body"] == b)
+    tablet = await login_bob()
+    bodies = []
+    async for msg in tablet.plugin["xep_0313"].iterate(with_jid=slixmpp.JID("alice@localhost"),
+                                                        rsm={"max": 2}):
+        bodies.append(msg["mam_result"]["forwarded"]["stanza"]["body"])
+    if bodies[-3:] != sent:
+        fail(f"bob's second device read {bodies} from the archive, not ending with {sent}")
+    print(f"ok: a second device of bob reads the history from his archive {where}", flush=True)
+    tablet.disconnect()
 
 
 def fail(reason):
@@ -152,6 +172,8 @@ async def main(host, port, ca_file, password):
                  lambda m: m["body"] == "hello from slixmpp")
 
     await pep_step(alice, bob, "on one node")
+    await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port, ca_file),
+                   "on one node")
 
     # Client state indication: while bob is inactive, alice's presence changes wait and
     # only the latest reaches him, just before her next message.

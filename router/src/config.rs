@@ -28,6 +28,31 @@ pub struct RouterConfig {
     /// `http://jabber.org/network/serverinfo` form (`admin-addresses`, ...); only
     /// kinds with addresses.
     pub contact_addresses: Vec<(String, Vec<String>)>,
+    /// Message archives (XEP-0313).
+    pub archive: ArchiveSettings,
+}
+
+/// Message archives (XEP-0313).
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    pub enabled: bool,
+    /// The preference of accounts that never set one.
+    pub default: crate::core::archive::DefaultMode,
+    /// Messages older than this are deleted (hourly); `None` keeps them.
+    pub retention: Option<Duration>,
+    /// Messages one query page holds at most (a larger `<max/>` gets this many).
+    pub max_page: usize,
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        ArchiveSettings {
+            enabled: true,
+            default: crate::core::archive::DefaultMode::Always,
+            retention: Some(Duration::from_secs(365 * 24 * 3600)),
+            max_page: 250,
+        }
+    }
 }
 
 /// The part of a session's queue one sender may fill: a quarter, so at least four
@@ -213,6 +238,7 @@ impl RouterConfig {
             limits: Limits::default(),
             link_features: vec![],
             contact_addresses: vec![],
+            archive: ArchiveSettings::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ use impmesh_store::Offline;
 
 use crate::Server;
 use crate::context::Context;
+use crate::core::archive;
 use crate::core::delivery::{self, Delivery, MessageType, Resource};
 use crate::error::{StanzaErrorCondition, error_reply};
 use crate::hub::SessionHandle;
@@ -51,7 +52,18 @@ impl Context<'_> {
             return;
         }
         let from = self.jid().clone();
-        self.server.send_carbons_sent(&from, &message);
+        let mut message = message;
+        // Only this server stamps stanza-ids for its accounts (XEP-0359 §5).
+        archive::strip_stanza_ids(&mut message, from.to_bare().as_str());
+        archive::strip_stanza_ids(&mut message, to.to_bare().as_str());
+        let sent_id = self.server.archive_sent(&self.user(), &message, &to).await;
+        match sent_id {
+            Some(id) => {
+                let copy = crate::mam::stamped_copy(&message, Some(&id), &from);
+                self.server.send_carbons_sent(&from, &copy);
+            }
+            None => self.server.send_carbons_sent(&from, &message),
+        }
         // The sender is this session: its error goes straight to its own output, not
         // through its queue (a flooding sender gets every bounce it caused).
         if let Err(bounce) = self.server.deliver_message(message, &to).await {
@@ -110,7 +122,7 @@ impl Server {
     /// and carbons. What cannot be delivered comes back for the caller to bounce.
     pub(crate) async fn deliver_local_message(
         &self,
-        message: Element,
+        mut message: Element,
         to: &Jid,
     ) -> Result<(), Box<Bounce>> {
         let domain = &self.config.domain;
@@ -126,6 +138,8 @@ impl Server {
         {
             return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
         }
+        // Stamped before delivery, stored in the archive once delivered or kept.
+        let archived = self.archive_received(&user, &mut message).await;
         let sessions = self.hub.sessions(&user);
         let states: Vec<_> = sessions.iter().map(|s| s.presence()).collect();
         let resources: Vec<Resource<'_>> = sessions
@@ -154,9 +168,18 @@ impl Server {
                 if carbons {
                     self.send_carbons_received(&sessions, &delivered, &message);
                 }
+                if let Some(row) = archived {
+                    self.enqueue(row).await;
+                }
                 Ok(())
             }
-            Delivery::Offline => self.store_offline(&user, message).await,
+            Delivery::Offline => {
+                self.store_offline(&user, message).await?;
+                if let Some(row) = archived {
+                    self.enqueue(row).await;
+                }
+                Ok(())
+            }
             Delivery::Bounce(condition) => bounce(message, condition, None),
             Delivery::Ignore => Ok(()),
         }

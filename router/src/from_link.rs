@@ -36,6 +36,9 @@ impl LinkRouter for Server {
         Box::pin(async move {
             match ty {
                 Type::Message(_) => {
+                    let mut stanza = stanza;
+                    // Only the recipient's home stamps its archive id (XEP-0359 §5).
+                    crate::core::archive::strip_stanza_ids(&mut stanza, to.to_bare().as_str());
                     if let Err(b) = self.deliver_local_message(stanza, &to).await {
                         self.bounce(&b.stanza, b.condition, b.text);
                     }

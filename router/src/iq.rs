@@ -196,6 +196,12 @@ impl Context<'_> {
                     Err(refusal) => self.refuse(&iq, &refusal),
                 }
             }
+            ("query" | "prefs" | "metadata", ns::MAM) => {
+                match self.mam_iq(&iq, &payload, set).await {
+                    Ok(body) => self.reply_result(&iq, body),
+                    Err(refusal) => self.refuse(&iq, &refusal),
+                }
+            }
             ("query", ns::DISCO_INFO | ns::DISCO_ITEMS) if !set => {
                 let requester = Jid::from(self.jid().clone());
                 match server.account_query(&iq, &user, &requester).await {
@@ -702,6 +708,11 @@ impl Server {
                 for f in crate::pep::PEP_FEATURES {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
+                if self.config.archive.enabled {
+                    for f in crate::mam::MAM_FEATURES {
+                        body.push_str(&format!("<feature var='{f}'/>"));
+                    }
+                }
                 body.push_str("</query>");
                 Ok(Some(body))
             }
@@ -719,6 +730,8 @@ impl Server {
             (_, "pubsub", ns::PUBSUB | ns::PUBSUB_OWNER) => {
                 self.pep_request(requester, user, iq).await
             }
+            // Only the owner reads an archive.
+            (_, _, ns::MAM) => Err(StanzaErrorCondition::Forbidden.into()),
             _ => Err(StanzaErrorCondition::ServiceUnavailable.into()),
         }
     }

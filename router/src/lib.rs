@@ -20,6 +20,7 @@ mod from_link;
 pub mod hub;
 mod iq;
 pub mod link;
+mod mam;
 pub mod names;
 mod pep;
 mod presence;
@@ -42,7 +43,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Limits, RouterConfig};
+pub use config::{ArchiveSettings, Limits, RouterConfig};
 pub use iq::SERVER_FEATURES;
 pub use link::{HostResolver, LinkDirection, LinkStatus};
 
@@ -89,6 +90,8 @@ pub struct Server {
     remote_presence: from_link::RemotePresence,
     /// Personal eventing: capabilities and who wants which notifications.
     pep: pep::Pep,
+    /// Message archives: the batched writer's queue, preferences.
+    archive: mam::Archive,
     /// Striped locks ordering the subscription steps of each roster owner.
     roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
@@ -148,6 +151,12 @@ impl Server {
             ),
             remote_presence: from_link::RemotePresence::default(),
             pep: pep::Pep::default(),
+            archive: mam::Archive::start(
+                store.clone(),
+                config.archive.retention,
+                shutdown.clone(),
+                &tasks,
+            ),
             config,
             store,
             hub: Hub::default(),

@@ -45,6 +45,11 @@ pub mod ns {
     /// XEP-0157's form type (contact addresses in the server's disco#info).
     pub const SERVERINFO: &str = "http://jabber.org/network/serverinfo";
     pub const DATA_FORMS: &str = "jabber:x:data";
+    pub const MAM: &str = "urn:xmpp:mam:2";
+    pub const MAM_EXTENDED: &str = "urn:xmpp:mam:2#extended";
+    pub const RSM: &str = "http://jabber.org/protocol/rsm";
+    pub const SID: &str = "urn:xmpp:sid:0";
+    pub const OMEMO: &str = "eu.siacs.conversations.axolotl";
     pub const CAPS: &str = "http://jabber.org/protocol/caps";
     pub const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
     pub const PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alarms;
+mod archive;
 mod directory;
 mod latency;
 mod names;
@@ -33,6 +34,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions as _};
 
+pub use archive::{ArchiveFilter, ArchivePage, ArchiveResults, ArchiveRow, Archived};
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use latency::Latency;
 pub use names::{ClusterName, NodeName, UserName};

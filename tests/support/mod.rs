@@ -973,3 +973,75 @@ pub const AVATAR: &str = "urn:xmpp:avatar:metadata";
 pub const DEVICES: &str = "eu.siacs.conversations.axolotl.devicelist";
 pub const BOOKMARKS: &str = "urn:xmpp:bookmarks:1";
 pub const AVATAR_META: &str = "<metadata xmlns='urn:xmpp:avatar:metadata'><info bytes='12' id='111f4b3c50d7b0df729d299bc6f8e9ef9066971f' type='image/png' width='64' height='64'/></metadata>";
+
+/// A message archive query (XEP-0313) typed by xmpp-parsers: `with`, and a page of
+/// `max` after `after` (or the last page with `before = Some(None)`).
+pub fn mam_query_iq(
+    id: &str,
+    with: Option<&str>,
+    max: usize,
+    after: Option<&str>,
+    before: Option<Option<&str>>,
+) -> Stanza {
+    use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
+    use tokio_xmpp::parsers::{mam, rsm};
+    let fields = with
+        .map(|w| vec![Field::new("with", FieldType::JidSingle).with_value(w)])
+        .unwrap_or_default();
+    let query = mam::Query {
+        queryid: Some(mam::QueryId(id.into())),
+        node: None,
+        form: Some(DataForm::new(
+            DataFormType::Submit,
+            "urn:xmpp:mam:2",
+            fields,
+        )),
+        set: Some(rsm::SetQuery {
+            max: Some(max),
+            after: after.map(String::from),
+            before: before.map(|b| b.unwrap_or_default().to_owned()),
+            index: None,
+        }),
+        flip_page: false,
+    };
+    Stanza::Iq(tokio_xmpp::parsers::iq::Iq::from_set(id, query))
+}
+
+/// The archived messages a query returned (their archive ids and bodies, in order)
+/// and its `<fin/>`, typed by xmpp-parsers.
+pub async fn mam_results(
+    client: &mut Client,
+    id: &str,
+) -> (Vec<(String, String)>, tokio_xmpp::parsers::mam::Fin) {
+    use tokio_xmpp::parsers::mam;
+    let mut results = vec![];
+    loop {
+        let el = expect(client, 10, "archive results", |e| {
+            e.attr("id") == Some(id) || e.has_child("result", "urn:xmpp:mam:2")
+        })
+        .await;
+        if el.name() == "iq" {
+            assert_eq!(el.attr("type"), Some("result"), "{}", String::from(&el));
+            let fin = el
+                .get_child("fin", "urn:xmpp:mam:2")
+                .expect("a fin")
+                .clone();
+            return (results, mam::Fin::try_from(fin).unwrap());
+        }
+        let result =
+            mam::Result_::try_from(el.get_child("result", "urn:xmpp:mam:2").unwrap().clone())
+                .unwrap();
+        assert_eq!(result.queryid.as_ref().map(|q| q.0.as_str()), Some(id));
+        let message = result.forwarded.message;
+        let body = message.bodies.values().next().cloned().unwrap_or_default();
+        results.push((result.id, body));
+    }
+}
+
+/// The stanza-id (XEP-0359) `by` stamped on a message.
+pub fn stanza_id_by(el: &Element, by: &str) -> Option<String> {
+    el.children()
+        .find(|c| c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("by") == Some(by))
+        .and_then(|c| c.attr("id"))
+        .map(String::from)
+}

@@ -2,6 +2,7 @@
 //! and the current time and returns what to do; the session and link tasks carry it
 //! out. Tested without sockets, with simulated time.
 
+pub mod archive;
 pub mod caps;
 pub mod csi;
 pub mod delivery;

@@ -931,6 +931,7 @@ mod tests {
             },
             link_features: vec![],
             contact_addresses: vec![],
+            archive: Default::default(),
         };
         let router = Arc::new(Bounces::default());
         let weak = Arc::downgrade(&router);

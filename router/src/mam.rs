@@ -1,0 +1,479 @@
+//! Message archives (XEP-0313) on each account's home node: both sides of a chat are
+//! archived where each party is homed (the sender's node when it sends, the
+//! recipient's when it delivers, on another cluster too), each with its own
+//! `<stanza-id/>` (XEP-0359). Writes leave the delivery path: rows go through a
+//! bounded queue to one writer task that stores whatever has gathered in one
+//! transaction. A query first waits for the rows queued before it, so a client sees
+//! what it just sent. Expiry runs hourly. Decisions live in `core::archive`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use impmesh_store::{ArchiveFilter, ArchivePage, ArchiveRow, Store};
+use jid::{FullJid, Jid};
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Server;
+use crate::context::Context;
+use crate::core::archive::{self, Page, Prefs};
+use crate::core::pubsub::Refusal;
+use crate::error::StanzaErrorCondition;
+use crate::hub::lock;
+use crate::stanza;
+use crate::xml::ns;
+
+/// Rows waiting for the writer, at most: a sender waits for room beyond (the store
+/// sets the pace, memory does not grow).
+const QUEUE: usize = 8192;
+/// Rows stored in one transaction, at most.
+const BATCH: usize = 512;
+/// Accounts whose preferences are kept in memory.
+const PREFS_CACHE: usize = 100_000;
+/// Bytes of results one query sends, at most (a page ends early beyond; the client
+/// asks for the next).
+const MAX_RESULT_BYTES: usize = 2 * 1024 * 1024;
+/// Rows one expiry statement deletes.
+const EXPIRY_BATCH: usize = 10_000;
+const EXPIRY_PERIOD: Duration = Duration::from_secs(3600);
+
+/// What the features of the archive are, for disco#info.
+pub const MAM_FEATURES: &[&str] = &[ns::MAM, ns::MAM_EXTENDED, ns::SID];
+
+enum Op {
+    Row(ArchiveRow),
+    /// Answered once every row queued before it is stored.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The archive's queue and the preferences in memory.
+pub(crate) struct Archive {
+    queue: mpsc::Sender<Op>,
+    prefs: Mutex<HashMap<String, Arc<Prefs>>>,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive").finish_non_exhaustive()
+    }
+}
+
+impl Archive {
+    /// Starts the writer and the expiry task (when `retention` is set).
+    pub(crate) fn start(
+        store: Store,
+        retention: Option<Duration>,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Archive {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        tasks.spawn(writer(store.clone(), rx, shutdown.clone()));
+        if let Some(retention) = retention {
+            tasks.spawn(expiry(store, retention, shutdown));
+        }
+        Archive {
+            queue,
+            prefs: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::Receiver<Op>, shutdown: CancellationToken) {
+    let mut rows = Vec::with_capacity(BATCH);
+    let mut flushed = vec![];
+    loop {
+        let first = tokio::select! {
+            op = rx.recv() => op,
+            () = shutdown.cancelled() => None,
+        };
+        let Some(first) = first else {
+            // Shutting down: what is queued is stored, then the task ends.
+            while let Ok(op) = rx.try_recv() {
+                gather(op, &mut rows, &mut flushed);
+            }
+            write(&store, &mut rows, &mut flushed).await;
+            return;
+        };
+        gather(first, &mut rows, &mut flushed);
+        while rows.len() < BATCH
+            && let Ok(op) = rx.try_recv()
+        {
+            gather(op, &mut rows, &mut flushed);
+        }
+        write(&store, &mut rows, &mut flushed).await;
+    }
+}
+
+fn gather(op: Op, rows: &mut Vec<ArchiveRow>, flushed: &mut Vec<oneshot::Sender<()>>) {
+    match op {
+        Op::Row(row) => rows.push(row),
+        Op::Flush(done) => flushed.push(done),
+    }
+}
+
+async fn write(store: &Store, rows: &mut Vec<ArchiveRow>, flushed: &mut Vec<oneshot::Sender<()>>) {
+    if let Err(e) = store.archive_append(rows).await {
+        tracing::error!(error = %e, rows = rows.len(), "archiving messages failed; they were delivered but are not in the archive");
+    }
+    rows.clear();
+    for done in flushed.drain(..) {
+        let _ = done.send(());
+    }
+}
+
+async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_PERIOD);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cutoff = now_micros() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            match store.archive_expire(cutoff, EXPIRY_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if n < EXPIRY_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "archive expiry failed; retried next hour");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                messages = total,
+                "expired archived messages past the retention"
+            );
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Server {
+    /// `owner`'s archiving preferences (the configured default until set).
+    async fn archive_prefs(&self, owner: &str) -> Arc<Prefs> {
+        if let Some(p) = lock(&self.archive.prefs).get(owner) {
+            return p.clone();
+        }
+        let stored = self.store.archive_prefs(owner).await;
+        let prefs = match stored {
+            Ok(Some((default, always, never))) => Prefs {
+                default: archive::DefaultMode::parse(&default)
+                    .unwrap_or(self.config.archive.default),
+                always,
+                never,
+            },
+            Ok(None) => Prefs::new(self.config.archive.default),
+            Err(e) => {
+                // Not cached: the next message asks again.
+                tracing::error!(error = %e, "cannot read archiving preferences");
+                return Arc::new(Prefs::new(self.config.archive.default));
+            }
+        };
+        let prefs = Arc::new(prefs);
+        let mut cache = lock(&self.archive.prefs);
+        if cache.len() >= PREFS_CACHE {
+            cache.clear();
+        }
+        cache.insert(owner.to_owned(), prefs.clone());
+        prefs
+    }
+
+    /// Whether a message `owner` exchanged with `with` goes in `owner`'s archive.
+    async fn archives(&self, owner: &str, message: &Element, with: &Jid) -> bool {
+        if !self.config.archive.enabled || !archive::archivable(message) {
+            return false;
+        }
+        let prefs = self.archive_prefs(owner).await;
+        let with = with.to_bare();
+        let in_roster = prefs.default == archive::DefaultMode::Roster
+            && matches!(self.roster_of(owner).await, Ok(r) if r.contains_key(with.as_str()));
+        prefs.archives(with.as_str(), in_roster)
+    }
+
+    fn row(owner: &str, id: String, with: &Jid, outgoing: bool, stanza: String) -> ArchiveRow {
+        ArchiveRow {
+            owner: owner.to_owned(),
+            id,
+            peer: with.to_bare().to_string(),
+            resource: with.resource().map(|r| r.to_string()).unwrap_or_default(),
+            ts: now_micros(),
+            outgoing,
+            stanza,
+        }
+    }
+
+    /// Archives a message `owner` sent to `to` in the sender's archive; its id, for the
+    /// sender's carbons.
+    pub(crate) async fn archive_sent(
+        &self,
+        owner: &str,
+        message: &Element,
+        to: &Jid,
+    ) -> Option<String> {
+        if !self.archives(owner, message, to).await {
+            return None;
+        }
+        let id = crate::names::random_id();
+        let row = Self::row(owner, id.clone(), to, true, String::from(message));
+        self.enqueue(row).await;
+        Some(id)
+    }
+
+    /// Stamps a message for `owner` (a user of this node) with the id it gets in the
+    /// recipient's archive, and returns the row to store once it is delivered or kept
+    /// offline. A message already stamped for `owner` was archived when it first came
+    /// (a rerouted one): it keeps its id and is not stored twice.
+    pub(crate) async fn archive_received(
+        &self,
+        owner: &str,
+        message: &mut Element,
+    ) -> Option<ArchiveRow> {
+        let by = stanza::bare(owner, &self.config.domain)?;
+        if archive::stanza_id(message, by.as_str()).is_some() {
+            return None;
+        }
+        let from = message.attr("from").and_then(stanza::parse_jid)?;
+        if !self.archives(owner, message, &from).await {
+            return None;
+        }
+        let id = crate::names::random_id();
+        archive::stamp(message, &id, by.as_str());
+        Some(Self::row(owner, id, &from, false, String::from(&*message)))
+    }
+
+    pub(crate) async fn enqueue(&self, row: ArchiveRow) {
+        if self.archive.queue.send(Op::Row(row)).await.is_err() {
+            tracing::warn!("the archive writer has stopped; a message was not archived");
+        }
+    }
+
+    /// Waits until every row queued so far is stored.
+    async fn archive_flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.archive.queue.send(Op::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+impl Context<'_> {
+    /// XEP-0313 requests to the user's own archive: the form, queries, preferences,
+    /// metadata (the extended namespace).
+    pub(crate) async fn mam_iq(
+        &mut self,
+        iq: &Element,
+        payload: &Element,
+        set: bool,
+    ) -> Result<Option<String>, Refusal> {
+        let server = self.server.clone();
+        if !server.config.archive.enabled {
+            return Err(StanzaErrorCondition::ServiceUnavailable.into());
+        }
+        let user = self.user();
+        match (payload.name(), set) {
+            ("query", false) => Ok(Some(archive::query_form())),
+            ("query", true) => self.mam_query(&user, payload).await,
+            ("prefs", false) => Ok(Some(server.archive_prefs(&user).await.to_xml())),
+            ("prefs", true) => {
+                let prefs = Prefs::parse(payload)?;
+                server
+                    .store
+                    .set_archive_prefs(&user, prefs.default.as_str(), &prefs.always, &prefs.never)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot store archiving preferences");
+                        Refusal::from(StanzaErrorCondition::InternalServerError)
+                    })?;
+                let xml = prefs.to_xml();
+                lock(&server.archive.prefs).insert(user, Arc::new(prefs));
+                Ok(Some(xml))
+            }
+            ("metadata", false) => {
+                server.archive_flush().await;
+                let bounds = server.store.archive_bounds(&user).await.map_err(|e| {
+                    tracing::error!(error = %e, "cannot read the archive");
+                    Refusal::from(StanzaErrorCondition::InternalServerError)
+                })?;
+                let inner = match bounds {
+                    Some((first, last)) => format!(
+                        "<start id='{}' timestamp='{}'/><end id='{}' timestamp='{}'/>",
+                        crate::xml::escape(&first.id),
+                        archive::datetime(first.ts),
+                        crate::xml::escape(&last.id),
+                        archive::datetime(last.ts)
+                    ),
+                    None => String::new(),
+                };
+                let _ = iq;
+                Ok(Some(format!(
+                    "<metadata xmlns='{}'>{inner}</metadata>",
+                    ns::MAM
+                )))
+            }
+            _ => Err(StanzaErrorCondition::BadRequest.into()),
+        }
+    }
+
+    async fn mam_query(
+        &mut self,
+        user: &str,
+        payload: &Element,
+    ) -> Result<Option<String>, Refusal> {
+        let server = self.server.clone();
+        let q = archive::parse_query(payload, server.config.archive.max_page)
+            .map_err(|(c, text)| Refusal::from(c).with_text(text))?;
+        let with = q.with.as_deref().and_then(stanza::parse_jid);
+        let peer = with.as_ref().map(|j| j.to_bare().to_string());
+        let resource = with
+            .as_ref()
+            .and_then(|j| j.resource().map(|r| r.to_string()));
+        let filter = ArchiveFilter {
+            peer: peer.as_deref(),
+            resource: resource.as_deref(),
+            start: q.start,
+            end: q.end,
+            after_id: q.after_id.as_deref(),
+            before_id: q.before_id.as_deref(),
+            ids: &q.ids,
+        };
+        let page = match &q.page {
+            Page::Forward { after } => ArchivePage::Forward(after.as_deref()),
+            Page::Backward { before } => ArchivePage::Backward(before.as_deref()),
+        };
+        server.archive_flush().await;
+        let results = server
+            .store
+            .archive_query(user, &filter, page, q.max)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read the archive");
+                Refusal::from(StanzaErrorCondition::InternalServerError)
+            })?
+            .ok_or_else(|| {
+                Refusal::from(StanzaErrorCondition::ItemNotFound)
+                    .with_text("no message in the archive has that id")
+            })?;
+        let mut messages = results.messages;
+        let mut complete = results.complete;
+        // A page ends early rather than send more than MAX_RESULT_BYTES at once.
+        let mut bytes = 0;
+        let keep = messages
+            .iter()
+            .position(|m| {
+                bytes += m.stanza.len();
+                bytes > MAX_RESULT_BYTES
+            })
+            .map_or(messages.len(), |i| i.max(1));
+        if keep < messages.len() {
+            complete = false;
+            match q.page {
+                Page::Forward { .. } => messages.truncate(keep),
+                Page::Backward { .. } => {
+                    messages.drain(..messages.len() - keep);
+                }
+            }
+        }
+        let to = self.jid().to_string();
+        let first_last = match (messages.first(), messages.last()) {
+            (Some(f), Some(l)) => Some((f.id.clone(), l.id.clone())),
+            _ => None,
+        };
+        let ordered: Box<dyn Iterator<Item = _>> = if q.flip {
+            Box::new(messages.iter().rev())
+        } else {
+            Box::new(messages.iter())
+        };
+        for m in ordered {
+            let xml = archive::result_message(&to, q.queryid.as_deref(), &m.id, m.ts, &m.stanza);
+            self.push_out(xml.into());
+        }
+        Ok(Some(archive::fin(
+            first_last.as_ref().map(|(f, l)| (f.as_str(), l.as_str())),
+            complete,
+        )))
+    }
+}
+
+/// The sender's copy of a message for its carbons, with its id in the sender's
+/// archive (XEP-0313 §5: a client finds its own message in the archive by it).
+pub(crate) fn stamped_copy(message: &Element, id: Option<&str>, sender: &FullJid) -> Element {
+    let mut copy = message.clone();
+    if let Some(id) = id {
+        archive::stamp(&mut copy, id, sender.to_bare().as_str());
+    }
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The expiry deletes what is older than the retention and keeps the rest; its
+    /// first pass runs at start. (Real time: a paused clock times out the store's
+    /// connection pool at once.)
+    #[tokio::test]
+    async fn expiry_keeps_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("sqlite://mam.db", dir.path()).await.unwrap();
+        store
+            .add_user(impmesh_store::NewUser {
+                username: "u",
+                password: "pw",
+                home_cluster: "c",
+                home_node: "n",
+            })
+            .await
+            .unwrap();
+        let row = |id: &str, ts: i64| ArchiveRow {
+            owner: "u".into(),
+            id: id.into(),
+            peer: "p@d".into(),
+            resource: String::new(),
+            ts,
+            outgoing: false,
+            stanza: "<message/>".into(),
+        };
+        let day = 86_400_000_000;
+        store
+            .archive_append(&[row("old", now_micros() - 3 * day), row("new", now_micros())])
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(expiry(
+            store.clone(),
+            Duration::from_secs(2 * 86_400),
+            shutdown.clone(),
+        ));
+        let first = || async {
+            store
+                .archive_bounds("u")
+                .await
+                .unwrap()
+                .map(|(first, _)| first.id)
+        };
+        for _ in 0..100 {
+            if first().await.as_deref() == Some("new") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(first().await.as_deref(), Some("new"));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
