@@ -202,10 +202,10 @@ archive() {  # impmesh's CPU per message with the archive (XEP-0313) on and off
       wipe impmesh
       start impmesh >&2
       gen --count 1000 --concurrency 100 register >/dev/null
-      for label in msg-saturate msg-rate5000; do
+      for label in msg-saturate msg-rate1000; do
         case "$label" in
           msg-saturate) args=(msg --window 4 --warmup 3 --duration 15) ;;
-          msg-rate5000) args=(msg --rate 5000 --warmup 3 --duration 15) ;;
+          msg-rate1000) args=(msg --rate 1000 --warmup 3 --duration 15) ;;
         esac
         gen --count 1000 --concurrency 50 --label "$label" "${args[@]}" \
           | sed "s/^{/{\"server\":\"impmesh\",\"archive\":\"$mode\",\"round\":$r,/" | tee -a "$out"

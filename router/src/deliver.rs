@@ -326,9 +326,11 @@ impl Server {
         };
         match Kind::of(&stanza) {
             Some(Kind::Message) => {
-                // Carbons and server pings are copies: the original is elsewhere.
+                // Carbons, archive results and server pings are copies: the
+                // original is elsewhere.
                 if stanza.has_child("sent", ns::CARBONS)
                     || stanza.has_child("received", ns::CARBONS)
+                    || stanza.has_child("result", ns::MAM)
                 {
                     return;
                 }

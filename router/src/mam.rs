@@ -29,8 +29,15 @@ use crate::xml::ns;
 /// Rows waiting for the writer, at most: a sender waits for room beyond (the store
 /// sets the pace, memory does not grow).
 const QUEUE: usize = 8192;
-/// Rows stored in one transaction, at most.
-const BATCH: usize = 512;
+/// Rows stored in one transaction, at most, and how long the writer gathers rows
+/// before it stores them. Large batches sorted by account are what make archiving
+/// cheap: each account's index pages are written once per batch, not once per row
+/// (measured: 8192 sorted rows cost a fifth of 512 unsorted ones per row).
+const BATCH: usize = 16_384;
+const WINDOW: Duration = Duration::from_millis(250);
+/// After shutdown is asked, rows still arriving (deliveries in flight) are taken
+/// until none came for this long.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
 /// Accounts whose preferences are kept in memory.
 const PREFS_CACHE: usize = 100_000;
 /// Bytes of results one query sends, at most (a page ends early beyond; the client
@@ -82,7 +89,7 @@ impl Archive {
 }
 
 async fn writer(store: Store, mut rx: mpsc::Receiver<Op>, shutdown: CancellationToken) {
-    let mut rows = Vec::with_capacity(BATCH);
+    let mut rows = Vec::new();
     let mut flushed = vec![];
     loop {
         let first = tokio::select! {
@@ -90,18 +97,26 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Op>, shutdown: Cancellation
             () = shutdown.cancelled() => None,
         };
         let Some(first) = first else {
-            // Shutting down: what is queued is stored, then the task ends.
-            while let Ok(op) = rx.try_recv() {
+            // Shutting down: what is queued, and what deliveries still in flight
+            // add, is stored, then the task ends.
+            while let Ok(Some(op)) = tokio::time::timeout(SHUTDOWN_QUIET, rx.recv()).await {
                 gather(op, &mut rows, &mut flushed);
             }
             write(&store, &mut rows, &mut flushed).await;
             return;
         };
         gather(first, &mut rows, &mut flushed);
-        while rows.len() < BATCH
-            && let Ok(op) = rx.try_recv()
-        {
-            gather(op, &mut rows, &mut flushed);
+        // Gather for WINDOW, unless the batch is full or a query waits for it.
+        let deadline = tokio::time::Instant::now() + WINDOW;
+        while rows.len() < BATCH && flushed.is_empty() {
+            tokio::select! {
+                op = rx.recv() => match op {
+                    Some(op) => gather(op, &mut rows, &mut flushed),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+                () = shutdown.cancelled() => break,
+            }
         }
         write(&store, &mut rows, &mut flushed).await;
     }
@@ -115,6 +130,9 @@ fn gather(op: Op, rows: &mut Vec<ArchiveRow>, flushed: &mut Vec<oneshot::Sender<
 }
 
 async fn write(store: &Store, rows: &mut Vec<ArchiveRow>, flushed: &mut Vec<oneshot::Sender<()>>) {
+    // By account, then time (ids grow with it): each account's index is written in
+    // one place per batch, and its rows keep their order.
+    rows.sort_unstable_by(|a, b| (&a.owner, &a.id).cmp(&(&b.owner, &b.id)));
     if let Err(e) = store.archive_append(rows).await {
         tracing::error!(error = %e, rows = rows.len(), "archiving messages failed; they were delivered but are not in the archive");
     }
@@ -154,6 +172,19 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
             );
         }
     }
+}
+
+/// A new archive id: the time in microseconds, then 64 random bits, in fixed-width
+/// hex. Unique and hard to guess (XEP-0359), and increasing with time, so each
+/// account's index grows at its end instead of at random places (random ids made
+/// every archived row dirty a random page of the index).
+fn archive_id() -> String {
+    use rand::RngCore as _;
+    format!(
+        "{:014x}{:016x}",
+        now_micros(),
+        rand::thread_rng().next_u64()
+    )
 }
 
 fn now_micros() -> i64 {
@@ -228,7 +259,7 @@ impl Server {
         if !self.archives(owner, message, to).await {
             return None;
         }
-        let id = crate::names::random_id();
+        let id = archive_id();
         let row = Self::row(owner, id.clone(), to, true, String::from(message));
         self.enqueue(row).await;
         Some(id)
@@ -248,10 +279,11 @@ impl Server {
             return None;
         }
         let from = message.attr("from").and_then(stanza::parse_jid)?;
-        if !self.archives(owner, message, &from).await {
+        // A message to oneself is archived once, as sent.
+        if from.to_bare() == by || !self.archives(owner, message, &from).await {
             return None;
         }
-        let id = crate::names::random_id();
+        let id = archive_id();
         archive::stamp(message, &id, by.as_str());
         Some(Self::row(owner, id, &from, false, String::from(&*message)))
     }
@@ -371,14 +403,17 @@ impl Context<'_> {
         let mut messages = results.messages;
         let mut complete = results.complete;
         // A page ends early rather than send more than MAX_RESULT_BYTES at once.
+        // Counted from the end the page is taken from (the newest for a backward page).
         let mut bytes = 0;
-        let keep = messages
-            .iter()
-            .position(|m| {
-                bytes += m.stanza.len();
-                bytes > MAX_RESULT_BYTES
-            })
-            .map_or(messages.len(), |i| i.max(1));
+        let over = |m: &impmesh_store::Archived| {
+            bytes += m.stanza.len();
+            bytes > MAX_RESULT_BYTES
+        };
+        let within = match q.page {
+            Page::Forward { .. } => messages.iter().position(over),
+            Page::Backward { .. } => messages.iter().rev().position(over),
+        };
+        let keep = within.map_or(messages.len(), |i| i.max(1));
         if keep < messages.len() {
             complete = false;
             match q.page {

@@ -151,6 +151,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Page cache per SQLite connection, in KiB (`PRAGMA cache_size`).
 const SQLITE_CACHE_KIB: u32 = 1024;
+/// Bytes of the database file SQLite reads through a memory mapping (address space,
+/// not memory: the pages are the operating system's page cache, shared).
+const SQLITE_MMAP_BYTES: u64 = 1 << 30;
 
 impl Store {
     /// The directory generation: it changes after every change to where users live
@@ -278,6 +281,14 @@ impl Store {
                         sqlx::query(sqlx::AssertSqlSafe(format!(
                             "PRAGMA cache_size = -{}",
                             SQLITE_CACHE_KIB
+                        )))
+                        .execute(&mut *conn)
+                        .await?;
+                        // Pages read through a shared mapping of the file, not a
+                        // read() into each connection's cache: the archive's index
+                        // pages are read back for every batch of rows.
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA mmap_size = {SQLITE_MMAP_BYTES}"
                         )))
                         .execute(&mut *conn)
                         .await?;

@@ -40,19 +40,24 @@ pub fn strip_stanza_ids(message: &mut Element, by: &str) {
         kept.set_attr(attr_ns.clone(), name.clone(), value.as_str());
     }
     for child in message.children() {
-        if !(child.is("stanza-id", ns::SID) && child.attr("by") == Some(by)) {
+        if !(child.is("stanza-id", ns::SID) && child.attr("by").is_some_and(|b| same_jid(b, by))) {
             kept.append_child(child.clone());
         }
     }
     *message = kept;
 }
 
-/// The stanza-id `by` stamped on a message, if any.
+/// The stanza-id `by` stamped on a message, if any (`by` compared as a JID, so a
+/// forgery in another case or form is found too).
 pub fn stanza_id<'a>(message: &'a Element, by: &str) -> Option<&'a str> {
     message
         .children()
-        .find(|c| c.is("stanza-id", ns::SID) && c.attr("by") == Some(by))
+        .find(|c| c.is("stanza-id", ns::SID) && c.attr("by").is_some_and(|b| same_jid(b, by)))
         .and_then(|c| c.attr("id"))
+}
+
+fn same_jid(a: &str, b: &str) -> bool {
+    a == b || matches!((jid::Jid::new(a), jid::Jid::new(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Stamps `<stanza-id id by/>` on a message.
@@ -142,8 +147,11 @@ impl Prefs {
                         .collect()
                 })
                 .unwrap_or_default();
-            if jids.iter().any(|j| jid::BareJid::new(j).is_err()) {
-                return Err(StanzaErrorCondition::JidMalformed);
+            // Kept normalized: they are compared with normalized bare JIDs.
+            for j in &mut jids {
+                *j = jid::BareJid::new(j)
+                    .map_err(|_| StanzaErrorCondition::JidMalformed)?
+                    .to_string();
             }
             jids.sort();
             jids.dedup();
@@ -213,11 +221,11 @@ pub fn parse_query(
     max_page: usize,
 ) -> Result<Query, (StanzaErrorCondition, &'static str)> {
     let bad = |text| (StanzaErrorCondition::BadRequest, text);
+    if query.attr("queryid").is_some_and(|id| id.len() > 256) {
+        return Err(bad("queryid is longer than 256 bytes"));
+    }
     let mut q = Query {
-        queryid: query
-            .attr("queryid")
-            .filter(|id| id.len() <= 256)
-            .map(String::from),
+        queryid: query.attr("queryid").map(String::from),
         with: None,
         start: None,
         end: None,
@@ -269,7 +277,12 @@ pub fn parse_query(
                     q.ids = values.into_iter().filter(|v| !v.is_empty()).collect();
                 }
                 "with" | "start" | "end" | "after-id" | "before-id" => {}
-                _ => return Err(bad("an unknown field in the query form")),
+                _ => {
+                    return Err((
+                        StanzaErrorCondition::FeatureNotImplemented,
+                        "an unknown field in the query form",
+                    ));
+                }
             }
         }
     }
@@ -360,6 +373,10 @@ pub fn datetime(micros: i64) -> String {
 /// Parses an XEP-0082 date-time (`YYYY-MM-DDThh:mm:ss[.sss](Z|±hh:mm)`) into
 /// microseconds since the epoch.
 pub fn parse_datetime(s: &str) -> Option<i64> {
+    // ASCII only: every slice below is then on a character boundary.
+    if !s.is_ascii() {
+        return None;
+    }
     let b = s.as_bytes();
     if b.len() < 20
         || b[4] != b'-'
@@ -463,7 +480,7 @@ mod tests {
         let mut m = parse(
             "<message xmlns='jabber:client'><stanza-id xmlns='urn:xmpp:sid:0' id='x' by='bob@d'/><stanza-id xmlns='urn:xmpp:sid:0' id='y' by='room@muc.other'/></message>",
         );
-        strip_stanza_ids(&mut m, "bob@d");
+        strip_stanza_ids(&mut m, "Bob@D");
         assert_eq!(stanza_id(&m, "bob@d"), None);
         assert_eq!(stanza_id(&m, "room@muc.other"), Some("y"));
         stamp(&mut m, "z", "bob@d");
@@ -509,7 +526,7 @@ mod tests {
             250,
         )
         .unwrap_err();
-        assert_eq!(e.0, StanzaErrorCondition::BadRequest);
+        assert_eq!(e.0, StanzaErrorCondition::FeatureNotImplemented);
     }
 
     #[test]
@@ -522,6 +539,8 @@ mod tests {
         );
         assert_eq!(parse_datetime("2000-02-29"), None);
         assert_eq!(parse_datetime("2000-13-01T00:00:00Z"), None);
+        // A multi-byte character where the offset's colon goes: refused, no panic.
+        assert_eq!(parse_datetime("2010-06-07T00:00:00+0\u{e9}00"), None);
         assert_eq!(datetime(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");
         assert_eq!(
             parse_datetime(&datetime(1_795_826_096_123_456)),
