@@ -282,13 +282,19 @@ mod tests {
             .filter_map(|c| c.attr("var"))
             .collect();
         assert_eq!(features, SERVER_FEATURES);
-        // PEP and MAM are not there yet: the protocol's own refusal, not silence.
-        let mam = iq("get", "m", "<query xmlns='urn:xmpp:mam:2'/>");
-        let handled = handle(&server, &alice, &mut directed, &mam).await;
+        // HTTP upload is not there yet: the protocol's own refusal, not silence.
+        let upload = format!(
+            "<iq xmlns='jabber:client' type='get' id='u' to='{DOMAIN}'><request xmlns='urn:xmpp:http:upload:0' filename='a.png' size='10'/></iq>"
+        );
+        let handled = handle(&server, &alice, &mut directed, &upload).await;
         assert_eq!(
             answer(&handled),
             ("error".into(), Some("service-unavailable".into()))
         );
+        // The archive answers (its form).
+        let mam = iq("get", "m", "<query xmlns='urn:xmpp:mam:2'/>");
+        let handled = handle(&server, &alice, &mut directed, &mam).await;
+        assert_eq!(answer(&handled), ("result".into(), None));
     }
 
     /// RFC 6121 §2.3–2.6 and XEP-0237: an item set is in the next get with a new

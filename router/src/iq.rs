@@ -196,12 +196,10 @@ impl Context<'_> {
                     Err(refusal) => self.refuse(&iq, &refusal),
                 }
             }
-            ("query" | "prefs" | "metadata", ns::MAM) => {
-                match self.mam_iq(&iq, &payload, set).await {
-                    Ok(body) => self.reply_result(&iq, body),
-                    Err(refusal) => self.refuse(&iq, &refusal),
-                }
-            }
+            ("query" | "prefs" | "metadata", ns::MAM) => match self.mam_iq(&payload, set).await {
+                Ok(body) => self.reply_result(&iq, body),
+                Err(refusal) => self.refuse(&iq, &refusal),
+            },
             ("query", ns::DISCO_INFO | ns::DISCO_ITEMS) if !set => {
                 let requester = Jid::from(self.jid().clone());
                 match server.account_query(&iq, &user, &requester).await {

@@ -308,7 +308,6 @@ impl Context<'_> {
     /// metadata (the extended namespace).
     pub(crate) async fn mam_iq(
         &mut self,
-        iq: &Element,
         payload: &Element,
         set: bool,
     ) -> Result<Option<String>, Refusal> {
@@ -351,7 +350,6 @@ impl Context<'_> {
                     ),
                     None => String::new(),
                 };
-                let _ = iq;
                 Ok(Some(format!(
                     "<metadata xmlns='{}'>{inner}</metadata>",
                     ns::MAM
