@@ -110,7 +110,12 @@ async def mam_step(alice, bob, login_bob, where):
     if bodies[-3:] != sent:
         fail(f"bob's second device read {bodies} from the archive, not ending with {sent}")
     print(f"ok: a second device of bob reads the history from his archive {where}", flush=True)
+    # Its departure is seen before the scenario goes on: a later "bob went offline"
+    # must be about bob's first device, not this one.
+    tablet_jid = tablet.boundjid.full
     tablet.disconnect()
+    await alice.expect_presence(f"alice sees bob's second device leave {where}",
+                                lambda p: p["from"].full == tablet_jid and p["type"] == "unavailable")
 
 
 def fail(reason):
