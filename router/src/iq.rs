@@ -2,8 +2,10 @@
 //! answers itself — roster (RFC 6121 §2, XEP-0237), service discovery (XEP-0030), ping
 //! (XEP-0199), software version (XEP-0092), vCard-temp (XEP-0054), private XML storage
 //! (XEP-0049), blocking (XEP-0191), carbons (XEP-0280), in-band registration
-//! (XEP-0077) and the server's contact addresses (XEP-0157, in its disco#info).
-//! Anything else gets `service-unavailable`, never silence.
+//! (XEP-0077) and the server's contact addresses (XEP-0157, in its disco#info); the
+//! account's PEP service (XEP-0163, `pep.rs`) and message archive (XEP-0313,
+//! `mam.rs`) are reached from here. Anything else gets `service-unavailable`, never
+//! silence.
 
 use impmesh_store::RosterItem;
 use jid::{BareJid, Jid};
