@@ -23,6 +23,7 @@ use crate::core::archive::{self, Page, Prefs};
 use crate::core::pubsub::Refusal;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
+use crate::pep::store_failed;
 use crate::stanza;
 use crate::xml::ns;
 
@@ -326,20 +327,18 @@ impl Context<'_> {
                     .store
                     .set_archive_prefs(&user, prefs.default.as_str(), &prefs.always, &prefs.never)
                     .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "cannot store archiving preferences");
-                        Refusal::from(StanzaErrorCondition::InternalServerError)
-                    })?;
+                    .map_err(store_failed)?;
                 let xml = prefs.to_xml();
                 lock(&server.archive.prefs).insert(user, Arc::new(prefs));
                 Ok(Some(xml))
             }
             ("metadata", false) => {
                 server.archive_flush().await;
-                let bounds = server.store.archive_bounds(&user).await.map_err(|e| {
-                    tracing::error!(error = %e, "cannot read the archive");
-                    Refusal::from(StanzaErrorCondition::InternalServerError)
-                })?;
+                let bounds = server
+                    .store
+                    .archive_bounds(&user)
+                    .await
+                    .map_err(store_failed)?;
                 let inner = match bounds {
                     Some((first, last)) => format!(
                         "<start id='{}' timestamp='{}'/><end id='{}' timestamp='{}'/>",
@@ -390,10 +389,7 @@ impl Context<'_> {
             .store
             .archive_query(user, &filter, page, q.max)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot read the archive");
-                Refusal::from(StanzaErrorCondition::InternalServerError)
-            })?
+            .map_err(store_failed)?
             .ok_or_else(|| {
                 Refusal::from(StanzaErrorCondition::ItemNotFound)
                     .with_text("no message in the archive has that id")

@@ -159,8 +159,9 @@ fn record_of(node: &str, c: &NodeConfig) -> PepNode {
     }
 }
 
-fn store_failed<E: std::fmt::Display>(e: E) -> Refusal {
-    tracing::error!(error = %e, "PEP store operation failed");
+/// A store failure as the client sees it: `internal-server-error`, logged.
+pub(crate) fn store_failed<E: std::fmt::Display>(e: E) -> Refusal {
+    tracing::error!(error = %e, "a store operation failed");
     StanzaErrorCondition::InternalServerError.into()
 }
 
@@ -268,10 +269,7 @@ impl Server {
                 Ok(pubsub_result(ns::PUBSUB, &done))
             }
             Request::Retract { node, id, notify } => {
-                let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
-                else {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
-                };
+                let existing = self.existing_node(owner, &node).await?;
                 if !store
                     .pep_retract(owner, &node, &id)
                     .await
@@ -289,10 +287,7 @@ impl Server {
             Request::Items { node, mut ids, max } => {
                 // A request names at most as many items as a node keeps.
                 ids.truncate(limits.pep_max_items as usize);
-                let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
-                else {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
-                };
+                let existing = self.existing_node(owner, &node).await?;
                 let config = config_of(&existing);
                 let subscribed = self.subscribed_to(owner, &requester.to_bare()).await;
                 may_see(config.access, is_owner, subscribed)?;
@@ -340,10 +335,7 @@ impl Server {
                 Err(self.node_limit())
             }
             Request::Configure { node, form } => {
-                let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
-                else {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
-                };
+                let existing = self.existing_node(owner, &node).await?;
                 let mut config = config_of(&existing);
                 let Some(form) = form else {
                     let inner = format!(
@@ -364,10 +356,7 @@ impl Server {
                 Ok(None)
             }
             Request::Delete { node } => {
-                let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
-                else {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
-                };
+                let existing = self.existing_node(owner, &node).await?;
                 store
                     .pep_delete_node(owner, &node)
                     .await
@@ -378,10 +367,7 @@ impl Server {
                 Ok(None)
             }
             Request::Purge { node } => {
-                let Some(existing) = store.pep_node(owner, &node).await.map_err(store_failed)?
-                else {
-                    return Err(StanzaErrorCondition::ItemNotFound.into());
-                };
+                let existing = self.existing_node(owner, &node).await?;
                 store.pep_purge(owner, &node).await.map_err(store_failed)?;
                 let body = format!("<purge node='{}'/>", escape(&node));
                 self.pep_notify(owner, &node, &config_of(&existing), &body)
@@ -389,6 +375,15 @@ impl Server {
                 Ok(None)
             }
         }
+    }
+
+    /// One of `owner`'s nodes, or `item-not-found`.
+    async fn existing_node(&self, owner: &str, node: &str) -> Result<PepNode, Refusal> {
+        self.store
+            .pep_node(owner, node)
+            .await
+            .map_err(store_failed)?
+            .ok_or_else(|| StanzaErrorCondition::ItemNotFound.into())
     }
 
     fn node_limit(&self) -> Refusal {

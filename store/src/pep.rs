@@ -232,21 +232,16 @@ impl Store {
         if !self.lock_owner(&mut tx, owner).await? {
             return Ok(false);
         }
-        let changed = sqlx::query(
+        let query = sqlx::query(
             "UPDATE pep_nodes SET access_model = $3, persist_items = $4, max_items = $5,
                  send_last = $6, notify_retract = $7
              WHERE owner = $1 AND node = $2",
         )
-        .bind(owner)
-        .bind(&config.node)
-        .bind(&config.access_model)
-        .bind(i64::from(config.persist_items))
-        .bind(i64::from(config.max_items))
-        .bind(&config.send_last)
-        .bind(i64::from(config.notify_retract))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .bind(owner);
+        let changed = bind_config(query, config)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if changed == 0 {
             return Ok(false);
         }
@@ -360,24 +355,30 @@ impl Store {
     }
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds a node's name and configuration, in the columns' order after the owner.
+fn bind_config<'q>(query: AnyQuery<'q>, config: &'q PepNode) -> AnyQuery<'q> {
+    query
+        .bind(&config.node)
+        .bind(&config.access_model)
+        .bind(i64::from(config.persist_items))
+        .bind(i64::from(config.max_items))
+        .bind(&config.send_last)
+        .bind(i64::from(config.notify_retract))
+}
+
 async fn insert_node(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     owner: &str,
     config: &PepNode,
 ) -> Result<()> {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO pep_nodes (owner, node, access_model, persist_items, max_items, send_last, notify_retract)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(owner)
-    .bind(&config.node)
-    .bind(&config.access_model)
-    .bind(i64::from(config.persist_items))
-    .bind(i64::from(config.max_items))
-    .bind(&config.send_last)
-    .bind(i64::from(config.notify_retract))
-    .execute(&mut **tx)
-    .await?;
+    .bind(owner);
+    bind_config(query, config).execute(&mut **tx).await?;
     Ok(())
 }
 
