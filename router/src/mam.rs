@@ -35,7 +35,7 @@ const QUEUE: usize = 8192;
 /// cheap: each account's index pages are written once per batch, not once per row
 /// (measured: 8192 sorted rows cost a fifth of 512 unsorted ones per row).
 const BATCH: usize = 16_384;
-const WINDOW: Duration = Duration::from_millis(250);
+const WINDOW: Duration = Duration::from_millis(1000);
 /// After shutdown is asked, rows still arriving (deliveries in flight) are taken
 /// until none came for this long.
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);

@@ -10,7 +10,8 @@ use crate::{Backend, Result, Store};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveRow {
     pub owner: String,
-    /// The stanza-id (XEP-0359) stamped for the owner.
+    /// The stanza-id (XEP-0359) stamped for the owner. Ids grow with time (compared
+    /// as strings): the archive is in their order.
     pub id: String,
     /// The other party's bare JID, and its resource ('' when none).
     pub peer: String,
@@ -153,22 +154,21 @@ impl Store {
         Ok(())
     }
 
-    /// The archive order of an id, if `owner` has it.
-    async fn archive_seq(&self, owner: &str, id: &str) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT seq FROM archive WHERE owner = $1 AND id = $2")
+    /// Whether `owner`'s archive holds `id`.
+    async fn archive_has(&self, owner: &str, id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 AS one FROM archive WHERE owner = $1 AND id = $2")
             .bind(owner)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get("seq")).transpose()?)
+        Ok(row.is_some())
     }
 
-    /// The archive order of an optional id: `Some(None)` without one, `None` for an id
-    /// not in the archive.
-    async fn archive_bound(&self, owner: &str, id: Option<&str>) -> Result<Option<Option<i64>>> {
+    /// Whether an optional bound is usable: absent, or an id in the archive.
+    async fn archive_bound_known(&self, owner: &str, id: Option<&str>) -> Result<bool> {
         match id {
-            None => Ok(Some(None)),
-            Some(id) => Ok(self.archive_seq(owner, id).await?.map(Some)),
+            None => Ok(true),
+            Some(id) => self.archive_has(owner, id).await,
         }
     }
 
@@ -204,22 +204,22 @@ impl Store {
         if let Some(end) = filter.end {
             push(&mut sql, " AND ts <= ?", Bind::Int(end));
         }
-        let (Some(after), Some(before)) = (
-            self.archive_bound(owner, filter.after_id).await?,
-            self.archive_bound(owner, filter.before_id).await?,
-        ) else {
+        // Ids grow with time: the archive's order is theirs.
+        if !self.archive_bound_known(owner, filter.after_id).await?
+            || !self.archive_bound_known(owner, filter.before_id).await?
+        {
             return Ok(None);
-        };
-        if let Some(after) = after {
-            push(&mut sql, " AND seq > ?", Bind::Int(after));
         }
-        if let Some(before) = before {
-            push(&mut sql, " AND seq < ?", Bind::Int(before));
+        if let Some(after) = filter.after_id {
+            push(&mut sql, " AND id > ?", Bind::Str(after.to_owned()));
+        }
+        if let Some(before) = filter.before_id {
+            push(&mut sql, " AND id < ?", Bind::Str(before.to_owned()));
         }
         if !filter.ids.is_empty() {
             // XEP-0313: an id that is not in the archive is item-not-found.
             for id in filter.ids {
-                if self.archive_seq(owner, id).await?.is_none() {
+                if !self.archive_has(owner, id).await? {
                     return Ok(None);
                 }
             }
@@ -233,20 +233,20 @@ impl Store {
             sql.push(')');
         }
         let (paging, backward) = match page {
-            ArchivePage::Forward(after) => (after.map(|a| (a, " AND seq > ?")), false),
-            ArchivePage::Backward(before) => (before.map(|b| (b, " AND seq < ?")), true),
+            ArchivePage::Forward(after) => (after.map(|a| (a, " AND id > ?")), false),
+            ArchivePage::Backward(before) => (before.map(|b| (b, " AND id < ?")), true),
         };
         if let Some((id, clause)) = paging {
-            let Some(seq) = self.archive_seq(owner, id).await? else {
+            if !self.archive_has(owner, id).await? {
                 return Ok(None);
-            };
-            push(&mut sql, clause, Bind::Int(seq));
+            }
+            push(&mut sql, clause, Bind::Str(id.to_owned()));
         }
         let order = if backward { "DESC" } else { "ASC" };
         let limit = i64::try_from(max.saturating_add(1)).unwrap_or(i64::MAX);
         push(
             &mut sql,
-            &format!(" ORDER BY seq {order} LIMIT ?"),
+            &format!(" ORDER BY id {order} LIMIT ?"),
             Bind::Int(limit),
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -279,7 +279,7 @@ impl Store {
     pub async fn archive_bounds(&self, owner: &str) -> Result<Option<(Archived, Archived)>> {
         let one = |order: &'static str| async move {
             let sql =
-                format!("SELECT id, ts FROM archive WHERE owner = $1 ORDER BY seq {order} LIMIT 1");
+                format!("SELECT id, ts FROM archive WHERE owner = $1 ORDER BY id {order} LIMIT 1");
             let row = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(owner)
                 .fetch_optional(&self.pool)

@@ -154,6 +154,13 @@ const SQLITE_CACHE_KIB: u32 = 1024;
 /// Bytes of the database file SQLite reads through a memory mapping (address space,
 /// not memory: the pages are the operating system's page cache, shared).
 const SQLITE_MMAP_BYTES: u64 = 1 << 30;
+/// Pages the write-ahead log grows to before SQLite copies them into the database
+/// file (`PRAGMA wal_autocheckpoint`; SQLite's default is 1,000).
+const SQLITE_CHECKPOINT_PAGES: u32 = 8192;
+/// Dirty pages one transaction keeps in memory before it writes them to the log
+/// (`PRAGMA cache_spill`, beyond `cache_size`): 32 MiB, held only while a large write
+/// runs.
+const SQLITE_SPILL_PAGES: u32 = 8192;
 
 impl Store {
     /// The directory generation: it changes after every change to where users live
@@ -289,6 +296,22 @@ impl Store {
                         // pages are read back for every batch of rows.
                         sqlx::query(sqlx::AssertSqlSafe(format!(
                             "PRAGMA mmap_size = {SQLITE_MMAP_BYTES}"
+                        )))
+                        .execute(&mut *conn)
+                        .await?;
+                        // A batch of archived messages dirties a page of each
+                        // index for most accounts in it. A log of a few batches lets
+                        // one checkpoint copy a page written by several of them once,
+                        // and a transaction keeps its dirty pages in memory up to
+                        // SQLITE_SPILL_PAGES instead of writing them to the log
+                        // halfway and again at commit.
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA wal_autocheckpoint = {SQLITE_CHECKPOINT_PAGES}"
+                        )))
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA cache_spill = {SQLITE_SPILL_PAGES}"
                         )))
                         .execute(&mut *conn)
                         .await?;
