@@ -26,6 +26,7 @@ pub struct Config {
     pub contact: ContactSection,
     pub pep: PepSection,
     pub archive: ArchiveSection,
+    pub upload: UploadSection,
     pub log: LogSection,
 }
 
@@ -46,6 +47,7 @@ impl Default for Config {
             contact: ContactSection::default(),
             pep: PepSection::default(),
             archive: ArchiveSection::default(),
+            upload: UploadSection::default(),
             log: LogSection::default(),
         }
     }
@@ -79,6 +81,8 @@ pub struct ListenSection {
     pub admin: SocketAddr,
     /// Router links from the nodes of peer clusters (mutual TLS); none: no links.
     pub links: Option<SocketAddr>,
+    /// HTTPS for clients with the client certificate: HTTP file upload (XEP-0363).
+    pub client_https: SocketAddr,
 }
 
 impl Default for ListenSection {
@@ -89,6 +93,7 @@ impl Default for ListenSection {
             https: SocketAddr::from(([127, 0, 0, 1], 8443)),
             admin: SocketAddr::from(([127, 0, 0, 1], 8444)),
             links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
+            client_https: SocketAddr::from(([127, 0, 0, 1], 5443)),
         }
     }
 }
@@ -425,6 +430,71 @@ impl Default for ArchiveSection {
     }
 }
 
+/// HTTP file upload (XEP-0363): slots from each account's home node, files on that
+/// node, served on `[listen] client_https`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadSection {
+    pub enabled: bool,
+    /// The start of this node's file URLs, `https://HOST[:PORT]`; the client
+    /// certificate must cover HOST. Default: the domain and the listener's port.
+    pub public_url: Option<String>,
+    /// The largest file, bytes.
+    pub max_file_bytes: u64,
+    /// Bytes each account's files and open slots may hold together.
+    pub quota_bytes: u64,
+    /// Seconds a slot waits for its upload.
+    pub slot_ttl: u64,
+    /// Days a file is kept; 0 keeps files until their account is deleted.
+    pub expiry_days: u32,
+}
+
+impl Default for UploadSection {
+    fn default() -> Self {
+        UploadSection {
+            enabled: true,
+            public_url: None,
+            max_file_bytes: 100 * 1024 * 1024,
+            quota_bytes: 1024 * 1024 * 1024,
+            slot_ttl: 300,
+            expiry_days: 30,
+        }
+    }
+}
+
+impl UploadSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.public_url
+            && upload_url_host(url).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "upload.public_url {url:?} is not https://HOST[:PORT] with a DNS name for HOST"
+            )));
+        }
+        if self.max_file_bytes == 0 || self.quota_bytes < self.max_file_bytes {
+            return Err(ConfigError::Invalid(
+                "upload.max_file_bytes is above 0 and at most upload.quota_bytes".into(),
+            ));
+        }
+        if self.slot_ttl == 0 {
+            return Err(ConfigError::Invalid("upload.slot_ttl is above 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The host of an upload URL, `https://HOST[:PORT]` with a DNS name (the client
+/// certificate has DNS names only) and nothing after; `None` for anything else.
+pub fn upload_url_host(url: &str) -> Option<&str> {
+    let authority = url.strip_prefix("https://")?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    (port_ok && !host.starts_with('*') && impmesh_certs::is_dns_name(host)).then_some(host)
+}
+
 /// An absolute URI as RFC 3986 §3.1 starts one (a scheme, then `:`), of printable
 /// characters without spaces.
 fn is_uri(s: &str) -> bool {
@@ -498,6 +568,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.contact.validate()?;
+        self.upload.validate()?;
         if impmesh_router::core::archive::DefaultMode::parse(&self.archive.default).is_none()
             || !(1..=1000).contains(&self.archive.max_page)
         {
@@ -634,6 +705,16 @@ impl Config {
                 .then(|| Duration::from_secs(u64::from(a.retention_days) * 86_400)),
             max_page: a.max_page,
         };
+        let u = &self.upload;
+        rc.upload = u.enabled.then(|| impmesh_router::UploadSettings {
+            public_url: u.public_url.clone(),
+            max_file_bytes: u.max_file_bytes,
+            quota_bytes: u.quota_bytes,
+            slot_ttl: Duration::from_secs(u.slot_ttl),
+            expiry: (u.expiry_days > 0)
+                .then(|| Duration::from_secs(u64::from(u.expiry_days) * 86_400)),
+            dir: self.data_dir.join("uploads"),
+        });
         rc.limits = impmesh_router::Limits {
             max_stanza_bytes: l.max_stanza_bytes,
             max_stanza_bytes_unauthenticated: l.max_stanza_bytes_unauthenticated,
@@ -761,6 +842,34 @@ mod tests {
         let c = Config::parse("domain = 'example.com'\n[registration]\nenabled = true").unwrap();
         assert!(c.router_config().allow_registration);
         assert_eq!(c.node_name(), "example.com");
+    }
+
+    #[test]
+    fn upload_urls_are_bare_https_origins_with_a_dns_name() {
+        assert_eq!(
+            upload_url_host("https://files.example.com"),
+            Some("files.example.com")
+        );
+        assert_eq!(
+            upload_url_host("https://n1.example.com:5443"),
+            Some("n1.example.com")
+        );
+        for bad in [
+            "http://example.com",
+            "https://example.com/",
+            "https://example.com:0",
+            "https://example.com:99999",
+            "https://*.example.com",
+            "https://ex ample.com",
+            "https://",
+        ] {
+            assert_eq!(upload_url_host(bad), None, "{bad}");
+            let text = format!("[upload]\npublic_url = {bad:?}");
+            assert!(Config::parse(&text).is_err(), "{bad}");
+        }
+        assert!(Config::parse("[upload]\nmax_file_bytes = 10\nquota_bytes = 5").is_err());
+        let off = Config::parse("[upload]\nenabled = false").unwrap();
+        assert!(off.router_config().upload.is_none());
     }
 
     /// The router links' limits come from `[limits]`, checked.

@@ -169,6 +169,7 @@ impl Control {
                 // 0 means "not listening".
                 link_port: self.links.get().map(|a| a.port()).unwrap_or(0),
                 https_port: https.port(),
+                upload_url: self.server.upload_url().unwrap_or_default().to_owned(),
                 cert_pem,
                 fingerprint: identity.fingerprint(),
                 updated_at: 0,

@@ -44,6 +44,8 @@ pub struct Node {
     pub admin_addr: SocketAddr,
     /// The bound router-link listener, if any.
     pub links_addr: Option<SocketAddr>,
+    /// The bound client HTTPS listener (file upload), if uploads are on.
+    pub client_https_addr: Option<SocketAddr>,
     /// The intercluster sync agent.
     pub agent: Arc<Agent>,
     /// The node's own background tasks (account changes, notices, hourly checks).
@@ -172,6 +174,27 @@ impl Node {
                     .with_context(|| format!("cannot listen on {addr} (c2s direct TLS)"))?,
             );
         }
+        let client_https_addr = if config.upload.enabled {
+            if let Some(url) = &config.upload.public_url {
+                let host = crate::config::upload_url_host(url).unwrap_or_default();
+                impmesh_certs::check_identity(for_clients, &[host.to_owned()]).with_context(
+                    || {
+                        format!(
+                            "upload.public_url {url}: the client certificate does not cover {host}"
+                        )
+                    },
+                )?;
+            }
+            let addr = config.listen.client_https;
+            Some(
+                server
+                    .listen_upload(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (client_https)"))?,
+            )
+        } else {
+            None
+        };
         let control = Control::new(
             config.clone(),
             server.clone(),
@@ -292,6 +315,7 @@ impl Node {
             https_addr,
             admin_addr,
             links_addr,
+            client_https_addr,
             agent,
             tasks,
         })

@@ -1731,3 +1731,217 @@ async fn xep0313_archives_both_sides_and_pages_history_for_a_second_device() {
     let (page, _) = mam_results(&mut tablet, "q7").await;
     assert_eq!(page.last().map(|(_, b)| b.as_str()), Some("hello 4"));
 }
+
+/// XEP-0363 on one node: the service in disco, a slot, its PUT (the token, the size and
+/// the type checked; once only), GET, HEAD and a range, the size limit, the quota,
+/// names that try to leave the directory, and the files of a deleted account removed.
+#[tokio::test]
+async fn xep0363_slots_uploads_downloads_and_refusals() {
+    let node = start_node_with_users(
+        |c| {
+            c.upload.max_file_bytes = 1000;
+            c.upload.quota_bytes = 1500;
+        },
+        &["alice", "bob"],
+    )
+    .await;
+    let cert = node.cert();
+    let mut alice = node.client("alice", PW, Some("phone"));
+    online(&mut alice).await;
+
+    send(
+        &mut alice,
+        "<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+    )
+    .await;
+    let info = expect(&mut alice, 5, "disco#info", |e| e.attr("id") == Some("d")).await;
+    let query = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .unwrap();
+    assert!(query.children().any(
+        |c| c.is("identity", "http://jabber.org/protocol/disco#info")
+            && c.attr("category") == Some("store")
+            && c.attr("type") == Some("file")
+    ));
+    assert!(
+        query
+            .children()
+            .any(|c| c.attr("var") == Some("urn:xmpp:http:upload:0"))
+    );
+    let form = query.get_child("x", "jabber:x:data").unwrap();
+    let max = form
+        .children()
+        .find(|f| f.attr("var") == Some("max-file-size"))
+        .map(|f| f.children().map(|v| v.text()).collect::<String>());
+    assert_eq!(max.as_deref(), Some("1000"));
+
+    let file: Vec<u8> = (0..600u32).map(|i| (i % 251) as u8).collect();
+    let reply = upload_slot(&mut alice, "s1", "cat picture.png", 600, "image/png").await;
+    assert_eq!(
+        reply.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&reply)
+    );
+    let (put, auth, get) = slot_parts(&reply);
+    assert_eq!(put, get);
+    assert!(put.starts_with("https://localhost:"), "{put}");
+    assert!(put.ends_with("/cat%20picture.png"), "{put}");
+
+    let png = ("content-type", "image/png");
+    // No token, a wrong one, the wrong type, the wrong size: refused, nothing stored.
+    let r = https_request(&cert, "PUT", &put, &[png], &file).await;
+    assert_eq!(r.status, 401);
+    let r = https_request(
+        &cert,
+        "PUT",
+        &put,
+        &[png, ("authorization", "Bearer nope")],
+        &file,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let with_auth = [("authorization", auth.as_str()), png];
+    let r = https_request(
+        &cert,
+        "PUT",
+        &put,
+        &[with_auth[0], ("content-type", "text/html")],
+        &file,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = https_request(&cert, "PUT", &put, &with_auth, &file[..599]).await;
+    assert_eq!(r.status, 400);
+    let r = https_request(
+        &cert,
+        "PUT",
+        &put,
+        &with_auth,
+        &[file.as_slice(), b"x"].concat(),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        https_request(&cert, "GET", &get, &[], b"").await.status,
+        404
+    );
+
+    let r = https_request(&cert, "PUT", &put, &with_auth, &file).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = https_request(&cert, "PUT", &put, &with_auth, &file).await;
+    assert_eq!(r.status, 409, "a slot takes one file");
+
+    // Anyone with the URL downloads it, with its type, whole or in part.
+    let r = https_request(&cert, "GET", &get, &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, file);
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let r = https_request(&cert, "GET", &get, &[("range", "bytes=10-19")], b"").await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &file[10..20]);
+    assert_eq!(r.header("content-range"), Some("bytes 10-19/600"));
+    let r = https_request(&cert, "GET", &get, &[("range", "bytes=600-")], b"").await;
+    assert_eq!(r.status, 416);
+    let r = https_request(&cert, "HEAD", &get, &[], b"").await;
+    assert_eq!((r.status, r.header("content-length")), (200, Some("600")));
+    assert!(r.body.is_empty());
+    // The same id under another name, or a path out of the directory: nothing.
+    let base = &get[..get.find("/upload/").unwrap()];
+    let renamed = format!("{}/other.png", &get[..get.rfind('/').unwrap()]);
+    assert_eq!(
+        https_request(&cert, "GET", &renamed, &[], b"").await.status,
+        404
+    );
+    for path in [
+        "/upload/../../etc/passwd",
+        "/upload/localhost/..%2F..%2Fimpmesh.db/x",
+        "/impmesh.db",
+    ] {
+        let r = https_request(&cert, "GET", &format!("{base}{path}"), &[], b"").await;
+        assert_eq!(r.status, 404, "{path}");
+    }
+
+    // Too large: not-acceptable with the limit; over the quota: resource-constraint;
+    // a name with a path: bad-request.
+    let reply = upload_slot(
+        &mut alice,
+        "s2",
+        "big.bin",
+        1001,
+        "application/octet-stream",
+    )
+    .await;
+    let xml = String::from(&reply);
+    assert!(
+        xml.contains("<not-acceptable") && xml.contains("<max-file-size>1000</max-file-size>"),
+        "{xml}"
+    );
+    let reply = upload_slot(&mut alice, "s3", "b.bin", 901, "application/octet-stream").await;
+    assert!(
+        String::from(&reply).contains("<resource-constraint"),
+        "{}",
+        String::from(&reply)
+    );
+    let reply = upload_slot(&mut alice, "s4", "../../x", 10, "text/plain").await;
+    assert!(
+        String::from(&reply).contains("<bad-request"),
+        "{}",
+        String::from(&reply)
+    );
+    // bob has his own quota.
+    let mut bob = node.client("bob", PW, None);
+    online(&mut bob).await;
+    let reply = upload_slot(&mut bob, "b1", "b.bin", 900, "application/octet-stream").await;
+    assert_eq!(reply.attr("type"), Some("result"));
+
+    // A deleted account's files go at the next expiry pass.
+    let files = node.dir.path().join("uploads");
+    let count = || std::fs::read_dir(&files).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(count(), 1);
+    drop(alice);
+    node.node.server.store.delete_user("alice").await.unwrap();
+    node.node.server.expire_uploads_now().await.unwrap();
+    assert_eq!(count(), 0);
+    assert_eq!(
+        https_request(&cert, "GET", &get, &[], b"").await.status,
+        404
+    );
+}
+
+/// A `[upload] public_url` whose host the client certificate does not cover stops the
+/// node at start, naming the setting; one it covers (the node name) serves.
+#[tokio::test]
+async fn xep0363_the_upload_url_must_be_covered_by_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = impmesh::config::Config {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.listen.c2s = vec!["127.0.0.1:0".parse().unwrap()];
+    config.listen.c2s_direct_tls = vec![];
+    config.listen.https = "127.0.0.1:0".parse().unwrap();
+    config.listen.admin = "127.0.0.1:0".parse().unwrap();
+    config.listen.links = None;
+    config.listen.client_https = "127.0.0.1:0".parse().unwrap();
+    config.upload.public_url = Some("https://files.elsewhere.example:5443".into());
+    let Err(err) = impmesh::node::Node::start(&config).await else {
+        panic!("a node started with an upload URL its certificate does not cover");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("upload.public_url") && text.contains("files.elsewhere.example"),
+        "{text}"
+    );
+
+    let node = start_node(|c| {
+        c.node.name = Some("node1.a.example".into());
+        c.upload.public_url = Some("https://node1.a.example:5443".into());
+    })
+    .await;
+    assert_eq!(
+        node.node.server.upload_url(),
+        Some("https://node1.a.example:5443")
+    );
+}

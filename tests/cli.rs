@@ -519,6 +519,7 @@ async fn secrets_are_private_and_a_readable_token_stops_the_node() {
     config.listen.c2s_direct_tls = vec!["127.0.0.1:0".parse().unwrap()];
     config.listen.https = "127.0.0.1:0".parse().unwrap();
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
+    config.listen.client_https = "127.0.0.1:0".parse().unwrap();
     let node = impmesh::node::Node::start(&config).await.unwrap();
     node.shutdown().await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

@@ -1103,3 +1103,60 @@ async fn each_side_of_a_chat_across_clusters_is_archived_at_home() {
     assert_eq!(page[0].1, "across");
     assert!(!page[0].0.is_empty());
 }
+
+/// XEP-0363 across the mesh: alice (cluster A) uploads on her home node, bob (cluster
+/// B) downloads from the URL she sends him, and the same path asked of B's node is
+/// redirected to A's, which B learned from A's getClusterInfo.
+#[tokio::test]
+async fn xep0363_a_file_from_another_cluster_and_a_redirect_from_the_wrong_one() {
+    use support::{https_request, slot_parts, upload_slot};
+    let (a, b) = peered_pair().await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    let reply = upload_slot(&mut alice, "s", "hello.txt", 5, "text/plain").await;
+    let (put, auth, get) = slot_parts(&reply);
+    let a_port = a.node.client_https_addr.unwrap().port();
+    assert!(
+        get.starts_with(&format!(
+            "https://localhost:{a_port}/upload/node1.cluster-a.example.com/"
+        )),
+        "{get}"
+    );
+    let r = https_request(
+        &a.cert(),
+        "PUT",
+        &put,
+        &[("authorization", &auth), ("content-type", "text/plain")],
+        b"hello",
+    )
+    .await;
+    assert_eq!(r.status, 201);
+
+    let mut bob = b.client("bob", "pw", Some("laptop"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(
+        &mut alice,
+        &format!("<message to='bob@{DOMAIN}' type='chat' id='f'><body>{get}</body><x xmlns='jabber:x:oob'><url>{get}</url></x></message>"),
+    )
+    .await;
+    let m = expect(&mut bob, 10, "alice's link", |e| body(e).is_some()).await;
+    let url = body(&m).unwrap();
+    let r = https_request(&a.cert(), "GET", &url, &[], b"").await;
+    assert_eq!((r.status, r.body.as_slice()), (200, b"hello".as_slice()));
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+
+    let b_port = b.node.client_https_addr.unwrap().port();
+    let at_b = url.replace(&format!(":{a_port}/"), &format!(":{b_port}/"));
+    let r = https_request(&b.cert(), "GET", &at_b, &[], b"").await;
+    assert_eq!(r.status, 307);
+    assert_eq!(r.header("location"), Some(url.as_str()));
+    // A node nobody announced: nothing to redirect to.
+    let unknown = at_b.replace("node1.cluster-a.example.com", "node9.cluster-z.example.com");
+    assert_eq!(
+        https_request(&b.cert(), "GET", &unknown, &[], b"")
+            .await
+            .status,
+        404
+    );
+}

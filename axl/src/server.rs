@@ -442,6 +442,7 @@ async fn run<C: NodeControl>(
                         c2s_tls_port: n.c2s_tls_port,
                         link_port: n.link_port,
                         https_port: n.https_port,
+                        upload_url: n.upload_url,
                         fingerprint: n.fingerprint,
                     })
                     .collect(),

@@ -118,6 +118,9 @@ pub struct NodeInfo {
     pub c2s_tls_port: u16,
     pub link_port: u16,
     pub https_port: u16,
+    /// Where the node serves uploaded files (XEP-0363), `https://host[:port]`; ''
+    /// without (and from nodes that do not announce it).
+    pub upload_url: String,
     /// SHA-256 of the node certificate, colon-separated hex.
     pub fingerprint: String,
 }
@@ -439,6 +442,7 @@ impl Response {
                         .with(text("c2sTlsPort", n.c2s_tls_port.to_string()))
                         .with(text("linkPort", n.link_port.to_string()))
                         .with(text("httpsPort", n.https_port.to_string()))
+                        .with(text("uploadUrl", &n.upload_url))
                         .with(text("fingerprint", &n.fingerprint))
                 });
                 ret = ret.with(El::new("", "nodes").with_all(nodes));
@@ -573,6 +577,7 @@ impl Response {
                             c2s_tls_port: port(n, "c2sTlsPort")?,
                             link_port: port(n, "linkPort")?,
                             https_port: port(n, "httpsPort")?,
+                            upload_url: string(n, "uploadUrl").unwrap_or_default(),
                             fingerprint: string(n, "fingerprint")?,
                         })
                     })
@@ -907,6 +912,7 @@ mod tests {
                 c2s_tls_port: 5223,
                 link_port: 7400,
                 https_port: 8443,
+                upload_url: "https://n1.example.com:5443".into(),
                 fingerprint: "AB:CD".into(),
             }],
         });

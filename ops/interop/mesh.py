@@ -15,7 +15,7 @@ import asyncio
 import logging
 import sys
 
-from scenario import expect, fail, login, mam_step, pep_step
+from scenario import expect, fail, login, mam_step, pep_step, upload_step
 
 
 def follow_redirects_of_explicit_addresses(account):
@@ -56,6 +56,7 @@ async def main(host, port_a, port_b, ca_file, password):
                  lambda m: m["body"] == "hello from cluster B" and m["from"].bare == "bob@localhost")
 
     await pep_step(alice, bob, "across clusters")
+    await upload_step(alice, bob, "across clusters")
     await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port_b, ca_file),
                    "across clusters")
 

@@ -10,7 +10,7 @@ bin="${IMPMESH_BIN:-$root/target/debug/impmesh}"
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'slixmpp>=1.8'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'slixmpp>=1.8' 'aiohttp>=3.9'
 fi
 if [ ! -x "$bin" ]; then
   (cd "$root" && cargo build --quiet --bin impmesh)
@@ -26,7 +26,7 @@ trap cleanup EXIT
 
 read -r -a ports < <("$venv/bin/python" - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(10)]
+socks = [socket.socket() for _ in range(12)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -38,8 +38,8 @@ axl_password="axl-$RANDOM-secret"
 i=0
 for c in a b; do
   c2s=${ports[$i]}; tls=${ports[$((i+1))]}; https=${ports[$((i+2))]}; links=${ports[$((i+3))]}
-  admin=${ports[$((i+4))]}
-  i=$((i+5))
+  admin=${ports[$((i+4))]}; upload=${ports[$((i+5))]}
+  i=$((i+6))
   cat > "$work/$c.toml" <<TOML
 domain = "localhost"
 data_dir = "$work/$c"
@@ -55,6 +55,7 @@ c2s_direct_tls = ["127.0.0.1:$tls"]
 https = "127.0.0.1:$https"
 admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
+client_https = "127.0.0.1:$upload"
 TOML
   eval "c2s_$c=$c2s; https_$c=$https"
   echo "$axl_password" | "$bin" --config "$work/$c.toml" axl-user set icsync --password-stdin
@@ -89,7 +90,7 @@ synced a && synced b || { echo "FAIL: the clusters did not sync"; tail -20 "$wor
 echo "ok: clusters A and B peered and in sync"
 
 cat "$work/a/certs/node.crt" "$work/b/certs/node.crt" > "$work/ca.pem"
-if ! (cd "$here" && "$venv/bin/python" mesh.py 127.0.0.1 "$c2s_a" "$c2s_b" "$work/ca.pem" "$password" ${MESH_VERBOSE:-}); then
+if ! (cd "$here" && SSL_CERT_FILE="$work/ca.pem" "$venv/bin/python" mesh.py 127.0.0.1 "$c2s_a" "$c2s_b" "$work/ca.pem" "$password" ${MESH_VERBOSE:-}); then
   echo "--- A ---"; tail -30 "$work/a.log"; echo "--- B ---"; tail -30 "$work/b.log"
   exit 1
 fi

@@ -12,7 +12,7 @@ bin="${IMPMESH_BIN:-$root/target/debug/impmesh}"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check 'slixmpp>=1.8'
+"$venv/bin/pip" install --quiet --disable-pip-version-check 'slixmpp>=1.8' 'aiohttp>=3.9'
 if [ ! -x "$bin" ]; then
   (cd "$root" && cargo build --quiet --bin impmesh)
 fi
@@ -25,11 +25,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r c2s tls https links admin < <("$venv/bin/python" - <<'PY'
+read -r c2s tls https links admin upload < <("$venv/bin/python" - <<'PY'
 import socket
 ports = []
 socks = []
-for _ in range(5):
+for _ in range(6):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
 print(*ports)
 PY
@@ -43,6 +43,7 @@ c2s_direct_tls = ["127.0.0.1:$tls"]
 https = "127.0.0.1:$https"
 admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
+client_https = "127.0.0.1:$upload"
 TOML
 
 password="interop-$RANDOM-pw"
@@ -65,7 +66,7 @@ if grep -q '^THP_enabled:' "/proc/$server_pid/status" \
   echo "FAIL: transparent huge pages are on for the node"; exit 1
 fi
 
-if ! "$venv/bin/python" "$here/scenario.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password"; then
+if ! SSL_CERT_FILE="$work/data/certs/node.crt" "$venv/bin/python" "$here/scenario.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password"; then
   echo "--- server log ---"; tail -50 "$work/server.log"
   exit 1
 fi

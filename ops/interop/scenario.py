@@ -4,8 +4,10 @@ alice and bob log in over STARTTLS (trusting the node's certificate), subscribe 
 each other with explicit approval, see each other's presence, chat, publish and get
 an avatar and an OMEMO device list over PEP (XEP-0163, XEP-0084), get only the latest
 presence while inactive (XEP-0352), read their history from a second device
-(XEP-0313), get an offline message at the next login, and
-remove each other from their rosters. Any failure or timeout exits non-zero.
+(XEP-0313), share a file over HTTP upload (XEP-0363), get an offline message at the
+next login, and remove each other from their rosters. Any failure or timeout exits
+non-zero. The upload's HTTPS (aiohttp, inside slixmpp) trusts what OpenSSL's default
+paths name: run.sh and mesh.sh point SSL_CERT_FILE at the nodes' certificates.
 
 Usage: scenario.py HOST PORT CA_FILE PASSWORD
 """
@@ -13,7 +15,10 @@ Usage: scenario.py HOST PORT CA_FILE PASSWORD
 import asyncio
 import base64
 import hashlib
+import io
 import sys
+
+import aiohttp
 
 import slixmpp
 from slixmpp.xmlstream import ET
@@ -35,7 +40,7 @@ class Account(slixmpp.ClientXMPP):
         # PEP as stock clients do it: capabilities (XEP-0115) announce the +notify
         # interests; xep_0084 asks for avatar metadata, OMEMO for device lists.
         for plugin in ("xep_0030", "xep_0060", "xep_0115", "xep_0163", "xep_0084",
-                       "xep_0059", "xep_0313"):
+                       "xep_0059", "xep_0313", "xep_0363"):
             self.register_plugin(plugin)
         self.add_event_handler("pubsub_publish", self.events.put_nowait)
         self.online = asyncio.Event()
@@ -93,6 +98,29 @@ async def pep_step(alice, bob, where):
     if got != [data]:
         fail(f"bob read {got} from alice's avatar node, not her avatar")
     print(f"ok: bob reads alice's avatar data {where}", flush=True)
+
+
+async def upload_step(alice, bob, where):
+    """alice finds the upload service in her server's disco, uploads a file (XEP-0363)
+    and sends bob its URL; bob downloads it, whole and a range of it."""
+    data = b"impmesh interop upload\n" * 200
+    url = await alice.plugin["xep_0363"].upload_file(
+        "notes.txt", size=len(data), content_type="text/plain",
+        input_file=io.BytesIO(data), timeout=STEP_TIMEOUT)
+    alice.send_message(mto="bob@localhost", mbody=url, mtype="chat")
+    await expect(bob.messages, f"bob gets the file's URL {where}", lambda m: m["body"] == url)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            got = await response.read()
+            if response.status != 200 or got != data:
+                fail(f"GET {url}: {response.status}, {len(got)} bytes of {len(data)}")
+            if response.headers.get("Content-Type") != "text/plain":
+                fail(f"GET {url}: content type {response.headers.get('Content-Type')}")
+        async with session.get(url, headers={"Range": "bytes=23-45"}) as response:
+            got = await response.read()
+            if response.status != 206 or got != data[23:46]:
+                fail(f"GET {url} with a range: {response.status}, {got!r}")
+    print(f"ok: bob downloads alice's upload {where}", flush=True)
 
 
 async def mam_step(alice, bob, login_bob, where):
@@ -177,6 +205,7 @@ async def main(host, port, ca_file, password):
                  lambda m: m["body"] == "hello from slixmpp")
 
     await pep_step(alice, bob, "on one node")
+    await upload_step(alice, bob, "on one node")
     await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port, ca_file),
                    "on one node")
 

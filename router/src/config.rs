@@ -30,6 +30,27 @@ pub struct RouterConfig {
     pub contact_addresses: Vec<(String, Vec<String>)>,
     /// Message archives (XEP-0313).
     pub archive: ArchiveSettings,
+    /// HTTP file upload (XEP-0363); `None`: not offered.
+    pub upload: Option<UploadSettings>,
+}
+
+/// HTTP file upload (XEP-0363).
+#[derive(Debug, Clone)]
+pub struct UploadSettings {
+    /// The start of this node's file URLs, `https://host[:port]` without a trailing
+    /// slash (the client certificate must cover the host); `None`: the domain, with
+    /// the listener's port.
+    pub public_url: Option<String>,
+    /// The largest file, in bytes.
+    pub max_file_bytes: u64,
+    /// Bytes each account's files and open slots may hold together.
+    pub quota_bytes: u64,
+    /// How long a slot waits for its PUT.
+    pub slot_ttl: std::time::Duration,
+    /// Files are deleted this long after their slot was given; `None` keeps them.
+    pub expiry: Option<std::time::Duration>,
+    /// Where the files are kept.
+    pub dir: std::path::PathBuf,
 }
 
 /// Message archives (XEP-0313).
@@ -239,6 +260,7 @@ impl RouterConfig {
             link_features: vec![],
             contact_addresses: vec![],
             archive: ArchiveSettings::default(),
+            upload: None,
         }
     }
 }

@@ -282,7 +282,18 @@ mod tests {
             .filter_map(|c| c.attr("var"))
             .collect();
         assert_eq!(features, SERVER_FEATURES);
-        // HTTP upload is not there yet: the protocol's own refusal, not silence.
+        // Push (XEP-0357) is not there yet: the protocol's own refusal, not silence.
+        let push = iq(
+            "set",
+            "p",
+            "<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n'/>",
+        );
+        let handled = handle(&server, &alice, &mut directed, &push).await;
+        assert_eq!(
+            answer(&handled),
+            ("error".into(), Some("service-unavailable".into()))
+        );
+        // Nor is HTTP upload on a node that does not listen for it.
         let upload = format!(
             "<iq xmlns='jabber:client' type='get' id='u' to='{DOMAIN}'><request xmlns='urn:xmpp:http:upload:0' filename='a.png' size='10'/></iq>"
         );

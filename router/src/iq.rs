@@ -2,7 +2,8 @@
 //! answers itself — roster (RFC 6121 §2, XEP-0237), service discovery (XEP-0030), ping
 //! (XEP-0199), software version (XEP-0092), vCard-temp (XEP-0054), private XML storage
 //! (XEP-0049), blocking (XEP-0191), carbons (XEP-0280), in-band registration
-//! (XEP-0077) and the server's contact addresses (XEP-0157, in its disco#info); the
+//! (XEP-0077) and the server's contact addresses (XEP-0157, in its disco#info); slots
+//! for HTTP file upload (XEP-0363, `upload.rs`); the
 //! account's PEP service (XEP-0163, `pep.rs`) and message archive (XEP-0313,
 //! `mam.rs`) are reached from here. Anything else gets `service-unavailable`, never
 //! silence.
@@ -228,12 +229,24 @@ impl Context<'_> {
                     self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
                     return;
                 }
+                let upload = self
+                    .server
+                    .config
+                    .upload
+                    .as_ref()
+                    .filter(|_| self.server.upload_url().is_some());
                 let mut body = format!(
                     "<query xmlns='{}'><identity category='server' type='im' name='impmesh'/>",
                     ns::DISCO_INFO
                 );
+                if upload.is_some() {
+                    body.push_str(crate::core::upload::DISCO_IDENTITY);
+                }
                 for f in SERVER_FEATURES {
                     body.push_str(&format!("<feature var='{f}'/>"));
+                }
+                if let Some(upload) = upload {
+                    body.push_str(&crate::core::upload::disco_xml(upload.max_file_bytes));
                 }
                 body.push_str(&contact_form(&self.server.config.contact_addresses));
                 body.push_str("</query>");
@@ -255,6 +268,7 @@ impl Context<'_> {
                 self.reply_result(&iq, None);
             }
             ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
+            ("request", ns::HTTP_UPLOAD) if !set => self.upload_slot(&iq, &payload).await,
             _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
         }
     }

@@ -30,6 +30,7 @@ mod session;
 pub mod stanza;
 pub mod stats;
 pub mod time;
+mod upload;
 pub mod xml;
 
 use std::net::{IpAddr, SocketAddr};
@@ -43,7 +44,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{ArchiveSettings, Limits, RouterConfig};
+pub use config::{ArchiveSettings, Limits, RouterConfig, UploadSettings};
 pub use iq::SERVER_FEATURES;
 pub use link::{HostResolver, LinkDirection, LinkStatus};
 
@@ -101,6 +102,8 @@ pub struct Server {
     admission: Arc<tokio::sync::Semaphore>,
     /// Unauthenticated client connections per address (IPv6 per /64).
     preauth: Arc<impmesh_limits::PerAddress>,
+    /// Where this node serves uploaded files, once its HTTPS listener is up.
+    upload_url: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Server {
@@ -174,6 +177,7 @@ impl Server {
             tasks,
             admission: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             preauth: impmesh_limits::PerAddress::new(preauth_per_address),
+            upload_url: std::sync::OnceLock::new(),
         })
     }
 

@@ -24,6 +24,7 @@ mod roster;
 pub mod scram;
 mod storage;
 mod trust;
+mod uploads;
 mod users;
 
 use std::path::Path;
@@ -46,6 +47,7 @@ pub use peers::{Digest, DuplicateUser, Home, PeerRecord, PeerState, PeerSync, Re
 pub use pep::{PepItem, PepNode, PepQuota, Published};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
+pub use uploads::{Reserved, Upload};
 pub use users::{NewUser, UserRecord};
 
 /// Errors of the store layer.

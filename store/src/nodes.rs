@@ -16,6 +16,8 @@ pub struct NodeRecord {
     pub c2s_tls_port: u16,
     pub link_port: u16,
     pub https_port: u16,
+    /// Where the node serves uploaded files (`https://host[:port]`); '' without.
+    pub upload_url: String,
     /// The node's certificate chain (PEM).
     pub cert_pem: String,
     /// SHA-256 fingerprint of the node certificate.
@@ -29,13 +31,13 @@ impl Store {
     pub async fn publish_node(&self, node: &NodeRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO nodes (name, cluster, created_at, host, c2s_port, c2s_tls_port, link_port,
-                 https_port, cert_pem, fingerprint, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $3)
+                 https_port, cert_pem, fingerprint, updated_at, upload_url)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $3, $11)
              ON CONFLICT (name) DO UPDATE SET cluster = excluded.cluster, host = excluded.host,
                  c2s_port = excluded.c2s_port, c2s_tls_port = excluded.c2s_tls_port,
                  link_port = excluded.link_port, https_port = excluded.https_port,
                  cert_pem = excluded.cert_pem, fingerprint = excluded.fingerprint,
-                 updated_at = excluded.updated_at",
+                 updated_at = excluded.updated_at, upload_url = excluded.upload_url",
         )
         .bind(&node.name)
         .bind(&node.cluster)
@@ -47,6 +49,7 @@ impl Store {
         .bind(i32::from(node.https_port))
         .bind(&node.cert_pem)
         .bind(&node.fingerprint)
+        .bind(&node.upload_url)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -56,7 +59,7 @@ impl Store {
     pub async fn cluster_nodes(&self, cluster: &str) -> Result<Vec<NodeRecord>> {
         let rows = sqlx::query(
             "SELECT name, cluster, host, c2s_port, c2s_tls_port, link_port, https_port, cert_pem,
-                 fingerprint, updated_at
+                 fingerprint, updated_at, upload_url
              FROM nodes WHERE cluster = $1 ORDER BY name",
         )
         .bind(cluster)
@@ -76,6 +79,7 @@ impl Store {
                     c2s_tls_port: port("c2s_tls_port")?,
                     link_port: port("link_port")?,
                     https_port: port("https_port")?,
+                    upload_url: row.try_get("upload_url")?,
                     cert_pem: row.try_get("cert_pem")?,
                     fingerprint: row.try_get("fingerprint")?,
                     updated_at: row.try_get("updated_at")?,
@@ -148,6 +152,7 @@ mod tests {
                 c2s_tls_port: 5223,
                 link_port: 7400,
                 https_port: 8443,
+                upload_url: "https://n1.c.example:5443".into(),
                 cert_pem: "PEM".into(),
                 fingerprint: "AA".into(),
                 updated_at: 0,
@@ -160,7 +165,13 @@ mod tests {
             assert_eq!(nodes.len(), 2);
             assert_eq!(nodes[0].c2s_tls_port, 5223);
             assert_eq!(nodes[1].https_port, 65535);
+            assert_eq!(nodes[1].upload_url, "https://n1.c.example:5443");
             assert!(store.cluster_nodes("other").await.unwrap().is_empty());
+            assert_eq!(
+                store.upload_url_of("n2").await.unwrap().as_deref(),
+                Some("https://n1.c.example:5443")
+            );
+            assert_eq!(store.upload_url_of("n9").await.unwrap(), None);
 
             store.set_admin_user("root", "pw").await.unwrap();
             assert!(

@@ -17,12 +17,14 @@ pub struct PeerNode {
     pub c2s_tls_port: u16,
     /// Router links; 0 when the node does not accept them.
     pub link_port: u16,
+    /// Where the node serves uploaded files (`https://host[:port]`); '' without.
+    pub upload_url: String,
     pub fingerprint: String,
     pub updated_at: i64,
 }
 
 const COLUMNS: &str =
-    "name, peer, host, c2s_port, c2s_tls_port, link_port, fingerprint, updated_at";
+    "name, peer, host, c2s_port, c2s_tls_port, link_port, fingerprint, updated_at, upload_url";
 
 fn row_to_node(row: &sqlx::any::AnyRow) -> Result<PeerNode> {
     let port = |col: &str| -> Result<u16> {
@@ -36,6 +38,7 @@ fn row_to_node(row: &sqlx::any::AnyRow) -> Result<PeerNode> {
         c2s_port: port("c2s_port")?,
         c2s_tls_port: port("c2s_tls_port")?,
         link_port: port("link_port")?,
+        upload_url: row.try_get("upload_url")?,
         fingerprint: row.try_get("fingerprint")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -52,7 +55,7 @@ impl Store {
             .await?;
         for node in nodes {
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO peer_nodes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO peer_nodes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (name) DO NOTHING"
             )))
             .bind(&node.name)
@@ -63,6 +66,7 @@ impl Store {
             .bind(i32::from(node.link_port))
             .bind(&node.fingerprint)
             .bind(now_unix())
+            .bind(&node.upload_url)
             .execute(&mut *tx)
             .await?;
         }
@@ -79,6 +83,19 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(row_to_node).transpose()
+    }
+
+    /// Where node `name`, of this cluster or a peer's, serves uploaded files; `None`
+    /// for a node this cluster does not know, '' for one without uploads.
+    pub async fn upload_url_of(&self, name: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT upload_url FROM nodes WHERE name = $1
+             UNION ALL SELECT upload_url FROM peer_nodes WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.try_get("upload_url")).transpose()?)
     }
 
     /// The known nodes of `peer`, by name.

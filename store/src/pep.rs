@@ -95,7 +95,7 @@ impl Store {
     /// would let two first publications race on the node, the count and the order
     /// (SQLite's write transactions are already one at a time). False when there is
     /// no such user.
-    async fn lock_owner(
+    pub(crate) async fn lock_owner(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         owner: &str,

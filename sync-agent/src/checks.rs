@@ -36,6 +36,23 @@ pub fn announced_host_ok(host: &str, peer_is_local: bool) -> bool {
     }
 }
 
+/// Whether a peer's announced upload URL may be where this node redirects clients:
+/// '' (none), or `https://HOST[:PORT]` with nothing after it, in printable ASCII.
+/// The client follows the redirect, not this node, so any host will do.
+pub fn announced_upload_url_ok(url: &str) -> bool {
+    if url.is_empty() {
+        return true;
+    }
+    let Some(authority) = url.strip_prefix("https://") else {
+        return false;
+    };
+    url.len() <= 255
+        && !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
 /// Loopback or link-local.
 fn is_local(ip: &std::net::IpAddr) -> bool {
     match ip {
@@ -178,6 +195,12 @@ impl PeerTask {
                 c2s_port: n.c2s_port,
                 c2s_tls_port: n.c2s_tls_port,
                 link_port: n.link_port,
+                upload_url: if announced_upload_url_ok(&n.upload_url) {
+                    n.upload_url.clone()
+                } else {
+                    tracing::warn!(peer = %self.cluster, node = %n.name, url = %n.upload_url, "announced upload URL ignored");
+                    String::new()
+                },
                 fingerprint: n.fingerprint.clone(),
                 updated_at: 0,
             });
@@ -293,6 +316,29 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announced_upload_urls_are_bare_https_origins() {
+        for ok in [
+            "",
+            "https://n1.b.example.com",
+            "https://[2001:db8::1]:5443",
+            "https://127.0.0.1:5443",
+        ] {
+            assert!(announced_upload_url_ok(ok), "{ok}");
+        }
+        for bad in [
+            "http://n1.b.example.com",
+            "https://",
+            "https://n1.example.com/evil",
+            "https://n1.example.com?x",
+            "https://user@n1.example.com",
+            "javascript:alert(1)",
+            "https://n1.example.com\r\nSet-Cookie: x",
+        ] {
+            assert!(!announced_upload_url_ok(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn announced_hosts_are_checked_like_the_peers_address() {

@@ -103,6 +103,7 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     config.listen.https = "127.0.0.1:0".parse().unwrap();
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
     config.listen.links = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.client_https = "127.0.0.1:0".parse().unwrap();
     if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
         config.store.url = fresh_postgres_schema(&url).await;
     }
@@ -1044,4 +1045,111 @@ pub fn stanza_id_by(el: &Element, by: &str) -> Option<String> {
         .find(|c| c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("by") == Some(by))
         .and_then(|c| c.attr("id"))
         .map(String::from)
+}
+
+/// An HTTP response as a test reads it.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One HTTPS request to `url` (`https://HOST:PORT/PATH`; HOST is checked against a
+/// certificate `cert` issued, and reached on 127.0.0.1), with hyper's client.
+pub async fn https_request(
+    cert: &rustls_pki_types::CertificateDer<'static>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    use http_body_util::BodyExt as _;
+    let rest = url.strip_prefix("https://").expect("an https URL");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = authority.rsplit_once(':').expect("a port in the URL");
+    let tcp = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap()))
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(if path.is_empty() { "/" } else { path })
+        .header("host", authority);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Asks the domain for an upload slot (XEP-0363); the reply, result or error.
+pub async fn upload_slot(
+    client: &mut Client,
+    id: &str,
+    filename: &str,
+    size: u64,
+    content_type: &str,
+) -> Element {
+    send(
+        client,
+        &format!(
+            "<iq type='get' id='{id}' to='localhost'><request xmlns='urn:xmpp:http:upload:0' filename='{}' size='{size}' content-type='{content_type}'/></iq>",
+            impmesh_router::xml::escape(filename)
+        ),
+    )
+    .await;
+    expect(client, 5, "the slot", |e| e.attr("id") == Some(id)).await
+}
+
+/// The PUT URL, its Authorization header and the GET URL of a slot.
+pub fn slot_parts(reply: &Element) -> (String, String, String) {
+    let slot = reply
+        .get_child("slot", "urn:xmpp:http:upload:0")
+        .unwrap_or_else(|| panic!("no slot in {}", String::from(reply)));
+    let put = slot.get_child("put", "urn:xmpp:http:upload:0").unwrap();
+    let auth = put
+        .children()
+        .find(|h| h.attr("name") == Some("Authorization"))
+        .map(|h| h.text())
+        .unwrap();
+    let get = slot.get_child("get", "urn:xmpp:http:upload:0").unwrap();
+    (
+        put.attr("url").unwrap().to_owned(),
+        auth,
+        get.attr("url").unwrap().to_owned(),
+    )
 }

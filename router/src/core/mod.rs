@@ -12,3 +12,4 @@ pub mod pubsub;
 pub mod route;
 pub mod sm;
 pub mod subscription;
+pub mod upload;

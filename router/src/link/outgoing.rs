@@ -932,6 +932,7 @@ mod tests {
             link_features: vec![],
             contact_addresses: vec![],
             archive: Default::default(),
+            upload: None,
         };
         let router = Arc::new(Bounces::default());
         let weak = Arc::downgrade(&router);
