@@ -476,8 +476,10 @@ impl UploadSection {
                 "upload.max_file_bytes is above 0 and at most upload.quota_bytes".into(),
             ));
         }
-        if self.slot_ttl == 0 {
-            return Err(ConfigError::Invalid("upload.slot_ttl is above 0".into()));
+        if !(1..=86_400).contains(&self.slot_ttl) {
+            return Err(ConfigError::Invalid(
+                "upload.slot_ttl is 1 to 86400 seconds".into(),
+            ));
         }
         Ok(())
     }
@@ -708,6 +710,7 @@ impl Config {
         let u = &self.upload;
         rc.upload = u.enabled.then(|| impmesh_router::UploadSettings {
             public_url: u.public_url.clone(),
+            default_host: self.domain.clone(),
             max_file_bytes: u.max_file_bytes,
             quota_bytes: u.quota_bytes,
             slot_ttl: Duration::from_secs(u.slot_ttl),

@@ -150,8 +150,12 @@ impl Node {
             std::iter::once(&identity).chain(client.as_ref()).collect();
         files::check_certificates(&store, &in_use).await?;
         let for_clients = client.as_ref().unwrap_or(&identity);
+        let mut router_config = config.router_config();
+        if let Some(upload) = router_config.upload.as_mut() {
+            upload.default_host = default_upload_host(config, for_clients);
+        }
         let server = Server::new(
-            config.router_config(),
+            router_config,
             store.clone(),
             for_clients.server_config(&[])?,
             for_clients.server_config(&[b"xmpp-client"])?,
@@ -378,4 +382,19 @@ impl impmesh_router::HostResolver for AgentDns {
             }
         })
     }
+}
+
+/// The host of this node's upload URLs when `[upload] public_url` names none: the
+/// node's own address (`[node] host`, else its name) when the client certificate
+/// covers it, so that every node of a cluster has URLs of its own; else the domain.
+fn default_upload_host(config: &Config, for_clients: &NodeIdentity) -> String {
+    let own = config
+        .node
+        .host
+        .clone()
+        .unwrap_or_else(|| config.node_name());
+    let covered = own != config.domain
+        && crate::config::upload_url_host(&format!("https://{own}")).is_some()
+        && impmesh_certs::check_identity(for_clients, std::slice::from_ref(&own)).is_ok();
+    if covered { own } else { config.domain.clone() }
 }

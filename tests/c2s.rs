@@ -1852,9 +1852,33 @@ async fn xep0363_slots_uploads_downloads_and_refusals() {
     assert_eq!(r.header("content-range"), Some("bytes 10-19/600"));
     let r = https_request(&cert, "GET", &get, &[("range", "bytes=600-")], b"").await;
     assert_eq!(r.status, 416);
-    let r = https_request(&cert, "HEAD", &get, &[], b"").await;
+    let r = https_request(&cert, "GET", &get, &[("range", "bytes=-5")], b"").await;
+    assert_eq!((r.status, r.body.as_slice()), (206, &file[595..]));
+    assert!(
+        r.header("content-security-policy")
+            .unwrap()
+            .contains("sandbox")
+    );
+    // HEAD says what a GET would send, whole: ranges are for GET.
+    let r = https_request(&cert, "HEAD", &get, &[("range", "bytes=0-9")], b"").await;
     assert_eq!((r.status, r.header("content-length")), (200, Some("600")));
     assert!(r.body.is_empty());
+    // A web client's preflight.
+    let r = https_request(
+        &cert,
+        "OPTIONS",
+        &put,
+        &[("origin", "https://web.example")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert!(
+        r.header("access-control-allow-methods")
+            .unwrap()
+            .contains("PUT")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     // The same id under another name, or a path out of the directory: nothing.
     let base = &get[..get.find("/upload/").unwrap()];
     let renamed = format!("{}/other.png", &get[..get.rfind('/').unwrap()]);
@@ -1870,6 +1894,59 @@ async fn xep0363_slots_uploads_downloads_and_refusals() {
         let r = https_request(&cert, "GET", &format!("{base}{path}"), &[], b"").await;
         assert_eq!(r.status, 404, "{path}");
     }
+
+    // A slot that named no type takes the PUT's.
+    let reply = upload_slot_untyped(&mut alice, "s5", "photo", 4).await;
+    let (put5, auth5, get5) = slot_parts(&reply);
+    let r = https_request(
+        &cert,
+        "PUT",
+        &put5,
+        &[("authorization", &auth5), ("content-type", "image/webp")],
+        b"RIFF",
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let r = https_request(&cert, "GET", &get5, &[], b"").await;
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("image/webp"))
+    );
+    // An unused slot goes when its time is over, a file after expiry_days (30).
+    let reply = upload_slot(
+        &mut alice,
+        "s6",
+        "never.bin",
+        10,
+        "application/octet-stream",
+    )
+    .await;
+    let (put6, auth6, _) = slot_parts(&reply);
+    let now = impmesh_store::now_unix();
+    node.node.server.expire_uploads_at(now + 301).await.unwrap();
+    let r = https_request(&cert, "PUT", &put6, &[("authorization", &auth6)], &[0; 10]).await;
+    assert_eq!(r.status, 404, "the slot is gone");
+    assert_eq!(
+        https_request(&cert, "GET", &get5, &[], b"").await.status,
+        200
+    );
+    node.node
+        .server
+        .expire_uploads_at(now + 31 * 86_400)
+        .await
+        .unwrap();
+    assert_eq!(
+        https_request(&cert, "GET", &get5, &[], b"").await.status,
+        404
+    );
+    assert_eq!(
+        https_request(&cert, "GET", &get, &[], b"").await.status,
+        404
+    );
+    let reply = upload_slot(&mut alice, "s7", "again.png", 600, "image/png").await;
+    let (put, auth, get) = slot_parts(&reply);
+    let r = https_request(&cert, "PUT", &put, &[("authorization", &auth), png], &file).await;
+    assert_eq!(r.status, 201);
 
     // Too large: not-acceptable with the limit; over the quota: resource-constraint;
     // a name with a path: bad-request.
@@ -1952,4 +2029,130 @@ async fn xep0363_the_upload_url_must_be_covered_by_the_client_certificate() {
         node.node.server.upload_url(),
         Some("https://node1.a.example:5443")
     );
+}
+
+/// XEP-0357: a client registers an app server at a full JID of this domain; the app
+/// server hears of messages stored offline (with the body, as the client allowed)
+/// and of messages for the client's hibernated session (counted from the
+/// hibernation); an app server of another domain is refused; one that answers with
+/// an error is disabled.
+#[tokio::test]
+async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
+    let node = start_node_with_users(|_| {}, &["alice", "carol", "pushd"]).await;
+    let mut app = node.client("pushd", PW, Some("app"));
+    online(&mut app).await;
+    let mut carol = node.client("carol", PW, Some("c"));
+    online(&mut carol).await;
+
+    let mut alice = RawClient::login(&node, "alice", "phone", false, None).await;
+    alice
+        .send("<iq type='get' id='d'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        .await;
+    let info = alice.read_until("</iq>").await;
+    assert!(info.contains("urn:xmpp:push:0"), "{info}");
+    alice.send("<iq type='set' id='x'><enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n'/></iq>").await;
+    let refused = alice.read_until("</iq>").await;
+    assert!(refused.contains("remote-server-not-found"), "{refused}");
+    alice
+        .send(
+            "<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app' node='n1'>\
+             <x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>\
+             <field var='secret'><value>s3cr3t</value></field>\
+             <field var='include-body'><value>true</value></field></x></enable></iq>",
+        )
+        .await;
+    let enabled = alice.read_until("id='e'").await;
+    assert!(enabled.contains("type='result'"), "{enabled}");
+
+    // Offline: each message stored tells the app server, with the count waiting.
+    drop(alice);
+    eventually(10, "alice offline", || async {
+        node.node.server.hub.sessions("alice").is_empty()
+    })
+    .await;
+    for i in 1..=2 {
+        send(
+            &mut carol,
+            &format!("<message to='alice@localhost' type='chat'><body>hi {i}</body></message>"),
+        )
+        .await;
+        let (from, pnode, fields, options) = notification(&mut app, "result").await;
+        assert_eq!((from.as_str(), pnode.as_str()), ("alice@localhost", "n1"));
+        assert_eq!(
+            field(&fields, "message-count"),
+            Some(i.to_string().as_str())
+        );
+        assert_eq!(
+            field(&fields, "last-message-sender"),
+            Some("carol@localhost")
+        );
+        assert_eq!(
+            field(&fields, "last-message-body"),
+            Some(format!("hi {i}").as_str())
+        );
+        assert!(
+            options.contains("s3cr3t") && !options.contains("include-body"),
+            "{options}"
+        );
+    }
+    // A chat state wakes nobody.
+    send(&mut carol, "<message to='alice@localhost' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>").await;
+
+    // Hibernated: alice's stream-managed session lost its connection.
+    let mut alice = RawClient::login(&node, "alice", "phone", false, None).await;
+    alice
+        .send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await;
+    alice.read_until("<enabled").await;
+    alice
+        .send("<iq type='set' id='e2'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app' node='n2'/></iq>")
+        .await;
+    alice.read_until("id='e2'").await;
+    alice.send("<presence/>").await;
+    alice.sync_with_server("s").await;
+    // The two offline messages reached the new session but were never acknowledged:
+    // when its connection drops, one notification counts them.
+    drop(alice);
+    let (_, pnode, fields, options) = notification(&mut app, "result").await;
+    assert_eq!(pnode, "n2");
+    assert_eq!(field(&fields, "message-count"), Some("2"));
+    assert_eq!(
+        field(&fields, "last-message-sender"),
+        Some("carol@localhost")
+    );
+    assert_eq!(
+        field(&fields, "last-message-body"),
+        None,
+        "n2 did not allow bodies"
+    );
+    assert!(options.is_empty());
+    // Each message for the hibernated session adds one.
+    send(
+        &mut carol,
+        "<message to='alice@localhost/phone' type='chat'><body>still there?</body></message>",
+    )
+    .await;
+    let (_, _, fields, _) = notification(&mut app, "result").await;
+    assert_eq!(field(&fields, "message-count"), Some("3"));
+    // The app server refuses: that registration is disabled, the other stays.
+    send(
+        &mut carol,
+        "<message to='alice@localhost/phone' type='chat'><body>hello?</body></message>",
+    )
+    .await;
+    let (_, _, fields, _) = notification(&mut app, "error").await;
+    assert_eq!(field(&fields, "message-count"), Some("4"));
+    let store = node.node.server.store.clone();
+    eventually(10, "n2 disabled", || async {
+        let nodes: Vec<String> = store
+            .push_registrations("alice")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.node)
+            .collect();
+        nodes == ["n1"]
+    })
+    .await;
 }

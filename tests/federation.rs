@@ -1116,10 +1116,10 @@ async fn xep0363_a_file_from_another_cluster_and_a_redirect_from_the_wrong_one()
     let reply = upload_slot(&mut alice, "s", "hello.txt", 5, "text/plain").await;
     let (put, auth, get) = slot_parts(&reply);
     let a_port = a.node.client_https_addr.unwrap().port();
+    // Each node's URLs name the node itself (its certificate covers its name).
+    let a_base = format!("https://node1.cluster-a.example.com:{a_port}");
     assert!(
-        get.starts_with(&format!(
-            "https://localhost:{a_port}/upload/node1.cluster-a.example.com/"
-        )),
+        get.starts_with(&format!("{a_base}/upload/node1.cluster-a.example.com/")),
         "{get}"
     );
     let r = https_request(
@@ -1146,8 +1146,8 @@ async fn xep0363_a_file_from_another_cluster_and_a_redirect_from_the_wrong_one()
     assert_eq!((r.status, r.body.as_slice()), (200, b"hello".as_slice()));
     assert_eq!(r.header("content-type"), Some("text/plain"));
 
-    let b_port = b.node.client_https_addr.unwrap().port();
-    let at_b = url.replace(&format!(":{a_port}/"), &format!(":{b_port}/"));
+    let b_base = b.node.server.upload_url().unwrap().to_owned();
+    let at_b = url.replace(&a_base, &b_base);
     let r = https_request(&b.cert(), "GET", &at_b, &[], b"").await;
     assert_eq!(r.status, 307);
     assert_eq!(r.header("location"), Some(url.as_str()));
@@ -1159,4 +1159,65 @@ async fn xep0363_a_file_from_another_cluster_and_a_redirect_from_the_wrong_one()
             .status,
         404
     );
+    // A node whose announced URL is B's own (nodes sharing one name): never a
+    // redirect to the URL asked, which would loop.
+    let store_b = &b.node.server.store;
+    let mut same = store_b
+        .peer_node("node1.cluster-a.example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    same.name = impmesh_store::NodeName::new("node2.cluster-a.example.com");
+    same.upload_url = b_base.clone();
+    let mut nodes = store_b.peer_nodes("cluster-a.example.com").await.unwrap();
+    nodes.push(same);
+    store_b
+        .set_peer_nodes("cluster-a.example.com", &nodes)
+        .await
+        .unwrap();
+    let looping = at_b.replace("/upload/node1.cluster-a", "/upload/node2.cluster-a");
+    let r = https_request(&b.cert(), "GET", &looping, &[], b"").await;
+    assert_eq!(r.status, 404);
+}
+
+/// XEP-0357 across the mesh: alice (cluster A) registers an app server at a full JID
+/// homed on cluster B; a message stored offline for her sends the notification over
+/// the router link, and the app server's error, back over it, disables the
+/// registration on A.
+#[tokio::test]
+async fn xep0357_a_notification_reaches_an_app_server_on_another_cluster() {
+    use support::{field, notification};
+    let (a, b) = peered_pair().await;
+    let mut app = b.client("bob", "pw", Some("app"));
+    online(&mut app).await;
+    let mut amy = a.client("amy", "pw", Some("c"));
+    online(&mut amy).await;
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        &format!("<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='bob@{DOMAIN}/app' node='n'/></iq>"),
+    )
+    .await;
+    let reply = expect(&mut alice, 5, "push enabled", |e| e.attr("id") == Some("e")).await;
+    assert_eq!(reply.attr("type"), Some("result"));
+    drop(alice);
+    eventually(10, "alice offline", || async {
+        a.node.server.hub.sessions("alice").is_empty()
+    })
+    .await;
+    send(
+        &mut amy,
+        &format!("<message to='alice@{DOMAIN}' type='chat'><body>wake up</body></message>"),
+    )
+    .await;
+    let (from, node, fields, _) = notification(&mut app, "error").await;
+    assert_eq!((from.as_str(), node.as_str()), ("alice@localhost", "n"));
+    assert_eq!(field(&fields, "message-count"), Some("1"));
+    assert_eq!(field(&fields, "last-message-sender"), Some("amy@localhost"));
+    let store = a.node.server.store.clone();
+    eventually(10, "the refused registration disabled on A", || async {
+        store.push_registrations("alice").await.unwrap().is_empty()
+    })
+    .await;
 }

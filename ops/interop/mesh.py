@@ -15,7 +15,7 @@ import asyncio
 import logging
 import sys
 
-from scenario import expect, fail, login, mam_step, pep_step, upload_step
+from scenario import expect, fail, login, mam_step, pep_step, push_step, upload_step
 
 
 def follow_redirects_of_explicit_addresses(account):
@@ -59,6 +59,8 @@ async def main(host, port_a, port_b, ca_file, password):
     await upload_step(alice, bob, "across clusters")
     await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port_b, ca_file),
                    "across clusters")
+    alice = await push_step(alice, bob, lambda: login("alice@localhost", password, host, port_a, ca_file),
+                            "across clusters")
 
     # bob leaves B; alice on A sees it.
     bob.disconnect()

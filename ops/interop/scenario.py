@@ -4,8 +4,8 @@ alice and bob log in over STARTTLS (trusting the node's certificate), subscribe 
 each other with explicit approval, see each other's presence, chat, publish and get
 an avatar and an OMEMO device list over PEP (XEP-0163, XEP-0084), get only the latest
 presence while inactive (XEP-0352), read their history from a second device
-(XEP-0313), share a file over HTTP upload (XEP-0363), get an offline message at the
-next login, and remove each other from their rosters. Any failure or timeout exits
+(XEP-0313), share a file over HTTP upload (XEP-0363), wake alice's phone through an
+app server that bob's client plays (XEP-0357), get an offline message at the next login, and remove each other from their rosters. Any failure or timeout exits
 non-zero. The upload's HTTPS (aiohttp, inside slixmpp) trusts what OpenSSL's default
 paths name: run.sh and mesh.sh point SSL_CERT_FILE at the nodes' certificates.
 
@@ -22,6 +22,8 @@ import aiohttp
 
 import slixmpp
 from slixmpp.xmlstream import ET
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 STEP_TIMEOUT = 15
 OMEMO_DEVICES = "eu.siacs.conversations.axolotl.devicelist"
@@ -123,6 +125,48 @@ async def upload_step(alice, bob, where):
     print(f"ok: bob downloads alice's upload {where}", flush=True)
 
 
+async def push_step(alice, bob, login_alice, where):
+    """bob's client plays an XEP-0357 app server at its full JID: alice's phone
+    registers it and goes offline; a message stored for her reaches the app server as
+    a summary with the body she allowed, which it acknowledges. Returns alice, back
+    online with the message."""
+    notifications = asyncio.Queue()
+
+    def on_publish(iq):
+        iq.reply().send()
+        notifications.put_nowait(iq)
+    bob.register_handler(Callback("push notifications", StanzaPath("iq@type=set/pubsub/publish"),
+                                  on_publish))
+    iq = alice.make_iq_set()
+    iq.append(ET.fromstring(
+        f"<enable xmlns='urn:xmpp:push:0' jid='{bob.boundjid.full}' node='alice-phone'>"
+        "<x xmlns='jabber:x:data' type='submit'>"
+        "<field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+        "<field var='secret'><value>interop-secret</value></field>"
+        "<field var='include-body'><value>true</value></field></x></enable>"))
+    await iq.send(timeout=STEP_TIMEOUT)
+    alice.disconnect()
+    await bob.expect_presence(f"bob sees alice's phone go offline {where}",
+                              lambda p: p["from"].bare == "alice@localhost" and p["type"] == "unavailable")
+    bob.send_message(mto="alice@localhost", mbody="wake up", mtype="chat")
+    note = await expect(notifications, f"bob's app server is told of alice's message {where}",
+                        lambda iq: iq["from"] == "alice@localhost")
+    fields = {f.get("var"): "".join(f.itertext())
+              for f in note.xml.iter("{jabber:x:data}field")}
+    wanted = {"message-count": "1", "last-message-sender": "bob@localhost",
+              "last-message-body": "wake up", "secret": "interop-secret"}
+    for var, value in wanted.items():
+        if fields.get(var) != value:
+            fail(f"the notification's {var} is {fields.get(var)!r}, not {value!r}: {note}")
+    publish = note.xml.find("{http://jabber.org/protocol/pubsub}pubsub/{http://jabber.org/protocol/pubsub}publish")
+    if publish is None or publish.get("node") != "alice-phone":
+        fail(f"the notification is not published to alice's node: {note}")
+    alice = await login_alice()
+    await expect(alice.messages, f"alice's phone gets the message at login {where}",
+                 lambda m: m["body"] == "wake up")
+    return alice
+
+
 async def mam_step(alice, bob, login_bob, where):
     """alice writes to bob; a second device of bob reads their history from his
     archive (XEP-0313), two messages per page, and finds it in order."""
@@ -208,6 +252,8 @@ async def main(host, port, ca_file, password):
     await upload_step(alice, bob, "on one node")
     await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port, ca_file),
                    "on one node")
+    alice = await push_step(alice, bob, lambda: login("alice@localhost", password, host, port, ca_file),
+                            "on one node")
 
     # Client state indication: while bob is inactive, alice's presence changes wait and
     # only the latest reaches him, just before her next message.

@@ -41,6 +41,9 @@ pub struct UploadSettings {
     /// slash (the client certificate must cover the host); `None`: the domain, with
     /// the listener's port.
     pub public_url: Option<String>,
+    /// The host of the default URL (with the listener's port): the node's own name
+    /// when the client certificate covers it, else the domain.
+    pub default_host: String,
     /// The largest file, in bytes.
     pub max_file_bytes: u64,
     /// Bytes each account's files and open slots may hold together.

@@ -174,7 +174,11 @@ impl Server {
                 Ok(())
             }
             Delivery::Offline => {
+                let notify = crate::core::push::worth_a_push(&message).then(|| message.clone());
                 self.store_offline(&user, message).await?;
+                if let Some(message) = notify {
+                    self.push_offline(&user, &message).await;
+                }
                 if let Some(row) = archived {
                     self.enqueue(row).await;
                 }

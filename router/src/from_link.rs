@@ -89,7 +89,9 @@ impl Server {
             return;
         }
         if !is_request {
-            self.caps_answer(&iq);
+            if !self.caps_answer(&iq) {
+                self.push_answer(&iq);
+            }
             return;
         }
         let exists = self.store.user_exists(&user).await.unwrap_or(false);

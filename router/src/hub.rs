@@ -151,6 +151,8 @@ pub struct PresenceState {
     pub interested: bool,
     /// Message carbons enabled (XEP-0280).
     pub carbons: bool,
+    /// The app server this session registered (XEP-0357), told while it hibernates.
+    pub push: Option<Arc<impmesh_store::PushRegistration>>,
 }
 
 /// The handle other tasks hold on a session.

@@ -211,6 +211,7 @@ impl Context<'_> {
                 }
             }
             ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
+            ("enable" | "disable", ns::PUSH) if set => self.push_iq(&iq, &payload).await,
             _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
         }
     }
@@ -722,6 +723,9 @@ impl Server {
                 for f in crate::pep::PEP_FEATURES {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
+                for f in crate::push::PUSH_FEATURES {
+                    body.push_str(&format!("<feature var='{f}'/>"));
+                }
                 if self.config.archive.enabled {
                     for f in crate::mam::MAM_FEATURES {
                         body.push_str(&format!("<feature var='{f}'/>"));
@@ -754,7 +758,7 @@ impl Server {
     /// answer ends here; one for an account homed on another cluster goes there; the
     /// answers to the server's own pushes and pings end here too.
     async fn iq_answer(&self, iq: &Element, to: Option<&Jid>) {
-        if self.caps_answer(iq) {
+        if self.caps_answer(iq) || self.push_answer(iq) {
             return;
         }
         if let Some(to) = to

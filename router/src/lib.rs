@@ -24,6 +24,7 @@ mod mam;
 pub mod names;
 mod pep;
 mod presence;
+mod push;
 mod roster;
 pub mod sasl;
 mod session;
@@ -93,6 +94,8 @@ pub struct Server {
     pep: pep::Pep,
     /// Message archives: the batched writer's queue, preferences.
     archive: mam::Archive,
+    /// Push notifications: answers awaited, the throttle.
+    push: push::Push,
     /// Striped locks ordering the subscription steps of each roster owner.
     roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
@@ -154,6 +157,7 @@ impl Server {
             ),
             remote_presence: from_link::RemotePresence::default(),
             pep: pep::Pep::default(),
+            push: push::Push::default(),
             archive: mam::Archive::start(
                 store.clone(),
                 config.archive.retention,

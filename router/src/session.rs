@@ -24,7 +24,7 @@ use crate::core::csi::{self, Held, Offer};
 use crate::core::envelope::{Envelope, Malformed, Type};
 use crate::core::sm::{StreamManagement, Violation};
 use crate::error::{StanzaErrorCondition, StreamErrorCondition};
-use crate::hub::{Control, Next, ResumeRequest, SessionHandle};
+use crate::hub::{Control, Next, ResumeRequest, SessionHandle, lock};
 use crate::names::random_id;
 use crate::stanza::{self, Kind};
 use crate::xml::{Frame, ns};
@@ -95,6 +95,8 @@ pub(crate) struct Session {
     offline: Option<Box<OfflinePump>>,
     /// XEP-0352: present while the client says it is inactive, with what waits for it.
     inactive: Option<Box<Held>>,
+    /// Messages that reached the session while it hibernated (XEP-0357's count).
+    pushed: u32,
     /// The connection's place among the node's connections, held while it lives.
     _admitted: OwnedSemaphorePermit,
 }
@@ -126,6 +128,7 @@ pub fn start(
         hibernated_until: None,
         offline: None,
         inactive: None,
+        pushed: 0,
         _admitted: admitted,
     };
     session.run().instrument(span)
@@ -293,9 +296,16 @@ impl Session {
         match &self.sm {
             Some(sm) if sm.resumable() => {
                 tracing::info!(jid = %self.handle.jid, "connection lost; waiting for resumption");
+                // Messages the client may never have read tell its app server now,
+                // in one notification (XEP-0357).
+                let waiting: Vec<Element> = sm.unacked().filter_map(|s| push_worthy(s)).collect();
                 self.out.clear();
                 self.hibernated_until =
                     Some(Instant::now() + self.server.config.limits.resume_timeout);
+                if let Some(last) = waiting.last() {
+                    self.pushed = u32::try_from(waiting.len()).unwrap_or(u32::MAX);
+                    self.push_hibernated(last);
+                }
                 Ok(())
             }
             _ => Err(End::Lost),
@@ -461,6 +471,9 @@ impl Session {
     /// A stanza from someone else for the client: now, or later if the client is
     /// inactive and it can wait (XEP-0352, `core::csi`).
     fn deliver(&mut self, stanza: Arc<str>) {
+        if self.conn.is_none() && self.hibernated_until.is_some() {
+            self.push_while_hibernated(&stanza);
+        }
         let Some(held) = self.inactive.as_mut() else {
             self.push_out(stanza);
             return;
@@ -470,6 +483,25 @@ impl Session {
                 self.push_out(stanza);
             }
         }
+    }
+
+    /// A stanza reached the session while it hibernates: a message worth it tells the
+    /// app server the client registered (XEP-0357), if any.
+    fn push_while_hibernated(&mut self, stanza: &str) {
+        if let Some(message) = push_worthy(stanza) {
+            self.pushed = self.pushed.saturating_add(1);
+            self.push_hibernated(&message);
+        }
+    }
+
+    /// Tells the app server this session registered, if any, of `message`, the
+    /// `pushed`th since the session hibernated.
+    fn push_hibernated(&self, message: &Element) {
+        let Some(target) = lock(&self.handle.state).push.clone() else {
+            return;
+        };
+        self.server
+            .push_hibernated(&self.user(), &target, message, self.pushed);
     }
 
     /// The client is active (it said so, or resumed on a new stream): what waited
@@ -522,6 +554,7 @@ impl Session {
         tracing::info!(jid = %self.handle.jid, resent = again.len(), "session resumed");
         self.conn = Some(conn);
         self.hibernated_until = None;
+        self.pushed = 0;
         self.last_read = Instant::now();
         self.ping_sent = false;
         self.out = out;
@@ -952,4 +985,13 @@ mod tests {
             std::mem::size_of::<Session>()
         );
     }
+}
+
+/// A stanza for the client, as a message worth waking it for (XEP-0357), if it is one.
+fn push_worthy(stanza: &str) -> Option<Element> {
+    if !stanza.starts_with("<message") {
+        return None;
+    }
+    let message = stanza.parse::<Element>().ok()?;
+    crate::core::push::worth_a_push(&message).then_some(message)
 }

@@ -16,6 +16,8 @@ pub struct Stats {
     tls_ok: AtomicU64,
     tls_failed: AtomicU64,
     refused_preauth: AtomicU64,
+    push_sent: AtomicU64,
+    push_refused: AtomicU64,
 }
 
 const KINDS: [&str; 3] = ["message", "presence", "iq"];
@@ -65,6 +67,16 @@ impl Stats {
     /// A client connection closed at accept: its address had too many unbound streams.
     pub(crate) fn refused_preauth(&self) {
         self.refused_preauth.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A push notification (XEP-0357) went to an app server.
+    pub(crate) fn push_sent(&self) {
+        self.push_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An app server refused a notification (its registration was disabled).
+    pub(crate) fn push_refused(&self) {
+        self.push_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Appends the counters in Prometheus text format.
@@ -118,6 +130,18 @@ impl Stats {
             out,
             "impmesh_connections_refused_total{{reason=\"preauth_per_address\"}} {}",
             get(&self.refused_preauth)
+        );
+        out.push_str("# HELP impmesh_push_notifications_total Push notifications (XEP-0357) sent to app servers, and refused by them.\n");
+        out.push_str("# TYPE impmesh_push_notifications_total counter\n");
+        let _ = writeln!(
+            out,
+            "impmesh_push_notifications_total{{result=\"sent\"}} {}",
+            get(&self.push_sent)
+        );
+        let _ = writeln!(
+            out,
+            "impmesh_push_notifications_total{{result=\"refused\"}} {}",
+            get(&self.push_refused)
         );
     }
 }

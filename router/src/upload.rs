@@ -17,7 +17,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use impmesh_store::{Reserved, Upload};
+use impmesh_store::{Claim, Expiry, Reserved, SlotState, Upload};
 use minidom::Element;
 use sha2::Digest as _;
 use subtle::ConstantTimeEq as _;
@@ -33,6 +33,14 @@ type Body = BoxBody<Bytes, std::io::Error>;
 
 /// How long a PUT may wait for the next part of its body.
 const BODY_IDLE: Duration = Duration::from_secs(30);
+/// How long one connection may last, requests and transfers included: a client that
+/// stops reading a download, or trickles an upload, lets go of its place by then.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
+/// An upload claimed this long after its slot's time is left over from a crash (a
+/// live one ended within [`CONNECTION_LIFETIME`]).
+const STALE_UPLOAD: i64 = 2 * 3600;
+/// Files and open slots one account may have.
+pub const MAX_FILES: u64 = 1000;
 /// How often expired slots and files are removed, at most.
 const EXPIRY_PERIOD: Duration = Duration::from_secs(300);
 /// Slots looked at per expiry statement.
@@ -70,16 +78,17 @@ impl Context<'_> {
             node: self.server.config.node_name.to_string(),
             filename: slot.filename,
             size: slot.size,
-            content_type: slot.content_type,
+            content_type: slot.content_type.unwrap_or_default(),
             token_sha256: sha256_hex(&token),
             created: now,
-            put_before: now + i64::try_from(settings.slot_ttl.as_secs()).unwrap_or(i64::MAX),
-            stored: false,
+            put_before: now
+                .saturating_add(i64::try_from(settings.slot_ttl.as_secs()).unwrap_or(i64::MAX)),
+            state: SlotState::Open,
         };
         match self
             .server
             .store
-            .upload_reserve(&record, settings.quota_bytes)
+            .upload_reserve(&record, settings.quota_bytes, MAX_FILES)
             .await
         {
             Ok(Reserved::Reserved) => {
@@ -102,6 +111,9 @@ impl Context<'_> {
                     quota: settings.quota_bytes,
                 },
             ),
+            Ok(Reserved::TooMany) => {
+                self.refuse_slot(iq, &SlotRefusal::TooMany { max: MAX_FILES });
+            }
             Ok(Reserved::NoAccount) | Err(_) => self.reply_error(
                 iq,
                 crate::error::StanzaErrorCondition::InternalServerError,
@@ -162,8 +174,8 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| match local.port() {
-                443 => format!("https://{}", self.config.domain),
-                port => format!("https://{}:{port}", self.config.domain),
+                443 => format!("https://{}", settings.default_host),
+                port => format!("https://{}:{port}", settings.default_host),
             });
         tracing::info!(addr = %local, %url, "listening for file uploads");
         let _ = self.upload_url.set(url);
@@ -228,6 +240,9 @@ impl Server {
                     tracing::debug!(%peer, error = %e, "client HTTPS connection ended with an error");
                 }
             }
+            () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                tracing::debug!(%peer, "client HTTPS connection closed: it lasted too long");
+            }
             () = self.shutdown.cancelled() => {
                 http.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
@@ -248,7 +263,7 @@ impl Server {
                 self.put(req, settings, &id, &name).await
             }
             Method::GET | Method::HEAD if node == self.config.node_name.as_str() => {
-                self.get(&req, &settings.dir, &id, &name).await
+                self.get(&req, settings, &id, &name).await
             }
             Method::GET | Method::HEAD => self.elsewhere(&node, &id, &name).await,
             Method::PUT => status(StatusCode::NOT_FOUND, "this slot is not on this node"),
@@ -273,7 +288,8 @@ impl Server {
     /// this node knows it.
     async fn elsewhere(&self, node: &str, id: &str, name: &str) -> Response<Body> {
         match self.store.upload_url_of(node).await {
-            Ok(Some(base)) if !base.is_empty() => {
+            // Never to this node's own URL (nodes sharing one name): that would loop.
+            Ok(Some(base)) if !base.is_empty() && Some(base.as_str()) != self.upload_url() => {
                 let location = format!("{base}{}", core::file_path(node, id, name));
                 match HeaderValue::from_str(&location) {
                     Ok(value) => {
@@ -324,12 +340,6 @@ impl Server {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
-        if slot.stored {
-            return status(StatusCode::CONFLICT, "this slot already holds its file");
-        }
-        if slot.put_before < impmesh_store::now_unix() {
-            return status(StatusCode::GONE, "this slot expired");
-        }
         let length = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -345,7 +355,19 @@ impl Server {
             }
             Some(_) => {}
         }
-        if let Some(ty) = req.headers().get(header::CONTENT_TYPE) {
+        // The type the slot named, or the PUT's own when it named none (XEP-0363 §4).
+        let sent = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("\u{0}"));
+        let content_type = if slot.content_type.is_empty() {
+            match core::clean_content_type(sent) {
+                Ok(ty) => ty,
+                Err(_) => {
+                    return status(StatusCode::BAD_REQUEST, "Content-Type is not a media type");
+                }
+            }
+        } else {
             let essence = |t: &str| {
                 t.split(';')
                     .next()
@@ -353,34 +375,61 @@ impl Server {
                     .trim()
                     .to_ascii_lowercase()
             };
-            if essence(ty.to_str().unwrap_or_default()) != essence(&slot.content_type) {
+            if sent.is_some_and(|t| essence(t) != essence(&slot.content_type)) {
                 return status(
                     StatusCode::BAD_REQUEST,
                     "Content-Type differs from the slot's",
                 );
             }
-        }
-        let part = settings.dir.join(format!("{id}.part"));
-        let file = match tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&part)
-            .await
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            slot.content_type.clone()
+        };
+        match self.store.upload_claim(id, impmesh_store::now_unix()).await {
+            Ok(Claim::Claimed) => {}
+            Ok(Claim::Busy) => {
                 return status(
                     StatusCode::CONFLICT,
                     "another upload to this slot is under way",
                 );
             }
+            Ok(Claim::Stored) => {
+                return status(StatusCode::CONFLICT, "this slot already holds its file");
+            }
+            Ok(Claim::Expired) => return status(StatusCode::GONE, "this slot expired"),
+            Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE, "the store failed"),
+        }
+        // From here the slot is this request's: stored, or given back.
+        let response = self
+            .receive_file(req.into_body(), settings, id, slot.size, &content_type)
+            .await;
+        if response.status() != StatusCode::CREATED
+            && let Err(e) = self.store.upload_release(id).await
+        {
+            tracing::warn!(error = %e, id, "cannot give a failed upload's slot back");
+        }
+        response
+    }
+
+    /// Writes a claimed slot's file and marks the slot stored.
+    async fn receive_file(
+        &self,
+        body: Incoming,
+        settings: &crate::config::UploadSettings,
+        id: &str,
+        size: u64,
+        content_type: &str,
+    ) -> Response<Body> {
+        let part = settings.dir.join(format!("{id}.part"));
+        // The claim makes this request the only writer; a partial file a crash left
+        // is overwritten.
+        let file = match tokio::fs::File::create(&part).await {
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, path = %part.display(), "cannot create an upload file");
                 return status(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the file");
             }
         };
         let mut guard = PartFile(Some(part.clone()));
-        match receive(req.into_body(), file, slot.size).await {
+        match receive(body, file, size).await {
             Ok(()) => {}
             Err(Receive::TooLarge) => {
                 return status(StatusCode::PAYLOAD_TOO_LARGE, "larger than the slot's size");
@@ -404,18 +453,20 @@ impl Server {
             tracing::error!(error = %e, path = %path.display(), "cannot store an upload file");
             return status(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the file");
         }
-        guard.0 = None;
-        match self.store.upload_stored(id).await {
+        guard.0 = Some(path);
+        match self.store.upload_stored(id, content_type).await {
             Ok(true) => {
-                tracing::debug!(id, bytes = slot.size, "file uploaded");
+                guard.0 = None;
+                tracing::debug!(id, bytes = size, "file uploaded");
                 status(StatusCode::CREATED, "stored")
             }
-            Ok(false) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                status(StatusCode::GONE, "this slot expired")
-            }
+            // The slot went (its account was deleted): so does the file.
+            Ok(false) => status(StatusCode::GONE, "this slot is gone"),
             Err(_) => {
-                let _ = tokio::fs::remove_file(&path).await;
+                // The update may have committed: the file stays. If it did not, the
+                // slot is given back open and the file is replaced by the next PUT or
+                // removed with the slot when it expires.
+                guard.0 = None;
                 status(StatusCode::SERVICE_UNAVAILABLE, "the store failed")
             }
         }
@@ -424,16 +475,28 @@ impl Server {
     async fn get(
         &self,
         req: &Request<Incoming>,
-        dir: &Path,
+        settings: &crate::config::UploadSettings,
         id: &str,
         name: &str,
     ) -> Response<Body> {
+        let now = impmesh_store::now_unix();
+        let expired = |created: i64| {
+            settings
+                .expiry
+                .is_some_and(|e| created < now - i64::try_from(e.as_secs()).unwrap_or(i64::MAX))
+        };
         let slot = match self.store.upload(id).await {
-            Ok(Some(slot)) if slot.stored && slot.filename == name => slot,
+            Ok(Some(slot))
+                if slot.state == SlotState::Stored
+                    && slot.filename == name
+                    && !expired(slot.created) =>
+            {
+                slot
+            }
             Ok(_) => return status(StatusCode::NOT_FOUND, "no such file"),
             Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE, "the store failed"),
         };
-        let mut file = match tokio::fs::File::open(dir.join(id)).await {
+        let mut file = match tokio::fs::File::open(settings.dir.join(id)).await {
             Ok(f) => f,
             Err(_) => return status(StatusCode::NOT_FOUND, "no such file"),
         };
@@ -441,12 +504,18 @@ impl Server {
             Ok(m) => m.len(),
             Err(_) => return status(StatusCode::NOT_FOUND, "no such file"),
         };
-        let range = core::parse_range(
-            req.headers()
-                .get(header::RANGE)
-                .and_then(|v| v.to_str().ok()),
-            len,
-        );
+        let head = req.method() == Method::HEAD;
+        // Ranges are for GET (RFC 9110 §14.2).
+        let range = if head {
+            Range::Whole
+        } else {
+            core::parse_range(
+                req.headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok()),
+                len,
+            )
+        };
         let (code, start, count) = match range {
             Range::Whole => (StatusCode::OK, 0, len),
             Range::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
@@ -458,7 +527,7 @@ impl Server {
                 return r;
             }
         };
-        let body = if req.method() == Method::HEAD {
+        let body = if head {
             Empty::new().map_err(|never| match never {}).boxed()
         } else {
             if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
@@ -470,7 +539,9 @@ impl Server {
         *r.status_mut() = code;
         let h = r.headers_mut();
         let content_type = HeaderValue::from_str(&slot.content_type)
-            .unwrap_or_else(|_| HeaderValue::from_static(core::DEFAULT_CONTENT_TYPE));
+            .ok()
+            .filter(|_| !slot.content_type.is_empty())
+            .unwrap_or_else(|| HeaderValue::from_static(core::DEFAULT_CONTENT_TYPE));
         h.insert(header::CONTENT_TYPE, content_type);
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -491,7 +562,7 @@ impl Server {
         );
         h.insert(
             header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=31536000, immutable"),
+            HeaderValue::from_static("private, max-age=86400"),
         );
         r
     }
@@ -516,7 +587,8 @@ impl Server {
             if sweep {
                 last_sweep = Some(tokio::time::Instant::now());
             }
-            if let Err(e) = self.expire_uploads_pass(&settings, sweep).await {
+            let now = impmesh_store::now_unix();
+            if let Err(e) = self.expire_uploads_pass(&settings, now, sweep).await {
                 tracing::warn!(error = %e, "upload expiry failed; retried later");
             }
         }
@@ -526,8 +598,13 @@ impl Server {
     /// `[upload] expiry_days`, slots whose PUT did not come, files whose account is
     /// gone.
     pub async fn expire_uploads_now(&self) -> Result<(), impmesh_store::StoreError> {
+        self.expire_uploads_at(impmesh_store::now_unix()).await
+    }
+
+    /// [`Self::expire_uploads_now`] as if it were `now` (Unix seconds).
+    pub async fn expire_uploads_at(&self, now: i64) -> Result<(), impmesh_store::StoreError> {
         match self.config.upload.as_ref() {
-            Some(settings) => self.expire_uploads_pass(settings, true).await,
+            Some(settings) => self.expire_uploads_pass(settings, now, true).await,
             None => Ok(()),
         }
     }
@@ -535,24 +612,28 @@ impl Server {
     async fn expire_uploads_pass(
         &self,
         settings: &crate::config::UploadSettings,
+        now: i64,
         sweep: bool,
     ) -> Result<(), impmesh_store::StoreError> {
         let node = self.config.node_name.to_string();
-        let now = impmesh_store::now_unix();
-        let stored_before = settings
-            .expiry
-            .map(|e| now - i64::try_from(e.as_secs()).unwrap_or(i64::MAX));
+        let at = Expiry {
+            now,
+            stored_before: settings.expiry.map_or(i64::MIN, |e| {
+                now.saturating_sub(i64::try_from(e.as_secs()).unwrap_or(i64::MAX))
+            }),
+            stale_before: now.saturating_sub(STALE_UPLOAD),
+        };
         let mut removed = 0usize;
         loop {
-            let ids = self
-                .store
-                .uploads_expired(&node, stored_before, now, EXPIRY_BATCH)
-                .await?;
+            let ids = self.store.uploads_expired(&node, at, EXPIRY_BATCH).await?;
             for id in &ids {
-                remove_quietly(&settings.dir.join(id)).await;
-                self.store.upload_delete(id).await?;
+                // Checked again as it goes: a PUT may have completed since.
+                if self.store.upload_delete_expired(id, at).await? {
+                    remove_quietly(&settings.dir.join(id)).await;
+                    remove_quietly(&settings.dir.join(format!("{id}.part"))).await;
+                    removed += 1;
+                }
             }
-            removed += ids.len();
             if ids.len() < EXPIRY_BATCH {
                 break;
             }
@@ -576,7 +657,7 @@ impl Server {
         while let Ok(Some(entry)) = entries.next_entry().await {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if let Some(id) = name.strip_suffix(".part") {
+            if name.ends_with(".part") {
                 let stale = entry
                     .metadata()
                     .await
@@ -585,7 +666,7 @@ impl Server {
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > STALE_PART);
                 // Under way, unless it is this old.
-                if stale && !id.is_empty() {
+                if stale {
                     remove_quietly(&path).await;
                     removed += 1;
                 }

@@ -58,6 +58,7 @@ pub mod ns {
     pub const PUBSUB_PUBLISH_OPTIONS: &str = "http://jabber.org/protocol/pubsub#publish-options";
     pub const PUBSUB_NODE_CONFIG: &str = "http://jabber.org/protocol/pubsub#node_config";
     pub const HTTP_UPLOAD: &str = "urn:xmpp:http:upload:0";
+    pub const PUSH: &str = "urn:xmpp:push:0";
 }
 
 /// What the framer hands to the connection.

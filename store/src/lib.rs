@@ -20,6 +20,7 @@ mod outbox;
 mod peer_nodes;
 mod peers;
 mod pep;
+mod push;
 mod roster;
 pub mod scram;
 mod storage;
@@ -45,9 +46,10 @@ pub use outbox::OutboxEntry;
 pub use peer_nodes::PeerNode;
 pub use peers::{Digest, DuplicateUser, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
 pub use pep::{PepItem, PepNode, PepQuota, Published};
+pub use push::PushRegistration;
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
-pub use uploads::{Reserved, Upload};
+pub use uploads::{Claim, Expiry, Reserved, SlotState, Upload};
 pub use users::{NewUser, UserRecord};
 
 /// Errors of the store layer.

@@ -133,6 +133,16 @@ impl Store {
         rows.iter().map(message).collect()
     }
 
+    /// How many messages wait for `owner`.
+    pub async fn offline_count(&self, owner: &str) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM offline_messages WHERE owner = $1")
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Every waiting message, oldest first (for tests and the admin view).
     pub async fn offline_messages(&self, owner: &str) -> Result<Vec<OfflineMessage>> {
         self.offline_page(owner, i64::MIN, usize::MAX).await

@@ -1135,6 +1135,23 @@ pub async fn upload_slot(
     expect(client, 5, "the slot", |e| e.attr("id") == Some(id)).await
 }
 
+/// Asks for a slot without naming a content type.
+pub async fn upload_slot_untyped(
+    client: &mut Client,
+    id: &str,
+    filename: &str,
+    size: u64,
+) -> Element {
+    send(
+        client,
+        &format!(
+            "<iq type='get' id='{id}' to='localhost'><request xmlns='urn:xmpp:http:upload:0' filename='{filename}' size='{size}'/></iq>"
+        ),
+    )
+    .await;
+    expect(client, 5, "the slot", |e| e.attr("id") == Some(id)).await
+}
+
 /// The PUT URL, its Authorization header and the GET URL of a slot.
 pub fn slot_parts(reply: &Element) -> (String, String, String) {
     let slot = reply
@@ -1152,4 +1169,69 @@ pub fn slot_parts(reply: &Element) -> (String, String, String) {
         auth,
         get.attr("url").unwrap().to_owned(),
     )
+}
+
+/// The app server's side of XEP-0357 in these tests: the next notification it gets
+/// (answered with `answer`), as (from, node, summary fields, publish-options text).
+pub async fn notification(
+    app: &mut Client,
+    answer: &str,
+) -> (String, String, Vec<(String, String)>, String) {
+    let iq = expect(app, 10, "a notification", |e| {
+        e.is("iq", "jabber:client")
+            && e.get_child("pubsub", "http://jabber.org/protocol/pubsub")
+                .is_some()
+    })
+    .await;
+    let pubsub = iq
+        .get_child("pubsub", "http://jabber.org/protocol/pubsub")
+        .unwrap();
+    let publish = pubsub
+        .get_child("publish", "http://jabber.org/protocol/pubsub")
+        .unwrap();
+    let form = publish
+        .get_child("item", "http://jabber.org/protocol/pubsub")
+        .and_then(|i| i.get_child("notification", "urn:xmpp:push:0"))
+        .and_then(|n| n.get_child("x", "jabber:x:data"))
+        .unwrap();
+    let fields = form
+        .children()
+        .map(|f| {
+            (
+                f.attr("var").unwrap_or_default().to_owned(),
+                f.children().map(|v| v.text()).collect::<String>(),
+            )
+        })
+        .filter(|(var, _)| var != "FORM_TYPE")
+        .collect();
+    let options = pubsub
+        .get_child("publish-options", "http://jabber.org/protocol/pubsub")
+        .map(String::from)
+        .unwrap_or_default();
+    let reply = match answer {
+        "result" => format!(
+            "<iq type='result' id='{}' to='{}'/>",
+            iq.attr("id").unwrap(),
+            iq.attr("from").unwrap()
+        ),
+        _ => format!(
+            "<iq type='error' id='{}' to='{}'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            iq.attr("id").unwrap(),
+            iq.attr("from").unwrap()
+        ),
+    };
+    send(app, &reply).await;
+    (
+        iq.attr("from").unwrap_or_default().to_owned(),
+        publish.attr("node").unwrap_or_default().to_owned(),
+        fields,
+        options,
+    )
+}
+
+pub fn field<'a>(fields: &'a [(String, String)], var: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(v, _)| v == var)
+        .map(|(_, value)| value.as_str())
 }

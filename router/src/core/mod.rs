@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod negotiate;
 pub mod pubsub;
+pub mod push;
 pub mod route;
 pub mod sm;
 pub mod subscription;

@@ -72,6 +72,11 @@ impl StreamManagement {
         }
     }
 
+    /// The stanzas sent and not acknowledged yet, oldest first.
+    pub fn unacked(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.unacked.iter().map(|u| &u.stanza)
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }

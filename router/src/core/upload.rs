@@ -18,7 +18,8 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 pub struct SlotRequest {
     pub filename: String,
     pub size: u64,
-    pub content_type: String,
+    /// `None` when the request named no type: the PUT's is taken.
+    pub content_type: Option<String>,
 }
 
 /// Why a slot is not given.
@@ -31,6 +32,8 @@ pub enum SlotRefusal {
     /// The account's files and open slots would exceed its quota
     /// (`resource-constraint`).
     QuotaFull { quota: u64 },
+    /// The account has as many files and open slots as it may (`resource-constraint`).
+    TooMany { max: u64 },
 }
 
 impl SlotRequest {
@@ -53,7 +56,10 @@ impl SlotRequest {
         Ok(SlotRequest {
             filename: clean_filename(filename)?,
             size,
-            content_type: clean_content_type(request.attr("content-type"))?,
+            content_type: match request.attr("content-type").map(str::trim) {
+                Some(ty) if !ty.is_empty() => Some(clean_content_type(Some(ty))?),
+                _ => None,
+            },
         })
     }
 }
@@ -70,13 +76,21 @@ pub fn clean_filename(name: &str) -> Result<String, SlotRefusal> {
     }
     if name
         .chars()
-        .any(|c| c == '/' || c == '\\' || c.is_control())
+        .any(|c| c == '/' || c == '\\' || c.is_control() || is_format(c))
     {
         return Err(SlotRefusal::Bad(
-            "the file name has a path separator or a control character",
+            "the file name has a path separator, a control or a formatting character",
         ));
     }
     Ok(name.to_owned())
+}
+
+/// Invisible formatting characters (Unicode Cf: bidirectional overrides and
+/// isolates, zero-width characters) that can make `gpj.exe` look like `exe.jpg`.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// A media type (`type/subtype`, parameters allowed) in printable ASCII; the default
@@ -187,6 +201,9 @@ pub fn refusal_xml(refusal: &SlotRefusal) -> String {
         SlotRefusal::QuotaFull { quota } => format!(
             "<error type='wait'><resource-constraint xmlns='{stanzas}'/><text xmlns='{stanzas}'>Upload quota reached: files and open slots may hold {quota} bytes</text></error>"
         ),
+        SlotRefusal::TooMany { max } => format!(
+            "<error type='wait'><resource-constraint xmlns='{stanzas}'/><text xmlns='{stanzas}'>Upload quota reached: at most {max} files and open slots</text></error>"
+        ),
     }
 }
 
@@ -217,7 +234,12 @@ pub enum Range {
 
 /// Reads a `Range` header for a file of `len` bytes.
 pub fn parse_range(header: Option<&str>, len: u64) -> Range {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+    // The unit is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = header
+        .map(str::trim)
+        .filter(|h| h.get(..6).is_some_and(|u| u.eq_ignore_ascii_case("bytes=")))
+        .map(|h| &h[6..])
+    else {
         return Range::Whole;
     };
     if spec.contains(',') {
@@ -291,11 +313,11 @@ mod tests {
             Ok(SlotRequest {
                 filename: "cat.jpg".into(),
                 size: 2048,
-                content_type: "image/jpeg".into()
+                content_type: Some("image/jpeg".into())
             })
         );
         let untyped = SlotRequest::parse(&request(&[("filename", "a"), ("size", "1")]), 4096);
-        assert_eq!(untyped.unwrap().content_type, DEFAULT_CONTENT_TYPE);
+        assert_eq!(untyped.unwrap().content_type, None);
         let refused =
             |attrs: &[(&str, &str)]| SlotRequest::parse(&request(attrs), 4096).unwrap_err();
         assert_eq!(
@@ -322,6 +344,9 @@ mod tests {
         assert!(clean_filename(&"x".repeat(256)).is_err());
         // (An XML attribute cannot carry a raw newline: the parser makes it a space.)
         assert!(clean_filename("a\nb").is_err());
+        assert!(clean_filename("invoice\u{202E}gpj.exe").is_err());
+        assert!(clean_filename("zero\u{200B}width").is_err());
+        assert!(clean_filename("café ☕.png").is_ok());
         assert_eq!(
             clean_content_type(Some("text/plain; charset=utf-8")).unwrap(),
             "text/plain; charset=utf-8"
@@ -363,6 +388,7 @@ mod tests {
         assert_eq!(r("bytes=5-1"), Range::Whole);
         assert_eq!(r("bytes=0-1,5-6"), Range::Whole);
         assert_eq!(r("items=0-1"), Range::Whole);
+        assert_eq!(r("Bytes=0-1"), Range::Part { start: 0, end: 1 });
         assert_eq!(parse_range(Some("bytes=-5"), 0), Range::Unsatisfiable);
     }
 

@@ -1,0 +1,293 @@
+//! Push notifications (XEP-0357) without I/O: what `enable` and `disable` ask, which
+//! messages are worth waking a phone for, and the summary published to the app
+//! server (XEP-0357 §7's `urn:xmpp:push:summary` form).
+
+use jid::Jid;
+use minidom::Element;
+
+use crate::xml::{escape, ns};
+
+/// Bytes of a node name, at most.
+const MAX_NODE_BYTES: usize = 256;
+/// Bytes of the publish-options form an `enable` may carry, serialized.
+const MAX_OPTIONS_BYTES: usize = 4096;
+/// Characters of a message body a summary carries, at most.
+pub const MAX_BODY_CHARS: usize = 256;
+/// The field of the `enable` form with which a client asks for message bodies in its
+/// notifications; not passed on to the app server.
+pub const INCLUDE_BODY: &str = "include-body";
+
+/// An `<enable/>`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enable {
+    /// The app server (any JID).
+    pub jid: String,
+    pub node: String,
+    /// The publish-options form to send with every notification (serialized), ''
+    /// without one.
+    pub options: String,
+    /// Whether notifications may carry the last message's body.
+    pub include_body: bool,
+}
+
+/// A `<disable/>`: the app server, and one node of it or all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disable {
+    pub jid: String,
+    pub node: Option<String>,
+}
+
+/// Reads `<enable xmlns='urn:xmpp:push:0' jid= node=>[form]</enable>`.
+pub fn parse_enable(enable: &Element) -> Result<Enable, &'static str> {
+    let jid = app_jid(enable)?;
+    let node = enable
+        .attr("node")
+        .filter(|n| !n.is_empty() && n.len() <= MAX_NODE_BYTES)
+        .ok_or("enable needs a node of at most 256 bytes")?
+        .to_owned();
+    let mut include_body = false;
+    let mut options = String::new();
+    if let Some(form) = enable.get_child("x", ns::DATA_FORMS) {
+        let mut kept = Element::builder("x", ns::DATA_FORMS)
+            .attr(rxml::xml_ncname!("type").to_owned(), "submit")
+            .build();
+        for field in form.children().filter(|f| f.is("field", ns::DATA_FORMS)) {
+            if field.attr("var") == Some(INCLUDE_BODY) {
+                include_body = field
+                    .children()
+                    .filter(|v| v.is("value", ns::DATA_FORMS))
+                    .any(|v| matches!(v.text().trim(), "1" | "true"));
+            } else {
+                kept.append_child(field.clone());
+            }
+        }
+        options = String::from(&kept);
+        if options.len() > MAX_OPTIONS_BYTES {
+            return Err("the enable form is larger than 4096 bytes");
+        }
+    }
+    Ok(Enable {
+        jid,
+        node,
+        options,
+        include_body,
+    })
+}
+
+/// Reads `<disable xmlns='urn:xmpp:push:0' jid= [node=]/>`.
+pub fn parse_disable(disable: &Element) -> Result<Disable, &'static str> {
+    Ok(Disable {
+        jid: app_jid(disable)?,
+        node: disable
+            .attr("node")
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned),
+    })
+}
+
+fn app_jid(el: &Element) -> Result<String, &'static str> {
+    el.attr("jid")
+        .and_then(|j| Jid::new(j).ok())
+        .map(|j| j.to_string())
+        .ok_or("a valid app server jid is required")
+}
+
+/// What a notification says about the messages waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub count: u32,
+    /// The last message's sender (bare JID).
+    pub sender: String,
+    /// The last message's body, when the registration allows it.
+    pub body: Option<String>,
+}
+
+/// Whether a message should wake the client: one with a body, or an end-to-end
+/// encrypted one (OMEMO puts no body in some clients' messages), not an error or a
+/// groupchat (XEP-0357 leaves the choice to the server).
+pub fn worth_a_push(message: &Element) -> bool {
+    if !message.is("message", ns::CLIENT) {
+        return false;
+    }
+    if matches!(
+        message.attr("type"),
+        Some("error" | "groupchat" | "headline")
+    ) {
+        return false;
+    }
+    message.get_child("body", ns::CLIENT).is_some()
+        || message.get_child("encrypted", ns::OMEMO).is_some()
+}
+
+/// The summary of `message`, the `count`th waiting.
+pub fn summary(message: &Element, count: u32, include_body: bool) -> Summary {
+    let sender = message
+        .attr("from")
+        .and_then(|f| Jid::new(f).ok())
+        .map(|j| j.to_bare().to_string())
+        .unwrap_or_default();
+    let body = include_body
+        .then(|| message.get_child("body", ns::CLIENT).map(|b| b.text()))
+        .flatten()
+        .map(|b| b.chars().take(MAX_BODY_CHARS).collect());
+    Summary {
+        count,
+        sender,
+        body,
+    }
+}
+
+/// The publish (XEP-0357 §7) from `owner` (bare JID) to the app server, with the
+/// registration's publish-options.
+pub fn publish_xml(
+    id: &str,
+    owner: &str,
+    app: &str,
+    node: &str,
+    options: &str,
+    s: &Summary,
+) -> String {
+    let mut fields = format!(
+        "<field var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field var='message-count'><value>{}</value></field>",
+        s.count
+    );
+    if !s.sender.is_empty() {
+        fields.push_str(&format!(
+            "<field var='last-message-sender'><value>{}</value></field>",
+            escape(&s.sender)
+        ));
+    }
+    if let Some(body) = &s.body {
+        fields.push_str(&format!(
+            "<field var='last-message-body'><value>{}</value></field>",
+            escape(body)
+        ));
+    }
+    let options = if options.is_empty() {
+        String::new()
+    } else {
+        format!("<publish-options>{options}</publish-options>")
+    };
+    format!(
+        "<iq xmlns='{client}' type='set' id='{}' from='{}' to='{}'><pubsub xmlns='{}'><publish node='{}'><item><notification xmlns='{}'><x xmlns='{}' type='submit'>{fields}</x></notification></item></publish>{options}</pubsub></iq>",
+        escape(id),
+        escape(owner),
+        escape(app),
+        ns::PUBSUB,
+        escape(node),
+        ns::PUSH,
+        ns::DATA_FORMS,
+        client = ns::CLIENT,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn el(xml: &str) -> Element {
+        xml.parse().unwrap()
+    }
+
+    #[test]
+    fn enable_keeps_the_form_but_the_body_switch() {
+        let e = parse_enable(&el(
+            "<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='yxs32uqsflafdk3iuqo'>\
+             <x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>\
+             <field var='secret'><value>eruio234vzxc2kla-91</value></field>\
+             <field var='include-body'><value>true</value></field></x></enable>",
+        ))
+        .unwrap();
+        assert_eq!(e.jid, "push.example.net");
+        assert_eq!(e.node, "yxs32uqsflafdk3iuqo");
+        assert!(e.include_body);
+        assert!(e.options.contains("eruio234vzxc2kla-91"));
+        assert!(!e.options.contains("include-body"));
+        let plain = parse_enable(&el(
+            "<enable xmlns='urn:xmpp:push:0' jid='a@b/c' node='n'/>",
+        ))
+        .unwrap();
+        assert_eq!((plain.options.as_str(), plain.include_body), ("", false));
+        for bad in [
+            "<enable xmlns='urn:xmpp:push:0' node='n'/>",
+            "<enable xmlns='urn:xmpp:push:0' jid='@@' node='n'/>",
+            "<enable xmlns='urn:xmpp:push:0' jid='a.b'/>",
+            "<enable xmlns='urn:xmpp:push:0' jid='a.b' node=''/>",
+        ] {
+            assert!(parse_enable(&el(bad)).is_err(), "{bad}");
+        }
+        let big = format!(
+            "<enable xmlns='urn:xmpp:push:0' jid='a.b' node='n'><x xmlns='jabber:x:data' type='submit'><field var='secret'><value>{}</value></field></x></enable>",
+            "s".repeat(5000)
+        );
+        assert!(parse_enable(&el(&big)).is_err());
+        let d = parse_disable(&el("<disable xmlns='urn:xmpp:push:0' jid='a.b'/>")).unwrap();
+        assert_eq!((d.jid.as_str(), d.node), ("a.b", None));
+    }
+
+    #[test]
+    fn only_messages_a_person_reads_wake_the_phone() {
+        let yes = [
+            "<message xmlns='jabber:client' type='chat'><body>hi</body></message>",
+            "<message xmlns='jabber:client'><body>hi</body></message>",
+            "<message xmlns='jabber:client' type='chat'><encrypted xmlns='eu.siacs.conversations.axolotl'/></message>",
+        ];
+        let no = [
+            "<message xmlns='jabber:client' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+            "<message xmlns='jabber:client' type='error'><body>hi</body></message>",
+            "<message xmlns='jabber:client' type='headline'><body>hi</body></message>",
+            "<presence xmlns='jabber:client'/>",
+        ];
+        for m in yes {
+            assert!(worth_a_push(&el(m)), "{m}");
+        }
+        for m in no {
+            assert!(!worth_a_push(&el(m)), "{m}");
+        }
+    }
+
+    #[test]
+    fn the_summary_carries_a_body_only_when_allowed() {
+        let m = el(
+            "<message xmlns='jabber:client' from='carol@example.org/phone' type='chat'><body>secret &amp; plans</body></message>",
+        );
+        let s = summary(&m, 3, false);
+        assert_eq!(
+            (s.count, s.sender.as_str(), s.body.clone()),
+            (3, "carol@example.org", None)
+        );
+        let with = summary(&m, 3, true);
+        assert_eq!(with.body.as_deref(), Some("secret & plans"));
+        let xml = publish_xml(
+            "p1",
+            "alice@example.org",
+            "push@example.org/app",
+            "n<1",
+            "<x xmlns='jabber:x:data' type='submit'/>",
+            &with,
+        );
+        let iq = el(&xml);
+        assert_eq!(iq.attr("to"), Some("push@example.org/app"));
+        assert_eq!(iq.attr("from"), Some("alice@example.org"));
+        let pubsub = iq.get_child("pubsub", ns::PUBSUB).unwrap();
+        assert_eq!(
+            pubsub
+                .get_child("publish", ns::PUBSUB)
+                .unwrap()
+                .attr("node"),
+            Some("n<1")
+        );
+        assert!(pubsub.get_child("publish-options", ns::PUBSUB).is_some());
+        assert!(xml.contains("<value>secret &amp; plans</value>"));
+        assert!(xml.contains("<field var='message-count'><value>3</value>"));
+        let long = el(&format!(
+            "<message xmlns='jabber:client'><body>{}</body></message>",
+            "é".repeat(500)
+        ));
+        assert_eq!(
+            summary(&long, 1, true).body.unwrap().chars().count(),
+            MAX_BODY_CHARS
+        );
+    }
+}
