@@ -2053,13 +2053,18 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
     alice.send("<iq type='set' id='x'><enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n'/></iq>").await;
     let refused = alice.read_until("</iq>").await;
     assert!(refused.contains("remote-server-not-found"), "{refused}");
+    // In this domain an app server is a client, at a full JID.
+    alice.send("<iq type='set' id='y'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost' node='n'/></iq>").await;
+    let refused = alice.read_until("</iq>").await;
+    assert!(refused.contains("not-acceptable"), "{refused}");
     alice
         .send(
             "<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app' node='n1'>\
              <x xmlns='jabber:x:data' type='submit'>\
              <field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>\
              <field var='secret'><value>s3cr3t</value></field>\
-             <field var='include-body'><value>true</value></field></x></enable></iq>",
+             <field var='include-body'><value>true</value></field>\
+             <field var='include-sender'><value>true</value></field></x></enable></iq>",
         )
         .await;
     let enabled = alice.read_until("id='e'").await;
@@ -2092,7 +2097,7 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
             Some(format!("hi {i}").as_str())
         );
         assert!(
-            options.contains("s3cr3t") && !options.contains("include-body"),
+            options.contains("s3cr3t") && !options.contains("include-"),
             "{options}"
         );
     }
@@ -2118,13 +2123,12 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
     assert_eq!(pnode, "n2");
     assert_eq!(field(&fields, "message-count"), Some("2"));
     assert_eq!(
-        field(&fields, "last-message-sender"),
-        Some("carol@localhost")
-    );
-    assert_eq!(
-        field(&fields, "last-message-body"),
-        None,
-        "n2 did not allow bodies"
+        (
+            field(&fields, "last-message-sender"),
+            field(&fields, "last-message-body")
+        ),
+        (None, None),
+        "n2 allowed neither sender nor body"
     );
     assert!(options.is_empty());
     // Each message for the hibernated session adds one.
@@ -2155,4 +2159,22 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
         nodes == ["n1"]
     })
     .await;
+
+    // A disable from one session stops the others, hibernated ones too.
+    let mut tablet = RawClient::login(&node, "alice", "tablet", false, None).await;
+    tablet
+        .send("<iq type='set' id='e3'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app' node='n1'/></iq>")
+        .await;
+    tablet.read_until("id='e3'").await;
+    let mut desk = RawClient::login(&node, "alice", "desk", false, None).await;
+    desk.send(
+        "<iq type='set' id='d1'><disable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app'/></iq>",
+    )
+    .await;
+    let disabled = desk.read_until("id='d1'").await;
+    assert!(disabled.contains("type='result'"), "{disabled}");
+    assert!(store.push_registrations("alice").await.unwrap().is_empty());
+    for s in node.node.server.hub.sessions("alice") {
+        assert!(s.state.lock().unwrap().push.is_none(), "{}", s.jid);
+    }
 }

@@ -1188,15 +1188,13 @@ async fn xep0363_a_file_from_another_cluster_and_a_redirect_from_the_wrong_one()
 async fn xep0357_a_notification_reaches_an_app_server_on_another_cluster() {
     use support::{field, notification};
     let (a, b) = peered_pair().await;
-    let mut app = b.client("bob", "pw", Some("app"));
-    online(&mut app).await;
     let mut amy = a.client("amy", "pw", Some("c"));
     online(&mut amy).await;
     let mut alice = a.client("alice", "pw", Some("phone"));
     online(&mut alice).await;
     send(
         &mut alice,
-        &format!("<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='bob@{DOMAIN}/app' node='n'/></iq>"),
+        &format!("<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='bob@{DOMAIN}/app' node='n'><x xmlns='jabber:x:data' type='submit'><field var='include-sender'><value>1</value></field></x></enable></iq>"),
     )
     .await;
     let reply = expect(&mut alice, 5, "push enabled", |e| e.attr("id") == Some("e")).await;
@@ -1206,6 +1204,31 @@ async fn xep0357_a_notification_reaches_an_app_server_on_another_cluster() {
         a.node.server.hub.sessions("alice").is_empty()
     })
     .await;
+    // The app server is not online: B bounces the notification, which A counts as
+    // undelivered and does not take as a refusal.
+    send(
+        &mut amy,
+        &format!("<message to='alice@{DOMAIN}' type='chat'><body>anyone?</body></message>"),
+    )
+    .await;
+    eventually(10, "the bounced notification counted on A", || async {
+        let mut metrics = String::new();
+        a.node.server.stats.render(&mut metrics);
+        metrics.contains("impmesh_push_notifications_total{result=\"undelivered\"} 1")
+    })
+    .await;
+    assert_eq!(
+        a.node
+            .server
+            .store
+            .push_registrations("alice")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut app = b.client("bob", "pw", Some("app"));
+    online(&mut app).await;
     send(
         &mut amy,
         &format!("<message to='alice@{DOMAIN}' type='chat'><body>wake up</body></message>"),
@@ -1213,7 +1236,7 @@ async fn xep0357_a_notification_reaches_an_app_server_on_another_cluster() {
     .await;
     let (from, node, fields, _) = notification(&mut app, "error").await;
     assert_eq!((from.as_str(), node.as_str()), ("alice@localhost", "n"));
-    assert_eq!(field(&fields, "message-count"), Some("1"));
+    assert_eq!(field(&fields, "message-count"), Some("2"));
     assert_eq!(field(&fields, "last-message-sender"), Some("amy@localhost"));
     let store = a.node.server.store.clone();
     eventually(10, "the refused registration disabled on A", || async {

@@ -143,7 +143,8 @@ async def push_step(alice, bob, login_alice, where):
         "<x xmlns='jabber:x:data' type='submit'>"
         "<field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
         "<field var='secret'><value>interop-secret</value></field>"
-        "<field var='include-body'><value>true</value></field></x></enable>"))
+        "<field var='include-body'><value>true</value></field>"
+        "<field var='include-sender'><value>true</value></field></x></enable>"))
     await iq.send(timeout=STEP_TIMEOUT)
     alice.disconnect()
     await bob.expect_presence(f"bob sees alice's phone go offline {where}",

@@ -177,7 +177,7 @@ impl Server {
                 let notify = crate::core::push::worth_a_push(&message).then(|| message.clone());
                 self.store_offline(&user, message).await?;
                 if let Some(message) = notify {
-                    self.push_offline(&user, &message).await;
+                    self.push_offline(&user, message);
                 }
                 if let Some(row) = archived {
                     self.enqueue(row).await;
@@ -250,6 +250,11 @@ impl Server {
         let Some(reply) = error_reply(stanza, condition, text) else {
             return;
         };
+        // A notification that could not be routed is the push service's business,
+        // not the account's client's.
+        if self.push_answer(&reply) {
+            return;
+        }
         self.send_to_jid(&reply);
     }
 

@@ -888,6 +888,15 @@ impl Drop for Session {
     }
 }
 
+/// A stanza for the client, as a message worth waking it for (XEP-0357), if it is one.
+fn push_worthy(stanza: &str) -> Option<Element> {
+    if !stanza.starts_with("<message") {
+        return None;
+    }
+    let message = stanza.parse::<Element>().ok()?;
+    crate::core::push::worth_a_push(&message).then_some(message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,13 +994,4 @@ mod tests {
             std::mem::size_of::<Session>()
         );
     }
-}
-
-/// A stanza for the client, as a message worth waking it for (XEP-0357), if it is one.
-fn push_worthy(stanza: &str) -> Option<Element> {
-    if !stanza.starts_with("<message") {
-        return None;
-    }
-    let message = stanza.parse::<Element>().ok()?;
-    crate::core::push::worth_a_push(&message).then_some(message)
 }

@@ -18,6 +18,7 @@ pub struct Stats {
     refused_preauth: AtomicU64,
     push_sent: AtomicU64,
     push_refused: AtomicU64,
+    push_undelivered: AtomicU64,
 }
 
 const KINDS: [&str; 3] = ["message", "presence", "iq"];
@@ -79,6 +80,11 @@ impl Stats {
         self.push_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A notification did not reach its app server (offline, unreachable).
+    pub(crate) fn push_undelivered(&self) {
+        self.push_undelivered.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -131,7 +137,7 @@ impl Stats {
             "impmesh_connections_refused_total{{reason=\"preauth_per_address\"}} {}",
             get(&self.refused_preauth)
         );
-        out.push_str("# HELP impmesh_push_notifications_total Push notifications (XEP-0357) sent to app servers, and refused by them.\n");
+        out.push_str("# HELP impmesh_push_notifications_total Push notifications (XEP-0357) to app servers, by result: sent, refused (registration disabled), undelivered.\n");
         out.push_str("# TYPE impmesh_push_notifications_total counter\n");
         let _ = writeln!(
             out,
@@ -142,6 +148,11 @@ impl Stats {
             out,
             "impmesh_push_notifications_total{{result=\"refused\"}} {}",
             get(&self.push_refused)
+        );
+        let _ = writeln!(
+            out,
+            "impmesh_push_notifications_total{{result=\"undelivered\"}} {}",
+            get(&self.push_undelivered)
         );
     }
 }

@@ -12,6 +12,7 @@ pub struct PushRegistration {
     /// The publish-options form (XML), '' without.
     pub options: String,
     pub include_body: bool,
+    pub include_sender: bool,
 }
 
 impl Store {
@@ -36,10 +37,11 @@ impl Store {
             return Ok(false);
         }
         sqlx::query(
-            "INSERT INTO push_registrations (owner, jid, node, options, include_body, created)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO push_registrations (owner, jid, node, options, include_body, created,
+                 include_sender)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (owner, jid, node) DO UPDATE SET options = excluded.options,
-                 include_body = excluded.include_body",
+                 include_body = excluded.include_body, include_sender = excluded.include_sender",
         )
         .bind(owner)
         .bind(&r.jid)
@@ -47,6 +49,7 @@ impl Store {
         .bind(&r.options)
         .bind(i64::from(r.include_body))
         .bind(now_unix())
+        .bind(i64::from(r.include_sender))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -82,7 +85,7 @@ impl Store {
     pub async fn push_registrations(&self, owner: &str) -> Result<Vec<PushRegistration>> {
         let _timer = self.latency.start("push_registrations");
         let rows = sqlx::query(
-            "SELECT jid, node, options, include_body FROM push_registrations
+            "SELECT jid, node, options, include_body, include_sender FROM push_registrations
              WHERE owner = $1 ORDER BY created, jid, node",
         )
         .bind(owner)
@@ -95,6 +98,7 @@ impl Store {
                     node: r.try_get("node")?,
                     options: r.try_get("options")?,
                     include_body: r.try_get::<i64, _>("include_body")? != 0,
+                    include_sender: r.try_get::<i64, _>("include_sender")? != 0,
                 })
             })
             .collect()
@@ -112,6 +116,7 @@ mod tests {
             node: node.into(),
             options: String::new(),
             include_body: false,
+            include_sender: false,
         }
     }
 
@@ -148,10 +153,14 @@ mod tests {
             // Enabling one again updates it, within the cap.
             let mut again = reg("push.a", "1");
             again.include_body = true;
+            again.include_sender = true;
             assert!(store.push_enable("erin", &again, 2).await.unwrap());
             let all = store.push_registrations("erin").await.unwrap();
             assert_eq!(all.len(), 2);
-            assert!(all.iter().any(|r| r.node == "1" && r.include_body));
+            assert!(
+                all.iter()
+                    .any(|r| r.node == "1" && r.include_body && r.include_sender)
+            );
             assert!(
                 !store
                     .push_enable("nobody", &reg("push.a", "1"), 2)

@@ -13,9 +13,10 @@ const MAX_NODE_BYTES: usize = 256;
 const MAX_OPTIONS_BYTES: usize = 4096;
 /// Characters of a message body a summary carries, at most.
 pub const MAX_BODY_CHARS: usize = 256;
-/// The field of the `enable` form with which a client asks for message bodies in its
-/// notifications; not passed on to the app server.
+/// The fields of the `enable` form with which a client asks for message bodies and
+/// senders in its notifications; not passed on to the app server.
 pub const INCLUDE_BODY: &str = "include-body";
+pub const INCLUDE_SENDER: &str = "include-sender";
 
 /// An `<enable/>`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +27,9 @@ pub struct Enable {
     /// The publish-options form to send with every notification (serialized), ''
     /// without one.
     pub options: String,
-    /// Whether notifications may carry the last message's body.
+    /// Whether notifications may carry the last message's body, and its sender.
     pub include_body: bool,
+    pub include_sender: bool,
 }
 
 /// A `<disable/>`: the app server, and one node of it or all.
@@ -45,23 +47,46 @@ pub fn parse_enable(enable: &Element) -> Result<Enable, &'static str> {
         .filter(|n| !n.is_empty() && n.len() <= MAX_NODE_BYTES)
         .ok_or("enable needs a node of at most 256 bytes")?
         .to_owned();
-    let mut include_body = false;
+    let (mut include_body, mut include_sender) = (false, false);
     let mut options = String::new();
     if let Some(form) = enable.get_child("x", ns::DATA_FORMS) {
+        let yes = |field: &Element| {
+            field
+                .children()
+                .filter(|v| v.is("value", ns::DATA_FORMS))
+                .any(|v| matches!(v.text().trim(), "1" | "true"))
+        };
+        // Publish-options (XEP-0060 §7.1.5) always with their form type; none when
+        // nothing is left for the app server.
         let mut kept = Element::builder("x", ns::DATA_FORMS)
             .attr(rxml::xml_ncname!("type").to_owned(), "submit")
+            .append(
+                Element::builder("field", ns::DATA_FORMS)
+                    .attr(rxml::xml_ncname!("var").to_owned(), "FORM_TYPE")
+                    .attr(rxml::xml_ncname!("type").to_owned(), "hidden")
+                    .append(
+                        Element::builder("value", ns::DATA_FORMS)
+                            .append(ns::PUBSUB_PUBLISH_OPTIONS)
+                            .build(),
+                    )
+                    .build(),
+            )
             .build();
+        let mut fields = 0;
         for field in form.children().filter(|f| f.is("field", ns::DATA_FORMS)) {
-            if field.attr("var") == Some(INCLUDE_BODY) {
-                include_body = field
-                    .children()
-                    .filter(|v| v.is("value", ns::DATA_FORMS))
-                    .any(|v| matches!(v.text().trim(), "1" | "true"));
-            } else {
-                kept.append_child(field.clone());
+            match field.attr("var") {
+                Some(INCLUDE_BODY) => include_body = yes(field),
+                Some(INCLUDE_SENDER) => include_sender = yes(field),
+                Some("FORM_TYPE") => {}
+                _ => {
+                    kept.append_child(field.clone());
+                    fields += 1;
+                }
             }
         }
-        options = String::from(&kept);
+        if fields > 0 {
+            options = String::from(&kept);
+        }
         if options.len() > MAX_OPTIONS_BYTES {
             return Err("the enable form is larger than 4096 bytes");
         }
@@ -71,6 +96,7 @@ pub fn parse_enable(enable: &Element) -> Result<Enable, &'static str> {
         node,
         options,
         include_body,
+        include_sender,
     })
 }
 
@@ -96,8 +122,8 @@ fn app_jid(el: &Element) -> Result<String, &'static str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub count: u32,
-    /// The last message's sender (bare JID).
-    pub sender: String,
+    /// The last message's sender (bare JID), when the registration allows it.
+    pub sender: Option<String>,
     /// The last message's body, when the registration allows it.
     pub body: Option<String>,
 }
@@ -120,12 +146,12 @@ pub fn worth_a_push(message: &Element) -> bool {
 }
 
 /// The summary of `message`, the `count`th waiting.
-pub fn summary(message: &Element, count: u32, include_body: bool) -> Summary {
+pub fn summary(message: &Element, count: u32, include_sender: bool, include_body: bool) -> Summary {
     let sender = message
         .attr("from")
         .and_then(|f| Jid::new(f).ok())
         .map(|j| j.to_bare().to_string())
-        .unwrap_or_default();
+        .filter(|_| include_sender);
     let body = include_body
         .then(|| message.get_child("body", ns::CLIENT).map(|b| b.text()))
         .flatten()
@@ -151,10 +177,10 @@ pub fn publish_xml(
         "<field var='FORM_TYPE'><value>urn:xmpp:push:summary</value></field><field var='message-count'><value>{}</value></field>",
         s.count
     );
-    if !s.sender.is_empty() {
+    if let Some(sender) = &s.sender {
         fields.push_str(&format!(
             "<field var='last-message-sender'><value>{}</value></field>",
-            escape(&s.sender)
+            escape(sender)
         ));
     }
     if let Some(body) = &s.body {
@@ -201,9 +227,17 @@ mod tests {
         .unwrap();
         assert_eq!(e.jid, "push.example.net");
         assert_eq!(e.node, "yxs32uqsflafdk3iuqo");
-        assert!(e.include_body);
+        assert!(e.include_body && !e.include_sender);
         assert!(e.options.contains("eruio234vzxc2kla-91"));
+        assert!(e.options.contains("pubsub#publish-options"));
         assert!(!e.options.contains("include-body"));
+        // Only the switches: nothing for the app server.
+        let switches = parse_enable(&el(
+            "<enable xmlns='urn:xmpp:push:0' jid='a@b/c' node='n'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='include-sender'><value>1</value></field></x></enable>",
+        ))
+        .unwrap();
+        assert!(switches.include_sender && switches.options.is_empty());
         let plain = parse_enable(&el(
             "<enable xmlns='urn:xmpp:push:0' jid='a@b/c' node='n'/>",
         ))
@@ -252,12 +286,10 @@ mod tests {
         let m = el(
             "<message xmlns='jabber:client' from='carol@example.org/phone' type='chat'><body>secret &amp; plans</body></message>",
         );
-        let s = summary(&m, 3, false);
-        assert_eq!(
-            (s.count, s.sender.as_str(), s.body.clone()),
-            (3, "carol@example.org", None)
-        );
-        let with = summary(&m, 3, true);
+        let s = summary(&m, 3, false, false);
+        assert_eq!((s.count, s.sender.clone(), s.body.clone()), (3, None, None));
+        let with = summary(&m, 3, true, true);
+        assert_eq!(with.sender.as_deref(), Some("carol@example.org"));
         assert_eq!(with.body.as_deref(), Some("secret & plans"));
         let xml = publish_xml(
             "p1",
@@ -286,7 +318,7 @@ mod tests {
             "é".repeat(500)
         ));
         assert_eq!(
-            summary(&long, 1, true).body.unwrap().chars().count(),
+            summary(&long, 1, false, true).body.unwrap().chars().count(),
             MAX_BODY_CHARS
         );
     }
