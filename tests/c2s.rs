@@ -2178,3 +2178,124 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
         assert!(s.state.lock().unwrap().push.is_none(), "{}", s.jid);
     }
 }
+
+/// XEP-0398 and XEP-0153: an avatar published over PEP becomes the vCard's PHOTO and
+/// the hash in the owner's presence (whatever the client put there); a vCard PHOTO
+/// becomes the PEP avatar, data and metadata, under its SHA-1.
+#[tokio::test]
+async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
+    use base64::Engine as _;
+    use impmesh_router::core::avatar::sha1_hex;
+    use support::{befriend, items_iq, publish_iq};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let node = start_node_with_users(|_| {}, &["alice", "bob"]).await;
+    befriend((&node, "alice"), (&node, "bob")).await;
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        "<iq type='get' id='d'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+    )
+    .await;
+    let info = String::from(&expect(&mut alice, 5, "disco", |e| e.attr("id") == Some("d")).await);
+    assert!(info.contains("urn:xmpp:pep-vcard-conversion:0"), "{info}");
+
+    let png: &[u8] = b"\x89PNG alice's avatar";
+    let (id, data) = (sha1_hex(png), b64(png));
+    for (n, node_name, payload) in [
+        (
+            "p1",
+            "urn:xmpp:avatar:data",
+            format!("<data xmlns='urn:xmpp:avatar:data'>{data}</data>"),
+        ),
+        (
+            "p2",
+            "urn:xmpp:avatar:metadata",
+            format!(
+                "<metadata xmlns='urn:xmpp:avatar:metadata'><info id='{id}' bytes='{}' type='image/png'/></metadata>",
+                png.len()
+            ),
+        ),
+    ] {
+        alice
+            .send_stanza(publish_iq(n, node_name, &id, &payload, &[]))
+            .await
+            .unwrap();
+        let r = expect(&mut alice, 5, "published", |e| e.attr("id") == Some(n)).await;
+        assert_eq!(r.attr("type"), Some("result"));
+    }
+    send(
+        &mut alice,
+        "<iq type='get' id='v'><vCard xmlns='vcard-temp'/></iq>",
+    )
+    .await;
+    let card =
+        String::from(&expect(&mut alice, 5, "the vCard", |e| e.attr("id") == Some("v")).await);
+    assert!(card.contains(&format!("<BINVAL>{data}</BINVAL>")), "{card}");
+    assert!(card.contains("<TYPE>image/png</TYPE>"), "{card}");
+
+    let mut bob = node.client("bob", PW, Some("b"));
+    online(&mut bob).await;
+    send(&mut bob, "<presence/>").await;
+    send(
+        &mut alice,
+        "<presence><x xmlns='vcard-temp:x:update'><photo>stale</photo></x></presence>",
+    )
+    .await;
+    let p = expect(&mut bob, 5, "alice's presence", |e| {
+        e.is("presence", "jabber:client") && e.attr("from").is_some_and(|f| f.starts_with("alice@"))
+    })
+    .await;
+    let x = p
+        .get_child("x", "vcard-temp:x:update")
+        .expect("the avatar hash");
+    assert_eq!(
+        x.get_child("photo", "vcard-temp:x:update").unwrap().text(),
+        id
+    );
+    assert_eq!(
+        p.children()
+            .filter(|c| c.is("x", "vcard-temp:x:update"))
+            .count(),
+        1
+    );
+
+    // bob sets a vCard with a photo: it becomes his PEP avatar.
+    let gif: &[u8] = b"GIF89a bob";
+    send(
+        &mut bob,
+        &format!("<iq type='set' id='vc'><vCard xmlns='vcard-temp'><FN>Bob</FN><PHOTO><TYPE>image/gif</TYPE><BINVAL>{}</BINVAL></PHOTO></vCard></iq>", b64(gif)),
+    )
+    .await;
+    expect(&mut bob, 5, "the vCard stored", |e| {
+        e.attr("id") == Some("vc")
+    })
+    .await;
+    alice
+        .send_stanza(items_iq("i1", "bob", "urn:xmpp:avatar:metadata"))
+        .await
+        .unwrap();
+    let items = String::from(
+        &expect(&mut alice, 5, "bob's avatar metadata", |e| {
+            e.attr("id") == Some("i1")
+        })
+        .await,
+    );
+    let bob_id = sha1_hex(gif);
+    assert!(
+        items.contains(&format!("id=\"{bob_id}\"")) || items.contains(&format!("id='{bob_id}'")),
+        "{items}"
+    );
+    assert!(items.contains("image/gif"), "{items}");
+    alice
+        .send_stanza(items_iq("i2", "bob", "urn:xmpp:avatar:data"))
+        .await
+        .unwrap();
+    let items = String::from(
+        &expect(&mut alice, 5, "bob's avatar data", |e| {
+            e.attr("id") == Some("i2")
+        })
+        .await,
+    );
+    assert!(items.contains(&b64(gif)), "{items}");
+}

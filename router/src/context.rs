@@ -282,13 +282,12 @@ mod tests {
             .filter_map(|c| c.attr("var"))
             .collect();
         assert_eq!(features, SERVER_FEATURES);
-        // Push (XEP-0357) is not there yet: the protocol's own refusal, not silence.
-        let push = iq(
-            "set",
-            "p",
-            "<enable xmlns='urn:xmpp:push:0' jid='push.example.net' node='n'/>",
+        // External services (XEP-0215, the media relay) are not there yet: the
+        // protocol's own refusal, not silence.
+        let services = format!(
+            "<iq xmlns='jabber:client' type='get' id='x' to='{DOMAIN}'><services xmlns='urn:xmpp:extdisco:2'/></iq>"
         );
-        let handled = handle(&server, &alice, &mut directed, &push).await;
+        let handled = handle(&server, &alice, &mut directed, &services).await;
         assert_eq!(
             answer(&handled),
             ("error".into(), Some("service-unavailable".into()))

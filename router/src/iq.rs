@@ -159,6 +159,7 @@ impl Context<'_> {
                     );
                 } else if server.store.set_vcard(&user, &xml).await.is_ok() {
                     self.reply_result(&iq, None);
+                    server.avatar_from_vcard(&user, &payload).await;
                 } else {
                     self.reply_error(&iq, StanzaErrorCondition::InternalServerError, None);
                 }
@@ -726,6 +727,10 @@ impl Server {
                 for f in crate::push::PUSH_FEATURES {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
+                body.push_str(&format!(
+                    "<feature var='{}'/>",
+                    crate::core::avatar::CONVERSION
+                ));
                 if self.config.archive.enabled {
                     for f in crate::mam::MAM_FEATURES {
                         body.push_str(&format!("<feature var='{f}'/>"));

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod avatar;
 pub mod c2s;
 pub mod config;
 pub mod conn;
@@ -96,6 +97,8 @@ pub struct Server {
     archive: mam::Archive,
     /// Push notifications: answers awaited, the throttle.
     push: push::Push,
+    /// The avatar hash of each account seen lately (XEP-0153).
+    avatars: avatar::Hashes,
     /// Striped locks ordering the subscription steps of each roster owner.
     roster_locks: Box<[tokio::sync::Mutex<()>]>,
     /// This server, for the tasks it spawns from `&self` methods.
@@ -158,6 +161,7 @@ impl Server {
             remote_presence: from_link::RemotePresence::default(),
             pep: pep::Pep::default(),
             push: push::Push::default(),
+            avatars: avatar::Hashes::default(),
             archive: mam::Archive::start(
                 store.clone(),
                 config.archive.retention,

@@ -261,6 +261,7 @@ impl Server {
                 }
                 let body = items_xml(&node, &[(&item.id, &item.payload)]);
                 self.pep_notify(owner, &node, &config, &body).await;
+                self.avatar_published(owner, &node, &item.payload).await;
                 let done = format!(
                     "<publish node='{}'><item id='{}'/></publish>",
                     escape(&node),

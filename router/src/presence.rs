@@ -51,6 +51,9 @@ impl Context<'_> {
 
     /// Initial or updated available presence (RFC 6121 §4.2, §4.4).
     async fn go_available(&mut self, presence: Element) {
+        // XEP-0153: the hash of the account's avatar, whatever the client put there.
+        let server = self.server.clone();
+        let presence = server.with_avatar_hash(&self.user(), presence).await;
         let priority = presence
             .get_child("priority", ns::CLIENT)
             .and_then(|p| p.text().trim().parse::<i8>().ok())

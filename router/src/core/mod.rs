@@ -3,6 +3,7 @@
 //! out. Tested without sockets, with simulated time.
 
 pub mod archive;
+pub mod avatar;
 pub mod caps;
 pub mod csi;
 pub mod delivery;
