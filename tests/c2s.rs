@@ -2179,9 +2179,11 @@ async fn xep0357_notifications_for_offline_and_hibernated_sessions() {
     }
 }
 
-/// XEP-0398 and XEP-0153: an avatar published over PEP becomes the vCard's PHOTO and
-/// the hash in the owner's presence (whatever the client put there); a vCard PHOTO
-/// becomes the PEP avatar, data and metadata, under its SHA-1.
+/// XEP-0398 and XEP-0153: an avatar published over PEP in an open node becomes the
+/// vCard's PHOTO and the hash in the owner's presence (whatever the client put there,
+/// unless it says it has none); one in a presence-only node stays out of the public
+/// vCard; a vCard PHOTO becomes the PEP avatar, data and metadata, under its SHA-1,
+/// and a vCard without one turns it off.
 #[tokio::test]
 async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
     use base64::Engine as _;
@@ -2199,6 +2201,49 @@ async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
     .await;
     let info = String::from(&expect(&mut alice, 5, "disco", |e| e.attr("id") == Some("d")).await);
     assert!(info.contains("urn:xmpp:pep-vcard-conversion:0"), "{info}");
+
+    // For contacts only: the vCard (public) does not take it.
+    let secret: &[u8] = b"\x89PNG for contacts";
+    let secret_id = sha1_hex(secret);
+    alice
+        .send_stanza(publish_iq(
+            "p0",
+            "urn:xmpp:avatar:data",
+            &secret_id,
+            &format!("<data xmlns='urn:xmpp:avatar:data'>{}</data>", b64(secret)),
+            &[],
+        ))
+        .await
+        .unwrap();
+    expect(&mut alice, 5, "published", |e| e.attr("id") == Some("p0")).await;
+    alice
+        .send_stanza(publish_iq("p00", "urn:xmpp:avatar:metadata", &secret_id, &format!("<metadata xmlns='urn:xmpp:avatar:metadata'><info id='{secret_id}' bytes='{}' type='image/png'/></metadata>", secret.len()), &[]))
+        .await
+        .unwrap();
+    expect(&mut alice, 5, "published", |e| e.attr("id") == Some("p00")).await;
+    send(
+        &mut alice,
+        "<iq type='get' id='v0'><vCard xmlns='vcard-temp'/></iq>",
+    )
+    .await;
+    let card =
+        String::from(&expect(&mut alice, 5, "the vCard", |e| e.attr("id") == Some("v0")).await);
+    assert!(!card.contains("BINVAL"), "{card}");
+    // Made public.
+    for (n, pep_node) in [
+        ("c1", "urn:xmpp:avatar:data"),
+        ("c2", "urn:xmpp:avatar:metadata"),
+    ] {
+        send(
+            &mut alice,
+            &format!("<iq type='set' id='{n}'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='{pep_node}'/></pubsub></iq>"),
+        )
+        .await;
+        expect(&mut alice, 5, "the node deleted", |e| {
+            e.attr("id") == Some(n)
+        })
+        .await;
+    }
 
     let png: &[u8] = b"\x89PNG alice's avatar";
     let (id, data) = (sha1_hex(png), b64(png));
@@ -2218,7 +2263,13 @@ async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
         ),
     ] {
         alice
-            .send_stanza(publish_iq(n, node_name, &id, &payload, &[]))
+            .send_stanza(publish_iq(
+                n,
+                node_name,
+                &id,
+                &payload,
+                &[("pubsub#access_model", "open")],
+            ))
             .await
             .unwrap();
         let r = expect(&mut alice, 5, "published", |e| e.attr("id") == Some(n)).await;
@@ -2298,4 +2349,40 @@ async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
         .await,
     );
     assert!(items.contains(&b64(gif)), "{items}");
+    // A vCard without a photo turns bob's PEP avatar off.
+    send(
+        &mut bob,
+        "<iq type='set' id='vc2'><vCard xmlns='vcard-temp'><FN>Bob</FN></vCard></iq>",
+    )
+    .await;
+    expect(&mut bob, 5, "the vCard stored", |e| {
+        e.attr("id") == Some("vc2")
+    })
+    .await;
+    alice
+        .send_stanza(items_iq("i3", "bob", "urn:xmpp:avatar:metadata"))
+        .await
+        .unwrap();
+    let items = String::from(
+        &expect(&mut alice, 5, "bob's metadata", |e| {
+            e.attr("id") == Some("i3")
+        })
+        .await,
+    );
+    assert!(!items.contains("<info"), "{items}");
+    // A client that says it has no avatar is believed.
+    send(
+        &mut alice,
+        "<presence><show>away</show><x xmlns='vcard-temp:x:update'><photo/></x></presence>",
+    )
+    .await;
+    let p = expect(&mut bob, 5, "alice's away presence", |e| {
+        e.is("presence", "jabber:client") && e.has_child("show", "jabber:client")
+    })
+    .await;
+    let photo = p
+        .get_child("x", "vcard-temp:x:update")
+        .and_then(|x| x.get_child("photo", "vcard-temp:x:update"))
+        .unwrap();
+    assert!(photo.text().is_empty());
 }

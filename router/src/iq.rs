@@ -65,7 +65,7 @@ const MAX_PRIVATE_ITEMS: usize = 100;
 /// JIDs a user may block (XEP-0191).
 const MAX_BLOCKED: usize = 1000;
 /// Largest vCard or private XML document kept, in bytes of XML.
-const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
 impl Context<'_> {
     /// An IQ from this session's client.
@@ -157,7 +157,14 @@ impl Context<'_> {
                         StanzaErrorCondition::NotAcceptable,
                         Some("vCard too large"),
                     );
-                } else if server.store.set_vcard(&user, &xml).await.is_ok() {
+                    return;
+                }
+                let stored = {
+                    // Ordered with the avatar's conversion into the vCard.
+                    let _ordered = server.roster_lock(&user).lock().await;
+                    server.store_vcard(&user, &xml).await.is_ok()
+                };
+                if stored {
                     self.reply_result(&iq, None);
                     server.avatar_from_vcard(&user, &payload).await;
                 } else {

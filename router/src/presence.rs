@@ -186,6 +186,11 @@ impl Context<'_> {
             }
             _ => {}
         }
+        let presence = if ty == PresenceType::Available {
+            server.with_avatar_hash(&user, presence).await
+        } else {
+            presence
+        };
         server.send_to_jid(&presence);
     }
 }

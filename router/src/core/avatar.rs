@@ -43,19 +43,20 @@ pub fn metadata(payload: &Element) -> Option<Metadata> {
         .find(|i| i.attr("type") == Some("image/png") && i.attr("url").is_none())
         .or_else(|| first.attr("url").is_none().then_some(first))?;
     Some(Metadata::Avatar {
-        id: info.attr("id")?.to_ascii_lowercase(),
+        id: info.attr("id")?.to_owned(),
         media_type: info.attr("type").unwrap_or("image/png").to_owned(),
     })
 }
 
-/// The base64 of a data payload, checked: it decodes and its SHA-1 is `id`.
+/// The base64 of a data payload, checked: it decodes and its SHA-1 is `id` (hex,
+/// either case).
 pub fn data(payload: &Element, id: &str) -> Option<String> {
     if !payload.is("data", DATA) {
         return None;
     }
     let text: String = payload.text().split_whitespace().collect();
     let bytes = B64.decode(text.as_bytes()).ok()?;
-    (sha1_hex(&bytes) == id).then_some(text)
+    sha1_hex(&bytes).eq_ignore_ascii_case(id).then_some(text)
 }
 
 pub fn sha1_hex(bytes: &[u8]) -> String {
@@ -68,15 +69,19 @@ pub fn sha1_hex(bytes: &[u8]) -> String {
 /// `vcard` (a stored vCard-temp, or none) with its PHOTO replaced by `photo` (type,
 /// base64) or removed; `None` when nothing changes.
 pub fn vcard_with_photo(vcard: Option<&str>, photo: Option<(&str, &str)>) -> Option<String> {
-    let mut card: Element = match vcard.and_then(|v| v.parse::<Element>().ok()) {
-        Some(card) if card.is("vCard", ns::VCARD) => card,
-        _ => Element::builder("vCard", ns::VCARD).build(),
+    let mut card: Element = match vcard {
+        None => Element::builder("vCard", ns::VCARD).build(),
+        // A stored vCard that does not parse is left as it is.
+        Some(v) => match v.parse::<Element>() {
+            Ok(card) if card.is("vCard", ns::VCARD) => card,
+            _ => return None,
+        },
     };
     let current = photo_of(&card);
     if current.as_ref().map(|(t, b)| (t.as_str(), b.as_str())) == photo {
         return None;
     }
-    let _ = card.remove_child("PHOTO", ns::VCARD);
+    while card.remove_child("PHOTO", ns::VCARD).is_some() {}
     if let Some((media_type, binval)) = photo {
         let xml = format!(
             "<PHOTO xmlns='{}'><TYPE>{}</TYPE><BINVAL>{}</BINVAL></PHOTO>",
@@ -176,6 +181,11 @@ mod tests {
         let payload = el(&format!("<data xmlns='urn:xmpp:avatar:data'>{b64}</data>"));
         assert_eq!(data(&payload, &id), Some(b64.clone()));
         assert_eq!(data(&payload, "0000"), None);
+        assert_eq!(data(&payload, &id.to_uppercase()), Some(b64.clone()));
+        assert_eq!(
+            vcard_with_photo(Some("<not-xml"), Some(("image/png", "AA=="))),
+            None
+        );
         let garbage = el("<data xmlns='urn:xmpp:avatar:data'>!!!</data>");
         assert_eq!(data(&garbage, &id), None);
     }
