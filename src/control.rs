@@ -23,6 +23,8 @@ pub struct Bound {
     pub c2s_direct_tls: Vec<SocketAddr>,
     pub https: SocketAddr,
     pub admin: SocketAddr,
+    /// HTTPS for clients (file upload), when on.
+    pub client_https: Option<SocketAddr>,
 }
 
 pub struct Control {
@@ -109,6 +111,7 @@ impl Control {
             c2s_direct_tls: vec![],
             https: self.config.listen.https,
             admin: self.config.listen.admin,
+            client_https: None,
         })
     }
 
@@ -434,6 +437,7 @@ impl NodeControl for Control {
                 https: bound.https.to_string(),
                 admin: bound.admin.to_string(),
                 links: self.links.get().map(ToString::to_string),
+                client_https: bound.client_https.map(|a| a.to_string()),
             },
             certificate: api::CertificateSummary {
                 sha256: identity.fingerprint(),

@@ -234,6 +234,7 @@ impl Node {
                 c2s_direct_tls: c2s_direct_tls.clone(),
                 https: https_addr,
                 admin: admin_addr,
+                client_https: client_https_addr,
             },
         );
         server.set_link_identity(identity.clone())?;

@@ -361,6 +361,11 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
     assert!(status.status.success(), "{status:?}");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["cluster"], "cluster-a.example.com");
+    // The client HTTPS listener (file upload) is among the listeners.
+    assert_eq!(
+        status["listeners"]["client_https"],
+        node.node.client_https_addr.unwrap().to_string()
+    );
 
     let added = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
         .await

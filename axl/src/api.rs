@@ -54,6 +54,9 @@ pub struct Listeners {
     pub https: String,
     pub admin: String,
     pub links: Option<String>,
+    /// HTTPS for clients (file upload), when on.
+    #[serde(default)]
+    pub client_https: Option<String>,
 }
 
 /// The node certificate in use.

@@ -19,6 +19,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "impmesh: HTTPS for admins (admin API, metrics) on {}",
         node.admin_addr
     );
+    if let (Some(addr), Some(url)) = (node.client_https_addr, node.server.upload_url()) {
+        println!("impmesh: HTTPS for clients (file upload) on {addr}, files at {url}");
+    }
     println!(
         "impmesh: serving domain {} from {} (certificate SHA-256 {})",
         config.domain,
