@@ -230,7 +230,6 @@ fn vcard_hash(card: &str) -> String {
     card.parse::<Element>()
         .ok()
         .and_then(|c| avatar::photo_of(&c))
-        .and_then(|(_, b64)| avatar::pep_of_photo("", &b64))
-        .map(|(id, _, _)| id)
+        .and_then(|(_, b64)| avatar::photo_hash(&b64))
         .unwrap_or_default()
 }

@@ -126,9 +126,14 @@ impl Context<'_> {
         }
     }
 
-    fn reply_result(&mut self, iq: &Element, payload: Option<String>) {
+    pub(crate) fn reply_result(&mut self, iq: &Element, payload: Option<String>) {
+        self.reply_iq(iq, "result", payload);
+    }
+
+    /// An answer of type `ty` to the client's `iq`, from where it was sent.
+    pub(crate) fn reply_iq(&mut self, iq: &Element, ty: &str, payload: Option<String>) {
         let xml = format!(
-            "<iq type='result' id='{}' to='{}'{}>{}</iq>",
+            "<iq type='{ty}' id='{}' to='{}'{}>{}</iq>",
             escape(iq.attr("id").unwrap_or_default()),
             escape(&self.jid().to_string()),
             iq.attr("to")

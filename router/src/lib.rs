@@ -76,6 +76,9 @@ pub struct Server {
     /// swappable so a new certificate applies to new handshakes without a restart.
     tls_starttls: RwLock<Arc<rustls::ServerConfig>>,
     tls_direct: RwLock<Arc<rustls::ServerConfig>>,
+    /// The STARTTLS configuration with ALPN `http/1.1`, for the client HTTPS
+    /// listener (file upload); derived whenever the certificate changes.
+    tls_https: RwLock<Arc<rustls::ServerConfig>>,
     /// Login attempts per source address (IPv6 per /64) and per account, reserved
     /// before the credentials are checked and given back on success.
     logins: impmesh_limits::Throttle<IpAddr>,
@@ -172,6 +175,7 @@ impl Server {
             store,
             hub: Hub::default(),
             stats: stats::Stats::default(),
+            tls_https: RwLock::new(for_https(&tls_starttls)),
             tls_starttls: RwLock::new(tls_starttls),
             tls_direct: RwLock::new(tls_direct),
             logins,
@@ -191,8 +195,17 @@ impl Server {
 
     /// Replaces the TLS configurations; new handshakes use them at once.
     pub fn set_tls(&self, starttls: Arc<rustls::ServerConfig>, direct: Arc<rustls::ServerConfig>) {
+        *self.tls_https.write().unwrap_or_else(|e| e.into_inner()) = for_https(&starttls);
         *self.tls_starttls.write().unwrap_or_else(|e| e.into_inner()) = starttls;
         *self.tls_direct.write().unwrap_or_else(|e| e.into_inner()) = direct;
+    }
+
+    /// The TLS configuration of the client HTTPS listener.
+    pub(crate) fn tls_https(&self) -> Arc<rustls::ServerConfig> {
+        self.tls_https
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn tls_config(&self, direct: bool) -> Arc<rustls::ServerConfig> {
@@ -345,6 +358,13 @@ impl Server {
     pub fn session_count(&self) -> usize {
         self.hub.session_count()
     }
+}
+
+/// `config` with ALPN `http/1.1` (the client HTTPS listener).
+fn for_https(config: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut https = (**config).clone();
+    https.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(https)
 }
 
 /// Waits for a connection on `listener`, then for an admission permit; `None` once

@@ -8,7 +8,12 @@ use rand::RngCore as _;
 pub(crate) fn random_id() -> String {
     let mut raw = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut raw);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&raw)
+}
+
+/// Bytes as lowercase hex digits.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Normalises a SASL user name to a localpart of our domain (RFC 7622 nodeprep).

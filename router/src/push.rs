@@ -130,7 +130,7 @@ impl Context<'_> {
                 |p| p.jid == disable.jid && disable.node.as_ref().is_none_or(|n| *n == p.node),
                 None,
             );
-            return self.reply_empty(iq);
+            return self.reply_result(iq, None);
         }
         let enable = match push::parse_enable(payload) {
             Ok(e) => e,
@@ -178,7 +178,7 @@ impl Context<'_> {
                     Some(registration.clone()),
                 );
                 lock(&self.handle.state).push = Some(registration);
-                self.reply_empty(iq);
+                self.reply_result(iq, None);
             }
             Ok(false) => self.reply_error(
                 iq,
@@ -187,15 +187,6 @@ impl Context<'_> {
             ),
             Err(_) => self.reply_error(iq, StanzaErrorCondition::InternalServerError, None),
         }
-    }
-
-    fn reply_empty(&mut self, iq: &Element) {
-        let xml = format!(
-            "<iq type='result' id='{}' to='{}'/>",
-            crate::xml::escape(iq.attr("id").unwrap_or_default()),
-            crate::xml::escape(&self.jid().to_string())
-        );
-        self.push_out(xml.into());
     }
 }
 
@@ -245,21 +236,16 @@ impl Server {
         });
     }
 
-    /// A message reached a hibernated session of `owner` that registered `target`:
-    /// the `count`th since it hibernated.
-    pub(crate) fn push_hibernated(
+    /// Sends one notification within the account's throttle, and remembers it to hear
+    /// the app server's answer: for a message stored offline (`count` waiting), or
+    /// for one that reached a hibernated session (the `count`th since it hibernated).
+    pub(crate) fn push_publish(
         &self,
         owner: &str,
-        target: &PushRegistration,
+        r: &PushRegistration,
         message: &Element,
         count: u32,
     ) {
-        self.push_publish(owner, target, message, count);
-    }
-
-    /// Sends one notification within the account's throttle, and remembers it to hear
-    /// the app server's answer.
-    fn push_publish(&self, owner: &str, r: &PushRegistration, message: &Element, count: u32) {
         if !self.push.throttle.attempt(&owner.to_owned()) {
             return;
         }

@@ -501,7 +501,7 @@ impl Session {
             return;
         };
         self.server
-            .push_hibernated(&self.user(), &target, message, self.pushed);
+            .push_publish(&self.user(), &target, message, self.pushed);
     }
 
     /// The client is active (it said so, or resumed on a new stream): what waited

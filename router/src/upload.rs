@@ -27,7 +27,6 @@ use tokio::net::TcpListener;
 use crate::Server;
 use crate::context::Context;
 use crate::core::upload::{self as core, Range, SlotRefusal, SlotRequest};
-use crate::xml::escape;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -96,14 +95,7 @@ impl Context<'_> {
                     "{base}{}",
                     core::file_path(&record.node, &id, &record.filename)
                 );
-                let xml = format!(
-                    "<iq type='result' id='{}' to='{}'{}>{}</iq>",
-                    escape(iq.attr("id").unwrap_or_default()),
-                    escape(&self.jid().to_string()),
-                    from_attr(iq),
-                    core::slot_xml(&url, &token)
-                );
-                self.push_out(xml.into());
+                self.reply_result(iq, Some(core::slot_xml(&url, &token)));
             }
             Ok(Reserved::QuotaFull { .. }) => self.refuse_slot(
                 iq,
@@ -123,34 +115,17 @@ impl Context<'_> {
     }
 
     fn refuse_slot(&mut self, iq: &Element, refusal: &SlotRefusal) {
-        let xml = format!(
-            "<iq type='error' id='{}' to='{}'{}>{}</iq>",
-            escape(iq.attr("id").unwrap_or_default()),
-            escape(&self.jid().to_string()),
-            from_attr(iq),
-            core::refusal_xml(refusal)
-        );
-        self.push_out(xml.into());
+        self.reply_iq(iq, "error", Some(core::refusal_xml(refusal)));
     }
-}
-
-fn from_attr(iq: &Element) -> String {
-    iq.attr("to")
-        .map(|t| format!(" from='{}'", escape(t)))
-        .unwrap_or_default()
 }
 
 /// 128 random bits, hex.
 fn random_hex() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::names::hex(&rand::random::<[u8; 16]>())
 }
 
 fn sha256_hex(s: &str) -> String {
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::names::hex(&sha2::Sha256::digest(s.as_bytes()))
 }
 
 impl Server {
@@ -208,9 +183,7 @@ impl Server {
 
     async fn serve_https(self: Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let mut tls = (*self.tls_config(false)).clone();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls_https());
         let handshake = self.config.limits.handshake_timeout;
         let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,

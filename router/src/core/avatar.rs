@@ -60,10 +60,13 @@ pub fn data(payload: &Element, id: &str) -> Option<String> {
 }
 
 pub fn sha1_hex(bytes: &[u8]) -> String {
-    sha1::Sha1::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::names::hex(&sha1::Sha1::digest(bytes))
+}
+
+/// The SHA-1 (hex) of a PHOTO's image, from its base64; `None` when that does not
+/// decode.
+pub fn photo_hash(binval: &str) -> Option<String> {
+    Some(sha1_hex(&B64.decode(binval.as_bytes()).ok()?))
 }
 
 /// `vcard` (a stored vCard-temp, or none) with its PHOTO replaced by `photo` (type,
