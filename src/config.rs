@@ -293,12 +293,18 @@ impl Default for LimitsSection {
 pub struct SaslSection {
     /// Mechanisms offered, strongest first.
     pub mechanisms: Vec<String>,
+    /// FAST tokens (XEP-0484) for one-round-trip reconnects over SASL2.
+    pub fast: bool,
+    /// Days a FAST token lasts (1 to 365); a client gets a new one past half of it.
+    pub fast_token_days: u32,
 }
 
 impl Default for SaslSection {
     fn default() -> Self {
         SaslSection {
             mechanisms: impmesh_router::config::default_sasl_mechanisms(),
+            fast: true,
+            fast_token_days: 21,
         }
     }
 }
@@ -604,6 +610,11 @@ impl Config {
                 )));
             }
         }
+        if !(1..=365).contains(&self.sasl.fast_token_days) {
+            return Err(ConfigError::Invalid(
+                "sasl.fast_token_days must be between 1 and 365".into(),
+            ));
+        }
         if self.limits.max_stanza_bytes < 1024 || self.limits.session_queue == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_stanza_bytes must be at least 1024 and limits.session_queue at least 1"
@@ -694,6 +705,10 @@ impl Config {
         rc.node_name = self.node_name().into();
         rc.cluster_name = self.cluster_name().into();
         rc.sasl_mechanisms = self.sasl.mechanisms.clone();
+        rc.fast_token_lifetime = self
+            .sasl
+            .fast
+            .then(|| Duration::from_secs(u64::from(self.sasl.fast_token_days) * 86_400));
         rc.allow_registration = self.registration.enabled;
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);
         rc.link_features = impmesh_axl::features::announced(&self.sync.disable_features);
@@ -842,6 +857,16 @@ mod tests {
         assert!(Config::parse("[limits]\nmax_stanza = 1").is_err());
         assert!(Config::parse("domain = 'a@b'").is_err());
         assert!(Config::parse("[sasl]\nmechanisms = ['DIGEST-MD5']").is_err());
+        assert!(Config::parse("[sasl]\nfast_token_days = 0").is_err());
+        let fast = Config::parse("[sasl]\nfast = false").unwrap();
+        assert_eq!(fast.router_config().fast_token_lifetime, None);
+        assert_eq!(
+            Config::parse("")
+                .unwrap()
+                .router_config()
+                .fast_token_lifetime,
+            Some(Duration::from_secs(21 * 86_400))
+        );
         let c = Config::parse("domain = 'example.com'\n[registration]\nenabled = true").unwrap();
         assert!(c.router_config().allow_registration);
         assert_eq!(c.node_name(), "example.com");

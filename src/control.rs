@@ -496,6 +496,25 @@ impl NodeControl for Control {
             .map_err(user_error)
     }
 
+    async fn fast_tokens(&self, name: &str) -> Result<api::Tokens, ControlError> {
+        let (username, tokens) = users::tokens(&self.server.store, &self.config, name)
+            .await
+            .map_err(user_error)?;
+        Ok(api::Tokens { username, tokens })
+    }
+
+    async fn revoke_fast_tokens(
+        &self,
+        name: &str,
+        client: Option<&str>,
+    ) -> Result<api::TokensRevoked, ControlError> {
+        let (username, revoked) =
+            users::revoke_tokens(&self.server.store, &self.config, name, client)
+                .await
+                .map_err(user_error)?;
+        Ok(api::TokensRevoked { username, revoked })
+    }
+
     fn certificates(&self) -> Result<Vec<impmesh_certs::CertInfo>, ControlError> {
         self.identity()
             .chain

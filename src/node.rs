@@ -287,7 +287,8 @@ impl Node {
             }
         });
         spawn_account_listener(&tasks, account_changes, server.clone(), agent.clone());
-        // Every hour until shutdown: re-check the certificate in use, prune old tombstones.
+        // Every hour until shutdown: re-check the certificate in use, prune old tombstones
+        // and expired FAST tokens.
         let (check_server, check_control) = (server.clone(), control.clone());
         tasks.spawn(async move {
             let mut ticks = tokio::time::interval(HOURLY);
@@ -306,6 +307,11 @@ impl Node {
                             Ok(0) => {}
                             Ok(n) => tracing::info!(pruned = n, "pruned old directory tombstones"),
                             Err(e) => tracing::error!(error = %e, "tombstone pruning failed"),
+                        }
+                        match check_server.store.fast_expire(impmesh_store::now_unix()).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(tokens = n, "removed expired FAST tokens"),
+                            Err(e) => tracing::error!(error = %e, "FAST token expiry failed"),
                         }
                     }
                 }

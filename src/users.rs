@@ -82,6 +82,36 @@ pub async fn passwd(
     Ok(user)
 }
 
+/// The FAST tokens (XEP-0484) of an account's clients, with its normalised name.
+pub async fn tokens(
+    store: &Store,
+    config: &Config,
+    name: &str,
+) -> Result<(String, Vec<impmesh_store::FastToken>), UserError> {
+    let user = normalize(name, &config.domain)?;
+    if !store.user_exists(&user).await? {
+        return Err(UserError::NotFound(user));
+    }
+    let tokens = store.fast_tokens(&user).await?;
+    Ok((user, tokens))
+}
+
+/// Revokes an account's FAST tokens: one client's, or all; with the normalised name
+/// and how many tokens went. The clients log in with their passwords next time.
+pub async fn revoke_tokens(
+    store: &Store,
+    config: &Config,
+    name: &str,
+    client: Option<&str>,
+) -> Result<(String, u64), UserError> {
+    let user = normalize(name, &config.domain)?;
+    if !store.user_exists(&user).await? {
+        return Err(UserError::NotFound(user));
+    }
+    let revoked = store.fast_revoke(&user, client).await?;
+    Ok((user, revoked))
+}
+
 fn check_password(password: &str) -> Result<(), UserError> {
     if password.is_empty() {
         return Err(UserError::EmptyPassword);

@@ -71,6 +71,17 @@ fn user_commands_exit_codes_and_reasons() {
         .status
         .success()
     );
+    let tokens = impmesh(d, &["user", "tokens", "alice"], "");
+    assert!(tokens.status.success(), "{tokens:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&tokens.stdout).trim(),
+        "alice@localhost has no FAST tokens"
+    );
+    let none = impmesh(d, &["user", "tokens", "zed", "--revoke-all"], "");
+    assert_eq!(
+        String::from_utf8_lossy(&none.stderr).trim(),
+        "impmesh: no such user: zed"
+    );
     let missing = impmesh(d, &["user", "passwd", "zed", "--password-stdin"], "x\n");
     assert_eq!(
         String::from_utf8_lossy(&missing.stderr).trim(),
@@ -380,6 +391,37 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
         String::from_utf8_lossy(&dup.stderr).trim(),
         "impmesh: user bob already exists"
     );
+
+    // FAST tokens: listed with their client, revoked one client at a time.
+    let store = &node.node.server.store;
+    let token = impmesh_store::NewFastToken {
+        owner: "bob",
+        client: "phone/1",
+        mechanism: "HT-SHA-256-NONE",
+        initiator: "00",
+        responder: "",
+        software: "Conversations",
+        device: "Pixel",
+        issued: 1_000,
+        expires: i64::MAX,
+    };
+    assert!(store.fast_issue(&token, 32).await.unwrap());
+    let listed = cli(&["user", "tokens", "bob", "--json"], "").await.unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["username"], "bob");
+    assert_eq!(listed["tokens"][0]["client"], "phone/1");
+    assert_eq!(listed["tokens"][0]["software"], "Conversations");
+    assert_eq!(listed["tokens"][0]["pending"], true);
+    let revoked = cli(
+        &["user", "tokens", "bob", "--revoke", "phone/1", "--json"],
+        "",
+    )
+    .await
+    .unwrap();
+    let revoked: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(revoked["revoked"], 1);
+    assert!(store.fast_tokens("bob").await.unwrap().is_empty());
 
     let before = node.node.identity().fingerprint();
     let regen = cli(&["cert", "regenerate"], "").await.unwrap();

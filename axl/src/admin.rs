@@ -29,6 +29,11 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/users", get(list_users::<C>).post(add_user::<C>))
         .route("/users/{name}", delete(delete_user::<C>))
         .route("/users/{name}/password", put(set_password::<C>))
+        .route(
+            "/users/{name}/tokens",
+            get(list_tokens::<C>).delete(revoke_tokens::<C>),
+        )
+        .route("/users/{name}/tokens/{client}", delete(revoke_client::<C>))
         .route("/certificates", get(certificates::<C>))
         .route("/certificates/csr", post(csr::<C>))
         .route("/certificates/import", post(import::<C>))
@@ -165,6 +170,31 @@ async fn set_password<C: NodeControl>(
 ) -> Result<Response, ControlError> {
     let username = https.control.set_password(&name, &body.password).await?;
     Ok(Json(Username { username }).into_response())
+}
+
+async fn list_tokens<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    Ok(Json(https.control.fast_tokens(&name).await?).into_response())
+}
+
+async fn revoke_tokens<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    Ok(Json(https.control.revoke_fast_tokens(&name, None).await?).into_response())
+}
+
+async fn revoke_client<C: NodeControl>(
+    State(https): AppState<C>,
+    Path((name, client)): Path<(String, String)>,
+) -> Result<Response, ControlError> {
+    let revoked = https
+        .control
+        .revoke_fast_tokens(&name, Some(&client))
+        .await?;
+    Ok(Json(revoked).into_response())
 }
 
 async fn certificates<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {

@@ -108,6 +108,21 @@ impl User {
     }
 }
 
+/// An account's FAST tokens (XEP-0484), as `GET /users/{name}/tokens` lists them:
+/// each client's token in use and the newer one it has not used yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tokens {
+    pub username: String,
+    pub tokens: Vec<impmesh_store::FastToken>,
+}
+
+/// The answer to `DELETE /users/{name}/tokens[/{client}]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokensRevoked {
+    pub username: String,
+    pub revoked: u64,
+}
+
 /// The answer to a change of one account (its normalised name).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Username {

@@ -85,6 +85,17 @@ pub trait NodeControl: Send + Sync + 'static {
         name: &str,
         password: &str,
     ) -> impl Future<Output = Result<String, ControlError>> + Send;
+    /// An account's FAST tokens (XEP-0484), with its normalised name.
+    fn fast_tokens(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<api::Tokens, ControlError>> + Send;
+    /// Revokes an account's FAST tokens: one client's, or every client's.
+    fn revoke_fast_tokens(
+        &self,
+        name: &str,
+        client: Option<&str>,
+    ) -> impl Future<Output = Result<api::TokensRevoked, ControlError>> + Send;
     /// The certificate chain in use.
     fn certificates(&self) -> Result<Vec<impmesh_certs::CertInfo>, ControlError>;
     /// A PKCS#10 request for the node key.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Interop: a real `impmesh` process and two slixmpp accounts (ops/interop/scenario.py).
-# Creates a venv with slixmpp from PyPI, builds impmesh if needed, starts it on free
-# loopback ports with a fresh data directory, runs the scenario, and stops the server.
-# Exits non-zero on any failure.
+# Interop: a real `impmesh` process with stock clients: two slixmpp accounts
+# (ops/interop/scenario.py), then xmpp.js speaking SASL2, Bind 2 and FAST
+# (ops/interop/fast.mjs). Creates a venv with slixmpp from PyPI and installs xmpp.js
+# from npm, builds impmesh if needed, starts it on free loopback ports with a fresh
+# data directory, runs the scenarios, and stops the server. Exits non-zero on any failure.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -16,6 +17,9 @@ fi
 if [ ! -x "$bin" ]; then
   (cd "$root" && cargo build --quiet --bin impmesh)
 fi
+# xmpp.js for the SASL2 / FAST scenario, at the version package-lock.json pins.
+command -v node >/dev/null || { echo "FAIL: the xmpp.js scenario needs Node.js 20.10 or later"; exit 1; }
+(cd "$here" && npm ci --silent --no-audit --no-fund)
 
 work="$(mktemp -d)"
 server_pid=""
@@ -71,6 +75,12 @@ if ! SSL_CERT_FILE="$work/data/certs/node.crt" "$venv/bin/python" "$here/scenari
   exit 1
 fi
 
+# xmpp.js: SASL2, Bind 2 and FAST tokens (ops/interop/fast.mjs).
+if ! NODE_EXTRA_CA_CERTS="$work/data/certs/node.crt" node "$here/fast.mjs" 127.0.0.1 "$c2s" localhost "$password" "$bin" "$work/impmesh.toml"; then
+  echo "--- server log ---"; tail -50 "$work/server.log"
+  exit 1
+fi
+
 # A clean shutdown on SIGTERM.
 kill -TERM "$server_pid"
 if ! timeout 15 tail --pid="$server_pid" -f /dev/null; then
@@ -78,4 +88,4 @@ if ! timeout 15 tail --pid="$server_pid" -f /dev/null; then
 fi
 wait "$server_pid" || { echo "FAIL: impmesh exited non-zero after SIGTERM"; tail -20 "$work/server.log"; exit 1; }
 server_pid=""
-echo "interop: 1 passed, 0 failed"
+echo "interop: 2 passed, 0 failed"

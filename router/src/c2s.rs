@@ -239,15 +239,29 @@ async fn open_stream(
 /// The negotiation, one typed stage after another: each phase takes its stage and
 /// gives the next, so a step out of order does not compile (`core::negotiate`).
 async fn negotiate(server: &Arc<Server>, conn: Conn, start: Start) -> Result<Bound, Stopped> {
-    let (mut conn, stage) = match start {
+    let (conn, stage) = match start {
         Start::NeedTls(stage) => starttls(server, conn, stage).await?,
         Start::NeedAuth(stage) => (conn, stage),
     };
-    let stage = match authenticate_stream(server, &mut conn, stage).await {
-        Ok(stage) => stage,
-        Err(end) => return Err(Stopped::with(conn)(end)),
-    };
-    bind_or_resume(server, conn, stage).await
+    match authenticate_stream(server, conn, stage).await? {
+        Authed::Sasl(conn, stage) => bind_or_resume(server, conn, stage, true).await,
+        Authed::Sasl2(conn, stage) => bind_or_resume(server, conn, stage, false).await,
+        Authed::Bound(bound) => Ok(bound),
+        Authed::Resumed => Err(Stopped::gone()),
+    }
+}
+
+/// How authentication ended.
+enum Authed {
+    /// RFC 6120 SASL: binding comes next, on a new stream.
+    Sasl(Conn, Authenticated),
+    /// SASL2 without Bind 2: binding comes next, on the same stream (its features
+    /// were sent with the success).
+    Sasl2(Conn, Authenticated),
+    /// SASL2 with Bind 2: the session starts.
+    Bound(Bound),
+    /// SASL2 with an XEP-0198 resumption: the connection went to its session.
+    Resumed,
 }
 
 /// Plain TCP: STARTTLS, then a TLS connection that authenticates next.
@@ -284,48 +298,83 @@ async fn starttls(
     Ok((conn, stage.secured()))
 }
 
-/// TLS up: SASL (and XEP-0077 registration where allowed) until one exchange succeeds.
+/// TLS up: SASL or SASL2 (and XEP-0077 registration where allowed) until one exchange
+/// succeeds.
 async fn authenticate_stream(
     server: &Arc<Server>,
-    conn: &mut Conn,
+    mut conn: Conn,
     mut stage: NeedAuth,
-) -> Result<Authenticated, End> {
+) -> Result<Authed, Stopped> {
     let deadline = stage.deadline();
-    let mechanisms = open_stream(server, conn, deadline, stage.offer()).await?;
+    let mechanisms = match open_stream(server, &mut conn, deadline, stage.offer()).await {
+        Ok(m) => m,
+        Err(end) => return Err(Stopped::with(conn)(end)),
+    };
     loop {
-        let (request, element) = next_request(server, conn, deadline).await?;
-        match stage.on(request, server.config.allow_registration, Instant::now())? {
+        let step = async {
+            let (request, element) = next_request(server, &mut conn, deadline).await?;
+            let step = stage.on(request, server.config.allow_registration, Instant::now())?;
+            Ok::<_, End>((step, element))
+        };
+        let (step, element) = match step.await {
+            Ok(step) => step,
+            Err(end) => return Err(Stopped::with(conn)(end)),
+        };
+        let failed = match step {
             AuthStep::Authenticate => {
-                match authenticate(server, conn, &element, &mechanisms, deadline).await? {
-                    Some(user) => {
+                match authenticate(server, &mut conn, &element, &mechanisms, deadline).await {
+                    Ok(Some(user)) => {
                         conn.reset_stream(crate::xml::FrameLimits::authenticated(
                             server.config.limits.max_stanza_bytes,
                         ));
                         // Channel binding served SASL; the session has no use for it.
                         conn.channel_binding = None;
-                        return Ok(stage.succeeded(user));
+                        return Ok(Authed::Sasl(conn, stage.succeeded(user)));
                     }
-                    None => stage.failed()?,
+                    Ok(None) => true,
+                    Err(end) => return Err(Stopped::with(conn)(end)),
+                }
+            }
+            AuthStep::Authenticate2 => {
+                match run_sasl2(server, &mut conn, &element, &mechanisms, deadline).await {
+                    Ok(Some(done)) => {
+                        conn.set_limits(crate::xml::FrameLimits::authenticated(
+                            server.config.limits.max_stanza_bytes,
+                        ));
+                        conn.channel_binding = None;
+                        let stage = stage.succeeded(done.user.clone());
+                        return finish_sasl2(server, conn, stage, done).await;
+                    }
+                    Ok(None) => true,
+                    Err(end) => return Err(Stopped::with(conn)(end)),
                 }
             }
             AuthStep::Register => {
                 let reply =
                     crate::iq::register_unauthenticated(server, &element, conn.peer.ip()).await;
-                conn.send(&reply).await?;
+                if let Err(e) = conn.send(&reply).await {
+                    return Err(Stopped::with(conn)(e.into()));
+                }
+                false
             }
+        };
+        if failed && let Err(refusal) = stage.failed() {
+            return Err(Stopped::with(conn)(refusal.into()));
         }
     }
 }
 
 /// Authenticated: a resource bound (the stream becomes a session) or a session resumed
-/// (the connection goes to it).
+/// (the connection goes to it). `restart`: the client opens a new stream first (RFC
+/// 6120 SASL; after SASL2 the features went out with the success).
 async fn bind_or_resume(
     server: &Server,
     mut conn: Conn,
     stage: Authenticated,
+    restart: bool,
 ) -> Result<Bound, Stopped> {
     let deadline = stage.deadline();
-    if let Err(end) = open_stream(server, &mut conn, deadline, stage.offer()).await {
+    if restart && let Err(end) = open_stream(server, &mut conn, deadline, stage.offer()).await {
         return Err(Stopped::with(conn)(end));
     }
     loop {
@@ -340,7 +389,11 @@ async fn bind_or_resume(
         let sent = match step {
             BindStep::Bind => match try_bind(server, stage.user(), &element).await {
                 Ok((handle, reply)) => {
-                    let mut bound = Bound { conn, handle };
+                    let mut bound = Bound {
+                        conn,
+                        handle,
+                        inline: Default::default(),
+                    };
                     if let Err(e) = bound.conn.send(&reply).await {
                         return Err(Stopped::with(bound.conn)(e.into()));
                     }
@@ -348,13 +401,17 @@ async fn bind_or_resume(
                 }
                 Err(reply) => conn.send(&reply).await,
             },
-            BindStep::Resume => match resume(server, conn, stage.user(), &element) {
-                None => return Err(Stopped::gone()),
-                Some(back) => {
-                    conn = back;
-                    failed_resume(&mut conn).await
+            BindStep::Resume => {
+                let previd = element.attr("previd").unwrap_or_default();
+                let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
+                match resume(server, conn, stage.user(), previd, h, None) {
+                    Ok(()) => return Err(Stopped::gone()),
+                    Err((back, _)) => {
+                        conn = back;
+                        failed_resume(&mut conn).await
+                    }
                 }
-            },
+            }
             BindStep::EnableTooEarly => {
                 conn.send(&format!(
                     "<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>",
@@ -466,6 +523,13 @@ fn features_xml(server: &Server, offer: Offer, mechanisms: &[Mechanism]) -> Stri
                 out.push_str(&format!("<mechanism>{}</mechanism>", m.name()));
             }
             out.push_str("</mechanisms>");
+            if !mechanisms.is_empty() {
+                let names: Vec<&str> = mechanisms.iter().map(|m| m.name()).collect();
+                out.push_str(&crate::core::sasl2::feature(
+                    &names,
+                    server.config.fast_token_lifetime.is_some(),
+                ));
+            }
             if mechanisms.iter().any(|m| m.is_plus()) {
                 // XEP-0440: which channel-binding types the server supports.
                 out.push_str(&format!(
@@ -533,7 +597,18 @@ async fn authenticate(
     deadline: Instant,
 ) -> Result<Option<String>, End> {
     let ip = conn.peer.ip();
-    let result = run_sasl(server, conn, auth, offered, deadline).await?;
+    let mechanism = auth.attr("mechanism").and_then(Mechanism::parse);
+    let data = sasl_data(auth);
+    let result = run_sasl(
+        server,
+        conn,
+        Profile::Sasl,
+        mechanism,
+        data,
+        offered,
+        deadline,
+    )
+    .await?;
     match result {
         Ok((user, additional)) => {
             tracing::info!(%user, peer = %conn.peer, "authenticated");
@@ -562,28 +637,347 @@ async fn authenticate(
     }
 }
 
+/// The most clients of one account that hold FAST tokens: a new one beyond it takes
+/// the place of the client whose tokens expire first.
+const MAX_FAST_CLIENTS: usize = 32;
+
+/// A SASL2 exchange that succeeded, and what the client asked for with it.
+struct Sasl2Done {
+    user: String,
+    request: crate::core::sasl2::Authenticate,
+    completion: crate::core::sasl2::Completion,
+}
+
+/// Runs one SASL2 exchange (XEP-0388): a password mechanism, or a FAST token
+/// (XEP-0484). `Ok(None)` after a failure was sent (the client may try again).
+async fn run_sasl2(
+    server: &Arc<Server>,
+    conn: &mut Conn,
+    element: &Element,
+    offered: &[Mechanism],
+    deadline: Instant,
+) -> Result<Option<Sasl2Done>, End> {
+    use crate::core::sasl2;
+    let ip = conn.peer.ip();
+    let result = match sasl2::parse(element) {
+        Err(f) => Err((f, None)),
+        Ok(request) => {
+            let outcome = if request.mechanism == sasl2::HT_SHA_256_NONE
+                && server.config.fast_token_lifetime.is_some()
+            {
+                fast_login(server, conn, &request).await?
+            } else {
+                let mechanism = Mechanism::parse(&request.mechanism);
+                let data = Ok(request.initial_response.clone().unwrap_or_default());
+                let profile = Profile::Sasl2;
+                run_sasl(server, conn, profile, mechanism, data, offered, deadline)
+                    .await?
+                    .map(|(user, additional)| (user, additional, None))
+            };
+            outcome.map(|(user, additional, used)| (user, additional, used, request))
+        }
+    };
+    match result {
+        Ok((user, additional, used, request)) => {
+            tracing::info!(%user, peer = %conn.peer, fast = used.is_some(), "authenticated (SASL2)");
+            server.release_login(ip, &user);
+            server.stats.login(true);
+            let extra = fast_token(server, &user, &request, used).await;
+            Ok(Some(Sasl2Done {
+                user,
+                request,
+                completion: sasl2::Completion { additional, extra },
+            }))
+        }
+        Err((failure, text)) => {
+            server.stats.login(false);
+            tracing::info!(peer = %conn.peer, failure = failure.as_str(), "authentication failed (SASL2)");
+            conn.send(&sasl2::failure(failure, text)).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// A FAST login: the user, the responder proof, and the token's issue and expiry
+/// times; or why it failed.
+type FastResult =
+    Result<(String, Option<Vec<u8>>, Option<(i64, i64)>), (SaslFailure, Option<&'static str>)>;
+
+/// `HT-SHA-256-NONE` with a token this client was given (XEP-0484 §4.3). The attempt
+/// counts against the address and the account as a password's does.
+async fn fast_login(
+    server: &Arc<Server>,
+    conn: &Conn,
+    request: &crate::core::sasl2::Authenticate,
+) -> Result<FastResult, End> {
+    use crate::core::sasl2;
+    use impmesh_store::FastCheck;
+    let ip = conn.peer.ip();
+    if request.fast.is_none() {
+        return Ok(Err((
+            SaslFailure::InvalidMechanism,
+            Some("a FAST mechanism goes with <fast xmlns='urn:xmpp:fast:0'/>"),
+        )));
+    }
+    let Some(client) = request.user_agent.id.as_deref() else {
+        return Ok(Err((
+            SaslFailure::NotAuthorized,
+            Some("FAST tokens belong to a client: send <user-agent id='...'/>"),
+        )));
+    };
+    if server.login_blocked(ip) {
+        return Ok(Err(too_many_logins()));
+    }
+    let data = request.initial_response.as_deref().unwrap_or_default();
+    let (name, proof) = match sasl2::ht_response(data) {
+        Ok(parts) => parts,
+        Err(f) => return Ok(Err((f, None))),
+    };
+    let Some(user) = normalize_username(&name, &server.config.domain) else {
+        return Ok(Err((SaslFailure::NotAuthorized, None)));
+    };
+    if !server.reserve_login(ip, &user) {
+        return Ok(Err(too_many_logins()));
+    }
+    let exists = match server.store.user_exists(&user).await {
+        Ok(exists) => exists,
+        Err(_) => {
+            server.release_login(ip, &user);
+            return Ok(Err(store_failed()));
+        }
+    };
+    if !exists {
+        if let Some(address) = server.client_address_of_home(&user).await {
+            server.release_login(ip, &user);
+            return Err(End::Redirect(address));
+        }
+        return Ok(Err((SaslFailure::NotAuthorized, None)));
+    }
+    let now = impmesh_store::now_unix();
+    let checked = server
+        .store
+        .fast_use(&user, client, sasl2::HT_SHA_256_NONE, &proof, now)
+        .await;
+    Ok(match checked {
+        Ok(FastCheck::Valid {
+            responder,
+            issued,
+            expires,
+        }) => Ok((user, B64.decode(responder).ok(), Some((issued, expires)))),
+        Ok(FastCheck::Expired) => Err((
+            SaslFailure::CredentialsExpired,
+            Some("the token has expired; log in with the password"),
+        )),
+        Ok(FastCheck::Unknown) => Err((SaslFailure::NotAuthorized, None)),
+        Err(_) => {
+            server.release_login(ip, &user);
+            Err(store_failed())
+        }
+    })
+}
+
+/// After a successful SASL2 exchange: revokes the token used if the client asked
+/// (`invalidate`), and issues a new one when asked for or when the one used is past
+/// half its life. Returns the `<token/>` element, or nothing.
+async fn fast_token(
+    server: &Server,
+    user: &str,
+    request: &crate::core::sasl2::Authenticate,
+    used: Option<(i64, i64)>,
+) -> String {
+    use crate::core::sasl2;
+    let (Some(lifetime), Some(client)) = (
+        server.config.fast_token_lifetime,
+        request.user_agent.id.as_deref(),
+    ) else {
+        return String::new();
+    };
+    let now = impmesh_store::now_unix();
+    let invalidate = request.fast == Some(true) && used.is_some();
+    if invalidate && let Err(e) = server.store.fast_revoke(user, Some(client)).await {
+        tracing::warn!(%user, error = %e, "could not revoke a FAST token");
+    }
+    let requested = request.request_token.as_deref() == Some(sasl2::HT_SHA_256_NONE);
+    let rotate = !invalidate && used.is_some_and(|(i, e)| sasl2::rotation_due(i, e, now));
+    if !requested && !rotate {
+        return String::new();
+    }
+    let token = sasl2::IssuedToken::generate();
+    let expires = now.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
+    let new = impmesh_store::NewFastToken {
+        owner: user,
+        client,
+        mechanism: sasl2::HT_SHA_256_NONE,
+        initiator: &token.initiator,
+        responder: &token.responder,
+        software: &request.user_agent.software,
+        device: &request.user_agent.device,
+        issued: now,
+        expires,
+    };
+    match server.store.fast_issue(&new, MAX_FAST_CLIENTS).await {
+        Ok(true) => token.xml(expires),
+        Ok(false) => String::new(),
+        Err(e) => {
+            tracing::warn!(%user, error = %e, "could not store a FAST token");
+            String::new()
+        }
+    }
+}
+
+/// After a SASL2 success, what the client asked for inline, in XEP-0386's order: an
+/// XEP-0198 resumption (the connection goes to its session), else a Bind 2 request
+/// (the session starts), else the features for binding on the same stream.
+async fn finish_sasl2(
+    server: &Arc<Server>,
+    mut conn: Conn,
+    stage: Authenticated,
+    done: Sasl2Done,
+) -> Result<Authed, Stopped> {
+    use crate::core::sasl2;
+    let Sasl2Done {
+        user,
+        request,
+        mut completion,
+    } = done;
+    let mut inner = String::new();
+    if let Some(r) = &request.resume {
+        match resume(server, conn, &user, &r.previd, r.h, Some(completion)) {
+            Ok(()) => return Ok(Authed::Resumed),
+            Err((back, given_back)) => {
+                conn = back;
+                completion = given_back.unwrap_or_default();
+                inner.push_str(&crate::session::sm_failed("item-not-found"));
+            }
+        }
+    }
+    let Some(bind) = &request.bind else {
+        let bare = format!("{user}@{}", server.config.domain);
+        let mut out = sasl2::success(
+            completion.additional.as_deref(),
+            &bare,
+            &format!("{inner}{}", completion.extra),
+        );
+        out.push_str(&features_xml(server, Offer::Bind, &[]));
+        if let Err(e) = conn.send(&out).await {
+            return Err(Stopped::with(conn)(e.into()));
+        }
+        return Ok(Authed::Sasl2(conn, stage));
+    };
+    let key = match server.bind_key().await {
+        Ok(key) => key,
+        Err(_) => return Err(Stopped::with(conn)(bind_unavailable())),
+    };
+    let resource = sasl2::resource(
+        key,
+        &user,
+        request.user_agent.id.as_deref(),
+        bind.tag.as_deref(),
+    );
+    // As for RFC 6120 binding: a block list that cannot be read refuses the bind.
+    let Ok(blocked) = server.store.blocklist(&user).await else {
+        return Err(Stopped::with(conn)(bind_unavailable()));
+    };
+    let handle = match bind_resource(server, &user, &resource, blocked.into_iter().collect()) {
+        Ok(handle) => handle,
+        Err((_, text)) => {
+            return Err(Stopped::with(conn)(End::Error(
+                StreamErrorCondition::ResourceConstraint,
+                text,
+            )));
+        }
+    };
+    if bind.carbons {
+        crate::hub::lock(&handle.state).carbons = true;
+    }
+    let mut inline = crate::session::Inline {
+        sm: None,
+        inactive: bind.inactive,
+    };
+    inner.push_str(&format!("<bound xmlns='{}'>", sasl2::BIND2));
+    if let Some(resumable) = bind.sm {
+        let id = random_id();
+        if resumable {
+            server.hub.add_resumable(&id, handle.clone());
+        }
+        let max = server.config.limits.resume_timeout.as_secs();
+        inner.push_str(&crate::session::sm_enabled(&id, resumable, max));
+        inline.sm = Some((id, resumable));
+    }
+    inner.push_str("</bound>");
+    let out = completion.bound(&handle.jid.to_string(), &inner);
+    if let Err(e) = conn.send(&out).await {
+        return Err(Stopped::with(conn)(e.into()));
+    }
+    tracing::debug!(jid = %handle.jid, "bound inline (Bind 2)");
+    Ok(Authed::Bound(Bound {
+        conn,
+        handle,
+        inline,
+    }))
+}
+
+/// The store cannot be read while binding: the client logs in again.
+fn bind_unavailable() -> End {
+    End::Error(
+        StreamErrorCondition::InternalServerError,
+        "the server cannot start a session right now; try again",
+    )
+}
+
 /// The user and any additional success data, or why it failed.
 type SaslResult = Result<(String, Option<Vec<u8>>), (SaslFailure, Option<&'static str>)>;
 
+/// Which SASL profile an exchange runs in: RFC 6120's, or XEP-0388's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Sasl,
+    Sasl2,
+}
+
+impl Profile {
+    fn ns(self) -> &'static str {
+        match self {
+            Profile::Sasl => ns::SASL,
+            Profile::Sasl2 => crate::core::sasl2::NS,
+        }
+    }
+
+    fn challenge(self, data: &[u8]) -> String {
+        match self {
+            // RFC 6120 §6.4.2: `=` stands for empty data.
+            Profile::Sasl if data.is_empty() => {
+                format!("<challenge xmlns='{}'>=</challenge>", ns::SASL)
+            }
+            Profile::Sasl => format!(
+                "<challenge xmlns='{}'>{}</challenge>",
+                ns::SASL,
+                B64.encode(data)
+            ),
+            Profile::Sasl2 => crate::core::sasl2::challenge(data),
+        }
+    }
+}
+
+/// Runs a password mechanism: `mechanism` as the client named it (`None`: unknown),
+/// `data` its initial response (empty for none).
 async fn run_sasl(
     server: &Arc<Server>,
     conn: &mut Conn,
-    auth: &Element,
+    profile: Profile,
+    mechanism: Option<Mechanism>,
+    data: Result<Vec<u8>, SaslFailure>,
     offered: &[Mechanism],
     deadline: Instant,
 ) -> Result<SaslResult, End> {
     let domain = &server.config.domain;
-    let Some(mechanism) = auth
-        .attr("mechanism")
-        .and_then(Mechanism::parse)
-        .filter(|m| offered.contains(m))
-    else {
+    let Some(mechanism) = mechanism.filter(|m| offered.contains(m)) else {
         return Ok(Err((SaslFailure::InvalidMechanism, None)));
     };
     if server.login_blocked(conn.peer.ip()) {
         return Ok(Err(too_many_logins()));
     }
-    let mut data = match sasl_data(auth) {
+    let mut data = match data {
         Ok(d) => d,
         Err(f) => return Ok(Err((f, None))),
     };
@@ -625,9 +1019,8 @@ async fn run_sasl(
     };
     if data.is_empty() {
         // No initial response: an empty challenge asks for the client-first-message.
-        conn.send(&format!("<challenge xmlns='{}'>=</challenge>", ns::SASL))
-            .await?;
-        data = match next_sasl_response(server, conn, deadline).await? {
+        conn.send(&profile.challenge(&[])).await?;
+        data = match next_sasl_response(server, conn, deadline, profile).await? {
             Ok(d) => d,
             Err(f) => return Ok(Err((f, None))),
         };
@@ -685,13 +1078,8 @@ async fn run_sasl(
     let iterations = server.store.scram_iterations();
     let (scram, challenge) =
         sasl::ScramServer::new(first, hash, verifier, || (fake_salt, iterations));
-    conn.send(&format!(
-        "<challenge xmlns='{}'>{}</challenge>",
-        ns::SASL,
-        B64.encode(challenge)
-    ))
-    .await?;
-    let response = match next_sasl_response(server, conn, deadline).await? {
+    conn.send(&profile.challenge(&challenge)).await?;
+    let response = match next_sasl_response(server, conn, deadline, profile).await? {
         Ok(d) => d,
         Err(f) => return Ok(Err((f, None))),
     };
@@ -728,10 +1116,11 @@ async fn next_sasl_response(
     server: &Server,
     conn: &mut Conn,
     deadline: Instant,
+    profile: Profile,
 ) -> Result<Result<Vec<u8>, SaslFailure>, End> {
     match read(server, conn, deadline).await? {
-        Frame::Element(e) if e.is("response", ns::SASL) => Ok(sasl_data(&e)),
-        Frame::Element(e) if e.is("abort", ns::SASL) => Ok(Err(SaslFailure::Aborted)),
+        Frame::Element(e) if e.is("response", profile.ns()) => Ok(sasl_data(&e)),
+        Frame::Element(e) if e.is("abort", profile.ns()) => Ok(Err(SaslFailure::Aborted)),
         _ => Err(End::Error(
             StreamErrorCondition::PolicyViolation,
             "expected a SASL response",
@@ -748,7 +1137,6 @@ fn bind(
     iq: &Element,
     blocked: std::collections::HashSet<String>,
 ) -> Result<(Arc<SessionHandle>, String), String> {
-    let domain = &server.config.domain;
     let id = crate::xml::escape(iq.attr("id").unwrap_or_default()).into_owned();
     let err = |condition: crate::error::StanzaErrorCondition, text: &str| {
         crate::error::error_reply(iq, condition, Some(text))
@@ -767,8 +1155,25 @@ fn bind(
         .map(|r| r.text())
         .filter(|r| !r.trim().is_empty());
     let resource = requested.unwrap_or_else(|| format!("impmesh-{}", &random_id()[..12]));
+    let handle = bind_resource(server, user, &resource, blocked).map_err(|(c, t)| err(c, t))?;
+    let reply = format!(
+        "<iq type='result' id='{id}'><bind xmlns='{}'><jid>{}</jid></bind></iq>",
+        ns::BIND,
+        crate::xml::escape(&handle.jid.to_string())
+    );
+    Ok((handle, reply))
+}
+
+/// Registers a session for `user` at `resource` with the hub, replacing one there.
+fn bind_resource(
+    server: &Server,
+    user: &str,
+    resource: &str,
+    blocked: std::collections::HashSet<String>,
+) -> Result<Arc<SessionHandle>, (crate::error::StanzaErrorCondition, &'static str)> {
+    let domain = &server.config.domain;
     let Ok(jid) = FullJid::new(&format!("{user}@{domain}/{resource}")) else {
-        return Err(err(
+        return Err((
             crate::error::StanzaErrorCondition::BadRequest,
             "the resource is not a valid resourcepart (RFC 7622)",
         ));
@@ -792,39 +1197,44 @@ fn bind(
         }
         Ok(None) => {}
         Err(crate::hub::TooManySessions) => {
-            return Err(err(
+            return Err((
                 crate::error::StanzaErrorCondition::ResourceConstraint,
                 "too many sessions for this account",
             ));
         }
     }
-    let reply = format!(
-        "<iq type='result' id='{id}'><bind xmlns='{}'><jid>{}</jid></bind></iq>",
-        ns::BIND,
-        crate::xml::escape(&jid.to_string())
-    );
-    Ok((handle, reply))
+    Ok(handle)
 }
 
-/// XEP-0198 §5: hands the connection to the session named by `previd` (`None`); the
-/// connection comes back when there is no such session (answer `<failed/>` and keep
-/// negotiating).
-fn resume(server: &Server, conn: Conn, user: &str, element: &Element) -> Option<Conn> {
-    let previd = element.attr("previd").unwrap_or_default();
-    let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
+/// XEP-0198 §5: hands the connection to the session named by `previd`; the
+/// connection (and `sasl2`) come back when there is no such session (answer
+/// `<failed/>` and keep negotiating).
+#[allow(clippy::result_large_err)]
+fn resume(
+    server: &Server,
+    conn: Conn,
+    user: &str,
+    previd: &str,
+    h: Option<u32>,
+    sasl2: Option<crate::core::sasl2::Completion>,
+) -> Result<(), (Conn, Option<crate::core::sasl2::Completion>)> {
     let (Some(h), Some(session)) = (h, server.hub.resumable(previd, user)) else {
-        return Some(conn);
+        return Err((conn, sasl2));
     };
     let request = Box::new(ResumeRequest {
         conn,
         h,
         username: user.to_owned(),
+        sasl2,
     });
     // Left in the session's control slots; refused when it has ended (or has a few
     // control messages waiting already): then the client hears `<failed/>`.
     match session.tell(Control::Resume(request)) {
-        Ok(()) => None,
-        Err(Control::Resume(request)) => Some(request.conn),
+        Ok(()) => Ok(()),
+        Err(Control::Resume(request)) => {
+            let ResumeRequest { conn, sasl2, .. } = *request;
+            Err((conn, sasl2))
+        }
         Err(_) => unreachable!("send gives back what it was given"),
     }
 }

@@ -32,7 +32,14 @@ pub struct RouterConfig {
     pub archive: ArchiveSettings,
     /// HTTP file upload (XEP-0363); `None`: not offered.
     pub upload: Option<UploadSettings>,
+    /// How long a FAST token (XEP-0484) lasts; `None`: FAST is not offered (SASL2
+    /// and Bind 2 still are).
+    pub fast_token_lifetime: Option<Duration>,
 }
+
+/// FAST tokens' default lifetime, as Prosody's: a device unused for three weeks logs
+/// in with its password again.
+pub const FAST_TOKEN_LIFETIME: Duration = Duration::from_secs(21 * 24 * 3600);
 
 /// HTTP file upload (XEP-0363).
 #[derive(Debug, Clone)]
@@ -264,6 +271,7 @@ impl RouterConfig {
             contact_addresses: vec![],
             archive: ArchiveSettings::default(),
             upload: None,
+            fast_token_lifetime: Some(FAST_TOKEN_LIFETIME),
         }
     }
 }

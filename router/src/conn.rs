@@ -160,6 +160,11 @@ impl Conn {
         }
     }
 
+    /// New limits on the same stream, from the next element on (SASL2).
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.framer.set_limits(limits);
+    }
+
     /// Starts a new stream on the same transport (after SASL success), with the
     /// limits of an authenticated stream.
     pub fn reset_stream(&mut self, limits: FrameLimits) {

@@ -137,6 +137,8 @@ pub struct ResumeRequest {
     /// The client's `h`: stanzas it has received.
     pub h: u32,
     pub username: String,
+    /// Asked inline in SASL2 (XEP-0388): the session answers inside `<success/>`.
+    pub sasl2: Option<crate::core::sasl2::Completion>,
 }
 
 /// Presence-related state of a session that other tasks read when routing.

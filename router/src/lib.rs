@@ -90,6 +90,9 @@ pub struct Server {
     /// Key for the made-up salts of unknown users (SCRAM must not reveal which exist):
     /// a cluster secret in the store, the same on every node and across restarts.
     salt_key: tokio::sync::OnceCell<Vec<u8>>,
+    /// The key Bind 2 resources are derived with (`core::sasl2::resource`), the same
+    /// on every node of the cluster.
+    bind_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Router links to and from the nodes of peer clusters.
     links: Arc<link::Links>,
     /// What this node passed on of remote users' presence, per remote node.
@@ -183,6 +186,7 @@ impl Server {
             registrations,
             password_changes,
             salt_key: tokio::sync::OnceCell::new(),
+            bind_key: tokio::sync::OnceCell::new(),
             roster_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             me: me.clone(),
             shutdown,
@@ -352,6 +356,21 @@ impl Server {
         let mut salt = impmesh_store::scram::ScramHash::Sha256.hmac(key, username.as_bytes());
         salt.truncate(16);
         Ok(salt)
+    }
+
+    /// The cluster's key for Bind 2 resources.
+    pub(crate) async fn bind_key(&self) -> Result<&[u8], impmesh_store::StoreError> {
+        let key = self
+            .bind_key
+            .get_or_try_init(|| {
+                self.store.cluster_secret("bind2-resource", || {
+                    let mut key = vec![0u8; 32];
+                    rand::thread_rng().fill_bytes(&mut key);
+                    key
+                })
+            })
+            .await?;
+        Ok(key)
     }
 
     /// Sessions on this node now.

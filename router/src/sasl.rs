@@ -66,6 +66,7 @@ impl Mechanism {
 #[non_exhaustive]
 pub enum SaslFailure {
     Aborted,
+    CredentialsExpired,
     EncryptionRequired,
     IncorrectEncoding,
     InvalidAuthzid,
@@ -79,6 +80,7 @@ impl SaslFailure {
     pub fn as_str(self) -> &'static str {
         match self {
             SaslFailure::Aborted => "aborted",
+            SaslFailure::CredentialsExpired => "credentials-expired",
             SaslFailure::EncryptionRequired => "encryption-required",
             SaslFailure::IncorrectEncoding => "incorrect-encoding",
             SaslFailure::InvalidAuthzid => "invalid-authzid",

@@ -33,6 +33,18 @@ use crate::xml::{Frame, ns};
 pub struct Bound {
     pub conn: Conn,
     pub handle: Arc<SessionHandle>,
+    /// What Bind 2 (XEP-0386) enabled with the resource.
+    pub inline: Inline,
+}
+
+/// Session features enabled inline by Bind 2 before the session starts.
+#[derive(Debug, Default)]
+pub struct Inline {
+    /// XEP-0198 enabled: its id and whether it may be resumed (the id is registered
+    /// with the hub already).
+    pub sm: Option<(String, bool)>,
+    /// XEP-0352: the session starts inactive.
+    pub inactive: bool,
 }
 
 /// A session that read nothing for this long lets its stream's parser go (about
@@ -115,19 +127,25 @@ pub fn start(
 ) -> impl Future<Output = ()> + Send {
     use tracing::Instrument as _;
     let span = tracing::info_span!("session", jid = %bound.handle.jid, peer = %bound.conn.peer);
-    let Bound { conn, handle } = bound;
+    let Bound {
+        conn,
+        handle,
+        inline,
+    } = bound;
     let session = Session {
         server,
         handle,
         conn: Some(conn),
-        sm: None,
+        sm: inline
+            .sm
+            .map(|(id, resumable)| StreamManagement::new(id, resumable)),
         directed: HashSet::new(),
         out: String::new(),
         last_read: Instant::now(),
         ping_sent: false,
         hibernated_until: None,
         offline: None,
-        inactive: None,
+        inactive: inline.inactive.then(Default::default),
         pushed: 0,
         _admitted: admitted,
     };
@@ -417,12 +435,7 @@ impl Session {
                     self.server.hub.add_resumable(&id, self.handle.clone());
                 }
                 let max = self.server.config.limits.resume_timeout.as_secs();
-                let resume = if resumable {
-                    format!(" resume='true' max='{max}'")
-                } else {
-                    String::new()
-                };
-                self.push_raw(&format!("<enabled xmlns='{}' id='{id}'{resume}/>", ns::SM));
+                self.push_raw(&sm_enabled(&id, resumable, max));
                 self.sm = Some(StreamManagement::new(id, resumable));
                 Ok(())
             }
@@ -530,24 +543,39 @@ impl Session {
 
     /// XEP-0198 §5: takes over the new connection and retransmits what is unacked.
     async fn resume(&mut self, request: ResumeRequest) -> Result<(), End> {
-        let ResumeRequest { mut conn, h, .. } = request;
+        let ResumeRequest {
+            mut conn, h, sasl2, ..
+        } = request;
+        // A resumption that fails here ends the new connection: over SASL2 the client
+        // hears a failure and logs in again.
+        let refuse = |condition: &str| match &sasl2 {
+            None => sm_failed(condition),
+            Some(_) => crate::core::sasl2::failure(
+                crate::sasl::SaslFailure::Aborted,
+                Some("the session cannot be resumed; log in again"),
+            ),
+        };
         let Some(sm) = self.sm.as_mut().filter(|sm| sm.resumable()) else {
-            let _ = conn.send(&sm_failed("item-not-found")).await;
+            let _ = conn.send(&refuse("item-not-found")).await;
             return Ok(());
         };
         let (rows, again) = match sm.resume(h) {
             Ok(resumed) => resumed,
             Err(Violation::AckedUnsent { .. }) => {
-                let _ = conn.send(&sm_failed("undefined-condition")).await;
+                let _ = conn.send(&refuse("undefined-condition")).await;
                 return Ok(());
             }
         };
-        let mut out = format!(
+        let resumed = format!(
             "<resumed xmlns='{}' previd='{}' h='{}'/>",
             ns::SM,
             sm.id(),
             sm.h()
         );
+        let mut out = match &sasl2 {
+            None => resumed,
+            Some(done) => done.bound(&self.handle.jid.to_string(), &resumed),
+        };
         for stanza in &again {
             out.push_str(stanza);
         }
@@ -810,7 +838,17 @@ impl Session {
     }
 }
 
-fn sm_failed(condition: &str) -> String {
+/// XEP-0198 `<enabled/>`; `max`: seconds a resumable session waits.
+pub(crate) fn sm_enabled(id: &str, resumable: bool, max: u64) -> String {
+    let resume = if resumable {
+        format!(" resume='true' max='{max}'")
+    } else {
+        String::new()
+    };
+    format!("<enabled xmlns='{}' id='{id}'{resume}/>", ns::SM)
+}
+
+pub(crate) fn sm_failed(condition: &str) -> String {
     format!(
         "<failed xmlns='{}'><{condition} xmlns='{}'/></failed>",
         ns::SM,
@@ -986,7 +1024,15 @@ mod tests {
             .acquire_owned()
             .await
             .unwrap();
-        let session = start(server.clone(), Bound { conn, handle }, admitted);
+        let session = start(
+            server.clone(),
+            Bound {
+                conn,
+                handle,
+                inline: Inline::default(),
+            },
+            admitted,
+        );
         let session_bytes = std::mem::size_of_val(&session);
         assert!(
             session_bytes <= SESSION_FUTURE_BUDGET,

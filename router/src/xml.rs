@@ -313,6 +313,14 @@ impl Framer {
         }
     }
 
+    /// Limits for the elements that follow on the same stream (SASL2 authenticates
+    /// without a restart). The parser's token cap comes from them: it is rebuilt with
+    /// the next input when the stream is between elements, as it should be here.
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.limits = limits;
+        self.rest();
+    }
+
     /// Lets the stream rest while it waits between stanzas: the parser goes (about
     /// 1.5 KiB with its tables, docs/benchmarks.md) and the root's declarations stay,
     /// from which the next input rebuilds it. Only between top-level elements, with

@@ -29,6 +29,19 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Lists an account's FAST tokens (XEP-0484: one per client, and a newer one the
+    /// client has not used yet), or revokes them.
+    Tokens {
+        name: String,
+        /// Revoke the tokens of this client (its id, as listed).
+        #[arg(long, value_name = "CLIENT")]
+        revoke: Option<String>,
+        /// Revoke the tokens of every client.
+        #[arg(long, conflicts_with = "revoke")]
+        revoke_all: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(
@@ -117,6 +130,87 @@ pub async fn run(
                 }
             }
         }
+        UserCommand::Tokens {
+            name,
+            revoke,
+            revoke_all,
+            json,
+        } if revoke.is_some() || revoke_all => {
+            let client = revoke.as_deref();
+            let r: api::TokensRevoked = match api {
+                Some(api) => {
+                    let mut path = format!("/users/{}/tokens", path_segment(&name));
+                    if let Some(client) = client {
+                        path.push('/');
+                        path.push_str(&path_segment(client));
+                    }
+                    call(api, Method::DELETE, &path).await?
+                }
+                None => {
+                    with_store(config, async |store| {
+                        let (username, revoked) =
+                            impmesh::users::revoke_tokens(store, config, &name, client).await?;
+                        Ok(api::TokensRevoked { username, revoked })
+                    })
+                    .await?
+                }
+            };
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "revoked {} token(s) of {}@{domain}{}",
+                    r.revoked,
+                    r.username,
+                    client.map(|c| format!(" (client {c})")).unwrap_or_default()
+                );
+            }
+        }
+        UserCommand::Tokens { name, json, .. } => {
+            let t: api::Tokens = match api {
+                Some(api) => {
+                    let path = format!("/users/{}/tokens", path_segment(&name));
+                    call(api, Method::GET, &path).await?
+                }
+                None => {
+                    with_store(config, async |store| {
+                        let (username, tokens) =
+                            impmesh::users::tokens(store, config, &name).await?;
+                        Ok(api::Tokens { username, tokens })
+                    })
+                    .await?
+                }
+            };
+            if json {
+                print_json(&t)?;
+            } else if t.tokens.is_empty() {
+                println!("{}@{domain} has no FAST tokens", t.username);
+            } else {
+                print_tokens(&t.tokens);
+            }
+        }
     }
     Ok(())
+}
+
+/// One line per token: client, software and device, state, and its times.
+fn print_tokens(tokens: &[impmesh_store::FastToken]) {
+    let time = impmesh_router::time::rfc3339;
+    println!("CLIENT\tSOFTWARE\tDEVICE\tSTATE\tISSUED\tEXPIRES\tLAST USED");
+    for t in tokens {
+        let state = if t.pending { "newer, unused" } else { "in use" };
+        println!(
+            "{}\t{}\t{}\t{state}\t{}\t{}\t{}",
+            t.client,
+            or_dash(&t.software),
+            or_dash(&t.device),
+            time(t.issued),
+            time(t.expires),
+            t.last_used.map(time).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
 }

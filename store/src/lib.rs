@@ -12,6 +12,7 @@
 pub mod alarms;
 mod archive;
 mod directory;
+mod fast;
 mod latency;
 mod names;
 mod nodes;
@@ -38,6 +39,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 
 pub use archive::{ArchiveFilter, ArchivePage, ArchiveResults, ArchiveRow, Archived};
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
+pub use fast::{FastCheck, FastToken, NewFastToken};
 pub use latency::Latency;
 pub use names::{ClusterName, NodeName, UserName};
 pub use nodes::NodeRecord;

@@ -200,22 +200,29 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a user's verifiers with ones derived from a new password.
+    /// Replaces a user's verifiers with ones derived from a new password, and revokes
+    /// the account's FAST tokens: a new password logs every device out.
     pub async fn set_password(&self, username: &str, password: &str) -> Result<()> {
         if !self.user_exists(username).await? {
             return Err(StoreError::UserNotFound(username.to_owned()));
         }
         let (sha1, sha256) = self.derive_verifiers(password).await?;
+        let mut tx = self.write().await?;
         let result =
             sqlx::query("UPDATE users SET scram_sha1 = $1, scram_sha256 = $2 WHERE username = $3")
                 .bind(sha1.encode())
                 .bind(sha256.encode())
                 .bind(username)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
         if result.rows_affected() == 0 {
             return Err(StoreError::UserNotFound(username.to_owned()));
         }
+        sqlx::query("DELETE FROM fast_tokens WHERE owner = $1")
+            .bind(username)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

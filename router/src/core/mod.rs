@@ -12,6 +12,7 @@ pub mod negotiate;
 pub mod pubsub;
 pub mod push;
 pub mod route;
+pub mod sasl2;
 pub mod sm;
 pub mod subscription;
 pub mod upload;

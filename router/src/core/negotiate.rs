@@ -24,6 +24,8 @@ pub enum Request {
     StartTls,
     /// `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>`.
     Auth,
+    /// `<authenticate xmlns='urn:xmpp:sasl:2'/>` (XEP-0388: no stream restart after).
+    Authenticate,
     /// An IQ with an XEP-0077 `<query xmlns='jabber:iq:register'/>`.
     Register,
     /// An IQ with `<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>`.
@@ -46,6 +48,7 @@ impl Request {
         match (name, ns) {
             ("starttls", ns::TLS) => Request::StartTls,
             ("auth", ns::SASL) => Request::Auth,
+            ("authenticate", crate::core::sasl2::NS) => Request::Authenticate,
             ("resume", ns::SM) => Request::Resume,
             ("enable", ns::SM) => Request::Enable,
             ("iq", ns::CLIENT) if has_child("query", ns::REGISTER) => Request::Register,
@@ -152,6 +155,8 @@ impl NeedTls {
 pub enum AuthStep {
     /// Run a SASL exchange; then [`NeedAuth::succeeded`] or [`NeedAuth::failed`].
     Authenticate,
+    /// Run a SASL2 exchange (XEP-0388), with what it asks for inline; then as above.
+    Authenticate2,
     /// Answer an XEP-0077 registration request (the stream stays unauthenticated).
     Register,
 }
@@ -182,6 +187,7 @@ impl NeedAuth {
         expired(self.deadline, now)?;
         match request {
             Request::Auth => Ok(AuthStep::Authenticate),
+            Request::Authenticate => Ok(AuthStep::Authenticate2),
             Request::Register if registration => Ok(AuthStep::Register),
             _ => Err(refuse(
                 StreamErrorCondition::NotAuthorized,
@@ -277,9 +283,10 @@ mod tests {
         }
     }
 
-    const EVERY: [Request; 8] = [
+    const EVERY: [Request; 9] = [
         Request::StartTls,
         Request::Auth,
+        Request::Authenticate,
         Request::Register,
         Request::Bind,
         Request::Resume,
@@ -300,6 +307,14 @@ mod tests {
             Request::Other
         );
         assert_eq!(Request::classify("auth", ns::SASL, none), Request::Auth);
+        assert_eq!(
+            Request::classify("authenticate", "urn:xmpp:sasl:2", none),
+            Request::Authenticate
+        );
+        assert_eq!(
+            Request::classify("authenticate", ns::SASL, none),
+            Request::Other
+        );
         assert_eq!(Request::classify("resume", ns::SM, none), Request::Resume);
         assert_eq!(Request::classify("enable", ns::SM, none), Request::Enable);
         assert_eq!(Request::classify("iq", ns::CLIENT, none), Request::Iq);
@@ -341,6 +356,10 @@ mod tests {
         assert_eq!(s.offer(), Offer::Sasl);
         let now = Instant::now();
         assert_eq!(s.on(Request::Auth, false, now), Ok(AuthStep::Authenticate));
+        assert_eq!(
+            s.on(Request::Authenticate, false, now),
+            Ok(AuthStep::Authenticate2)
+        );
         assert_eq!(s.on(Request::Register, true, now), Ok(AuthStep::Register));
         // Registration only where the server allows it.
         assert_eq!(
@@ -392,7 +411,12 @@ mod tests {
         assert_eq!(s.on(Request::Enable, now), Ok(BindStep::EnableTooEarly));
         assert_eq!(s.on(Request::Iq, now), Ok(BindStep::IqTooEarly));
         assert_eq!(s.on(Request::Register, now), Ok(BindStep::IqTooEarly));
-        for r in [Request::Auth, Request::StartTls, Request::Other] {
+        for r in [
+            Request::Auth,
+            Request::Authenticate,
+            Request::StartTls,
+            Request::Other,
+        ] {
             assert_eq!(
                 s.on(r, now).unwrap_err().condition,
                 StreamErrorCondition::NotAuthorized,

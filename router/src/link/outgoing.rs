@@ -933,6 +933,7 @@ mod tests {
             contact_addresses: vec![],
             archive: Default::default(),
             upload: None,
+            fast_token_lifetime: None,
         };
         let router = Arc::new(Bounces::default());
         let weak = Arc::downgrade(&router);
