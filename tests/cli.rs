@@ -394,7 +394,15 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
 
     // FAST tokens: listed with their client, revoked one client at a time.
     let store = &node.node.server.store;
+    let credentials = store
+        .user("bob")
+        .await
+        .unwrap()
+        .unwrap()
+        .scram_sha256
+        .encode();
     let token = impmesh_store::NewFastToken {
+        credentials: &credentials,
         owner: "bob",
         client: "phone/1",
         mechanism: "HT-SHA-256-NONE",

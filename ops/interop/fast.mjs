@@ -5,6 +5,8 @@
 //   2. bob does the same; alice's message reaches him;
 //   3. alice's connection breaks; xmpp.js reconnects with the token and resumes the
 //      XEP-0198 session inline, in one round trip; what bob sent meanwhile arrives;
+//      a resumption of a session that does not exist is refused inside the success
+//      and a new session bound instead;
 //   4. a new alice client logs in with the token alone (no password);
 //   5. `impmesh user tokens alice --json` lists the token under alice's client id;
 //   6. after `impmesh user tokens alice --revoke ID`, the token is refused
@@ -97,6 +99,8 @@ check(
 check(alice.streamManagement.enabled, "stream management was enabled inline");
 check(alice.saved?.token && alice.saved.mechanism === "HT-SHA-256-NONE", "alice was given a FAST token");
 const token = alice.saved;
+// xmpp.js "drops" the token it did not have before asking for one: count from here.
+alice.dropped = false;
 
 // 2. A message between two SASL2 sessions.
 const bob = make({ username: "bob", password, agentId: "impmesh-interop-bob" });
@@ -123,6 +127,22 @@ check(
 );
 await within(whileAway, "the message sent during the break");
 check(true, "the message sent during the break arrived after the resumption");
+
+// 3b. A resumption that cannot happen (no such session) is answered inside the
+// success, and the Bind 2 request beside it starts a new session on the same resource
+// (the installation's hibernated session is replaced).
+let resumedAgain = false;
+alice.streamManagement.once("resumed", () => {
+  resumedAgain = true;
+});
+alice.streamManagement.id = "no-such-session";
+const online = new Promise((resolve) => alice.once("online", resolve));
+alice.socket.socket.destroy();
+const rebound = await within(online, "alice's new session after a failed resumption");
+check(
+  rebound.toString() === before && !resumedAgain && !alice.dropped,
+  "a failed inline resumption is answered in the success, and Bind 2 binds a new session",
+);
 await alice.stop();
 
 // 4. A new client of the same installation logs in with the token alone.

@@ -389,24 +389,24 @@ async fn bind_or_resume(
         let sent = match step {
             BindStep::Bind => match try_bind(server, stage.user(), &element).await {
                 Ok((handle, reply)) => {
-                    let mut bound = Bound {
+                    if let Err(e) = conn.send(&reply).await {
+                        abandon(server, &handle, None);
+                        return Err(Stopped::with(conn)(e.into()));
+                    }
+                    return Ok(Bound {
                         conn,
                         handle,
                         inline: Default::default(),
-                    };
-                    if let Err(e) = bound.conn.send(&reply).await {
-                        return Err(Stopped::with(bound.conn)(e.into()));
-                    }
-                    return Ok(bound);
+                    });
                 }
                 Err(reply) => conn.send(&reply).await,
             },
             BindStep::Resume => {
                 let previd = element.attr("previd").unwrap_or_default();
                 let h = element.attr("h").and_then(|h| h.parse::<u32>().ok());
-                match resume(server, conn, stage.user(), previd, h, None) {
-                    Ok(()) => return Err(Stopped::gone()),
-                    Err((back, _)) => {
+                match resume(server, conn, stage.user(), previd, h) {
+                    None => return Err(Stopped::gone()),
+                    Some(back) => {
                         conn = back;
                         failed_resume(&mut conn).await
                     }
@@ -610,7 +610,7 @@ async fn authenticate(
     )
     .await?;
     match result {
-        Ok((user, additional)) => {
+        Ok((user, additional, _)) => {
             tracing::info!(%user, peer = %conn.peer, "authenticated");
             server.release_login(ip, &user);
             server.stats.login(true);
@@ -645,7 +645,12 @@ const MAX_FAST_CLIENTS: usize = 32;
 struct Sasl2Done {
     user: String,
     request: crate::core::sasl2::Authenticate,
-    completion: crate::core::sasl2::Completion,
+    /// The mechanism's final data.
+    additional: Option<Vec<u8>>,
+    /// The FAST token logged in with: when it was issued, when it expires.
+    used: Option<(i64, i64)>,
+    /// The account's credentials as read when the exchange began.
+    stamp: String,
 }
 
 /// Runs one SASL2 exchange (XEP-0388): a password mechanism, or a FAST token
@@ -672,21 +677,22 @@ async fn run_sasl2(
                 let profile = Profile::Sasl2;
                 run_sasl(server, conn, profile, mechanism, data, offered, deadline)
                     .await?
-                    .map(|(user, additional)| (user, additional, None))
+                    .map(|(user, additional, stamp)| (user, additional, None, stamp))
             };
-            outcome.map(|(user, additional, used)| (user, additional, used, request))
+            outcome.map(|done| (done, request))
         }
     };
     match result {
-        Ok((user, additional, used, request)) => {
+        Ok(((user, additional, used, stamp), request)) => {
             tracing::info!(%user, peer = %conn.peer, fast = used.is_some(), "authenticated (SASL2)");
             server.release_login(ip, &user);
             server.stats.login(true);
-            let extra = fast_token(server, &user, &request, used).await;
             Ok(Some(Sasl2Done {
                 user,
                 request,
-                completion: sasl2::Completion { additional, extra },
+                additional,
+                used,
+                stamp,
             }))
         }
         Err((failure, text)) => {
@@ -698,10 +704,12 @@ async fn run_sasl2(
     }
 }
 
-/// A FAST login: the user, the responder proof, and the token's issue and expiry
-/// times; or why it failed.
-type FastResult =
-    Result<(String, Option<Vec<u8>>, Option<(i64, i64)>), (SaslFailure, Option<&'static str>)>;
+/// A FAST login: the user, the responder proof, the token's issue and expiry times,
+/// and the account's credentials; or why it failed.
+type FastResult = Result<
+    (String, Option<Vec<u8>>, Option<(i64, i64)>, String),
+    (SaslFailure, Option<&'static str>),
+>;
 
 /// `HT-SHA-256-NONE` with a token this client was given (XEP-0484 §4.3). The attempt
 /// counts against the address and the account as a password's does.
@@ -739,53 +747,60 @@ async fn fast_login(
     if !server.reserve_login(ip, &user) {
         return Ok(Err(too_many_logins()));
     }
-    let exists = match server.store.user_exists(&user).await {
-        Ok(exists) => exists,
-        Err(_) => {
-            server.release_login(ip, &user);
-            return Ok(Err(store_failed()));
-        }
-    };
-    if !exists {
-        if let Some(address) = server.client_address_of_home(&user).await {
-            server.release_login(ip, &user);
-            return Err(End::Redirect(address));
-        }
-        return Ok(Err((SaslFailure::NotAuthorized, None)));
-    }
+    // The same reads for every name, whether it exists or not (no timing oracle);
+    // only a proof that matches leads to a write.
     let now = impmesh_store::now_unix();
+    let record = server.store.user(&user).await;
     let checked = server
         .store
         .fast_use(&user, client, sasl2::HT_SHA_256_NONE, &proof, now)
         .await;
-    Ok(match checked {
-        Ok(FastCheck::Valid {
-            responder,
-            issued,
-            expires,
-        }) => Ok((user, B64.decode(responder).ok(), Some((issued, expires)))),
-        Ok(FastCheck::Expired) => Err((
+    let (Ok(record), Ok(checked)) = (record, checked) else {
+        server.release_login(ip, &user);
+        return Ok(Err(store_failed()));
+    };
+    Ok(match (checked, record) {
+        (
+            FastCheck::Valid {
+                responder,
+                issued,
+                expires,
+            },
+            Some(record),
+        ) => Ok((
+            user,
+            B64.decode(responder).ok(),
+            Some((issued, expires)),
+            record.scram_sha256.encode(),
+        )),
+        (FastCheck::Expired, _) => Err((
             SaslFailure::CredentialsExpired,
             Some("the token has expired; log in with the password"),
         )),
-        Ok(FastCheck::Unknown) => Err((SaslFailure::NotAuthorized, None)),
-        Err(_) => {
-            server.release_login(ip, &user);
-            Err(store_failed())
+        (_, None) => {
+            if let Some(address) = server.client_address_of_home(&user).await {
+                server.release_login(ip, &user);
+                return Err(End::Redirect(address));
+            }
+            Err((SaslFailure::NotAuthorized, None))
         }
+        (FastCheck::Unknown, Some(_)) => Err((SaslFailure::NotAuthorized, None)),
     })
 }
 
 /// After a successful SASL2 exchange: revokes the token used if the client asked
 /// (`invalidate`), and issues a new one when asked for or when the one used is past
-/// half its life. Returns the `<token/>` element, or nothing.
-async fn fast_token(
-    server: &Server,
-    user: &str,
-    request: &crate::core::sasl2::Authenticate,
-    used: Option<(i64, i64)>,
-) -> String {
+/// half its life. Returns the `<token/>` element, or nothing. Called once what the
+/// success answers can no longer fail, just before it is sent.
+async fn fast_token(server: &Server, done: &Sasl2Done) -> String {
     use crate::core::sasl2;
+    let Sasl2Done {
+        user,
+        request,
+        used,
+        stamp,
+        ..
+    } = done;
     let (Some(lifetime), Some(client)) = (
         server.config.fast_token_lifetime,
         request.user_agent.id.as_deref(),
@@ -814,6 +829,7 @@ async fn fast_token(
         device: &request.user_agent.device,
         issued: now,
         expires,
+        credentials: stamp,
     };
     match server.store.fast_issue(&new, MAX_FAST_CLIENTS).await {
         Ok(true) => token.xml(expires),
@@ -835,23 +851,31 @@ async fn finish_sasl2(
     done: Sasl2Done,
 ) -> Result<Authed, Stopped> {
     use crate::core::sasl2;
-    let Sasl2Done {
-        user,
-        request,
-        mut completion,
-    } = done;
+    let mut completion = sasl2::Completion {
+        additional: done.additional.clone(),
+        extra: String::new(),
+    };
     let mut inner = String::new();
-    if let Some(r) = &request.resume {
-        match resume(server, conn, &user, &r.previd, r.h, Some(completion)) {
+    let mut token_due = true;
+    if let Some(r) = &done.request.resume {
+        // The session sends the success: the token goes with it.
+        completion.extra = fast_token(server, &done).await;
+        token_due = false;
+        let deadline = stage.deadline();
+        match resume_inline(server, conn, &done.user, r, completion, deadline).await {
             Ok(()) => return Ok(Authed::Resumed),
             Err((back, given_back)) => {
                 conn = back;
-                completion = given_back.unwrap_or_default();
+                completion = given_back;
                 inner.push_str(&crate::session::sm_failed("item-not-found"));
             }
         }
     }
-    let Some(bind) = &request.bind else {
+    let user = &done.user;
+    let Some(bind) = &done.request.bind else {
+        if token_due {
+            completion.extra = fast_token(server, &done).await;
+        }
         let bare = format!("{user}@{}", server.config.domain);
         let mut out = sasl2::success(
             completion.additional.as_deref(),
@@ -870,15 +894,15 @@ async fn finish_sasl2(
     };
     let resource = sasl2::resource(
         key,
-        &user,
-        request.user_agent.id.as_deref(),
+        user,
+        done.request.user_agent.id.as_deref(),
         bind.tag.as_deref(),
     );
     // As for RFC 6120 binding: a block list that cannot be read refuses the bind.
-    let Ok(blocked) = server.store.blocklist(&user).await else {
+    let Ok(blocked) = server.store.blocklist(user).await else {
         return Err(Stopped::with(conn)(bind_unavailable()));
     };
-    let handle = match bind_resource(server, &user, &resource, blocked.into_iter().collect()) {
+    let handle = match bind_resource(server, user, &resource, blocked.into_iter().collect()) {
         Ok(handle) => handle,
         Err((_, text)) => {
             return Err(Stopped::with(conn)(End::Error(
@@ -905,8 +929,13 @@ async fn finish_sasl2(
         inline.sm = Some((id, resumable));
     }
     inner.push_str("</bound>");
+    if token_due {
+        completion.extra = fast_token(server, &done).await;
+    }
     let out = completion.bound(&handle.jid.to_string(), &inner);
     if let Err(e) = conn.send(&out).await {
+        let resumable = inline.sm.as_ref().map(|(id, _)| id.as_str());
+        abandon(server, &handle, resumable);
         return Err(Stopped::with(conn)(e.into()));
     }
     tracing::debug!(jid = %handle.jid, "bound inline (Bind 2)");
@@ -926,7 +955,10 @@ fn bind_unavailable() -> End {
 }
 
 /// The user and any additional success data, or why it failed.
-type SaslResult = Result<(String, Option<Vec<u8>>), (SaslFailure, Option<&'static str>)>;
+/// The user, any additional success data, and the account's credentials as read when
+/// the exchange began (see [`impmesh_store::NewFastToken::credentials`]); or why it
+/// failed.
+type SaslResult = Result<(String, Option<Vec<u8>>, String), (SaslFailure, Option<&'static str>)>;
 
 /// Which SASL profile an exchange runs in: RFC 6120's, or XEP-0388's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1009,10 +1041,11 @@ async fn run_sasl(
         }
         // PBKDF2 runs off the async workers, bounded; an unknown user costs the same
         // derivation as a known one (no timing oracle, security review M8).
+        let stamp = record.as_ref().map(|r| r.scram_sha256.encode());
         let verifier = record.map(|r| r.scram_sha256);
         let ok = server.store.check_password(verifier, &creds.password).await;
         return Ok(if ok {
-            Ok((user, None))
+            Ok((user, None, stamp.unwrap_or_default()))
         } else {
             Err((SaslFailure::NotAuthorized, None))
         });
@@ -1056,6 +1089,7 @@ async fn run_sasl(
         server.release_login(conn.peer.ip(), &attempt_key);
         return Err(End::Redirect(address));
     }
+    let stamp = record.as_ref().map(|r| r.scram_sha256.encode());
     let verifier = record.map(|r| match hash {
         impmesh_store::scram::ScramHash::Sha1 => r.scram_sha1,
         _ => r.scram_sha256,
@@ -1087,7 +1121,7 @@ async fn run_sasl(
     match scram.finish(&response, binding.as_deref()) {
         Ok(_) if !authz_ok => Ok(Err((SaslFailure::InvalidAuthzid, None))),
         Ok(server_final) => match user {
-            Some(user) => Ok(Ok((user, Some(server_final)))),
+            Some(user) => Ok(Ok((user, Some(server_final), stamp.unwrap_or_default()))),
             None => Ok(Err((SaslFailure::NotAuthorized, None))),
         },
         Err(f) => Ok(Err((f, None))),
@@ -1164,6 +1198,26 @@ fn bind(
     Ok((handle, reply))
 }
 
+/// A session registered with the hub whose task will not start (the answer to its
+/// bind could not be sent): it leaves the hub and its resumption id goes, and what
+/// others sent it meanwhile is rerouted, as when a session ends.
+fn abandon(server: &Server, handle: &Arc<SessionHandle>, resumable: Option<&str>) {
+    server.hub.unregister(handle);
+    if let Some(id) = resumable {
+        server.hub.remove_resumable(id);
+    }
+    drop(handle.control.close());
+    let undelivered = handle.close();
+    if let (false, Some(server)) = (undelivered.is_empty(), server.me.upgrade()) {
+        let jid = handle.jid.clone();
+        server.tasks.clone().spawn(async move {
+            for stanza in undelivered {
+                server.reroute_undelivered(&jid, &stanza).await;
+            }
+        });
+    }
+}
+
 /// Registers a session for `user` at `resource` with the hub, replacing one there.
 fn bind_resource(
     server: &Server,
@@ -1206,36 +1260,64 @@ fn bind_resource(
     Ok(handle)
 }
 
-/// XEP-0198 §5: hands the connection to the session named by `previd`; the
-/// connection (and `sasl2`) come back when there is no such session (answer
-/// `<failed/>` and keep negotiating).
-#[allow(clippy::result_large_err)]
-fn resume(
-    server: &Server,
-    conn: Conn,
-    user: &str,
-    previd: &str,
-    h: Option<u32>,
-    sasl2: Option<crate::core::sasl2::Completion>,
-) -> Result<(), (Conn, Option<crate::core::sasl2::Completion>)> {
+/// XEP-0198 §5: hands the connection to the session named by `previd` (`None`); the
+/// connection comes back when there is no such session (answer `<failed/>` and keep
+/// negotiating).
+fn resume(server: &Server, conn: Conn, user: &str, previd: &str, h: Option<u32>) -> Option<Conn> {
     let (Some(h), Some(session)) = (h, server.hub.resumable(previd, user)) else {
-        return Err((conn, sasl2));
+        return Some(conn);
     };
     let request = Box::new(ResumeRequest {
         conn,
         h,
         username: user.to_owned(),
-        sasl2,
+        sasl2: None,
     });
     // Left in the session's control slots; refused when it has ended (or has a few
     // control messages waiting already): then the client hears `<failed/>`.
     match session.tell(Control::Resume(request)) {
-        Ok(()) => Ok(()),
+        Ok(()) => None,
+        Err(Control::Resume(request)) => Some(request.conn),
+        Err(_) => unreachable!("send gives back what it was given"),
+    }
+}
+
+/// An XEP-0198 resumption asked inline in SASL2: `Ok` when the session took the
+/// connection (it answers inside the success); the connection and the success come
+/// back when it cannot be resumed, here or in the session (XEP-0386: `<failed/>`
+/// inside the success, then the bind).
+#[allow(clippy::result_large_err)]
+async fn resume_inline(
+    server: &Server,
+    conn: Conn,
+    user: &str,
+    resume: &crate::core::sasl2::Resume,
+    completion: crate::core::sasl2::Completion,
+    deadline: Instant,
+) -> Result<(), (Conn, crate::core::sasl2::Completion)> {
+    let (Some(h), Some(session)) = (resume.h, server.hub.resumable(&resume.previd, user)) else {
+        return Err((conn, completion));
+    };
+    let (back, given_back) = tokio::sync::oneshot::channel();
+    let request = Box::new(ResumeRequest {
+        conn,
+        h,
+        username: user.to_owned(),
+        sasl2: Some(crate::hub::Sasl2Resume { completion, back }),
+    });
+    match session.tell(Control::Resume(request)) {
+        Ok(()) => {}
         Err(Control::Resume(request)) => {
             let ResumeRequest { conn, sasl2, .. } = *request;
-            Err((conn, sasl2))
+            let completion = sasl2.map(|s| s.completion).unwrap_or_default();
+            return Err((conn, completion));
         }
         Err(_) => unreachable!("send gives back what it was given"),
+    }
+    // Dropped unsent: the session took the connection (or ended with it).
+    match timeout_at(deadline, given_back).await {
+        Ok(Ok(back)) => Err(back),
+        Ok(Err(_)) | Err(_) => Ok(()),
     }
 }
 

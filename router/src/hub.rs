@@ -138,7 +138,32 @@ pub struct ResumeRequest {
     pub h: u32,
     pub username: String,
     /// Asked inline in SASL2 (XEP-0388): the session answers inside `<success/>`.
-    pub sasl2: Option<crate::core::sasl2::Completion>,
+    pub sasl2: Option<Sasl2Resume>,
+}
+
+/// A resumption asked inline in SASL2: the success to answer with, and where the
+/// connection goes back when the session cannot take it, so the negotiation can put
+/// `<failed/>` in the success and bind a new session (XEP-0386).
+#[derive(Debug)]
+pub struct Sasl2Resume {
+    pub completion: crate::core::sasl2::Completion,
+    pub back: tokio::sync::oneshot::Sender<(Conn, crate::core::sasl2::Completion)>,
+}
+
+impl ResumeRequest {
+    /// The session cannot be resumed: XEP-0198's `<failed/>` with `condition`, or over
+    /// SASL2 the connection goes back to its negotiation.
+    pub async fn refuse(self, condition: &str) {
+        match self.sasl2 {
+            Some(s) => {
+                let _ = s.back.send((self.conn, s.completion));
+            }
+            None => {
+                let mut conn = self.conn;
+                let _ = conn.send(&crate::session::sm_failed(condition)).await;
+            }
+        }
+    }
 }
 
 /// Presence-related state of a session that other tasks read when routing.

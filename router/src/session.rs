@@ -543,38 +543,29 @@ impl Session {
 
     /// XEP-0198 §5: takes over the new connection and retransmits what is unacked.
     async fn resume(&mut self, request: ResumeRequest) -> Result<(), End> {
-        let ResumeRequest {
-            mut conn, h, sasl2, ..
-        } = request;
-        // A resumption that fails here ends the new connection: over SASL2 the client
-        // hears a failure and logs in again.
-        let refuse = |condition: &str| match &sasl2 {
-            None => sm_failed(condition),
-            Some(_) => crate::core::sasl2::failure(
-                crate::sasl::SaslFailure::Aborted,
-                Some("the session cannot be resumed; log in again"),
-            ),
-        };
         let Some(sm) = self.sm.as_mut().filter(|sm| sm.resumable()) else {
-            let _ = conn.send(&refuse("item-not-found")).await;
+            request.refuse("item-not-found").await;
             return Ok(());
         };
-        let (rows, again) = match sm.resume(h) {
+        let (rows, again) = match sm.resume(request.h) {
             Ok(resumed) => resumed,
             Err(Violation::AckedUnsent { .. }) => {
-                let _ = conn.send(&refuse("undefined-condition")).await;
+                request.refuse("undefined-condition").await;
                 return Ok(());
             }
         };
+        let ResumeRequest { conn, sasl2, .. } = request;
         let resumed = format!(
             "<resumed xmlns='{}' previd='{}' h='{}'/>",
             ns::SM,
             sm.id(),
             sm.h()
         );
+        // Over SASL2 the `<resumed/>` goes inside the success (`back` is dropped: the
+        // negotiation learns the connection was taken).
         let mut out = match &sasl2 {
             None => resumed,
-            Some(done) => done.bound(&self.handle.jid.to_string(), &resumed),
+            Some(s) => s.completion.bound(&self.handle.jid.to_string(), &resumed),
         };
         for stanza in &again {
             out.push_str(stanza);
@@ -816,8 +807,7 @@ impl Session {
         undelivered.extend(self.handle.close());
         for control in self.handle.control.close() {
             if let Control::Resume(req) = control {
-                let mut conn = req.conn;
-                let _ = conn.send(&sm_failed("item-not-found")).await;
+                req.refuse("item-not-found").await;
             }
         }
         for stanza in undelivered {

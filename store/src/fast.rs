@@ -28,6 +28,10 @@ pub struct NewFastToken<'a> {
     pub device: &'a str,
     pub issued: i64,
     pub expires: i64,
+    /// The account's SCRAM-SHA-256 verifier (encoded) as read when the login began:
+    /// the token is not stored if it changed since (a new password revokes every
+    /// token, also one a login already under way would issue).
+    pub credentials: &'a str,
 }
 
 /// A stored token, as `impmesh user tokens` lists it (no proof).
@@ -63,11 +67,20 @@ pub enum FastCheck {
 impl Store {
     /// Stores a new token in `t.client`'s newer slot (replacing one never used). A new
     /// client beyond `max_clients` for the account makes room by dropping the tokens
-    /// of the client whose tokens expire first. False when the account does not exist.
+    /// of the client whose tokens expire first. False when the account does not exist
+    /// or its password changed since `t.credentials` was read.
     pub async fn fast_issue(&self, t: &NewFastToken<'_>, max_clients: usize) -> Result<bool> {
         let _timer = self.latency.start("fast_issue");
         let mut tx = self.write().await?;
         if !self.lock_owner(&mut tx, t.owner).await? {
+            return Ok(false);
+        }
+        let current: String = sqlx::query("SELECT scram_sha256 FROM users WHERE username = $1")
+            .bind(t.owner)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("scram_sha256")?;
+        if current != t.credentials {
             return Ok(false);
         }
         let clients = sqlx::query(
@@ -114,7 +127,8 @@ impl Store {
 
     /// A login by `owner`'s `client` with `mechanism` and a token whose initiator proof
     /// hashes to `initiator` (hex), at `now`. The proof is compared in constant time
-    /// against the client's two slots.
+    /// against the client's two slots, with a plain read: only a proof that matches
+    /// leads to a write (a wrong guess takes no write lock).
     pub async fn fast_use(
         &self,
         owner: &str,
@@ -124,14 +138,13 @@ impl Store {
         now: i64,
     ) -> Result<FastCheck> {
         let _timer = self.latency.start("fast_use");
-        let mut tx = self.write().await?;
         let rows = sqlx::query(
             "SELECT slot, mechanism, initiator, responder, issued, expires FROM fast_tokens
              WHERE owner = $1 AND client = $2 ORDER BY slot DESC",
         )
         .bind(owner)
         .bind(client)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
         let mut found = None;
         for row in &rows {
@@ -150,33 +163,48 @@ impl Store {
             return Ok(FastCheck::Unknown);
         }
         if expires <= now {
-            sqlx::query("DELETE FROM fast_tokens WHERE owner = $1 AND client = $2 AND slot = $3")
-                .bind(owner)
-                .bind(client)
-                .bind(slot)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            sqlx::query(
+                "DELETE FROM fast_tokens WHERE owner = $1 AND client = $2 AND initiator = $3",
+            )
+            .bind(owner)
+            .bind(client)
+            .bind(initiator)
+            .execute(&self.pool)
+            .await?;
             return Ok(FastCheck::Expired);
+        }
+        // Under the owner's lock, by the proof rather than the slot read above: a
+        // concurrent login, issue or revocation may have moved things since.
+        let mut tx = self.write().await?;
+        if !self.lock_owner(&mut tx, owner).await? {
+            return Ok(FastCheck::Unknown);
         }
         if slot == 1 {
             // The newer token is used: the older one is retired (XEP-0484 §4.4).
-            sqlx::query("DELETE FROM fast_tokens WHERE owner = $1 AND client = $2 AND slot = 0")
-                .bind(owner)
-                .bind(client)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "DELETE FROM fast_tokens
+                 WHERE owner = $1 AND client = $2 AND slot = 0 AND initiator <> $3",
+            )
+            .bind(owner)
+            .bind(client)
+            .bind(initiator)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE fast_tokens SET slot = 0, last_used = $4
-             WHERE owner = $1 AND client = $2 AND slot = $3",
+             WHERE owner = $1 AND client = $2 AND initiator = $3",
         )
         .bind(owner)
         .bind(client)
-        .bind(slot)
+        .bind(initiator)
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if updated.rows_affected() == 0 {
+            // Revoked (or replaced) meanwhile.
+            return Ok(FastCheck::Unknown);
+        }
         tx.commit().await?;
         Ok(FastCheck::Valid {
             responder: row.try_get("responder")?,
@@ -248,8 +276,14 @@ mod tests {
     use crate::test_support::stores;
     use crate::*;
 
-    fn token<'a>(client: &'a str, initiator: &'a str, expires: i64) -> NewFastToken<'a> {
+    fn token<'a>(
+        credentials: &'a str,
+        client: &'a str,
+        initiator: &'a str,
+        expires: i64,
+    ) -> NewFastToken<'a> {
         NewFastToken {
+            credentials,
             owner: "erin",
             client,
             mechanism: "HT-SHA-256-NONE",
@@ -260,6 +294,16 @@ mod tests {
             issued: 100,
             expires,
         }
+    }
+
+    async fn credentials(store: &Store, user: &str) -> String {
+        store
+            .user(user)
+            .await
+            .unwrap()
+            .unwrap()
+            .scram_sha256
+            .encode()
     }
 
     #[tokio::test]
@@ -274,14 +318,20 @@ mod tests {
                 })
                 .await
                 .unwrap();
+            let creds = credentials(&store, "erin").await;
             let mech = "HT-SHA-256-NONE";
-            assert!(store.fast_issue(&token("c1", "a", 1000), 5).await.unwrap());
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 5)
+                    .await
+                    .unwrap()
+            );
             assert!(
                 !store
                     .fast_issue(
                         &NewFastToken {
                             owner: "nobody",
-                            ..token("c1", "a", 1000)
+                            ..token(&creds, "c1", "a", 1000)
                         },
                         5
                     )
@@ -310,7 +360,12 @@ mod tests {
             ));
             // A newer token waits beside the one in use: both log in until the newer
             // one is used, which retires the older.
-            assert!(store.fast_issue(&token("c1", "b", 2000), 5).await.unwrap());
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "b", 2000), 5)
+                    .await
+                    .unwrap()
+            );
             let listed = store.fast_tokens("erin").await.unwrap();
             assert_eq!(listed.len(), 2);
             assert!(!listed[0].pending && listed[0].last_used == Some(200));
@@ -348,10 +403,26 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            assert!(store.fast_issue(&token("c1", "a", 1000), 2).await.unwrap());
-            assert!(store.fast_issue(&token("c2", "b", 3000), 2).await.unwrap());
+            let creds = credentials(&store, "erin").await;
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 2)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c2", "b", 3000), 2)
+                    .await
+                    .unwrap()
+            );
             // A third client makes room by dropping the one expiring first.
-            assert!(store.fast_issue(&token("c3", "c", 2000), 2).await.unwrap());
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c3", "c", 2000), 2)
+                    .await
+                    .unwrap()
+            );
             let clients: Vec<String> = store
                 .fast_tokens("erin")
                 .await
@@ -362,15 +433,38 @@ mod tests {
             assert_eq!(clients, ["c2", "c3"]);
             assert_eq!(store.fast_revoke("erin", Some("c2")).await.unwrap(), 1);
             assert_eq!(store.fast_revoke("erin", Some("c2")).await.unwrap(), 0);
-            assert!(store.fast_issue(&token("c1", "a", 1000), 5).await.unwrap());
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 5)
+                    .await
+                    .unwrap()
+            );
             assert_eq!(store.fast_expire(1500).await.unwrap(), 1);
             assert_eq!(store.fast_tokens("erin").await.unwrap().len(), 1);
             // A new password revokes every token; so does deleting the account.
             store.set_password("erin", "new").await.unwrap();
             assert!(store.fast_tokens("erin").await.unwrap().is_empty());
-            assert!(store.fast_issue(&token("c1", "a", 1000), 5).await.unwrap());
+            // A login that began before the change issues nothing.
+            assert!(
+                !store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 5)
+                    .await
+                    .unwrap()
+            );
+            let creds = credentials(&store, "erin").await;
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 5)
+                    .await
+                    .unwrap()
+            );
             assert_eq!(store.fast_revoke("erin", None).await.unwrap(), 1);
-            assert!(store.fast_issue(&token("c1", "a", 1000), 5).await.unwrap());
+            assert!(
+                store
+                    .fast_issue(&token(&creds, "c1", "a", 1000), 5)
+                    .await
+                    .unwrap()
+            );
             store.delete_user("erin").await.unwrap();
             assert!(store.fast_tokens("erin").await.unwrap().is_empty());
         }

@@ -75,12 +75,15 @@ pub struct Authenticate {
     pub fast: Option<bool>,
 }
 
+/// Shown to admins (`impmesh user tokens`): no control or invisible formatting
+/// characters (bidirectional overrides and the like).
+fn shown(c: char) -> bool {
+    !c.is_control() && !crate::core::upload::is_format(c)
+}
+
 fn label(text: String) -> String {
     let text = text.trim();
-    text.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_LABEL)
-        .collect()
+    text.chars().filter(|&c| shown(c)).take(MAX_LABEL).collect()
 }
 
 fn truthy(value: Option<&str>) -> bool {
@@ -110,7 +113,7 @@ pub fn parse(element: &Element) -> Result<Authenticate, SaslFailure> {
     let mut user_agent = UserAgent::default();
     if let Some(ua) = element.get_child("user-agent", NS) {
         if let Some(id) = ua.attr("id") {
-            if id.is_empty() || id.len() > MAX_CLIENT_ID || id.chars().any(char::is_control) {
+            if id.is_empty() || id.len() > MAX_CLIENT_ID || !id.chars().all(shown) {
                 return Err(SaslFailure::MalformedRequest);
             }
             user_agent.id = Some(id.to_owned());
@@ -400,6 +403,12 @@ mod tests {
             Err(SaslFailure::IncorrectEncoding)
         );
         let long = "x".repeat(MAX_CLIENT_ID + 1);
+        assert_eq!(
+            parse_str(
+                "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><user-agent id='a\u{202e}b'/></authenticate>"
+            ),
+            Err(SaslFailure::MalformedRequest)
+        );
         assert_eq!(
             parse_str(&format!(
                 "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><user-agent id='{long}'/></authenticate>"

@@ -87,7 +87,7 @@ pub fn clean_filename(name: &str) -> Result<String, SlotRefusal> {
 
 /// Invisible formatting characters (Unicode Cf: bidirectional overrides and
 /// isolates, zero-width characters) that can make `gpj.exe` look like `exe.jpg`.
-fn is_format(c: char) -> bool {
+pub(crate) fn is_format(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')

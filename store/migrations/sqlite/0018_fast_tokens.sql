@@ -1,7 +1,7 @@
 -- FAST tokens (XEP-0484). Each client of an account (its SASL2 user-agent id) holds
 -- at most two tokens: the one in use (slot 0) and a newer one it has not used yet
 -- (slot 1), so a client that missed the newer one can still log in. Only proofs are
--- kept, never a token: the SHA-256 of what the client sends (initiator) and what the
+-- kept, never a token: the SHA-256 of what the client sends (initiator), and what the
 -- server answers (responder). `last_used` is 0 for a token never used.
 -- Keep sqlite/ and postgres/ in step.
 CREATE TABLE fast_tokens (
