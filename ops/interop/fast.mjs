@@ -69,6 +69,15 @@ function make({ username, password, token, agentId }) {
   };
   c.errors = [];
   c.on("error", (e) => c.errors.push(e));
+  // What <bound/> says of the archive (XEP-0386 §3).
+  c.metadata = null;
+  c.bind2.use(
+    "urn:xmpp:mam:2",
+    () => {},
+    (element) => {
+      c.metadata = element;
+    },
+  );
   return c;
 }
 
@@ -97,6 +106,11 @@ check(
   `Bind 2 gave alice a resource of her tag and an id (${resource})`,
 );
 check(alice.streamManagement.enabled, "stream management was enabled inline");
+// alice has history from the slixmpp scenario run before this one.
+check(
+  alice.metadata?.getChild("end")?.attrs.id,
+  "the bind said where alice's archive ends (XEP-0313 metadata)",
+);
 check(alice.saved?.token && alice.saved.mechanism === "HT-SHA-256-NONE", "alice was given a FAST token");
 const token = alice.saved;
 // xmpp.js "drops" the token it did not have before asking for one: count from here.

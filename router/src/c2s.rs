@@ -550,6 +550,7 @@ fn features_xml(server: &Server, offer: Offer, mechanisms: &[Mechanism]) -> Stri
                 ns::ROSTERVER,
                 crate::core::csi::NS
             ));
+            out.push_str(&server.caps_feature());
         }
     }
     out.push_str("</stream:features>");
@@ -854,6 +855,10 @@ async fn finish_sasl2(
     let mut completion = sasl2::Completion {
         additional: done.additional.clone(),
         extra: String::new(),
+        features: format!(
+            "<stream:features>{}</stream:features>",
+            server.caps_feature()
+        ),
     };
     let mut inner = String::new();
     let mut token_due = true;
@@ -927,6 +932,13 @@ async fn finish_sasl2(
         let max = server.config.limits.resume_timeout.as_secs();
         inner.push_str(&crate::session::sm_enabled(&id, resumable, max));
         inline.sm = Some((id, resumable));
+    }
+    // XEP-0386 §3: where the archive stands as the session starts, so the client
+    // knows what to fetch (left out if the store cannot say).
+    if server.config.archive.enabled
+        && let Ok(metadata) = server.archive_metadata(user).await
+    {
+        inner.push_str(&metadata);
     }
     inner.push_str("</bound>");
     if token_due {

@@ -274,14 +274,37 @@ mod tests {
             ns::DISCO_INFO
         );
         let handled = handle(&server, &alice, &mut directed, &disco).await;
-        let replies = replies(&handled);
-        let query = replies[0].get_child("query", ns::DISCO_INFO).unwrap();
+        let listed = replies(&handled);
+        let query = listed[0].get_child("query", ns::DISCO_INFO).unwrap();
         let features: Vec<&str> = query
             .children()
             .filter(|c| c.name() == "feature")
             .filter_map(|c| c.attr("var"))
             .collect();
         assert_eq!(features, SERVER_FEATURES);
+        // The server's own capabilities (XEP-0115): the `ver` it announces is its
+        // disco#info's, which it answers under `node#ver` too, and no other node.
+        let ver = server.caps_ver();
+        assert_eq!(
+            crate::core::caps::verified_features(query, &ver).map(|f| f.len()),
+            Some(SERVER_FEATURES.len())
+        );
+        let node = format!("{}#{ver}", server.caps_node());
+        let disco = format!(
+            "<iq xmlns='jabber:client' type='get' id='n' to='{DOMAIN}'><query xmlns='{}' node='{node}'/></iq>",
+            ns::DISCO_INFO
+        );
+        let handled = handle(&server, &alice, &mut directed, &disco).await;
+        let answered = replies(&handled);
+        let query = answered[0].get_child("query", ns::DISCO_INFO).unwrap();
+        assert_eq!(query.attr("node"), Some(node.as_str()));
+        assert!(crate::core::caps::verified_features(query, &ver).is_some());
+        let other = disco.replace(&ver, "AAAA");
+        let handled = handle(&server, &alice, &mut directed, &other).await;
+        assert_eq!(
+            answer(&handled),
+            ("error".into(), Some("item-not-found".into()))
+        );
         // External services (XEP-0215, the media relay) are not there yet: the
         // protocol's own refusal, not silence.
         let services = format!(

@@ -35,9 +35,76 @@ pub const SERVER_FEATURES: &[&str] = &[
     ns::CARBONS,
     ns::ROSTERVER,
     ns::OFFLINE,
+    ns::CAPS,
     "urn:xmpp:sm:3",
     "urn:xmpp:sasl-cb:0",
 ];
+
+impl Server {
+    /// The server's disco#info `<query/>` (XEP-0030): its identities, features and
+    /// forms, with `node` when asked under its capabilities' node (XEP-0115 §6.2).
+    pub(crate) fn server_info(&self, node: Option<&str>) -> String {
+        let upload = self
+            .config
+            .upload
+            .as_ref()
+            .filter(|_| self.upload_url().is_some());
+        let node = node
+            .map(|n| format!(" node='{}'", escape(n)))
+            .unwrap_or_default();
+        let mut body = format!(
+            "<query xmlns='{}'{node}><identity category='server' type='im' name='impmesh'/>",
+            ns::DISCO_INFO
+        );
+        if upload.is_some() {
+            body.push_str(crate::core::upload::DISCO_IDENTITY);
+        }
+        for f in SERVER_FEATURES {
+            body.push_str(&format!("<feature var='{f}'/>"));
+        }
+        if let Some(upload) = upload {
+            body.push_str(&crate::core::upload::disco_xml(upload.max_file_bytes));
+        }
+        body.push_str(&contact_form(&self.config.contact_addresses));
+        body.push_str("</query>");
+        body
+    }
+
+    /// The node of the server's entity capabilities: its own `xmpp:` URI (RFC 5122).
+    /// impmesh has no web site to name, and clients key what they cache by `ver`.
+    pub(crate) fn caps_node(&self) -> String {
+        format!("xmpp:{}", self.config.domain)
+    }
+
+    /// The `ver` of the server's disco#info (XEP-0115 §5), recomputed only when the
+    /// answer changes (HTTP upload starts listening after the client ports).
+    pub(crate) fn caps_ver(&self) -> String {
+        let info = self.server_info(None);
+        let mut cache = lock(&self.caps);
+        if let Some((seen, ver)) = &*cache
+            && *seen == info
+        {
+            return ver.clone();
+        }
+        let ver = info
+            .parse::<Element>()
+            .ok()
+            .and_then(|e| crate::core::caps::ver(&e))
+            .unwrap_or_default();
+        *cache = Some((info, ver.clone()));
+        ver
+    }
+
+    /// The `<c/>` stream feature announcing the server's capabilities (XEP-0115 §6.3).
+    pub(crate) fn caps_feature(&self) -> String {
+        format!(
+            "<c xmlns='{}' hash='sha-1' node='{}' ver='{}'/>",
+            ns::CAPS,
+            escape(&self.caps_node()),
+            self.caps_ver()
+        )
+    }
+}
 
 /// XEP-0157's form of contact addresses, for the server's disco#info; empty when none
 /// are configured.
@@ -239,31 +306,15 @@ impl Context<'_> {
             ("ping", ns::PING) if !set => self.reply_result(&iq, None),
             ("session", ns::SESSION) if set => self.reply_result(&iq, None),
             ("query", ns::DISCO_INFO) if !set => {
-                if payload.attr("node").is_some() {
-                    self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
-                    return;
+                // A node: only the one the server's capabilities name (XEP-0115 §6.2).
+                if let Some(node) = payload.attr("node") {
+                    let caps = format!("{}#{}", self.server.caps_node(), self.server.caps_ver());
+                    if node != caps {
+                        self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
+                        return;
+                    }
                 }
-                let upload = self
-                    .server
-                    .config
-                    .upload
-                    .as_ref()
-                    .filter(|_| self.server.upload_url().is_some());
-                let mut body = format!(
-                    "<query xmlns='{}'><identity category='server' type='im' name='impmesh'/>",
-                    ns::DISCO_INFO
-                );
-                if upload.is_some() {
-                    body.push_str(crate::core::upload::DISCO_IDENTITY);
-                }
-                for f in SERVER_FEATURES {
-                    body.push_str(&format!("<feature var='{f}'/>"));
-                }
-                if let Some(upload) = upload {
-                    body.push_str(&crate::core::upload::disco_xml(upload.max_file_bytes));
-                }
-                body.push_str(&contact_form(&self.server.config.contact_addresses));
-                body.push_str("</query>");
+                let body = self.server.server_info(payload.attr("node"));
                 self.reply_result(&iq, Some(body));
             }
             ("query", ns::DISCO_ITEMS) if !set => {

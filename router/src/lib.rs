@@ -93,6 +93,8 @@ pub struct Server {
     /// The key Bind 2 resources are derived with (`core::sasl2::resource`), the same
     /// on every node of the cluster.
     bind_key: tokio::sync::OnceCell<Vec<u8>>,
+    /// The server's disco#info and its XEP-0115 `ver`, as last computed.
+    caps: std::sync::Mutex<Option<(String, String)>>,
     /// Router links to and from the nodes of peer clusters.
     links: Arc<link::Links>,
     /// What this node passed on of remote users' presence, per remote node.
@@ -187,6 +189,7 @@ impl Server {
             password_changes,
             salt_key: tokio::sync::OnceCell::new(),
             bind_key: tokio::sync::OnceCell::new(),
+            caps: std::sync::Mutex::new(None),
             roster_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             me: me.clone(),
             shutdown,

@@ -304,6 +304,28 @@ impl Server {
     }
 }
 
+impl Server {
+    /// XEP-0313's `<metadata/>` of `user`'s archive: its first and last messages as
+    /// stored now (messages still in the writer's batch have later ids: a client that
+    /// pages after `<end/>` gets them).
+    pub(crate) async fn archive_metadata(
+        &self,
+        user: &str,
+    ) -> Result<String, impmesh_store::StoreError> {
+        let inner = match self.store.archive_bounds(user).await? {
+            Some((first, last)) => format!(
+                "<start id='{}' timestamp='{}'/><end id='{}' timestamp='{}'/>",
+                crate::xml::escape(&first.id),
+                archive::datetime(first.ts),
+                crate::xml::escape(&last.id),
+                archive::datetime(last.ts)
+            ),
+            None => String::new(),
+        };
+        Ok(format!("<metadata xmlns='{}'>{inner}</metadata>", ns::MAM))
+    }
+}
+
 impl Context<'_> {
     /// XEP-0313 requests to the user's own archive: the form, queries, preferences,
     /// metadata (the extended namespace).
@@ -334,25 +356,8 @@ impl Context<'_> {
             }
             ("metadata", false) => {
                 server.archive_flush().await;
-                let bounds = server
-                    .store
-                    .archive_bounds(&user)
-                    .await
-                    .map_err(store_failed)?;
-                let inner = match bounds {
-                    Some((first, last)) => format!(
-                        "<start id='{}' timestamp='{}'/><end id='{}' timestamp='{}'/>",
-                        crate::xml::escape(&first.id),
-                        archive::datetime(first.ts),
-                        crate::xml::escape(&last.id),
-                        archive::datetime(last.ts)
-                    ),
-                    None => String::new(),
-                };
-                Ok(Some(format!(
-                    "<metadata xmlns='{}'>{inner}</metadata>",
-                    ns::MAM
-                )))
+                let metadata = server.archive_metadata(&user).await;
+                Ok(Some(metadata.map_err(store_failed)?))
             }
             _ => Err(StanzaErrorCondition::BadRequest.into()),
         }

@@ -52,6 +52,13 @@ pub fn verified_features(info: &Element, ver: &str) -> Option<Vec<String>> {
     (computed == ver).then_some(features)
 }
 
+/// The `ver` (SHA-1, base64) of a disco#info `<query/>`, for an entity that announces
+/// its own capabilities; `None` when the answer breaks §5.4's rules.
+pub fn ver(info: &Element) -> Option<String> {
+    let (string, _) = verification_string(info)?;
+    Some(base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(string.as_bytes())))
+}
+
 /// XEP-0115 §5.1's verification string of a disco#info `<query/>`, and its features.
 fn verification_string(info: &Element) -> Option<(String, Vec<String>)> {
     if !info.is("query", ns::DISCO_INFO) {
@@ -156,6 +163,25 @@ mod tests {
 
     fn parse(xml: &str) -> Element {
         xml.parse().unwrap()
+    }
+
+    /// An entity's own `ver` is what a client verifies.
+    #[test]
+    fn an_entitys_own_ver_is_the_one_clients_verify() {
+        let info = parse(
+            "<query xmlns='http://jabber.org/protocol/disco#info'>\
+             <identity category='client' name='Exodus 0.9.1' type='pc'/>\
+             <feature var='http://jabber.org/protocol/caps'/>\
+             <feature var='http://jabber.org/protocol/disco#info'/>\
+             <feature var='http://jabber.org/protocol/disco#items'/>\
+             <feature var='http://jabber.org/protocol/muc'/></query>",
+        );
+        assert_eq!(ver(&info).as_deref(), Some("QgayPKawpkPSDYmwT/WM94uAlu0="));
+        let twice = parse(
+            "<query xmlns='http://jabber.org/protocol/disco#info'>\
+             <feature var='a'/><feature var='a'/></query>",
+        );
+        assert_eq!(ver(&twice), None);
     }
 
     /// XEP-0115 §5.2's simple example.

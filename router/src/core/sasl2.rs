@@ -223,18 +223,25 @@ pub struct Completion {
     pub additional: Option<Vec<u8>>,
     /// Elements after the inline features' answers (a FAST `<token/>`).
     pub extra: String,
+    /// The stream features that follow the success (empty: none).
+    pub features: String,
 }
 
 impl Completion {
     /// `<success/>` for `identity` with `inner` (inline answers) and the extras, then
-    /// the new stream features: none once a session is bound or resumed.
+    /// the new stream features (once a session is bound or resumed, only what informs:
+    /// the server's capabilities).
     pub fn bound(&self, identity: &str, inner: &str) -> String {
         let mut out = success(
             self.additional.as_deref(),
             identity,
             &format!("{inner}{}", self.extra),
         );
-        out.push_str("<stream:features/>");
+        if self.features.is_empty() {
+            out.push_str("<stream:features/>");
+        } else {
+            out.push_str(&self.features);
+        }
         out
     }
 }
