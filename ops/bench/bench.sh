@@ -192,6 +192,9 @@ pairs() {  # latency at 500 msgs/s, one run per server per round, interleaved
 
 archive() {  # impmesh's CPU per message with the archive (XEP-0313) on and off
   local rounds="${1:-3}"
+  # Measured seconds per run: several of the writer's 5 s windows, so a window
+  # stored just after the measurement ends weighs little (ARCHIVE_SECONDS to change).
+  local seconds="${ARCHIVE_SECONDS:-30}"
   local out="$RUNDIR/archive.jsonl"
   local conf="$RUNDIR/impmesh/impmesh.toml"
   for r in $(seq 1 "$rounds"); do
@@ -204,8 +207,8 @@ archive() {  # impmesh's CPU per message with the archive (XEP-0313) on and off
       gen --count 1000 --concurrency 100 register >/dev/null
       for label in msg-saturate msg-rate1000; do
         case "$label" in
-          msg-saturate) args=(msg --window 4 --warmup 3 --duration 15) ;;
-          msg-rate1000) args=(msg --rate 1000 --warmup 3 --duration 15) ;;
+          msg-saturate) args=(msg --window 4 --warmup 6 --duration "$seconds") ;;
+          msg-rate1000) args=(msg --rate 1000 --warmup 6 --duration "$seconds") ;;
         esac
         gen --count 1000 --concurrency 50 --label "$label" "${args[@]}" \
           | sed "s/^{/{\"server\":\"impmesh\",\"archive\":\"$mode\",\"round\":$r,/" | tee -a "$out"

@@ -13,7 +13,7 @@ use std::time::Duration;
 use impmesh_store::{ArchiveFilter, ArchivePage, ArchiveRow, Store};
 use jid::{FullJid, Jid};
 use minidom::Element;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,13 +29,17 @@ use crate::xml::ns;
 
 /// Rows waiting for the writer, at most: a sender waits for room beyond (the store
 /// sets the pace, memory does not grow).
-const QUEUE: usize = 8192;
+const QUEUE: usize = 16_384;
 /// Rows stored in one transaction, at most, and how long the writer gathers rows
 /// before it stores them. Large batches sorted by account are what make archiving
-/// cheap: each account's index pages are written once per batch, not once per row
-/// (measured: 8192 sorted rows cost a fifth of 512 unsorted ones per row).
+/// cheap: each account's index page is written once per batch, not once per row
+/// (measured: 8192 sorted rows cost a fifth of 512 unsorted ones per row; a 5 s
+/// window writes a page per five of an account's messages where 1 s wrote one per
+/// message at 1,000 msgs/s over 1,000 accounts, docs/benchmarks.md). A query, or
+/// the metadata request, stores what waits first; a crash loses at most this window
+/// of history (the messages themselves were delivered or stored offline).
 const BATCH: usize = 16_384;
-const WINDOW: Duration = Duration::from_millis(1000);
+const WINDOW: Duration = Duration::from_secs(5);
 /// After shutdown is asked, rows still arriving (deliveries in flight) are taken
 /// until none came for this long.
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
@@ -51,15 +55,51 @@ const EXPIRY_PERIOD: Duration = Duration::from_secs(3600);
 /// What the features of the archive are, for disco#info.
 pub const MAM_FEATURES: &[&str] = &[ns::MAM, ns::MAM_EXTENDED, ns::SID];
 
-enum Op {
-    Row(ArchiveRow),
-    /// Answered once every row queued before it is stored.
-    Flush(oneshot::Sender<()>),
+/// Rows archived and not yet stored, and the flushes that wait for them. Deliveries
+/// add to it under a lock without waking anyone: the writer wakes once per window
+/// (or full batch, or flush), not once per row (a wake-up per row cost more than
+/// storing the row, docs/benchmarks.md).
+#[derive(Default)]
+struct Pending {
+    rows: Vec<ArchiveRow>,
+    flushed: Vec<oneshot::Sender<()>>,
+    /// The writer has stopped: rows are no longer taken.
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the writer early: a full batch or a flush.
+    wake: Notify,
+    /// Wakes deliveries waiting for room.
+    room: Notify,
+}
+
+impl Shared {
+    /// Everything that waits, leaving room for more in `spare` (the writer's last
+    /// batch, emptied: its memory is used again rather than grown anew each time).
+    fn take(&self, spare: Vec<ArchiveRow>) -> (Vec<ArchiveRow>, Vec<oneshot::Sender<()>>) {
+        let mut pending = lock(&self.pending);
+        let taken = (
+            std::mem::replace(&mut pending.rows, spare),
+            std::mem::take(&mut pending.flushed),
+        );
+        drop(pending);
+        self.room.notify_waiters();
+        taken
+    }
+
+    /// Whether the writer should store now rather than wait for the window.
+    fn due(&self) -> bool {
+        let pending = lock(&self.pending);
+        pending.rows.len() >= BATCH || !pending.flushed.is_empty()
+    }
 }
 
 /// The archive's queue and the preferences in memory.
 pub(crate) struct Archive {
-    queue: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
     prefs: Mutex<HashMap<String, Arc<Prefs>>>,
 }
 
@@ -77,56 +117,70 @@ impl Archive {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Archive {
-        let (queue, rx) = mpsc::channel(QUEUE);
-        tasks.spawn(writer(store.clone(), rx, shutdown.clone()));
+        let shared = Arc::new(Shared::default());
+        tasks.spawn(writer(store.clone(), shared.clone(), shutdown.clone()));
         if let Some(retention) = retention {
             tasks.spawn(expiry(store, retention, shutdown));
         }
         Archive {
-            queue,
+            shared,
             prefs: Mutex::new(HashMap::new()),
         }
     }
 }
 
-async fn writer(store: Store, mut rx: mpsc::Receiver<Op>, shutdown: CancellationToken) {
-    let mut rows = Vec::new();
-    let mut flushed = vec![];
-    loop {
-        let first = tokio::select! {
-            op = rx.recv() => op,
-            () = shutdown.cancelled() => None,
-        };
-        let Some(first) = first else {
-            // Shutting down: what is queued, and what deliveries still in flight
-            // add, is stored, then the task ends.
-            while let Ok(Some(op)) = tokio::time::timeout(SHUTDOWN_QUIET, rx.recv()).await {
-                gather(op, &mut rows, &mut flushed);
-            }
-            write(&store, &mut rows, &mut flushed).await;
-            return;
-        };
-        gather(first, &mut rows, &mut flushed);
-        // Gather for WINDOW, unless the batch is full or a query waits for it.
-        let deadline = tokio::time::Instant::now() + WINDOW;
-        while rows.len() < BATCH && flushed.is_empty() {
-            tokio::select! {
-                op = rx.recv() => match op {
-                    Some(op) => gather(op, &mut rows, &mut flushed),
-                    None => break,
-                },
-                () = tokio::time::sleep_until(deadline) => break,
-                () = shutdown.cancelled() => break,
-            }
+/// Closes the archive when the writer ends, also by a panic: deliveries stop adding
+/// rows and every flush that waits is answered (a writer gone must not leave queries
+/// waiting forever).
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.0.pending);
+        pending.closed = true;
+        let rows = std::mem::take(&mut pending.rows);
+        pending.flushed.clear();
+        drop(pending);
+        self.0.room.notify_waiters();
+        if !rows.is_empty() {
+            tracing::warn!(
+                rows = rows.len(),
+                "the archive writer stopped with rows not stored"
+            );
         }
-        write(&store, &mut rows, &mut flushed).await;
     }
 }
 
-fn gather(op: Op, rows: &mut Vec<ArchiveRow>, flushed: &mut Vec<oneshot::Sender<()>>) {
-    match op {
-        Op::Row(row) => rows.push(row),
-        Op::Flush(done) => flushed.push(done),
+async fn writer(store: Store, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let _close = CloseOnDrop(shared.clone());
+    let mut spare = Vec::new();
+    while !shutdown.is_cancelled() {
+        // Gather for WINDOW, unless the batch is full or a query waits for it.
+        if !shared.due() {
+            tokio::select! {
+                () = tokio::time::sleep(WINDOW) => {}
+                () = shared.wake.notified() => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        let (mut rows, mut flushed) = shared.take(spare);
+        // A wake-up left for what was just taken would end the next window at once.
+        let _ = tokio::time::timeout(Duration::ZERO, shared.wake.notified()).await;
+        write(&store, &mut rows, &mut flushed).await;
+        spare = rows;
+    }
+    // Shutting down: what waits, and what deliveries still in flight add, is stored
+    // until none came for SHUTDOWN_QUIET; the archive is closed under the same lock
+    // that finds it empty, so no row is taken and then dropped.
+    loop {
+        let (mut rows, mut flushed) = shared.take(Vec::new());
+        write(&store, &mut rows, &mut flushed).await;
+        tokio::time::sleep(SHUTDOWN_QUIET).await;
+        let mut pending = lock(&shared.pending);
+        if pending.rows.is_empty() {
+            pending.closed = true;
+            return;
+        }
     }
 }
 
@@ -290,24 +344,50 @@ impl Server {
     }
 
     pub(crate) async fn enqueue(&self, row: ArchiveRow) {
-        if self.archive.queue.send(Op::Row(row)).await.is_err() {
-            tracing::warn!("the archive writer has stopped; a message was not archived");
+        let shared = &self.archive.shared;
+        let mut row = Some(row);
+        loop {
+            let room = shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut pending = lock(&shared.pending);
+                if pending.closed {
+                    tracing::warn!("the archive writer has stopped; a message was not archived");
+                    return;
+                }
+                if pending.rows.len() < QUEUE {
+                    pending.rows.extend(row.take());
+                    if pending.rows.len() >= BATCH {
+                        shared.wake.notify_one();
+                    }
+                    return;
+                }
+            }
+            // Full: the store sets the pace.
+            room.await;
         }
     }
 
     /// Waits until every row queued so far is stored.
-    async fn archive_flush(&self) {
+    pub(crate) async fn archive_flush(&self) {
+        let shared = &self.archive.shared;
         let (done, wait) = oneshot::channel();
-        if self.archive.queue.send(Op::Flush(done)).await.is_ok() {
-            let _ = wait.await;
+        {
+            let mut pending = lock(&shared.pending);
+            if pending.closed {
+                return;
+            }
+            pending.flushed.push(done);
         }
+        shared.wake.notify_one();
+        let _ = wait.await;
     }
 }
 
 impl Server {
     /// XEP-0313's `<metadata/>` of `user`'s archive: its first and last messages as
-    /// stored now (messages still in the writer's batch have later ids: a client that
-    /// pages after `<end/>` gets them).
+    /// stored now (callers flush the writer first).
     pub(crate) async fn archive_metadata(
         &self,
         user: &str,

@@ -303,15 +303,62 @@ impl Store {
     /// how many went; the caller repeats while a whole batch went.
     pub async fn archive_expire(&self, before: i64, batch: usize) -> Result<u64> {
         let _timer = self.latency.start("archive_expire");
+        // No index by time (one fewer written per archived row): rows are stored in
+        // the order they came, each batch within a few seconds, so the ones older
+        // than `before` are the table's first rows by `seq`, up to a bound found by a
+        // binary search. A row a few seconds out of order at the bound goes an hour
+        // later.
+        let Some(bound) = self.archive_seq_bound(before).await? else {
+            return Ok(0);
+        };
         let gone = sqlx::query(
-            "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE ts < $1 LIMIT $2)",
+            "DELETE FROM archive WHERE seq IN
+                 (SELECT seq FROM archive WHERE seq < $1 AND ts < $2 ORDER BY seq LIMIT $3)",
         )
+        .bind(bound)
         .bind(before)
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?
         .rows_affected();
         Ok(gone)
+    }
+
+    /// The first `seq` from which the archive's rows are no older than `before`
+    /// (by a binary search over `seq`, each step one lookup by the primary key);
+    /// `None` for an empty archive.
+    async fn archive_seq_bound(&self, before: i64) -> Result<Option<i64>> {
+        let at_or_after = |seq: i64| async move {
+            let row =
+                sqlx::query("SELECT seq, ts FROM archive WHERE seq >= $1 ORDER BY seq LIMIT 1")
+                    .bind(seq)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            row.map(|r| {
+                Ok::<_, crate::StoreError>((
+                    r.try_get::<i64, _>("seq")?,
+                    r.try_get::<i64, _>("ts")?,
+                ))
+            })
+            .transpose()
+        };
+        let Some((first, _)) = at_or_after(i64::MIN).await? else {
+            return Ok(None);
+        };
+        let last: i64 = sqlx::query("SELECT MAX(seq) AS last FROM archive")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("last")?;
+        // The answer lies in first..=last + 1.
+        let (mut lo, mut hi) = (first, last.saturating_add(1));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match at_or_after(mid).await? {
+                Some((seq, ts)) if ts < before => lo = seq + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(Some(lo))
     }
 
     /// `owner`'s archiving preferences as stored: the default and the always and
@@ -492,6 +539,9 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(ids(rest), (vec!["m4".into(), "m5".into()], true));
+            // The rest, and an empty archive.
+            assert_eq!(store.archive_expire(i64::MAX, 10).await.unwrap(), 2);
+            assert_eq!(store.archive_expire(i64::MAX, 10).await.unwrap(), 0);
             // Preferences.
             assert!(store.archive_prefs("erin").await.unwrap().is_none());
             store
