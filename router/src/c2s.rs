@@ -934,11 +934,13 @@ async fn finish_sasl2(
         inline.sm = Some((id, resumable));
     }
     // XEP-0386 §3: where the archive stands as the session starts, so the client
-    // knows what to fetch (left out if the store cannot say).
-    if server.config.archive.enabled
-        && let Ok(metadata) = server.archive_metadata(user).await
-    {
-        inner.push_str(&metadata);
+    // knows what to fetch: what waits for the writer is stored first, as for a query
+    // (left out if the store cannot say).
+    if server.config.archive.enabled {
+        server.archive_flush().await;
+        if let Ok(metadata) = server.archive_metadata(user).await {
+            inner.push_str(&metadata);
+        }
     }
     inner.push_str("</bound>");
     if token_due {

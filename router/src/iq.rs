@@ -77,8 +77,10 @@ impl Server {
     }
 
     /// The `ver` of the server's disco#info (XEP-0115 §5), recomputed only when the
-    /// answer changes (HTTP upload starts listening after the client ports).
-    pub(crate) fn caps_ver(&self) -> String {
+    /// answer changes (HTTP upload starts listening after the client ports); `None`
+    /// when the answer cannot be hashed (§5.4: a configured contact address with a
+    /// `<`, say), and then the server announces no capabilities.
+    pub(crate) fn caps_ver(&self) -> Option<String> {
         let info = self.server_info(None);
         let mut cache = lock(&self.caps);
         if let Some((seen, ver)) = &*cache
@@ -89,20 +91,22 @@ impl Server {
         let ver = info
             .parse::<Element>()
             .ok()
-            .and_then(|e| crate::core::caps::ver(&e))
-            .unwrap_or_default();
+            .and_then(|e| crate::core::caps::ver(&e));
         *cache = Some((info, ver.clone()));
         ver
     }
 
-    /// The `<c/>` stream feature announcing the server's capabilities (XEP-0115 §6.3).
+    /// The `<c/>` stream feature announcing the server's capabilities (XEP-0115 §6.3),
+    /// or nothing.
     pub(crate) fn caps_feature(&self) -> String {
-        format!(
-            "<c xmlns='{}' hash='sha-1' node='{}' ver='{}'/>",
-            ns::CAPS,
-            escape(&self.caps_node()),
-            self.caps_ver()
-        )
+        match self.caps_ver() {
+            Some(ver) => format!(
+                "<c xmlns='{}' hash='sha-1' node='{}' ver='{ver}'/>",
+                ns::CAPS,
+                escape(&self.caps_node()),
+            ),
+            None => String::new(),
+        }
     }
 }
 
@@ -308,8 +312,11 @@ impl Context<'_> {
             ("query", ns::DISCO_INFO) if !set => {
                 // A node: only the one the server's capabilities name (XEP-0115 §6.2).
                 if let Some(node) = payload.attr("node") {
-                    let caps = format!("{}#{}", self.server.caps_node(), self.server.caps_ver());
-                    if node != caps {
+                    let caps = self
+                        .server
+                        .caps_ver()
+                        .map(|ver| format!("{}#{ver}", self.server.caps_node()));
+                    if caps.as_deref() != Some(node) {
                         self.reply_error(&iq, StanzaErrorCondition::ItemNotFound, None);
                         return;
                     }

@@ -94,7 +94,7 @@ pub struct Server {
     /// on every node of the cluster.
     bind_key: tokio::sync::OnceCell<Vec<u8>>,
     /// The server's disco#info and its XEP-0115 `ver`, as last computed.
-    caps: std::sync::Mutex<Option<(String, String)>>,
+    caps: std::sync::Mutex<Option<(String, Option<String>)>>,
     /// Router links to and from the nodes of peer clusters.
     links: Arc<link::Links>,
     /// What this node passed on of remote users' presence, per remote node.
