@@ -346,16 +346,7 @@ impl Server {
         &self,
         username: &str,
     ) -> Result<Vec<u8>, impmesh_store::StoreError> {
-        let key = self
-            .salt_key
-            .get_or_try_init(|| {
-                self.store.cluster_secret("scram-fake-salt", || {
-                    let mut key = vec![0u8; 32];
-                    rand::thread_rng().fill_bytes(&mut key);
-                    key
-                })
-            })
-            .await?;
+        let key = self.cluster_key(&self.salt_key, "scram-fake-salt").await?;
         let mut salt = impmesh_store::scram::ScramHash::Sha256.hmac(key, username.as_bytes());
         salt.truncate(16);
         Ok(salt)
@@ -363,10 +354,19 @@ impl Server {
 
     /// The cluster's key for Bind 2 resources.
     pub(crate) async fn bind_key(&self) -> Result<&[u8], impmesh_store::StoreError> {
-        let key = self
-            .bind_key
+        self.cluster_key(&self.bind_key, "bind2-resource").await
+    }
+
+    /// A random key the whole cluster shares under `name` (kept in the store, made
+    /// by the first node that needs it), read once into `cell`.
+    async fn cluster_key<'a>(
+        &self,
+        cell: &'a tokio::sync::OnceCell<Vec<u8>>,
+        name: &str,
+    ) -> Result<&'a [u8], impmesh_store::StoreError> {
+        let key = cell
             .get_or_try_init(|| {
-                self.store.cluster_secret("bind2-resource", || {
+                self.store.cluster_secret(name, || {
                     let mut key = vec![0u8; 32];
                     rand::thread_rng().fill_bytes(&mut key);
                     key
