@@ -537,6 +537,44 @@ pub(crate) fn stamped_copy(message: &Element, id: Option<&str>, sender: &FullJid
 mod tests {
     use super::*;
 
+    /// A clean stop stores what waits for the writer, and what deliveries still add
+    /// while it drains, then closes the archive: later rows are refused, not taken
+    /// and dropped. (Real time, as below.)
+    #[tokio::test]
+    async fn a_clean_stop_stores_what_waits_then_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("sqlite://mam.db", dir.path()).await.unwrap();
+        store
+            .add_user(impmesh_store::NewUser {
+                username: "u",
+                password: "pw",
+                home_cluster: "c",
+                home_node: "n",
+            })
+            .await
+            .unwrap();
+        let row = |id: &str| ArchiveRow {
+            owner: "u".into(),
+            id: id.into(),
+            peer: "p@d".into(),
+            resource: String::new(),
+            ts: now_micros(),
+            outgoing: false,
+            stanza: "<message/>".into(),
+        };
+        let shared = Arc::new(Shared::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(writer(store.clone(), shared.clone(), shutdown.clone()));
+        // Well inside the writer's window: only the stop stores it.
+        lock(&shared.pending).rows.push(row("a"));
+        shutdown.cancel();
+        lock(&shared.pending).rows.push(row("b"));
+        task.await.unwrap();
+        let (first, last) = store.archive_bounds("u").await.unwrap().unwrap();
+        assert_eq!((first.id.as_str(), last.id.as_str()), ("a", "b"));
+        assert!(lock(&shared.pending).closed);
+    }
+
     /// The expiry deletes what is older than the retention and keeps the rest; its
     /// first pass runs at start. (Real time: a paused clock times out the store's
     /// connection pool at once.)
