@@ -56,17 +56,13 @@ impl Context<'_> {
         // Only this server stamps stanza-ids for its accounts (XEP-0359 §5).
         archive::strip_stanza_ids(&mut message, from.to_bare().as_str());
         archive::strip_stanza_ids(&mut message, to.to_bare().as_str());
-        let sent_id = self.server.archive_sent(&self.user(), &message, &to).await;
-        match sent_id {
-            Some(id) => {
-                let copy = crate::mam::stamped_copy(&message, Some(&id), &from);
-                self.server.send_carbons_sent(&from, &copy);
-            }
-            None => self.server.send_carbons_sent(&from, &message),
-        }
+        let sent = self.server.archive_sent(&self.user(), &message, &to).await;
+        let (sent_id, xml) = sent.unzip();
+        self.server
+            .send_carbons_sent(&from, &message, sent_id.as_deref());
         // The sender is this session: its error goes straight to its own output, not
         // through its queue (a flooding sender gets every bounce it caused).
-        if let Err(bounce) = self.server.deliver_message(message, &to).await {
+        if let Err(bounce) = self.server.deliver_message_as(message, &to, xml).await {
             self.reply_error(&bounce.stanza, bounce.condition, bounce.text);
         }
     }
@@ -101,13 +97,24 @@ impl Server {
         message: Element,
         to: &Jid,
     ) -> Result<(), Box<Bounce>> {
+        self.deliver_message_as(message, to, None).await
+    }
+
+    /// Delivers a message like `deliver_message`; `xml`, when given, is the message
+    /// serialized (by the sender's archive), used rather than serializing it again.
+    async fn deliver_message_as(
+        &self,
+        message: Element,
+        to: &Jid,
+        xml: Option<Arc<str>>,
+    ) -> Result<(), Box<Bounce>> {
         if let Some(user) = to.node()
             && to.domain().as_str() == self.config.domain
             && self.route_remote(user.as_str(), &message).await
         {
             return Ok(());
         }
-        self.deliver_local_message(message, to).await
+        self.deliver_local_message_as(message, to, xml).await
     }
 
     /// Delivers a message like `deliver_message`, bouncing what cannot be delivered
@@ -122,8 +129,19 @@ impl Server {
     /// and carbons. What cannot be delivered comes back for the caller to bounce.
     pub(crate) async fn deliver_local_message(
         &self,
+        message: Element,
+        to: &Jid,
+    ) -> Result<(), Box<Bounce>> {
+        self.deliver_local_message_as(message, to, None).await
+    }
+
+    /// `deliver_local_message` with the message serialized already, when `xml` is
+    /// given.
+    async fn deliver_local_message_as(
+        &self,
         mut message: Element,
         to: &Jid,
+        xml: Option<Arc<str>>,
     ) -> Result<(), Box<Bounce>> {
         let domain = &self.config.domain;
         let Some(user) = to.node().map(|n| n.to_string()) else {
@@ -139,7 +157,10 @@ impl Server {
             return bounce(message, StanzaErrorCondition::ServiceUnavailable, None);
         }
         // Stamped before delivery, stored in the archive once delivered or kept.
-        let archived = self.archive_received(&user, &mut message).await;
+        let (archived, stamped) = self
+            .archive_received(&user, &mut message, xml.as_ref())
+            .await
+            .unzip();
         let sessions = self.hub.sessions(&user);
         let states: Vec<_> = sessions.iter().map(|s| s.presence()).collect();
         let resources: Vec<Resource<'_>> = sessions
@@ -155,7 +176,10 @@ impl Server {
         let ty = MessageType::parse(message.attr("type"));
         match delivery::message(ty, to.resource().map(|r| r.as_str()), &resources) {
             Delivery::Sessions { ids, carbons } => {
-                let xml: Arc<str> = String::from(&message).into();
+                // What archiving serialized already, else the message as it stands.
+                let xml = stamped
+                    .or(xml)
+                    .unwrap_or_else(|| stanza::serialize(&message).into());
                 let delivered: Vec<u64> = sessions
                     .iter()
                     .filter(|s| ids.contains(&s.id))
@@ -291,16 +315,33 @@ impl Server {
 
     /// XEP-0280 §6: copies of a chat message a user sent go to the user's other
     /// carbons-enabled resources.
-    pub(crate) fn send_carbons_sent(&self, from: &FullJid, message: &Element) {
+    /// `archive_id` is the message's id in the sender's archive: the copies carry it
+    /// (XEP-0313 §5: a client finds its own message in the archive by it).
+    pub(crate) fn send_carbons_sent(
+        &self,
+        from: &FullJid,
+        message: &Element,
+        archive_id: Option<&str>,
+    ) {
         if !carbon_eligible(message) {
             return;
         }
         let Some(user) = from.node() else { return };
+        // Stamped once, for the first session that takes a copy.
+        let mut stamped: Option<Element> = None;
         for s in self.hub.sessions(user.as_str()) {
             if s.jid == *from || !s.presence().carbons {
                 continue;
             }
-            let wrapped = wrap_carbon("sent", &from.to_bare(), &s.jid, message);
+            let copy = match archive_id {
+                Some(id) => &*stamped.get_or_insert_with(|| {
+                    let mut copy = message.clone();
+                    archive::stamp(&mut copy, id, from.to_bare().as_str());
+                    copy
+                }),
+                None => message,
+            };
+            let wrapped = wrap_carbon("sent", &from.to_bare(), &s.jid, copy);
             // A copy: the original went its way.
             let _ = s.send(String::from(&wrapped).into(), sender_of(message));
         }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use impmesh_store::{ArchiveFilter, ArchivePage, ArchiveRow, Store};
-use jid::{FullJid, Jid};
+use jid::Jid;
 use minidom::Element;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -291,7 +291,7 @@ impl Server {
         prefs.archives(with.as_str(), in_roster)
     }
 
-    fn row(owner: &str, id: String, with: &Jid, outgoing: bool, stanza: String) -> ArchiveRow {
+    fn row(owner: &str, id: String, with: &Jid, outgoing: bool, stanza: Arc<str>) -> ArchiveRow {
         ArchiveRow {
             owner: owner.to_owned(),
             id,
@@ -303,32 +303,39 @@ impl Server {
         }
     }
 
-    /// Archives a message `owner` sent to `to` in the sender's archive; its id, for the
-    /// sender's carbons.
+    /// Archives a message `owner` sent to `to` in the sender's archive. Returns its id
+    /// there (for the sender's carbons) and the message serialized, which a delivery
+    /// on this node passes on to [`Server::archive_received`] rather than serialize
+    /// it again.
     pub(crate) async fn archive_sent(
         &self,
         owner: &str,
         message: &Element,
         to: &Jid,
-    ) -> Option<String> {
+    ) -> Option<(String, Arc<str>)> {
         if !self.archives(owner, message, to).await {
             return None;
         }
         let id = archive_id();
-        let row = Self::row(owner, id.clone(), to, true, String::from(message));
+        let xml: Arc<str> = stanza::serialize(message).into();
+        let row = Self::row(owner, id.clone(), to, true, xml.clone());
         self.enqueue(row).await;
-        Some(id)
+        Some((id, xml))
     }
 
     /// Stamps a message for `owner` (a user of this node) with the id it gets in the
     /// recipient's archive, and returns the row to store once it is delivered or kept
-    /// offline. A message already stamped for `owner` was archived when it first came
-    /// (a rerouted one): it keeps its id and is not stored twice.
+    /// offline with the stamped message serialized for the delivery. `xml`, when
+    /// given, is `message` serialized as it comes (by [`Server::archive_sent`]): the
+    /// message is then serialized no more. A message already stamped for `owner` was
+    /// archived when it first came (a rerouted one): it keeps its id and is not stored
+    /// twice. `message` is left as it came unless a row is returned.
     pub(crate) async fn archive_received(
         &self,
         owner: &str,
         message: &mut Element,
-    ) -> Option<ArchiveRow> {
+        xml: Option<&Arc<str>>,
+    ) -> Option<(ArchiveRow, Arc<str>)> {
         let by = stanza::bare(owner, &self.config.domain)?;
         if archive::stanza_id(message, by.as_str()).is_some() {
             return None;
@@ -339,8 +346,15 @@ impl Server {
             return None;
         }
         let id = archive_id();
+        let xml = xml
+            .cloned()
+            .unwrap_or_else(|| stanza::serialize(message).into());
         archive::stamp(message, &id, by.as_str());
-        Some(Self::row(owner, id, &from, false, String::from(&*message)))
+        let delivered: Arc<str> = match archive::stamp_serialized(&xml, &id, by.as_str()) {
+            Some(stamped) => stamped.into(),
+            None => stanza::serialize(message).into(),
+        };
+        Some((Self::row(owner, id, &from, false, xml), delivered))
     }
 
     pub(crate) async fn enqueue(&self, row: ArchiveRow) {
@@ -521,16 +535,6 @@ impl Context<'_> {
             complete,
         )))
     }
-}
-
-/// The sender's copy of a message for its carbons, with its id in the sender's
-/// archive (XEP-0313 §5: a client finds its own message in the archive by it).
-pub(crate) fn stamped_copy(message: &Element, id: Option<&str>, sender: &FullJid) -> Element {
-    let mut copy = message.clone();
-    if let Some(id) = id {
-        archive::stamp(&mut copy, id, sender.to_bare().as_str());
-    }
-    copy
 }
 
 #[cfg(test)]

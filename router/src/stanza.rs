@@ -3,6 +3,16 @@
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 
+/// An element serialized, into a buffer sized for a typical stanza up front (minidom's
+/// `String::from` starts empty and grows it several times).
+pub fn serialize(element: &Element) -> String {
+    let mut out = Vec::with_capacity(512);
+    element
+        .write_to(&mut out)
+        .expect("writing to memory does not fail");
+    String::from_utf8(out).expect("minidom writes UTF-8")
+}
+
 /// Sets (or replaces) an attribute in no namespace.
 pub fn set_attr(element: &mut Element, name: &str, value: &str) {
     // Attribute names used here are literals like "to", "id": valid NCNames.

@@ -68,6 +68,30 @@ pub fn stamp(message: &mut Element, id: &str, by: &str) {
     message.append_child(sid);
 }
 
+/// A serialized message with `<stanza-id id by/>` added as its last child, as
+/// [`stamp`] then serializing would give, without serializing again: `xml` is one
+/// serialized `<message>` element with content (every archivable message has some).
+/// `None` when it is not (then stamp the element).
+pub fn stamp_serialized(xml: &str, id: &str, by: &str) -> Option<String> {
+    const END: &str = "</message>";
+    let head = xml.strip_suffix(END)?;
+    if !xml.starts_with("<message") {
+        return None;
+    }
+    let (id, by) = (crate::xml::escape(id), crate::xml::escape(by));
+    let mut out = String::with_capacity(xml.len() + id.len() + by.len() + 48);
+    out.push_str(head);
+    out.push_str("<stanza-id xmlns='");
+    out.push_str(ns::SID);
+    out.push_str("' id='");
+    out.push_str(&id);
+    out.push_str("' by='");
+    out.push_str(&by);
+    out.push_str("'/>");
+    out.push_str(END);
+    Some(out)
+}
+
 /// An account's default for messages with JIDs on neither list (§6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultMode {
@@ -447,6 +471,32 @@ mod tests {
 
     fn parse(xml: &str) -> Element {
         xml.parse().unwrap()
+    }
+
+    #[test]
+    fn a_serialized_stamp_is_the_stamped_element() {
+        let message = parse(
+            "<message xmlns='jabber:client' from='a@d/r' to='b@d' type='chat'>\
+             <body>x &amp; y</body><x xmlns='urn:example'><y/></x></message>",
+        );
+        let xml = String::from(&message);
+        let spliced = stamp_serialized(&xml, "0123", "b@d").unwrap();
+        let mut stamped = message.clone();
+        stamp(&mut stamped, "0123", "b@d");
+        assert_eq!(parse(&spliced), stamped);
+        assert_eq!(stanza_id(&parse(&spliced), "b@d"), Some("0123"));
+        // Attribute values are escaped.
+        let odd = stamp_serialized(&xml, "a'b", "b@d").unwrap();
+        assert_eq!(stanza_id(&parse(&odd), "b@d"), Some("a'b"));
+        // Not a message with content: the caller stamps the element instead.
+        assert_eq!(
+            stamp_serialized("<message xmlns='jabber:client'/>", "1", "b@d"),
+            None
+        );
+        assert_eq!(
+            stamp_serialized("<iq xmlns='jabber:client'></iq>", "1", "b@d"),
+            None
+        );
     }
 
     #[test]
