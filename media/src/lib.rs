@@ -6,11 +6,13 @@
 //! - [`stun`]: the STUN/TURN wire format and ChannelData frames;
 //! - [`auth`]: credentials in the TURN REST API form (coturn's `use-auth-secret`);
 //! - [`policy`]: which peer addresses may be relayed to;
-//! - [`core`]: the relay's protocol logic, without I/O.
+//! - [`core`]: the relay's protocol logic, without I/O;
+//! - [`relay`]: its sockets.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod core;
 pub mod policy;
+pub mod relay;
 pub mod stun;

@@ -414,9 +414,11 @@ pub fn frame_len(head: [u8; 4]) -> Option<usize> {
     }
 }
 
-/// Whether a number is a TURN channel (0x4000 through 0x4FFF, RFC 8656 §12).
+/// Whether a number is a TURN channel: 0x4000 through 0x7FFF, the range of RFC 5766
+/// §11, which clients still use (coturn's own picks from all of it), although RFC
+/// 8656 §12 narrowed it to 0x4FFF to keep clear of DTLS-SRTP on the client's port.
 pub fn is_channel(n: u16) -> bool {
-    (0x4000..=0x4FFF).contains(&n)
+    (0x4000..=0x7FFF).contains(&n)
 }
 
 /// A ChannelData frame's channel and data; `None` when it is not one (a channel
@@ -790,12 +792,13 @@ mod tests {
         assert_eq!(out.len(), 12);
         assert_eq!(frame_len([out[0], out[1], out[2], out[3]]), Some(12));
         assert_eq!(channel_data(&out), Some((0x4001, &b"hello"[..])));
-        write_channel_data(&mut out, 0x4FFF, b"hello", false);
+        write_channel_data(&mut out, 0x7FFF, b"hello", false);
         assert_eq!(out.len(), 9);
+        assert_eq!(channel_data(&out), Some((0x7FFF, &b"hello"[..])));
         // Outside the channel range, or a length past the end.
-        assert_eq!(channel_data(&[0x50, 0, 0, 0]), None);
+        assert_eq!(channel_data(&[0x80, 0, 0, 0]), None);
+        assert_eq!(channel_data(&[0x3F, 0xFF, 0, 0]), None);
         assert_eq!(channel_data(&[0x40, 0, 0, 9, 1]), None);
-        assert_eq!(frame_len([0x50, 0, 0, 4]), None);
         assert_eq!(frame_len([0x80, 0, 0, 4]), None);
         // A STUN header's frame length.
         assert_eq!(frame_len([0, 1, 0, 8]), Some(28));
