@@ -57,10 +57,25 @@ pub enum NoPort {
     Exhausted,
 }
 
+/// Which port an allocation asks for (RFC 8656 §7.2, EVEN-PORT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Any,
+    Even,
+    /// An even port, and the one above it held for a later allocation (RTP and
+    /// RTCP).
+    EvenAndNext,
+}
+
 /// Binds relayed UDP ports: the caller's sockets.
 pub trait Ports {
-    /// A new relayed socket's address, even-numbered when asked.
-    fn bind(&mut self, family: Family, even: bool) -> Result<SocketAddr, NoPort>;
+    /// A new relayed socket's address, and with [`Want::EvenAndNext`] the next
+    /// port's, bound and held.
+    fn bind(
+        &mut self,
+        family: Family,
+        want: Want,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), NoPort>;
     /// The allocation on `relayed` is gone: close its socket.
     fn release(&mut self, relayed: SocketAddr);
 }
@@ -86,6 +101,9 @@ pub struct Config {
 /// RFC 8656 §9: permissions last five minutes, channel bindings ten.
 const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// How long a port held by EVEN-PORT's R bit waits for the allocation that takes it
+/// with its RESERVATION-TOKEN (RFC 8656 §7.2 suggests about 30 seconds).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How long a nonce is good for before a request gets 438 Stale Nonce.
 const NONCE_LIFETIME: u64 = 3600;
 /// Peers one allocation may have permissions for, and channels it may bind: beyond,
@@ -210,6 +228,8 @@ pub struct Relay {
     allocations: HashMap<FiveTuple, Allocation>,
     by_relayed: HashMap<SocketAddr, FiveTuple>,
     per_user: HashMap<String, usize>,
+    /// Ports held by EVEN-PORT's R bit, by their RESERVATION-TOKEN.
+    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
     /// Where to send new allocations while this relay is above its load.
     alternate: Option<SocketAddr>,
     stats: Stats,
@@ -225,6 +245,7 @@ const KNOWN: &[u16] = &[
     attr::REQUESTED_TRANSPORT,
     attr::REQUESTED_ADDRESS_FAMILY,
     attr::EVEN_PORT,
+    attr::RESERVATION_TOKEN,
     attr::XOR_PEER_ADDRESS,
     attr::CHANNEL_NUMBER,
     attr::DATA,
@@ -245,6 +266,7 @@ impl Relay {
             allocations: HashMap::new(),
             by_relayed: HashMap::new(),
             per_user: HashMap::new(),
+            reservations: HashMap::new(),
             alternate: None,
             stats: Stats::default(),
             buf: Vec::with_capacity(1500),
@@ -385,6 +407,17 @@ impl Relay {
     /// Drops what has expired: allocations, permissions, channels. Call it every few
     /// seconds.
     pub fn expire(&mut self, now: Instant, ports: &mut dyn Ports) {
+        let unclaimed: Vec<[u8; 8]> = self
+            .reservations
+            .iter()
+            .filter(|(_, (_, e))| *e <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in unclaimed {
+            if let Some((relayed, _)) = self.reservations.remove(&token) {
+                ports.release(relayed);
+            }
+        }
         let gone: Vec<FiveTuple> = self
             .allocations
             .values()
@@ -657,7 +690,7 @@ impl Relay {
             if a.made_by == m.transaction {
                 // A retransmission: the same answer (§7.2).
                 let (relayed, left) = (a.relayed, a.expires.saturating_duration_since(now));
-                success_allocate(&mut self.buf, m, tuple, relayed, left, &key);
+                success_allocate(&mut self.buf, m, tuple, relayed, left, None, &key);
             } else {
                 self.refuse(Refusal::BadRequest);
                 error(&mut self.buf, m, 437, "Allocation Mismatch", Some(&key));
@@ -698,15 +731,20 @@ impl Relay {
                 return;
             }
         };
-        let even = match m.get(attr::EVEN_PORT) {
-            None => false,
-            // The R bit asks to reserve the next port too, which this relay does not.
-            Some([flags, ..]) if flags & 0x80 != 0 => {
-                self.refuse(Refusal::Capacity);
-                error(&mut self.buf, m, 508, "Insufficient Capacity", Some(&key));
+        let want = match m.get(attr::EVEN_PORT) {
+            None => Want::Any,
+            Some([flags, ..]) if flags & 0x80 != 0 => Want::EvenAndNext,
+            Some(_) => Want::Even,
+        };
+        let token: Option<[u8; 8]> = match m.get(attr::RESERVATION_TOKEN) {
+            None => None,
+            // A token with EVEN-PORT, or not eight bytes: 400 (§7.2).
+            Some(t) if t.len() == 8 && want == Want::Any => t.try_into().ok(),
+            Some(_) => {
+                self.refuse(Refusal::BadRequest);
+                error(&mut self.buf, m, 400, "Bad Request", Some(&key));
                 return;
             }
-            Some(_) => true,
         };
         let Ok(lifetime) = self.lifetime(m) else {
             self.refuse(Refusal::BadRequest);
@@ -734,13 +772,21 @@ impl Relay {
                 .integrity(&key);
             return;
         }
-        if self.allocations.len() >= self.config.max_allocations {
+        if self.allocations.len() + self.reservations.len() >= self.config.max_allocations {
             self.refuse(Refusal::Capacity);
             error(&mut self.buf, m, 508, "Insufficient Capacity", Some(&key));
             return;
         }
-        let relayed = match ports.bind(family, even) {
-            Ok(relayed) => relayed,
+        let bound = match token {
+            // The port an earlier allocation held: unknown or lapsed tokens get 508.
+            Some(token) => match self.reservations.remove(&token) {
+                Some((relayed, expires)) if expires > now => Ok((relayed, None)),
+                _ => Err(NoPort::Exhausted),
+            },
+            None => ports.bind(family, want),
+        };
+        let (relayed, next) = match bound {
+            Ok(bound) => bound,
             Err(NoPort::Family) => {
                 self.refuse(Refusal::BadRequest);
                 error(
@@ -777,7 +823,13 @@ impl Relay {
             },
         );
         self.stats.allocations_created += 1;
-        success_allocate(&mut self.buf, m, tuple, relayed, lifetime, &key);
+        let token = next.map(|next| {
+            let token: [u8; 8] = rand::random();
+            self.reservations
+                .insert(token, (next, now + RESERVATION_LIFETIME));
+            token
+        });
+        success_allocate(&mut self.buf, m, tuple, relayed, lifetime, token, &key);
     }
 
     fn refresh(
@@ -933,14 +985,18 @@ fn success_allocate(
     tuple: FiveTuple,
     relayed: SocketAddr,
     lifetime: Duration,
+    token: Option<[u8; 8]>,
     key: &[u8],
 ) {
     let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
     let mut b = Builder::new(buf, m.method, Class::Success, m.transaction);
     b.xor_address(attr::XOR_RELAYED_ADDRESS, relayed)
         .u32_attr(attr::LIFETIME, secs)
-        .xor_address(attr::XOR_MAPPED_ADDRESS, tuple.client)
-        .integrity(key);
+        .xor_address(attr::XOR_MAPPED_ADDRESS, tuple.client);
+    if let Some(token) = token {
+        b.attr(attr::RESERVATION_TOKEN, &token);
+    }
+    b.integrity(key);
 }
 
 /// An error response, signed when the request was authenticated.

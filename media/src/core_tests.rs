@@ -24,7 +24,11 @@ struct FakePorts {
 }
 
 impl Ports for FakePorts {
-    fn bind(&mut self, family: Family, even: bool) -> Result<SocketAddr, NoPort> {
+    fn bind(
+        &mut self,
+        family: Family,
+        want: Want,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), NoPort> {
         if family == Family::V6 {
             return Err(NoPort::Family);
         }
@@ -32,10 +36,16 @@ impl Ports for FakePorts {
             return Err(NoPort::Exhausted);
         }
         self.next += 1;
-        if even && self.next % 2 == 1 {
+        if want != Want::Any && self.next % 2 == 1 {
             self.next += 1;
         }
-        Ok(SocketAddr::from(([203, 0, 113, 1], 50_000 + self.next)))
+        let addr = |n: u16| SocketAddr::from(([203, 0, 113, 1], 50_000 + n));
+        let first = addr(self.next);
+        if want == Want::EvenAndNext {
+            self.next += 1;
+            return Ok((first, Some(addr(self.next))));
+        }
+        Ok((first, None))
     }
 
     fn release(&mut self, relayed: SocketAddr) {
@@ -507,11 +517,6 @@ fn quotas_capacity_and_redirects() {
     assert_eq!(a.code, Some(440), "no IPv6 address to relay from");
     let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
         b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-            .attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
-    });
-    assert_eq!(a.code, Some(508));
-    let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
-        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
             .attr(attr::DONT_FRAGMENT, &[]);
     });
     assert_eq!(a.code, Some(420));
@@ -634,4 +639,69 @@ fn garbage_is_counted_and_not_answered() {
     }
     assert_eq!(relay.stats().refusals.get(&Refusal::Malformed), Some(&3));
     assert_eq!(relay.allocations(), 0);
+}
+
+#[test]
+fn even_ports_and_reservations() {
+    let mut relay = relay();
+    let mut ports = FakePorts::default();
+    let now = Instant::now();
+    // RTP on an even port, the next one held for RTCP under a token.
+    let mut rtp = Client::new(1000, "alice");
+    let a = rtp.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    });
+    let m = a.message();
+    let even = m.xor_address(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert_eq!(even.port() % 2, 0);
+    let token: [u8; 8] = m.get(attr::RESERVATION_TOKEN).unwrap().try_into().unwrap();
+    // The token with EVEN-PORT is a bad request; an unknown token gets 508.
+    let mut rtcp = Client::new(1001, "alice");
+    let a = rtcp.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::ALLOCATE,
+        move |b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::EVEN_PORT, &[0, 0, 0, 0])
+                .attr(attr::RESERVATION_TOKEN, &token);
+        },
+    );
+    assert_eq!(a.code, Some(400));
+    let a = rtcp.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::RESERVATION_TOKEN, &[1; 8]);
+    });
+    assert_eq!(a.code, Some(508));
+    // The token takes the held port.
+    let a = rtcp.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::ALLOCATE,
+        move |b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::RESERVATION_TOKEN, &token);
+        },
+    );
+    let odd = a
+        .message()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(odd.port(), even.port() + 1);
+    // A hold nobody claims is released after 30 s.
+    let mut other = Client::new(1002, "bob");
+    other.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    });
+    assert!(ports.released.is_empty());
+    relay.expire(now + Duration::from_secs(31), &mut ports);
+    assert_eq!(ports.released.len(), 1);
+    assert_eq!(relay.allocations(), 3);
 }

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::core::{Family, FiveTuple, NoPort, Ports, Relay, Send, Stats, Transport};
+use crate::core::{Family, FiveTuple, NoPort, Ports, Relay, Send, Stats, Transport, Want};
 use crate::stun;
 
 /// How often expired allocations, permissions and channels are dropped.
@@ -164,7 +164,11 @@ struct PortsIo<'a> {
 }
 
 impl Ports for PortsIo<'_> {
-    fn bind(&mut self, family: Family, even: bool) -> Result<SocketAddr, NoPort> {
+    fn bind(
+        &mut self,
+        family: Family,
+        want: Want,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), NoPort> {
         let config = &self.shared.config;
         let ip = config.relay_ip;
         if (family == Family::V4) != ip.is_ipv4() {
@@ -173,25 +177,23 @@ impl Ports for PortsIo<'_> {
         let (lo, hi) = (*config.ports.start(), *config.ports.end());
         for _ in 0..BIND_TRIES {
             let mut port = rand::Rng::gen_range(&mut rand::thread_rng(), lo..=hi);
-            if even && port % 2 == 1 {
-                port = if port < hi { port + 1 } else { port - 1 };
+            if want != Want::Any && port % 2 == 1 {
+                port = if port > lo { port - 1 } else { port + 1 };
             }
-            let Ok(std_socket) = std::net::UdpSocket::bind((ip, port)) else {
+            let Some(first) = self.bind_one(ip, port) else {
                 continue;
             };
-            if std_socket.set_nonblocking(true).is_err() {
-                continue;
+            if want != Want::EvenAndNext {
+                return Ok((first, None));
             }
-            let Ok(socket) = UdpSocket::from_std(std_socket) else {
-                continue;
-            };
-            set_dscp(&socket, config.dscp);
-            let advertised = SocketAddr::new(config.external_ip.unwrap_or(ip), port);
-            let socket = Arc::new(socket);
-            let reader = tokio::spawn(read_peers(self.shared.clone(), socket.clone(), advertised))
-                .abort_handle();
-            self.relayed.insert(advertised, Relayed { socket, reader });
-            return Ok(advertised);
+            match port
+                .checked_add(1)
+                .filter(|p| *p <= hi)
+                .and_then(|p| self.bind_one(ip, p))
+            {
+                Some(next) => return Ok((first, Some(next))),
+                None => self.release(first),
+            }
         }
         tracing::warn!("no free relay port after {BIND_TRIES} tries");
         Err(NoPort::Exhausted)
@@ -201,6 +203,24 @@ impl Ports for PortsIo<'_> {
         if let Some(r) = self.relayed.remove(&relayed) {
             r.reader.abort();
         }
+    }
+}
+
+impl PortsIo<'_> {
+    /// Binds one relayed port and starts reading from its peers; the address clients
+    /// are given for it.
+    fn bind_one(&mut self, ip: IpAddr, port: u16) -> Option<SocketAddr> {
+        let config = &self.shared.config;
+        let std_socket = std::net::UdpSocket::bind((ip, port)).ok()?;
+        std_socket.set_nonblocking(true).ok()?;
+        let socket = UdpSocket::from_std(std_socket).ok()?;
+        set_dscp(&socket, config.dscp);
+        let advertised = SocketAddr::new(config.external_ip.unwrap_or(ip), port);
+        let socket = Arc::new(socket);
+        let reader = tokio::spawn(read_peers(self.shared.clone(), socket.clone(), advertised))
+            .abort_handle();
+        self.relayed.insert(advertised, Relayed { socket, reader });
+        Some(advertised)
     }
 }
 
