@@ -27,6 +27,7 @@ pub struct Config {
     pub pep: PepSection,
     pub archive: ArchiveSection,
     pub upload: UploadSection,
+    pub media: MediaSection,
     pub log: LogSection,
 }
 
@@ -48,6 +49,7 @@ impl Default for Config {
             pep: PepSection::default(),
             archive: ArchiveSection::default(),
             upload: UploadSection::default(),
+            media: MediaSection::default(),
             log: LogSection::default(),
         }
     }
@@ -83,6 +85,8 @@ pub struct ListenSection {
     pub links: Option<SocketAddr>,
     /// HTTPS for clients with the client certificate: HTTP file upload (XEP-0363).
     pub client_https: SocketAddr,
+    /// The TURN relay (STUN and TURN over UDP and TCP, RFC 8656); none: no relay.
+    pub turn: Option<SocketAddr>,
 }
 
 impl Default for ListenSection {
@@ -94,6 +98,7 @@ impl Default for ListenSection {
             admin: SocketAddr::from(([127, 0, 0, 1], 8444)),
             links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             client_https: SocketAddr::from(([127, 0, 0, 1], 5443)),
+            turn: Some(SocketAddr::from(([127, 0, 0, 1], 3478))),
         }
     }
 }
@@ -436,6 +441,94 @@ impl Default for ArchiveSection {
     }
 }
 
+/// The TURN relay of this node (the bridged media plane, docs/media.md), on
+/// `[listen] turn`, and the credentials XEP-0215 hands out for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSection {
+    /// The address relayed sockets bind to; default: `[listen] turn`'s (for a relay
+    /// listening on every address, set the one peers reach).
+    pub relay_ip: Option<std::net::IpAddr>,
+    /// The address clients are given for relayed sockets, when the node is behind
+    /// NAT (default: relay_ip).
+    pub external_ip: Option<std::net::IpAddr>,
+    /// The relayed ports (a firewall opens them, UDP).
+    pub port_min: u16,
+    pub port_max: u16,
+    /// The host clients are told to reach the relay at (XEP-0215); default: the
+    /// external or relay address.
+    pub host: Option<String>,
+    /// Seconds a credential from XEP-0215 is valid.
+    pub credential_lifetime: u64,
+    /// Hours between rotations of the cluster's TURN secret (at least the credential
+    /// lifetime: the previous secret stays valid through the next period).
+    pub secret_rotation_hours: u64,
+    /// Allocations one user may hold at once, and this relay in all.
+    pub user_allocations: usize,
+    pub max_allocations: usize,
+    /// Kilobits per second one allocation relays each way.
+    pub bandwidth_kbps: u64,
+    /// Peer address blocks relayed to although refused by default (loopback, private,
+    /// link-local...), e.g. "10.0.0.0/8" for a relay inside a private network.
+    pub allow_peers: Vec<String>,
+    /// The DSCP class of relayed packets (46, EF, by default; 0 leaves them unmarked).
+    pub dscp: u8,
+}
+
+impl Default for MediaSection {
+    fn default() -> Self {
+        MediaSection {
+            relay_ip: None,
+            external_ip: None,
+            port_min: 49_152,
+            port_max: 65_535,
+            host: None,
+            credential_lifetime: 3600,
+            secret_rotation_hours: 24,
+            user_allocations: 10,
+            max_allocations: 10_000,
+            bandwidth_kbps: 4000,
+            allow_peers: vec![],
+            dscp: 46,
+        }
+    }
+}
+
+impl MediaSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.port_min == 0 || self.port_min > self.port_max {
+            return invalid("media.port_min must be above 0 and at most media.port_max".into());
+        }
+        if !(60..=86_400).contains(&self.credential_lifetime) {
+            return invalid(
+                "media.credential_lifetime must be between 60 and 86400 seconds".into(),
+            );
+        }
+        if self.secret_rotation_hours == 0
+            || self.secret_rotation_hours * 3600 < self.credential_lifetime
+        {
+            return invalid(
+                "media.secret_rotation_hours must be at least 1 and cover media.credential_lifetime".into(),
+            );
+        }
+        if self.user_allocations == 0 || self.max_allocations == 0 || self.bandwidth_kbps == 0 {
+            return invalid(
+                "media.user_allocations, media.max_allocations and media.bandwidth_kbps must be above 0".into(),
+            );
+        }
+        if self.dscp > 63 {
+            return invalid("media.dscp must be between 0 and 63".into());
+        }
+        for block in &self.allow_peers {
+            block
+                .parse::<impmesh_media::policy::Cidr>()
+                .map_err(|e| ConfigError::Invalid(format!("media.allow_peers: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// HTTP file upload (XEP-0363): slots from each account's home node, files on that
 /// node, served on `[listen] client_https`.
 #[derive(Debug, Clone, Deserialize)]
@@ -577,6 +670,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.contact.validate()?;
         self.upload.validate()?;
+        self.media.validate()?;
         if impmesh_router::core::archive::DefaultMode::parse(&self.archive.default).is_none()
             || !(1..=1000).contains(&self.archive.max_page)
         {
@@ -931,6 +1025,31 @@ mod tests {
         );
         assert_eq!((a.retention, a.max_page), (None, 20));
         assert!(Config::parse("[archive]\ndefault = \"sometimes\"").is_err());
+    }
+
+    /// `[media]` is checked: ports, lifetimes against the rotation, peer blocks.
+    #[test]
+    fn media_settings_are_checked() {
+        let c = Config::parse(
+            "[listen]\nturn = \"0.0.0.0:3478\"\n[media]\nrelay_ip = \"198.51.100.7\"\nallow_peers = [\"10.0.0.0/8\"]\ndscp = 34",
+        )
+        .unwrap();
+        assert_eq!(c.listen.turn, Some("0.0.0.0:3478".parse().unwrap()));
+        assert_eq!(c.media.dscp, 34);
+        assert_eq!(
+            Config::default().listen.turn,
+            Some("127.0.0.1:3478".parse().unwrap())
+        );
+        for bad in [
+            "port_min = 60000\nport_max = 50000",
+            "credential_lifetime = 30",
+            "credential_lifetime = 7200\nsecret_rotation_hours = 1",
+            "allow_peers = [\"10.0.0.0/33\"]",
+            "dscp = 64",
+            "user_allocations = 0",
+        ] {
+            assert!(Config::parse(&format!("[media]\n{bad}")).is_err(), "{bad}");
+        }
     }
 
     /// `[pep]` reaches the router, and an item that could not fit a stanza is refused.

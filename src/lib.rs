@@ -13,6 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod config;
 pub mod control;
 pub mod files;
+pub mod media;
 pub mod node;
 pub mod remote;
 pub mod users;

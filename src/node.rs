@@ -46,6 +46,8 @@ pub struct Node {
     pub links_addr: Option<SocketAddr>,
     /// The bound client HTTPS listener (file upload), if uploads are on.
     pub client_https_addr: Option<SocketAddr>,
+    /// The TURN relay (its UDP and TCP port), if one is configured.
+    pub relay: Option<impmesh_media::relay::RelayHandle>,
     /// The intercluster sync agent.
     pub agent: Arc<Agent>,
     /// The node's own background tasks (account changes, notices, hourly checks).
@@ -199,6 +201,22 @@ impl Node {
         } else {
             None
         };
+        // The relay's tasks stop with the node's own (below).
+        let tasks = TaskTracker::new();
+        let relay = match config.listen.turn {
+            Some(listen) => Some(
+                crate::media::start(
+                    config,
+                    listen,
+                    &store,
+                    &server,
+                    server.shutdown.clone(),
+                    &tasks,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let control = Control::new(
             config.clone(),
             server.clone(),
@@ -266,8 +284,8 @@ impl Node {
         agent.set_identity(identity.clone());
         server.set_host_resolver(Arc::new(AgentDns(Arc::downgrade(&agent))));
         control.set_agent(agent.clone());
-        // The node's own tasks: tracked, so shutdown waits for them (within the grace).
-        let tasks = TaskTracker::new();
+        // The node's own tasks (the relay's among them): tracked, so shutdown waits for
+        // them (within the grace).
         // A peer's notifyChange pulls it at once.
         let (mut notices, notice_agent, notice_stop) = (
             https.subscribe_changes(),
@@ -327,6 +345,7 @@ impl Node {
             admin_addr,
             links_addr,
             client_https_addr,
+            relay,
             agent,
             tasks,
         })

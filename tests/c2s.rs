@@ -2010,6 +2010,7 @@ async fn xep0363_the_upload_url_must_be_covered_by_the_client_certificate() {
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
     config.listen.links = None;
     config.listen.client_https = "127.0.0.1:0".parse().unwrap();
+    config.listen.turn = Some("127.0.0.1:0".parse().unwrap());
     config.upload.public_url = Some("https://files.elsewhere.example:5443".into());
     let Err(err) = impmesh::node::Node::start(&config).await else {
         panic!("a node started with an upload URL its certificate does not cover");
@@ -2385,4 +2386,107 @@ async fn xep0398_pep_avatars_and_vcard_photos_follow_each_other() {
         .and_then(|x| x.get_child("photo", "vcard-temp:x:update"))
         .unwrap();
     assert!(photo.text().is_empty());
+}
+
+/// XEP-0215: the node's relay, with credentials for the asking user that the
+/// cluster's secret signs; advertised in the server's disco#info.
+#[tokio::test]
+async fn xep0215_external_services_give_the_relay_and_credentials() {
+    let node = start_node_with_users(|_| {}, &["alice"]).await;
+    let relay = node
+        .node
+        .relay
+        .as_ref()
+        .expect("the relay is on by default");
+    let port = relay.udp_addr().port().to_string();
+    let mut alice = node.client("alice", PW, Some("a"));
+    online(&mut alice).await;
+    send(
+        &mut alice,
+        "<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+    )
+    .await;
+    let info = expect(&mut alice, 5, "disco#info", |e| e.attr("id") == Some("d")).await;
+    let features: Vec<&str> = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .unwrap()
+        .children()
+        .filter_map(|f| f.attr("var"))
+        .collect();
+    assert!(features.contains(&"urn:xmpp:extdisco:2"), "{features:?}");
+    send(
+        &mut alice,
+        "<iq type='get' id='s' to='localhost'><services xmlns='urn:xmpp:extdisco:2'/></iq>",
+    )
+    .await;
+    let reply = expect(&mut alice, 5, "services", |e| e.attr("id") == Some("s")).await;
+    let services = reply.get_child("services", "urn:xmpp:extdisco:2").unwrap();
+    let found: Vec<(&str, &str, &str, &str)> = services
+        .children()
+        .map(|s| {
+            (
+                s.attr("type").unwrap(),
+                s.attr("transport").unwrap(),
+                s.attr("host").unwrap(),
+                s.attr("port").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("stun", "udp", "127.0.0.1", port.as_str()),
+            ("turn", "udp", "127.0.0.1", port.as_str()),
+            ("turn", "tcp", "127.0.0.1", port.as_str()),
+        ]
+    );
+    // The TURN REST API form, signed with the cluster's current secret.
+    let turn = services.children().nth(1).unwrap();
+    let username = turn.attr("username").unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, "alice");
+    let expiry: i64 = expiry.parse().unwrap();
+    let now = impmesh_store::now_unix();
+    assert!(
+        (now + 3500..=now + 3700).contains(&expiry),
+        "an hour by default"
+    );
+    let secrets = node
+        .node
+        .server
+        .store
+        .turn_secrets(now, 86_400)
+        .await
+        .unwrap();
+    assert_eq!(
+        turn.attr("password"),
+        Some(impmesh_media::auth::password(&secrets[0].secret, username).as_str())
+    );
+    assert_eq!(turn.attr("restricted"), Some("1"));
+    // Credentials for one service; an unknown one is item-not-found.
+    send(
+        &mut alice,
+        &format!(
+            "<iq type='get' id='c' to='localhost'><credentials xmlns='urn:xmpp:extdisco:2'>\
+             <service type='turn' host='127.0.0.1' port='{port}'/></credentials></iq>"
+        ),
+    )
+    .await;
+    let reply = expect(&mut alice, 5, "credentials", |e| e.attr("id") == Some("c")).await;
+    let credentials = reply
+        .get_child("credentials", "urn:xmpp:extdisco:2")
+        .unwrap();
+    assert_eq!(credentials.children().count(), 2);
+    send(
+        &mut alice,
+        "<iq type='get' id='u' to='localhost'><credentials xmlns='urn:xmpp:extdisco:2'>\
+         <service type='turn' host='turn.elsewhere.example'/></credentials></iq>",
+    )
+    .await;
+    let reply = expect(&mut alice, 5, "unknown service", |e| {
+        e.attr("id") == Some("u")
+    })
+    .await;
+    assert_eq!(reply.attr("type"), Some("error"));
+    assert!(String::from(&reply).contains("item-not-found"));
 }

@@ -575,6 +575,7 @@ async fn secrets_are_private_and_a_readable_token_stops_the_node() {
     config.listen.https = "127.0.0.1:0".parse().unwrap();
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
     config.listen.client_https = "127.0.0.1:0".parse().unwrap();
+    config.listen.turn = Some("127.0.0.1:0".parse().unwrap());
     let node = impmesh::node::Node::start(&config).await.unwrap();
     node.shutdown().await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

@@ -258,11 +258,13 @@ struct Authed {
 }
 
 impl Relay {
-    pub fn new(config: Config, secrets: Vec<Vec<u8>>, nonce_key: [u8; 32]) -> Relay {
+    /// A relay checking credentials against `secrets` (current first), with a key of
+    /// its own for nonces.
+    pub fn new(config: Config, secrets: Vec<Vec<u8>>) -> Relay {
         Relay {
             config,
             secrets,
-            nonce_key,
+            nonce_key: rand::random(),
             allocations: HashMap::new(),
             by_relayed: HashMap::new(),
             per_user: HashMap::new(),

@@ -69,7 +69,7 @@ fn config() -> Config {
 }
 
 fn relay() -> Relay {
-    Relay::new(config(), vec![SECRET.to_vec()], [9; 32])
+    Relay::new(config(), vec![SECRET.to_vec()])
 }
 
 fn tuple(port: u16) -> FiveTuple {
@@ -583,7 +583,7 @@ fn allocations_end_by_refresh_close_or_expiry() {
 fn bandwidth_is_capped_per_allocation() {
     let mut cfg = config();
     cfg.bandwidth = 1000;
-    let mut relay = Relay::new(cfg, vec![SECRET.to_vec()], [9; 32]);
+    let mut relay = Relay::new(cfg, vec![SECRET.to_vec()]);
     let mut ports = FakePorts::default();
     let now = Instant::now();
     let mut alice = Client::new(1000, "alice");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interop: a real `impmesh` process with stock clients: two slixmpp accounts
 # (ops/interop/scenario.py), then xmpp.js speaking SASL2, Bind 2 and FAST
-# (ops/interop/fast.mjs). Creates a venv with slixmpp from PyPI and installs xmpp.js
+# (ops/interop/fast.mjs), then coturn's turnutils_uclient relaying through the node's
+# TURN relay with the credentials slixmpp got through XEP-0215 (ops/interop/turn.py). Creates a venv with slixmpp from PyPI and installs xmpp.js
 # from npm, builds impmesh if needed, starts it on free loopback ports with a fresh
 # data directory, runs the scenarios, and stops the server. Exits non-zero on any failure.
 set -euo pipefail
@@ -20,6 +21,10 @@ fi
 # xmpp.js for the SASL2 / FAST scenario, at the version package-lock.json pins.
 command -v node >/dev/null || { echo "FAIL: the xmpp.js scenario needs Node.js 20.10 or later"; exit 1; }
 (cd "$here" && npm ci --silent --no-audit --no-fund)
+# coturn's TURN client for the relay scenario (Debian's coturn package).
+if ! command -v turnutils_uclient >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn >/dev/null
+fi
 
 work="$(mktemp -d)"
 server_pid=""
@@ -29,11 +34,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r c2s tls https links admin upload < <("$venv/bin/python" - <<'PY'
+read -r c2s tls https links admin upload turn < <("$venv/bin/python" - <<'PY'
 import socket
 ports = []
 socks = []
-for _ in range(6):
+for _ in range(7):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
 print(*ports)
 PY
@@ -48,6 +53,10 @@ https = "127.0.0.1:$https"
 admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
 client_https = "127.0.0.1:$upload"
+turn = "127.0.0.1:$turn"
+[media]
+# The two uclient sessions relay to each other's relayed addresses, on loopback.
+allow_peers = ["127.0.0.0/8"]
 TOML
 
 password="interop-$RANDOM-pw"
@@ -81,6 +90,25 @@ if ! NODE_EXTRA_CA_CERTS="$work/data/certs/node.crt" node "$here/fast.mjs" 127.0
   exit 1
 fi
 
+# The relay: credentials from XEP-0215 (slixmpp), then coturn's client allocates with
+# them, over UDP and over TCP, and two sessions relay packets to each other.
+if ! creds="$(SSL_CERT_FILE="$work/data/certs/node.crt" "$venv/bin/python" "$here/turn.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password" | tail -1)"; then
+  echo "--- server log ---"; tail -50 "$work/server.log"
+  exit 1
+fi
+read -r turn_host turn_port turn_user turn_password <<< "$creds"
+[ "$turn_port" = "$turn" ] || { echo "FAIL: XEP-0215 named port $turn_port, the relay is on $turn"; exit 1; }
+for transport in udp tcp; do
+  flag=""; [ "$transport" = tcp ] && flag="-t"
+  out="$(timeout 60 turnutils_uclient $flag -y -n 50 -m 1 -u "$turn_user" -w "$turn_password" -p "$turn_port" "$turn_host" 2>&1)" \
+    || { echo "$out" | tail -20; echo "FAIL: turnutils_uclient over $transport"; exit 1; }
+  if ! echo "$out" | grep -q "Total lost packets 0 (0.000000%)" \
+     || ! echo "$out" | grep -q "start_mclient: tot_send_msgs=200, tot_recv_msgs=200"; then
+    echo "$out" | tail -20; echo "FAIL: packets lost through the relay over $transport"; exit 1
+  fi
+  echo "ok: turnutils_uclient relays 200 of 200 packets (RTP and RTCP, both ways) over $transport"
+done
+
 # A clean shutdown on SIGTERM.
 kill -TERM "$server_pid"
 if ! timeout 15 tail --pid="$server_pid" -f /dev/null; then
@@ -88,4 +116,4 @@ if ! timeout 15 tail --pid="$server_pid" -f /dev/null; then
 fi
 wait "$server_pid" || { echo "FAIL: impmesh exited non-zero after SIGTERM"; tail -20 "$work/server.log"; exit 1; }
 server_pid=""
-echo "interop: 2 passed, 0 failed"
+echo "interop: 3 passed, 0 failed"

@@ -41,6 +41,12 @@ pub const SERVER_FEATURES: &[&str] = &[
 ];
 
 impl Server {
+    /// Hands out `services` through XEP-0215 from now on (once, when the node's relay
+    /// is up, before clients connect: the server's capabilities include it).
+    pub fn set_turn_services(&self, services: std::sync::Arc<dyn crate::TurnServices>) {
+        let _ = self.turn.set(services);
+    }
+
     /// The server's disco#info `<query/>` (XEP-0030): its identities, features and
     /// forms, with `node` when asked under its capabilities' node (XEP-0115 §6.2).
     pub(crate) fn server_info(&self, node: Option<&str>) -> String {
@@ -61,6 +67,9 @@ impl Server {
         }
         for f in SERVER_FEATURES {
             body.push_str(&format!("<feature var='{f}'/>"));
+        }
+        if self.turn.get().is_some() {
+            body.push_str(&format!("<feature var='{}'/>", ns::EXTDISCO));
         }
         if let Some(upload) = upload {
             body.push_str(&crate::core::upload::disco_xml(upload.max_file_bytes));
@@ -139,6 +148,35 @@ const MAX_BLOCKED: usize = 1000;
 pub(crate) const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
 impl Context<'_> {
+    /// XEP-0215 `<services/>` and `<credentials/>` to the domain: this cluster's
+    /// relays, with credentials for this user; service-unavailable without a relay.
+    fn external_services(&mut self, iq: &Element, request: &Element) {
+        let Some(turn) = self.server.turn.get().cloned() else {
+            self.reply_error(iq, StanzaErrorCondition::ServiceUnavailable, None);
+            return;
+        };
+        let all = turn.services(&self.user());
+        use crate::core::extdisco;
+        if request.name() == "services" {
+            let body = extdisco::services(&all, request.attr("type"));
+            self.reply_result(iq, Some(body));
+            return;
+        }
+        let asked = request.get_child("service", ns::EXTDISCO);
+        let answer = asked.and_then(|s| {
+            let port = match s.attr("port") {
+                None => None,
+                Some(p) => Some(p.parse::<u16>().ok()?),
+            };
+            extdisco::credentials(&all, s.attr("host")?, s.attr("type")?, port)
+        });
+        match (asked, answer) {
+            (None, _) => self.reply_error(iq, StanzaErrorCondition::BadRequest, None),
+            (Some(_), None) => self.reply_error(iq, StanzaErrorCondition::ItemNotFound, None),
+            (Some(_), Some(body)) => self.reply_result(iq, Some(body)),
+        }
+    }
+
     /// An IQ from this session's client.
     pub(crate) async fn on_iq(&mut self, iq: Element, ty: IqType, to: Option<Jid>) {
         let is_request = ty.is_request();
@@ -341,6 +379,9 @@ impl Context<'_> {
             }
             ("query", ns::REGISTER) => self.register_authenticated(&iq, &payload, set).await,
             ("request", ns::HTTP_UPLOAD) if !set => self.upload_slot(&iq, &payload).await,
+            ("services" | "credentials", ns::EXTDISCO) if !set => {
+                self.external_services(&iq, &payload)
+            }
             _ => self.reply_error(&iq, StanzaErrorCondition::ServiceUnavailable, None),
         }
     }

@@ -118,6 +118,15 @@ pub struct Server {
     preauth: Arc<impmesh_limits::PerAddress>,
     /// Where this node serves uploaded files, once its HTTPS listener is up.
     upload_url: std::sync::OnceLock<String>,
+    /// The cluster's media relays for XEP-0215, once the node's relay is up.
+    turn: std::sync::OnceLock<Arc<dyn TurnServices>>,
+}
+
+/// The media relays a user is given through XEP-0215 (`urn:xmpp:extdisco:2`), each
+/// TURN relay with a short-lived credential for that user. The node implements it
+/// over its relay and the cluster's TURN secret.
+pub trait TurnServices: Send + Sync + 'static {
+    fn services(&self, user: &str) -> Vec<core::extdisco::Service>;
 }
 
 impl std::fmt::Debug for Server {
@@ -197,6 +206,7 @@ impl Server {
             admission: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             preauth: impmesh_limits::PerAddress::new(preauth_per_address),
             upload_url: std::sync::OnceLock::new(),
+            turn: std::sync::OnceLock::new(),
         })
     }
 

@@ -59,6 +59,7 @@ pub mod ns {
     pub const PUBSUB_NODE_CONFIG: &str = "http://jabber.org/protocol/pubsub#node_config";
     pub const HTTP_UPLOAD: &str = "urn:xmpp:http:upload:0";
     pub const PUSH: &str = "urn:xmpp:push:0";
+    pub const EXTDISCO: &str = "urn:xmpp:extdisco:2";
 }
 
 /// What the framer hands to the connection.

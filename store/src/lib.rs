@@ -14,6 +14,7 @@ mod archive;
 mod directory;
 mod fast;
 mod latency;
+mod media;
 mod names;
 mod nodes;
 mod offline;
@@ -41,6 +42,7 @@ pub use archive::{ArchiveFilter, ArchivePage, ArchiveResults, ArchiveRow, Archiv
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use fast::{FastCheck, FastToken, NewFastToken};
 pub use latency::Latency;
+pub use media::TurnSecret;
 pub use names::{ClusterName, NodeName, UserName};
 pub use nodes::NodeRecord;
 pub use offline::{Offline, OfflineMessage, OfflineQuota};

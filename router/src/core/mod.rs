@@ -8,6 +8,7 @@ pub mod caps;
 pub mod csi;
 pub mod delivery;
 pub mod envelope;
+pub mod extdisco;
 pub mod negotiate;
 pub mod pubsub;
 pub mod push;
