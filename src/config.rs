@@ -495,7 +495,7 @@ impl Default for MediaSection {
 }
 
 impl MediaSection {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, listen_turn: Option<SocketAddr>) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.port_min == 0 || self.port_min > self.port_max {
             return invalid("media.port_min must be above 0 and at most media.port_max".into());
@@ -505,12 +505,22 @@ impl MediaSection {
                 "media.credential_lifetime must be between 60 and 86400 seconds".into(),
             );
         }
+        // The previous secret lives one more period; credentials are minted with it
+        // for a few minutes after a rotation (src/media.rs), so the period must cover
+        // a credential's lifetime and those minutes.
         if self.secret_rotation_hours == 0
-            || self.secret_rotation_hours * 3600 < self.credential_lifetime
+            || self.secret_rotation_hours * 3600 < self.credential_lifetime + 300
         {
             return invalid(
-                "media.secret_rotation_hours must be at least 1 and cover media.credential_lifetime".into(),
+                "media.secret_rotation_hours must cover media.credential_lifetime and 5 minutes more".into(),
             );
+        }
+        if let (Some(turn), None) = (listen_turn, self.relay_ip)
+            && turn.ip().is_unspecified()
+        {
+            return invalid(format!(
+                "[listen] turn = {turn} listens on every address: set media.relay_ip to the one relayed sockets use"
+            ));
         }
         if self.user_allocations == 0 || self.max_allocations == 0 || self.bandwidth_kbps == 0 {
             return invalid(
@@ -670,7 +680,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.contact.validate()?;
         self.upload.validate()?;
-        self.media.validate()?;
+        self.media.validate(self.listen.turn)?;
         if impmesh_router::core::archive::DefaultMode::parse(&self.archive.default).is_none()
             || !(1..=1000).contains(&self.archive.max_page)
         {
@@ -1040,10 +1050,12 @@ mod tests {
             Config::default().listen.turn,
             Some("127.0.0.1:3478".parse().unwrap())
         );
+        assert!(Config::parse("[listen]\nturn = \"0.0.0.0:3478\"").is_err());
         for bad in [
             "port_min = 60000\nport_max = 50000",
             "credential_lifetime = 30",
             "credential_lifetime = 7200\nsecret_rotation_hours = 1",
+            "credential_lifetime = 3600\nsecret_rotation_hours = 1",
             "allow_peers = [\"10.0.0.0/33\"]",
             "dscp = 64",
             "user_allocations = 0",

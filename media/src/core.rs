@@ -199,6 +199,11 @@ impl Bucket {
 struct Allocation {
     tuple: FiveTuple,
     user: String,
+    /// The credential it was made with: later requests with the same username are
+    /// checked with this key even past the credential's expiry, so a call outlives
+    /// it (as coturn does; the allocation's lifetime bounds it).
+    username: String,
+    key: [u8; 16],
     relayed: SocketAddr,
     expires: Instant,
     /// The Allocate request that made it, to answer its retransmissions alike.
@@ -228,8 +233,9 @@ pub struct Relay {
     allocations: HashMap<FiveTuple, Allocation>,
     by_relayed: HashMap<SocketAddr, FiveTuple>,
     per_user: HashMap<String, usize>,
-    /// Ports held by EVEN-PORT's R bit, by their RESERVATION-TOKEN.
-    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    /// Ports held by EVEN-PORT's R bit, by their RESERVATION-TOKEN, with the user
+    /// who holds them (a hold counts in the user's quota until it is taken or lapses).
+    reservations: HashMap<[u8; 8], (SocketAddr, Instant, String)>,
     /// Where to send new allocations while this relay is above its load.
     alternate: Option<SocketAddr>,
     stats: Stats,
@@ -254,6 +260,7 @@ const KNOWN: &[u16] = &[
 /// An authenticated request's user and key.
 struct Authed {
     user: String,
+    username: String,
     key: [u8; 16],
 }
 
@@ -316,6 +323,19 @@ impl Relay {
         };
         match (m.class, m.method) {
             (Class::Request, method::BINDING) => {
+                // A Binding request to a server carries no attribute it must understand.
+                let unknown = m.unknown_required(&[]);
+                if !unknown.is_empty() {
+                    self.refuse(Refusal::BadRequest);
+                    let mut b = Builder::new(&mut self.buf, m.method, Class::Error, m.transaction);
+                    b.error_code(420, "Unknown Attribute")
+                        .unknown_attributes(&unknown);
+                    drop(b);
+                    return Some(Send::Client {
+                        tuple,
+                        bytes: &self.buf,
+                    });
+                }
                 let mut b = Builder::new(
                     &mut self.buf,
                     method::BINDING,
@@ -368,6 +388,12 @@ impl Relay {
         now: Instant,
     ) -> Option<Send<'a>> {
         let tuple = *self.by_relayed.get(&relayed)?;
+        // What could not fit a Data indication's length field (a header, an IPv6
+        // XOR-PEER-ADDRESS, DATA's header) is dropped, not sent with a wrong length.
+        if data.len() > stun::MAX_MESSAGE - (stun::HEADER_LEN + 24 + 4) {
+            self.refuse(Refusal::Malformed);
+            return None;
+        }
         let rate = self.config.bandwidth;
         let a = self.allocations.get_mut(&tuple)?;
         if !a.permitted(peer.ip(), now) {
@@ -412,11 +438,12 @@ impl Relay {
         let unclaimed: Vec<[u8; 8]> = self
             .reservations
             .iter()
-            .filter(|(_, (_, e))| *e <= now)
+            .filter(|(_, (_, e, _))| *e <= now)
             .map(|(t, _)| *t)
             .collect();
         for token in unclaimed {
-            if let Some((relayed, _)) = self.reservations.remove(&token) {
+            if let Some((relayed, _, user)) = self.reservations.remove(&token) {
+                self.uncount(&user);
                 ports.release(relayed);
             }
         }
@@ -448,14 +475,24 @@ impl Relay {
     fn remove(&mut self, tuple: FiveTuple, ports: &mut dyn Ports) {
         if let Some(a) = self.allocations.remove(&tuple) {
             self.by_relayed.remove(&a.relayed);
-            if let Some(n) = self.per_user.get_mut(&a.user) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_user.remove(&a.user);
-                }
-            }
+            self.uncount(&a.user);
             ports.release(a.relayed);
         }
+    }
+
+    /// One allocation or hold fewer for `user`.
+    fn uncount(&mut self, user: &str) {
+        if let Some(n) = self.per_user.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
+
+    /// Whether a 5-tuple has an allocation (a stream without one is closed sooner).
+    pub fn has_allocation(&self, tuple: FiveTuple) -> bool {
+        self.allocations.contains_key(&tuple)
     }
 
     fn channel_to_peer<'a>(
@@ -594,6 +631,20 @@ impl Relay {
             challenge(self, 401, "Unauthorized", Refusal::Unauthorized);
             return None;
         }
+        // The credential this 5-tuple's allocation was made with.
+        if let Some(a) = self.allocations.get(&tuple)
+            && a.username == username
+        {
+            if m.check_integrity(&a.key) {
+                return Some(Authed {
+                    user: a.user.clone(),
+                    username: a.username.clone(),
+                    key: a.key,
+                });
+            }
+            challenge(self, 401, "Unauthorized", Refusal::Unauthorized);
+            return None;
+        }
         let secrets: Vec<&[u8]> = self.secrets.iter().map(Vec::as_slice).collect();
         let (user, keys) = match auth::keys(&secrets, username, realm, unix) {
             Ok(k) => k,
@@ -610,7 +661,11 @@ impl Relay {
             challenge(self, 401, "Unauthorized", Refusal::Unauthorized);
             return None;
         };
-        Some(Authed { user, key })
+        Some(Authed {
+            user,
+            username: username.to_owned(),
+            key,
+        })
     }
 
     /// A request that needs credentials: the answer is left in the buffer.
@@ -753,7 +808,12 @@ impl Relay {
             error(&mut self.buf, m, 400, "Bad Request", Some(&key));
             return;
         };
-        if self.per_user.get(&authed.user).copied().unwrap_or(0) >= self.config.user_quota {
+        // A hold of the user's own that this request takes is already counted.
+        let taking_own_hold = token
+            .and_then(|t| self.reservations.get(&t))
+            .is_some_and(|(_, expires, holder)| *holder == authed.user && *expires > now);
+        let held = self.per_user.get(&authed.user).copied().unwrap_or(0);
+        if held - usize::from(taking_own_hold && held > 0) >= self.config.user_quota {
             self.refuse(Refusal::Quota);
             error(
                 &mut self.buf,
@@ -782,8 +842,16 @@ impl Relay {
         let bound = match token {
             // The port an earlier allocation held: unknown or lapsed tokens get 508.
             Some(token) => match self.reservations.remove(&token) {
-                Some((relayed, expires)) if expires > now => Ok((relayed, None)),
-                _ => Err(NoPort::Exhausted),
+                Some((relayed, expires, holder)) => {
+                    self.uncount(&holder);
+                    if expires > now {
+                        Ok((relayed, None))
+                    } else {
+                        ports.release(relayed);
+                        Err(NoPort::Exhausted)
+                    }
+                }
+                None => Err(NoPort::Exhausted),
             },
             None => ports.bind(family, want),
         };
@@ -814,6 +882,8 @@ impl Relay {
             Allocation {
                 tuple,
                 user: authed.user,
+                username: authed.username,
+                key,
                 relayed,
                 expires: now + lifetime,
                 made_by: m.transaction,
@@ -827,8 +897,14 @@ impl Relay {
         self.stats.allocations_created += 1;
         let token = next.map(|next| {
             let token: [u8; 8] = rand::random();
+            let holder = self
+                .allocations
+                .get(&tuple)
+                .map(|a| a.user.clone())
+                .unwrap_or_default();
+            *self.per_user.entry(holder.clone()).or_default() += 1;
             self.reservations
-                .insert(token, (next, now + RESERVATION_LIFETIME));
+                .insert(token, (next, now + RESERVATION_LIFETIME, holder));
             token
         });
         success_allocate(&mut self.buf, m, tuple, relayed, lifetime, token, &key);

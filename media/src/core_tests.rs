@@ -671,10 +671,12 @@ fn even_ports_and_reservations() {
         },
     );
     assert_eq!(a.code, Some(400));
-    let a = rtcp.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
-        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-            .attr(attr::RESERVATION_TOKEN, &[1; 8]);
-    });
+    // (Another user: alice's allocation and hold fill her quota of two.)
+    let a =
+        Client::new(1005, "carol").ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::RESERVATION_TOKEN, &[1; 8]);
+        });
     assert_eq!(a.code, Some(508));
     // The token takes the held port.
     let a = rtcp.ask(
@@ -704,4 +706,100 @@ fn even_ports_and_reservations() {
     relay.expire(now + Duration::from_secs(31), &mut ports);
     assert_eq!(ports.released.len(), 1);
     assert_eq!(relay.allocations(), 3);
+}
+
+#[test]
+fn holds_count_in_the_quota_and_lapsed_ones_are_released_when_claimed() {
+    let mut relay = relay();
+    let mut ports = FakePorts::default();
+    let now = Instant::now();
+    // A quota of two: one allocation with a hold uses both.
+    let mut rtp = Client::new(1000, "alice");
+    let a = rtp.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    });
+    let token: [u8; 8] = a
+        .message()
+        .get(attr::RESERVATION_TOKEN)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    assert_eq!(
+        Client::new(1001, "alice")
+            .allocate(&mut relay, &mut ports, now)
+            .code,
+        Some(486)
+    );
+    // Claimed after it lapsed (before the expiry tick): 508, and the port goes back.
+    let late = now + Duration::from_secs(31);
+    let mut rtcp = Client::new(1002, "bob");
+    let a = rtcp.ask(
+        &mut relay,
+        &mut ports,
+        late,
+        UNIX,
+        method::ALLOCATE,
+        move |b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::RESERVATION_TOKEN, &token);
+        },
+    );
+    assert_eq!(a.code, Some(508));
+    assert_eq!(ports.released.len(), 1);
+    // The hold no longer counts.
+    assert_eq!(
+        Client::new(1003, "alice")
+            .allocate(&mut relay, &mut ports, late)
+            .code,
+        None
+    );
+}
+
+#[test]
+fn an_allocation_outlives_its_credential() {
+    let mut relay = relay();
+    let mut ports = FakePorts::default();
+    let now = Instant::now();
+    let mut alice = Client::new(1000, "alice");
+    alice.cred = mint(SECRET, "alice", UNIX, 600);
+    assert_eq!(alice.allocate(&mut relay, &mut ports, now).code, None);
+    // Twenty minutes later the credential has expired: refreshes with it still work
+    // for this allocation, and nothing else does.
+    let later = UNIX + 1200;
+    let a = alice.ask(&mut relay, &mut ports, now, later, method::REFRESH, |_| {});
+    assert_eq!(a.code, None);
+    assert!(a.message().check_integrity(&alice.key()));
+    let mut other = Client::new(1001, "alice");
+    other.cred = alice.cred.clone();
+    let a = other.ask(&mut relay, &mut ports, now, later, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(a.code, Some(401));
+}
+
+#[test]
+fn peer_data_too_large_for_a_data_indication_is_dropped() {
+    let mut relay = relay();
+    let mut ports = FakePorts::default();
+    let now = Instant::now();
+    let mut alice = Client::new(1000, "alice");
+    let a = alice.allocate(&mut relay, &mut ports, now);
+    let relayed = a
+        .message()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    alice.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::CREATE_PERMISSION,
+        |b| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, peer());
+        },
+    );
+    assert!(relay.from_peer(relayed, peer(), &[0; 1000], now).is_some());
+    assert_eq!(relay.from_peer(relayed, peer(), &[0; 65_500], now), None);
 }

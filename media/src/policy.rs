@@ -69,12 +69,14 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
+    /// The node's own addresses are refused even inside an allowed block (a relay in
+    /// 10.0.0.0/8 allowing that block must still not reach its own services).
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = unmapped(ip);
-        if self.allow.iter().any(|c| c.contains(ip)) {
-            return true;
+        if self.own.iter().any(|o| unmapped(*o) == ip) {
+            return false;
         }
-        !(special(ip) || self.own.iter().any(|o| unmapped(*o) == ip))
+        self.allow.iter().any(|c| c.contains(ip)) || !special(ip)
     }
 }
 
@@ -173,14 +175,20 @@ mod tests {
             assert!(p.allows(ip(allowed)), "{allowed} should be allowed");
         }
         let loopback = PeerPolicy {
-            allow: vec!["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()],
-            own: vec![ip("198.51.100.7")],
+            allow: vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "::1".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+            own: vec![ip("198.51.100.7"), ip("10.0.0.5")],
         };
         assert!(loopback.allows(ip("127.0.0.2")));
         assert!(loopback.allows(ip("::1")));
-        assert!(!loopback.allows(ip("10.0.0.1")));
-        // The node's own address.
+        assert!(loopback.allows(ip("10.0.0.1")));
+        assert!(!loopback.allows(ip("192.168.0.1")));
+        // The node's own addresses, also inside an allowed block.
         assert!(!loopback.allows(ip("198.51.100.7")));
+        assert!(!loopback.allows(ip("10.0.0.5")));
     }
 
     #[test]

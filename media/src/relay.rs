@@ -25,8 +25,17 @@ use crate::stun;
 
 /// How often expired allocations, permissions and channels are dropped.
 const EXPIRY_TICK: Duration = Duration::from_secs(5);
-/// Frames queued for one stream client, at most (beyond, relayed data is dropped).
+/// Frames, and bytes, queued for one stream client at most (beyond, relayed data is
+/// dropped, as a congested network would).
 const STREAM_QUEUE: usize = 256;
+const STREAM_QUEUE_BYTES: usize = 256 * 1024;
+/// Stream connections at most, and from one address (IPv6: one /64).
+const MAX_STREAMS: usize = 4096;
+const STREAMS_PER_ADDRESS: u32 = 16;
+/// A frame's body must follow its header within this.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stream client without an allocation that sends nothing for this long is closed.
+const UNALLOCATED_IDLE: Duration = Duration::from_secs(60);
 /// Tries at finding a free port in the range before answering 508.
 const BIND_TRIES: usize = 32;
 /// A stream client that sends nothing for this long is closed (its allocation, if
@@ -62,7 +71,26 @@ struct State {
     /// By the relayed address clients are given.
     relayed: HashMap<SocketAddr, Relayed>,
     /// Stream clients' queues.
-    streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    streams: HashMap<FiveTuple, StreamQueue>,
+}
+
+/// A stream client's queue, bounded in frames (the channel) and in bytes.
+struct StreamQueue {
+    frames: mpsc::Sender<Vec<u8>>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StreamQueue {
+    fn push(&self, frame: &[u8]) {
+        use std::sync::atomic::Ordering;
+        let queued = self.bytes.load(Ordering::Relaxed);
+        if queued + frame.len() > STREAM_QUEUE_BYTES {
+            return;
+        }
+        if self.frames.try_send(frame.to_vec()).is_ok() {
+            self.bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 struct Shared {
@@ -71,6 +99,9 @@ struct Shared {
     /// The listening UDP socket: answers and relayed data to UDP clients leave by it.
     udp: Arc<UdpSocket>,
     shutdown: CancellationToken,
+    /// Stream connections: in all, and per address.
+    streams: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<impmesh_limits::PerAddress>,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -123,6 +154,8 @@ impl RelayHandle {
             config,
             udp: Arc::new(udp),
             shutdown: shutdown.clone(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            per_address: impmesh_limits::PerAddress::new(STREAMS_PER_ADDRESS),
         });
         tasks.spawn(serve_udp(shared.clone()));
         tasks.spawn(serve_tcp(shared.clone(), tcp, tasks.clone()));
@@ -229,7 +262,7 @@ fn deliver(
     send: Send<'_>,
     udp: &UdpSocket,
     relayed: &HashMap<SocketAddr, Relayed>,
-    streams: &HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    streams: &HashMap<FiveTuple, StreamQueue>,
 ) {
     match send {
         Send::Client { tuple, bytes } => match tuple.transport {
@@ -238,7 +271,7 @@ fn deliver(
             }
             Transport::Tcp | Transport::Tls => {
                 if let Some(q) = streams.get(&tuple) {
-                    let _ = q.try_send(bytes.to_vec());
+                    q.push(bytes);
                 }
             }
         },
@@ -320,6 +353,13 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, tasks: TaskTracke
         let Ok((stream, client)) = accepted else {
             continue;
         };
+        // Refused before any work: over the relay's or the address's share.
+        let Ok(permit) = shared.streams.clone().try_acquire_owned() else {
+            continue;
+        };
+        let Some(slot) = shared.per_address.acquire(client.ip()) else {
+            continue;
+        };
         let Ok(server) = stream.local_addr() else {
             continue;
         };
@@ -329,37 +369,60 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, tasks: TaskTracke
             server,
             transport: Transport::Tcp,
         };
-        tasks.spawn(serve_stream(shared.clone(), stream, tuple));
+        tasks.spawn(serve_stream(shared.clone(), stream, tuple, (permit, slot)));
     }
 }
 
 /// One stream client: frames in, answers and relayed data out, its allocation gone
-/// when it closes.
-async fn serve_stream(shared: Arc<Shared>, stream: TcpStream, tuple: FiveTuple) {
+/// when it closes (also should its task end by a panic: the guard cleans up).
+async fn serve_stream<P: std::marker::Send + 'static>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    tuple: FiveTuple,
+    _permits: P,
+) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
-    lock(&shared.state).streams.insert(tuple, tx);
+    let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    lock(&shared.state).streams.insert(
+        tuple,
+        StreamQueue {
+            frames: tx,
+            bytes: bytes.clone(),
+        },
+    );
+    let _guard = StreamGuard {
+        shared: shared.clone(),
+        tuple,
+    };
     let (mut read, mut write) = stream.into_split();
     let writer = async move {
         while let Some(frame) = rx.recv().await {
             if write.write_all(&frame).await.is_err() {
                 return;
             }
+            bytes.fetch_sub(frame.len(), std::sync::atomic::Ordering::Relaxed);
         }
     };
     let reader = async {
-        let mut buf = vec![0u8; stun::MAX_MESSAGE + 4];
+        let mut buf = vec![0u8; stun::MAX_FRAME];
         loop {
+            let idle = if lock(&shared.state).relay.has_allocation(tuple) {
+                STREAM_IDLE
+            } else {
+                UNALLOCATED_IDLE
+            };
             let mut head = [0u8; 4];
-            match tokio::time::timeout(STREAM_IDLE, read.read_exact(&mut head)).await {
+            match tokio::time::timeout(idle, read.read_exact(&mut head)).await {
                 Ok(Ok(_)) => {}
                 _ => return,
             }
-            let Some(len) = stun::frame_len(head) else {
+            let Some(len) = stun::frame_len(head).filter(|l| *l <= buf.len()) else {
                 return;
             };
             buf[..4].copy_from_slice(&head);
-            if read.read_exact(&mut buf[4..len]).await.is_err() {
-                return;
+            match tokio::time::timeout(FRAME_TIMEOUT, read.read_exact(&mut buf[4..len])).await {
+                Ok(Ok(_)) => {}
+                _ => return,
             }
             from_client(&shared, tuple, &buf[..len]);
         }
@@ -369,18 +432,29 @@ async fn serve_stream(shared: Arc<Shared>, stream: TcpStream, tuple: FiveTuple) 
         () = writer => {}
         () = shared.shutdown.cancelled() => {}
     }
-    let mut guard = lock(&shared.state);
-    let State {
-        relay,
-        relayed,
-        streams,
-    } = &mut *guard;
-    streams.remove(&tuple);
-    let mut ports = PortsIo {
-        shared: &shared,
-        relayed,
-    };
-    relay.closed(tuple, &mut ports);
+}
+
+/// Ends a stream client's allocation and forgets its queue when its task ends.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    tuple: FiveTuple,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut guard = lock(&self.shared.state);
+        let State {
+            relay,
+            relayed,
+            streams,
+        } = &mut *guard;
+        streams.remove(&self.tuple);
+        let mut ports = PortsIo {
+            shared: &self.shared,
+            relayed,
+        };
+        relay.closed(self.tuple, &mut ports);
+    }
 }
 
 async fn expiry(shared: Arc<Shared>) {
@@ -416,5 +490,114 @@ fn set_dscp(socket: &UdpSocket, dscp: u8) {
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "cannot set the DSCP class of a relay socket");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Config;
+    use crate::policy::PeerPolicy;
+    use crate::stun::{Builder, Class, Message, attr, method};
+
+    async fn start() -> (RelayHandle, CancellationToken, TaskTracker) {
+        let core = Config {
+            realm: "example.com".into(),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            user_quota: 2,
+            max_allocations: 10,
+            bandwidth: 100_000,
+            policy: PeerPolicy::default(),
+        };
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let relay = RelayHandle::start(
+            RelayConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                relay_ip: "127.0.0.1".parse().unwrap(),
+                external_ip: None,
+                ports: 49152..=65535,
+                dscp: 46,
+            },
+            Relay::new(core, vec![b"s".to_vec()]),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await
+        .unwrap();
+        (relay, shutdown, tasks)
+    }
+
+    fn binding(tx: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        drop(Builder::new(
+            &mut out,
+            method::BINDING,
+            Class::Request,
+            [tx; 12],
+        ));
+        out
+    }
+
+    /// The largest frame a stream may announce is read whole (it once overran the
+    /// read buffer and killed the connection's task), and the stream goes on.
+    #[tokio::test]
+    async fn the_largest_stream_frame_is_read_and_the_stream_goes_on() {
+        let (relay, shutdown, _tasks) = start().await;
+        let mut tcp = TcpStream::connect(relay.tcp_addr()).await.unwrap();
+        let mut frame = vec![0u8; stun::MAX_FRAME];
+        frame[..8].copy_from_slice(&[0x00, 0x01, 0xFF, 0xFC, 0x21, 0x12, 0xA4, 0x42]);
+        tcp.write_all(&frame).await.unwrap();
+        tcp.write_all(&binding(7)).await.unwrap();
+        // The large frame is a Binding request with unknown attributes (type 0,
+        // empty): 420, then the next request's answer.
+        let mut head = [0u8; 20];
+        tcp.read_exact(&mut head).await.unwrap();
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
+        tcp.read_exact(&mut rest).await.unwrap();
+        let refused = [&head[..], &rest].concat();
+        assert_eq!(
+            Message::parse(&refused)
+                .unwrap()
+                .error_code()
+                .unwrap()
+                .map(|(c, _)| c),
+            Some(420)
+        );
+        let mut answer = vec![0u8; 32];
+        tcp.read_exact(&mut answer).await.unwrap();
+        let m = Message::parse(&answer).unwrap();
+        assert_eq!((m.class, m.transaction), (Class::Success, [7; 12]));
+        assert!(m.xor_address(attr::XOR_MAPPED_ADDRESS).unwrap().is_some());
+        // And over UDP, and the DSCP class on the listening socket.
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp.send_to(&binding(8), relay.udp_addr()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = udp.recv(&mut buf).await.unwrap();
+        assert_eq!(Message::parse(&buf[..n]).unwrap().transaction, [8; 12]);
+        let tos = socket2::SockRef::from(&*relay.shared.udp).tos_v4().unwrap();
+        assert_eq!(tos, 46 << 2);
+        shutdown.cancel();
+    }
+
+    /// One address holds at most STREAMS_PER_ADDRESS stream connections.
+    #[tokio::test]
+    async fn stream_connections_are_capped_per_address() {
+        let (relay, shutdown, _tasks) = start().await;
+        let mut open = vec![];
+        for _ in 0..STREAMS_PER_ADDRESS {
+            let mut tcp = TcpStream::connect(relay.tcp_addr()).await.unwrap();
+            // Answered: the connection is being served.
+            tcp.write_all(&binding(1)).await.unwrap();
+            let mut answer = vec![0u8; 32];
+            tcp.read_exact(&mut answer).await.unwrap();
+            open.push(tcp);
+        }
+        let mut extra = TcpStream::connect(relay.tcp_addr()).await.unwrap();
+        let _ = extra.write_all(&binding(2)).await;
+        let mut byte = [0u8; 1];
+        // Closed without an answer.
+        assert!(matches!(extra.read(&mut byte).await, Ok(0) | Err(_)));
+        shutdown.cancel();
     }
 }

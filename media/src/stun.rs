@@ -19,6 +19,9 @@ pub const HEADER_LEN: usize = 20;
 const FINGERPRINT_XOR: u32 = 0x5354_554E;
 /// The largest message or frame the relay reads (a UDP datagram's payload).
 pub const MAX_MESSAGE: usize = 65_535;
+/// The largest frame a stream can announce: a STUN header and the largest length
+/// (65,532, a multiple of four), or a ChannelData header and 65,535 bytes padded.
+pub const MAX_FRAME: usize = HEADER_LEN + 0xFFFC;
 
 /// Methods (RFC 8489 §18.2, RFC 8656 §17).
 pub mod method {
@@ -800,8 +803,10 @@ mod tests {
         assert_eq!(channel_data(&[0x3F, 0xFF, 0, 0]), None);
         assert_eq!(channel_data(&[0x40, 0, 0, 9, 1]), None);
         assert_eq!(frame_len([0x80, 0, 0, 4]), None);
-        // A STUN header's frame length.
+        // A STUN header's frame length; the largest either kind announces fits.
         assert_eq!(frame_len([0, 1, 0, 8]), Some(28));
+        assert_eq!(frame_len([0, 1, 0xFF, 0xFC]), Some(MAX_FRAME));
+        assert!(frame_len([0x40, 0, 0xFF, 0xFF]).unwrap() <= MAX_FRAME);
         assert_eq!(frame_len([0, 1, 0, 7]), None);
     }
 

@@ -24,7 +24,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    s.len().is_multiple_of(2)
+    s.len()
+        .is_multiple_of(2)
         .then(|| {
             (0..s.len())
                 .step_by(2)
@@ -63,15 +64,19 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                let text: String = r.try_get("secret")?;
-                Ok(TurnSecret {
-                    secret: unhex(&text).unwrap_or_default(),
+        let mut secrets = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let text: String = r.try_get("secret")?;
+            // A secret that does not decode is skipped: never an empty HMAC key.
+            match unhex(&text).filter(|s| !s.is_empty()) {
+                Some(secret) => secrets.push(TurnSecret {
+                    secret,
                     created: r.try_get("created")?,
-                })
-            })
-            .collect()
+                }),
+                None => tracing::error!("a stored TURN secret does not decode; it is not used"),
+            }
+        }
+        Ok(secrets)
     }
 }
 
