@@ -25,6 +25,8 @@ pub struct Bound {
     pub admin: SocketAddr,
     /// HTTPS for clients (file upload), when on.
     pub client_https: Option<SocketAddr>,
+    /// The TURN relay, when on.
+    pub relay: Option<impmesh_media::relay::RelayHandle>,
 }
 
 pub struct Control {
@@ -112,6 +114,7 @@ impl Control {
             https: self.config.listen.https,
             admin: self.config.listen.admin,
             client_https: None,
+            relay: None,
         })
     }
 
@@ -438,6 +441,7 @@ impl NodeControl for Control {
                 admin: bound.admin.to_string(),
                 links: self.links.get().map(ToString::to_string),
                 client_https: bound.client_https.map(|a| a.to_string()),
+                turn: bound.relay.as_ref().map(|r| r.udp_addr().to_string()),
             },
             certificate: api::CertificateSummary {
                 sha256: identity.fingerprint(),
@@ -465,6 +469,9 @@ impl NodeControl for Control {
         self.server.stats.render(out);
         self.server.store.latency().render(out);
         self.server.render_link_metrics(out);
+        if let Some(relay) = self.listeners.get().and_then(|b| b.relay.as_ref()) {
+            relay.render_metrics(out);
+        }
         if let Some(agent) = self.agent.get() {
             agent.render_metrics(out);
         }

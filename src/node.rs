@@ -253,6 +253,7 @@ impl Node {
                 https: https_addr,
                 admin: admin_addr,
                 client_https: client_https_addr,
+                relay: relay.clone(),
             },
         );
         server.set_link_identity(identity.clone())?;

@@ -377,6 +377,11 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
         status["listeners"]["client_https"],
         node.node.client_https_addr.unwrap().to_string()
     );
+    // And the TURN relay.
+    assert_eq!(
+        status["listeners"]["turn"],
+        node.node.relay.as_ref().unwrap().udp_addr().to_string()
+    );
 
     let added = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
         .await

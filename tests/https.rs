@@ -640,6 +640,12 @@ async fn admin_api_metrics_and_alarms() {
     let (status, metrics) = api.get("/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("impmesh_sessions 1"), "{metrics}");
+    // The TURN relay's figures.
+    assert!(metrics.contains("impmesh_relay_allocations 0"), "{metrics}");
+    assert!(
+        metrics.contains("impmesh_relay_refusals_total{reason=\"forbidden_peer\"} 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("impmesh_logins_total{result=\"ok\"} 1"),
         "{metrics}"

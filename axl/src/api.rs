@@ -57,6 +57,9 @@ pub struct Listeners {
     /// HTTPS for clients (file upload), when on.
     #[serde(default)]
     pub client_https: Option<String>,
+    /// The TURN relay (UDP and TCP), when on.
+    #[serde(default)]
+    pub turn: Option<String>,
 }
 
 /// The node certificate in use.

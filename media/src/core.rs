@@ -136,6 +136,37 @@ pub enum Refusal {
     Bandwidth,
 }
 
+impl Refusal {
+    pub const ALL: [Refusal; 10] = [
+        Refusal::Malformed,
+        Refusal::Unauthorized,
+        Refusal::Expired,
+        Refusal::StaleNonce,
+        Refusal::ForbiddenPeer,
+        Refusal::Quota,
+        Refusal::Capacity,
+        Refusal::BadRequest,
+        Refusal::NoPermission,
+        Refusal::Bandwidth,
+    ];
+
+    /// The label `/metrics` gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Expired => "expired",
+            Refusal::StaleNonce => "stale_nonce",
+            Refusal::ForbiddenPeer => "forbidden_peer",
+            Refusal::Quota => "quota",
+            Refusal::Capacity => "capacity",
+            Refusal::BadRequest => "bad_request",
+            Refusal::NoPermission => "no_permission",
+            Refusal::Bandwidth => "bandwidth",
+        }
+    }
+}
+
 /// What the relay counted.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {

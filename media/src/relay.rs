@@ -139,11 +139,9 @@ impl RelayHandle {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> io::Result<RelayHandle> {
-        let udp = UdpSocket::bind(config.listen).await?;
+        let (udp, tcp) = bind_pair(config.listen).await?;
         set_dscp(&udp, config.dscp);
         let udp_addr = udp.local_addr()?;
-        // TCP on the same port as UDP (the port UDP got, when it was 0).
-        let tcp = TcpListener::bind(udp_addr).await?;
         let tcp_addr = tcp.local_addr()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -181,6 +179,77 @@ impl RelayHandle {
         (state.relay.allocations(), state.relay.stats().clone())
     }
 
+    /// The relay's figures in Prometheus' text format, for `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let (allocations, stats) = self.stats();
+        let mut metric = |name: &str, kind: &str, help: &str| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        };
+        metric(
+            "impmesh_relay_allocations",
+            "gauge",
+            "TURN allocations now.",
+        );
+        metric(
+            "impmesh_relay_allocations_created_total",
+            "counter",
+            "TURN allocations made.",
+        );
+        metric(
+            "impmesh_relay_redirects_total",
+            "counter",
+            "Allocations sent to another relay of the cluster (300 Try Alternate).",
+        );
+        metric(
+            "impmesh_relay_packets_total",
+            "counter",
+            "Packets relayed, by direction.",
+        );
+        metric(
+            "impmesh_relay_bytes_total",
+            "counter",
+            "Bytes relayed, by direction.",
+        );
+        metric(
+            "impmesh_relay_refusals_total",
+            "counter",
+            "Requests refused and packets dropped by the relay, by reason.",
+        );
+        let _ = writeln!(out, "impmesh_relay_allocations {allocations}");
+        let _ = writeln!(
+            out,
+            "impmesh_relay_allocations_created_total {}",
+            stats.allocations_created
+        );
+        let _ = writeln!(out, "impmesh_relay_redirects_total {}", stats.redirects);
+        for (direction, packets, bytes) in [
+            ("to_peer", stats.packets_to_peers, stats.bytes_to_peers),
+            (
+                "to_client",
+                stats.packets_to_clients,
+                stats.bytes_to_clients,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "impmesh_relay_packets_total{{direction=\"{direction}\"}} {packets}"
+            );
+            let _ = writeln!(
+                out,
+                "impmesh_relay_bytes_total{{direction=\"{direction}\"}} {bytes}"
+            );
+        }
+        for reason in crate::core::Refusal::ALL {
+            let n = stats.refusals.get(&reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "impmesh_relay_refusals_total{{reason=\"{}\"}} {n}",
+                reason.as_str()
+            );
+        }
+    }
+
     pub fn set_secrets(&self, secrets: Vec<Vec<u8>>) {
         lock(&self.shared.state).relay.set_secrets(secrets);
     }
@@ -188,6 +257,23 @@ impl RelayHandle {
     pub fn set_alternate(&self, alternate: Option<SocketAddr>) {
         lock(&self.shared.state).relay.set_alternate(alternate);
     }
+}
+
+/// The UDP socket and TCP listener on one port. With port 0, UDP picks the port and
+/// TCP takes the same one; should another process hold that TCP port, another pick
+/// is tried.
+async fn bind_pair(listen: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    const TRIES: usize = 16;
+    let mut last = None;
+    for _ in 0..TRIES {
+        let udp = UdpSocket::bind(listen).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
 /// The relay's ports, seen from inside the lock.
