@@ -94,6 +94,7 @@ pub async fn start(
             .filter_map(|b| b.parse().ok())
             .collect(),
         own,
+        relay_ports: Some(m.port_min..=m.port_max),
     };
     let core = Relay::new(
         CoreConfig {

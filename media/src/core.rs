@@ -540,6 +540,7 @@ impl Relay {
             self.refuse(Refusal::NoPermission);
             return None;
         }
+        // (Bound to an address the policy allowed: ChannelBind checked the port.)
         if !a.up.take(rate, data.len(), now) {
             self.refuse(Refusal::Bandwidth);
             return None;
@@ -563,6 +564,12 @@ impl Relay {
         let rate = self.config.bandwidth;
         let peer = m.xor_address(attr::XOR_PEER_ADDRESS).ok().flatten()?;
         let data = m.get(attr::DATA)?;
+        // The permission is per address; the port is checked here (the node's own
+        // addresses on relay ports only).
+        if !self.config.policy.allows_addr(peer) {
+            self.refuse(Refusal::ForbiddenPeer);
+            return None;
+        }
         let a = self.allocations.get_mut(&tuple)?;
         if !a.permitted(peer.ip(), now) {
             self.refuse(Refusal::NoPermission);
@@ -1000,7 +1007,7 @@ impl Relay {
             );
             return None;
         }
-        if peers.iter().any(|p| !self.config.policy.allows(p.ip())) {
+        if peers.iter().any(|p| !self.config.policy.allows_addr(*p)) {
             self.refuse(Refusal::ForbiddenPeer);
             error(&mut self.buf, m, 403, "Forbidden", Some(key));
             return None;

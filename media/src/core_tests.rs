@@ -63,7 +63,8 @@ fn config() -> Config {
         bandwidth: 100_000,
         policy: PeerPolicy {
             allow: vec!["127.0.0.0/8".parse::<Cidr>().unwrap()],
-            own: vec![],
+            own: vec!["203.0.113.1".parse().unwrap()],
+            relay_ports: Some(50_000..=60_000),
         },
     }
 }
@@ -802,4 +803,61 @@ fn peer_data_too_large_for_a_data_indication_is_dropped() {
     );
     assert!(relay.from_peer(relayed, peer(), &[0; 1000], now).is_some());
     assert_eq!(relay.from_peer(relayed, peer(), &[0; 65_500], now), None);
+}
+
+#[test]
+fn the_relays_own_address_is_a_peer_on_relay_ports_only() {
+    let mut relay = relay();
+    let mut ports = FakePorts::default();
+    let now = Instant::now();
+    let mut alice = Client::new(1000, "alice");
+    let mut bob = Client::new(1001, "bob");
+    alice.allocate(&mut relay, &mut ports, now);
+    let b = bob.allocate(&mut relay, &mut ports, now);
+    let bob_relayed = b
+        .message()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    // Two users of one relay: alice's peer is bob's relayed address, on this node.
+    let a = alice.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::CHANNEL_BIND,
+        move |b| {
+            b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
+                .xor_address(attr::XOR_PEER_ADDRESS, bob_relayed);
+        },
+    );
+    assert_eq!(a.code, None);
+    // The node's own services are not peers, even with a permission for its address.
+    let service = SocketAddr::from(([203, 0, 113, 1], 5222));
+    let a = alice.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::CHANNEL_BIND,
+        move |b| {
+            b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+                .xor_address(attr::XOR_PEER_ADDRESS, service);
+        },
+    );
+    assert_eq!(a.code, Some(403));
+    let mut send = Vec::new();
+    {
+        let mut b = Builder::new(&mut send, method::SEND, Class::Indication, [4; 12]);
+        b.xor_address(attr::XOR_PEER_ADDRESS, service)
+            .attr(attr::DATA, b"GET /");
+    }
+    assert_eq!(
+        relay.from_client(alice.tuple, &send, now, UNIX, &mut ports),
+        None
+    );
+    assert_eq!(
+        relay.stats().refusals.get(&Refusal::ForbiddenPeer),
+        Some(&2)
+    );
 }

@@ -3,7 +3,10 @@
 //! network it runs in, cloud metadata on link-local addresses (coturn's
 //! CVE-2020-26262 class). So loopback, private, link-local, shared, multicast and
 //! reserved addresses, and the node's own addresses, are refused unless an allow-list
-//! names them (tests allow loopback).
+//! names them (tests allow loopback). The node's own addresses are the exception the
+//! relay needs: two users of one cluster talk relayed address to relayed address, so
+//! the node's own addresses are allowed on its relay ports, and refused on every other
+//! port (its XMPP, HTTPS and link services), whatever the allow-list says.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -64,19 +67,40 @@ impl FromStr for Cidr {
 pub struct PeerPolicy {
     /// Blocks allowed even though they are refused by default.
     pub allow: Vec<Cidr>,
-    /// This node's own addresses (its listeners, its external address), refused.
+    /// This node's own addresses (its listeners, its external address): allowed on
+    /// the relay ports only.
     pub own: Vec<IpAddr>,
+    /// The relay ports (none: no port of the node's own addresses is allowed).
+    pub relay_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 impl PeerPolicy {
-    /// The node's own addresses are refused even inside an allowed block (a relay in
-    /// 10.0.0.0/8 allowing that block must still not reach its own services).
+    /// Whether a permission may be installed for `ip` (permissions are per address;
+    /// the port is checked by [`PeerPolicy::allows_addr`] for each packet).
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = unmapped(ip);
-        if self.own.iter().any(|o| unmapped(*o) == ip) {
-            return false;
+        if self.is_own(ip) {
+            return self.relay_ports.is_some();
         }
         self.allow.iter().any(|c| c.contains(ip)) || !special(ip)
+    }
+
+    /// Whether a packet may go to `addr`: the node's own addresses on relay ports
+    /// only (never its services, even inside an allowed block), others by
+    /// [`PeerPolicy::allows`].
+    pub fn allows_addr(&self, addr: std::net::SocketAddr) -> bool {
+        let ip = unmapped(addr.ip());
+        if self.is_own(ip) {
+            return self
+                .relay_ports
+                .as_ref()
+                .is_some_and(|r| r.contains(&addr.port()));
+        }
+        self.allows(ip)
+    }
+
+    fn is_own(&self, ip: IpAddr) -> bool {
+        self.own.iter().any(|o| unmapped(*o) == ip)
     }
 }
 
@@ -181,14 +205,26 @@ mod tests {
                 "10.0.0.0/8".parse().unwrap(),
             ],
             own: vec![ip("198.51.100.7"), ip("10.0.0.5")],
+            relay_ports: Some(49152..=65535),
         };
         assert!(loopback.allows(ip("127.0.0.2")));
         assert!(loopback.allows(ip("::1")));
         assert!(loopback.allows(ip("10.0.0.1")));
         assert!(!loopback.allows(ip("192.168.0.1")));
-        // The node's own addresses, also inside an allowed block.
-        assert!(!loopback.allows(ip("198.51.100.7")));
-        assert!(!loopback.allows(ip("10.0.0.5")));
+        // The node's own addresses: its relay ports (two users of one relay), never
+        // its services, also inside an allowed block.
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(loopback.allows(ip("10.0.0.5")));
+        assert!(loopback.allows_addr(at("10.0.0.5:50000")));
+        assert!(!loopback.allows_addr(at("10.0.0.5:5222")));
+        assert!(!loopback.allows_addr(at("198.51.100.7:8443")));
+        assert!(loopback.allows_addr(at("198.51.100.7:65535")));
+        assert!(loopback.allows_addr(at("10.0.0.1:5222")));
+        let no_ports = PeerPolicy {
+            own: vec![ip("198.51.100.7")],
+            ..PeerPolicy::default()
+        };
+        assert!(!no_ports.allows(ip("198.51.100.7")));
     }
 
     #[test]
