@@ -87,6 +87,10 @@ pub struct ListenSection {
     pub client_https: SocketAddr,
     /// The TURN relay (STUN and TURN over UDP and TCP, RFC 8656); none: no relay.
     pub turn: Option<SocketAddr>,
+    /// The DSCP class of signalling (client connections, router links, HTTPS): AF31
+    /// (26) by default, as the seeds recommend; 0 leaves them unmarked. Relayed
+    /// media has its own, `[media] dscp`.
+    pub dscp: u8,
 }
 
 impl Default for ListenSection {
@@ -99,6 +103,7 @@ impl Default for ListenSection {
             links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             client_https: SocketAddr::from(([127, 0, 0, 1], 5443)),
             turn: Some(SocketAddr::from(([127, 0, 0, 1], 3478))),
+            dscp: 26,
         }
     }
 }
@@ -681,6 +686,11 @@ impl Config {
         self.contact.validate()?;
         self.upload.validate()?;
         self.media.validate(self.listen.turn)?;
+        if self.listen.dscp > 63 {
+            return Err(ConfigError::Invalid(
+                "listen.dscp must be between 0 and 63".into(),
+            ));
+        }
         if impmesh_router::core::archive::DefaultMode::parse(&self.archive.default).is_none()
             || !(1..=1000).contains(&self.archive.max_page)
         {
@@ -816,6 +826,7 @@ impl Config {
         rc.allow_registration = self.registration.enabled;
         rc.registration_interval = Duration::from_secs(self.registration.min_interval);
         rc.link_features = impmesh_axl::features::announced(&self.sync.disable_features);
+        rc.dscp = self.listen.dscp;
         rc.contact_addresses = self.contact.addresses();
         let a = &self.archive;
         rc.archive = impmesh_router::ArchiveSettings {
@@ -886,6 +897,7 @@ impl Config {
             max_connections: h.max_connections,
             max_connections_per_address: h.max_connections_per_address,
             max_peers: self.sync.max_peers,
+            dscp: self.listen.dscp,
             auth: impmesh_axl::auth::AuthLimits {
                 failure_delay: Duration::from_millis(h.failure_delay_ms),
                 max_failures: h.max_failures,
@@ -1051,6 +1063,12 @@ mod tests {
             Some("127.0.0.1:3478".parse().unwrap())
         );
         assert!(Config::parse("[listen]\nturn = \"0.0.0.0:3478\"").is_err());
+        // Signalling is AF31 unless told, for the router and the HTTPS service alike.
+        let d = Config::default();
+        assert_eq!((d.router_config().dscp, d.https_limits().dscp), (26, 26));
+        let c = Config::parse("[listen]\ndscp = 0").unwrap();
+        assert_eq!((c.router_config().dscp, c.https_limits().dscp), (0, 0));
+        assert!(Config::parse("[listen]\ndscp = 64").is_err());
         for bad in [
             "port_min = 60000\nport_max = 50000",
             "credential_lifetime = 30",

@@ -36,6 +36,9 @@ impl<C: NodeControl> Https<C> {
         surface: Surface,
     ) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
+        if let Err(e) = impmesh_limits::set_dscp(&listener, self.limits.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of the HTTPS listener");
+        }
         let bound = listener.local_addr()?;
         if surface == Surface::Peers {
             let sweeper = self.clone();

@@ -40,6 +40,8 @@ pub struct HttpsLimits {
     /// refused.
     pub max_peers: usize,
     pub auth: AuthLimits,
+    /// The DSCP class of HTTPS connections (AF31, 26: signalling; 0: unmarked).
+    pub dscp: u8,
 }
 
 impl Default for HttpsLimits {
@@ -52,6 +54,7 @@ impl Default for HttpsLimits {
             max_connections_per_address: 32,
             max_peers: 29,
             auth: AuthLimits::default(),
+            dscp: 26,
         }
     }
 }

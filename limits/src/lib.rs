@@ -17,6 +17,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Marks a socket's packets with a DSCP class (RFC 2474: the top six bits of the
+/// IPv4 TOS byte or IPv6 traffic class); 0 leaves them unmarked. Set on a listening
+/// socket, the connections it accepts inherit it (Linux copies it at accept). The
+/// seeds' classes: EF (46) for relayed media, AF31 (26) for signalling.
+pub fn set_dscp<S: std::os::fd::AsFd>(socket: &S, dscp: u8) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(socket);
+    let class = u32::from(dscp) << 2;
+    let v6 = sock.local_addr()?.as_socket().is_some_and(|a| a.is_ipv6());
+    if v6 {
+        sock.set_tclass_v6(class)
+    } else {
+        sock.set_tos_v4(class)
+    }
+}
+
 /// Locks a mutex, recovering from a poisoned lock (the tables hold plain counters that
 /// every writer leaves consistent).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -184,6 +199,22 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A class set on a listener is carried by the connections it accepts.
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_dscp_class() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        set_dscp(&listener, 26).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(socket2::SockRef::from(&accepted).tos_v4().unwrap(), 26 << 2);
+        let v6 = tokio::net::UdpSocket::bind("[::1]:0").await;
+        if let Ok(v6) = v6 {
+            set_dscp(&v6, 46).unwrap();
+            assert_eq!(socket2::SockRef::from(&v6).tclass_v6().unwrap(), 46 << 2);
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn attempts_are_counted_per_window_and_the_table_is_bounded() {

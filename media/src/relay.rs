@@ -565,16 +565,10 @@ async fn expiry(shared: Arc<Shared>) {
     }
 }
 
-/// Marks a socket's packets with a DSCP class (the top six bits of the IPv4 TOS or
-/// IPv6 traffic class byte). A system that refuses it leaves them unmarked.
+/// Marks a relay socket's packets with the media class; a system that refuses it
+/// leaves them unmarked.
 fn set_dscp(socket: &UdpSocket, dscp: u8) {
-    let sock = socket2::SockRef::from(socket);
-    let tos = u32::from(dscp) << 2;
-    let result = match socket.local_addr() {
-        Ok(SocketAddr::V6(_)) => sock.set_tclass_v6(tos),
-        _ => sock.set_tos_v4(tos),
-    };
-    if let Err(e) = result {
+    if let Err(e) = impmesh_limits::set_dscp(socket, dscp) {
         tracing::debug!(error = %e, "cannot set the DSCP class of a relay socket");
     }
 }

@@ -24,6 +24,9 @@ pub struct RouterConfig {
     /// The optional intercluster features this node announces on its router links'
     /// stream headers (the same list as in `getClusterInfo`).
     pub link_features: Vec<String>,
+    /// The DSCP class of the node's signalling: client connections, router links,
+    /// the upload listener (AF31, 26, by default; 0 leaves them unmarked).
+    pub dscp: u8,
     /// XEP-0157 contact addresses, as (field, URIs) with the field's name in the
     /// `http://jabber.org/network/serverinfo` form (`admin-addresses`, ...); only
     /// kinds with addresses.
@@ -268,6 +271,7 @@ impl RouterConfig {
             registration_interval: Duration::from_secs(60),
             limits: Limits::default(),
             link_features: vec![],
+            dscp: 26,
             contact_addresses: vec![],
             archive: ArchiveSettings::default(),
             upload: None,

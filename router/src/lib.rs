@@ -242,6 +242,9 @@ impl Server {
         direct_tls: bool,
     ) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
+        if let Err(e) = impmesh_limits::set_dscp(&listener, self.config.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of a listener");
+        }
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, direct_tls, "listening for clients");
         let server = self.clone();

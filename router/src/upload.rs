@@ -144,6 +144,9 @@ impl Server {
         };
         tokio::fs::create_dir_all(&settings.dir).await?;
         let listener = TcpListener::bind(addr).await?;
+        if let Err(e) = impmesh_limits::set_dscp(&listener, self.config.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of a listener");
+        }
         let local = listener.local_addr()?;
         let url = settings
             .public_url

@@ -33,6 +33,9 @@ impl Links {
     /// Accepts router links on `addr` until shutdown; returns the bound address.
     pub(super) async fn listen(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
+        if let Err(e) = impmesh_limits::set_dscp(&listener, self.config.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of a listener");
+        }
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "listening for router links");
         let Some(links) = self.me.upgrade() else {

@@ -120,8 +120,17 @@ pub(super) struct Outlink {
 }
 
 impl Links {
-    /// Connects to `host:port` (every address the host resolves to, in turn).
+    /// Connects to `host:port`, the link's packets marked with the signalling class.
     async fn connect_host(&self, host: &str, port: u16) -> std::io::Result<TcpStream> {
+        let stream = self.connect_any(host, port).await?;
+        if let Err(e) = impmesh_limits::set_dscp(&stream, self.config.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of a router link");
+        }
+        Ok(stream)
+    }
+
+    /// Connects to `host:port` (every address the host resolves to, in turn).
+    async fn connect_any(&self, host: &str, port: u16) -> std::io::Result<TcpStream> {
         if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
             return TcpStream::connect((ip, port)).await;
         }
@@ -930,6 +939,7 @@ mod tests {
                 ..Default::default()
             },
             link_features: vec![],
+            dscp: 0,
             contact_addresses: vec![],
             archive: Default::default(),
             upload: None,
