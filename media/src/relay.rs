@@ -32,6 +32,8 @@ const STREAM_QUEUE_BYTES: usize = 256 * 1024;
 /// Stream connections at most, and from one address (IPv6: one /64).
 const MAX_STREAMS: usize = 4096;
 const STREAMS_PER_ADDRESS: u32 = 16;
+/// How long the TCP listener waits after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// A frame's body must follow its header within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream client without an allocation that sends nothing for this long is closed.
@@ -141,6 +143,10 @@ impl RelayHandle {
     ) -> io::Result<RelayHandle> {
         let (udp, tcp) = bind_pair(config.listen).await?;
         set_dscp(&udp, config.dscp);
+        // Media to stream clients too (accepted connections inherit the class).
+        if let Err(e) = impmesh_limits::set_dscp(&tcp, config.dscp) {
+            tracing::debug!(error = %e, "cannot set the DSCP class of the relay's TCP listener");
+        }
         let udp_addr = udp.local_addr()?;
         let tcp_addr = tcp.local_addr()?;
         let shared = Arc::new(Shared {
@@ -437,6 +443,11 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, tasks: TaskTracke
             () = shared.shutdown.cancelled() => return,
         };
         let Ok((stream, client)) = accepted else {
+            // Out of file descriptors, most likely: wait rather than spin.
+            tokio::select! {
+                () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                () = shared.shutdown.cancelled() => return,
+            }
             continue;
         };
         // Refused before any work: over the relay's or the address's share.
