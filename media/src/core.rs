@@ -335,6 +335,29 @@ impl Relay {
         *self.stats.refusals.entry(why).or_default() += 1;
     }
 
+    /// Counts a request with attributes it must understand and does not, and leaves
+    /// its 420 response in the buffer (RFC 8489 §6.3.1.1).
+    fn reject_unknown(&mut self, m: &Message<'_>, unknown: &[u16]) {
+        self.refuse(Refusal::BadRequest);
+        let mut b = Builder::new(&mut self.buf, m.method, Class::Error, m.transaction);
+        b.error_code(420, "Unknown Attribute")
+            .unknown_attributes(unknown);
+    }
+
+    /// Counts a refused request and leaves its error response in the buffer, signed
+    /// when the request was authenticated.
+    fn reject(
+        &mut self,
+        why: Refusal,
+        m: &Message<'_>,
+        code: u16,
+        reason: &str,
+        key: Option<&[u8; 16]>,
+    ) {
+        self.refuse(why);
+        error(&mut self.buf, m, code, reason, key);
+    }
+
     /// A packet from a client. `unix` is the wall clock in seconds (credentials
     /// expire by it).
     pub fn from_client<'a>(
@@ -357,11 +380,7 @@ impl Relay {
                 // A Binding request to a server carries no attribute it must understand.
                 let unknown = m.unknown_required(&[]);
                 if !unknown.is_empty() {
-                    self.refuse(Refusal::BadRequest);
-                    let mut b = Builder::new(&mut self.buf, m.method, Class::Error, m.transaction);
-                    b.error_code(420, "Unknown Attribute")
-                        .unknown_attributes(&unknown);
-                    drop(b);
+                    self.reject_unknown(&m, &unknown);
                     return Some(Send::Client {
                         tuple,
                         bytes: &self.buf,
@@ -398,8 +417,7 @@ impl Relay {
                 })
             }
             (Class::Request, _) => {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, &m, 400, "Bad Request", None);
+                self.reject(Refusal::BadRequest, &m, 400, "Bad Request", None);
                 Some(Send::Client {
                     tuple,
                     bytes: &self.buf,
@@ -533,14 +551,31 @@ impl Relay {
         data: &'a [u8],
         now: Instant,
     ) -> Option<Send<'a>> {
-        let rate = self.config.bandwidth;
-        let a = self.allocations.get_mut(&tuple)?;
+        let a = self.allocations.get(&tuple)?;
         let (peer, expires) = *a.channels.get(&channel)?;
-        if expires <= now || !a.permitted(peer.ip(), now) {
+        if expires <= now {
             self.refuse(Refusal::NoPermission);
             return None;
         }
         // (Bound to an address the policy allowed: ChannelBind checked the port.)
+        self.forward_to_peer(tuple, peer, data, now)
+    }
+
+    /// Data from a client to `peer`, if the allocation has a permission for it and
+    /// room in its bandwidth.
+    fn forward_to_peer<'a>(
+        &mut self,
+        tuple: FiveTuple,
+        peer: SocketAddr,
+        data: &'a [u8],
+        now: Instant,
+    ) -> Option<Send<'a>> {
+        let rate = self.config.bandwidth;
+        let a = self.allocations.get_mut(&tuple)?;
+        if !a.permitted(peer.ip(), now) {
+            self.refuse(Refusal::NoPermission);
+            return None;
+        }
         if !a.up.take(rate, data.len(), now) {
             self.refuse(Refusal::Bandwidth);
             return None;
@@ -561,7 +596,6 @@ impl Relay {
         m: &Message<'a>,
         now: Instant,
     ) -> Option<Send<'a>> {
-        let rate = self.config.bandwidth;
         let peer = m.xor_address(attr::XOR_PEER_ADDRESS).ok().flatten()?;
         let data = m.get(attr::DATA)?;
         // The permission is per address; the port is checked here (the node's own
@@ -570,23 +604,7 @@ impl Relay {
             self.refuse(Refusal::ForbiddenPeer);
             return None;
         }
-        let a = self.allocations.get_mut(&tuple)?;
-        if !a.permitted(peer.ip(), now) {
-            self.refuse(Refusal::NoPermission);
-            return None;
-        }
-        if !a.up.take(rate, data.len(), now) {
-            self.refuse(Refusal::Bandwidth);
-            return None;
-        }
-        let relayed = a.relayed;
-        self.stats.packets_to_peers += 1;
-        self.stats.bytes_to_peers += data.len() as u64;
-        Some(Send::Peer {
-            relayed,
-            peer,
-            bytes: data,
-        })
+        self.forward_to_peer(tuple, peer, data, now)
     }
 
     /// A nonce for a client, good for NONCE_LIFETIME.
@@ -642,16 +660,14 @@ impl Relay {
         ) else {
             if m.has_integrity() {
                 // Integrity without the attributes it needs: 400 (§9.2.4).
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 400, "Bad Request", None);
+                self.reject(Refusal::BadRequest, m, 400, "Bad Request", None);
             } else {
                 challenge(self, 401, "Unauthorized", Refusal::Unauthorized);
             }
             return None;
         };
         if !m.has_integrity() {
-            self.refuse(Refusal::BadRequest);
-            error(&mut self.buf, m, 400, "Bad Request", None);
+            self.reject(Refusal::BadRequest, m, 400, "Bad Request", None);
             return None;
         }
         match self.nonce_fresh(nonce, tuple.client.ip(), unix) {
@@ -717,10 +733,7 @@ impl Relay {
     ) {
         let unknown = m.unknown_required(KNOWN);
         if !unknown.is_empty() {
-            self.refuse(Refusal::BadRequest);
-            let mut b = Builder::new(&mut self.buf, m.method, Class::Error, m.transaction);
-            b.error_code(420, "Unknown Attribute")
-                .unknown_attributes(&unknown);
+            self.reject_unknown(m, &unknown);
             return;
         }
         let Some(authed) = self.authenticate(tuple, m, unix) else {
@@ -733,9 +746,8 @@ impl Relay {
         // The other requests act on the 5-tuple's allocation, by the user who made it
         // (RFC 8656 §7.3, §9, §11).
         let Some(a) = self.allocations.get(&tuple) else {
-            self.refuse(Refusal::BadRequest);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::BadRequest,
                 m,
                 437,
                 "Allocation Mismatch",
@@ -745,9 +757,8 @@ impl Relay {
         };
         // The same user (its credentials may have been renewed meanwhile).
         if a.user != authed.user {
-            self.refuse(Refusal::BadRequest);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::BadRequest,
                 m,
                 441,
                 "Wrong Credentials",
@@ -787,17 +798,21 @@ impl Relay {
                 let (relayed, left) = (a.relayed, a.expires.saturating_duration_since(now));
                 success_allocate(&mut self.buf, m, tuple, relayed, left, None, &key);
             } else {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 437, "Allocation Mismatch", Some(&key));
+                self.reject(
+                    Refusal::BadRequest,
+                    m,
+                    437,
+                    "Allocation Mismatch",
+                    Some(&key),
+                );
             }
             return;
         }
         match m.get(attr::REQUESTED_TRANSPORT) {
             Some([17, ..]) => {}
             Some(_) => {
-                self.refuse(Refusal::BadRequest);
-                error(
-                    &mut self.buf,
+                self.reject(
+                    Refusal::BadRequest,
                     m,
                     442,
                     "Unsupported Transport Protocol",
@@ -806,8 +821,7 @@ impl Relay {
                 return;
             }
             None => {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 400, "Bad Request", Some(&key));
+                self.reject(Refusal::BadRequest, m, 400, "Bad Request", Some(&key));
                 return;
             }
         }
@@ -815,9 +829,8 @@ impl Relay {
             None | Some([0x01, ..]) => Family::V4,
             Some([0x02, ..]) => Family::V6,
             Some(_) => {
-                self.refuse(Refusal::BadRequest);
-                error(
-                    &mut self.buf,
+                self.reject(
+                    Refusal::BadRequest,
                     m,
                     440,
                     "Address Family not Supported",
@@ -836,14 +849,12 @@ impl Relay {
             // A token with EVEN-PORT, or not eight bytes: 400 (§7.2).
             Some(t) if t.len() == 8 && want == Want::Any => t.try_into().ok(),
             Some(_) => {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 400, "Bad Request", Some(&key));
+                self.reject(Refusal::BadRequest, m, 400, "Bad Request", Some(&key));
                 return;
             }
         };
         let Ok(lifetime) = self.lifetime(m) else {
-            self.refuse(Refusal::BadRequest);
-            error(&mut self.buf, m, 400, "Bad Request", Some(&key));
+            self.reject(Refusal::BadRequest, m, 400, "Bad Request", Some(&key));
             return;
         };
         // A hold of the user's own that this request takes is already counted.
@@ -852,9 +863,8 @@ impl Relay {
             .is_some_and(|(_, expires, holder)| *holder == authed.user && *expires > now);
         let held = self.per_user.get(&authed.user).copied().unwrap_or(0);
         if held - usize::from(taking_own_hold && held > 0) >= self.config.user_quota {
-            self.refuse(Refusal::Quota);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::Quota,
                 m,
                 486,
                 "Allocation Quota Reached",
@@ -873,8 +883,13 @@ impl Relay {
             return;
         }
         if self.allocations.len() + self.reservations.len() >= self.config.max_allocations {
-            self.refuse(Refusal::Capacity);
-            error(&mut self.buf, m, 508, "Insufficient Capacity", Some(&key));
+            self.reject(
+                Refusal::Capacity,
+                m,
+                508,
+                "Insufficient Capacity",
+                Some(&key),
+            );
             return;
         }
         let bound = match token {
@@ -896,9 +911,8 @@ impl Relay {
         let (relayed, next) = match bound {
             Ok(bound) => bound,
             Err(NoPort::Family) => {
-                self.refuse(Refusal::BadRequest);
-                error(
-                    &mut self.buf,
+                self.reject(
+                    Refusal::BadRequest,
                     m,
                     440,
                     "Address Family not Supported",
@@ -907,8 +921,13 @@ impl Relay {
                 return;
             }
             Err(NoPort::Exhausted) => {
-                self.refuse(Refusal::Capacity);
-                error(&mut self.buf, m, 508, "Insufficient Capacity", Some(&key));
+                self.reject(
+                    Refusal::Capacity,
+                    m,
+                    508,
+                    "Insufficient Capacity",
+                    Some(&key),
+                );
                 return;
             }
         };
@@ -961,8 +980,13 @@ impl Relay {
             (Ok(Some(0)), _) => Duration::ZERO,
             (_, Ok(l)) => l,
             _ => {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 400, "Bad Request", Some(&authed.key));
+                self.reject(
+                    Refusal::BadRequest,
+                    m,
+                    400,
+                    "Bad Request",
+                    Some(&authed.key),
+                );
                 return;
             }
         };
@@ -987,8 +1011,7 @@ impl Relay {
         let peers = match m.xor_addresses(attr::XOR_PEER_ADDRESS) {
             Ok(p) if !p.is_empty() => p,
             _ => {
-                self.refuse(Refusal::BadRequest);
-                error(&mut self.buf, m, 400, "Bad Request", Some(key));
+                self.reject(Refusal::BadRequest, m, 400, "Bad Request", Some(key));
                 return None;
             }
         };
@@ -997,9 +1020,8 @@ impl Relay {
             .get(&tuple)
             .is_some_and(|a| a.relayed.is_ipv4());
         if peers.iter().any(|p| p.is_ipv4() != relayed_v4) {
-            self.refuse(Refusal::BadRequest);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::BadRequest,
                 m,
                 443,
                 "Peer Address Family Mismatch",
@@ -1008,8 +1030,7 @@ impl Relay {
             return None;
         }
         if peers.iter().any(|p| !self.config.policy.allows_addr(*p)) {
-            self.refuse(Refusal::ForbiddenPeer);
-            error(&mut self.buf, m, 403, "Forbidden", Some(key));
+            self.reject(Refusal::ForbiddenPeer, m, 403, "Forbidden", Some(key));
             return None;
         }
         Some(peers)
@@ -1033,9 +1054,8 @@ impl Relay {
             .filter(|p| !a.permissions.contains_key(&p.ip()))
             .count();
         if a.permissions.len() + new > MAX_PERMISSIONS {
-            self.refuse(Refusal::Capacity);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::Capacity,
                 m,
                 508,
                 "Insufficient Capacity",
@@ -1069,17 +1089,21 @@ impl Relay {
             || a.channels.get(&channel).is_some_and(|(p, _)| *p != peer)
             || a.by_peer.get(&peer).is_some_and(|c| *c != channel);
         if clash {
-            self.refuse(Refusal::BadRequest);
-            error(&mut self.buf, m, 400, "Bad Request", Some(&authed.key));
+            self.reject(
+                Refusal::BadRequest,
+                m,
+                400,
+                "Bad Request",
+                Some(&authed.key),
+            );
             return;
         }
         let new_permission = !a.permissions.contains_key(&peer.ip());
         if (!a.channels.contains_key(&channel) && a.channels.len() >= MAX_CHANNELS)
             || (new_permission && a.permissions.len() >= MAX_PERMISSIONS)
         {
-            self.refuse(Refusal::Capacity);
-            error(
-                &mut self.buf,
+            self.reject(
+                Refusal::Capacity,
                 m,
                 508,
                 "Insufficient Capacity",

@@ -110,6 +110,22 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `f` on the protocol state under the lock, with the relay's ports and the
+/// stream clients' queues beside it.
+fn locked<R>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&mut Relay, &mut PortsIo<'_>, &HashMap<FiveTuple, StreamQueue>) -> R,
+) -> R {
+    let mut guard = lock(&shared.state);
+    let State {
+        relay,
+        relayed,
+        streams,
+    } = &mut *guard;
+    let mut ports = PortsIo { shared, relayed };
+    f(relay, &mut ports, streams)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -381,17 +397,11 @@ fn deliver(
 
 /// Handles one packet from a client under the lock.
 fn from_client(shared: &Arc<Shared>, tuple: FiveTuple, packet: &[u8]) {
-    let mut guard = lock(&shared.state);
-    let State {
-        relay,
-        relayed,
-        streams,
-    } = &mut *guard;
-    let mut ports = PortsIo { shared, relayed };
-    let send = relay.from_client(tuple, packet, Instant::now(), unix_now(), &mut ports);
-    if let Some(send) = send {
-        deliver(send, &shared.udp, ports.relayed, streams);
-    }
+    locked(shared, |relay, ports, streams| {
+        if let Some(send) = relay.from_client(tuple, packet, Instant::now(), unix_now(), ports) {
+            deliver(send, &shared.udp, ports.relayed, streams);
+        }
+    });
 }
 
 async fn serve_udp(shared: Arc<Shared>) {
@@ -424,15 +434,11 @@ async fn read_peers(shared: Arc<Shared>, socket: Arc<UdpSocket>, advertised: Soc
             Ok(r) => r,
             Err(_) => continue,
         };
-        let mut guard = lock(&shared.state);
-        let State {
-            relay,
-            relayed,
-            streams,
-        } = &mut *guard;
-        if let Some(send) = relay.from_peer(advertised, peer, &buf[..n], Instant::now()) {
-            deliver(send, &shared.udp, relayed, streams);
-        }
+        locked(&shared, |relay, ports, streams| {
+            if let Some(send) = relay.from_peer(advertised, peer, &buf[..n], Instant::now()) {
+                deliver(send, &shared.udp, ports.relayed, streams);
+            }
+        });
     }
 }
 
@@ -539,18 +545,10 @@ struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let mut guard = lock(&self.shared.state);
-        let State {
-            relay,
-            relayed,
-            streams,
-        } = &mut *guard;
-        streams.remove(&self.tuple);
-        let mut ports = PortsIo {
-            shared: &self.shared,
-            relayed,
-        };
-        relay.closed(self.tuple, &mut ports);
+        lock(&self.shared.state).streams.remove(&self.tuple);
+        locked(&self.shared, |relay, ports, _| {
+            relay.closed(self.tuple, ports)
+        });
     }
 }
 
@@ -561,13 +559,9 @@ async fn expiry(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             () = shared.shutdown.cancelled() => break,
         }
-        let mut guard = lock(&shared.state);
-        let State { relay, relayed, .. } = &mut *guard;
-        let mut ports = PortsIo {
-            shared: &shared,
-            relayed,
-        };
-        relay.expire(Instant::now(), &mut ports);
+        locked(&shared, |relay, ports, _| {
+            relay.expire(Instant::now(), ports)
+        });
     }
     // Shutting down: every relayed socket closes.
     let mut guard = lock(&shared.state);
