@@ -81,12 +81,18 @@ pub struct ListenSection {
     /// (and /healthz, /readyz). Loopback by default: admin surfaces stay off the
     /// peer-facing listener.
     pub admin: SocketAddr,
-    /// Router links from the nodes of peer clusters (mutual TLS); none: no links.
+    /// Router links from the nodes of peer clusters (mutual TLS); `false`: no links.
+    #[serde(deserialize_with = "address_or_off")]
     pub links: Option<SocketAddr>,
     /// HTTPS for clients with the client certificate: HTTP file upload (XEP-0363).
     pub client_https: SocketAddr,
-    /// The TURN relay (STUN and TURN over UDP and TCP, RFC 8656); none: no relay.
+    /// The TURN relay (STUN and TURN over UDP and TCP, RFC 8656); `false`: no relay.
+    #[serde(deserialize_with = "address_or_off")]
     pub turn: Option<SocketAddr>,
+    /// STUN and TURN over TLS (RFC 8656 §3.1), with the client certificate; `false`:
+    /// no TLS port. The same relay as `turn`'s: off when `turn` is.
+    #[serde(deserialize_with = "address_or_off")]
+    pub turns: Option<SocketAddr>,
     /// The DSCP class of signalling (client connections, router links, HTTPS): AF31
     /// (26) by default, as the seeds recommend; 0 leaves them unmarked. Relayed
     /// media has its own, `[media] dscp`.
@@ -103,8 +109,27 @@ impl Default for ListenSection {
             links: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             client_https: SocketAddr::from(([127, 0, 0, 1], 5443)),
             turn: Some(SocketAddr::from(([127, 0, 0, 1], 3478))),
+            turns: Some(SocketAddr::from(([127, 0, 0, 1], 5349))),
             dscp: 26,
         }
+    }
+}
+
+/// A listener that is on by default: an address, or `false` for none (TOML has no
+/// null, and leaving the key out keeps the default).
+fn address_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum On {
+        Address(SocketAddr),
+        Switch(bool),
+    }
+    match On::deserialize(d) {
+        Ok(On::Address(a)) => Ok(Some(a)),
+        Ok(On::Switch(false)) => Ok(None),
+        _ => Err(serde::de::Error::custom(
+            "expected an address (\"IP:PORT\") or false (none)",
+        )),
     }
 }
 
@@ -461,7 +486,8 @@ pub struct MediaSection {
     pub port_min: u16,
     pub port_max: u16,
     /// The host clients are told to reach the relay at (XEP-0215); default: the
-    /// external or relay address.
+    /// external or relay address, and for TURN over TLS the domain (the name the
+    /// client certificate covers).
     pub host: Option<String>,
     /// Seconds a credential from XEP-0215 is valid.
     pub credential_lifetime: u64,
@@ -813,6 +839,12 @@ impl Config {
     }
 
     /// The router's view of this configuration.
+    /// The relay's listeners: UDP and TCP, and TLS when on; none when the relay is
+    /// off (`[listen] turn = false`, which turns its TLS port off too).
+    pub fn relay_listeners(&self) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        self.listen.turn.map(|turn| (turn, self.listen.turns))
+    }
+
     pub fn router_config(&self) -> impmesh_router::RouterConfig {
         let l = &self.limits;
         let mut rc = impmesh_router::RouterConfig::new(&self.domain);
@@ -1063,6 +1095,24 @@ mod tests {
             Some("127.0.0.1:3478".parse().unwrap())
         );
         assert!(Config::parse("[listen]\nturn = \"0.0.0.0:3478\"").is_err());
+        // A listener on by default is turned off with `false` (leaving it out keeps it).
+        let c = Config::parse("[listen]\nturn = false\nturns = false\nlinks = false").unwrap();
+        assert_eq!(
+            (c.listen.turn, c.listen.turns, c.listen.links),
+            (None, None, None)
+        );
+        let c = Config::parse("[listen]\nturns = \"127.0.0.1:15349\"").unwrap();
+        assert_eq!(c.listen.turns, Some("127.0.0.1:15349".parse().unwrap()));
+        assert!(c.listen.turn.is_some());
+        // No relay: no TLS port either.
+        assert!(
+            Config::parse("[listen]\nturn = false")
+                .unwrap()
+                .relay_listeners()
+                .is_none()
+        );
+        assert!(Config::parse("[listen]\nturn = true").is_err());
+        assert!(Config::parse("[listen]\nturn = \"nowhere\"").is_err());
         // Signalling is AF31 unless told, for the router and the HTTPS service alike.
         let d = Config::default();
         assert_eq!((d.router_config().dscp, d.https_limits().dscp), (26, 26));

@@ -442,6 +442,11 @@ impl NodeControl for Control {
                 links: self.links.get().map(ToString::to_string),
                 client_https: bound.client_https.map(|a| a.to_string()),
                 turn: bound.relay.as_ref().map(|r| r.udp_addr().to_string()),
+                turns: bound
+                    .relay
+                    .as_ref()
+                    .and_then(|r| r.tls_addr())
+                    .map(|a| a.to_string()),
             },
             certificate: api::CertificateSummary {
                 sha256: identity.fingerprint(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use impmesh_media::core::{Config as CoreConfig, Relay};
 use impmesh_media::policy::PeerPolicy;
-use impmesh_media::relay::{RelayConfig, RelayHandle};
+use impmesh_media::relay::{RelayConfig, RelayHandle, TlsSource};
 use impmesh_router::core::extdisco::{Credential, Kind, Service};
 use impmesh_store::{Store, TurnSecret};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,8 @@ struct Turn {
     secrets: Arc<RwLock<Vec<TurnSecret>>>,
     host: String,
     port: u16,
+    /// The TLS port and the host name to reach it by.
+    tls: Option<(String, u16)>,
     lifetime: u64,
 }
 
@@ -60,11 +62,21 @@ impl impmesh_router::TurnServices for Turn {
             transport,
             credential,
         };
-        vec![
+        let mut services = vec![
             service(Kind::Stun, "udp", None),
             service(Kind::Turn, "udp", credential.clone()),
-            service(Kind::Turn, "tcp", credential),
-        ]
+            service(Kind::Turn, "tcp", credential.clone()),
+        ];
+        if let Some((host, port)) = &self.tls {
+            services.push(Service {
+                kind: Kind::Turns,
+                host: host.clone(),
+                port: *port,
+                transport: "tcp",
+                credential,
+            });
+        }
+        services
     }
 }
 
@@ -72,9 +84,9 @@ impl impmesh_router::TurnServices for Turn {
 /// relay's handle and bound address.
 pub async fn start(
     config: &Config,
-    listen: SocketAddr,
+    (listen, listen_tls): (SocketAddr, Option<SocketAddr>),
     store: &Store,
-    server: &impmesh_router::Server,
+    server: &Arc<impmesh_router::Server>,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> anyhow::Result<RelayHandle> {
@@ -108,9 +120,15 @@ pub async fn start(
         },
         secrets.iter().map(|s| s.secret.clone()).collect(),
     );
+    let tls = listen_tls.map(|addr| {
+        let server = server.clone();
+        let source: TlsSource = Arc::new(move || server.client_tls());
+        (addr, source)
+    });
     let relay = RelayHandle::start(
         RelayConfig {
             listen,
+            tls,
             relay_ip,
             external_ip: m.external_ip,
             ports: m.port_min..=m.port_max,
@@ -121,8 +139,10 @@ pub async fn start(
         tasks,
     )
     .await
-    .with_context(|| format!("cannot listen on {listen} (turn)"))?;
-    let port = relay.udp_addr().port();
+    .with_context(|| match listen_tls {
+        Some(tls) => format!("cannot listen on {listen} (turn) or {tls} (turns)"),
+        None => format!("cannot listen on {listen} (turn)"),
+    })?;
     let host = m
         .host
         .clone()
@@ -130,8 +150,15 @@ pub async fn start(
     let shared = Arc::new(RwLock::new(secrets));
     server.set_turn_services(Arc::new(Turn {
         secrets: shared.clone(),
+        port: relay.udp_addr().port(),
+        // TLS clients check the certificate: the name it covers.
+        tls: relay.tls_addr().map(|a| {
+            (
+                m.host.clone().unwrap_or_else(|| config.domain.clone()),
+                a.port(),
+            )
+        }),
         host,
-        port,
         lifetime: m.credential_lifetime,
     }));
     // The secrets rotate: re-read them every minute, for the relay and for minting.
@@ -153,7 +180,7 @@ pub async fn start(
             }
         }
     });
-    tracing::info!(udp = %relay.udp_addr(), tcp = %relay.tcp_addr(), "TURN relay listening");
+    tracing::info!(udp = %relay.udp_addr(), tcp = %relay.tcp_addr(), tls = ?relay.tls_addr(), "TURN relay listening");
     Ok(relay)
 }
 

@@ -203,7 +203,7 @@ impl Node {
         };
         // The relay's tasks stop with the node's own (below).
         let tasks = TaskTracker::new();
-        let relay = match config.listen.turn {
+        let relay = match config.relay_listeners() {
             Some(listen) => Some(
                 crate::media::start(
                     config,

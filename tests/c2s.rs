@@ -2011,6 +2011,7 @@ async fn xep0363_the_upload_url_must_be_covered_by_the_client_certificate() {
     config.listen.links = None;
     config.listen.client_https = "127.0.0.1:0".parse().unwrap();
     config.listen.turn = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.turns = Some("127.0.0.1:0".parse().unwrap());
     config.upload.public_url = Some("https://files.elsewhere.example:5443".into());
     let Err(err) = impmesh::node::Node::start(&config).await else {
         panic!("a node started with an upload URL its certificate does not cover");
@@ -2399,6 +2400,7 @@ async fn xep0215_external_services_give_the_relay_and_credentials() {
         .as_ref()
         .expect("the relay is on by default");
     let port = relay.udp_addr().port().to_string();
+    let tls_port = relay.tls_addr().unwrap().port().to_string();
     let mut alice = node.client("alice", PW, Some("a"));
     online(&mut alice).await;
     send(
@@ -2438,6 +2440,8 @@ async fn xep0215_external_services_give_the_relay_and_credentials() {
             ("stun", "udp", "127.0.0.1", port.as_str()),
             ("turn", "udp", "127.0.0.1", port.as_str()),
             ("turn", "tcp", "127.0.0.1", port.as_str()),
+            // TLS by the name the certificate covers.
+            ("turns", "tcp", "localhost", tls_port.as_str()),
         ]
     );
     // The TURN REST API form, signed with the cluster's current secret.

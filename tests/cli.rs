@@ -382,6 +382,16 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
         status["listeners"]["turn"],
         node.node.relay.as_ref().unwrap().udp_addr().to_string()
     );
+    assert_eq!(
+        status["listeners"]["turns"],
+        node.node
+            .relay
+            .as_ref()
+            .unwrap()
+            .tls_addr()
+            .unwrap()
+            .to_string()
+    );
 
     let added = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
         .await
@@ -581,6 +591,7 @@ async fn secrets_are_private_and_a_readable_token_stops_the_node() {
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
     config.listen.client_https = "127.0.0.1:0".parse().unwrap();
     config.listen.turn = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.turns = Some("127.0.0.1:0".parse().unwrap());
     let node = impmesh::node::Node::start(&config).await.unwrap();
     node.shutdown().await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

@@ -86,7 +86,7 @@ async fn benchmark_abandoned_preauth_connections_give_their_memory_back() {
         format!(
             "domain = \"localhost\"\ndata_dir = \"{}\"\n\
              [listen]\nc2s = [\"127.0.0.1:0\"]\nc2s_direct_tls = []\nhttps = \"127.0.0.1:0\"\n\
-             admin = \"127.0.0.1:0\"\nlinks = \"127.0.0.1:0\"\nclient_https = \"127.0.0.1:0\"\nturn = \"127.0.0.1:0\"\n\
+             admin = \"127.0.0.1:0\"\nlinks = \"127.0.0.1:0\"\nclient_https = \"127.0.0.1:0\"\nturn = \"127.0.0.1:0\"\nturns = \"127.0.0.1:0\"\n\
              [limits]\nhandshake_timeout = 600\nmax_connections = {}\n\
              [log]\nlevel = \"warn\"\n",
             dir.path().join("data").display(),

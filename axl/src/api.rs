@@ -60,6 +60,9 @@ pub struct Listeners {
     /// The TURN relay (UDP and TCP), when on.
     #[serde(default)]
     pub turn: Option<String>,
+    /// The TURN relay's TLS port, when on.
+    #[serde(default)]
+    pub turns: Option<String>,
 }
 
 /// The node certificate in use.

@@ -1,6 +1,6 @@
 //! The relay's sockets around [`core::Relay`](crate::core::Relay): the listening UDP
-//! socket and TCP listener (3478 by default), one UDP socket per allocation in the
-//! relay port range, and a timer for expiry. One lock holds the protocol state; a
+//! socket and TCP listener (3478 by default), the TLS listener (5349, RFC 8656 §3.1),
+//! one UDP socket per allocation in the relay port range, and a timer for expiry. One lock holds the protocol state; a
 //! packet is handled and sent under it without waiting (a UDP send that would block
 //! drops the packet, as the network would; a stream client's queue that is full
 //! drops it too), so no task ever waits on another while holding it.
@@ -12,8 +12,8 @@ use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -34,6 +34,8 @@ const MAX_STREAMS: usize = 4096;
 const STREAMS_PER_ADDRESS: u32 = 16;
 /// How long the TCP listener waits after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A TLS client must finish its handshake within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A frame's body must follow its header within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream client without an allocation that sends nothing for this long is closed.
@@ -45,11 +47,17 @@ const BIND_TRIES: usize = 32;
 /// lifetimes are at most an hour).
 const STREAM_IDLE: Duration = Duration::from_secs(3600);
 
+/// The TLS configuration a TURNS handshake uses, asked for at each handshake (so a
+/// certificate reload reaches the relay at once).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + std::marker::Send + Sync>;
+
 /// Where the relay listens and relays from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RelayConfig {
     /// The STUN/TURN port, UDP and TCP (3478).
     pub listen: SocketAddr,
+    /// STUN/TURN over TLS (5349) and its certificate; none: no TLS listener.
+    pub tls: Option<(SocketAddr, TlsSource)>,
     /// The address relayed sockets bind to.
     pub relay_ip: IpAddr,
     /// The address given to clients for relayed sockets, when the node is behind NAT
@@ -60,6 +68,19 @@ pub struct RelayConfig {
     /// The DSCP class of relayed packets (EF, 46, by default), in the IP header's
     /// traffic class.
     pub dscp: u8,
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("listen", &self.listen)
+            .field("tls", &self.tls.as_ref().map(|(a, _)| a))
+            .field("relay_ip", &self.relay_ip)
+            .field("external_ip", &self.external_ip)
+            .field("ports", &self.ports)
+            .field("dscp", &self.dscp)
+            .finish()
+    }
 }
 
 /// One allocation's socket.
@@ -138,6 +159,7 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -145,12 +167,14 @@ impl std::fmt::Debug for RelayHandle {
         f.debug_struct("RelayHandle")
             .field("udp", &self.udp_addr)
             .field("tcp", &self.tcp_addr)
+            .field("tls", &self.tls_addr)
             .finish_non_exhaustive()
     }
 }
 
 impl RelayHandle {
-    /// Binds the relay's UDP socket and TCP listener and starts serving.
+    /// Binds the relay's UDP socket and TCP listener (and its TLS listener, when one is
+    /// configured) and starts serving.
     pub async fn start(
         config: RelayConfig,
         relay: Relay,
@@ -159,12 +183,22 @@ impl RelayHandle {
     ) -> io::Result<RelayHandle> {
         let (udp, tcp) = bind_pair(config.listen).await?;
         set_dscp(&udp, config.dscp);
+        let tls = match &config.tls {
+            Some((listen, source)) => Some((TcpListener::bind(listen).await?, source.clone())),
+            None => None,
+        };
         // Media to stream clients too (accepted connections inherit the class).
-        if let Err(e) = impmesh_limits::set_dscp(&tcp, config.dscp) {
-            tracing::debug!(error = %e, "cannot set the DSCP class of the relay's TCP listener");
+        for listener in std::iter::once(&tcp).chain(tls.as_ref().map(|(l, _)| l)) {
+            if let Err(e) = impmesh_limits::set_dscp(listener, config.dscp) {
+                tracing::debug!(error = %e, "cannot set the DSCP class of a relay's stream listener");
+            }
         }
         let udp_addr = udp.local_addr()?;
         let tcp_addr = tcp.local_addr()?;
+        let tls_addr = match &tls {
+            Some((l, _)) => Some(l.local_addr()?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 relay,
@@ -178,12 +212,21 @@ impl RelayHandle {
             per_address: impmesh_limits::PerAddress::new(STREAMS_PER_ADDRESS),
         });
         tasks.spawn(serve_udp(shared.clone()));
-        tasks.spawn(serve_tcp(shared.clone(), tcp, tasks.clone()));
+        tasks.spawn(serve_streams(shared.clone(), tcp, None, tasks.clone()));
+        if let Some((listener, source)) = tls {
+            tasks.spawn(serve_streams(
+                shared.clone(),
+                listener,
+                Some(source),
+                tasks.clone(),
+            ));
+        }
         tasks.spawn(expiry(shared.clone()));
         Ok(RelayHandle {
             shared,
             udp_addr,
             tcp_addr,
+            tls_addr,
         })
     }
 
@@ -193,6 +236,11 @@ impl RelayHandle {
 
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The allocations now, and what the relay counted.
@@ -442,7 +490,14 @@ async fn read_peers(shared: Arc<Shared>, socket: Arc<UdpSocket>, advertised: Soc
     }
 }
 
-async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, tasks: TaskTracker) {
+/// Accepts stream clients on `listener`: TCP, or TLS when `tls` gives the
+/// configuration.
+async fn serve_streams(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<TlsSource>,
+    tasks: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -467,23 +522,43 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, tasks: TaskTracke
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let tuple = FiveTuple {
-            client,
-            server,
-            transport: Transport::Tcp,
+        let permits = (permit, slot);
+        let Some(tls) = &tls else {
+            let tuple = FiveTuple {
+                client,
+                server,
+                transport: Transport::Tcp,
+            };
+            tasks.spawn(serve_stream(shared.clone(), stream, tuple, permits));
+            continue;
         };
-        tasks.spawn(serve_stream(shared.clone(), stream, tuple, (permit, slot)));
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls());
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                () = shared.shutdown.cancelled() => return,
+            };
+            let Ok(Ok(stream)) = handshake else {
+                return;
+            };
+            let tuple = FiveTuple {
+                client,
+                server,
+                transport: Transport::Tls,
+            };
+            serve_stream(shared, stream, tuple, permits).await;
+        });
     }
 }
 
 /// One stream client: frames in, answers and relayed data out, its allocation gone
 /// when it closes (also should its task end by a panic: the guard cleans up).
-async fn serve_stream<P: std::marker::Send + 'static>(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    tuple: FiveTuple,
-    _permits: P,
-) {
+async fn serve_stream<S, P>(shared: Arc<Shared>, stream: S, tuple: FiveTuple, _permits: P)
+where
+    S: AsyncRead + AsyncWrite + std::marker::Send + 'static,
+    P: std::marker::Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
     let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     lock(&shared.state).streams.insert(
@@ -497,10 +572,14 @@ async fn serve_stream<P: std::marker::Send + 'static>(
         shared: shared.clone(),
         tuple,
     };
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write) = tokio::io::split(stream);
     let writer = async move {
         while let Some(frame) = rx.recv().await {
             if write.write_all(&frame).await.is_err() {
+                return;
+            }
+            // TLS holds what it wrote until flushed.
+            if rx.is_empty() && write.flush().await.is_err() {
                 return;
             }
             bytes.fetch_sub(frame.len(), std::sync::atomic::Ordering::Relaxed);
@@ -584,6 +663,7 @@ mod tests {
     use crate::core::Config;
     use crate::policy::PeerPolicy;
     use crate::stun::{Builder, Class, Message, attr, method};
+    use tokio::net::TcpStream;
 
     async fn start() -> (RelayHandle, CancellationToken, TaskTracker) {
         let core = Config {
@@ -599,6 +679,7 @@ mod tests {
         let relay = RelayHandle::start(
             RelayConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
                 relay_ip: "127.0.0.1".parse().unwrap(),
                 external_ip: None,
                 ports: 49152..=65535,

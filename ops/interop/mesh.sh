@@ -57,6 +57,7 @@ admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
 client_https = "127.0.0.1:$upload"
 turn = "127.0.0.1:0"
+turns = "127.0.0.1:0"
 TOML
   eval "c2s_$c=$c2s; https_$c=$https"
   echo "$axl_password" | "$bin" --config "$work/$c.toml" axl-user set icsync --password-stdin

@@ -22,8 +22,9 @@ fi
 command -v node >/dev/null || { echo "FAIL: the xmpp.js scenario needs Node.js 20.10 or later"; exit 1; }
 (cd "$here" && npm ci --silent --no-audit --no-fund)
 # coturn's TURN client for the relay scenario (Debian's coturn package).
-if ! command -v turnutils_uclient >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn >/dev/null
+# tcpdump to see the relay's DSCP class on the wire.
+if ! command -v turnutils_uclient >/dev/null || ! command -v tcpdump >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn tcpdump >/dev/null
 fi
 
 work="$(mktemp -d)"
@@ -34,11 +35,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r c2s tls https links admin upload turn < <("$venv/bin/python" - <<'PY'
+read -r c2s tls https links admin upload turn turns < <("$venv/bin/python" - <<'PY'
 import socket
 ports = []
 socks = []
-for _ in range(7):
+for _ in range(8):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
 print(*ports)
 PY
@@ -54,6 +55,7 @@ admin = "127.0.0.1:$admin"
 links = "127.0.0.1:$links"
 client_https = "127.0.0.1:$upload"
 turn = "127.0.0.1:$turn"
+turns = "127.0.0.1:$turns"
 [media]
 # The two uclient sessions relay to each other's relayed addresses, on loopback.
 allow_peers = ["127.0.0.0/8"]
@@ -91,22 +93,39 @@ if ! NODE_EXTRA_CA_CERTS="$work/data/certs/node.crt" node "$here/fast.mjs" 127.0
 fi
 
 # The relay: credentials from XEP-0215 (slixmpp), then coturn's client allocates with
-# them, over UDP and over TCP, and two sessions relay packets to each other.
+# them, over UDP, TCP and TLS, and two sessions relay packets to each other.
 if ! creds="$(SSL_CERT_FILE="$work/data/certs/node.crt" "$venv/bin/python" "$here/turn.py" 127.0.0.1 "$c2s" "$work/data/certs/node.crt" "$password" | tail -1)"; then
   echo "--- server log ---"; tail -50 "$work/server.log"
   exit 1
 fi
-read -r turn_host turn_port turn_user turn_password <<< "$creds"
+read -r turn_host turn_port turn_user turn_password turns_port <<< "$creds"
 [ "$turn_port" = "$turn" ] || { echo "FAIL: XEP-0215 named port $turn_port, the relay is on $turn"; exit 1; }
-for transport in udp tcp; do
-  flag=""; [ "$transport" = tcp ] && flag="-t"
-  out="$(timeout 60 turnutils_uclient $flag -y -n 50 -m 1 -u "$turn_user" -w "$turn_password" -p "$turn_port" "$turn_host" 2>&1)" \
+[ "$turns_port" = "$turns" ] || { echo "FAIL: XEP-0215 named TLS port $turns_port, the relay is on $turns"; exit 1; }
+for transport in udp tcp tls; do
+  flags=(-p "$turn_port")
+  [ "$transport" = tcp ] && flags=(-t -p "$turn_port")
+  # Relayed packets leave marked EF (DSCP 46: the TOS byte's top six bits, 0xb8),
+  # from a relayed port (the relay's range, not its listening port).
+  capture=""
+  if [ "$transport" = udp ]; then
+    timeout 60 tcpdump -i lo -n -c 1 "udp and (ip[1] & 0xfc) = 0xb8 and src portrange 49152-65535 and not src port $turn_port" >"$work/dscp.txt" 2>"$work/tcpdump.err" &
+    capture=$!
+    # Capturing once it says so.
+    for _ in $(seq 100); do grep -q "listening on" "$work/tcpdump.err" && break; sleep 0.1; done
+  fi
+  # TLS, checking the node's certificate.
+  [ "$transport" = tls ] && flags=(-t -S -E "$work/data/certs/node.crt" -p "$turns_port")
+  out="$(timeout 60 turnutils_uclient "${flags[@]}" -y -n 50 -m 1 -u "$turn_user" -w "$turn_password" "$turn_host" 2>&1)" \
     || { echo "$out" | tail -20; echo "FAIL: turnutils_uclient over $transport"; exit 1; }
   if ! echo "$out" | grep -q "Total lost packets 0 (0.000000%)" \
      || ! echo "$out" | grep -q "start_mclient: tot_send_msgs=200, tot_recv_msgs=200"; then
     echo "$out" | tail -20; echo "FAIL: packets lost through the relay over $transport"; exit 1
   fi
   echo "ok: turnutils_uclient relays 200 of 200 packets (RTP and RTCP, both ways) over $transport"
+  if [ -n "$capture" ]; then
+    wait "$capture" || { echo "FAIL: no relayed packet marked DSCP EF (46) seen on loopback"; exit 1; }
+    echo "ok: relayed packets are marked DSCP EF: $(head -1 "$work/dscp.txt" | cut -c1-100)"
+  fi
 done
 
 # A clean shutdown on SIGTERM.

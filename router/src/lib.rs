@@ -217,6 +217,13 @@ impl Server {
         *self.tls_direct.write().unwrap_or_else(|e| e.into_inner()) = direct;
     }
 
+    /// The client certificate's TLS configuration without ALPN (STARTTLS's), for other
+    /// client-facing services of the node (the TURN relay's TLS port); a reload
+    /// reaches it at the next handshake.
+    pub fn client_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls_config(false)
+    }
+
     /// The TLS configuration of the client HTTPS listener.
     pub(crate) fn tls_https(&self) -> Arc<rustls::ServerConfig> {
         self.tls_https

@@ -33,14 +33,15 @@ pub async fn status(
     println!("certificate: {}", node.certificate.sha256);
     let l = &node.listeners;
     println!(
-        "listeners:   XMPP {} (STARTTLS), {} (direct TLS); HTTPS {} (peers), {} (admin), {} (clients: file upload); links {}; TURN relay {}",
+        "listeners:   XMPP {} (STARTTLS), {} (direct TLS); HTTPS {} (peers), {} (admin), {} (clients: file upload); links {}; TURN relay {} (TLS {})",
         l.c2s.join(", "),
         l.c2s_direct_tls.join(", "),
         l.https,
         l.admin,
         l.client_https.as_deref().unwrap_or("off"),
         l.links.as_deref().unwrap_or("off"),
-        l.turn.as_deref().unwrap_or("off")
+        l.turn.as_deref().unwrap_or("off"),
+        l.turns.as_deref().unwrap_or("off")
     );
     Ok(())
 }

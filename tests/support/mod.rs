@@ -105,6 +105,7 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     config.listen.links = Some("127.0.0.1:0".parse().unwrap());
     config.listen.client_https = "127.0.0.1:0".parse().unwrap();
     config.listen.turn = Some("127.0.0.1:0".parse().unwrap());
+    config.listen.turns = Some("127.0.0.1:0".parse().unwrap());
     if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
         config.store.url = fresh_postgres_schema(&url).await;
     }
