@@ -283,6 +283,9 @@ const KNOWN: &[u16] = &[
     attr::REQUESTED_ADDRESS_FAMILY,
     attr::EVEN_PORT,
     attr::RESERVATION_TOKEN,
+    // Relayed sockets keep Linux's path MTU discovery ("want"): DF set on every
+    // datagram that fits the path (RFC 8656 §7.2, docs/media.md).
+    attr::DONT_FRAGMENT,
     attr::XOR_PEER_ADDRESS,
     attr::CHANNEL_NUMBER,
     attr::DATA,
@@ -1001,12 +1004,15 @@ impl Relay {
     }
 
     /// The peers a request names, each allowed for this allocation; on refusal the
-    /// error is in the buffer.
+    /// error is in the buffer. A permission is for an address whatever the port the
+    /// request names (RFC 8656 §9.1; clients often send port 0), so only the address is
+    /// checked then; a channel is for one transport address, port included.
     fn peers(
         &mut self,
         tuple: FiveTuple,
         m: &Message<'_>,
         key: &[u8; 16],
+        with_port: bool,
     ) -> Option<Vec<SocketAddr>> {
         let peers = match m.xor_addresses(attr::XOR_PEER_ADDRESS) {
             Ok(p) if !p.is_empty() => p,
@@ -1029,7 +1035,15 @@ impl Relay {
             );
             return None;
         }
-        if peers.iter().any(|p| !self.config.policy.allows_addr(*p)) {
+        let policy = &self.config.policy;
+        let allowed = |p: &SocketAddr| {
+            if with_port {
+                policy.allows_addr(*p)
+            } else {
+                policy.allows(p.ip())
+            }
+        };
+        if !peers.iter().all(allowed) {
             self.reject(Refusal::ForbiddenPeer, m, 403, "Forbidden", Some(key));
             return None;
         }
@@ -1043,7 +1057,7 @@ impl Relay {
         authed: &Authed,
         now: Instant,
     ) {
-        let Some(peers) = self.peers(tuple, m, &authed.key) else {
+        let Some(peers) = self.peers(tuple, m, &authed.key, false) else {
             return;
         };
         let Some(a) = self.allocations.get_mut(&tuple) else {
@@ -1075,7 +1089,7 @@ impl Relay {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => 0,
         };
-        let Some(peers) = self.peers(tuple, m, &authed.key) else {
+        let Some(peers) = self.peers(tuple, m, &authed.key, true) else {
             return;
         };
         let Some(a) = self.allocations.get_mut(&tuple) else {

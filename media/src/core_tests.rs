@@ -516,15 +516,24 @@ fn quotas_capacity_and_redirects() {
             .attr(attr::REQUESTED_ADDRESS_FAMILY, &[0x02, 0, 0, 0]);
     });
     assert_eq!(a.code, Some(440), "no IPv6 address to relay from");
+    // An attribute it must understand and does not: 420, naming it.
     let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
         b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-            .attr(attr::DONT_FRAGMENT, &[]);
+            .attr(0x0777, &[]);
     });
     assert_eq!(a.code, Some(420));
     assert_eq!(
         a.message().get(attr::UNKNOWN_ATTRIBUTES),
-        Some(&[0x00, 0x1A][..])
+        Some(&[0x07, 0x77][..])
     );
+    // DONT-FRAGMENT is understood (Linux sets DF on relayed datagrams: docs/media.md).
+    let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::DONT_FRAGMENT, &[]);
+    });
+    assert_eq!(a.code, None);
+    assert_eq!(relay.allocations(), 3);
+    let mut carol = Client::new(3001, "carol");
     // An even port when asked.
     let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {
         b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
@@ -832,7 +841,21 @@ fn the_relays_own_address_is_a_peer_on_relay_ports_only() {
         },
     );
     assert_eq!(a.code, None);
-    // The node's own services are not peers, even with a permission for its address.
+    // A permission is for an address, whatever port the request names (0 here, as
+    // clients send): the node's own address may be permitted...
+    let own_port_zero = SocketAddr::new(bob_relayed.ip(), 0);
+    let a = alice.ask(
+        &mut relay,
+        &mut ports,
+        now,
+        UNIX,
+        method::CREATE_PERMISSION,
+        move |b| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, own_port_zero);
+        },
+    );
+    assert_eq!(a.code, None);
+    // ...but its services are not peers, even with a permission for its address.
     let service = SocketAddr::from(([203, 0, 113, 1], 5222));
     let a = alice.ask(
         &mut relay,
