@@ -497,6 +497,12 @@ pub struct MediaSection {
     /// Allocations one user may hold at once, and this relay in all.
     pub user_allocations: usize,
     pub max_allocations: usize,
+    /// From this share of max_allocations on (percent), new allocations go to the
+    /// least loaded healthy relay of the cluster (300 Try Alternate), when there is one.
+    pub redirect_above_percent: u8,
+    /// Seconds between two heartbeats of the relay in the cluster's registry (its
+    /// address and load); a relay silent for three is not sent clients.
+    pub heartbeat_secs: u64,
     /// Kilobits per second one allocation relays each way.
     pub bandwidth_kbps: u64,
     /// Peer address blocks relayed to although refused by default (loopback, private,
@@ -518,6 +524,8 @@ impl Default for MediaSection {
             secret_rotation_hours: 24,
             user_allocations: 10,
             max_allocations: 10_000,
+            redirect_above_percent: 80,
+            heartbeat_secs: 10,
             bandwidth_kbps: 4000,
             allow_peers: vec![],
             dscp: 46,
@@ -560,6 +568,12 @@ impl MediaSection {
         }
         if self.dscp > 63 {
             return invalid("media.dscp must be between 0 and 63".into());
+        }
+        if !(1..=100).contains(&self.redirect_above_percent) {
+            return invalid("media.redirect_above_percent must be between 1 and 100".into());
+        }
+        if !(1..=300).contains(&self.heartbeat_secs) {
+            return invalid("media.heartbeat_secs must be between 1 and 300".into());
         }
         for block in &self.allow_peers {
             block
@@ -1127,6 +1141,8 @@ mod tests {
             "allow_peers = [\"10.0.0.0/33\"]",
             "dscp = 64",
             "user_allocations = 0",
+            "redirect_above_percent = 0",
+            "heartbeat_secs = 0",
         ] {
             assert!(Config::parse(&format!("[media]\n{bad}")).is_err(), "{bad}");
         }

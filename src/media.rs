@@ -1,7 +1,9 @@
 //! The node's TURN relay (the bridged media plane, docs/media.md): started with the
 //! node on `[listen] turn`, its credentials checked against the cluster's TURN
 //! secrets (in the store, rotated every `[media] secret_rotation_hours`), and handed
-//! to users through XEP-0215.
+//! to users through XEP-0215. Each relay registers its address and load in the store
+//! every `[media] heartbeat_secs`; one above its load sends new allocations to the
+//! least loaded healthy one, and its alarms (at capacity, ports unavailable) follow.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -12,7 +14,7 @@ use impmesh_media::core::{Config as CoreConfig, Relay};
 use impmesh_media::policy::PeerPolicy;
 use impmesh_media::relay::{RelayConfig, RelayHandle, TlsSource};
 use impmesh_router::core::extdisco::{Credential, Kind, Service};
-use impmesh_store::{Store, TurnSecret};
+use impmesh_store::{RelayLoad, Store, TurnSecret};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,6 +33,29 @@ fn minting_secret(secrets: &[TurnSecret], now: i64) -> Option<&TurnSecret> {
         .iter()
         .find(|s| s.created <= settled)
         .or_else(|| secrets.first())
+}
+
+/// A relay's heartbeats missed before it is no longer sent clients.
+const MISSED_HEARTBEATS: i64 = 3;
+/// How long MediaRelayPortsUnavailable stays after the last failure.
+const PORT_ALARM_CLEARS_AFTER: Duration = Duration::from_secs(300);
+
+/// Where a relay at its load sends new allocations: the healthy relay of the cluster
+/// (another node's, heard from since `since`) that is itself below the load, with the
+/// smallest share of its capacity in use.
+fn alternate(me: &str, relays: &[RelayLoad], since: i64, percent: u8) -> Option<SocketAddr> {
+    let percent = i64::from(percent);
+    relays
+        .iter()
+        .filter(|r| r.node != me && r.heartbeat >= since && r.capacity > 0)
+        .filter(|r| r.allocations.saturating_mul(100) < r.capacity.saturating_mul(percent))
+        .filter_map(|r| Some((r, r.address.parse::<SocketAddr>().ok()?)))
+        .min_by(|(a, _), (b, _)| {
+            // a.allocations / a.capacity against b's, without division.
+            (i128::from(a.allocations) * i128::from(b.capacity))
+                .cmp(&(i128::from(b.allocations) * i128::from(a.capacity)))
+        })
+        .map(|(_, address)| address)
 }
 
 /// XEP-0215's view of the relay.
@@ -115,6 +140,9 @@ pub async fn start(
             max_lifetime: Duration::from_secs(3600),
             user_quota: m.user_allocations,
             max_allocations: m.max_allocations,
+            // At least one: a relay redirects only once it holds something.
+            redirect_above: (m.max_allocations * usize::from(m.redirect_above_percent) / 100)
+                .max(1),
             bandwidth: m.bandwidth_kbps.saturating_mul(125),
             policy,
         },
@@ -161,6 +189,18 @@ pub async fn start(
         host,
         lifetime: m.credential_lifetime,
     }));
+    tasks.spawn(registry(
+        Registry {
+            node: config.node_name(),
+            address: SocketAddr::new(m.external_ip.unwrap_or(relay_ip), relay.udp_addr().port()),
+            capacity: m.max_allocations,
+            percent: m.redirect_above_percent,
+            heartbeat: Duration::from_secs(m.heartbeat_secs),
+        },
+        relay.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
     // The secrets rotate: re-read them every minute, for the relay and for minting.
     let (store, handle) = (store.clone(), relay.clone());
     tasks.spawn(async move {
@@ -184,9 +224,140 @@ pub async fn start(
     Ok(relay)
 }
 
+/// This relay in the cluster's registry.
+struct Registry {
+    node: String,
+    address: SocketAddr,
+    capacity: usize,
+    percent: u8,
+    heartbeat: Duration,
+}
+
+/// Every heartbeat: publishes this relay's load, picks where to send allocations
+/// above it, and raises or clears the relay's alarms. At shutdown, leaves the
+/// registry so that no relay sends clients here meanwhile.
+async fn registry(me: Registry, relay: RelayHandle, store: Store, shutdown: CancellationToken) {
+    use impmesh_store::alarms::{RELAY_AT_CAPACITY, RELAY_PORTS_UNAVAILABLE};
+    let mut tick = tokio::time::interval(me.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut failures_seen, mut last_failure) = (0, None::<tokio::time::Instant>);
+    let (mut at_capacity, mut ports_alarm) = (false, false);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        let now = impmesh_store::now_unix();
+        let allocations = relay.stats().0;
+        let load = RelayLoad {
+            node: me.node.clone(),
+            address: me.address.to_string(),
+            allocations: i64::try_from(allocations).unwrap_or(i64::MAX),
+            capacity: i64::try_from(me.capacity).unwrap_or(i64::MAX),
+            heartbeat: now,
+        };
+        if let Err(e) = store.publish_relay(&load).await {
+            tracing::warn!(error = %e, "cannot publish the relay's load");
+        }
+        let since = now - MISSED_HEARTBEATS * me.heartbeat.as_secs() as i64;
+        match store.relays(since).await {
+            Ok(relays) => relay.set_alternate(alternate(&me.node, &relays, since, me.percent)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's relays; allocations stay here")
+            }
+        }
+        // The alarms: raised and cleared on a change only.
+        let full = allocations >= me.capacity;
+        if full != at_capacity {
+            let message = format!("{allocations} allocations of {}", me.capacity);
+            let done = if full {
+                store
+                    .raise_alarm(RELAY_AT_CAPACITY, &me.node, &message)
+                    .await
+            } else {
+                store
+                    .clear_alarm(RELAY_AT_CAPACITY, &me.node, &message)
+                    .await
+            };
+            at_capacity = if done.is_ok() { full } else { at_capacity };
+        }
+        let failures = relay.port_failures();
+        if failures > failures_seen {
+            last_failure = Some(tokio::time::Instant::now());
+        }
+        let failing = last_failure.is_some_and(|t| t.elapsed() < PORT_ALARM_CLEARS_AFTER);
+        if failing != ports_alarm {
+            let done = if failing {
+                let message = format!(
+                    "{} allocations refused for want of a relayed port",
+                    failures - failures_seen
+                );
+                store
+                    .raise_alarm(RELAY_PORTS_UNAVAILABLE, &me.node, &message)
+                    .await
+            } else {
+                store
+                    .clear_alarm(
+                        RELAY_PORTS_UNAVAILABLE,
+                        &me.node,
+                        "relayed ports bind again",
+                    )
+                    .await
+            };
+            ports_alarm = if done.is_ok() { failing } else { ports_alarm };
+        }
+        failures_seen = failures;
+    }
+    if let Err(e) = store.remove_relay(&me.node).await {
+        tracing::warn!(error = %e, "cannot take the relay out of the cluster's registry");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocations_above_the_load_go_to_the_least_loaded_healthy_relay() {
+        let r = |node: &str, allocations, capacity, heartbeat, port| RelayLoad {
+            node: node.into(),
+            address: format!("192.0.2.1:{port}"),
+            allocations,
+            capacity,
+            heartbeat,
+        };
+        let at = |port: u16| Some(SocketAddr::from(([192, 0, 2, 1], port)));
+        let relays = vec![
+            r("me", 90, 100, 100, 1),
+            r("busy", 85, 100, 100, 2),
+            r("half", 500, 1000, 100, 3),
+            r("quiet", 30, 100, 100, 4),
+            r("silent", 0, 100, 50, 5),
+        ];
+        // Not itself, not one above the load (80 %), not one silent since 90: the
+        // smallest share in use.
+        assert_eq!(alternate("me", &relays, 90, 80), at(4));
+        assert_eq!(alternate("me", &relays[..3], 90, 80), at(3));
+        // By share, not by count: 50 of 100 is more than 400 of 1000.
+        assert_eq!(
+            alternate(
+                "me",
+                &[r("a", 50, 100, 100, 6), r("b", 400, 1000, 100, 7)],
+                90,
+                80
+            ),
+            at(7)
+        );
+        // Nobody with room: allocations stay here.
+        assert_eq!(alternate("me", &relays[..2], 90, 80), None);
+        assert_eq!(
+            alternate("me", &[r("bad", 0, 100, 100, 8)][..0], 90, 80),
+            None
+        );
+        let mut unparsable = r("x", 0, 100, 100, 9);
+        unparsable.address = "nowhere".into();
+        assert_eq!(alternate("me", &[unparsable], 90, 80), None);
+    }
 
     #[test]
     fn credentials_use_a_secret_every_node_has_read() {

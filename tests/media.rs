@@ -220,3 +220,146 @@ async fn refused_requests_get_the_stun_error_and_allocate_nothing() {
     assert!(refusals(&node, Refusal::Quota) >= 1);
     assert_eq!(relay(&node).stats().0, 1, "only the first allocation");
 }
+
+/// Two nodes of one cluster share a store (CI's PostgreSQL, or one SQLite file): each
+/// relay registers its address and load there. Above its load (here, one allocation)
+/// the first sends new allocations to the second with a signed 300 Try Alternate, and
+/// the same credentials allocate there (the cluster's secrets are shared). A relay
+/// that stops leaves the registry, and allocations stay home again.
+#[tokio::test]
+async fn a_relay_above_its_load_redirects_to_the_least_loaded_relay_of_the_cluster() {
+    let node1 = start_node_with_users(
+        |c| {
+            c.node.name = Some("node1.localhost".into());
+            c.media.max_allocations = 2;
+            c.media.redirect_above_percent = 50;
+            c.media.heartbeat_secs = 1;
+        },
+        &["alice", "bob"],
+    )
+    .await;
+    let shared_store = if std::env::var("IMPMESH_TEST_POSTGRES").is_ok() {
+        node1.config.store.url.clone()
+    } else {
+        format!("sqlite://{}", node1.dir.path().join("impmesh.db").display())
+    };
+    let node2 = start_node(|c| {
+        c.node.name = Some("node2.localhost".into());
+        c.store.url = shared_store;
+        c.media.heartbeat_secs = 1;
+    })
+    .await;
+    let relay2 = relay(&node2).udp_addr();
+    eventually(10, "node1 knows node2's relay", || async {
+        node1
+            .node
+            .server
+            .store
+            .relays(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.address == relay2.to_string())
+    })
+    .await;
+    // One heartbeat more: node1 has read the registry since node2 joined it.
+    let beats = |node: &TestNode| {
+        let store = node.node.server.store.clone();
+        async move {
+            store
+                .relays(0)
+                .await
+                .unwrap()
+                .iter()
+                .find(|r| r.node == "node1.localhost")
+                .map(|r| r.heartbeat)
+        }
+    };
+    let seen = beats(&node1).await;
+    eventually(5, "a heartbeat of node1", || async {
+        beats(&node1).await > seen
+    })
+    .await;
+
+    let service = services(&node1, "alice").await["turn/udp"].clone();
+    let server = address(&service);
+    let mut first = Turn::connect(
+        Over::Udp,
+        server,
+        &service.username,
+        &service.password,
+        None,
+    )
+    .await;
+    assert!(first.allocate().await.is_some(), "below the load: here");
+    let bob = services(&node1, "bob").await["turn/udp"].clone();
+    let mut second = Turn::connect(Over::Udp, server, &bob.username, &bob.password, None).await;
+    assert_eq!(second.allocation_refused().await, 300);
+    assert_eq!(second.alternate, Some(relay2), "the other node's relay");
+    assert_eq!(relay(&node1).stats().1.redirects, 1);
+    // bob's credentials, from node1, work on node2's relay.
+    let mut moved = Turn::connect(Over::Udp, relay2, &bob.username, &bob.password, None).await;
+    assert!(moved.allocate().await.is_some());
+    assert_eq!((relay(&node1).stats().0, relay(&node2).stats().0), (1, 1));
+
+    // node2 stops: it leaves the registry, and node1 keeps what comes (up to its
+    // capacity, two).
+    node2.node.shutdown().await;
+    eventually(10, "node1 no longer redirects", || async {
+        let mut again = Turn::connect(Over::Udp, server, &bob.username, &bob.password, None).await;
+        again.allocate().await.is_some()
+    })
+    .await;
+    assert_eq!(relay(&node1).stats().0, 2);
+    // Full: the alarm says so, and clears when an allocation ends.
+    eventually(5, "MediaRelayAtCapacity", || async {
+        has_alarm(&node1, "MediaRelayAtCapacity", "node1.localhost").await
+    })
+    .await;
+    first.delete().await;
+    eventually(5, "MediaRelayAtCapacity clears", || async {
+        !has_alarm(&node1, "MediaRelayAtCapacity", "node1.localhost").await
+    })
+    .await;
+}
+
+/// A relayed port that cannot be bound (here the range is one port, which another
+/// socket holds): the allocation gets 508, the failure is counted in /metrics, and
+/// the alarm MediaRelayPortsUnavailable names the node.
+#[tokio::test]
+async fn relayed_ports_that_cannot_bind_refuse_the_allocation_and_raise_an_alarm() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let node = start_node_with_users(
+        |c| {
+            c.media.port_min = port;
+            c.media.port_max = port;
+            c.media.heartbeat_secs = 1;
+        },
+        &["alice"],
+    )
+    .await;
+    let service = services(&node, "alice").await["turn/udp"].clone();
+    let mut client = Turn::connect(
+        Over::Udp,
+        address(&service),
+        &service.username,
+        &service.password,
+        None,
+    )
+    .await;
+    assert_eq!(client.allocation_refused().await, 508);
+    assert_eq!(relay(&node).port_failures(), 1);
+    assert_eq!(relay(&node).stats().0, 0);
+    let subject = node.config.node_name();
+    eventually(5, "MediaRelayPortsUnavailable", || async {
+        has_alarm(&node, "MediaRelayPortsUnavailable", &subject).await
+    })
+    .await;
+    let mut metrics = String::new();
+    relay(&node).render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("impmesh_relay_port_failures_total 1\n"),
+        "{metrics}"
+    );
+}

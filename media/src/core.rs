@@ -92,6 +92,9 @@ pub struct Config {
     /// Allocations one user may hold, and this relay in all.
     pub user_quota: usize,
     pub max_allocations: usize,
+    /// From this many allocations on, new ones go to the alternate relay when one is
+    /// set (see [`Relay::set_alternate`]).
+    pub redirect_above: usize,
     /// Bytes per second one allocation relays, each way, with bursts of a second.
     pub bandwidth: u64,
     /// Which peers may be relayed to.
@@ -321,7 +324,9 @@ impl Relay {
         self.secrets = secrets;
     }
 
-    /// Where new allocations go while this relay is above its load (`None`: here).
+    /// Where new allocations go while this relay holds `redirect_above` allocations
+    /// or more (`None`: nowhere, they are made here up to `max_allocations`). Stream
+    /// clients over TLS are not redirected: the alternate names a UDP and TCP port.
     pub fn set_alternate(&mut self, alternate: Option<SocketAddr>) {
         self.alternate = alternate;
     }
@@ -875,7 +880,11 @@ impl Relay {
             );
             return;
         }
-        if let Some(alternate) = self.alternate {
+        let load = self.allocations.len() + self.reservations.len();
+        if let Some(alternate) = self
+            .alternate
+            .filter(|_| load >= self.config.redirect_above && tuple.transport != Transport::Tls)
+        {
             // Above its load: the least loaded relay of the cluster takes it (§7.2,
             // RFC 8489 §10: after authentication, so the redirect cannot be forged).
             self.stats.redirects += 1;
@@ -885,7 +894,7 @@ impl Relay {
                 .integrity(&key);
             return;
         }
-        if self.allocations.len() + self.reservations.len() >= self.config.max_allocations {
+        if load >= self.config.max_allocations {
             self.reject(
                 Refusal::Capacity,
                 m,

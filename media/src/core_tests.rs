@@ -60,6 +60,7 @@ fn config() -> Config {
         max_lifetime: Duration::from_secs(3600),
         user_quota: 2,
         max_allocations: 10,
+        redirect_above: 8,
         bandwidth: 100_000,
         policy: PeerPolicy {
             allow: vec!["127.0.0.0/8".parse::<Cidr>().unwrap()],
@@ -463,7 +464,13 @@ fn forbidden_peers_get_403() {
 
 #[test]
 fn quotas_capacity_and_redirects() {
-    let mut relay = relay();
+    let mut relay = Relay::new(
+        Config {
+            redirect_above: 3,
+            ..config()
+        },
+        vec![SECRET.to_vec()],
+    );
     let mut ports = FakePorts::default();
     let now = Instant::now();
     // Two allocations per user, the third gets 486.
@@ -481,9 +488,12 @@ fn quotas_capacity_and_redirects() {
             .code,
         Some(486)
     );
-    // Above its load the relay names another, in a signed 300.
+    // Below its load the relay allocates, though it knows another relay...
     let alternate: SocketAddr = "203.0.113.2:3478".parse().unwrap();
     relay.set_alternate(Some(alternate));
+    let mut dave = Client::new(4000, "dave");
+    assert_eq!(dave.allocate(&mut relay, &mut ports, now).code, None);
+    // ...and at its load it names the other, in a signed 300.
     let mut bob = Client::new(2000, "bob");
     let a = bob.allocate(&mut relay, &mut ports, now);
     assert_eq!(a.code, Some(300));
@@ -494,6 +504,10 @@ fn quotas_capacity_and_redirects() {
         Some(&[0, 1, 0x0D, 0x96, 203, 0, 113, 2][..])
     );
     assert_eq!(relay.stats().redirects, 1);
+    // A TLS client is not sent to the alternate's UDP and TCP port.
+    let mut tls = Client::new(4001, "erin");
+    tls.tuple.transport = Transport::Tls;
+    assert_eq!(tls.allocate(&mut relay, &mut ports, now).code, None);
     relay.set_alternate(None);
     // No port left: 508, nothing allocated.
     ports.full = true;
@@ -503,7 +517,7 @@ fn quotas_capacity_and_redirects() {
             .code,
         Some(508)
     );
-    assert_eq!(relay.allocations(), 2);
+    assert_eq!(relay.allocations(), 4);
     // Unsupported transport, address family, reservations.
     ports.full = false;
     let mut carol = Client::new(3000, "carol");
@@ -532,7 +546,7 @@ fn quotas_capacity_and_redirects() {
             .attr(attr::DONT_FRAGMENT, &[]);
     });
     assert_eq!(a.code, None);
-    assert_eq!(relay.allocations(), 3);
+    assert_eq!(relay.allocations(), 5);
     let mut carol = Client::new(3001, "carol");
     // An even port when asked.
     let a = carol.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {

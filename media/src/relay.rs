@@ -125,6 +125,8 @@ struct Shared {
     /// Stream connections: in all, and per address.
     streams: Arc<tokio::sync::Semaphore>,
     per_address: Arc<impmesh_limits::PerAddress>,
+    /// Allocations refused because no relayed port could be bound.
+    port_failures: std::sync::atomic::AtomicU64,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -210,6 +212,7 @@ impl RelayHandle {
             shutdown: shutdown.clone(),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             per_address: impmesh_limits::PerAddress::new(STREAMS_PER_ADDRESS),
+            port_failures: std::sync::atomic::AtomicU64::new(0),
         });
         tasks.spawn(serve_udp(shared.clone()));
         tasks.spawn(serve_streams(shared.clone(), tcp, None, tasks.clone()));
@@ -249,6 +252,14 @@ impl RelayHandle {
         (state.relay.allocations(), state.relay.stats().clone())
     }
 
+    /// Allocations refused so far because no relayed port could be bound (the range
+    /// used up, or the system refusing).
+    pub fn port_failures(&self) -> u64 {
+        self.shared
+            .port_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The relay's figures in Prometheus' text format, for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
@@ -282,6 +293,11 @@ impl RelayHandle {
             "Bytes relayed, by direction.",
         );
         metric(
+            "impmesh_relay_port_failures_total",
+            "counter",
+            "Allocations refused because no relayed port could be bound.",
+        );
+        metric(
             "impmesh_relay_refusals_total",
             "counter",
             "Requests refused and packets dropped by the relay, by reason.",
@@ -293,6 +309,11 @@ impl RelayHandle {
             stats.allocations_created
         );
         let _ = writeln!(out, "impmesh_relay_redirects_total {}", stats.redirects);
+        let _ = writeln!(
+            out,
+            "impmesh_relay_port_failures_total {}",
+            self.port_failures()
+        );
         for (direction, packets, bytes) in [
             ("to_peer", stats.packets_to_peers, stats.bytes_to_peers),
             (
@@ -385,6 +406,9 @@ impl Ports for PortsIo<'_> {
             }
         }
         tracing::warn!("no free relay port after {BIND_TRIES} tries");
+        self.shared
+            .port_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(NoPort::Exhausted)
     }
 
@@ -672,6 +696,7 @@ mod tests {
             max_lifetime: Duration::from_secs(3600),
             user_quota: 2,
             max_allocations: 10,
+            redirect_above: 10,
             bandwidth: 100_000,
             policy: PeerPolicy::default(),
         };

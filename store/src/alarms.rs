@@ -78,6 +78,10 @@ pub const OUTBOX_FULL: &AlarmDef = &CATALOGUE[15];
 pub const PEER_REMOVED_US: &AlarmDef = &CATALOGUE[16];
 /// A new node certificate waits for peers to pin it.
 pub const CERT_ROTATION_PENDING: &AlarmDef = &CATALOGUE[17];
+/// This node's TURN relay holds all the allocations it may.
+pub const RELAY_AT_CAPACITY: &AlarmDef = &CATALOGUE[18];
+/// This node's TURN relay cannot bind relayed ports.
+pub const RELAY_PORTS_UNAVAILABLE: &AlarmDef = &CATALOGUE[19];
 
 /// Every alarm the node can raise.
 pub const CATALOGUE: &[AlarmDef] = &[
@@ -188,6 +192,18 @@ pub const CATALOGUE: &[AlarmDef] = &[
         severity: Severity::Warning,
         meaning: "This node has a new certificate (the subject: the node) that some active peers (named in the message) have not pinned yet: it is announced to them again and again, and the old one is still served to peers until they all have it or [sync] certificate_overlap ends.",
         action: "Usually nothing: a peer that is down gets it when it is back. If a peer will not come back, remove it (`impmesh peer del`); for a compromised old key, `impmesh cert end-overlap` puts the new one in use for peers at once (peers that have not pinned it then need `impmesh peer sync NODE --with-certificates` on their side).",
+    },
+    AlarmDef {
+        name: "MediaRelayAtCapacity",
+        severity: Severity::Major,
+        meaning: "This node's TURN relay (the subject: the node) holds [media] max_allocations allocations: new ones get 508 Insufficient Capacity, and calls of this cluster's users may fail to connect, unless another relay of the cluster with room takes them (300 Try Alternate).",
+        action: "Add a node with a relay to the cluster, or raise [media] max_allocations if the machine has the bandwidth (`impmesh_relay_bytes_total`); look for one user holding many (`[media] user_allocations`). Clears when the relay is below its capacity.",
+    },
+    AlarmDef {
+        name: "MediaRelayPortsUnavailable",
+        severity: Severity::Major,
+        meaning: "This node's TURN relay (the subject: the node) could not bind a relayed port for an allocation: the range [media] port_min..port_max is used up (by the relay or other programs), or the system refuses the address (relay_ip not on this machine). Those allocations got 508.",
+        action: "Check that [media] relay_ip is an address of this machine and that nothing else takes ports of the range (`ss -uan`); widen the range if the relay uses it all. Clears after 5 minutes without another failure.",
     },
 ];
 

@@ -42,7 +42,7 @@ pub use archive::{ArchiveFilter, ArchivePage, ArchiveResults, ArchiveRow, Archiv
 pub use directory::{AxlUser, DirectoryEntry, DirectoryPage};
 pub use fast::{FastCheck, FastToken, NewFastToken};
 pub use latency::Latency;
-pub use media::TurnSecret;
+pub use media::{RelayLoad, TurnSecret};
 pub use names::{ClusterName, NodeName, UserName};
 pub use nodes::NodeRecord;
 pub use offline::{Offline, OfflineMessage, OfflineQuota};

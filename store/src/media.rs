@@ -80,9 +80,103 @@ impl Store {
     }
 }
 
+/// A relay of the cluster as its node last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLoad {
+    pub node: String,
+    /// Where clients reach it (UDP and TCP), `IP:PORT`.
+    pub address: String,
+    pub allocations: i64,
+    pub capacity: i64,
+    /// Unix seconds.
+    pub heartbeat: i64,
+}
+
+impl Store {
+    /// Publishes this node's relay: its address, load and a heartbeat.
+    pub async fn publish_relay(&self, relay: &RelayLoad) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO relays (node, address, allocations, capacity, heartbeat)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (node) DO UPDATE SET address = excluded.address,
+               allocations = excluded.allocations, capacity = excluded.capacity,
+               heartbeat = excluded.heartbeat",
+        )
+        .bind(&relay.node)
+        .bind(&relay.address)
+        .bind(relay.allocations)
+        .bind(relay.capacity)
+        .bind(relay.heartbeat)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The relays whose heartbeat is at `since` or later, by node name.
+    pub async fn relays(&self, since: i64) -> Result<Vec<RelayLoad>> {
+        let rows = sqlx::query(
+            "SELECT node, address, allocations, capacity, heartbeat FROM relays
+             WHERE heartbeat >= $1 ORDER BY node",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RelayLoad {
+                    node: r.try_get("node")?,
+                    address: r.try_get("address")?,
+                    allocations: r.try_get("allocations")?,
+                    capacity: r.try_get("capacity")?,
+                    heartbeat: r.try_get("heartbeat")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes this node's relay out of the registry (a clean stop: no relay sends
+    /// clients to it meanwhile).
+    pub async fn remove_relay(&self, node: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM relays WHERE node = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::RelayLoad;
     use crate::test_support::stores;
+
+    #[tokio::test]
+    async fn relays_publish_their_load_and_stale_ones_are_left_out() {
+        for (store, _dir) in stores().await {
+            let relay = |node: &str, allocations, heartbeat| RelayLoad {
+                node: node.into(),
+                address: format!("192.0.2.{}:3478", node.len()),
+                allocations,
+                capacity: 100,
+                heartbeat,
+            };
+            store.publish_relay(&relay("a", 5, 1000)).await.unwrap();
+            store.publish_relay(&relay("bb", 7, 1000)).await.unwrap();
+            // A later heartbeat replaces the row.
+            store.publish_relay(&relay("a", 9, 1010)).await.unwrap();
+            assert_eq!(
+                store.relays(1000).await.unwrap(),
+                vec![relay("a", 9, 1010), relay("bb", 7, 1000)]
+            );
+            assert_eq!(store.relays(1005).await.unwrap(), vec![relay("a", 9, 1010)]);
+            store.remove_relay("a").await.unwrap();
+            assert_eq!(store.relays(0).await.unwrap(), vec![relay("bb", 7, 1000)]);
+        }
+    }
 
     #[tokio::test]
     async fn secrets_rotate_by_period_and_keep_the_previous() {

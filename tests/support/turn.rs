@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stun_proto::Instant;
-use stun_proto::types::attribute::ErrorCode;
+use stun_proto::types::attribute::{AlternateServer, ErrorCode};
 use stun_proto::types::message::Message;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UdpSocket};
@@ -51,6 +51,8 @@ pub struct Turn {
     /// The STUN error codes the relay answered with (read over UDP only: stream
     /// bytes are not framed here).
     pub errors: Vec<u16>,
+    /// The ALTERNATE-SERVER of a 300 Try Alternate (UDP only).
+    pub alternate: Option<SocketAddr>,
     closed: bool,
 }
 
@@ -107,6 +109,7 @@ impl Turn {
             events: VecDeque::new(),
             data: VecDeque::new(),
             errors: vec![],
+            alternate: None,
             closed: false,
         }
     }
@@ -168,6 +171,9 @@ impl Turn {
                         && let Ok(e) = m.attribute::<ErrorCode>()
                     {
                         self.errors.push(e.code());
+                        if let Ok(a) = m.attribute::<AlternateServer>() {
+                            self.alternate = Some(a.server());
+                        }
                     }
                     let t = Transmit::new(&buf[..], transport, self.server, self.local);
                     if let TurnRecvRet::PeerData(d) = self.client.recv(t, now()) {
