@@ -24,16 +24,23 @@ struct Service {
     password: String,
 }
 
-/// What XEP-0215 gives `user`, by "type/transport".
+/// What XEP-0215 gives `user` (password [`PW`]), by "type/transport".
 async fn services(node: &TestNode, user: &str) -> HashMap<String, Service> {
     let mut client = node.client(user, PW, Some("call"));
     online(&mut client).await;
+    let services = services_of(&mut client).await;
+    client.send_end().await.unwrap();
+    services
+}
+
+/// What XEP-0215 gives `client`'s user, by "type/transport".
+async fn services_of(client: &mut tokio_xmpp::Client) -> HashMap<String, Service> {
     send(
-        &mut client,
+        client,
         "<iq type='get' id='s' to='localhost'><services xmlns='urn:xmpp:extdisco:2'/></iq>",
     )
     .await;
-    let reply = expect(&mut client, 5, "services", |e| e.attr("id") == Some("s")).await;
+    let reply = expect(client, 5, "services", |e| e.attr("id") == Some("s")).await;
     let services = reply
         .get_child("services", "urn:xmpp:extdisco:2")
         .unwrap()
@@ -51,7 +58,6 @@ async fn services(node: &TestNode, user: &str) -> HashMap<String, Service> {
             )
         })
         .collect();
-    client.send_end().await.unwrap();
     services
 }
 
@@ -362,4 +368,230 @@ async fn relayed_ports_that_cannot_bind_refuse_the_allocation_and_raise_an_alarm
         metrics.contains("impmesh_relay_port_failures_total 1\n"),
         "{metrics}"
     );
+}
+
+/// A Jingle offer or answer (XEP-0166) for one voice stream (XEP-0167, Opus) whose
+/// only ICE-UDP candidate (XEP-0176) is a relayed address.
+fn jingle(action: &str, sid: &str, initiator: &str, relayed: SocketAddr) -> String {
+    format!(
+        "<jingle xmlns='urn:xmpp:jingle:1' action='{action}' initiator='{initiator}' sid='{sid}'>\
+           <content creator='initiator' name='voice'>\
+             <description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'>\
+               <payload-type id='111' name='opus' clockrate='48000' channels='2'/>\
+             </description>\
+             <transport xmlns='urn:xmpp:jingle:transports:ice-udp:1' ufrag='{sid}u' pwd='{sid}-password-0123456789'>\
+               <candidate component='1' foundation='1' generation='0' id='{sid}c' ip='{}' port='{}' \
+                 priority='16777215' protocol='udp' type='relay'/>\
+             </transport>\
+           </content>\
+         </jingle>",
+        relayed.ip(),
+        relayed.port()
+    )
+}
+
+/// The relayed candidate of a Jingle IQ, as the other party sent it.
+fn relayed_candidate(iq: &minidom::Element) -> SocketAddr {
+    let candidate = iq
+        .get_child("jingle", "urn:xmpp:jingle:1")
+        .and_then(|j| j.get_child("content", "urn:xmpp:jingle:1"))
+        .and_then(|c| c.get_child("transport", "urn:xmpp:jingle:transports:ice-udp:1"))
+        .and_then(|t| t.get_child("candidate", "urn:xmpp:jingle:transports:ice-udp:1"))
+        .expect("an ICE-UDP candidate");
+    assert_eq!(candidate.attr("type"), Some("relay"));
+    format!(
+        "{}:{}",
+        candidate.attr("ip").unwrap(),
+        candidate.attr("port").unwrap()
+    )
+    .parse()
+    .unwrap()
+}
+
+fn is_jingle(e: &minidom::Element, action: &str) -> bool {
+    e.is("iq", "jabber:client")
+        && e.attr("type") == Some("set")
+        && e.get_child("jingle", "urn:xmpp:jingle:1")
+            .is_some_and(|j| j.attr("action") == Some(action))
+}
+
+/// An allocation on the relay XEP-0215 named, or on the one it redirects to (300 Try
+/// Alternate); the client, the relayed address and the relay that holds it.
+async fn allocate_at_home(service: &Service) -> (Turn, SocketAddr, SocketAddr) {
+    let home = address(service);
+    let mut client =
+        Turn::connect(Over::Udp, home, &service.username, &service.password, None).await;
+    if let Some(relayed) = client.allocate().await {
+        return (client, relayed, home);
+    }
+    assert_eq!(client.errors.last(), Some(&300), "{:?}", client.errors);
+    let alternate = client.alternate.expect("an ALTERNATE-SERVER");
+    let mut client =
+        Turn::connect(Over::Udp, alternate, &service.username, &service.password, None).await;
+    let relayed = client.allocate().await.expect("an allocation at the alternate");
+    (client, relayed, alternate)
+}
+
+/// One call: alice (cluster A) offers, bob (cluster B) answers, through the mesh; each
+/// allocated on their own cluster's relay (following a redirect), and only learns the
+/// other's relayed address from the Jingle stanzas. Then 50 RTP packets each way,
+/// relay to relay; every one arrives, from the other's relayed address. Returns the
+/// relay bob's allocation was on.
+async fn call(
+    (alice, alice_turn): (&mut tokio_xmpp::Client, &Service),
+    (bob, bob_turn): (&mut tokio_xmpp::Client, &Service),
+    sid: &str,
+) -> SocketAddr {
+    let (mut a, relayed_a, _) = allocate_at_home(alice_turn).await;
+    let (mut b, relayed_b, bob_relay) = allocate_at_home(bob_turn).await;
+
+    let (alice_jid, bob_jid) = (
+        format!("alice@{DOMAIN}/{sid}"),
+        format!("bob@{DOMAIN}/{sid}"),
+    );
+    send(
+        alice,
+        &format!(
+            "<iq type='set' id='{sid}-offer' to='{bob_jid}'>{}</iq>",
+            jingle("session-initiate", sid, &alice_jid, relayed_a)
+        ),
+    )
+    .await;
+    let offer = expect(bob, 10, "session-initiate", |e| {
+        is_jingle(e, "session-initiate")
+    })
+    .await;
+    assert_eq!(offer.attr("from"), Some(alice_jid.as_str()));
+    let alice_candidate = relayed_candidate(&offer);
+    assert_eq!(alice_candidate, relayed_a);
+    send(
+        bob,
+        &format!("<iq type='result' id='{sid}-offer' to='{alice_jid}'/>"),
+    )
+    .await;
+    expect(alice, 10, "the offer acknowledged", |e| {
+        e.attr("id") == Some(&format!("{sid}-offer")) && e.attr("type") == Some("result")
+    })
+    .await;
+    send(
+        bob,
+        &format!(
+            "<iq type='set' id='{sid}-answer' to='{alice_jid}'>{}</iq>",
+            jingle("session-accept", sid, &alice_jid, relayed_b)
+        ),
+    )
+    .await;
+    let answer = expect(alice, 10, "session-accept", |e| {
+        is_jingle(e, "session-accept")
+    })
+    .await;
+    let bob_candidate = relayed_candidate(&answer);
+    send(
+        alice,
+        &format!("<iq type='result' id='{sid}-answer' to='{bob_jid}'/>"),
+    )
+    .await;
+
+    // Each relay lets the other's relayed address in, and media flows relay to relay.
+    assert!(a.permit(bob_candidate.ip()).await);
+    assert!(b.permit(alice_candidate.ip()).await);
+    for seq in 0..50u16 {
+        // An RTP header (version 2, Opus' payload type, sequence) and 160 bytes.
+        let mut rtp = vec![0x80, 111];
+        rtp.extend_from_slice(&seq.to_be_bytes());
+        rtp.resize(172, 0x55);
+        a.send(bob_candidate, &rtp).await;
+        assert_eq!(b.recv().await, (alice_candidate, rtp.clone()));
+        b.send(alice_candidate, &rtp).await;
+        assert_eq!(a.recv().await, (bob_candidate, rtp));
+    }
+    a.delete().await;
+    b.delete().await;
+    bob_relay
+}
+
+/// A call across two clusters (issue 15): alice's and bob's clusters are peered; each
+/// gets credentials from their own cluster (XEP-0215), allocates on its relay, and
+/// the call's media goes relay to relay while Jingle crosses the router link. Then
+/// the same while bob's first call still holds his cluster's relay at its load: his
+/// allocation there is redirected to the cluster's second node (sharing its store),
+/// and the call goes through that relay.
+#[tokio::test]
+async fn a_call_across_two_clusters_goes_relay_to_relay() {
+    let loopback = |c: &mut impmesh::config::Config| {
+        c.media.allow_peers = vec!["127.0.0.0/8".into()];
+        c.media.heartbeat_secs = 1;
+    };
+    let a = mesh_cluster("cluster-a.example.com", &["alice"], loopback).await;
+    let b = mesh_cluster("cluster-b.example.com", &["bob"], |c| {
+        loopback(c);
+        c.media.max_allocations = 2;
+        c.media.redirect_above_percent = 50;
+    })
+    .await;
+    peer_clusters(&a, &b, 1, 1).await;
+
+    let mut alice = a.client("alice", "pw", Some("call1"));
+    online(&mut alice).await;
+    let mut bob = b.client("bob", "pw", Some("call1"));
+    online(&mut bob).await;
+    let alice_turn = services_of(&mut alice).await["turn/udp"].clone();
+    let bob_turn = services_of(&mut bob).await["turn/udp"].clone();
+    assert_eq!(address(&alice_turn), relay(&a).udp_addr());
+    assert_eq!(address(&bob_turn), relay(&b).udp_addr());
+    let bob_relay = call((&mut alice, &alice_turn), (&mut bob, &bob_turn), "call1").await;
+    assert_eq!(bob_relay, relay(&b).udp_addr());
+    assert_eq!(relay(&a).stats().1.allocations_created, 1);
+    assert_eq!(relay(&b).stats().1.allocations_created, 1);
+
+    // Cluster B gets a second node (its relay sharing B's store), and B's first relay
+    // is held at its load by an allocation of bob's.
+    let shared_store = if std::env::var("IMPMESH_TEST_POSTGRES").is_ok() {
+        b.config.store.url.clone()
+    } else {
+        format!("sqlite://{}", b.dir.path().join("impmesh.db").display())
+    };
+    let b2 = start_node(|c| {
+        c.node.name = Some("node2.cluster-b.example.com".into());
+        c.node.cluster = Some("cluster-b.example.com".into());
+        c.store.url = shared_store;
+        loopback(c);
+    })
+    .await;
+    let mut held = Turn::connect(
+        Over::Udp,
+        address(&bob_turn),
+        &bob_turn.username,
+        &bob_turn.password,
+        None,
+    )
+    .await;
+    assert!(held.allocate().await.is_some());
+    let relay_b2 = relay(&b2).udp_addr();
+    let redirected = eventually(10, "B's first relay redirects to its second", || async {
+        let mut probe = Turn::connect(
+            Over::Udp,
+            address(&bob_turn),
+            &bob_turn.username,
+            &bob_turn.password,
+            None,
+        )
+        .await;
+        // Until B's first relay has read the registry, it allocates here.
+        if probe.allocate().await.is_some() {
+            probe.delete().await;
+            return false;
+        }
+        probe.alternate == Some(relay_b2)
+    });
+    redirected.await;
+
+    let mut alice2 = a.client("alice", "pw", Some("call2"));
+    online(&mut alice2).await;
+    let mut bob2 = b.client("bob", "pw", Some("call2"));
+    online(&mut bob2).await;
+    let bob_relay = call((&mut alice2, &alice_turn), (&mut bob2, &bob_turn), "call2").await;
+    assert_eq!(bob_relay, relay_b2, "redirected to B's second node");
+    assert_eq!(relay(&b2).stats().1.allocations_created, 1);
+    assert_eq!(relay(&b).stats().0, 1, "the held one");
 }

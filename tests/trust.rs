@@ -15,7 +15,8 @@ use impmesh_axl::client::{AxlClient, ClientError, OurSide, ServerTrust};
 use impmesh_axl::soap::{NodeCertificate, Request};
 use impmesh_store::Home;
 use support::{
-    AXL_PW, AXL_USER, DOMAIN, TestNode, body, collect, eventually, expect, has_alarm, online, send,
+    AXL_PW, AXL_USER, DOMAIN, TestNode, body, collect, eventually, expect, has_alarm, online,
+    peer_clusters, send,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -25,35 +26,6 @@ const C: &str = "cluster-c.example.com";
 
 async fn cluster(name: &str, users: &[&str]) -> TestNode {
     support::mesh_cluster(name, users, |_| {}).await
-}
-
-/// `from` adds `to` as a peer and `to` accepts; waits until each knows the other's
-/// users (`users_of_to`, `users_of_from` of them) and link port.
-async fn peer(from: &TestNode, to: &TestNode, users_of_from: i64, users_of_to: i64) {
-    from.node
-        .control
-        .peer_add(&to.node.https_addr.to_string(), AXL_USER, AXL_PW)
-        .await
-        .unwrap();
-    to.node
-        .control
-        .peer_accept(&from.config.cluster_name())
-        .await
-        .unwrap();
-    for (node, other, count) in [(from, to, users_of_to), (to, from, users_of_from)] {
-        let store = node.node.server.store.clone();
-        let other_cluster = other.config.cluster_name();
-        let other_node = other.config.node_name();
-        eventually(10, "the peer's users and nodes known", || async {
-            store.remote_user_count(&other_cluster).await.unwrap() >= count
-                && store
-                    .peer_node(&other_node)
-                    .await
-                    .unwrap()
-                    .is_some_and(|n| n.link_port != 0)
-        })
-        .await;
-    }
 }
 
 /// The certificates of a node's cluster, as an exchange lists them.
@@ -147,8 +119,8 @@ async fn a_rogue_peer_cannot_rekey_another_peer_or_pin_a_certificate_it_does_not
     let a = cluster(A, &["alice"]).await;
     let b = cluster(B, &["bea"]).await;
     let c = cluster(C, &["carl"]).await;
-    peer(&a, &b, 1, 1).await;
-    peer(&c, &b, 1, 1).await;
+    peer_clusters(&a, &b, 1, 1).await;
+    peer_clusters(&c, &b, 1, 1).await;
     let before = peering_state(&b).await;
     let c_token = c
         .node
@@ -349,8 +321,8 @@ async fn a_rogue_peer_cannot_claim_users_it_does_not_home() {
         .set_home("carl", C, &format!("node9.{C}"))
         .await
         .unwrap();
-    peer(&a, &b, 1, 2).await;
-    peer(&c, &b, 3, 2).await;
+    peer_clusters(&a, &b, 1, 2).await;
+    peer_clusters(&c, &b, 3, 2).await;
     let store_b = b.node.server.store.clone();
     eventually(10, "C's valid entries applied", || async {
         store_b.remote_user("mallory").await.unwrap().len() == 1
@@ -513,7 +485,7 @@ fn expired_identity(dir: &std::path::Path, name: &str) -> impmesh_certs::NodeIde
 async fn an_expired_pinned_certificate_opens_no_link() {
     let b = cluster(B, &["bea"]).await;
     let c = cluster(C, &["carl"]).await;
-    peer(&c, &b, 1, 1).await;
+    peer_clusters(&c, &b, 1, 1).await;
     // C's node shows an old certificate that B pinned for C long ago.
     let dir = tempfile::tempdir().unwrap();
     let old = expired_identity(dir.path(), &format!("node1.{C}"));
@@ -553,7 +525,7 @@ async fn an_expired_pinned_certificate_opens_no_link() {
 async fn a_stanza_whose_sender_cannot_be_checked_is_not_acknowledged() {
     let a = cluster(A, &["alice", "amy"]).await;
     let b = cluster(B, &["bob"]).await;
-    peer(&a, &b, 2, 1).await;
+    peer_clusters(&a, &b, 2, 1).await;
     let mut alice = a.client("alice", "pw", Some("phone"));
     online(&mut alice).await;
     send(&mut alice, "<presence/>").await;
@@ -617,8 +589,8 @@ async fn a_rogue_peer_cannot_announce_nodes_it_does_not_have() {
     let a = cluster(A, &["alice"]).await;
     let b = cluster(B, &["bea"]).await;
     let c = cluster(C, &["carl"]).await;
-    peer(&a, &b, 1, 1).await;
-    peer(&c, &b, 1, 1).await;
+    peer_clusters(&a, &b, 1, 1).await;
+    peer_clusters(&c, &b, 1, 1).await;
     // C's admin publishes made-up nodes in its own cluster's record.
     let store_c = c.node.server.store.clone();
     let node1 = store_c.cluster_nodes(C).await.unwrap().remove(0);

@@ -629,6 +629,36 @@ pub async fn mesh_cluster(name: &str, users: &[&str], tweak: impl FnOnce(&mut Co
     node
 }
 
+/// `from` adds `to` as a peer and `to` accepts; waits until each knows the other's
+/// users (`users_of_to`, `users_of_from` of them) and link port.
+pub async fn peer_clusters(from: &TestNode, to: &TestNode, users_of_from: i64, users_of_to: i64) {
+    use impmesh_axl::NodeControl as _;
+    from.node
+        .control
+        .peer_add(&to.node.https_addr.to_string(), AXL_USER, AXL_PW)
+        .await
+        .unwrap();
+    to.node
+        .control
+        .peer_accept(&from.config.cluster_name())
+        .await
+        .unwrap();
+    for (node, other, count) in [(from, to, users_of_to), (to, from, users_of_from)] {
+        let store = node.node.server.store.clone();
+        let other_cluster = other.config.cluster_name();
+        let other_node = other.config.node_name();
+        eventually(10, "the peer's users and nodes known", || async {
+            store.remote_user_count(&other_cluster).await.unwrap() >= count
+                && store
+                    .peer_node(&other_node)
+                    .await
+                    .unwrap()
+                    .is_some_and(|n| n.link_port != 0)
+        })
+        .await;
+    }
+}
+
 /// How many offline messages `user` has waiting on `node`.
 pub async fn offline_count(node: &TestNode, user: &str) -> usize {
     node.node
