@@ -41,7 +41,7 @@ async fn services_of(client: &mut tokio_xmpp::Client) -> HashMap<String, Service
     )
     .await;
     let reply = expect(client, 5, "services", |e| e.attr("id") == Some("s")).await;
-    let services = reply
+    reply
         .get_child("services", "urn:xmpp:extdisco:2")
         .unwrap()
         .children()
@@ -57,8 +57,7 @@ async fn services_of(client: &mut tokio_xmpp::Client) -> HashMap<String, Service
                 },
             )
         })
-        .collect();
-    services
+        .collect()
 }
 
 /// The relay's address for a service (the tests' node listens on 127.0.0.1).
@@ -426,9 +425,18 @@ async fn allocate_at_home(service: &Service) -> (Turn, SocketAddr, SocketAddr) {
     }
     assert_eq!(client.errors.last(), Some(&300), "{:?}", client.errors);
     let alternate = client.alternate.expect("an ALTERNATE-SERVER");
-    let mut client =
-        Turn::connect(Over::Udp, alternate, &service.username, &service.password, None).await;
-    let relayed = client.allocate().await.expect("an allocation at the alternate");
+    let mut client = Turn::connect(
+        Over::Udp,
+        alternate,
+        &service.username,
+        &service.password,
+        None,
+    )
+    .await;
+    let relayed = client
+        .allocate()
+        .await
+        .expect("an allocation at the alternate");
     (client, relayed, alternate)
 }
 

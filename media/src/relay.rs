@@ -12,8 +12,10 @@ use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -40,6 +42,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream client without an allocation that sends nothing for this long is closed.
 const UNALLOCATED_IDLE: Duration = Duration::from_secs(60);
+/// The listening UDP socket's buffers, each way (the kernel caps them at
+/// net.core.rmem_max and wmem_max): bursts from many clients queue here rather than
+/// drop while the relay is busy, as coturn's do.
+const LISTEN_BUFFER: usize = 4 << 20;
 /// Tries at finding a free port in the range before answering 508.
 const BIND_TRIES: usize = 32;
 /// A stream client that sends nothing for this long is closed (its allocation, if
@@ -83,9 +89,44 @@ impl std::fmt::Debug for RelayConfig {
     }
 }
 
+/// A UDP socket registered for reading only. Sends go straight to the socket and
+/// never wait (a full buffer drops the packet, as the network would), so the
+/// kernel's "writable again" after each send wakes nothing: with tokio's UdpSocket,
+/// registered both ways, every packet relayed cost an epoll event.
+struct Udp(AsyncFd<std::net::UdpSocket>);
+
+impl Udp {
+    fn new(socket: std::net::UdpSocket) -> io::Result<Udp> {
+        socket.set_nonblocking(true)?;
+        // The safe constructor tokio deprecated (its replacement is `unsafe`, and this
+        // crate forbids unsafe code): its condition, an fd that stays open and the
+        // same while registered, holds for a std socket, which owns its fd.
+        #[allow(deprecated)]
+        let registered = AsyncFd::with_interest(socket, Interest::READABLE)?;
+        Ok(Udp(registered))
+    }
+
+    fn socket(&self) -> &std::net::UdpSocket {
+        self.0.get_ref()
+    }
+
+    fn try_send_to(&self, bytes: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.socket().send_to(bytes, to)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            if let Ok(result) = ready.try_io(|s| s.get_ref().recv_from(buf)) {
+                return result;
+            }
+        }
+    }
+}
+
 /// One allocation's socket.
 struct Relayed {
-    socket: Arc<UdpSocket>,
+    socket: Arc<Udp>,
     reader: AbortHandle,
 }
 
@@ -120,7 +161,7 @@ struct Shared {
     state: Mutex<State>,
     config: RelayConfig,
     /// The listening UDP socket: answers and relayed data to UDP clients leave by it.
-    udp: Arc<UdpSocket>,
+    udp: Arc<Udp>,
     shutdown: CancellationToken,
     /// Stream connections: in all, and per address.
     streams: Arc<tokio::sync::Semaphore>,
@@ -195,7 +236,7 @@ impl RelayHandle {
                 tracing::debug!(error = %e, "cannot set the DSCP class of a relay's stream listener");
             }
         }
-        let udp_addr = udp.local_addr()?;
+        let udp_addr = udp.socket().local_addr()?;
         let tcp_addr = tcp.local_addr()?;
         let tls_addr = match &tls {
             Some((l, _)) => Some(l.local_addr()?),
@@ -353,13 +394,17 @@ impl RelayHandle {
 /// The UDP socket and TCP listener on one port. With port 0, UDP picks the port and
 /// TCP takes the same one; should another process hold that TCP port, another pick
 /// is tried.
-async fn bind_pair(listen: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+async fn bind_pair(listen: SocketAddr) -> io::Result<(Udp, TcpListener)> {
     const TRIES: usize = 16;
     let mut last = None;
     for _ in 0..TRIES {
-        let udp = UdpSocket::bind(listen).await?;
-        match TcpListener::bind(udp.local_addr()?).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let udp = std::net::UdpSocket::bind(listen)?;
+        let buffers = socket2::SockRef::from(&udp);
+        let _ = buffers.set_recv_buffer_size(LISTEN_BUFFER);
+        let _ = buffers.set_send_buffer_size(LISTEN_BUFFER);
+        let at = udp.local_addr()?;
+        match TcpListener::bind(at).await {
+            Ok(tcp) => return Ok((Udp::new(udp)?, tcp)),
             Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
         }
@@ -424,9 +469,7 @@ impl PortsIo<'_> {
     /// are given for it.
     fn bind_one(&mut self, ip: IpAddr, port: u16) -> Option<SocketAddr> {
         let config = &self.shared.config;
-        let std_socket = std::net::UdpSocket::bind((ip, port)).ok()?;
-        std_socket.set_nonblocking(true).ok()?;
-        let socket = UdpSocket::from_std(std_socket).ok()?;
+        let socket = Udp::new(std::net::UdpSocket::bind((ip, port)).ok()?).ok()?;
         set_dscp(&socket, config.dscp);
         let advertised = SocketAddr::new(config.external_ip.unwrap_or(ip), port);
         let socket = Arc::new(socket);
@@ -440,7 +483,7 @@ impl PortsIo<'_> {
 /// Sends what the core said to send, without waiting.
 fn deliver(
     send: Send<'_>,
-    udp: &UdpSocket,
+    udp: &Udp,
     relayed: &HashMap<SocketAddr, Relayed>,
     streams: &HashMap<FiveTuple, StreamQueue>,
 ) {
@@ -478,7 +521,7 @@ fn from_client(shared: &Arc<Shared>, tuple: FiveTuple, packet: &[u8]) {
 
 async fn serve_udp(shared: Arc<Shared>) {
     let mut buf = vec![0u8; stun::MAX_MESSAGE];
-    let server = shared.udp.local_addr().ok();
+    let server = shared.udp.socket().local_addr().ok();
     loop {
         let received = tokio::select! {
             r = shared.udp.recv_from(&mut buf) => r,
@@ -499,7 +542,7 @@ async fn serve_udp(shared: Arc<Shared>) {
     }
 }
 
-async fn read_peers(shared: Arc<Shared>, socket: Arc<UdpSocket>, advertised: SocketAddr) {
+async fn read_peers(shared: Arc<Shared>, socket: Arc<Udp>, advertised: SocketAddr) {
     let mut buf = vec![0u8; stun::MAX_MESSAGE];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -675,8 +718,8 @@ async fn expiry(shared: Arc<Shared>) {
 
 /// Marks a relay socket's packets with the media class; a system that refuses it
 /// leaves them unmarked.
-fn set_dscp(socket: &UdpSocket, dscp: u8) {
-    if let Err(e) = impmesh_limits::set_dscp(socket, dscp) {
+fn set_dscp(socket: &Udp, dscp: u8) {
+    if let Err(e) = impmesh_limits::set_dscp(socket.socket(), dscp) {
         tracing::debug!(error = %e, "cannot set the DSCP class of a relay socket");
     }
 }
@@ -687,7 +730,7 @@ mod tests {
     use crate::core::Config;
     use crate::policy::PeerPolicy;
     use crate::stun::{Builder, Class, Message, attr, method};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpStream, UdpSocket};
 
     async fn start() -> (RelayHandle, CancellationToken, TaskTracker) {
         let core = Config {
@@ -766,7 +809,9 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = udp.recv(&mut buf).await.unwrap();
         assert_eq!(Message::parse(&buf[..n]).unwrap().transaction, [8; 12]);
-        let tos = socket2::SockRef::from(&*relay.shared.udp).tos_v4().unwrap();
+        let tos = socket2::SockRef::from(relay.shared.udp.socket())
+            .tos_v4()
+            .unwrap();
         assert_eq!(tos, 46 << 2);
         shutdown.cancel();
     }
