@@ -9,12 +9,16 @@
 //!   (i + U/2) mod U; closed loop with W in flight per sender (saturation) or open loop
 //!   at a fixed total rate; delivered msgs/s and latency percentiles.
 //! - `idle`: N sessions held idle; server RSS before and after, KiB per session.
+//! - `turn`: media through a TURN relay (or straight, for the baseline): streams of
+//!   RTP-sized packets at a fixed rate; loss, latency percentiles, server CPU per
+//!   packet (turn.rs).
 //!
 //! The scenario mirrors `shared/anchors/perf/xmppbench.py` so the figures compare.
 //! Output: one JSON object per run on stdout; progress on stderr.
 
 #![forbid(unsafe_code)]
 
+mod turn;
 mod xmpp;
 
 use std::net::SocketAddr;
@@ -111,6 +115,32 @@ enum Cmd {
     /// The AXL-like API on `--addr` (the node's HTTPS port): channel-bound first
     /// contacts, then full directory listings, as a peer's sync agent runs them. The
     /// account is the AXL user (`--prefix` is its name, `--password` its password).
+    /// Media through a TURN relay at a fixed rate (turn.rs).
+    Turn {
+        /// The relay (UDP); absent with --direct.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+        /// Send straight to the peers: the loopback baseline.
+        #[arg(long)]
+        direct: bool,
+        /// The TURN username and password (long-term credentials).
+        #[arg(long, default_value = "bench")]
+        username: String,
+        #[arg(long, default_value = "benchpass")]
+        turn_password: String,
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Packets a second per stream (50: a voice call's 20 ms frames).
+        #[arg(long, default_value_t = 50)]
+        pps: u32,
+        /// Payload bytes per packet (172: 20 ms of G.711 with its RTP header).
+        #[arg(long, default_value_t = 172)]
+        size: usize,
+        #[arg(long, default_value_t = 3.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
     Axl {
         /// First contacts to time.
         #[arg(long, default_value_t = 5)]
@@ -167,6 +197,38 @@ async fn main() -> anyhow::Result<()> {
             listings,
             page_size,
         } => axl(&args, contacts, listings, page_size).await?,
+        Cmd::Turn {
+            relay,
+            direct,
+            username,
+            turn_password,
+            streams,
+            pps,
+            size,
+            warmup,
+            duration,
+        } => {
+            let relay = match (relay, direct) {
+                (Some(r), false) if r.ip().is_loopback() => Some(r),
+                (Some(r), false) => {
+                    bail!("refusing to load {r}: only loopback targets are allowed")
+                }
+                (None, true) => None,
+                _ => bail!("give --relay ADDR, or --direct for the baseline"),
+            };
+            let shape = turn::Shape {
+                relay,
+                username,
+                password: turn_password,
+                streams,
+                pps,
+                size,
+                warmup,
+                duration,
+                concurrency: args.concurrency,
+            };
+            turn::run(&shape, args.pid, &args.label).await?
+        }
     };
     println!("{out}");
     Ok(())

@@ -13,8 +13,9 @@
 #        bench.sh suite [ROUNDS] [SERVERS...] # the whole scenario; JSON lines to $RUNDIR/results.jsonl
 #        bench.sh pairs [ROUNDS] [SERVERS...] # 500 msgs/s latency, servers interleaved round by round
 #        bench.sh archive [ROUNDS]           # impmesh with message archives on and off, interleaved
+#        bench.sh turn [ROUNDS]              # impmesh's TURN relay beside coturn (Debian's), interleaved
 #
-# Environment: PORT (15222), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0);
+# Environment: PORT (15222), TURN_PORT (13478), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0);
 # BUSY_CPUS=1 keeps every CPU from going idle during `pairs` (one SCHED_IDLE spinner per
 # CPU, which runs only when nothing else wants that CPU): on a virtual machine whose
 # idle vCPUs halt, this takes the hypervisor's wake-up delay out of the latency
@@ -26,10 +27,11 @@ RUNDIR="${RUNDIR:-/tmp/impmesh-bench}"
 SRV_CPU="${SRV_CPU:-1}"
 GEN_CPU="${GEN_CPU:-0}"
 PORT="${PORT:-15222}"
+TURN_PORT="${TURN_PORT:-13478}"
 IMPMESH="${IMPMESH:-$ROOT/target/release/impmesh}"
 GEN="${GEN:-$ROOT/target/release/impmesh-bench}"
 
-subst() { sed -e "s#@RUNDIR@#$RUNDIR#g" -e "s#@PORT@#$PORT#g" "$1" > "$2"; }
+subst() { sed -e "s#@RUNDIR@#$RUNDIR#g" -e "s#@PORT@#$PORT#g" -e "s#@TURN_PORT@#$TURN_PORT#g" "$1" > "$2"; }
 
 install() {
   apt-get update -qq
@@ -219,6 +221,65 @@ archive() {  # impmesh's CPU per message with the archive (XEP-0313) on and off
   subst "$HERE/impmesh.toml.in" "$conf"
 }
 
+turn_pid() {
+  ss -lunpH "src 127.0.0.1:$TURN_PORT" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1
+}
+
+# TURN credentials for impmesh's relay: the REST API's, minted with the secret the
+# node made in its store (what XEP-0215 hands out), for one account holding every
+# stream.
+impmesh_turn_credentials() {
+  python3 - "$RUNDIR/impmesh/data/impmesh.db" <<'PY'
+import base64, hashlib, hmac, sqlite3, sys, time
+row = sqlite3.connect(sys.argv[1]).execute(
+    "SELECT secret FROM turn_secrets ORDER BY generation DESC LIMIT 1").fetchone()
+user = f"{int(time.time()) + 7200}:bench"
+key = bytes.fromhex(row[0])
+print(user, base64.b64encode(hmac.new(key, user.encode(), hashlib.sha1).digest()).decode())
+PY
+}
+
+turn() {  # the media relay: impmesh's beside coturn's, interleaved round by round
+  local rounds="${1:-3}"
+  local out="$RUNDIR/turn.jsonl"
+  command -v turnserver >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn >/dev/null
+  }
+  mkdir -p "$RUNDIR/coturn"
+  subst "$HERE/turnserver.conf.in" "$RUNDIR/coturn/turnserver.conf"
+  # Both relays ask for 4 MiB socket buffers (coturn always has); the kernel's caps.
+  sysctl -qw net.core.rmem_max=4194304 net.core.wmem_max=4194304
+  local tgen=(taskset -c "$GEN_CPU" "$GEN")
+  for r in $(seq 1 "$rounds"); do
+    echo "=== round $r: direct (the loopback baseline)" >&2
+    "${tgen[@]}" --label direct turn --direct --streams 1000 --pps 50 --duration 10 \
+      | sed "s/^{/{\"server\":\"none\",\"round\":$r,/" | tee -a "$out"
+    for s in impmesh coturn; do
+      echo "=== round $r: $s" >&2
+      local cred=(--username bench --turn-password benchpass) pid
+      if [ "$s" = impmesh ]; then
+        wipe impmesh; start impmesh >&2
+        read -r _ pid < "$RUNDIR/server.pid"
+        read -r user password < <(impmesh_turn_credentials)
+        cred=(--username "$user" --turn-password "$password")
+      else
+        [ -z "$(turn_pid)" ] || { echo "port $TURN_PORT busy" >&2; exit 1; }
+        (taskset -c "$SRV_CPU" turnserver -c "$RUNDIR/coturn/turnserver.conf" >"$RUNDIR/coturn/console.log" 2>&1 &)
+        for _ in $(seq 1 60); do pid=$(turn_pid); [ -n "$pid" ] && break; sleep 0.5; done
+        [ -n "$pid" ] || { echo "coturn did not come up" >&2; exit 1; }
+        echo "coturn $pid" > "$RUNDIR/server.pid"
+      fi
+      # 1,000 voice streams (50,000 packets/s), then twice and four times the rate.
+      for pps in 50 100 200; do
+        "${tgen[@]}" --pid "$pid" --label "rate$((pps * 1000))" turn --relay "127.0.0.1:$TURN_PORT" \
+          "${cred[@]}" --streams 1000 --pps "$pps" --duration 10 \
+          | sed "s/^{/{\"server\":\"$s\",\"round\":$r,/" | tee -a "$out"
+      done
+      stop >&2
+    done
+  done
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
@@ -230,5 +291,6 @@ case "$cmd" in
   suite) suite "$@" ;;
   pairs) pairs "$@" ;;
   archive) archive "$@" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  turn) turn "$@" ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
