@@ -36,7 +36,7 @@ pub struct Shape {
 
 /// Peer sockets the streams are spread over (each has a reader).
 const PEERS: usize = 8;
-/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
+/// Socket buffers asked for (the kernel caps them at net.core.rmem_max and wmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
 /// The payload's header: stream, sequence number, send time (ns since the start).
 const STAMP: usize = 16;
