@@ -163,6 +163,11 @@ struct Shared {
     /// The listening UDP socket: answers and relayed data to UDP clients leave by it.
     udp: Arc<Udp>,
     shutdown: CancellationToken,
+    /// The media plane's runtime, on a thread of its own: the UDP sockets (listening
+    /// and relayed) are registered with it and read by its tasks, so that signalling
+    /// load on the node's runtime never delays a relayed packet (coturn's relay
+    /// threads likewise do nothing else). Stream clients stay on the node's runtime.
+    media: tokio::runtime::Handle,
     /// Stream connections: in all, and per address.
     streams: Arc<tokio::sync::Semaphore>,
     per_address: Arc<impmesh_limits::PerAddress>,
@@ -224,7 +229,14 @@ impl RelayHandle {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> io::Result<RelayHandle> {
+        let media = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let (udp, tcp) = bind_pair(config.listen).await?;
+        let udp = {
+            let _media = media.handle().enter();
+            Udp::new(udp)?
+        };
         set_dscp(&udp, config.dscp);
         let tls = match &config.tls {
             Some((listen, source)) => Some((TcpListener::bind(listen).await?, source.clone())),
@@ -251,11 +263,30 @@ impl RelayHandle {
             config,
             udp: Arc::new(udp),
             shutdown: shutdown.clone(),
+            media: media.handle().clone(),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             per_address: impmesh_limits::PerAddress::new(STREAMS_PER_ADDRESS),
             port_failures: std::sync::atomic::AtomicU64::new(0),
         });
-        tasks.spawn(serve_udp(shared.clone()));
+        // The media thread: UDP and expiry until shutdown; its runtime's remaining
+        // tasks (the relayed sockets' readers) end with it. The node's shutdown waits
+        // for it through `tasks`.
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let on_thread = shared.clone();
+        std::thread::Builder::new()
+            .name("impmesh-relay".into())
+            .spawn(move || {
+                media.block_on(async {
+                    let expiry = tokio::spawn(expiry(on_thread.clone()));
+                    serve_udp(on_thread).await;
+                    let _ = expiry.await;
+                });
+                drop(media);
+                let _ = done.send(());
+            })?;
+        tasks.spawn(async move {
+            let _ = finished.await;
+        });
         tasks.spawn(serve_streams(shared.clone(), tcp, None, tasks.clone()));
         if let Some((listener, source)) = tls {
             tasks.spawn(serve_streams(
@@ -265,7 +296,6 @@ impl RelayHandle {
                 tasks.clone(),
             ));
         }
-        tasks.spawn(expiry(shared.clone()));
         Ok(RelayHandle {
             shared,
             udp_addr,
@@ -394,7 +424,7 @@ impl RelayHandle {
 /// The UDP socket and TCP listener on one port. With port 0, UDP picks the port and
 /// TCP takes the same one; should another process hold that TCP port, another pick
 /// is tried.
-async fn bind_pair(listen: SocketAddr) -> io::Result<(Udp, TcpListener)> {
+async fn bind_pair(listen: SocketAddr) -> io::Result<(std::net::UdpSocket, TcpListener)> {
     const TRIES: usize = 16;
     let mut last = None;
     for _ in 0..TRIES {
@@ -404,7 +434,7 @@ async fn bind_pair(listen: SocketAddr) -> io::Result<(Udp, TcpListener)> {
         let _ = buffers.set_send_buffer_size(LISTEN_BUFFER);
         let at = udp.local_addr()?;
         match TcpListener::bind(at).await {
-            Ok(tcp) => return Ok((Udp::new(udp)?, tcp)),
+            Ok(tcp) => return Ok((udp, tcp)),
             Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
         }
@@ -469,11 +499,18 @@ impl PortsIo<'_> {
     /// are given for it.
     fn bind_one(&mut self, ip: IpAddr, port: u16) -> Option<SocketAddr> {
         let config = &self.shared.config;
-        let socket = Udp::new(std::net::UdpSocket::bind((ip, port)).ok()?).ok()?;
+        let socket = {
+            // Registered with the media thread's runtime, whichever runtime asks.
+            let _media = self.shared.media.enter();
+            Udp::new(std::net::UdpSocket::bind((ip, port)).ok()?).ok()?
+        };
         set_dscp(&socket, config.dscp);
         let advertised = SocketAddr::new(config.external_ip.unwrap_or(ip), port);
         let socket = Arc::new(socket);
-        let reader = tokio::spawn(read_peers(self.shared.clone(), socket.clone(), advertised))
+        let reader = self
+            .shared
+            .media
+            .spawn(read_peers(self.shared.clone(), socket.clone(), advertised))
             .abort_handle();
         self.relayed.insert(advertised, Relayed { socket, reader });
         Some(advertised)
