@@ -42,14 +42,21 @@ const PORT_ALARM_CLEARS_AFTER: Duration = Duration::from_secs(300);
 
 /// Where a relay at its load sends new allocations: the healthy relay of the cluster
 /// (another node's, heard from since `since`) that is itself below the load, with the
-/// smallest share of its capacity in use.
-fn alternate(me: &str, relays: &[RelayLoad], since: i64, percent: u8) -> Option<SocketAddr> {
-    let percent = i64::from(percent);
+/// smallest share of its capacity in use. Never this relay's own address, nor one a
+/// client cannot reach (unspecified; loopback unless this relay's is too).
+fn alternate(me: &Registry, relays: &[RelayLoad], since: i64) -> Option<SocketAddr> {
+    let percent = i64::from(me.percent);
+    let reachable = |a: &SocketAddr| {
+        *a != me.address
+            && !a.ip().is_unspecified()
+            && (!a.ip().is_loopback() || me.address.ip().is_loopback())
+    };
     relays
         .iter()
-        .filter(|r| r.node != me && r.heartbeat >= since && r.capacity > 0)
+        .filter(|r| r.node != me.node && r.heartbeat >= since && r.capacity > 0)
         .filter(|r| r.allocations.saturating_mul(100) < r.capacity.saturating_mul(percent))
         .filter_map(|r| Some((r, r.address.parse::<SocketAddr>().ok()?)))
+        .filter(|(_, a)| reachable(a))
         .min_by(|(a, _), (b, _)| {
             // a.allocations / a.capacity against b's, without division.
             (i128::from(a.allocations) * i128::from(b.capacity))
@@ -141,7 +148,10 @@ pub async fn start(
             user_quota: m.user_allocations,
             max_allocations: m.max_allocations,
             // At least one: a relay redirects only once it holds something.
-            redirect_above: (m.max_allocations * usize::from(m.redirect_above_percent) / 100)
+            redirect_above: (m
+                .max_allocations
+                .saturating_mul(usize::from(m.redirect_above_percent))
+                / 100)
                 .max(1),
             bandwidth: m.bandwidth_kbps.saturating_mul(125),
             policy,
@@ -224,6 +234,16 @@ pub async fn start(
     Ok(relay)
 }
 
+/// Clears the relay's alarms for `node` (when the node runs no relay).
+pub async fn clear_alarms(store: &Store, node: &str) {
+    use impmesh_store::alarms::{RELAY_AT_CAPACITY, RELAY_PORTS_UNAVAILABLE};
+    for def in [RELAY_AT_CAPACITY, RELAY_PORTS_UNAVAILABLE] {
+        if let Err(e) = store.clear_alarm(def, node, "the relay is off").await {
+            tracing::warn!(error = %e, alarm = def.name, "cannot clear a relay alarm");
+        }
+    }
+}
+
 /// This relay in the cluster's registry.
 struct Registry {
     node: String,
@@ -241,14 +261,16 @@ async fn registry(me: Registry, relay: RelayHandle, store: Store, shutdown: Canc
     let mut tick = tokio::time::interval(me.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut failures_seen, mut last_failure) = (0, None::<tokio::time::Instant>);
-    let (mut at_capacity, mut ports_alarm) = (false, false);
+    // As if both were on: the first heartbeat clears what an earlier run of the node
+    // left raised (alarms outlive the process).
+    let (mut at_capacity, mut ports_alarm) = (true, true);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => break,
         }
         let now = impmesh_store::now_unix();
-        let allocations = relay.stats().0;
+        let allocations = relay.load();
         let load = RelayLoad {
             node: me.node.clone(),
             address: me.address.to_string(),
@@ -261,13 +283,18 @@ async fn registry(me: Registry, relay: RelayHandle, store: Store, shutdown: Canc
         }
         let since = now - MISSED_HEARTBEATS * me.heartbeat.as_secs() as i64;
         match store.relays(since).await {
-            Ok(relays) => relay.set_alternate(alternate(&me.node, &relays, since, me.percent)),
+            Ok(relays) => relay.set_alternate(alternate(&me, &relays, since)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster's relays; allocations stay here")
             }
         }
-        // The alarms: raised and cleared on a change only.
-        let full = allocations >= me.capacity;
+        // The alarms: raised and cleared on a change only. At capacity until the load
+        // is below 90 % of it, so that churn at the edge does not flap.
+        let full = if at_capacity {
+            allocations.saturating_mul(10) >= me.capacity.saturating_mul(9)
+        } else {
+            allocations >= me.capacity
+        };
         if full != at_capacity {
             let message = format!("{allocations} allocations of {}", me.capacity);
             let done = if full {
@@ -327,6 +354,13 @@ mod tests {
             heartbeat,
         };
         let at = |port: u16| Some(SocketAddr::from(([192, 0, 2, 1], port)));
+        let me = Registry {
+            node: "me".into(),
+            address: SocketAddr::from(([192, 0, 2, 1], 1)),
+            capacity: 100,
+            percent: 80,
+            heartbeat: Duration::from_secs(10),
+        };
         let relays = vec![
             r("me", 90, 100, 100, 1),
             r("busy", 85, 100, 100, 2),
@@ -336,27 +370,36 @@ mod tests {
         ];
         // Not itself, not one above the load (80 %), not one silent since 90: the
         // smallest share in use.
-        assert_eq!(alternate("me", &relays, 90, 80), at(4));
-        assert_eq!(alternate("me", &relays[..3], 90, 80), at(3));
+        assert_eq!(alternate(&me, &relays, 90), at(4));
+        assert_eq!(alternate(&me, &relays[..3], 90), at(3));
         // By share, not by count: 50 of 100 is more than 400 of 1000.
-        assert_eq!(
-            alternate(
-                "me",
-                &[r("a", 50, 100, 100, 6), r("b", 400, 1000, 100, 7)],
-                90,
-                80
-            ),
-            at(7)
-        );
+        let two = [r("a", 50, 100, 100, 6), r("b", 400, 1000, 100, 7)];
+        assert_eq!(alternate(&me, &two, 90), at(7));
         // Nobody with room: allocations stay here.
-        assert_eq!(alternate("me", &relays[..2], 90, 80), None);
-        assert_eq!(
-            alternate("me", &[r("bad", 0, 100, 100, 8)][..0], 90, 80),
-            None
-        );
+        assert_eq!(alternate(&me, &relays[..2], 90), None);
         let mut unparsable = r("x", 0, 100, 100, 9);
         unparsable.address = "nowhere".into();
-        assert_eq!(alternate("me", &[unparsable], 90, 80), None);
+        assert_eq!(alternate(&me, &[unparsable], 90), None);
+        // Never an address a client cannot use: this relay's own under another name,
+        // an unspecified one, loopback seen from a relay that is not on loopback.
+        let mut unusable = vec![r("alias", 0, 100, 100, 1)];
+        for address in ["0.0.0.0:3478", "127.0.0.1:3478"] {
+            let mut row = r("y", 0, 100, 100, 0);
+            row.address = address.into();
+            unusable.push(row);
+        }
+        assert_eq!(alternate(&me, &unusable, 90), None);
+        // Relays all on loopback (one machine) may send clients to each other.
+        let local = Registry {
+            address: "127.0.0.1:3478".parse().unwrap(),
+            ..me
+        };
+        let mut other = r("z", 0, 100, 100, 0);
+        other.address = "127.0.0.1:3479".into();
+        assert_eq!(
+            alternate(&local, &[other], 90),
+            Some("127.0.0.1:3479".parse().unwrap())
+        );
     }
 
     #[test]

@@ -215,7 +215,11 @@ impl Node {
                 )
                 .await?,
             ),
-            None => None,
+            None => {
+                // No relay: nothing left raised by an earlier run stays on.
+                crate::media::clear_alarms(&store, &config.node_name()).await;
+                None
+            }
         };
         let control = Control::new(
             config.clone(),

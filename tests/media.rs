@@ -307,9 +307,11 @@ async fn a_relay_above_its_load_redirects_to_the_least_loaded_relay_of_the_clust
     assert!(moved.allocate().await.is_some());
     assert_eq!((relay(&node1).stats().0, relay(&node2).stats().0), (1, 1));
 
-    // node2 stops: it leaves the registry, and node1 keeps what comes (up to its
-    // capacity, two).
+    // node2 stops: it leaves the registry at once (not only when its heartbeats
+    // lapse), and node1 keeps what comes (up to its capacity, two).
     node2.node.shutdown().await;
+    let left = node1.node.server.store.relays(0).await.unwrap();
+    assert!(left.iter().all(|r| r.node != "node2.localhost"), "{left:?}");
     eventually(10, "node1 no longer redirects", || async {
         let mut again = Turn::connect(Over::Udp, server, &bob.username, &bob.password, None).await;
         again.allocate().await.is_some()
@@ -344,6 +346,24 @@ async fn relayed_ports_that_cannot_bind_refuse_the_allocation_and_raise_an_alarm
         &["alice"],
     )
     .await;
+    // An alarm an earlier run left on (alarms outlive the process) is cleared by the
+    // first heartbeat after a restart.
+    let subject = node.config.node_name();
+    let store = node.node.server.store.clone();
+    store
+        .raise_alarm(
+            impmesh_store::alarms::RELAY_AT_CAPACITY,
+            &subject,
+            "left over",
+        )
+        .await
+        .unwrap();
+    drop(store);
+    let node = node.restart().await;
+    eventually(5, "the stale MediaRelayAtCapacity cleared", || async {
+        !has_alarm(&node, "MediaRelayAtCapacity", &subject).await
+    })
+    .await;
     let service = services(&node, "alice").await["turn/udp"].clone();
     let mut client = Turn::connect(
         Over::Udp,
@@ -356,7 +376,6 @@ async fn relayed_ports_that_cannot_bind_refuse_the_allocation_and_raise_an_alarm
     assert_eq!(client.allocation_refused().await, 508);
     assert_eq!(relay(&node).port_failures(), 1);
     assert_eq!(relay(&node).stats().0, 0);
-    let subject = node.config.node_name();
     eventually(5, "MediaRelayPortsUnavailable", || async {
         has_alarm(&node, "MediaRelayPortsUnavailable", &subject).await
     })

@@ -2,7 +2,9 @@
 //! operations: raw packets from clients, requests with attributes of the fuzzer's
 //! choosing signed with valid credentials (so that the fuzzer gets past
 //! authentication), packets from peers, time passing and connections closing. Nothing
-//! may panic, and what the relay answers must parse.
+//! may panic, what the relay answers must parse, and nothing may go to a peer the
+//! policy forbids (the node's own services above all: its address is a peer on the
+//! relay ports only).
 
 #![no_main]
 
@@ -90,8 +92,27 @@ fn tuple(client: u8) -> FiveTuple {
     }
 }
 
-/// Checks what the relay sends: answers to clients parse (or are ChannelData).
-fn check(send: Option<Send<'_>>, nonce: &mut Option<String>) {
+/// The relay's peer policy: the fuzzer's peers in 192.0.2.0/24, the node's own
+/// address a peer on its relay ports only.
+fn policy() -> PeerPolicy {
+    PeerPolicy {
+        allow: vec!["192.0.2.0/24".parse().expect("a block")],
+        own: vec![OWN.into()],
+        relay_ports: Some(50_000..=51_100),
+    }
+}
+
+const OWN: [u8; 4] = [203, 0, 113, 1];
+
+/// Checks what the relay sends: answers to clients parse (or are ChannelData), and
+/// data goes only to peers the policy allows.
+fn check(send: Option<Send<'_>>, nonce: &mut Option<String>, policy: &PeerPolicy) {
+    if let Some(Send::Peer { peer, .. }) = &send {
+        assert!(
+            policy.allows_addr(*peer),
+            "relayed to a forbidden peer {peer}"
+        );
+    }
     if let Some(Send::Client { bytes, .. }) = send {
         if stun::channel_data(bytes).is_some() {
             return;
@@ -113,11 +134,7 @@ fuzz_target!(|ops: Vec<Op>| {
             max_allocations: 6,
             redirect_above: 5,
             bandwidth: 10_000,
-            // The fuzzer's peers are in 192.0.2.0/24 (documentation addresses).
-            policy: PeerPolicy {
-                allow: vec!["192.0.2.0/24".parse().expect("a block")],
-                ..PeerPolicy::default()
-            },
+            policy: policy(),
         },
         vec![SECRET.to_vec()],
     );
@@ -129,13 +146,14 @@ fuzz_target!(|ops: Vec<Op>| {
     let key = stun::long_term_key(&credential.username, REALM, &credential.password);
     let mut nonce: Option<String> = None;
     let mut tx = 0u8;
+    let policy = policy();
     let mut out = Vec::new();
     for op in ops.into_iter().take(64) {
         let unix = UNIX + now.duration_since(start).as_secs();
         match op {
             Op::Raw { client, bytes } => {
                 let send = relay.from_client(tuple(client), &bytes, now, unix, &mut ports);
-                check(send, &mut nonce);
+                check(send, &mut nonce, &policy);
             }
             Op::Request {
                 client,
@@ -157,7 +175,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     }
                 }
                 let send = relay.from_client(tuple(client), &out, now, unix, &mut ports);
-                check(send, &mut nonce);
+                check(send, &mut nonce, &policy);
             }
             Op::Channel {
                 client,
@@ -166,7 +184,7 @@ fuzz_target!(|ops: Vec<Op>| {
             } => {
                 stun::write_channel_data(&mut out, channel, &data, client % 2 == 1);
                 let send = relay.from_client(tuple(client), &out, now, unix, &mut ports);
-                check(send, &mut nonce);
+                check(send, &mut nonce, &policy);
             }
             Op::Peer { port, peer, bytes } => {
                 if let Some(relayed) = ports
@@ -175,7 +193,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 {
                     let from = SocketAddr::from(([192, 0, 2, peer], 40_000));
                     let send = relay.from_peer(*relayed, from, &bytes, now);
-                    check(send, &mut nonce);
+                    check(send, &mut nonce, &policy);
                 }
             }
             Op::Wait { secs } => {

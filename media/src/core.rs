@@ -335,6 +335,12 @@ impl Relay {
         self.allocations.len()
     }
 
+    /// What counts against `max_allocations` and `redirect_above`: the allocations
+    /// and the ports held for later ones.
+    pub fn load(&self) -> usize {
+        self.allocations.len() + self.reservations.len()
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -880,10 +886,13 @@ impl Relay {
             );
             return;
         }
-        let load = self.allocations.len() + self.reservations.len();
+        let load = self.load();
+        // Not a client over TLS (the alternate is a UDP and TCP port), nor one taking
+        // a port held here (the alternate does not hold it).
+        let movable = tuple.transport != Transport::Tls && token.is_none();
         if let Some(alternate) = self
             .alternate
-            .filter(|_| load >= self.config.redirect_above && tuple.transport != Transport::Tls)
+            .filter(|_| load >= self.config.redirect_above && movable)
         {
             // Above its load: the least loaded relay of the cluster takes it (§7.2,
             // RFC 8489 §10: after authentication, so the redirect cannot be forged).

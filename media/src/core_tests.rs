@@ -667,7 +667,14 @@ fn garbage_is_counted_and_not_answered() {
 
 #[test]
 fn even_ports_and_reservations() {
-    let mut relay = relay();
+    // At its load from the first allocation on (redirects need an alternate).
+    let mut relay = Relay::new(
+        Config {
+            redirect_above: 1,
+            ..config()
+        },
+        vec![SECRET.to_vec()],
+    );
     let mut ports = FakePorts::default();
     let now = Instant::now();
     // RTP on an even port, the next one held for RTCP under a token.
@@ -702,7 +709,9 @@ fn even_ports_and_reservations() {
                 .attr(attr::RESERVATION_TOKEN, &[1; 8]);
         });
     assert_eq!(a.code, Some(508));
-    // The token takes the held port.
+    // The token takes the held port, here though the relay is at its load and knows
+    // another (which does not hold that port).
+    relay.set_alternate(Some("203.0.113.2:3478".parse().unwrap()));
     let a = rtcp.ask(
         &mut relay,
         &mut ports,
@@ -720,6 +729,8 @@ fn even_ports_and_reservations() {
         .unwrap()
         .unwrap();
     assert_eq!(odd.port(), even.port() + 1);
+    assert_eq!(relay.stats().redirects, 0);
+    relay.set_alternate(None);
     // A hold nobody claims is released after 30 s.
     let mut other = Client::new(1002, "bob");
     other.ask(&mut relay, &mut ports, now, UNIX, method::ALLOCATE, |b| {

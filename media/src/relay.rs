@@ -229,19 +229,22 @@ impl RelayHandle {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> io::Result<RelayHandle> {
-        let media = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        // Every port first: one that is taken fails the start with nothing to undo.
         let (udp, tcp) = bind_pair(config.listen).await?;
-        let udp = {
-            let _media = media.handle().enter();
-            Udp::new(udp)?
-        };
-        set_dscp(&udp, config.dscp);
         let tls = match &config.tls {
             Some((listen, source)) => Some((TcpListener::bind(listen).await?, source.clone())),
             None => None,
         };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let media_handle = runtime.handle().clone();
+        let media = MediaRuntime(Some(runtime));
+        let udp = {
+            let _media = media_handle.enter();
+            Udp::new(udp)?
+        };
+        set_dscp(&udp, config.dscp);
         // Media to stream clients too (accepted connections inherit the class).
         for listener in std::iter::once(&tcp).chain(tls.as_ref().map(|(l, _)| l)) {
             if let Err(e) = impmesh_limits::set_dscp(listener, config.dscp) {
@@ -263,7 +266,7 @@ impl RelayHandle {
             config,
             udp: Arc::new(udp),
             shutdown: shutdown.clone(),
-            media: media.handle().clone(),
+            media: media_handle,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             per_address: impmesh_limits::PerAddress::new(STREAMS_PER_ADDRESS),
             port_failures: std::sync::atomic::AtomicU64::new(0),
@@ -276,12 +279,14 @@ impl RelayHandle {
         std::thread::Builder::new()
             .name("impmesh-relay".into())
             .spawn(move || {
-                media.block_on(async {
-                    let expiry = tokio::spawn(expiry(on_thread.clone()));
-                    serve_udp(on_thread).await;
-                    let _ = expiry.await;
-                });
-                drop(media);
+                let mut media = media;
+                if let Some(runtime) = media.0.take() {
+                    runtime.block_on(async {
+                        let expiry = tokio::spawn(expiry(on_thread.clone()));
+                        serve_udp(on_thread).await;
+                        let _ = expiry.await;
+                    });
+                }
                 let _ = done.send(());
             })?;
         tasks.spawn(async move {
@@ -321,6 +326,11 @@ impl RelayHandle {
     pub fn stats(&self) -> (usize, Stats) {
         let state = lock(&self.shared.state);
         (state.relay.allocations(), state.relay.stats().clone())
+    }
+
+    /// The allocations and held ports, as they count against the capacity.
+    pub fn load(&self) -> usize {
+        lock(&self.shared.state).relay.load()
     }
 
     /// Allocations refused so far because no relayed port could be bound (the range
@@ -418,6 +428,19 @@ impl RelayHandle {
 
     pub fn set_alternate(&self, alternate: Option<SocketAddr>) {
         lock(&self.shared.state).relay.set_alternate(alternate);
+    }
+}
+
+/// The media thread's runtime until the thread takes it. Dropped before (a start that
+/// fails halfway), it shuts down in the background: a runtime may not be dropped,
+/// waiting, inside another one's task.
+struct MediaRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for MediaRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -769,8 +792,8 @@ mod tests {
     use crate::stun::{Builder, Class, Message, attr, method};
     use tokio::net::{TcpStream, UdpSocket};
 
-    async fn start() -> (RelayHandle, CancellationToken, TaskTracker) {
-        let core = Config {
+    fn config() -> Config {
+        Config {
             realm: "example.com".into(),
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
@@ -779,7 +802,10 @@ mod tests {
             redirect_above: 10,
             bandwidth: 100_000,
             policy: PeerPolicy::default(),
-        };
+        }
+    }
+
+    async fn start() -> (RelayHandle, CancellationToken, TaskTracker) {
         let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         let relay = RelayHandle::start(
             RelayConfig {
@@ -790,7 +816,7 @@ mod tests {
                 ports: 49152..=65535,
                 dscp: 46,
             },
-            Relay::new(core, vec![b"s".to_vec()]),
+            Relay::new(config(), vec![b"s".to_vec()]),
             shutdown.clone(),
             &tasks,
         )
@@ -850,6 +876,45 @@ mod tests {
             .tos_v4()
             .unwrap();
         assert_eq!(tos, 46 << 2);
+        shutdown.cancel();
+    }
+
+    /// A port that is taken fails the start with an error (it once panicked: the media
+    /// runtime, made before the binding, was dropped inside the caller's runtime).
+    #[tokio::test]
+    async fn a_taken_port_fails_the_start_cleanly() {
+        let (relay, shutdown, tasks) = start().await;
+        let taken = relay.udp_addr();
+        let core = Relay::new(config(), vec![b"s".to_vec()]);
+        let again = RelayHandle::start(
+            RelayConfig {
+                listen: taken,
+                ..relay.shared.config.clone()
+            },
+            core,
+            shutdown.clone(),
+            &tasks,
+        )
+        .await;
+        assert_eq!(
+            again.map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        // And a TLS port that is taken, after the UDP and TCP ones bound.
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let source: TlsSource = Arc::new(|| unreachable!("no handshake"));
+        let again = RelayHandle::start(
+            RelayConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                tls: Some((busy.local_addr().unwrap(), source)),
+                ..relay.shared.config.clone()
+            },
+            Relay::new(config(), vec![b"s".to_vec()]),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await;
+        assert!(again.is_err());
         shutdown.cancel();
     }
 

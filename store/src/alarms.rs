@@ -197,7 +197,7 @@ pub const CATALOGUE: &[AlarmDef] = &[
         name: "MediaRelayAtCapacity",
         severity: Severity::Major,
         meaning: "This node's TURN relay (the subject: the node) holds [media] max_allocations allocations: new ones get 508 Insufficient Capacity, and calls of this cluster's users may fail to connect, unless another relay of the cluster with room takes them (300 Try Alternate).",
-        action: "Add a node with a relay to the cluster, or raise [media] max_allocations if the machine has the bandwidth (`impmesh_relay_bytes_total`); look for one user holding many (`[media] user_allocations`). Clears when the relay is below its capacity.",
+        action: "Add a node with a relay to the cluster, or raise [media] max_allocations if the machine has the bandwidth (`impmesh_relay_bytes_total`); look for one user holding many (`[media] user_allocations`). Clears below 90 % of the capacity, or at the next start when the relay is not full.",
     },
     AlarmDef {
         name: "MediaRelayPortsUnavailable",
