@@ -240,6 +240,11 @@ impl RelayHandle {
             .build()?;
         let media_handle = runtime.handle().clone();
         let media = MediaRuntime(Some(runtime));
+        // The relay stops with the node, and also when the caller's runtime goes
+        // without a shutdown (a node dropped, a test ending): the media thread must
+        // not outlive it holding the node's ports and, through the TLS source, its
+        // store.
+        let shutdown = shutdown.child_token();
         let udp = {
             let _media = media_handle.enter();
             Udp::new(udp)?
@@ -289,7 +294,9 @@ impl RelayHandle {
                 }
                 let _ = done.send(());
             })?;
+        let stop = shutdown.clone().drop_guard();
         tasks.spawn(async move {
+            let _stop_when_dropped = stop;
             let _ = finished.await;
         });
         tasks.spawn(serve_streams(shared.clone(), tcp, None, tasks.clone()));
@@ -877,6 +884,31 @@ mod tests {
             .unwrap();
         assert_eq!(tos, 46 << 2);
         shutdown.cancel();
+    }
+
+    /// A relay whose caller's runtime ends without a shutdown (a node dropped) stops
+    /// its media thread and frees its port: the thread once served on, keeping the
+    /// node (and its store's connections) alive.
+    #[test]
+    fn the_media_thread_ends_with_the_callers_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (relay, _shutdown, _tasks) = runtime.block_on(start());
+        let port = relay.udp_addr();
+        let weak = Arc::downgrade(&relay.shared);
+        drop(relay);
+        drop(runtime);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while weak.strong_count() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the media thread lives on"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::net::UdpSocket::bind(port).expect("the port is free again");
     }
 
     /// A port that is taken fails the start with an error (it once panicked: the media
