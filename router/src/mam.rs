@@ -220,6 +220,9 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
                 }
             }
         }
+        if let Err(e) = store.archive_expire_zones(cutoff).await {
+            tracing::error!(error = %e, "archive expiry failed; retried next hour");
+        }
         if total > 0 {
             tracing::info!(
                 messages = total,

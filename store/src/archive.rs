@@ -70,6 +70,34 @@ enum Bind {
     Int(i64),
 }
 
+/// Characters of an archive id that name its zone. Ids begin with the time in
+/// microseconds in 14 hex digits, so the first five cover 2^36 µs (about 19 hours).
+/// The history with one contact is found through the zones in which the two
+/// exchanged messages (`archive_zones`, written once per account, contact and zone),
+/// then each zone's ids by the account's index: an index by contact cost an entry in
+/// a page of each account's own for every message archived.
+const ZONE_CHARS: usize = 5;
+/// How far a message's time (`ts`) may lie from the time its id was made (it is
+/// read just after; a clock stepped back puts it before): a window by time looks this
+/// much further into the zones on each side.
+const ID_TO_TS_SLACK_MICROS: i64 = 60_000_000;
+
+/// The zone of an archive id.
+fn zone(id: &str) -> &str {
+    id.get(..ZONE_CHARS).unwrap_or(id)
+}
+
+/// The zone holding ids made at `micros`.
+fn zone_at(micros: i64) -> String {
+    let hex = format!("{:014x}", micros.max(0));
+    hex[..ZONE_CHARS.min(hex.len())].to_owned()
+}
+
+/// The smallest string above every id of `zone`: ids are hex digits.
+fn zone_end(zone: &str) -> String {
+    format!("{zone}g")
+}
+
 impl Store {
     /// Appends archived messages in one transaction: many rows per statement; should
     /// that fail (an owner deleted meanwhile breaks the foreign key), row by row,
@@ -145,6 +173,41 @@ impl Store {
             }
             query.execute(&mut *tx).await?;
         }
+        let mut zones: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.owner.as_str(), r.peer.as_str(), zone(&r.id)))
+            .collect();
+        zones.sort_unstable();
+        zones.dedup();
+        const ZONES_PER_STATEMENT: usize = 128;
+        for chunk in zones.chunks(ZONES_PER_STATEMENT) {
+            let mut sql = String::from(match self.backend {
+                Backend::Sqlite => {
+                    "INSERT OR IGNORE INTO archive_zones (owner, peer, zone) VALUES "
+                }
+                Backend::Postgres => "INSERT INTO archive_zones (owner, peer, zone) VALUES ",
+            });
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                match self.backend {
+                    Backend::Sqlite => sql.push_str("(?, ?, ?)"),
+                    Backend::Postgres => {
+                        let b = i * 3;
+                        sql.push_str(&format!("(${}, ${}, ${})", b + 1, b + 2, b + 3));
+                    }
+                }
+            }
+            if self.backend == Backend::Postgres {
+                sql.push_str(" ON CONFLICT DO NOTHING");
+            }
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (owner, peer, zone) in chunk {
+                query = query.bind(*owner).bind(*peer).bind(*zone);
+            }
+            query.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -166,6 +229,16 @@ impl Store {
             .bind(r.ts)
             .bind(i64::from(r.outgoing))
             .bind(&*r.stanza)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO archive_zones (owner, peer, zone)
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&r.owner)
+            .bind(&r.peer)
+            .bind(zone(&r.id))
             .execute(&mut *tx)
             .await?;
         }
@@ -262,22 +335,94 @@ impl Store {
             push(&mut sql, clause, Bind::Str(id.to_owned()));
         }
         let order = if backward { "DESC" } else { "ASC" };
-        let limit = i64::try_from(max.saturating_add(1)).unwrap_or(i64::MAX);
-        push(
-            &mut sql,
-            &format!(" ORDER BY id {order} LIMIT ?"),
-            Bind::Int(limit),
-        );
+        // One more than a page: whether the results go on.
+        let wanted = max.saturating_add(1);
+        let mut tx = self.snapshot().await?;
+        let mut messages = Vec::new();
+        match filter.peer {
+            None => {
+                messages = Self::archive_select(&mut tx, &sql, &binds, None, order, wanted).await?;
+            }
+            Some(peer) => {
+                // The zones in which `peer` and the owner exchanged messages, within
+                // the query's bounds, in the order of the page; then the page's
+                // messages zone by zone.
+                let mut lo = [filter.after_id, paging.filter(|_| !backward).map(|p| p.0)]
+                    .into_iter()
+                    .flatten()
+                    .map(|id| zone(id).to_owned())
+                    .max();
+                if let Some(start) = filter.start {
+                    lo = lo.max(Some(zone_at(start.saturating_sub(ID_TO_TS_SLACK_MICROS))));
+                }
+                let mut hi = [filter.before_id, paging.filter(|_| backward).map(|p| p.0)]
+                    .into_iter()
+                    .flatten()
+                    .map(|id| zone(id).to_owned())
+                    .min();
+                if let Some(end) = filter.end {
+                    let at_end = zone_at(end.saturating_add(ID_TO_TS_SLACK_MICROS));
+                    hi = Some(hi.map_or(at_end.clone(), |h| h.min(at_end)));
+                }
+                let zones = Self::archive_zones_of(
+                    &mut tx,
+                    owner,
+                    peer,
+                    lo.as_deref(),
+                    hi.as_deref(),
+                    order,
+                )
+                .await?;
+                for z in &zones {
+                    let left = wanted - messages.len();
+                    let found =
+                        Self::archive_select(&mut tx, &sql, &binds, Some(z), order, left).await?;
+                    messages.extend(found);
+                    if messages.len() >= wanted {
+                        break;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        let complete = messages.len() <= max;
+        messages.truncate(max);
+        if backward {
+            messages.reverse();
+        }
+        Ok(Some(ArchiveResults { messages, complete }))
+    }
+
+    /// The messages of one query (`sql` and its `binds`, without order and limit),
+    /// within one zone when given, in `order`, at most `limit`.
+    async fn archive_select(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        sql: &str,
+        binds: &[Bind],
+        zone: Option<&str>,
+        order: &str,
+        limit: usize,
+    ) -> Result<Vec<Archived>> {
+        let mut sql = sql.to_owned();
+        let n = binds.len();
+        if zone.is_some() {
+            sql.push_str(&format!(" AND id >= ${} AND id < ${}", n + 1, n + 2));
+        }
+        let limit_at = if zone.is_some() { n + 3 } else { n + 1 };
+        sql.push_str(&format!(" ORDER BY id {order} LIMIT ${limit_at}"));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for b in binds {
             query = match b {
-                Bind::Str(s) => query.bind(s),
-                Bind::Int(i) => query.bind(i),
+                Bind::Str(s) => query.bind(s.clone()),
+                Bind::Int(i) => query.bind(*i),
             };
         }
-        let rows = query.fetch_all(&self.pool).await?;
-        let mut messages = rows
-            .iter()
+        if let Some(zone) = zone {
+            query = query.bind(zone.to_owned()).bind(zone_end(zone));
+        }
+        query = query.bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = query.fetch_all(&mut **tx).await?;
+        rows.iter()
             .map(|r| {
                 Ok(Archived {
                     id: r.try_get("id")?,
@@ -285,13 +430,49 @@ impl Store {
                     stanza: r.try_get("stanza")?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        let complete = messages.len() <= max;
-        messages.truncate(max);
-        if backward {
-            messages.reverse();
+            .collect()
+    }
+
+    /// The zones in which `owner` and `peer` exchanged messages, from `lo` to `hi`
+    /// (inclusive, when given), in `order`.
+    async fn archive_zones_of(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        owner: &str,
+        peer: &str,
+        lo: Option<&str>,
+        hi: Option<&str>,
+        order: &str,
+    ) -> Result<Vec<String>> {
+        let mut sql = String::from("SELECT zone FROM archive_zones WHERE owner = $1 AND peer = $2");
+        let mut n = 2;
+        for (bound, op) in [(lo, ">="), (hi, "<=")] {
+            if bound.is_some() {
+                n += 1;
+                sql.push_str(&format!(" AND zone {op} ${n}"));
+            }
         }
-        Ok(Some(ArchiveResults { messages, complete }))
+        sql.push_str(&format!(" ORDER BY zone {order}"));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(owner).bind(peer);
+        for bound in [lo, hi].into_iter().flatten() {
+            query = query.bind(bound);
+        }
+        let rows = query.fetch_all(&mut **tx).await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("zone")?))
+            .collect()
+    }
+
+    /// Forgets the zones whose messages all lie before `before` (microseconds): after
+    /// [`Store::archive_expire`] took those messages.
+    pub async fn archive_expire_zones(&self, before: i64) -> Result<u64> {
+        // A zone's ids were all made before the next zone begins, and its messages'
+        // times are at most ID_TO_TS_SLACK_MICROS later.
+        let first_kept = zone_at(before.saturating_sub(ID_TO_TS_SLACK_MICROS));
+        Ok(sqlx::query("DELETE FROM archive_zones WHERE zone < $1")
+            .bind(first_kept)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     /// The first and the last message of `owner`'s archive (XEP-0313 metadata).
@@ -573,6 +754,153 @@ mod tests {
             );
             store.delete_user("erin").await.unwrap();
             assert!(store.archive_bounds("erin").await.unwrap().is_none());
+        }
+    }
+
+    /// A page's ids and whether it is the last.
+    async fn page(
+        store: &Store,
+        owner: &str,
+        filter: &ArchiveFilter<'_>,
+        page: ArchivePage<'_>,
+        max: usize,
+    ) -> (Vec<String>, bool) {
+        let r = store
+            .archive_query(owner, filter, page, max)
+            .await
+            .unwrap()
+            .unwrap();
+        (r.messages.into_iter().map(|m| m.id).collect(), r.complete)
+    }
+
+    /// The history with one contact is found through the zones of ids (about 19
+    /// hours each) in which the two exchanged messages: pages that span zones, skip
+    /// zones without the contact, stop at a page's end in either direction, and
+    /// honour every bound; expiry forgets the zones it emptied.
+    #[tokio::test]
+    async fn history_with_a_contact_across_zones() {
+        const ZONE: i64 = 1 << 36;
+        let base = ((1_700_000_000_000_000_i64 >> 36) + 1) << 36;
+        // Two messages per zone; the contact b@d in zones 0, 1, 3 and 4, not 2.
+        let at = |k: i64| base + k * ZONE / 2;
+        let id = |k: i64| format!("{:014x}{:016x}", at(k), 7 * k + 1);
+        for (store, _dir) in stores().await {
+            for name in ["erin", "frank"] {
+                store
+                    .add_user(NewUser {
+                        username: name,
+                        password: "pw",
+                        home_cluster: "c",
+                        home_node: "n",
+                    })
+                    .await
+                    .unwrap();
+            }
+            let mut rows: Vec<ArchiveRow> = (0..10)
+                .map(|k| {
+                    let peer = if k % 3 == 0 { "b@d" } else { "a@d" };
+                    let mut r = row("erin", &id(k), peer, at(k));
+                    r.resource = if k == 3 { "phone".into() } else { "r".into() };
+                    r
+                })
+                .collect();
+            rows.push(row("frank", &id(20), "b@d", at(20)));
+            // An owner gone meanwhile: the batch is stored row by row, zones too.
+            rows.push(row("nobody", &id(21), "b@d", at(21)));
+            store.archive_append(&rows).await.unwrap();
+            let with_b = ArchiveFilter {
+                peer: Some("b@d"),
+                ..Default::default()
+            };
+            assert_eq!(
+                page(&store, "erin", &with_b, ArchivePage::Forward(None), 3).await,
+                (vec![id(0), id(3), id(6)], false)
+            );
+            let after = id(6);
+            assert_eq!(
+                page(
+                    &store,
+                    "erin",
+                    &with_b,
+                    ArchivePage::Forward(Some(&after)),
+                    3
+                )
+                .await,
+                (vec![id(9)], true)
+            );
+            assert_eq!(
+                page(&store, "erin", &with_b, ArchivePage::Backward(None), 2).await,
+                (vec![id(6), id(9)], false)
+            );
+            assert_eq!(
+                page(
+                    &store,
+                    "erin",
+                    &with_b,
+                    ArchivePage::Backward(Some(&after)),
+                    5
+                )
+                .await,
+                (vec![id(0), id(3)], true)
+            );
+            let window = ArchiveFilter {
+                start: Some(at(3)),
+                end: Some(at(9) - 1),
+                ..with_b.clone()
+            };
+            assert_eq!(
+                page(&store, "erin", &window, ArchivePage::Forward(None), 10).await,
+                (vec![id(3), id(6)], true)
+            );
+            let (lo, hi) = (id(0), id(9));
+            let between = ArchiveFilter {
+                after_id: Some(&lo),
+                before_id: Some(&hi),
+                ..with_b.clone()
+            };
+            assert_eq!(
+                page(&store, "erin", &between, ArchivePage::Backward(None), 10).await,
+                (vec![id(3), id(6)], true)
+            );
+            let phone = ArchiveFilter {
+                resource: Some("phone"),
+                ..with_b.clone()
+            };
+            assert_eq!(
+                page(&store, "erin", &phone, ArchivePage::Forward(None), 10).await,
+                (vec![id(3)], true)
+            );
+            // Another account's history with the same contact is its own.
+            assert_eq!(
+                page(&store, "frank", &with_b, ArchivePage::Forward(None), 10).await,
+                (vec![id(20)], true)
+            );
+            // Expiry up to message 7 (zone 3) forgets zones 0 to 2, keeps zone 3 (it
+            // still holds message 7) and later ones.
+            let zones = |peer: &'static str| {
+                let store = store.clone();
+                async move {
+                    sqlx::query(
+                        "SELECT zone FROM archive_zones WHERE owner = 'erin' AND peer = $1 ORDER BY zone",
+                    )
+                    .bind(peer)
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap()
+                    .len()
+                }
+            };
+            assert_eq!((zones("b@d").await, zones("a@d").await), (4, 5));
+            assert_eq!(store.archive_expire(at(7), 100).await.unwrap(), 7);
+            assert_eq!(store.archive_expire_zones(at(7)).await.unwrap(), 5);
+            assert_eq!((zones("b@d").await, zones("a@d").await), (2, 2));
+            assert_eq!(
+                page(&store, "erin", &with_b, ArchivePage::Forward(None), 10).await,
+                (vec![id(9)], true)
+            );
+            // A deleted account's zones go with it.
+            store.delete_user("erin").await.unwrap();
+            assert_eq!(zones("b@d").await, 0);
         }
     }
 }
