@@ -28,6 +28,7 @@ pub struct Config {
     pub archive: ArchiveSection,
     pub upload: UploadSection,
     pub media: MediaSection,
+    pub muc: MucSection,
     pub log: LogSection,
 }
 
@@ -50,6 +51,7 @@ impl Default for Config {
             archive: ArchiveSection::default(),
             upload: UploadSection::default(),
             media: MediaSection::default(),
+            muc: MucSection::default(),
             log: LogSection::default(),
         }
     }
@@ -471,6 +473,38 @@ impl Default for ArchiveSection {
     }
 }
 
+/// Multi-user chat (XEP-0045, docs/xmpp.md): rooms for the users of this node. Off
+/// by default until rooms cross the mesh (issue 16).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MucSection {
+    pub enabled: bool,
+    /// The service's domain; default `conference.` and the served domain.
+    pub host: Option<String>,
+    /// Rooms at most on the node.
+    pub max_rooms: usize,
+    /// Rooms one account may own at once.
+    pub max_rooms_per_user: usize,
+    /// Occupants of one room at most (its owners and admins may enter beyond).
+    pub max_occupants: usize,
+    /// Messages a room keeps for those who enter later.
+    pub history_length: usize,
+}
+
+impl Default for MucSection {
+    fn default() -> Self {
+        let d = impmesh_router::MucSettings::new("");
+        MucSection {
+            enabled: false,
+            host: None,
+            max_rooms: d.max_rooms,
+            max_rooms_per_user: d.max_rooms_per_user,
+            max_occupants: d.max_occupants,
+            history_length: d.history_length,
+        }
+    }
+}
+
 /// The TURN relay of this node (the bridged media plane, docs/media.md), on
 /// `[listen] turn`, and the credentials XEP-0215 hands out for it.
 #[derive(Debug, Clone, Deserialize)]
@@ -726,6 +760,19 @@ impl Config {
         self.contact.validate()?;
         self.upload.validate()?;
         self.media.validate(self.listen.turn)?;
+        let m = &self.muc;
+        if m.host
+            .as_deref()
+            .is_some_and(|h| xmpp_domain_ok(h).is_none() || h == self.domain)
+            || m.max_rooms == 0
+            || m.max_rooms_per_user == 0
+            || !(1..=100_000).contains(&m.max_occupants)
+            || m.history_length > 1000
+        {
+            return Err(ConfigError::Invalid(
+                "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000".into(),
+            ));
+        }
         if self.listen.dscp > 63 {
             return Err(ConfigError::Invalid(
                 "listen.dscp must be between 0 and 63".into(),
@@ -883,6 +930,17 @@ impl Config {
                 .then(|| Duration::from_secs(u64::from(a.retention_days) * 86_400)),
             max_page: a.max_page,
         };
+        let m = &self.muc;
+        rc.muc = m.enabled.then(|| impmesh_router::MucSettings {
+            host: m
+                .host
+                .clone()
+                .unwrap_or_else(|| format!("conference.{}", self.domain)),
+            max_rooms: m.max_rooms,
+            max_rooms_per_user: m.max_rooms_per_user,
+            max_occupants: m.max_occupants,
+            history_length: m.history_length,
+        });
         let u = &self.upload;
         rc.upload = u.enabled.then(|| impmesh_router::UploadSettings {
             public_url: u.public_url.clone(),
@@ -1060,6 +1118,30 @@ mod tests {
         assert!(Config::parse("[upload]\nmax_file_bytes = 10\nquota_bytes = 5").is_err());
         let off = Config::parse("[upload]\nenabled = false").unwrap();
         assert!(off.router_config().upload.is_none());
+    }
+
+    /// `[muc]` is off by default; on, its host defaults to `conference.DOMAIN`, and a
+    /// host that is the served domain is refused.
+    #[test]
+    fn muc_is_off_by_default_and_checked() {
+        assert!(Config::default().router_config().muc.is_none());
+        let on = Config::parse("domain = \"example.com\"\n[muc]\nenabled = true").unwrap();
+        let m = on.router_config().muc.unwrap();
+        assert_eq!(m.host, "conference.example.com");
+        assert_eq!((m.max_occupants, m.history_length), (200, 20));
+        let own =
+            Config::parse("[muc]\nenabled = true\nhost = \"rooms.localhost\"\nmax_occupants = 5")
+                .unwrap();
+        assert_eq!(own.router_config().muc.unwrap().host, "rooms.localhost");
+        for bad in [
+            "host = \"localhost\"",
+            "host = \"not a domain\"",
+            "max_occupants = 0",
+            "max_rooms = 0",
+            "history_length = 5000",
+        ] {
+            assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
+        }
     }
 
     /// The router links' limits come from `[limits]`, checked.

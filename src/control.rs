@@ -471,6 +471,17 @@ impl NodeControl for Control {
             "impmesh_uptime_seconds {}",
             self.started.elapsed().as_secs()
         );
+        if self.server.config.muc.is_some() {
+            let (rooms, occupants) = self.server.muc_counts();
+            out.push_str("# HELP impmesh_muc_rooms Chat rooms (XEP-0045) on this node now.\n");
+            out.push_str("# TYPE impmesh_muc_rooms gauge\n");
+            let _ = writeln!(out, "impmesh_muc_rooms {rooms}");
+            out.push_str(
+                "# HELP impmesh_muc_occupants Occupants (nicks) of this node's chat rooms now.\n",
+            );
+            out.push_str("# TYPE impmesh_muc_occupants gauge\n");
+            let _ = writeln!(out, "impmesh_muc_occupants {occupants}");
+        }
         self.server.stats.render(out);
         self.server.store.latency().render(out);
         self.server.render_link_metrics(out);

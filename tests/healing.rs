@@ -10,7 +10,7 @@ mod support;
 use impmesh_axl::NodeControl as _;
 use support::{
     AXL_PW, AXL_USER, DOMAIN, TestNode, body, eventually, expect, has_alarm,
-    mesh_cluster as cluster, online, send,
+    mesh_cluster as cluster, metrics, online, send,
 };
 
 const A: &str = "cluster-a.example.com";
@@ -311,24 +311,6 @@ async fn a_link_to_a_node_named_by_host_survives_a_dns_outage() {
             && m.contains(&format!("impmesh_peer_users{{peer=\"{B}\"}} 1"))
     })
     .await;
-}
-
-/// A node's `/metrics`, as Prometheus scrapes it (on the admin listener).
-async fn metrics(node: &TestNode) -> String {
-    let anchors = impmesh_certs::TrustAnchors {
-        cas: vec![],
-        pinned: [node.node.identity().fingerprint()].into(),
-    };
-    let mut client = impmesh_axl::client::AxlClient::connect(
-        &node.node.admin_addr.to_string(),
-        "localhost",
-        impmesh_axl::client::ServerTrust::Verified(
-            impmesh_certs::PeerVerifier::new(&anchors).unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
-    client.get("/metrics").await.unwrap().1
 }
 
 /// The certificate a node's HTTPS service presents now.

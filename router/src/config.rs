@@ -38,6 +38,8 @@ pub struct RouterConfig {
     /// How long a FAST token (XEP-0484) lasts; `None`: FAST is not offered (SASL2
     /// and Bind 2 still are).
     pub fast_token_lifetime: Option<Duration>,
+    /// Multi-user chat (XEP-0045); `None`: not offered.
+    pub muc: Option<crate::muc::MucSettings>,
 }
 
 /// FAST tokens' default lifetime, as Prosody's: a device unused for three weeks logs
@@ -276,6 +278,7 @@ impl RouterConfig {
             archive: ArchiveSettings::default(),
             upload: None,
             fast_token_lifetime: Some(FAST_TOKEN_LIFETIME),
+            muc: None,
         }
     }
 }

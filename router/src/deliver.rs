@@ -25,6 +25,10 @@ impl Context<'_> {
             self.reply_error(&message, StanzaErrorCondition::ServiceUnavailable, None);
             return;
         };
+        if self.server.is_muc(&to) {
+            self.on_muc_message(&message, &to);
+            return;
+        }
         if to.node().is_none() {
             if to.domain().as_str() == self.server.config.domain {
                 self.reply_error(&message, StanzaErrorCondition::ServiceUnavailable, None);
@@ -288,6 +292,15 @@ impl Server {
         let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
             return;
         };
+        if self.is_muc(&to) {
+            // A session's unavailable presence to the rooms it is in, as it ends.
+            if stanza.name() == "presence"
+                && let Some(Ok(from)) = stanza.attr("from").map(FullJid::new)
+            {
+                let _ = self.muc_presence(&from, stanza, &to);
+            }
+            return;
+        }
         let Some(user) = to.node() else { return };
         let sessions = self.hub.sessions(user.as_str());
         if sessions.is_empty() {

@@ -119,6 +119,7 @@ pub enum StanzaErrorCondition {
     NotAllowed,
     NotAuthorized,
     PolicyViolation,
+    RegistrationRequired,
     RecipientUnavailable,
     RemoteServerNotFound,
     RemoteServerTimeout,
@@ -142,6 +143,7 @@ impl StanzaErrorCondition {
             Self::NotAllowed => "not-allowed",
             Self::NotAuthorized => "not-authorized",
             Self::PolicyViolation => "policy-violation",
+            Self::RegistrationRequired => "registration-required",
             Self::RecipientUnavailable => "recipient-unavailable",
             Self::RemoteServerNotFound => "remote-server-not-found",
             Self::RemoteServerTimeout => "remote-server-timeout",
@@ -163,7 +165,7 @@ impl StanzaErrorCondition {
             | Self::RemoteServerNotFound
             | Self::ServiceUnavailable
             | Self::UnexpectedRequest => "cancel",
-            Self::Forbidden | Self::NotAuthorized => "auth",
+            Self::Forbidden | Self::NotAuthorized | Self::RegistrationRequired => "auth",
             Self::InternalServerError
             | Self::RecipientUnavailable
             | Self::RemoteServerTimeout

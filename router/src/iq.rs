@@ -188,6 +188,7 @@ impl Context<'_> {
         let domain = self.server.config.domain.clone();
         let own_bare = self.jid().to_bare();
         match &to {
+            Some(to) if self.server.is_muc(to) => self.on_muc_iq(&iq, to),
             // To a full JID: route to that session.
             Some(to) if to.resource().is_some() => {
                 if to.domain().as_str() != domain {
@@ -363,7 +364,21 @@ impl Context<'_> {
                 self.reply_result(&iq, Some(body));
             }
             ("query", ns::DISCO_ITEMS) if !set => {
-                self.reply_result(&iq, Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)));
+                // The services of the domain: the chat service when on.
+                let items = self
+                    .server
+                    .config
+                    .muc
+                    .as_ref()
+                    .map(|m| format!("<item jid='{}' name='Chatrooms'/>", escape(&m.host)))
+                    .unwrap_or_default();
+                self.reply_result(
+                    &iq,
+                    Some(format!(
+                        "<query xmlns='{}'>{items}</query>",
+                        ns::DISCO_ITEMS
+                    )),
+                );
             }
             ("query", ns::VERSION) if !set => {
                 let body = format!(

@@ -22,6 +22,7 @@ pub mod hub;
 mod iq;
 pub mod link;
 mod mam;
+mod muc;
 pub mod names;
 mod pep;
 mod presence;
@@ -49,6 +50,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{ArchiveSettings, Limits, RouterConfig, UploadSettings};
 pub use iq::SERVER_FEATURES;
 pub use link::{HostResolver, LinkDirection, LinkStatus};
+pub use muc::MucSettings;
 
 use crate::hub::Hub;
 
@@ -103,6 +105,8 @@ pub struct Server {
     pep: pep::Pep,
     /// Message archives: the batched writer's queue, preferences.
     archive: mam::Archive,
+    /// Chat rooms (XEP-0045) of this node.
+    muc: muc::Rooms,
     /// Push notifications: answers awaited, the throttle.
     push: push::Push,
     /// The avatar hash of each account seen lately (XEP-0153).
@@ -179,6 +183,7 @@ impl Server {
             pep: pep::Pep::default(),
             push: push::Push::default(),
             avatars: avatar::Hashes::default(),
+            muc: muc::Rooms::default(),
             archive: mam::Archive::start(
                 store.clone(),
                 config.archive.retention,

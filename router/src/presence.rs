@@ -147,6 +147,28 @@ impl Context<'_> {
     /// Presence sent to one JID (RFC 6121 §4.6).
     async fn directed_presence(&mut self, presence: Element, to: Jid, ty: PresenceType) {
         let server = self.server.clone();
+        if server.is_muc(&to) {
+            // A room: entered with directed presence, left when the session ends.
+            match ty {
+                PresenceType::Available => {
+                    if self.directed.len() >= MAX_DIRECTED && !self.directed.contains(&to) {
+                        self.reply_error(
+                            &presence,
+                            StanzaErrorCondition::ResourceConstraint,
+                            Some("too many directed presence targets in this session"),
+                        );
+                        return;
+                    }
+                    self.directed.insert(to.clone());
+                }
+                PresenceType::Unavailable => {
+                    self.directed.remove(&to);
+                }
+                _ => return,
+            }
+            self.on_muc_presence(&presence, &to);
+            return;
+        }
         if to.domain().as_str() != server.config.domain {
             self.reply_error(&presence, StanzaErrorCondition::RemoteServerNotFound, None);
             return;

@@ -19,6 +19,7 @@ pub struct Stats {
     push_sent: AtomicU64,
     push_refused: AtomicU64,
     push_undelivered: AtomicU64,
+    muc_relayed: AtomicU64,
 }
 
 const KINDS: [&str; 3] = ["message", "presence", "iq"];
@@ -83,6 +84,12 @@ impl Stats {
     /// A notification did not reach its app server (offline, unreachable).
     pub(crate) fn push_undelivered(&self) {
         self.push_undelivered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A chat room (XEP-0045) sent `n` stanzas for one message.
+    pub(crate) fn muc_messages(&self, n: usize) {
+        self.muc_relayed
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Appends the counters in Prometheus text format.
@@ -153,6 +160,13 @@ impl Stats {
             out,
             "impmesh_push_notifications_total{{result=\"undelivered\"}} {}",
             get(&self.push_undelivered)
+        );
+        out.push_str("# HELP impmesh_muc_messages_relayed_total Stanzas chat rooms (XEP-0045) sent to occupants for their messages.\n");
+        out.push_str("# TYPE impmesh_muc_messages_relayed_total counter\n");
+        let _ = writeln!(
+            out,
+            "impmesh_muc_messages_relayed_total {}",
+            get(&self.muc_relayed)
         );
     }
 }

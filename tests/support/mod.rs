@@ -660,6 +660,24 @@ pub async fn peer_clusters(from: &TestNode, to: &TestNode, users_of_from: i64, u
 }
 
 /// How many offline messages `user` has waiting on `node`.
+/// A node's `/metrics`, as Prometheus scrapes it (on the admin listener).
+pub async fn metrics(node: &TestNode) -> String {
+    let anchors = impmesh_certs::TrustAnchors {
+        cas: vec![],
+        pinned: [node.node.identity().fingerprint()].into(),
+    };
+    let mut client = impmesh_axl::client::AxlClient::connect(
+        &node.node.admin_addr.to_string(),
+        "localhost",
+        impmesh_axl::client::ServerTrust::Verified(
+            impmesh_certs::PeerVerifier::new(&anchors).unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    client.get("/metrics").await.unwrap().1
+}
+
 pub async fn offline_count(node: &TestNode, user: &str) -> usize {
     node.node
         .server

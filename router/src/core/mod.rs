@@ -9,6 +9,7 @@ pub mod csi;
 pub mod delivery;
 pub mod envelope;
 pub mod extdisco;
+pub mod muc;
 pub mod negotiate;
 pub mod pubsub;
 pub mod push;

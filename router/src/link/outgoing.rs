@@ -944,6 +944,7 @@ mod tests {
             archive: Default::default(),
             upload: None,
             fast_token_lifetime: None,
+            muc: None,
         };
         let router = Arc::new(Bounces::default());
         let weak = Arc::downgrade(&router);

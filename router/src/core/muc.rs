@@ -1,0 +1,1239 @@
+//! XEP-0045 multi-user chat rooms as decisions without I/O: one room's occupants,
+//! affiliations, subject and history, and what each presence or message to it sends
+//! to whom. The service that owns rooms (routing, the store, the mesh) hands it
+//! parsed stanzas with the sender's real full JID and the current time, and sends the
+//! stanzas it returns.
+//!
+//! Occupants are identified by nick; several sessions of one account may share a
+//! nick (a phone and a laptop in the same room), and each receives the room's
+//! traffic. A nick held by one account is a `conflict` for any other.
+//!
+//! Not here yet (issue 16): configuration forms, affiliation and role changes by
+//! IQ, kicks and bans, invitations, voice requests, destruction, registration, the
+//! room archive, and rooms across the mesh.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use jid::{BareJid, FullJid, ResourcePart};
+use minidom::Element;
+
+use crate::core::archive::datetime;
+use crate::error::StanzaErrorCondition;
+use crate::stanza;
+use crate::xml::ns;
+
+/// XEP-0045's namespaces.
+pub const NS: &str = "http://jabber.org/protocol/muc";
+pub const NS_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0203's delayed delivery, on history.
+const DELAY: &str = "urn:xmpp:delay";
+
+/// Characters of one history request, at most, however large the client asks.
+pub const MAX_HISTORY_CHARS: usize = 256 * 1024;
+
+/// An account's standing in a room, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Affiliation {
+    Outcast,
+    None,
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Affiliation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outcast => "outcast",
+            Self::None => "none",
+            Self::Member => "member",
+            Self::Admin => "admin",
+            Self::Owner => "owner",
+        }
+    }
+}
+
+/// An occupant's role while present, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    None,
+    Visitor,
+    Participant,
+    Moderator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Visitor => "visitor",
+            Self::Participant => "participant",
+            Self::Moderator => "moderator",
+        }
+    }
+}
+
+/// Who may send private messages to occupants (`muc#roomconfig_allowpm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivateMessages {
+    Anyone,
+    Moderators,
+    Nobody,
+}
+
+/// A room's configuration (the `muc#roomconfig` fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub name: String,
+    pub description: String,
+    /// Kept when the last occupant leaves (and across restarts).
+    pub persistent: bool,
+    /// Listed in the service's disco#items.
+    pub public: bool,
+    /// Only members, admins and owners may enter.
+    pub members_only: bool,
+    /// Only participants and moderators may speak; others enter as visitors.
+    pub moderated: bool,
+    pub password: Option<String>,
+    /// Occupants at most (admins and owners may enter beyond).
+    pub max_users: usize,
+    /// Every occupant sees real JIDs (non-anonymous); otherwise only moderators do.
+    pub whois_anyone: bool,
+    /// Messages kept for occupants who enter later.
+    pub history_length: usize,
+    pub private_messages: PrivateMessages,
+    /// Participants may change the subject, not only moderators.
+    pub subject_by_anyone: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: String::new(),
+            description: String::new(),
+            persistent: false,
+            public: true,
+            members_only: false,
+            moderated: false,
+            password: None,
+            max_users: 200,
+            whois_anyone: false,
+            history_length: 20,
+            private_messages: PrivateMessages::Anyone,
+            subject_by_anyone: false,
+        }
+    }
+}
+
+/// How much history an entering occupant asks for (XEP-0045 §7.2.14); each given
+/// limit applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History {
+    pub max_stanzas: Option<usize>,
+    pub max_chars: Option<usize>,
+    pub seconds: Option<u64>,
+    /// Microseconds since the epoch.
+    pub since: Option<i64>,
+}
+
+/// What a join presence carries in its `<x xmlns='…muc'/>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Join {
+    pub password: Option<String>,
+    pub history: History,
+}
+
+impl Join {
+    /// The `<x xmlns='http://jabber.org/protocol/muc'/>` of a presence, when it has one
+    /// (a presence without it, to a room the session is not in, is still a join).
+    pub fn parse(presence: &Element) -> Join {
+        let Some(x) = presence.get_child("x", NS) else {
+            return Join::default();
+        };
+        let password = x.get_child("password", NS).map(|p| p.text());
+        let history = x
+            .get_child("history", NS)
+            .map(|h| {
+                let num = |name: &str| h.attr(name).and_then(|v| v.parse::<u64>().ok());
+                History {
+                    max_stanzas: num("maxstanzas")
+                        .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                    max_chars: num("maxchars").map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                    seconds: num("seconds"),
+                    since: h
+                        .attr("since")
+                        .and_then(crate::core::archive::parse_datetime),
+                }
+            })
+            .unwrap_or_default();
+        Join { password, history }
+    }
+}
+
+/// A stanza for one session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Out {
+    pub to: FullJid,
+    pub stanza: Element,
+}
+
+/// Someone in the room under one nick.
+#[derive(Debug, Clone)]
+pub struct Occupant {
+    pub nick: String,
+    pub bare: BareJid,
+    /// The sessions sharing the nick, in the order they entered.
+    pub sessions: Vec<FullJid>,
+    /// The latest presence as the room shows it (without the MUC elements).
+    presence: Element,
+    pub affiliation: Affiliation,
+    pub role: Role,
+}
+
+/// A message kept for history.
+#[derive(Debug, Clone)]
+struct Kept {
+    /// As broadcast, without `to`.
+    stanza: Element,
+    micros: i64,
+    chars: usize,
+}
+
+/// One room.
+#[derive(Debug, Clone)]
+pub struct Room {
+    jid: BareJid,
+    pub config: Config,
+    affiliations: HashMap<BareJid, Affiliation>,
+    occupants: BTreeMap<String, Occupant>,
+    nick_of: HashMap<FullJid, String>,
+    /// The subject and the nick that set it (empty: the room itself).
+    subject: Option<(String, String)>,
+    history: VecDeque<Kept>,
+    /// A new room refuses everyone but its owner until it is configured
+    /// (XEP-0045 §10.1).
+    locked: bool,
+    /// The room was just created: the owner's first self-presence says so (201).
+    created: bool,
+}
+
+type Refusal = StanzaErrorCondition;
+
+impl Room {
+    /// A new room owned by `creator`, locked until [`Room::unlock`].
+    pub fn create(jid: BareJid, creator: &BareJid, config: Config) -> Room {
+        Room {
+            jid,
+            config,
+            affiliations: HashMap::from([(creator.clone(), Affiliation::Owner)]),
+            occupants: BTreeMap::new(),
+            nick_of: HashMap::new(),
+            subject: None,
+            history: VecDeque::new(),
+            locked: true,
+            created: true,
+        }
+    }
+
+    pub fn jid(&self) -> &BareJid {
+        &self.jid
+    }
+
+    pub fn locked(&self) -> bool {
+        self.locked
+    }
+
+    /// Opens a new room to others (the owner accepted the default configuration or
+    /// submitted one).
+    pub fn unlock(&mut self) {
+        self.locked = false;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.occupants.is_empty()
+    }
+
+    pub fn occupants(&self) -> impl Iterator<Item = &Occupant> {
+        self.occupants.values()
+    }
+
+    /// The nick a session is in the room under, if it is.
+    pub fn nick_of(&self, session: &FullJid) -> Option<&str> {
+        self.nick_of.get(session).map(String::as_str)
+    }
+
+    pub fn affiliation(&self, account: &BareJid) -> Affiliation {
+        self.affiliations
+            .get(account)
+            .copied()
+            .unwrap_or(Affiliation::None)
+    }
+
+    /// Sets an account's affiliation (`none` forgets it).
+    pub fn set_affiliation(&mut self, account: BareJid, affiliation: Affiliation) {
+        if affiliation == Affiliation::None {
+            self.affiliations.remove(&account);
+        } else {
+            self.affiliations.insert(account, affiliation);
+        }
+    }
+
+    fn occupant_jid(&self, nick: &str) -> Option<FullJid> {
+        ResourcePart::new(nick)
+            .ok()
+            .map(|r| self.jid.with_resource(&r))
+    }
+
+    /// `from` enters under `nick` with `presence` (its `<x xmlns='…muc'/>` parsed as
+    /// `join`). Everyone present learns of it; the newcomer gets the occupants, its
+    /// own presence (status 110), the history it asked for and the subject.
+    pub fn join(
+        &mut self,
+        from: &FullJid,
+        nick: &str,
+        join: &Join,
+        presence: &Element,
+        now: i64,
+    ) -> Result<Vec<Out>, Refusal> {
+        if self.occupant_jid(nick).is_none() {
+            return Err(StanzaErrorCondition::JidMalformed);
+        }
+        let bare = from.to_bare();
+        let affiliation = self.affiliation(&bare);
+        if affiliation == Affiliation::Outcast {
+            return Err(StanzaErrorCondition::Forbidden);
+        }
+        if self.locked && affiliation != Affiliation::Owner {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        }
+        if self.config.members_only && affiliation < Affiliation::Member {
+            return Err(StanzaErrorCondition::RegistrationRequired);
+        }
+        if let Some(password) = &self.config.password
+            && affiliation != Affiliation::Owner
+            && join.password.as_deref() != Some(password.as_str())
+        {
+            return Err(StanzaErrorCondition::NotAuthorized);
+        }
+        let shared = match self.occupants.get(nick) {
+            Some(o) if o.bare != bare => return Err(StanzaErrorCondition::Conflict),
+            Some(_) => true,
+            None => false,
+        };
+        if !shared
+            && self.occupants.len() >= self.config.max_users
+            && affiliation < Affiliation::Admin
+        {
+            return Err(StanzaErrorCondition::ServiceUnavailable);
+        }
+        let role = match affiliation {
+            Affiliation::Owner | Affiliation::Admin => Role::Moderator,
+            Affiliation::Member => Role::Participant,
+            _ if self.config.moderated => Role::Visitor,
+            _ => Role::Participant,
+        };
+        let mut out = Vec::new();
+        // The occupants already there, to the newcomer.
+        let newcomer_moderator = role == Role::Moderator;
+        for other in self.occupants.values().filter(|o| o.nick != nick) {
+            let p = self.presence_of(other, from, newcomer_moderator, &[], None);
+            out.push(Out {
+                to: from.clone(),
+                stanza: p,
+            });
+        }
+        let presence = room_presence(presence);
+        let occupant = self
+            .occupants
+            .entry(nick.to_owned())
+            .or_insert_with(|| Occupant {
+                nick: nick.to_owned(),
+                bare: bare.clone(),
+                sessions: Vec::new(),
+                presence: presence.clone(),
+                affiliation,
+                role,
+            });
+        occupant.presence = presence;
+        if !occupant.sessions.contains(from) {
+            occupant.sessions.push(from.clone());
+        }
+        self.nick_of.insert(from.clone(), nick.to_owned());
+        // Its presence, to everyone (the newcomer's own with its status codes).
+        let mut own = vec![110];
+        if self.config.whois_anyone {
+            own.push(100);
+        }
+        if std::mem::take(&mut self.created) {
+            own.push(201);
+        }
+        let occupant = &self.occupants[nick];
+        for to in self.sessions() {
+            let codes: &[u16] = if &to == from { &own } else { &[] };
+            let moderator = self.is_moderator(&to);
+            let p = self.presence_of(occupant, &to, moderator, codes, None);
+            out.push(Out { to, stanza: p });
+        }
+        // History, then the subject.
+        for kept in self.history_for(&join.history, now) {
+            let mut m = kept.stanza.clone();
+            stanza::set_attr(&mut m, "to", &from.to_string());
+            m.append_child(
+                Element::builder("delay", DELAY)
+                    .attr(rxml::xml_ncname!("from").to_owned(), self.jid.to_string())
+                    .attr(rxml::xml_ncname!("stamp").to_owned(), datetime(kept.micros))
+                    .build(),
+            );
+            out.push(Out {
+                to: from.clone(),
+                stanza: m,
+            });
+        }
+        out.push(Out {
+            to: from.clone(),
+            stanza: self.subject_message(from),
+        });
+        Ok(out)
+    }
+
+    /// A presence from a session already in the room: a change of status, or of nick
+    /// when `nick` differs from its own (XEP-0045 §7.6: unavailable with 303 under the
+    /// old nick, then available under the new one, to everyone).
+    pub fn update(
+        &mut self,
+        from: &FullJid,
+        nick: &str,
+        presence: &Element,
+    ) -> Result<Vec<Out>, Refusal> {
+        let Some(old) = self.nick_of.get(from).cloned() else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        let presence = room_presence(presence);
+        let mut out = Vec::new();
+        if old != nick {
+            if self.occupant_jid(nick).is_none() {
+                return Err(StanzaErrorCondition::JidMalformed);
+            }
+            if self.occupants.contains_key(nick) {
+                return Err(StanzaErrorCondition::Conflict);
+            }
+            let Some(mut occupant) = self.occupants.remove(&old) else {
+                return Err(StanzaErrorCondition::NotAcceptable);
+            };
+            for to in self.sessions().chain(occupant.sessions.iter().cloned()) {
+                let own = occupant.sessions.contains(&to);
+                let codes: &[u16] = if own { &[303, 110] } else { &[303] };
+                let moderator = own || self.is_moderator(&to);
+                let mut p = self.presence_of(&occupant, &to, moderator, codes, Some(nick));
+                stanza::set_attr(&mut p, "type", "unavailable");
+                out.push(Out { to, stanza: p });
+            }
+            occupant.nick = nick.to_owned();
+            for s in &occupant.sessions {
+                self.nick_of.insert(s.clone(), nick.to_owned());
+            }
+            self.occupants.insert(nick.to_owned(), occupant);
+        }
+        let Some(occupant) = self.occupants.get_mut(nick) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        occupant.presence = presence;
+        let occupant = &self.occupants[nick];
+        for to in self.sessions() {
+            let own = occupant.sessions.contains(&to);
+            let codes: &[u16] = if own { &[110] } else { &[] };
+            let moderator = own || self.is_moderator(&to);
+            let p = self.presence_of(occupant, &to, moderator, codes, None);
+            out.push(Out { to, stanza: p });
+        }
+        Ok(out)
+    }
+
+    /// A session leaves (its unavailable presence, or its stream ended). When it was
+    /// the nick's last session, everyone sees the occupant go; otherwise only the
+    /// session learns it is out.
+    pub fn leave(&mut self, from: &FullJid, presence: &Element) -> Vec<Out> {
+        let Some(nick) = self.nick_of.remove(from) else {
+            return Vec::new();
+        };
+        let Some(occupant) = self.occupants.get_mut(&nick) else {
+            return Vec::new();
+        };
+        occupant.sessions.retain(|s| s != from);
+        let last = occupant.sessions.is_empty();
+        let mut leaving = occupant.clone();
+        leaving.presence = room_presence(presence);
+        let recipients: Vec<FullJid> = if last {
+            self.occupants.remove(&nick);
+            self.sessions().chain([from.clone()]).collect()
+        } else {
+            vec![from.clone()]
+        };
+        recipients
+            .into_iter()
+            .map(|to| {
+                let own = &to == from;
+                let codes: &[u16] = if own { &[110] } else { &[] };
+                let moderator = own || self.is_moderator(&to);
+                let mut p = self.presence_of(&leaving, &to, moderator, codes, None);
+                stanza::set_attr(&mut p, "type", "unavailable");
+                Out { to, stanza: p }
+            })
+            .collect()
+    }
+
+    /// A `groupchat` message from an occupant: to every occupant's sessions, from the
+    /// sender's occupant JID; kept for history when it has a body. A subject alone
+    /// changes the subject, for those allowed to.
+    pub fn groupchat(
+        &mut self,
+        from: &FullJid,
+        message: &Element,
+        now: i64,
+    ) -> Result<Vec<Out>, Refusal> {
+        let Some(nick) = self.nick_of.get(from).cloned() else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        let Some(sender) = self.occupants.get(&nick) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        if sender.role < Role::Participant {
+            return Err(StanzaErrorCondition::Forbidden);
+        }
+        let has_body = message.get_child("body", ns::CLIENT).is_some();
+        let subject = message.get_child("subject", ns::CLIENT).map(|s| s.text());
+        if let Some(subject) = &subject
+            && !has_body
+        {
+            if sender.role < Role::Moderator && !self.config.subject_by_anyone {
+                return Err(StanzaErrorCondition::Forbidden);
+            }
+            self.subject = Some((subject.clone(), nick.clone()));
+        }
+        let Some(sender_jid) = self.occupant_jid(&nick) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        let mut m = message.clone();
+        stanza::remove_attr(&mut m, "to");
+        stanza::set_attr(&mut m, "from", &sender_jid.to_string());
+        stanza::set_attr(&mut m, "type", "groupchat");
+        if has_body && self.config.history_length > 0 {
+            let chars = stanza::serialize(&m).len();
+            self.history.push_back(Kept {
+                stanza: m.clone(),
+                micros: now,
+                chars,
+            });
+            while self.history.len() > self.config.history_length {
+                self.history.pop_front();
+            }
+        }
+        Ok(self
+            .sessions()
+            .map(|to| {
+                let mut copy = m.clone();
+                stanza::set_attr(&mut copy, "to", &to.to_string());
+                Out { to, stanza: copy }
+            })
+            .collect())
+    }
+
+    /// A private message from an occupant to the occupant `to_nick`: to each of its
+    /// sessions, from the sender's occupant JID, marked as coming through the room.
+    pub fn private(
+        &self,
+        from: &FullJid,
+        to_nick: &str,
+        message: &Element,
+    ) -> Result<Vec<Out>, Refusal> {
+        let Some(nick) = self.nick_of.get(from) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        let allowed = match self.config.private_messages {
+            PrivateMessages::Anyone => true,
+            PrivateMessages::Moderators => self.is_moderator(from),
+            PrivateMessages::Nobody => false,
+        };
+        if !allowed {
+            return Err(StanzaErrorCondition::Forbidden);
+        }
+        let Some(target) = self.occupants.get(to_nick) else {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        };
+        let Some(sender_jid) = self.occupant_jid(nick) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        let mut m = message.clone();
+        stanza::set_attr(&mut m, "from", &sender_jid.to_string());
+        if m.get_child("x", NS_USER).is_none() {
+            m.append_child(Element::bare("x", NS_USER));
+        }
+        Ok(target
+            .sessions
+            .iter()
+            .map(|to| {
+                let mut copy = m.clone();
+                stanza::set_attr(&mut copy, "to", &to.to_string());
+                Out {
+                    to: to.clone(),
+                    stanza: copy,
+                }
+            })
+            .collect())
+    }
+
+    /// Every session in the room.
+    fn sessions(&self) -> impl Iterator<Item = FullJid> + '_ {
+        self.occupants
+            .values()
+            .flat_map(|o| o.sessions.iter().cloned())
+    }
+
+    fn is_moderator(&self, session: &FullJid) -> bool {
+        self.nick_of
+            .get(session)
+            .and_then(|n| self.occupants.get(n))
+            .is_some_and(|o| o.role == Role::Moderator)
+    }
+
+    /// `occupant`'s presence as `to` sees it: from its occupant JID, with its
+    /// affiliation and role, its real JID when the room shows it to `to`, and `codes`.
+    fn presence_of(
+        &self,
+        occupant: &Occupant,
+        to: &FullJid,
+        sees_jids: bool,
+        codes: &[u16],
+        new_nick: Option<&str>,
+    ) -> Element {
+        let mut p = occupant.presence.clone();
+        if let Some(jid) = self.occupant_jid(&occupant.nick) {
+            stanza::set_attr(&mut p, "from", &jid.to_string());
+        }
+        stanza::set_attr(&mut p, "to", &to.to_string());
+        let mut item = Element::builder("item", NS_USER)
+            .attr(
+                rxml::xml_ncname!("affiliation").to_owned(),
+                occupant.affiliation.as_str(),
+            )
+            .attr(rxml::xml_ncname!("role").to_owned(), occupant.role.as_str())
+            .build();
+        if sees_jids || self.config.whois_anyone {
+            let real = occupant
+                .sessions
+                .iter()
+                .find(|s| *s == to)
+                .or(occupant.sessions.first());
+            if let Some(real) = real {
+                stanza::set_attr(&mut item, "jid", &real.to_string());
+            }
+        }
+        if let Some(new_nick) = new_nick {
+            stanza::set_attr(&mut item, "nick", new_nick);
+        }
+        let mut x = Element::builder("x", NS_USER).append(item).build();
+        for code in codes {
+            x.append_child(
+                Element::builder("status", NS_USER)
+                    .attr(rxml::xml_ncname!("code").to_owned(), code.to_string())
+                    .build(),
+            );
+        }
+        p.append_child(x);
+        p
+    }
+
+    /// The history an entering occupant asked for, oldest first: the latest messages
+    /// within every limit it gave.
+    fn history_for(&self, asked: &History, now: i64) -> Vec<&Kept> {
+        let max_stanzas = asked.max_stanzas.unwrap_or(usize::MAX);
+        let max_chars = asked.max_chars.unwrap_or(usize::MAX).min(MAX_HISTORY_CHARS);
+        let since = [
+            asked.since,
+            asked.seconds.map(|s| {
+                now.saturating_sub(
+                    i64::try_from(s)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(1_000_000),
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        let mut chars = 0;
+        let mut kept: Vec<&Kept> = self
+            .history
+            .iter()
+            .rev()
+            .take(max_stanzas)
+            .take_while(|k| since.is_none_or(|s| k.micros >= s))
+            .take_while(|k| {
+                chars += k.chars;
+                chars <= max_chars
+            })
+            .collect();
+        kept.reverse();
+        kept
+    }
+
+    /// The subject, as sent to an entering occupant (XEP-0045 §7.2.15): from whoever
+    /// set it, empty from the room when none is set.
+    fn subject_message(&self, to: &FullJid) -> Element {
+        let (text, from) = match &self.subject {
+            Some((text, nick)) => (
+                text.as_str(),
+                self.occupant_jid(nick)
+                    .map_or(self.jid.to_string(), |j| j.to_string()),
+            ),
+            None => ("", self.jid.to_string()),
+        };
+        let mut m = Element::builder("message", ns::CLIENT)
+            .append(Element::builder("subject", ns::CLIENT).append(text).build())
+            .build();
+        stanza::set_attr(&mut m, "from", &from);
+        stanza::set_attr(&mut m, "to", &to.to_string());
+        stanza::set_attr(&mut m, "type", "groupchat");
+        m
+    }
+}
+
+/// A client's presence as the room shows it: its show, status, priority and
+/// extensions, without the MUC elements it sent to the room or any addressing.
+fn room_presence(presence: &Element) -> Element {
+    let mut p = Element::bare("presence", ns::CLIENT);
+    if let Some(t) = presence.attr("type") {
+        stanza::set_attr(&mut p, "type", t);
+    }
+    for child in presence.children() {
+        if child.ns() == NS || child.ns() == NS_USER {
+            continue;
+        }
+        p.append_child(child.clone());
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000_000;
+
+    fn full(s: &str) -> FullJid {
+        FullJid::new(s).unwrap()
+    }
+
+    fn bare(s: &str) -> BareJid {
+        BareJid::new(s).unwrap()
+    }
+
+    fn el(xml: &str) -> Element {
+        xml.parse().unwrap()
+    }
+
+    fn join_presence() -> Element {
+        el("<presence xmlns='jabber:client'><show>chat</show>\
+            <x xmlns='http://jabber.org/protocol/muc'/></presence>")
+    }
+
+    fn message(body: &str) -> Element {
+        el(&format!(
+            "<message xmlns='jabber:client' type='groupchat' to='team@conference.d'>\
+             <body>{body}</body></message>"
+        ))
+    }
+
+    /// An open room owned by alice, who is in it as "Alice".
+    fn room_with_alice(config: Config) -> Room {
+        let mut room = Room::create(bare("team@conference.d"), &bare("alice@d"), config);
+        room.join(
+            &full("alice@d/laptop"),
+            "Alice",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        room.unlock();
+        room
+    }
+
+    fn codes(p: &Element) -> Vec<String> {
+        p.get_child("x", NS_USER)
+            .map(|x| {
+                x.children()
+                    .filter(|c| c.name() == "status")
+                    .filter_map(|c| c.attr("code").map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn item(p: &Element) -> &Element {
+        p.get_child("x", NS_USER)
+            .unwrap()
+            .get_child("item", NS_USER)
+            .unwrap()
+    }
+
+    fn to_and_from(out: &[Out]) -> Vec<(String, String, &str)> {
+        out.iter()
+            .map(|o| {
+                (
+                    o.to.to_string(),
+                    o.stanza.attr("from").unwrap_or("").to_owned(),
+                    o.stanza.name(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_creator_enters_a_locked_room_that_refuses_others_until_configured() {
+        let mut room = Room::create(
+            bare("team@conference.d"),
+            &bare("alice@d"),
+            Config::default(),
+        );
+        let out = room
+            .join(
+                &full("alice@d/laptop"),
+                "Alice",
+                &Join::default(),
+                &join_presence(),
+                NOW,
+            )
+            .unwrap();
+        // Her own presence (owner, moderator, 110 and 201), then the empty subject.
+        assert_eq!(out.len(), 2);
+        let own = &out[0].stanza;
+        assert_eq!(own.attr("from"), Some("team@conference.d/Alice"));
+        assert_eq!(codes(own), ["110", "201"]);
+        assert_eq!(item(own).attr("affiliation"), Some("owner"));
+        assert_eq!(item(own).attr("role"), Some("moderator"));
+        assert_eq!(item(own).attr("jid"), Some("alice@d/laptop"));
+        // The show she sent is kept, the MUC element she sent is not.
+        assert!(own.get_child("show", ns::CLIENT).is_some());
+        assert!(own.get_child("x", NS).is_none());
+        let subject = &out[1].stanza;
+        assert_eq!(subject.attr("from"), Some("team@conference.d"));
+        assert_eq!(subject.get_child("subject", ns::CLIENT).unwrap().text(), "");
+        let bob = room.join(
+            &full("bob@d/phone"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        );
+        assert_eq!(bob, Err(StanzaErrorCondition::ItemNotFound));
+        room.unlock();
+        assert!(
+            room.join(
+                &full("bob@d/phone"),
+                "Bob",
+                &Join::default(),
+                &join_presence(),
+                NOW
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_newcomer_gets_the_occupants_then_itself_and_everyone_learns_of_it() {
+        let mut room = room_with_alice(Config::default());
+        let out = room
+            .join(
+                &full("bob@d/phone"),
+                "Bob",
+                &Join::default(),
+                &join_presence(),
+                NOW,
+            )
+            .unwrap();
+        let seen = to_and_from(&out);
+        assert_eq!(
+            seen,
+            [
+                (
+                    "bob@d/phone".into(),
+                    "team@conference.d/Alice".into(),
+                    "presence"
+                ),
+                (
+                    "alice@d/laptop".into(),
+                    "team@conference.d/Bob".into(),
+                    "presence"
+                ),
+                (
+                    "bob@d/phone".into(),
+                    "team@conference.d/Bob".into(),
+                    "presence"
+                ),
+                ("bob@d/phone".into(), "team@conference.d".into(), "message"),
+            ]
+        );
+        // Semi-anonymous: Bob does not see Alice's real JID; Alice, a moderator, sees
+        // Bob's. Only Bob's own presence has 110 (and no 201: the room is not new).
+        assert_eq!(item(&out[0].stanza).attr("jid"), None);
+        assert_eq!(item(&out[1].stanza).attr("jid"), Some("bob@d/phone"));
+        assert_eq!(codes(&out[1].stanza), Vec::<String>::new());
+        assert_eq!(codes(&out[2].stanza), ["110"]);
+        assert_eq!(item(&out[2].stanza).attr("role"), Some("participant"));
+    }
+
+    #[test]
+    fn entry_is_refused_with_the_protocols_errors() {
+        let config = Config {
+            password: Some("s3cret".into()),
+            max_users: 2,
+            ..Config::default()
+        };
+        let mut room = room_with_alice(config);
+        let p = join_presence();
+        let with_password = Join {
+            password: Some("s3cret".into()),
+            ..Join::default()
+        };
+        assert_eq!(
+            room.join(&full("bob@d/phone"), "Bob", &Join::default(), &p, NOW),
+            Err(StanzaErrorCondition::NotAuthorized)
+        );
+        // Another account under a nick in use.
+        assert_eq!(
+            room.join(&full("bob@d/phone"), "Alice", &with_password, &p, NOW),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        assert_eq!(
+            room.join(&full("bob@d/phone"), "", &with_password, &p, NOW),
+            Err(StanzaErrorCondition::JidMalformed)
+        );
+        room.join(&full("bob@d/phone"), "Bob", &with_password, &p, NOW)
+            .unwrap();
+        // Full: two occupants.
+        assert_eq!(
+            room.join(&full("carol@d/x"), "Carol", &with_password, &p, NOW),
+            Err(StanzaErrorCondition::ServiceUnavailable)
+        );
+        // An admin enters anyway.
+        room.set_affiliation(bare("carol@d"), Affiliation::Admin);
+        room.join(&full("carol@d/x"), "Carol", &with_password, &p, NOW)
+            .unwrap();
+        // Banned.
+        room.set_affiliation(bare("dave@d"), Affiliation::Outcast);
+        assert_eq!(
+            room.join(&full("dave@d/x"), "Dave", &with_password, &p, NOW),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        // Members only.
+        room.config.members_only = true;
+        assert_eq!(
+            room.join(&full("erin@d/x"), "Erin", &with_password, &p, NOW),
+            Err(StanzaErrorCondition::RegistrationRequired)
+        );
+        assert_eq!(
+            StanzaErrorCondition::RegistrationRequired.error_type(),
+            "auth"
+        );
+        // Nothing changed for those refused.
+        let nicks: Vec<&str> = room.occupants().map(|o| o.nick.as_str()).collect();
+        assert_eq!(nicks, ["Alice", "Bob", "Carol"]);
+    }
+
+    #[test]
+    fn messages_reach_every_session_and_history_meets_every_limit() {
+        let mut room = room_with_alice(Config::default());
+        let p = join_presence();
+        room.join(&full("bob@d/phone"), "Bob", &Join::default(), &p, NOW)
+            .unwrap();
+        // Bob's laptop shares his nick.
+        room.join(&full("bob@d/laptop"), "Bob", &Join::default(), &p, NOW)
+            .unwrap();
+        for (i, body) in ["one", "two", "three"].into_iter().enumerate() {
+            let at = NOW + i64::try_from(i).unwrap() * 60_000_000;
+            let out = room
+                .groupchat(&full("alice@d/laptop"), &message(body), at)
+                .unwrap();
+            let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
+            to.sort();
+            assert_eq!(to, ["alice@d/laptop", "bob@d/laptop", "bob@d/phone"]);
+            assert!(
+                out.iter()
+                    .all(|o| o.stanza.attr("from") == Some("team@conference.d/Alice"))
+            );
+        }
+        let bodies = |out: &[Out]| -> Vec<String> {
+            out.iter()
+                .filter(|o| o.stanza.name() == "message")
+                .filter_map(|o| o.stanza.get_child("body", ns::CLIENT).map(|b| b.text()))
+                .collect()
+        };
+        let later = NOW + 180_000_000;
+        let enter = |room: &mut Room, who: &str, history: History| {
+            let join = Join {
+                history,
+                ..Join::default()
+            };
+            let out = room.join(&full(who), "Carol", &join, &p, later).unwrap();
+            room.leave(
+                &full(who),
+                &el("<presence xmlns='jabber:client' type='unavailable'/>"),
+            );
+            out
+        };
+        let all = enter(&mut room, "carol@d/a", History::default());
+        assert_eq!(bodies(&all), ["one", "two", "three"]);
+        let delay = all[all.len() - 2].stanza.get_child("delay", DELAY).unwrap();
+        assert_eq!(delay.attr("from"), Some("team@conference.d"));
+        let last = History {
+            max_stanzas: Some(1),
+            ..History::default()
+        };
+        assert_eq!(bodies(&enter(&mut room, "carol@d/a", last)), ["three"]);
+        let recent = History {
+            seconds: Some(150),
+            ..History::default()
+        };
+        assert_eq!(
+            bodies(&enter(&mut room, "carol@d/a", recent)),
+            ["two", "three"]
+        );
+        let none = History {
+            max_chars: Some(0),
+            ..History::default()
+        };
+        assert!(bodies(&enter(&mut room, "carol@d/a", none)).is_empty());
+        // History keeps history_length messages.
+        room.config.history_length = 2;
+        room.groupchat(&full("alice@d/laptop"), &message("four"), later)
+            .unwrap();
+        assert_eq!(
+            bodies(&enter(&mut room, "carol@d/a", History::default())),
+            ["three", "four"]
+        );
+    }
+
+    #[test]
+    fn visitors_are_silent_and_subjects_are_for_moderators() {
+        let config = Config {
+            moderated: true,
+            ..Config::default()
+        };
+        let mut room = room_with_alice(config);
+        room.join(
+            &full("bob@d/phone"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            room.groupchat(&full("bob@d/phone"), &message("hi"), NOW),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        // Not in the room at all.
+        assert_eq!(
+            room.groupchat(&full("eve@d/x"), &message("hi"), NOW),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        room.config.moderated = false;
+        room.set_affiliation(bare("carol@d"), Affiliation::Member);
+        room.join(
+            &full("carol@d/x"),
+            "Carol",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        let subject = el(
+            "<message xmlns='jabber:client' type='groupchat'><subject>Plans</subject></message>",
+        );
+        assert_eq!(
+            room.groupchat(&full("carol@d/x"), &subject, NOW),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        room.groupchat(&full("alice@d/laptop"), &subject, NOW)
+            .unwrap();
+        let out = room
+            .join(
+                &full("dave@d/x"),
+                "Dave",
+                &Join::default(),
+                &join_presence(),
+                NOW,
+            )
+            .unwrap();
+        let last = &out.last().unwrap().stanza;
+        assert_eq!(
+            last.get_child("subject", ns::CLIENT).unwrap().text(),
+            "Plans"
+        );
+        assert_eq!(last.attr("from"), Some("team@conference.d/Alice"));
+        // A subject is not history.
+        assert_eq!(
+            out.iter().filter(|o| o.stanza.name() == "message").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_nick_change_is_unavailable_with_303_then_available() {
+        let mut room = room_with_alice(Config::default());
+        room.join(
+            &full("bob@d/phone"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            room.update(&full("bob@d/phone"), "Alice", &join_presence()),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        let out = room
+            .update(&full("bob@d/phone"), "Robert", &join_presence())
+            .unwrap();
+        let gone: Vec<&Out> = out
+            .iter()
+            .filter(|o| o.stanza.attr("type") == Some("unavailable"))
+            .collect();
+        assert_eq!(gone.len(), 2);
+        for o in &gone {
+            assert_eq!(o.stanza.attr("from"), Some("team@conference.d/Bob"));
+            assert_eq!(item(&o.stanza).attr("nick"), Some("Robert"));
+        }
+        let to_bob = gone.iter().find(|o| o.to == full("bob@d/phone")).unwrap();
+        assert_eq!(codes(&to_bob.stanza), ["303", "110"]);
+        let back: Vec<&Out> = out
+            .iter()
+            .filter(|o| o.stanza.attr("type").is_none())
+            .collect();
+        assert_eq!(back.len(), 2);
+        assert!(
+            back.iter()
+                .all(|o| o.stanza.attr("from") == Some("team@conference.d/Robert"))
+        );
+        assert_eq!(room.nick_of(&full("bob@d/phone")), Some("Robert"));
+        // The old nick is free again.
+        room.join(
+            &full("carol@d/x"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn leaving_tells_everyone_once_the_last_session_goes() {
+        let mut room = room_with_alice(Config::default());
+        let p = join_presence();
+        room.join(&full("bob@d/phone"), "Bob", &Join::default(), &p, NOW)
+            .unwrap();
+        room.join(&full("bob@d/laptop"), "Bob", &Join::default(), &p, NOW)
+            .unwrap();
+        let bye = el(
+            "<presence xmlns='jabber:client' type='unavailable'><status>later</status></presence>",
+        );
+        let out = room.leave(&full("bob@d/phone"), &bye);
+        assert_eq!(
+            to_and_from(&out),
+            [(
+                "bob@d/phone".into(),
+                "team@conference.d/Bob".into(),
+                "presence"
+            )]
+        );
+        assert_eq!(codes(&out[0].stanza), ["110"]);
+        let out = room.leave(&full("bob@d/laptop"), &bye);
+        let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
+        to.sort();
+        assert_eq!(to, ["alice@d/laptop", "bob@d/laptop"]);
+        assert!(
+            out.iter()
+                .all(|o| o.stanza.attr("type") == Some("unavailable"))
+        );
+        assert!(
+            out.iter()
+                .all(|o| o.stanza.get_child("status", ns::CLIENT).unwrap().text() == "later")
+        );
+        room.leave(&full("alice@d/laptop"), &bye);
+        assert!(room.is_empty());
+        // Leaving twice, or without having entered, sends nothing.
+        assert!(room.leave(&full("alice@d/laptop"), &bye).is_empty());
+    }
+
+    #[test]
+    fn private_messages_follow_the_rooms_rule() {
+        let mut room = room_with_alice(Config::default());
+        room.join(
+            &full("bob@d/phone"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        let pm = el(
+            "<message xmlns='jabber:client' type='chat' to='team@conference.d/Alice'><body>psst</body></message>",
+        );
+        let out = room.private(&full("bob@d/phone"), "Alice", &pm).unwrap();
+        assert_eq!(
+            to_and_from(&out),
+            [(
+                "alice@d/laptop".into(),
+                "team@conference.d/Bob".into(),
+                "message"
+            )]
+        );
+        assert!(out[0].stanza.get_child("x", NS_USER).is_some());
+        assert_eq!(
+            room.private(&full("bob@d/phone"), "Nobody", &pm),
+            Err(StanzaErrorCondition::ItemNotFound)
+        );
+        assert_eq!(
+            room.private(&full("eve@d/x"), "Alice", &pm),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        room.config.private_messages = PrivateMessages::Moderators;
+        assert_eq!(
+            room.private(&full("bob@d/phone"), "Alice", &pm),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        assert!(room.private(&full("alice@d/laptop"), "Bob", &pm).is_ok());
+        room.config.private_messages = PrivateMessages::Nobody;
+        assert_eq!(
+            room.private(&full("alice@d/laptop"), "Bob", &pm),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+    }
+
+    #[test]
+    fn the_join_element_is_parsed() {
+        let j = Join::parse(&el(
+            "<presence xmlns='jabber:client'><x xmlns='http://jabber.org/protocol/muc'>\
+             <password>pw</password>\
+             <history maxstanzas='5' maxchars='100' seconds='60' since='2023-11-14T22:13:20Z'/>\
+             </x></presence>",
+        ));
+        assert_eq!(j.password.as_deref(), Some("pw"));
+        assert_eq!(
+            j.history,
+            History {
+                max_stanzas: Some(5),
+                max_chars: Some(100),
+                seconds: Some(60),
+                since: Some(NOW),
+            }
+        );
+        assert_eq!(
+            Join::parse(&el("<presence xmlns='jabber:client'/>")),
+            Join::default()
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! The multi-user chat service (XEP-0045) at `[muc] host`, for the users of this
+//! node: rooms live in memory, created by the first presence to them and gone when
+//! the last occupant leaves. Room logic lives in `core::muc`; this routes the users'
+//! stanzas to it and its answers to their sessions.
+//!
+//! Not here yet (issue 16): rooms across the mesh (users homed on other clusters get
+//! `service-unavailable` from their own cluster), persistent and configured rooms,
+//! administration by IQ, invitations, the room archive.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use jid::{FullJid, Jid};
+use minidom::Element;
+
+use crate::Server;
+use crate::context::Context;
+use crate::core::muc::{self, Join, Room};
+use crate::error::StanzaErrorCondition;
+use crate::hub::lock;
+use crate::stanza;
+use crate::xml::{escape, ns};
+
+/// The service's settings (`[muc]`).
+#[derive(Debug, Clone)]
+pub struct MucSettings {
+    /// The service's domain, e.g. `conference.example.com`.
+    pub host: String,
+    /// Rooms at most on this node.
+    pub max_rooms: usize,
+    /// Rooms one account may have created and own at once.
+    pub max_rooms_per_user: usize,
+    /// Occupants of a room at most (its owners and admins may enter beyond).
+    pub max_occupants: usize,
+    /// Messages a room keeps for those who enter later.
+    pub history_length: usize,
+}
+
+impl MucSettings {
+    pub fn new(domain: &str) -> MucSettings {
+        MucSettings {
+            host: format!("conference.{domain}"),
+            max_rooms: 10_000,
+            max_rooms_per_user: 50,
+            max_occupants: 200,
+            history_length: 20,
+        }
+    }
+}
+
+/// The rooms of this node.
+#[derive(Debug, Default)]
+pub(crate) struct Rooms {
+    rooms: Mutex<HashMap<String, Room>>,
+}
+
+/// Features of the service itself.
+const SERVICE_FEATURES: &[&str] = &[muc::NS, ns::DISCO_INFO, ns::DISCO_ITEMS];
+
+/// XEP-0045's owner namespace (room configuration).
+const NS_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+const NS_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+
+impl Server {
+    /// Whether `jid` is this node's multi-user chat service or one of its rooms.
+    pub(crate) fn is_muc(&self, jid: &Jid) -> bool {
+        self.config
+            .muc
+            .as_ref()
+            .is_some_and(|m| jid.domain().as_str() == m.host)
+    }
+
+    /// Sends what a room decided to the local sessions it names.
+    fn muc_send(&self, out: Vec<muc::Out>) {
+        for o in out {
+            self.send_to_jid(&o.stanza);
+        }
+    }
+
+    /// A session's presence to a room: enter, change, or leave. A session that ends
+    /// leaves through the unavailable presence its directed presence gets.
+    pub(crate) fn muc_presence(
+        &self,
+        from: &FullJid,
+        presence: &Element,
+        to: &Jid,
+    ) -> Result<(), StanzaErrorCondition> {
+        let Some(settings) = &self.config.muc else {
+            return Err(StanzaErrorCondition::ServiceUnavailable);
+        };
+        let (Some(room_name), Some(nick)) = (to.node(), to.resource()) else {
+            // XEP-0045 §7.2.1: entering needs a nick.
+            return Err(StanzaErrorCondition::JidMalformed);
+        };
+        let room_name = room_name.as_str().to_owned();
+        let nick = nick.as_str();
+        let unavailable = presence.attr("type") == Some("unavailable");
+        let now = crate::time::now_micros();
+        let mut rooms = lock(&self.muc.rooms);
+        if unavailable {
+            let Some(room) = rooms.get_mut(&room_name) else {
+                return Ok(());
+            };
+            let out = room.leave(from, presence);
+            if room.is_empty() && !room.config.persistent {
+                rooms.remove(&room_name);
+            }
+            drop(rooms);
+            self.muc_send(out);
+            return Ok(());
+        }
+        if !rooms.contains_key(&room_name) {
+            let creator = from.to_bare();
+            if rooms.len() >= settings.max_rooms {
+                return Err(StanzaErrorCondition::ResourceConstraint);
+            }
+            let owned = rooms
+                .values()
+                .filter(|r| r.affiliation(&creator) == muc::Affiliation::Owner)
+                .count();
+            if owned >= settings.max_rooms_per_user {
+                return Err(StanzaErrorCondition::NotAllowed);
+            }
+            let config = muc::Config {
+                max_users: settings.max_occupants,
+                history_length: settings.history_length,
+                ..muc::Config::default()
+            };
+            let jid = to.to_bare();
+            rooms.insert(room_name.clone(), Room::create(jid, &creator, config));
+        }
+        let Some(room) = rooms.get_mut(&room_name) else {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        };
+        let result = if room.nick_of(from).is_some() {
+            room.update(from, nick, presence)
+        } else {
+            room.join(from, nick, &Join::parse(presence), presence, now)
+        };
+        // A room created for an entry that failed is not kept.
+        if result.is_err() && room.is_empty() && !room.config.persistent {
+            rooms.remove(&room_name);
+        }
+        drop(rooms);
+        self.muc_send(result?);
+        Ok(())
+    }
+
+    /// A session's message to a room (`groupchat`) or to an occupant (private).
+    pub(crate) fn muc_message(
+        &self,
+        from: &FullJid,
+        message: &Element,
+        to: &Jid,
+    ) -> Result<(), StanzaErrorCondition> {
+        let Some(room_name) = to.node() else {
+            return Err(StanzaErrorCondition::ServiceUnavailable);
+        };
+        let groupchat = message.attr("type") == Some("groupchat");
+        let now = crate::time::now_micros();
+        let mut rooms = lock(&self.muc.rooms);
+        let Some(room) = rooms.get_mut(room_name.as_str()) else {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        };
+        let out = match (to.resource(), groupchat) {
+            (None, true) => room.groupchat(from, message, now)?,
+            // XEP-0045 §7.5: a groupchat message to an occupant is an error.
+            (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
+            (Some(nick), false) => room.private(from, nick.as_str(), message)?,
+            // Invitations and voice requests come later.
+            (None, false) => return Err(StanzaErrorCondition::FeatureNotImplemented),
+        };
+        drop(rooms);
+        self.stats.muc_messages(out.len());
+        self.muc_send(out);
+        Ok(())
+    }
+
+    /// What rooms and occupants there are now, for `/metrics`.
+    pub fn muc_counts(&self) -> (usize, usize) {
+        let rooms = lock(&self.muc.rooms);
+        let occupants = rooms.values().map(|r| r.occupants().count()).sum();
+        (rooms.len(), occupants)
+    }
+
+    /// disco#info of the service or of a room.
+    fn muc_info(&self, room: Option<&str>) -> Result<String, StanzaErrorCondition> {
+        let mut body = format!("<query xmlns='{}'>", ns::DISCO_INFO);
+        match room {
+            None => {
+                body.push_str("<identity category='conference' type='text' name='Chatrooms'/>");
+                for f in SERVICE_FEATURES {
+                    body.push_str(&format!("<feature var='{f}'/>"));
+                }
+            }
+            Some(name) => {
+                let rooms = lock(&self.muc.rooms);
+                let Some(room) = rooms.get(name) else {
+                    return Err(StanzaErrorCondition::ItemNotFound);
+                };
+                let c = &room.config;
+                let title = if c.name.is_empty() { name } else { &c.name };
+                body.push_str(&format!(
+                    "<identity category='conference' type='text' name='{}'/>",
+                    escape(title)
+                ));
+                let pick =
+                    |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
+                for f in [
+                    muc::NS,
+                    pick(c.public, "muc_public", "muc_hidden"),
+                    pick(c.members_only, "muc_membersonly", "muc_open"),
+                    pick(c.moderated, "muc_moderated", "muc_unmoderated"),
+                    pick(c.whois_anyone, "muc_nonanonymous", "muc_semianonymous"),
+                    pick(
+                        c.password.is_some(),
+                        "muc_passwordprotected",
+                        "muc_unsecured",
+                    ),
+                    pick(c.persistent, "muc_persistent", "muc_temporary"),
+                ] {
+                    body.push_str(&format!("<feature var='{f}'/>"));
+                }
+            }
+        }
+        body.push_str("</query>");
+        Ok(body)
+    }
+
+    /// disco#items of the service: its public rooms.
+    fn muc_items(&self) -> String {
+        let rooms = lock(&self.muc.rooms);
+        let mut body = format!("<query xmlns='{}'>", ns::DISCO_ITEMS);
+        let mut public: Vec<(&String, &Room)> = rooms
+            .iter()
+            .filter(|(_, r)| r.config.public && !r.locked())
+            .collect();
+        public.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, room) in public {
+            let name = if room.config.name.is_empty() {
+                room.jid().node().map_or("", |n| n.as_str())
+            } else {
+                &room.config.name
+            };
+            body.push_str(&format!(
+                "<item jid='{}' name='{}'/>",
+                escape(room.jid().as_str()),
+                escape(name)
+            ));
+        }
+        body.push_str("</query>");
+        body
+    }
+
+    /// An IQ request to the service or a room; the answer's payload.
+    fn muc_iq(
+        &self,
+        from: &FullJid,
+        iq: &Element,
+        to: &Jid,
+    ) -> Result<Option<String>, StanzaErrorCondition> {
+        let Some(payload) = iq.children().next() else {
+            return Err(StanzaErrorCondition::BadRequest);
+        };
+        let set = iq.attr("type") == Some("set");
+        if to.resource().is_some() {
+            // IQs to occupants (vCards, pings) are not passed on yet.
+            return Err(StanzaErrorCondition::FeatureNotImplemented);
+        }
+        let room = to.node().map(|n| n.as_str());
+        match (payload.name(), payload.ns().as_str(), set) {
+            ("query", ns::DISCO_INFO, false) if payload.attr("node").is_none() => {
+                self.muc_info(room).map(Some)
+            }
+            ("query", ns::DISCO_ITEMS, false) if room.is_none() => Ok(Some(self.muc_items())),
+            ("query", ns::DISCO_ITEMS, false) => {
+                Ok(Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)))
+            }
+            ("query", NS_OWNER, true) => {
+                let Some(name) = room else {
+                    return Err(StanzaErrorCondition::BadRequest);
+                };
+                let mut rooms = lock(&self.muc.rooms);
+                let Some(room) = rooms.get_mut(name) else {
+                    return Err(StanzaErrorCondition::ItemNotFound);
+                };
+                if room.affiliation(&from.to_bare()) != muc::Affiliation::Owner {
+                    return Err(StanzaErrorCondition::Forbidden);
+                }
+                // XEP-0045 §10.1.2: an instant room, the default configuration
+                // accepted by an empty form. Other forms come with configuration.
+                match payload.get_child("x", "jabber:x:data") {
+                    Some(x) if x.attr("type") == Some("submit") && x.children().count() == 0 => {
+                        room.unlock();
+                        Ok(None)
+                    }
+                    Some(x) if x.attr("type") == Some("cancel") => Ok(None),
+                    _ => Err(StanzaErrorCondition::FeatureNotImplemented),
+                }
+            }
+            (_, NS_OWNER | NS_ADMIN, _) => Err(StanzaErrorCondition::FeatureNotImplemented),
+            _ => Err(StanzaErrorCondition::ServiceUnavailable),
+        }
+    }
+}
+
+impl Context<'_> {
+    /// A request of this session's client to the chat service or a room.
+    pub(crate) fn on_muc_iq(&mut self, iq: &Element, to: &Jid) {
+        if !matches!(iq.attr("type"), Some("get" | "set")) {
+            return;
+        }
+        let server = self.server.clone();
+        let from = self.jid().clone();
+        match server.muc_iq(&from, iq, to) {
+            Ok(payload) => self.reply_result(iq, payload),
+            Err(condition) => self.reply_error(iq, condition, None),
+        }
+    }
+
+    /// A message of this session's client to a room or an occupant.
+    pub(crate) fn on_muc_message(&mut self, message: &Element, to: &Jid) {
+        let server = self.server.clone();
+        let mut message = message.clone();
+        let from = self.jid().clone();
+        stanza::set_attr(&mut message, "from", &from.to_string());
+        if let Err(condition) = server.muc_message(&from, &message, to) {
+            self.reply_error(&message, condition, None);
+        }
+    }
+
+    /// A presence of this session's client to a room.
+    pub(crate) fn on_muc_presence(&mut self, presence: &Element, to: &Jid) {
+        let server = self.server.clone();
+        let mut presence = presence.clone();
+        let from = self.jid().clone();
+        stanza::set_attr(&mut presence, "from", &from.to_string());
+        if let Err(condition) = server.muc_presence(&from, &presence, to)
+            && let Some(mut reply) = crate::error::error_reply(&presence, condition, None)
+        {
+            stanza::set_attr(&mut reply, "to", &from.to_string());
+            // XEP-0045 §7.2.6: the error carries the MUC element.
+            if reply.get_child("x", muc::NS).is_none() {
+                reply.append_child(Element::bare("x", muc::NS));
+            }
+            self.send_self(&reply);
+        }
+    }
+}
