@@ -934,7 +934,8 @@ impl Config {
         rc.muc = m.enabled.then(|| impmesh_router::MucSettings {
             host: m
                 .host
-                .clone()
+                .as_deref()
+                .map(str::to_lowercase)
                 .unwrap_or_else(|| format!("conference.{}", self.domain)),
             max_rooms: m.max_rooms,
             max_rooms_per_user: m.max_rooms_per_user,

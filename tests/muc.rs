@@ -48,7 +48,8 @@ async fn enter(client: &mut tokio_xmpp::Client, nick: &str) {
 /// in, and a room that does not exist.
 #[tokio::test]
 async fn xep0045_rooms_on_one_node() {
-    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob", "carol"]).await;
+    let node =
+        start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob", "carol", "dave"]).await;
     let mut alice = node.client("alice", PW, Some("laptop"));
     let mut bob = node.client("bob", PW, Some("phone"));
     let mut carol = node.client("carol", PW, Some("x"));
@@ -212,6 +213,21 @@ async fn xep0045_rooms_on_one_node() {
         e.name() == "presence"
             && from_occupant(e, "Robert")
             && e.attr("type") == Some("unavailable")
+    })
+    .await;
+
+    // Dave enters without ever sending initial presence, and his client goes away:
+    // he leaves all the same.
+    let mut dave = node.client("dave", PW, Some("x"));
+    online(&mut dave).await;
+    enter(&mut dave, "Dave").await;
+    expect(&mut alice, 5, "dave entering", |e| {
+        e.name() == "presence" && from_occupant(e, "Dave") && e.attr("type").is_none()
+    })
+    .await;
+    dave.send_end().await.unwrap();
+    expect(&mut alice, 10, "dave leaving with his session", |e| {
+        e.name() == "presence" && from_occupant(e, "Dave") && e.attr("type") == Some("unavailable")
     })
     .await;
 

@@ -295,6 +295,7 @@ impl Server {
         if self.is_muc(&to) {
             // A session's unavailable presence to the rooms it is in, as it ends.
             if stanza.name() == "presence"
+                && stanza.attr("type") == Some("unavailable")
                 && let Some(Ok(from)) = stanza.attr("from").map(FullJid::new)
             {
                 let _ = self.muc_presence(&from, stanza, &to);

@@ -206,6 +206,7 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
         }
         let cutoff = now_micros() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
         let mut total = 0;
+        let mut failed = false;
         loop {
             match store.archive_expire(cutoff, EXPIRY_BATCH).await {
                 Ok(n) => {
@@ -216,12 +217,23 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "archive expiry failed; retried next hour");
+                    failed = true;
                     break;
                 }
             }
         }
-        if let Err(e) = store.archive_expire_zones(cutoff).await {
-            tracing::error!(error = %e, "archive expiry failed; retried next hour");
+        // The zones emptied (the index of histories by contact), once the messages went.
+        if !failed {
+            loop {
+                match store.archive_expire_zones(cutoff, EXPIRY_BATCH).await {
+                    Ok(n) if n < EXPIRY_BATCH as u64 => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "expiring the archive's zones failed; retried next hour");
+                        break;
+                    }
+                }
+            }
         }
         if total > 0 {
             tracing::info!(

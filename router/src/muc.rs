@@ -70,7 +70,9 @@ impl Server {
             .is_some_and(|m| jid.domain().as_str() == m.host)
     }
 
-    /// Sends what a room decided to the local sessions it names.
+    /// Sends what a room decided to the local sessions it names. Called with the
+    /// rooms locked, so each room's stanzas leave in the order it decided them
+    /// (sending only queues; nothing sent comes back to a room).
     fn muc_send(&self, out: Vec<muc::Out>) {
         for o in out {
             self.send_to_jid(&o.stanza);
@@ -105,7 +107,6 @@ impl Server {
             if room.is_empty() && !room.config.persistent {
                 rooms.remove(&room_name);
             }
-            drop(rooms);
             self.muc_send(out);
             return Ok(());
         }
@@ -132,7 +133,11 @@ impl Server {
         let Some(room) = rooms.get_mut(&room_name) else {
             return Err(StanzaErrorCondition::ItemNotFound);
         };
-        let result = if room.nick_of(from).is_some() {
+        // A session already in the room under this nick that sends the MUC element
+        // again enters again (a client that lost track of the room): it gets the
+        // occupants, history and subject anew. Otherwise a change of status or nick.
+        let rejoin = room.nick_of(from) == Some(nick) && presence.get_child("x", muc::NS).is_some();
+        let result = if room.nick_of(from).is_some() && !rejoin {
             room.update(from, nick, presence)
         } else {
             room.join(from, nick, &Join::parse(presence), presence, now)
@@ -141,9 +146,20 @@ impl Server {
         if result.is_err() && room.is_empty() && !room.config.persistent {
             rooms.remove(&room_name);
         }
-        drop(rooms);
         self.muc_send(result?);
         Ok(())
+    }
+
+    /// A session that ends leaves the rooms among its directed-presence targets.
+    pub(crate) fn muc_leave_all(&self, session: &FullJid, targets: impl IntoIterator<Item = Jid>) {
+        let unavailable = Element::builder("presence", ns::CLIENT)
+            .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
+            .build();
+        for target in targets {
+            if self.is_muc(&target) {
+                let _ = self.muc_presence(session, &unavailable, &target);
+            }
+        }
     }
 
     /// A session's message to a room (`groupchat`) or to an occupant (private).
@@ -170,7 +186,6 @@ impl Server {
             // Invitations and voice requests come later.
             (None, false) => return Err(StanzaErrorCondition::FeatureNotImplemented),
         };
-        drop(rooms);
         self.stats.muc_messages(out.len());
         self.muc_send(out);
         Ok(())
@@ -294,6 +309,13 @@ impl Server {
                         room.unlock();
                         Ok(None)
                     }
+                    // §10.1.3: the owner gave up creating the room: it is destroyed.
+                    Some(x) if x.attr("type") == Some("cancel") && room.locked() => {
+                        let out = room.destroy();
+                        rooms.remove(name);
+                        self.muc_send(out);
+                        Ok(None)
+                    }
                     Some(x) if x.attr("type") == Some("cancel") => Ok(None),
                     _ => Err(StanzaErrorCondition::FeatureNotImplemented),
                 }
@@ -329,15 +351,16 @@ impl Context<'_> {
         }
     }
 
-    /// A presence of this session's client to a room.
-    pub(crate) fn on_muc_presence(&mut self, presence: &Element, to: &Jid) {
+    /// A presence of this session's client to a room; whether the room took it.
+    pub(crate) fn on_muc_presence(&mut self, presence: &Element, to: &Jid) -> bool {
         let server = self.server.clone();
         let mut presence = presence.clone();
         let from = self.jid().clone();
         stanza::set_attr(&mut presence, "from", &from.to_string());
-        if let Err(condition) = server.muc_presence(&from, &presence, to)
-            && let Some(mut reply) = crate::error::error_reply(&presence, condition, None)
-        {
+        let Err(condition) = server.muc_presence(&from, &presence, to) else {
+            return true;
+        };
+        if let Some(mut reply) = crate::error::error_reply(&presence, condition, None) {
             stanza::set_attr(&mut reply, "to", &from.to_string());
             // XEP-0045 §7.2.6: the error carries the MUC element.
             if reply.get_child("x", muc::NS).is_none() {
@@ -345,5 +368,6 @@ impl Context<'_> {
             }
             self.send_self(&reply);
         }
+        false
     }
 }

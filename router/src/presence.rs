@@ -159,14 +159,16 @@ impl Context<'_> {
                         );
                         return;
                     }
-                    self.directed.insert(to.clone());
+                    if self.on_muc_presence(&presence, &to) {
+                        self.directed.insert(to);
+                    }
                 }
                 PresenceType::Unavailable => {
                     self.directed.remove(&to);
+                    self.on_muc_presence(&presence, &to);
                 }
-                _ => return,
+                _ => {}
             }
-            self.on_muc_presence(&presence, &to);
             return;
         }
         if to.domain().as_str() != server.config.domain {

@@ -783,6 +783,9 @@ impl Session {
             // The connection is gone: what the handler leaves for the client is moot.
             let mut cx = Context::new(&self.server, &self.handle, &mut self.directed);
             cx.go_unavailable(None).await;
+        } else {
+            // Rooms entered without initial presence are left all the same.
+            server.muc_leave_all(&self.handle.jid, std::mem::take(&mut self.directed));
         }
         // What the client did not acknowledge, and what is still queued, goes
         // elsewhere. Offline messages it did not acknowledge are still stored.

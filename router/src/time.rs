@@ -1,6 +1,5 @@
 //! Timestamps in the XEP-0082 profile of RFC 3339, without a date library.
 
-/// Formats seconds since the Unix epoch as `YYYY-MM-DDThh:mm:ssZ` (UTC).
 /// Microseconds since the Unix epoch, now.
 pub fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -9,6 +8,7 @@ pub fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Formats seconds since the Unix epoch as `YYYY-MM-DDThh:mm:ssZ` (UTC).
 pub fn rfc3339(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);

@@ -109,7 +109,11 @@ impl Store {
         let _timer = self.latency.start("archive_append");
         match self.archive_append_fast(rows).await {
             Ok(()) => Ok(()),
-            Err(_) => self.archive_append_checked(rows).await,
+            Err(e) => {
+                // Usually an owner deleted meanwhile; anything else fails again below.
+                tracing::debug!(error = %e, "archive batch goes row by row");
+                self.archive_append_checked(rows).await
+            }
         }
     }
 
@@ -462,17 +466,22 @@ impl Store {
             .collect()
     }
 
-    /// Forgets the zones whose messages all lie before `before` (microseconds): after
-    /// [`Store::archive_expire`] took those messages.
-    pub async fn archive_expire_zones(&self, before: i64) -> Result<u64> {
+    /// Forgets up to `batch` zones whose messages all lie before `before`
+    /// (microseconds), after [`Store::archive_expire`] took those messages, and says
+    /// how many went; the caller repeats while a whole batch went.
+    pub async fn archive_expire_zones(&self, before: i64, batch: usize) -> Result<u64> {
         // A zone's ids were all made before the next zone begins, and its messages'
         // times are at most ID_TO_TS_SLACK_MICROS later.
         let first_kept = zone_at(before.saturating_sub(ID_TO_TS_SLACK_MICROS));
-        Ok(sqlx::query("DELETE FROM archive_zones WHERE zone < $1")
-            .bind(first_kept)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        Ok(sqlx::query(
+            "DELETE FROM archive_zones WHERE (owner, peer, zone) IN
+                 (SELECT owner, peer, zone FROM archive_zones WHERE zone < $1 LIMIT $2)",
+        )
+        .bind(first_kept)
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// The first and the last message of `owner`'s archive (XEP-0313 metadata).
@@ -805,9 +814,49 @@ mod tests {
                 })
                 .collect();
             rows.push(row("frank", &id(20), "b@d", at(20)));
-            // An owner gone meanwhile: the batch is stored row by row, zones too.
-            rows.push(row("nobody", &id(21), "b@d", at(21)));
-            store.archive_append(&rows).await.unwrap();
+            let zones = |peer: &'static str| {
+                let store = store.clone();
+                async move {
+                    sqlx::query(
+                        "SELECT zone FROM archive_zones WHERE owner = 'erin' AND peer = $1 ORDER BY zone",
+                    )
+                    .bind(peer)
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap()
+                    .len()
+                }
+            };
+            // A batch whose owners all exist is stored many rows per statement, its
+            // zones too.
+            store.archive_append_fast(&rows).await.unwrap();
+            assert_eq!((zones("b@d").await, zones("a@d").await), (4, 5));
+            // An owner gone meanwhile: the batch is stored row by row, zones too. Its
+            // message to b@d was stamped just before zone 5 began and stored just
+            // after: a window from zone 5 on still finds it.
+            let late = format!("{:014x}{:016x}", at(10) - 1, 99);
+            let mut late_row = row("erin", &late, "b@d", at(10) + 30_000_000);
+            late_row.resource = "r".into();
+            store
+                .archive_append(&[row("nobody", &id(21), "b@d", at(21)), late_row])
+                .await
+                .unwrap();
+            let since_zone_5 = ArchiveFilter {
+                peer: Some("b@d"),
+                start: Some(at(10)),
+                ..Default::default()
+            };
+            assert_eq!(
+                page(
+                    &store,
+                    "erin",
+                    &since_zone_5,
+                    ArchivePage::Forward(None),
+                    10
+                )
+                .await,
+                (vec![late.clone()], true)
+            );
             let with_b = ArchiveFilter {
                 peer: Some("b@d"),
                 ..Default::default()
@@ -826,11 +875,21 @@ mod tests {
                     3
                 )
                 .await,
-                (vec![id(9)], true)
+                (vec![id(9), late.clone()], true)
             );
             assert_eq!(
                 page(&store, "erin", &with_b, ArchivePage::Backward(None), 2).await,
-                (vec![id(6), id(9)], false)
+                (vec![id(9), late.clone()], false)
+            );
+            // Ids asked for, with the contact.
+            let wanted = [id(3), id(4), id(9)];
+            let by_ids = ArchiveFilter {
+                ids: &wanted,
+                ..with_b.clone()
+            };
+            assert_eq!(
+                page(&store, "erin", &by_ids, ArchivePage::Forward(None), 10).await,
+                (vec![id(3), id(9)], true)
             );
             assert_eq!(
                 page(
@@ -875,28 +934,17 @@ mod tests {
                 page(&store, "frank", &with_b, ArchivePage::Forward(None), 10).await,
                 (vec![id(20)], true)
             );
-            // Expiry up to message 7 (zone 3) forgets zones 0 to 2, keeps zone 3 (it
-            // still holds message 7) and later ones.
-            let zones = |peer: &'static str| {
-                let store = store.clone();
-                async move {
-                    sqlx::query(
-                        "SELECT zone FROM archive_zones WHERE owner = 'erin' AND peer = $1 ORDER BY zone",
-                    )
-                    .bind(peer)
-                    .fetch_all(&store.pool)
-                    .await
-                    .unwrap()
-                    .len()
-                }
-            };
+            // Expiry up to message 7 (zone 3) forgets zones 0 to 2 (in batches), keeps
+            // zone 3 (it still holds message 7) and later ones.
             assert_eq!((zones("b@d").await, zones("a@d").await), (4, 5));
             assert_eq!(store.archive_expire(at(7), 100).await.unwrap(), 7);
-            assert_eq!(store.archive_expire_zones(at(7)).await.unwrap(), 5);
+            assert_eq!(store.archive_expire_zones(at(7), 3).await.unwrap(), 3);
+            assert_eq!(store.archive_expire_zones(at(7), 3).await.unwrap(), 2);
+            assert_eq!(store.archive_expire_zones(at(7), 3).await.unwrap(), 0);
             assert_eq!((zones("b@d").await, zones("a@d").await), (2, 2));
             assert_eq!(
                 page(&store, "erin", &with_b, ArchivePage::Forward(None), 10).await,
-                (vec![id(9)], true)
+                (vec![id(9), late.clone()], true)
             );
             // A deleted account's zones go with it.
             store.delete_user("erin").await.unwrap();

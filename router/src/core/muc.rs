@@ -30,6 +30,11 @@ const DELAY: &str = "urn:xmpp:delay";
 
 /// Characters of one history request, at most, however large the client asks.
 pub const MAX_HISTORY_CHARS: usize = 256 * 1024;
+/// Bytes of history a room keeps, at most, whatever its length: the oldest messages
+/// go first.
+pub const MAX_KEPT_BYTES: usize = 64 * 1024;
+/// XEP-0359's namespace: a room's stanza ids are its own to give.
+const SID: &str = "urn:xmpp:sid:0";
 
 /// An account's standing in a room, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -369,7 +374,11 @@ impl Room {
         }
         let occupant = &self.occupants[nick];
         for to in self.sessions() {
-            let codes: &[u16] = if &to == from { &own } else { &[] };
+            let codes: &[u16] = if occupant.sessions.contains(&to) {
+                &own
+            } else {
+                &[]
+            };
             let moderator = self.is_moderator(&to);
             let p = self.presence_of(occupant, &to, moderator, codes, None);
             out.push(Out { to, stanza: p });
@@ -513,7 +522,7 @@ impl Room {
         let Some(sender_jid) = self.occupant_jid(&nick) else {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
-        let mut m = message.clone();
+        let mut m = self.relayed(message);
         stanza::remove_attr(&mut m, "to");
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
         stanza::set_attr(&mut m, "type", "groupchat");
@@ -524,8 +533,12 @@ impl Room {
                 micros: now,
                 chars,
             });
-            while self.history.len() > self.config.history_length {
-                self.history.pop_front();
+            let mut kept: usize = self.history.iter().map(|k| k.chars).sum();
+            while self.history.len() > self.config.history_length || kept > MAX_KEPT_BYTES {
+                match self.history.pop_front() {
+                    Some(k) => kept -= k.chars,
+                    None => break,
+                }
             }
         }
         Ok(self
@@ -563,11 +576,9 @@ impl Room {
         let Some(sender_jid) = self.occupant_jid(nick) else {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
-        let mut m = message.clone();
+        let mut m = self.relayed(message);
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
-        if m.get_child("x", NS_USER).is_none() {
-            m.append_child(Element::bare("x", NS_USER));
-        }
+        m.append_child(Element::bare("x", NS_USER));
         Ok(target
             .sessions
             .iter()
@@ -580,6 +591,60 @@ impl Room {
                 }
             })
             .collect())
+    }
+
+    /// Destroys the room: every occupant gets its unavailable presence with
+    /// `<destroy/>` (XEP-0045 §10.9), and the room is left empty.
+    pub fn destroy(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
+        for occupant in std::mem::take(&mut self.occupants).into_values() {
+            let Some(from) = self.occupant_jid(&occupant.nick) else {
+                continue;
+            };
+            for to in &occupant.sessions {
+                let mut p = Element::builder("presence", ns::CLIENT)
+                    .append(
+                        Element::builder("x", NS_USER)
+                            .append(
+                                Element::builder("item", NS_USER)
+                                    .attr(rxml::xml_ncname!("affiliation").to_owned(), "none")
+                                    .attr(rxml::xml_ncname!("role").to_owned(), "none")
+                                    .build(),
+                            )
+                            .append(Element::bare("destroy", NS_USER))
+                            .build(),
+                    )
+                    .build();
+                stanza::set_attr(&mut p, "from", &from.to_string());
+                stanza::set_attr(&mut p, "to", &to.to_string());
+                stanza::set_attr(&mut p, "type", "unavailable");
+                out.push(Out {
+                    to: to.clone(),
+                    stanza: p,
+                });
+            }
+        }
+        self.nick_of.clear();
+        out
+    }
+
+    /// A client's message as the room passes it on: without what only the room may
+    /// say (its `muc#user` elements, its stanza ids, its delays).
+    fn relayed(&self, message: &Element) -> Element {
+        let room = self.jid.as_str();
+        let mut m = Element::bare(message.name(), message.ns());
+        for ((attr_ns, name), value) in message.attrs().iter() {
+            m.set_attr(attr_ns.clone(), name.clone(), value.as_str());
+        }
+        for child in message.children() {
+            let forged = child.ns() == NS_USER
+                || (child.is("stanza-id", SID) && child.attr("by") == Some(room))
+                || (child.is("delay", DELAY) && child.attr("from") == Some(room));
+            if !forged {
+                m.append_child(child.clone());
+            }
+        }
+        m
     }
 
     /// Every session in the room.
@@ -947,9 +1012,19 @@ mod tests {
         let p = join_presence();
         room.join(&full("bob@d/phone"), "Bob", &Join::default(), &p, NOW)
             .unwrap();
-        // Bob's laptop shares his nick.
-        room.join(&full("bob@d/laptop"), "Bob", &Join::default(), &p, NOW)
+        // Bob's laptop shares his nick; both his sessions see it as his own (110).
+        let out = room
+            .join(&full("bob@d/laptop"), "Bob", &Join::default(), &p, NOW)
             .unwrap();
+        for session in ["bob@d/phone", "bob@d/laptop"] {
+            let own = out
+                .iter()
+                .find(|o| {
+                    o.to == full(session) && o.stanza.attr("from") == Some("team@conference.d/Bob")
+                })
+                .unwrap();
+            assert_eq!(codes(&own.stanza), ["110"], "{session}");
+        }
         for (i, body) in ["one", "two", "three"].into_iter().enumerate() {
             let at = NOW + i64::try_from(i).unwrap() * 60_000_000;
             let out = room
@@ -1211,6 +1286,61 @@ mod tests {
             room.private(&full("alice@d/laptop"), "Bob", &pm),
             Err(StanzaErrorCondition::Forbidden)
         );
+    }
+
+    #[test]
+    fn what_only_the_room_may_say_is_not_relayed() {
+        let mut room = room_with_alice(Config::default());
+        let forged = el(
+            "<message xmlns='jabber:client' type='groupchat'><body>hi</body>\
+             <stanza-id xmlns='urn:xmpp:sid:0' by='team@conference.d' id='x'/>\
+             <stanza-id xmlns='urn:xmpp:sid:0' by='alice@d' id='y'/>\
+             <delay xmlns='urn:xmpp:delay' from='team@conference.d' stamp='2020-01-01T00:00:00Z'/>\
+             <x xmlns='http://jabber.org/protocol/muc#user'><status code='110'/></x></message>",
+        );
+        let out = room
+            .groupchat(&full("alice@d/laptop"), &forged, NOW)
+            .unwrap();
+        let m = &out[0].stanza;
+        let kept: Vec<(&str, Option<&str>)> =
+            m.children().map(|c| (c.name(), c.attr("by"))).collect();
+        assert_eq!(kept, [("body", None), ("stanza-id", Some("alice@d"))]);
+    }
+
+    #[test]
+    fn history_keeps_at_most_its_bytes() {
+        let config = Config {
+            history_length: 1000,
+            ..Config::default()
+        };
+        let mut room = room_with_alice(config);
+        let big = "x".repeat(10_000);
+        for _ in 0..20 {
+            room.groupchat(&full("alice@d/laptop"), &message(&big), NOW)
+                .unwrap();
+        }
+        let kept: usize = room.history.iter().map(|k| k.chars).sum();
+        assert!(kept <= MAX_KEPT_BYTES, "{kept}");
+        assert_eq!(room.history.len(), MAX_KEPT_BYTES / 10_100);
+    }
+
+    #[test]
+    fn a_destroyed_room_tells_every_session() {
+        let mut room = room_with_alice(Config::default());
+        let p = join_presence();
+        room.join(&full("alice@d/phone"), "Alice", &Join::default(), &p, NOW)
+            .unwrap();
+        let out = room.destroy();
+        let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
+        to.sort();
+        assert_eq!(to, ["alice@d/laptop", "alice@d/phone"]);
+        for o in &out {
+            assert_eq!(o.stanza.attr("type"), Some("unavailable"));
+            let x = o.stanza.get_child("x", NS_USER).unwrap();
+            assert!(x.get_child("destroy", NS_USER).is_some());
+        }
+        assert!(room.is_empty());
+        assert_eq!(room.nick_of(&full("alice@d/phone")), None);
     }
 
     #[test]
