@@ -144,6 +144,20 @@ impl Context<'_> {
         server.presence_to_own_resources(&self.handle.jid, &unavailable);
     }
 
+    /// Whether the session may count `to` among its directed-presence targets, each
+    /// told when the session ends (the set is bounded); if not, the client is told.
+    fn directed_has_room(&mut self, presence: &Element, to: &Jid) -> bool {
+        if self.directed.len() < MAX_DIRECTED || self.directed.contains(to) {
+            return true;
+        }
+        self.reply_error(
+            presence,
+            StanzaErrorCondition::ResourceConstraint,
+            Some("too many directed presence targets in this session"),
+        );
+        false
+    }
+
     /// Presence sent to one JID (RFC 6121 §4.6).
     async fn directed_presence(&mut self, presence: Element, to: Jid, ty: PresenceType) {
         let server = self.server.clone();
@@ -151,12 +165,7 @@ impl Context<'_> {
             // A room: entered with directed presence, left when the session ends.
             match ty {
                 PresenceType::Available => {
-                    if self.directed.len() >= MAX_DIRECTED && !self.directed.contains(&to) {
-                        self.reply_error(
-                            &presence,
-                            StanzaErrorCondition::ResourceConstraint,
-                            Some("too many directed presence targets in this session"),
-                        );
+                    if !self.directed_has_room(&presence, &to) {
                         return;
                     }
                     if self.on_muc_presence(&presence, &to) {
@@ -195,12 +204,7 @@ impl Context<'_> {
         match ty {
             PresenceType::Available if !subscribed => {
                 // Each target is told when the session ends: the set is bounded.
-                if self.directed.len() >= MAX_DIRECTED && !self.directed.contains(&to) {
-                    self.reply_error(
-                        &presence,
-                        StanzaErrorCondition::ResourceConstraint,
-                        Some("too many directed presence targets in this session"),
-                    );
+                if !self.directed_has_room(&presence, &to) {
                     return;
                 }
                 self.directed.insert(to.clone());

@@ -130,40 +130,11 @@ impl Store {
                 .await?;
         }
         for chunk in rows.chunks(PER_STATEMENT) {
-            let mut sql = String::from(match self.backend {
-                Backend::Sqlite => {
-                    "INSERT OR IGNORE INTO archive (owner, id, peer, resource, ts, outgoing, stanza) VALUES "
-                }
-                Backend::Postgres => {
-                    "INSERT INTO archive (owner, id, peer, resource, ts, outgoing, stanza) VALUES "
-                }
-            });
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                match self.backend {
-                    // Anonymous parameters: SQLite finds a named one's number by a
-                    // linear search, which made 448 of them cost more than the rows.
-                    Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?, ?, ?)"),
-                    Backend::Postgres => {
-                        let b = i * 7;
-                        sql.push_str(&format!(
-                            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                            b + 1,
-                            b + 2,
-                            b + 3,
-                            b + 4,
-                            b + 5,
-                            b + 6,
-                            b + 7
-                        ));
-                    }
-                }
-            }
-            if self.backend == Backend::Postgres {
-                sql.push_str(" ON CONFLICT (owner, id) DO NOTHING");
-            }
+            let sql = self.insert_ignoring(
+                "archive (owner, id, peer, resource, ts, outgoing, stanza)",
+                chunk.len(),
+                7,
+            );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
                 query = query
@@ -185,27 +156,7 @@ impl Store {
         zones.dedup();
         const ZONES_PER_STATEMENT: usize = 128;
         for chunk in zones.chunks(ZONES_PER_STATEMENT) {
-            let mut sql = String::from(match self.backend {
-                Backend::Sqlite => {
-                    "INSERT OR IGNORE INTO archive_zones (owner, peer, zone) VALUES "
-                }
-                Backend::Postgres => "INSERT INTO archive_zones (owner, peer, zone) VALUES ",
-            });
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                match self.backend {
-                    Backend::Sqlite => sql.push_str("(?, ?, ?)"),
-                    Backend::Postgres => {
-                        let b = i * 3;
-                        sql.push_str(&format!("(${}, ${}, ${})", b + 1, b + 2, b + 3));
-                    }
-                }
-            }
-            if self.backend == Backend::Postgres {
-                sql.push_str(" ON CONFLICT DO NOTHING");
-            }
+            let sql = self.insert_ignoring("archive_zones (owner, peer, zone)", chunk.len(), 3);
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (owner, peer, zone) in chunk {
                 query = query.bind(*owner).bind(*peer).bind(*zone);
@@ -214,6 +165,37 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// An `INSERT` of `rows` rows of `cols` values each into `table (columns)`, that
+    /// skips a row repeating one already there (by any unique key).
+    fn insert_ignoring(&self, table: &str, rows: usize, cols: usize) -> String {
+        let mut sql = match self.backend {
+            Backend::Sqlite => format!("INSERT OR IGNORE INTO {table} VALUES "),
+            Backend::Postgres => format!("INSERT INTO {table} VALUES "),
+        };
+        for row in 0..rows {
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for col in 0..cols {
+                if col > 0 {
+                    sql.push_str(", ");
+                }
+                match self.backend {
+                    // Anonymous parameters: SQLite finds a named one's number by a
+                    // linear search, which made 448 of them cost more than the rows.
+                    Backend::Sqlite => sql.push('?'),
+                    Backend::Postgres => sql.push_str(&format!("${}", row * cols + col + 1)),
+                }
+            }
+            sql.push(')');
+        }
+        if self.backend == Backend::Postgres {
+            sql.push_str(" ON CONFLICT DO NOTHING");
+        }
+        sql
     }
 
     async fn archive_append_checked(&self, rows: &[ArchiveRow]) -> Result<()> {
