@@ -25,6 +25,7 @@ use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::pep::store_failed;
 use crate::stanza;
+use crate::time::now_micros;
 use crate::xml::ns;
 
 /// Rows waiting for the writer, at most: a sender waits for room beyond (the store
@@ -255,13 +256,6 @@ fn archive_id() -> String {
         now_micros(),
         rand::thread_rng().next_u64()
     )
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Server {
