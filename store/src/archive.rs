@@ -65,22 +65,29 @@ pub struct ArchiveResults {
     pub complete: bool,
 }
 
-enum Bind {
-    Str(String),
-    Int(i64),
-}
-
 /// Characters of an archive id that name its zone. Ids begin with the time in
 /// microseconds in 14 hex digits, so the first five cover 2^36 µs (about 19 hours).
 /// The history with one contact is found through the zones in which the two
 /// exchanged messages (`archive_zones`, written once per account, contact and zone),
-/// then each zone's ids by the account's index: an index by contact cost an entry in
+/// then each zone's ids by the account's blocks: an index by contact cost an entry in
 /// a page of each account's own for every message archived.
 const ZONE_CHARS: usize = 5;
 /// How far a message's time (`ts`) may lie from the time its id was made (it is
 /// read just after; a clock stepped back puts it before): a window by time looks this
 /// much further into the zones on each side.
 const ID_TO_TS_SLACK_MICROS: i64 = 60_000_000;
+/// Hex digits of an archive id that hold the time its id was made, in microseconds.
+const ID_TIME_CHARS: usize = 14;
+/// A block holds messages whose ids were made within this span of its first one, so
+/// a message is looked for in the blocks that begin at most this long before it. The
+/// writer stores a batch every five seconds; a batch delayed longer is split.
+const BLOCK_SPAN_MICROS: i64 = 10_000_000;
+/// A block holds at most this many messages, and grows beyond this many bytes only
+/// by its first message: a query decodes whole blocks.
+const BLOCK_MESSAGES: usize = 64;
+const BLOCK_BYTES: usize = 64 * 1024;
+/// Blocks a query reads per statement.
+const BLOCKS_PER_READ: i64 = 16;
 
 /// The zone of an archive id.
 fn zone(id: &str) -> &str {
@@ -89,8 +96,7 @@ fn zone(id: &str) -> &str {
 
 /// The zone holding ids made at `micros`.
 fn zone_at(micros: i64) -> String {
-    let hex = format!("{:014x}", micros.max(0));
-    hex[..ZONE_CHARS.min(hex.len())].to_owned()
+    id_floor(micros)[..ZONE_CHARS].to_owned()
 }
 
 /// The smallest string above every id of `zone`: ids are hex digits.
@@ -98,64 +104,219 @@ fn zone_end(zone: &str) -> String {
     format!("{zone}g")
 }
 
+/// The smallest string at or above every id made at `micros` or later.
+fn id_floor(micros: i64) -> String {
+    format!("{:014x}", micros.max(0))
+}
+
+/// The time an id (or the prefix of one, a zone) was made, when it begins with hex
+/// digits as the router's ids do (missing digits count as zeros).
+fn id_time(id: &str) -> Option<i64> {
+    let digits = id.get(..ID_TIME_CHARS.min(id.len()))?;
+    if digits.is_empty()
+        || !digits
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    let value = i64::from_str_radix(digits, 16).ok()?;
+    value.checked_shl(4 * (ID_TIME_CHARS - digits.len()) as u32)
+}
+
+/// The first block that can hold an id at or above `id`: blocks begin at most
+/// BLOCK_SPAN_MICROS before their messages. `None`: no bound (an id not made by the
+/// router is alone in its block, and found by its first id).
+fn blocks_from(id: &str) -> Option<String> {
+    id_time(id).map(|t| id_floor(t.saturating_sub(BLOCK_SPAN_MICROS)))
+}
+
+/// Above every id a block beginning with `first` holds.
+fn block_end(first: &str) -> Option<String> {
+    id_time(first).map(|t| id_floor(t.saturating_add(BLOCK_SPAN_MICROS)))
+}
+
+/// One archived message as its block holds it.
+struct Entry<'a> {
+    id: &'a str,
+    peer: &'a str,
+    resource: &'a str,
+    ts: i64,
+    stanza: &'a str,
+}
+
+/// Appends `r` to a block's text: each field as its length in bytes (eight hex
+/// digits) and its bytes; the time as sixteen hex digits, the direction as one digit.
+/// Migration 0023 writes the same from SQL.
+fn encode(body: &mut String, r: &ArchiveRow) {
+    use std::fmt::Write as _;
+    for field in [r.id.as_str(), &r.peer, &r.resource] {
+        let _ = write!(body, "{:08x}{field}", field.len());
+    }
+    let _ = write!(
+        body,
+        "{:016x}{}{:08x}{}",
+        r.ts as u64,
+        u8::from(r.outgoing),
+        r.stanza.len(),
+        r.stanza
+    );
+}
+
+/// The messages of a block's text.
+fn decode(body: &str) -> Result<Vec<Entry<'_>>> {
+    struct Reader<'a>(&'a str);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a str> {
+            let corrupt = || crate::StoreError::Corrupt("archive_blocks.body".into());
+            let head = self.0.get(..n).ok_or_else(corrupt)?;
+            self.0 = self.0.get(n..).ok_or_else(corrupt)?;
+            Ok(head)
+        }
+        fn hex(&mut self, digits: usize) -> Result<u64> {
+            let s = self.take(digits)?;
+            u64::from_str_radix(s, 16)
+                .map_err(|_| crate::StoreError::Corrupt("archive_blocks.body".into()))
+        }
+        fn field(&mut self) -> Result<&'a str> {
+            let len = self.hex(8)?;
+            self.take(usize::try_from(len).unwrap_or(usize::MAX))
+        }
+    }
+    let mut r = Reader(body);
+    let mut entries = Vec::new();
+    while !r.0.is_empty() {
+        let (id, peer, resource) = (r.field()?, r.field()?, r.field()?);
+        let ts = r.hex(16)? as i64;
+        let _outgoing = r.take(1)?;
+        let stanza = r.field()?;
+        entries.push(Entry {
+            id,
+            peer,
+            resource,
+            ts,
+            stanza,
+        });
+    }
+    Ok(entries)
+}
+
+/// A block of one account's messages, ready to store.
+struct Block {
+    owner: String,
+    first_id: String,
+    last_id: String,
+    last_ts: i64,
+    body: String,
+}
+
+/// `rows` as blocks: each account's messages in the order of their ids, a block per
+/// run that fits BLOCK_SPAN_MICROS, BLOCK_MESSAGES and BLOCK_BYTES. An id the router
+/// did not make (no time in its first digits) is in a block of its own.
+fn blocks(rows: &[ArchiveRow]) -> Vec<Block> {
+    let mut sorted: Vec<&ArchiveRow> = rows.iter().collect();
+    sorted.sort_unstable_by(|a, b| (&a.owner, &a.id).cmp(&(&b.owner, &b.id)));
+    let mut out: Vec<Block> = Vec::new();
+    let mut open: Option<(usize, Option<String>)> = None;
+    for r in sorted {
+        let fits = match (out.last(), &open) {
+            (Some(b), Some((n, Some(end)))) => {
+                b.owner == r.owner
+                    && id_time(&r.id).is_some()
+                    && r.id < *end
+                    && *n < BLOCK_MESSAGES
+                    && b.body.len() < BLOCK_BYTES
+            }
+            _ => false,
+        };
+        if !fits {
+            out.push(Block {
+                owner: r.owner.clone(),
+                first_id: r.id.clone(),
+                last_id: r.id.clone(),
+                last_ts: r.ts,
+                body: String::new(),
+            });
+            open = Some((0, block_end(&r.id)));
+        }
+        let b = out.last_mut().expect("a block was opened");
+        if let Some((n, _)) = &mut open {
+            *n += 1;
+        }
+        b.last_id.clone_from(&r.id);
+        b.last_ts = b.last_ts.max(r.ts);
+        encode(&mut b.body, r);
+    }
+    out
+}
+
+/// Where a scan of blocks stands: the last block read, by first id and `seq`.
+type Cursor = (String, i64);
+
 impl Store {
-    /// Appends archived messages in one transaction: many rows per statement; should
-    /// that fail (an owner deleted meanwhile breaks the foreign key), row by row,
-    /// skipping owners that are gone.
+    /// Appends archived messages in one transaction, as blocks of each account's
+    /// messages (one row and one index entry per account and batch, not per message:
+    /// the index by account was most of the cost of archiving); should that fail (an
+    /// owner deleted meanwhile breaks the foreign key), block by block, skipping
+    /// owners that are gone.
     pub async fn archive_append(&self, rows: &[ArchiveRow]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         let _timer = self.latency.start("archive_append");
-        match self.archive_append_fast(rows).await {
+        let blocks = blocks(rows);
+        match self.archive_append_fast(rows, &blocks).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Usually an owner deleted meanwhile; anything else fails again below.
-                tracing::debug!(error = %e, "archive batch goes row by row");
-                self.archive_append_checked(rows).await
+                tracing::debug!(error = %e, "archive batch goes block by block");
+                self.archive_append_checked(rows, &blocks).await
             }
         }
     }
 
-    async fn archive_append_fast(&self, rows: &[ArchiveRow]) -> Result<()> {
-        const PER_STATEMENT: usize = 64;
-        let mut tx = self.write().await?;
-        if self.backend == Backend::Sqlite {
-            // No statement of this transaction can then fail halfway (a row that
-            // repeats one is ignored; owners are checked at commit, and a failed commit
-            // goes row by row below), so SQLite keeps no statement journal: copying
-            // each page a statement first touched cost an eighth of storing the rows.
-            sqlx::query("PRAGMA defer_foreign_keys = ON")
-                .execute(&mut *tx)
-                .await?;
-        }
-        for chunk in rows.chunks(PER_STATEMENT) {
-            let sql = self.insert_ignoring(
-                "archive (owner, id, peer, resource, ts, outgoing, stanza)",
-                chunk.len(),
-                7,
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                query = query
-                    .bind(&r.owner)
-                    .bind(&r.id)
-                    .bind(&r.peer)
-                    .bind(&r.resource)
-                    .bind(r.ts)
-                    .bind(i64::from(r.outgoing))
-                    .bind(&*r.stanza);
-            }
-            query.execute(&mut *tx).await?;
-        }
+    /// The zones the rows fall in, once each.
+    fn row_zones(rows: &[ArchiveRow]) -> Vec<(&str, &str, &str)> {
         let mut zones: Vec<(&str, &str, &str)> = rows
             .iter()
             .map(|r| (r.owner.as_str(), r.peer.as_str(), zone(&r.id)))
             .collect();
         zones.sort_unstable();
         zones.dedup();
+        zones
+    }
+
+    async fn archive_append_fast(&self, rows: &[ArchiveRow], blocks: &[Block]) -> Result<()> {
+        const PER_STATEMENT: usize = 64;
+        let mut tx = self.write().await?;
+        if self.backend == Backend::Sqlite {
+            // No statement of this transaction can then fail halfway (owners are
+            // checked at commit, and a failed commit goes block by block below), so
+            // SQLite keeps no statement journal: copying each page a statement first
+            // touched cost an eighth of storing the rows.
+            sqlx::query("PRAGMA defer_foreign_keys = ON")
+                .execute(&mut *tx)
+                .await?;
+        }
+        for chunk in blocks.chunks(PER_STATEMENT) {
+            let sql = self.insert_ignoring(
+                "archive_blocks (owner, first_id, last_id, last_ts, body)",
+                chunk.len(),
+                5,
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for b in chunk {
+                query = query
+                    .bind(&b.owner)
+                    .bind(&b.first_id)
+                    .bind(&b.last_id)
+                    .bind(b.last_ts)
+                    .bind(&b.body);
+            }
+            query.execute(&mut *tx).await?;
+        }
         const ZONES_PER_STATEMENT: usize = 128;
-        for chunk in zones.chunks(ZONES_PER_STATEMENT) {
+        for chunk in Self::row_zones(rows).chunks(ZONES_PER_STATEMENT) {
             let sql = self.insert_ignoring("archive_zones (owner, peer, zone)", chunk.len(), 3);
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (owner, peer, zone) in chunk {
@@ -198,33 +359,32 @@ impl Store {
         sql
     }
 
-    async fn archive_append_checked(&self, rows: &[ArchiveRow]) -> Result<()> {
+    async fn archive_append_checked(&self, rows: &[ArchiveRow], blocks: &[Block]) -> Result<()> {
         let mut tx = self.write().await?;
-        for r in rows {
-            // An owner deleted meanwhile has no archive: the row is skipped, not an
-            // error for the whole batch.
+        // An owner deleted meanwhile has no archive: its blocks are skipped, not an
+        // error for the whole batch.
+        for b in blocks {
             sqlx::query(
-                "INSERT INTO archive (owner, id, peer, resource, ts, outgoing, stanza)
-                 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)
-                 ON CONFLICT (owner, id) DO NOTHING",
+                "INSERT INTO archive_blocks (owner, first_id, last_id, last_ts, body)
+                 SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)",
             )
-            .bind(&r.owner)
-            .bind(&r.id)
-            .bind(&r.peer)
-            .bind(&r.resource)
-            .bind(r.ts)
-            .bind(i64::from(r.outgoing))
-            .bind(&*r.stanza)
+            .bind(&b.owner)
+            .bind(&b.first_id)
+            .bind(&b.last_id)
+            .bind(b.last_ts)
+            .bind(&b.body)
             .execute(&mut *tx)
             .await?;
+        }
+        for (owner, peer, zone) in Self::row_zones(rows) {
             sqlx::query(
                 "INSERT INTO archive_zones (owner, peer, zone)
                  SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)
                  ON CONFLICT DO NOTHING",
             )
-            .bind(&r.owner)
-            .bind(&r.peer)
-            .bind(zone(&r.id))
+            .bind(owner)
+            .bind(peer)
+            .bind(zone)
             .execute(&mut *tx)
             .await?;
         }
@@ -233,25 +393,34 @@ impl Store {
     }
 
     /// Whether `owner`'s archive holds `id`.
-    async fn archive_has(&self, owner: &str, id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 AS one FROM archive WHERE owner = $1 AND id = $2")
-            .bind(owner)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
-    }
-
-    /// Whether an optional bound is usable: absent, or an id in the archive.
-    async fn archive_bound_known(&self, owner: &str, id: Option<&str>) -> Result<bool> {
-        match id {
-            None => Ok(true),
-            Some(id) => self.archive_has(owner, id).await,
+    async fn archive_has(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        owner: &str,
+        id: &str,
+    ) -> Result<bool> {
+        // The blocks that begin at most a span before `id`; an id the router did not
+        // make is alone in a block that begins with it.
+        let from = blocks_from(id).unwrap_or_else(|| id.to_owned());
+        let rows = sqlx::query(
+            "SELECT body FROM archive_blocks
+             WHERE owner = $1 AND first_id >= $2 AND first_id <= $3 AND last_id >= $3",
+        )
+        .bind(owner)
+        .bind(from)
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in rows {
+            let body: String = row.try_get("body")?;
+            if decode(&body)?.iter().any(|e| e.id == id) {
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
 
     /// A page of `owner`'s archive; `None` when an id the query names (a paging
-    /// bound, `after_id`, `before_id`) is not in it.
+    /// bound, `after_id`, `before_id`, one of `ids`) is not in it.
     pub async fn archive_query(
         &self,
         owner: &str,
@@ -260,114 +429,105 @@ impl Store {
         max: usize,
     ) -> Result<Option<ArchiveResults>> {
         let _timer = self.latency.start("archive_query");
-        let mut sql = String::from("SELECT id, ts, stanza FROM archive WHERE owner = $1");
-        let mut binds = vec![Bind::Str(owner.to_owned())];
-        let mut push = |sql: &mut String, clause: &str, b: Bind| {
-            binds.push(b);
-            sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
-        };
-        if let Some(peer) = filter.peer {
-            push(&mut sql, " AND peer = ?", Bind::Str(peer.to_owned()));
-        }
-        if let Some(resource) = filter.resource {
-            push(
-                &mut sql,
-                " AND resource = ?",
-                Bind::Str(resource.to_owned()),
-            );
-        }
-        if let Some(start) = filter.start {
-            push(&mut sql, " AND ts >= ?", Bind::Int(start));
-        }
-        if let Some(end) = filter.end {
-            push(&mut sql, " AND ts <= ?", Bind::Int(end));
-        }
-        // Ids grow with time: the archive's order is theirs.
-        if !self.archive_bound_known(owner, filter.after_id).await?
-            || !self.archive_bound_known(owner, filter.before_id).await?
-        {
-            return Ok(None);
-        }
-        if let Some(after) = filter.after_id {
-            push(&mut sql, " AND id > ?", Bind::Str(after.to_owned()));
-        }
-        if let Some(before) = filter.before_id {
-            push(&mut sql, " AND id < ?", Bind::Str(before.to_owned()));
-        }
-        if !filter.ids.is_empty() {
-            // XEP-0313: an id that is not in the archive is item-not-found.
-            for id in filter.ids {
-                if !self.archive_has(owner, id).await? {
-                    return Ok(None);
-                }
-            }
-            sql.push_str(" AND id IN (");
-            for (i, id) in filter.ids.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                push(&mut sql, "?", Bind::Str(id.clone()));
-            }
-            sql.push(')');
-        }
         let (paging, backward) = match page {
-            ArchivePage::Forward(after) => (after.map(|a| (a, " AND id > ?")), false),
-            ArchivePage::Backward(before) => (before.map(|b| (b, " AND id < ?")), true),
+            ArchivePage::Forward(after) => (after, false),
+            ArchivePage::Backward(before) => (before, true),
         };
-        if let Some((id, clause)) = paging {
-            if !self.archive_has(owner, id).await? {
+        let mut tx = self.snapshot().await?;
+        // XEP-0313: an id the query names that is not in the archive is
+        // item-not-found, not an empty page.
+        let named = [filter.after_id, filter.before_id, paging]
+            .into_iter()
+            .flatten()
+            .chain(filter.ids.iter().map(String::as_str));
+        for id in named {
+            if !Self::archive_has(&mut tx, owner, id).await? {
                 return Ok(None);
             }
-            push(&mut sql, clause, Bind::Str(id.to_owned()));
         }
-        let order = if backward { "DESC" } else { "ASC" };
+        // Ids grow with time: the archive's order is theirs. The bounds on ids, the
+        // lower one excluded and the upper one too.
+        let after = [filter.after_id, paging.filter(|_| !backward)]
+            .into_iter()
+            .flatten()
+            .max();
+        let before = [filter.before_id, paging.filter(|_| backward)]
+            .into_iter()
+            .flatten()
+            .min();
+        // The ranges of ids to read, in the page's order: the ids asked for; else
+        // the zones in which `peer` and the owner exchanged messages; else all,
+        // within the bounds (a time bound widened by the slack between an id and
+        // its message's time).
+        let mut lo = after.map(str::to_owned);
+        if let Some(start) = filter.start {
+            lo = lo.max(Some(id_floor(start.saturating_sub(ID_TO_TS_SLACK_MICROS))));
+        }
+        let mut hi = before.map(str::to_owned);
+        if let Some(end) = filter.end {
+            let past_end = id_floor(end.saturating_add(ID_TO_TS_SLACK_MICROS).saturating_add(1));
+            hi = Some(hi.map_or(past_end.clone(), |h| h.min(past_end)));
+        }
+        let mut ranges: Vec<(Option<String>, Option<String>)> = if !filter.ids.is_empty() {
+            let mut ids: Vec<&String> = filter.ids.iter().collect();
+            ids.sort_unstable();
+            ids.dedup();
+            // The smallest string above an id.
+            ids.into_iter()
+                .map(|id| (Some(id.clone()), Some(format!("{id}\u{1}"))))
+                .collect()
+        } else if let Some(peer) = filter.peer {
+            let zones = Self::archive_zones_of(
+                &mut tx,
+                owner,
+                peer,
+                lo.as_deref().map(zone),
+                hi.as_deref().map(zone),
+            )
+            .await?;
+            zones
+                .into_iter()
+                .map(|z| {
+                    let end = zone_end(&z);
+                    (Some(z), Some(end))
+                })
+                .collect()
+        } else {
+            vec![(lo.clone(), hi.clone())]
+        };
+        if backward {
+            ranges.reverse();
+        }
+        let keep = |e: &Entry<'_>| {
+            filter.peer.is_none_or(|p| e.peer == p)
+                && filter.resource.is_none_or(|r| e.resource == r)
+                && filter.start.is_none_or(|s| e.ts >= s)
+                && filter.end.is_none_or(|end| e.ts <= end)
+                && after.is_none_or(|a| e.id > a)
+                && before.is_none_or(|b| e.id < b)
+                && (filter.ids.is_empty() || filter.ids.iter().any(|i| i == e.id))
+        };
         // One more than a page: whether the results go on.
         let wanted = max.saturating_add(1);
-        let mut tx = self.snapshot().await?;
         let mut messages = Vec::new();
-        match filter.peer {
-            None => {
-                messages = Self::archive_select(&mut tx, &sql, &binds, None, order, wanted).await?;
-            }
-            Some(peer) => {
-                // The zones in which `peer` and the owner exchanged messages, within
-                // the query's bounds, in the order of the page; then the page's
-                // messages zone by zone.
-                let mut lo = [filter.after_id, paging.filter(|_| !backward).map(|p| p.0)]
-                    .into_iter()
-                    .flatten()
-                    .map(|id| zone(id).to_owned())
-                    .max();
-                if let Some(start) = filter.start {
-                    lo = lo.max(Some(zone_at(start.saturating_sub(ID_TO_TS_SLACK_MICROS))));
-                }
-                let mut hi = [filter.before_id, paging.filter(|_| backward).map(|p| p.0)]
-                    .into_iter()
-                    .flatten()
-                    .map(|id| zone(id).to_owned())
-                    .min();
-                if let Some(end) = filter.end {
-                    let at_end = zone_at(end.saturating_add(ID_TO_TS_SLACK_MICROS));
-                    hi = Some(hi.map_or(at_end.clone(), |h| h.min(at_end)));
-                }
-                let zones = Self::archive_zones_of(
-                    &mut tx,
-                    owner,
-                    peer,
-                    lo.as_deref(),
-                    hi.as_deref(),
-                    order,
-                )
-                .await?;
-                for z in &zones {
-                    let left = wanted - messages.len();
-                    let found =
-                        Self::archive_select(&mut tx, &sql, &binds, Some(z), order, left).await?;
-                    messages.extend(found);
-                    if messages.len() >= wanted {
-                        break;
-                    }
-                }
+        for (from, to) in &ranges {
+            let from = from.clone().max(lo.clone());
+            let to = match (to, &hi) {
+                (Some(t), Some(h)) => Some(t.min(h).clone()),
+                (t, h) => t.clone().or_else(|| h.clone()),
+            };
+            let found = Self::archive_scan(
+                &mut tx,
+                owner,
+                (from.as_deref(), to.as_deref()),
+                backward,
+                &keep,
+                wanted - messages.len(),
+            )
+            .await?;
+            messages.extend(found);
+            if messages.len() >= wanted {
+                break;
             }
         }
         tx.commit().await?;
@@ -379,55 +539,116 @@ impl Store {
         Ok(Some(ArchiveResults { messages, complete }))
     }
 
-    /// The messages of one query (`sql` and its `binds`, without order and limit),
-    /// within one zone when given, in `order`, at most `limit`.
-    async fn archive_select(
+    /// The first `wanted` messages `keep` keeps among `owner`'s with ids in
+    /// `from..to`, in the order of the page (backward: the last ones, last first).
+    async fn archive_scan(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        sql: &str,
-        binds: &[Bind],
-        zone: Option<&str>,
-        order: &str,
-        limit: usize,
+        owner: &str,
+        (from, to): (Option<&str>, Option<&str>),
+        backward: bool,
+        keep: &(dyn Fn(&Entry<'_>) -> bool + Sync),
+        wanted: usize,
     ) -> Result<Vec<Archived>> {
-        let mut sql = sql.to_owned();
-        let n = binds.len();
-        if zone.is_some() {
-            sql.push_str(&format!(" AND id >= ${} AND id < ${}", n + 1, n + 2));
+        if from.zip(to).is_some_and(|(f, t)| f >= t) || wanted == 0 {
+            return Ok(Vec::new());
         }
-        let limit_at = if zone.is_some() { n + 3 } else { n + 1 };
-        sql.push_str(&format!(" ORDER BY id {order} LIMIT ${limit_at}"));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            query = match b {
-                Bind::Str(s) => query.bind(s.clone()),
-                Bind::Int(i) => query.bind(*i),
+        let (cmp, order) = if backward {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        let first_block = from.map(|f| blocks_from(f).unwrap_or_default());
+        let mut found: Vec<Archived> = Vec::new();
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let mut sql =
+                String::from("SELECT seq, first_id, body FROM archive_blocks WHERE owner = $1");
+            let mut n = 1;
+            let mut param = |sql: &mut String, clause: &str| {
+                n += 1;
+                sql.push_str(&clause.replace('?', &format!("${n}")));
             };
+            if first_block.is_some() {
+                param(&mut sql, " AND first_id >= ?");
+            }
+            if from.is_some() {
+                param(&mut sql, " AND last_id >= ?");
+            }
+            if to.is_some() {
+                param(&mut sql, " AND first_id < ?");
+            }
+            if cursor.is_some() {
+                n += 2;
+                sql.push_str(&format!(
+                    " AND (first_id {cmp} ${a} OR (first_id = ${a} AND seq {cmp} ${b}))",
+                    a = n - 1,
+                    b = n
+                ));
+            }
+            sql.push_str(&format!(
+                " ORDER BY first_id {order}, seq {order} LIMIT {BLOCKS_PER_READ}"
+            ));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(owner);
+            for bound in [first_block.as_deref(), from, to].into_iter().flatten() {
+                query = query.bind(bound);
+            }
+            if let Some((first, seq)) = &cursor {
+                query = query.bind(first.as_str()).bind(*seq);
+            }
+            let rows = query.fetch_all(&mut **tx).await?;
+            let read = rows.len();
+            for row in &rows {
+                let body: String = row.try_get("body")?;
+                for e in decode(&body)? {
+                    if from.is_none_or(|f| e.id >= f) && to.is_none_or(|t| e.id < t) && keep(&e) {
+                        found.push(Archived {
+                            id: e.id.to_owned(),
+                            ts: e.ts,
+                            stanza: e.stanza.to_owned(),
+                        });
+                    }
+                }
+                cursor = Some((row.try_get("first_id")?, row.try_get("seq")?));
+            }
+            // Blocks may overlap a little (a batch stamped before the previous one was
+            // stored): the page is in the order of ids, whatever the blocks'.
+            found.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            found.dedup_by(|a, b| a.id == b.id);
+            if backward {
+                found.reverse();
+            }
+            if read < BLOCKS_PER_READ as usize {
+                break;
+            }
+            if found.len() >= wanted {
+                found.truncate(wanted);
+                // Done once no block still to read can hold an id that belongs in
+                // the page: forward, blocks begin at or after the last one read;
+                // backward, they end before the last one read does.
+                let last = &found[wanted - 1].id;
+                let (first, _) = cursor.as_ref().expect("a block was read");
+                let done = if backward {
+                    block_end(first).is_some_and(|end| end <= *last)
+                } else {
+                    first > last
+                };
+                if done {
+                    break;
+                }
+            }
         }
-        if let Some(zone) = zone {
-            query = query.bind(zone.to_owned()).bind(zone_end(zone));
-        }
-        query = query.bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let rows = query.fetch_all(&mut **tx).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Archived {
-                    id: r.try_get("id")?,
-                    ts: r.try_get("ts")?,
-                    stanza: r.try_get("stanza")?,
-                })
-            })
-            .collect()
+        found.truncate(wanted);
+        Ok(found)
     }
 
     /// The zones in which `owner` and `peer` exchanged messages, from `lo` to `hi`
-    /// (inclusive, when given), in `order`.
+    /// (inclusive, when given), in the order of ids.
     async fn archive_zones_of(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         owner: &str,
         peer: &str,
         lo: Option<&str>,
         hi: Option<&str>,
-        order: &str,
     ) -> Result<Vec<String>> {
         let mut sql = String::from("SELECT zone FROM archive_zones WHERE owner = $1 AND peer = $2");
         let mut n = 2;
@@ -437,7 +658,7 @@ impl Store {
                 sql.push_str(&format!(" AND zone {op} ${n}"));
             }
         }
-        sql.push_str(&format!(" ORDER BY zone {order}"));
+        sql.push_str(" ORDER BY zone");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(owner).bind(peer);
         for bound in [lo, hi].into_iter().flatten() {
             query = query.bind(bound);
@@ -468,43 +689,39 @@ impl Store {
 
     /// The first and the last message of `owner`'s archive (XEP-0313 metadata).
     pub async fn archive_bounds(&self, owner: &str) -> Result<Option<(Archived, Archived)>> {
-        let one = |order: &'static str| async move {
-            let sql =
-                format!("SELECT id, ts FROM archive WHERE owner = $1 ORDER BY id {order} LIMIT 1");
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(owner)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.map(|r| {
-                Ok::<_, crate::StoreError>(Archived {
-                    id: r.try_get("id")?,
-                    ts: r.try_get("ts")?,
-                    stanza: String::new(),
-                })
-            })
-            .transpose()
+        let mut tx = self.snapshot().await?;
+        let mut one = async |backward| {
+            let found =
+                Self::archive_scan(&mut tx, owner, (None, None), backward, &|_| true, 1).await?;
+            Ok::<_, crate::StoreError>(found.into_iter().next().map(|mut m| {
+                m.stanza.clear();
+                m
+            }))
         };
-        Ok(match (one("ASC").await?, one("DESC").await?) {
+        let bounds = match (one(false).await?, one(true).await?) {
             (Some(first), Some(last)) => Some((first, last)),
             _ => None,
-        })
+        };
+        tx.commit().await?;
+        Ok(bounds)
     }
 
-    /// Deletes up to `batch` messages archived before `before` (microseconds) and says
-    /// how many went; the caller repeats while a whole batch went.
+    /// Deletes up to `batch` blocks of messages all archived before `before`
+    /// (microseconds) and says how many went; the caller repeats while a whole batch
+    /// went.
     pub async fn archive_expire(&self, before: i64, batch: usize) -> Result<u64> {
         let _timer = self.latency.start("archive_expire");
-        // No index by time (one fewer written per archived row): rows are stored in
-        // the order they came, each batch within a few seconds, so the ones older
-        // than `before` are the table's first rows by `seq`, up to a bound found by a
-        // binary search. A row a few seconds out of order at the bound goes an hour
+        // No index by time (one fewer written per block): blocks are stored in the
+        // order they came, each batch within a few seconds, so the ones older than
+        // `before` are the table's first blocks by `seq`, up to a bound found by a
+        // binary search. A block a few seconds out of order at the bound goes an hour
         // later.
         let Some(bound) = self.archive_seq_bound(before).await? else {
             return Ok(0);
         };
         let gone = sqlx::query(
-            "DELETE FROM archive WHERE seq IN
-                 (SELECT seq FROM archive WHERE seq < $1 AND ts < $2 ORDER BY seq LIMIT $3)",
+            "DELETE FROM archive_blocks WHERE seq IN
+                 (SELECT seq FROM archive_blocks WHERE seq < $1 AND last_ts < $2 ORDER BY seq LIMIT $3)",
         )
         .bind(bound)
         .bind(before)
@@ -515,20 +732,21 @@ impl Store {
         Ok(gone)
     }
 
-    /// The first `seq` from which the archive's rows are no older than `before`
+    /// The first `seq` from which the archive's blocks are no older than `before`
     /// (by a binary search over `seq`, each step one lookup by the primary key);
     /// `None` for an empty archive.
     async fn archive_seq_bound(&self, before: i64) -> Result<Option<i64>> {
         let at_or_after = |seq: i64| async move {
-            let row =
-                sqlx::query("SELECT seq, ts FROM archive WHERE seq >= $1 ORDER BY seq LIMIT 1")
-                    .bind(seq)
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let row = sqlx::query(
+                "SELECT seq, last_ts FROM archive_blocks WHERE seq >= $1 ORDER BY seq LIMIT 1",
+            )
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
             row.map(|r| {
                 Ok::<_, crate::StoreError>((
                     r.try_get::<i64, _>("seq")?,
-                    r.try_get::<i64, _>("ts")?,
+                    r.try_get::<i64, _>("last_ts")?,
                 ))
             })
             .transpose()
@@ -536,7 +754,7 @@ impl Store {
         let Some((first, _)) = at_or_after(i64::MIN).await? else {
             return Ok(None);
         };
-        let last: i64 = sqlx::query("SELECT MAX(seq) AS last FROM archive")
+        let last: i64 = sqlx::query("SELECT MAX(seq) AS last FROM archive_blocks")
             .fetch_one(&self.pool)
             .await?
             .try_get("last")?;
@@ -604,6 +822,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::{blocks, decode};
     use crate::test_support::stores;
     use crate::*;
 
@@ -621,6 +840,8 @@ mod tests {
 
     #[tokio::test]
     async fn archives_page_filter_and_expire() {
+        // Ids as the router makes them, message i at i seconds.
+        let m = |i: i64| router_id(i * 1_000_000, i as u64);
         for (store, _dir) in stores().await {
             store
                 .add_user(NewUser {
@@ -634,12 +855,12 @@ mod tests {
             let rows: Vec<ArchiveRow> = (1..=5)
                 .map(|i| {
                     let peer = if i % 2 == 0 { "b@d" } else { "a@d" };
-                    row("erin", &format!("m{i}"), peer, i * 1_000_000)
+                    row("erin", &m(i), peer, i * 1_000_000)
                 })
                 .chain([row("nobody", "x", "a@d", 1)])
                 .collect();
             store.archive_append(&rows).await.unwrap();
-            // Appending again changes nothing.
+            // A message stored twice is one result.
             store.archive_append(&rows[..1]).await.unwrap();
             let ids = |r: Option<ArchiveResults>| {
                 let r = r.unwrap();
@@ -653,22 +874,22 @@ mod tests {
                 .archive_query("erin", &all, ArchivePage::Forward(None), 2)
                 .await
                 .unwrap();
-            assert_eq!(ids(first), (vec!["m1".into(), "m2".into()], false));
+            assert_eq!(ids(first), (vec![m(1), m(2)], false));
             let next = store
-                .archive_query("erin", &all, ArchivePage::Forward(Some("m4")), 2)
+                .archive_query("erin", &all, ArchivePage::Forward(Some(&m(4))), 2)
                 .await
                 .unwrap();
-            assert_eq!(ids(next), (vec!["m5".into()], true));
+            assert_eq!(ids(next), (vec![m(5)], true));
             let last = store
                 .archive_query("erin", &all, ArchivePage::Backward(None), 2)
                 .await
                 .unwrap();
-            assert_eq!(ids(last), (vec!["m4".into(), "m5".into()], false));
+            assert_eq!(ids(last), (vec![m(4), m(5)], false));
             let before = store
-                .archive_query("erin", &all, ArchivePage::Backward(Some("m3")), 5)
+                .archive_query("erin", &all, ArchivePage::Backward(Some(&m(3))), 5)
                 .await
                 .unwrap();
-            assert_eq!(ids(before), (vec!["m1".into(), "m2".into()], true));
+            assert_eq!(ids(before), (vec![m(1), m(2)], true));
             let with_b = ArchiveFilter {
                 peer: Some("b@d"),
                 ..Default::default()
@@ -677,7 +898,7 @@ mod tests {
                 .archive_query("erin", &with_b, ArchivePage::Forward(None), 10)
                 .await
                 .unwrap();
-            assert_eq!(ids(b), (vec!["m2".into(), "m4".into()], true));
+            assert_eq!(ids(b), (vec![m(2), m(4)], true));
             let window = ArchiveFilter {
                 start: Some(2_000_000),
                 end: Some(3_000_000),
@@ -687,9 +908,9 @@ mod tests {
                 .archive_query("erin", &window, ArchivePage::Forward(None), 10)
                 .await
                 .unwrap();
-            assert_eq!(ids(w), (vec!["m2".into(), "m3".into()], true));
-            let wanted = ["m5".to_owned(), "m1".to_owned()];
-            let unknown = ["m5".to_owned(), "zz".to_owned()];
+            assert_eq!(ids(w), (vec![m(2), m(3)], true));
+            let wanted = [m(5), m(1)];
+            let unknown = [m(5), "zz".to_owned()];
             let bad = ArchiveFilter {
                 ids: &unknown,
                 ..Default::default()
@@ -703,14 +924,14 @@ mod tests {
             );
             let by_id = ArchiveFilter {
                 ids: &wanted,
-                after_id: Some("m1"),
+                after_id: Some(&m(1)),
                 ..Default::default()
             };
             let i = store
                 .archive_query("erin", &by_id, ArchivePage::Forward(None), 10)
                 .await
                 .unwrap();
-            assert_eq!(ids(i), (vec!["m5".into()], true));
+            assert_eq!(ids(i), (vec![m(5)], true));
             // An unknown id is not an empty page.
             assert!(
                 store
@@ -720,19 +941,19 @@ mod tests {
                     .is_none()
             );
             let (lo, hi) = store.archive_bounds("erin").await.unwrap().unwrap();
-            assert_eq!((lo.id.as_str(), hi.id.as_str()), ("m1", "m5"));
-            // Expiry in batches.
-            assert_eq!(store.archive_expire(3_500_000, 2).await.unwrap(), 2);
-            assert_eq!(store.archive_expire(3_500_000, 2).await.unwrap(), 1);
-            assert_eq!(store.archive_expire(3_500_000, 2).await.unwrap(), 0);
+            assert_eq!((lo.id, hi.id), (m(1), m(5)));
+            // Expiry goes by blocks, each when its last message is due: m1 to m5 are
+            // one block (stored together, within seconds), the second m1 another.
+            assert_eq!(store.archive_expire(3_500_000, 1).await.unwrap(), 1);
+            assert_eq!(store.archive_expire(3_500_000, 1).await.unwrap(), 0);
             let rest = store
                 .archive_query("erin", &all, ArchivePage::Forward(None), 10)
                 .await
                 .unwrap();
-            assert_eq!(ids(rest), (vec!["m4".into(), "m5".into()], true));
-            // The rest, and an empty archive.
-            assert_eq!(store.archive_expire(i64::MAX, 10).await.unwrap(), 2);
+            assert_eq!(ids(rest).0.len(), 5);
+            assert_eq!(store.archive_expire(5_000_001, 10).await.unwrap(), 1);
             assert_eq!(store.archive_expire(i64::MAX, 10).await.unwrap(), 0);
+            assert!(store.archive_bounds("erin").await.unwrap().is_none());
             // Preferences.
             assert!(store.archive_prefs("erin").await.unwrap().is_none());
             store
@@ -811,7 +1032,10 @@ mod tests {
             };
             // A batch whose owners all exist is stored many rows per statement, its
             // zones too.
-            store.archive_append_fast(&rows).await.unwrap();
+            store
+                .archive_append_fast(&rows, &super::blocks(&rows))
+                .await
+                .unwrap();
             assert_eq!((zones("b@d").await, zones("a@d").await), (4, 5));
             // An owner gone meanwhile: the batch is stored row by row, zones too. Its
             // message to b@d was stamped just before zone 5 began and stored just
@@ -931,6 +1155,263 @@ mod tests {
             // A deleted account's zones go with it.
             store.delete_user("erin").await.unwrap();
             assert_eq!(zones("b@d").await, 0);
+        }
+    }
+
+    /// Ids as the router makes them: the time in microseconds, then a random part.
+    fn router_id(micros: i64, n: u64) -> String {
+        format!("{micros:014x}{n:016x}")
+    }
+
+    #[test]
+    fn blocks_group_an_accounts_messages_within_their_limits() {
+        let t = 1_700_000_000_000_000_i64;
+        let mut rows = Vec::new();
+        // erin: 70 messages within a second (two blocks: 64 and 6), then one 11 s
+        // later (a block of its own: beyond the span), then an id not the router's.
+        for i in 0..70 {
+            rows.push(row("erin", &router_id(t + i * 1000, 1), "a@d", t));
+        }
+        rows.push(row(
+            "erin",
+            &router_id(t + 11_000_000, 2),
+            "a@d",
+            t + 11_000_000,
+        ));
+        rows.push(row("erin", "zz", "a@d", t));
+        // frank, given first: blocks are by account whatever the order given.
+        rows.insert(0, row("frank", &router_id(t, 3), "é@d", -5));
+        let made = blocks(&rows);
+        let sizes: Vec<(&str, usize)> = made
+            .iter()
+            .map(|b| (b.owner.as_str(), decode(&b.body).unwrap().len()))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                ("erin", 64),
+                ("erin", 6),
+                ("erin", 1),
+                ("erin", 1),
+                ("frank", 1)
+            ]
+        );
+        assert_eq!(made[0].first_id, router_id(t, 1));
+        assert_eq!(made[0].last_id, router_id(t + 63_000, 1));
+        // Every field comes back, multi-byte text and a negative time too.
+        let frank = decode(&made[4].body).unwrap();
+        assert_eq!(
+            (
+                frank[0].peer,
+                frank[0].resource,
+                frank[0].ts,
+                frank[0].stanza
+            ),
+            ("é@d", "r", -5, &*rows[0].stanza)
+        );
+        // A damaged body is an error, not a panic.
+        for damaged in ["0000000", "00000005ab", "zzzzzzzz", "00000001é"] {
+            assert!(decode(damaged).is_err(), "{damaged}");
+        }
+    }
+
+    /// Blocks stored out of order and overlapping (a batch stamped before the
+    /// previous one was stored), many per account: pages in either direction, across
+    /// the reads of several blocks, are in the order of ids, each message once.
+    #[tokio::test]
+    async fn pages_are_in_order_across_overlapping_blocks() {
+        let t = 1_700_000_000_000_000_i64;
+        for (store, _dir) in stores().await {
+            store
+                .add_user(NewUser {
+                    username: "erin",
+                    password: "pw",
+                    home_cluster: "c",
+                    home_node: "n",
+                })
+                .await
+                .unwrap();
+            // 40 batches of 10 messages 0.1 s apart: each batch's ids are interleaved
+            // with the next one's, and every other batch is stored first.
+            let id = |k: i64| router_id(t + k * 100_000, k as u64);
+            let batch = |b: i64| -> Vec<ArchiveRow> {
+                (0..10)
+                    .map(|i| {
+                        let k = b * 10 + i + if i % 2 == 1 && b < 39 { 10 } else { 0 };
+                        row("erin", &id(k), "a@d", t + k * 100_000)
+                    })
+                    .collect()
+            };
+            for b in (0..40).step_by(2) {
+                store.archive_append(&batch(b + 1)).await.unwrap();
+                store.archive_append(&batch(b)).await.unwrap();
+            }
+            let mut all: Vec<String> = (0..40).flat_map(batch).map(|r| r.id).collect();
+            all.sort();
+            all.dedup();
+            assert!(all.len() > 300, "{}", all.len());
+            let every = ArchiveFilter::default();
+            for max in [1, 7, 50] {
+                // Forward, page by page.
+                let mut seen = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let (ids, complete) = page(
+                        &store,
+                        "erin",
+                        &every,
+                        ArchivePage::Forward(after.as_deref()),
+                        max,
+                    )
+                    .await;
+                    seen.extend(ids.iter().cloned());
+                    after = ids.last().cloned();
+                    if complete {
+                        break;
+                    }
+                }
+                assert_eq!(seen, all, "forward by {max}");
+                // Backward, page by page.
+                let mut seen = Vec::new();
+                let mut before: Option<String> = None;
+                loop {
+                    let (ids, complete) = page(
+                        &store,
+                        "erin",
+                        &every,
+                        ArchivePage::Backward(before.as_deref()),
+                        max,
+                    )
+                    .await;
+                    seen.splice(0..0, ids.iter().cloned());
+                    before = ids.first().cloned();
+                    if complete {
+                        break;
+                    }
+                }
+                assert_eq!(seen, all, "backward by {max}");
+            }
+            let (first, last) = store.archive_bounds("erin").await.unwrap().unwrap();
+            assert_eq!((&first.id, &last.id), (&all[0], all.last().unwrap()));
+            // Ids asked for, among many blocks.
+            let wanted = [all[5].clone(), all[200].clone()];
+            let by_ids = ArchiveFilter {
+                ids: &wanted,
+                ..Default::default()
+            };
+            assert_eq!(
+                page(&store, "erin", &by_ids, ArchivePage::Backward(None), 10).await,
+                (wanted.to_vec(), true)
+            );
+        }
+    }
+
+    /// An archive stored one row per message (before migration 0023) keeps every
+    /// message, found by each kind of query.
+    #[tokio::test]
+    async fn the_blocks_migration_keeps_every_message() {
+        sqlx::any::install_default_drivers();
+        let t = 1_700_000_000_000_000_i64;
+        let dir = tempfile::tempdir().unwrap();
+        let mut urls = vec![(
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("old.db").to_string_lossy()
+            ),
+            "sqlite://old.db".to_owned(),
+        )];
+        if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
+            use rand::Rng as _;
+            let schema = format!("t{:016x}", rand::thread_rng().r#gen::<u64>());
+            let admin = sqlx::AnyPool::connect(&url).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+            urls.push((url.clone(), url));
+        }
+        for (old, new) in urls {
+            let pool = sqlx::AnyPool::connect(&old).await.unwrap();
+            if old.starts_with("sqlite") {
+                crate::SQLITE_MIGRATIONS.run_to(22, &pool).await.unwrap();
+            } else {
+                crate::POSTGRES_MIGRATIONS.run_to(22, &pool).await.unwrap();
+            }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO users (username, home_cluster, home_node, scram_sha1, scram_sha256, created_at, usn)
+                     VALUES ('erin', 'c', 'n', '', '', 1, 1);
+                 INSERT INTO archive (owner, id, peer, resource, ts, outgoing, stanza) VALUES
+                     ('erin', '{a}', 'b@d', 'phone', {ta}, 1, '<message><body>héllo</body></message>'),
+                     ('erin', '{b}', 'a@d', '', {tb}, 0, '<message/>'),
+                     ('erin', 'm-old', 'a@d', 'r', 5, 0, '<message id=''old''/>');
+                 INSERT INTO archive_zones (owner, peer, zone) VALUES
+                     ('erin', 'b@d', '{za}'), ('erin', 'a@d', '{zb}'), ('erin', 'a@d', 'm-old');",
+                a = router_id(t, 1),
+                b = router_id(t + 1000, 2),
+                ta = t,
+                tb = t + 1000,
+                za = &router_id(t, 1)[..5],
+                zb = &router_id(t + 1000, 2)[..5],
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            let store = Store::open(&new, dir.path()).await.unwrap();
+            let r = store
+                .archive_query(
+                    "erin",
+                    &ArchiveFilter::default(),
+                    ArchivePage::Forward(None),
+                    10,
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            let got: Vec<(&str, i64, &str)> = r
+                .messages
+                .iter()
+                .map(|m| (m.id.as_str(), m.ts, m.stanza.as_str()))
+                .collect();
+            let (a, b) = (router_id(t, 1), router_id(t + 1000, 2));
+            assert_eq!(
+                got,
+                [
+                    (a.as_str(), t, "<message><body>héllo</body></message>"),
+                    (b.as_str(), t + 1000, "<message/>"),
+                    ("m-old", 5, "<message id='old'/>"),
+                ],
+                "{new}"
+            );
+            let phone = ArchiveFilter {
+                peer: Some("b@d"),
+                resource: Some("phone"),
+                ..Default::default()
+            };
+            assert_eq!(
+                page(&store, "erin", &phone, ArchivePage::Forward(None), 10).await,
+                (vec![a.clone()], true)
+            );
+            let old = ["m-old".to_owned()];
+            let by_id = ArchiveFilter {
+                ids: &old,
+                ..Default::default()
+            };
+            assert_eq!(
+                page(&store, "erin", &by_id, ArchivePage::Forward(None), 10).await,
+                (vec!["m-old".to_owned()], true)
+            );
+            // New messages go on after the old ones.
+            store
+                .archive_append(&[row("erin", &router_id(t + 2000, 3), "a@d", t + 2000)])
+                .await
+                .unwrap();
+            let (_, last) = store.archive_bounds("erin").await.unwrap().unwrap();
+            assert_eq!(last.id, "m-old");
+            assert_eq!(store.archive_expire(t + 1500, 10).await.unwrap(), 3);
         }
     }
 }
