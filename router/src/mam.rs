@@ -48,8 +48,11 @@ const PREFS_CACHE: usize = 100_000;
 /// Bytes of results one query sends, at most (a page ends early beyond; the client
 /// asks for the next).
 const MAX_RESULT_BYTES: usize = 2 * 1024 * 1024;
-/// Rows one expiry statement deletes.
-const EXPIRY_BATCH: usize = 10_000;
+/// Blocks of messages one expiry statement deletes (up to 64 messages each: the
+/// store's write lock is held for at most about 16,000 messages).
+const EXPIRY_BLOCKS: usize = 256;
+/// Zones (of the index of histories by contact) one expiry statement deletes.
+const EXPIRY_ZONES: usize = 10_000;
 const EXPIRY_PERIOD: Duration = Duration::from_secs(3600);
 
 /// What the features of the archive are, for disco#info.
@@ -207,10 +210,10 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
         let mut total = 0;
         let mut failed = false;
         loop {
-            match store.archive_expire(cutoff, EXPIRY_BATCH).await {
+            match store.archive_expire(cutoff, EXPIRY_BLOCKS).await {
                 Ok(n) => {
                     total += n;
-                    if n < EXPIRY_BATCH as u64 {
+                    if n < EXPIRY_BLOCKS as u64 {
                         break;
                     }
                 }
@@ -224,8 +227,8 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
         // The zones emptied (the index of histories by contact), once the messages went.
         if !failed {
             loop {
-                match store.archive_expire_zones(cutoff, EXPIRY_BATCH).await {
-                    Ok(n) if n < EXPIRY_BATCH as u64 => break,
+                match store.archive_expire_zones(cutoff, EXPIRY_ZONES).await {
+                    Ok(n) if n < EXPIRY_ZONES as u64 => break,
                     Ok(_) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "expiring the archive's zones failed; retried next hour");
@@ -236,8 +239,8 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
         }
         if total > 0 {
             tracing::info!(
-                messages = total,
-                "expired archived messages past the retention"
+                blocks = total,
+                "expired archived messages past the retention (blocks of an account's messages)"
             );
         }
     }

@@ -82,8 +82,8 @@ const ID_TIME_CHARS: usize = 14;
 /// a message is looked for in the blocks that begin at most this long before it. The
 /// writer stores a batch every five seconds; a batch delayed longer is split.
 const BLOCK_SPAN_MICROS: i64 = 10_000_000;
-/// A block holds at most this many messages, and grows beyond this many bytes only
-/// by its first message: a query decodes whole blocks.
+/// A block holds at most this many messages, and takes no more once it holds this
+/// many bytes (its last message may take it beyond): a query decodes whole blocks.
 const BLOCK_MESSAGES: usize = 64;
 const BLOCK_BYTES: usize = 64 * 1024;
 /// Blocks a query reads per statement.
@@ -104,9 +104,10 @@ fn zone_end(zone: &str) -> String {
     format!("{zone}g")
 }
 
-/// The smallest string at or above every id made at `micros` or later.
+/// The smallest string at or above every id made at `micros` or later (times
+/// beyond 14 hex digits count as the last one).
 fn id_floor(micros: i64) -> String {
-    format!("{:014x}", micros.max(0))
+    format!("{:014x}", micros.clamp(0, (1 << (4 * ID_TIME_CHARS)) - 1))
 }
 
 /// The time an id (or the prefix of one, a zone) was made, when it begins with hex
@@ -412,7 +413,7 @@ impl Store {
         .await?;
         for row in rows {
             let body: String = row.try_get("body")?;
-            if decode(&body)?.iter().any(|e| e.id == id) {
+            if decode(&body).is_ok_and(|entries| entries.iter().any(|e| e.id == id)) {
                 return Ok(true);
             }
         }
@@ -578,9 +579,11 @@ impl Store {
                 param(&mut sql, " AND first_id < ?");
             }
             if cursor.is_some() {
+                // From the cursor on: a range of the index, then past the blocks of
+                // the same first id already read.
                 n += 2;
                 sql.push_str(&format!(
-                    " AND (first_id {cmp} ${a} OR (first_id = ${a} AND seq {cmp} ${b}))",
+                    " AND first_id {cmp}= ${a} AND (first_id {cmp} ${a} OR seq {cmp} ${b})",
                     a = n - 1,
                     b = n
                 ));
@@ -599,7 +602,17 @@ impl Store {
             let read = rows.len();
             for row in &rows {
                 let body: String = row.try_get("body")?;
-                for e in decode(&body)? {
+                let seq: i64 = row.try_get("seq")?;
+                // A damaged block is left out, not the end of every page that
+                // reaches it.
+                let entries = match decode(&body) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::error!(owner, seq, error = %e, "an archive block does not decode; left out");
+                        Vec::new()
+                    }
+                };
+                for e in entries {
                     if from.is_none_or(|f| e.id >= f) && to.is_none_or(|t| e.id < t) && keep(&e) {
                         found.push(Archived {
                             id: e.id.to_owned(),
@@ -608,7 +621,7 @@ impl Store {
                         });
                     }
                 }
-                cursor = Some((row.try_get("first_id")?, row.try_get("seq")?));
+                cursor = Some((row.try_get("first_id")?, seq));
             }
             // Blocks may overlap a little (a batch stamped before the previous one was
             // stored): the page is in the order of ids, whatever the blocks'.
@@ -1293,6 +1306,28 @@ mod tests {
             }
             let (first, last) = store.archive_bounds("erin").await.unwrap().unwrap();
             assert_eq!((&first.id, &last.id), (&all[0], all.last().unwrap()));
+            // A damaged block among them is left out; the rest still pages.
+            sqlx::query(
+                "INSERT INTO archive_blocks (owner, first_id, last_id, last_ts, body)
+                 VALUES ('erin', $1, $1, $2, 'damaged')",
+            )
+            .bind(&all[100])
+            .bind(t)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            let after = all[99].clone();
+            assert_eq!(
+                page(
+                    &store,
+                    "erin",
+                    &every,
+                    ArchivePage::Forward(Some(&after)),
+                    2
+                )
+                .await,
+                (vec![all[100].clone(), all[101].clone()], false)
+            );
             // Ids asked for, among many blocks.
             let wanted = [all[5].clone(), all[200].clone()];
             let by_ids = ArchiveFilter {
