@@ -162,6 +162,13 @@ impl Node {
             for_clients.server_config(&[])?,
             for_clients.server_config(&[b"xmpp-client"])?,
         );
+        let rooms = server
+            .restore_rooms()
+            .await
+            .context("cannot read the chat rooms from the store")?;
+        if rooms > 0 {
+            tracing::info!(rooms, "restored the persistent chat rooms");
+        }
         let mut c2s = vec![];
         for addr in &config.listen.c2s {
             c2s.push(

@@ -257,6 +257,247 @@ async fn xep0045_rooms_on_one_node() {
     node.node.shutdown().await;
 }
 
+async fn ask(client: &mut tokio_xmpp::Client, id: &str, xml: &str) -> Element {
+    send(client, xml).await;
+    expect(client, 5, id, |e| e.attr("id") == Some(id)).await
+}
+
+/// An owner configures a room through its form (a password), kicks and bans an
+/// occupant and destroys the room naming another; what a client without the standing
+/// for it gets, and a banned user entering again.
+#[tokio::test]
+async fn xep0045_configuration_kicks_and_bans() {
+    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob"]).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    let mut bob = node.client("bob", PW, Some("phone"));
+    for c in [&mut alice, &mut bob] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "alice's own presence", |e| {
+        e.name() == "presence" && from_occupant(e, "Alice")
+    })
+    .await;
+
+    // A reserved room (XEP-0045 §10.1.3): the form, then a password and a name.
+    let form = ask(
+        &mut alice,
+        "form",
+        &format!("<iq type='get' id='form' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'/></iq>"),
+    )
+    .await;
+    let x = form
+        .get_child("query", "http://jabber.org/protocol/muc#owner")
+        .and_then(|q| q.get_child("x", "jabber:x:data"))
+        .unwrap();
+    assert!(
+        x.children()
+            .any(|f| f.attr("var") == Some("muc#roomconfig_roomsecret")),
+        "{}",
+        String::from(&form)
+    );
+    let ok = ask(
+        &mut alice,
+        "config",
+        &format!(
+            "<iq type='set' id='config' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'>\
+             <x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+             <field var='muc#roomconfig_roomname'><value>Team</value></field>\
+             <field var='muc#roomconfig_passwordprotectedroom'><value>1</value></field>\
+             <field var='muc#roomconfig_roomsecret'><value>s3cret</value></field>\
+             </x></query></iq>"
+        ),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+
+    // Bob needs the password.
+    enter(&mut bob, "Bob").await;
+    let refused = expect(&mut bob, 5, "the refusal without a password", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("not-authorized"));
+    let with_password = format!(
+        "<presence to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'><password>s3cret</password></x></presence>"
+    );
+    send(&mut bob, &with_password).await;
+    expect(&mut bob, 5, "bob in the room", |e| {
+        e.name() == "presence" && from_occupant(e, "Bob") && status_codes(e) == ["110"]
+    })
+    .await;
+
+    // Bob, a participant, may neither kick nor read the ban list.
+    let e = ask(
+        &mut bob,
+        "bob-kicks",
+        &format!("<iq type='set' id='bob-kicks' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Alice' role='none'/></query></iq>"),
+    )
+    .await;
+    assert_eq!(error_condition(&e).as_deref(), Some("forbidden"));
+    let e = ask(
+        &mut bob,
+        "bob-lists",
+        &format!("<iq type='get' id='bob-lists' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast'/></query></iq>"),
+    )
+    .await;
+    assert_eq!(error_condition(&e).as_deref(), Some("forbidden"));
+
+    // Alice kicks him, with a reason: he may come back.
+    let ok = ask(
+        &mut alice,
+        "kick",
+        &format!("<iq type='set' id='kick' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Bob' role='none'><reason>calm down</reason></item></query></iq>"),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"));
+    let kicked = expect(&mut bob, 5, "bob kicked", |e| {
+        e.name() == "presence" && from_occupant(e, "Bob") && e.attr("type") == Some("unavailable")
+    })
+    .await;
+    assert_eq!(status_codes(&kicked), ["307", "110"]);
+    assert!(String::from(&kicked).contains("calm down"));
+    send(&mut bob, &with_password).await;
+    expect(&mut bob, 5, "bob back in the room", |e| {
+        e.name() == "presence" && from_occupant(e, "Bob") && status_codes(e) == ["110"]
+    })
+    .await;
+
+    // Alice bans him: out, and refused when he tries again.
+    let ok = ask(
+        &mut alice,
+        "ban",
+        &format!("<iq type='set' id='ban' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item jid='bob@localhost' affiliation='outcast'/></query></iq>"),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"));
+    let banned = expect(&mut bob, 5, "bob banned", |e| {
+        e.name() == "presence" && from_occupant(e, "Bob") && e.attr("type") == Some("unavailable")
+    })
+    .await;
+    assert_eq!(status_codes(&banned), ["301", "110"]);
+    send(&mut bob, &with_password).await;
+    let refused = expect(&mut bob, 5, "the banned user refused", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("forbidden"));
+    let list = ask(
+        &mut alice,
+        "outcasts",
+        &format!("<iq type='get' id='outcasts' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast'/></query></iq>"),
+    )
+    .await;
+    assert!(
+        String::from(&list).contains("bob@localhost"),
+        "{}",
+        String::from(&list)
+    );
+
+    // Alice destroys the room, naming another.
+    let ok = ask(
+        &mut alice,
+        "destroy",
+        &format!("<iq type='set' id='destroy' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><destroy jid='elsewhere@conference.localhost'><reason>moved</reason></destroy></query></iq>"),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"));
+    let gone = expect(&mut alice, 5, "the room destroyed", |e| {
+        e.name() == "presence" && e.attr("type") == Some("unavailable")
+    })
+    .await;
+    let destroy = gone
+        .get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("destroy", MUC_USER))
+        .unwrap();
+    assert_eq!(destroy.attr("jid"), Some("elsewhere@conference.localhost"));
+    let m = metrics(&node).await;
+    assert!(m.contains("impmesh_muc_rooms 0\n"), "{m}");
+    node.node.shutdown().await;
+}
+
+/// A persistent room survives a restart: its name, subject and bans; a temporary
+/// one does not.
+#[tokio::test]
+async fn xep0045_a_persistent_room_survives_a_restart() {
+    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob"]).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    online(&mut alice).await;
+    send(&mut alice, "<presence/>").await;
+    for (room, persistent) in [("team", "1"), ("chat", "0")] {
+        send(
+            &mut alice,
+            &format!("<presence to='{room}@conference.localhost/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+        .await;
+        let ok = ask(
+            &mut alice,
+            room,
+            &format!(
+                "<iq type='set' id='{room}' to='{room}@conference.localhost'><query xmlns='http://jabber.org/protocol/muc#owner'>\
+                 <x xmlns='jabber:x:data' type='submit'>\
+                 <field var='muc#roomconfig_roomname'><value>Room {room}</value></field>\
+                 <field var='muc#roomconfig_persistentroom'><value>{persistent}</value></field>\
+                 </x></query></iq>"
+            ),
+        )
+        .await;
+        assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    }
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><subject>plans</subject></message>"),
+    )
+    .await;
+    expect(&mut alice, 5, "the new subject", |e| {
+        e.get_child("subject", "jabber:client")
+            .is_some_and(|s| s.text() == "plans")
+    })
+    .await;
+    let ok = ask(
+        &mut alice,
+        "ban",
+        &format!("<iq type='set' id='ban' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item jid='bob@localhost' affiliation='outcast'/></query></iq>"),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"));
+    alice.send_end().await.unwrap();
+
+    let node = node.restart().await;
+    let m = metrics(&node).await;
+    assert!(m.contains("impmesh_muc_rooms 1\n"), "{m}");
+    let mut bob = node.client("bob", PW, Some("phone"));
+    online(&mut bob).await;
+    enter(&mut bob, "Bob").await;
+    let refused = expect(&mut bob, 5, "the ban, still there", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("forbidden"));
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    online(&mut alice).await;
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "the subject, still there", |e| {
+        e.get_child("subject", "jabber:client")
+            .is_some_and(|s| s.text() == "plans")
+    })
+    .await;
+    let info = ask(
+        &mut alice,
+        "info",
+        &format!("<iq type='get' id='info' to='{ROOM}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+    )
+    .await;
+    let xml = String::from(&info);
+    assert!(
+        xml.contains("Room team") && xml.contains("muc_persistent"),
+        "{xml}"
+    );
+    node.node.shutdown().await;
+}
+
 /// Without `[muc] enabled`, rooms are nobody's: the domain does not list the service
 /// and a presence to a room is an error from a server that does not exist.
 #[tokio::test]

@@ -1,16 +1,19 @@
 //! The multi-user chat service (XEP-0045) at `[muc] host`, for the users of this
 //! node: rooms live in memory, created by the first presence to them and gone when
-//! the last occupant leaves. Room logic lives in `core::muc`; this routes the users'
-//! stanzas to it and its answers to their sessions.
+//! the last occupant leaves, unless configured persistent: those are kept in the
+//! store and restored at start. Room logic lives in `core::muc`; this routes the
+//! users' stanzas to it and its answers to their sessions.
 //!
 //! Not here yet (issue 16): rooms across the mesh (users homed on other clusters get
-//! `service-unavailable` from their own cluster), persistent and configured rooms,
-//! administration by IQ, invitations, the room archive.
+//! `service-unavailable` from their own cluster), invitations, voice requests, the
+//! room archive.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use jid::{FullJid, Jid};
+use impmesh_store::StoredRoom;
+use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 
 use crate::Server;
@@ -37,6 +40,14 @@ pub struct MucSettings {
 }
 
 impl MucSettings {
+    /// What the service allows any room.
+    fn limits(&self) -> muc::Limits {
+        muc::Limits {
+            max_users: self.max_occupants,
+            history_length: self.history_length,
+        }
+    }
+
     pub fn new(domain: &str) -> MucSettings {
         MucSettings {
             host: format!("conference.{domain}"),
@@ -52,16 +63,151 @@ impl MucSettings {
 #[derive(Debug, Default)]
 pub(crate) struct Rooms {
     rooms: Mutex<HashMap<String, Room>>,
+    /// The version of the last write of a room to the store (microseconds, made to
+    /// grow): the store keeps the newest whatever order writes land in.
+    version: AtomicI64,
+}
+
+impl Rooms {
+    fn next_version(&self) -> i64 {
+        let now = crate::time::now_micros();
+        let prev = self
+            .version
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(now.max(v.saturating_add(1)))
+            })
+            .unwrap_or(now);
+        now.max(prev.saturating_add(1))
+    }
+}
+
+/// A room as the store keeps it.
+fn stored(name: &str, version: i64, room: &Room) -> StoredRoom {
+    let c = &room.config;
+    let (subject, subject_by) = match room.subject() {
+        Some((text, nick)) => (Some(text.clone()), nick.clone()),
+        None => (None, String::new()),
+    };
+    let mut affiliations: Vec<(String, String)> = room
+        .affiliations()
+        .map(|(j, a)| (j.to_string(), a.as_str().to_owned()))
+        .collect();
+    affiliations.sort();
+    StoredRoom {
+        name: name.to_owned(),
+        version,
+        title: c.name.clone(),
+        description: c.description.clone(),
+        public: c.public,
+        members_only: c.members_only,
+        moderated: c.moderated,
+        password: c.password.clone(),
+        max_users: u32::try_from(c.max_users).unwrap_or(u32::MAX),
+        whois_anyone: c.whois_anyone,
+        history_length: u32::try_from(c.history_length).unwrap_or(u32::MAX),
+        private_messages: match c.private_messages {
+            muc::PrivateMessages::Anyone => "anyone",
+            muc::PrivateMessages::Participants => "participants",
+            muc::PrivateMessages::Moderators => "moderators",
+            muc::PrivateMessages::Nobody => "none",
+        }
+        .to_owned(),
+        subject_by_anyone: c.subject_by_anyone,
+        subject,
+        subject_by,
+        affiliations,
+    }
+}
+
+/// A stored room as it is restored, within the service's limits as they are now.
+fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
+    let jid = BareJid::new(&format!("{}@{}", s.name, settings.host)).ok()?;
+    let config = muc::Config {
+        name: s.title,
+        description: s.description,
+        persistent: true,
+        public: s.public,
+        members_only: s.members_only,
+        moderated: s.moderated,
+        password: s.password,
+        max_users: usize::try_from(s.max_users)
+            .unwrap_or(usize::MAX)
+            .min(settings.max_occupants)
+            .max(1),
+        whois_anyone: s.whois_anyone,
+        history_length: usize::try_from(s.history_length)
+            .unwrap_or(usize::MAX)
+            .min(settings.history_length),
+        private_messages: match s.private_messages.as_str() {
+            "participants" => muc::PrivateMessages::Participants,
+            "moderators" => muc::PrivateMessages::Moderators,
+            "none" => muc::PrivateMessages::Nobody,
+            _ => muc::PrivateMessages::Anyone,
+        },
+        subject_by_anyone: s.subject_by_anyone,
+    };
+    let affiliations = s
+        .affiliations
+        .iter()
+        .filter_map(|(j, a)| Some((BareJid::new(j).ok()?, muc::parse_affiliation(a)?)));
+    let subject = s.subject.map(|text| (text, s.subject_by));
+    Some(Room::restore(jid, config, affiliations, subject))
 }
 
 /// Features of the service itself.
 const SERVICE_FEATURES: &[&str] = &[muc::NS, ns::DISCO_INFO, ns::DISCO_ITEMS];
 
-/// XEP-0045's owner namespace (room configuration).
-const NS_OWNER: &str = "http://jabber.org/protocol/muc#owner";
-const NS_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
-
 impl Server {
+    /// Restores the persistent rooms from the store (at start, before clients come);
+    /// returns how many.
+    pub async fn restore_rooms(&self) -> Result<usize, impmesh_store::StoreError> {
+        let Some(settings) = &self.config.muc else {
+            return Ok(0);
+        };
+        let stored = self.store.rooms(crate::time::now_micros()).await?;
+        let newest = stored.iter().map(|r| r.version).max().unwrap_or(0);
+        self.muc.version.fetch_max(newest, Ordering::AcqRel);
+        let mut rooms = lock(&self.muc.rooms);
+        for s in stored {
+            let name = s.name.clone();
+            match restored(settings, s) {
+                Some(room) => {
+                    rooms.insert(name, room);
+                }
+                None => {
+                    tracing::warn!(room = %name, "a stored room's name is not a JID; not restored")
+                }
+            }
+        }
+        Ok(rooms.len())
+    }
+
+    /// Writes a room's change to the store in the background: the room as it is when
+    /// it is persistent and open, else its removal (destroyed, or made temporary).
+    /// Called under the rooms' lock; versions keep the last change the one kept.
+    fn muc_persist(&self, name: &str, room: Option<&Room>) {
+        let version = self.muc.next_version();
+        let store = self.store.clone();
+        match room.filter(|r| r.config.persistent && !r.locked()) {
+            Some(room) => {
+                let row = stored(name, version, room);
+                self.tasks.spawn(async move {
+                    if let Err(e) = store.save_room(&row).await {
+                        tracing::error!(room = %row.name, error = %e, "storing a room failed; its last change is lost at restart");
+                    }
+                });
+            }
+            None => {
+                let name = name.to_owned();
+                self.tasks.spawn(async move {
+                    if let Err(e) = store.forget_room(&name, version).await {
+                        tracing::error!(room = %name, error = %e, "forgetting a stored room failed");
+                    }
+                });
+            }
+        }
+    }
+
     /// Whether `jid` is this node's multi-user chat service or one of its rooms.
     pub(crate) fn is_muc(&self, jid: &Jid) -> bool {
         self.config
@@ -178,6 +324,7 @@ impl Server {
         let Some(room) = rooms.get_mut(room_name.as_str()) else {
             return Err(StanzaErrorCondition::ItemNotFound);
         };
+        let subject = room.subject().cloned();
         let out = match (to.resource(), groupchat) {
             (None, true) => room.groupchat(from, message, now)?,
             // XEP-0045 §7.5: a groupchat message to an occupant is an error.
@@ -186,6 +333,9 @@ impl Server {
             // Invitations and voice requests come later.
             (None, false) => return Err(StanzaErrorCondition::FeatureNotImplemented),
         };
+        if room.config.persistent && room.subject() != subject.as_ref() {
+            self.muc_persist(room_name.as_str(), Some(&*room));
+        }
         self.stats.muc_messages(out.len());
         self.muc_send(out);
         Ok(())
@@ -291,38 +441,99 @@ impl Server {
             ("query", ns::DISCO_ITEMS, false) => {
                 Ok(Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)))
             }
-            ("query", NS_OWNER, true) => {
+            ("query", muc::NS_OWNER | muc::NS_ADMIN, _) => {
                 let Some(name) = room else {
                     return Err(StanzaErrorCondition::BadRequest);
                 };
-                let mut rooms = lock(&self.muc.rooms);
-                let Some(room) = rooms.get_mut(name) else {
-                    return Err(StanzaErrorCondition::ItemNotFound);
-                };
-                if room.affiliation(&from.to_bare()) != muc::Affiliation::Owner {
-                    return Err(StanzaErrorCondition::Forbidden);
-                }
-                // XEP-0045 §10.1.2: an instant room, the default configuration
-                // accepted by an empty form. Other forms come with configuration.
-                match payload.get_child("x", "jabber:x:data") {
-                    Some(x) if x.attr("type") == Some("submit") && x.children().count() == 0 => {
-                        room.unlock();
-                        Ok(None)
-                    }
-                    // §10.1.3: the owner gave up creating the room: it is destroyed.
-                    Some(x) if x.attr("type") == Some("cancel") && room.locked() => {
-                        let out = room.destroy();
-                        rooms.remove(name);
-                        self.muc_send(out);
-                        Ok(None)
-                    }
-                    Some(x) if x.attr("type") == Some("cancel") => Ok(None),
-                    _ => Err(StanzaErrorCondition::FeatureNotImplemented),
-                }
+                self.muc_room_iq(from, name, payload, set)
             }
-            (_, NS_OWNER | NS_ADMIN, _) => Err(StanzaErrorCondition::FeatureNotImplemented),
             _ => Err(StanzaErrorCondition::ServiceUnavailable),
         }
+    }
+
+    /// An owner's or an admin's request to a room (XEP-0045 §9, §10): its
+    /// configuration form, its destruction, and affiliations and roles.
+    fn muc_room_iq(
+        &self,
+        from: &FullJid,
+        name: &str,
+        payload: &Element,
+        set: bool,
+    ) -> Result<Option<String>, StanzaErrorCondition> {
+        let Some(settings) = &self.config.muc else {
+            return Err(StanzaErrorCondition::ServiceUnavailable);
+        };
+        let mut rooms = lock(&self.muc.rooms);
+        let Some(room) = rooms.get_mut(name) else {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        };
+        let owner = room.affiliation(&from.to_bare()) == muc::Affiliation::Owner;
+        let (answer, out) = if payload.ns() == muc::NS_ADMIN {
+            if set {
+                let changes = muc::parse_changes(payload)?;
+                let out = room.admin_set(from, &changes)?;
+                if changes.iter().any(|(c, _)| c.is_affiliation()) {
+                    self.muc_persist(name, Some(&*room));
+                }
+                (None, out)
+            } else {
+                (
+                    Some(stanza::serialize(&room.admin_get(from, payload)?)),
+                    Vec::new(),
+                )
+            }
+        } else if !owner {
+            return Err(StanzaErrorCondition::Forbidden);
+        } else if !set {
+            let mut query = Element::bare("query", muc::NS_OWNER);
+            query.append_child(room.config_form(settings.limits()));
+            (Some(stanza::serialize(&query)), Vec::new())
+        } else if let Some(destroy) = payload.get_child("destroy", muc::NS_OWNER) {
+            // §10.9: the owner destroys the room, naming where to go instead.
+            let venue = match destroy.attr("jid") {
+                Some(j) => {
+                    Some(jid::BareJid::new(j).map_err(|_| StanzaErrorCondition::JidMalformed)?)
+                }
+                None => None,
+            };
+            let reason = destroy
+                .get_child("reason", muc::NS_OWNER)
+                .map(Element::text);
+            let out = room.destroy(venue.as_ref(), reason.as_deref());
+            rooms.remove(name);
+            self.muc_persist(name, None);
+            self.muc_send(out);
+            return Ok(None);
+        } else {
+            match payload.get_child("x", ns::DATA_FORMS) {
+                // §10.1.2: an instant room, the default configuration accepted.
+                Some(x) if x.attr("type") == Some("submit") && x.children().count() == 0 => {
+                    room.unlock();
+                    (None, Vec::new())
+                }
+                Some(x) if x.attr("type") == Some("submit") => {
+                    let out = room.configure(x, settings.limits())?;
+                    self.muc_persist(name, Some(&*room));
+                    (None, out)
+                }
+                // §10.1.3: the owner gave up creating the room: it is destroyed.
+                Some(x) if x.attr("type") == Some("cancel") && room.locked() => {
+                    let out = room.destroy(None, None);
+                    rooms.remove(name);
+                    self.muc_send(out);
+                    return Ok(None);
+                }
+                Some(x) if x.attr("type") == Some("cancel") => (None, Vec::new()),
+                _ => return Err(StanzaErrorCondition::BadRequest),
+            }
+        };
+        // A room that is empty and not kept when empty goes (its last occupant
+        // kicked, or kept-when-empty turned off while nobody is in).
+        if room.is_empty() && !room.config.persistent {
+            rooms.remove(name);
+        }
+        self.muc_send(out);
+        Ok(answer)
     }
 }
 

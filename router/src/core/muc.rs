@@ -8,9 +8,14 @@
 //! nick (a phone and a laptop in the same room), and each receives the room's
 //! traffic. A nick held by one account is a `conflict` for any other.
 //!
-//! Not here yet (issue 16): configuration forms, affiliation and role changes by
-//! IQ, kicks and bans, invitations, voice requests, destruction, registration, the
-//! room archive, and rooms across the mesh.
+//! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
+//! bans, voice) in `admin`.
+//!
+//! Not here yet (issue 16): invitations, voice requests, registration, the room
+//! archive, and rooms across the mesh.
+
+mod admin;
+mod form;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -25,6 +30,9 @@ use crate::xml::ns;
 /// XEP-0045's namespaces.
 pub const NS: &str = "http://jabber.org/protocol/muc";
 pub const NS_USER: &str = "http://jabber.org/protocol/muc#user";
+pub const NS_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
+pub use form::{FORM_TYPE, Limits};
 /// XEP-0203's delayed delivery, on history.
 const DELAY: &str = "urn:xmpp:delay";
 
@@ -82,6 +90,8 @@ impl Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrivateMessages {
     Anyone,
+    /// Occupants with voice (not visitors).
+    Participants,
     Moderators,
     Nobody,
 }
@@ -240,8 +250,42 @@ impl Room {
         }
     }
 
+    /// A room kept across a restart: open, empty, with its configuration,
+    /// affiliations and subject.
+    pub fn restore(
+        jid: BareJid,
+        config: Config,
+        affiliations: impl IntoIterator<Item = (BareJid, Affiliation)>,
+        subject: Option<(String, String)>,
+    ) -> Room {
+        Room {
+            jid,
+            config,
+            affiliations: affiliations
+                .into_iter()
+                .filter(|(_, a)| *a != Affiliation::None)
+                .collect(),
+            occupants: BTreeMap::new(),
+            nick_of: HashMap::new(),
+            subject,
+            history: VecDeque::new(),
+            locked: false,
+            created: false,
+        }
+    }
+
     pub fn jid(&self) -> &BareJid {
         &self.jid
+    }
+
+    /// Accounts with an affiliation other than `none`.
+    pub fn affiliations(&self) -> impl Iterator<Item = (&BareJid, Affiliation)> {
+        self.affiliations.iter().map(|(j, a)| (j, *a))
+    }
+
+    /// The subject and the nick that set it (empty: the room itself).
+    pub fn subject(&self) -> Option<&(String, String)> {
+        self.subject.as_ref()
     }
 
     pub fn locked(&self) -> bool {
@@ -447,15 +491,53 @@ impl Room {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
         occupant.presence = presence;
-        let occupant = &self.occupants[nick];
-        for to in self.sessions() {
-            let own = occupant.sessions.contains(&to);
-            let codes: &[u16] = if own { &[110] } else { &[] };
-            let moderator = own || self.is_moderator(&to);
-            let p = self.presence_of(occupant, &to, moderator, codes, None);
-            out.push(Out { to, stanza: p });
-        }
+        out.extend(self.announce(nick, None));
         Ok(out)
+    }
+
+    /// `nick`'s presence as it now stands, to every session (its own with 110),
+    /// with the reason for a change of role or affiliation.
+    fn announce(&self, nick: &str, reason: Option<&str>) -> Vec<Out> {
+        let Some(occupant) = self.occupants.get(nick) else {
+            return Vec::new();
+        };
+        self.sessions()
+            .map(|to| {
+                let own = occupant.sessions.contains(&to);
+                let codes: &[u16] = if own { &[110] } else { &[] };
+                let moderator = own || self.is_moderator(&to);
+                let mut p = self.presence_of(occupant, &to, moderator, codes, None);
+                with_reason(&mut p, reason);
+                Out { to, stanza: p }
+            })
+            .collect()
+    }
+
+    /// Takes `nick` out of the room with every session of it, for `code` (301
+    /// banned, 307 kicked, 321 or 322 no longer a member): each of its sessions and
+    /// everyone left get its unavailable presence, with the reason.
+    fn remove_occupant(&mut self, nick: &str, code: u16, reason: Option<&str>) -> Vec<Out> {
+        let Some(mut gone) = self.occupants.remove(nick) else {
+            return Vec::new();
+        };
+        for s in &gone.sessions {
+            self.nick_of.remove(s);
+        }
+        gone.role = Role::None;
+        gone.affiliation = self.affiliation(&gone.bare);
+        gone.presence = Element::bare("presence", ns::CLIENT);
+        self.sessions()
+            .chain(gone.sessions.iter().cloned())
+            .map(|to| {
+                let own = gone.sessions.contains(&to);
+                let codes: &[u16] = if own { &[code, 110] } else { &[code] };
+                let moderator = own || self.is_moderator(&to);
+                let mut p = self.presence_of(&gone, &to, moderator, codes, None);
+                stanza::set_attr(&mut p, "type", "unavailable");
+                with_reason(&mut p, reason);
+                Out { to, stanza: p }
+            })
+            .collect()
     }
 
     /// A session leaves (its unavailable presence, or its stream ended). When it was
@@ -564,6 +646,7 @@ impl Room {
         };
         let allowed = match self.config.private_messages {
             PrivateMessages::Anyone => true,
+            PrivateMessages::Participants => self.role_of(from) >= Role::Participant,
             PrivateMessages::Moderators => self.is_moderator(from),
             PrivateMessages::Nobody => false,
         };
@@ -594,8 +677,16 @@ impl Room {
     }
 
     /// Destroys the room: every occupant gets its unavailable presence with
-    /// `<destroy/>` (XEP-0045 §10.9), and the room is left empty.
-    pub fn destroy(&mut self) -> Vec<Out> {
+    /// `<destroy/>` (XEP-0045 §10.9), naming the room to go to instead and why when
+    /// given, and the room is left empty.
+    pub fn destroy(&mut self, venue: Option<&BareJid>, reason: Option<&str>) -> Vec<Out> {
+        let mut destroy = Element::bare("destroy", NS_USER);
+        if let Some(venue) = venue {
+            stanza::set_attr(&mut destroy, "jid", venue.as_str());
+        }
+        if let Some(reason) = reason {
+            destroy.append_child(Element::builder("reason", NS_USER).append(reason).build());
+        }
         let mut out = Vec::new();
         for occupant in std::mem::take(&mut self.occupants).into_values() {
             let Some(from) = self.occupant_jid(&occupant.nick) else {
@@ -611,7 +702,7 @@ impl Room {
                                     .attr(rxml::xml_ncname!("role").to_owned(), "none")
                                     .build(),
                             )
-                            .append(Element::bare("destroy", NS_USER))
+                            .append(destroy.clone())
                             .build(),
                     )
                     .build();
@@ -760,6 +851,19 @@ impl Room {
         stanza::set_attr(&mut m, "to", &to.to_string());
         stanza::set_attr(&mut m, "type", "groupchat");
         m
+    }
+}
+
+/// Puts `reason` in the `<item/>` of a room's presence (XEP-0045 §8.2, §9.1).
+fn with_reason(presence: &mut Element, reason: Option<&str>) {
+    let Some(reason) = reason else {
+        return;
+    };
+    if let Some(item) = presence
+        .get_child_mut("x", NS_USER)
+        .and_then(|x| x.get_child_mut("item", NS_USER))
+    {
+        item.append_child(Element::builder("reason", NS_USER).append(reason).build());
     }
 }
 
@@ -1330,14 +1434,20 @@ mod tests {
         let p = join_presence();
         room.join(&full("alice@d/phone"), "Alice", &Join::default(), &p, NOW)
             .unwrap();
-        let out = room.destroy();
+        let venue = bare("team2@conference.d");
+        let out = room.destroy(Some(&venue), Some("moved"));
         let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
         to.sort();
         assert_eq!(to, ["alice@d/laptop", "alice@d/phone"]);
         for o in &out {
             assert_eq!(o.stanza.attr("type"), Some("unavailable"));
             let x = o.stanza.get_child("x", NS_USER).unwrap();
-            assert!(x.get_child("destroy", NS_USER).is_some());
+            let destroy = x.get_child("destroy", NS_USER).unwrap();
+            assert_eq!(destroy.attr("jid"), Some("team2@conference.d"));
+            assert_eq!(
+                destroy.get_child("reason", NS_USER).unwrap().text(),
+                "moved"
+            );
         }
         assert!(room.is_empty());
         assert_eq!(room.nick_of(&full("alice@d/phone")), None);
@@ -1365,5 +1475,320 @@ mod tests {
             Join::parse(&el("<presence xmlns='jabber:client'/>")),
             Join::default()
         );
+    }
+
+    fn admin(xml: &str) -> Vec<(Change, Option<String>)> {
+        parse_changes(&el(&format!(
+            "<query xmlns='http://jabber.org/protocol/muc#admin'>{xml}</query>"
+        )))
+        .unwrap()
+    }
+
+    /// Alice owns the room; bob (a participant) and carol are in it.
+    fn room_with_three(config: Config) -> Room {
+        let mut room = room_with_alice(config);
+        for (who, nick) in [("bob@d/pc", "Bob"), ("carol@d/pc", "Carol")] {
+            room.join(&full(who), nick, &Join::default(), &join_presence(), NOW)
+                .unwrap();
+        }
+        room
+    }
+
+    fn item_of<'a>(out: &'a [Out], to: &str, from_nick: &str) -> Option<&'a Element> {
+        out.iter()
+            .find(|o| {
+                o.to.to_string() == to
+                    && o.stanza.attr("from") == Some(&format!("team@conference.d/{from_nick}"))
+            })
+            .map(|o| &o.stanza)
+    }
+
+    #[test]
+    fn a_moderator_kicks_and_an_admin_bans_with_their_reasons() {
+        let mut room = room_with_three(Config::default());
+        let alice = full("alice@d/laptop");
+        // A participant may not kick.
+        assert_eq!(
+            room.admin_set(
+                &full("bob@d/pc"),
+                &admin("<item nick='Carol' role='none'/>")
+            ),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        assert_eq!(
+            room.admin_set(&alice, &admin("<item nick='Nobody' role='none'/>")),
+            Err(StanzaErrorCondition::ItemNotFound)
+        );
+        let out = room
+            .admin_set(
+                &alice,
+                &admin("<item nick='Bob' role='none'><reason>spam</reason></item>"),
+            )
+            .unwrap();
+        let to_bob = item_of(&out, "bob@d/pc", "Bob").unwrap();
+        assert_eq!(to_bob.attr("type"), Some("unavailable"));
+        assert_eq!(codes(to_bob), ["307", "110"]);
+        assert_eq!(
+            item(to_bob).get_child("reason", NS_USER).unwrap().text(),
+            "spam"
+        );
+        assert_eq!(codes(item_of(&out, "carol@d/pc", "Bob").unwrap()), ["307"]);
+        assert_eq!(room.nick_of(&full("bob@d/pc")), None);
+        // A kicked occupant may come back; a banned one may not.
+        room.join(
+            &full("bob@d/pc"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        let out = room
+            .admin_set(&alice, &admin("<item jid='bob@d' affiliation='outcast'/>"))
+            .unwrap();
+        let to_bob = item_of(&out, "bob@d/pc", "Bob").unwrap();
+        assert_eq!(codes(to_bob), ["301", "110"]);
+        assert_eq!(item(to_bob).attr("affiliation"), Some("outcast"));
+        assert_eq!(
+            room.join(
+                &full("bob@d/other"),
+                "Bobby",
+                &Join::default(),
+                &join_presence(),
+                NOW
+            ),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        // The ban list, for admins only.
+        let list = room
+            .admin_get(&alice, &el("<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast'/></query>"))
+            .unwrap();
+        let jids: Vec<&str> = list.children().filter_map(|i| i.attr("jid")).collect();
+        assert_eq!(jids, ["bob@d"]);
+        assert_eq!(
+            room.admin_get(&full("carol@d/pc"), &el("<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast'/></query>")),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        // Lifting the ban lets bob in again.
+        room.admin_set(&alice, &admin("<item jid='bob@d' affiliation='none'/>"))
+            .unwrap();
+        room.join(
+            &full("bob@d/pc"),
+            "Bob",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn standing_decides_who_may_change_whom() {
+        let mut room = room_with_three(Config::default());
+        let alice = full("alice@d/laptop");
+        // Carol made admin: a moderator who may ban others but not touch alice.
+        let out = room
+            .admin_set(&alice, &admin("<item jid='carol@d' affiliation='admin'/>"))
+            .unwrap();
+        let seen = item_of(&out, "bob@d/pc", "Carol").unwrap();
+        assert_eq!(
+            (item(seen).attr("affiliation"), item(seen).attr("role")),
+            (Some("admin"), Some("moderator"))
+        );
+        let carol = full("carol@d/pc");
+        for refused in [
+            "<item nick='Alice' role='none'/>",
+            "<item jid='alice@d' affiliation='outcast'/>",
+            "<item jid='bob@d' affiliation='admin'/>",
+        ] {
+            assert_eq!(
+                room.admin_set(&carol, &admin(refused)),
+                Err(StanzaErrorCondition::NotAllowed),
+                "{refused}"
+            );
+        }
+        // All or nothing: a refused item undoes the items before it.
+        assert_eq!(
+            room.admin_set(
+                &carol,
+                &admin("<item jid='bob@d' affiliation='member'/><item jid='alice@d' affiliation='none'/>")
+            ),
+            Err(StanzaErrorCondition::NotAllowed)
+        );
+        assert_eq!(room.affiliation(&bare("bob@d")), Affiliation::None);
+        // The last owner stays one.
+        assert_eq!(
+            room.admin_set(&alice, &admin("<item jid='alice@d' affiliation='admin'/>")),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        // Voice in a moderated room: bob, a newcomer, is a visitor until given it.
+        room.config.moderated = true;
+        room.join(
+            &full("dave@d/pc"),
+            "Dave",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            room.groupchat(&full("dave@d/pc"), &message("hi"), NOW),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        room.admin_set(&carol, &admin("<item nick='Dave' role='participant'/>"))
+            .unwrap();
+        room.groupchat(&full("dave@d/pc"), &message("hi"), NOW)
+            .unwrap();
+        let voiced = room
+            .admin_get(&carol, &el("<query xmlns='http://jabber.org/protocol/muc#admin'><item role='participant'/></query>"))
+            .unwrap();
+        let nicks: Vec<&str> = voiced.children().filter_map(|i| i.attr("nick")).collect();
+        assert_eq!(nicks, ["Bob", "Dave"]);
+        // Malformed items.
+        for bad in [
+            "<query xmlns='http://jabber.org/protocol/muc#admin'/>",
+            "<query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Bob' role='king'/></query>",
+            "<query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Bob'/></query>",
+        ] {
+            assert_eq!(
+                parse_changes(&el(bad)),
+                Err(StanzaErrorCondition::BadRequest),
+                "{bad}"
+            );
+        }
+    }
+
+    fn form(fields: &[(&str, &str)]) -> Element {
+        let mut xml = format!(
+            "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{FORM_TYPE}</value></field>"
+        );
+        for (var, value) in fields {
+            xml.push_str(&format!(
+                "<field var='{var}'><value>{value}</value></field>"
+            ));
+        }
+        xml.push_str("</x>");
+        el(&xml)
+    }
+
+    const LIMITS: Limits = Limits {
+        max_users: 200,
+        history_length: 20,
+    };
+
+    #[test]
+    fn the_configuration_form_sets_what_it_names_and_refuses_what_it_cannot() {
+        let mut room = room_with_three(Config::default());
+        // The form shows the current values and offers limits within the service's.
+        let shown = room.config_form(LIMITS);
+        let value = |var: &str| {
+            shown
+                .children()
+                .find(|f| f.attr("var") == Some(var))
+                .and_then(|f| f.get_child("value", ns::DATA_FORMS))
+                .map(Element::text)
+        };
+        assert_eq!(value("muc#roomconfig_maxusers").as_deref(), Some("200"));
+        assert_eq!(value("muc#roomconfig_membersonly").as_deref(), Some("0"));
+        let max_users = shown
+            .children()
+            .find(|f| f.attr("var") == Some("muc#roomconfig_maxusers"))
+            .unwrap();
+        assert!(max_users.children().all(|o| {
+            o.name() != "option"
+                || o.get_child("value", ns::DATA_FORMS)
+                    .unwrap()
+                    .text()
+                    .parse::<usize>()
+                    .unwrap()
+                    <= 200
+        }));
+        // Refused, and nothing changes.
+        for bad in [
+            ("muc#roomconfig_maxusers", "201"),
+            ("muc#roomconfig_maxusers", "0"),
+            ("muc#maxhistoryfetch", "21"),
+            ("muc#roomconfig_whois", "everyone"),
+            ("muc#roomconfig_membersonly", "maybe"),
+            ("muc#roomconfig_passwordprotectedroom", "1"),
+        ] {
+            assert_eq!(
+                room.configure(&form(&[("muc#roomconfig_roomname", "x"), bad]), LIMITS),
+                Err(StanzaErrorCondition::NotAcceptable),
+                "{bad:?}"
+            );
+            assert_eq!(room.config, Config::default());
+        }
+        // A password, a name and real JIDs for everyone: everyone learns of it
+        // (104 and 172); fields it does not know are ignored.
+        let out = room
+            .configure(
+                &form(&[
+                    ("muc#roomconfig_roomname", "Team"),
+                    ("muc#roomconfig_passwordprotectedroom", "1"),
+                    ("muc#roomconfig_roomsecret", "s3cret"),
+                    ("muc#roomconfig_whois", "anyone"),
+                    ("x-unknown#field", "1"),
+                ]),
+                LIMITS,
+            )
+            .unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|o| codes(&o.stanza) == ["104", "172"]));
+        assert_eq!(room.config.password.as_deref(), Some("s3cret"));
+        assert_eq!(room.config.name, "Team");
+        assert_eq!(
+            room.join(
+                &full("erin@d/pc"),
+                "Erin",
+                &Join::default(),
+                &join_presence(),
+                NOW
+            ),
+            Err(StanzaErrorCondition::NotAuthorized)
+        );
+        // Members only: bob, not a member, leaves with 322; alice and carol stay.
+        room.admin_set(
+            &full("alice@d/laptop"),
+            &admin("<item jid='carol@d' affiliation='member'/>"),
+        )
+        .unwrap();
+        let out = room
+            .configure(&form(&[("muc#roomconfig_membersonly", "1")]), LIMITS)
+            .unwrap();
+        let to_bob = item_of(&out, "bob@d/pc", "Bob").unwrap();
+        assert_eq!(codes(to_bob), ["322", "110"]);
+        let nicks: Vec<&str> = room.occupants().map(|o| o.nick.as_str()).collect();
+        assert_eq!(nicks, ["Alice", "Carol"]);
+        // Turning the password off.
+        room.configure(
+            &form(&[("muc#roomconfig_passwordprotectedroom", "0")]),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(room.config.password, None);
+    }
+
+    #[test]
+    fn private_messages_for_participants_leave_visitors_out() {
+        let mut room = room_with_three(Config {
+            private_messages: PrivateMessages::Participants,
+            ..Config::default()
+        });
+        room.config.moderated = true;
+        room.join(
+            &full("dave@d/pc"),
+            "Dave",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        let pm = el("<message xmlns='jabber:client' type='chat'><body>psst</body></message>");
+        assert_eq!(
+            room.private(&full("dave@d/pc"), "Bob", &pm),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        assert!(room.private(&full("carol@d/pc"), "Bob", &pm).is_ok());
     }
 }
