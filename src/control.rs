@@ -425,7 +425,80 @@ fn cert_error(e: anyhow::Error) -> ControlError {
     }
 }
 
+/// A room as the admin API shows it.
+fn room(r: impmesh_router::RoomInfo) -> api::Room {
+    let c = r.config;
+    api::Room {
+        jid: r.jid,
+        name: c.name,
+        description: c.description,
+        subject: r.subject,
+        persistent: c.persistent,
+        public: c.public,
+        members_only: c.members_only,
+        moderated: c.moderated,
+        password_protected: c.password.is_some(),
+        non_anonymous: c.whois_anyone,
+        max_users: c.max_users,
+        history_length: c.history_length,
+        locked: r.locked,
+        occupants: r
+            .occupants
+            .into_iter()
+            .map(
+                |(nick, jid, role, affiliation, sessions)| api::RoomOccupant {
+                    nick,
+                    jid,
+                    role: role.as_str().to_owned(),
+                    affiliation: affiliation.as_str().to_owned(),
+                    sessions,
+                },
+            )
+            .collect(),
+        affiliations: r
+            .affiliations
+            .into_iter()
+            .map(|(jid, a)| api::RoomAffiliation {
+                jid,
+                affiliation: a.as_str().to_owned(),
+            })
+            .collect(),
+    }
+}
+
+fn room_error(e: impmesh_router::RoomAdminError) -> ControlError {
+    match e {
+        impmesh_router::RoomAdminError::BadVenue(..) => ControlError::Invalid(e.into()),
+        _ => ControlError::NotFound(e.into()),
+    }
+}
+
 impl NodeControl for Control {
+    fn rooms(&self) -> Result<Vec<api::Room>, ControlError> {
+        let rooms = self.server.muc_room_list().map_err(room_error)?;
+        Ok(rooms.into_iter().map(room).collect())
+    }
+
+    fn room(&self, name: &str) -> Result<api::Room, ControlError> {
+        self.server
+            .muc_room_show(name)
+            .map(room)
+            .map_err(room_error)
+    }
+
+    fn destroy_room(
+        &self,
+        name: &str,
+        destroy: &api::RoomDestroy,
+    ) -> Result<api::RoomDestroyed, ControlError> {
+        let jid = self.server.muc_room_show(name).map_err(room_error)?.jid;
+        let told = self
+            .server
+            .muc_room_destroy(name, destroy.venue.as_deref(), destroy.reason.as_deref())
+            .map_err(room_error)?;
+        Ok(api::RoomDestroyed { jid, told })
+    }
+
     fn status(&self) -> api::NodeRuntime {
         let identity = self.identity();
         let cert = impmesh_certs::describe(&identity.chain[0]).ok();

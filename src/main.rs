@@ -11,6 +11,7 @@ use cli::admin::AdminCommand;
 use cli::axl_user::AxlUserCommand;
 use cli::cert::CertCommand;
 use cli::peer::PeerCommand;
+use cli::room::RoomCommand;
 use cli::trust::TrustCommand;
 use cli::user::UserCommand;
 
@@ -69,6 +70,9 @@ enum Command {
     /// Intercluster peers, through the running node's sync agent.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Chat rooms (XEP-0045) of the running node.
+    #[command(subcommand)]
+    Room(RoomCommand),
     /// The System Troubleshooter: each check with pass/fail and what it found.
     Troubleshoot {
         #[arg(long)]
@@ -153,6 +157,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::AxlUser(cmd) => cli::axl_user::run(cmd, &config, api).await,
         Command::Admin(cmd) => cli::admin::run(cmd, &config).await,
         Command::Status { json } => cli::node::status(&config, api, json).await,
+        Command::Room(cmd) => cli::room::run(cmd, &config, api).await,
         Command::Troubleshoot { json } => cli::node::troubleshoot(&config, api, json).await,
         Command::Peer(cmd) => {
             let why = "; peers are managed by its sync agent";

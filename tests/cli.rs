@@ -393,6 +393,14 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
             .to_string()
     );
 
+    // Without [muc] enabled there are no rooms to list, and the CLI says why.
+    let rooms = cli(&["room", "list"], "").await.unwrap();
+    assert_eq!(rooms.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&rooms.stderr).trim(),
+        "impmesh: the chat service is off on this node ([muc] enabled = false)"
+    );
+
     let added = cli(&["user", "add", "bob", "--password-stdin"], "pw\n")
         .await
         .unwrap();
@@ -480,6 +488,96 @@ async fn the_cli_drives_a_running_node_through_the_admin_api() {
     let out = impmesh(stopped.path(), &["status"], "");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
+}
+
+/// `impmesh room list|show|destroy` on the running node: the room a client created,
+/// its occupant, a room that is not there, a bad venue, and the destruction, which
+/// the client sees with the venue.
+#[tokio::test(flavor = "multi_thread")]
+async fn room_commands_list_show_and_destroy() {
+    const ROOM: &str = "team@conference.localhost";
+    let node = support::start_node_with_users(|c| c.muc.enabled = true, &["alice"]).await;
+    let mut alice = node.client("alice", support::PW, Some("laptop"));
+    support::online(&mut alice).await;
+    support::send(
+        &mut alice,
+        &format!(
+            "<presence to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ),
+    )
+    .await;
+    support::expect(&mut alice, 5, "alice in the room", |e| {
+        e.name() == "presence" && e.attr("from") == Some(&format!("{ROOM}/Alice"))
+    })
+    .await;
+
+    let list = cli_on(&node, &["room", "list", "--json"], "").await;
+    assert!(list.status.success(), "{list:?}");
+    let rooms: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rooms[0]["jid"], ROOM);
+    assert_eq!(rooms[0]["locked"], true);
+    let text = cli_on(&node, &["room", "list"], "").await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("{ROOM}\t1\ttemporary,public,locked")),
+        "{text}"
+    );
+    let show = cli_on(&node, &["room", "show", ROOM, "--json"], "").await;
+    assert!(show.status.success(), "{show:?}");
+    let room: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(room["occupants"][0]["nick"], "Alice");
+    assert_eq!(room["occupants"][0]["affiliation"], "owner");
+    assert_eq!(room["affiliations"][0]["jid"], "alice@localhost");
+
+    let missing = cli_on(&node, &["room", "show", "nope"], "").await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "impmesh: no room nope on this node"
+    );
+    let bad = cli_on(
+        &node,
+        &["room", "destroy", "team", "--venue", "not a room"],
+        "",
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not a room's address"),
+        "{bad:?}"
+    );
+
+    let gone = cli_on(
+        &node,
+        &[
+            "room",
+            "destroy",
+            "team",
+            "--venue",
+            "other@conference.localhost",
+            "--reason",
+            "moved",
+        ],
+        "",
+    )
+    .await;
+    assert!(gone.status.success(), "{gone:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&gone.stdout).trim(),
+        format!("destroyed {ROOM} (1 session(s) told)")
+    );
+    let told = support::expect(&mut alice, 5, "the room destroyed", |e| {
+        e.name() == "presence" && e.attr("type") == Some("unavailable")
+    })
+    .await;
+    assert!(
+        String::from(&told).contains("other@conference.localhost"),
+        "{}",
+        String::from(&told)
+    );
+    let empty = cli_on(&node, &["room", "list"], "").await;
+    assert_eq!(String::from_utf8_lossy(&empty.stdout).trim(), "no rooms");
+    node.node.shutdown().await;
 }
 
 /// Peering two running clusters with the CLI, as admins do.

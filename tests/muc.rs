@@ -345,6 +345,17 @@ async fn xep0045_configuration_kicks_and_bans() {
     .await;
     assert_eq!(error_condition(&e).as_deref(), Some("forbidden"));
 
+    // XEP-0410: bob's self-ping says he is in the room.
+    let pong = ask(
+        &mut bob,
+        "self-ping",
+        &format!(
+            "<iq type='get' id='self-ping' to='{ROOM}/Bob'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ),
+    )
+    .await;
+    assert_eq!(pong.attr("type"), Some("result"), "{}", String::from(&pong));
+
     // Alice kicks him, with a reason: he may come back.
     let ok = ask(
         &mut alice,
@@ -359,6 +370,16 @@ async fn xep0045_configuration_kicks_and_bans() {
     .await;
     assert_eq!(status_codes(&kicked), ["307", "110"]);
     assert!(String::from(&kicked).contains("calm down"));
+    // Out of the room, his self-ping says so.
+    let e = ask(
+        &mut bob,
+        "self-ping-out",
+        &format!(
+            "<iq type='get' id='self-ping-out' to='{ROOM}/Bob'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ),
+    )
+    .await;
+    assert_eq!(error_condition(&e).as_deref(), Some("not-acceptable"));
     send(&mut bob, &with_password).await;
     expect(&mut bob, 5, "bob back in the room", |e| {
         e.name() == "presence" && from_occupant(e, "Bob") && status_codes(e) == ["110"]

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use crate::api::{
     AddTrust, ApiError, AxlUser, Check, CsrRequest, Fingerprint, ForceSync, ImportCertificate,
-    NewPeer, NewUser, NodeStatus, OverlapEnded, Password, Peer, PeerAction, Pem, TrustRemoved,
-    User, Username,
+    NewPeer, NewUser, NodeStatus, OverlapEnded, Password, Peer, PeerAction, Pem, RoomDestroy,
+    TrustRemoved, User, Username,
 };
 use crate::auth::Outcome;
 use crate::state::ConnInfo;
@@ -49,6 +49,9 @@ pub(crate) fn routes<C: NodeControl>(https: Arc<Https<C>>) -> Router<Arc<Https<C
         .route("/peers/{cluster}", delete(peer_delete::<C>))
         .route("/peers/{cluster}/accept", post(peer_accept::<C>))
         .route("/peers/{cluster}/sync", post(peer_sync::<C>))
+        .route("/rooms", get(rooms::<C>))
+        .route("/rooms/{name}", get(room::<C>))
+        .route("/rooms/{name}/destroy", post(destroy_room::<C>))
         .route("/axl-users", get(axl_users::<C>))
         .route(
             "/axl-users/{name}",
@@ -195,6 +198,25 @@ async fn revoke_client<C: NodeControl>(
         .revoke_fast_tokens(&name, Some(&client))
         .await?;
     Ok(Json(revoked).into_response())
+}
+
+async fn rooms<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {
+    Ok(Json(https.control.rooms()?).into_response())
+}
+
+async fn room<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+) -> Result<Response, ControlError> {
+    Ok(Json(https.control.room(&name)?).into_response())
+}
+
+async fn destroy_room<C: NodeControl>(
+    State(https): AppState<C>,
+    Path(name): Path<String>,
+    Json(body): Json<RoomDestroy>,
+) -> Result<Response, ControlError> {
+    Ok(Json(https.control.destroy_room(&name, &body)?).into_response())
 }
 
 async fn certificates<C: NodeControl>(State(https): AppState<C>) -> Result<Response, ControlError> {

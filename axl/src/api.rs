@@ -122,6 +122,64 @@ pub struct Tokens {
     pub tokens: Vec<impmesh_store::FastToken>,
 }
 
+/// A chat room (XEP-0045) of the node, as `GET /rooms` lists it and
+/// `GET /rooms/{name}` shows it (with its occupants and affiliations).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Room {
+    pub jid: String,
+    /// Its configured name ('' when none).
+    pub name: String,
+    pub description: String,
+    pub subject: Option<String>,
+    pub persistent: bool,
+    pub public: bool,
+    pub members_only: bool,
+    pub moderated: bool,
+    pub password_protected: bool,
+    /// Real JIDs visible to every occupant, not only moderators.
+    pub non_anonymous: bool,
+    pub max_users: usize,
+    pub history_length: usize,
+    /// Created and waiting for its owner's configuration.
+    pub locked: bool,
+    pub occupants: Vec<RoomOccupant>,
+    pub affiliations: Vec<RoomAffiliation>,
+}
+
+/// Someone in a room.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomOccupant {
+    pub nick: String,
+    pub jid: String,
+    pub role: String,
+    pub affiliation: String,
+    /// Sessions of the account sharing the nick.
+    pub sessions: usize,
+}
+
+/// An account's standing in a room (owner, admin, member, outcast).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomAffiliation {
+    pub jid: String,
+    pub affiliation: String,
+}
+
+/// The body of `POST /rooms/{name}/destroy`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoomDestroy {
+    /// The room occupants are told to go to instead.
+    pub venue: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// The answer to `POST /rooms/{name}/destroy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomDestroyed {
+    pub jid: String,
+    /// Sessions told the room is gone.
+    pub told: usize,
+}
+
 /// The answer to `DELETE /users/{name}/tokens[/{client}]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokensRevoked {

@@ -71,6 +71,17 @@ pub trait NodeControl: Send + Sync + 'static {
     fn render_metrics(&self, out: &mut String);
     /// Whether the node serves clients (for `/readyz`).
     fn ready(&self) -> bool;
+    /// The node's chat rooms (XEP-0045), by name.
+    fn rooms(&self) -> Result<Vec<api::Room>, ControlError>;
+    /// One chat room, by name or address.
+    fn room(&self, name: &str) -> Result<api::Room, ControlError>;
+    /// Destroys a chat room as its owner would: occupants are told, with where to go
+    /// instead and why.
+    fn destroy_room(
+        &self,
+        name: &str,
+        destroy: &api::RoomDestroy,
+    ) -> Result<api::RoomDestroyed, ControlError>;
     /// Creates an account; returns its normalised name.
     fn add_user(
         &self,

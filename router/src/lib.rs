@@ -50,7 +50,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{ArchiveSettings, Limits, RouterConfig, UploadSettings};
 pub use iq::SERVER_FEATURES;
 pub use link::{HostResolver, LinkDirection, LinkStatus};
-pub use muc::MucSettings;
+pub use muc::{MucSettings, RoomAdminError, RoomInfo};
 
 use crate::hub::Hub;
 

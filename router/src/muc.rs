@@ -59,6 +59,60 @@ impl MucSettings {
     }
 }
 
+/// A room as an admin sees it (`impmesh room list|show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub jid: String,
+    pub config: muc::Config,
+    /// Locked: created, waiting for its owner's configuration.
+    pub locked: bool,
+    pub subject: Option<String>,
+    /// Nick, bare JID, role, affiliation and sessions of each occupant, by nick.
+    pub occupants: Vec<(String, String, muc::Role, muc::Affiliation, usize)>,
+    /// Accounts with an affiliation, by JID.
+    pub affiliations: Vec<(String, muc::Affiliation)>,
+}
+
+impl RoomInfo {
+    fn of(room: &Room) -> RoomInfo {
+        let mut affiliations: Vec<(String, muc::Affiliation)> = room
+            .affiliations()
+            .map(|(j, a)| (j.to_string(), a))
+            .collect();
+        affiliations.sort();
+        RoomInfo {
+            jid: room.jid().to_string(),
+            config: room.config.clone(),
+            locked: room.locked(),
+            subject: room.subject().map(|(text, _)| text.clone()),
+            occupants: room
+                .occupants()
+                .map(|o| {
+                    (
+                        o.nick.clone(),
+                        o.bare.to_string(),
+                        o.role,
+                        o.affiliation,
+                        o.sessions.len(),
+                    )
+                })
+                .collect(),
+            affiliations,
+        }
+    }
+}
+
+/// Why an admin's request about rooms cannot be done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomAdminError {
+    #[error("the chat service is off on this node ([muc] enabled = false)")]
+    Off,
+    #[error("no room {0} on this node")]
+    NoSuchRoom(String),
+    #[error("{0:?} is not a room's address (room@{1})")]
+    BadVenue(String, String),
+}
+
 /// The rooms of this node.
 #[derive(Debug, Default)]
 pub(crate) struct Rooms {
@@ -154,6 +208,9 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
     Some(Room::restore(jid, config, affiliations, subject))
 }
 
+/// XEP-0410: the room answers a client's ping of its own occupant JID itself.
+const SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
+
 /// Features of the service itself.
 const SERVICE_FEATURES: &[&str] = &[muc::NS, ns::DISCO_INFO, ns::DISCO_ITEMS];
 
@@ -206,6 +263,68 @@ impl Server {
                 });
             }
         }
+    }
+
+    /// The local part of a room named by it or by its address on this service.
+    fn room_name<'a>(settings: &MucSettings, name: &'a str) -> &'a str {
+        name.strip_suffix(settings.host.as_str())
+            .and_then(|n| n.strip_suffix('@'))
+            .unwrap_or(name)
+    }
+
+    /// Every room of this node, by name, for admins.
+    pub fn muc_room_list(&self) -> Result<Vec<RoomInfo>, RoomAdminError> {
+        if self.config.muc.is_none() {
+            return Err(RoomAdminError::Off);
+        }
+        let rooms = lock(&self.muc.rooms);
+        let mut list: Vec<(&String, &Room)> = rooms.iter().collect();
+        list.sort_by(|a, b| a.0.cmp(b.0));
+        Ok(list.into_iter().map(|(_, r)| RoomInfo::of(r)).collect())
+    }
+
+    /// One room (by name or address), for admins.
+    pub fn muc_room_show(&self, name: &str) -> Result<RoomInfo, RoomAdminError> {
+        let Some(settings) = &self.config.muc else {
+            return Err(RoomAdminError::Off);
+        };
+        let rooms = lock(&self.muc.rooms);
+        rooms
+            .get(Self::room_name(settings, name))
+            .map(RoomInfo::of)
+            .ok_or_else(|| RoomAdminError::NoSuchRoom(name.to_owned()))
+    }
+
+    /// Destroys a room for an admin, as its owner would (XEP-0045 §10.9): every
+    /// occupant learns of it, with the room to go to instead and why; the store
+    /// forgets it. Returns how many sessions were told.
+    pub fn muc_room_destroy(
+        &self,
+        name: &str,
+        venue: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<usize, RoomAdminError> {
+        let Some(settings) = &self.config.muc else {
+            return Err(RoomAdminError::Off);
+        };
+        let venue = venue
+            .map(|v| {
+                BareJid::new(v)
+                    .ok()
+                    .filter(|j| j.node().is_some())
+                    .ok_or_else(|| RoomAdminError::BadVenue(v.to_owned(), settings.host.clone()))
+            })
+            .transpose()?;
+        let name = Self::room_name(settings, name);
+        let mut rooms = lock(&self.muc.rooms);
+        let Some(mut room) = rooms.remove(name) else {
+            return Err(RoomAdminError::NoSuchRoom(name.to_owned()));
+        };
+        let out = room.destroy(venue.as_ref(), reason);
+        let told = out.len();
+        self.muc_persist(name, None);
+        self.muc_send(out);
+        Ok(told)
     }
 
     /// Whether `jid` is this node's multi-user chat service or one of its rooms.
@@ -373,6 +492,7 @@ impl Server {
                     |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
                 for f in [
                     muc::NS,
+                    SELF_PING,
                     pick(c.public, "muc_public", "muc_hidden"),
                     pick(c.members_only, "muc_membersonly", "muc_open"),
                     pick(c.moderated, "muc_moderated", "muc_unmoderated"),
@@ -428,8 +548,22 @@ impl Server {
             return Err(StanzaErrorCondition::BadRequest);
         };
         let set = iq.attr("type") == Some("set");
-        if to.resource().is_some() {
-            // IQs to occupants (vCards, pings) are not passed on yet.
+        if let Some(nick) = to.resource() {
+            // XEP-0410: a client pinging its own occupant JID learns whether it is
+            // still in the room; the service answers for it.
+            if payload.is("ping", ns::PING) && !set {
+                let rooms = lock(&self.muc.rooms);
+                let joined = to
+                    .node()
+                    .and_then(|room| rooms.get(room.as_str()))
+                    .is_some_and(|room| room.nick_of(from) == Some(nick.as_str()));
+                return if joined {
+                    Ok(None)
+                } else {
+                    Err(StanzaErrorCondition::NotAcceptable)
+                };
+            }
+            // Other IQs to occupants (vCards, pings of others) are not passed on yet.
             return Err(StanzaErrorCondition::FeatureNotImplemented);
         }
         let room = to.node().map(|n| n.as_str());

@@ -8,6 +8,7 @@ pub mod axl_user;
 pub mod cert;
 pub mod node;
 pub mod peer;
+pub mod room;
 pub mod serve;
 pub mod trust;
 pub mod user;
