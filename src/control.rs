@@ -467,9 +467,11 @@ fn room(r: impmesh_router::RoomInfo) -> api::Room {
 }
 
 fn room_error(e: impmesh_router::RoomAdminError) -> ControlError {
+    use impmesh_router::RoomAdminError as E;
     match e {
-        impmesh_router::RoomAdminError::BadVenue(..) => ControlError::Invalid(e.into()),
-        _ => ControlError::NotFound(e.into()),
+        E::BadVenue(..) => ControlError::Invalid(e.into()),
+        E::NoSuchRoom(_) => ControlError::NotFound(e.into()),
+        E::Off => ControlError::Conflict(e.into()),
     }
 }
 

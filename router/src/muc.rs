@@ -222,7 +222,9 @@ impl Server {
             return Ok(0);
         };
         let stored = self.store.rooms(crate::time::now_micros()).await?;
-        let newest = stored.iter().map(|r| r.version).max().unwrap_or(0);
+        // Later writes must be newer than any stored, tombstones too (a clock set
+        // back would otherwise lose a room made again under a destroyed one's name).
+        let newest = self.store.newest_room_version().await?;
         self.muc.version.fetch_max(newest, Ordering::AcqRel);
         let mut rooms = lock(&self.muc.rooms);
         for s in stored {
@@ -241,7 +243,8 @@ impl Server {
 
     /// Writes a room's change to the store in the background: the room as it is when
     /// it is persistent and open, else its removal (destroyed, or made temporary).
-    /// Called under the rooms' lock; versions keep the last change the one kept.
+    /// Called under the rooms' lock, for rooms that are or were persistent; versions
+    /// keep the last change the one kept.
     fn muc_persist(&self, name: &str, room: Option<&Room>) {
         let version = self.muc.next_version();
         let store = self.store.clone();
@@ -320,9 +323,12 @@ impl Server {
         let Some(mut room) = rooms.remove(name) else {
             return Err(RoomAdminError::NoSuchRoom(name.to_owned()));
         };
+        let stored = room.config.persistent;
         let out = room.destroy(venue.as_ref(), reason);
         let told = out.len();
-        self.muc_persist(name, None);
+        if stored {
+            self.muc_persist(name, None);
+        }
         self.muc_send(out);
         Ok(told)
     }
@@ -606,7 +612,7 @@ impl Server {
             if set {
                 let changes = muc::parse_changes(payload)?;
                 let out = room.admin_set(from, &changes)?;
-                if changes.iter().any(|(c, _)| c.is_affiliation()) {
+                if room.config.persistent && changes.iter().any(|(c, _)| c.is_affiliation()) {
                     self.muc_persist(name, Some(&*room));
                 }
                 (None, out)
@@ -633,9 +639,12 @@ impl Server {
             let reason = destroy
                 .get_child("reason", muc::NS_OWNER)
                 .map(Element::text);
+            let stored = room.config.persistent;
             let out = room.destroy(venue.as_ref(), reason.as_deref());
             rooms.remove(name);
-            self.muc_persist(name, None);
+            if stored {
+                self.muc_persist(name, None);
+            }
             self.muc_send(out);
             return Ok(None);
         } else {
@@ -646,8 +655,12 @@ impl Server {
                     (None, Vec::new())
                 }
                 Some(x) if x.attr("type") == Some("submit") => {
+                    let stored = room.config.persistent;
                     let out = room.configure(x, settings.limits())?;
-                    self.muc_persist(name, Some(&*room));
+                    // Stored, or forgotten when it stops being persistent.
+                    if stored || room.config.persistent {
+                        self.muc_persist(name, Some(&*room));
+                    }
                     (None, out)
                 }
                 // §10.1.3: the owner gave up creating the room: it is destroyed.

@@ -57,7 +57,7 @@ pub async fn run(
                         r.jid,
                         r.occupants.len(),
                         settings(r),
-                        r.name
+                        printable(&r.name)
                     );
                 }
             }
@@ -69,9 +69,12 @@ pub async fn run(
                 print_json(&r)?;
             } else {
                 println!("room:         {}", r.jid);
-                println!("name:         {}", r.name);
-                println!("description:  {}", r.description);
-                println!("subject:      {}", r.subject.as_deref().unwrap_or("-"));
+                println!("name:         {}", printable(&r.name));
+                println!("description:  {}", printable(&r.description));
+                println!(
+                    "subject:      {}",
+                    r.subject.as_deref().map_or("-".into(), printable)
+                );
                 println!("settings:     {}", settings(&r));
                 println!("max users:    {}", r.max_users);
                 println!("history:      {} messages", r.history_length);
@@ -79,7 +82,11 @@ pub async fn run(
                 for o in &r.occupants {
                     println!(
                         "  {}\t{}\t{}\t{}\t{} session(s)",
-                        o.nick, o.jid, o.role, o.affiliation, o.sessions
+                        printable(&o.nick),
+                        o.jid,
+                        o.role,
+                        o.affiliation,
+                        o.sessions
                     );
                 }
                 println!("affiliations: {}", r.affiliations.len());
@@ -107,6 +114,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Text a room's owner or occupants chose, on one line: control characters (a line
+/// break or a tab that would forge a row) escaped.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A room's settings in one word each.
 fn settings(r: &api::Room) -> String {
     let mut words = vec![if r.persistent {
@@ -131,4 +152,13 @@ fn settings(r: &api::Room) -> String {
         words.push("locked");
     }
     words.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn what_rooms_say_stays_on_its_line() {
+        assert_eq!(super::printable("Team\nfake\trow"), "Team\\nfake\\trow");
+        assert_eq!(super::printable("Équipe"), "Équipe");
+    }
 }

@@ -82,9 +82,21 @@ impl Store {
         Ok(())
     }
 
+    /// The newest version written, of a room or of a room's removal (0 when none).
+    pub async fn newest_room_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(version) AS newest FROM muc_rooms")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("newest")?.unwrap_or(0))
+    }
+
     /// Forgets the room `name` as of `version` (destroyed, or no longer persistent),
-    /// unless a newer version of it is there.
+    /// unless a newer version of it is there; tombstones older than a day go.
     pub async fn forget_room(&self, name: &str, version: i64) -> Result<()> {
+        sqlx::query("DELETE FROM muc_rooms WHERE destroyed = 1 AND version < $1")
+            .bind(version.saturating_sub(TOMBSTONE_MICROS))
+            .execute(&self.pool)
+            .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO muc_rooms ({COLUMNS})
                  VALUES ($1, $2, 1, '', '', 0, 0, 0, NULL, 0, 0, 0, '', 0, NULL, '', '')
@@ -148,6 +160,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::Row as _;
+
     use crate::test_support::stores;
     use crate::*;
 
@@ -202,7 +216,21 @@ mod tests {
             assert_eq!(store.rooms(20).await.unwrap(), [room("news", 10)]);
             store.save_room(&room("team", 14)).await.unwrap();
             assert_eq!(store.rooms(20).await.unwrap().len(), 2);
-            // A tombstone older than a day goes when rooms are read.
+            assert_eq!(store.newest_room_version().await.unwrap(), 14);
+            store.forget_room("gone", 30).await.unwrap();
+            assert_eq!(store.newest_room_version().await.unwrap(), 30);
+            // A tombstone older than a day goes when rooms are read, or when another
+            // room is forgotten.
+            store.forget_room("old", 31 + DAY).await.unwrap();
+            assert_eq!(store.newest_room_version().await.unwrap(), 31 + DAY);
+            let tombstones: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM muc_rooms WHERE destroyed = 1")
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap()
+                    .try_get("n")
+                    .unwrap();
+            assert_eq!(tombstones, 1);
             store.forget_room("news", 15).await.unwrap();
             store.rooms(15 + DAY + 1).await.unwrap();
             store.save_room(&room("news", 11)).await.unwrap();

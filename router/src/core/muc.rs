@@ -1644,6 +1644,44 @@ mod tests {
             .unwrap();
         let nicks: Vec<&str> = voiced.children().filter_map(|i| i.attr("nick")).collect();
         assert_eq!(nicks, ["Bob", "Dave"]);
+        // The last owner may hand ownership over in one request, whatever the order.
+        room.admin_set(
+            &alice,
+            &admin("<item jid='alice@d' affiliation='admin'/><item jid='carol@d' affiliation='owner'/>"),
+        )
+        .unwrap();
+        assert_eq!(room.affiliation(&bare("carol@d")), Affiliation::Owner);
+        // A moderator without affiliation (made one by an admin) kicks no member
+        // and silences no one of its own standing.
+        room.admin_set(
+            &carol,
+            &admin("<item jid='bob@d' affiliation='member'/><item nick='Dave' role='moderator'/>"),
+        )
+        .unwrap();
+        room.join(
+            &full("erin@d/pc"),
+            "Erin",
+            &Join::default(),
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        room.admin_set(&carol, &admin("<item nick='Erin' role='participant'/>"))
+            .unwrap();
+        let dave = full("dave@d/pc");
+        for refused in [
+            "<item nick='Bob' role='none'/>",
+            "<item nick='Bob' role='visitor'/>",
+            "<item nick='Erin' role='visitor'/>",
+        ] {
+            assert_eq!(
+                room.admin_set(&dave, &admin(refused)),
+                Err(StanzaErrorCondition::NotAllowed),
+                "{refused}"
+            );
+        }
+        room.admin_set(&dave, &admin("<item nick='Erin' role='none'/>"))
+            .unwrap();
         // Malformed items.
         for bad in [
             "<query xmlns='http://jabber.org/protocol/muc#admin'/>",

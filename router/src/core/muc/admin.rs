@@ -112,20 +112,26 @@ impl Room {
             .map_or(Role::None, |o| o.role)
     }
 
-    /// Applies `changes` asked by `actor`, all or none: a change the actor may not
-    /// make is `forbidden` (it lacks the standing) or `not-allowed` (the target stands
-    /// too high), a nick not in the room `item-not-found`, the last owner's demotion
-    /// `conflict`. Occupants see the new roles and affiliations; those kicked (307),
-    /// banned (301) or no longer admitted to a members-only room (321) leave it.
+    /// Applies `changes` asked by `actor`, all or none, each judged by the actor's
+    /// standing before the request: a change the actor may not make is `forbidden`
+    /// (it lacks the standing) or `not-allowed` (the target stands too high), a nick
+    /// not in the room `item-not-found`, a room left without an owner `conflict`.
+    /// Occupants see the new roles and affiliations; those kicked (307), banned (301)
+    /// or no longer admitted to a members-only room (321) leave it.
     pub fn admin_set(
         &mut self,
         actor: &FullJid,
         changes: &[(Change, Option<String>)],
     ) -> Result<Vec<Out>, Refusal> {
+        let standing = self.affiliation(&actor.to_bare());
+        let moderator = self.role_of(actor) == Role::Moderator;
         let mut next = self.clone();
         let mut out = Vec::new();
         for (change, reason) in changes {
-            out.extend(next.apply(actor, change, reason.as_deref())?);
+            out.extend(next.apply(standing, moderator, change, reason.as_deref())?);
+        }
+        if !next.affiliations.values().any(|a| *a == Affiliation::Owner) {
+            return Err(StanzaErrorCondition::Conflict);
         }
         *self = next;
         Ok(out)
@@ -133,22 +139,33 @@ impl Room {
 
     fn apply(
         &mut self,
-        actor: &FullJid,
+        standing: Affiliation,
+        moderator: bool,
         change: &Change,
         reason: Option<&str>,
     ) -> Result<Vec<Out>, Refusal> {
-        let standing = self.affiliation(&actor.to_bare());
         match change {
             Change::Role { nick, role } => {
-                if self.role_of(actor) != Role::Moderator {
+                if !moderator {
                     return Err(StanzaErrorCondition::Forbidden);
                 }
                 let Some(target) = self.occupants.get(nick) else {
                     return Err(StanzaErrorCondition::ItemNotFound);
                 };
                 // Admins and owners keep their voice and their seat; moderators are
-                // made and unmade by admins.
+                // made and unmade by admins (§8.2, §8.4, §9.6): no moderator kicks an
+                // occupant of a higher affiliation, or silences one of its own or a
+                // higher one.
                 if target.affiliation >= Affiliation::Admin && *role < Role::Moderator {
+                    return Err(StanzaErrorCondition::NotAllowed);
+                }
+                if *role == Role::None && target.affiliation > standing {
+                    return Err(StanzaErrorCondition::NotAllowed);
+                }
+                if *role == Role::Visitor
+                    && target.role > Role::Visitor
+                    && target.affiliation >= standing
+                {
                     return Err(StanzaErrorCondition::NotAllowed);
                 }
                 if (target.role == Role::Moderator || *role == Role::Moderator)
@@ -173,17 +190,6 @@ impl Room {
                     && standing < Affiliation::Owner
                 {
                     return Err(StanzaErrorCondition::NotAllowed);
-                }
-                let owners = self
-                    .affiliations
-                    .values()
-                    .filter(|a| **a == Affiliation::Owner)
-                    .count();
-                if current == Affiliation::Owner
-                    && *affiliation != Affiliation::Owner
-                    && owners == 1
-                {
-                    return Err(StanzaErrorCondition::Conflict);
                 }
                 self.set_affiliation(jid.clone(), *affiliation);
                 let present: Vec<String> = self
