@@ -439,6 +439,67 @@ async fn xep0045_configuration_kicks_and_bans() {
     node.node.shutdown().await;
 }
 
+/// Mediated invitations (XEP-0045 §7.8.2): through the room to a user online and to
+/// one offline (stored, delivered when she comes), and a decline back to the
+/// inviter.
+#[tokio::test]
+async fn xep0045_invitations_and_declines() {
+    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob", "carol"]).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    let mut bob = node.client("bob", PW, Some("phone"));
+    for c in [&mut alice, &mut bob] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "alice in the room", |e| {
+        e.name() == "presence" && from_occupant(e, "Alice")
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!(
+            "<message to='{ROOM}'><x xmlns='{MUC_USER}'>\
+             <invite to='bob@localhost'><reason>standup</reason></invite>\
+             <invite to='carol@localhost'/></x></message>"
+        ),
+    )
+    .await;
+    let invitation = expect(&mut bob, 5, "bob's invitation", |e| {
+        e.name() == "message" && e.attr("from") == Some(ROOM)
+    })
+    .await;
+    let invite = invitation
+        .get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("invite", MUC_USER))
+        .unwrap();
+    assert_eq!(invite.attr("from"), Some("alice@localhost"));
+    send(
+        &mut bob,
+        &format!(
+            "<message to='{ROOM}'><x xmlns='{MUC_USER}'><decline to='alice@localhost'><reason>busy</reason></decline></x></message>"
+        ),
+    )
+    .await;
+    let declined = expect(&mut alice, 5, "bob's decline", |e| {
+        e.name() == "message"
+            && e.get_child("x", MUC_USER)
+                .is_some_and(|x| x.get_child("decline", MUC_USER).is_some())
+    })
+    .await;
+    assert!(String::from(&declined).contains("busy"));
+    // Carol was offline: her invitation waited for her.
+    let mut carol = node.client("carol", PW, Some("x"));
+    online(&mut carol).await;
+    send(&mut carol, "<presence/>").await;
+    let invitation = expect(&mut carol, 5, "carol's stored invitation", |e| {
+        e.name() == "message" && e.attr("from") == Some(ROOM)
+    })
+    .await;
+    assert!(invitation.get_child("x", MUC_USER).is_some());
+    node.node.shutdown().await;
+}
+
 /// A persistent room survives a restart: its name, subject and bans; a temporary
 /// one does not.
 #[tokio::test]

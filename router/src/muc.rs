@@ -5,8 +5,8 @@
 //! users' stanzas to it and its answers to their sessions.
 //!
 //! Not here yet (issue 16): rooms across the mesh (users homed on other clusters get
-//! `service-unavailable` from their own cluster), invitations, voice requests, the
-//! room archive.
+//! `service-unavailable` from their own cluster), voice requests, the room
+//! archive.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -455,7 +455,21 @@ impl Server {
             // XEP-0045 §7.5: a groupchat message to an occupant is an error.
             (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
             (Some(nick), false) => room.private(from, nick.as_str(), message)?,
-            // Invitations and voice requests come later.
+            // Mediated invitations and declines (XEP-0045 §7.8.2): delivered like
+            // any message (stored offline, over a router link, or bounced).
+            (None, false) if message.get_child("x", muc::NS_USER).is_some() => {
+                let invitations = room.invite(from, message)?;
+                if let Some(server) = self.me.upgrade() {
+                    for (to, m) in invitations {
+                        let server = server.clone();
+                        self.tasks.spawn(async move {
+                            server.deliver_or_bounce(m, &Jid::from(to)).await;
+                        });
+                    }
+                }
+                return Ok(());
+            }
+            // Voice requests come later.
             (None, false) => return Err(StanzaErrorCondition::FeatureNotImplemented),
         };
         if room.config.persistent && room.subject() != subject.as_ref() {

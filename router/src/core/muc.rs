@@ -11,8 +11,8 @@
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
 //! bans, voice) in `admin`.
 //!
-//! Not here yet (issue 16): invitations, voice requests, registration, the room
-//! archive, and rooms across the mesh.
+//! Not here yet (issue 16): voice requests, registration, the room archive, and
+//! rooms across the mesh.
 
 mod admin;
 mod form;
@@ -41,6 +41,12 @@ pub const MAX_HISTORY_CHARS: usize = 256 * 1024;
 /// Bytes of history a room keeps, at most, whatever its length: the oldest messages
 /// go first.
 pub const MAX_KEPT_BYTES: usize = 64 * 1024;
+/// Invitations one message may carry, at most.
+pub const MAX_INVITES: usize = 10;
+/// Invitations a room remembers for declines, at most (the oldest go first).
+const MAX_INVITES_KEPT: usize = 1000;
+/// Bytes of an invitation's or a decline's reason passed on, at most.
+const MAX_REASON_BYTES: usize = 1024;
 /// XEP-0359's namespace: a room's stanza ids are its own to give.
 const SID: &str = "urn:xmpp:sid:0";
 
@@ -225,6 +231,9 @@ pub struct Room {
     /// The subject and the nick that set it (empty: the room itself).
     subject: Option<(String, String)>,
     history: VecDeque<Kept>,
+    /// Invitations sent (inviter, invitee, bare JIDs), the oldest first: a decline
+    /// is passed on only to someone who invited its sender.
+    invited: VecDeque<(BareJid, BareJid)>,
     /// A new room refuses everyone but its owner until it is configured
     /// (XEP-0045 §10.1).
     locked: bool,
@@ -245,6 +254,7 @@ impl Room {
             nick_of: HashMap::new(),
             subject: None,
             history: VecDeque::new(),
+            invited: VecDeque::new(),
             locked: true,
             created: true,
         }
@@ -269,6 +279,7 @@ impl Room {
             nick_of: HashMap::new(),
             subject,
             history: VecDeque::new(),
+            invited: VecDeque::new(),
             locked: false,
             created: false,
         }
@@ -631,6 +642,102 @@ impl Room {
                 Out { to, stanza: copy }
             })
             .collect())
+    }
+
+    /// A message to the room with mediated invitations or a decline (XEP-0045 §7.8.2,
+    /// §7.8.3): each invitation goes to its invitee from the room, naming the inviter
+    /// (and the password, when the room has one); a decline goes to the one who
+    /// invited its sender. Only occupants invite; in a members-only room only admins
+    /// and owners, and the invitee becomes a member. At most MAX_INVITES per message.
+    pub fn invite(
+        &mut self,
+        from: &FullJid,
+        message: &Element,
+    ) -> Result<Vec<(BareJid, Element)>, Refusal> {
+        let Some(x) = message.get_child("x", NS_USER) else {
+            return Err(StanzaErrorCondition::BadRequest);
+        };
+        let sender = from.to_bare();
+        let reason_of = |e: &Element| {
+            e.get_child("reason", NS_USER)
+                .map(Element::text)
+                .filter(|r| !r.is_empty() && r.len() <= MAX_REASON_BYTES)
+        };
+        let invites: Vec<&Element> = x.children().filter(|c| c.is("invite", NS_USER)).collect();
+        let decline = x.get_child("decline", NS_USER);
+        if invites.len() > MAX_INVITES || (invites.is_empty() && decline.is_none()) {
+            return Err(StanzaErrorCondition::BadRequest);
+        }
+        let mut out = Vec::new();
+        if !invites.is_empty() {
+            if self.nick_of(from).is_none() {
+                return Err(StanzaErrorCondition::NotAcceptable);
+            }
+            let standing = self.affiliation(&sender);
+            if self.config.members_only && standing < Affiliation::Admin {
+                return Err(StanzaErrorCondition::Forbidden);
+            }
+            let mut invitees = Vec::new();
+            for invite in &invites {
+                let to = invite
+                    .attr("to")
+                    .and_then(|j| BareJid::new(j).ok())
+                    .ok_or(StanzaErrorCondition::JidMalformed)?;
+                invitees.push((to, reason_of(invite)));
+            }
+            for (to, reason) in invitees {
+                if self.config.members_only && self.affiliation(&to) < Affiliation::Member {
+                    self.set_affiliation(to.clone(), Affiliation::Member);
+                }
+                let mut invite = Element::bare("invite", NS_USER);
+                stanza::set_attr(&mut invite, "from", sender.as_str());
+                if let Some(reason) = reason {
+                    invite.append_child(Element::builder("reason", NS_USER).append(reason).build());
+                }
+                let mut x = Element::builder("x", NS_USER).append(invite).build();
+                if let Some(password) = &self.config.password {
+                    x.append_child(
+                        Element::builder("password", NS_USER)
+                            .append(password.as_str())
+                            .build(),
+                    );
+                }
+                let mut m = Element::builder("message", ns::CLIENT).append(x).build();
+                stanza::set_attr(&mut m, "from", self.jid.as_str());
+                stanza::set_attr(&mut m, "to", to.as_str());
+                if self.invited.len() >= MAX_INVITES_KEPT {
+                    self.invited.pop_front();
+                }
+                self.invited.push_back((sender.clone(), to.clone()));
+                out.push((to, m));
+            }
+        }
+        if let Some(decline) = decline {
+            let to = decline
+                .attr("to")
+                .and_then(|j| BareJid::new(j).ok())
+                .ok_or(StanzaErrorCondition::JidMalformed)?;
+            let Some(at) = self
+                .invited
+                .iter()
+                .position(|(inviter, invitee)| *inviter == to && *invitee == sender)
+            else {
+                return Err(StanzaErrorCondition::NotAcceptable);
+            };
+            self.invited.remove(at);
+            let mut d = Element::bare("decline", NS_USER);
+            stanza::set_attr(&mut d, "from", sender.as_str());
+            if let Some(reason) = reason_of(decline) {
+                d.append_child(Element::builder("reason", NS_USER).append(reason).build());
+            }
+            let mut m = Element::builder("message", ns::CLIENT)
+                .append(Element::builder("x", NS_USER).append(d).build())
+                .build();
+            stanza::set_attr(&mut m, "from", self.jid.as_str());
+            stanza::set_attr(&mut m, "to", to.as_str());
+            out.push((to, m));
+        }
+        Ok(out)
     }
 
     /// A private message from an occupant to the occupant `to_nick`: to each of its
@@ -1828,5 +1935,73 @@ mod tests {
             Err(StanzaErrorCondition::Forbidden)
         );
         assert!(room.private(&full("carol@d/pc"), "Bob", &pm).is_ok());
+    }
+
+    #[test]
+    fn invitations_go_through_the_room_and_declines_back_to_the_inviter() {
+        let invite = |to: &str| {
+            el(&format!(
+                "<message xmlns='jabber:client'><x xmlns='http://jabber.org/protocol/muc#user'>\
+                 <invite to='{to}'><reason>join us</reason></invite></x></message>"
+            ))
+        };
+        let decline = |to: &str| {
+            el(&format!(
+                "<message xmlns='jabber:client'><x xmlns='http://jabber.org/protocol/muc#user'>\
+                 <decline to='{to}'><reason>busy</reason></decline></x></message>"
+            ))
+        };
+        let mut room = room_with_three(Config::default());
+        room.config.password = Some("pw".into());
+        // Only occupants invite.
+        assert_eq!(
+            room.invite(&full("erin@d/pc"), &invite("dave@d")),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        let out = room.invite(&full("bob@d/pc"), &invite("dave@d")).unwrap();
+        assert_eq!(out.len(), 1);
+        let (to, m) = &out[0];
+        assert_eq!(to.as_str(), "dave@d");
+        assert_eq!(m.attr("from"), Some("team@conference.d"));
+        let x = m.get_child("x", NS_USER).unwrap();
+        let inv = x.get_child("invite", NS_USER).unwrap();
+        assert_eq!(inv.attr("from"), Some("bob@d"));
+        assert_eq!(inv.get_child("reason", NS_USER).unwrap().text(), "join us");
+        assert_eq!(x.get_child("password", NS_USER).unwrap().text(), "pw");
+        // A decline goes back to the inviter, once; one without an invitation is
+        // refused (the room is no relay).
+        let out = room
+            .invite(&full("dave@d/phone"), &decline("bob@d"))
+            .unwrap();
+        assert_eq!(out[0].0.as_str(), "bob@d");
+        let d = out[0]
+            .1
+            .get_child("x", NS_USER)
+            .unwrap()
+            .get_child("decline", NS_USER)
+            .unwrap();
+        assert_eq!(d.attr("from"), Some("dave@d"));
+        for again in ["bob@d", "alice@d"] {
+            assert_eq!(
+                room.invite(&full("dave@d/phone"), &decline(again)),
+                Err(StanzaErrorCondition::NotAcceptable)
+            );
+        }
+        // Members only: only admins and owners invite, and the invitee becomes a
+        // member who may enter.
+        room.config.members_only = true;
+        assert_eq!(
+            room.invite(&full("bob@d/pc"), &invite("erin@d")),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        room.invite(&full("alice@d/laptop"), &invite("erin@d"))
+            .unwrap();
+        assert_eq!(room.affiliation(&bare("erin@d")), Affiliation::Member);
+        let join = Join {
+            password: Some("pw".into()),
+            ..Join::default()
+        };
+        room.join(&full("erin@d/pc"), "Erin", &join, &join_presence(), NOW)
+            .unwrap();
     }
 }
