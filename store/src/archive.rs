@@ -1356,16 +1356,7 @@ mod tests {
             "sqlite://old.db".to_owned(),
         )];
         if let Ok(url) = std::env::var("IMPMESH_TEST_POSTGRES") {
-            use rand::Rng as _;
-            let schema = format!("t{:016x}", rand::thread_rng().r#gen::<u64>());
-            let admin = sqlx::AnyPool::connect(&url).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&admin)
-                .await
-                .unwrap();
-            admin.close().await;
-            let sep = if url.contains('?') { '&' } else { '?' };
-            let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+            let url = crate::test_support::fresh_postgres_schema(&url).await;
             urls.push((url.clone(), url));
         }
         for (old, new) in urls {

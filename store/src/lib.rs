@@ -430,6 +430,12 @@ pub(crate) mod test_support {
 
     /// Creates a throw-away schema on the test server and opens a store on it.
     async fn fresh_postgres(url: &str) -> Store {
+        let url = fresh_postgres_schema(url).await;
+        Store::open(&url, Path::new(".")).await.unwrap()
+    }
+
+    /// Creates a throw-away schema on the test server; the URL that works in it.
+    pub async fn fresh_postgres_schema(url: &str) -> String {
         use rand::Rng as _;
         sqlx::any::install_default_drivers();
         let schema = format!("t{:016x}", rand::thread_rng().r#gen::<u64>());
@@ -440,8 +446,7 @@ pub(crate) mod test_support {
             .unwrap();
         admin.close().await;
         let sep = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
-        Store::open(&url, Path::new(".")).await.unwrap()
+        format!("{url}{sep}options=-c%20search_path%3D{schema}")
     }
 }
 
