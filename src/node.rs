@@ -121,6 +121,14 @@ fn spawn_account_listener(
                     }
                     DuplicateScope::Users(vec![user])
                 }
+                // A room of this cluster: peers learn of it; user names are not
+                // affected.
+                Ok(AccountChange::Room(_)) => {
+                    if let Ok(usn) = server.store.current_usn().await {
+                        agent.notify_peers(usn);
+                    }
+                    continue;
+                }
                 Ok(_) => DuplicateScope::All,
                 // Missed some: whatever they were, peers learn by the next USN.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => DuplicateScope::All,

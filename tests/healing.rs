@@ -196,7 +196,7 @@ async fn a_peer_with_a_feature_turned_off_keeps_working_and_shows_it() {
         .find(|l| l.cluster == B && l.direction == impmesh_router::LinkDirection::Out)
         .unwrap();
     assert_eq!(out.peer_protocol, Some(2));
-    assert!(out.peer_features.is_empty());
+    assert_eq!(out.peer_features, ["rooms"]);
 
     // A removes B without telling it (B would not understand): B is not marked
     // removed; it finds out at its next sync.

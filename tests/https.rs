@@ -151,6 +151,7 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
             since_usn: 0,
             cursor,
             page_size: 2,
+            rooms: false,
         };
         let Response::Users(page) = axl.call(&request).await.unwrap() else {
             panic!("not a user page");
@@ -181,6 +182,7 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
             since_usn: 5,
             cursor: None,
             page_size: 100,
+            rooms: false,
         })
         .await
         .unwrap()
@@ -201,6 +203,7 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
         since_usn,
         cursor: None,
         page_size,
+        rooms: false,
     };
     let Response::Users(page) = axl.call(&list(0, 2)).await.unwrap() else {
         panic!("not a user page");
@@ -246,6 +249,7 @@ async fn axl_operations_page_the_directory_with_usns_and_tombstones() {
             since_usn: 3,
             cursor: None,
             page_size: 10,
+            rooms: false,
         })
         .await
         .unwrap_err();

@@ -608,3 +608,175 @@ async fn xep0045_off_by_default() {
     );
     node.node.shutdown().await;
 }
+
+/// Rooms are a directory of their own, synced between clusters beside users: a room
+/// made on A is known to B (and user `team` of B is no obstacle); B's users are told
+/// where it lives rather than getting a second room of that name; and two rooms of one
+/// name made before the clusters knew of each other are settled by the documented
+/// rule: the older stays, the other is destroyed, naming the winner's address.
+#[tokio::test]
+async fn rooms_are_in_every_clusters_directory_and_the_older_name_wins() {
+    use impmesh_store::RoomHome;
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob", "team"], |c| c.muc.enabled = true).await;
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    for c in [&mut alice, &mut bob] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    let open = |id: &str, room: &str| {
+        format!(
+            "<iq type='set' id='{id}' to='{room}@conference.localhost'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"
+        )
+    };
+    // Both make room "dup" before they are peers: Alice's is the older.
+    for (client, nick, id) in [(&mut alice, "Alice", "a-dup"), (&mut bob, "Bob", "b-dup")] {
+        send(
+            client,
+            &format!("<presence to='dup@conference.localhost/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+        .await;
+        expect(client, 5, "in the room", |e| {
+            status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        send(client, &open(id, "dup")).await;
+        expect(client, 5, "the room opened", |e| e.attr("id") == Some(id)).await;
+    }
+    for (node, cluster) in [(&a, A), (&b, B)] {
+        let store = node.node.server.store.clone();
+        eventually(5, "the room claimed in the directory", || async {
+            store.room_home("dup").await.unwrap() != RoomHome::Unknown
+        })
+        .await;
+        let listed = store.node_rooms(&node.config.node_name()).await.unwrap();
+        assert_eq!(listed[0].home_cluster.as_str(), cluster);
+    }
+    // Alice makes "team" too.
+    send(
+        &mut alice,
+        "<presence to='team@conference.localhost/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>",
+    )
+    .await;
+    send(&mut alice, &open("a-team", "team")).await;
+    expect(&mut alice, 5, "team opened", |e| {
+        e.attr("id") == Some("a-team")
+    })
+    .await;
+
+    peer_clusters(&a, &b, 1, 2).await;
+    // B learns of A's rooms; its own "dup" is the younger and goes: Bob is told to
+    // go to the same address, which is now A's room.
+    let gone = expect(&mut bob, 10, "B's dup destroyed", |e| {
+        e.name() == "presence"
+            && e.attr("type") == Some("unavailable")
+            && e.attr("from") == Some("dup@conference.localhost/Bob")
+    })
+    .await;
+    let destroy = gone
+        .get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("destroy", MUC_USER))
+        .unwrap_or_else(|| panic!("{}", String::from(&gone)));
+    assert_eq!(destroy.attr("jid"), Some("dup@conference.localhost"));
+    assert!(
+        destroy
+            .get_child("reason", MUC_USER)
+            .is_some_and(|r| r.text().contains(A)),
+        "{}",
+        String::from(&gone)
+    );
+    let store_b = b.node.server.store.clone();
+    for room in ["dup", "team"] {
+        eventually(10, "A's rooms known to B", || async {
+            matches!(store_b.room_home(room).await.unwrap(), RoomHome::Remote { cluster, .. } if cluster == A)
+        })
+        .await;
+    }
+    // A keeps its "dup", and learns that B withdrew its own.
+    let store_a = a.node.server.store.clone();
+    eventually(10, "B's dup withdrawn", || async {
+        store_a.remote_user_count(B).await.is_ok_and(|n| n == 2)
+            && store_a.lost_rooms().await.unwrap().is_empty()
+            && matches!(
+                store_a.room_home("dup").await.unwrap(),
+                RoomHome::Local { .. }
+            )
+    })
+    .await;
+    // User "team" of B is still user "team".
+    assert!(store_a.remote_user("team").await.unwrap().len() == 1);
+    // Bob asks for A's room from B: he is told where it lives, no second room is made.
+    send(
+        &mut bob,
+        "<presence to='team@conference.localhost/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>",
+    )
+    .await;
+    let refused = expect(&mut bob, 5, "the room elsewhere", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(
+        error_condition(&refused).as_deref(),
+        Some("feature-not-implemented")
+    );
+    assert!(
+        String::from(&refused).contains(A),
+        "{}",
+        String::from(&refused)
+    );
+    assert!(b.node.server.muc_room_list().unwrap().is_empty());
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+/// Rooms go only to peers that announce the `rooms` feature: with it turned off on B,
+/// neither lists its rooms to the other, and users sync as before.
+#[tokio::test]
+async fn rooms_are_listed_only_to_peers_that_announce_them() {
+    use impmesh_store::RoomHome;
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob"], |c| {
+        c.muc.enabled = true;
+        c.sync.disable_features = vec!["rooms".into()];
+    })
+    .await;
+    for (node, user) in [(&a, "alice"), (&b, "bob")] {
+        let mut client = node.client(user, "pw", Some("x"));
+        online(&mut client).await;
+        send(
+            &mut client,
+            &format!("<presence to='{user}room@conference.localhost/{user}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+        .await;
+        expect(&mut client, 5, "in the room", |e| {
+            status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        let store = node.node.server.store.clone();
+        let room = format!("{user}room");
+        eventually(5, "claimed", || async {
+            store.room_home(&room).await.unwrap() != RoomHome::Unknown
+        })
+        .await;
+    }
+    peer_clusters(&a, &b, 1, 1).await;
+    for (node, other, room) in [(&a, B, "bobroom"), (&b, A, "aliceroom")] {
+        let store = node.node.server.store.clone();
+        eventually(10, "synced", || async {
+            store
+                .peer_sync(other)
+                .await
+                .is_ok_and(|s| s.last_full_at.is_some())
+        })
+        .await;
+        assert!(!store.peer_sync(other).await.unwrap().rooms);
+        assert_eq!(store.room_home(room).await.unwrap(), RoomHome::Unknown);
+    }
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}

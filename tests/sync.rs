@@ -382,7 +382,7 @@ async fn a_lost_write_is_found_by_the_digest_and_repaired() {
         deleted: true,
     };
     store
-        .apply_changes("cluster-b.example.com", &[lost], applied)
+        .apply_changes("cluster-b.example.com", &[lost], &[], applied)
         .await
         .unwrap();
     assert!(remote(&a, "bob").await.is_empty());
@@ -708,13 +708,13 @@ async fn a_sync_cut_mid_listing_resumes_where_it_stopped() {
         .node
         .server
         .store
-        .directory_page(0, None, Some(snapshot), 2)
+        .directory_page(0, None, Some(snapshot), 2, false)
         .await
         .unwrap()
         .entries;
     let after = first_page.last().unwrap().usn;
     store
-        .apply_full_page(peer, generation, &first_page, after)
+        .apply_full_page(peer, generation, &first_page, &[], after)
         .await
         .unwrap();
 
@@ -743,8 +743,8 @@ async fn a_sync_cut_mid_listing_resumes_where_it_stopped() {
     // 7 users, 2 a page, the first page already applied: 3 more pages.
     assert_eq!(list_users_served(&b) - pages_before, 3);
     assert_eq!(store.remote_user_count(peer).await.unwrap(), 7);
-    let ours = store.peer_digest(peer).await.unwrap();
-    let theirs = b.node.server.store.directory_digest().await.unwrap();
+    let ours = store.peer_digest(peer, false).await.unwrap();
+    let theirs = b.node.server.store.directory_digest(false).await.unwrap();
     assert_eq!((ours.count, &ours.sha256), (theirs.count, &theirs.sha256));
     agent.shutdown().await;
 }

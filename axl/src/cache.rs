@@ -30,6 +30,8 @@ pub struct PageKey {
     pub after_usn: i64,
     pub snapshot_usn: i64,
     pub page_size: u32,
+    /// Whether the listing holds rooms too.
+    pub rooms: bool,
 }
 
 #[derive(Default)]
@@ -171,6 +173,7 @@ mod tests {
             after_usn: after,
             snapshot_usn: 100,
             page_size: 10,
+            rooms: false,
         }
     }
 
@@ -267,6 +270,7 @@ mod tests {
                                 usn: 7,
                                 count: 1,
                                 sha256: "cd".into(),
+                                rooms: None,
                             })
                         })
                         .await
@@ -285,6 +289,7 @@ mod tests {
                     usn: 8,
                     count: 2,
                     sha256: "ef".into(),
+                    rooms: None,
                 })
             })
             .await
@@ -300,6 +305,7 @@ mod tests {
             usn: 5,
             count: 2,
             sha256: "ab".into(),
+            rooms: None,
         });
         assert_eq!(cache.digest(5).map(|d| d.count), Some(2));
         assert!(cache.digest(6).is_none());

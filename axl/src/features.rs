@@ -13,8 +13,13 @@ pub const PROTOCOL: u32 = 2;
 /// removed (instead of only failing to authenticate at its next sync).
 pub const PEER_REMOVAL: &str = "peer-removal";
 
+/// Chat rooms in the directory: `listUsers` and `getDirectoryDigest` list the rooms
+/// homed in the cluster when asked (`<rooms>true</rooms>`), and router links carry
+/// the rooms' traffic (docs/muc.md).
+pub const ROOMS: &str = "rooms";
+
 /// Every optional feature this release can speak, in the order they came.
-pub const ALL: &[&str] = &[PEER_REMOVAL];
+pub const ALL: &[&str] = &[PEER_REMOVAL, ROOMS];
 
 /// Whether `name` is a feature this release knows (for the configuration check).
 pub fn is_known(name: &str) -> bool {
@@ -36,7 +41,7 @@ mod tests {
     #[test]
     fn a_disabled_feature_is_not_announced() {
         assert_eq!(announced(&[]), ALL);
-        assert!(announced(&[PEER_REMOVAL.to_owned()]).is_empty());
+        assert_eq!(announced(&[PEER_REMOVAL.to_owned()]), [ROOMS]);
         assert!(is_known(PEER_REMOVAL) && !is_known("telepathy"));
     }
 }

@@ -23,7 +23,7 @@ use crate::auth::Outcome;
 use crate::cache::PageKey;
 use crate::soap::{
     ClusterInfo, Cursor, Fault, NodeCertificate, NodeInfo, Request as AxlRequest,
-    Response as AxlResponse, UserEntry, UserPage,
+    Response as AxlResponse, RoomEntry, UserEntry, UserPage,
 };
 use crate::state::{ChangeNotice, ConnInfo, Https, OpName, Surface};
 
@@ -364,11 +364,25 @@ async fn answer<C: NodeControl>(
     conn: &ConnInfo,
 ) -> Result<Bytes, Fault> {
     let op = request.name();
+    // Rooms are listed only while the feature is on here ([sync] disable_features):
+    // a peer that asks anyway gets users only, as from a release without rooms.
+    let rooms_on = https
+        .identity
+        .features
+        .iter()
+        .any(|f| f == crate::features::ROOMS);
+    match &mut request {
+        AxlRequest::ListUsers { rooms, .. } | AxlRequest::GetDirectoryDigest { rooms } => {
+            *rooms &= rooms_on;
+        }
+        _ => {}
+    }
     let key = match &mut request {
         AxlRequest::ListUsers {
             since_usn,
             cursor,
             page_size,
+            rooms,
         } => {
             let c = match *cursor {
                 Some(c) => c,
@@ -383,6 +397,7 @@ async fn answer<C: NodeControl>(
                 after_usn: c.after_usn,
                 snapshot_usn: c.snapshot_usn,
                 page_size: *page_size,
+                rooms: *rooms,
             })
         }
         _ => None,
@@ -455,6 +470,7 @@ async fn run<C: NodeControl>(
             since_usn,
             cursor,
             page_size,
+            rooms,
         } => {
             let page = store
                 .directory_page(
@@ -462,12 +478,13 @@ async fn run<C: NodeControl>(
                     cursor.map(|c| c.after_usn),
                     cursor.map(|c| c.snapshot_usn),
                     *page_size,
+                    *rooms,
                 )
                 .await
                 .map_err(store_fault)?;
             let next_cursor = page.more.then(|| Cursor {
                 snapshot_usn: page.snapshot_usn,
-                after_usn: page.entries.last().map(|e| e.usn).unwrap_or(*since_usn),
+                after_usn: page.last_usn().unwrap_or(*since_usn),
             });
             Ok(AxlResponse::Users(UserPage {
                 snapshot_usn: page.snapshot_usn,
@@ -481,6 +498,18 @@ async fn run<C: NodeControl>(
                         home_node: e.home_node.into(),
                         usn: e.usn,
                         deleted: e.deleted,
+                    })
+                    .collect(),
+                rooms: page
+                    .rooms
+                    .into_iter()
+                    .map(|r| RoomEntry {
+                        name: r.name,
+                        home_cluster: r.home_cluster.into(),
+                        home_node: r.home_node.into(),
+                        created_at: r.created_at,
+                        usn: r.usn,
+                        deleted: r.deleted,
                     })
                     .collect(),
             }))
@@ -547,17 +576,20 @@ async fn run<C: NodeControl>(
                 token: issued,
             })
         }
-        AxlRequest::GetDirectoryDigest => {
+        AxlRequest::GetDirectoryDigest { rooms } => {
             let usn = store.current_usn().await.map_err(store_fault)?;
+            // The kept digest covers the rooms too (they are few): one answer for
+            // every asker.
             let d = https
                 .answers
-                .digest_at(usn, async || store.directory_digest().await)
+                .digest_at(usn, async || store.directory_digest(true).await)
                 .await
                 .map_err(store_fault)?;
             Ok(AxlResponse::Digest {
                 usn: d.usn,
                 count: d.count,
                 sha256: d.sha256,
+                rooms: d.rooms.filter(|_| *rooms),
             })
         }
         AxlRequest::NotifyChange { cluster, usn } => {

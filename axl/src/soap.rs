@@ -19,11 +19,13 @@ pub enum Request {
     /// The cluster's name, domain, nodes, version, USN and fingerprints.
     GetClusterInfo,
     /// A page of the user directory: everything (`since_usn` 0) or the changes after
-    /// `since_usn`, tombstones included.
+    /// `since_usn`, tombstones included. With `rooms` (feature `rooms`), the chat
+    /// rooms homed in the cluster are listed too, in the same USN order.
     ListUsers {
         since_usn: i64,
         cursor: Option<Cursor>,
         page_size: u32,
+        rooms: bool,
     },
     /// The certificate chain (PEM) of every node of the cluster.
     GetCertificates,
@@ -41,9 +43,9 @@ pub enum Request {
         token: String,
         certificates: Vec<NodeCertificate>,
     },
-    /// Anti-entropy: the count and SHA-256 of this cluster's live users, with the USN
-    /// they are valid at.
-    GetDirectoryDigest,
+    /// Anti-entropy: the count and SHA-256 of this cluster's live users (and of its
+    /// rooms, with `rooms`), with the USN they are valid at.
+    GetDirectoryDigest { rooms: bool },
     /// A peer cluster asks to be pulled soon: it changed up to `usn`.
     NotifyChange { cluster: String, usn: i64 },
     /// A peer cluster tells us it removed us (feature `peer-removal`).
@@ -58,7 +60,7 @@ impl Request {
             Request::ListUsers { .. } => "listUsers",
             Request::GetCertificates => "getCertificates",
             Request::ExchangeCertificates { .. } => "exchangeCertificates",
-            Request::GetDirectoryDigest => "getDirectoryDigest",
+            Request::GetDirectoryDigest { .. } => "getDirectoryDigest",
             Request::NotifyChange { .. } => "notifyChange",
             Request::RemovePeer { .. } => "removePeer",
         }
@@ -135,11 +137,26 @@ pub struct UserEntry {
     pub deleted: bool,
 }
 
+/// One chat room (or tombstone) in a `listUsers` page that asked for rooms.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RoomEntry {
+    pub name: String,
+    pub home_cluster: String,
+    pub home_node: String,
+    /// When the room was created, microseconds since the epoch (0 in tombstones): the
+    /// older of two rooms of one name wins (docs/muc.md).
+    pub created_at: i64,
+    pub usn: i64,
+    pub deleted: bool,
+}
+
 /// `listUsers`' answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserPage {
     pub snapshot_usn: i64,
     pub users: Vec<UserEntry>,
+    /// The rooms among the page's entries (when asked for).
+    pub rooms: Vec<RoomEntry>,
     /// Present when more pages follow.
     pub next_cursor: Option<Cursor>,
 }
@@ -164,11 +181,12 @@ pub enum Response {
         certificates: Vec<NodeCertificate>,
         token: String,
     },
-    /// `getDirectoryDigest`'s answer.
+    /// `getDirectoryDigest`'s answer; `rooms` (count, SHA-256) when asked for.
     Digest {
         usn: i64,
         count: i64,
         sha256: String,
+        rooms: Option<(i64, String)>,
     },
     NotifyAccepted,
     /// `removePeer`'s answer.
@@ -290,6 +308,11 @@ fn required(el: &El, name: &str) -> Result<String, Fault> {
     })
 }
 
+/// Whether the optional child `name` of `el` says `true` (an older peer leaves it out).
+fn flag(el: &El, name: &str) -> bool {
+    child_text(el, name).is_some_and(|t| t.trim() == "true")
+}
+
 fn number<T: std::str::FromStr>(el: &El, name: &str) -> Result<Option<T>, Fault> {
     child_text(el, name)
         .map(|t| {
@@ -308,17 +331,26 @@ impl Request {
     pub fn to_envelope(&self) -> Vec<u8> {
         let mut op = El::new(AXL_NS, self.name());
         match self {
-            Request::GetClusterInfo | Request::GetCertificates | Request::GetDirectoryDigest => {}
+            Request::GetClusterInfo | Request::GetCertificates => {}
+            Request::GetDirectoryDigest { rooms } => {
+                if *rooms {
+                    op = op.with(text("rooms", "true"));
+                }
+            }
             Request::ListUsers {
                 since_usn,
                 cursor,
                 page_size,
+                rooms,
             } => {
                 op = op
                     .with(text("sinceUsn", since_usn.to_string()))
                     .with(text("pageSize", page_size.to_string()));
                 if let Some(c) = cursor {
                     op = op.with(text("cursor", c.to_string()));
+                }
+                if *rooms {
+                    op = op.with(text("rooms", "true"));
                 }
             }
             Request::ExchangeCertificates {
@@ -359,7 +391,9 @@ impl Request {
         match op.name.as_str() {
             "getClusterInfo" => Ok(Request::GetClusterInfo),
             "getCertificates" => Ok(Request::GetCertificates),
-            "getDirectoryDigest" => Ok(Request::GetDirectoryDigest),
+            "getDirectoryDigest" => Ok(Request::GetDirectoryDigest {
+                rooms: flag(&op, "rooms"),
+            }),
             "listUsers" => {
                 let since_usn = number(&op, "sinceUsn")?.unwrap_or(0);
                 if since_usn < 0 {
@@ -383,6 +417,7 @@ impl Request {
                     since_usn,
                     cursor,
                     page_size,
+                    rooms: flag(&op, "rooms"),
                 })
             }
             "exchangeCertificates" => Ok(Request::ExchangeCertificates {
@@ -452,28 +487,40 @@ impl Response {
                 if let Some(c) = page.next_cursor {
                     ret = ret.with(text("nextCursor", c.to_string()));
                 }
-                // Runs of users with the same home share one <home> element.
+                // Runs of entries with the same home share one <home> element.
                 let mut homes: Vec<El> = vec![];
-                for u in &page.users {
+                let users = page.users.iter().map(|u| {
+                    let mut el = El::new("", "user")
+                        .with_attr("name", &u.name)
+                        .with_attr("usn", u.usn.to_string());
+                    if u.deleted {
+                        el = el.with_attr("deleted", "true");
+                    }
+                    (&u.home_cluster, &u.home_node, el)
+                });
+                let rooms = page.rooms.iter().map(|r| {
+                    let mut el = El::new("", "room")
+                        .with_attr("name", &r.name)
+                        .with_attr("usn", r.usn.to_string())
+                        .with_attr("created", r.created_at.to_string());
+                    if r.deleted {
+                        el = el.with_attr("deleted", "true");
+                    }
+                    (&r.home_cluster, &r.home_node, el)
+                });
+                for (cluster, node, el) in users.chain(rooms) {
                     let same = homes.last().is_some_and(|h| {
-                        h.attr("cluster") == Some(&u.home_cluster)
-                            && h.attr("node") == Some(&u.home_node)
+                        h.attr("cluster") == Some(cluster) && h.attr("node") == Some(node)
                     });
                     if !same {
                         homes.push(
                             El::new("", "home")
-                                .with_attr("cluster", &u.home_cluster)
-                                .with_attr("node", &u.home_node),
+                                .with_attr("cluster", cluster)
+                                .with_attr("node", node),
                         );
                     }
-                    let mut user = El::new("", "user")
-                        .with_attr("name", &u.name)
-                        .with_attr("usn", u.usn.to_string());
-                    if u.deleted {
-                        user = user.with_attr("deleted", "true");
-                    }
                     if let Some(home) = homes.last_mut() {
-                        home.children.push(user);
+                        home.children.push(el);
                     }
                 }
                 ret = ret.with(El::new("", "users").with_all(homes));
@@ -487,11 +534,21 @@ impl Response {
                     .with(text("token", token))
                     .with_all(certificates.iter().map(cert_el));
             }
-            Response::Digest { usn, count, sha256 } => {
+            Response::Digest {
+                usn,
+                count,
+                sha256,
+                rooms,
+            } => {
                 ret = ret
                     .with(text("usn", usn.to_string()))
                     .with(text("count", count.to_string()))
                     .with(text("sha256", sha256));
+                if let Some((count, sha256)) = rooms {
+                    ret = ret
+                        .with(text("roomCount", count.to_string()))
+                        .with(text("roomSha256", sha256));
+                }
             }
             Response::NotifyAccepted => ret.text = "accepted".into(),
             Response::PeerRemoved => ret.text = "removed".into(),
@@ -590,10 +647,16 @@ impl Response {
                 token: string(ret, "token")?,
                 certificates: certificates(ret)?,
             },
-            Request::GetDirectoryDigest => Response::Digest {
+            // The rooms' digest only when asked for, and only from a peer that still
+            // lists rooms (one that turned them off answers without).
+            Request::GetDirectoryDigest { rooms } => Response::Digest {
                 usn: num(ret, "usn")?,
                 count: num(ret, "count")?,
                 sha256: string(ret, "sha256")?,
+                rooms: match child_text(ret, "roomCount") {
+                    Some(_) if *rooms => Some((num(ret, "roomCount")?, string(ret, "roomSha256")?)),
+                    _ => None,
+                },
             },
             Request::NotifyChange { .. } => Response::NotifyAccepted,
             Request::RemovePeer { .. } => Response::PeerRemoved,
@@ -613,6 +676,7 @@ enum At {
     Users,
     Home,
     User,
+    Room,
     /// An element this reader does not know: skipped with its content.
     Other,
 }
@@ -637,6 +701,7 @@ fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
     let (mut snapshot_usn, mut next_cursor, mut saw_users, mut done) = (None, None, false, false);
     let mut home: Option<(String, String)> = None;
     let mut users: Vec<UserEntry> = vec![];
+    let mut rooms: Vec<RoomEntry> = vec![];
     loop {
         let (ns, event) = reader
             .read_resolved_event()
@@ -686,9 +751,10 @@ fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
                         return Err(bad(format!("<{name}> in <users>: only <home> is known")));
                     }
                     (Some(At::Home), "", "user") => At::User,
+                    (Some(At::Home), "", "room") => At::Room,
                     _ => At::Other,
                 };
-                let (mut name, mut usn, mut deleted) = (None, None, false);
+                let (mut name, mut usn, mut deleted, mut created) = (None, None, false, None);
                 let (mut cluster, mut node) = (None, None);
                 for attribute in start.attributes() {
                     let attribute = attribute.map_err(|e| bad(e.to_string()))?;
@@ -696,9 +762,10 @@ fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
                         continue;
                     };
                     match (at, key) {
-                        (At::User, "name") => name = Some(value.into_owned()),
-                        (At::User, "usn") => usn = value.parse::<i64>().ok(),
-                        (At::User, "deleted") => deleted = value == "true",
+                        (At::User | At::Room, "name") => name = Some(value.into_owned()),
+                        (At::User | At::Room, "usn") => usn = value.parse::<i64>().ok(),
+                        (At::User | At::Room, "deleted") => deleted = value == "true",
+                        (At::Room, "created") => created = value.parse::<i64>().ok(),
                         (At::Home, "cluster") => cluster = Some(value.into_owned()),
                         (At::Home, "node") => node = Some(value.into_owned()),
                         _ => {}
@@ -718,6 +785,23 @@ fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
                             name,
                             home_cluster: cluster.clone(),
                             home_node: node.clone(),
+                            usn,
+                            deleted,
+                        });
+                    }
+                    At::Room => {
+                        let (Some(name), Some(usn), Some(created_at), Some((cluster, node))) =
+                            (name, usn, created, &home)
+                        else {
+                            return Err(bad(
+                                "a <room> needs a name, a numeric usn and a creation time".into(),
+                            ));
+                        };
+                        rooms.push(RoomEntry {
+                            name,
+                            home_cluster: cluster.clone(),
+                            home_node: node.clone(),
+                            created_at,
                             usn,
                             deleted,
                         });
@@ -779,6 +863,7 @@ fn read_user_page(body: &[u8]) -> Result<Option<UserPage>, Fault> {
         (Some(snapshot_usn), true) => Ok(Some(UserPage {
             snapshot_usn,
             users,
+            rooms,
             next_cursor,
         })),
         _ => Err(bad("a listUsersResponse needs snapshotUsn and users".into())),
@@ -823,9 +908,18 @@ mod tests {
             since_usn: 0,
             cursor: None,
             page_size: 2,
+            rooms: false,
         };
         let page = Response::Users(UserPage {
             snapshot_usn: 9,
+            rooms: vec![RoomEntry {
+                name: "team".into(),
+                home_cluster: "a".into(),
+                home_node: "n1".into(),
+                created_at: 5,
+                usn: 4,
+                deleted: false,
+            }],
             users: vec![UserEntry {
                 name: "alice".into(),
                 home_cluster: "a".into(),
@@ -861,6 +955,14 @@ mod tests {
         let requests = [
             Request::GetClusterInfo,
             Request::GetCertificates,
+            Request::GetDirectoryDigest { rooms: true },
+            Request::GetDirectoryDigest { rooms: false },
+            Request::ListUsers {
+                since_usn: 0,
+                cursor: None,
+                page_size: 5,
+                rooms: true,
+            },
             Request::ListUsers {
                 since_usn: 7,
                 cursor: Some(Cursor {
@@ -868,6 +970,7 @@ mod tests {
                     after_usn: 8,
                 }),
                 page_size: 2,
+                rooms: false,
             },
             Request::NotifyChange {
                 cluster: "b.example.com".into(),
@@ -945,6 +1048,24 @@ mod tests {
                     deleted: false,
                 },
             ],
+            rooms: vec![
+                RoomEntry {
+                    name: "team".into(),
+                    home_cluster: "a".into(),
+                    home_node: "n2".into(),
+                    created_at: 1_700_000_000_000_000,
+                    usn: 4,
+                    deleted: false,
+                },
+                RoomEntry {
+                    name: "gone".into(),
+                    home_cluster: "a".into(),
+                    home_node: "n1".into(),
+                    created_at: 0,
+                    usn: 5,
+                    deleted: true,
+                },
+            ],
         });
         let certs = Response::Certificates(vec![NodeCertificate {
             node: "n1".into(),
@@ -958,16 +1079,27 @@ mod tests {
                     since_usn: 0,
                     cursor: None,
                     page_size: 2,
+                    rooms: false,
                 },
                 users,
             ),
             (Request::GetCertificates, certs),
             (
-                Request::GetDirectoryDigest,
+                Request::GetDirectoryDigest { rooms: false },
                 Response::Digest {
                     usn: 9,
                     count: 2,
                     sha256: "ab".repeat(32),
+                    rooms: None,
+                },
+            ),
+            (
+                Request::GetDirectoryDigest { rooms: true },
+                Response::Digest {
+                    usn: 9,
+                    count: 2,
+                    sha256: "ab".repeat(32),
+                    rooms: Some((1, "cd".repeat(32))),
                 },
             ),
             (
@@ -996,6 +1128,7 @@ mod tests {
             since_usn: 3,
             cursor: None,
             page_size: 10,
+            rooms: false,
         };
         assert_eq!(Response::parse(&list, &fault.to_envelope()), Err(fault));
     }
@@ -1014,6 +1147,7 @@ mod tests {
         let page = Response::Users(UserPage {
             snapshot_usn: 4,
             users,
+            rooms: vec![],
             next_cursor: None,
         });
         let xml = String::from_utf8(page.to_envelope("listUsers")).unwrap();
@@ -1027,6 +1161,7 @@ mod tests {
             since_usn: 0,
             cursor: None,
             page_size: 10,
+            rooms: false,
         };
         let wrap = |ret: &str| {
             format!(

@@ -698,6 +698,7 @@ async fn axl(
                 since_usn: 0,
                 cursor,
                 page_size,
+                rooms: false,
             };
             let Response::Users(page) = client.call(&request).await? else {
                 bail!("listUsers answered with something else");

@@ -26,7 +26,7 @@ impl Context<'_> {
             return;
         };
         if self.server.is_muc(&to) {
-            self.on_muc_message(&message, &to);
+            self.on_muc_message(&message, &to).await;
             return;
         }
         if to.node().is_none() {

@@ -188,7 +188,7 @@ impl Context<'_> {
         let domain = self.server.config.domain.clone();
         let own_bare = self.jid().to_bare();
         match &to {
-            Some(to) if self.server.is_muc(to) => self.on_muc_iq(&iq, to),
+            Some(to) if self.server.is_muc(to) => self.on_muc_iq(&iq, to).await,
             // To a full JID: route to that session.
             Some(to) if to.resource().is_some() => {
                 if to.domain().as_str() != domain {

@@ -2,11 +2,11 @@
 //! node: rooms live in memory, created by the first presence to them and gone when
 //! the last occupant leaves, unless configured persistent: those are kept in the
 //! store and restored at start. Room logic lives in `core::muc`; this routes the
-//! users' stanzas to it and its answers to their sessions.
+//! users' stanzas to it and its answers to their sessions, and keeps the room
+//! directory (`impmesh_store::RoomHome`) in step with the rooms here.
 //!
-//! Not here yet (issue 16): rooms across the mesh (users homed on other clusters get
-//! `service-unavailable` from their own cluster), voice requests, the room
-//! archive.
+//! Not here yet (issue 16): entering rooms of other clusters (users are told where
+//! the room lives), voice requests, the room archive.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -117,6 +117,8 @@ pub enum RoomAdminError {
 #[derive(Debug, Default)]
 pub(crate) struct Rooms {
     rooms: Mutex<HashMap<String, Room>>,
+    /// A room was created or went: the room directory is brought in step.
+    changed: tokio::sync::Notify,
     /// The version of the last write of a room to the store (microseconds, made to
     /// grow): the store keeps the newest whatever order writes land in.
     version: AtomicI64,
@@ -215,8 +217,9 @@ const SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
 const SERVICE_FEATURES: &[&str] = &[muc::NS, ns::DISCO_INFO, ns::DISCO_ITEMS];
 
 impl Server {
-    /// Restores the persistent rooms from the store (at start, before clients come);
-    /// returns how many.
+    /// Restores the persistent rooms from the store (at start, before clients come)
+    /// and starts keeping the room directory in step with the rooms of this node;
+    /// returns how many rooms were restored.
     pub async fn restore_rooms(&self) -> Result<usize, impmesh_store::StoreError> {
         let Some(settings) = &self.config.muc else {
             return Ok(0);
@@ -238,7 +241,120 @@ impl Server {
                 }
             }
         }
-        Ok(rooms.len())
+        let restored = rooms.len();
+        drop(rooms);
+        if let Some(server) = self.me.upgrade() {
+            self.tasks.spawn(server.keep_room_directory());
+        }
+        Ok(restored)
+    }
+
+    /// Keeps the room directory in step with the rooms of this node, and this node's
+    /// rooms with the directory: after each creation or end of a room, and when the
+    /// directory changed (a peer's rooms synced), until shutdown.
+    async fn keep_room_directory(self: std::sync::Arc<Self>) {
+        let mut seen = None;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.muc.changed.notified() => {}
+                _ = tick.tick() => {
+                    let now = self.store.directory_generation();
+                    if seen == Some(now) {
+                        continue;
+                    }
+                }
+            }
+            seen = Some(self.store.directory_generation());
+            if let Err(e) = self.sync_room_directory().await {
+                tracing::error!(error = %e, "cannot bring the room directory in step; trying again");
+                seen = None;
+            }
+        }
+    }
+
+    /// One pass of [`Self::keep_room_directory`]: claims the rooms of this node the
+    /// directory lacks, withdraws those it lists that are gone, and closes the rooms
+    /// that lost their name to an older room of a peer (docs/muc.md): their
+    /// occupants are told to go to the winner, which has the same address.
+    async fn sync_room_directory(&self) -> Result<(), impmesh_store::StoreError> {
+        use impmesh_store::RoomHome;
+        let (cluster, node) = (&self.config.cluster_name, &self.config.node_name);
+        let here: std::collections::HashSet<String> =
+            lock(&self.muc.rooms).keys().cloned().collect();
+        let listed = self.store.node_rooms(node).await?;
+        for name in &here {
+            if listed.iter().any(|r| &r.name == name) {
+                continue;
+            }
+            let now = crate::time::now_micros();
+            match self.store.claim_room(name, cluster, node, now).await? {
+                RoomHome::Local { node: n } if n == *node => {}
+                RoomHome::Local { node: n } => self.muc_lose(name, &format!("node {n}")),
+                RoomHome::Remote { cluster: c, .. } => self.muc_lose(name, &format!("cluster {c}")),
+                RoomHome::Unknown => {}
+            }
+        }
+        for r in &listed {
+            if !lock(&self.muc.rooms).contains_key(&r.name) {
+                self.store.release_room(&r.name, node).await?;
+            }
+        }
+        for lost in self.store.lost_rooms().await? {
+            if lost.node == *node {
+                self.muc_lose(&lost.name, &format!("cluster {}", lost.winner));
+                self.store.release_room(&lost.name, node).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a room of this node whose name an older room elsewhere holds: its
+    /// occupants get the room's destruction, naming the same address (the winner's
+    /// room) as the place to go.
+    fn muc_lose(&self, name: &str, winner: &str) {
+        let mut rooms = lock(&self.muc.rooms);
+        let Some(mut room) = rooms.remove(name) else {
+            return;
+        };
+        tracing::warn!(room = %name, %winner, "an older room of the same name lives elsewhere; this one is closed");
+        let venue = room.jid().clone();
+        let reason = format!("an older room of this name lives on {winner}; please go there");
+        let stored = room.config.persistent;
+        let out = room.destroy(Some(&venue), Some(&reason));
+        if stored {
+            self.muc_persist(name, None);
+        }
+        self.muc_send(out);
+    }
+
+    /// Where a room that is not on this node lives, when elsewhere: the refusal's
+    /// text. Rooms of other clusters are not reached from here yet (issue 16).
+    pub(crate) async fn muc_elsewhere(&self, to: &Jid) -> Option<String> {
+        use impmesh_store::RoomHome;
+        let name = to.node()?.as_str();
+        if lock(&self.muc.rooms).contains_key(name) {
+            return None;
+        }
+        match self.store.room_home(name).await {
+            Ok(RoomHome::Local { node }) if node == self.config.node_name => None,
+            Ok(RoomHome::Local { node }) => Some(format!(
+                "{} lives on node {node}; rooms are served by one node of a cluster",
+                to.to_bare()
+            )),
+            Ok(RoomHome::Remote { cluster, .. }) => Some(format!(
+                "{} lives on cluster {cluster}; entering rooms of other clusters is not \
+                 implemented yet",
+                to.to_bare()
+            )),
+            Ok(RoomHome::Unknown) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the room directory");
+                None
+            }
+        }
     }
 
     /// Writes a room's change to the store in the background: the room as it is when
@@ -323,6 +439,7 @@ impl Server {
         let Some(mut room) = rooms.remove(name) else {
             return Err(RoomAdminError::NoSuchRoom(name.to_owned()));
         };
+        self.muc.changed.notify_one();
         let stored = room.config.persistent;
         let out = room.destroy(venue.as_ref(), reason);
         let told = out.len();
@@ -377,6 +494,7 @@ impl Server {
             let out = room.leave(from, presence);
             if room.is_empty() && !room.config.persistent {
                 rooms.remove(&room_name);
+                self.muc.changed.notify_one();
             }
             self.muc_send(out);
             return Ok(());
@@ -400,6 +518,7 @@ impl Server {
             };
             let jid = to.to_bare();
             rooms.insert(room_name.clone(), Room::create(jid, &creator, config));
+            self.muc.changed.notify_one();
         }
         let Some(room) = rooms.get_mut(&room_name) else {
             return Err(StanzaErrorCondition::ItemNotFound);
@@ -656,6 +775,7 @@ impl Server {
             let stored = room.config.persistent;
             let out = room.destroy(venue.as_ref(), reason.as_deref());
             rooms.remove(name);
+            self.muc.changed.notify_one();
             if stored {
                 self.muc_persist(name, None);
             }
@@ -681,6 +801,7 @@ impl Server {
                 Some(x) if x.attr("type") == Some("cancel") && room.locked() => {
                     let out = room.destroy(None, None);
                     rooms.remove(name);
+                    self.muc.changed.notify_one();
                     self.muc_send(out);
                     return Ok(None);
                 }
@@ -692,6 +813,7 @@ impl Server {
         // kicked, or kept-when-empty turned off while nobody is in).
         if room.is_empty() && !room.config.persistent {
             rooms.remove(name);
+            self.muc.changed.notify_one();
         }
         self.muc_send(out);
         Ok(answer)
@@ -700,11 +822,15 @@ impl Server {
 
 impl Context<'_> {
     /// A request of this session's client to the chat service or a room.
-    pub(crate) fn on_muc_iq(&mut self, iq: &Element, to: &Jid) {
+    pub(crate) async fn on_muc_iq(&mut self, iq: &Element, to: &Jid) {
         if !matches!(iq.attr("type"), Some("get" | "set")) {
             return;
         }
         let server = self.server.clone();
+        if let Some(text) = server.muc_elsewhere(to).await {
+            self.reply_error(iq, StanzaErrorCondition::FeatureNotImplemented, Some(&text));
+            return;
+        }
         let from = self.jid().clone();
         match server.muc_iq(&from, iq, to) {
             Ok(payload) => self.reply_result(iq, payload),
@@ -713,8 +839,16 @@ impl Context<'_> {
     }
 
     /// A message of this session's client to a room or an occupant.
-    pub(crate) fn on_muc_message(&mut self, message: &Element, to: &Jid) {
+    pub(crate) async fn on_muc_message(&mut self, message: &Element, to: &Jid) {
         let server = self.server.clone();
+        if let Some(text) = server.muc_elsewhere(to).await {
+            self.reply_error(
+                message,
+                StanzaErrorCondition::FeatureNotImplemented,
+                Some(&text),
+            );
+            return;
+        }
         let mut message = message.clone();
         let from = self.jid().clone();
         stanza::set_attr(&mut message, "from", &from.to_string());
@@ -724,15 +858,23 @@ impl Context<'_> {
     }
 
     /// A presence of this session's client to a room; whether the room took it.
-    pub(crate) fn on_muc_presence(&mut self, presence: &Element, to: &Jid) -> bool {
+    pub(crate) async fn on_muc_presence(&mut self, presence: &Element, to: &Jid) -> bool {
         let server = self.server.clone();
         let mut presence = presence.clone();
         let from = self.jid().clone();
         stanza::set_attr(&mut presence, "from", &from.to_string());
-        let Err(condition) = server.muc_presence(&from, &presence, to) else {
-            return true;
+        let elsewhere = match presence.attr("type") {
+            Some("unavailable") => None,
+            _ => server.muc_elsewhere(to).await,
         };
-        if let Some(mut reply) = crate::error::error_reply(&presence, condition, None) {
+        let (condition, text) = match elsewhere {
+            Some(text) => (StanzaErrorCondition::FeatureNotImplemented, Some(text)),
+            None => match server.muc_presence(&from, &presence, to) {
+                Ok(()) => return true,
+                Err(condition) => (condition, None),
+            },
+        };
+        if let Some(mut reply) = crate::error::error_reply(&presence, condition, text.as_deref()) {
             stanza::set_attr(&mut reply, "to", &from.to_string());
             // XEP-0045 §7.2.6: the error carries the MUC element.
             if reply.get_child("x", muc::NS).is_none() {

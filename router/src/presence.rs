@@ -168,13 +168,13 @@ impl Context<'_> {
                     if !self.directed_has_room(&presence, &to) {
                         return;
                     }
-                    if self.on_muc_presence(&presence, &to) {
+                    if self.on_muc_presence(&presence, &to).await {
                         self.directed.insert(to);
                     }
                 }
                 PresenceType::Unavailable => {
                     self.directed.remove(&to);
-                    self.on_muc_presence(&presence, &to);
+                    self.on_muc_presence(&presence, &to).await;
                 }
                 _ => {}
             }

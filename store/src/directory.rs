@@ -4,6 +4,7 @@
 
 use sqlx::Row as _;
 
+use crate::room_directory::{RoomEntry, room_entry};
 use crate::{ClusterName, NodeName, Result, Store, StoreError, UserName, now_unix};
 
 /// One user (or tombstone) of a directory listing.
@@ -21,11 +22,22 @@ pub struct DirectoryEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryPage {
     pub entries: Vec<DirectoryEntry>,
+    /// The rooms among the page's entries (when the listing asked for them).
+    pub rooms: Vec<RoomEntry>,
     /// The listing's snapshot: every change up to this USN is in this listing (this page
     /// or the next ones); a reader that has read the last page has applied it all.
     pub snapshot_usn: i64,
     /// Whether more entries follow (ask again with `after_usn` = the last entry's USN).
     pub more: bool,
+}
+
+impl DirectoryPage {
+    /// The USN of the page's last entry, user or room.
+    pub fn last_usn(&self) -> Option<i64> {
+        let users = self.entries.last().map(|e| e.usn);
+        let rooms = self.rooms.last().map(|r| r.usn);
+        users.max(rooms)
+    }
 }
 
 /// An intercluster application user.
@@ -66,13 +78,16 @@ impl Store {
     /// after that USN, tombstones included, and fails with [`StoreError::UsnTooOld`] when
     /// tombstones it would need were pruned. `snapshot_usn` is `None` for a first page;
     /// later pages pass the page's `snapshot_usn` and the last entry's USN as
-    /// `after_usn`, so every page belongs to the same snapshot.
+    /// `after_usn`, so every page belongs to the same snapshot. With `rooms`, the
+    /// listing holds the rooms homed here too (and their tombstones), in the same USN
+    /// order.
     pub async fn directory_page(
         &self,
         since_usn: i64,
         after_usn: Option<i64>,
         snapshot_usn: Option<i64>,
         limit: u32,
+        rooms: bool,
     ) -> Result<DirectoryPage> {
         let _timer = self.latency.start("directory_page");
         if since_usn > 0 {
@@ -96,60 +111,85 @@ impl Store {
         };
         let lower = after_usn.unwrap_or(since_usn).max(since_usn);
         let limit = i64::from(limit.max(1));
-        let live = "SELECT username, home_cluster, home_node, usn, 0 AS deleted FROM users
-                    WHERE usn > $1 AND usn <= $2";
-        let sql = if since_usn > 0 {
-            format!(
-                "{live} UNION ALL SELECT username, home_cluster, home_node, usn, 1 AS deleted
-                 FROM user_tombstones WHERE usn > $1 AND usn <= $2 ORDER BY usn LIMIT $3"
-            )
-        } else {
-            format!("{live} ORDER BY usn LIMIT $3")
-        };
+        let mut parts = vec![
+            "SELECT 0 AS kind, username AS name, home_cluster, home_node, usn, 0 AS created_at,
+                 0 AS deleted FROM users WHERE usn > $1 AND usn <= $2",
+        ];
+        if since_usn > 0 {
+            parts.push(
+                "SELECT 0, username, home_cluster, home_node, usn, 0, 1 FROM user_tombstones
+                 WHERE usn > $1 AND usn <= $2",
+            );
+        }
+        if rooms {
+            parts.push(
+                "SELECT 1, name, home_cluster, home_node, usn, created_at, 0 FROM room_directory
+                 WHERE usn > $1 AND usn <= $2",
+            );
+            if since_usn > 0 {
+                parts.push(
+                    "SELECT 1, name, home_cluster, home_node, usn, 0, 1 FROM room_tombstones
+                     WHERE usn > $1 AND usn <= $2",
+                );
+            }
+        }
+        let sql = format!("{} ORDER BY usn LIMIT $3", parts.join(" UNION ALL "));
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(lower)
             .bind(snapshot)
             .bind(limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let mut entries = rows
-            .iter()
-            .map(|row| {
-                let deleted: i32 = row.try_get("deleted")?;
-                Ok(DirectoryEntry {
-                    username: row.try_get("username")?,
+        let more = rows.len() as i64 > limit;
+        let (mut entries, mut room_entries) = (vec![], vec![]);
+        for row in rows.iter().take(limit as usize) {
+            let deleted = row.try_get::<i32, _>("deleted")? != 0;
+            if row.try_get::<i32, _>("kind")? == 1 {
+                room_entries.push(room_entry(row, deleted)?);
+            } else {
+                entries.push(DirectoryEntry {
+                    username: row.try_get("name")?,
                     home_cluster: row.try_get("home_cluster")?,
                     home_node: row.try_get("home_node")?,
                     usn: row.try_get("usn")?,
-                    deleted: deleted != 0,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let more = entries.len() as i64 > limit;
-        entries.truncate(limit as usize);
+                    deleted,
+                });
+            }
+        }
         Ok(DirectoryPage {
             entries,
+            rooms: room_entries,
             snapshot_usn: snapshot,
             more,
         })
     }
 
-    /// Removes tombstones of users deleted before `before_unix`; peers further behind
-    /// than the newest pruned tombstone must then do a full sync. Returns how many went.
+    /// Removes tombstones of users and rooms deleted before `before_unix`; peers
+    /// further behind than the newest pruned tombstone must then do a full sync.
+    /// Returns how many went.
     pub async fn prune_tombstones(&self, before_unix: i64) -> Result<u64> {
         let mut tx = self.write().await?;
-        let row = sqlx::query("SELECT MAX(usn) AS m FROM user_tombstones WHERE deleted_at < $1")
-            .bind(before_unix)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT MAX(usn) AS m FROM (
+                 SELECT usn FROM user_tombstones WHERE deleted_at < $1
+                 UNION ALL SELECT usn FROM room_tombstones WHERE deleted_at < $1) t",
+        )
+        .bind(before_unix)
+        .fetch_one(&mut *tx)
+        .await?;
         let Some(max_usn) = row.try_get::<Option<i64>, _>("m")? else {
             return Ok(0);
         };
-        let gone = sqlx::query("DELETE FROM user_tombstones WHERE usn <= $1")
+        let mut gone = 0;
+        for table in ["user_tombstones", "room_tombstones"] {
+            gone += sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE usn <= $1"
+            )))
             .bind(max_usn)
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        }
         sqlx::query(
             "UPDATE directory_state SET value = CASE WHEN value > $1 THEN value ELSE $1 END
              WHERE name = $2",
@@ -292,7 +332,7 @@ mod tests {
         let (mut all, mut after, mut snapshot) = (vec![], None, None);
         loop {
             let p = store
-                .directory_page(since, after, snapshot, page)
+                .directory_page(since, after, snapshot, page, false)
                 .await
                 .unwrap();
             after = p.entries.last().map(|e| e.usn).or(after);
@@ -358,12 +398,18 @@ mod tests {
             for name in ["a", "b", "c"] {
                 store.add_user(user(name)).await.unwrap();
             }
-            let first = store.directory_page(0, None, None, 2).await.unwrap();
+            let first = store.directory_page(0, None, None, 2, false).await.unwrap();
             assert!(first.more);
             // A change after the first page is not in this listing; the next one sees it.
             store.add_user(user("d")).await.unwrap();
             let second = store
-                .directory_page(0, Some(first.entries[1].usn), Some(first.snapshot_usn), 2)
+                .directory_page(
+                    0,
+                    Some(first.entries[1].usn),
+                    Some(first.snapshot_usn),
+                    2,
+                    false,
+                )
                 .await
                 .unwrap();
             assert!(!second.more);
@@ -382,14 +428,14 @@ mod tests {
             store.delete_user("a").await.unwrap();
             assert_eq!(store.prune_tombstones(now_unix() + 1).await.unwrap(), 1);
             assert!(matches!(
-                store.directory_page(2, None, None, 10).await,
+                store.directory_page(2, None, None, 10, false).await,
                 Err(StoreError::UsnTooOld {
                     since: 2,
                     pruned_below: 4
                 })
             ));
-            assert!(store.directory_page(4, None, None, 10).await.is_ok());
-            assert!(store.directory_page(0, None, None, 10).await.is_ok());
+            assert!(store.directory_page(4, None, None, 10, false).await.is_ok());
+            assert!(store.directory_page(0, None, None, 10, false).await.is_ok());
             assert_eq!(store.prune_tombstones(now_unix() + 1).await.unwrap(), 0);
         }
     }

@@ -24,6 +24,7 @@ mod peer_nodes;
 mod peers;
 mod pep;
 mod push;
+mod room_directory;
 mod roster;
 pub mod scram;
 mod storage;
@@ -53,6 +54,7 @@ pub use peer_nodes::PeerNode;
 pub use peers::{Digest, DuplicateUser, Home, PeerRecord, PeerState, PeerSync, RemoteUser};
 pub use pep::{PepItem, PepNode, PepQuota, Published};
 pub use push::PushRegistration;
+pub use room_directory::{LostRoom, RoomEntry, RoomHome};
 pub use roster::{RosterItem, Subscription};
 pub use trust::{TrustEntry, TrustKind};
 pub use uploads::{Claim, Expiry, Reserved, SlotState, Upload};
@@ -105,9 +107,9 @@ pub enum Backend {
     Postgres,
 }
 
-/// A committed change to this cluster's own accounts, however it was made (admin API,
-/// CLI, in-band registration or cancellation): the one event peers are notified by
-/// and sessions of a removed account are closed by (code review #5).
+/// A committed change to this cluster's own accounts (however it was made: admin API,
+/// CLI, in-band registration or cancellation) or rooms: the one event peers are
+/// notified by and sessions of a removed account are closed by (code review #5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AccountChange {
@@ -115,6 +117,8 @@ pub enum AccountChange {
     Removed(UserName),
     /// A bulk import created this many accounts.
     Imported(u64),
+    /// A chat room of this cluster was claimed or released (the room directory).
+    Room(String),
 }
 
 /// Account changes buffered for a slow listener; one that falls further behind gets
@@ -536,9 +540,11 @@ mod tests {
                             deleted: false,
                         })
                         .collect();
-                    s.apply_changes("b", &entries, (round + 1) * 50).await?;
+                    s.apply_changes("b", &entries, &[], (round + 1) * 50)
+                        .await?;
                     let generation = s.begin_full_sync("b", round).await?;
-                    s.apply_full_page("b", generation, &entries, round).await?;
+                    s.apply_full_page("b", generation, &entries, &[], round)
+                        .await?;
                 }
                 Ok::<_, StoreError>("directory")
             });

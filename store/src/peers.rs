@@ -6,6 +6,7 @@
 use sqlx::Row as _;
 
 use crate::directory::DirectoryEntry;
+use crate::room_directory::RoomEntry;
 use crate::{Backend, ClusterName, NodeName, Result, Store, StoreError, UserName, now_unix};
 
 /// Whether we sync from a peer.
@@ -67,6 +68,8 @@ pub struct PeerSync {
     pub last_incr_usn: Option<i64>,
     pub last_incr_ms: Option<i64>,
     pub last_incr_changes: Option<i64>,
+    /// Whether the applied USN covers the peer's rooms too (both announced `rooms`).
+    pub rooms: bool,
 }
 
 /// A user homed in a peer cluster.
@@ -135,23 +138,53 @@ pub struct Digest {
     pub count: i64,
     /// SHA-256, hex.
     pub sha256: String,
+    /// The rooms' count and SHA-256, when asked for.
+    pub rooms: Option<(i64, String)>,
+}
+
+/// Count and SHA-256 (hex) over every (name, home cluster, home node, USN) of `rows`,
+/// whose name column is `name`, in the names' byte order. Sorted here, not by an
+/// `ORDER BY` that would follow PostgreSQL's collation (which may skip punctuation),
+/// so that a cluster on SQLite and one on PostgreSQL agree.
+fn digest_of(rows: &[sqlx::any::AnyRow], name: &str) -> Result<(i64, String)> {
+    let lines = rows
+        .iter()
+        .map(|row| {
+            let name: String = row.try_get(name)?;
+            let cluster: String = row.try_get("home_cluster")?;
+            let node: String = row.try_get("home_node")?;
+            let usn: i64 = row.try_get("usn")?;
+            Ok(format!("{name}\0{cluster}\0{node}\0{usn}\n"))
+        })
+        .collect::<Result<Vec<String>>>()?;
+    Ok(digest_lines(lines))
+}
+
+/// Count and SHA-256 (hex) of digest lines, in byte order whatever order they come in.
+fn digest_lines(mut lines: Vec<String>) -> (i64, String) {
+    use sha2::Digest as _;
+    // Names are unique and end at the first NUL: the lines sort as the names do.
+    lines.sort_unstable();
+    let mut hash = sha2::Sha256::new();
+    for line in &lines {
+        hash.update(line.as_bytes());
+    }
+    let hex = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    (lines.len() as i64, hex)
 }
 
 impl Digest {
-    fn of(usn: i64, rows: &[sqlx::any::AnyRow]) -> Result<Digest> {
-        use sha2::Digest as _;
-        let mut hash = sha2::Sha256::new();
-        for row in rows {
-            let name: String = row.try_get("username")?;
-            let cluster: String = row.try_get("home_cluster")?;
-            let node: String = row.try_get("home_node")?;
-            let user_usn: i64 = row.try_get("usn")?;
-            hash.update(format!("{name}\0{cluster}\0{node}\0{user_usn}\n").as_bytes());
-        }
+    fn of(
+        usn: i64,
+        users: &[sqlx::any::AnyRow],
+        rooms: Option<&[sqlx::any::AnyRow]>,
+    ) -> Result<Digest> {
+        let (count, sha256) = digest_of(users, "username")?;
         Ok(Digest {
             usn,
-            count: rows.len() as i64,
-            sha256: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+            count,
+            sha256,
+            rooms: rooms.map(|r| digest_of(r, "name")).transpose()?,
         })
     }
 }
@@ -275,6 +308,43 @@ async fn upsert_entries(
             query = query.bind(&e.username).bind(e.usn);
         }
         query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Applies room entries: rooms are few (at most a node's `max_rooms` each), so one
+/// statement a room.
+async fn upsert_rooms(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    peer: &str,
+    generation: i64,
+    rooms: &[RoomEntry],
+) -> Result<()> {
+    for r in rooms {
+        if r.deleted {
+            sqlx::query("DELETE FROM remote_rooms WHERE peer = $1 AND name = $2")
+                .bind(peer)
+                .bind(&r.name)
+                .execute(&mut **tx)
+                .await?;
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO remote_rooms (peer, name, home_cluster, home_node, created_at, usn, full_gen)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (peer, name) DO UPDATE SET home_cluster = excluded.home_cluster,
+                 home_node = excluded.home_node, created_at = excluded.created_at,
+                 usn = excluded.usn, full_gen = excluded.full_gen",
+        )
+        .bind(peer)
+        .bind(&r.name)
+        .bind(&r.home_cluster)
+        .bind(&r.home_node)
+        .bind(r.created_at)
+        .bind(r.usn)
+        .bind(generation)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
@@ -405,7 +475,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT applied_usn, full_gen, full_snapshot_usn, full_after_usn, last_full_at,
                  last_full_usn, last_full_ms, last_full_users, last_incr_at, last_incr_usn,
-                 last_incr_ms, last_incr_changes
+                 last_incr_ms, last_incr_changes, rooms
              FROM peer_sync WHERE peer = $1",
         )
         .bind(cluster)
@@ -427,6 +497,7 @@ impl Store {
             last_incr_usn: row.try_get("last_incr_usn")?,
             last_incr_ms: row.try_get("last_incr_ms")?,
             last_incr_changes: row.try_get("last_incr_changes")?,
+            rooms: row.try_get::<i64, _>("rooms")? != 0,
         })
     }
 
@@ -449,6 +520,21 @@ impl Store {
         }
     }
 
+    /// Makes the next sync of `peer` a full one that lists its rooms too, or not: when
+    /// both sides come to announce `rooms` (or one stops), the applied USN no longer
+    /// says what we have of the peer's rooms.
+    pub async fn resync_with_rooms(&self, peer: &str, rooms: bool) -> Result<()> {
+        sqlx::query(
+            "UPDATE peer_sync SET applied_usn = 0, full_snapshot_usn = NULL,
+                 full_after_usn = NULL, rooms = $1 WHERE peer = $2",
+        )
+        .bind(i64::from(rooms))
+        .bind(peer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Makes the next sync of `peer` a full one (Force Sync); the directory keeps the
     /// peer's users until that full sync replaces them.
     pub async fn restart_full_sync(&self, peer: &str) -> Result<()> {
@@ -468,11 +554,13 @@ impl Store {
         peer: &str,
         generation: i64,
         entries: &[DirectoryEntry],
+        rooms: &[RoomEntry],
         after_usn: i64,
     ) -> Result<()> {
         let _timer = self.latency.start("apply_full_page");
         let mut tx = self.write().await?;
         upsert_entries(&mut tx, self.backend, peer, generation, entries).await?;
+        upsert_rooms(&mut tx, peer, generation, rooms).await?;
         sqlx::query("UPDATE peer_sync SET full_after_usn = $1 WHERE peer = $2 AND full_gen = $3")
             .bind(after_usn)
             .bind(peer)
@@ -494,11 +582,15 @@ impl Store {
         millis: i64,
     ) -> Result<i64> {
         let mut tx = self.write().await?;
-        sqlx::query("DELETE FROM remote_users WHERE peer = $1 AND full_gen < $2")
+        for table in ["remote_users", "remote_rooms"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE peer = $1 AND full_gen < $2"
+            )))
             .bind(peer)
             .bind(generation)
             .execute(&mut *tx)
             .await?;
+        }
         let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM remote_users WHERE peer = $1")
             .bind(peer)
             .fetch_one(&mut *tx)
@@ -530,6 +622,7 @@ impl Store {
         &self,
         peer: &str,
         entries: &[DirectoryEntry],
+        rooms: &[RoomEntry],
         applied_usn: i64,
     ) -> Result<()> {
         let _timer = self.latency.start("apply_changes");
@@ -540,6 +633,7 @@ impl Store {
             .await?
             .try_get("full_gen")?;
         upsert_entries(&mut tx, self.backend, peer, generation, entries).await?;
+        upsert_rooms(&mut tx, peer, generation, rooms).await?;
         sqlx::query("UPDATE peer_sync SET applied_usn = $1 WHERE peer = $2 AND applied_usn < $1")
             .bind(applied_usn)
             .bind(peer)
@@ -713,8 +807,8 @@ impl Store {
 
     /// The digest of this cluster's live users (what a peer's copy must match), with
     /// the USN it is valid at: a count and SHA-256 over every (name, home cluster,
-    /// home node, USN) in name order.
-    pub async fn directory_digest(&self) -> Result<Digest> {
+    /// home node, USN) in the byte order of the names; with `rooms`, the same over this cluster's rooms.
+    pub async fn directory_digest(&self, rooms: bool) -> Result<Digest> {
         let _timer = self.latency.start("directory_digest");
         // The USN and the rows from one snapshot: no retry loop that a steady stream of
         // changes could keep going.
@@ -723,18 +817,26 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("value")?;
-        let rows = sqlx::query(
-            "SELECT username, home_cluster, home_node, usn FROM users ORDER BY username",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query("SELECT username, home_cluster, home_node, usn FROM users")
+            .fetch_all(&mut *tx)
+            .await?;
+        let room_rows = if rooms {
+            Some(
+                sqlx::query("SELECT name, home_cluster, home_node, usn FROM room_directory")
+                    .fetch_all(&mut *tx)
+                    .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Digest::of(usn, &rows)
+        Digest::of(usn, &rows, room_rows.as_deref())
     }
 
     /// The digest of the users a peer contributed, comparable with that peer's
-    /// [`Store::directory_digest`] taken at our applied USN.
-    pub async fn peer_digest(&self, peer: &str) -> Result<Digest> {
+    /// [`Store::directory_digest`] taken at our applied USN (with its rooms, when
+    /// `rooms`).
+    pub async fn peer_digest(&self, peer: &str, rooms: bool) -> Result<Digest> {
         let _timer = self.latency.start("peer_digest");
         let mut tx = self.pool.begin().await?; // read only: a deferred transaction
         let usn: i64 = sqlx::query("SELECT applied_usn FROM peer_sync WHERE peer = $1")
@@ -745,14 +847,25 @@ impl Store {
             .transpose()?
             .unwrap_or(0);
         let rows = sqlx::query(
-            "SELECT username, home_cluster, home_node, usn FROM remote_users
-             WHERE peer = $1 ORDER BY username",
+            "SELECT username, home_cluster, home_node, usn FROM remote_users WHERE peer = $1",
         )
         .bind(peer)
         .fetch_all(&mut *tx)
         .await?;
+        let room_rows = if rooms {
+            Some(
+                sqlx::query(
+                    "SELECT name, home_cluster, home_node, usn FROM remote_rooms WHERE peer = $1",
+                )
+                .bind(peer)
+                .fetch_all(&mut *tx)
+                .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Digest::of(usn, &rows)
+        Digest::of(usn, &rows, room_rows.as_deref())
     }
 
     /// Remembers the last good DNS answer for `name` (addresses as text).
@@ -842,6 +955,21 @@ mod tests {
         }
     }
 
+    /// The digest does not follow the order rows come in (a database's collation):
+    /// the names' byte order, the same on every backend.
+    #[test]
+    fn a_digest_is_taken_in_the_byte_order_of_the_names() {
+        let line = |n: &str| format!("{n}\0a\0n1\01\n");
+        let sorted = ["a-c", "a.b", "a_d", "ab"].map(line).to_vec();
+        let mut collated = ["ab", "a.b", "a-c", "a_d"].map(line).to_vec();
+        assert_eq!(
+            super::digest_lines(collated.clone()),
+            super::digest_lines(sorted)
+        );
+        collated.pop();
+        assert_eq!(super::digest_lines(collated).0, 3);
+    }
+
     #[tokio::test]
     async fn peers_are_added_accepted_and_never_downgraded() {
         for (store, _dir) in stores().await {
@@ -889,7 +1017,7 @@ mod tests {
                 .collect();
             let generation = store.begin_full_sync("b", 1200).await.unwrap();
             store
-                .apply_full_page("b", generation, &entries, 1200)
+                .apply_full_page("b", generation, &entries, &[], 1200)
                 .await
                 .unwrap();
             assert_eq!(
@@ -925,6 +1053,7 @@ mod tests {
                     "b",
                     generation,
                     &[entry("x", 1, false), entry("y", 2, false)],
+                    &[],
                     2,
                 )
                 .await
@@ -936,7 +1065,7 @@ mod tests {
             // A new full sync sees only y and z: x goes at the end, not before.
             let generation = store.begin_full_sync("b", 9).await.unwrap();
             store
-                .apply_full_page("b", generation, &[entry("y", 2, false)], 2)
+                .apply_full_page("b", generation, &[entry("y", 2, false)], &[], 2)
                 .await
                 .unwrap();
             assert_eq!(store.remote_user_count("b").await.unwrap(), 2);
@@ -946,7 +1075,7 @@ mod tests {
                 (Some(9), Some(2))
             );
             store
-                .apply_full_page("b", generation, &[entry("z", 9, false)], 9)
+                .apply_full_page("b", generation, &[entry("z", 9, false)], &[], 9)
                 .await
                 .unwrap();
             assert_eq!(
@@ -963,7 +1092,7 @@ mod tests {
             moved.home_node = "b2".into();
             let generation = store.directory_generation();
             store
-                .apply_changes("b", &[entry("y", 10, true), moved], 11)
+                .apply_changes("b", &[entry("y", 10, true), moved], &[], 11)
                 .await
                 .unwrap();
             // Caches of directory lookups see that something moved.
@@ -983,7 +1112,7 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .apply_changes("b", &[entry("w", 12, false)], 12)
+                .apply_changes("b", &[entry("w", 12, false)], &[], 12)
                 .await
                 .unwrap();
             let dups = store.duplicate_users().await.unwrap();
@@ -1062,10 +1191,13 @@ mod tests {
                 deleted: false,
             };
             for p in ["0-first.example", "eu-west.example", "eu.example"] {
-                store.apply_changes(p, &[claim(p, "ceo")], 1).await.unwrap();
+                store
+                    .apply_changes(p, &[claim(p, "ceo")], &[], 1)
+                    .await
+                    .unwrap();
             }
             store
-                .apply_changes("eu.example", &[claim("eu.example", "solo")], 2)
+                .apply_changes("eu.example", &[claim("eu.example", "solo")], &[], 2)
                 .await
                 .unwrap();
             assert_eq!(
@@ -1110,7 +1242,7 @@ mod tests {
                 .unwrap();
             for p in ["0-first.example", "eu.example"] {
                 store
-                    .apply_changes(p, &[claim(p, "boss")], 2)
+                    .apply_changes(p, &[claim(p, "boss")], &[], 2)
                     .await
                     .unwrap();
             }
@@ -1125,7 +1257,7 @@ mod tests {
             for p in ["0-first.example", "eu-west.example"] {
                 let mut gone = claim(p, "ceo");
                 gone.deleted = true;
-                store.apply_changes(p, &[gone], 3).await.unwrap();
+                store.apply_changes(p, &[gone], &[], 3).await.unwrap();
             }
             assert_eq!(
                 store.home_of("ceo").await.unwrap().cluster(),

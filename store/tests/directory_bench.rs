@@ -59,7 +59,7 @@ async fn benchmark_full_syncs_of_twenty_nine_peers() {
         for page in entries.chunks(PAGE) {
             let after = page.last().unwrap().usn;
             store
-                .apply_full_page(peer, generation, page, after)
+                .apply_full_page(peer, generation, page, &[], after)
                 .await
                 .unwrap();
         }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use impmesh_axl::client::AxlClient;
-use impmesh_axl::soap::{Cursor, Request, Response, UserEntry};
+use impmesh_axl::soap::{Cursor, Request, Response, RoomEntry, UserEntry, UserPage};
 use impmesh_store::{ClusterName, DirectoryEntry, NodeName, UserName};
 
 use crate::task::{PeerTask, SyncError};
@@ -20,27 +20,43 @@ pub fn is_localpart(name: &str) -> bool {
         && jid::NodePart::new(name).is_ok_and(|n| n.as_str() == name)
 }
 
+/// Whether an entry a peer lists may be its: a valid name (`what`: user or room),
+/// homed in the peer on one of its announced nodes. A tombstone only ever removes the
+/// peer's own entry, so only its name is checked.
+fn check(
+    peer: &str,
+    nodes: &[NodeName],
+    what: &str,
+    (name, cluster, node): (&str, &str, &str),
+    deleted: bool,
+) -> Result<(), String> {
+    if !is_localpart(name) {
+        return Err(format!("{name:?} is not a valid {what} name"));
+    }
+    if !deleted {
+        if !cluster.eq_ignore_ascii_case(peer) {
+            return Err(format!(
+                "{what} {name} is said to be homed in {cluster:?}, not in the peer that lists it"
+            ));
+        }
+        if !nodes.iter().any(|n| n.eq_ignore_ascii_case(node)) {
+            return Err(format!(
+                "{what} {name} is said to be homed on {node:?}, which is not one of the peer's nodes"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A peer's directory entry as we keep it, or why it is refused: a peer speaks only
-/// for its own users, homed on its own announced nodes, with valid names. A
-/// tombstone only ever removes the peer's own entry, so only its name is checked.
+/// for its own users, homed on its own announced nodes, with valid names.
 fn entry(peer: &str, nodes: &[NodeName], u: UserEntry) -> Result<DirectoryEntry, String> {
-    if !is_localpart(&u.name) {
-        return Err(format!("{:?} is not a valid user name", u.name));
-    }
-    if !u.deleted {
-        if !u.home_cluster.eq_ignore_ascii_case(peer) {
-            return Err(format!(
-                "{} is said to be homed in {:?}, not in the peer that lists it",
-                u.name, u.home_cluster
-            ));
-        }
-        if !nodes.iter().any(|n| n.eq_ignore_ascii_case(&u.home_node)) {
-            return Err(format!(
-                "{} is said to be homed on {:?}, which is not one of the peer's nodes",
-                u.name, u.home_node
-            ));
-        }
-    }
+    let home = (
+        u.name.as_str(),
+        u.home_cluster.as_str(),
+        u.home_node.as_str(),
+    );
+    check(peer, nodes, "user", home, u.deleted)?;
     // Checked above: the names may now be typed as what they are.
     Ok(DirectoryEntry {
         username: UserName::new(u.name),
@@ -51,32 +67,65 @@ fn entry(peer: &str, nodes: &[NodeName], u: UserEntry) -> Result<DirectoryEntry,
     })
 }
 
-/// The entries of a page that may be applied; the refused ones are logged (first few
-/// reasons) and counted in the peer's status.
+/// A peer's room entry as we keep it, or why it is refused: by the same rules as
+/// users (room entries only from the room's home cluster).
+fn room(peer: &str, nodes: &[NodeName], r: RoomEntry) -> Result<impmesh_store::RoomEntry, String> {
+    let home = (
+        r.name.as_str(),
+        r.home_cluster.as_str(),
+        r.home_node.as_str(),
+    );
+    check(peer, nodes, "room", home, r.deleted)?;
+    Ok(impmesh_store::RoomEntry {
+        name: r.name,
+        home_cluster: ClusterName::new(peer),
+        home_node: NodeName::new(r.home_node.to_ascii_lowercase()),
+        created_at: r.created_at,
+        usn: r.usn,
+        deleted: r.deleted,
+    })
+}
+
+/// The entries of a page that may be applied, users and rooms; the refused ones are
+/// logged (first few reasons) and counted in the peer's status.
 fn checked_entries(
     peer: &str,
     nodes: &[NodeName],
-    users: Vec<UserEntry>,
+    page: UserPage,
     status: &Mutex<LiveStatus>,
-) -> Vec<DirectoryEntry> {
+) -> (Vec<DirectoryEntry>, Vec<impmesh_store::RoomEntry>) {
     let mut refused = 0u64;
-    let mut out = Vec::with_capacity(users.len());
-    for u in users {
+    let mut refuse = |why: String| {
+        if refused < 5 {
+            tracing::warn!(%peer, %why, "directory entry refused");
+        }
+        refused += 1;
+    };
+    let mut users = Vec::with_capacity(page.users.len());
+    for u in page.users {
         match entry(peer, nodes, u) {
-            Ok(e) => out.push(e),
-            Err(why) => {
-                if refused < 5 {
-                    tracing::warn!(%peer, %why, "directory entry refused");
-                }
-                refused += 1;
-            }
+            Ok(e) => users.push(e),
+            Err(why) => refuse(why),
+        }
+    }
+    let mut rooms = Vec::with_capacity(page.rooms.len());
+    for r in page.rooms {
+        match room(peer, nodes, r) {
+            Ok(r) => rooms.push(r),
+            Err(why) => refuse(why),
         }
     }
     if refused > 0 {
         tracing::warn!(%peer, refused, "directory entries refused in one page");
         lock(status).refused_entries += refused;
     }
-    out
+    (users, rooms)
+}
+
+/// The USN of a page's last entry, user or room.
+fn last_usn(page: &UserPage) -> Option<i64> {
+    let users = page.users.last().map(|u| u.usn);
+    users.max(page.rooms.last().map(|r| r.usn))
 }
 
 /// The first 12 characters of a digest, for a message (it may come from a peer: by
@@ -92,6 +141,7 @@ impl PeerTask {
         nodes: &[NodeName],
         sync: impmesh_store::PeerSync,
     ) -> Result<(), SyncError> {
+        let rooms = sync.rooms;
         let store = &self.agent.store;
         let started = Instant::now();
         let page_size = self.agent.settings.page_size;
@@ -111,6 +161,7 @@ impl PeerTask {
                 since_usn: 0,
                 cursor,
                 page_size,
+                rooms,
             };
             let Response::Users(page) = client.call(&request).await? else {
                 return Err(SyncError::UnexpectedAnswer("listUsers"));
@@ -120,24 +171,25 @@ impl PeerTask {
                     .begin_full_sync(&self.cluster, page.snapshot_usn)
                     .await?;
             }
-            let after = page.users.last().map(|u| u.usn).unwrap_or(0);
-            let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
+            let after = last_usn(&page).unwrap_or(0);
+            let (snapshot_usn, next_cursor) = (page.snapshot_usn, page.next_cursor);
+            let (users, room_entries) = checked_entries(&self.cluster, nodes, page, &self.status);
             {
                 let _writer = self.agent.apply_lock.lock().await;
                 store
-                    .apply_full_page(&self.cluster, generation, &entries, after)
+                    .apply_full_page(&self.cluster, generation, &users, &room_entries, after)
                     .await?;
             }
-            match page.next_cursor {
+            match next_cursor {
                 Some(c) => cursor = Some(c),
                 None => {
                     let ms = started.elapsed().as_millis() as i64;
                     let users = store
-                        .finish_full_sync(&self.cluster, generation, page.snapshot_usn, ms)
+                        .finish_full_sync(&self.cluster, generation, snapshot_usn, ms)
                         .await?;
                     lock(&self.status).peer_users = Some(users);
                     lock(&self.progress).last_compared = Some(Instant::now());
-                    tracing::info!(peer = %self.cluster, users, usn = page.snapshot_usn, ms, "full sync done");
+                    tracing::info!(peer = %self.cluster, users, rooms, usn = snapshot_usn, ms, "full sync done");
                     self.agent
                         .request_duplicate_check(DuplicateScope::Peer(self.cluster.clone()));
                     return Ok(());
@@ -152,6 +204,7 @@ impl PeerTask {
         client: &mut AxlClient,
         nodes: &[NodeName],
         since: i64,
+        rooms: bool,
     ) -> Result<i64, SyncError> {
         let store = &self.agent.store;
         let started = Instant::now();
@@ -163,33 +216,35 @@ impl PeerTask {
                 since_usn: since,
                 cursor,
                 page_size: self.agent.settings.page_size,
+                rooms,
             };
             let Response::Users(page) = client.call(&request).await? else {
                 return Err(SyncError::UnexpectedAnswer("listUsers"));
             };
-            changes += page.users.len() as i64;
-            let last = page.users.last().map(|u| u.usn);
-            let entries = checked_entries(&self.cluster, nodes, page.users, &self.status);
-            changed.extend(entries.iter().map(|e| e.username.clone()));
-            let applied_to = match page.next_cursor {
+            changes += (page.users.len() + page.rooms.len()) as i64;
+            let last = last_usn(&page);
+            let (snapshot_usn, next_cursor) = (page.snapshot_usn, page.next_cursor);
+            let (users, room_entries) = checked_entries(&self.cluster, nodes, page, &self.status);
+            changed.extend(users.iter().map(|e| e.username.clone()));
+            let applied_to = match next_cursor {
                 Some(_) => last.unwrap_or(since),
-                None => page.snapshot_usn,
+                None => snapshot_usn,
             };
             {
                 let _writer = self.agent.apply_lock.lock().await;
                 store
-                    .apply_changes(&self.cluster, &entries, applied_to)
+                    .apply_changes(&self.cluster, &users, &room_entries, applied_to)
                     .await?;
             }
-            match page.next_cursor {
+            match next_cursor {
                 Some(c) => cursor = Some(c),
                 None => {
                     let ms = started.elapsed().as_millis() as i64;
                     store
-                        .finish_incremental(&self.cluster, page.snapshot_usn, ms, changes)
+                        .finish_incremental(&self.cluster, snapshot_usn, ms, changes)
                         .await?;
                     if changes > 0 {
-                        tracing::info!(peer = %self.cluster, changes, usn = page.snapshot_usn, ms, "changes applied");
+                        tracing::info!(peer = %self.cluster, changes, usn = snapshot_usn, ms, "changes applied");
                         self.agent
                             .request_duplicate_check(DuplicateScope::Users(changed));
                     }
@@ -203,20 +258,31 @@ impl PeerTask {
     /// when both are at the same USN. A difference (a lost write, a bug) raises
     /// InterClusterDirectoryMismatch and resyncs this peer's slice in full at once; the
     /// alarm clears when the digests match again.
-    pub(crate) async fn anti_entropy(&self, client: &mut AxlClient) -> Result<(), SyncError> {
+    pub(crate) async fn anti_entropy(
+        &self,
+        client: &mut AxlClient,
+        rooms: bool,
+    ) -> Result<(), SyncError> {
         let store = &self.agent.store;
-        let Response::Digest { usn, count, sha256 } =
-            client.call(&Request::GetDirectoryDigest).await?
+        let Response::Digest {
+            usn,
+            count,
+            sha256,
+            rooms: room_digest,
+        } = client.call(&Request::GetDirectoryDigest { rooms }).await?
         else {
             return Err(SyncError::UnexpectedAnswer("getDirectoryDigest"));
         };
-        let ours = store.peer_digest(&self.cluster).await?;
+        let ours = store.peer_digest(&self.cluster, rooms).await?;
         if usn != ours.usn {
             // Changes in flight: compare at the next quiet sync.
             return Ok(());
         }
         let def = impmesh_store::alarms::DIRECTORY_MISMATCH;
-        let equal = count == ours.count && sha256 == ours.sha256;
+        // Rooms are compared when the peer gave their digest (it may have turned them
+        // off since: the next sync notices and resyncs without them).
+        let rooms_equal = room_digest.is_none() || room_digest == ours.rooms;
+        let equal = count == ours.count && sha256 == ours.sha256 && rooms_equal;
         {
             let mut p = lock(&self.progress);
             p.last_compared = Some(Instant::now());
@@ -228,12 +294,20 @@ impl PeerTask {
                 .await;
             return Ok(());
         }
-        let message = format!(
-            "at USN {usn} the peer has {count} users (digest {}…), this directory {} ({}…); resyncing in full",
+        let mut message = format!(
+            "at USN {usn} the peer has {count} users (digest {}…), this directory {} ({}…)",
             short_digest(&sha256),
             ours.count,
             short_digest(&ours.sha256)
         );
+        if let (Some((theirs, their_sha)), Some((mine, my_sha))) = (&room_digest, &ours.rooms) {
+            message.push_str(&format!(
+                "; rooms {theirs} ({}…) and {mine} ({}…)",
+                short_digest(their_sha),
+                short_digest(my_sha)
+            ));
+        }
+        message.push_str("; resyncing in full");
         tracing::warn!(peer = %self.cluster, %message, "directory mismatch");
         self.agent
             .set_alarm(def, &self.cluster, Some(&message))
@@ -302,6 +376,63 @@ mod tests {
         assert!(entry("b.example", &nodes, user("gone", "", "", true)).is_ok());
         assert!(is_localpart("ünïcode"));
         assert!(!is_localpart(&"x".repeat(1024)));
+    }
+
+    /// Room entries are held to the same rules: only the peer's own rooms, on its
+    /// own nodes, with valid names.
+    #[test]
+    fn a_peers_rooms_are_checked_like_its_users() {
+        let nodes = [NodeName::new("n1.b.example")];
+        let room_entry = |name: &str, cluster: &str, node: &str, deleted| RoomEntry {
+            name: name.into(),
+            home_cluster: cluster.into(),
+            home_node: node.into(),
+            created_at: 7,
+            usn: 3,
+            deleted,
+        };
+        let ok = room(
+            "b.example",
+            &nodes,
+            room_entry("team", "b.example", "N1.b.example", false),
+        )
+        .unwrap();
+        assert_eq!(ok.home_node.as_str(), "n1.b.example");
+        assert_eq!(ok.created_at, 7);
+        for (bad, why) in [
+            (
+                room_entry("team", "a.example", "n1.b.example", false),
+                "another cluster's room",
+            ),
+            (
+                room_entry("team", "b.example", "n2.b.example", false),
+                "an unannounced node",
+            ),
+            (
+                room_entry("Team", "b.example", "n1.b.example", false),
+                "not normalised",
+            ),
+            (
+                room_entry("a@b", "b.example", "n1.b.example", true),
+                "not a localpart",
+            ),
+        ] {
+            assert!(room("b.example", &nodes, bad).is_err(), "{why}");
+        }
+        let status = Mutex::new(LiveStatus::default());
+        let page = UserPage {
+            snapshot_usn: 5,
+            users: vec![user("bea", "b.example", "n1.b.example", false)],
+            rooms: vec![
+                room_entry("ok", "b.example", "n1.b.example", false),
+                room_entry("theirs", "c.example", "n1.b.example", false),
+            ],
+            next_cursor: None,
+        };
+        assert_eq!(last_usn(&page), Some(3));
+        let (users, rooms) = checked_entries("b.example", &nodes, page, &status);
+        assert_eq!((users.len(), rooms.len()), (1, 1));
+        assert_eq!(lock(&status).refused_entries, 1);
     }
 
     /// A digest from a peer is text it chose: never sliced by bytes (L1).

@@ -343,7 +343,17 @@ impl PeerTask {
         self.check_dns(&peer.address);
         self.check_certificates(&info).await?;
         let nodes = self.remember_nodes(&info, &peer.address).await?;
-        let sync = store.peer_sync(&self.cluster).await?;
+        let mut sync = store.peer_sync(&self.cluster).await?;
+        // Rooms are listed when both sides announce them; when that changes, what we
+        // applied no longer says what we have of the peer's rooms: a full sync.
+        let rooms = [&self.agent.settings.features, &info.features]
+            .iter()
+            .all(|f| f.iter().any(|f| f == impmesh_axl::features::ROOMS));
+        if sync.rooms != rooms {
+            tracing::info!(peer = %self.cluster, rooms, "rooms listed with the directory or no longer; full sync");
+            store.resync_with_rooms(&self.cluster, rooms).await?;
+            sync = store.peer_sync(&self.cluster).await?;
+        }
         let full = sync.full_snapshot_usn.is_some() || sync.applied_usn == 0;
         // A full sync leaves our copy equal to the listing; a sync that found nothing
         // new is the moment to check that it still is (anti-entropy), at most every
@@ -353,7 +363,7 @@ impl PeerTask {
             false
         } else {
             match self
-                .incremental(&mut client, &nodes, sync.applied_usn)
+                .incremental(&mut client, &nodes, sync.applied_usn, rooms)
                 .await
             {
                 Err(SyncError::Client(ClientError::Fault(f))) if f.code == "usnTooOld" => {
@@ -374,7 +384,7 @@ impl PeerTask {
         };
         // After a mismatch, the resync is checked at once (and the alarm cleared).
         if (quiet && due) || mismatched {
-            self.anti_entropy(&mut client).await?;
+            self.anti_entropy(&mut client, rooms).await?;
         }
         Ok(())
     }
