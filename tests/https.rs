@@ -857,3 +857,62 @@ async fn https_connections_per_address_are_capped() {
     })
     .await;
 }
+
+/// Rooms are listed (and digested) only when asked, and only while the `rooms`
+/// feature is on here: a node with it off answers as a release without rooms.
+#[tokio::test]
+async fn axl_lists_rooms_only_when_asked_and_turned_on() {
+    for off in [false, true] {
+        let node = start_node(move |c| {
+            c.node.name = Some("node1.cluster-a.example.com".into());
+            c.node.cluster = Some("cluster-a.example.com".into());
+            if off {
+                c.sync.disable_features = vec!["rooms".into()];
+            }
+        })
+        .await;
+        let store = &node.node.server.store;
+        impmesh_axl::set_axl_user(store, AXL_USER, AXL_PW)
+            .await
+            .unwrap();
+        node.add_user("alice", "pw").await;
+        store
+            .claim_room(
+                "team",
+                "cluster-a.example.com",
+                "node1.cluster-a.example.com",
+                1_800_000_000_000_000,
+            )
+            .await
+            .unwrap();
+        let mut axl = client(&node).await;
+        axl.use_basic(AXL_USER, AXL_PW).unwrap();
+        for asked in [false, true] {
+            let Response::Users(page) = axl
+                .call(&Request::ListUsers {
+                    since_usn: 0,
+                    cursor: None,
+                    page_size: 10,
+                    rooms: asked,
+                })
+                .await
+                .unwrap()
+            else {
+                panic!("not a user page");
+            };
+            assert_eq!(page.users.len(), 1);
+            let listed: Vec<_> = page.rooms.iter().map(|r| r.name.as_str()).collect();
+            let expected: &[&str] = if asked && !off { &["team"] } else { &[] };
+            assert_eq!(listed, expected, "asked {asked}, off {off}");
+            let Response::Digest { rooms, .. } = axl
+                .call(&Request::GetDirectoryDigest { rooms: asked })
+                .await
+                .unwrap()
+            else {
+                panic!("not a digest");
+            };
+            assert_eq!(rooms.map(|r| r.0), (asked && !off).then_some(1));
+        }
+        node.node.shutdown().await;
+    }
+}

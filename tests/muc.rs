@@ -780,3 +780,31 @@ async fn rooms_are_listed_only_to_peers_that_announce_them() {
     a.node.shutdown().await;
     b.node.shutdown().await;
 }
+
+/// A node whose chat service is turned off withdraws the rooms it served from the
+/// room directory when it starts: their names are no one's any more.
+#[tokio::test]
+async fn a_node_without_the_service_withdraws_its_rooms() {
+    use impmesh_store::RoomHome;
+    let mut node = start_node_with_users(|c| c.muc.enabled = true, &["alice"]).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    online(&mut alice).await;
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "in", |e| {
+        status_codes(e).contains(&"201".to_owned())
+    })
+    .await;
+    let store = node.node.server.store.clone();
+    eventually(5, "claimed", || async {
+        store.room_home("team").await.unwrap() != RoomHome::Unknown
+    })
+    .await;
+    drop(alice);
+    node.config.muc.enabled = false;
+    let node = node.restart().await;
+    assert_eq!(
+        node.node.server.store.room_home("team").await.unwrap(),
+        RoomHome::Unknown
+    );
+    node.node.shutdown().await;
+}

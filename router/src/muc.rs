@@ -222,6 +222,12 @@ impl Server {
     /// returns how many rooms were restored.
     pub async fn restore_rooms(&self) -> Result<usize, impmesh_store::StoreError> {
         let Some(settings) = &self.config.muc else {
+            // The service is off here: rooms this node once served are no one's.
+            for room in self.store.node_rooms(&self.config.node_name).await? {
+                self.store
+                    .release_room(&room.name, &self.config.node_name)
+                    .await?;
+            }
             return Ok(0);
         };
         let stored = self.store.rooms(crate::time::now_micros()).await?;
@@ -292,8 +298,13 @@ impl Server {
             let now = crate::time::now_micros();
             match self.store.claim_room(name, cluster, node, now).await? {
                 RoomHome::Local { node: n } if n == *node => {}
-                RoomHome::Local { node: n } => self.muc_lose(name, &format!("node {n}")),
-                RoomHome::Remote { cluster: c, .. } => self.muc_lose(name, &format!("cluster {c}")),
+                // Another node of the cluster serves it (a persistent room both
+                // restored from the shared store): it stays in the store, for that
+                // node.
+                RoomHome::Local { node: n } => self.muc_lose(name, &format!("node {n}"), false),
+                RoomHome::Remote { cluster: c, .. } => {
+                    self.muc_lose(name, &format!("cluster {c}"), true)
+                }
                 RoomHome::Unknown => {}
             }
         }
@@ -304,7 +315,7 @@ impl Server {
         }
         for lost in self.store.lost_rooms().await? {
             if lost.node == *node {
-                self.muc_lose(&lost.name, &format!("cluster {}", lost.winner));
+                self.muc_lose(&lost.name, &format!("cluster {}", lost.winner), true);
                 self.store.release_room(&lost.name, node).await?;
             }
         }
@@ -313,8 +324,8 @@ impl Server {
 
     /// Closes a room of this node whose name an older room elsewhere holds: its
     /// occupants get the room's destruction, naming the same address (the winner's
-    /// room) as the place to go.
-    fn muc_lose(&self, name: &str, winner: &str) {
+    /// room) as the place to go. With `forget`, a persistent room leaves the store.
+    fn muc_lose(&self, name: &str, winner: &str, forget: bool) {
         let mut rooms = lock(&self.muc.rooms);
         let Some(mut room) = rooms.remove(name) else {
             return;
@@ -324,7 +335,7 @@ impl Server {
         let reason = format!("an older room of this name lives on {winner}; please go there");
         let stored = room.config.persistent;
         let out = room.destroy(Some(&venue), Some(&reason));
-        if stored {
+        if stored && forget {
             self.muc_persist(name, None);
         }
         self.muc_send(out);

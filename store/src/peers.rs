@@ -526,7 +526,7 @@ impl Store {
     pub async fn resync_with_rooms(&self, peer: &str, rooms: bool) -> Result<()> {
         sqlx::query(
             "UPDATE peer_sync SET applied_usn = 0, full_snapshot_usn = NULL,
-                 full_after_usn = NULL, rooms = $1 WHERE peer = $2",
+                 full_after_usn = NULL, full_gen = full_gen + 1, rooms = $1 WHERE peer = $2",
         )
         .bind(i64::from(rooms))
         .bind(peer)
@@ -838,7 +838,8 @@ impl Store {
     /// `rooms`).
     pub async fn peer_digest(&self, peer: &str, rooms: bool) -> Result<Digest> {
         let _timer = self.latency.start("peer_digest");
-        let mut tx = self.pool.begin().await?; // read only: a deferred transaction
+        // One snapshot for the USN and the rows (an apply may run meanwhile).
+        let mut tx = self.snapshot().await?;
         let usn: i64 = sqlx::query("SELECT applied_usn FROM peer_sync WHERE peer = $1")
             .bind(peer)
             .fetch_optional(&mut *tx)

@@ -347,13 +347,32 @@ mod tests {
                 .await
                 .unwrap();
             assert!(!second.more && second.rooms.len() == 1);
+            // A page that ends with a room while users follow: the next page starts
+            // after the room.
+            store
+                .add_user(crate::NewUser {
+                    username: "zed",
+                    password: "pw",
+                    home_cluster: "a",
+                    home_node: "n1.a",
+                })
+                .await
+                .unwrap();
+            let page = store.directory_page(0, None, None, 2, true).await.unwrap();
+            assert!(page.more && page.rooms.len() == 1 && page.last_usn() == Some(2));
+            let rest = store
+                .directory_page(0, page.last_usn(), Some(page.snapshot_usn), 2, true)
+                .await
+                .unwrap();
+            assert_eq!(rest.entries.len(), 1);
+            assert_eq!(rest.entries[0].username.as_str(), "zed");
 
             assert!(store.release_room("team", "n1.a").await.unwrap());
             assert!(!store.release_room("team", "n1.a").await.unwrap());
             assert_eq!(store.room_home("team").await.unwrap(), RoomHome::Unknown);
             let changes = store.directory_page(2, None, None, 10, true).await.unwrap();
             assert_eq!(changes.rooms.len(), 1);
-            assert!(changes.rooms[0].deleted && changes.rooms[0].usn == 3);
+            assert!(changes.rooms[0].deleted && changes.rooms[0].usn == 4);
             // Tombstones of rooms are pruned with the users'.
             assert_eq!(store.prune_tombstones(now_unix() + 1).await.unwrap(), 1);
             assert!(store.directory_page(2, None, None, 10, true).await.is_err());
@@ -408,7 +427,7 @@ mod tests {
                     node: "n1.b".into()
                 }
             );
-            // c created "new" earlier still: it wins over both, and names it.
+            // c made "new" in the same microsecond as b: b wins (the smaller name).
             store
                 .apply_changes("c", &[], &[room("new", "c", 200, 1, false)], 1)
                 .await

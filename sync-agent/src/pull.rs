@@ -67,15 +67,34 @@ fn entry(peer: &str, nodes: &[NodeName], u: UserEntry) -> Result<DirectoryEntry,
     })
 }
 
+/// How far in the future a peer's room may say it was made (its clock may run ahead
+/// of ours by up to the skew the clock alarm tolerates).
+const MAX_CREATED_AHEAD_MICROS: i64 = 60_000_000;
+
 /// A peer's room entry as we keep it, or why it is refused: by the same rules as
-/// users (room entries only from the room's home cluster).
-fn room(peer: &str, nodes: &[NodeName], r: RoomEntry) -> Result<impmesh_store::RoomEntry, String> {
+/// users (room entries only from the room's home cluster), and with a creation time
+/// that could be true: the older room of a name wins (docs/muc.md), so a time of 0
+/// would let a peer take every name.
+fn room(
+    peer: &str,
+    nodes: &[NodeName],
+    r: RoomEntry,
+    now_micros: i64,
+) -> Result<impmesh_store::RoomEntry, String> {
     let home = (
         r.name.as_str(),
         r.home_cluster.as_str(),
         r.home_node.as_str(),
     );
     check(peer, nodes, "room", home, r.deleted)?;
+    // Rooms made before this feature existed (2026) are impossible.
+    const EARLIEST: i64 = 1_767_225_600_000_000;
+    if !r.deleted && !(EARLIEST..=now_micros + MAX_CREATED_AHEAD_MICROS).contains(&r.created_at) {
+        return Err(format!(
+            "room {} says it was made at {} µs, which cannot be true",
+            r.name, r.created_at
+        ));
+    }
     Ok(impmesh_store::RoomEntry {
         name: r.name,
         home_cluster: ClusterName::new(peer),
@@ -92,6 +111,7 @@ fn checked_entries(
     peer: &str,
     nodes: &[NodeName],
     page: UserPage,
+    rooms_asked: bool,
     status: &Mutex<LiveStatus>,
 ) -> (Vec<DirectoryEntry>, Vec<impmesh_store::RoomEntry>) {
     let mut refused = 0u64;
@@ -109,8 +129,17 @@ fn checked_entries(
         }
     }
     let mut rooms = Vec::with_capacity(page.rooms.len());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
     for r in page.rooms {
-        match room(peer, nodes, r) {
+        if !rooms_asked {
+            // Rooms we did not ask for (the feature is off here): none of them count.
+            refuse(format!("room {} listed unasked", r.name));
+            continue;
+        }
+        match room(peer, nodes, r, now) {
             Ok(r) => rooms.push(r),
             Err(why) => refuse(why),
         }
@@ -173,7 +202,8 @@ impl PeerTask {
             }
             let after = last_usn(&page).unwrap_or(0);
             let (snapshot_usn, next_cursor) = (page.snapshot_usn, page.next_cursor);
-            let (users, room_entries) = checked_entries(&self.cluster, nodes, page, &self.status);
+            let (users, room_entries) =
+                checked_entries(&self.cluster, nodes, page, rooms, &self.status);
             {
                 let _writer = self.agent.apply_lock.lock().await;
                 store
@@ -224,7 +254,8 @@ impl PeerTask {
             changes += (page.users.len() + page.rooms.len()) as i64;
             let last = last_usn(&page);
             let (snapshot_usn, next_cursor) = (page.snapshot_usn, page.next_cursor);
-            let (users, room_entries) = checked_entries(&self.cluster, nodes, page, &self.status);
+            let (users, room_entries) =
+                checked_entries(&self.cluster, nodes, page, rooms, &self.status);
             changed.extend(users.iter().map(|e| e.username.clone()));
             let applied_to = match next_cursor {
                 Some(_) => last.unwrap_or(since),
@@ -383,11 +414,15 @@ mod tests {
     #[test]
     fn a_peers_rooms_are_checked_like_its_users() {
         let nodes = [NodeName::new("n1.b.example")];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64;
         let room_entry = |name: &str, cluster: &str, node: &str, deleted| RoomEntry {
             name: name.into(),
             home_cluster: cluster.into(),
             home_node: node.into(),
-            created_at: 7,
+            created_at: now - 7,
             usn: 3,
             deleted,
         };
@@ -395,10 +430,11 @@ mod tests {
             "b.example",
             &nodes,
             room_entry("team", "b.example", "N1.b.example", false),
+            now,
         )
         .unwrap();
         assert_eq!(ok.home_node.as_str(), "n1.b.example");
-        assert_eq!(ok.created_at, 7);
+        assert_eq!(ok.created_at, now - 7);
         for (bad, why) in [
             (
                 room_entry("team", "a.example", "n1.b.example", false),
@@ -416,8 +452,22 @@ mod tests {
                 room_entry("a@b", "b.example", "n1.b.example", true),
                 "not a localpart",
             ),
+            (
+                RoomEntry {
+                    created_at: 0,
+                    ..room_entry("team", "b.example", "n1.b.example", false)
+                },
+                "made at the epoch: it would win every name",
+            ),
+            (
+                RoomEntry {
+                    created_at: now + 61_000_000,
+                    ..room_entry("team", "b.example", "n1.b.example", false)
+                },
+                "made in the future",
+            ),
         ] {
-            assert!(room("b.example", &nodes, bad).is_err(), "{why}");
+            assert!(room("b.example", &nodes, bad, now).is_err(), "{why}");
         }
         let status = Mutex::new(LiveStatus::default());
         let page = UserPage {
@@ -430,9 +480,13 @@ mod tests {
             next_cursor: None,
         };
         assert_eq!(last_usn(&page), Some(3));
-        let (users, rooms) = checked_entries("b.example", &nodes, page, &status);
+        let (users, rooms) = checked_entries("b.example", &nodes, page.clone(), true, &status);
         assert_eq!((users.len(), rooms.len()), (1, 1));
         assert_eq!(lock(&status).refused_entries, 1);
+        // Rooms nobody asked for (the feature is off here) are not taken.
+        let (users, rooms) = checked_entries("b.example", &nodes, page, false, &status);
+        assert_eq!((users.len(), rooms.len()), (1, 0));
+        assert_eq!(lock(&status).refused_entries, 3);
     }
 
     /// A digest from a peer is text it chose: never sliced by bytes (L1).
