@@ -610,8 +610,8 @@ async fn xep0045_off_by_default() {
 }
 
 /// Rooms are a directory of their own, synced between clusters beside users: a room
-/// made on A is known to B (and user `team` of B is no obstacle); B's users are told
-/// where it lives rather than getting a second room of that name; and two rooms of one
+/// made on A is known to B (and user `team` of B is no obstacle); B's users enter it
+/// there rather than getting a second room of that name; and two rooms of one
 /// name made before the clusters knew of each other are settled by the documented
 /// rule: the older stays, the other is destroyed, naming the winner's address.
 #[tokio::test]
@@ -708,25 +708,17 @@ async fn rooms_are_in_every_clusters_directory_and_the_older_name_wins() {
     .await;
     // User "team" of B is still user "team".
     assert!(store_a.remote_user("team").await.unwrap().len() == 1);
-    // Bob asks for A's room from B: he is told where it lives, no second room is made.
+    // Bob enters A's room from B: no second room is made on B.
     send(
         &mut bob,
         "<presence to='team@conference.localhost/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>",
     )
     .await;
-    let refused = expect(&mut bob, 5, "the room elsewhere", |e| {
-        e.name() == "presence" && e.attr("type") == Some("error")
+    expect(&mut bob, 10, "in A's room", |e| {
+        e.attr("from") == Some("team@conference.localhost/Bob")
+            && status_codes(e).contains(&"110".to_owned())
     })
     .await;
-    assert_eq!(
-        error_condition(&refused).as_deref(),
-        Some("feature-not-implemented")
-    );
-    assert!(
-        String::from(&refused).contains(A),
-        "{}",
-        String::from(&refused)
-    );
     assert!(b.node.server.muc_room_list().unwrap().is_empty());
     a.node.shutdown().await;
     b.node.shutdown().await;
@@ -807,4 +799,183 @@ async fn a_node_without_the_service_withdraws_its_rooms() {
         RoomHome::Unknown
     );
     node.node.shutdown().await;
+}
+
+/// Occupants homed on B in a room homed on A: entering, talking both ways, private
+/// messages, nick changes, IQs to the room and a kick cross the router links; each
+/// broadcast crosses once for B, whatever the number of B's occupants; a cut link
+/// takes B's occupants out with status 333, and they enter again when it is back.
+#[tokio::test]
+async fn rooms_of_another_cluster_are_entered_over_the_links() {
+    use impmesh_store::RoomHome;
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    const A_NODE: &str = "node1.cluster-a.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob", "carol"], |c| c.muc.enabled = true).await;
+    peer_clusters(&a, &b, 1, 2).await;
+    // A's link to B through a proxy the test can cut.
+    let proxy = support::Proxy::start(b.node.links_addr.unwrap()).await;
+    let store_a = a.node.server.store.clone();
+    let b_node = b.config.node_name();
+    let mut node = store_a.peer_node(&b_node).await.unwrap().unwrap();
+    node.link_port = proxy.addr.port();
+    store_a.set_peer_nodes(B, &[node]).await.unwrap();
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    let mut carol = b.client("carol", "pw", Some("desk"));
+    for c in [&mut alice, &mut bob, &mut carol] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "in", |e| {
+        status_codes(e).contains(&"201".to_owned())
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!("<iq type='set' id='open' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"),
+    )
+    .await;
+    expect(&mut alice, 5, "opened", |e| e.attr("id") == Some("open")).await;
+    let store_b = b.node.server.store.clone();
+    eventually(10, "the room known to B", || async {
+        matches!(
+            store_b.room_home("team").await.unwrap(),
+            RoomHome::Remote { .. }
+        )
+    })
+    .await;
+
+    // Bob and Carol enter from B; Alice sees them come.
+    for (client, nick) in [(&mut bob, "Bob"), (&mut carol, "Carol")] {
+        enter(client, nick).await;
+        expect(client, 10, "Alice's presence in the room", |e| {
+            from_occupant(e, "Alice") && e.name() == "presence"
+        })
+        .await;
+        expect(client, 10, "own presence", |e| {
+            from_occupant(e, nick) && status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        expect(&mut alice, 10, "the newcomer", |e| from_occupant(e, nick)).await;
+    }
+    let from_a = |b: &TestNode| {
+        b.node
+            .server
+            .link_status()
+            .into_iter()
+            .find(|l| l.node == A_NODE && l.direction == impmesh_router::LinkDirection::In)
+            .map(|l| l.stanzas)
+            .unwrap_or_default()
+    };
+
+    // Alice talks: one stanza crosses to B, and both occupants there get it.
+    let before = from_a(&b);
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>hello B</body></message>"),
+    )
+    .await;
+    for client in [&mut bob, &mut carol] {
+        expect(client, 10, "Alice's message", |e| {
+            from_occupant(e, "Alice") && body(e).as_deref() == Some("hello B")
+        })
+        .await;
+    }
+    assert_eq!(
+        from_a(&b) - before,
+        1,
+        "one broadcast for B's two occupants"
+    );
+
+    // Bob talks back, privately too, and asks the room's disco#info.
+    send(
+        &mut bob,
+        &format!("<message type='groupchat' to='{ROOM}'><body>hi A</body></message>"),
+    )
+    .await;
+    expect(&mut alice, 10, "Bob's message", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("hi A")
+    })
+    .await;
+    expect(&mut carol, 10, "Bob's message", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("hi A")
+    })
+    .await;
+    send(
+        &mut bob,
+        &format!("<message type='chat' to='{ROOM}/Alice'><body>psst</body></message>"),
+    )
+    .await;
+    expect(&mut alice, 10, "the private message", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("psst")
+    })
+    .await;
+    send(
+        &mut bob,
+        &format!("<iq type='get' id='info' to='{ROOM}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+    )
+    .await;
+    let info = expect(&mut bob, 10, "the room's info", |e| {
+        e.attr("id") == Some("info")
+    })
+    .await;
+    assert_eq!(info.attr("type"), Some("result"), "{}", String::from(&info));
+
+    // A nick change, seen on A.
+    send(&mut bob, &format!("<presence to='{ROOM}/Robert'/>")).await;
+    expect(&mut alice, 10, "303", |e| {
+        from_occupant(e, "Bob") && status_codes(e).contains(&"303".to_owned())
+    })
+    .await;
+    expect(&mut bob, 10, "own new nick", |e| {
+        from_occupant(e, "Robert") && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+
+    // Alice kicks Carol.
+    send(
+        &mut alice,
+        &format!("<iq type='set' id='kick' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Carol' role='none'/></query></iq>"),
+    )
+    .await;
+    expect(&mut carol, 10, "kicked", |e| {
+        e.attr("type") == Some("unavailable") && status_codes(e).contains(&"307".to_owned())
+    })
+    .await;
+
+    // The link from A to B goes: Bob is told he is out, with 333.
+    proxy.cut_and_refuse();
+    let out = expect(&mut bob, 15, "out with 333", |e| {
+        e.attr("type") == Some("unavailable") && status_codes(e).contains(&"333".to_owned())
+    })
+    .await;
+    assert_eq!(out.attr("from"), Some(&*format!("{ROOM}/Robert")));
+    // It comes back; Bob's client enters again, as clients do after 333.
+    proxy.restore();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        send(
+            &mut bob,
+            &format!("<presence to='{ROOM}/Robert'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+        .await;
+        let back = collect(&mut bob, 1000, |e| {
+            from_occupant(e, "Robert") && status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        if !back.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Bob not back in the room"
+        );
+    }
+    assert_eq!(a.node.server.muc_room_list().unwrap().len(), 1);
+    assert!(b.node.server.muc_room_list().unwrap().is_empty());
+    a.node.shutdown().await;
+    b.node.shutdown().await;
 }

@@ -636,3 +636,87 @@ async fn a_rogue_peer_cannot_announce_nodes_it_does_not_have() {
         A
     );
 }
+
+/// A room speaks over a link only from its home cluster, and only to accounts homed
+/// where it arrives: C cannot speak for A's room, nor have B pass its own room's
+/// broadcast on to A's users.
+#[tokio::test]
+async fn a_rogue_peer_cannot_speak_for_rooms_it_does_not_home() {
+    let muc = |c: &mut impmesh::config::Config| c.muc.enabled = true;
+    let a = support::mesh_cluster(A, &["alice"], muc).await;
+    let b = support::mesh_cluster(B, &["bea"], muc).await;
+    let c = support::mesh_cluster(C, &["carl"], muc).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    for (node, cluster, room) in [(&a, A, "team"), (&c, C, "rogue")] {
+        node.node
+            .server
+            .store
+            .claim_room(room, cluster, &format!("node1.{cluster}"), now)
+            .await
+            .unwrap();
+    }
+    peer_clusters(&a, &b, 1, 1).await;
+    peer_clusters(&c, &b, 1, 1).await;
+    let store_b = b.node.server.store.clone();
+    for room in ["team", "rogue"] {
+        eventually(10, "the rooms known to B", || async {
+            store_b.room_home(room).await.unwrap() != impmesh_store::RoomHome::Unknown
+        })
+        .await;
+    }
+    let mut bea = b.client("bea", "pw", Some("desk"));
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    for client in [&mut bea, &mut alice] {
+        online(client).await;
+        send(client, "<presence/>").await;
+    }
+    let groupchat = |room: &str, to: &str, text: &str, extra: &str| {
+        format!(
+            "<message xmlns='jabber:client' type='groupchat' from='{room}@conference.{DOMAIN}/x' \
+             to='{to}'><body>{text}</body>{extra}</message>"
+        )
+    };
+    let mut link = raw_link_as(&c.node.identity(), &b).await;
+    link.write_all(header(&format!("node1.{C}")).as_bytes())
+        .await
+        .unwrap();
+    assert!(answered(&mut link).await);
+    let bea_jid = format!("bea@{DOMAIN}/desk");
+    let alice_jid = format!("alice@{DOMAIN}/phone");
+    let relay = format!(
+        "<addresses xmlns='http://jabber.org/protocol/address'>\
+         <address type='bcc' jid='{bea_jid}'/><address type='bcc' jid='{alice_jid}'/></addresses>"
+    );
+    for stanza in [
+        // As A's room: refused.
+        groupchat("team", &bea_jid, "as A's room", ""),
+        // C's own room, to A's user: refused.
+        groupchat("rogue", &alice_jid, "to A's user", ""),
+        // C's own room, to bea and (through B) to A's user: bea only.
+        groupchat("rogue", &bea_jid, "genuine", &relay),
+    ] {
+        link.write_all(stanza.as_bytes()).await.unwrap();
+    }
+    link.flush().await.unwrap();
+    let got = expect(&mut bea, 10, "the genuine message", |e| body(e).is_some()).await;
+    assert_eq!(body(&got).as_deref(), Some("genuine"));
+    assert!(
+        got.get_child("addresses", "http://jabber.org/protocol/address")
+            .is_none()
+    );
+    assert!(
+        collect(&mut bea, 300, |e| body(e).is_some())
+            .await
+            .is_empty(),
+        "nothing spoofed got through"
+    );
+    assert!(
+        collect(&mut alice, 300, |e| body(e).is_some())
+            .await
+            .is_empty(),
+        "nothing relayed to A"
+    );
+}

@@ -12,7 +12,7 @@ use crate::Server;
 use crate::core::envelope::{IqType, PresenceType, Type};
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
-use crate::link::{LinkRouter, Pending};
+use crate::link::{LinkRouter, LinkSender, Pending};
 use crate::stanza;
 use crate::xml::escape;
 
@@ -32,8 +32,24 @@ impl LinkRouter for Server {
         Server::bounce(self, stanza, condition, text);
     }
 
-    fn received<'a>(&'a self, node: &'a str, ty: Type, to: Jid, stanza: Element) -> Pending<'a> {
+    fn received<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: &'a str,
+        sender: LinkSender,
+        ty: Type,
+        to: Jid,
+        stanza: Element,
+    ) -> Pending<'a> {
         Box::pin(async move {
+            if sender == LinkSender::Room {
+                self.room_stanza_from_link(ty, &to, stanza).await;
+                return;
+            }
+            if self.is_muc(&to) {
+                self.muc_from_link(cluster, node, ty, &to, stanza);
+                return;
+            }
             match ty {
                 Type::Message(_) => {
                     let mut stanza = stanza;
@@ -51,6 +67,7 @@ impl LinkRouter for Server {
 
     fn node_lost(&self, node: &str) {
         self.remote_node_lost(node);
+        self.muc_node_lost(node);
     }
 
     fn node_back<'a>(&'a self, node: &'a str) -> Pending<'a> {

@@ -3,10 +3,10 @@
 //! the last occupant leaves, unless configured persistent: those are kept in the
 //! store and restored at start. Room logic lives in `core::muc`; this routes the
 //! users' stanzas to it and its answers to their sessions, and keeps the room
-//! directory (`impmesh_store::RoomHome`) in step with the rooms here.
+//! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
+//! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): entering rooms of other clusters (users are told where
-//! the room lives), voice requests, the room archive.
+//! Not here yet (issue 16): voice requests, the room archive.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,6 +23,19 @@ use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza;
 use crate::xml::{escape, ns};
+
+mod mesh;
+use mesh::Place;
+
+/// What became of a session's stanza to a room, as far as the mesh goes.
+enum Routed {
+    /// The room is here (or is made here).
+    Here,
+    /// Sent over the link to the room's node.
+    Sent,
+    /// The room cannot be reached: why.
+    Refused(String),
+}
 
 /// The service's settings (`[muc]`).
 #[derive(Debug, Clone)]
@@ -119,6 +132,9 @@ pub(crate) struct Rooms {
     rooms: Mutex<HashMap<String, Room>>,
     /// A room was created or went: the room directory is brought in step.
     changed: tokio::sync::Notify,
+    /// Occupants homed on other clusters, and this node's sessions in rooms of
+    /// other clusters.
+    mesh: mesh::Mesh,
     /// The version of the last write of a room to the store (microseconds, made to
     /// grow): the store keeps the newest whatever order writes land in.
     version: AtomicI64,
@@ -341,30 +357,17 @@ impl Server {
         self.muc_send(out);
     }
 
-    /// Where a room that is not on this node lives, when elsewhere: the refusal's
-    /// text. Rooms of other clusters are not reached from here yet (issue 16).
-    pub(crate) async fn muc_elsewhere(&self, to: &Jid) -> Option<String> {
-        use impmesh_store::RoomHome;
-        let name = to.node()?.as_str();
-        if lock(&self.muc.rooms).contains_key(name) {
-            return None;
-        }
-        match self.store.room_home(name).await {
-            Ok(RoomHome::Local { node }) if node == self.config.node_name => None,
-            Ok(RoomHome::Local { node }) => Some(format!(
-                "{} lives on node {node}; rooms are served by one node of a cluster",
-                to.to_bare()
-            )),
-            Ok(RoomHome::Remote { cluster, .. }) => Some(format!(
-                "{} lives on cluster {cluster}; entering rooms of other clusters is not \
-                 implemented yet",
-                to.to_bare()
-            )),
-            Ok(RoomHome::Unknown) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the room directory");
-                None
+    /// Sends a session's stanza on when its room lives on a node of another cluster.
+    async fn muc_route(&self, from: &FullJid, stanza: &Element, to: &Jid) -> Routed {
+        match self.muc_place(to).await {
+            Place::Here => Routed::Here,
+            Place::Peer { cluster, node } => {
+                let mut stanza = stanza.clone();
+                stanza::set_attr(&mut stanza, "from", &from.to_string());
+                self.muc_to_peer(&cluster, &node, from, &stanza);
+                Routed::Sent
             }
+            Place::Refused(text) => Routed::Refused(text),
         }
     }
 
@@ -473,8 +476,19 @@ impl Server {
     /// rooms locked, so each room's stanzas leave in the order it decided them
     /// (sending only queues; nothing sent comes back to a room).
     fn muc_send(&self, out: Vec<muc::Out>) {
-        for o in out {
-            self.send_to_jid(&o.stanza);
+        let mut remote = vec![];
+        {
+            let visitors = lock(&self.muc.mesh.visitors);
+            for o in out {
+                match visitors.get(&o.to) {
+                    Some((cluster, node)) => remote.push((cluster.clone(), node.clone(), o)),
+                    None => self.send_to_jid(&o.stanza),
+                }
+            }
+        }
+        // Sessions of other clusters: each distinct stanza once per node, in order.
+        for (cluster, node, stanza) in mesh::fan_out(remote) {
+            self.forward(&cluster, &node, &stanza);
         }
     }
 
@@ -557,7 +571,7 @@ impl Server {
             .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
             .build();
         for target in targets {
-            if self.is_muc(&target) {
+            if self.is_muc(&target) && !self.muc_leave_peer(session, &target) {
                 let _ = self.muc_presence(session, &unavailable, &target);
             }
         }
@@ -838,11 +852,15 @@ impl Context<'_> {
             return;
         }
         let server = self.server.clone();
-        if let Some(text) = server.muc_elsewhere(to).await {
-            self.reply_error(iq, StanzaErrorCondition::FeatureNotImplemented, Some(&text));
-            return;
-        }
         let from = self.jid().clone();
+        match server.muc_route(&from, iq, to).await {
+            Routed::Here => {}
+            Routed::Sent => return,
+            Routed::Refused(text) => {
+                self.reply_error(iq, StanzaErrorCondition::ServiceUnavailable, Some(&text));
+                return;
+            }
+        }
         match server.muc_iq(&from, iq, to) {
             Ok(payload) => self.reply_result(iq, payload),
             Err(condition) => self.reply_error(iq, condition, None),
@@ -852,16 +870,20 @@ impl Context<'_> {
     /// A message of this session's client to a room or an occupant.
     pub(crate) async fn on_muc_message(&mut self, message: &Element, to: &Jid) {
         let server = self.server.clone();
-        if let Some(text) = server.muc_elsewhere(to).await {
-            self.reply_error(
-                message,
-                StanzaErrorCondition::FeatureNotImplemented,
-                Some(&text),
-            );
-            return;
+        let from = self.jid().clone();
+        match server.muc_route(&from, message, to).await {
+            Routed::Here => {}
+            Routed::Sent => return,
+            Routed::Refused(text) => {
+                self.reply_error(
+                    message,
+                    StanzaErrorCondition::ServiceUnavailable,
+                    Some(&text),
+                );
+                return;
+            }
         }
         let mut message = message.clone();
-        let from = self.jid().clone();
         stanza::set_attr(&mut message, "from", &from.to_string());
         if let Err(condition) = server.muc_message(&from, &message, to) {
             self.reply_error(&message, condition, None);
@@ -874,13 +896,15 @@ impl Context<'_> {
         let mut presence = presence.clone();
         let from = self.jid().clone();
         stanza::set_attr(&mut presence, "from", &from.to_string());
-        let elsewhere = match presence.attr("type") {
-            Some("unavailable") => None,
-            _ => server.muc_elsewhere(to).await,
+        let routed = match presence.attr("type") {
+            Some("unavailable") if server.muc_leave_peer(&from, to) => Routed::Sent,
+            Some("unavailable") => Routed::Here,
+            _ => server.muc_route(&from, &presence, to).await,
         };
-        let (condition, text) = match elsewhere {
-            Some(text) => (StanzaErrorCondition::FeatureNotImplemented, Some(text)),
-            None => match server.muc_presence(&from, &presence, to) {
+        let (condition, text) = match routed {
+            Routed::Sent => return true,
+            Routed::Refused(text) => (StanzaErrorCondition::ServiceUnavailable, Some(text)),
+            Routed::Here => match server.muc_presence(&from, &presence, to) {
                 Ok(()) => return true,
                 Err(condition) => (condition, None),
             },

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use impmesh_store::{Home, TrustKind};
+use impmesh_store::{Home, RoomHome, TrustKind};
 use minidom::Element;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::wire::{FrameReader, ack, announced, header, write_within};
-use super::{LinkCounters, LinkError, Links};
+use super::{LinkCounters, LinkError, LinkSender, Links};
 use crate::core::envelope::Envelope;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
@@ -311,34 +311,66 @@ impl Links {
             }
         };
         let domain = self.config.domain.as_str();
+        let muc_host = self.config.muc.as_ref().map(|m| m.host.as_str());
         // The sender must be homed in the sending cluster, by the same rule as routing:
-        // a local account or a quarantined name is nobody's to speak for.
-        let sender_ok = match &env.from {
+        // a local account or a quarantined name is nobody's to speak for. A room
+        // speaks for itself only from the cluster the room directory says it lives in.
+        let sender = match &env.from {
             Some(j) if j.domain().as_str() == domain => match j.node() {
                 Some(user) => match self.home_of(user.as_str()).await {
-                    Ok(Home::Remote { cluster: home, .. }) => home == cluster,
-                    Ok(_) => false,
+                    Ok(Home::Remote { cluster: home, .. }) if home == cluster => {
+                        Some(LinkSender::User)
+                    }
+                    Ok(_) => None,
                     // Not "no": the stanza is neither handled nor acknowledged, and
                     // the link closes so that the sender sends it again.
                     Err(e) => return Err(e.into()),
                 },
-                None => false,
+                None => None,
             },
-            _ => false,
+            Some(j) if Some(j.domain().as_str()) == muc_host => match j.node() {
+                Some(room) => match self.room_home(room.as_str()).await {
+                    Ok(RoomHome::Remote { cluster: home, .. }) if home == cluster => {
+                        Some(LinkSender::Room)
+                    }
+                    Ok(_) => None,
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            },
+            _ => None,
         };
-        if !sender_ok {
+        let Some(sender) = sender else {
             tracing::warn!(%cluster, from = ?stanza.attr("from"), "a stanza whose sender is not homed in the sending cluster; dropped");
             return Ok(());
-        }
+        };
         let Some(to) = env.to else {
             return Ok(());
         };
-        if to.domain().as_str() != domain || to.node().is_none() {
-            self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
-            return Ok(());
+        let to_user = to.domain().as_str() == domain && to.node().is_some();
+        let to_room = Some(to.domain().as_str()) == muc_host && to.node().is_some();
+        match sender {
+            LinkSender::User if to_user || to_room => {}
+            LinkSender::User => {
+                self.bounce(&stanza, StanzaErrorCondition::ServiceUnavailable, None);
+                return Ok(());
+            }
+            // A room's stanzas only for its occupants homed here.
+            LinkSender::Room => {
+                let here = match to.node().filter(|_| to_user) {
+                    Some(user) => matches!(self.home_of(user.as_str()).await?, Home::Local { .. }),
+                    None => false,
+                };
+                if !here {
+                    tracing::warn!(%cluster, to = %to, "a room's stanza for someone not homed here; dropped");
+                    return Ok(());
+                }
+            }
         }
         if let Some(router) = self.router.upgrade() {
-            router.received(node, env.ty, to, stanza).await;
+            router
+                .received(cluster, node, sender, env.ty, to, stanza)
+                .await;
         }
         Ok(())
     }

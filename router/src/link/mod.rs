@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use impmesh_certs::NodeIdentity;
-use impmesh_store::{ClusterName, Home, NodeName, Store};
+use impmesh_store::{ClusterName, Home, NodeName, RoomHome, Store};
 use jid::Jid;
 use minidom::Element;
 use tokio_util::sync::CancellationToken;
@@ -164,13 +164,31 @@ pub trait HostResolver: Send + Sync + 'static {
 pub(crate) trait LinkRouter: Send + Sync + 'static {
     /// Answers `stanza` with an error to its sender.
     fn bounce(&self, stanza: &Element, condition: StanzaErrorCondition, text: Option<&str>);
-    /// A stanza from a user homed in the sending cluster, for `to`, an account of this
-    /// domain: handled as if a local user had sent it.
-    fn received<'a>(&'a self, node: &'a str, ty: Type, to: Jid, stanza: Element) -> Pending<'a>;
+    /// A stanza from node `node` of `cluster`, checked: from a user homed there, for an
+    /// account of this domain or a room homed here; or from a room homed there, for
+    /// an account homed here. Handled as if a local user (or room) had sent it.
+    fn received<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: &'a str,
+        sender: LinkSender,
+        ty: Type,
+        to: Jid,
+        stanza: Element,
+    ) -> Pending<'a>;
     /// The current link from `node` went down.
     fn node_lost(&self, node: &str);
     /// A link from `node` came up.
     fn node_back<'a>(&'a self, node: &'a str) -> Pending<'a>;
+}
+
+/// Who sent a stanza over a router link, as checked against the sending cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkSender {
+    /// A user homed in the sending cluster.
+    User,
+    /// A chat room homed in the sending cluster (`room@MUC-HOST[/nick]`).
+    Room,
 }
 
 /// A [`LinkRouter`] step the link waits for.
@@ -201,15 +219,48 @@ pub struct Links {
     received: Mutex<HashMap<String, (String, u64)>>,
     /// Where users live, as the directory said (routing must not wait on SQL for
     /// every stanza).
-    homes: Mutex<HomeCache>,
+    homes: Mutex<HomeCache<Home>>,
+    /// Where rooms live, likewise.
+    room_homes: Mutex<HomeCache<RoomHome>>,
 }
 
 /// Directory lookups, valid while the store's directory generation stays the same and
 /// for at most [`HOME_TTL`] (other nodes sharing a PostgreSQL store change it too).
-#[derive(Default)]
-struct HomeCache {
+struct HomeCache<T> {
     generation: u64,
-    entries: HashMap<String, (Home, tokio::time::Instant)>,
+    entries: HashMap<String, (T, tokio::time::Instant)>,
+}
+
+impl<T> Default for HomeCache<T> {
+    fn default() -> Self {
+        HomeCache {
+            generation: 0,
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Clone> HomeCache<T> {
+    /// The answer kept for `name` at `generation`, if still fresh.
+    fn get(&mut self, generation: u64, name: &str) -> Option<T> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+        }
+        let (home, at) = self.entries.get(name)?;
+        (at.elapsed() < HOME_TTL).then(|| home.clone())
+    }
+
+    /// Keeps an answer read at `generation` (unless the directory changed since).
+    fn put(&mut self, generation: u64, name: &str, home: &T) {
+        if self.generation == generation {
+            if self.entries.len() >= HOME_CACHE_ENTRIES {
+                self.entries.clear();
+            }
+            let now = tokio::time::Instant::now();
+            self.entries.insert(name.to_owned(), (home.clone(), now));
+        }
+    }
 }
 
 /// How long a cached directory lookup is used.
@@ -247,6 +298,7 @@ impl Links {
             next_generation: AtomicU64::new(0),
             received: Mutex::default(),
             homes: Mutex::default(),
+            room_homes: Mutex::default(),
         })
     }
 
@@ -260,28 +312,22 @@ impl Links {
     /// Where `user` lives by the directory, through the lookup cache.
     pub(crate) async fn home_of(&self, user: &str) -> impmesh_store::Result<Home> {
         let generation = self.store.directory_generation();
-        {
-            let mut cache = lock(&self.homes);
-            if cache.generation != generation {
-                cache.entries.clear();
-                cache.generation = generation;
-            }
-            if let Some((home, at)) = cache.entries.get(user)
-                && at.elapsed() < HOME_TTL
-            {
-                return Ok(home.clone());
-            }
+        if let Some(home) = lock(&self.homes).get(generation, user) {
+            return Ok(home);
         }
         let home = self.store.home_of(user).await?;
-        let mut cache = lock(&self.homes);
-        if cache.generation == generation {
-            if cache.entries.len() >= HOME_CACHE_ENTRIES {
-                cache.entries.clear();
-            }
-            cache
-                .entries
-                .insert(user.to_owned(), (home.clone(), tokio::time::Instant::now()));
+        lock(&self.homes).put(generation, user, &home);
+        Ok(home)
+    }
+
+    /// Where the room `name` lives by the directory, through the lookup cache.
+    pub(crate) async fn room_home(&self, name: &str) -> impmesh_store::Result<RoomHome> {
+        let generation = self.store.directory_generation();
+        if let Some(home) = lock(&self.room_homes).get(generation, name) {
+            return Ok(home);
         }
+        let home = self.store.room_home(name).await?;
+        lock(&self.room_homes).put(generation, name, &home);
         Ok(home)
     }
 

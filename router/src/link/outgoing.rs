@@ -907,6 +907,8 @@ mod tests {
         fn received<'a>(
             &'a self,
             _: &'a str,
+            _: &'a str,
+            _: super::super::LinkSender,
             _: crate::core::envelope::Type,
             _: jid::Jid,
             _: Element,

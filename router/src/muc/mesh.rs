@@ -1,0 +1,560 @@
+//! Rooms across the mesh (docs/muc.md, "Rooms across the mesh"): a room lives on one
+//! node (its home, in the room directory); occupants homed on other clusters reach it
+//! over the router links.
+//!
+//! - **The occupant's side.** A session's stanzas to a room of another cluster go to
+//!   the room's node over the link; the node keeps the session's *seat* (room, nick,
+//!   the room's node) so that the session's end leaves the room there, and so that a
+//!   lost link tells the session it is out (status 333).
+//! - **The room's side.** A stanza from a session of another cluster enters the room
+//!   like a local one; the room keeps the session's node (a *visitor*), and what the
+//!   room sends to visitors goes over their node's link in the order the room decided
+//!   it: each distinct stanza once per node, with the recipients in an XEP-0033
+//!   `<addresses/>` element, which that node fans out to its own sessions.
+
+use std::collections::HashMap;
+
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+
+use crate::Server;
+use crate::core::envelope::{IqType, Type};
+use crate::core::muc;
+use crate::hub::lock;
+use crate::stanza;
+use crate::xml::ns;
+
+/// XEP-0033 extended stanza addressing: one stanza for many recipients of a node.
+pub(crate) const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
+
+/// Recipients one fanned-out stanza names at most (a room's occupants on one node are
+/// at most `[muc] max_occupants` sessions' worth; a node refuses more).
+pub(crate) const MAX_ADDRESSES: usize = 10_000;
+
+/// A local session's place in a room of another cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Seat {
+    cluster: String,
+    node: String,
+    nick: String,
+    /// The room confirmed the entry (its own presence, status 110, came back).
+    confirmed: bool,
+}
+
+/// Where a room is, for a stanza to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// On this node (or nowhere yet: made here).
+    Here,
+    /// On a node of another cluster.
+    Peer { cluster: String, node: String },
+    /// Not reachable from here: the refusal's text.
+    Refused(String),
+}
+
+/// The mesh's bookkeeping of the rooms of a node.
+#[derive(Debug, Default)]
+pub(crate) struct Mesh {
+    /// Sessions of other clusters in rooms here: the (cluster, node) each is homed on.
+    pub(crate) visitors: std::sync::Mutex<HashMap<FullJid, (String, String)>>,
+    /// Local sessions in rooms of other clusters, by session and room.
+    seats: std::sync::Mutex<HashMap<FullJid, HashMap<BareJid, Seat>>>,
+}
+
+/// One stanza for each distinct (node, stanza) of `out` to visitors, in order: the
+/// stanzas with the same content for several sessions of one node become one, with
+/// their `to` in an `<addresses/>` element. Returns (cluster, node, stanza).
+pub(crate) fn fan_out(out: Vec<(String, String, muc::Out)>) -> Vec<(String, String, Element)> {
+    // Keyed by node and the stanza without its `to`, in the order first seen. A
+    // recipient joins a group only if none of its stanzas is in a later group: each
+    // session still gets the room's stanzas in the order the room decided them.
+    let mut groups: Vec<(String, String, Element, Vec<FullJid>)> = vec![];
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut last: HashMap<FullJid, usize> = HashMap::new();
+    for (cluster, node, o) in out {
+        let mut bare = o.stanza.clone();
+        stanza::remove_attr(&mut bare, "to");
+        let key = (node.clone(), String::from(&bare));
+        let after = last.get(&o.to).copied();
+        let at = match index.get(&key) {
+            Some(&i) if groups[i].3.len() < MAX_ADDRESSES && after.is_none_or(|a| a <= i) => {
+                groups[i].3.push(o.to.clone());
+                i
+            }
+            _ => {
+                index.insert(key, groups.len());
+                groups.push((cluster, node, o.stanza, vec![o.to.clone()]));
+                groups.len() - 1
+            }
+        };
+        last.insert(o.to, at);
+    }
+    groups
+        .into_iter()
+        .map(|(cluster, node, mut stanza, to)| {
+            if to.len() > 1 {
+                let mut addresses = Element::bare("addresses", NS_ADDRESS);
+                for jid in &to {
+                    addresses.append_child(
+                        Element::builder("address", NS_ADDRESS)
+                            .attr(rxml::xml_ncname!("type").to_owned(), "bcc")
+                            .attr(rxml::xml_ncname!("jid").to_owned(), jid.to_string())
+                            .build(),
+                    );
+                }
+                stanza.append_child(addresses);
+            }
+            (cluster, node, stanza)
+        })
+        .collect()
+}
+
+/// The recipients a fanned-out stanza names (its `<addresses/>` removed), or `None`
+/// when it names none (a stanza for its `to` alone). At most [`MAX_ADDRESSES`];
+/// addresses that are not full JIDs are skipped.
+pub(crate) fn take_addresses(stanza: &mut Element) -> Option<Vec<FullJid>> {
+    let addresses = stanza.remove_child("addresses", NS_ADDRESS)?;
+    Some(
+        addresses
+            .children()
+            .filter(|a| a.name() == "address" && a.attr("type") == Some("bcc"))
+            .filter_map(|a| a.attr("jid").and_then(|j| FullJid::new(j).ok()))
+            .take(MAX_ADDRESSES)
+            .collect(),
+    )
+}
+
+/// Adds status code `code` to a room's presence (its `muc#user` element).
+fn with_status(presence: &mut Element, code: u16) {
+    if let Some(x) = presence.children_mut().find(|c| c.is("x", muc::NS_USER)) {
+        x.append_child(
+            Element::builder("status", muc::NS_USER)
+                .attr(rxml::xml_ncname!("code").to_owned(), code.to_string())
+                .build(),
+        );
+    }
+}
+
+/// The status codes of a room's presence.
+fn status_codes(presence: &Element) -> Vec<String> {
+    presence
+        .get_child("x", muc::NS_USER)
+        .map(|x| {
+            x.children()
+                .filter(|c| c.is("status", muc::NS_USER))
+                .filter_map(|c| c.attr("code").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Server {
+    /// Where the room `to` names is, for a stanza of a local session.
+    pub(crate) async fn muc_place(&self, to: &Jid) -> Place {
+        use impmesh_store::RoomHome;
+        let Some(name) = to.node() else {
+            return Place::Here;
+        };
+        if lock(&self.muc.rooms).contains_key(name.as_str()) {
+            return Place::Here;
+        }
+        match self.links.room_home(name.as_str()).await {
+            Ok(RoomHome::Local { node }) if node == self.config.node_name => Place::Here,
+            Ok(RoomHome::Local { node }) => Place::Refused(format!(
+                "{} lives on node {node}; rooms are served by one node of a cluster",
+                to.to_bare()
+            )),
+            Ok(RoomHome::Remote { cluster, node }) => Place::Peer {
+                cluster: cluster.into_string(),
+                node: node.into_string(),
+            },
+            Ok(RoomHome::Unknown) => Place::Here,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the room directory");
+                Place::Refused("the room directory cannot be read right now; try again".into())
+            }
+        }
+    }
+
+    /// Sends a local session's stanza to a room of another cluster, keeping the
+    /// session's seat for presence.
+    pub(crate) fn muc_to_peer(&self, cluster: &str, node: &str, from: &FullJid, stanza: &Element) {
+        if stanza.name() == "presence"
+            && let Some(Ok(to)) = stanza.attr("to").map(Jid::new)
+        {
+            let room = to.to_bare();
+            let mut seats = lock(&self.muc.mesh.seats);
+            if stanza.attr("type") == Some("unavailable") {
+                if let Some(mine) = seats.get_mut(from) {
+                    mine.remove(&room);
+                    if mine.is_empty() {
+                        seats.remove(from);
+                    }
+                }
+            } else if stanza.attr("type").is_none() {
+                let nick = to.resource().map(|r| r.to_string()).unwrap_or_default();
+                let seat = seats
+                    .entry(from.clone())
+                    .or_default()
+                    .entry(room)
+                    .or_insert_with(|| Seat {
+                        cluster: cluster.to_owned(),
+                        node: node.to_owned(),
+                        nick: nick.clone(),
+                        confirmed: false,
+                    });
+                if !seat.confirmed {
+                    seat.nick = nick;
+                }
+            }
+        }
+        self.forward(cluster, node, stanza);
+    }
+
+    /// A session that ends, or leaves: its unavailable presence to the room `to`,
+    /// over the link when the room is another cluster's. Whether it was.
+    pub(crate) fn muc_leave_peer(&self, session: &FullJid, to: &Jid) -> bool {
+        let seat = {
+            let mut seats = lock(&self.muc.mesh.seats);
+            let Some(mine) = seats.get_mut(session) else {
+                return false;
+            };
+            let seat = mine.remove(&to.to_bare());
+            if mine.is_empty() {
+                seats.remove(session);
+            }
+            seat
+        };
+        let Some(seat) = seat else {
+            return false;
+        };
+        let xml = format!(
+            "<presence xmlns='jabber:client' type='unavailable' from='{}' to='{}/{}'/>",
+            crate::xml::escape(&session.to_string()),
+            crate::xml::escape(&to.to_bare().to_string()),
+            crate::xml::escape(&seat.nick)
+        );
+        if let Some(p) = stanza::parse_own(&xml) {
+            self.forward(&seat.cluster, &seat.node, &p);
+        }
+        true
+    }
+
+    /// A stanza of a room of another cluster, for sessions homed here (checked by the
+    /// link): each recipient it names gets its copy; seats follow the room's word.
+    pub(crate) async fn room_stanza_from_link(&self, ty: Type, to: &Jid, mut stanza: Element) {
+        let recipients = match take_addresses(&mut stanza) {
+            Some(r) => r,
+            None => match to.clone().try_into_full() {
+                Ok(full) => vec![full],
+                // To an account (an invitation): delivered like any message.
+                Err(bare) => {
+                    if matches!(ty, Type::Message(_)) {
+                        let to = Jid::from(bare);
+                        if let Err(b) = self.deliver_local_message(stanza, &to).await {
+                            self.bounce(&b.stanza, b.condition, b.text);
+                        }
+                    }
+                    return;
+                }
+            },
+        };
+        let domain = self.config.domain.as_str();
+        for jid in recipients {
+            // The link checked the stanza's `to`; each address is checked here.
+            if jid.domain().as_str() != domain {
+                continue;
+            }
+            let user = jid.node().map(|n| n.as_str()).unwrap_or_default();
+            let local = self.hub.has_sessions(user)
+                || matches!(
+                    self.links.home_of(user).await,
+                    Ok(impmesh_store::Home::Local { .. })
+                );
+            if !local {
+                continue;
+            }
+            let mut copy = stanza.clone();
+            stanza::set_attr(&mut copy, "to", &jid.to_string());
+            if matches!(ty, Type::Presence(_)) {
+                self.seat_update(&jid, &copy);
+            }
+            self.send_to_jid(&copy);
+        }
+    }
+
+    /// What a room's presence to a local session says of its seat: confirmed (its
+    /// own presence, 110), moved (303), gone (unavailable), or refused (an error to
+    /// an entry not yet confirmed).
+    fn seat_update(&self, session: &FullJid, presence: &Element) {
+        let Some(Ok(from)) = presence.attr("from").map(Jid::new) else {
+            return;
+        };
+        let room = from.to_bare();
+        let codes = status_codes(presence);
+        let own = codes.iter().any(|c| c == "110");
+        let mut seats = lock(&self.muc.mesh.seats);
+        let Some(mine) = seats.get_mut(session) else {
+            return;
+        };
+        match presence.attr("type") {
+            Some("unavailable") if own && !codes.iter().any(|c| c == "303") => {
+                mine.remove(&room);
+            }
+            Some("error") if mine.get(&room).is_some_and(|s| !s.confirmed) => {
+                mine.remove(&room);
+            }
+            None if own => {
+                if let (Some(seat), Some(nick)) = (mine.get_mut(&room), from.resource()) {
+                    seat.confirmed = true;
+                    seat.nick = nick.to_string();
+                }
+            }
+            _ => {}
+        }
+        if mine.is_empty() {
+            seats.remove(session);
+        }
+    }
+
+    /// A stanza from a session of another cluster (node `node` of `cluster`, checked
+    /// by the link) to a room here: handled as a local session's; answers and errors
+    /// go back over the link.
+    pub(crate) fn muc_from_link(
+        &self,
+        cluster: &str,
+        node: &str,
+        ty: Type,
+        to: &Jid,
+        stanza: Element,
+    ) {
+        let Some(Ok(from)) = stanza.attr("from").map(FullJid::new) else {
+            return;
+        };
+        let reply = |reply: Option<Element>| {
+            if let Some(r) = reply {
+                self.forward(cluster, node, &r);
+            }
+        };
+        match ty {
+            Type::Presence(_) => {
+                if stanza.attr("type").is_none() {
+                    lock(&self.muc.mesh.visitors)
+                        .insert(from.clone(), (cluster.to_owned(), node.to_owned()));
+                }
+                let result = self.muc_presence(&from, &stanza, to);
+                if let Err(condition) = result
+                    && let Some(mut r) = crate::error::error_reply(&stanza, condition, None)
+                {
+                    if r.get_child("x", muc::NS).is_none() {
+                        r.append_child(Element::bare("x", muc::NS));
+                    }
+                    reply(Some(r));
+                }
+                self.forget_visitor_if_gone(&from);
+            }
+            Type::Message(_) => {
+                if let Err(condition) = self.muc_message(&from, &stanza, to) {
+                    reply(crate::error::error_reply(&stanza, condition, None));
+                }
+            }
+            Type::Iq(IqType::Get | IqType::Set) => {
+                let answer = match self.muc_iq(&from, &stanza, to) {
+                    Ok(payload) => {
+                        let xml = format!(
+                            "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
+                            crate::xml::escape(stanza.attr("id").unwrap_or_default()),
+                            crate::xml::escape(&to.to_string()),
+                            crate::xml::escape(&from.to_string()),
+                            payload.unwrap_or_default()
+                        );
+                        stanza::parse_own(&xml)
+                    }
+                    Err(condition) => crate::error::error_reply(&stanza, condition, None),
+                };
+                reply(answer);
+                self.forget_visitor_if_gone(&from);
+            }
+            Type::Iq(_) => {}
+        }
+    }
+
+    /// Forgets a visitor's node once its session is in no room here.
+    fn forget_visitor_if_gone(&self, session: &FullJid) {
+        let inside = lock(&self.muc.rooms)
+            .values()
+            .any(|r| r.nick_of(session).is_some());
+        if !inside {
+            lock(&self.muc.mesh.visitors).remove(session);
+        }
+    }
+
+    /// The link from `node` went down. Its sessions in rooms here are out: the others
+    /// see them go with status 333. Local sessions in rooms on that node are told they
+    /// are out, with 333 (their clients enter again when they see fit).
+    pub(crate) fn muc_node_lost(&self, node: &str) {
+        if self.config.muc.is_none() {
+            return;
+        }
+        let gone: Vec<FullJid> = lock(&self.muc.mesh.visitors)
+            .iter()
+            .filter(|(_, (_, n))| n == node)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if !gone.is_empty() {
+            let unavailable = Element::builder("presence", ns::CLIENT)
+                .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
+                .build();
+            let mut rooms = lock(&self.muc.rooms);
+            let mut emptied = vec![];
+            for (name, room) in rooms.iter_mut() {
+                for session in &gone {
+                    if room.nick_of(session).is_none() {
+                        continue;
+                    }
+                    // The session itself is told too: the link it came over is
+                    // only one direction of two, the other may still carry it.
+                    let out: Vec<muc::Out> = room
+                        .leave(session, &unavailable)
+                        .into_iter()
+                        .map(|mut o| {
+                            with_status(&mut o.stanza, 333);
+                            o
+                        })
+                        .collect();
+                    self.muc_send(out);
+                }
+                if room.is_empty() && !room.config.persistent {
+                    emptied.push(name.clone());
+                }
+            }
+            for name in emptied {
+                rooms.remove(&name);
+                self.muc.changed.notify_one();
+            }
+            drop(rooms);
+            let mut visitors = lock(&self.muc.mesh.visitors);
+            for s in &gone {
+                visitors.remove(s);
+            }
+            tracing::info!(%node, sessions = gone.len(), "router link lost; its sessions left the rooms here");
+        }
+        let cut: Vec<(FullJid, BareJid, String)> = {
+            let mut seats = lock(&self.muc.mesh.seats);
+            let mut cut = vec![];
+            seats.retain(|session, mine| {
+                mine.retain(|room, seat| {
+                    if seat.node == node {
+                        cut.push((session.clone(), room.clone(), seat.nick.clone()));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                !mine.is_empty()
+            });
+            cut
+        };
+        for (session, room, nick) in &cut {
+            let xml = format!(
+                "<presence xmlns='jabber:client' type='unavailable' from='{}/{}' to='{}'>\
+                 <x xmlns='{}'><item affiliation='none' role='none'/>\
+                 <status code='110'/><status code='333'/></x></presence>",
+                crate::xml::escape(&room.to_string()),
+                crate::xml::escape(nick),
+                crate::xml::escape(&session.to_string()),
+                muc::NS_USER
+            );
+            if let Some(p) = stanza::parse_own(&xml) {
+                self.send_to_jid(&p);
+            }
+        }
+        if !cut.is_empty() {
+            tracing::info!(%node, seats = cut.len(), "router link lost; sessions here told they are out of its rooms");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(to: &str, body: &str) -> muc::Out {
+        let to = FullJid::new(to).unwrap();
+        let stanza = stanza::parse_own(&format!(
+            "<message xmlns='jabber:client' type='groupchat' from='r@conference.d/n' to='{to}'><body>{body}</body></message>"
+        ))
+        .unwrap();
+        muc::Out { to, stanza }
+    }
+
+    /// The same stanza for several sessions of a node goes once, naming them; other
+    /// nodes and other stanzas go apart, in order.
+    #[test]
+    fn a_broadcast_goes_once_per_node_naming_the_recipients() {
+        let at = |node: &str, o| ("c".to_owned(), node.to_owned(), o);
+        let sent = fan_out(vec![
+            at("n1", out("a@d/1", "hi")),
+            at("n2", out("b@d/1", "hi")),
+            at("n1", out("c@d/1", "hi")),
+            at("n1", out("c@d/2", "other")),
+        ]);
+        assert_eq!(sent.len(), 3);
+        let (_, node, mut first) = sent[0].clone();
+        assert_eq!(node, "n1");
+        let to = take_addresses(&mut first).unwrap();
+        assert_eq!(
+            to.iter().map(|j| j.to_string()).collect::<Vec<_>>(),
+            ["a@d/1", "c@d/1"]
+        );
+        assert!(first.get_child("addresses", NS_ADDRESS).is_none());
+        // One recipient: a plain stanza.
+        let (_, node, mut second) = sent[1].clone();
+        assert_eq!(node, "n2");
+        assert!(take_addresses(&mut second).is_none());
+        assert_eq!(second.attr("to"), Some("b@d/1"));
+    }
+
+    /// A session's stanzas keep their order: a recipient does not join a group that
+    /// comes before one of its earlier stanzas.
+    #[test]
+    fn fanning_out_keeps_each_sessions_order() {
+        let at = |o| ("c".to_owned(), "n1".to_owned(), o);
+        let sent = fan_out(vec![
+            at(out("y@d/1", "second")),
+            at(out("x@d/1", "first")),
+            at(out("x@d/1", "second")),
+        ]);
+        let seen: Vec<(Option<&str>, String)> = sent
+            .iter()
+            .map(|(_, _, s)| {
+                let body = s.get_child("body", "jabber:client").unwrap().text();
+                (s.attr("to"), body)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (Some("y@d/1"), "second".to_owned()),
+                (Some("x@d/1"), "first".to_owned()),
+                (Some("x@d/1"), "second".to_owned()),
+            ],
+            "x's second may not go before its first"
+        );
+    }
+
+    /// A peer's address list is bounded and keeps full JIDs only.
+    #[test]
+    fn a_peers_address_list_is_bounded() {
+        let mut addresses = String::new();
+        for i in 0..MAX_ADDRESSES + 5 {
+            addresses.push_str(&format!("<address type='bcc' jid='u{i}@d/r'/>"));
+        }
+        addresses.push_str("<address type='bcc' jid='bare@d'/>");
+        let mut m = stanza::parse_own(&format!(
+            "<message xmlns='jabber:client' to='a@d/r'><addresses xmlns='{NS_ADDRESS}'>{addresses}</addresses></message>"
+        ))
+        .unwrap();
+        assert_eq!(take_addresses(&mut m).unwrap().len(), MAX_ADDRESSES);
+    }
+}
