@@ -878,12 +878,21 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
         &format!("<message type='groupchat' to='{ROOM}'><body>hello B</body></message>"),
     )
     .await;
+    let mut ids = vec![];
     for client in [&mut bob, &mut carol] {
-        expect(client, 10, "Alice's message", |e| {
+        let m = expect(client, 10, "Alice's message", |e| {
             from_occupant(e, "Alice") && body(e).as_deref() == Some("hello B")
         })
         .await;
+        // XEP-0421: the room names Alice's account by one opaque id.
+        let id = m
+            .get_child("occupant-id", "urn:xmpp:occupant-id:0")
+            .and_then(|o| o.attr("id"))
+            .map(str::to_owned);
+        ids.push(id.unwrap_or_else(|| panic!("{}", String::from(&m))));
     }
+    assert_eq!(ids[0], ids[1]);
+    assert!(!ids[0].contains("alice"));
     assert_eq!(
         from_a(&b) - before,
         1,

@@ -637,29 +637,38 @@ async fn a_rogue_peer_cannot_announce_nodes_it_does_not_have() {
     );
 }
 
-/// A room speaks over a link only from its home cluster, and only to accounts homed
-/// where it arrives: C cannot speak for A's room, nor have B pass its own room's
-/// broadcast on to A's users.
+/// A room speaks over a link only from its home cluster, and only to sessions that
+/// entered it where it arrives: C cannot speak for A's room, nor have B pass its own
+/// room's broadcast on to A's users or to B's users who are not in it.
 #[tokio::test]
 async fn a_rogue_peer_cannot_speak_for_rooms_it_does_not_home() {
     let muc = |c: &mut impmesh::config::Config| c.muc.enabled = true;
     let a = support::mesh_cluster(A, &["alice"], muc).await;
-    let b = support::mesh_cluster(B, &["bea"], muc).await;
+    let b = support::mesh_cluster(B, &["bea", "ben"], muc).await;
     let c = support::mesh_cluster(C, &["carl"], muc).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64;
-    for (node, cluster, room) in [(&a, A, "team"), (&c, C, "rogue")] {
-        node.node
-            .server
-            .store
-            .claim_room(room, cluster, &format!("node1.{cluster}"), now)
-            .await
-            .unwrap();
+    // Alice makes room "team" on A, Carl room "rogue" on C (open to all).
+    let mut alice = a.client("alice", "pw", Some("phone"));
+    let mut carl = c.client("carl", "pw", Some("desk"));
+    for (client, room) in [(&mut alice, "team"), (&mut carl, "rogue")] {
+        online(client).await;
+        send(client, "<presence/>").await;
+        send(
+            client,
+            &format!("<presence to='{room}@conference.{DOMAIN}/owner'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+        .await;
+        send(
+            client,
+            &format!("<iq type='set' id='open' to='{room}@conference.{DOMAIN}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"),
+        )
+        .await;
+        expect(client, 10, "the room open", |e| {
+            e.attr("id") == Some("open")
+        })
+        .await;
     }
-    peer_clusters(&a, &b, 1, 1).await;
-    peer_clusters(&c, &b, 1, 1).await;
+    peer_clusters(&a, &b, 1, 2).await;
+    peer_clusters(&c, &b, 1, 2).await;
     let store_b = b.node.server.store.clone();
     for room in ["team", "rogue"] {
         eventually(10, "the rooms known to B", || async {
@@ -668,11 +677,22 @@ async fn a_rogue_peer_cannot_speak_for_rooms_it_does_not_home() {
         .await;
     }
     let mut bea = b.client("bea", "pw", Some("desk"));
-    let mut alice = a.client("alice", "pw", Some("phone"));
-    for client in [&mut bea, &mut alice] {
+    let mut ben = b.client("ben", "pw", Some("desk"));
+    for client in [&mut bea, &mut ben] {
         online(client).await;
         send(client, "<presence/>").await;
     }
+    // Bea enters C's room (a genuine one): its stanzas reach her, and only her.
+    send(
+        &mut bea,
+        &format!("<presence to='rogue@conference.{DOMAIN}/bea'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+    )
+    .await;
+    expect(&mut bea, 10, "in C's room", |e| {
+        e.attr("from") == Some(&*format!("rogue@conference.{DOMAIN}/bea"))
+            && e.attr("type").is_none()
+    })
+    .await;
     let groupchat = |room: &str, to: &str, text: &str, extra: &str| {
         format!(
             "<message xmlns='jabber:client' type='groupchat' from='{room}@conference.{DOMAIN}/x' \
@@ -688,14 +708,16 @@ async fn a_rogue_peer_cannot_speak_for_rooms_it_does_not_home() {
     let alice_jid = format!("alice@{DOMAIN}/phone");
     let relay = format!(
         "<addresses xmlns='http://jabber.org/protocol/address'>\
-         <address type='bcc' jid='{bea_jid}'/><address type='bcc' jid='{alice_jid}'/></addresses>"
+         <address type='bcc' jid='{bea_jid}'/><address type='bcc' jid='{alice_jid}'/>\
+         <address type='bcc' jid='ben@{DOMAIN}/desk'/></addresses>"
     );
     for stanza in [
         // As A's room: refused.
         groupchat("team", &bea_jid, "as A's room", ""),
         // C's own room, to A's user: refused.
         groupchat("rogue", &alice_jid, "to A's user", ""),
-        // C's own room, to bea and (through B) to A's user: bea only.
+        // C's own room, to bea, (through B) to A's user, and to ben, who is not in
+        // it: bea only.
         groupchat("rogue", &bea_jid, "genuine", &relay),
     ] {
         link.write_all(stanza.as_bytes()).await.unwrap();
@@ -718,5 +740,11 @@ async fn a_rogue_peer_cannot_speak_for_rooms_it_does_not_home() {
             .await
             .is_empty(),
         "nothing relayed to A"
+    );
+    assert!(
+        collect(&mut ben, 300, |e| body(e).is_some())
+            .await
+            .is_empty(),
+        "nothing for one who is not in the room"
     );
 }

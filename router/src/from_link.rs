@@ -47,7 +47,7 @@ impl LinkRouter for Server {
                 return;
             }
             if self.is_muc(&to) {
-                self.muc_from_link(cluster, node, ty, &to, stanza);
+                self.muc_from_link(cluster, node, ty, &to, stanza).await;
                 return;
             }
             match ty {

@@ -135,12 +135,26 @@ pub(crate) struct Rooms {
     /// Occupants homed on other clusters, and this node's sessions in rooms of
     /// other clusters.
     mesh: mesh::Mesh,
+    /// The cluster's secret for occupant ids (XEP-0421), from the store at start
+    /// (a random one for a server that never restores rooms, as in unit tests).
+    occupant_secret: std::sync::OnceLock<[u8; 32]>,
     /// The version of the last write of a room to the store (microseconds, made to
     /// grow): the store keeps the newest whatever order writes land in.
     version: AtomicI64,
 }
 
 impl Rooms {
+    /// The secret a room derives its occupant ids with: the cluster's, keyed by the
+    /// room's address, so that ids differ from room to room and survive restarts.
+    fn occupant_key(&self, room: &BareJid) -> [u8; 32] {
+        use hmac::{KeyInit as _, Mac as _};
+        let secret = self.occupant_secret.get_or_init(rand::random);
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(room.as_str().as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     fn next_version(&self) -> i64 {
         let now = crate::time::now_micros();
         let prev = self
@@ -228,6 +242,8 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
 
 /// XEP-0410: the room answers a client's ping of its own occupant JID itself.
 const SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
+/// The name of the cluster secret occupant ids are derived from.
+const OCCUPANT_ID_SECRET: &str = "muc-occupant-id";
 
 /// Features of the service itself.
 const SERVICE_FEATURES: &[&str] = &[muc::NS, ns::DISCO_INFO, ns::DISCO_ITEMS];
@@ -246,6 +262,13 @@ impl Server {
             }
             return Ok(0);
         };
+        let secret = self
+            .store
+            .cluster_secret(OCCUPANT_ID_SECRET, || rand::random::<[u8; 32]>().to_vec())
+            .await?;
+        if let Ok(secret) = <[u8; 32]>::try_from(secret.as_slice()) {
+            let _ = self.muc.occupant_secret.set(secret);
+        }
         let stored = self.store.rooms(crate::time::now_micros()).await?;
         // Later writes must be newer than any stored, tombstones too (a clock set
         // back would otherwise lose a room made again under a destroyed one's name).
@@ -255,7 +278,8 @@ impl Server {
         for s in stored {
             let name = s.name.clone();
             match restored(settings, s) {
-                Some(room) => {
+                Some(mut room) => {
+                    room.set_occupant_key(self.muc.occupant_key(room.jid()));
                     rooms.insert(name, room);
                 }
                 None => {
@@ -478,12 +502,20 @@ impl Server {
     fn muc_send(&self, out: Vec<muc::Out>) {
         let mut remote = vec![];
         {
-            let visitors = lock(&self.muc.mesh.visitors);
+            let mut visitors = lock(&self.muc.mesh.visitors);
             for o in out {
-                match visitors.get(&o.to) {
-                    Some((cluster, node)) => remote.push((cluster.clone(), node.clone(), o)),
-                    None => self.send_to_jid(&o.stanza),
+                let Some(v) = visitors.get(&o.to) else {
+                    self.send_to_jid(&o.stanza);
+                    continue;
+                };
+                let (cluster, node) = (v.cluster.clone(), v.node.clone());
+                // Out of the room (left, kicked, banned, the room gone): forgotten.
+                if mesh::says_out(&o.stanza)
+                    && let Some(room) = mesh::room_of(&o.stanza)
+                {
+                    mesh::forget_room(&mut visitors, &o.to, &room);
                 }
+                remote.push((cluster, node, o));
             }
         }
         // Sessions of other clusters: each distinct stanza once per node, in order.
@@ -507,6 +539,9 @@ impl Server {
             // XEP-0045 §7.2.1: entering needs a nick.
             return Err(StanzaErrorCondition::JidMalformed);
         };
+        if mesh::elements(presence) > mesh::MAX_ROOM_STANZA_ELEMENTS {
+            return Err(StanzaErrorCondition::ResourceConstraint);
+        }
         let room_name = room_name.as_str().to_owned();
         let nick = nick.as_str();
         let unavailable = presence.attr("type") == Some("unavailable");
@@ -542,7 +577,9 @@ impl Server {
                 ..muc::Config::default()
             };
             let jid = to.to_bare();
-            rooms.insert(room_name.clone(), Room::create(jid, &creator, config));
+            let mut room = Room::create(jid, &creator, config);
+            room.set_occupant_key(self.muc.occupant_key(room.jid()));
+            rooms.insert(room_name.clone(), room);
             self.muc.changed.notify_one();
         }
         let Some(room) = rooms.get_mut(&room_name) else {
@@ -587,6 +624,9 @@ impl Server {
         let Some(room_name) = to.node() else {
             return Err(StanzaErrorCondition::ServiceUnavailable);
         };
+        if mesh::elements(message) > mesh::MAX_ROOM_STANZA_ELEMENTS {
+            return Err(StanzaErrorCondition::ResourceConstraint);
+        }
         let groupchat = message.attr("type") == Some("groupchat");
         let now = crate::time::now_micros();
         let mut rooms = lock(&self.muc.rooms);
@@ -657,6 +697,7 @@ impl Server {
                 for f in [
                     muc::NS,
                     SELF_PING,
+                    muc::NS_OCCUPANT_ID,
                     pick(c.public, "muc_public", "muc_hidden"),
                     pick(c.members_only, "muc_membersonly", "muc_open"),
                     pick(c.moderated, "muc_moderated", "muc_unmoderated"),

@@ -31,6 +31,10 @@ use crate::xml::ns;
 pub const NS: &str = "http://jabber.org/protocol/muc";
 pub const NS_USER: &str = "http://jabber.org/protocol/muc#user";
 pub const NS_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+/// XEP-0421: the room names each occupant's account by an opaque id of its own.
+pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
+/// XEP-0033: addresses only servers put in stanzas between them (router links).
+const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
 pub use form::{FORM_TYPE, Limits};
 /// XEP-0203's delayed delivery, on history.
@@ -239,6 +243,10 @@ pub struct Room {
     locked: bool,
     /// The room was just created: the owner's first self-presence says so (201).
     created: bool,
+    /// The secret occupant ids are derived with (XEP-0421): the same for the room's
+    /// life, across restarts, and unknown outside the service, so that an id tells
+    /// nothing of the account.
+    occupant_key: [u8; 32],
 }
 
 type Refusal = StanzaErrorCondition;
@@ -257,6 +265,7 @@ impl Room {
             invited: VecDeque::new(),
             locked: true,
             created: true,
+            occupant_key: [0; 32],
         }
     }
 
@@ -282,7 +291,35 @@ impl Room {
             invited: VecDeque::new(),
             locked: false,
             created: false,
+            occupant_key: [0; 32],
         }
+    }
+
+    /// Sets the secret occupant ids are derived with (the service's, for this room).
+    pub fn set_occupant_key(&mut self, key: [u8; 32]) {
+        self.occupant_key = key;
+    }
+
+    /// The occupant id of `account` in this room (XEP-0421 §4): the same whatever
+    /// its sessions and nicks, another in every room.
+    pub fn occupant_id(&self, account: &BareJid) -> String {
+        use base64::Engine as _;
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.occupant_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(account.as_str().as_bytes());
+        let digest = mac.finalize().into_bytes();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..18])
+    }
+
+    /// An `<occupant-id/>` element for `account`.
+    fn occupant_id_el(&self, account: &BareJid) -> Element {
+        Element::builder("occupant-id", NS_OCCUPANT_ID)
+            .attr(
+                rxml::xml_ncname!("id").to_owned(),
+                self.occupant_id(account),
+            )
+            .build()
     }
 
     pub fn jid(&self) -> &BareJid {
@@ -619,6 +656,7 @@ impl Room {
         stanza::remove_attr(&mut m, "to");
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
         stanza::set_attr(&mut m, "type", "groupchat");
+        m.append_child(self.occupant_id_el(&from.to_bare()));
         if has_body && self.config.history_length > 0 {
             let chars = stanza::serialize(&m).len();
             self.history.push_back(Kept {
@@ -769,6 +807,7 @@ impl Room {
         let mut m = self.relayed(message);
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
         m.append_child(Element::bare("x", NS_USER));
+        m.append_child(self.occupant_id_el(&from.to_bare()));
         Ok(target
             .sessions
             .iter()
@@ -836,6 +875,8 @@ impl Room {
         }
         for child in message.children() {
             let forged = child.ns() == NS_USER
+                || child.ns() == NS_OCCUPANT_ID
+                || child.ns() == NS_ADDRESS
                 || (child.is("stanza-id", SID) && child.attr("by") == Some(room))
                 || (child.is("delay", DELAY) && child.attr("from") == Some(room));
             if !forged {
@@ -903,6 +944,7 @@ impl Room {
             );
         }
         p.append_child(x);
+        p.append_child(self.occupant_id_el(&occupant.bare));
         p
     }
 
@@ -982,7 +1024,8 @@ fn room_presence(presence: &Element) -> Element {
         stanza::set_attr(&mut p, "type", t);
     }
     for child in presence.children() {
-        if child.ns() == NS || child.ns() == NS_USER {
+        // The MUC elements it sent, and what only the room (or a server) may say.
+        if [NS, NS_USER, NS_OCCUPANT_ID, NS_ADDRESS].contains(&child.ns().as_str()) {
             continue;
         }
         p.append_child(child.clone());
@@ -1507,15 +1550,71 @@ mod tests {
              <stanza-id xmlns='urn:xmpp:sid:0' by='team@conference.d' id='x'/>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='alice@d' id='y'/>\
              <delay xmlns='urn:xmpp:delay' from='team@conference.d' stamp='2020-01-01T00:00:00Z'/>\
+             <occupant-id xmlns='urn:xmpp:occupant-id:0' id='someone-else'/>\
+             <addresses xmlns='http://jabber.org/protocol/address'><address type='bcc' jid='x@d/r'/></addresses>\
              <x xmlns='http://jabber.org/protocol/muc#user'><status code='110'/></x></message>",
         );
         let out = room
             .groupchat(&full("alice@d/laptop"), &forged, NOW)
             .unwrap();
         let m = &out[0].stanza;
-        let kept: Vec<(&str, Option<&str>)> =
-            m.children().map(|c| (c.name(), c.attr("by"))).collect();
-        assert_eq!(kept, [("body", None), ("stanza-id", Some("alice@d"))]);
+        let kept: Vec<(&str, Option<&str>)> = m
+            .children()
+            .map(|c| (c.name(), c.attr("by").or(c.attr("id"))))
+            .collect();
+        let alice = room.occupant_id(&bare("alice@d"));
+        assert_eq!(
+            kept,
+            [
+                ("body", None),
+                ("stanza-id", Some("alice@d")),
+                ("occupant-id", Some(alice.as_str()))
+            ]
+        );
+    }
+
+    /// XEP-0421: every presence and message of an occupant names its account by the
+    /// same opaque id, whatever the session or nick; another account, another id;
+    /// another secret (another room), another id; an id a client sends in its
+    /// presence is not passed on.
+    #[test]
+    fn occupants_are_named_by_an_opaque_id_of_their_account() {
+        let mut room = room_with_alice(Config::default());
+        room.set_occupant_key([7; 32]);
+        let alice = room.occupant_id(&bare("alice@d"));
+        assert!(!alice.contains("alice") && alice.len() == 24, "{alice}");
+        let forged = el(
+            "<presence xmlns='jabber:client'><occupant-id xmlns='urn:xmpp:occupant-id:0' id='fake'/></presence>",
+        );
+        let out = room
+            .join(&full("bob@d/phone"), "Bob", &Join::default(), &forged, NOW)
+            .unwrap();
+        let bob = room.occupant_id(&bare("bob@d"));
+        assert_ne!(alice, bob);
+        // The room's own messages (the subject) name no occupant.
+        for o in out.iter().filter(|o| o.stanza.name() == "presence") {
+            let ids: Vec<&str> = o
+                .stanza
+                .children()
+                .filter(|c| c.is("occupant-id", NS_OCCUPANT_ID))
+                .filter_map(|c| c.attr("id"))
+                .collect();
+            let from = o.stanza.attr("from").unwrap_or_default();
+            let expected = if from.ends_with("/Bob") { &bob } else { &alice };
+            assert_eq!(ids, [expected.as_str()], "{}", String::from(&o.stanza));
+        }
+        let said = room
+            .groupchat(&full("bob@d/phone"), &message("hi"), NOW)
+            .unwrap();
+        assert!(said.iter().all(|o| {
+            o.stanza
+                .get_child("occupant-id", NS_OCCUPANT_ID)
+                .and_then(|c| c.attr("id"))
+                == Some(bob.as_str())
+        }));
+        // Another room has another secret (the service derives one per room).
+        room.set_occupant_key([8; 32]);
+        assert_ne!(room.occupant_id(&bare("alice@d")), alice);
     }
 
     #[test]

@@ -51,7 +51,7 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 const BATCH: usize = 64;
 /// Largest stanza accepted from a link: above the client limit, since a stanza may
 /// grow on its way (delay stamps, forwarded copies).
-const MAX_LINK_STANZA: usize = 1024 * 1024;
+pub(crate) const MAX_LINK_STANZA: usize = 1024 * 1024;
 
 /// Counters of one link, as `impmesh peer status` shows them.
 #[derive(Debug, Default)]

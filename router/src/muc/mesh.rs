@@ -27,9 +27,24 @@ use crate::xml::ns;
 /// XEP-0033 extended stanza addressing: one stanza for many recipients of a node.
 pub(crate) const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 
-/// Recipients one fanned-out stanza names at most (a room's occupants on one node are
-/// at most `[muc] max_occupants` sessions' worth; a node refuses more).
-pub(crate) const MAX_ADDRESSES: usize = 10_000;
+/// Recipients one fanned-out stanza names at most; more go in further copies.
+pub(crate) const MAX_ADDRESSES: usize = 1_000;
+
+/// What one stanza on a router link may hold (the receiving link's frame limits):
+/// a fanned-out stanza with its addresses stays within them.
+const LINK_ELEMENTS: usize = 4096;
+const LINK_BYTES: usize = crate::link::MAX_LINK_STANZA;
+
+/// The elements of `el`, itself included.
+pub(crate) fn elements(el: &Element) -> usize {
+    1 + el.children().map(elements).sum::<usize>()
+}
+
+/// Whether `el` may go over a router link as it is (the receiving end would close
+/// a link that brings more than its frame limits).
+fn fits_link(el: &Element) -> bool {
+    elements(el) + 8 <= LINK_ELEMENTS && String::from(el).len() + 1024 <= LINK_BYTES
+}
 
 /// A local session's place in a room of another cluster.
 #[derive(Debug, Clone)]
@@ -52,11 +67,24 @@ pub(crate) enum Place {
     Refused(String),
 }
 
+/// A session of another cluster in rooms here.
+#[derive(Debug, Clone)]
+pub(crate) struct Visitor {
+    pub(crate) cluster: String,
+    pub(crate) node: String,
+    /// The rooms (names) it is in, or entering.
+    rooms: std::collections::HashSet<String>,
+}
+
+/// Elements a stanza to a room may hold at most: with what the room adds, what it
+/// sends on stays within a router link's frame limits.
+pub(crate) const MAX_ROOM_STANZA_ELEMENTS: usize = 3_500;
+
 /// The mesh's bookkeeping of the rooms of a node.
 #[derive(Debug, Default)]
 pub(crate) struct Mesh {
-    /// Sessions of other clusters in rooms here: the (cluster, node) each is homed on.
-    pub(crate) visitors: std::sync::Mutex<HashMap<FullJid, (String, String)>>,
+    /// Sessions of other clusters in rooms here, with the node each is homed on.
+    pub(crate) visitors: std::sync::Mutex<HashMap<FullJid, Visitor>>,
     /// Local sessions in rooms of other clusters, by session and room.
     seats: std::sync::Mutex<HashMap<FullJid, HashMap<BareJid, Seat>>>,
 }
@@ -68,22 +96,50 @@ pub(crate) fn fan_out(out: Vec<(String, String, muc::Out)>) -> Vec<(String, Stri
     // Keyed by node and the stanza without its `to`, in the order first seen. A
     // recipient joins a group only if none of its stanzas is in a later group: each
     // session still gets the room's stanzas in the order the room decided them.
-    let mut groups: Vec<(String, String, Element, Vec<FullJid>)> = vec![];
+    // Each group: its stanza, recipients, and how many more addresses and bytes of
+    // them fit on a link.
+    struct Group {
+        cluster: String,
+        node: String,
+        stanza: Element,
+        to: Vec<FullJid>,
+        room: (usize, usize),
+    }
+    let mut groups: Vec<Group> = vec![];
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut last: HashMap<FullJid, usize> = HashMap::new();
-    for (cluster, node, o) in out {
+    for (cluster, node, mut o) in out {
+        // Only this fan-out names recipients (the room strips what clients send).
+        while o.stanza.remove_child("addresses", NS_ADDRESS).is_some() {}
         let mut bare = o.stanza.clone();
         stanza::remove_attr(&mut bare, "to");
-        let key = (node.clone(), String::from(&bare));
+        let text = String::from(&bare);
+        // An address: about 40 bytes of markup and the JID, escaped at worst 6×.
+        let cost = 40 + 6 * o.to.as_str().len();
+        let key = (node.clone(), text);
         let after = last.get(&o.to).copied();
+        let fits = |g: &Group| g.to.len() < MAX_ADDRESSES && g.room.0 >= 1 && g.room.1 >= cost;
         let at = match index.get(&key) {
-            Some(&i) if groups[i].3.len() < MAX_ADDRESSES && after.is_none_or(|a| a <= i) => {
-                groups[i].3.push(o.to.clone());
+            Some(&i) if fits(&groups[i]) && after.is_none_or(|a| a <= i) => {
+                let g = &mut groups[i];
+                g.to.push(o.to.clone());
+                g.room = (g.room.0 - 1, g.room.1 - cost);
                 i
             }
             _ => {
+                // The room for addresses beside the stanza (and its `<addresses/>`).
+                let room = (
+                    LINK_ELEMENTS.saturating_sub(elements(&o.stanza) + 1),
+                    LINK_BYTES.saturating_sub(key.1.len() + 256),
+                );
                 index.insert(key, groups.len());
-                groups.push((cluster, node, o.stanza, vec![o.to.clone()]));
+                groups.push(Group {
+                    cluster,
+                    node,
+                    stanza: o.stanza,
+                    to: vec![o.to.clone()],
+                    room,
+                });
                 groups.len() - 1
             }
         };
@@ -91,21 +147,29 @@ pub(crate) fn fan_out(out: Vec<(String, String, muc::Out)>) -> Vec<(String, Stri
     }
     groups
         .into_iter()
-        .map(|(cluster, node, mut stanza, to)| {
-            if to.len() > 1 {
-                let mut addresses = Element::bare("addresses", NS_ADDRESS);
-                for jid in &to {
-                    addresses.append_child(
-                        Element::builder("address", NS_ADDRESS)
-                            .attr(rxml::xml_ncname!("type").to_owned(), "bcc")
-                            .attr(rxml::xml_ncname!("jid").to_owned(), jid.to_string())
-                            .build(),
-                    );
+        .map(
+            |Group {
+                 cluster,
+                 node,
+                 mut stanza,
+                 to,
+                 ..
+             }| {
+                if to.len() > 1 {
+                    let mut addresses = Element::bare("addresses", NS_ADDRESS);
+                    for jid in &to {
+                        addresses.append_child(
+                            Element::builder("address", NS_ADDRESS)
+                                .attr(rxml::xml_ncname!("type").to_owned(), "bcc")
+                                .attr(rxml::xml_ncname!("jid").to_owned(), jid.to_string())
+                                .build(),
+                        );
+                    }
+                    stanza.append_child(addresses);
                 }
-                stanza.append_child(addresses);
-            }
-            (cluster, node, stanza)
-        })
+                (cluster, node, stanza)
+            },
+        )
         .collect()
 }
 
@@ -135,6 +199,25 @@ fn with_status(presence: &mut Element, code: u16) {
     }
 }
 
+/// Whether a room's presence says the session is out of the room: its own
+/// unavailable presence (110, but not a nick change, 303), or the room's end.
+pub(crate) fn says_out(presence: &Element) -> bool {
+    if presence.name() != "presence" || presence.attr("type") != Some("unavailable") {
+        return false;
+    }
+    let codes = status_codes(presence);
+    let destroyed = presence
+        .get_child("x", muc::NS_USER)
+        .is_some_and(|x| x.get_child("destroy", muc::NS_USER).is_some());
+    destroyed || (codes.iter().any(|c| c == "110") && !codes.iter().any(|c| c == "303"))
+}
+
+/// The room a room's stanza comes from (its `from`'s local part).
+pub(crate) fn room_of(stanza: &Element) -> Option<String> {
+    let from = Jid::new(stanza.attr("from")?).ok()?;
+    Some(from.node()?.to_string())
+}
+
 /// The status codes of a room's presence.
 fn status_codes(presence: &Element) -> Vec<String> {
     presence
@@ -146,6 +229,16 @@ fn status_codes(presence: &Element) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Forgets that `session` is in `room`, and the visitor once it is in no room.
+pub(crate) fn forget_room(visitors: &mut HashMap<FullJid, Visitor>, session: &FullJid, room: &str) {
+    if let Some(v) = visitors.get_mut(session) {
+        v.rooms.remove(room);
+        if v.rooms.is_empty() {
+            visitors.remove(session);
+        }
+    }
 }
 
 impl Server {
@@ -260,6 +353,13 @@ impl Server {
             },
         };
         let domain = self.config.domain.as_str();
+        let Some(room) = stanza
+            .attr("from")
+            .and_then(|f| Jid::new(f).ok())
+            .map(|f| f.to_bare())
+        else {
+            return;
+        };
         for jid in recipients {
             // The link checked the stanza's `to`; each address is checked here.
             if jid.domain().as_str() != domain {
@@ -274,6 +374,17 @@ impl Server {
             if !local {
                 continue;
             }
+            // Only to sessions that entered the room (or are entering it): answers to
+            // their own requests aside, a room speaks to its occupants.
+            let answer = matches!(ty, Type::Iq(IqType::Result | IqType::Error))
+                || stanza.attr("type") == Some("error");
+            if !answer && !self.has_seat(&jid, &room) {
+                tracing::debug!(session = %jid, room = %room, "a room's stanza for a session not in it; dropped");
+                continue;
+            }
+            if matches!(ty, Type::Iq(IqType::Get | IqType::Set)) {
+                continue;
+            }
             let mut copy = stanza.clone();
             stanza::set_attr(&mut copy, "to", &jid.to_string());
             if matches!(ty, Type::Presence(_)) {
@@ -281,6 +392,13 @@ impl Server {
             }
             self.send_to_jid(&copy);
         }
+    }
+
+    /// Whether `session` entered (or is entering) the room `room` of another cluster.
+    fn has_seat(&self, session: &FullJid, room: &BareJid) -> bool {
+        lock(&self.muc.mesh.seats)
+            .get(session)
+            .is_some_and(|mine| mine.contains_key(room))
     }
 
     /// What a room's presence to a local session says of its seat: confirmed (its
@@ -298,7 +416,7 @@ impl Server {
             return;
         };
         match presence.attr("type") {
-            Some("unavailable") if own && !codes.iter().any(|c| c == "303") => {
+            Some("unavailable") if says_out(presence) => {
                 mine.remove(&room);
             }
             Some("error") if mine.get(&room).is_some_and(|s| !s.confirmed) => {
@@ -320,7 +438,7 @@ impl Server {
     /// A stanza from a session of another cluster (node `node` of `cluster`, checked
     /// by the link) to a room here: handled as a local session's; answers and errors
     /// go back over the link.
-    pub(crate) fn muc_from_link(
+    pub(crate) async fn muc_from_link(
         &self,
         cluster: &str,
         node: &str,
@@ -331,6 +449,19 @@ impl Server {
         let Some(Ok(from)) = stanza.attr("from").map(FullJid::new) else {
             return;
         };
+        let room = to.node().map(|n| n.to_string()).unwrap_or_default();
+        // Only rooms of this node: a peer whose directory is stale is told so, and no
+        // second room of a name homed elsewhere is made here.
+        if !matches!(self.muc_place(to).await, Place::Here) {
+            if let Some(r) = crate::error::error_reply(
+                &stanza,
+                crate::error::StanzaErrorCondition::ServiceUnavailable,
+                Some("this room does not live on this node"),
+            ) {
+                self.forward(cluster, node, &r);
+            }
+            return;
+        }
         let reply = |reply: Option<Element>| {
             if let Some(r) = reply {
                 self.forward(cluster, node, &r);
@@ -338,9 +469,21 @@ impl Server {
         };
         match ty {
             Type::Presence(_) => {
-                if stanza.attr("type").is_none() {
-                    lock(&self.muc.mesh.visitors)
-                        .insert(from.clone(), (cluster.to_owned(), node.to_owned()));
+                match stanza.attr("type") {
+                    None => {
+                        lock(&self.muc.mesh.visitors)
+                            .entry(from.clone())
+                            .or_insert_with(|| Visitor {
+                                cluster: cluster.to_owned(),
+                                node: node.to_owned(),
+                                rooms: Default::default(),
+                            })
+                            .rooms
+                            .insert(room.clone());
+                    }
+                    Some("unavailable") => {}
+                    // Probes, subscriptions, errors: nothing for a room.
+                    Some(_) => return,
                 }
                 let result = self.muc_presence(&from, &stanza, to);
                 if let Err(condition) = result
@@ -351,7 +494,7 @@ impl Server {
                     }
                     reply(Some(r));
                 }
-                self.forget_visitor_if_gone(&from);
+                self.settle_visitor(&from, &room);
             }
             Type::Message(_) => {
                 if let Err(condition) = self.muc_message(&from, &stanza, to) {
@@ -372,20 +515,29 @@ impl Server {
                     }
                     Err(condition) => crate::error::error_reply(&stanza, condition, None),
                 };
+                // An answer too big for the link (a list of thousands of members).
+                let answer = match answer {
+                    Some(a) if !fits_link(&a) => crate::error::error_reply(
+                        &stanza,
+                        crate::error::StanzaErrorCondition::ResourceConstraint,
+                        Some("the answer is too big to cross to your cluster"),
+                    ),
+                    other => other,
+                };
                 reply(answer);
-                self.forget_visitor_if_gone(&from);
             }
             Type::Iq(_) => {}
         }
     }
 
-    /// Forgets a visitor's node once its session is in no room here.
-    fn forget_visitor_if_gone(&self, session: &FullJid) {
+    /// After a visitor's presence to `room`: the room is forgotten for it unless it is
+    /// in it (an entry refused, a leave), and the visitor once it is in no room.
+    fn settle_visitor(&self, session: &FullJid, room: &str) {
         let inside = lock(&self.muc.rooms)
-            .values()
-            .any(|r| r.nick_of(session).is_some());
+            .get(room)
+            .is_some_and(|r| r.nick_of(session).is_some());
         if !inside {
-            lock(&self.muc.mesh.visitors).remove(session);
+            forget_room(&mut lock(&self.muc.mesh.visitors), session, room);
         }
     }
 
@@ -398,7 +550,7 @@ impl Server {
         }
         let gone: Vec<FullJid> = lock(&self.muc.mesh.visitors)
             .iter()
-            .filter(|(_, (_, n))| n == node)
+            .filter(|(_, v)| v.node == node)
             .map(|(s, _)| s.clone())
             .collect();
         if !gone.is_empty() {
@@ -439,13 +591,13 @@ impl Server {
             }
             tracing::info!(%node, sessions = gone.len(), "router link lost; its sessions left the rooms here");
         }
-        let cut: Vec<(FullJid, BareJid, String)> = {
+        let cut: Vec<(FullJid, BareJid, Seat)> = {
             let mut seats = lock(&self.muc.mesh.seats);
             let mut cut = vec![];
             seats.retain(|session, mine| {
                 mine.retain(|room, seat| {
                     if seat.node == node {
-                        cut.push((session.clone(), room.clone(), seat.nick.clone()));
+                        cut.push((session.clone(), room.clone(), seat.clone()));
                         false
                     } else {
                         true
@@ -455,7 +607,19 @@ impl Server {
             });
             cut
         };
-        for (session, room, nick) in &cut {
+        for (session, room, seat) in &cut {
+            // The room learns it too, over the other direction if it still works:
+            // no occupant stays there that its client thinks gone.
+            let leave = format!(
+                "<presence xmlns='jabber:client' type='unavailable' from='{}' to='{}/{}'/>",
+                crate::xml::escape(&session.to_string()),
+                crate::xml::escape(&room.to_string()),
+                crate::xml::escape(&seat.nick)
+            );
+            if let Some(p) = stanza::parse_own(&leave) {
+                self.forward(&seat.cluster, &seat.node, &p);
+            }
+            let nick = &seat.nick;
             let xml = format!(
                 "<presence xmlns='jabber:client' type='unavailable' from='{}/{}' to='{}'>\
                  <x xmlns='{}'><item affiliation='none' role='none'/>\
