@@ -25,6 +25,13 @@ fn from_occupant(el: &Element, nick: &str) -> bool {
     el.attr("from") == Some(&format!("{ROOM}/{nick}"))
 }
 
+/// The role a room's presence gives its occupant.
+fn role(el: &Element) -> Option<&str> {
+    el.get_child("x", MUC_USER)?
+        .get_child("item", MUC_USER)?
+        .attr("role")
+}
+
 fn error_condition(el: &Element) -> Option<String> {
     el.get_child("error", "jabber:client")?
         .children()
@@ -987,4 +994,64 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
     assert!(b.node.server.muc_room_list().unwrap().is_empty());
     a.node.shutdown().await;
     b.node.shutdown().await;
+}
+
+/// Voice requests (XEP-0045 §7.13, §8.6) with real clients: a visitor of a moderated
+/// room asks, the moderator gets the form, submits it approved, and the visitor
+/// speaks.
+#[tokio::test]
+async fn xep0045_voice_requests() {
+    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob"]).await;
+    let mut alice = node.client("alice", PW, Some("laptop"));
+    let mut bob = node.client("bob", PW, Some("phone"));
+    for c in [&mut alice, &mut bob] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "in", |e| {
+        status_codes(e).contains(&"201".to_owned())
+    })
+    .await;
+    ask(
+        &mut alice,
+        "moderated",
+        &format!("<iq type='set' id='moderated' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field><field var='muc#roomconfig_moderatedroom'><value>1</value></field></x></query></iq>"),
+    )
+    .await;
+    enter(&mut bob, "Bob").await;
+    let own = expect(&mut bob, 5, "in, as a visitor", |e| {
+        from_occupant(e, "Bob") && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+    assert_eq!(role(&own), Some("visitor"), "{}", String::from(&own));
+    send(
+        &mut bob,
+        &format!("<message to='{ROOM}'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field><field var='muc#role' type='list-single'><value>participant</value></field></x></message>"),
+    )
+    .await;
+    let request = expect(&mut alice, 5, "the request", |e| {
+        e.get_child("x", "jabber:x:data").is_some()
+    })
+    .await;
+    assert_eq!(request.attr("from"), Some(ROOM));
+    send(
+        &mut alice,
+        &format!("<message to='{ROOM}'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#request</value></field><field var='muc#role'><value>participant</value></field><field var='muc#jid'><value>bob@localhost/phone</value></field><field var='muc#roomnick'><value>Bob</value></field><field var='muc#request_allow'><value>true</value></field></x></message>"),
+    )
+    .await;
+    expect(&mut bob, 5, "voice", |e| {
+        from_occupant(e, "Bob") && role(e) == Some("participant")
+    })
+    .await;
+    send(
+        &mut bob,
+        &format!("<message type='groupchat' to='{ROOM}'><body>thanks</body></message>"),
+    )
+    .await;
+    expect(&mut alice, 5, "Bob speaks", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("thanks")
+    })
+    .await;
+    node.node.shutdown().await;
 }

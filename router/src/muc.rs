@@ -653,8 +653,15 @@ impl Server {
                 }
                 return Ok(());
             }
-            // Voice requests come later.
-            (None, false) => return Err(StanzaErrorCondition::FeatureNotImplemented),
+            // Voice requests and their answers (XEP-0045 §7.13, §8.6).
+            (None, false) => match message
+                .get_child("x", ns::DATA_FORMS)
+                .filter(|x| muc::is_voice_form(x))
+            {
+                Some(form) => room.voice_request(from, form)?,
+                // XEP-0045 §7.4: what else a client sends the room is not for it.
+                None => return Err(StanzaErrorCondition::BadRequest),
+            },
         };
         if room.config.persistent && room.subject() != subject.as_ref() {
             self.muc_persist(room_name.as_str(), Some(&*room));

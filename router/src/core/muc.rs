@@ -9,13 +9,13 @@
 //! traffic. A nick held by one account is a `conflict` for any other.
 //!
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
-//! bans, voice) in `admin`.
+//! bans, voice) in `admin`, voice requests in `voice`.
 //!
-//! Not here yet (issue 16): voice requests, registration, the room archive, and
-//! rooms across the mesh.
+//! Not here yet (issue 16): registration, the room archive.
 
 mod admin;
 mod form;
+mod voice;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -37,6 +37,7 @@ pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
 pub use form::{FORM_TYPE, Limits};
+pub use voice::{NS_REQUEST, is_voice_form};
 /// XEP-0203's delayed delivery, on history.
 const DELAY: &str = "urn:xmpp:delay";
 
@@ -243,6 +244,8 @@ pub struct Room {
     locked: bool,
     /// The room was just created: the owner's first self-presence says so (201).
     created: bool,
+    /// Visitors' requests for voice waiting for a moderator, by nick.
+    voice_requests: std::collections::HashSet<String>,
     /// The secret occupant ids are derived with (XEP-0421): the same for the room's
     /// life, across restarts, and unknown outside the service, so that an id tells
     /// nothing of the account.
@@ -266,6 +269,7 @@ impl Room {
             locked: true,
             created: true,
             occupant_key: [0; 32],
+            voice_requests: Default::default(),
         }
     }
 
@@ -292,6 +296,7 @@ impl Room {
             locked: false,
             created: false,
             occupant_key: [0; 32],
+            voice_requests: Default::default(),
         }
     }
 
@@ -1341,6 +1346,102 @@ mod tests {
             bodies(&enter(&mut room, "carol@d/a", History::default())),
             ["three", "four"]
         );
+    }
+
+    fn voice_form(fields: &[(&str, &str)]) -> Element {
+        let mut xml = String::from("<x xmlns='jabber:x:data' type='submit'>");
+        for (var, value) in fields {
+            xml.push_str(&format!(
+                "<field var='{var}'><value>{value}</value></field>"
+            ));
+        }
+        xml.push_str("</x>");
+        el(&xml)
+    }
+
+    /// XEP-0045 §7.13, §8.6: a visitor asks for voice; each moderator gets the form;
+    /// asking again adds nothing; a participant's approval is refused; a moderator's
+    /// denial changes nothing; a moderator's approval gives voice, seen by everyone.
+    #[test]
+    fn visitors_ask_for_voice_and_moderators_give_it() {
+        let config = Config {
+            moderated: true,
+            ..Config::default()
+        };
+        let mut room = room_with_alice(config);
+        for (who, nick) in [("bob@d/phone", "Bob"), ("carol@d/x", "Carol")] {
+            room.join(&full(who), nick, &Join::default(), &join_presence(), NOW)
+                .unwrap();
+        }
+        let request = voice_form(&[("FORM_TYPE", NS_REQUEST), ("muc#role", "participant")]);
+        assert!(is_voice_form(&request));
+        let out = room.voice_request(&full("bob@d/phone"), &request).unwrap();
+        assert_eq!(out.len(), 1, "one moderator");
+        assert_eq!(out[0].to, full("alice@d/laptop"));
+        let form = out[0].stanza.get_child("x", ns::DATA_FORMS).unwrap();
+        let value = |var: &str| {
+            form.children()
+                .find(|f| f.attr("var") == Some(var))
+                .and_then(|f| f.get_child("value", ns::DATA_FORMS))
+                .map(Element::text)
+        };
+        assert_eq!(value("muc#roomnick").as_deref(), Some("Bob"));
+        assert_eq!(value("muc#jid").as_deref(), Some("bob@d/phone"));
+        assert_eq!(value("muc#request_allow").as_deref(), Some("false"));
+        assert!(
+            room.voice_request(&full("bob@d/phone"), &request)
+                .unwrap()
+                .is_empty()
+        );
+        // Alice makes Carol a participant by hand; then only a moderator may answer.
+        room.admin_set(
+            &full("alice@d/laptop"),
+            &[(
+                Change::Role {
+                    nick: "Carol".into(),
+                    role: Role::Participant,
+                },
+                None,
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            room.voice_request(&full("carol@d/x"), &request),
+            Err(StanzaErrorCondition::NotAcceptable),
+            "a participant has voice"
+        );
+        let answer = |allow: &str| {
+            voice_form(&[
+                ("FORM_TYPE", NS_REQUEST),
+                ("muc#role", "participant"),
+                ("muc#jid", "bob@d/phone"),
+                ("muc#roomnick", "Bob"),
+                ("muc#request_allow", allow),
+            ])
+        };
+        assert_eq!(
+            room.voice_request(&full("carol@d/x"), &answer("true")),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        assert!(
+            room.voice_request(&full("alice@d/laptop"), &answer("false"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(room.role_of(&full("bob@d/phone")), Role::Visitor);
+        // Denied, the request is over: Bob asks again, Alice approves.
+        room.voice_request(&full("bob@d/phone"), &request).unwrap();
+        let out = room
+            .voice_request(&full("alice@d/laptop"), &answer("true"))
+            .unwrap();
+        assert_eq!(room.role_of(&full("bob@d/phone")), Role::Participant);
+        assert_eq!(out.len(), 3, "everyone sees Bob's new role");
+        assert!(
+            room.groupchat(&full("bob@d/phone"), &message("at last"), NOW)
+                .is_ok()
+        );
+        // A form of another type is not a voice request.
+        assert!(!is_voice_form(&voice_form(&[("FORM_TYPE", FORM_TYPE)])));
     }
 
     #[test]
