@@ -1594,6 +1594,9 @@ async fn xep0313_archives_both_sides_and_pages_history_for_a_second_device() {
     let mut laptop = node.client("bob", PW, Some("laptop"));
     online(&mut laptop).await;
     send(&mut laptop, "<presence/>").await;
+    // Bob is available before Alice writes: otherwise her first message may be
+    // stored for him (no available resource yet) instead of delivered.
+    sync_with_server(&mut laptop, "ready").await;
 
     let mut received = vec![];
     for i in 1..=4 {
