@@ -191,13 +191,7 @@ fn stored(name: &str, version: i64, room: &Room) -> StoredRoom {
         max_users: u32::try_from(c.max_users).unwrap_or(u32::MAX),
         whois_anyone: c.whois_anyone,
         history_length: u32::try_from(c.history_length).unwrap_or(u32::MAX),
-        private_messages: match c.private_messages {
-            muc::PrivateMessages::Anyone => "anyone",
-            muc::PrivateMessages::Participants => "participants",
-            muc::PrivateMessages::Moderators => "moderators",
-            muc::PrivateMessages::Nobody => "none",
-        }
-        .to_owned(),
+        private_messages: c.private_messages.as_str().to_owned(),
         subject_by_anyone: c.subject_by_anyone,
         subject,
         subject_by,
@@ -224,12 +218,9 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
         history_length: usize::try_from(s.history_length)
             .unwrap_or(usize::MAX)
             .min(settings.history_length),
-        private_messages: match s.private_messages.as_str() {
-            "participants" => muc::PrivateMessages::Participants,
-            "moderators" => muc::PrivateMessages::Moderators,
-            "none" => muc::PrivateMessages::Nobody,
-            _ => muc::PrivateMessages::Anyone,
-        },
+        // A value this release does not know: the default.
+        private_messages: muc::PrivateMessages::parse(&s.private_messages)
+            .unwrap_or(muc::PrivateMessages::Anyone),
         subject_by_anyone: s.subject_by_anyone,
     };
     let affiliations = s

@@ -107,6 +107,30 @@ pub enum PrivateMessages {
     Nobody,
 }
 
+impl PrivateMessages {
+    /// Its value in the `muc#roomconfig_allowpm` field (and in the store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivateMessages::Anyone => "anyone",
+            PrivateMessages::Participants => "participants",
+            PrivateMessages::Moderators => "moderators",
+            PrivateMessages::Nobody => "none",
+        }
+    }
+
+    /// The value [`Self::as_str`] gives, or `None` for another.
+    pub fn parse(value: &str) -> Option<PrivateMessages> {
+        [
+            PrivateMessages::Anyone,
+            PrivateMessages::Participants,
+            PrivateMessages::Moderators,
+            PrivateMessages::Nobody,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == value)
+    }
+}
+
 /// A room's configuration (the `muc#roomconfig` fields).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -1346,6 +1370,20 @@ mod tests {
             bodies(&enter(&mut room, "carol@d/a", History::default())),
             ["three", "four"]
         );
+    }
+
+    /// Who may send private messages: one name each way, in forms and in the store.
+    #[test]
+    fn private_message_settings_have_one_name_each() {
+        for p in [
+            PrivateMessages::Anyone,
+            PrivateMessages::Participants,
+            PrivateMessages::Moderators,
+            PrivateMessages::Nobody,
+        ] {
+            assert_eq!(PrivateMessages::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(PrivateMessages::parse("everyone"), None);
     }
 
     fn voice_form(fields: &[(&str, &str)]) -> Element {

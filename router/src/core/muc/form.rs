@@ -66,15 +66,6 @@ fn parse_bool(value: &str) -> Result<bool, Refusal> {
     }
 }
 
-fn allowpm(p: PrivateMessages) -> &'static str {
-    match p {
-        PrivateMessages::Anyone => "anyone",
-        PrivateMessages::Participants => "participants",
-        PrivateMessages::Moderators => "moderators",
-        PrivateMessages::Nobody => "none",
-    }
-}
-
 /// Sends each of `codes` to every session of the room, in one message from the room
 /// (XEP-0045 §10.2.1: a configuration change that occupants should know of).
 fn status_message(room: &Room, codes: &[u16]) -> Vec<Out> {
@@ -203,7 +194,7 @@ impl Room {
                     "muc#roomconfig_allowpm",
                     "list-single",
                     "Who may send private messages",
-                    &[allowpm(c.private_messages)],
+                    &[c.private_messages.as_str()],
                 ),
                 &[
                     ("Anyone", "anyone"),
@@ -290,13 +281,8 @@ impl Room {
                     }
                 }
                 "muc#roomconfig_allowpm" => {
-                    c.private_messages = match value.as_str() {
-                        "anyone" => PrivateMessages::Anyone,
-                        "participants" => PrivateMessages::Participants,
-                        "moderators" => PrivateMessages::Moderators,
-                        "none" => PrivateMessages::Nobody,
-                        _ => return Err(StanzaErrorCondition::NotAcceptable),
-                    }
+                    c.private_messages =
+                        PrivateMessages::parse(&value).ok_or(StanzaErrorCondition::NotAcceptable)?
                 }
                 "muc#roomconfig_changesubject" => c.subject_by_anyone = parse_bool(&value)?,
                 _ => {}
