@@ -59,6 +59,10 @@ turns = "127.0.0.1:$turns"
 [media]
 # The two uclient sessions relay to each other's relayed addresses, on loopback.
 allow_peers = ["127.0.0.0/8"]
+[limits]
+# Every scenario's client comes from 127.0.0.1: the failed logins the FAST scenario
+# makes on purpose (revoked tokens, retries) must not lock the next scenario out.
+login_failures = 1000
 TOML
 
 password="interop-$RANDOM-pw"
