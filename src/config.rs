@@ -489,6 +489,17 @@ pub struct MucSection {
     pub max_occupants: usize,
     /// Messages a room keeps for those who enter later.
     pub history_length: usize,
+    /// Bytes of a message to a room or an occupant, at most (`policy-violation`).
+    pub max_message_bytes: usize,
+    /// Messages an occupant may send a second (to the room, privately, invitations),
+    /// after a burst of `message_burst` (`resource-constraint`).
+    pub message_rate: f64,
+    pub message_burst: u32,
+    /// Entries and changes of presence an occupant may make a second, after a burst
+    /// of `presence_burst`: entries and changes of nick beyond are refused
+    /// (`resource-constraint`), changes of status wait and only the newest is sent.
+    pub presence_rate: f64,
+    pub presence_burst: u32,
 }
 
 impl Default for MucSection {
@@ -501,6 +512,11 @@ impl Default for MucSection {
             max_rooms_per_user: d.max_rooms_per_user,
             max_occupants: d.max_occupants,
             history_length: d.history_length,
+            max_message_bytes: d.max_message_bytes,
+            message_rate: 1e6 / d.rates.messages.interval as f64,
+            message_burst: d.rates.messages.burst,
+            presence_rate: 1e6 / d.rates.presence.interval as f64,
+            presence_burst: d.rates.presence.burst,
         }
     }
 }
@@ -768,9 +784,20 @@ impl Config {
             || m.max_rooms_per_user == 0
             || !(1..=100_000).contains(&m.max_occupants)
             || m.history_length > 1000
+            || !(1..=1_048_576).contains(&m.max_message_bytes)
         {
             return Err(ConfigError::Invalid(
-                "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000".into(),
+                "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000, muc.max_message_bytes between 1 and 1048576".into(),
+            ));
+        }
+        let rate_ok = |r: f64| r.is_finite() && (0.001..=1_000_000.0).contains(&r);
+        if !rate_ok(m.message_rate)
+            || !rate_ok(m.presence_rate)
+            || !(1..=100_000).contains(&m.message_burst)
+            || !(1..=100_000).contains(&m.presence_burst)
+        {
+            return Err(ConfigError::Invalid(
+                "muc.message_rate and muc.presence_rate must be between 0.001 and 1000000 a second, muc.message_burst and muc.presence_burst between 1 and 100000".into(),
             ));
         }
         if self.listen.dscp > 63 {
@@ -941,6 +968,17 @@ impl Config {
             max_rooms_per_user: m.max_rooms_per_user,
             max_occupants: m.max_occupants,
             history_length: m.history_length,
+            max_message_bytes: m.max_message_bytes,
+            rates: impmesh_router::core::muc::Rates {
+                messages: impmesh_router::core::muc::Rate::per_second(
+                    m.message_rate,
+                    m.message_burst,
+                ),
+                presence: impmesh_router::core::muc::Rate::per_second(
+                    m.presence_rate,
+                    m.presence_burst,
+                ),
+            },
         });
         let u = &self.upload;
         rc.upload = u.enabled.then(|| impmesh_router::UploadSettings {
@@ -1134,12 +1172,27 @@ mod tests {
             Config::parse("[muc]\nenabled = true\nhost = \"rooms.localhost\"\nmax_occupants = 5")
                 .unwrap();
         assert_eq!(own.router_config().muc.unwrap().host, "rooms.localhost");
+        // The rates as given, and by default as the router has them.
+        assert_eq!(m.rates, impmesh_router::core::muc::Rates::default());
+        assert_eq!(m.max_message_bytes, 65_536);
+        let fast = Config::parse(
+            "[muc]\nenabled = true\nmessage_rate = 4.0\nmessage_burst = 2\npresence_rate = 0.1\npresence_burst = 3",
+        )
+        .unwrap();
+        let r = fast.router_config().muc.unwrap().rates;
+        assert_eq!((r.messages.interval, r.messages.burst), (250_000, 2));
+        assert_eq!((r.presence.interval, r.presence.burst), (10_000_000, 3));
         for bad in [
             "host = \"localhost\"",
             "host = \"not a domain\"",
             "max_occupants = 0",
             "max_rooms = 0",
             "history_length = 5000",
+            "max_message_bytes = 0",
+            "message_rate = 0.0",
+            "presence_rate = -1.0",
+            "presence_rate = nan",
+            "message_burst = 0",
         ] {
             assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
         }

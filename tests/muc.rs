@@ -1055,3 +1055,150 @@ async fn xep0045_voice_requests() {
     .await;
     node.node.shutdown().await;
 }
+
+/// Creates the room `ROOM` as `client`'s (entering as `nick`) and opens it with the
+/// default configuration (an instant room).
+async fn open_room(client: &mut tokio_xmpp::Client, nick: &str) {
+    enter(client, nick).await;
+    expect(client, 5, "in, as the creator", |e| {
+        status_codes(e).contains(&"201".to_owned())
+    })
+    .await;
+    ask(
+        client,
+        "open",
+        &format!("<iq type='set' id='open' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"),
+    )
+    .await;
+}
+
+/// An occupant of another cluster flaps its presence 10,000 times and floods the room
+/// with messages: the others see its allowance of presence changes and then its
+/// newest status, its messages beyond the allowance are refused with
+/// `resource-constraint` and counted, and the others still talk.
+#[tokio::test]
+async fn an_occupants_floods_are_held_to_its_allowance() {
+    use std::cell::Cell;
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob", "carol"], |c| {
+        c.muc.enabled = true;
+        // Bob's client may send as fast as it can: the room's limits are the test.
+        c.limits.read_rate = 100_000_000;
+    })
+    .await;
+    peer_clusters(&a, &b, 1, 2).await;
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    let mut carol = b.client("carol", "pw", Some("desk"));
+    for c in [&mut alice, &mut bob, &mut carol] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    open_room(&mut alice, "Alice").await;
+    let store_b = b.node.server.store.clone();
+    eventually(10, "the room known to B", || async {
+        matches!(
+            store_b.room_home("team").await.unwrap(),
+            impmesh_store::RoomHome::Remote { .. }
+        )
+    })
+    .await;
+    for (client, nick) in [(&mut bob, "Bob"), (&mut carol, "Carol")] {
+        enter(client, nick).await;
+        expect(client, 10, "own presence", |e| {
+            from_occupant(e, nick) && status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        expect(&mut alice, 10, "the newcomer", |e| from_occupant(e, nick)).await;
+    }
+
+    // 10,000 changes of status, then one last.
+    for i in 0..10_000 {
+        let show = if i % 2 == 0 { "away" } else { "dnd" };
+        send(
+            &mut bob,
+            &format!("<presence to='{ROOM}/Bob'><show>{show}</show></presence>"),
+        )
+        .await;
+    }
+    send(
+        &mut bob,
+        &format!("<presence to='{ROOM}/Bob'><show>xa</show></presence>"),
+    )
+    .await;
+    // Carol is not held up by Bob.
+    send(
+        &mut carol,
+        &format!("<message type='groupchat' to='{ROOM}'><body>still here</body></message>"),
+    )
+    .await;
+    let seen = Cell::new(0);
+    let last = |e: &Element| {
+        e.get_child("show", "jabber:client")
+            .is_some_and(|s| s.text() == "xa")
+    };
+    let counted = |e: &Element| {
+        if from_occupant(e, "Bob") && e.name() == "presence" {
+            seen.set(seen.get() + 1);
+        }
+    };
+    expect(&mut alice, 30, "Carol's message", |e| {
+        counted(e);
+        from_occupant(e, "Carol") && body(e).as_deref() == Some("still here")
+    })
+    .await;
+    expect(&mut alice, 30, "Bob's newest status", |e| {
+        counted(e);
+        from_occupant(e, "Bob") && last(e)
+    })
+    .await;
+    // The burst (10, less the entry) and one every two seconds of the test.
+    eprintln!("{} of Bob's presences", seen.get());
+    assert!(seen.get() < 100, "{} of Bob's presences", seen.get());
+    expect(&mut carol, 30, "Bob's newest status, on B", |e| {
+        from_occupant(e, "Bob") && last(e)
+    })
+    .await;
+
+    // 20 messages at once: 10 pass, the others are refused, and counted.
+    for i in 0..20 {
+        send(
+            &mut bob,
+            &format!(
+                "<message type='groupchat' id='m{i}' to='{ROOM}'><body>spam {i}</body></message>"
+            ),
+        )
+        .await;
+    }
+    let refused = expect(&mut bob, 10, "a refusal", |e| {
+        e.attr("type") == Some("error") && e.name() == "message"
+    })
+    .await;
+    assert_eq!(
+        error_condition(&refused).as_deref(),
+        Some("resource-constraint")
+    );
+    let mut metrics = String::new();
+    a.node.server.stats.render(&mut metrics);
+    assert!(
+        metrics.contains("impmesh_muc_refused_total{limit=\"message_rate\"} "),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("impmesh_muc_refused_total{limit=\"message_rate\"} 0\n"),
+        "{metrics}"
+    );
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>calm down</body></message>"),
+    )
+    .await;
+    expect(&mut carol, 10, "Alice's message", |e| {
+        from_occupant(e, "Alice") && body(e).as_deref() == Some("calm down")
+    })
+    .await;
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}

@@ -6,7 +6,7 @@
 //! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
 //! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): voice requests, the room archive.
+//! Not here yet (issue 16): nick registration, the room archive.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,6 +22,7 @@ use crate::core::muc::{self, Join, Room};
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza;
+use crate::stats::MucLimit;
 use crate::xml::{escape, ns};
 
 mod mesh;
@@ -50,6 +51,10 @@ pub struct MucSettings {
     pub max_occupants: usize,
     /// Messages a room keeps for those who enter later.
     pub history_length: usize,
+    /// Bytes of a message to a room or an occupant, at most.
+    pub max_message_bytes: usize,
+    /// How often an occupant may speak and change its presence.
+    pub rates: muc::Rates,
 }
 
 impl MucSettings {
@@ -68,6 +73,8 @@ impl MucSettings {
             max_rooms_per_user: 50,
             max_occupants: 200,
             history_length: 20,
+            max_message_bytes: 65_536,
+            rates: muc::Rates::default(),
         }
     }
 }
@@ -141,6 +148,10 @@ pub(crate) struct Rooms {
     /// The version of the last write of a room to the store (microseconds, made to
     /// grow): the store keeps the newest whatever order writes land in.
     version: AtomicI64,
+    /// Rooms with a change of status waiting for its occupant's allowance, and a
+    /// wake-up for the task that sends them ([`Server::send_waiting_presence`]).
+    waiting: Mutex<std::collections::HashSet<String>>,
+    waited: tokio::sync::Notify,
 }
 
 impl Rooms {
@@ -271,6 +282,7 @@ impl Server {
             match restored(settings, s) {
                 Some(mut room) => {
                     room.set_occupant_key(self.muc.occupant_key(room.jid()));
+                    room.set_rates(settings.rates);
                     rooms.insert(name, room);
                 }
                 None => {
@@ -281,9 +293,54 @@ impl Server {
         let restored = rooms.len();
         drop(rooms);
         if let Some(server) = self.me.upgrade() {
-            self.tasks.spawn(server.keep_room_directory());
+            self.tasks.spawn(server.clone().keep_room_directory());
+            self.tasks.spawn(server.send_waiting_presence());
         }
         Ok(restored)
+    }
+
+    /// Sends each change of status that waited for its occupant's allowance
+    /// ([`Room::update`]) once the allowance returns, until shutdown.
+    async fn send_waiting_presence(self: std::sync::Arc<Self>) {
+        loop {
+            let next = self.send_due_presence(crate::time::now_micros());
+            let wait = match next {
+                Some(at) => {
+                    let micros = at.saturating_sub(crate::time::now_micros()).max(1);
+                    std::time::Duration::from_micros(u64::try_from(micros).unwrap_or(1))
+                }
+                // Nothing waits: until a room says something does.
+                None => std::time::Duration::from_secs(86_400),
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.muc.waited.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass of [`Self::send_waiting_presence`] at `now`: sends what is due, and
+    /// returns when the next waiting change is.
+    fn send_due_presence(&self, now: i64) -> Option<i64> {
+        let mut rooms = lock(&self.muc.rooms);
+        let mut waiting = lock(&self.muc.waiting);
+        let mut next: Option<i64> = None;
+        waiting.retain(|name| {
+            let Some(room) = rooms.get_mut(name) else {
+                return false;
+            };
+            let out = room.due(now);
+            self.muc_send(out);
+            match room.next_due() {
+                Some(at) => {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    true
+                }
+                None => false,
+            }
+        });
+        next
     }
 
     /// Keeps the room directory in step with the rooms of this node, and this node's
@@ -542,7 +599,7 @@ impl Server {
             let Some(room) = rooms.get_mut(&room_name) else {
                 return Ok(());
             };
-            let out = room.leave(from, presence);
+            let out = room.leave(from, presence, now);
             if room.is_empty() && !room.config.persistent {
                 rooms.remove(&room_name);
                 self.muc.changed.notify_one();
@@ -553,6 +610,7 @@ impl Server {
         if !rooms.contains_key(&room_name) {
             let creator = from.to_bare();
             if rooms.len() >= settings.max_rooms {
+                self.stats.muc_refused(MucLimit::Rooms);
                 return Err(StanzaErrorCondition::ResourceConstraint);
             }
             let owned = rooms
@@ -560,6 +618,7 @@ impl Server {
                 .filter(|r| r.affiliation(&creator) == muc::Affiliation::Owner)
                 .count();
             if owned >= settings.max_rooms_per_user {
+                self.stats.muc_refused(MucLimit::RoomsPerUser);
                 return Err(StanzaErrorCondition::NotAllowed);
             }
             let config = muc::Config {
@@ -570,6 +629,7 @@ impl Server {
             let jid = to.to_bare();
             let mut room = Room::create(jid, &creator, config);
             room.set_occupant_key(self.muc.occupant_key(room.jid()));
+            room.set_rates(settings.rates);
             rooms.insert(room_name.clone(), room);
             self.muc.changed.notify_one();
         }
@@ -581,10 +641,21 @@ impl Server {
         // occupants, history and subject anew. Otherwise a change of status or nick.
         let rejoin = room.nick_of(from) == Some(nick) && presence.get_child("x", muc::NS).is_some();
         let result = if room.nick_of(from).is_some() && !rejoin {
-            room.update(from, nick, presence)
+            room.update(from, nick, presence, now)
         } else {
             room.join(from, nick, &Join::parse(presence), presence, now)
+                .inspect_err(|e| {
+                    if *e == StanzaErrorCondition::ServiceUnavailable {
+                        self.stats.muc_refused(MucLimit::Occupants);
+                    }
+                })
         };
+        if result == Err(StanzaErrorCondition::ResourceConstraint) {
+            self.stats.muc_refused(MucLimit::PresenceRate);
+        }
+        if room.next_due().is_some() && lock(&self.muc.waiting).insert(room_name.clone()) {
+            self.muc.waited.notify_one();
+        }
         // A room created for an entry that failed is not kept.
         if result.is_err() && room.is_empty() && !room.config.persistent {
             rooms.remove(&room_name);
@@ -615,8 +686,15 @@ impl Server {
         let Some(room_name) = to.node() else {
             return Err(StanzaErrorCondition::ServiceUnavailable);
         };
-        if mesh::elements(message) > mesh::MAX_ROOM_STANZA_ELEMENTS {
-            return Err(StanzaErrorCondition::ResourceConstraint);
+        if mesh::elements(message) > mesh::MAX_ROOM_STANZA_ELEMENTS
+            || self
+                .config
+                .muc
+                .as_ref()
+                .is_some_and(|m| stanza::serialize(message).len() > m.max_message_bytes)
+        {
+            self.stats.muc_refused(MucLimit::Size);
+            return Err(StanzaErrorCondition::PolicyViolation);
         }
         let groupchat = message.attr("type") == Some("groupchat");
         let now = crate::time::now_micros();
@@ -625,15 +703,38 @@ impl Server {
             return Err(StanzaErrorCondition::ItemNotFound);
         };
         let subject = room.subject().cloned();
-        let out = match (to.resource(), groupchat) {
+        let out = self.muc_said(room, from, message, to, groupchat, now);
+        if out == Err(StanzaErrorCondition::ResourceConstraint) {
+            self.stats.muc_refused(MucLimit::MessageRate);
+        }
+        let out = out?;
+        if room.config.persistent && room.subject() != subject.as_ref() {
+            self.muc_persist(room_name.as_str(), Some(&*room));
+        }
+        self.stats.muc_messages(out.len());
+        self.muc_send(out);
+        Ok(())
+    }
+
+    /// What a room does with a session's message: the stanzas it sends.
+    fn muc_said(
+        &self,
+        room: &mut Room,
+        from: &FullJid,
+        message: &Element,
+        to: &Jid,
+        groupchat: bool,
+        now: i64,
+    ) -> Result<Vec<muc::Out>, StanzaErrorCondition> {
+        Ok(match (to.resource(), groupchat) {
             (None, true) => room.groupchat(from, message, now)?,
             // XEP-0045 §7.5: a groupchat message to an occupant is an error.
             (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
-            (Some(nick), false) => room.private(from, nick.as_str(), message)?,
+            (Some(nick), false) => room.private(from, nick.as_str(), message, now)?,
             // Mediated invitations and declines (XEP-0045 §7.8.2): delivered like
             // any message (stored offline, over a router link, or bounced).
             (None, false) if message.get_child("x", muc::NS_USER).is_some() => {
-                let invitations = room.invite(from, message)?;
+                let invitations = room.invite(from, message, now)?;
                 if let Some(server) = self.me.upgrade() {
                     for (to, m) in invitations {
                         let server = server.clone();
@@ -642,7 +743,7 @@ impl Server {
                         });
                     }
                 }
-                return Ok(());
+                Vec::new()
             }
             // Voice requests and their answers (XEP-0045 §7.13, §8.6).
             (None, false) => match message
@@ -653,13 +754,7 @@ impl Server {
                 // XEP-0045 §7.4: what else a client sends the room is not for it.
                 None => return Err(StanzaErrorCondition::BadRequest),
             },
-        };
-        if room.config.persistent && room.subject() != subject.as_ref() {
-            self.muc_persist(room_name.as_str(), Some(&*room));
-        }
-        self.stats.muc_messages(out.len());
-        self.muc_send(out);
-        Ok(())
+        })
     }
 
     /// What rooms and occupants there are now, for `/metrics`.

@@ -20,7 +20,34 @@ pub struct Stats {
     push_refused: AtomicU64,
     push_undelivered: AtomicU64,
     muc_relayed: AtomicU64,
+    muc_refused: [AtomicU64; MUC_LIMITS.len()],
 }
+
+/// The limits of the chat service a stanza can be refused for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MucLimit {
+    /// `[muc] max_rooms` (`resource-constraint`).
+    Rooms,
+    /// `[muc] max_rooms_per_user` (`not-allowed`).
+    RoomsPerUser,
+    /// A room's `max_users` (`service-unavailable`).
+    Occupants,
+    /// `[muc] max_message_bytes`, or the elements of a stanza to a room.
+    Size,
+    /// `[muc] message_rate` (`resource-constraint`).
+    MessageRate,
+    /// `[muc] presence_rate`, for an entry or a change of nick (`resource-constraint`).
+    PresenceRate,
+}
+
+const MUC_LIMITS: [&str; 6] = [
+    "rooms",
+    "rooms_per_user",
+    "occupants",
+    "size",
+    "message_rate",
+    "presence_rate",
+];
 
 const KINDS: [&str; 3] = ["message", "presence", "iq"];
 
@@ -90,6 +117,11 @@ impl Stats {
     pub(crate) fn muc_messages(&self, n: usize) {
         self.muc_relayed
             .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The chat service refused a stanza for one of its limits.
+    pub(crate) fn muc_refused(&self, limit: MucLimit) {
+        self.muc_refused[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Appends the counters in Prometheus text format.
@@ -168,6 +200,17 @@ impl Stats {
             "impmesh_muc_messages_relayed_total {}",
             get(&self.muc_relayed)
         );
+        out.push_str(
+            "# HELP impmesh_muc_refused_total Stanzas chat rooms refused, by the limit they met.\n",
+        );
+        out.push_str("# TYPE impmesh_muc_refused_total counter\n");
+        for (limit, c) in MUC_LIMITS.iter().zip(&self.muc_refused) {
+            let _ = writeln!(
+                out,
+                "impmesh_muc_refused_total{{limit=\"{limit}\"}} {}",
+                get(c)
+            );
+        }
     }
 }
 

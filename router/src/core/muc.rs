@@ -9,12 +9,14 @@
 //! traffic. A nick held by one account is a `conflict` for any other.
 //!
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
-//! bans, voice) in `admin`, voice requests in `voice`.
+//! bans, voice) in `admin`, voice requests in `voice`, each occupant's allowance of
+//! messages and presence changes in `rate`.
 //!
 //! Not here yet (issue 16): registration, the room archive.
 
 mod admin;
 mod form;
+mod rate;
 mod voice;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -37,6 +39,8 @@ pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
 pub use form::{FORM_TYPE, Limits};
+use rate::Allowance;
+pub use rate::{Rate, Rates};
 pub use voice::{NS_REQUEST, is_voice_form};
 /// XEP-0203's delayed delivery, on history.
 const DELAY: &str = "urn:xmpp:delay";
@@ -48,6 +52,9 @@ pub const MAX_HISTORY_CHARS: usize = 256 * 1024;
 pub const MAX_KEPT_BYTES: usize = 64 * 1024;
 /// Invitations one message may carry, at most.
 pub const MAX_INVITES: usize = 10;
+/// Accounts that left a room whose presence allowance it remembers, at most (so that
+/// leaving and entering again is no way around it).
+const MAX_LEFT_KEPT: usize = 1000;
 /// Invitations a room remembers for declines, at most (the oldest go first).
 const MAX_INVITES_KEPT: usize = 1000;
 /// Bytes of an invitation's or a decline's reason passed on, at most.
@@ -238,6 +245,12 @@ pub struct Occupant {
     presence: Element,
     pub affiliation: Affiliation,
     pub role: Role,
+    /// Its use of the room's rates (messages; entries and presence changes).
+    said: Allowance,
+    moved: Allowance,
+    /// A change of status over the allowance waits: the newest is sent when the
+    /// allowance returns ([`Room::due`]).
+    waiting: bool,
 }
 
 /// A message kept for history.
@@ -270,6 +283,10 @@ pub struct Room {
     created: bool,
     /// Visitors' requests for voice waiting for a moderator, by nick.
     voice_requests: std::collections::HashSet<String>,
+    /// How often an occupant may speak and change its presence.
+    rates: Rates,
+    /// The presence allowance of accounts that left, while it is not whole again.
+    left: HashMap<BareJid, Allowance>,
     /// The secret occupant ids are derived with (XEP-0421): the same for the room's
     /// life, across restarts, and unknown outside the service, so that an id tells
     /// nothing of the account.
@@ -294,6 +311,8 @@ impl Room {
             created: true,
             occupant_key: [0; 32],
             voice_requests: Default::default(),
+            rates: Rates::default(),
+            left: HashMap::new(),
         }
     }
 
@@ -321,7 +340,14 @@ impl Room {
             created: false,
             occupant_key: [0; 32],
             voice_requests: Default::default(),
+            rates: Rates::default(),
+            left: HashMap::new(),
         }
+    }
+
+    /// Sets how often an occupant may speak and change its presence.
+    pub fn set_rates(&mut self, rates: Rates) {
+        self.rates = rates;
     }
 
     /// Sets the secret occupant ids are derived with (the service's, for this room).
@@ -452,6 +478,15 @@ impl Room {
         {
             return Err(StanzaErrorCondition::ServiceUnavailable);
         }
+        // Entering again after leaving uses the allowance the account left with.
+        let mut moved = match self.occupants.get(nick) {
+            Some(o) => o.moved,
+            None => self.left.get(&bare).copied().unwrap_or_default(),
+        };
+        if !moved.take(self.rates.presence, now) {
+            return Err(StanzaErrorCondition::ResourceConstraint);
+        }
+        self.left.remove(&bare);
         let role = match affiliation {
             Affiliation::Owner | Affiliation::Admin => Role::Moderator,
             Affiliation::Member => Role::Participant,
@@ -479,8 +514,13 @@ impl Room {
                 presence: presence.clone(),
                 affiliation,
                 role,
+                said: Allowance::default(),
+                moved,
+                waiting: false,
             });
         occupant.presence = presence;
+        occupant.moved = moved;
+        occupant.waiting = false;
         if !occupant.sessions.contains(from) {
             occupant.sessions.push(from.clone());
         }
@@ -529,16 +569,22 @@ impl Room {
     /// A presence from a session already in the room: a change of status, or of nick
     /// when `nick` differs from its own (XEP-0045 §7.6: unavailable with 303 under the
     /// old nick, then available under the new one, to everyone).
+    ///
+    /// Over the occupant's presence allowance, a change of nick is refused
+    /// (`resource-constraint`) and a change of status waits: the room shows the
+    /// newest to those who enter and sends it to everyone when [`Room::due`].
     pub fn update(
         &mut self,
         from: &FullJid,
         nick: &str,
         presence: &Element,
+        now: i64,
     ) -> Result<Vec<Out>, Refusal> {
         let Some(old) = self.nick_of.get(from).cloned() else {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
         let presence = room_presence(presence);
+        let rate = self.rates.presence;
         let mut out = Vec::new();
         if old != nick {
             if self.occupant_jid(nick).is_none() {
@@ -546,6 +592,13 @@ impl Room {
             }
             if self.occupants.contains_key(nick) {
                 return Err(StanzaErrorCondition::Conflict);
+            }
+            if !self
+                .occupants
+                .get_mut(&old)
+                .is_some_and(|o| o.moved.take(rate, now))
+            {
+                return Err(StanzaErrorCondition::ResourceConstraint);
             }
             let Some(mut occupant) = self.occupants.remove(&old) else {
                 return Err(StanzaErrorCondition::NotAcceptable);
@@ -568,8 +621,41 @@ impl Room {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
         occupant.presence = presence;
+        // A change of nick already used the allowance.
+        if old == nick && !occupant.moved.take(rate, now) {
+            occupant.waiting = true;
+            return Ok(out);
+        }
+        occupant.waiting = false;
         out.extend(self.announce(nick, None));
         Ok(out)
+    }
+
+    /// The changes of status that waited for their occupant's allowance and may now
+    /// be sent (see [`Room::update`]).
+    pub fn due(&mut self, now: i64) -> Vec<Out> {
+        let rate = self.rates.presence;
+        let mut ready = Vec::new();
+        for o in self.occupants.values_mut() {
+            if o.waiting && o.moved.take(rate, now) {
+                o.waiting = false;
+                ready.push(o.nick.clone());
+            }
+        }
+        ready
+            .iter()
+            .flat_map(|nick| self.announce(nick, None))
+            .collect()
+    }
+
+    /// When the first change of status waiting for its allowance may be sent.
+    pub fn next_due(&self) -> Option<i64> {
+        let rate = self.rates.presence;
+        self.occupants
+            .values()
+            .filter(|o| o.waiting)
+            .map(|o| o.moved.ready_at(rate))
+            .min()
     }
 
     /// `nick`'s presence as it now stands, to every session (its own with 110),
@@ -620,7 +706,7 @@ impl Room {
     /// A session leaves (its unavailable presence, or its stream ended). When it was
     /// the nick's last session, everyone sees the occupant go; otherwise only the
     /// session learns it is out.
-    pub fn leave(&mut self, from: &FullJid, presence: &Element) -> Vec<Out> {
+    pub fn leave(&mut self, from: &FullJid, presence: &Element, now: i64) -> Vec<Out> {
         let Some(nick) = self.nick_of.remove(from) else {
             return Vec::new();
         };
@@ -633,6 +719,7 @@ impl Room {
         leaving.presence = room_presence(presence);
         let recipients: Vec<FullJid> = if last {
             self.occupants.remove(&nick);
+            self.remember_allowance(&leaving, now);
             self.sessions().chain([from.clone()]).collect()
         } else {
             vec![from.clone()]
@@ -648,6 +735,36 @@ impl Room {
                 Out { to, stanza: p }
             })
             .collect()
+    }
+
+    /// Keeps the presence allowance of an occupant that left, while it is used (at
+    /// most MAX_LEFT_KEPT accounts: those whose allowance is whole again go first).
+    fn remember_allowance(&mut self, gone: &Occupant, now: i64) {
+        if gone.moved.is_full(now) {
+            return;
+        }
+        if self.left.len() >= MAX_LEFT_KEPT {
+            self.left.retain(|_, a| !a.is_full(now));
+        }
+        if self.left.len() < MAX_LEFT_KEPT {
+            self.left.insert(gone.bare.clone(), gone.moved);
+        }
+    }
+
+    /// Uses one message of the allowance of `from`'s occupant (`resource-constraint`
+    /// when there is none left).
+    fn say(&mut self, from: &FullJid, now: i64) -> Result<(), Refusal> {
+        let rate = self.rates.messages;
+        let occupant = self
+            .nick_of
+            .get(from)
+            .and_then(|nick| self.occupants.get_mut(nick))
+            .ok_or(StanzaErrorCondition::NotAcceptable)?;
+        if occupant.said.take(rate, now) {
+            Ok(())
+        } else {
+            Err(StanzaErrorCondition::ResourceConstraint)
+        }
     }
 
     /// A `groupchat` message from an occupant: to every occupant's sessions, from the
@@ -670,13 +787,13 @@ impl Room {
         }
         let has_body = message.get_child("body", ns::CLIENT).is_some();
         let subject = message.get_child("subject", ns::CLIENT).map(|s| s.text());
-        if let Some(subject) = &subject
-            && !has_body
-        {
-            if sender.role < Role::Moderator && !self.config.subject_by_anyone {
-                return Err(StanzaErrorCondition::Forbidden);
-            }
-            self.subject = Some((subject.clone(), nick.clone()));
+        let sets_subject = subject.is_some() && !has_body;
+        if sets_subject && sender.role < Role::Moderator && !self.config.subject_by_anyone {
+            return Err(StanzaErrorCondition::Forbidden);
+        }
+        self.say(from, now)?;
+        if let Some(subject) = subject.filter(|_| sets_subject) {
+            self.subject = Some((subject, nick.clone()));
         }
         let Some(sender_jid) = self.occupant_jid(&nick) else {
             return Err(StanzaErrorCondition::NotAcceptable);
@@ -720,6 +837,7 @@ impl Room {
         &mut self,
         from: &FullJid,
         message: &Element,
+        now: i64,
     ) -> Result<Vec<(BareJid, Element)>, Refusal> {
         let Some(x) = message.get_child("x", NS_USER) else {
             return Err(StanzaErrorCondition::BadRequest);
@@ -752,6 +870,7 @@ impl Room {
                     .ok_or(StanzaErrorCondition::JidMalformed)?;
                 invitees.push((to, reason_of(invite)));
             }
+            self.say(from, now)?;
             for (to, reason) in invitees {
                 if self.config.members_only && self.affiliation(&to) < Affiliation::Member {
                     self.set_affiliation(to.clone(), Affiliation::Member);
@@ -810,12 +929,13 @@ impl Room {
     /// A private message from an occupant to the occupant `to_nick`: to each of its
     /// sessions, from the sender's occupant JID, marked as coming through the room.
     pub fn private(
-        &self,
+        &mut self,
         from: &FullJid,
         to_nick: &str,
         message: &Element,
+        now: i64,
     ) -> Result<Vec<Out>, Refusal> {
-        let Some(nick) = self.nick_of.get(from) else {
+        let Some(nick) = self.nick_of.get(from).cloned() else {
             return Err(StanzaErrorCondition::NotAcceptable);
         };
         let allowed = match self.config.private_messages {
@@ -827,11 +947,15 @@ impl Room {
         if !allowed {
             return Err(StanzaErrorCondition::Forbidden);
         }
+        if !self.occupants.contains_key(to_nick) {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        }
+        let Some(sender_jid) = self.occupant_jid(&nick) else {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        };
+        self.say(from, now)?;
         let Some(target) = self.occupants.get(to_nick) else {
             return Err(StanzaErrorCondition::ItemNotFound);
-        };
-        let Some(sender_jid) = self.occupant_jid(nick) else {
-            return Err(StanzaErrorCondition::NotAcceptable);
         };
         let mut m = self.relayed(message);
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
@@ -1337,6 +1461,7 @@ mod tests {
             room.leave(
                 &full(who),
                 &el("<presence xmlns='jabber:client' type='unavailable'/>"),
+                NOW,
             );
             out
         };
@@ -1559,11 +1684,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            room.update(&full("bob@d/phone"), "Alice", &join_presence()),
+            room.update(&full("bob@d/phone"), "Alice", &join_presence(), NOW),
             Err(StanzaErrorCondition::Conflict)
         );
         let out = room
-            .update(&full("bob@d/phone"), "Robert", &join_presence())
+            .update(&full("bob@d/phone"), "Robert", &join_presence(), NOW)
             .unwrap();
         let gone: Vec<&Out> = out
             .iter()
@@ -1608,7 +1733,7 @@ mod tests {
         let bye = el(
             "<presence xmlns='jabber:client' type='unavailable'><status>later</status></presence>",
         );
-        let out = room.leave(&full("bob@d/phone"), &bye);
+        let out = room.leave(&full("bob@d/phone"), &bye, NOW);
         assert_eq!(
             to_and_from(&out),
             [(
@@ -1618,7 +1743,7 @@ mod tests {
             )]
         );
         assert_eq!(codes(&out[0].stanza), ["110"]);
-        let out = room.leave(&full("bob@d/laptop"), &bye);
+        let out = room.leave(&full("bob@d/laptop"), &bye, NOW);
         let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
         to.sort();
         assert_eq!(to, ["alice@d/laptop", "bob@d/laptop"]);
@@ -1630,10 +1755,10 @@ mod tests {
             out.iter()
                 .all(|o| o.stanza.get_child("status", ns::CLIENT).unwrap().text() == "later")
         );
-        room.leave(&full("alice@d/laptop"), &bye);
+        room.leave(&full("alice@d/laptop"), &bye, NOW);
         assert!(room.is_empty());
         // Leaving twice, or without having entered, sends nothing.
-        assert!(room.leave(&full("alice@d/laptop"), &bye).is_empty());
+        assert!(room.leave(&full("alice@d/laptop"), &bye, NOW).is_empty());
     }
 
     #[test]
@@ -1650,7 +1775,9 @@ mod tests {
         let pm = el(
             "<message xmlns='jabber:client' type='chat' to='team@conference.d/Alice'><body>psst</body></message>",
         );
-        let out = room.private(&full("bob@d/phone"), "Alice", &pm).unwrap();
+        let out = room
+            .private(&full("bob@d/phone"), "Alice", &pm, NOW)
+            .unwrap();
         assert_eq!(
             to_and_from(&out),
             [(
@@ -1661,22 +1788,25 @@ mod tests {
         );
         assert!(out[0].stanza.get_child("x", NS_USER).is_some());
         assert_eq!(
-            room.private(&full("bob@d/phone"), "Nobody", &pm),
+            room.private(&full("bob@d/phone"), "Nobody", &pm, NOW),
             Err(StanzaErrorCondition::ItemNotFound)
         );
         assert_eq!(
-            room.private(&full("eve@d/x"), "Alice", &pm),
+            room.private(&full("eve@d/x"), "Alice", &pm, NOW),
             Err(StanzaErrorCondition::NotAcceptable)
         );
         room.config.private_messages = PrivateMessages::Moderators;
         assert_eq!(
-            room.private(&full("bob@d/phone"), "Alice", &pm),
+            room.private(&full("bob@d/phone"), "Alice", &pm, NOW),
             Err(StanzaErrorCondition::Forbidden)
         );
-        assert!(room.private(&full("alice@d/laptop"), "Bob", &pm).is_ok());
+        assert!(
+            room.private(&full("alice@d/laptop"), "Bob", &pm, NOW)
+                .is_ok()
+        );
         room.config.private_messages = PrivateMessages::Nobody;
         assert_eq!(
-            room.private(&full("alice@d/laptop"), "Bob", &pm),
+            room.private(&full("alice@d/laptop"), "Bob", &pm, NOW),
             Err(StanzaErrorCondition::Forbidden)
         );
     }
@@ -1756,6 +1886,119 @@ mod tests {
         assert_ne!(room.occupant_id(&bare("alice@d")), alice);
     }
 
+    /// One occupant flapping its presence 10,000 times, or flooding the room, costs
+    /// the others its allowance and no more; the room still shows its newest status.
+    #[test]
+    fn an_occupants_floods_are_held_to_its_allowance() {
+        let mut room = room_with_alice(Config::default());
+        let second = Rate::per_second(1.0, 3);
+        room.set_rates(Rates {
+            messages: second,
+            presence: second,
+        });
+        let (bob, carol) = (full("bob@d/phone"), full("carol@d/pc"));
+        for (who, nick) in [(&bob, "Bob"), (&carol, "Carol")] {
+            room.join(who, nick, &Join::default(), &join_presence(), NOW)
+                .unwrap();
+        }
+        let status = |show: &str| {
+            el(&format!(
+                "<presence xmlns='jabber:client'><show>{show}</show></presence>"
+            ))
+        };
+        // Bob's entry used one of three; two changes pass, then the rest wait.
+        let mut seen_by_carol = 0;
+        for i in 0..10_000 {
+            let show = if i % 2 == 0 { "away" } else { "dnd" };
+            let out = room.update(&bob, "Bob", &status(show), NOW).unwrap();
+            seen_by_carol += out.iter().filter(|o| o.to == carol).count();
+        }
+        assert_eq!(seen_by_carol, 2);
+        // Carol still speaks, and newcomers see Bob's newest status.
+        assert!(room.groupchat(&carol, &message("hi"), NOW).is_ok());
+        let dave = full("dave@d/x");
+        let out = room
+            .join(&dave, "Dave", &Join::default(), &join_presence(), NOW)
+            .unwrap();
+        let of_bob = out
+            .iter()
+            .find(|o| o.stanza.attr("from") == Some("team@conference.d/Bob"))
+            .unwrap();
+        assert_eq!(
+            of_bob.stanza.get_child("show", ns::CLIENT).unwrap().text(),
+            "dnd"
+        );
+        // The newest waits for the allowance: one second, then once.
+        assert_eq!(room.next_due(), Some(NOW + 1_000_000));
+        assert!(room.due(NOW + 999_999).is_empty());
+        let out = room.due(NOW + 1_000_000);
+        assert_eq!(out.len(), 4, "to each session");
+        assert!(out.iter().all(|o| {
+            o.stanza
+                .get_child("show", ns::CLIENT)
+                .is_some_and(|s| s.text() == "dnd")
+        }));
+        assert_eq!(room.next_due(), None);
+        assert!(room.due(NOW + 5_000_000).is_empty());
+
+        // A change of nick over the allowance is refused, and so is entering again
+        // after leaving: leaving is no way around it.
+        let bye = el("<presence xmlns='jabber:client' type='unavailable'/>");
+        assert_eq!(
+            room.update(&bob, "Robert", &status("away"), NOW + 1_000_000),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        assert!(!room.leave(&bob, &bye, NOW + 1_000_000).is_empty());
+        assert_eq!(
+            room.join(
+                &bob,
+                "Bob",
+                &Join::default(),
+                &join_presence(),
+                NOW + 1_000_000
+            ),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        assert!(
+            room.join(
+                &bob,
+                "Bob",
+                &Join::default(),
+                &join_presence(),
+                NOW + 2_000_000
+            )
+            .is_ok()
+        );
+
+        // Messages: three at once, then one a second; the refused ones change
+        // nothing (no subject, no history).
+        let t = NOW + 10_000_000;
+        for _ in 0..3 {
+            assert!(room.groupchat(&bob, &message("spam"), t).is_ok());
+        }
+        let subject =
+            el("<message xmlns='jabber:client' type='groupchat'><subject>x</subject></message>");
+        room.config.subject_by_anyone = true;
+        assert_eq!(
+            room.groupchat(&bob, &subject, t),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        assert_eq!(room.subject(), None);
+        assert_eq!(
+            room.private(&bob, "Carol", &message("psst"), t),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        let kept = room.history.len();
+        assert!(room.groupchat(&bob, &message("spam"), t).is_err());
+        assert_eq!(room.history.len(), kept);
+        // Others are not held by Bob's use.
+        assert!(room.private(&carol, "Bob", &message("hush"), t).is_ok());
+        assert!(
+            room.groupchat(&bob, &message("later"), t + 1_000_000)
+                .is_ok()
+        );
+    }
+
     #[test]
     fn history_keeps_at_most_its_bytes() {
         let config = Config {
@@ -1764,8 +2007,8 @@ mod tests {
         };
         let mut room = room_with_alice(config);
         let big = "x".repeat(10_000);
-        for _ in 0..20 {
-            room.groupchat(&full("alice@d/laptop"), &message(&big), NOW)
+        for i in 0..20 {
+            room.groupchat(&full("alice@d/laptop"), &message(&big), NOW + i * 1_000_000)
                 .unwrap();
         }
         let kept: usize = room.history.iter().map(|k| k.chars).sum();
@@ -2169,10 +2412,10 @@ mod tests {
         .unwrap();
         let pm = el("<message xmlns='jabber:client' type='chat'><body>psst</body></message>");
         assert_eq!(
-            room.private(&full("dave@d/pc"), "Bob", &pm),
+            room.private(&full("dave@d/pc"), "Bob", &pm, NOW),
             Err(StanzaErrorCondition::Forbidden)
         );
-        assert!(room.private(&full("carol@d/pc"), "Bob", &pm).is_ok());
+        assert!(room.private(&full("carol@d/pc"), "Bob", &pm, NOW).is_ok());
     }
 
     #[test]
@@ -2193,10 +2436,12 @@ mod tests {
         room.config.password = Some("pw".into());
         // Only occupants invite.
         assert_eq!(
-            room.invite(&full("erin@d/pc"), &invite("dave@d")),
+            room.invite(&full("erin@d/pc"), &invite("dave@d"), NOW),
             Err(StanzaErrorCondition::NotAcceptable)
         );
-        let out = room.invite(&full("bob@d/pc"), &invite("dave@d")).unwrap();
+        let out = room
+            .invite(&full("bob@d/pc"), &invite("dave@d"), NOW)
+            .unwrap();
         assert_eq!(out.len(), 1);
         let (to, m) = &out[0];
         assert_eq!(to.as_str(), "dave@d");
@@ -2209,7 +2454,7 @@ mod tests {
         // A decline goes back to the inviter, once; one without an invitation is
         // refused (the room is no relay).
         let out = room
-            .invite(&full("dave@d/phone"), &decline("bob@d"))
+            .invite(&full("dave@d/phone"), &decline("bob@d"), NOW)
             .unwrap();
         assert_eq!(out[0].0.as_str(), "bob@d");
         let d = out[0]
@@ -2221,7 +2466,7 @@ mod tests {
         assert_eq!(d.attr("from"), Some("dave@d"));
         for again in ["bob@d", "alice@d"] {
             assert_eq!(
-                room.invite(&full("dave@d/phone"), &decline(again)),
+                room.invite(&full("dave@d/phone"), &decline(again), NOW),
                 Err(StanzaErrorCondition::NotAcceptable)
             );
         }
@@ -2229,10 +2474,10 @@ mod tests {
         // member who may enter.
         room.config.members_only = true;
         assert_eq!(
-            room.invite(&full("bob@d/pc"), &invite("erin@d")),
+            room.invite(&full("bob@d/pc"), &invite("erin@d"), NOW),
             Err(StanzaErrorCondition::Forbidden)
         );
-        room.invite(&full("alice@d/laptop"), &invite("erin@d"))
+        room.invite(&full("alice@d/laptop"), &invite("erin@d"), NOW)
             .unwrap();
         assert_eq!(room.affiliation(&bare("erin@d")), Affiliation::Member);
         let join = Join {

@@ -557,6 +557,7 @@ impl Server {
             let unavailable = Element::builder("presence", ns::CLIENT)
                 .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
                 .build();
+            let now = crate::time::now_micros();
             let mut rooms = lock(&self.muc.rooms);
             let mut emptied = vec![];
             for (name, room) in rooms.iter_mut() {
@@ -567,7 +568,7 @@ impl Server {
                     // The session itself is told too: the link it came over is
                     // only one direction of two, the other may still carry it.
                     let out: Vec<muc::Out> = room
-                        .leave(session, &unavailable)
+                        .leave(session, &unavailable, now)
                         .into_iter()
                         .map(|mut o| {
                             with_status(&mut o.stanza, 333);
