@@ -251,54 +251,42 @@ fn blocks(rows: &[ArchiveRow]) -> Vec<Block> {
     out
 }
 
+/// Whether an archive's owner is a room (its bare JID) rather than an account (a
+/// local part, which holds no '@').
+fn is_room(owner: &str) -> bool {
+    owner.contains('@')
+}
+
 /// Where a scan of blocks stands: the last block read, by first id and `seq`.
 type Cursor = (String, i64);
 
 impl Store {
-    /// Appends archived messages in one transaction, as blocks of each account's
-    /// messages (one row and one index entry per account and batch, not per message:
-    /// the index by account was most of the cost of archiving); should that fail (an
-    /// owner deleted meanwhile breaks the foreign key), block by block, skipping
-    /// owners that are gone.
+    /// Appends archived messages in one transaction, as blocks of each owner's
+    /// messages (one row and one index entry per owner and batch, not per message:
+    /// the index by owner was most of the cost of archiving). Rows of an account that
+    /// is gone (deleted meanwhile) are skipped; rooms' rows (their owner is the room's
+    /// bare JID) are the router's to keep or forget.
     pub async fn archive_append(&self, rows: &[ArchiveRow]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         let _timer = self.latency.start("archive_append");
-        let blocks = blocks(rows);
-        match self.archive_append_fast(rows, &blocks).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Usually an owner deleted meanwhile; anything else fails again below.
-                tracing::debug!(error = %e, "archive batch goes block by block");
-                self.archive_append_checked(rows, &blocks).await
-            }
-        }
-    }
-
-    /// The zones the rows fall in, once each.
-    fn row_zones(rows: &[ArchiveRow]) -> Vec<(&str, &str, &str)> {
-        let mut zones: Vec<(&str, &str, &str)> = rows
-            .iter()
-            .map(|r| (r.owner.as_str(), r.peer.as_str(), zone(&r.id)))
-            .collect();
-        zones.sort_unstable();
-        zones.dedup();
-        zones
-    }
-
-    async fn archive_append_fast(&self, rows: &[ArchiveRow], blocks: &[Block]) -> Result<()> {
-        const PER_STATEMENT: usize = 64;
         let mut tx = self.write().await?;
-        if self.backend == Backend::Sqlite {
-            // No statement of this transaction can then fail halfway (owners are
-            // checked at commit, and a failed commit goes block by block below), so
-            // SQLite keeps no statement journal: copying each page a statement first
-            // touched cost an eighth of storing the rows.
-            sqlx::query("PRAGMA defer_foreign_keys = ON")
-                .execute(&mut *tx)
-                .await?;
-        }
+        let known = self.archive_accounts(&mut tx, rows).await?;
+        let rows: std::borrow::Cow<'_, [ArchiveRow]> = if rows
+            .iter()
+            .all(|r| is_room(&r.owner) || known.contains(&r.owner))
+        {
+            rows.into()
+        } else {
+            rows.iter()
+                .filter(|r| is_room(&r.owner) || known.contains(&r.owner))
+                .cloned()
+                .collect::<Vec<_>>()
+                .into()
+        };
+        let blocks = blocks(&rows);
+        const PER_STATEMENT: usize = 64;
         for chunk in blocks.chunks(PER_STATEMENT) {
             let sql = self.insert_ignoring(
                 "archive_blocks (owner, first_id, last_id, last_ts, body)",
@@ -317,7 +305,7 @@ impl Store {
             query.execute(&mut *tx).await?;
         }
         const ZONES_PER_STATEMENT: usize = 128;
-        for chunk in Self::row_zones(rows).chunks(ZONES_PER_STATEMENT) {
+        for chunk in Self::row_zones(&rows).chunks(ZONES_PER_STATEMENT) {
             let sql = self.insert_ignoring("archive_zones (owner, peer, zone)", chunk.len(), 3);
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (owner, peer, zone) in chunk {
@@ -327,6 +315,60 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The accounts among the owners of `rows` that exist, held (on PostgreSQL) until
+    /// the transaction ends so that none is deleted before its rows are in: SQLite's
+    /// writers take turns anyway.
+    async fn archive_accounts(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        rows: &[ArchiveRow],
+    ) -> Result<std::collections::HashSet<String>> {
+        const PER_STATEMENT: usize = 500;
+        let mut owners: Vec<&str> = rows
+            .iter()
+            .map(|r| r.owner.as_str())
+            .filter(|o| !is_room(o))
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        let mut known = std::collections::HashSet::new();
+        for chunk in owners.chunks(PER_STATEMENT) {
+            let params: Vec<String> = (1..=chunk.len())
+                .map(|i| match self.backend {
+                    Backend::Sqlite => "?".to_owned(),
+                    Backend::Postgres => format!("${i}"),
+                })
+                .collect();
+            let lock = match self.backend {
+                Backend::Sqlite => "",
+                Backend::Postgres => " FOR SHARE",
+            };
+            let sql = format!(
+                "SELECT username FROM users WHERE username IN ({}){lock}",
+                params.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for owner in chunk {
+                query = query.bind(*owner);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                known.insert(row.try_get::<String, _>("username")?);
+            }
+        }
+        Ok(known)
+    }
+
+    /// The zones the rows fall in, once each.
+    fn row_zones(rows: &[ArchiveRow]) -> Vec<(&str, &str, &str)> {
+        let mut zones: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.owner.as_str(), r.peer.as_str(), zone(&r.id)))
+            .collect();
+        zones.sort_unstable();
+        zones.dedup();
+        zones
     }
 
     /// An `INSERT` of `rows` rows of `cols` values each into `table (columns)`, that
@@ -358,39 +400,6 @@ impl Store {
             sql.push_str(" ON CONFLICT DO NOTHING");
         }
         sql
-    }
-
-    async fn archive_append_checked(&self, rows: &[ArchiveRow], blocks: &[Block]) -> Result<()> {
-        let mut tx = self.write().await?;
-        // An owner deleted meanwhile has no archive: its blocks are skipped, not an
-        // error for the whole batch.
-        for b in blocks {
-            sqlx::query(
-                "INSERT INTO archive_blocks (owner, first_id, last_id, last_ts, body)
-                 SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)",
-            )
-            .bind(&b.owner)
-            .bind(&b.first_id)
-            .bind(&b.last_id)
-            .bind(b.last_ts)
-            .bind(&b.body)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (owner, peer, zone) in Self::row_zones(rows) {
-            sqlx::query(
-                "INSERT INTO archive_zones (owner, peer, zone)
-                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE username = $1)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(owner)
-            .bind(peer)
-            .bind(zone)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Whether `owner`'s archive holds `id`.
@@ -700,6 +709,27 @@ impl Store {
         .rows_affected())
     }
 
+    /// Deletes `owner`'s archive (a room that ended) up to `before` (microseconds):
+    /// the blocks begun before it, and the zones wholly before it. Messages archived
+    /// later, for a room made again under the name, stay (a block begun before and
+    /// still written after goes whole: what a new room said in its first seconds may
+    /// go with the old room's, never the other way).
+    pub async fn archive_forget(&self, owner: &str, before: i64) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM archive_blocks WHERE owner = $1 AND first_id < $2")
+            .bind(owner)
+            .bind(id_floor(before))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM archive_zones WHERE owner = $1 AND zone < $2")
+            .bind(owner)
+            .bind(zone_at(before))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The first and the last message of `owner`'s archive (XEP-0313 metadata).
     pub async fn archive_bounds(&self, owner: &str) -> Result<Option<(Archived, Archived)>> {
         let mut tx = self.snapshot().await?;
@@ -982,6 +1012,67 @@ mod tests {
         }
     }
 
+    /// A room's archive is kept under its bare JID, no account of that name needed,
+    /// and forgotten up to a time when the room ends; an account's goes with it.
+    #[tokio::test]
+    async fn rooms_have_archives_and_accounts_take_theirs_along() {
+        use sqlx::Row as _;
+        let at = |s: i64| s * 1_000_000;
+        let id = |s: i64| router_id(at(s), 7);
+        const ROOM: &str = "team@conference.d";
+        for (store, _dir) in stores().await {
+            store
+                .add_user(NewUser {
+                    username: "erin",
+                    password: "pw",
+                    home_cluster: "c",
+                    home_node: "n",
+                })
+                .await
+                .unwrap();
+            let rows: Vec<ArchiveRow> = (1..=3)
+                .map(|s| row(ROOM, &id(s), ROOM, at(s)))
+                .chain([row("erin", &id(1), "a@d", at(1))])
+                .collect();
+            store.archive_append(&rows).await.unwrap();
+            let all = |owner: &'static str| {
+                let store = store.clone();
+                async move {
+                    store
+                        .archive_query(
+                            owner,
+                            &ArchiveFilter::default(),
+                            ArchivePage::Forward(None),
+                            10,
+                        )
+                        .await
+                        .unwrap()
+                        .map(|r| r.messages.len())
+                        .unwrap_or_default()
+                }
+            };
+            assert_eq!((all(ROOM).await, all("erin").await), (3, 1));
+            // The room ended at 4 s and was made again: the old room's messages (1
+            // to 3, one block) go, the new room's message 4 stays.
+            store
+                .archive_append(&[row(ROOM, &id(4), ROOM, at(4))])
+                .await
+                .unwrap();
+            store.archive_forget(ROOM, at(4)).await.unwrap();
+            assert_eq!(all(ROOM).await, 1);
+            store.delete_user("erin").await.unwrap();
+            assert_eq!(all("erin").await, 0);
+            let left: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM archive_zones WHERE owner = 'erin'")
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap()
+                    .try_get::<i64, _>("n")
+                    .unwrap();
+            assert_eq!(left, 0);
+        }
+    }
+
     /// A page's ids and whether it is the last.
     async fn page(
         store: &Store,
@@ -1043,15 +1134,11 @@ mod tests {
                     .len()
                 }
             };
-            // A batch whose owners all exist is stored many rows per statement, its
-            // zones too.
-            store
-                .archive_append_fast(&rows, &super::blocks(&rows))
-                .await
-                .unwrap();
+            // A batch is stored many rows per statement, its zones too.
+            store.archive_append(&rows).await.unwrap();
             assert_eq!((zones("b@d").await, zones("a@d").await), (4, 5));
-            // An owner gone meanwhile: the batch is stored row by row, zones too. Its
-            // message to b@d was stamped just before zone 5 began and stored just
+            // An owner gone meanwhile is skipped, the others' rows and zones stored.
+            // Erin's message to b@d was stamped just before zone 5 began and stored just
             // after: a window from zone 5 on still finds it.
             let late = format!("{:014x}{:016x}", at(10) - 1, 99);
             let mut late_row = row("erin", &late, "b@d", at(10) + 30_000_000);

@@ -34,11 +34,13 @@ pub struct StoredRoom {
     pub subject_by: String,
     /// Bare JIDs and their affiliation (`owner`, `admin`, `member`, `outcast`).
     pub affiliations: Vec<(String, String)>,
+    /// Its messages are archived (XEP-0313 on the room's address).
+    pub archived: bool,
 }
 
 const COLUMNS: &str = "name, version, destroyed, title, description, public, members_only, \
      moderated, password, max_users, whois_anyone, history_length, private_messages, \
-     subject_by_anyone, subject, subject_by, affiliations";
+     subject_by_anyone, subject, subject_by, affiliations, archived";
 
 impl Store {
     /// Stores `room` unless a newer version of it (or of its destruction) is there.
@@ -49,7 +51,7 @@ impl Store {
             .map(|(jid, a)| format!("{jid} {a}\n"))
             .collect();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO muc_rooms ({COLUMNS}) VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            "INSERT INTO muc_rooms ({COLUMNS}) VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, destroyed = 0,
                  title = excluded.title, description = excluded.description,
                  public = excluded.public, members_only = excluded.members_only,
@@ -58,7 +60,8 @@ impl Store {
                  history_length = excluded.history_length,
                  private_messages = excluded.private_messages,
                  subject_by_anyone = excluded.subject_by_anyone, subject = excluded.subject,
-                 subject_by = excluded.subject_by, affiliations = excluded.affiliations
+                 subject_by = excluded.subject_by, affiliations = excluded.affiliations,
+                 archived = excluded.archived
              WHERE muc_rooms.version < excluded.version"
         )))
         .bind(&room.name)
@@ -77,6 +80,7 @@ impl Store {
         .bind(room.subject.as_deref())
         .bind(&room.subject_by)
         .bind(affiliations)
+        .bind(i64::from(room.archived))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -99,7 +103,7 @@ impl Store {
             .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO muc_rooms ({COLUMNS})
-                 VALUES ($1, $2, 1, '', '', 0, 0, 0, NULL, 0, 0, 0, '', 0, NULL, '', '')
+                 VALUES ($1, $2, 1, '', '', 0, 0, 0, NULL, 0, 0, 0, '', 0, NULL, '', '', 0)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, destroyed = 1,
                  password = NULL, subject = NULL, affiliations = ''
              WHERE muc_rooms.version < excluded.version"
@@ -152,6 +156,7 @@ impl Store {
                         .filter_map(|l| l.split_once(' '))
                         .map(|(j, a)| (j.to_owned(), a.to_owned()))
                         .collect(),
+                    archived: flag(r, "archived")?,
                 })
             })
             .collect()
@@ -186,6 +191,7 @@ mod tests {
                 ("alice@d".into(), "owner".into()),
                 ("bob@d".into(), "outcast".into()),
             ],
+            archived: false,
         }
     }
 

@@ -246,6 +246,15 @@ impl Store {
             .bind(username)
             .execute(&mut *tx)
             .await?;
+        // The archive does not refer to accounts (rooms have archives too).
+        for table in ["archive_blocks", "archive_zones"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE owner = $1"
+            )))
+            .bind(username)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO user_tombstones (username, home_cluster, home_node, usn, deleted_at)
              VALUES ($1, $2, $3, $4, $5)
