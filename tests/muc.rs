@@ -5,6 +5,7 @@
 mod support;
 
 use support::*;
+use tokio_xmpp::Stanza;
 use tokio_xmpp::minidom::Element;
 
 const ROOM: &str = "team@conference.localhost";
@@ -1197,6 +1198,126 @@ async fn an_occupants_floods_are_held_to_its_allowance() {
     .await;
     expect(&mut carol, 10, "Alice's message", |e| {
         from_occupant(e, "Alice") && body(e).as_deref() == Some("calm down")
+    })
+    .await;
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+/// A persistent room's archive (XEP-0313 on its address): each message carries the
+/// room's stanza id (XEP-0359), and occupants on the room's cluster and on another
+/// read the same archive under those ids; a session of another cluster outside the
+/// room is refused; the archive goes with the room.
+#[tokio::test]
+async fn a_rooms_archive_is_read_from_both_clusters() {
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob"], |c| c.muc.enabled = true).await;
+    peer_clusters(&a, &b, 1, 1).await;
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    for c in [&mut alice, &mut bob] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    enter(&mut alice, "Alice").await;
+    expect(&mut alice, 5, "in", |e| {
+        status_codes(e).contains(&"201".to_owned())
+    })
+    .await;
+    ask(
+        &mut alice,
+        "persistent",
+        &format!("<iq type='set' id='persistent' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field><field var='muc#roomconfig_persistentroom'><value>1</value></field></x></query></iq>"),
+    )
+    .await;
+    let info = ask(
+        &mut alice,
+        "info",
+        &format!("<iq type='get' id='info' to='{ROOM}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+    )
+    .await;
+    let features: Vec<&str> = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .unwrap()
+        .children()
+        .filter_map(|f| f.attr("var"))
+        .collect();
+    assert!(features.contains(&"urn:xmpp:mam:2"), "{features:?}");
+    let store_b = b.node.server.store.clone();
+    eventually(10, "the room known to B", || async {
+        matches!(
+            store_b.room_home("team").await.unwrap(),
+            impmesh_store::RoomHome::Remote { .. }
+        )
+    })
+    .await;
+    enter(&mut bob, "Bob").await;
+    expect(&mut bob, 10, "in", |e| {
+        from_occupant(e, "Bob") && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+    let mut ids = vec![];
+    for text in ["one", "two", "three"] {
+        send(
+            &mut alice,
+            &format!("<message type='groupchat' to='{ROOM}'><body>{text}</body></message>"),
+        )
+        .await;
+        let m = expect(&mut bob, 10, "Alice's message", |e| {
+            from_occupant(e, "Alice") && body(e).as_deref() == Some(text)
+        })
+        .await;
+        ids.push(stanza_id_by(&m, ROOM).expect("the room's stanza id"));
+    }
+    let expected: Vec<(String, String)> = ids
+        .iter()
+        .cloned()
+        .zip(["one", "two", "three"].map(String::from))
+        .collect();
+    let room: tokio_xmpp::jid::Jid = ROOM.parse().unwrap();
+    for client in [&mut alice, &mut bob] {
+        let Stanza::Iq(iq) = mam_query_iq("q1", None, 10, None, None) else {
+            unreachable!()
+        };
+        client
+            .send_stanza(Stanza::Iq(iq.with_to(room.clone())))
+            .await
+            .unwrap();
+        let (results, fin) = mam_results(client, "q1").await;
+        assert_eq!(results, expected);
+        assert!(fin.complete);
+    }
+    // Out of the room, Bob's cluster would drop the results: he is told so.
+    send(
+        &mut bob,
+        &format!("<presence type='unavailable' to='{ROOM}/Bob'/>"),
+    )
+    .await;
+    expect(&mut bob, 10, "out", |e| {
+        from_occupant(e, "Bob") && e.attr("type") == Some("unavailable")
+    })
+    .await;
+    let Stanza::Iq(iq) = mam_query_iq("q2", None, 10, None, None) else {
+        unreachable!()
+    };
+    bob.send_stanza(Stanza::Iq(iq.with_to(room.clone())))
+        .await
+        .unwrap();
+    let refused = expect(&mut bob, 10, "a refusal", |e| e.attr("id") == Some("q2")).await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("forbidden"));
+
+    // The room goes, and its archive with it.
+    ask(
+        &mut alice,
+        "destroy",
+        &format!("<iq type='set' id='destroy' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><destroy/></query></iq>"),
+    )
+    .await;
+    let store_a = a.node.server.store.clone();
+    eventually(10, "the archive forgotten", || async {
+        store_a.archive_bounds(ROOM).await.unwrap().is_none()
     })
     .await;
     a.node.shutdown().await;

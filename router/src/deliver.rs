@@ -297,7 +297,7 @@ impl Server {
             if stanza.name() == "presence"
                 && stanza.attr("type") == Some("unavailable")
                 && let Some(Ok(from)) = stanza.attr("from").map(FullJid::new)
-                && !self.muc_leave_peer(&from, &to)
+                && !self.muc_leave_peer(&from, &to, false)
             {
                 let _ = self.muc_presence(&from, stanza, &to);
             }

@@ -425,7 +425,7 @@ impl Context<'_> {
     }
 
     /// An error answer with XEP-0060's application condition, if it has one.
-    fn refuse(&mut self, iq: &Element, refusal: &Refusal) {
+    pub(crate) fn refuse(&mut self, iq: &Element, refusal: &Refusal) {
         let reply = error_reply_with(
             iq,
             refusal.condition,

@@ -250,7 +250,7 @@ async fn expiry(store: Store, retention: Duration, shutdown: CancellationToken) 
 /// hex. Unique and hard to guess (XEP-0359), and increasing with time, so each
 /// account's index grows at its end instead of at random places (random ids made
 /// every archived row dirty a random page of the index).
-fn archive_id() -> String {
+pub(crate) fn archive_id() -> String {
     use rand::RngCore as _;
     format!(
         "{:014x}{:016x}",
@@ -367,6 +367,25 @@ impl Server {
         Some((Self::row(owner, id, &from, false, xml), delivered))
     }
 
+    /// Queues `row` for the writer unless its queue is full: then it is given back
+    /// ([`Server::enqueue`] waits for room). A writer that stopped drops it, as there.
+    pub(crate) fn try_enqueue(&self, row: ArchiveRow) -> Option<ArchiveRow> {
+        let shared = &self.archive.shared;
+        let mut pending = lock(&shared.pending);
+        if pending.closed {
+            tracing::warn!("the archive writer has stopped; a message was not archived");
+            return None;
+        }
+        if pending.rows.len() >= QUEUE {
+            return Some(row);
+        }
+        pending.rows.push(row);
+        if pending.rows.len() >= BATCH {
+            shared.wake.notify_one();
+        }
+        None
+    }
+
     pub(crate) async fn enqueue(&self, row: ArchiveRow) {
         let shared = &self.archive.shared;
         let mut row = Some(row);
@@ -473,7 +492,26 @@ impl Context<'_> {
         payload: &Element,
     ) -> Result<Option<String>, Refusal> {
         let server = self.server.clone();
-        let q = archive::parse_query(payload, server.config.archive.max_page)
+        let to = self.jid().to_string();
+        let (results, fin) = server.archive_results(user, &to, None, payload).await?;
+        for xml in results {
+            self.push_out(xml.into());
+        }
+        Ok(Some(fin))
+    }
+}
+
+impl Server {
+    /// A query (`payload`) of `owner`'s archive (an account's, or a room's with
+    /// `from` its address) for `to`: the result messages, then the `<fin/>`.
+    pub(crate) async fn archive_results(
+        &self,
+        owner: &str,
+        to: &str,
+        from: Option<&str>,
+        payload: &Element,
+    ) -> Result<(Vec<String>, String), Refusal> {
+        let q = archive::parse_query(payload, self.config.archive.max_page)
             .map_err(|(c, text)| Refusal::from(c).with_text(text))?;
         let with = q.with.as_deref().and_then(stanza::parse_jid);
         let peer = with.as_ref().map(|j| j.to_bare().to_string());
@@ -493,10 +531,10 @@ impl Context<'_> {
             Page::Forward { after } => ArchivePage::Forward(after.as_deref()),
             Page::Backward { before } => ArchivePage::Backward(before.as_deref()),
         };
-        server.archive_flush().await;
-        let results = server
+        self.archive_flush().await;
+        let results = self
             .store
-            .archive_query(user, &filter, page, q.max)
+            .archive_query(owner, &filter, page, q.max)
             .await
             .map_err(store_failed)?
             .ok_or_else(|| {
@@ -526,7 +564,6 @@ impl Context<'_> {
                 }
             }
         }
-        let to = self.jid().to_string();
         let first_last = match (messages.first(), messages.last()) {
             (Some(f), Some(l)) => Some((f.id.clone(), l.id.clone())),
             _ => None,
@@ -536,14 +573,16 @@ impl Context<'_> {
         } else {
             Box::new(messages.iter())
         };
-        for m in ordered {
-            let xml = archive::result_message(&to, q.queryid.as_deref(), &m.id, m.ts, &m.stanza);
-            self.push_out(xml.into());
-        }
-        Ok(Some(archive::fin(
+        let results = ordered
+            .map(|m| {
+                archive::result_message(to, from, q.queryid.as_deref(), &m.id, m.ts, &m.stanza)
+            })
+            .collect();
+        let fin = archive::fin(
             first_last.as_ref().map(|(f, l)| (f.as_str(), l.as_str())),
             complete,
-        )))
+        );
+        Ok((results, fin))
     }
 }
 

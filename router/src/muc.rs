@@ -6,7 +6,7 @@
 //! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
 //! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): nick registration, the room archive.
+//! Not here yet (issue 16): nick registration, moderation (XEP-0425).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,7 +18,9 @@ use minidom::Element;
 
 use crate::Server;
 use crate::context::Context;
+use crate::core::archive;
 use crate::core::muc::{self, Join, Room};
+use crate::core::pubsub::Refusal;
 use crate::error::StanzaErrorCondition;
 use crate::hub::lock;
 use crate::stanza;
@@ -59,10 +61,11 @@ pub struct MucSettings {
 
 impl MucSettings {
     /// What the service allows any room.
-    fn limits(&self) -> muc::Limits {
+    fn limits(&self, archive: bool) -> muc::Limits {
         muc::Limits {
             max_users: self.max_occupants,
             history_length: self.history_length,
+            archive,
         }
     }
 
@@ -207,6 +210,7 @@ fn stored(name: &str, version: i64, room: &Room) -> StoredRoom {
         subject,
         subject_by,
         affiliations,
+        archived: c.archived,
     }
 }
 
@@ -233,6 +237,7 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
         private_messages: muc::PrivateMessages::parse(&s.private_messages)
             .unwrap_or(muc::PrivateMessages::Anyone),
         subject_by_anyone: s.subject_by_anyone,
+        archived: s.archived,
     };
     let affiliations = s
         .affiliations
@@ -240,6 +245,16 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
         .filter_map(|(j, a)| Some((BareJid::new(j).ok()?, muc::parse_affiliation(a)?)));
     let subject = s.subject.map(|text| (text, s.subject_by));
     Some(Room::restore(jid, config, affiliations, subject))
+}
+
+/// The payload of an IQ to a room's archive (XEP-0313), if it is one.
+pub(crate) fn mam_request<'a>(iq: &'a Element, to: &Jid) -> Option<&'a Element> {
+    let payload = iq.children().next()?;
+    (to.node().is_some()
+        && to.resource().is_none()
+        && payload.ns() == ns::MAM
+        && matches!(payload.name(), "query" | "metadata"))
+    .then_some(payload)
 }
 
 /// XEP-0410: the room answers a client's ping of its own occupant JID itself.
@@ -450,6 +465,9 @@ impl Server {
     fn muc_persist(&self, name: &str, room: Option<&Room>) {
         let version = self.muc.next_version();
         let store = self.store.clone();
+        if !room.is_some_and(|r| self.muc_archives(r)) {
+            self.muc_forget_archive(name);
+        }
         match room.filter(|r| r.config.persistent && !r.locked()) {
             Some(room) => {
                 let row = stored(name, version, room);
@@ -467,6 +485,112 @@ impl Server {
                     }
                 });
             }
+        }
+    }
+
+    /// Whether `room`'s messages are archived: it is persistent, its owners did not
+    /// turn archiving off, and this node keeps archives.
+    fn muc_archives(&self, room: &Room) -> bool {
+        self.config.archive.enabled && room.config.persistent && room.config.archived
+    }
+
+    /// Deletes the archive of the room `name` (it ended, or is no longer archived)
+    /// in the background: what is archived up to now, once the writer stored it.
+    fn muc_forget_archive(&self, name: &str) {
+        let (Some(settings), Some(server)) = (&self.config.muc, self.me.upgrade()) else {
+            return;
+        };
+        if !self.config.archive.enabled {
+            return;
+        }
+        let owner = format!("{name}@{}", settings.host);
+        let before = crate::time::now_micros().saturating_add(1);
+        self.tasks.spawn(async move {
+            server.archive_flush().await;
+            if let Err(e) = server.store.archive_forget(&owner, before).await {
+                tracing::error!(room = %owner, error = %e, "deleting a room's archive failed");
+            }
+        });
+    }
+
+    /// Archives a room's message (as `out`'s first copy shows it) under the id it was
+    /// stamped with, when the room is archived.
+    fn muc_archive(&self, room: &Room, nick: &str, id: String, out: &[muc::Out], now: i64) {
+        let Some(first) = out.first() else {
+            return;
+        };
+        if !self.muc_archives(room) || !archive::archivable_in_room(&first.stanza) {
+            return;
+        }
+        let mut kept = first.stanza.clone();
+        stanza::remove_attr(&mut kept, "to");
+        archive::strip_stanza_ids(&mut kept, room.jid().as_str());
+        let row = impmesh_store::ArchiveRow {
+            owner: room.jid().to_string(),
+            id,
+            peer: room.jid().to_string(),
+            resource: nick.to_owned(),
+            ts: now,
+            outgoing: false,
+            stanza: stanza::serialize(&kept).into(),
+        };
+        if let Some(row) = self.try_enqueue(row)
+            && let Some(server) = self.me.upgrade()
+        {
+            // The writer's queue is full: the store sets the pace, the room does not
+            // wait for it.
+            self.tasks.spawn(async move { server.enqueue(row).await });
+        }
+    }
+
+    /// A request to a room's archive (XEP-0313 on its address) from `from`: the
+    /// result messages, from the room, and the answer's payload. A session of
+    /// another cluster (`remote`) reads it from inside the room: its node takes the
+    /// room's messages only for sessions in it.
+    pub(crate) async fn muc_mam(
+        &self,
+        from: &FullJid,
+        to: &Jid,
+        payload: &Element,
+        set: bool,
+        remote: bool,
+    ) -> Result<(Vec<String>, Option<String>), Refusal> {
+        let owner = to.to_bare().to_string();
+        {
+            let rooms = lock(&self.muc.rooms);
+            let Some(room) = to.node().and_then(|n| rooms.get(n.as_str())) else {
+                return Err(StanzaErrorCondition::ItemNotFound.into());
+            };
+            if !self.muc_archives(room) {
+                return Err(Refusal::from(StanzaErrorCondition::FeatureNotImplemented)
+                    .with_text("this room keeps no archive"));
+            }
+            if remote && room.nick_of(from).is_none() {
+                return Err(Refusal::from(StanzaErrorCondition::Forbidden)
+                    .with_text("enter the room to read its archive from another cluster"));
+            }
+            if !room.may_read_archive(from) {
+                return Err(StanzaErrorCondition::Forbidden.into());
+            }
+        }
+        match (payload.name(), set) {
+            ("query", false) => Ok((Vec::new(), Some(archive::query_form()))),
+            ("query", true) => {
+                let to = from.to_string();
+                let (results, fin) = self
+                    .archive_results(&owner, &to, Some(&owner), payload)
+                    .await?;
+                Ok((results, Some(fin)))
+            }
+            ("metadata", false) => {
+                self.archive_flush().await;
+                let metadata = self
+                    .archive_metadata(&owner)
+                    .await
+                    .map_err(crate::pep::store_failed)?;
+                Ok((Vec::new(), Some(metadata)))
+            }
+            _ => Err(StanzaErrorCondition::BadRequest.into()),
         }
     }
 
@@ -670,7 +794,7 @@ impl Server {
             .attr(rxml::xml_ncname!("type").to_owned(), "unavailable")
             .build();
         for target in targets {
-            if self.is_muc(&target) && !self.muc_leave_peer(session, &target) {
+            if self.is_muc(&target) && !self.muc_leave_peer(session, &target, false) {
                 let _ = self.muc_presence(session, &unavailable, &target);
             }
         }
@@ -727,7 +851,13 @@ impl Server {
         now: i64,
     ) -> Result<Vec<muc::Out>, StanzaErrorCondition> {
         Ok(match (to.resource(), groupchat) {
-            (None, true) => room.groupchat(from, message, now)?,
+            (None, true) => {
+                let id = crate::mam::archive_id();
+                let out = room.groupchat(from, message, now, &id)?;
+                let nick = room.nick_of(from).unwrap_or_default().to_owned();
+                self.muc_archive(room, &nick, id, &out, now);
+                out
+            }
             // XEP-0045 §7.5: a groupchat message to an occupant is an error.
             (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
             (Some(nick), false) => room.private(from, nick.as_str(), message, now)?,
@@ -801,8 +931,14 @@ impl Server {
                         "muc_unsecured",
                     ),
                     pick(c.persistent, "muc_persistent", "muc_temporary"),
+                    ns::SID,
                 ] {
                     body.push_str(&format!("<feature var='{f}'/>"));
+                }
+                if self.muc_archives(room) {
+                    for f in [ns::MAM, ns::MAM_EXTENDED] {
+                        body.push_str(&format!("<feature var='{f}'/>"));
+                    }
                 }
             }
         }
@@ -918,7 +1054,7 @@ impl Server {
             return Err(StanzaErrorCondition::Forbidden);
         } else if !set {
             let mut query = Element::bare("query", muc::NS_OWNER);
-            query.append_child(room.config_form(settings.limits()));
+            query.append_child(room.config_form(settings.limits(self.config.archive.enabled)));
             (Some(stanza::serialize(&query)), Vec::new())
         } else if let Some(destroy) = payload.get_child("destroy", muc::NS_OWNER) {
             // §10.9: the owner destroys the room, naming where to go instead.
@@ -949,7 +1085,7 @@ impl Server {
                 }
                 Some(x) if x.attr("type") == Some("submit") => {
                     let stored = room.config.persistent;
-                    let out = room.configure(x, settings.limits())?;
+                    let out = room.configure(x, settings.limits(self.config.archive.enabled))?;
                     // Stored, or forgotten when it stops being persistent.
                     if stored || room.config.persistent {
                         self.muc_persist(name, Some(&*room));
@@ -995,6 +1131,19 @@ impl Context<'_> {
                 return;
             }
         }
+        if let Some(payload) = mam_request(iq, to) {
+            let set = iq.attr("type") == Some("set");
+            match server.muc_mam(&from, to, payload, set, false).await {
+                Ok((results, answer)) => {
+                    for xml in results {
+                        self.push_out(xml.into());
+                    }
+                    self.reply_result(iq, answer);
+                }
+                Err(refusal) => self.refuse(iq, &refusal),
+            }
+            return;
+        }
         match server.muc_iq(&from, iq, to) {
             Ok(payload) => self.reply_result(iq, payload),
             Err(condition) => self.reply_error(iq, condition, None),
@@ -1031,7 +1180,7 @@ impl Context<'_> {
         let from = self.jid().clone();
         stanza::set_attr(&mut presence, "from", &from.to_string());
         let routed = match presence.attr("type") {
-            Some("unavailable") if server.muc_leave_peer(&from, to) => Routed::Sent,
+            Some("unavailable") if server.muc_leave_peer(&from, to, true) => Routed::Sent,
             Some("unavailable") => Routed::Here,
             _ => server.muc_route(&from, &presence, to).await,
         };

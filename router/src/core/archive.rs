@@ -13,9 +13,17 @@ use crate::xml::{escape, ns};
 /// encrypted with OMEMO; never one the sender asked not to keep, an error, a carbon
 /// or a forwarded archive result.
 pub fn archivable(message: &Element) -> bool {
-    if !matches!(message.attr("type"), None | Some("chat" | "normal")) {
-        return false;
-    }
+    matches!(message.attr("type"), None | Some("chat" | "normal")) && worth_keeping(message)
+}
+
+/// Whether a room's `groupchat` message belongs in the room's archive: on the same
+/// terms as [`archivable`].
+pub fn archivable_in_room(message: &Element) -> bool {
+    message.attr("type") == Some("groupchat") && worth_keeping(message)
+}
+
+/// The terms of [`archivable`] but for the message's type.
+fn worth_keeping(message: &Element) -> bool {
     if message.has_child("no-store", ns::HINTS)
         || message.has_child("no-permanent-store", ns::HINTS)
         || message.has_child("sent", ns::CARBONS)
@@ -348,9 +356,11 @@ pub fn query_form() -> String {
     )
 }
 
-/// One archived message as a query result (§4.2), to `to`.
+/// One archived message as a query result (§4.2), to `to`, from the archive's
+/// address when it is not the account's own (a room's).
 pub fn result_message(
     to: &str,
+    from: Option<&str>,
     queryid: Option<&str>,
     id: &str,
     micros: i64,
@@ -359,8 +369,11 @@ pub fn result_message(
     let queryid = queryid
         .map(|q| format!(" queryid='{}'", escape(q)))
         .unwrap_or_default();
+    let from = from
+        .map(|f| format!(" from='{}'", escape(f)))
+        .unwrap_or_default();
     format!(
-        "<message xmlns='jabber:client' to='{}'><result xmlns='{}'{queryid} id='{}'><forwarded xmlns='{}'><delay xmlns='{}' stamp='{}'/>{stanza}</forwarded></result></message>",
+        "<message xmlns='jabber:client'{from} to='{}'><result xmlns='{}'{queryid} id='{}'><forwarded xmlns='{}'><delay xmlns='{}' stamp='{}'/>{stanza}</forwarded></result></message>",
         escape(to),
         ns::MAM,
         escape(id),

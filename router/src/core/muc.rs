@@ -12,7 +12,7 @@
 //! bans, voice) in `admin`, voice requests in `voice`, each occupant's allowance of
 //! messages and presence changes in `rate`.
 //!
-//! Not here yet (issue 16): registration, the room archive.
+//! Not here yet (issue 16): registration, moderation (XEP-0425).
 
 mod admin;
 mod form;
@@ -161,6 +161,9 @@ pub struct Config {
     pub private_messages: PrivateMessages,
     /// Participants may change the subject, not only moderators.
     pub subject_by_anyone: bool,
+    /// Its messages are archived (XEP-0313 on the room's address) while it is
+    /// persistent and the node keeps archives.
+    pub archived: bool,
 }
 
 impl Default for Config {
@@ -178,6 +181,7 @@ impl Default for Config {
             history_length: 20,
             private_messages: PrivateMessages::Anyone,
             subject_by_anyone: false,
+            archived: true,
         }
     }
 }
@@ -737,6 +741,20 @@ impl Room {
             .collect()
     }
 
+    /// Whether `session` may read the room's archive: an occupant may, and so may an
+    /// account the room would let in without a password (not an outcast; a member, in
+    /// a members-only room).
+    pub fn may_read_archive(&self, session: &FullJid) -> bool {
+        if self.nick_of.contains_key(session) {
+            return true;
+        }
+        let affiliation = self.affiliation(&session.to_bare());
+        affiliation != Affiliation::Outcast
+            && !self.locked
+            && (!self.config.members_only || affiliation >= Affiliation::Member)
+            && (self.config.password.is_none() || affiliation == Affiliation::Owner)
+    }
+
     /// Keeps the presence allowance of an occupant that left, while it is used (at
     /// most MAX_LEFT_KEPT accounts: those whose allowance is whole again go first).
     fn remember_allowance(&mut self, gone: &Occupant, now: i64) {
@@ -768,13 +786,15 @@ impl Room {
     }
 
     /// A `groupchat` message from an occupant: to every occupant's sessions, from the
-    /// sender's occupant JID; kept for history when it has a body. A subject alone
-    /// changes the subject, for those allowed to.
+    /// sender's occupant JID, with the room's stanza id `id` (XEP-0359); kept for
+    /// history when it has a body. A subject alone changes the subject, for those
+    /// allowed to.
     pub fn groupchat(
         &mut self,
         from: &FullJid,
         message: &Element,
         now: i64,
+        id: &str,
     ) -> Result<Vec<Out>, Refusal> {
         let Some(nick) = self.nick_of.get(from).cloned() else {
             return Err(StanzaErrorCondition::NotAcceptable);
@@ -803,6 +823,7 @@ impl Room {
         stanza::set_attr(&mut m, "from", &sender_jid.to_string());
         stanza::set_attr(&mut m, "type", "groupchat");
         m.append_child(self.occupant_id_el(&from.to_bare()));
+        crate::core::archive::stamp(&mut m, id, self.jid.as_str());
         if has_body && self.config.history_length > 0 {
             let chars = stanza::serialize(&m).len();
             self.history.push_back(Kept {
@@ -1435,7 +1456,7 @@ mod tests {
         for (i, body) in ["one", "two", "three"].into_iter().enumerate() {
             let at = NOW + i64::try_from(i).unwrap() * 60_000_000;
             let out = room
-                .groupchat(&full("alice@d/laptop"), &message(body), at)
+                .groupchat(&full("alice@d/laptop"), &message(body), at, "sid")
                 .unwrap();
             let mut to: Vec<String> = out.iter().map(|o| o.to.to_string()).collect();
             to.sort();
@@ -1489,7 +1510,7 @@ mod tests {
         assert!(bodies(&enter(&mut room, "carol@d/a", none)).is_empty());
         // History keeps history_length messages.
         room.config.history_length = 2;
-        room.groupchat(&full("alice@d/laptop"), &message("four"), later)
+        room.groupchat(&full("alice@d/laptop"), &message("four"), later, "sid")
             .unwrap();
         assert_eq!(
             bodies(&enter(&mut room, "carol@d/a", History::default())),
@@ -1600,7 +1621,7 @@ mod tests {
         assert_eq!(room.role_of(&full("bob@d/phone")), Role::Participant);
         assert_eq!(out.len(), 3, "everyone sees Bob's new role");
         assert!(
-            room.groupchat(&full("bob@d/phone"), &message("at last"), NOW)
+            room.groupchat(&full("bob@d/phone"), &message("at last"), NOW, "sid")
                 .is_ok()
         );
         // A form of another type is not a voice request.
@@ -1623,12 +1644,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            room.groupchat(&full("bob@d/phone"), &message("hi"), NOW),
+            room.groupchat(&full("bob@d/phone"), &message("hi"), NOW, "sid"),
             Err(StanzaErrorCondition::Forbidden)
         );
         // Not in the room at all.
         assert_eq!(
-            room.groupchat(&full("eve@d/x"), &message("hi"), NOW),
+            room.groupchat(&full("eve@d/x"), &message("hi"), NOW, "sid"),
             Err(StanzaErrorCondition::NotAcceptable)
         );
         room.config.moderated = false;
@@ -1645,10 +1666,10 @@ mod tests {
             "<message xmlns='jabber:client' type='groupchat'><subject>Plans</subject></message>",
         );
         assert_eq!(
-            room.groupchat(&full("carol@d/x"), &subject, NOW),
+            room.groupchat(&full("carol@d/x"), &subject, NOW, "sid"),
             Err(StanzaErrorCondition::Forbidden)
         );
-        room.groupchat(&full("alice@d/laptop"), &subject, NOW)
+        room.groupchat(&full("alice@d/laptop"), &subject, NOW, "sid")
             .unwrap();
         let out = room
             .join(
@@ -1824,7 +1845,7 @@ mod tests {
              <x xmlns='http://jabber.org/protocol/muc#user'><status code='110'/></x></message>",
         );
         let out = room
-            .groupchat(&full("alice@d/laptop"), &forged, NOW)
+            .groupchat(&full("alice@d/laptop"), &forged, NOW, "sid")
             .unwrap();
         let m = &out[0].stanza;
         let kept: Vec<(&str, Option<&str>)> = m
@@ -1832,13 +1853,35 @@ mod tests {
             .map(|c| (c.name(), c.attr("by").or(c.attr("id"))))
             .collect();
         let alice = room.occupant_id(&bare("alice@d"));
+        // The room's own stanza id (XEP-0359) is the one it gave, not the forged one.
         assert_eq!(
             kept,
             [
                 ("body", None),
                 ("stanza-id", Some("alice@d")),
-                ("occupant-id", Some(alice.as_str()))
+                ("occupant-id", Some(alice.as_str())),
+                ("stanza-id", Some("team@conference.d")),
             ]
+        );
+        let sid = crate::core::archive::stanza_id(m, "team@conference.d");
+        assert_eq!(sid, Some("sid"));
+        // Newcomers get it in the history too.
+        let out = room
+            .join(
+                &full("bob@d/x"),
+                "Bob",
+                &Join::default(),
+                &join_presence(),
+                NOW,
+            )
+            .unwrap();
+        let kept = out
+            .iter()
+            .find(|o| o.stanza.get_child("body", ns::CLIENT).is_some())
+            .unwrap();
+        assert_eq!(
+            crate::core::archive::stanza_id(&kept.stanza, "team@conference.d"),
+            Some("sid")
         );
     }
 
@@ -1873,7 +1916,7 @@ mod tests {
             assert_eq!(ids, [expected.as_str()], "{}", String::from(&o.stanza));
         }
         let said = room
-            .groupchat(&full("bob@d/phone"), &message("hi"), NOW)
+            .groupchat(&full("bob@d/phone"), &message("hi"), NOW, "sid")
             .unwrap();
         assert!(said.iter().all(|o| {
             o.stanza
@@ -1915,7 +1958,7 @@ mod tests {
         }
         assert_eq!(seen_by_carol, 2);
         // Carol still speaks, and newcomers see Bob's newest status.
-        assert!(room.groupchat(&carol, &message("hi"), NOW).is_ok());
+        assert!(room.groupchat(&carol, &message("hi"), NOW, "sid").is_ok());
         let dave = full("dave@d/x");
         let out = room
             .join(&dave, "Dave", &Join::default(), &join_presence(), NOW)
@@ -1974,13 +2017,13 @@ mod tests {
         // nothing (no subject, no history).
         let t = NOW + 10_000_000;
         for _ in 0..3 {
-            assert!(room.groupchat(&bob, &message("spam"), t).is_ok());
+            assert!(room.groupchat(&bob, &message("spam"), t, "sid").is_ok());
         }
         let subject =
             el("<message xmlns='jabber:client' type='groupchat'><subject>x</subject></message>");
         room.config.subject_by_anyone = true;
         assert_eq!(
-            room.groupchat(&bob, &subject, t),
+            room.groupchat(&bob, &subject, t, "sid"),
             Err(StanzaErrorCondition::ResourceConstraint)
         );
         assert_eq!(room.subject(), None);
@@ -1989,14 +2032,45 @@ mod tests {
             Err(StanzaErrorCondition::ResourceConstraint)
         );
         let kept = room.history.len();
-        assert!(room.groupchat(&bob, &message("spam"), t).is_err());
+        assert!(room.groupchat(&bob, &message("spam"), t, "sid").is_err());
         assert_eq!(room.history.len(), kept);
         // Others are not held by Bob's use.
         assert!(room.private(&carol, "Bob", &message("hush"), t).is_ok());
         assert!(
-            room.groupchat(&bob, &message("later"), t + 1_000_000)
+            room.groupchat(&bob, &message("later"), t + 1_000_000, "sid")
                 .is_ok()
         );
+    }
+
+    /// Who reads a room's archive: its occupants, and those it would let in without
+    /// a password.
+    #[test]
+    fn the_archive_is_read_by_those_the_room_lets_in() {
+        let mut room = room_with_alice(Config::default());
+        let (alice, bob) = (full("alice@d/laptop"), full("bob@d/phone"));
+        assert!(room.may_read_archive(&alice) && room.may_read_archive(&bob));
+        room.set_affiliation(bare("bob@d"), Affiliation::Outcast);
+        assert!(!room.may_read_archive(&bob));
+        room.set_affiliation(bare("bob@d"), Affiliation::None);
+        room.config.members_only = true;
+        assert!(!room.may_read_archive(&bob));
+        room.set_affiliation(bare("bob@d"), Affiliation::Member);
+        assert!(room.may_read_archive(&bob));
+        room.config.password = Some("pw".into());
+        assert!(!room.may_read_archive(&bob));
+        assert!(room.may_read_archive(&alice), "an occupant");
+        room.join(
+            &bob,
+            "Bob",
+            &Join {
+                password: Some("pw".into()),
+                ..Join::default()
+            },
+            &join_presence(),
+            NOW,
+        )
+        .unwrap();
+        assert!(room.may_read_archive(&bob));
     }
 
     #[test]
@@ -2008,8 +2082,13 @@ mod tests {
         let mut room = room_with_alice(config);
         let big = "x".repeat(10_000);
         for i in 0..20 {
-            room.groupchat(&full("alice@d/laptop"), &message(&big), NOW + i * 1_000_000)
-                .unwrap();
+            room.groupchat(
+                &full("alice@d/laptop"),
+                &message(&big),
+                NOW + i * 1_000_000,
+                "sid",
+            )
+            .unwrap();
         }
         let kept: usize = room.history.iter().map(|k| k.chars).sum();
         assert!(kept <= MAX_KEPT_BYTES, "{kept}");
@@ -2220,12 +2299,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            room.groupchat(&full("dave@d/pc"), &message("hi"), NOW),
+            room.groupchat(&full("dave@d/pc"), &message("hi"), NOW, "sid"),
             Err(StanzaErrorCondition::Forbidden)
         );
         room.admin_set(&carol, &admin("<item nick='Dave' role='participant'/>"))
             .unwrap();
-        room.groupchat(&full("dave@d/pc"), &message("hi"), NOW)
+        room.groupchat(&full("dave@d/pc"), &message("hi"), NOW, "sid")
             .unwrap();
         let voiced = room
             .admin_get(&carol, &el("<query xmlns='http://jabber.org/protocol/muc#admin'><item role='participant'/></query>"))
@@ -2298,6 +2377,7 @@ mod tests {
     }
 
     const LIMITS: Limits = Limits {
+        archive: true,
         max_users: 200,
         history_length: 20,
     };
@@ -2315,6 +2395,19 @@ mod tests {
                 .map(Element::text)
         };
         assert_eq!(value("muc#roomconfig_maxusers").as_deref(), Some("200"));
+        assert_eq!(
+            value("muc#roomconfig_enablearchiving").as_deref(),
+            Some("1")
+        );
+        let no_archive = room.config_form(Limits {
+            archive: false,
+            ..LIMITS
+        });
+        assert!(
+            no_archive
+                .children()
+                .all(|f| f.attr("var") != Some("muc#roomconfig_enablearchiving"))
+        );
         assert_eq!(value("muc#roomconfig_membersonly").as_deref(), Some("0"));
         let max_users = shown
             .children()

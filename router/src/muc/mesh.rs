@@ -305,14 +305,20 @@ impl Server {
     }
 
     /// A session that ends, or leaves: its unavailable presence to the room `to`,
-    /// over the link when the room is another cluster's. Whether it was.
-    pub(crate) fn muc_leave_peer(&self, session: &FullJid, to: &Jid) -> bool {
+    /// over the link when the room is another cluster's. Whether it was. A session
+    /// that stays (`answered`) keeps its seat until the room's answer (its own
+    /// unavailable presence, 110) comes back and ends it.
+    pub(crate) fn muc_leave_peer(&self, session: &FullJid, to: &Jid, answered: bool) -> bool {
         let seat = {
             let mut seats = lock(&self.muc.mesh.seats);
             let Some(mine) = seats.get_mut(session) else {
                 return false;
             };
-            let seat = mine.remove(&to.to_bare());
+            let seat = if answered {
+                mine.get(&to.to_bare()).cloned()
+            } else {
+                mine.remove(&to.to_bare())
+            };
             if mine.is_empty() {
                 seats.remove(session);
             }
@@ -500,6 +506,37 @@ impl Server {
                 if let Err(condition) = self.muc_message(&from, &stanza, to) {
                     reply(crate::error::error_reply(&stanza, condition, None));
                 }
+            }
+            Type::Iq(IqType::Get | IqType::Set) if super::mam_request(&stanza, to).is_some() => {
+                let set = stanza.attr("type") == Some("set");
+                let payload = stanza
+                    .children()
+                    .next()
+                    .cloned()
+                    .unwrap_or_else(|| Element::bare("query", ns::MAM));
+                let answer = match self.muc_mam(&from, to, &payload, set, true).await {
+                    Ok((results, answer)) => {
+                        // The results cross the link before the answer, in order.
+                        for xml in results {
+                            if let Some(m) = stanza::parse_own(&xml) {
+                                self.forward(cluster, node, &m);
+                            }
+                        }
+                        stanza::parse_own(&format!(
+                            "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
+                            crate::xml::escape(stanza.attr("id").unwrap_or_default()),
+                            crate::xml::escape(&to.to_string()),
+                            crate::xml::escape(&from.to_string()),
+                            answer.unwrap_or_default()
+                        ))
+                    }
+                    Err(refusal) => crate::error::error_reply(
+                        &stanza,
+                        refusal.condition,
+                        refusal.text.as_deref(),
+                    ),
+                };
+                reply(answer);
             }
             Type::Iq(IqType::Get | IqType::Set) => {
                 let answer = match self.muc_iq(&from, &stanza, to) {

@@ -22,6 +22,8 @@ const MAX_USERS_CHOICES: &[usize] = &[10, 20, 30, 50, 100, 200, 500, 1000];
 pub struct Limits {
     pub max_users: usize,
     pub history_length: usize,
+    /// The node keeps archives: rooms may be archived.
+    pub archive: bool,
 }
 
 fn field(var: &str, kind: &str, label: &str, values: &[&str]) -> Element {
@@ -212,6 +214,14 @@ impl Room {
         ] {
             x.append_child(f);
         }
+        if limits.archive {
+            x.append_child(field(
+                "muc#roomconfig_enablearchiving",
+                "boolean",
+                "Archive the messages of the room while it is persistent",
+                &[boolean(c.archived)],
+            ));
+        }
         x
     }
 
@@ -285,6 +295,7 @@ impl Room {
                         PrivateMessages::parse(&value).ok_or(StanzaErrorCondition::NotAcceptable)?
                 }
                 "muc#roomconfig_changesubject" => c.subject_by_anyone = parse_bool(&value)?,
+                "muc#roomconfig_enablearchiving" => c.archived = parse_bool(&value)?,
                 _ => {}
             }
         }
