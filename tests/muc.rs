@@ -1289,6 +1289,41 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
         assert_eq!(results, expected);
         assert!(fin.complete);
     }
+    // XEP-0425: Bob may not retract Alice's message; Alice, a moderator, may, and
+    // the archive keeps a tombstone in its place, then the retraction.
+    let moderate = |id: &str, iq: &str| {
+        format!(
+            "<iq type='set' id='{iq}' to='{ROOM}'><moderate xmlns='urn:xmpp:message-moderate:1' id='{id}'><retract xmlns='urn:xmpp:message-retract:1'/><reason>off topic</reason></moderate></iq>"
+        )
+    };
+    let refused = ask(&mut bob, "m1", &moderate(&ids[1], "m1")).await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("forbidden"));
+    let done = ask(&mut alice, "m2", &moderate(&ids[1], "m2")).await;
+    assert_eq!(done.attr("type"), Some("result"), "{}", String::from(&done));
+    let retraction = expect(&mut bob, 10, "the retraction", |e| {
+        e.get_child("retract", "urn:xmpp:message-retract:1")
+            .is_some_and(|r| r.attr("id") == Some(ids[1].as_str()))
+    })
+    .await;
+    assert_eq!(retraction.attr("from"), Some(ROOM));
+    let unknown = ask(&mut alice, "m3", &moderate("no-such-id", "m3")).await;
+    assert_eq!(error_condition(&unknown).as_deref(), Some("item-not-found"));
+    let Stanza::Iq(iq) = mam_query_iq("q3", None, 10, None, None) else {
+        unreachable!()
+    };
+    bob.send_stanza(Stanza::Iq(iq.with_to(room.clone())))
+        .await
+        .unwrap();
+    let (results, _) = mam_results(&mut bob, "q3").await;
+    let bodies: Vec<&str> = results.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["one", "", "three", ""]);
+    assert_eq!(results[1].0, ids[1]);
+    assert_eq!(
+        Some(results[3].0.clone()),
+        stanza_id_by(&retraction, ROOM),
+        "the retraction is archived under its stanza id"
+    );
+
     // Out of the room, Bob's cluster would drop the results: he is told so.
     send(
         &mut bob,

@@ -6,7 +6,7 @@
 //! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
 //! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): nick registration, moderation (XEP-0425).
+//! Not here yet (issue 16): nick registration, room avatars.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -247,14 +247,13 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
     Some(Room::restore(jid, config, affiliations, subject))
 }
 
-/// The payload of an IQ to a room's archive (XEP-0313), if it is one.
-pub(crate) fn mam_request<'a>(iq: &'a Element, to: &Jid) -> Option<&'a Element> {
+/// The payload of an IQ to a room that the room answers after the store does: a
+/// request to its archive (XEP-0313) or a moderation (XEP-0425), if it is one.
+pub(crate) fn stored_request<'a>(iq: &'a Element, to: &Jid) -> Option<&'a Element> {
     let payload = iq.children().next()?;
-    (to.node().is_some()
-        && to.resource().is_none()
-        && payload.ns() == ns::MAM
-        && matches!(payload.name(), "query" | "metadata"))
-    .then_some(payload)
+    let wanted = (payload.ns() == ns::MAM && matches!(payload.name(), "query" | "metadata"))
+        || payload.is("moderate", muc::NS_MODERATE);
+    (to.node().is_some() && to.resource().is_none() && wanted).then_some(payload)
 }
 
 /// XEP-0410: the room answers a client's ping of its own occupant JID itself.
@@ -543,11 +542,84 @@ impl Server {
         }
     }
 
+    /// A request to a room that goes through the store ([`stored_request`]): the
+    /// messages for `from` that come before the answer, and the answer's payload.
+    pub(crate) async fn muc_stored_request(
+        &self,
+        from: &FullJid,
+        to: &Jid,
+        iq: &Element,
+        remote: bool,
+    ) -> Result<(Vec<String>, Option<String>), Refusal> {
+        let Some(payload) = iq.children().next() else {
+            return Err(StanzaErrorCondition::BadRequest.into());
+        };
+        let set = iq.attr("type") == Some("set");
+        if payload.ns() == ns::MAM {
+            return self.muc_mam(from, to, payload, set, remote).await;
+        }
+        if !set {
+            return Err(StanzaErrorCondition::BadRequest.into());
+        }
+        self.muc_moderate(from, to, payload).await?;
+        Ok((Vec::new(), None))
+    }
+
+    /// A moderator retracts a message (XEP-0425): the room tells every occupant,
+    /// forgets the message from its history, and puts a tombstone in its place in the
+    /// archive. A message neither remembers is `item-not-found`.
+    async fn muc_moderate(
+        &self,
+        from: &FullJid,
+        to: &Jid,
+        payload: &Element,
+    ) -> Result<(), Refusal> {
+        let request = muc::Moderation::parse(payload)?;
+        let name = to.node().map(|n| n.to_string()).unwrap_or_default();
+        let id = crate::mam::archive_id();
+        let (announcement, archived, remembered) = {
+            let mut rooms = lock(&self.muc.rooms);
+            let Some(room) = rooms.get_mut(&name) else {
+                return Err(StanzaErrorCondition::ItemNotFound.into());
+            };
+            let announcement = room.moderation(from, &request, &id)?;
+            let remembered = room.forget_message(&request.id).is_some();
+            (announcement, self.muc_archives(room), remembered)
+        };
+        let mut found = remembered;
+        if archived {
+            self.archive_flush().await;
+            let stamp = archive::datetime(crate::time::now_micros());
+            let replaced = self
+                .store
+                .archive_replace(&to.to_bare().to_string(), &request.id, |old| {
+                    let original = stanza::parse_own(old)
+                        .unwrap_or_else(|| Element::bare("message", ns::CLIENT));
+                    stanza::serialize(&muc::tombstone(&original, &announcement, &stamp))
+                })
+                .await
+                .map_err(crate::pep::store_failed)?;
+            found |= replaced.is_some();
+        }
+        if !found {
+            return Err(Refusal::from(StanzaErrorCondition::ItemNotFound)
+                .with_text("the room has no message with that id"));
+        }
+        tracing::info!(room = %to, moderator = %from, id = %request.id, "a message was retracted by a moderator");
+        let rooms = lock(&self.muc.rooms);
+        if let Some(room) = rooms.get(&name) {
+            let out = room.broadcast(&announcement);
+            self.muc_archive(room, "", id, &out, crate::time::now_micros());
+            self.muc_send(out);
+        }
+        Ok(())
+    }
+
     /// A request to a room's archive (XEP-0313 on its address) from `from`: the
     /// result messages, from the room, and the answer's payload. A session of
     /// another cluster (`remote`) reads it from inside the room: its node takes the
     /// room's messages only for sessions in it.
-    pub(crate) async fn muc_mam(
+    async fn muc_mam(
         &self,
         from: &FullJid,
         to: &Jid,
@@ -932,6 +1004,7 @@ impl Server {
                     ),
                     pick(c.persistent, "muc_persistent", "muc_temporary"),
                     ns::SID,
+                    muc::NS_MODERATE,
                 ] {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
@@ -1131,9 +1204,8 @@ impl Context<'_> {
                 return;
             }
         }
-        if let Some(payload) = mam_request(iq, to) {
-            let set = iq.attr("type") == Some("set");
-            match server.muc_mam(&from, to, payload, set, false).await {
+        if stored_request(iq, to).is_some() {
+            match server.muc_stored_request(&from, to, iq, false).await {
                 Ok((results, answer)) => {
                     for xml in results {
                         self.push_out(xml.into());

@@ -143,6 +143,7 @@ struct Entry<'a> {
     peer: &'a str,
     resource: &'a str,
     ts: i64,
+    outgoing: bool,
     stanza: &'a str,
 }
 
@@ -189,13 +190,14 @@ fn decode(body: &str) -> Result<Vec<Entry<'_>>> {
     while !r.0.is_empty() {
         let (id, peer, resource) = (r.field()?, r.field()?, r.field()?);
         let ts = r.hex(16)? as i64;
-        let _outgoing = r.take(1)?;
+        let outgoing = r.take(1)? == "1";
         let stanza = r.field()?;
         entries.push(Entry {
             id,
             peer,
             resource,
             ts,
+            outgoing,
             stanza,
         });
     }
@@ -427,6 +429,65 @@ impl Store {
             }
         }
         Ok(false)
+    }
+
+    /// Replaces the stanza of the message `id` in `owner`'s archive by what `replace`
+    /// makes of it (a retracted message by its tombstone), and returns the message
+    /// as it was; `None` when the archive does not hold it.
+    pub async fn archive_replace(
+        &self,
+        owner: &str,
+        id: &str,
+        replace: impl FnOnce(&str) -> String,
+    ) -> Result<Option<Archived>> {
+        let mut tx = self.write().await?;
+        let from = blocks_from(id).unwrap_or_else(|| id.to_owned());
+        let rows = sqlx::query(
+            "SELECT seq, body FROM archive_blocks
+             WHERE owner = $1 AND first_id >= $2 AND first_id <= $3 AND last_id >= $3",
+        )
+        .bind(owner)
+        .bind(from)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let (seq, body): (i64, String) = (row.try_get("seq")?, row.try_get("body")?);
+            let entries = decode(&body)?;
+            let Some(found) = entries.iter().find(|e| e.id == id) else {
+                continue;
+            };
+            let was = Archived {
+                id: id.to_owned(),
+                ts: found.ts,
+                stanza: found.stanza.to_owned(),
+            };
+            let new = replace(found.stanza);
+            let mut rebuilt = String::with_capacity(body.len() + new.len());
+            for e in &entries {
+                let stanza = if e.id == id { new.as_str() } else { e.stanza };
+                encode(
+                    &mut rebuilt,
+                    &ArchiveRow {
+                        owner: String::new(),
+                        id: e.id.to_owned(),
+                        peer: e.peer.to_owned(),
+                        resource: e.resource.to_owned(),
+                        ts: e.ts,
+                        outgoing: e.outgoing,
+                        stanza: stanza.into(),
+                    },
+                );
+            }
+            sqlx::query("UPDATE archive_blocks SET body = $1 WHERE seq = $2")
+                .bind(rebuilt)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Some(was));
+        }
+        Ok(None)
     }
 
     /// A page of `owner`'s archive; `None` when an id the query names (a paging
@@ -1052,6 +1113,42 @@ mod tests {
                 }
             };
             assert_eq!((all(ROOM).await, all("erin").await), (3, 1));
+            // A message moderated: its tombstone takes its place, the others stay.
+            let was = store
+                .archive_replace(ROOM, &id(2), |old| format!("<tomb of=\"{}\"/>", old.len()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(was.stanza, format!("<message id='{}'/>", id(2)));
+            let now = store
+                .archive_query(
+                    ROOM,
+                    &ArchiveFilter::default(),
+                    ArchivePage::Forward(None),
+                    10,
+                )
+                .await
+                .unwrap()
+                .unwrap()
+                .messages;
+            let stanzas: Vec<&str> = now.iter().map(|m| m.stanza.as_str()).collect();
+            let tomb = format!("<tomb of=\"{}\"/>", was.stanza.len());
+            assert_eq!(
+                stanzas,
+                [
+                    format!("<message id='{}'/>", id(1)).as_str(),
+                    tomb.as_str(),
+                    format!("<message id='{}'/>", id(3)).as_str()
+                ]
+            );
+            assert_eq!(now[1].ts, was.ts);
+            assert!(
+                store
+                    .archive_replace(ROOM, &id(9), |_| String::new())
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
             // The room ended at 4 s and was made again: the old room's messages (1
             // to 3, one block) go, the new room's message 4 stays.
             store

@@ -9,13 +9,14 @@
 //! traffic. A nick held by one account is a `conflict` for any other.
 //!
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
-//! bans, voice) in `admin`, voice requests in `voice`, each occupant's allowance of
-//! messages and presence changes in `rate`.
+//! bans, voice) in `admin`, voice requests in `voice`, moderation (XEP-0425) in
+//! `moderate`, each occupant's allowance of messages and presence changes in `rate`.
 //!
-//! Not here yet (issue 16): registration, moderation (XEP-0425).
+//! Not here yet (issue 16): registration.
 
 mod admin;
 mod form;
+mod moderate;
 mod rate;
 mod voice;
 
@@ -39,6 +40,7 @@ pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
 pub use form::{FORM_TYPE, Limits};
+pub use moderate::{Moderation, NS_MODERATE, NS_RETRACT, tombstone};
 use rate::Allowance;
 pub use rate::{Rate, Rates};
 pub use voice::{NS_REQUEST, is_voice_form};
@@ -2071,6 +2073,79 @@ mod tests {
         )
         .unwrap();
         assert!(room.may_read_archive(&bob));
+    }
+
+    /// XEP-0425: a moderator retracts a message; others may not; the message leaves
+    /// the history, and its tombstone names it, its author and the moderation.
+    #[test]
+    fn moderators_retract_messages() {
+        let mut room = room_with_alice(Config::default());
+        let bob = full("bob@d/phone");
+        room.join(&bob, "Bob", &Join::default(), &join_presence(), NOW)
+            .unwrap();
+        let said = room.groupchat(&bob, &message("spam"), NOW, "s1").unwrap();
+        let original = said[0].stanza.clone();
+        let request = Moderation {
+            id: "s1".into(),
+            reason: Some("no ads".into()),
+        };
+        assert_eq!(
+            room.moderation(&bob, &request, "s2"),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        let announcement = room
+            .moderation(&full("alice@d/laptop"), &request, "s2")
+            .unwrap();
+        assert_eq!(announcement.attr("from"), Some("team@conference.d"));
+        let retract = announcement.get_child("retract", NS_RETRACT).unwrap();
+        assert_eq!(retract.attr("id"), Some("s1"));
+        let moderated = retract.get_child("moderated", NS_MODERATE).unwrap();
+        assert_eq!(moderated.attr("by"), Some("team@conference.d/Alice"));
+        let alice_id = room.occupant_id(&bare("alice@d"));
+        assert_eq!(
+            moderated
+                .get_child("occupant-id", NS_OCCUPANT_ID)
+                .and_then(|o| o.attr("id")),
+            Some(alice_id.as_str())
+        );
+        assert_eq!(
+            crate::core::archive::stanza_id(&announcement, "team@conference.d"),
+            Some("s2")
+        );
+        assert!(crate::core::archive::archivable_in_room(&announcement));
+        assert_eq!(room.broadcast(&announcement).len(), 2);
+        // Out of the history: a newcomer does not get it.
+        assert!(room.forget_message("s1").is_some());
+        assert!(room.forget_message("s1").is_none());
+        let out = room
+            .join(
+                &full("carol@d/x"),
+                "Carol",
+                &Join::default(),
+                &join_presence(),
+                NOW,
+            )
+            .unwrap();
+        assert!(
+            out.iter()
+                .all(|o| o.stanza.get_child("body", ns::CLIENT).is_none())
+        );
+        // The tombstone: the author's address and occupant id, no body.
+        let t = tombstone(&original, &announcement, "2026-12-03T00:00:00Z");
+        assert_eq!(t.attr("from"), Some("team@conference.d/Bob"));
+        assert!(t.get_child("body", ns::CLIENT).is_none());
+        let bob_id = room.occupant_id(&bare("bob@d"));
+        assert_eq!(
+            t.get_child("occupant-id", NS_OCCUPANT_ID)
+                .and_then(|o| o.attr("id")),
+            Some(bob_id.as_str())
+        );
+        let retracted = t.get_child("retracted", NS_RETRACT).unwrap();
+        assert!(retracted.has_child("moderated", NS_MODERATE));
+        assert_eq!(
+            retracted.get_child("reason", NS_RETRACT).map(Element::text),
+            Some("no ads".into())
+        );
     }
 
     #[test]

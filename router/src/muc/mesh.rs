@@ -507,14 +507,8 @@ impl Server {
                     reply(crate::error::error_reply(&stanza, condition, None));
                 }
             }
-            Type::Iq(IqType::Get | IqType::Set) if super::mam_request(&stanza, to).is_some() => {
-                let set = stanza.attr("type") == Some("set");
-                let payload = stanza
-                    .children()
-                    .next()
-                    .cloned()
-                    .unwrap_or_else(|| Element::bare("query", ns::MAM));
-                let answer = match self.muc_mam(&from, to, &payload, set, true).await {
+            Type::Iq(IqType::Get | IqType::Set) if super::stored_request(&stanza, to).is_some() => {
+                let answer = match self.muc_stored_request(&from, to, &stanza, true).await {
                     Ok((results, answer)) => {
                         // The results cross the link before the answer, in order.
                         for xml in results {
