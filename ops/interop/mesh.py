@@ -6,7 +6,10 @@ explicit approval, see each other's presence, chat both ways, and bob gets alice
 avatar and OMEMO device list over PEP from her home cluster, and a second device of
 bob reads their history from his archive on B; bob then connects to A,
 is sent to B with see-other-host, follows it and comes online there; his logout
-reaches alice on the other cluster. Any failure or timeout exits non-zero.
+reaches alice on the other cluster. Then group chat across the mesh (slixmpp's
+XEP-0045, XEP-0313, XEP-0359 and XEP-0425 plugins): alice makes a persistent room on
+A, bob on B enters it, they talk and whisper, alice moderates bob's message, bob reads
+the room's archive from B, and leaves. Any failure or timeout exits non-zero.
 
 Usage: mesh.py HOST PORT_A PORT_B CA_BUNDLE PASSWORD
 """
@@ -15,7 +18,84 @@ import asyncio
 import logging
 import sys
 
+import slixmpp
+from slixmpp.exceptions import IqError
+
 from scenario import expect, fail, login, mam_step, pep_step, push_step, upload_step
+
+ROOM = slixmpp.JID("lobby@conference.localhost")
+MUC_PLUGINS = ("xep_0045", "xep_0359", "xep_0421", "xep_0424", "xep_0425")
+
+
+def with_muc(account):
+    """The group chat plugins, and queues of what a room sends."""
+    for plugin in MUC_PLUGINS:
+        account.register_plugin(plugin)
+    account.groupchat = asyncio.Queue()
+    account.room_presences = asyncio.Queue()
+    account.moderated = asyncio.Queue()
+    account.add_event_handler("groupchat_message", account.groupchat.put_nowait)
+    account.add_event_handler(f"muc::{ROOM}::presence", account.room_presences.put_nowait)
+    account.add_event_handler("moderated_message", account.moderated.put_nowait)
+
+
+async def muc_step(alice, bob):
+    """A room on A with an occupant on B: entering, talking both ways, a private
+    message, moderation, the room's archive read from B, leaving."""
+    muc_a, muc_b = alice.plugin["xep_0045"], bob.plugin["xep_0045"]
+    await muc_a.join_muc_wait(ROOM, "Alice", maxstanzas=0, timeout=20)
+    form = alice.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="FORM_TYPE", ftype="hidden",
+                   value="http://jabber.org/protocol/muc#roomconfig")
+    form.add_field(var="muc#roomconfig_persistentroom", value="1")
+    await muc_a.set_room_config(ROOM, form)
+    print("ok: alice made a persistent room on A", flush=True)
+    # B learns of the room with the next directory sync (a nudge): until then its
+    # node has no such room.
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            info = await bob.plugin["xep_0030"].get_info(jid=ROOM, timeout=5)
+            if "urn:xmpp:mam:2" not in info["disco_info"]["features"]:
+                fail(f"the room does not advertise its archive: {info}")
+            break
+        except IqError:
+            if asyncio.get_running_loop().time() > deadline:
+                fail("B never learnt of the room on A")
+            await asyncio.sleep(0.2)
+    print("ok: bob on B sees the room on A", flush=True)
+    await muc_b.join_muc_wait(ROOM, "Bob", maxstanzas=10, timeout=20)
+    await alice.room_presences.get()  # alice's own
+    await expect(alice.room_presences, "alice sees bob enter from B",
+                 lambda p: p["from"].resource == "Bob" and p["type"] == "available")
+
+    alice.send_message(mto=ROOM, mbody="welcome, B", mtype="groupchat")
+    hello = await expect(bob.groupchat, "bob gets alice's message in the room",
+                         lambda m: m["body"] == "welcome, B" and m["from"].resource == "Alice")
+    if hello["stanza_id"]["by"] != ROOM:
+        fail(f"no stanza id from the room on {hello}")
+    bob.send_message(mto=ROOM, mbody="buy cheap potions", mtype="groupchat")
+    spam = await expect(alice.groupchat, "alice gets bob's message from B",
+                        lambda m: m["body"] == "buy cheap potions")
+    bob.send_message(mto=f"{ROOM}/Alice", mbody="psst", mtype="chat")
+    await expect(alice.messages, "alice gets bob's private message",
+                 lambda m: m["body"] == "psst" and m["from"] == f"{ROOM}/Bob")
+
+    await alice.plugin["xep_0425"].moderate(ROOM, spam["stanza_id"]["id"], "no ads")
+    await expect(bob.moderated, "bob sees alice retract his message",
+                 lambda m: m["retract"]["id"] == spam["stanza_id"]["id"])
+
+    bodies = []
+    async for m in bob.plugin["xep_0313"].iterate(jid=ROOM, rsm={"max": 10}):
+        bodies.append(m["mam_result"]["forwarded"]["stanza"]["body"])
+    if bodies != ["welcome, B", "", ""]:
+        fail(f"bob read {bodies} from the room's archive")
+    print("ok: bob reads the room's archive from B, the retracted message a tombstone",
+          flush=True)
+
+    muc_b.leave_muc(ROOM, "Bob")
+    await expect(alice.room_presences, "alice sees bob leave",
+                 lambda p: p["from"].resource == "Bob" and p["type"] == "unavailable")
 
 
 def follow_redirects_of_explicit_addresses(account):
@@ -32,8 +112,8 @@ def follow_redirects_of_explicit_addresses(account):
 
 
 async def main(host, port_a, port_b, ca_file, password):
-    alice = await login("alice@localhost", password, host, port_a, ca_file)
-    bob = await login("bob@localhost", password, host, port_b, ca_file)
+    alice = await login("alice@localhost", password, host, port_a, ca_file, setup=with_muc)
+    bob = await login("bob@localhost", password, host, port_b, ca_file, setup=with_muc)
 
     alice.send_presence(pto="bob@localhost", ptype="subscribe")
     await bob.expect_presence("bob (on B) sees the request of alice (on A)",
@@ -59,6 +139,7 @@ async def main(host, port_a, port_b, ca_file, password):
     await upload_step(alice, bob, "across clusters")
     await mam_step(alice, bob, lambda: login("bob@localhost", password, host, port_b, ca_file),
                    "across clusters")
+    await muc_step(alice, bob)
     alice = await push_step(alice, bob, lambda: login("alice@localhost", password, host, port_a, ca_file),
                             "across clusters")
 

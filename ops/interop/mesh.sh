@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interop across the mesh: two real `impmesh` processes (clusters A and B), peered with
 # `impmesh peer add` / `peer accept`, and slixmpp accounts homed on each
-# (ops/interop/mesh.py). Uses the venv that run.sh creates. Exits non-zero on failure.
+# (ops/interop/mesh.py), with group chat in a room of one cluster entered from the
+# other. Uses the venv that run.sh creates. Exits non-zero on failure.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -58,6 +59,8 @@ links = "127.0.0.1:$links"
 client_https = "127.0.0.1:$upload"
 turn = "127.0.0.1:0"
 turns = "127.0.0.1:0"
+[muc]
+enabled = true
 TOML
   eval "c2s_$c=$c2s; https_$c=$https"
   echo "$axl_password" | "$bin" --config "$work/$c.toml" axl-user set icsync --password-stdin
