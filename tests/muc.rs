@@ -512,7 +512,8 @@ async fn xep0045_invitations_and_declines() {
 /// one does not.
 #[tokio::test]
 async fn xep0045_a_persistent_room_survives_a_restart() {
-    let node = start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob"]).await;
+    let node =
+        start_node_with_users(|c| c.muc.enabled = true, &["alice", "bob", "carol", "dave"]).await;
     let mut alice = node.client("alice", PW, Some("laptop"));
     online(&mut alice).await;
     send(&mut alice, "<presence/>").await;
@@ -554,6 +555,28 @@ async fn xep0045_a_persistent_room_survives_a_restart() {
     .await;
     assert_eq!(ok.attr("type"), Some("result"));
     alice.send_end().await.unwrap();
+    // Carol registers with the room (XEP-0045 §7.10): the nick Caz is hers.
+    let mut carol = node.client("carol", PW, Some("pc"));
+    online(&mut carol).await;
+    let form = ask(
+        &mut carol,
+        "form",
+        &format!("<iq type='get' id='form' to='{ROOM}'><query xmlns='jabber:iq:register'/></iq>"),
+    )
+    .await;
+    assert!(String::from(&form).contains("muc#register_roomnick"));
+    let ok = ask(
+        &mut carol,
+        "register",
+        &format!(
+            "<iq type='set' id='register' to='{ROOM}'><query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field>\
+             <field var='muc#register_roomnick'><value>Caz</value></field></x></query></iq>"
+        ),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    carol.send_end().await.unwrap();
 
     let node = node.restart().await;
     let m = metrics(&node).await;
@@ -584,6 +607,28 @@ async fn xep0045_a_persistent_room_survives_a_restart() {
     assert!(
         xml.contains("Room team") && xml.contains("muc_persistent"),
         "{xml}"
+    );
+    // Carol's nick is still hers: Dave may not take it, and the room tells her.
+    let mut dave = node.client("dave", PW, Some("x"));
+    online(&mut dave).await;
+    enter(&mut dave, "Caz").await;
+    let refused = expect(&mut dave, 5, "the reserved nick", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    })
+    .await;
+    assert_eq!(error_condition(&refused).as_deref(), Some("conflict"));
+    let mut carol = node.client("carol", PW, Some("pc"));
+    online(&mut carol).await;
+    let nick = ask(
+        &mut carol,
+        "nick",
+        &format!("<iq type='get' id='nick' to='{ROOM}'><query xmlns='http://jabber.org/protocol/disco#info' node='x-roomuser-item'/></iq>"),
+    )
+    .await;
+    assert!(
+        String::from(&nick).contains("name='Caz'"),
+        "{}",
+        String::from(&nick)
     );
     node.node.shutdown().await;
 }

@@ -6,7 +6,7 @@
 //! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
 //! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): nick registration, room avatars.
+//! Not here yet (issue 16): room avatars.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -188,9 +188,16 @@ fn stored(name: &str, version: i64, room: &Room) -> StoredRoom {
         Some((text, nick)) => (Some(text.clone()), nick.clone()),
         None => (None, String::new()),
     };
+    // "affiliation" or "affiliation nick" for an account that reserved one.
     let mut affiliations: Vec<(String, String)> = room
         .affiliations()
-        .map(|(j, a)| (j.to_string(), a.as_str().to_owned()))
+        .map(|(j, a)| {
+            let standing = match room.reserved_nick(j) {
+                Some(nick) => format!("{} {nick}", a.as_str()),
+                None => a.as_str().to_owned(),
+            };
+            (j.to_string(), standing)
+        })
         .collect();
     affiliations.sort();
     StoredRoom {
@@ -239,12 +246,27 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
         subject_by_anyone: s.subject_by_anyone,
         archived: s.archived,
     };
-    let affiliations = s
-        .affiliations
-        .iter()
-        .filter_map(|(j, a)| Some((BareJid::new(j).ok()?, muc::parse_affiliation(a)?)));
+    let mut reserved = Vec::new();
+    let mut affiliations = Vec::new();
+    for (j, standing) in &s.affiliations {
+        let (a, nick) = match standing.split_once(' ') {
+            Some((a, nick)) => (a, Some(nick)),
+            None => (standing.as_str(), None),
+        };
+        let (Ok(account), Some(a)) = (BareJid::new(j), muc::parse_affiliation(a)) else {
+            continue;
+        };
+        if let Some(nick) = nick {
+            reserved.push((account.clone(), nick.to_owned()));
+        }
+        affiliations.push((account, a));
+    }
     let subject = s.subject.map(|text| (text, s.subject_by));
-    Some(Room::restore(jid, config, affiliations, subject))
+    let mut room = Room::restore(jid, config, affiliations, subject);
+    for (account, nick) in reserved {
+        room.reserve_nick(account, nick);
+    }
+    Some(room)
 }
 
 /// The payload of an IQ to a room that the room answers after the store does: a
@@ -991,6 +1013,7 @@ impl Server {
                     |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
                 for f in [
                     muc::NS,
+                    ns::REGISTER,
                     SELF_PING,
                     muc::NS_OCCUPANT_ID,
                     pick(c.public, "muc_public", "muc_hidden"),
@@ -1078,6 +1101,22 @@ impl Server {
             ("query", ns::DISCO_INFO, false) if payload.attr("node").is_none() => {
                 self.muc_info(room).map(Some)
             }
+            // XEP-0045 §7.12: the nick the account reserved.
+            ("query", ns::DISCO_INFO, false) if payload.attr("node") == Some("x-roomuser-item") => {
+                let rooms = lock(&self.muc.rooms);
+                let room = room
+                    .and_then(|name| rooms.get(name))
+                    .ok_or(StanzaErrorCondition::ItemNotFound)?;
+                Ok(Some(stanza::serialize(
+                    &room.reserved_nick_info(&from.to_bare()),
+                )))
+            }
+            ("query", ns::REGISTER, _) => {
+                let Some(name) = room else {
+                    return Err(StanzaErrorCondition::ServiceUnavailable);
+                };
+                self.muc_register(from, name, payload, set)
+            }
             ("query", ns::DISCO_ITEMS, false) if room.is_none() => Ok(Some(self.muc_items())),
             ("query", ns::DISCO_ITEMS, false) => {
                 Ok(Some(format!("<query xmlns='{}'/>", ns::DISCO_ITEMS)))
@@ -1090,6 +1129,31 @@ impl Server {
             }
             _ => Err(StanzaErrorCondition::ServiceUnavailable),
         }
+    }
+
+    /// Registration with a room (XEP-0045 §7.10): the form, or a nick reserved or
+    /// given up.
+    fn muc_register(
+        &self,
+        from: &FullJid,
+        name: &str,
+        payload: &Element,
+        set: bool,
+    ) -> Result<Option<String>, StanzaErrorCondition> {
+        let mut rooms = lock(&self.muc.rooms);
+        let Some(room) = rooms.get_mut(name) else {
+            return Err(StanzaErrorCondition::ItemNotFound);
+        };
+        if !set {
+            let form = room.registration_form(&from.to_bare())?;
+            return Ok(Some(stanza::serialize(&form)));
+        }
+        let out = room.register(from, payload)?;
+        if room.config.persistent {
+            self.muc_persist(name, Some(&*room));
+        }
+        self.muc_send(out);
+        Ok(None)
     }
 
     /// An owner's or an admin's request to a room (XEP-0045 §9, §10): its

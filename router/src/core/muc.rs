@@ -10,14 +10,14 @@
 //!
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
 //! bans, voice) in `admin`, voice requests in `voice`, moderation (XEP-0425) in
-//! `moderate`, each occupant's allowance of messages and presence changes in `rate`.
-//!
-//! Not here yet (issue 16): registration.
+//! `moderate`, registration (§7.10) in `register`, each occupant's allowance of
+//! messages and presence changes in `rate`.
 
 mod admin;
 mod form;
 mod moderate;
 mod rate;
+mod register;
 mod voice;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -43,6 +43,7 @@ pub use form::{FORM_TYPE, Limits};
 pub use moderate::{Moderation, NS_MODERATE, NS_RETRACT, tombstone};
 use rate::Allowance;
 pub use rate::{Rate, Rates};
+pub use register::FORM_REGISTER;
 pub use voice::{NS_REQUEST, is_voice_form};
 /// XEP-0203's delayed delivery, on history.
 const DELAY: &str = "urn:xmpp:delay";
@@ -293,6 +294,8 @@ pub struct Room {
     rates: Rates,
     /// The presence allowance of accounts that left, while it is not whole again.
     left: HashMap<BareJid, Allowance>,
+    /// Nicks reserved by registration (§7.10), and the account of each.
+    reserved: BTreeMap<String, BareJid>,
     /// The secret occupant ids are derived with (XEP-0421): the same for the room's
     /// life, across restarts, and unknown outside the service, so that an id tells
     /// nothing of the account.
@@ -319,6 +322,7 @@ impl Room {
             voice_requests: Default::default(),
             rates: Rates::default(),
             left: HashMap::new(),
+            reserved: BTreeMap::new(),
         }
     }
 
@@ -348,7 +352,19 @@ impl Room {
             voice_requests: Default::default(),
             rates: Rates::default(),
             left: HashMap::new(),
+            reserved: BTreeMap::new(),
         }
+    }
+
+    /// Reserves `nick` for `account` (a registration kept across a restart).
+    pub fn reserve_nick(&mut self, account: BareJid, nick: String) {
+        self.reserved.retain(|_, a| *a != account);
+        self.reserved.insert(nick, account);
+    }
+
+    /// The reserved nicks and their accounts, by nick.
+    pub fn reserved_nicks(&self) -> impl Iterator<Item = (&str, &BareJid)> {
+        self.reserved.iter().map(|(n, a)| (n.as_str(), a))
     }
 
     /// Sets how often an occupant may speak and change its presence.
@@ -427,8 +443,12 @@ impl Room {
             .unwrap_or(Affiliation::None)
     }
 
-    /// Sets an account's affiliation (`none` forgets it).
+    /// Sets an account's affiliation (`none` forgets it). Below member, a nick it
+    /// reserved is free again.
     pub fn set_affiliation(&mut self, account: BareJid, affiliation: Affiliation) {
+        if affiliation < Affiliation::Member {
+            self.reserved.retain(|_, a| *a != account);
+        }
         if affiliation == Affiliation::None {
             self.affiliations.remove(&account);
         } else {
@@ -478,6 +498,9 @@ impl Room {
             Some(_) => true,
             None => false,
         };
+        if self.reserved_by_another(nick, &bare) {
+            return Err(StanzaErrorCondition::Conflict);
+        }
         if !shared
             && self.occupants.len() >= self.config.max_users
             && affiliation < Affiliation::Admin
@@ -596,7 +619,8 @@ impl Room {
             if self.occupant_jid(nick).is_none() {
                 return Err(StanzaErrorCondition::JidMalformed);
             }
-            if self.occupants.contains_key(nick) {
+            if self.occupants.contains_key(nick) || self.reserved_by_another(nick, &from.to_bare())
+            {
                 return Err(StanzaErrorCondition::Conflict);
             }
             if !self
@@ -2145,6 +2169,99 @@ mod tests {
         assert_eq!(
             retracted.get_child("reason", NS_RETRACT).map(Element::text),
             Some("no ads".into())
+        );
+    }
+
+    /// XEP-0045 §7.10, §7.12: registering reserves a nick (no other account takes
+    /// it, to enter or by a change of nick) and makes a member; giving it up frees
+    /// both; a ban frees the nick.
+    #[test]
+    fn registration_reserves_a_nick_and_makes_a_member() {
+        let mut room = room_with_alice(Config::default());
+        let (bob, carol) = (full("bob@d/phone"), full("carol@d/pc"));
+        let form = room.registration_form(&bare("bob@d")).unwrap();
+        let x = form.get_child("x", ns::DATA_FORMS).unwrap();
+        assert!(
+            x.children()
+                .any(|f| f.attr("var") == Some("muc#register_roomnick"))
+        );
+        let submit = |nick: &str| {
+            el(&format!(
+                "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+                 <field var='FORM_TYPE'><value>{FORM_REGISTER}</value></field>\
+                 <field var='muc#register_roomnick'><value>{nick}</value></field></x></query>"
+            ))
+        };
+        // Alice holds "Alice": taken.
+        assert_eq!(
+            room.register(&bob, &submit("Alice")),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        assert_eq!(
+            room.register(&bob, &el("<query xmlns='jabber:iq:register'/>")),
+            Err(StanzaErrorCondition::BadRequest)
+        );
+        room.register(&bob, &submit("Bobby")).unwrap();
+        assert_eq!(room.affiliation(&bare("bob@d")), Affiliation::Member);
+        assert_eq!(room.reserved_nick(&bare("bob@d")), Some("Bobby"));
+        let registered = room.registration_form(&bare("bob@d")).unwrap();
+        assert!(registered.has_child("registered", ns::REGISTER));
+        let info = room.reserved_nick_info(&bare("bob@d"));
+        assert_eq!(
+            info.get_child("identity", ns::DISCO_INFO)
+                .and_then(|i| i.attr("name")),
+            Some("Bobby")
+        );
+        assert!(
+            room.reserved_nick_info(&bare("carol@d"))
+                .children()
+                .next()
+                .is_none()
+        );
+        // Carol may neither enter as Bobby nor become Bobby.
+        assert_eq!(
+            room.join(&carol, "Bobby", &Join::default(), &join_presence(), NOW),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        room.join(&carol, "Carol", &Join::default(), &join_presence(), NOW)
+            .unwrap();
+        assert_eq!(
+            room.update(&carol, "Bobby", &join_presence(), NOW),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        assert_eq!(
+            room.register(&carol, &submit("Bobby")),
+            Err(StanzaErrorCondition::Conflict)
+        );
+        // Bob enters under his nick; Carol's registration while in the room shows
+        // everyone her new affiliation.
+        room.join(&bob, "Bobby", &Join::default(), &join_presence(), NOW)
+            .unwrap();
+        let out = room.register(&carol, &submit("Carol")).unwrap();
+        assert!(
+            out.iter()
+                .any(|o| item(&o.stanza).attr("affiliation") == Some("member"))
+        );
+        // Giving it up: no longer a member, the nick free.
+        room.register(
+            &bob,
+            &el("<query xmlns='jabber:iq:register'><remove/></query>"),
+        )
+        .unwrap();
+        assert_eq!(room.affiliation(&bare("bob@d")), Affiliation::None);
+        assert_eq!(room.reserved_nick(&bare("bob@d")), None);
+        // A ban frees a nick; outcasts may not register.
+        room.set_affiliation(bare("carol@d"), Affiliation::Outcast);
+        assert_eq!(room.reserved_nick(&bare("carol@d")), None);
+        assert_eq!(
+            room.registration_form(&bare("carol@d")),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        // Members-only: only members register.
+        room.config.members_only = true;
+        assert_eq!(
+            room.register(&full("dave@d/x"), &submit("Dave")),
+            Err(StanzaErrorCondition::NotAllowed)
         );
     }
 

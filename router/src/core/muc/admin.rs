@@ -191,43 +191,56 @@ impl Room {
                 {
                     return Err(StanzaErrorCondition::NotAllowed);
                 }
-                self.set_affiliation(jid.clone(), *affiliation);
-                let present: Vec<String> = self
-                    .occupants
-                    .values()
-                    .filter(|o| &o.bare == jid)
-                    .map(|o| o.nick.clone())
-                    .collect();
-                let mut out = Vec::new();
-                for nick in present {
-                    if *affiliation == Affiliation::Outcast {
-                        out.extend(self.remove_occupant(&nick, 301, reason));
-                        continue;
-                    }
-                    if self.config.members_only && *affiliation < Affiliation::Member {
-                        out.extend(self.remove_occupant(&nick, 321, reason));
-                        continue;
-                    }
-                    let moderated = self.config.moderated;
-                    if let Some(o) = self.occupants.get_mut(&nick) {
-                        o.affiliation = *affiliation;
-                        o.role = match affiliation {
-                            Affiliation::Owner | Affiliation::Admin => Role::Moderator,
-                            _ if current >= Affiliation::Admin || o.role == Role::Visitor => {
-                                if *affiliation == Affiliation::Member || !moderated {
-                                    Role::Participant
-                                } else {
-                                    Role::Visitor
-                                }
-                            }
-                            _ => o.role,
-                        };
-                    }
-                    out.extend(self.announce(&nick, reason));
-                }
-                Ok(out)
+                Ok(self.restand(jid, *affiliation, reason))
             }
         }
+    }
+
+    /// Gives `jid` the affiliation `affiliation`: its occupants get the role that goes
+    /// with it and everyone sees the change, with the reason; those banned (301) or no
+    /// longer admitted to a members-only room (321) leave.
+    pub(super) fn restand(
+        &mut self,
+        jid: &BareJid,
+        affiliation: Affiliation,
+        reason: Option<&str>,
+    ) -> Vec<Out> {
+        let current = self.affiliation(jid);
+        self.set_affiliation(jid.clone(), affiliation);
+        let present: Vec<String> = self
+            .occupants
+            .values()
+            .filter(|o| &o.bare == jid)
+            .map(|o| o.nick.clone())
+            .collect();
+        let mut out = Vec::new();
+        for nick in present {
+            if affiliation == Affiliation::Outcast {
+                out.extend(self.remove_occupant(&nick, 301, reason));
+                continue;
+            }
+            if self.config.members_only && affiliation < Affiliation::Member {
+                out.extend(self.remove_occupant(&nick, 321, reason));
+                continue;
+            }
+            let moderated = self.config.moderated;
+            if let Some(o) = self.occupants.get_mut(&nick) {
+                o.affiliation = affiliation;
+                o.role = match affiliation {
+                    Affiliation::Owner | Affiliation::Admin => Role::Moderator,
+                    _ if current >= Affiliation::Admin || o.role == Role::Visitor => {
+                        if affiliation == Affiliation::Member || !moderated {
+                            Role::Participant
+                        } else {
+                            Role::Visitor
+                        }
+                    }
+                    _ => o.role,
+                };
+            }
+            out.extend(self.announce(&nick, reason));
+        }
+        out
     }
 
     /// The list a `muc#admin` get asks for: accounts of one affiliation (for admins
@@ -256,6 +269,9 @@ impl Room {
                     let mut i = Element::bare("item", NS_ADMIN);
                     stanza::set_attr(&mut i, "affiliation", wanted.as_str());
                     stanza::set_attr(&mut i, "jid", jid.as_str());
+                    if let Some(nick) = self.reserved_nick(jid) {
+                        stanza::set_attr(&mut i, "nick", nick);
+                    }
                     answer.append_child(i);
                 }
             }
