@@ -554,6 +554,14 @@ async fn xep0045_a_persistent_room_survives_a_restart() {
     )
     .await;
     assert_eq!(ok.attr("type"), Some("result"));
+    // An avatar (XEP-0486), kept with the room.
+    let ok = ask(
+        &mut alice,
+        "avatar",
+        &format!("<iq type='set' id='avatar' to='{ROOM}'><vCard xmlns='vcard-temp'><PHOTO><TYPE>image/png</TYPE><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard></iq>"),
+    )
+    .await;
+    assert_eq!(ok.attr("type"), Some("result"));
     alice.send_end().await.unwrap();
     // Carol registers with the room (XEP-0045 §7.10): the nick Caz is hers.
     let mut carol = node.client("carol", PW, Some("pc"));
@@ -606,6 +614,11 @@ async fn xep0045_a_persistent_room_survives_a_restart() {
     let xml = String::from(&info);
     assert!(
         xml.contains("Room team") && xml.contains("muc_persistent"),
+        "{xml}"
+    );
+    // SHA-1 of "hello", the avatar's bytes.
+    assert!(
+        xml.contains("aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
         "{xml}"
     );
     // Carol's nick is still hers: Dave may not take it, and the room tells her.
@@ -1368,6 +1381,46 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
         stanza_id_by(&retraction, ROOM),
         "the retraction is archived under its stanza id"
     );
+
+    // XEP-0486: Alice gives the room an avatar; Bob on B is told (104), finds its
+    // hash in the room's disco#info and reads the vCard over the link.
+    let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+    let set = ask(
+        &mut alice,
+        "avatar",
+        &format!("<iq type='set' id='avatar' to='{ROOM}'><vCard xmlns='vcard-temp'><PHOTO><TYPE>image/png</TYPE><BINVAL>{png}</BINVAL></PHOTO></vCard></iq>"),
+    )
+    .await;
+    assert_eq!(set.attr("type"), Some("result"), "{}", String::from(&set));
+    expect(&mut bob, 10, "the configuration change", |e| {
+        e.attr("from") == Some(ROOM) && status_codes(e).contains(&"104".to_owned())
+    })
+    .await;
+    let info = ask(
+        &mut bob,
+        "info-b",
+        &format!("<iq type='get' id='info-b' to='{ROOM}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+    )
+    .await;
+    let hash = {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png)
+            .unwrap();
+        impmesh_router::core::avatar::sha1_hex(&bytes)
+    };
+    assert!(
+        String::from(&info).contains(&hash),
+        "{}",
+        String::from(&info)
+    );
+    let card = ask(
+        &mut bob,
+        "vcard",
+        &format!("<iq type='get' id='vcard' to='{ROOM}'><vCard xmlns='vcard-temp'/></iq>"),
+    )
+    .await;
+    assert!(String::from(&card).contains(png), "{}", String::from(&card));
 
     // Out of the room, Bob's cluster would drop the results: he is told so.
     send(

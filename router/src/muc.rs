@@ -6,7 +6,7 @@
 //! directory (`impmesh_store::RoomHome`) in step with the rooms here. Rooms of other
 //! clusters are reached over the router links (`mesh`).
 //!
-//! Not here yet (issue 16): room avatars.
+//! Not here yet (issue 16): rooms served by several nodes of one cluster.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -218,6 +218,7 @@ fn stored(name: &str, version: i64, room: &Room) -> StoredRoom {
         subject_by,
         affiliations,
         archived: c.archived,
+        vcard: room.stored_vcard().map(str::to_owned),
     }
 }
 
@@ -263,6 +264,7 @@ fn restored(settings: &MucSettings, s: StoredRoom) -> Option<Room> {
     }
     let subject = s.subject.map(|text| (text, s.subject_by));
     let mut room = Room::restore(jid, config, affiliations, subject);
+    room.restore_vcard(s.vcard);
     for (account, nick) in reserved {
         room.reserve_nick(account, nick);
     }
@@ -1014,6 +1016,7 @@ impl Server {
                 for f in [
                     muc::NS,
                     ns::REGISTER,
+                    ns::VCARD,
                     SELF_PING,
                     muc::NS_OCCUPANT_ID,
                     pick(c.public, "muc_public", "muc_hidden"),
@@ -1035,6 +1038,9 @@ impl Server {
                     for f in [ns::MAM, ns::MAM_EXTENDED] {
                         body.push_str(&format!("<feature var='{f}'/>"));
                     }
+                }
+                if let Some(form) = room.room_info_form() {
+                    body.push_str(&stanza::serialize(&form));
                 }
             }
         }
@@ -1116,6 +1122,25 @@ impl Server {
                     return Err(StanzaErrorCondition::ServiceUnavailable);
                 };
                 self.muc_register(from, name, payload, set)
+            }
+            // XEP-0486: the room's vCard, its avatar.
+            ("vCard", ns::VCARD, _) => {
+                let Some(name) = room else {
+                    return Err(StanzaErrorCondition::ServiceUnavailable);
+                };
+                let mut rooms = lock(&self.muc.rooms);
+                let Some(r) = rooms.get_mut(name) else {
+                    return Err(StanzaErrorCondition::ItemNotFound);
+                };
+                if !set {
+                    return Ok(Some(stanza::serialize(&r.vcard())));
+                }
+                let out = r.set_vcard(from, payload)?;
+                if r.config.persistent {
+                    self.muc_persist(name, Some(&*r));
+                }
+                self.muc_send(out);
+                Ok(None)
             }
             ("query", ns::DISCO_ITEMS, false) if room.is_none() => Ok(Some(self.muc_items())),
             ("query", ns::DISCO_ITEMS, false) => {

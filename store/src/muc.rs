@@ -36,11 +36,13 @@ pub struct StoredRoom {
     pub affiliations: Vec<(String, String)>,
     /// Its messages are archived (XEP-0313 on the room's address).
     pub archived: bool,
+    /// Its vCard-temp (its avatar), serialized.
+    pub vcard: Option<String>,
 }
 
 const COLUMNS: &str = "name, version, destroyed, title, description, public, members_only, \
      moderated, password, max_users, whois_anyone, history_length, private_messages, \
-     subject_by_anyone, subject, subject_by, affiliations, archived";
+     subject_by_anyone, subject, subject_by, affiliations, archived, vcard";
 
 impl Store {
     /// Stores `room` unless a newer version of it (or of its destruction) is there.
@@ -51,7 +53,7 @@ impl Store {
             .map(|(jid, a)| format!("{jid} {a}\n"))
             .collect();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO muc_rooms ({COLUMNS}) VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+            "INSERT INTO muc_rooms ({COLUMNS}) VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, destroyed = 0,
                  title = excluded.title, description = excluded.description,
                  public = excluded.public, members_only = excluded.members_only,
@@ -61,7 +63,7 @@ impl Store {
                  private_messages = excluded.private_messages,
                  subject_by_anyone = excluded.subject_by_anyone, subject = excluded.subject,
                  subject_by = excluded.subject_by, affiliations = excluded.affiliations,
-                 archived = excluded.archived
+                 archived = excluded.archived, vcard = excluded.vcard
              WHERE muc_rooms.version < excluded.version"
         )))
         .bind(&room.name)
@@ -81,6 +83,7 @@ impl Store {
         .bind(&room.subject_by)
         .bind(affiliations)
         .bind(i64::from(room.archived))
+        .bind(room.vcard.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -103,9 +106,9 @@ impl Store {
             .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO muc_rooms ({COLUMNS})
-                 VALUES ($1, $2, 1, '', '', 0, 0, 0, NULL, 0, 0, 0, '', 0, NULL, '', '', 0)
+                 VALUES ($1, $2, 1, '', '', 0, 0, 0, NULL, 0, 0, 0, '', 0, NULL, '', '', 0, NULL)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, destroyed = 1,
-                 password = NULL, subject = NULL, affiliations = ''
+                 password = NULL, subject = NULL, affiliations = '', vcard = NULL
              WHERE muc_rooms.version < excluded.version"
         )))
         .bind(name)
@@ -157,6 +160,7 @@ impl Store {
                         .map(|(j, a)| (j.to_owned(), a.to_owned()))
                         .collect(),
                     archived: flag(r, "archived")?,
+                    vcard: r.try_get("vcard")?,
                 })
             })
             .collect()
@@ -192,6 +196,7 @@ mod tests {
                 ("bob@d".into(), "outcast".into()),
             ],
             archived: false,
+            vcard: Some("<vCard xmlns='vcard-temp'/>".into()),
         }
     }
 

@@ -10,14 +10,16 @@
 //!
 //! The configuration form is in `form`, affiliation and role changes by IQ (kicks,
 //! bans, voice) in `admin`, voice requests in `voice`, moderation (XEP-0425) in
-//! `moderate`, registration (§7.10) in `register`, each occupant's allowance of
-//! messages and presence changes in `rate`.
+//! `moderate`, registration (§7.10) in `register`, the room's vCard (its avatar,
+//! XEP-0486) in `vcard`, each occupant's allowance of messages and presence changes
+//! in `rate`.
 
 mod admin;
 mod form;
 mod moderate;
 mod rate;
 mod register;
+mod vcard;
 mod voice;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -44,6 +46,7 @@ pub use moderate::{Moderation, NS_MODERATE, NS_RETRACT, tombstone};
 use rate::Allowance;
 pub use rate::{Rate, Rates};
 pub use register::FORM_REGISTER;
+pub use vcard::MAX_VCARD_BYTES;
 pub use voice::{NS_REQUEST, is_voice_form};
 /// XEP-0203's delayed delivery, on history.
 const DELAY: &str = "urn:xmpp:delay";
@@ -296,6 +299,8 @@ pub struct Room {
     left: HashMap<BareJid, Allowance>,
     /// Nicks reserved by registration (§7.10), and the account of each.
     reserved: BTreeMap<String, BareJid>,
+    /// The room's vCard-temp, serialized (its avatar, XEP-0486).
+    vcard: Option<String>,
     /// The secret occupant ids are derived with (XEP-0421): the same for the room's
     /// life, across restarts, and unknown outside the service, so that an id tells
     /// nothing of the account.
@@ -323,6 +328,7 @@ impl Room {
             rates: Rates::default(),
             left: HashMap::new(),
             reserved: BTreeMap::new(),
+            vcard: None,
         }
     }
 
@@ -353,7 +359,13 @@ impl Room {
             rates: Rates::default(),
             left: HashMap::new(),
             reserved: BTreeMap::new(),
+            vcard: None,
         }
+    }
+
+    /// Sets the room's vCard as kept across a restart.
+    pub fn restore_vcard(&mut self, vcard: Option<String>) {
+        self.vcard = vcard;
     }
 
     /// Reserves `nick` for `account` (a registration kept across a restart).
@@ -2263,6 +2275,63 @@ mod tests {
             room.register(&full("dave@d/x"), &submit("Dave")),
             Err(StanzaErrorCondition::NotAllowed)
         );
+    }
+
+    /// XEP-0486: owners set the room's vCard; occupants are told (104); the room
+    /// names the SHA-1 of its photo; an empty vCard removes it.
+    #[test]
+    fn owners_give_rooms_avatars() {
+        let mut room = room_with_three(Config::default());
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+        let card = el(&format!(
+            "<vCard xmlns='vcard-temp'><PHOTO><TYPE>image/png</TYPE><BINVAL>{}\n{}</BINVAL></PHOTO></vCard>",
+            &png[..40],
+            &png[40..]
+        ));
+        assert_eq!(
+            room.set_vcard(&full("bob@d/phone"), &card),
+            Err(StanzaErrorCondition::Forbidden)
+        );
+        let out = room.set_vcard(&full("alice@d/laptop"), &card).unwrap();
+        assert_eq!(out.len(), 3, "each session is told");
+        assert!(out.iter().all(|o| codes(&o.stanza) == ["104"]));
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png)
+            .unwrap();
+        let hash = crate::core::avatar::sha1_hex(&bytes);
+        assert_eq!(room.avatar_hashes(), std::slice::from_ref(&hash));
+        let form = stanza::serialize(&room.room_info_form().unwrap());
+        assert!(
+            form.contains("muc#roominfo_avatarhash") && form.contains(&hash),
+            "{form}"
+        );
+        assert!(room.vcard().has_child("PHOTO", ns::VCARD));
+        // The same again changes nothing; a photo that is not base64, or a vCard too
+        // big, is refused and the avatar stays.
+        assert!(
+            room.set_vcard(&full("alice@d/laptop"), &card)
+                .unwrap()
+                .is_empty()
+        );
+        let bad = el("<vCard xmlns='vcard-temp'><PHOTO><BINVAL>!!</BINVAL></PHOTO></vCard>");
+        assert_eq!(
+            room.set_vcard(&full("alice@d/laptop"), &bad),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        let big = el(&format!(
+            "<vCard xmlns='vcard-temp'><DESC>{}</DESC></vCard>",
+            "x".repeat(MAX_VCARD_BYTES)
+        ));
+        assert_eq!(
+            room.set_vcard(&full("alice@d/laptop"), &big),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        assert_eq!(room.avatar_hashes(), [hash]);
+        // Empty: no avatar, no form.
+        room.set_vcard(&full("alice@d/laptop"), &el("<vCard xmlns='vcard-temp'/>"))
+            .unwrap();
+        assert!(room.room_info_form().is_none() && room.stored_vcard().is_none());
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn parse_bool(value: &str) -> Result<bool, Refusal> {
 
 /// Sends each of `codes` to every session of the room, in one message from the room
 /// (XEP-0045 §10.2.1: a configuration change that occupants should know of).
-fn status_message(room: &Room, codes: &[u16]) -> Vec<Out> {
+pub(super) fn status_message(room: &Room, codes: &[u16]) -> Vec<Out> {
     let mut x = Element::bare("x", NS_USER);
     for code in codes {
         x.append_child(
