@@ -784,10 +784,10 @@ impl Config {
             || m.max_rooms_per_user == 0
             || !(1..=100_000).contains(&m.max_occupants)
             || m.history_length > 1000
-            || !(1..=1_048_576).contains(&m.max_message_bytes)
+            || !(1..=262_144).contains(&m.max_message_bytes)
         {
             return Err(ConfigError::Invalid(
-                "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000, muc.max_message_bytes between 1 and 1048576".into(),
+                "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000, muc.max_message_bytes between 1 and 262144 (the largest client stanza)".into(),
             ));
         }
         let rate_ok = |r: f64| r.is_finite() && (0.001..=1_000_000.0).contains(&r);

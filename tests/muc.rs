@@ -1422,6 +1422,30 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
     .await;
     assert!(String::from(&card).contains(png), "{}", String::from(&card));
 
+    // Bob leaves and enters again at once, before the room answered the leave: he
+    // is in again, and the room's messages still reach him.
+    send(
+        &mut bob,
+        &format!("<presence type='unavailable' to='{ROOM}/Bob'/>"),
+    )
+    .await;
+    enter(&mut bob, "Bob").await;
+    expect(&mut bob, 10, "in again", |e| {
+        from_occupant(e, "Bob")
+            && e.attr("type").is_none()
+            && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>still with us</body></message>"),
+    )
+    .await;
+    expect(&mut bob, 10, "Alice's message after the re-entry", |e| {
+        body(e).as_deref() == Some("still with us")
+    })
+    .await;
+
     // Out of the room, Bob's cluster would drop the results: he is told so.
     send(
         &mut bob,

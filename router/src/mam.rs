@@ -367,25 +367,6 @@ impl Server {
         Some((Self::row(owner, id, &from, false, xml), delivered))
     }
 
-    /// Queues `row` for the writer unless its queue is full: then it is given back
-    /// ([`Server::enqueue`] waits for room). A writer that stopped drops it, as there.
-    pub(crate) fn try_enqueue(&self, row: ArchiveRow) -> Option<ArchiveRow> {
-        let shared = &self.archive.shared;
-        let mut pending = lock(&shared.pending);
-        if pending.closed {
-            tracing::warn!("the archive writer has stopped; a message was not archived");
-            return None;
-        }
-        if pending.rows.len() >= QUEUE {
-            return Some(row);
-        }
-        pending.rows.push(row);
-        if pending.rows.len() >= BATCH {
-            shared.wake.notify_one();
-        }
-        None
-    }
-
     pub(crate) async fn enqueue(&self, row: ArchiveRow) {
         let shared = &self.archive.shared;
         let mut row = Some(row);

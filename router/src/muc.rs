@@ -488,7 +488,9 @@ impl Server {
     fn muc_persist(&self, name: &str, room: Option<&Room>) {
         let version = self.muc.next_version();
         let store = self.store.clone();
-        if !room.is_some_and(|r| self.muc_archives(r)) {
+        // The room ended, or its owners turned its archive off (not the node's
+        // setting: turning archives off for a while deletes nothing).
+        if !room.is_some_and(|r| r.config.persistent && r.config.archived) {
             self.muc_forget_archive(name);
         }
         match room.filter(|r| r.config.persistent && !r.locked()) {
@@ -523,27 +525,36 @@ impl Server {
         let (Some(settings), Some(server)) = (&self.config.muc, self.me.upgrade()) else {
             return;
         };
-        if !self.config.archive.enabled {
-            return;
-        }
+        // Also with archives off now: what was archived before must not pass to a
+        // room made again under the name.
+        let writing = self.config.archive.enabled;
         let owner = format!("{name}@{}", settings.host);
         let before = crate::time::now_micros().saturating_add(1);
         self.tasks.spawn(async move {
-            server.archive_flush().await;
+            if writing {
+                server.archive_flush().await;
+            }
             if let Err(e) = server.store.archive_forget(&owner, before).await {
                 tracing::error!(room = %owner, error = %e, "deleting a room's archive failed");
             }
         });
     }
 
-    /// Archives a room's message (as `out`'s first copy shows it) under the id it was
-    /// stamped with, when the room is archived.
-    fn muc_archive(&self, room: &Room, nick: &str, id: String, out: &[muc::Out], now: i64) {
-        let Some(first) = out.first() else {
-            return;
-        };
+    /// The row that archives a room's message (as `out`'s first copy shows it) under
+    /// the id it was stamped with, when the room is archived. The caller queues it
+    /// for the writer once the rooms' lock is released, waiting while the writer's
+    /// queue is full (the store sets the pace).
+    fn muc_archive(
+        &self,
+        room: &Room,
+        nick: &str,
+        id: String,
+        out: &[muc::Out],
+        now: i64,
+    ) -> Option<impmesh_store::ArchiveRow> {
+        let first = out.first()?;
         if !self.muc_archives(room) || !archive::archivable_in_room(&first.stanza) {
-            return;
+            return None;
         }
         let mut kept = first.stanza.clone();
         stanza::remove_attr(&mut kept, "to");
@@ -557,13 +568,7 @@ impl Server {
             outgoing: false,
             stanza: stanza::serialize(&kept).into(),
         };
-        if let Some(row) = self.try_enqueue(row)
-            && let Some(server) = self.me.upgrade()
-        {
-            // The writer's queue is full: the store sets the pace, the room does not
-            // wait for it.
-            self.tasks.spawn(async move { server.enqueue(row).await });
-        }
+        Some(row)
     }
 
     /// A request to a room that goes through the store ([`stored_request`]): the
@@ -600,15 +605,19 @@ impl Server {
     ) -> Result<(), Refusal> {
         let request = muc::Moderation::parse(payload)?;
         let name = to.node().map(|n| n.to_string()).unwrap_or_default();
-        let id = crate::mam::archive_id();
-        let (announcement, archived, remembered) = {
-            let mut rooms = lock(&self.muc.rooms);
-            let Some(room) = rooms.get_mut(&name) else {
+        // Who may is checked first; what the archive keeps as the moderation (the
+        // tombstone) does not depend on the announcement's id.
+        let (preview, archived, remembered) = {
+            let rooms = lock(&self.muc.rooms);
+            let Some(room) = rooms.get(&name) else {
                 return Err(StanzaErrorCondition::ItemNotFound.into());
             };
-            let announcement = room.moderation(from, &request, &id)?;
-            let remembered = room.forget_message(&request.id).is_some();
-            (announcement, self.muc_archives(room), remembered)
+            let preview = room.moderation(from, &request, "")?;
+            (
+                preview,
+                self.muc_archives(room),
+                room.remembers(&request.id),
+            )
         };
         let mut found = remembered;
         if archived {
@@ -619,7 +628,7 @@ impl Server {
                 .archive_replace(&to.to_bare().to_string(), &request.id, |old| {
                     let original = stanza::parse_own(old)
                         .unwrap_or_else(|| Element::bare("message", ns::CLIENT));
-                    stanza::serialize(&muc::tombstone(&original, &announcement, &stamp))
+                    stanza::serialize(&muc::tombstone(&original, &preview, &stamp))
                 })
                 .await
                 .map_err(crate::pep::store_failed)?;
@@ -630,11 +639,23 @@ impl Server {
                 .with_text("the room has no message with that id"));
         }
         tracing::info!(room = %to, moderator = %from, id = %request.id, "a message was retracted by a moderator");
-        let rooms = lock(&self.muc.rooms);
-        if let Some(room) = rooms.get(&name) {
+        // The announcement's id is made now, after the store's work: it sorts after
+        // every message archived before it.
+        let row = {
+            let mut rooms = lock(&self.muc.rooms);
+            let Some(room) = rooms.get_mut(&name) else {
+                return Ok(());
+            };
+            let id = crate::mam::archive_id();
+            let announcement = room.moderation(from, &request, &id)?;
+            room.forget_message(&request.id);
             let out = room.broadcast(&announcement);
-            self.muc_archive(room, "", id, &out, crate::time::now_micros());
+            let row = self.muc_archive(room, "", id, &out, crate::time::now_micros());
             self.muc_send(out);
+            row
+        };
+        if let Some(row) = row {
+            self.enqueue(row).await;
         }
         Ok(())
     }
@@ -873,7 +894,9 @@ impl Server {
         if result == Err(StanzaErrorCondition::ResourceConstraint) {
             self.stats.muc_refused(MucLimit::PresenceRate);
         }
-        if room.next_due().is_some() && lock(&self.muc.waiting).insert(room_name.clone()) {
+        if room.next_due().is_some() {
+            lock(&self.muc.waiting).insert(room_name.clone());
+            // Also for a room already waiting: this change may be due earlier.
             self.muc.waited.notify_one();
         }
         // A room created for an entry that failed is not kept.
@@ -896,13 +919,27 @@ impl Server {
         }
     }
 
-    /// A session's message to a room (`groupchat`) or to an occupant (private).
-    pub(crate) fn muc_message(
+    /// A session's message to a room (`groupchat`) or to an occupant (private), and
+    /// then the room's archive.
+    pub(crate) async fn muc_message(
         &self,
         from: &FullJid,
         message: &Element,
         to: &Jid,
     ) -> Result<(), StanzaErrorCondition> {
+        if let Some(row) = self.muc_message_now(from, message, to)? {
+            self.enqueue(row).await;
+        }
+        Ok(())
+    }
+
+    /// [`Self::muc_message`] under the rooms' lock: what to archive.
+    fn muc_message_now(
+        &self,
+        from: &FullJid,
+        message: &Element,
+        to: &Jid,
+    ) -> Result<Option<impmesh_store::ArchiveRow>, StanzaErrorCondition> {
         let Some(room_name) = to.node() else {
             return Err(StanzaErrorCondition::ServiceUnavailable);
         };
@@ -923,17 +960,20 @@ impl Server {
             return Err(StanzaErrorCondition::ItemNotFound);
         };
         let subject = room.subject().cloned();
-        let out = self.muc_said(room, from, message, to, groupchat, now);
-        if out == Err(StanzaErrorCondition::ResourceConstraint) {
+        let said = self.muc_said(room, from, message, to, groupchat, now);
+        // A voice request refused (one waits already) is not over the allowance.
+        let voice =
+            to.resource().is_none() && !groupchat && message.get_child("x", muc::NS_USER).is_none();
+        if said.as_ref().err() == Some(&StanzaErrorCondition::ResourceConstraint) && !voice {
             self.stats.muc_refused(MucLimit::MessageRate);
         }
-        let out = out?;
+        let (out, row) = said?;
         if room.config.persistent && room.subject() != subject.as_ref() {
             self.muc_persist(room_name.as_str(), Some(&*room));
         }
         self.stats.muc_messages(out.len());
         self.muc_send(out);
-        Ok(())
+        Ok(row)
     }
 
     /// What a room does with a session's message: the stanzas it sends.
@@ -945,42 +985,45 @@ impl Server {
         to: &Jid,
         groupchat: bool,
         now: i64,
-    ) -> Result<Vec<muc::Out>, StanzaErrorCondition> {
-        Ok(match (to.resource(), groupchat) {
-            (None, true) => {
-                let id = crate::mam::archive_id();
-                let out = room.groupchat(from, message, now, &id)?;
-                let nick = room.nick_of(from).unwrap_or_default().to_owned();
-                self.muc_archive(room, &nick, id, &out, now);
-                out
-            }
-            // XEP-0045 §7.5: a groupchat message to an occupant is an error.
-            (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
-            (Some(nick), false) => room.private(from, nick.as_str(), message, now)?,
-            // Mediated invitations and declines (XEP-0045 §7.8.2): delivered like
-            // any message (stored offline, over a router link, or bounced).
-            (None, false) if message.get_child("x", muc::NS_USER).is_some() => {
-                let invitations = room.invite(from, message, now)?;
-                if let Some(server) = self.me.upgrade() {
-                    for (to, m) in invitations {
-                        let server = server.clone();
-                        self.tasks.spawn(async move {
-                            server.deliver_or_bounce(m, &Jid::from(to)).await;
-                        });
-                    }
+    ) -> Result<(Vec<muc::Out>, Option<impmesh_store::ArchiveRow>), StanzaErrorCondition> {
+        Ok((
+            match (to.resource(), groupchat) {
+                (None, true) => {
+                    let id = crate::mam::archive_id();
+                    let out = room.groupchat(from, message, now, &id)?;
+                    let nick = room.nick_of(from).unwrap_or_default().to_owned();
+                    let row = self.muc_archive(room, &nick, id, &out, now);
+                    return Ok((out, row));
                 }
-                Vec::new()
-            }
-            // Voice requests and their answers (XEP-0045 §7.13, §8.6).
-            (None, false) => match message
-                .get_child("x", ns::DATA_FORMS)
-                .filter(|x| muc::is_voice_form(x))
-            {
-                Some(form) => room.voice_request(from, form)?,
-                // XEP-0045 §7.4: what else a client sends the room is not for it.
-                None => return Err(StanzaErrorCondition::BadRequest),
+                // XEP-0045 §7.5: a groupchat message to an occupant is an error.
+                (Some(_), true) => return Err(StanzaErrorCondition::BadRequest),
+                (Some(nick), false) => room.private(from, nick.as_str(), message, now)?,
+                // Mediated invitations and declines (XEP-0045 §7.8.2): delivered like
+                // any message (stored offline, over a router link, or bounced).
+                (None, false) if message.get_child("x", muc::NS_USER).is_some() => {
+                    let invitations = room.invite(from, message, now)?;
+                    if let Some(server) = self.me.upgrade() {
+                        for (to, m) in invitations {
+                            let server = server.clone();
+                            self.tasks.spawn(async move {
+                                server.deliver_or_bounce(m, &Jid::from(to)).await;
+                            });
+                        }
+                    }
+                    Vec::new()
+                }
+                // Voice requests and their answers (XEP-0045 §7.13, §8.6).
+                (None, false) => match message
+                    .get_child("x", ns::DATA_FORMS)
+                    .filter(|x| muc::is_voice_form(x))
+                {
+                    Some(form) => room.voice_request(from, form)?,
+                    // XEP-0045 §7.4: what else a client sends the room is not for it.
+                    None => return Err(StanzaErrorCondition::BadRequest),
+                },
             },
-        })
+            None,
+        ))
     }
 
     /// What rooms and occupants there are now, for `/metrics`.
@@ -1030,7 +1073,6 @@ impl Server {
                     ),
                     pick(c.persistent, "muc_persistent", "muc_temporary"),
                     ns::SID,
-                    muc::NS_MODERATE,
                 ] {
                     body.push_str(&format!("<feature var='{f}'/>"));
                 }
@@ -1038,6 +1080,10 @@ impl Server {
                     for f in [ns::MAM, ns::MAM_EXTENDED] {
                         body.push_str(&format!("<feature var='{f}'/>"));
                     }
+                }
+                // Moderation finds messages in the archive or the history.
+                if self.muc_archives(room) || c.history_length > 0 {
+                    body.push_str(&format!("<feature var='{}'/>", muc::NS_MODERATE));
                 }
                 if let Some(form) = room.room_info_form() {
                     body.push_str(&stanza::serialize(&form));
@@ -1329,7 +1375,7 @@ impl Context<'_> {
         }
         let mut message = message.clone();
         stanza::set_attr(&mut message, "from", &from.to_string());
-        if let Err(condition) = server.muc_message(&from, &message, to) {
+        if let Err(condition) = server.muc_message(&from, &message, to).await {
             self.reply_error(&message, condition, None);
         }
     }

@@ -273,6 +273,18 @@ impl Store {
             return Ok(());
         }
         let _timer = self.latency.start("archive_append");
+        match self.archive_append_once(rows).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // A transaction that lost a race (a deadlock, a serialization
+                // failure on PostgreSQL) goes through the second time.
+                tracing::debug!(error = %e, "archive batch failed; trying once more");
+                self.archive_append_once(rows).await
+            }
+        }
+    }
+
+    async fn archive_append_once(&self, rows: &[ArchiveRow]) -> Result<()> {
         let mut tx = self.write().await?;
         let known = self.archive_accounts(&mut tx, rows).await?;
         let rows: std::borrow::Cow<'_, [ArchiveRow]> = if rows
@@ -345,7 +357,9 @@ impl Store {
                 .collect();
             let lock = match self.backend {
                 Backend::Sqlite => "",
-                Backend::Postgres => " FOR SHARE",
+                // What a foreign key's check takes: no delete meanwhile, updates of
+                // other columns (a password change) not held up.
+                Backend::Postgres => " FOR KEY SHARE",
             };
             let sql = format!(
                 "SELECT username FROM users WHERE username IN ({}){lock}",

@@ -64,7 +64,7 @@ pub fn stanza_id<'a>(message: &'a Element, by: &str) -> Option<&'a str> {
         .and_then(|c| c.attr("id"))
 }
 
-fn same_jid(a: &str, b: &str) -> bool {
+pub(crate) fn same_jid(a: &str, b: &str) -> bool {
     a == b || matches!((jid::Jid::new(a), jid::Jid::new(b)), (Ok(a), Ok(b)) if a == b)
 }
 

@@ -58,9 +58,17 @@ pub const MAX_HISTORY_CHARS: usize = 256 * 1024;
 pub const MAX_KEPT_BYTES: usize = 64 * 1024;
 /// Invitations one message may carry, at most.
 pub const MAX_INVITES: usize = 10;
-/// Accounts that left a room whose presence allowance it remembers, at most (so that
-/// leaving and entering again is no way around it).
+/// Accounts that left a room whose allowances it remembers, at most (so that leaving
+/// and entering again is no way around them).
 const MAX_LEFT_KEPT: usize = 1000;
+
+/// An account's use of a room's rates: messages; entries and presence changes. One
+/// per account, whatever its sessions and nicks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowances {
+    said: Allowance,
+    moved: Allowance,
+}
 /// Invitations a room remembers for declines, at most (the oldest go first).
 const MAX_INVITES_KEPT: usize = 1000;
 /// Bytes of an invitation's or a decline's reason passed on, at most.
@@ -255,9 +263,6 @@ pub struct Occupant {
     presence: Element,
     pub affiliation: Affiliation,
     pub role: Role,
-    /// Its use of the room's rates (messages; entries and presence changes).
-    said: Allowance,
-    moved: Allowance,
     /// A change of status over the allowance waits: the newest is sent when the
     /// allowance returns ([`Room::due`]).
     waiting: bool,
@@ -295,8 +300,9 @@ pub struct Room {
     voice_requests: std::collections::HashSet<String>,
     /// How often an occupant may speak and change its presence.
     rates: Rates,
-    /// The presence allowance of accounts that left, while it is not whole again.
-    left: HashMap<BareJid, Allowance>,
+    /// Each account's allowances: of those in the room, and of those that left
+    /// while they are not whole again.
+    allowances: HashMap<BareJid, Allowances>,
     /// Nicks reserved by registration (§7.10), and the account of each.
     reserved: BTreeMap<String, BareJid>,
     /// The room's vCard-temp, serialized (its avatar, XEP-0486).
@@ -326,7 +332,7 @@ impl Room {
             occupant_key: [0; 32],
             voice_requests: Default::default(),
             rates: Rates::default(),
-            left: HashMap::new(),
+            allowances: HashMap::new(),
             reserved: BTreeMap::new(),
             vcard: None,
         }
@@ -357,7 +363,7 @@ impl Room {
             occupant_key: [0; 32],
             voice_requests: Default::default(),
             rates: Rates::default(),
-            left: HashMap::new(),
+            allowances: HashMap::new(),
             reserved: BTreeMap::new(),
             vcard: None,
         }
@@ -519,15 +525,21 @@ impl Room {
         {
             return Err(StanzaErrorCondition::ServiceUnavailable);
         }
-        // Entering again after leaving uses the allowance the account left with.
-        let mut moved = match self.occupants.get(nick) {
-            Some(o) => o.moved,
-            None => self.left.get(&bare).copied().unwrap_or_default(),
-        };
-        if !moved.take(self.rates.presence, now) {
+        // One allowance per account, kept for a while after it leaves. A session
+        // already in the room that enters again beyond it is not refused (its client
+        // would take that as being out): it gets the room anew, the others nothing.
+        let again = self.nick_of.get(from).is_some_and(|n| n == nick);
+        let rate = self.rates.presence;
+        let allowed = self
+            .allowances
+            .entry(bare.clone())
+            .or_default()
+            .moved
+            .take(rate, now);
+        if !allowed && !again {
             return Err(StanzaErrorCondition::ResourceConstraint);
         }
-        self.left.remove(&bare);
+        let quiet = !allowed;
         let role = match affiliation {
             Affiliation::Owner | Affiliation::Admin => Role::Moderator,
             Affiliation::Member => Role::Participant,
@@ -555,12 +567,9 @@ impl Room {
                 presence: presence.clone(),
                 affiliation,
                 role,
-                said: Allowance::default(),
-                moved,
                 waiting: false,
             });
         occupant.presence = presence;
-        occupant.moved = moved;
         occupant.waiting = false;
         if !occupant.sessions.contains(from) {
             occupant.sessions.push(from.clone());
@@ -575,7 +584,7 @@ impl Room {
             own.push(201);
         }
         let occupant = &self.occupants[nick];
-        for to in self.sessions() {
+        for to in self.sessions().filter(|to| !quiet || to == from) {
             let codes: &[u16] = if occupant.sessions.contains(&to) {
                 &own
             } else {
@@ -635,11 +644,7 @@ impl Room {
             {
                 return Err(StanzaErrorCondition::Conflict);
             }
-            if !self
-                .occupants
-                .get_mut(&old)
-                .is_some_and(|o| o.moved.take(rate, now))
-            {
+            if !self.allowances_of(&from.to_bare()).moved.take(rate, now) {
                 return Err(StanzaErrorCondition::ResourceConstraint);
             }
             let Some(mut occupant) = self.occupants.remove(&old) else {
@@ -664,11 +669,16 @@ impl Room {
         };
         occupant.presence = presence;
         // A change of nick already used the allowance.
-        if old == nick && !occupant.moved.take(rate, now) {
-            occupant.waiting = true;
+        let account = occupant.bare.clone();
+        if old == nick && !self.allowances_of(&account).moved.take(rate, now) {
+            if let Some(o) = self.occupants.get_mut(nick) {
+                o.waiting = true;
+            }
             return Ok(out);
         }
-        occupant.waiting = false;
+        if let Some(o) = self.occupants.get_mut(nick) {
+            o.waiting = false;
+        }
         out.extend(self.announce(nick, None));
         Ok(out)
     }
@@ -679,7 +689,14 @@ impl Room {
         let rate = self.rates.presence;
         let mut ready = Vec::new();
         for o in self.occupants.values_mut() {
-            if o.waiting && o.moved.take(rate, now) {
+            if o.waiting
+                && self
+                    .allowances
+                    .entry(o.bare.clone())
+                    .or_default()
+                    .moved
+                    .take(rate, now)
+            {
                 o.waiting = false;
                 ready.push(o.nick.clone());
             }
@@ -696,7 +713,11 @@ impl Room {
         self.occupants
             .values()
             .filter(|o| o.waiting)
-            .map(|o| o.moved.ready_at(rate))
+            .map(|o| {
+                self.allowances
+                    .get(&o.bare)
+                    .map_or(i64::MIN, |a| a.moved.ready_at(rate))
+            })
             .min()
     }
 
@@ -793,30 +814,41 @@ impl Room {
             && (self.config.password.is_none() || affiliation == Affiliation::Owner)
     }
 
-    /// Keeps the presence allowance of an occupant that left, while it is used (at
-    /// most MAX_LEFT_KEPT accounts: those whose allowance is whole again go first).
+    /// `account`'s allowances (whole, for an account the room has not seen lately).
+    fn allowances_of(&mut self, account: &BareJid) -> &mut Allowances {
+        self.allowances.entry(account.clone()).or_default()
+    }
+
+    /// After `gone` left: the room forgets the allowances of accounts no longer in
+    /// it once they are whole again, and keeps those of at most MAX_LEFT_KEPT that
+    /// left (the account that just left first, when there is room).
     fn remember_allowance(&mut self, gone: &Occupant, now: i64) {
-        if gone.moved.is_full(now) {
-            return;
+        let absent = |room: &Room, a: &BareJid| !room.occupants.values().any(|o| &o.bare == a);
+        let kept = self.allowances.get(&gone.bare).copied().unwrap_or_default();
+        if kept.said.is_full(now) && kept.moved.is_full(now) && absent(self, &gone.bare) {
+            self.allowances.remove(&gone.bare);
         }
-        if self.left.len() >= MAX_LEFT_KEPT {
-            self.left.retain(|_, a| !a.is_full(now));
-        }
-        if self.left.len() < MAX_LEFT_KEPT {
-            self.left.insert(gone.bare.clone(), gone.moved);
+        if self.allowances.len() > self.occupants.len() + MAX_LEFT_KEPT {
+            let present: std::collections::HashSet<BareJid> =
+                self.occupants.values().map(|o| o.bare.clone()).collect();
+            self.allowances.retain(|a, used| {
+                present.contains(a) || !(used.said.is_full(now) && used.moved.is_full(now))
+            });
+            // Still too many in use: the oldest are not known; drop the one that left.
+            if self.allowances.len() > self.occupants.len() + MAX_LEFT_KEPT {
+                self.allowances.remove(&gone.bare);
+            }
         }
     }
 
-    /// Uses one message of the allowance of `from`'s occupant (`resource-constraint`
+    /// Uses one message of the allowance of `from`'s account (`resource-constraint`
     /// when there is none left).
     fn say(&mut self, from: &FullJid, now: i64) -> Result<(), Refusal> {
+        if !self.nick_of.contains_key(from) {
+            return Err(StanzaErrorCondition::NotAcceptable);
+        }
         let rate = self.rates.messages;
-        let occupant = self
-            .nick_of
-            .get(from)
-            .and_then(|nick| self.occupants.get_mut(nick))
-            .ok_or(StanzaErrorCondition::NotAcceptable)?;
-        if occupant.said.take(rate, now) {
+        if self.allowances_of(&from.to_bare()).said.take(rate, now) {
             Ok(())
         } else {
             Err(StanzaErrorCondition::ResourceConstraint)
@@ -849,7 +881,14 @@ impl Room {
         if sets_subject && sender.role < Role::Moderator && !self.config.subject_by_anyone {
             return Err(StanzaErrorCondition::Forbidden);
         }
-        self.say(from, now)?;
+        if let Err(refusal) = self.say(from, now) {
+            // Chat states and markers beyond the allowance are dropped: nothing to
+            // refuse, they are stale by the time the allowance returns.
+            if !has_body && subject.is_none() {
+                return Ok(Vec::new());
+            }
+            return Err(refusal);
+        }
         if let Some(subject) = subject.filter(|_| sets_subject) {
             self.subject = Some((subject, nick.clone()));
         }
@@ -1085,12 +1124,16 @@ impl Room {
         for ((attr_ns, name), value) in message.attrs().iter() {
             m.set_attr(attr_ns.clone(), name.clone(), value.as_str());
         }
+        // The room's address however it is written (JIDs compare normalised).
+        let is_room = |a: Option<&str>| a.is_some_and(|a| crate::core::archive::same_jid(a, room));
         for child in message.children() {
             let forged = child.ns() == NS_USER
                 || child.ns() == NS_OCCUPANT_ID
                 || child.ns() == NS_ADDRESS
-                || (child.is("stanza-id", SID) && child.attr("by") == Some(room))
-                || (child.is("delay", DELAY) && child.attr("from") == Some(room));
+                || child.ns() == NS_MODERATE
+                || (child.is("retract", NS_RETRACT) && child.has_child("moderated", NS_MODERATE))
+                || (child.is("stanza-id", SID) && is_room(child.attr("by")))
+                || (child.is("delay", DELAY) && is_room(child.attr("from")));
             if !forged {
                 m.append_child(child.clone());
             }
@@ -1876,6 +1919,9 @@ mod tests {
         let forged = el(
             "<message xmlns='jabber:client' type='groupchat'><body>hi</body>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='team@conference.d' id='x'/>\
+             <stanza-id xmlns='urn:xmpp:sid:0' by='TEAM@Conference.D' id='x2'/>\
+             <retract xmlns='urn:xmpp:message-retract:1' id='s0'><moderated xmlns='urn:xmpp:message-moderate:1' by='team@conference.d/Alice'/></retract>\
+             <moderated xmlns='urn:xmpp:message-moderate:1'/>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='alice@d' id='y'/>\
              <delay xmlns='urn:xmpp:delay' from='team@conference.d' stamp='2020-01-01T00:00:00Z'/>\
              <occupant-id xmlns='urn:xmpp:occupant-id:0' id='someone-else'/>\
@@ -2078,6 +2124,52 @@ mod tests {
             room.groupchat(&bob, &message("later"), t + 1_000_000, "sid")
                 .is_ok()
         );
+        // Chat states beyond the allowance are dropped, not refused.
+        let typing = el("<message xmlns='jabber:client' type='groupchat'>\
+            <composing xmlns='http://jabber.org/protocol/chatstates'/></message>");
+        assert_eq!(
+            room.groupchat(&bob, &typing, t + 1_000_000, "sid"),
+            Ok(vec![])
+        );
+        // The allowances are the account's: neither another nick from another
+        // session nor leaving and entering again gives a new one.
+        let t = t + 11_000_000;
+        let tablet = full("bob@d/tablet");
+        room.join(&tablet, "Bob2", &Join::default(), &join_presence(), t)
+            .unwrap();
+        assert!((0..3).all(|_| room.groupchat(&tablet, &message("x"), t, "sid").is_ok()));
+        assert_eq!(
+            room.groupchat(&bob, &message("x"), t, "sid"),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        room.leave(&tablet, &bye, t);
+        room.join(
+            &tablet,
+            "Bob2",
+            &Join::default(),
+            &join_presence(),
+            t + 1_000_000,
+        )
+        .unwrap();
+        assert!(
+            room.groupchat(&tablet, &message("x"), t + 1_000_000, "sid")
+                .is_ok()
+        );
+        assert_eq!(
+            room.groupchat(&tablet, &message("x"), t + 1_000_000, "sid"),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
+        // A session entering again beyond the allowance is not refused: it gets the
+        // room anew, and the others hear nothing.
+        let t = t + 1_000_000;
+        while room
+            .update(&tablet, "Bob2", &status("away"), t)
+            .is_ok_and(|o| !o.is_empty())
+        {}
+        let out = room
+            .join(&tablet, "Bob2", &Join::default(), &join_presence(), t)
+            .unwrap();
+        assert!(!out.is_empty() && out.iter().all(|o| o.to == tablet));
     }
 
     /// Who reads a room's archive: its occupants, and those it would let in without
@@ -2151,7 +2243,9 @@ mod tests {
         assert!(crate::core::archive::archivable_in_room(&announcement));
         assert_eq!(room.broadcast(&announcement).len(), 2);
         // Out of the history: a newcomer does not get it.
+        assert!(room.remembers("s1"));
         assert!(room.forget_message("s1").is_some());
+        assert!(!room.remembers("s1"));
         assert!(room.forget_message("s1").is_none());
         let out = room
             .join(

@@ -54,6 +54,11 @@ pub(crate) struct Seat {
     nick: String,
     /// The room confirmed the entry (its own presence, status 110, came back).
     confirmed: bool,
+    /// Leaves sent whose answer (the session's unavailable presence, 110) has not
+    /// come back yet, and whether the session entered again meanwhile: then the
+    /// answer to the leave does not end the seat.
+    leaving: u32,
+    rejoined: bool,
 }
 
 /// Where a room is, for a stanza to it.
@@ -80,13 +85,29 @@ pub(crate) struct Visitor {
 /// sends on stays within a router link's frame limits.
 pub(crate) const MAX_ROOM_STANZA_ELEMENTS: usize = 3_500;
 
+/// Requests to rooms' archives and moderations from sessions of other clusters
+/// handled at once, at most.
+const STORED_REQUESTS: usize = 16;
+
 /// The mesh's bookkeeping of the rooms of a node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Mesh {
     /// Sessions of other clusters in rooms here, with the node each is homed on.
     pub(crate) visitors: std::sync::Mutex<HashMap<FullJid, Visitor>>,
     /// Local sessions in rooms of other clusters, by session and room.
     seats: std::sync::Mutex<HashMap<FullJid, HashMap<BareJid, Seat>>>,
+    /// Room for requests through the store from other clusters (STORED_REQUESTS).
+    stored: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            visitors: Default::default(),
+            seats: Default::default(),
+            stored: std::sync::Arc::new(tokio::sync::Semaphore::new(STORED_REQUESTS)),
+        }
+    }
 }
 
 /// One stanza for each distinct (node, stanza) of `out` to visitors, in order: the
@@ -295,7 +316,14 @@ impl Server {
                         node: node.to_owned(),
                         nick: nick.clone(),
                         confirmed: false,
+                        leaving: 0,
+                        rejoined: false,
                     });
+                if seat.leaving > 0 {
+                    // Entering again before the room answered the leave.
+                    seat.rejoined = true;
+                    seat.confirmed = false;
+                }
                 if !seat.confirmed {
                     seat.nick = nick;
                 }
@@ -315,7 +343,11 @@ impl Server {
                 return false;
             };
             let seat = if answered {
-                mine.get(&to.to_bare()).cloned()
+                mine.get_mut(&to.to_bare()).map(|s| {
+                    s.leaving += 1;
+                    s.rejoined = false;
+                    s.clone()
+                })
             } else {
                 mine.remove(&to.to_bare())
             };
@@ -423,7 +455,21 @@ impl Server {
         };
         match presence.attr("type") {
             Some("unavailable") if says_out(presence) => {
-                mine.remove(&room);
+                let destroyed = presence
+                    .get_child("x", muc::NS_USER)
+                    .is_some_and(|x| x.has_child("destroy", muc::NS_USER));
+                match mine.get_mut(&room) {
+                    // The answer to a leave of a session that entered again since.
+                    Some(seat) if seat.leaving > 0 && seat.rejoined && !destroyed => {
+                        seat.leaving -= 1;
+                        if seat.leaving == 0 {
+                            seat.rejoined = false;
+                        }
+                    }
+                    _ => {
+                        mine.remove(&room);
+                    }
+                }
             }
             Some("error") if mine.get(&room).is_some_and(|s| !s.confirmed) => {
                 mine.remove(&room);
@@ -503,34 +549,31 @@ impl Server {
                 self.settle_visitor(&from, &room);
             }
             Type::Message(_) => {
-                if let Err(condition) = self.muc_message(&from, &stanza, to) {
+                if let Err(condition) = self.muc_message(&from, &stanza, to).await {
                     reply(crate::error::error_reply(&stanza, condition, None));
                 }
             }
             Type::Iq(IqType::Get | IqType::Set) if super::stored_request(&stanza, to).is_some() => {
-                let answer = match self.muc_stored_request(&from, to, &stanza, true).await {
-                    Ok((results, answer)) => {
-                        // The results cross the link before the answer, in order.
-                        for xml in results {
-                            if let Some(m) = stanza::parse_own(&xml) {
-                                self.forward(cluster, node, &m);
-                            }
-                        }
-                        stanza::parse_own(&format!(
-                            "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
-                            crate::xml::escape(stanza.attr("id").unwrap_or_default()),
-                            crate::xml::escape(&to.to_string()),
-                            crate::xml::escape(&from.to_string()),
-                            answer.unwrap_or_default()
-                        ))
-                    }
-                    Err(refusal) => crate::error::error_reply(
+                // The store's work happens beside the link, not in its way: at most
+                // STORED_REQUESTS at once from all peers, others refused for now.
+                let (Some(server), Ok(permit)) = (
+                    self.me.upgrade(),
+                    self.muc.mesh.stored.clone().try_acquire_owned(),
+                ) else {
+                    reply(crate::error::error_reply(
                         &stanza,
-                        refusal.condition,
-                        refusal.text.as_deref(),
-                    ),
+                        crate::error::StanzaErrorCondition::ResourceConstraint,
+                        Some("too many requests to rooms' archives; try again later"),
+                    ));
+                    return;
                 };
-                reply(answer);
+                let (cluster, node, to) = (cluster.to_owned(), node.to_owned(), to.clone());
+                self.tasks.spawn(async move {
+                    let _permit = permit;
+                    server
+                        .stored_request_from_link(&cluster, &node, &from, &to, &stanza)
+                        .await;
+                });
             }
             Type::Iq(IqType::Get | IqType::Set) => {
                 let answer = match self.muc_iq(&from, &stanza, to) {
@@ -558,6 +601,48 @@ impl Server {
                 reply(answer);
             }
             Type::Iq(_) => {}
+        }
+    }
+
+    /// A request to a room that goes through the store, from a session of another
+    /// cluster ([`Server::muc_from_link`]): its results cross the link before the
+    /// answer; when one cannot (the link's queue is full), the answer is an error
+    /// rather than a page that lacks it.
+    async fn stored_request_from_link(
+        &self,
+        cluster: &str,
+        node: &str,
+        from: &FullJid,
+        to: &Jid,
+        stanza: &Element,
+    ) {
+        let refused =
+            |condition, text: Option<&str>| crate::error::error_reply(stanza, condition, text);
+        let answer = match self.muc_stored_request(from, to, stanza, true).await {
+            Ok((results, answer)) => {
+                let crossed = results.iter().all(|xml| {
+                    stanza::parse_own(xml)
+                        .is_some_and(|m| fits_link(&m) && self.forward(cluster, node, &m))
+                });
+                if crossed {
+                    stanza::parse_own(&format!(
+                        "<iq xmlns='jabber:client' type='result' id='{}' from='{}' to='{}'>{}</iq>",
+                        crate::xml::escape(stanza.attr("id").unwrap_or_default()),
+                        crate::xml::escape(&to.to_string()),
+                        crate::xml::escape(&from.to_string()),
+                        answer.unwrap_or_default()
+                    ))
+                } else {
+                    refused(
+                        crate::error::StanzaErrorCondition::ResourceConstraint,
+                        Some("the results could not all cross to your cluster; ask again"),
+                    )
+                }
+            }
+            Err(refusal) => refused(refusal.condition, refusal.text.as_deref()),
+        };
+        if let Some(a) = answer {
+            self.forward(cluster, node, &a);
         }
     }
 

@@ -101,6 +101,14 @@ impl Room {
         Ok(m)
     }
 
+    /// Whether the room's history holds the message it gave the stanza id `id`.
+    pub fn remembers(&self, id: &str) -> bool {
+        let room = self.jid.as_str();
+        self.history
+            .iter()
+            .any(|k| crate::core::archive::stanza_id(&k.stanza, room) == Some(id))
+    }
+
     /// Takes the message the room gave the stanza id `id` out of its history (it is
     /// no longer passed on); returns it, as the room sent it, if it was there.
     pub fn forget_message(&mut self, id: &str) -> Option<Element> {

@@ -57,8 +57,12 @@ pub(super) struct Allowance {
 impl Allowance {
     /// Uses one event of the allowance at `now`, if there is one left.
     pub(super) fn take(&mut self, rate: Rate, now: i64) -> bool {
-        let full_at = self.full_at.max(now);
         let slack = rate.interval.saturating_mul(i64::from(rate.burst) - 1);
+        // A clock stepped back holds an occupant for at most one burst, not for the
+        // length of the step.
+        let most = now.saturating_add(slack).saturating_add(rate.interval);
+        self.full_at = self.full_at.min(most);
+        let full_at = self.full_at.max(now);
         if full_at.saturating_sub(now) > slack {
             return false;
         }
@@ -98,6 +102,10 @@ mod tests {
         assert!(a.is_full(t + 2_000_000));
         assert!((0..3).all(|_| a.take(rate, t + 10_000_000)));
         assert!(!a.take(rate, t + 10_000_000));
+        // The clock goes back an hour: one burst's wait at most.
+        let back = t + 10_000_000 - 3_600_000_000;
+        assert!(!a.take(rate, back));
+        assert!(a.take(rate, back + 500_000));
     }
 
     #[test]
