@@ -894,17 +894,7 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
         online(c).await;
         send(c, "<presence/>").await;
     }
-    enter(&mut alice, "Alice").await;
-    expect(&mut alice, 5, "in", |e| {
-        status_codes(e).contains(&"201".to_owned())
-    })
-    .await;
-    send(
-        &mut alice,
-        &format!("<iq type='set' id='open' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"),
-    )
-    .await;
-    expect(&mut alice, 5, "opened", |e| e.attr("id") == Some("open")).await;
+    open_room(&mut alice, "Alice", &[]).await;
     let store_b = b.node.server.store.clone();
     eventually(10, "the room known to B", || async {
         matches!(
@@ -1067,15 +1057,10 @@ async fn xep0045_voice_requests() {
         online(c).await;
         send(c, "<presence/>").await;
     }
-    enter(&mut alice, "Alice").await;
-    expect(&mut alice, 5, "in", |e| {
-        status_codes(e).contains(&"201".to_owned())
-    })
-    .await;
-    ask(
+    open_room(
         &mut alice,
-        "moderated",
-        &format!("<iq type='set' id='moderated' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field><field var='muc#roomconfig_moderatedroom'><value>1</value></field></x></query></iq>"),
+        "Alice",
+        &[("muc#roomconfig_moderatedroom", "1")],
     )
     .await;
     enter(&mut bob, "Bob").await;
@@ -1116,19 +1101,34 @@ async fn xep0045_voice_requests() {
 }
 
 /// Creates the room `ROOM` as `client`'s (entering as `nick`) and opens it with the
-/// default configuration (an instant room).
-async fn open_room(client: &mut tokio_xmpp::Client, nick: &str) {
+/// `muc#roomconfig` fields given (none: the default configuration, an instant room).
+async fn open_room(client: &mut tokio_xmpp::Client, nick: &str, fields: &[(&str, &str)]) {
     enter(client, nick).await;
     expect(client, 5, "in, as the creator", |e| {
         status_codes(e).contains(&"201".to_owned())
     })
     .await;
-    ask(
+    let mut form = String::new();
+    if !fields.is_empty() {
+        form.push_str("<field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>");
+        for (var, value) in fields {
+            form.push_str(&format!(
+                "<field var='{var}'><value>{value}</value></field>"
+            ));
+        }
+    }
+    let answer = ask(
         client,
         "open",
-        &format!("<iq type='set' id='open' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>"),
+        &format!("<iq type='set' id='open' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>{form}</x></query></iq>"),
     )
     .await;
+    assert_eq!(
+        answer.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&answer)
+    );
 }
 
 /// An occupant of another cluster flaps its presence 10,000 times and floods the room
@@ -1155,7 +1155,7 @@ async fn an_occupants_floods_are_held_to_its_allowance() {
         online(c).await;
         send(c, "<presence/>").await;
     }
-    open_room(&mut alice, "Alice").await;
+    open_room(&mut alice, "Alice", &[]).await;
     let store_b = b.node.server.store.clone();
     eventually(10, "the room known to B", || async {
         matches!(
@@ -1279,15 +1279,10 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
         online(c).await;
         send(c, "<presence/>").await;
     }
-    enter(&mut alice, "Alice").await;
-    expect(&mut alice, 5, "in", |e| {
-        status_codes(e).contains(&"201".to_owned())
-    })
-    .await;
-    ask(
+    open_room(
         &mut alice,
-        "persistent",
-        &format!("<iq type='set' id='persistent' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field><field var='muc#roomconfig_persistentroom'><value>1</value></field></x></query></iq>"),
+        "Alice",
+        &[("muc#roomconfig_persistentroom", "1")],
     )
     .await;
     let info = ask(
@@ -1479,4 +1474,188 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
     .await;
     a.node.shutdown().await;
     b.node.shutdown().await;
+}
+
+/// A room on A with occupants homed on A, B and C (each cluster peered with the
+/// others): a message from C reaches everyone, crossing to each other cluster once;
+/// a private message goes from B to C through the room on A; a kick on A reaches C;
+/// A's link to C goes down: C's occupants see 333 while B's keep talking; C's client
+/// enters again once the link is back, and gets each message once.
+#[tokio::test]
+async fn a_room_serves_three_clusters() {
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    const C: &str = "cluster-c.example.com";
+    const A_NODE: &str = "node1.cluster-a.example.com";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["bob"], |c| c.muc.enabled = true).await;
+    let c = mesh_cluster(C, &["carol", "dave"], |c| c.muc.enabled = true).await;
+    peer_clusters(&a, &b, 1, 1).await;
+    peer_clusters(&a, &c, 1, 2).await;
+    peer_clusters(&b, &c, 1, 2).await;
+    // A's link to C through a proxy the test can cut.
+    let proxy = support::Proxy::start(c.node.links_addr.unwrap()).await;
+    let store_a = a.node.server.store.clone();
+    let mut c_node = store_a
+        .peer_node(&c.config.node_name())
+        .await
+        .unwrap()
+        .unwrap();
+    c_node.link_port = proxy.addr.port();
+    store_a.set_peer_nodes(C, &[c_node]).await.unwrap();
+
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut bob = b.client("bob", "pw", Some("phone"));
+    let mut carol = c.client("carol", "pw", Some("desk"));
+    let mut dave = c.client("dave", "pw", Some("pc"));
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        online(client).await;
+        send(client, "<presence/>").await;
+    }
+    open_room(&mut alice, "Alice", &[]).await;
+    for other in [&b, &c] {
+        let store = other.node.server.store.clone();
+        eventually(10, "the room known to every cluster", || async {
+            matches!(
+                store.room_home("team").await.unwrap(),
+                impmesh_store::RoomHome::Remote { .. }
+            )
+        })
+        .await;
+    }
+    for (client, nick) in [
+        (&mut bob, "Bob"),
+        (&mut carol, "Carol"),
+        (&mut dave, "Dave"),
+    ] {
+        enter(client, nick).await;
+        expect(client, 10, "own presence", |e| {
+            from_occupant(e, nick) && status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        expect(&mut alice, 10, "the newcomer", |e| from_occupant(e, nick)).await;
+    }
+    let from_a = |node: &TestNode| {
+        node.node
+            .server
+            .link_status()
+            .into_iter()
+            .find(|l| l.node == A_NODE && l.direction == impmesh_router::LinkDirection::In)
+            .map(|l| l.stanzas)
+            .unwrap_or_default()
+    };
+
+    // Carol (C) talks: everyone gets it, and it crosses to B once and to C once.
+    let (to_b, to_c) = (from_a(&b), from_a(&c));
+    send(
+        &mut carol,
+        &format!("<message type='groupchat' to='{ROOM}'><body>hello from C</body></message>"),
+    )
+    .await;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        expect(client, 10, "Carol's message", |e| {
+            from_occupant(e, "Carol") && body(e).as_deref() == Some("hello from C")
+        })
+        .await;
+    }
+    assert_eq!(from_a(&b) - to_b, 1, "one stanza to B");
+    assert_eq!(
+        from_a(&c) - to_c,
+        1,
+        "one stanza to C for its two occupants"
+    );
+
+    // Bob (B) whispers to Dave (C) through the room on A.
+    send(
+        &mut bob,
+        &format!("<message type='chat' to='{ROOM}/Dave'><body>psst, Dave</body></message>"),
+    )
+    .await;
+    expect(&mut dave, 10, "Bob's private message", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("psst, Dave")
+    })
+    .await;
+
+    // Alice kicks Dave: he and Carol see it on C.
+    ask(
+        &mut alice,
+        "kick",
+        &format!("<iq type='set' id='kick' to='{ROOM}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Dave' role='none'/></query></iq>"),
+    )
+    .await;
+    for client in [&mut dave, &mut carol] {
+        expect(client, 10, "Dave kicked", |e| {
+            from_occupant(e, "Dave")
+                && e.attr("type") == Some("unavailable")
+                && status_codes(e).contains(&"307".to_owned())
+        })
+        .await;
+    }
+
+    // A's link to C goes: Carol is out with 333; Bob on B talks on with Alice.
+    proxy.cut_and_refuse();
+    expect(&mut carol, 15, "out with 333", |e| {
+        e.attr("type") == Some("unavailable") && status_codes(e).contains(&"333".to_owned())
+    })
+    .await;
+    send(
+        &mut bob,
+        &format!("<message type='groupchat' to='{ROOM}'><body>B is still here</body></message>"),
+    )
+    .await;
+    expect(&mut alice, 10, "Bob's message while C is cut off", |e| {
+        from_occupant(e, "Bob") && body(e).as_deref() == Some("B is still here")
+    })
+    .await;
+
+    // The link is back: Carol's client enters again, as clients do after 333.
+    proxy.restore();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        send(
+            &mut carol,
+            &format!("<presence to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"),
+        )
+        .await;
+        let back = collect(&mut carol, 1000, |e| {
+            from_occupant(e, "Carol")
+                && e.attr("type").is_none()
+                && status_codes(e).contains(&"110".to_owned())
+        })
+        .await;
+        if !back.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Carol not back in the room"
+        );
+    }
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>welcome back</body></message>"),
+    )
+    .await;
+    expect(&mut alice, 10, "own message", |e| {
+        body(e).as_deref() == Some("welcome back")
+    })
+    .await;
+    // Once, not twice: Bob's message is a sync point behind Alice's.
+    send(
+        &mut bob,
+        &format!("<message type='groupchat' to='{ROOM}'><body>sync</body></message>"),
+    )
+    .await;
+    let seen = std::cell::Cell::new(0);
+    expect(&mut carol, 10, "Bob's sync message", |e| {
+        if body(e).as_deref() == Some("welcome back") {
+            seen.set(seen.get() + 1);
+        }
+        body(e).as_deref() == Some("sync")
+    })
+    .await;
+    assert_eq!(seen.get(), 1, "Alice's message reached Carol once");
+    for node in [a, b, c] {
+        node.node.shutdown().await;
+    }
 }
