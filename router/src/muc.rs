@@ -393,13 +393,13 @@ impl Server {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.muc.changed.notified() => {}
                 _ = tick.tick() => {
-                    let now = self.store.directory_generation();
+                    let now = self.store.room_generation();
                     if seen == Some(now) {
                         continue;
                     }
                 }
             }
-            seen = Some(self.store.directory_generation());
+            seen = Some(self.store.room_generation());
             if let Err(e) = self.sync_room_directory().await {
                 tracing::error!(error = %e, "cannot bring the room directory in step; trying again");
                 seen = None;

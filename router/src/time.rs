@@ -2,10 +2,7 @@
 
 /// Microseconds since the Unix epoch, now.
 pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    impmesh_store::now_micros()
 }
 
 /// Formats seconds since the Unix epoch as `YYYY-MM-DDThh:mm:ssZ` (UTC).

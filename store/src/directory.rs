@@ -61,6 +61,43 @@ pub(crate) async fn next_usn(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Resul
     Ok(row.try_get("value")?)
 }
 
+/// The kinds of names in the directory, each with its table of tombstones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    User,
+    Room,
+}
+
+/// Records that `name` (of `kind`, homed on `cluster`'s `node`) left the directory,
+/// under `usn`, so that peers learn of it; replaces an older tombstone of the name.
+pub(crate) async fn bury(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: Kind,
+    name: &str,
+    cluster: &str,
+    node: &str,
+    usn: i64,
+) -> Result<()> {
+    let (table, key) = match kind {
+        Kind::User => ("user_tombstones", "username"),
+        Kind::Room => ("room_tombstones", "name"),
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {table} ({key}, home_cluster, home_node, usn, deleted_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT ({key}) DO UPDATE SET home_cluster = excluded.home_cluster,
+             home_node = excluded.home_node, usn = excluded.usn, deleted_at = excluded.deleted_at"
+    )))
+    .bind(name)
+    .bind(cluster)
+    .bind(node)
+    .bind(usn)
+    .bind(now_unix())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 const PRUNED_BELOW: &str = "tombstones_pruned_below";
 
 impl Store {

@@ -134,6 +134,8 @@ pub struct Store {
     /// Bumped after every committed change to who lives where (local users, peers'
     /// users): caches of directory lookups are valid while it stays the same.
     directory_gen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The same for rooms only: a room made or ended here leaves the users' alone.
+    room_gen: std::sync::Arc<std::sync::atomic::AtomicU64>,
     accounts: tokio::sync::broadcast::Sender<AccountChange>,
     /// PBKDF2 iterations for new SCRAM verifiers (existing ones keep theirs).
     scram_iterations: std::sync::Arc<std::sync::atomic::AtomicU32>,
@@ -185,8 +187,24 @@ impl Store {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// A change that may move users and rooms (a peer's directory synced, a user
+    /// added or moved): both generations change.
     pub(crate) fn directory_changed(&self) {
         self.directory_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.rooms_changed();
+    }
+
+    /// The room directory's generation: it changes after every change to where rooms
+    /// live made through this store (the same caveat as
+    /// [`Store::directory_generation`]).
+    pub fn room_generation(&self) -> u64 {
+        self.room_gen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A room of this cluster made or ended: only the rooms' generation changes.
+    pub(crate) fn rooms_changed(&self) {
+        self.room_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
@@ -344,6 +362,7 @@ impl Store {
             backend,
             latency: Default::default(),
             directory_gen: Default::default(),
+            room_gen: Default::default(),
             accounts: tokio::sync::broadcast::channel(ACCOUNT_EVENTS).0,
             scram_iterations: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(
                 scram::DEFAULT_ITERATIONS,
@@ -413,6 +432,15 @@ pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Microseconds since the Unix epoch (the unit of rooms' creation times and archive
+/// times).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 

@@ -12,7 +12,7 @@
 use sqlx::Row as _;
 
 use crate::directory::next_usn;
-use crate::{AccountChange, ClusterName, NodeName, Result, Store, now_unix};
+use crate::{AccountChange, ClusterName, NodeName, Result, Store};
 
 /// One room (or tombstone) of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -120,7 +120,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.directory_changed();
+        self.rooms_changed();
         self.account_changed(AccountChange::Room(name.to_owned()));
         Ok(RoomHome::Local {
             node: NodeName::new(node),
@@ -147,21 +147,17 @@ impl Store {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO room_tombstones (name, home_cluster, home_node, usn, deleted_at)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (name) DO UPDATE SET home_cluster = excluded.home_cluster,
-                 home_node = excluded.home_node, usn = excluded.usn, deleted_at = excluded.deleted_at",
+        crate::directory::bury(
+            &mut tx,
+            crate::directory::Kind::Room,
+            name,
+            &cluster,
+            node,
+            usn,
         )
-        .bind(name)
-        .bind(&cluster)
-        .bind(node)
-        .bind(usn)
-        .bind(now_unix())
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.directory_changed();
+        self.rooms_changed();
         self.account_changed(AccountChange::Room(name.to_owned()));
         Ok(true)
     }
@@ -272,7 +268,7 @@ pub(crate) fn room_entry(row: &sqlx::any::AnyRow, deleted: bool) -> Result<RoomE
 mod tests {
     use super::*;
     use crate::test_support::stores;
-    use crate::{PeerRecord, PeerState};
+    use crate::{PeerRecord, PeerState, now_unix};
 
     fn peer(name: &str) -> PeerRecord {
         PeerRecord {
@@ -314,6 +310,7 @@ mod tests {
                 })
                 .await
                 .unwrap();
+            let (users, rooms) = (store.directory_generation(), store.room_generation());
             let home = store.claim_room("team", "a", "n1.a", 10).await.unwrap();
             assert_eq!(
                 home,
@@ -321,6 +318,9 @@ mod tests {
                     node: "n1.a".into()
                 }
             );
+            // A room made here changes where rooms live, not where users do.
+            assert_eq!(store.directory_generation(), users);
+            assert!(store.room_generation() > rooms);
             // A second claim (another node of the cluster) finds it.
             assert_eq!(
                 store.claim_room("team", "a", "n2.a", 11).await.unwrap(),

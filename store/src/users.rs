@@ -255,18 +255,14 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO user_tombstones (username, home_cluster, home_node, usn, deleted_at)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (username) DO UPDATE SET home_cluster = excluded.home_cluster,
-                 home_node = excluded.home_node, usn = excluded.usn, deleted_at = excluded.deleted_at",
+        crate::directory::bury(
+            &mut tx,
+            crate::directory::Kind::User,
+            username,
+            &home_cluster,
+            &home_node,
+            usn,
         )
-        .bind(username)
-        .bind(&home_cluster)
-        .bind(&home_node)
-        .bind(usn)
-        .bind(now_unix())
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         self.directory_changed();

@@ -129,10 +129,7 @@ fn checked_entries(
         }
     }
     let mut rooms = Vec::with_capacity(page.rooms.len());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default();
+    let now = impmesh_store::now_micros();
     for r in page.rooms {
         if !rooms_asked {
             // Rooms we did not ask for (the feature is off here): none of them count.
@@ -414,10 +411,7 @@ mod tests {
     #[test]
     fn a_peers_rooms_are_checked_like_its_users() {
         let nodes = [NodeName::new("n1.b.example")];
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros() as i64;
+        let now = impmesh_store::now_micros();
         let room_entry = |name: &str, cluster: &str, node: &str, deleted| RoomEntry {
             name: name.into(),
             home_cluster: cluster.into(),

@@ -322,7 +322,7 @@ impl Links {
 
     /// Where the room `name` lives by the directory, through the lookup cache.
     pub(crate) async fn room_home(&self, name: &str) -> impmesh_store::Result<RoomHome> {
-        let generation = self.store.directory_generation();
+        let generation = self.store.room_generation();
         if let Some(home) = lock(&self.room_homes).get(generation, name) {
             return Ok(home);
         }
