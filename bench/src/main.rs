@@ -8,6 +8,10 @@
 //! - `msg`: U users online, user i sends chat messages to the bare JID of user
 //!   (i + U/2) mod U; closed loop with W in flight per sender (saturation) or open loop
 //!   at a fixed total rate; delivered msgs/s and latency percentiles.
+//! - `room`: U users enter one chat room (XEP-0045); S of them send `groupchat`
+//!   messages, closed loop with W in flight per sender (a sender's next message goes
+//!   when the room brings its own back) or open loop at a fixed total rate; copies
+//!   delivered/s over all occupants, messages/s, and the latency of every copy.
 //! - `idle`: N sessions held idle; server RSS before and after, KiB per session.
 //! - `turn`: media through a TURN relay (or straight, for the baseline): streams of
 //!   RTP-sized packets at a fixed rate; loss, latency percentiles, server CPU per
@@ -87,6 +91,25 @@ enum Cmd {
         /// sampled every 10 ms (the resolution /proc/stat has) on the same clock.
         #[arg(long)]
         latency_log: Option<std::path::PathBuf>,
+    },
+    Room {
+        /// The room's address (made by the first user, opened as an instant room for
+        /// `--count` occupants).
+        #[arg(long, default_value = "bench@conference.localhost")]
+        room: String,
+        /// Occupants that send (the first ones); all of them receive.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Messages in flight per sender (saturation mode).
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Messages per second over all senders (open loop); saturation when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 3.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 15.0)]
+        duration: f64,
     },
     Idle {
         /// Seconds to wait before each RSS sample.
@@ -183,6 +206,14 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?
         }
+        Cmd::Room {
+            room,
+            senders,
+            window,
+            rate,
+            warmup,
+            duration,
+        } => room_load(&args, &room, senders, window, rate, warmup, duration).await?,
         Cmd::Idle {
             settle,
             after_close,
@@ -442,6 +473,22 @@ struct MsgStats {
     latencies: std::sync::Mutex<Vec<(u64, u64, u32)>>,
 }
 
+impl MsgStats {
+    /// A delivery of `sender`'s message sent at `sent_ns`: counted, and its latency
+    /// kept, when it lands in the measured window. Returns the time since start.
+    fn record(&self, sender: usize, sent_ns: u64) -> Duration {
+        let now = self.start.elapsed();
+        if now >= self.measuring_from && now < self.measuring_until {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            let lat = (now.as_nanos() as u64).saturating_sub(sent_ns);
+            if let Ok(mut l) = self.latencies.lock() {
+                l.push((sent_ns, lat, sender as u32));
+            }
+        }
+        now
+    }
+}
+
 async fn msg(
     args: &Args,
     window: usize,
@@ -489,47 +536,15 @@ async fn msg(
             peer,
             rx,
             move |sender, sent_ns| {
-                let stats = &stats2;
-                let now = stats.start.elapsed();
-                if now >= stats.measuring_from && now < stats.measuring_until {
-                    stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    let lat = (now.as_nanos() as u64).saturating_sub(sent_ns);
-                    if let Ok(mut l) = stats.latencies.lock() {
-                        l.push((sent_ns, lat, sender as u32));
-                    }
-                }
-                if closed_loop && now < stats.measuring_until {
+                let now = stats2.record(sender, sent_ns);
+                if closed_loop && now < stats2.measuring_until {
                     let _ = txs[sender].try_send(());
                 }
             },
             start,
         )));
     }
-    match rate {
-        None => {
-            for tx in send_txs.iter() {
-                for _ in 0..window {
-                    let _ = tx.try_send(());
-                }
-            }
-        }
-        Some(rate) => {
-            let txs = send_txs.clone();
-            let until = stats.measuring_until;
-            let start = stats.start;
-            tokio::spawn(async move {
-                let interval = Duration::from_secs_f64(1.0 / rate);
-                let mut next = tokio::time::Instant::now();
-                let mut i = 0;
-                while start.elapsed() < until {
-                    let _ = txs[i % txs.len()].try_send(());
-                    i += 1;
-                    next += interval;
-                    tokio::time::sleep_until(next).await;
-                }
-            });
-        }
-    }
+    start_sending(&send_txs, rate, window, &stats);
     tokio::time::sleep(stats.measuring_from).await;
     let steal_start = cpu_steal();
     let server_start = proc_cpu(args.pid);
@@ -597,6 +612,161 @@ async fn msg(
         "server_cpu_s_per_10k": server_cpu.filter(|_| delivered > 0).map(|c| c * 10_000.0 / delivered as f64),
         "generator_cpu_share": gen_cpu.map(|c| c / duration),
         "steal_share": steal_share,
+    }))
+}
+
+/// Starts the senders: `window` messages each (closed loop: each delivery asks for
+/// the next), or one message every `1/rate` s over all of them until the end.
+fn start_sending(
+    send_txs: &Arc<Vec<mpsc::Sender<()>>>,
+    rate: Option<f64>,
+    window: usize,
+    stats: &MsgStats,
+) {
+    match rate {
+        None => {
+            for tx in send_txs.iter() {
+                for _ in 0..window {
+                    let _ = tx.try_send(());
+                }
+            }
+        }
+        Some(rate) => {
+            let txs = send_txs.clone();
+            let (until, start) = (stats.measuring_until, stats.start);
+            tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let mut next = tokio::time::Instant::now();
+                let mut i = 0;
+                while start.elapsed() < until {
+                    let _ = txs[i % txs.len()].try_send(());
+                    i += 1;
+                    next += interval;
+                    tokio::time::sleep_until(next).await;
+                }
+            });
+        }
+    }
+}
+
+/// The `room` command: `args.count` occupants of one room, `senders` of them talking.
+#[allow(clippy::too_many_arguments)]
+async fn room_load(
+    args: &Args,
+    room: &str,
+    senders: usize,
+    window: usize,
+    rate: Option<f64>,
+    warmup: f64,
+    duration: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let n = args.count;
+    if senders == 0 || senders > n {
+        bail!("--senders must be between 1 and --count");
+    }
+    log(format!("logging in {n} users"));
+    let mut sessions = login_many(args, n).await?;
+    log(format!("{n} users entering {room}"));
+    sessions[0]
+        .enter_room(room, &user(args, 0), Some(n))
+        .await?;
+    let first = sessions.remove(0);
+    let pending: Arc<Vec<std::sync::Mutex<Option<xmpp::Session>>>> = Arc::new(
+        sessions
+            .into_iter()
+            .map(|s| std::sync::Mutex::new(Some(s)))
+            .collect(),
+    );
+    let entered = bounded(n - 1, args.concurrency, |i| {
+        let (pending, room, nick) = (pending.clone(), room.to_owned(), user(args, i + 1));
+        async move {
+            let mut session = pending[i]
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .take()
+                .context("taken twice")?;
+            session.enter_room(&room, &nick, None).await?;
+            Ok(session)
+        }
+    })
+    .await;
+    let mut sessions = vec![first];
+    for s in entered {
+        sessions.push(s?);
+    }
+    let stats = Arc::new(MsgStats {
+        start: Instant::now(),
+        measuring_from: Duration::from_secs_f64(warmup),
+        measuring_until: Duration::from_secs_f64(warmup + duration),
+        delivered: AtomicU64::new(0),
+        latencies: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut send_txs = Vec::with_capacity(senders);
+    let mut send_rxs = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = mpsc::channel::<()>(window.max(1) * 4 + 64);
+        if i < senders {
+            send_txs.push(tx);
+        }
+        send_rxs.push(rx);
+    }
+    let send_txs = Arc::new(send_txs);
+    let closed_loop = rate.is_none();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, (session, rx)) in sessions.into_iter().zip(send_rxs).enumerate() {
+        let stats2 = stats.clone();
+        let txs = send_txs.clone();
+        tasks.push(tokio::spawn(session.run_room(
+            i,
+            room.to_owned(),
+            rx,
+            move |sender, sent_ns| {
+                let now = stats2.record(sender, sent_ns);
+                // The sender's own copy back from the room: its next message.
+                if closed_loop && sender == i && now < stats2.measuring_until {
+                    let _ = txs[sender].try_send(());
+                }
+            },
+            stats.start,
+        )));
+    }
+    start_sending(&send_txs, rate, window, &stats);
+    tokio::time::sleep(stats.measuring_from).await;
+    let server_start = proc_cpu(args.pid);
+    tokio::time::sleep(stats.measuring_until - stats.measuring_from).await;
+    let server_cpu = proc_cpu(args.pid).zip(server_start).map(|(b, a)| b - a);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let mut lat: Vec<u64> = stats
+        .latencies
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|m| m.1)
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        let last = lat.len().checked_sub(1)?;
+        Some(lat[((p / 100.0) * last as f64).round() as usize] as f64 / 1e6)
+    };
+    let per_s = delivered as f64 / duration;
+    log(format!(
+        "{delivered} copies delivered in {duration} s: {per_s:.0}/s ({:.0} messages/s), p50 {:?} ms, p99 {:?} ms",
+        per_s / n as f64,
+        pct(50.0),
+        pct(99.0)
+    ));
+    Ok(serde_json::json!({
+        "cmd": "room", "label": args.label, "starttls": args.starttls, "occupants": n,
+        "senders": senders, "mode": if rate.is_some() { "rate" } else { "saturate" },
+        "rate": rate, "window": window, "duration": duration,
+        "copies_delivered": delivered, "copies_per_s": per_s,
+        "messages_per_s": per_s / n as f64,
+        "latency_ms": { "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "max": pct(100.0) },
+        "server_cpu_s_per_10k_copies": server_cpu.filter(|_| delivered > 0).map(|c| c * 10_000.0 / delivered as f64),
     }))
 }
 

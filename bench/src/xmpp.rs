@@ -208,17 +208,93 @@ impl Session {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
     }
 
+    /// Enters the chat room `room` (XEP-0045) as `nick`, without history, and waits
+    /// for its own presence from the room. With `create`, the room is expected to be
+    /// new: it is opened with the default configuration (an instant room) and made
+    /// big enough for `max_users` occupants.
+    pub async fn enter_room(
+        &mut self,
+        room: &str,
+        nick: &str,
+        create: Option<usize>,
+    ) -> anyhow::Result<()> {
+        let presence: Element = format!(
+            "<presence xmlns='jabber:client' to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+        )
+        .parse()?;
+        send_stanza(&mut self.stream, Presence::try_from(presence)?).await?;
+        let own = format!("{room}/{nick}");
+        loop {
+            if let XmppStreamElement::Stanza(Stanza::Presence(p)) = next(&mut self.stream).await? {
+                let el: Element = p.into();
+                if el.attr("from") != Some(own.as_str()) {
+                    continue;
+                }
+                if el.attr("type") == Some("error") {
+                    bail!("{nick} could not enter {room}: {}", String::from(&el));
+                }
+                break;
+            }
+        }
+        let Some(max_users) = create else {
+            return Ok(());
+        };
+        let form: Element = format!(
+            "<iq xmlns='jabber:client' type='set' id='open' to='{room}'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field><field var='muc#roomconfig_maxusers'><value>{max_users}</value></field><field var='muc#roomconfig_persistentroom'><value>0</value></field></x></query></iq>"
+        )
+        .parse()?;
+        send_stanza(&mut self.stream, Iq::try_from(form)?).await?;
+        loop {
+            if let XmppStreamElement::Stanza(Stanza::Iq(iq)) = next(&mut self.stream).await? {
+                let el: Element = iq.into();
+                if el.attr("id") != Some("open") {
+                    continue;
+                }
+                if el.attr("type") != Some("result") {
+                    bail!("{room} was not opened: {}", String::from(&el));
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// In a room: sends a `groupchat` message for every `()` received on `rx`, and
+    /// reports every benchmark message the room brings (its sender and send time in
+    /// ns since start), its own included.
+    pub async fn run_room(
+        self,
+        index: usize,
+        room: String,
+        rx: mpsc::Receiver<()>,
+        on_delivery: impl Fn(usize, u64) + Send + 'static,
+        start: Instant,
+    ) {
+        self.run(index, room, true, rx, on_delivery, start).await;
+    }
+
     /// Sends a message to `peer` for every `()` received on `rx`, and reports every
     /// benchmark message received as `(sender index, send time in ns since start)`.
     pub async fn run_messages(
-        mut self,
+        self,
         index: usize,
         peer: String,
+        rx: mpsc::Receiver<()>,
+        on_delivery: impl Fn(usize, u64) + Send + 'static,
+        start: Instant,
+    ) {
+        self.run(index, peer, false, rx, on_delivery, start).await;
+    }
+
+    async fn run(
+        mut self,
+        index: usize,
+        to: String,
+        groupchat: bool,
         mut rx: mpsc::Receiver<()>,
         on_delivery: impl Fn(usize, u64) + Send + 'static,
         start: Instant,
     ) {
-        let Ok(peer) = Jid::new(&peer) else { return };
+        let Ok(to) = Jid::new(&to) else { return };
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -226,8 +302,12 @@ impl Session {
                         return;
                     }
                     let sent = start.elapsed().as_nanos() as u64;
-                    let message = Message::chat(Some(peer.clone()))
-                        .with_body(Default::default(), format!("{index}.{sent}.{PAD}"));
+                    let message = if groupchat {
+                        Message::groupchat(Some(to.clone()))
+                    } else {
+                        Message::chat(Some(to.clone()))
+                    }
+                    .with_body(Default::default(), format!("{index}.{sent}.{PAD}"));
                     if send_stanza(&mut self.stream, message).await.is_err() {
                         return;
                     }
