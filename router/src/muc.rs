@@ -612,7 +612,7 @@ impl Server {
             let Some(room) = rooms.get(&name) else {
                 return Err(StanzaErrorCondition::ItemNotFound.into());
             };
-            let preview = room.moderation(from, &request, "")?;
+            let preview = room.moderation(from, &request)?;
             (
                 preview,
                 self.muc_archives(room),
@@ -640,14 +640,15 @@ impl Server {
         }
         tracing::info!(room = %to, moderator = %from, id = %request.id, "a message was retracted by a moderator");
         // The announcement's id is made now, after the store's work: it sorts after
-        // every message archived before it.
+        // every message archived before it. The moderator's standing was checked
+        // before anything changed: it is not checked again once the archive did.
         let row = {
             let mut rooms = lock(&self.muc.rooms);
             let Some(room) = rooms.get_mut(&name) else {
                 return Ok(());
             };
             let id = crate::mam::archive_id();
-            let announcement = room.moderation(from, &request, &id)?;
+            let announcement = muc::announced(&preview, &id, room.jid().as_str());
             room.forget_message(&request.id);
             let out = room.broadcast(&announcement);
             let row = self.muc_archive(room, "", id, &out, crate::time::now_micros());

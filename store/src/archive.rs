@@ -253,6 +253,20 @@ fn blocks(rows: &[ArchiveRow]) -> Vec<Block> {
     out
 }
 
+/// Whether `e` is a transaction that lost a race with another and was rolled back:
+/// PostgreSQL's serialization failure (40001) or deadlock (40P01), SQLite's busy or
+/// locked database (5, 6 and their extended codes).
+fn lost_a_race(e: &crate::StoreError) -> bool {
+    let crate::StoreError::Database(sqlx::Error::Database(db)) = e else {
+        return false;
+    };
+    let code = db.code().unwrap_or_default();
+    matches!(code.as_ref(), "40001" | "40P01" | "5" | "6")
+        || code
+            .parse::<u32>()
+            .is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
+}
+
 /// Whether an archive's owner is a room (its bare JID) rather than an account (a
 /// local part, which holds no '@').
 fn is_room(owner: &str) -> bool {
@@ -274,13 +288,14 @@ impl Store {
         }
         let _timer = self.latency.start("archive_append");
         match self.archive_append_once(rows).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // A transaction that lost a race (a deadlock, a serialization
-                // failure on PostgreSQL) goes through the second time.
-                tracing::debug!(error = %e, "archive batch failed; trying once more");
+            // A transaction that lost a race (a deadlock or a serialization failure
+            // on PostgreSQL, a busy database on SQLite) goes through the second time;
+            // nothing was written, so nothing is written twice.
+            Err(e) if lost_a_race(&e) => {
+                tracing::warn!(error = %e, "archive batch lost a race; trying once more");
                 self.archive_append_once(rows).await
             }
+            other => other,
         }
     }
 

@@ -42,7 +42,7 @@ pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 const NS_ADDRESS: &str = "http://jabber.org/protocol/address";
 pub use admin::{Change, NS_ADMIN, parse_affiliation, parse_changes};
 pub use form::{FORM_TYPE, Limits};
-pub use moderate::{Moderation, NS_MODERATE, NS_RETRACT, tombstone};
+pub use moderate::{Moderation, NS_MODERATE, NS_RETRACT, announced, tombstone};
 use rate::Allowance;
 pub use rate::{Rate, Rates};
 pub use register::FORM_REGISTER;
@@ -303,10 +303,14 @@ pub struct Room {
     /// Each account's allowances: of those in the room, and of those that left
     /// while they are not whole again.
     allowances: HashMap<BareJid, Allowances>,
-    /// Nicks reserved by registration (§7.10), and the account of each.
+    /// Nicks reserved by registration (§7.10), and the account of each; and each
+    /// account's nick.
     reserved: BTreeMap<String, BareJid>,
-    /// The room's vCard-temp, serialized (its avatar, XEP-0486).
+    reserved_by: HashMap<BareJid, String>,
+    /// The room's vCard-temp, serialized (its avatar, XEP-0486), and the SHA-1s of
+    /// its photos.
     vcard: Option<String>,
+    avatar_hashes: Vec<String>,
     /// The secret occupant ids are derived with (XEP-0421): the same for the room's
     /// life, across restarts, and unknown outside the service, so that an id tells
     /// nothing of the account.
@@ -334,7 +338,9 @@ impl Room {
             rates: Rates::default(),
             allowances: HashMap::new(),
             reserved: BTreeMap::new(),
+            reserved_by: HashMap::new(),
             vcard: None,
+            avatar_hashes: Vec::new(),
         }
     }
 
@@ -365,19 +371,15 @@ impl Room {
             rates: Rates::default(),
             allowances: HashMap::new(),
             reserved: BTreeMap::new(),
+            reserved_by: HashMap::new(),
             vcard: None,
+            avatar_hashes: Vec::new(),
         }
-    }
-
-    /// Sets the room's vCard as kept across a restart.
-    pub fn restore_vcard(&mut self, vcard: Option<String>) {
-        self.vcard = vcard;
     }
 
     /// Reserves `nick` for `account` (a registration kept across a restart).
     pub fn reserve_nick(&mut self, account: BareJid, nick: String) {
-        self.reserved.retain(|_, a| *a != account);
-        self.reserved.insert(nick, account);
+        self.reserve(account, nick);
     }
 
     /// The reserved nicks and their accounts, by nick.
@@ -465,7 +467,7 @@ impl Room {
     /// reserved is free again.
     pub fn set_affiliation(&mut self, account: BareJid, affiliation: Affiliation) {
         if affiliation < Affiliation::Member {
-            self.reserved.retain(|_, a| *a != account);
+            self.unreserve(&account);
         }
         if affiliation == Affiliation::None {
             self.affiliations.remove(&account);
@@ -527,7 +529,8 @@ impl Room {
         }
         // One allowance per account, kept for a while after it leaves. A session
         // already in the room that enters again beyond it is not refused (its client
-        // would take that as being out): it gets the room anew, the others nothing.
+        // would take that as being out): it gets its own presence back, the others
+        // nothing yet (the change waits like any other, see `update`).
         let again = self.nick_of.get(from).is_some_and(|n| n == nick);
         let rate = self.rates.presence;
         let allowed = self
@@ -549,7 +552,7 @@ impl Room {
         let mut out = Vec::new();
         // The occupants already there, to the newcomer.
         let newcomer_moderator = role == Role::Moderator;
-        for other in self.occupants.values().filter(|o| o.nick != nick) {
+        for other in self.occupants.values().filter(|o| o.nick != nick && !quiet) {
             let p = self.presence_of(other, from, newcomer_moderator, &[], None);
             out.push(Out {
                 to: from.clone(),
@@ -570,7 +573,7 @@ impl Room {
                 waiting: false,
             });
         occupant.presence = presence;
-        occupant.waiting = false;
+        occupant.waiting = quiet;
         if !occupant.sessions.contains(from) {
             occupant.sessions.push(from.clone());
         }
@@ -593,6 +596,9 @@ impl Room {
             let moderator = self.is_moderator(&to);
             let p = self.presence_of(occupant, &to, moderator, codes, None);
             out.push(Out { to, stanza: p });
+        }
+        if quiet {
+            return Ok(out);
         }
         // History, then the subject.
         for kept in self.history_for(&join.history, now) {
@@ -834,8 +840,11 @@ impl Room {
             self.allowances.retain(|a, used| {
                 present.contains(a) || !(used.said.is_full(now) && used.moved.is_full(now))
             });
-            // Still too many in use: the oldest are not known; drop the one that left.
-            if self.allowances.len() > self.occupants.len() + MAX_LEFT_KEPT {
+            // Still too many in use: the oldest are not known; drop the one that left
+            // (unless it is still in the room under another nick).
+            if self.allowances.len() > self.occupants.len() + MAX_LEFT_KEPT
+                && absent(self, &gone.bare)
+            {
                 self.allowances.remove(&gone.bare);
             }
         }
@@ -882,9 +891,9 @@ impl Room {
             return Err(StanzaErrorCondition::Forbidden);
         }
         if let Err(refusal) = self.say(from, now) {
-            // Chat states and markers beyond the allowance are dropped: nothing to
-            // refuse, they are stale by the time the allowance returns.
-            if !has_body && subject.is_none() {
+            // Chat states, markers and receipts alone beyond the allowance are
+            // dropped: they are stale by the time the allowance returns.
+            if !has_body && subject.is_none() && only_notices(message) {
                 return Ok(Vec::new());
             }
             return Err(refusal);
@@ -1131,7 +1140,10 @@ impl Room {
                 || child.ns() == NS_OCCUPANT_ID
                 || child.ns() == NS_ADDRESS
                 || child.ns() == NS_MODERATE
+                || child.ns() == "urn:xmpp:message-moderate:0"
                 || (child.is("retract", NS_RETRACT) && child.has_child("moderated", NS_MODERATE))
+                || (child.is("apply-to", "urn:xmpp:fasten:0")
+                    && child.has_child("moderated", "urn:xmpp:message-moderate:0"))
                 || (child.is("stanza-id", SID) && is_room(child.attr("by")))
                 || (child.is("delay", DELAY) && is_room(child.attr("from")));
             if !forged {
@@ -1273,6 +1285,21 @@ fn with_reason(presence: &mut Element, reason: Option<&str>) {
 
 /// A client's presence as the room shows it: its show, status, priority and
 /// extensions, without the MUC elements it sent to the room or any addressing.
+/// Whether a message holds only chat states (XEP-0085), chat markers (XEP-0333) and
+/// receipts (XEP-0184), and the hints that go with them.
+fn only_notices(message: &Element) -> bool {
+    message.children().all(|c| {
+        matches!(
+            c.ns().as_str(),
+            "http://jabber.org/protocol/chatstates"
+                | "urn:xmpp:chat-markers:0"
+                | "urn:xmpp:receipts"
+                | "urn:xmpp:hints"
+                | "urn:xmpp:sid:0"
+        )
+    })
+}
+
 fn room_presence(presence: &Element) -> Element {
     let mut p = Element::bare("presence", ns::CLIENT);
     if let Some(t) = presence.attr("type") {
@@ -1922,6 +1949,7 @@ mod tests {
              <stanza-id xmlns='urn:xmpp:sid:0' by='TEAM@Conference.D' id='x2'/>\
              <retract xmlns='urn:xmpp:message-retract:1' id='s0'><moderated xmlns='urn:xmpp:message-moderate:1' by='team@conference.d/Alice'/></retract>\
              <moderated xmlns='urn:xmpp:message-moderate:1'/>\
+             <apply-to xmlns='urn:xmpp:fasten:0' id='s0'><moderated xmlns='urn:xmpp:message-moderate:0' by='team@conference.d/Alice'/></apply-to>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='alice@d' id='y'/>\
              <delay xmlns='urn:xmpp:delay' from='team@conference.d' stamp='2020-01-01T00:00:00Z'/>\
              <occupant-id xmlns='urn:xmpp:occupant-id:0' id='someone-else'/>\
@@ -2131,6 +2159,13 @@ mod tests {
             room.groupchat(&bob, &typing, t + 1_000_000, "sid"),
             Ok(vec![])
         );
+        // A reaction has no body but is no passing notice: refused, not dropped.
+        let reaction = el("<message xmlns='jabber:client' type='groupchat'>\
+            <reactions xmlns='urn:xmpp:reactions:0' id='x'><reaction>+1</reaction></reactions></message>");
+        assert_eq!(
+            room.groupchat(&bob, &reaction, t + 1_000_000, "sid"),
+            Err(StanzaErrorCondition::ResourceConstraint)
+        );
         // The allowances are the account's: neither another nick from another
         // session nor leaving and entering again gives a new one.
         let t = t + 11_000_000;
@@ -2169,7 +2204,9 @@ mod tests {
         let out = room
             .join(&tablet, "Bob2", &Join::default(), &join_presence(), t)
             .unwrap();
-        assert!(!out.is_empty() && out.iter().all(|o| o.to == tablet));
+        assert_eq!(out.len(), 1, "its own presence only");
+        assert!(out[0].to == tablet && codes(&out[0].stanza).contains(&"110".to_owned()));
+        assert!(room.next_due().is_some(), "the others hear of it later");
     }
 
     /// Who reads a room's archive: its occupants, and those it would let in without
@@ -2218,12 +2255,14 @@ mod tests {
             reason: Some("no ads".into()),
         };
         assert_eq!(
-            room.moderation(&bob, &request, "s2"),
+            room.moderation(&bob, &request),
             Err(StanzaErrorCondition::Forbidden)
         );
-        let announcement = room
-            .moderation(&full("alice@d/laptop"), &request, "s2")
-            .unwrap();
+        let announcement = announced(
+            &room.moderation(&full("alice@d/laptop"), &request).unwrap(),
+            "s2",
+            "team@conference.d",
+        );
         assert_eq!(announcement.attr("from"), Some("team@conference.d"));
         let retract = announcement.get_child("retract", NS_RETRACT).unwrap();
         assert_eq!(retract.attr("id"), Some("s1"));
@@ -2339,6 +2378,11 @@ mod tests {
             room.register(&carol, &submit("Bobby")),
             Err(StanzaErrorCondition::Conflict)
         );
+        // Nor under another spelling of it (a soft hyphen is mapped away).
+        assert_eq!(
+            room.register(&carol, &submit("Bo\u{AD}bby")),
+            Err(StanzaErrorCondition::Conflict)
+        );
         // Bob enters under his nick; Carol's registration while in the room shows
         // everyone her new affiliation.
         room.join(&bob, "Bobby", &Join::default(), &join_presence(), NOW)
@@ -2348,14 +2392,24 @@ mod tests {
             out.iter()
                 .any(|o| item(&o.stanza).attr("affiliation") == Some("member"))
         );
-        // Giving it up: no longer a member, the nick free.
+        // Giving it up frees the nick; the membership stays (admins take it away).
         room.register(
             &bob,
             &el("<query xmlns='jabber:iq:register'><remove/></query>"),
         )
         .unwrap();
-        assert_eq!(room.affiliation(&bare("bob@d")), Affiliation::None);
+        assert_eq!(room.affiliation(&bare("bob@d")), Affiliation::Member);
         assert_eq!(room.reserved_nick(&bare("bob@d")), None);
+        // In a moderated room registering reserves a nick and gives no voice: a
+        // visitor stays one.
+        room.config.moderated = true;
+        let eve = full("eve@d/x");
+        room.join(&eve, "Eve", &Join::default(), &join_presence(), NOW)
+            .unwrap();
+        assert!(room.register(&eve, &submit("Eve")).unwrap().is_empty());
+        assert_eq!(room.affiliation(&bare("eve@d")), Affiliation::None);
+        assert_eq!(room.role_of(&eve), Role::Visitor);
+        room.config.moderated = false;
         // A ban frees a nick; outcasts may not register.
         room.set_affiliation(bare("carol@d"), Affiliation::Outcast);
         assert_eq!(room.reserved_nick(&bare("carol@d")), None);
@@ -2395,6 +2449,20 @@ mod tests {
             .unwrap();
         let hash = crate::core::avatar::sha1_hex(&bytes);
         assert_eq!(room.avatar_hashes(), std::slice::from_ref(&hash));
+        // Photos must carry an image, and a few at most.
+        let empty = el("<vCard xmlns='vcard-temp'><PHOTO><BINVAL/></PHOTO></vCard>");
+        assert_eq!(
+            room.set_vcard(&full("alice@d/laptop"), &empty),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
+        let many = el(&format!(
+            "<vCard xmlns='vcard-temp'>{}</vCard>",
+            format!("<PHOTO><BINVAL>{png}</BINVAL></PHOTO>").repeat(5)
+        ));
+        assert_eq!(
+            room.set_vcard(&full("alice@d/laptop"), &many),
+            Err(StanzaErrorCondition::NotAcceptable)
+        );
         let form = stanza::serialize(&room.room_info_form().unwrap());
         assert!(
             form.contains("muc#roominfo_avatarhash") && form.contains(&hash),
@@ -2421,7 +2489,11 @@ mod tests {
             room.set_vcard(&full("alice@d/laptop"), &big),
             Err(StanzaErrorCondition::NotAcceptable)
         );
-        assert_eq!(room.avatar_hashes(), [hash]);
+        assert_eq!(room.avatar_hashes(), std::slice::from_ref(&hash));
+        // Kept across a restart, hashes and all.
+        let mut again = Room::restore(room.jid().clone(), room.config.clone(), [], None);
+        again.restore_vcard(room.stored_vcard().map(str::to_owned));
+        assert_eq!(again.avatar_hashes(), [hash]);
         // Empty: no avatar, no form.
         room.set_vcard(&full("alice@d/laptop"), &el("<vCard xmlns='vcard-temp'/>"))
             .unwrap();

@@ -459,8 +459,11 @@ impl Server {
                     .get_child("x", muc::NS_USER)
                     .is_some_and(|x| x.has_child("destroy", muc::NS_USER));
                 match mine.get_mut(&room) {
-                    // The answer to a leave of a session that entered again since.
-                    Some(seat) if seat.leaving > 0 && seat.rejoined && !destroyed => {
+                    // The answer to a leave (its only status is 110: a kick or a ban
+                    // says more) of a session that entered again since.
+                    Some(seat)
+                        if seat.leaving > 0 && seat.rejoined && !destroyed && codes == ["110"] =>
+                    {
                         seat.leaving -= 1;
                         if seat.leaving == 0 {
                             seat.rejoined = false;

@@ -191,19 +191,20 @@ impl Room {
                 {
                     return Err(StanzaErrorCondition::NotAllowed);
                 }
-                Ok(self.restand(jid, *affiliation, reason))
+                Ok(self.restand(jid, *affiliation, reason, false))
             }
         }
     }
 
     /// Gives `jid` the affiliation `affiliation`: its occupants get the role that goes
-    /// with it and everyone sees the change, with the reason; those banned (301) or no
-    /// longer admitted to a members-only room (321) leave.
+    /// with it (unless `keep_roles`) and everyone sees the change, with the reason;
+    /// those banned (301) or no longer admitted to a members-only room (321) leave.
     pub(super) fn restand(
         &mut self,
         jid: &BareJid,
         affiliation: Affiliation,
         reason: Option<&str>,
+        keep_roles: bool,
     ) -> Vec<Out> {
         let current = self.affiliation(jid);
         self.set_affiliation(jid.clone(), affiliation);
@@ -227,6 +228,7 @@ impl Room {
             if let Some(o) = self.occupants.get_mut(&nick) {
                 o.affiliation = affiliation;
                 o.role = match affiliation {
+                    _ if keep_roles => o.role,
                     Affiliation::Owner | Affiliation::Admin => Role::Moderator,
                     _ if current >= Affiliation::Admin || o.role == Role::Visitor => {
                         if affiliation == Affiliation::Member || !moderated {

@@ -60,14 +60,9 @@ impl Moderation {
 impl Room {
     /// What the room announces when `from` retracts a message: `<retract
     /// id='…'>` naming the moderator by occupant JID and occupant id, with the
-    /// reason, from the room, with its own stanza id `id`. Only moderators may
-    /// (`forbidden`).
-    pub fn moderation(
-        &self,
-        from: &FullJid,
-        request: &Moderation,
-        id: &str,
-    ) -> Result<Element, Refusal> {
+    /// reason, from the room (the caller gives it its id, [`announced`]). Only
+    /// moderators may (`forbidden`).
+    pub fn moderation(&self, from: &FullJid, request: &Moderation) -> Result<Element, Refusal> {
         if !self.is_moderator(from) {
             return Err(StanzaErrorCondition::Forbidden);
         }
@@ -96,8 +91,6 @@ impl Room {
             .build();
         stanza::set_attr(&mut m, "from", self.jid.as_str());
         stanza::set_attr(&mut m, "type", "groupchat");
-        stanza::set_attr(&mut m, "id", id);
-        crate::core::archive::stamp(&mut m, id, self.jid.as_str());
         Ok(m)
     }
 
@@ -130,6 +123,14 @@ impl Room {
             })
             .collect()
     }
+}
+
+/// `moderation` with its id `id`, as a message id and as the room's stanza id.
+pub fn announced(moderation: &Element, id: &str, room: &str) -> Element {
+    let mut m = moderation.clone();
+    stanza::set_attr(&mut m, "id", id);
+    crate::core::archive::stamp(&mut m, id, room);
+    m
 }
 
 /// What takes a retracted message's place in the room's archive: its sender, type,

@@ -1,6 +1,8 @@
 //! Registering with a room (XEP-0045 §7.10, `jabber:iq:register`): an account
-//! reserves a nick, which no other account may then take, and becomes a member;
-//! `<remove/>` gives both up. §7.12: the room tells an account its reserved nick.
+//! reserves a nick, which no other account may then take, and in a room that is
+//! neither members-only nor moderated becomes a member (elsewhere admins decide who
+//! is one, and moderators who speak); `<remove/>` gives the nick up. §7.12: the room
+//! tells an account its reserved nick.
 
 use jid::{BareJid, FullJid};
 use minidom::Element;
@@ -20,10 +22,21 @@ const MAX_RESERVED: usize = 10_000;
 impl Room {
     /// The nick `account` reserved, if any.
     pub fn reserved_nick(&self, account: &BareJid) -> Option<&str> {
-        self.reserved
-            .iter()
-            .find(|(_, a)| *a == account)
-            .map(|(n, _)| n.as_str())
+        self.reserved_by.get(account).map(String::as_str)
+    }
+
+    /// Reserves `nick` (normalised) for `account`, in place of one it had.
+    pub(super) fn reserve(&mut self, account: BareJid, nick: String) {
+        self.unreserve(&account);
+        self.reserved.insert(nick.clone(), account.clone());
+        self.reserved_by.insert(account, nick);
+    }
+
+    /// Frees the nick `account` reserved, if any.
+    pub(super) fn unreserve(&mut self, account: &BareJid) {
+        if let Some(nick) = self.reserved_by.remove(account) {
+            self.reserved.remove(&nick);
+        }
     }
 
     /// The account that reserved `nick`, if another than `account` did.
@@ -80,19 +93,17 @@ impl Room {
         Ok(query)
     }
 
-    /// A registration (`set`): the submitted form reserves its nick and makes the
-    /// account a member (occupants see the new affiliation); `<remove/>` gives the
-    /// nick up, and a membership that came with it.
+    /// A registration (`set`): the submitted form reserves its nick and, in a room
+    /// neither members-only nor moderated, makes the account a member (occupants see
+    /// the new affiliation; roles stay); `<remove/>` gives the nick up (a membership
+    /// stays: admins take it away).
     pub fn register(&mut self, from: &FullJid, query: &Element) -> Result<Vec<Out>, Refusal> {
         let account = from.to_bare();
         if query.has_child("remove", ns::REGISTER) {
             if self.reserved_nick(&account).is_none() {
                 return Err(StanzaErrorCondition::ItemNotFound);
             }
-            self.reserved.retain(|_, a| *a != account);
-            if self.affiliation(&account) == Affiliation::Member {
-                return Ok(self.restand(&account, Affiliation::None, None));
-            }
+            self.unreserve(&account);
             return Ok(Vec::new());
         }
         self.may_register(&account)?;
@@ -113,9 +124,11 @@ impl Room {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .ok_or(StanzaErrorCondition::NotAcceptable)?;
-        if self.occupant_jid(&nick).is_none() {
-            return Err(StanzaErrorCondition::JidMalformed);
-        }
+        // As an occupant JID's resource would have it, so that one spelling cannot
+        // slip past another.
+        let nick = jid::ResourcePart::new(&nick)
+            .map_err(|_| StanzaErrorCondition::JidMalformed)?
+            .to_string();
         let in_use = self.occupants.get(&nick).is_some_and(|o| o.bare != account);
         if in_use || self.reserved_by_another(&nick, &account) {
             return Err(StanzaErrorCondition::Conflict);
@@ -123,10 +136,9 @@ impl Room {
         if self.reserved.len() >= MAX_RESERVED && self.reserved_nick(&account).is_none() {
             return Err(StanzaErrorCondition::ResourceConstraint);
         }
-        self.reserved.retain(|_, a| *a != account);
-        self.reserved.insert(nick, account.clone());
-        if self.affiliation(&account) < Affiliation::Member {
-            return Ok(self.restand(&account, Affiliation::Member, None));
+        self.reserve(account.clone(), nick);
+        if self.affiliation(&account) < Affiliation::Member && !self.config.moderated {
+            return Ok(self.restand(&account, Affiliation::Member, None, true));
         }
         Ok(Vec::new())
     }

@@ -14,6 +14,33 @@ use crate::xml::ns;
 
 /// Bytes of a room's vCard, at most (as a user's).
 pub const MAX_VCARD_BYTES: usize = 64 * 1024;
+/// Photos of a room's vCard, at most (the same image in several formats).
+const MAX_PHOTOS: usize = 4;
+
+/// The SHA-1s (hex) of the photos of a vCard, in its order; `None` when one is empty
+/// or not base64, or there are more than MAX_PHOTOS.
+fn photo_hashes(card: &Element) -> Option<Vec<String>> {
+    use base64::Engine as _;
+    let photos: Vec<&Element> = card
+        .children()
+        .filter(|c| c.is("PHOTO", ns::VCARD))
+        .collect();
+    if photos.len() > MAX_PHOTOS {
+        return None;
+    }
+    photos
+        .into_iter()
+        .filter_map(|p| p.get_child("BINVAL", ns::VCARD))
+        .map(|b| {
+            let text: String = b.text().split_whitespace().collect();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .ok()
+                .filter(|bytes| !bytes.is_empty())?;
+            Some(sha1_hex(&bytes))
+        })
+        .collect()
+}
 
 impl Room {
     /// The room's vCard, or an empty one.
@@ -29,33 +56,26 @@ impl Room {
         self.vcard.as_deref()
     }
 
-    /// The SHA-1s (hex) of the photos of the room's vCard, in its order.
-    pub fn avatar_hashes(&self) -> Vec<String> {
-        let Some(card) = self
-            .vcard
+    /// The SHA-1s (hex) of the photos of the room's vCard, in its order (computed
+    /// when it is set).
+    pub fn avatar_hashes(&self) -> &[String] {
+        &self.avatar_hashes
+    }
+
+    /// Sets the room's vCard as kept across a restart.
+    pub fn restore_vcard(&mut self, vcard: Option<String>) {
+        self.avatar_hashes = vcard
             .as_deref()
             .and_then(|v| v.parse::<Element>().ok())
-        else {
-            return Vec::new();
-        };
-        card.children()
-            .filter(|c| c.is("PHOTO", ns::VCARD))
-            .filter_map(|p| p.get_child("BINVAL", ns::VCARD))
-            .filter_map(|b| {
-                use base64::Engine as _;
-                let text: String = b.text().split_whitespace().collect();
-                base64::engine::general_purpose::STANDARD
-                    .decode(text.as_bytes())
-                    .ok()
-            })
-            .map(|bytes| sha1_hex(&bytes))
-            .collect()
+            .and_then(|card| photo_hashes(&card))
+            .unwrap_or_default();
+        self.vcard = vcard;
     }
 
     /// An owner sets the room's vCard (an empty one removes it): occupants are told
     /// the configuration changed (status 104) and look again. Only owners may
     /// (`forbidden`); a vCard over MAX_VCARD_BYTES, or a photo that is not base64, is
-    /// `not-acceptable`.
+    /// `not-acceptable`, and so is an empty photo or more than four.
     pub fn set_vcard(&mut self, from: &FullJid, vcard: &Element) -> Result<Vec<Out>, Refusal> {
         if self.affiliation(&from.to_bare()) != Affiliation::Owner {
             return Err(StanzaErrorCondition::Forbidden);
@@ -67,20 +87,13 @@ impl Room {
         if xml.len() > MAX_VCARD_BYTES {
             return Err(StanzaErrorCondition::NotAcceptable);
         }
-        let photos = vcard
-            .children()
-            .filter(|c| c.is("PHOTO", ns::VCARD))
-            .filter_map(|p| p.get_child("BINVAL", ns::VCARD))
-            .count();
-        let before = self.vcard.take();
-        self.vcard = (vcard.children().next().is_some()).then_some(xml);
-        if self.avatar_hashes().len() != photos {
-            self.vcard = before;
-            return Err(StanzaErrorCondition::NotAcceptable);
-        }
-        if self.vcard == before {
+        let hashes = photo_hashes(vcard).ok_or(StanzaErrorCondition::NotAcceptable)?;
+        let new = (vcard.children().next().is_some()).then_some(xml);
+        if new == self.vcard {
             return Ok(Vec::new());
         }
+        self.vcard = new;
+        self.avatar_hashes = hashes;
         Ok(status_message(self, &[104]))
     }
 
@@ -111,7 +124,7 @@ impl Room {
             "hidden",
             &["http://jabber.org/protocol/muc#roominfo".to_owned()],
         ));
-        x.append_child(field("muc#roominfo_avatarhash", "text-multi", &hashes));
+        x.append_child(field("muc#roominfo_avatarhash", "text-multi", hashes));
         Some(x)
     }
 }
