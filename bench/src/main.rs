@@ -667,10 +667,12 @@ async fn room_load(
     log(format!("logging in {n} users"));
     let mut sessions = login_many(args, n).await?;
     log(format!("{n} users entering {room}"));
+    // Each session in the room reads what the room sends while the others enter.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     sessions[0]
         .enter_room(room, &user(args, 0), Some(n))
         .await?;
-    let first = sessions.remove(0);
+    let first = tokio::spawn(sessions.remove(0).drain(stopped.clone()));
     let pending: Arc<Vec<std::sync::Mutex<Option<xmpp::Session>>>> = Arc::new(
         sessions
             .into_iter()
@@ -679,6 +681,7 @@ async fn room_load(
     );
     let entered = bounded(n - 1, args.concurrency, |i| {
         let (pending, room, nick) = (pending.clone(), room.to_owned(), user(args, i + 1));
+        let stopped = stopped.clone();
         async move {
             let mut session = pending[i]
                 .lock()
@@ -686,13 +689,14 @@ async fn room_load(
                 .take()
                 .context("taken twice")?;
             session.enter_room(&room, &nick, None).await?;
-            Ok(session)
+            Ok(tokio::spawn(session.drain(stopped)))
         }
     })
     .await;
-    let mut sessions = vec![first];
+    let _ = stop.send(true);
+    let mut sessions = vec![first.await?];
     for s in entered {
-        sessions.push(s?);
+        sessions.push(s?.await?);
     }
     let stats = Arc::new(MsgStats {
         start: Instant::now(),

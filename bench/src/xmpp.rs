@@ -258,6 +258,23 @@ impl Session {
         }
     }
 
+    /// Reads and drops what comes until `stop` changes (or the stream ends), then
+    /// gives the session back: while the others enter a room, those already in it
+    /// read the presence they get, as a client does (a session left unread fills its
+    /// queue on the server, which drops it as too slow).
+    pub async fn drain(mut self, mut stop: tokio::sync::watch::Receiver<bool>) -> Session {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return self,
+                el = next(&mut self.stream) => {
+                    if el.is_err() {
+                        return self;
+                    }
+                }
+            }
+        }
+    }
+
     /// In a room: sends a `groupchat` message for every `()` received on `rx`, and
     /// reports every benchmark message the room brings (its sender and send time in
     /// ns since start), its own included.
