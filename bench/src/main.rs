@@ -707,10 +707,15 @@ async fn room_load(
     });
     let mut send_txs = Vec::with_capacity(senders);
     let mut send_rxs = Vec::with_capacity(n);
+    // The occupants that only listen keep their channel open (a closed one ends the
+    // session's loop, and an unread session is dropped by the server as too slow).
+    let mut listening = Vec::with_capacity(n - senders);
     for i in 0..n {
         let (tx, rx) = mpsc::channel::<()>(window.max(1) * 4 + 64);
         if i < senders {
             send_txs.push(tx);
+        } else {
+            listening.push(tx);
         }
         send_rxs.push(rx);
     }
@@ -743,6 +748,7 @@ async fn room_load(
     for t in &tasks {
         t.abort();
     }
+    drop(listening);
     let delivered = stats.delivered.load(Ordering::Relaxed);
     let mut lat: Vec<u64> = stats
         .latencies
