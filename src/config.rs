@@ -790,6 +790,14 @@ impl Config {
                 "muc.host must be a domain other than the served one; muc.max_rooms and muc.max_rooms_per_user at least 1, muc.max_occupants between 1 and 100000, muc.history_length at most 1000, muc.max_message_bytes between 1 and 262144 (the largest client stanza)".into(),
             ));
         }
+        // Entering a room sends the newcomer every occupant's presence, the history
+        // and the subject at once: they must fit in its session's queue.
+        if m.enabled && m.max_occupants + m.history_length + 16 > self.limits.session_queue {
+            return Err(ConfigError::Invalid(format!(
+                "muc.max_occupants + muc.history_length + 16 must be at most limits.session_queue ({}): entering a room sends the newcomer every occupant at once",
+                self.limits.session_queue
+            )));
+        }
         let rate_ok = |r: f64| r.is_finite() && (0.001..=1_000_000.0).contains(&r);
         if !rate_ok(m.message_rate)
             || !rate_ok(m.presence_rate)
@@ -1193,6 +1201,13 @@ mod tests {
             "presence_rate = -1.0",
             "presence_rate = nan",
             "message_burst = 0",
+        ] {
+            assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
+        }
+        // A room must fit in a session's queue when entered.
+        for bad in [
+            "[muc]\nenabled = true\nmax_occupants = 1000",
+            "[limits]\nsession_queue = 200\n[muc]\nenabled = true",
         ] {
             assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
         }

@@ -289,6 +289,13 @@ impl Server {
     /// Sends a stanza to the full or bare JID in its `to`: its sessions here, or over
     /// a router link when the user is homed on another cluster.
     pub fn send_to_jid(&self, stanza: &Element) {
+        self.send_to_jid_as(stanza, false);
+    }
+
+    /// [`Server::send_to_jid`]; a chat room's stanza to its occupant (`relayed`) is
+    /// not held to the room's share of the session's queue
+    /// ([`SessionHandle::send_relayed`]).
+    pub(crate) fn send_to_jid_as(&self, stanza: &Element, relayed: bool) {
         let Some(to) = stanza.attr("to").and_then(stanza::parse_jid) else {
             return;
         };
@@ -323,7 +330,11 @@ impl Server {
             {
                 // Dropped when the queue is full: errors and presence may be (RFC 6120
                 // §8.3.1 and RFC 6121 §4.4); their senders are not to be told.
-                let _ = s.send(xml.clone(), sender_of(stanza));
+                let _ = if relayed {
+                    s.send_relayed(xml.clone(), sender_of(stanza))
+                } else {
+                    s.send(xml.clone(), sender_of(stanza))
+                };
             }
         }
     }

@@ -231,6 +231,18 @@ impl SessionHandle {
     /// session is gone or the queue, or this sender's share of it, is full: the
     /// caller bounces it to its sender; the recipient's session goes on.
     pub fn send(&self, xml: Arc<str>, from: &str) -> Result<(), Refused> {
+        self.queue_from(xml, from, true)
+    }
+
+    /// Queues a stanza a chat room relays to its occupant (from `room@…/nick`), held
+    /// to the queue's limits but not to one sender's share: a room speaks for all its
+    /// occupants, and entering one sends the newcomer every occupant's presence at
+    /// once ([muc] max_occupants stays below the queue's length).
+    pub fn send_relayed(&self, xml: Arc<str>, from: &str) -> Result<(), Refused> {
+        self.queue_from(xml, from, false)
+    }
+
+    fn queue_from(&self, xml: Arc<str>, from: &str, shared: bool) -> Result<(), Refused> {
         let sender = sender_hash(from);
         let len = xml.len();
         {
@@ -243,8 +255,7 @@ impl SessionHandle {
             let share_bytes = self.limits.bytes / QUEUE_SHARE;
             if q.items.len() >= self.limits.stanzas
                 || q.bytes + len > self.limits.bytes
-                || mine >= share
-                || (mine > 0 && mine_bytes + len > share_bytes)
+                || (shared && (mine >= share || (mine > 0 && mine_bytes + len > share_bytes)))
             {
                 return Err(Refused::Full);
             }
@@ -645,7 +656,16 @@ mod tests {
         for n in 0..3 {
             assert_eq!(a.send(m.clone(), &format!("more{n}@d")), Ok(()));
         }
-        assert_eq!(a.send(m, "last@d"), Err(Refused::Full));
+        assert_eq!(a.send(m.clone(), "last@d"), Err(Refused::Full));
+        // A room's relays are held to the whole queue only, not to one share.
+        let b = handle(&hub, "v@d/r", 8);
+        for _ in 0..8 {
+            assert_eq!(b.send_relayed(m.clone(), "room@conference.d/nick"), Ok(()));
+        }
+        assert_eq!(
+            b.send_relayed(m, "room@conference.d/nick"),
+            Err(Refused::Full)
+        );
     }
 
     /// A session waiting on its queue wakes for a stanza; once it has taken all, the

@@ -795,7 +795,7 @@ impl Server {
             let mut visitors = lock(&self.muc.mesh.visitors);
             for o in out {
                 let Some(v) = visitors.get(&o.to) else {
-                    self.send_to_jid(&o.stanza);
+                    self.send_to_jid_as(&o.stanza, true);
                     continue;
                 };
                 let (cluster, node) = (v.cluster.clone(), v.node.clone());

@@ -428,7 +428,7 @@ impl Server {
             if matches!(ty, Type::Presence(_)) {
                 self.seat_update(&jid, &copy);
             }
-            self.send_to_jid(&copy);
+            self.send_to_jid_as(&copy, true);
         }
     }
 
