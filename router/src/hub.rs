@@ -237,7 +237,7 @@ impl SessionHandle {
     /// Queues a stanza a chat room relays to its occupant (from `room@…/nick`), held
     /// to the queue's limits but not to one sender's share: a room speaks for all its
     /// occupants, and entering one sends the newcomer every occupant's presence at
-    /// once ([muc] max_occupants stays below the queue's length).
+    /// once (`[muc] max_occupants` stays below the queue's length).
     pub fn send_relayed(&self, xml: Arc<str>, from: &str) -> Result<(), Refused> {
         self.queue_from(xml, from, false)
     }
