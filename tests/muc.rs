@@ -1659,3 +1659,147 @@ async fn a_room_serves_three_clusters() {
         node.node.shutdown().await;
     }
 }
+
+/// XEP-0352 and XEP-0357 for an occupant homed on another cluster than the room's:
+/// while its client is inactive, the room's presence and chat states wait (the latest
+/// per occupant) until a message with a body brings them, and what the room says of
+/// the client's own seat (status 110) goes out at once; while its session is
+/// hibernated, each message of the room with a body wakes its app server, and a chat
+/// state or a change of subject does not. (The client is driven by hand: tokio-xmpp
+/// sends neither the CSI nonzas nor resumable stream management.)
+#[tokio::test]
+async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
+    use impmesh_store::RoomHome;
+    const A: &str = "cluster-a.example.com";
+    const B: &str = "cluster-b.example.com";
+    let states = "http://jabber.org/protocol/chatstates";
+    let a = mesh_cluster(A, &["alice"], |c| c.muc.enabled = true).await;
+    let b = mesh_cluster(B, &["carol", "pushd"], |c| c.muc.enabled = true).await;
+    b.add_user("bob", PW).await;
+    peer_clusters(&a, &b, 1, 3).await;
+    let mut alice = a.client("alice", "pw", Some("laptop"));
+    let mut carol = b.client("carol", "pw", Some("desk"));
+    let mut app = b.client("pushd", "pw", Some("app"));
+    for c in [&mut alice, &mut carol, &mut app] {
+        online(c).await;
+        send(c, "<presence/>").await;
+    }
+    open_room(&mut alice, "Alice", &[]).await;
+    let store_b = b.node.server.store.clone();
+    eventually(10, "the room known to B", || async {
+        matches!(
+            store_b.room_home("team").await.unwrap(),
+            RoomHome::Remote { .. }
+        )
+    })
+    .await;
+
+    // Bob's phone: resumable, with an app server that may show senders and bodies.
+    let mut bob = RawClient::login(&b, "bob", "phone", false, None).await;
+    bob.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await;
+    bob.read_until("<enabled").await;
+    bob.send(
+        "<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='pushd@localhost/app' node='n'>\
+         <x xmlns='jabber:x:data' type='submit'>\
+         <field var='include-body'><value>true</value></field>\
+         <field var='include-sender'><value>true</value></field></x></enable></iq>",
+    )
+    .await;
+    let enabled = bob.read_until("id='e'").await;
+    assert!(!enabled.contains("type='error'"), "{enabled}");
+    bob.send(&format!(
+        "<presence to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ))
+    .await;
+    bob.read_until("code='110'").await;
+    // The subject is the last stanza of entering.
+    bob.read_until("</message>").await;
+    bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    bob.sync_with_server("inactive").await;
+
+    // What the room says of Bob's own seat does not wait: a change of nick.
+    bob.send(&format!("<presence to='{ROOM}/Robert'/>")).await;
+    let gone = bob.read_until("</presence>").await;
+    assert!(
+        gone.contains("type='unavailable'")
+            && gone.contains("code='303'")
+            && gone.contains("code='110'"),
+        "{gone}"
+    );
+    let back = bob.read_until("</presence>").await;
+    assert!(
+        back.contains(&format!("from='{ROOM}/Robert'")) && back.contains("code='110'"),
+        "{back}"
+    );
+
+    // Carol enters from B and types: both wait for Bob.
+    enter(&mut carol, "Carol").await;
+    expect(&mut carol, 10, "own presence", |e| {
+        from_occupant(e, "Carol") && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+    for state in ["composing", "paused"] {
+        send(
+            &mut carol,
+            &format!("<message type='groupchat' to='{ROOM}'><{state} xmlns='{states}'/></message>"),
+        )
+        .await;
+    }
+    expect(&mut carol, 10, "own chat state from the room", |e| {
+        from_occupant(e, "Carol") && e.has_child("paused", states)
+    })
+    .await;
+    // B handed the room's copies to Carol's session and Bob's together.
+    let meanwhile = bob.sync_with_server("held").await;
+    assert!(!meanwhile.contains("Carol"), "{meanwhile}");
+
+    // Alice talks: what waited goes out first, the latest of each, in its order.
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>news</body></message>"),
+    )
+    .await;
+    let before = bob.read_until("<body>news</body>").await;
+    let presence = before.find(&format!("from='{ROOM}/Carol'"));
+    let paused = before.find("<paused");
+    assert!(!before.contains("<composing"), "{before}");
+    assert!(
+        presence.is_some() && paused.is_some() && presence < paused,
+        "Carol's presence, then her latest chat state: {before}"
+    );
+
+    // Bob's connection drops: the message he never acknowledged wakes his phone, with
+    // the room as its sender.
+    drop(bob);
+    let (from, _, fields, _) = notification(&mut app, "result").await;
+    assert_eq!(from, "bob@localhost");
+    assert_eq!(field(&fields, "message-count"), Some("1"));
+    assert_eq!(field(&fields, "last-message-sender"), Some(ROOM));
+    assert_eq!(field(&fields, "last-message-body"), Some("news"));
+    // A chat state and a new subject do not; the next message does, and is counted
+    // as the second.
+    send(
+        &mut carol,
+        &format!("<message type='groupchat' to='{ROOM}'><composing xmlns='{states}'/></message>"),
+    )
+    .await;
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><subject>Plans</subject></message>"),
+    )
+    .await;
+    expect(&mut carol, 10, "the new subject", |e| {
+        e.get_child("subject", "jabber:client")
+            .is_some_and(|s| s.text() == "Plans")
+    })
+    .await;
+    send(
+        &mut alice,
+        &format!("<message type='groupchat' to='{ROOM}'><body>wake up</body></message>"),
+    )
+    .await;
+    let (_, _, fields, _) = notification(&mut app, "result").await;
+    assert_eq!(field(&fields, "message-count"), Some("2"));
+    assert_eq!(field(&fields, "last-message-body"), Some("wake up"));
+}

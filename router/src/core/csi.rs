@@ -6,11 +6,15 @@
 //!
 //! What waits:
 //! - available and unavailable presence (a contact's status, or another resource's of
-//!   the same user). Subscription requests, probes and errors go out at once.
+//!   the same user, or an occupant's of a chat room). Subscription requests, probes
+//!   and errors go out at once, and so does a room's presence about the client's own
+//!   seat (XEP-0045 status 110: entered, renamed, kicked, the room gone).
 //! - messages that carry only chat states (XEP-0085), with at most a thread, processing
-//!   hints and stanza ids beside them, also as carbon copies (XEP-0280).
+//!   hints, stanza ids and occupant ids beside them, also as carbon copies (XEP-0280),
+//!   and also in a room (`groupchat`: the latest per occupant).
 //!
-//! A message with a body, a receipt, an IQ, anything not recognised goes out at once,
+//! A message with a body (a room's too, as Prosody's `mod_csi_simple` does), a room's
+//! subject, a receipt, an IQ, anything not recognised goes out at once,
 //! with everything held before it. (Answers to the client's own requests and stored
 //! offline messages do not pass through here: they go out at once, as always.) What
 //! is held is not counted by stream management (it has not been sent); a session that
@@ -30,6 +34,10 @@ pub const NS: &str = "urn:xmpp:csi:0";
 const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
 /// XEP-0359's namespace (origin and stanza ids, which clients add to everything).
 const SID: &str = "urn:xmpp:sid:0";
+/// XEP-0421's namespace (the occupant id a room adds to what an occupant sends).
+const OCCUPANT_ID: &str = crate::core::muc::NS_OCCUPANT_ID;
+/// XEP-0045's namespace of what a room tells its occupants.
+const MUC_USER: &str = crate::core::muc::NS_USER;
 
 /// Stanzas held at most (distinct contacts with something new); one more flushes them.
 pub const MAX_HELD: usize = 256;
@@ -86,8 +94,10 @@ fn classify_element(stanza: &Element) -> Class {
     let from = || stanza.attr("from").unwrap_or_default().to_owned();
     match stanza.name() {
         "presence" => match stanza.attr("type") {
-            None | Some("unavailable") => Class::Deferrable(Key::Presence(from())),
-            Some(_) => Class::Urgent,
+            None | Some("unavailable") if !own_seat(stanza) => {
+                Class::Deferrable(Key::Presence(from()))
+            }
+            _ => Class::Urgent,
         },
         "message" => {
             if let Some(copied) = carbon_copy(stanza) {
@@ -126,16 +136,24 @@ fn carbon_copy(message: &Element) -> Option<&Element> {
     forwarded.get_child("message", ns::CLIENT)
 }
 
-/// A chat state and nothing that matters beside it.
+/// A room's presence about the client's own seat (XEP-0045 status code 110).
+fn own_seat(presence: &Element) -> bool {
+    presence.get_child("x", MUC_USER).is_some_and(|x| {
+        x.children()
+            .any(|c| c.is("status", MUC_USER) && c.attr("code") == Some("110"))
+    })
+}
+
+/// A chat state and nothing that matters beside it (in a room too).
 fn chat_state_only(message: &Element) -> bool {
-    if matches!(message.attr("type"), Some("error" | "groupchat")) {
+    if message.attr("type") == Some("error") {
         return false;
     }
     let mut states = 0;
     for child in message.children() {
         match (child.ns().as_str(), child.name()) {
             (CHATSTATES, _) => states += 1,
-            (ns::CLIENT, "thread") | (ns::HINTS, _) | (SID, _) => {}
+            (ns::CLIENT, "thread") | (ns::HINTS, _) | (SID, _) | (OCCUPANT_ID, _) => {}
             _ => return false,
         }
     }
@@ -249,6 +267,12 @@ mod tests {
             "<message from='a@d/1' type='chat'><received xmlns='urn:xmpp:receipts' id='x'/></message>",
             "<message from='a@d/1' type='error'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
             "<message from='a@d/1'/>",
+            // A room: a message, its subject, an invitation, the client's own seat.
+            "<message from='r@muc.d/a' type='groupchat'><body>hi</body></message>",
+            "<message from='r@muc.d' type='groupchat'><subject>s</subject></message>",
+            "<message from='r@muc.d'><x xmlns='http://jabber.org/protocol/muc#user'><invite from='a@d'/></x></message>",
+            "<presence from='r@muc.d/me'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/><status code='110'/></x></presence>",
+            "<presence from='r@muc.d/me' type='unavailable'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='none'/><status code='307'/><status code='110'/></x></presence>",
         ] {
             assert_eq!(classify(&xml(urgent)), Class::Urgent, "{urgent}");
         }
@@ -260,6 +284,17 @@ mod tests {
                 "<message from='a@d/1' type='chat'><thread>t</thread><paused xmlns='{CHATSTATES}'/><no-store xmlns='urn:xmpp:hints'/><origin-id xmlns='{SID}' id='x'/></message>"
             ))),
             Class::Deferrable(Key::ChatState(..))
+        ));
+        // Another occupant of a room, and its chat state, the latest per occupant.
+        assert!(matches!(
+            classify(&xml("<presence from='r@muc.d/a'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/></x></presence>")),
+            Class::Deferrable(Key::Presence(f)) if f == "r@muc.d/a"
+        ));
+        assert!(matches!(
+            classify(&xml(&format!(
+                "<message from='r@muc.d/a' to='me@d/r' type='groupchat'><composing xmlns='{CHATSTATES}'/><occupant-id xmlns='urn:xmpp:occupant-id:0' id='x'/><stanza-id xmlns='{SID}' id='1' by='r@muc.d'/></message>"
+            ))),
+            Class::Deferrable(Key::ChatState(f, _)) if f == "r@muc.d/a"
         ));
         // An end-to-end encrypted message without a fallback body does not.
         assert_eq!(

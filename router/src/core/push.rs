@@ -128,21 +128,30 @@ pub struct Summary {
     pub body: Option<String>,
 }
 
-/// Whether a message should wake the client: one with a body, or an end-to-end
-/// encrypted one (OMEMO puts no body in some clients' messages), not an error or a
-/// groupchat (XEP-0357 leaves the choice to the server).
+/// XEP-0249's namespace: an invitation to a room sent by a user.
+const DIRECT_INVITE: &str = "jabber:x:conference";
+
+/// Whether a message should wake the client (XEP-0357 leaves the choice to the
+/// server): one with a body, an end-to-end encrypted one (OMEMO puts no body in some
+/// clients' messages), an invitation to a room (XEP-0249 or XEP-0045's mediated one),
+/// also from a room the client is in (`groupchat`: its session would get every
+/// message, as Prosody's `mod_cloud_notify` has it). Not an error, a headline, or a
+/// room's subject (the last stanza of entering, or a change of topic).
 pub fn worth_a_push(message: &Element) -> bool {
     if !message.is("message", ns::CLIENT) {
         return false;
     }
-    if matches!(
-        message.attr("type"),
-        Some("error" | "groupchat" | "headline")
-    ) {
-        return false;
+    match message.attr("type") {
+        Some("error" | "headline") => return false,
+        Some("groupchat") if message.get_child("subject", ns::CLIENT).is_some() => return false,
+        _ => {}
     }
     message.get_child("body", ns::CLIENT).is_some()
         || message.get_child("encrypted", ns::OMEMO).is_some()
+        || message.get_child("x", DIRECT_INVITE).is_some()
+        || message
+            .get_child("x", crate::core::muc::NS_USER)
+            .is_some_and(|x| x.get_child("invite", crate::core::muc::NS_USER).is_some())
 }
 
 /// The summary of `message`, the `count`th waiting.
@@ -266,9 +275,17 @@ mod tests {
             "<message xmlns='jabber:client' type='chat'><body>hi</body></message>",
             "<message xmlns='jabber:client'><body>hi</body></message>",
             "<message xmlns='jabber:client' type='chat'><encrypted xmlns='eu.siacs.conversations.axolotl'/></message>",
+            // A room's message, and invitations to rooms.
+            "<message xmlns='jabber:client' from='r@muc.d/a' type='groupchat'><body>hi</body></message>",
+            "<message xmlns='jabber:client' from='a@d/1'><x xmlns='jabber:x:conference' jid='r@muc.d'/></message>",
+            "<message xmlns='jabber:client' from='r@muc.d'><x xmlns='http://jabber.org/protocol/muc#user'><invite from='a@d'/></x></message>",
         ];
         let no = [
             "<message xmlns='jabber:client' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+            "<message xmlns='jabber:client' from='r@muc.d/a' type='groupchat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
+            "<message xmlns='jabber:client' from='r@muc.d' type='groupchat'><subject>topic</subject></message>",
+            "<message xmlns='jabber:client' from='r@muc.d/a' type='groupchat'><subject>topic</subject><body>a: set the topic</body></message>",
+            "<message xmlns='jabber:client' from='r@muc.d'><x xmlns='http://jabber.org/protocol/muc#user'><status code='104'/></x></message>",
             "<message xmlns='jabber:client' type='error'><body>hi</body></message>",
             "<message xmlns='jabber:client' type='headline'><body>hi</body></message>",
             "<presence xmlns='jabber:client'/>",
