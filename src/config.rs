@@ -473,11 +473,14 @@ impl Default for ArchiveSection {
     }
 }
 
-/// Multi-user chat (XEP-0045, docs/xmpp.md): rooms for the users of this node. Off
-/// by default until rooms cross the mesh (issue 16).
+/// Multi-user chat (XEP-0045, docs/muc.md): rooms for the users of the whole mesh,
+/// served by this node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MucSection {
+    /// On by default. In a cluster of several nodes each node serves the rooms made
+    /// on it, which users homed on the cluster's other nodes cannot enter yet
+    /// (docs/muc.md).
     pub enabled: bool,
     /// The service's domain; default `conference.` and the served domain.
     pub host: Option<String>,
@@ -506,7 +509,7 @@ impl Default for MucSection {
     fn default() -> Self {
         let d = impmesh_router::MucSettings::new("");
         MucSection {
-            enabled: false,
+            enabled: true,
             host: None,
             max_rooms: d.max_rooms,
             max_rooms_per_user: d.max_rooms_per_user,
@@ -1167,11 +1170,13 @@ mod tests {
         assert!(off.router_config().upload.is_none());
     }
 
-    /// `[muc]` is off by default; on, its host defaults to `conference.DOMAIN`, and a
-    /// host that is the served domain is refused.
+    /// `[muc]` is on by default; its host defaults to `conference.DOMAIN`, and a host
+    /// that is the served domain is refused.
     #[test]
-    fn muc_is_off_by_default_and_checked() {
-        assert!(Config::default().router_config().muc.is_none());
+    fn muc_is_on_by_default_and_checked() {
+        assert!(Config::default().router_config().muc.is_some());
+        let off = Config::parse("[muc]\nenabled = false").unwrap();
+        assert!(off.router_config().muc.is_none());
         let on = Config::parse("domain = \"example.com\"\n[muc]\nenabled = true").unwrap();
         let m = on.router_config().muc.unwrap();
         assert_eq!(m.host, "conference.example.com");

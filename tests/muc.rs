@@ -646,23 +646,39 @@ async fn xep0045_a_persistent_room_survives_a_restart() {
     node.node.shutdown().await;
 }
 
-/// Without `[muc] enabled`, rooms are nobody's: the domain does not list the service
-/// and a presence to a room is an error from a server that does not exist.
+/// The chat service is on by default: the domain lists it. With `[muc] enabled =
+/// false`, rooms are nobody's: the domain does not list the service and a presence to
+/// a room is an error from a server that does not exist.
 #[tokio::test]
-async fn xep0045_off_by_default() {
-    let node = start_node_with_users(|_| {}, &["alice"]).await;
-    let mut alice = node.client("alice", PW, Some("laptop"));
-    online(&mut alice).await;
-    send(
-        &mut alice,
-        "<iq type='get' id='items' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>",
-    )
-    .await;
-    let items = expect(&mut alice, 5, "the server's items", |e| {
-        e.attr("id") == Some("items")
-    })
-    .await;
-    assert_eq!(items.children().next().unwrap().children().count(), 0);
+async fn xep0045_on_by_default_and_off_when_turned_off() {
+    let items = |node: TestNode| async move {
+        let mut alice = node.client("alice", PW, Some("laptop"));
+        online(&mut alice).await;
+        send(
+            &mut alice,
+            "<iq type='get' id='items' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+        )
+        .await;
+        let items = expect(&mut alice, 5, "the server's items", |e| {
+            e.attr("id") == Some("items")
+        })
+        .await;
+        let jids: Vec<String> = items
+            .children()
+            .next()
+            .unwrap()
+            .children()
+            .filter_map(|i| i.attr("jid").map(str::to_owned))
+            .collect();
+        (node, alice, jids)
+    };
+    let (on, _, jids) = items(start_node_with_users(|_| {}, &["alice"]).await).await;
+    assert_eq!(jids, ["conference.localhost"]);
+    on.node.shutdown().await;
+
+    let (node, mut alice, jids) =
+        items(start_node_with_users(|c| c.muc.enabled = false, &["alice"]).await).await;
+    assert!(jids.is_empty(), "{jids:?}");
     enter(&mut alice, "Alice").await;
     let e = expect(&mut alice, 5, "the refusal", |e| {
         e.attr("type") == Some("error")
