@@ -313,6 +313,14 @@ impl Server {
         let Some(user) = to.node() else { return };
         let sessions = self.hub.sessions(user.as_str());
         if sessions.is_empty() {
+            // A room's presence for an occupant of this node whose session has ended
+            // (its leaving is under way): ignored, as presence to a full JID without
+            // a session is (RFC 6121 §8.5.3.2.1). Asking the directory where the user
+            // lives would cost a read per occupant: when a thousand sessions end at
+            // once, each leaving is told to the others, half a million reads.
+            if relayed && stanza.name() == "presence" {
+                return;
+            }
             if to.domain().as_str() == self.config.domain
                 && let Some(server) = self.me.upgrade()
             {
