@@ -23,6 +23,11 @@ fn name(i: usize) -> String {
 }
 
 async fn mesh_node(i: usize) -> TestNode {
+    mesh_node_with(i, |_| {}).await
+}
+
+/// A cluster of the mesh, its configuration changed by `tweak` after the mesh's own.
+async fn mesh_node_with(i: usize, tweak: impl FnOnce(&mut impmesh::config::Config)) -> TestNode {
     let node = start_node(move |c| {
         c.node.name = Some(format!("node1.{}", name(i)));
         c.node.cluster = Some(name(i));
@@ -34,6 +39,7 @@ async fn mesh_node(i: usize) -> TestNode {
         // Every peer is on 127.0.0.1: the per-address caps would count them as one.
         c.https.max_connections_per_address = 4096;
         c.limits.link_handshakes_per_address = 4096;
+        tweak(c);
     })
     .await;
     impmesh_axl::set_axl_user(&node.node.server.store, AXL_USER, AXL_PW)
@@ -618,4 +624,220 @@ async fn from_publisher(
             return at;
         }
     }
+}
+
+/// The chat room benchmark of issue 16: a room on cluster 0 with 1,000 occupants spread
+/// over the 30 clusters (34 or 33 each), entered by tokio-xmpp clients; an occupant on
+/// cluster 1 sends 20 messages, 250 ms apart. Each goes to the room's home over one
+/// link, and from there once to each of the 29 other clusters, which hand it to their
+/// occupants. Every copy is timed from the send to its arrival at the occupant's client
+/// (each client is read all the time by its own task); every occupant must get every
+/// message exactly once. Not run by CI; run it on a release build:
+///
+/// ```sh
+/// cargo test --release --test mesh benchmark_room_fan_out -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored on a release build"]
+async fn benchmark_room_fan_out() {
+    use futures::StreamExt as _;
+    const OCCUPANTS: usize = 1_000;
+    const MESSAGES: usize = 20;
+    let room = format!("fan@conference.{}", support::DOMAIN);
+    let mut nodes = vec![];
+    for i in 0..CLUSTERS {
+        nodes.push(Arc::new(
+            mesh_node_with(i, |c| {
+                c.muc.enabled = true;
+                c.muc.max_occupants = OCCUPANTS;
+                // Entering sends the newcomer every occupant at once.
+                c.limits.session_queue = 2_000;
+                c.muc.message_rate = 10.0;
+            })
+            .await,
+        ));
+    }
+    for k in 0..OCCUPANTS {
+        nodes[k % CLUSTERS].add_user(&format!("occ{k}"), "pw").await;
+    }
+    let started = Instant::now();
+    peer_all(&nodes).await;
+    // The room's home knows where every occupant lives.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for k in 0..OCCUPANTS {
+        let user = format!("occ{k}");
+        while nodes[0].node.server.store.home_of(&user).await.unwrap()
+            == impmesh_store::Home::Unknown
+        {
+            assert!(Instant::now() < deadline, "{user} never reached cluster 0");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!(
+        "mesh of {CLUSTERS} peered with {OCCUPANTS} users in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // occ0 makes the room on cluster 0, an instant room sized for all.
+    let enter = |nick: &str| {
+        format!(
+            "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'>\
+             <history maxstanzas='0'/></x></presence>"
+        )
+    };
+    let mut first = nodes[0].client("occ0", "pw", Some("fan"));
+    support::online(&mut first).await;
+    support::send(&mut first, &enter("occ0")).await;
+    support::expect(&mut first, 10, "occ0 in the room", |e| {
+        e.attr("from") == Some(&format!("{room}/occ0"))
+    })
+    .await;
+    support::send(
+        &mut first,
+        &format!(
+            "<iq type='set' id='open' to='{room}'><query xmlns='http://jabber.org/protocol/muc#owner'>\
+             <x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+             <field var='muc#roomconfig_maxusers'><value>{OCCUPANTS}</value></field>\
+             </x></query></iq>"
+        ),
+    )
+    .await;
+    let opened = support::expect(&mut first, 10, "the room opened", |e| {
+        e.attr("id") == Some("open")
+    })
+    .await;
+    assert_eq!(
+        opened.attr("type"),
+        Some("result"),
+        "{}",
+        String::from(&opened)
+    );
+    // Every cluster knows where the room lives.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, node) in nodes.iter().enumerate() {
+        while node.node.server.store.room_home("fan").await.unwrap()
+            == impmesh_store::RoomHome::Unknown
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} never learnt the room",
+                name(i)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // Each occupant's client, once in, is read by its own task, which stamps each
+    // message of the room as it arrives (and drops the rest: the presence of those
+    // entering after it).
+    type Stamped = tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>;
+    let reader = |mut c: tokio_xmpp::Client| -> Stamped {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = c.next().await {
+                if let tokio_xmpp::Event::Stanza(s) = event {
+                    let el = support::element(s);
+                    if el.name() == "message"
+                        && el.attr("type") == Some("groupchat")
+                        && let Some(body) = el.get_child("body", "jabber:client")
+                        && tx.send((Instant::now(), body.text())).is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        });
+        rx
+    };
+    let entering = Instant::now();
+    let mut readers = vec![reader(first)];
+    let others = futures::stream::iter(1..OCCUPANTS)
+        .map(|k| {
+            let (node, room, presence) = (
+                nodes[k % CLUSTERS].clone(),
+                room.clone(),
+                enter(&format!("occ{k}")),
+            );
+            async move {
+                let mut c = node.client(&format!("occ{k}"), "pw", Some("fan"));
+                support::online(&mut c).await;
+                support::send(&mut c, &presence).await;
+                let own = format!("{room}/occ{k}");
+                let el = support::expect(&mut c, 60, &format!("occ{k} in the room"), |e| {
+                    e.name() == "presence" && e.attr("from") == Some(own.as_str())
+                })
+                .await;
+                assert_ne!(el.attr("type"), Some("error"), "{}", String::from(&el));
+                // The sender's copies are not timed; the others are read from now on.
+                if k == 1 {
+                    (k, Some(c), tokio::sync::mpsc::unbounded_channel().1)
+                } else {
+                    (k, None, reader(c))
+                }
+            }
+        })
+        .buffer_unordered(25)
+        .collect::<Vec<_>>()
+        .await;
+    let mut others = others;
+    others.sort_by_key(|(k, _, _)| *k);
+    let mut sender = None;
+    for (_, client, rx) in others {
+        sender = sender.or(client);
+        readers.push(rx);
+    }
+    println!(
+        "{OCCUPANTS} occupants entered in {:.1} s",
+        entering.elapsed().as_secs_f64()
+    );
+    let mut sender = sender.unwrap();
+    let mut sent = vec![];
+    for m in 0..MESSAGES {
+        sent.push(Instant::now());
+        support::send(
+            &mut sender,
+            &format!("<message to='{room}' type='groupchat' id='m{m}'><body>m{m}</body></message>"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut times = vec![];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (k, rx) in readers.iter_mut().enumerate() {
+        if k == 1 {
+            continue;
+        }
+        let mut seen = [false; MESSAGES];
+        while seen.contains(&false) {
+            let Ok(Some((at, body))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+                panic!(
+                    "occ{k} got {} of {MESSAGES} messages",
+                    seen.iter().filter(|s| **s).count()
+                );
+            };
+            let m: usize = body.trim_start_matches('m').parse().unwrap();
+            assert!(!seen[m], "occ{k} got m{m} twice");
+            seen[m] = true;
+            times.push(at - sent[m]);
+        }
+    }
+    // Nothing comes twice: a last look after the others have had their time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (k, rx) in readers.iter_mut().enumerate() {
+        assert!(rx.try_recv().is_err(), "occ{k} got a copy too many");
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+    println!(
+        "BENCH room fan-out: {MESSAGES} messages from cluster 1 through the room's home on \
+         cluster 0 to {} occupants over {CLUSTERS} clusters ({} copies): p50 {:?}, p90 {:?}, \
+         p99 {:?}, max {:?}",
+        OCCUPANTS - 1,
+        times.len(),
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        times.last().unwrap()
+    );
 }

@@ -14,6 +14,7 @@
 #        bench.sh pairs [ROUNDS] [SERVERS...] # 500 msgs/s latency, servers interleaved round by round
 #        bench.sh archive [ROUNDS]           # impmesh with message archives on and off, interleaved
 #        bench.sh turn [ROUNDS]              # impmesh's TURN relay beside coturn (Debian's), interleaved
+#        bench.sh rooms [ROUNDS] [SERVERS...] # chat rooms of 10, 100, 1,000: saturation and fan-out
 #
 # Environment: PORT (15222), TURN_PORT (13478), RUNDIR (/tmp/impmesh-bench), SRV_CPU (1), GEN_CPU (0);
 # BUSY_CPUS=1 keeps every CPU from going idle during `pairs` (one SCHED_IDLE spinner per
@@ -280,6 +281,36 @@ turn() {  # the media relay: impmesh's beside coturn's, interleaved round by rou
   done
 }
 
+rooms() {  # chat rooms (XEP-0045): rooms of 10, 100, 1,000 at saturation, one message's fan-out
+  local rounds="${1:-1}"; shift || true
+  local servers=("$@"); [ ${#servers[@]} -eq 0 ] && servers=(impmesh ejabberd prosody)
+  local out="$RUNDIR/rooms.jsonl"
+  for s in "${servers[@]}"; do
+    wipe "$s"; start "$s" >&2
+    gen --count 1000 --concurrency 100 register >/dev/null
+    stop >&2
+  done
+  # Every run on a fresh server process, each run in a room of its own.
+  for r in $(seq 1 "$rounds"); do
+    for s in "${servers[@]}"; do
+      for n in 10 100 1000; do
+        echo "=== round $r: $s, room of $n at saturation" >&2
+        start "$s" >&2
+        gen --count "$n" --concurrency 50 --label "room$n-saturate" room \
+          --room "s$n-$r@conference.bench.local" --senders 10 --window 4 --warmup 3 --duration 10 \
+          | sed "s/^{/{\"server\":\"$s\",\"round\":$r,/" | tee -a "$out"
+        stop >&2
+      done
+      echo "=== round $r: $s, room of 1000, one sender at 5 messages/s" >&2
+      start "$s" >&2
+      gen --count 1000 --concurrency 50 --label room1000-rate5 room \
+        --room "f1000-$r@conference.bench.local" --senders 1 --rate 5 --warmup 3 --duration 20 \
+        | sed "s/^{/{\"server\":\"$s\",\"round\":$r,/" | tee -a "$out"
+      stop >&2
+    done
+  done
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
@@ -292,5 +323,6 @@ case "$cmd" in
   pairs) pairs "$@" ;;
   archive) archive "$@" ;;
   turn) turn "$@" ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  rooms) rooms "$@" ;;
+  *) sed -n '2,23p' "$0"; exit 2 ;;
 esac
