@@ -1793,8 +1793,8 @@ async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
     assert_eq!(field(&fields, "message-count"), Some("1"));
     assert_eq!(field(&fields, "last-message-sender"), Some(ROOM));
     assert_eq!(field(&fields, "last-message-body"), Some("news"));
-    // A chat state and a new subject do not; the next message does, and is counted
-    // as the second.
+    // A chat state, a new subject and Bob's own message do not; the next message
+    // does, and is counted as the second.
     send(
         &mut carol,
         &format!("<message type='groupchat' to='{ROOM}'><composing xmlns='{states}'/></message>"),
@@ -1808,6 +1808,29 @@ async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
     expect(&mut carol, 10, "the new subject", |e| {
         e.get_child("subject", "jabber:client")
             .is_some_and(|s| s.text() == "Plans")
+    })
+    .await;
+    // Nor does Bob's own message, from his desk under the same nick.
+    let mut desk = b.client("bob", PW, Some("desk"));
+    online(&mut desk).await;
+    send(
+        &mut desk,
+        &format!(
+            "<presence to='{ROOM}/Robert'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ),
+    )
+    .await;
+    expect(&mut desk, 10, "in, beside the phone", |e| {
+        from_occupant(e, "Robert") && status_codes(e).contains(&"110".to_owned())
+    })
+    .await;
+    send(
+        &mut desk,
+        &format!("<message type='groupchat' to='{ROOM}'><body>from my desk</body></message>"),
+    )
+    .await;
+    expect(&mut desk, 10, "own message back", |e| {
+        body(e).as_deref() == Some("from my desk")
     })
     .await;
     send(

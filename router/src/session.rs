@@ -316,7 +316,8 @@ impl Session {
                 tracing::info!(jid = %self.handle.jid, "connection lost; waiting for resumption");
                 // Messages the client may never have read tell its app server now,
                 // in one notification (XEP-0357).
-                let waiting: Vec<Element> = sm.unacked().filter_map(|s| push_worthy(s)).collect();
+                let waiting: Vec<Element> =
+                    sm.unacked().filter_map(|s| self.worth_waking(s)).collect();
                 self.out.clear();
                 self.hibernated_until =
                     Some(Instant::now() + self.server.config.limits.resume_timeout);
@@ -501,10 +502,27 @@ impl Session {
     /// A stanza reached the session while it hibernates: a message worth it tells the
     /// app server the client registered (XEP-0357), if any.
     fn push_while_hibernated(&mut self, stanza: &str) {
-        if let Some(message) = push_worthy(stanza) {
+        if let Some(message) = self.worth_waking(stanza) {
             self.pushed = self.pushed.saturating_add(1);
             self.push_hibernated(&message);
         }
+    }
+
+    /// A stanza for the client as a message worth waking it for (XEP-0357), unless it
+    /// is a room reflecting the user's own message (sent from another of its sessions
+    /// under the same nick).
+    fn worth_waking(&self, stanza: &str) -> Option<Element> {
+        let message = push_worthy(stanza)?;
+        if message.attr("type") == Some("groupchat")
+            && let Some(Ok(from)) = message.attr("from").map(FullJid::new)
+            && self
+                .server
+                .muc_nick_of(&self.handle.jid, &from.to_bare())
+                .is_some_and(|nick| nick == from.resource().as_str())
+        {
+            return None;
+        }
+        Some(message)
     }
 
     /// Tells the app server this session registered, if any, of `message`, the

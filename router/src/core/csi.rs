@@ -8,7 +8,7 @@
 //! - available and unavailable presence (a contact's status, or another resource's of
 //!   the same user, or an occupant's of a chat room). Subscription requests, probes
 //!   and errors go out at once, and so does a room's presence about the client's own
-//!   seat (XEP-0045 status 110: entered, renamed, kicked, the room gone).
+//!   seat (XEP-0045 status 110: entered, renamed, kicked, cut off) or the room's end.
 //! - messages that carry only chat states (XEP-0085), with at most a thread, processing
 //!   hints, stanza ids and occupant ids beside them, also as carbon copies (XEP-0280),
 //!   and also in a room (`groupchat`: the latest per occupant).
@@ -136,11 +136,13 @@ fn carbon_copy(message: &Element) -> Option<&Element> {
     forwarded.get_child("message", ns::CLIENT)
 }
 
-/// A room's presence about the client's own seat (XEP-0045 status code 110).
+/// A room's presence about the client's own seat (XEP-0045 status code 110), or
+/// the room's end (`<destroy/>`, sent without 110).
 fn own_seat(presence: &Element) -> bool {
     presence.get_child("x", MUC_USER).is_some_and(|x| {
-        x.children()
-            .any(|c| c.is("status", MUC_USER) && c.attr("code") == Some("110"))
+        x.children().any(|c| {
+            c.is("destroy", MUC_USER) || (c.is("status", MUC_USER) && c.attr("code") == Some("110"))
+        })
     })
 }
 
@@ -273,6 +275,7 @@ mod tests {
             "<message from='r@muc.d'><x xmlns='http://jabber.org/protocol/muc#user'><invite from='a@d'/></x></message>",
             "<presence from='r@muc.d/me'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/><status code='110'/></x></presence>",
             "<presence from='r@muc.d/me' type='unavailable'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='none'/><status code='307'/><status code='110'/></x></presence>",
+            "<presence from='r@muc.d/me' type='unavailable'><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='none'/><destroy jid='s@muc.d'/></x></presence>",
         ] {
             assert_eq!(classify(&xml(urgent)), Class::Urgent, "{urgent}");
         }

@@ -433,6 +433,25 @@ impl Server {
     }
 
     /// Whether `session` entered (or is entering) the room `room` of another cluster.
+    /// The nick `session` is under in `room`, a room of this node or of another
+    /// cluster, if it is in.
+    pub(crate) fn muc_nick_of(&self, session: &FullJid, room: &BareJid) -> Option<String> {
+        if let Some(seat) = lock(&self.muc.mesh.seats)
+            .get(session)
+            .and_then(|mine| mine.get(room))
+        {
+            return Some(seat.nick.clone());
+        }
+        let name = room.node()?;
+        if !self.is_muc(&Jid::from(room.clone())) {
+            return None;
+        }
+        lock(&self.muc.rooms)
+            .get(name.as_str())
+            .and_then(|r| r.nick_of(session))
+            .map(str::to_owned)
+    }
+
     fn has_seat(&self, session: &FullJid, room: &BareJid) -> bool {
         lock(&self.muc.mesh.seats)
             .get(session)
