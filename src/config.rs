@@ -797,7 +797,7 @@ impl Config {
         // and the subject at once: they must fit in its session's queue.
         if m.enabled && m.max_occupants + m.history_length + 16 > self.limits.session_queue {
             return Err(ConfigError::Invalid(format!(
-                "muc.max_occupants + muc.history_length + 16 must be at most limits.session_queue ({}): entering a room sends the newcomer every occupant at once",
+                "muc.max_occupants + muc.history_length + 16 must be at most limits.session_queue ({}): entering a room sends the newcomer every occupant at once (rooms are on by default: lower muc.max_occupants, raise limits.session_queue, or set muc.enabled = false)",
                 self.limits.session_queue
             )));
         }
@@ -1209,13 +1209,17 @@ mod tests {
         ] {
             assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
         }
-        // A room must fit in a session's queue when entered.
+        // A room must fit in a session's queue when entered, with rooms on by default.
         for bad in [
-            "[muc]\nenabled = true\nmax_occupants = 1000",
+            "[muc]\nmax_occupants = 1000",
+            "[limits]\nsession_queue = 200",
             "[limits]\nsession_queue = 200\n[muc]\nenabled = true",
         ] {
-            assert!(Config::parse(&format!("[muc]\n{bad}")).is_err(), "{bad}");
+            let refused = Config::parse(bad).unwrap_err().to_string();
+            assert!(refused.contains("limits.session_queue"), "{bad}: {refused}");
         }
+        assert!(Config::parse("[limits]\nsession_queue = 200\n[muc]\nenabled = false").is_ok());
+        assert!(Config::parse("[limits]\nsession_queue = 236").is_ok());
     }
 
     /// The router links' limits come from `[limits]`, checked.
