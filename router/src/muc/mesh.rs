@@ -432,7 +432,6 @@ impl Server {
         }
     }
 
-    /// Whether `session` entered (or is entering) the room `room` of another cluster.
     /// The nick `session` is under in `room`, a room of this node or of another
     /// cluster, if it is in.
     pub(crate) fn muc_nick_of(&self, session: &FullJid, room: &BareJid) -> Option<String> {
@@ -452,6 +451,7 @@ impl Server {
             .map(str::to_owned)
     }
 
+    /// Whether `session` entered (or is entering) the room `room` of another cluster.
     fn has_seat(&self, session: &FullJid, room: &BareJid) -> bool {
         lock(&self.muc.mesh.seats)
             .get(session)
