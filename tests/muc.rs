@@ -889,7 +889,6 @@ async fn a_node_without_the_service_withdraws_its_rooms() {
 /// takes B's occupants out with status 333, and they enter again when it is back.
 #[tokio::test]
 async fn rooms_of_another_cluster_are_entered_over_the_links() {
-    use impmesh_store::RoomHome;
     const A: &str = "cluster-a.example.com";
     const B: &str = "cluster-b.example.com";
     const A_NODE: &str = "node1.cluster-a.example.com";
@@ -911,14 +910,7 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
         send(c, "<presence/>").await;
     }
     open_room(&mut alice, "Alice", &[]).await;
-    let store_b = b.node.server.store.clone();
-    eventually(10, "the room known to B", || async {
-        matches!(
-            store_b.room_home("team").await.unwrap(),
-            RoomHome::Remote { .. }
-        )
-    })
-    .await;
+    room_known_remote(&b).await;
 
     // Bob and Carol enter from B; Alice sees them come.
     for (client, nick) in [(&mut bob, "Bob"), (&mut carol, "Carol")] {
@@ -945,11 +937,7 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
 
     // Alice talks: one stanza crosses to B, and both occupants there get it.
     let before = from_a(&b);
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>hello B</body></message>"),
-    )
-    .await;
+    say(&mut alice, "hello B").await;
     let mut ids = vec![];
     for client in [&mut bob, &mut carol] {
         let m = expect(client, 10, "Alice's message", |e| {
@@ -972,11 +960,7 @@ async fn rooms_of_another_cluster_are_entered_over_the_links() {
     );
 
     // Bob talks back, privately too, and asks the room's disco#info.
-    send(
-        &mut bob,
-        &format!("<message type='groupchat' to='{ROOM}'><body>hi A</body></message>"),
-    )
-    .await;
+    say(&mut bob, "hi A").await;
     expect(&mut alice, 10, "Bob's message", |e| {
         from_occupant(e, "Bob") && body(e).as_deref() == Some("hi A")
     })
@@ -1104,16 +1088,33 @@ async fn xep0045_voice_requests() {
         from_occupant(e, "Bob") && role(e) == Some("participant")
     })
     .await;
-    send(
-        &mut bob,
-        &format!("<message type='groupchat' to='{ROOM}'><body>thanks</body></message>"),
-    )
-    .await;
+    say(&mut bob, "thanks").await;
     expect(&mut alice, 5, "Bob speaks", |e| {
         from_occupant(e, "Bob") && body(e).as_deref() == Some("thanks")
     })
     .await;
     node.node.shutdown().await;
+}
+
+/// `client` says `text` in the room `ROOM`.
+async fn say(client: &mut tokio_xmpp::Client, text: &str) {
+    send(
+        client,
+        &format!("<message type='groupchat' to='{ROOM}'><body>{text}</body></message>"),
+    )
+    .await;
+}
+
+/// Waits until `node`'s cluster knows that the room `ROOM` lives on another cluster.
+async fn room_known_remote(node: &TestNode) {
+    let store = node.node.server.store.clone();
+    eventually(10, "the room known to another cluster", || async {
+        matches!(
+            store.room_home("team").await.unwrap(),
+            impmesh_store::RoomHome::Remote { .. }
+        )
+    })
+    .await;
 }
 
 /// Creates the room `ROOM` as `client`'s (entering as `nick`) and opens it with the
@@ -1172,14 +1173,7 @@ async fn an_occupants_floods_are_held_to_its_allowance() {
         send(c, "<presence/>").await;
     }
     open_room(&mut alice, "Alice", &[]).await;
-    let store_b = b.node.server.store.clone();
-    eventually(10, "the room known to B", || async {
-        matches!(
-            store_b.room_home("team").await.unwrap(),
-            impmesh_store::RoomHome::Remote { .. }
-        )
-    })
-    .await;
+    room_known_remote(&b).await;
     for (client, nick) in [(&mut bob, "Bob"), (&mut carol, "Carol")] {
         enter(client, nick).await;
         expect(client, 10, "own presence", |e| {
@@ -1204,11 +1198,7 @@ async fn an_occupants_floods_are_held_to_its_allowance() {
     )
     .await;
     // Carol is not held up by Bob.
-    send(
-        &mut carol,
-        &format!("<message type='groupchat' to='{ROOM}'><body>still here</body></message>"),
-    )
-    .await;
+    say(&mut carol, "still here").await;
     let seen = Cell::new(0);
     let last = |e: &Element| {
         e.get_child("show", "jabber:client")
@@ -1265,11 +1255,7 @@ async fn an_occupants_floods_are_held_to_its_allowance() {
         !metrics.contains("impmesh_muc_refused_total{limit=\"message_rate\"} 0\n"),
         "{metrics}"
     );
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>calm down</body></message>"),
-    )
-    .await;
+    say(&mut alice, "calm down").await;
     expect(&mut carol, 10, "Alice's message", |e| {
         from_occupant(e, "Alice") && body(e).as_deref() == Some("calm down")
     })
@@ -1314,14 +1300,7 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
         .filter_map(|f| f.attr("var"))
         .collect();
     assert!(features.contains(&"urn:xmpp:mam:2"), "{features:?}");
-    let store_b = b.node.server.store.clone();
-    eventually(10, "the room known to B", || async {
-        matches!(
-            store_b.room_home("team").await.unwrap(),
-            impmesh_store::RoomHome::Remote { .. }
-        )
-    })
-    .await;
+    room_known_remote(&b).await;
     enter(&mut bob, "Bob").await;
     expect(&mut bob, 10, "in", |e| {
         from_occupant(e, "Bob") && status_codes(e).contains(&"110".to_owned())
@@ -1447,11 +1426,7 @@ async fn a_rooms_archive_is_read_from_both_clusters() {
             && status_codes(e).contains(&"110".to_owned())
     })
     .await;
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>still with us</body></message>"),
-    )
-    .await;
+    say(&mut alice, "still with us").await;
     expect(&mut bob, 10, "Alice's message after the re-entry", |e| {
         body(e).as_deref() == Some("still with us")
     })
@@ -1530,14 +1505,7 @@ async fn a_room_serves_three_clusters() {
     }
     open_room(&mut alice, "Alice", &[]).await;
     for other in [&b, &c] {
-        let store = other.node.server.store.clone();
-        eventually(10, "the room known to every cluster", || async {
-            matches!(
-                store.room_home("team").await.unwrap(),
-                impmesh_store::RoomHome::Remote { .. }
-            )
-        })
-        .await;
+        room_known_remote(other).await;
     }
     for (client, nick) in [
         (&mut bob, "Bob"),
@@ -1563,11 +1531,7 @@ async fn a_room_serves_three_clusters() {
 
     // Carol (C) talks: everyone gets it, and it crosses to B once and to C once.
     let (to_b, to_c) = (from_a(&b), from_a(&c));
-    send(
-        &mut carol,
-        &format!("<message type='groupchat' to='{ROOM}'><body>hello from C</body></message>"),
-    )
-    .await;
+    say(&mut carol, "hello from C").await;
     for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
         expect(client, 10, "Carol's message", |e| {
             from_occupant(e, "Carol") && body(e).as_deref() == Some("hello from C")
@@ -1614,11 +1578,7 @@ async fn a_room_serves_three_clusters() {
         e.attr("type") == Some("unavailable") && status_codes(e).contains(&"333".to_owned())
     })
     .await;
-    send(
-        &mut bob,
-        &format!("<message type='groupchat' to='{ROOM}'><body>B is still here</body></message>"),
-    )
-    .await;
+    say(&mut bob, "B is still here").await;
     expect(&mut alice, 10, "Bob's message while C is cut off", |e| {
         from_occupant(e, "Bob") && body(e).as_deref() == Some("B is still here")
     })
@@ -1647,21 +1607,13 @@ async fn a_room_serves_three_clusters() {
             "Carol not back in the room"
         );
     }
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>welcome back</body></message>"),
-    )
-    .await;
+    say(&mut alice, "welcome back").await;
     expect(&mut alice, 10, "own message", |e| {
         body(e).as_deref() == Some("welcome back")
     })
     .await;
     // Once, not twice: Bob's message is a sync point behind Alice's.
-    send(
-        &mut bob,
-        &format!("<message type='groupchat' to='{ROOM}'><body>sync</body></message>"),
-    )
-    .await;
+    say(&mut bob, "sync").await;
     let seen = std::cell::Cell::new(0);
     expect(&mut carol, 10, "Bob's sync message", |e| {
         if body(e).as_deref() == Some("welcome back") {
@@ -1685,7 +1637,6 @@ async fn a_room_serves_three_clusters() {
 /// sends neither the CSI nonzas nor resumable stream management.)
 #[tokio::test]
 async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
-    use impmesh_store::RoomHome;
     const A: &str = "cluster-a.example.com";
     const B: &str = "cluster-b.example.com";
     let states = "http://jabber.org/protocol/chatstates";
@@ -1701,14 +1652,7 @@ async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
         send(c, "<presence/>").await;
     }
     open_room(&mut alice, "Alice", &[]).await;
-    let store_b = b.node.server.store.clone();
-    eventually(10, "the room known to B", || async {
-        matches!(
-            store_b.room_home("team").await.unwrap(),
-            RoomHome::Remote { .. }
-        )
-    })
-    .await;
+    room_known_remote(&b).await;
 
     // Bob's phone: resumable, with an app server that may show senders and bodies.
     let mut bob = RawClient::login(&b, "bob", "phone", false, None).await;
@@ -1771,11 +1715,7 @@ async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
     assert!(!meanwhile.contains("Carol"), "{meanwhile}");
 
     // Alice talks: what waited goes out first, the latest of each, in its order.
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>news</body></message>"),
-    )
-    .await;
+    say(&mut alice, "news").await;
     let before = bob.read_until("<body>news</body>").await;
     let presence = before.find(&format!("from='{ROOM}/Carol'"));
     let paused = before.find("<paused");
@@ -1824,20 +1764,12 @@ async fn an_occupant_across_the_mesh_gets_the_room_by_the_csi_and_push_rules() {
         from_occupant(e, "Robert") && status_codes(e).contains(&"110".to_owned())
     })
     .await;
-    send(
-        &mut desk,
-        &format!("<message type='groupchat' to='{ROOM}'><body>from my desk</body></message>"),
-    )
-    .await;
+    say(&mut desk, "from my desk").await;
     expect(&mut desk, 10, "own message back", |e| {
         body(e).as_deref() == Some("from my desk")
     })
     .await;
-    send(
-        &mut alice,
-        &format!("<message type='groupchat' to='{ROOM}'><body>wake up</body></message>"),
-    )
-    .await;
+    say(&mut alice, "wake up").await;
     let (_, _, fields, _) = notification(&mut app, "result").await;
     assert_eq!(field(&fields, "message-count"), Some("2"));
     assert_eq!(field(&fields, "last-message-body"), Some("wake up"));
