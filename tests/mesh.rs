@@ -552,16 +552,7 @@ async fn benchmark_presence_fan_out() {
     }
     peer_all(&nodes).await;
     // Node 0 knows where every subscriber lives.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    for k in 0..SUBSCRIBERS {
-        let user = format!("sub{k}");
-        while nodes[0].node.server.store.home_of(&user).await.unwrap()
-            == impmesh_store::Home::Unknown
-        {
-            assert!(Instant::now() < deadline, "{user} never reached cluster 0");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    homes_known(&nodes[0], (0..SUBSCRIBERS).map(|k| format!("sub{k}"))).await;
 
     // Each subscriber's client is read all the time by its own task, which stamps each
     // stanza as it arrives.
@@ -605,6 +596,21 @@ async fn benchmark_presence_fan_out() {
         times[times.len() / 2],
         times[times.len() * 99 / 100]
     );
+}
+
+/// Waits (300 s at most) until `node`'s directory knows where each of `users` lives.
+async fn homes_known(node: &TestNode, users: impl Iterator<Item = String>) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for user in users {
+        while node.node.server.store.home_of(&user).await.unwrap() == impmesh_store::Home::Unknown {
+            assert!(
+                Instant::now() < deadline,
+                "{user} never reached {}",
+                node.config.node_name()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// When the publisher's presence (away or not) reached a subscriber's reader task.
@@ -663,16 +669,7 @@ async fn benchmark_room_fan_out() {
     let started = Instant::now();
     peer_all(&nodes).await;
     // The room's home knows where every occupant lives.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    for k in 0..OCCUPANTS {
-        let user = format!("occ{k}");
-        while nodes[0].node.server.store.home_of(&user).await.unwrap()
-            == impmesh_store::Home::Unknown
-        {
-            assert!(Instant::now() < deadline, "{user} never reached cluster 0");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    homes_known(&nodes[0], (0..OCCUPANTS).map(|k| format!("occ{k}"))).await;
     println!(
         "mesh of {CLUSTERS} peered with {OCCUPANTS} users in {:.1} s",
         started.elapsed().as_secs_f64()
